@@ -1,0 +1,50 @@
+// One checkpoint, end to end: load this rank's shard, run the probes, record, reduce, profile,
+// ablate. The `analyze` and `sweep` commands and the tests all go through here.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "sinkscope/analysis.hpp"
+#include "sinkscope/ndarray.hpp"
+
+namespace sinkscope {
+
+class Comm;
+
+struct AnalyzeOptions {
+  std::string model;             // checkpoint folder
+  std::string tokens_source = "tokens";  // the token file or --probes spec, named in errors
+  int tp = 1, ep = 1;
+  std::string device = "cpu";
+  double eps = 0.3;
+  bool per_query = false;
+  std::string ablate;            // "", "layers=A-B" or "top=K"
+  int64_t batch = 4;             // probes per micro-batch
+  int threads = 1;
+  bool verbose = false;
+  int64_t step = -1;             // training step, -1 when unknown
+  // Called on rank 0 after each micro-batch: (probes done, probes total).
+  std::function<void(int64_t, int64_t)> progress;
+};
+
+// Every rank calls this with the same tokens. Returns the complete analysis on rank 0 (other
+// ranks get their meta only). Throws InputError for bad input (after every rank agreed on it) and
+// RuntimeFailure for failures while running.
+Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, const Comm& world);
+
+// Parses --ablate. Throws InputError naming the option.
+struct AblateSpec {
+  enum Kind { kNone, kLayers, kTop } kind = kNone;
+  int64_t first = 0, last = 0, top = 0;
+};
+AblateSpec parse_ablate(const std::string& spec, int64_t num_layers);
+
+std::string utc_now_iso8601();
+
+// Runs `fn` on every rank; when it throws on any rank, every rank throws the error of the lowest
+// failed rank (InputError marked `agreed`), so bad input exits 1 everywhere and no rank waits.
+void run_agreed(const Comm& world, const std::function<void()>& fn);
+
+}  // namespace sinkscope

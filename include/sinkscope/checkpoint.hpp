@@ -1,0 +1,91 @@
+// Hugging Face checkpoints: config.json + model.safetensors or model.safetensors.index.json with
+// shards. Files are memory-mapped; a rank converts (and so pages in) only the slices it asks for.
+// Every header is validated before anything is trusted (docs/reliability.md lists the rules).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "sinkscope/config.hpp"
+
+namespace sinkscope {
+
+// Computable dtypes; `Other` is a valid safetensors dtype that sinkscope cannot compute with
+// (the header still parses; reading such a tensor is refused by name).
+enum class DType { F32, F16, BF16, Other };
+const char* dtype_name(DType t);
+size_t dtype_size(DType t);
+
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  std::string dtype_str;  // as stored ("BF16", "F32", "I64", ...)
+  size_t elem_size = 4;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;  // byte range inside the data section of its file
+  int file = 0;                 // index into Checkpoint::files()
+};
+
+// Parses and validates a safetensors header (the bytes after the 8-byte length) for a file of
+// `file_size` bytes. Pure function on untrusted bytes (fuzzed). Throws InputError naming `file`.
+std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t header_len,
+                                                 uint64_t data_len, const std::string& file);
+
+// Parses model.safetensors.index.json: returns tensor name -> shard file name. Throws InputError.
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const std::string& json_text,
+                                                                          const std::string& file);
+
+class Checkpoint {
+ public:
+  // Opens `model_dir`: parses config.json, maps and validates every safetensors file.
+  static Checkpoint open(const std::string& model_dir);
+
+  Checkpoint(Checkpoint&&) noexcept;
+  Checkpoint& operator=(Checkpoint&&) noexcept;
+  ~Checkpoint();
+
+  const std::string& dir() const;
+  const ModelConfig& config() const;
+  const std::vector<std::string>& files() const;
+  const std::vector<TensorInfo>& tensors() const;
+  const TensorInfo* find(const std::string& name) const;
+
+  // Checks that every tensor the model family needs is present with the shape config.json implies.
+  // Throws InputError naming the first missing or mis-shaped tensor.
+  void validate_for_model() const;
+
+  // Reads rows [row_begin, row_end) of tensor `name` (1-D: elements), converted to fp32, into out.
+  void read_rows(const std::string& name, int64_t row_begin, int64_t row_end, float* out) const;
+  // Reads columns [col_begin, col_end) of every row of a 2-D tensor, converted to fp32
+  // (out is [rows, col_end - col_begin], row-major).
+  void read_cols(const std::string& name, int64_t col_begin, int64_t col_end, float* out) const;
+  // Reads one row of a 2-D tensor (embedding lookup) without counting it as a weight load.
+  void read_row(const std::string& name, int64_t row, float* out) const;
+
+  // Bytes of stored tensor data converted so far by read_rows/read_cols (the sharded-load measure).
+  uint64_t weight_bytes_read() const;
+
+ private:
+  struct Impl;
+  explicit Checkpoint(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Converts `n` stored values of dtype `t` to fp32.
+void convert_to_f32(DType t, const void* src, size_t n, float* dst);
+// fp32 -> bf16 (round to nearest even), used by `synth`.
+uint16_t f32_to_bf16(float x);
+float bf16_to_f32(uint16_t x);
+
+// Writes a single-file safetensors checkpoint (used by `synth` and the tests).
+struct TensorToWrite {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  const float* data;  // fp32 values, converted to dtype on write
+};
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors);
+
+}  // namespace sinkscope

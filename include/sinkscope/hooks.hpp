@@ -1,0 +1,74 @@
+// Hook points of the instrumented forward pass (STYLE.md habit 7). A backend (CPU or CUDA) calls
+// the observer once per layer and micro-batch with rank-local, already-reduced position-zero
+// summaries on the host, so the Recorder is the same for every backend. Arrays are row-major;
+// `B` is the number of probes of the micro-batch on this rank's dp group, `probe0` the global
+// index of its first probe. All pointers are valid only during the call.
+#pragma once
+
+#include <cstdint>
+
+namespace sinkscope {
+
+// Component slots of the circuit map: the embedding is slot 0; layer l's components follow at
+// 1 + l * (H + S): its H heads, then S = max(E, 1) slots for its experts (MoE layer) or for the
+// dense MLP (slot H of a dense layer).
+struct ComponentIndex {
+  int64_t num_heads = 0, slots_per_layer = 0;
+  int64_t embed() const { return 0; }
+  int64_t head(int64_t layer, int64_t h) const { return 1 + layer * slots_per_layer + h; }
+  int64_t expert(int64_t layer, int64_t e) const { return 1 + layer * slots_per_layer + num_heads + e; }
+  int64_t mlp(int64_t layer) const { return expert(layer, 0); }
+  int64_t count_before(int64_t layer) const { return 1 + layer * slots_per_layer; }
+};
+
+// The residual stream x_l (l = 0..L) at position zero, per probe.
+struct ResidualTap {
+  int64_t index;              // l: 0 = embeddings, l = after layer l-1
+  int64_t B, T, D, probe0;
+  const float* x0;            // [B, D]  x_l[0]
+  const float* norm_p0;       // [B]     ||x_l[0]||
+  const float* norm_rest_median;  // [B] median over i >= 1 of ||x_l[i]||
+  const float* abs_median;    // [B]     median over all i, c of |x_l[i, c]| (Sun et al.)
+};
+
+// One layer's attention for the query heads this rank owns.
+struct AttentionTap {
+  int64_t layer, B, T, D, head_dim, probe0;
+  int64_t head_begin, local_heads;  // global ids [head_begin, head_begin + local_heads)
+  const float* a0_mean;        // [B, Hl]  mean over all queries i of A[i, 0]
+  const float* a0;             // [B, Hl, T] A[i, 0] for every query (always provided)
+  const float* write_p0_norm;  // [B, Hl]  ||w^{l,h}[0]||
+  const float* write_rest_norm;// [B, Hl]  mean over i >= 1 of ||w^{l,h}[i]||
+  // Circuit attributions of this layer's heads (targets) to every upstream component slot
+  // c < count_before(layer), per probe: [B, Hl, count_before(layer)].
+  const float* attr;
+  int64_t num_sources;
+  // The identity check of METRICS.md section 4: the model's k_0 (after k_norm) and the sum over
+  // all components of K(c[0]), per KV head this rank holds: [B, KVl, head_dim] each.
+  const float* k0_model;
+  const float* k0_from_components;
+  int64_t kv_begin, local_kv_heads;
+};
+
+// One layer's MoE block (or dense MLP) for the probes of the micro-batch, complete for the dp
+// group (every tp rank of the group sees the same values).
+struct MlpTap {
+  int64_t layer, B, T, D, probe0;
+  bool moe;
+  int64_t num_experts;          // E (0 for a dense layer)
+  const float* out_p0_norm;     // [B]  ||m_l[0]||
+  const float* out_rest_norm;   // [B]  mean over i >= 1 of ||m_l[i]||
+  const float* expert_p0_norm;  // [B, E] ||m^{l,e}[0]|| (0 where not routed)
+  const float* p0_routed;       // [B, E] 1 where position 0 routes to e
+  const float* rest_routed;     // [E]    count of (probe, i >= 1) tokens routed to e
+};
+
+class ForwardObserver {
+ public:
+  virtual ~ForwardObserver() = default;
+  virtual void on_residual(const ResidualTap&) {}
+  virtual void on_attention(const AttentionTap&) {}
+  virtual void on_mlp(const MlpTap&) {}
+};
+
+}  // namespace sinkscope

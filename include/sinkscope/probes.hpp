@@ -1,0 +1,33 @@
+// Probe sequences: the token matrix [N, T] every rank agrees on.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "sinkscope/ndarray.hpp"
+
+namespace sinkscope {
+
+// --tokens FILE: .npy (int32/int64, [N, T], C order) or .h5 with dataset /tokens.
+// Throws InputError naming the file (empty, ragged, wrong dtype or rank, ...).
+IntArray load_tokens(const std::string& path);
+
+// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option.
+IntArray make_probes(const std::string& spec, int64_t vocab_size);
+
+// --prepend-bos ID: a column of ID in front (T grows by one).
+IntArray prepend_bos(const IntArray& tokens, int32_t bos);
+
+// Every id must be < vocab_size and >= 0: otherwise InputError naming the first bad (row, column, id)
+// and `source`.
+void check_token_ids(const IntArray& tokens, int64_t vocab_size, const std::string& source);
+
+// Hex SHA-256 of the int32 token bytes (the `tokens_sha256` attribute).
+std::string tokens_sha256(const IntArray& tokens);
+
+// Writes a .npy int32 file (used by tests and tools).
+void save_npy_int32(const std::string& path, const IntArray& tokens);
+
+std::string sha256_hex(const void* data, size_t n);
+
+}  // namespace sinkscope

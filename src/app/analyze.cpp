@@ -1,0 +1,265 @@
+// analyze_checkpoint: the per-checkpoint pipeline shared by `analyze`, `sweep` and the tests.
+#include "sinkscope/analyze.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <iostream>
+#include <optional>
+#include <regex>
+#include <sstream>
+
+#include "sinkscope/build_config.hpp"
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/comm.hpp"
+#include "sinkscope/error.hpp"
+#include "sinkscope/model.hpp"
+#include "sinkscope/probes.hpp"
+#include "sinkscope/recorder.hpp"
+#include "sinkscope/shard_plan.hpp"
+
+#if SINKSCOPE_HAVE_CUDA
+#include "cuda/backend.hpp"
+#endif
+
+namespace sinkscope {
+
+std::string utc_now_iso8601() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+AblateSpec parse_ablate(const std::string& spec, int64_t num_layers) {
+  AblateSpec s;
+  if (spec.empty()) return s;
+  std::smatch m;
+  if (std::regex_match(spec, m, std::regex("layers=(\\d+)(?:-(\\d+))?"))) {
+    s.kind = AblateSpec::kLayers;
+    s.first = std::stoll(m[1]);
+    s.last = m[2].matched ? std::stoll(m[2]) : s.first;
+    if (s.first > s.last || s.last >= num_layers)
+      throw InputError("--ablate '" + spec + "': layers must lie in 0-" + std::to_string(num_layers - 1));
+    return s;
+  }
+  if (std::regex_match(spec, m, std::regex("top=(\\d+)"))) {
+    s.kind = AblateSpec::kTop;
+    s.top = std::stoll(m[1]);
+    if (s.top <= 0) throw InputError("--ablate '" + spec + "': K must be positive");
+    return s;
+  }
+  throw InputError("--ablate '" + spec + "': expected layers=A-B or top=K");
+}
+
+void run_agreed(const Comm& world, const std::function<void()>& fn) {
+  std::string message;
+  int kind = 0;  // 1 input, 2 runtime
+  try {
+    fn();
+  } catch (const InputError& e) {
+    message = e.what();
+    kind = 1;
+  } catch (const std::exception& e) {
+    message = e.what();
+    kind = 2;
+  }
+  const int first = world.first_failed_rank(kind == 0);
+  if (first < 0) return;
+  std::string payload = std::to_string(kind) + message;
+  world.broadcast_bytes(&payload, first);
+  if (payload.empty() || payload[0] == '1') {
+    InputError e(payload.substr(1));
+    e.agreed = true;
+    throw e;
+  }
+  throw RuntimeFailure(payload.substr(1));
+}
+
+namespace {
+
+std::vector<Ablation> components_of_layers(const ModelConfig& c, int64_t first, int64_t last) {
+  std::vector<Ablation> out;
+  for (int64_t l = first; l <= last; ++l) {
+    for (int64_t h = 0; h < c.num_heads; ++h) out.push_back({static_cast<int32_t>(l), Ablation::kHead, static_cast<int32_t>(h)});
+    if (c.is_moe_layer(l))
+      for (int64_t e = 0; e < c.num_experts; ++e) out.push_back({static_cast<int32_t>(l), Ablation::kExpert, static_cast<int32_t>(e)});
+    else
+      out.push_back({static_cast<int32_t>(l), Ablation::kMlp, 0});
+  }
+  return out;
+}
+
+// The K components with the largest sink-weighted positive attribution (the layer_share weights
+// of METRICS.md section 5, per component).
+std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, int64_t K) {
+  const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1], E = static_cast<size_t>(c.num_experts);
+  std::vector<std::pair<double, Ablation>> scored;
+  auto score = [&](auto attr_of) {
+    double s = 0;
+    for (size_t t = 0; t < L; ++t)
+      for (size_t h = 0; h < H; ++h) s += a.sink_score.at(t, h) * std::max(0.f, attr_of(t, h));
+    return s;
+  };
+  scored.push_back({score([&](size_t t, size_t h) { return a.attr_embed.at(t, h); }), {0, Ablation::kEmbedding, 0}});
+  for (size_t l = 0; l < L; ++l) {
+    for (size_t j = 0; j < H; ++j)
+      scored.push_back({score([&](size_t t, size_t h) { return a.attr_head.at(t, h, l, j); }),
+                        {static_cast<int32_t>(l), Ablation::kHead, static_cast<int32_t>(j)}});
+    if (c.is_moe_layer(static_cast<int64_t>(l))) {
+      for (size_t e = 0; e < E; ++e)
+        scored.push_back({score([&](size_t t, size_t h) { return a.attr_expert.at(t, h, l, e); }),
+                          {static_cast<int32_t>(l), Ablation::kExpert, static_cast<int32_t>(e)}});
+    } else {
+      scored.push_back({score([&](size_t t, size_t h) { return a.attr_mlp.at(t, h, l); }),
+                        {static_cast<int32_t>(l), Ablation::kMlp, 0}});
+    }
+  }
+  std::stable_sort(scored.begin(), scored.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  std::vector<Ablation> out;
+  for (size_t i = 0; i < scored.size() && static_cast<int64_t>(i) < K; ++i) out.push_back(scored[i].second);
+  return out;
+}
+
+}  // namespace
+
+Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, const Comm& world) {
+  std::optional<Checkpoint> ck;
+  ShardPlan plan;
+  AblateSpec ablate;
+  run_agreed(world, [&] {
+    ck.emplace(Checkpoint::open(opt.model));
+    ck->validate_for_model();
+    check_token_ids(tokens, ck->config().vocab_size, opt.tokens_source);
+    if (tokens.shape.at(1) < 2) throw InputError(opt.tokens_source + ": probes need at least 2 positions");
+    plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, ck->config());
+    ablate = parse_ablate(opt.ablate, ck->config().num_layers);
+    if (opt.device != "cpu" && opt.device != "cuda") throw InputError("--device '" + opt.device + "': expected cpu or cuda");
+    if (opt.device == "cuda" && !SINKSCOPE_HAVE_CUDA)
+      throw InputError("--device cuda: this sinkscope was built without CUDA (configure with -DSINKSCOPE_CUDA=ON)");
+    if (opt.batch < 1) throw InputError("--batch must be at least 1");
+  });
+  const ModelConfig& cfg = ck->config();
+  const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
+
+  auto tp_group = world.split(plan.dp_rank, plan.tp_rank);
+  auto ep_group = world.split(plan.ep_group, plan.ep_rank);
+  ForwardComms comms{&world, tp_group.get(), ep_group.get()};
+  std::unique_ptr<Backend> backend;
+  run_agreed(world, [&] {
+    ForwardOptions fo;
+    fo.threads = opt.threads;
+#if SINKSCOPE_HAVE_CUDA
+    if (opt.device == "cuda") {
+      backend = make_cuda_backend(*ck, plan, comms, fo);
+      return;
+    }
+#endif
+    backend = make_cpu_backend(*ck, plan, comms, fo);
+  });
+  if (opt.verbose) {
+    const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() + "): " + plan.describe() +
+                             "; heads [" + std::to_string(plan.head_begin) + ", " + std::to_string(plan.head_end) +
+                             "), experts [" + std::to_string(plan.expert_begin) + ", " + std::to_string(plan.expert_end) +
+                             "); weight bytes read " + std::to_string(backend->weight_bytes_loaded());
+    auto lines = world.gather_bytes(line, 0);
+    for (const auto& l : lines) std::cerr << "sinkscope: " << l << "\n";
+  }
+
+  int64_t pb = 0, pe = 0;
+  ShardPlan::probe_range(N, plan.dp, plan.dp_rank, &pb, &pe);
+  int64_t iters = (pe - pb + opt.batch - 1) / opt.batch;
+  world.allreduce_max(&iters, 1);
+
+  // One pass over the probes with the backend's current ablations.
+  auto run_all = [&](Recorder& rec, bool report) {
+    for (int64_t it = 0; it < iters; ++it) {
+      const int64_t b0 = std::min(pe, pb + it * opt.batch), b1 = std::min(pe, b0 + opt.batch);
+      IntArray batch({static_cast<size_t>(b1 - b0), static_cast<size_t>(T)}, "probe,position");
+      std::copy(tokens.data.begin() + b0 * T, tokens.data.begin() + b1 * T, batch.data.begin());
+      backend->run(batch, b0, rec);
+      rec.add_probes(b1 - b0);
+      if (report && opt.progress && world.rank() == 0) opt.progress(std::min(N, (it + 1) * opt.batch * plan.dp), N);
+    }
+  };
+
+  Analysis a;
+  AnalysisMeta& m = a.meta;
+  m.sinkscope_version = SINKSCOPE_VERSION;
+  m.model_type = cfg.model_type;
+  m.checkpoint = opt.model;
+  m.step = opt.step;
+  m.num_layers = cfg.num_layers;
+  m.num_heads = cfg.num_heads;
+  m.num_kv_heads = cfg.num_kv_heads;
+  m.head_dim = cfg.head_dim;
+  m.num_experts = cfg.num_experts;
+  m.top_k = cfg.top_k;
+  m.hidden_size = cfg.hidden_size;
+  m.num_probes = N;
+  m.seq_len = T;
+  m.eps = opt.eps;
+  m.tp = plan.tp;
+  m.ep = plan.ep;
+  m.dp = plan.dp;
+  m.world_size = plan.world_size;
+  m.device = opt.device;
+  m.layout = plan.describe();
+  m.tokens_sha256 = tokens_sha256(tokens);
+  m.created_utc = utc_now_iso8601();
+
+  Recorder rec(cfg, plan, T, opt.per_query);
+  run_all(rec, true);
+  auto blobs = world.gather_bytes(serialize_record(rec.record()), 0);
+  if (world.rank() == 0) {
+    std::vector<RankRecord> records;
+    for (const auto& b : blobs) records.push_back(deserialize_record(b));
+    double identity_err = 0;
+    reduce_records(records, cfg, opt.eps, opt.per_query, a, &identity_err);
+    compute_profile(a);
+    a.tokens = tokens;
+    // The decomposition x_t[0] = sum of component writes is exact up to fp32 rounding.
+    if (identity_err > 1e-3)
+      throw RuntimeFailure("circuit identity violated: sum over components of K(c[0]) differs from k_0 by " +
+                           std::to_string(identity_err) + " (relative)");
+  }
+
+  if (ablate.kind != AblateSpec::kNone) {
+    std::vector<Ablation> comps;
+    if (ablate.kind == AblateSpec::kLayers) {
+      comps = components_of_layers(cfg, ablate.first, ablate.last);
+    } else {
+      std::string list;
+      if (world.rank() == 0)
+        for (const auto& c : top_components(a, cfg, ablate.top))
+          list += std::to_string(c.layer) + " " + std::to_string(c.kind) + " " + std::to_string(c.index) + " ";
+      world.broadcast_bytes(&list, 0);
+      std::istringstream is(list);
+      int32_t l, k, i;
+      while (is >> l >> k >> i) comps.push_back({l, static_cast<Ablation::Kind>(k), i});
+    }
+    const size_t K = comps.size(), L = static_cast<size_t>(cfg.num_layers), H = static_cast<size_t>(cfg.num_heads);
+    a.ablation_components = IntArray({K, 3}, "component,field");
+    a.ablation_delta_sink = FloatArray({K, L, H}, "component,layer,head");
+    for (size_t k = 0; k < K; ++k) {
+      backend->set_ablations({comps[k]});
+      Recorder arec(cfg, plan, T, false);
+      run_all(arec, false);
+      std::vector<double> sink = arec.record().sink_sum;
+      world.allreduce_sum(sink.data(), sink.size());
+      a.ablation_components.at(k, 0) = comps[k].layer;
+      a.ablation_components.at(k, 1) = comps[k].kind;
+      a.ablation_components.at(k, 2) = comps[k].index;
+      for (size_t i = 0; i < L * H; ++i)
+        a.ablation_delta_sink.data[k * L * H + i] =
+            world.rank() == 0 ? static_cast<float>(sink[i] / static_cast<double>(N)) - a.sink_score.data[i] : 0.f;
+    }
+    backend->set_ablations({});
+  }
+  return a;
+}
+
+}  // namespace sinkscope

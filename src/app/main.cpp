@@ -1,0 +1,345 @@
+// sinkscope: one binary, CLI11 subcommands (INTERFACE.md "Command line").
+// Error policy: library code throws; this file catches once, prints one line and exits
+// 1 (bad input) or 2 (runtime failure; every MPI rank is taken down so no job hangs).
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+
+#include "app/progress.hpp"
+#include "sinkscope/analyze.hpp"
+#include "sinkscope/build_config.hpp"
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/comm.hpp"
+#include "sinkscope/error.hpp"
+#include "sinkscope/io.hpp"
+#include "sinkscope/probes.hpp"
+#include "sinkscope/shard_plan.hpp"
+#include "sinkscope/sweep.hpp"
+#include "sinkscope/synth.hpp"
+
+namespace fs = std::filesystem;
+using namespace sinkscope;
+
+namespace {
+
+struct ProbeArgs {
+  std::string tokens, probes;
+  int64_t prepend_bos = -1;
+};
+
+struct CommonArgs {
+  int tp = 1, ep = 1;
+  std::string device = "cpu";
+  double eps = 0.3;
+  bool per_query = false;
+  std::string ablate;
+  int64_t batch = 4;
+  int threads = 1;
+  bool verbose = false, quiet = false;
+};
+
+void add_probe_options(CLI::App* app, ProbeArgs& p) {
+  auto* tok = app->add_option("--tokens", p.tokens, "probe tokens: .npy int32/int64 [N, T] or .h5 with /tokens");
+  auto* pr = app->add_option("--probes", p.probes, "generated probes: random:N:T:SEED or repeat:N:T:TOKEN");
+  tok->excludes(pr);
+  app->add_option("--prepend-bos", p.prepend_bos, "put token ID in front of every probe (BOS on/off controls)");
+}
+
+void add_common_options(CLI::App* app, CommonArgs& c) {
+  app->add_option("--tp", c.tp, "tensor-parallel ranks (attention heads)")->check(CLI::PositiveNumber);
+  app->add_option("--ep", c.ep, "expert-parallel ranks (experts)")->check(CLI::PositiveNumber);
+  app->add_option("--device", c.device, "cpu or cuda");
+  app->add_option("--eps", c.eps, "sink threshold on the sink score");
+  app->add_flag("--per-query", c.per_query, "also write attention/p0_per_query");
+  app->add_option("--ablate", c.ablate, "causal ablations: layers=A-B or top=K");
+  app->add_option("--batch", c.batch, "probes per forward micro-batch")->check(CLI::PositiveNumber);
+  app->add_option("--threads", c.threads, "CPU threads per rank")->check(CLI::PositiveNumber);
+  app->add_flag("--verbose", c.verbose, "log the shard plan and bytes read per rank");
+  app->add_flag("--quiet", c.quiet, "no progress output");
+}
+
+// The probe matrix every rank agrees on (each rank reads the same file).
+IntArray load_probes(const ProbeArgs& p, const std::string& model_dir, std::string* source) {
+  IntArray t;
+  if (!p.tokens.empty()) {
+    t = load_tokens(p.tokens);
+    *source = p.tokens;
+  } else if (!p.probes.empty()) {
+    const ModelConfig c = parse_model_config((fs::path(model_dir) / "config.json").string());
+    t = make_probes(p.probes, c.vocab_size);
+    *source = "--probes " + p.probes;
+  } else {
+    throw InputError("give the probes with --tokens FILE or --probes SPEC");
+  }
+  if (p.prepend_bos >= 0) t = prepend_bos(t, static_cast<int32_t>(p.prepend_bos));
+  return t;
+}
+
+AnalyzeOptions analyze_options(const CommonArgs& c) {
+  AnalyzeOptions o;
+  o.tp = c.tp;
+  o.ep = c.ep;
+  o.device = c.device;
+  o.eps = c.eps;
+  o.per_query = c.per_query;
+  o.ablate = c.ablate;
+  o.batch = c.batch;
+  o.threads = c.threads;
+  o.verbose = c.verbose;
+  return o;
+}
+
+void check_output_folder(const std::string& path, const char* option) {
+  const fs::path parent = fs::absolute(path).parent_path();
+  if (!fs::is_directory(parent)) throw InputError(std::string(option) + " " + path + ": folder " + parent.string() + " does not exist");
+  if (::access(parent.c_str(), W_OK) != 0) throw InputError(std::string(option) + " " + path + ": folder " + parent.string() + " is not writable");
+}
+
+int cmd_analyze(const std::string& model, const ProbeArgs& pa, const CommonArgs& ca, const std::string& out,
+                int64_t step, const Comm& world) {
+  IntArray tokens;
+  AnalyzeOptions o = analyze_options(ca);
+  o.model = model;
+  o.step = step >= 0 ? step : step_from_name(model);
+  run_agreed(world, [&] {
+    if (world.rank() == 0) check_output_folder(out, "--out");
+    tokens = load_probes(pa, model, &o.tokens_source);
+  });
+  Progress progress("analyze " + fs::path(model).filename().string(), world.rank() == 0 && !ca.quiet);
+  o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
+  Analysis a = analyze_checkpoint(o, tokens, world);
+  if (world.rank() == 0) {
+    write_analysis(out, a);
+    if (!ca.quiet)
+      std::cerr << "sinkscope: wrote " << out << " (sink_rate " << std::setprecision(3) << a.meta.sink_rate
+                << ", first2_share " << a.first2_share << ", peak layer " << a.peak_layer << ")\n";
+  }
+  return 0;
+}
+
+int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, const ProbeArgs& pa,
+              const CommonArgs& ca, const std::string& outdir, bool resume, bool assemble_only, double tau,
+              const std::vector<int64_t>& steps, const Comm& world) {
+  std::vector<SweepCheckpoint> cps;
+  IntArray tokens;
+  std::string source;
+  run_agreed(world, [&] {
+    cps = list_checkpoints(models, glob, steps);
+    if (world.rank() == 0) {
+      std::error_code ec;
+      fs::create_directories(fs::path(outdir) / "checkpoints", ec);
+      if (ec) throw InputError("--out " + outdir + ": cannot create folder (" + ec.message() + ")");
+      check_output_folder((fs::path(outdir) / "sweep.h5").string(), "--out");
+    }
+    if (!assemble_only) tokens = load_probes(pa, cps.front().dir, &source);
+  });
+  std::vector<std::string> failed;
+  if (!assemble_only) {
+    const std::string sha = tokens_sha256(tokens);
+    for (size_t i = 0; i < cps.size(); ++i) {
+      const auto& cp = cps[i];
+      const std::string path = (fs::path(outdir) / "checkpoints" / (cp.name + ".h5")).string();
+      // --resume: rank 0 decides whether this checkpoint is done, everyone follows.
+      std::string skip = "0";
+      if (resume && world.rank() == 0) {
+        std::string why;
+        try {
+          const ModelConfig c = parse_model_config((fs::path(cp.dir) / "config.json").string());
+          if (analysis_file_matches(path, sha, c, &why)) skip = "1";
+          else if (why != "missing" && !ca.quiet) std::cerr << "sinkscope: redoing " << cp.name << ": " << why << "\n";
+        } catch (const InputError&) {
+        }
+      }
+      world.broadcast_bytes(&skip, 0);
+      if (skip == "1") {
+        if (world.rank() == 0 && !ca.quiet) std::cerr << "sinkscope: [" << i + 1 << "/" << cps.size() << "] " << cp.name << ": done already, skipped\n";
+        continue;
+      }
+      AnalyzeOptions o = analyze_options(ca);
+      o.model = cp.dir;
+      o.step = cp.step;
+      o.tokens_source = source;
+      Progress progress("[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
+                        world.rank() == 0 && !ca.quiet);
+      o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
+      try {
+        Analysis a = analyze_checkpoint(o, tokens, world);
+        if (world.rank() == 0) write_analysis(path, a);
+      } catch (const InputError& e) {
+        if (!e.agreed) throw;
+        // A bad checkpoint does not stop the sweep; it is listed and the exit status says so.
+        if (world.rank() == 0) std::cerr << "sinkscope: error: " << e.what() << "\n";
+        failed.push_back(cp.name);
+      }
+    }
+  }
+  if (world.rank() == 0) {
+    Sweep s = assemble_sweep(cps, outdir, tau);
+    write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
+    if (!ca.quiet) {
+      std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " (" << s.names.size()
+                << " checkpoints, convergence step " << s.convergence_step << ")\n";
+      if (!s.failed.empty()) {
+        std::cerr << "sinkscope: checkpoints without a valid analysis:";
+        for (const auto& f : s.failed) std::cerr << " " << f;
+        std::cerr << "\n";
+      }
+    }
+    if (!s.failed.empty()) return 1;
+  }
+  return failed.empty() ? 0 : 1;
+}
+
+int cmd_inspect(const std::string& model) {
+  Checkpoint ck = Checkpoint::open(model);
+  const ModelConfig& c = ck.config();
+  std::cout << "model: " << model << "\n"
+            << "  model_type " << c.model_type << ", layers " << c.num_layers << ", hidden " << c.hidden_size << ", heads "
+            << c.num_heads << " (kv " << c.num_kv_heads << ", head_dim " << c.head_dim << "), experts " << c.num_experts
+            << " top-" << c.top_k << (c.norm_topk_prob ? " (renormalised)" : "") << ", moe_intermediate "
+            << c.moe_intermediate_size << ", vocab " << c.vocab_size << ", rope_theta " << c.rope_theta << "\n  layers:";
+  for (int64_t l = 0; l < c.num_layers; ++l) std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense");
+  std::cout << "\n  files:";
+  for (const auto& f : ck.files()) std::cout << " " << f;
+  std::cout << "\n  tensors (" << ck.tensors().size() << "):\n";
+  uint64_t bytes = 0;
+  for (const auto& t : ck.tensors()) {
+    std::cout << "    " << t.name << "  " << t.dtype_str << " [";
+    for (size_t i = 0; i < t.shape.size(); ++i) std::cout << (i ? ", " : "") << t.shape[i];
+    std::cout << "]\n";
+    bytes += t.end - t.begin;
+  }
+  std::cout << "  total " << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / 1e6 << " MB\n";
+  ck.validate_for_model();
+  const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, c);
+  std::cout << "  shard plan (one rank): " << plan.describe() << "\n  validation: ok (every tensor present with the shape config.json implies)\n";
+  return 0;
+}
+
+int cmd_report(const std::string& input, const std::string& out) {
+  std::string script = std::getenv("SINKSCOPE_REPORT_SCRIPT") ? std::getenv("SINKSCOPE_REPORT_SCRIPT") : "";
+  if (script.empty()) {
+    const fs::path exe = fs::canonical("/proc/self/exe");
+    for (const fs::path& cand : {exe.parent_path().parent_path() / "share/sinkscope/sinkscope_report.py",
+                                 fs::path(SINKSCOPE_REPORT_SCRIPT)})
+      if (fs::exists(cand)) {
+        script = cand.string();
+        break;
+      }
+  }
+  if (script.empty()) throw RuntimeFailure("report: cannot find sinkscope_report.py (set SINKSCOPE_REPORT_SCRIPT)");
+  const char* py = std::getenv("SINKSCOPE_PYTHON") ? std::getenv("SINKSCOPE_PYTHON") : "/usr/bin/python3";
+  std::cout.flush();
+  std::vector<std::string> args = {py, script, input, "--out", out};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  execv(py, argv.data());
+  throw RuntimeFailure(std::string("report: cannot run ") + py + " (install python3-matplotlib python3-h5py)");
+}
+
+int cmd_synth(const std::string& config, const std::string& out, bool plant, uint64_t seed) {
+  const ModelConfig c = parse_model_config(config);
+  const PlantedCircuit pc = synthesize(c, out, plant, seed);
+  std::cerr << "sinkscope: wrote " << out << "/config.json and model.safetensors";
+  if (plant)
+    std::cerr << " with a planted circuit: head " << pc.head_layer << "." << pc.head << " -> expert " << pc.expert_layer
+              << "." << pc.expert << " -> sink head " << pc.sink_layer << "." << pc.sink_head << " (probes must start with token "
+              << pc.bos_token_id << ")";
+  std::cerr << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::unique_ptr<Comm> world;
+  try {
+    world = launched_under_mpi() && SINKSCOPE_HAVE_MPI ? make_mpi_world(&argc, &argv) : make_single_comm();
+  } catch (const std::exception& e) {
+    std::cerr << "sinkscope: error: " << e.what() << "\n";
+    return 2;
+  }
+  const int rank = world->rank();
+
+  CLI::App app{"sinkscope: finds the position-zero attention sink circuit in MoE language models"};
+  app.set_version_flag("--version", std::string("sinkscope ") + SINKSCOPE_VERSION);
+  app.require_subcommand(1);
+
+  std::string model, out, config, glob, input;
+  std::vector<std::string> models;
+  std::vector<int64_t> steps;
+  ProbeArgs pa;
+  CommonArgs ca;
+  int64_t step = -1;
+  bool resume = false, assemble_only = false, plant = false;
+  double tau = 0.05;
+  uint64_t seed = 0;
+
+  auto* analyze = app.add_subcommand("analyze", "analyse one checkpoint into an HDF5 file");
+  analyze->add_option("--model", model, "Hugging Face checkpoint folder")->required();
+  analyze->add_option("--out", out, "analysis file to write (.h5)")->required();
+  analyze->add_option("--step", step, "training step (default: from the folder name)");
+  add_probe_options(analyze, pa);
+  add_common_options(analyze, ca);
+
+  auto* sweep = app.add_subcommand("sweep", "analyse many checkpoints and the convergence signal");
+  auto* mo = sweep->add_option("--models", models, "checkpoint folders");
+  sweep->add_option("--models-glob", glob, "checkpoint folders by pattern, e.g. 'run/step*'")->excludes(mo);
+  sweep->add_option("--out", out, "output folder")->required();
+  sweep->add_flag("--resume", resume, "skip checkpoints whose analysis file exists and validates");
+  sweep->add_flag("--assemble-only", assemble_only, "only build sweep.h5 from existing analysis files");
+  sweep->add_option("--tau", tau, "convergence threshold on the total-variation distance");
+  sweep->add_option("--steps", steps, "training steps, one per checkpoint (default: from folder names)");
+  add_probe_options(sweep, pa);
+  add_common_options(sweep, ca);
+
+  auto* report = app.add_subcommand("report", "PNG plots and a summary page from a sweep or analysis file");
+  report->add_option("input", input, "sweep folder, sweep.h5 or analysis .h5")->required();
+  report->add_option("--out", out, "report folder")->required();
+
+  auto* inspect = app.add_subcommand("inspect", "print config, tensors and shard plan; validate");
+  inspect->add_option("--model", model, "checkpoint folder")->required();
+
+  auto* synth = app.add_subcommand("synth", "write a random (optionally circuit-planted) checkpoint");
+  synth->add_option("--config", config, "config.json of the shape")->required();
+  synth->add_option("--out", out, "output folder")->required();
+  synth->add_flag("--plant-circuit", plant, "plant a known P0 sink circuit");
+  synth->add_option("--seed", seed, "random seed");
+
+  int status = 0;
+  try {
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      if (rank == 0) status = app.exit(e);
+      else status = e.get_exit_code();
+      finalize_mpi();
+      return status == 0 ? 0 : 1;
+    }
+    if (*analyze) status = cmd_analyze(model, pa, ca, out, step, *world);
+    else if (*sweep) status = cmd_sweep(models, glob, pa, ca, out, resume, assemble_only, tau, steps, *world);
+    else if (*report) status = cmd_report(input, out);
+    else if (*inspect) status = cmd_inspect(model);
+    else if (*synth) status = cmd_synth(config, out, plant, seed);
+  } catch (const InputError& e) {
+    if (e.agreed || world->size() == 1) {
+      if (rank == 0) std::cerr << "sinkscope: error: " << e.what() << "\n";
+      finalize_mpi();
+      return 1;
+    }
+    std::cerr << "sinkscope: error on rank " << rank << " (" << host_name() << "): " << e.what() << "\n";
+    world->abort(1);
+  } catch (const std::exception& e) {
+    std::cerr << "sinkscope: failure on rank " << rank << " (" << host_name() << "): " << e.what() << "\n";
+    if (world->size() > 1) world->abort(2);
+    return 2;
+  }
+  world.reset();
+  finalize_mpi();
+  return status;
+}

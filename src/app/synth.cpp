@@ -1,0 +1,199 @@
+// Synthetic checkpoints. The planted circuit (docs/synth.md) uses four reserved residual
+// channels: CONST (every token, lets the router and the sink head's query see "always on"),
+// BOS (only the BOS token), S (the P0 head's write) and U (the expert's write).
+//
+//   layer 0, head A:  its key at the BOS position is strongly negative for every query, so
+//                     queries i >= 1 ignore position 0 while position 0 attends to itself (the
+//                     causal mask leaves it nothing else); its value reads BOS, so its write
+//                     (W_O -> channel S) is large at position 0 only.
+//   layer 1, expert:  the router always picks it (reads CONST); gate and up read S, so
+//                     silu(k s) * k s ~ k^2 s^2 is large only where S is; down writes it to U.
+//   layer 2, head B:  its query reads CONST into one slowly-rotating dimension j*; its key reads
+//                     U into the same dimension, so after k_norm the key at position 0 points
+//                     along j* and every query attends to position 0.
+// A acts on B only through the expert (a two-block circuit): the direct attribution goes to the
+// expert; ablating A or the expert at position 0 removes the sink.
+#include "sinkscope/synth.hpp"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "model/tensor_names.hpp"
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/error.hpp"
+
+namespace sinkscope {
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Store {
+  std::vector<std::string> names;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<std::vector<float>> data;
+  std::vector<float>& add(const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    names.push_back(name);
+    shapes.push_back(std::move(shape));
+    data.emplace_back(static_cast<size_t>(n), 0.f);
+    return data.back();
+  }
+};
+
+}  // namespace
+
+PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool plant, uint64_t seed) {
+  const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads, KV = c.num_kv_heads, V = c.vocab_size;
+  PlantedCircuit pc;
+  if (plant) {
+    if (c.num_layers < 3) throw InputError("synth --plant-circuit: needs at least 3 layers");
+    if (!c.is_moe_layer(1)) throw InputError("synth --plant-circuit: layer 1 must be an MoE layer");
+    if (D < 8) throw InputError("synth --plant-circuit: hidden_size must be at least 8");
+    if (d < 4) throw InputError("synth --plant-circuit: head_dim must be at least 4");
+    if (V < 2) throw InputError("synth --plant-circuit: vocab_size must be at least 2");
+    pc.head = H > 1 ? 1 : 0;
+    pc.expert = c.num_experts > 2 ? 2 : 0;
+    pc.sink_head = 0;
+    pc.bos_token_id = 1;
+  }
+  if (!fs::is_directory(out)) {
+    std::error_code ec;
+    fs::create_directories(out, ec);
+    if (ec) throw InputError("synth --out " + out + ": cannot create folder (" + ec.message() + ")");
+  }
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto randn = [&](std::vector<float>& v, float stddev) {
+    for (auto& x : v) x = normal(rng) * stddev;
+  };
+  const int64_t CONST = 0, BOS = 1, S = 2, U = 3;  // reserved channels when planting
+
+  Store st;
+  auto& emb = st.add("model.embed_tokens.weight", {V, D});
+  randn(emb, 1.f);
+  if (plant) {
+    for (int64_t t = 0; t < V; ++t) {
+      emb[t * D + CONST] = 3.f;
+      emb[t * D + BOS] = t == pc.bos_token_id ? 8.f : 0.f;
+      emb[t * D + S] = 0.f;
+      emb[t * D + U] = 0.f;
+    }
+  }
+  auto linear = [&](const std::string& name, int64_t rows, int64_t cols) -> std::vector<float>& {
+    auto& w = st.add(name, {rows, cols});
+    randn(w, 1.f / std::sqrt(static_cast<float>(cols)));
+    return w;
+  };
+  auto ones = [&](const std::string& name, int64_t n) -> std::vector<float>& {
+    auto& w = st.add(name, {n});
+    std::fill(w.begin(), w.end(), 1.f);
+    return w;
+  };
+  const int64_t jstar = d / 2 - 1;  // the most slowly rotating RoPE dimension
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = layer_prefix(l);
+    ones(p + "input_layernorm.weight", D);
+    ones(p + "post_attention_layernorm.weight", D);
+    auto& q = linear(p + "self_attn.q_proj.weight", H * d, D);
+    auto& k = linear(p + "self_attn.k_proj.weight", KV * d, D);
+    auto& v = linear(p + "self_attn.v_proj.weight", KV * d, D);
+    auto& o = linear(p + "self_attn.o_proj.weight", D, H * d);
+    auto& qn = ones(p + "self_attn.q_norm.weight", d);
+    auto& kn = ones(p + "self_attn.k_norm.weight", d);
+    if (plant) {
+      // Keep the reserved channels clean of other components' writes.
+      for (int64_t r : {S, U})
+        for (int64_t j = 0; j < H * d; ++j) o[r * H * d + j] = 0.f;
+    }
+    if (plant && l == pc.head_layer) {
+      // Head A: its query reads CONST and its key reads -BOS in dimension j*, so every query
+      // i >= 1 avoids the BOS position; position 0 can only attend to itself. Its value reads
+      // BOS, so z[0] carries the BOS feature and z[i >= 1] almost none.
+      const int64_t g = pc.head / (H / KV);
+      for (int64_t j = 0; j < d * D; ++j) q[pc.head * d * D + j] = 0.f;
+      q[(pc.head * d + jstar) * D + CONST] = 1.f;
+      for (int64_t j = 0; j < D; ++j) k[(g * d + jstar) * D + j] = 0.f;
+      k[(g * d + jstar) * D + BOS] = -1.f;
+      qn[jstar] = 2.f;
+      kn[jstar] = 2.f;
+      for (int64_t j = 0; j < D; ++j) v[(g * d) * D + j] = 0.f;
+      v[(g * d) * D + BOS] = 1.f;
+      for (int64_t h = 0; h < H; ++h)  // only head A passes value dim 0 on, into channel S
+        if (h / (H / KV) == g)
+          for (int64_t r = 0; r < D; ++r) o[r * H * d + h * d] = 0.f;
+      o[S * H * d + pc.head * d] = 1.f;
+    }
+    if (plant && l == pc.sink_layer) {
+      const int64_t g = pc.sink_head / (H / KV);
+      for (int64_t j = 0; j < d * D; ++j) q[pc.sink_head * d * D + j] = 0.f;
+      q[(pc.sink_head * d + jstar) * D + CONST] = 1.f;
+      for (int64_t j = 0; j < D; ++j) k[(g * d + jstar) * D + j] = 0.f;
+      k[(g * d + jstar) * D + U] = 1.f;
+      qn[jstar] = 2.f;
+      kn[jstar] = 2.f;
+    }
+    if (c.is_moe_layer(l)) {
+      const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+      auto& router = linear(p + "mlp.gate.weight", E, D);
+      if (plant) for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
+      if (plant && l == pc.expert_layer) router[pc.expert * D + CONST] = 8.f;
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string q2 = p + "mlp.experts." + std::to_string(e) + ".";
+        auto& gw = linear(q2 + "gate_proj.weight", I, D);
+        auto& uw = linear(q2 + "up_proj.weight", I, D);
+        auto& dw = linear(q2 + "down_proj.weight", D, I);
+        if (plant) {
+          for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
+          if (l == pc.expert_layer && e == pc.expert) {
+            const int64_t units = std::min<int64_t>(I, 8);
+            for (int64_t j = 0; j < units; ++j) {
+              for (int64_t r = 0; r < D; ++r) gw[j * D + r] = uw[j * D + r] = 0.f;
+              gw[j * D + S] = 2.f;
+              uw[j * D + S] = 2.f;
+              for (int64_t r = 0; r < D; ++r) dw[r * I + j] = 0.f;
+              dw[U * I + j] = 4.f;
+            }
+          }
+        }
+      }
+    } else {
+      const int64_t I = c.intermediate_size;
+      linear(p + "mlp.gate_proj.weight", I, D);
+      linear(p + "mlp.up_proj.weight", I, D);
+      auto& dw = linear(p + "mlp.down_proj.weight", D, I);
+      if (plant)
+        for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
+    }
+  }
+  ones("model.norm.weight", D);
+  if (!c.tie_word_embeddings) linear("lm_head.weight", V, D);
+
+  std::vector<TensorToWrite> tw;
+  for (size_t i = 0; i < st.names.size(); ++i) tw.push_back({st.names[i], DType::BF16, st.shapes[i], st.data[i].data()});
+  ModelConfig written = c;
+  written.dtype = "bfloat16";
+  const fs::path dir(out);
+  write_safetensors((dir / "model.safetensors").string(), tw);
+  {
+    nlohmann::json j = nlohmann::json::parse(model_config_to_json(written));
+    if (plant) j["bos_token_id"] = pc.bos_token_id;
+    std::ofstream f(dir / "config.json");
+    f << j.dump(2) << "\n";
+    if (!f) throw InputError("synth: cannot write " + (dir / "config.json").string());
+  }
+  if (plant) {
+    nlohmann::json j = {{"head_layer", pc.head_layer},     {"head", pc.head},
+                        {"expert_layer", pc.expert_layer}, {"expert", pc.expert},
+                        {"sink_layer", pc.sink_layer},     {"sink_head", pc.sink_head},
+                        {"bos_token_id", pc.bos_token_id}, {"seed", seed}};
+    std::ofstream f(dir / "planted_circuit.json");
+    f << j.dump(2) << "\n";
+  }
+  return pc;
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,243 @@
+// Checkpoint folders: config.json + model.safetensors or an index with shards, memory-mapped.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/error.hpp"
+#include "model/tensor_names.hpp"
+
+namespace sinkscope {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the reference implementation's bound
+
+// A read-only mapping of one safetensors file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) : path_(path) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw InputError(path + ": cannot open (" + std::strerror(errno) + ")");
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd_);
+      throw InputError(path + ": not a regular file");
+    }
+    size_ = static_cast<uint64_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_, 0);
+      if (p == MAP_FAILED) {
+        ::close(fd_);
+        throw InputError(path + ": cannot map (" + std::strerror(errno) + ")");
+      }
+      data_ = static_cast<const char*>(p);
+    }
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile() {
+    if (data_) ::munmap(const_cast<char*>(data_), size_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+  const char* data() const { return data_; }
+  uint64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  const char* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(path + ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+struct Checkpoint::Impl {
+  std::string dir;
+  ModelConfig config;
+  std::vector<std::string> file_names;
+  std::vector<std::unique_ptr<MappedFile>> files;
+  std::vector<uint64_t> data_start;  // byte offset of each file's data section
+  std::vector<TensorInfo> tensors;
+  std::unordered_map<std::string, size_t> by_name;
+  mutable uint64_t bytes_read = 0;
+
+  void add_file(const std::string& file_name) {
+    const std::string path = (fs::path(dir) / file_name).string();
+    auto mf = std::make_unique<MappedFile>(path);
+    if (mf->size() < 8) throw InputError(path + ": truncated safetensors file (" + std::to_string(mf->size()) + " bytes)");
+    uint64_t header_len = 0;
+    std::memcpy(&header_len, mf->data(), 8);  // little-endian on every supported host
+    if (header_len > kMaxHeaderBytes)
+      throw InputError(path + ": safetensors header length " + std::to_string(header_len) + " exceeds 100 MB");
+    if (header_len > mf->size() - 8)
+      throw InputError(path + ": safetensors header length " + std::to_string(header_len) + " runs past the end of the file (" +
+                       std::to_string(mf->size()) + " bytes)");
+    const uint64_t data_len = mf->size() - 8 - header_len;
+    auto infos = parse_safetensors_header(mf->data() + 8, header_len, data_len, path);
+    const int index = static_cast<int>(files.size());
+    for (auto& t : infos) {
+      t.file = index;
+      if (by_name.count(t.name)) throw InputError(path + ": tensor '" + t.name + "' also appears in another shard");
+      by_name.emplace(t.name, tensors.size());
+      tensors.push_back(std::move(t));
+    }
+    data_start.push_back(8 + header_len);
+    files.push_back(std::move(mf));
+    file_names.push_back(file_name);
+  }
+
+  const TensorInfo& get(const std::string& name) const {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) throw InputError(dir + ": tensor '" + name + "' is missing from the checkpoint");
+    return tensors[it->second];
+  }
+
+  const char* bytes(const TensorInfo& t) const { return files[t.file]->data() + data_start[t.file] + t.begin; }
+};
+
+Checkpoint::Checkpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
+Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
+Checkpoint::~Checkpoint() = default;
+
+Checkpoint Checkpoint::open(const std::string& model_dir) {
+  if (!fs::is_directory(model_dir)) throw InputError(model_dir + ": model folder does not exist");
+  auto impl = std::make_unique<Impl>();
+  impl->dir = model_dir;
+  impl->config = parse_model_config((fs::path(model_dir) / "config.json").string());
+  const fs::path single = fs::path(model_dir) / "model.safetensors";
+  const fs::path index = fs::path(model_dir) / "model.safetensors.index.json";
+  if (fs::exists(index)) {
+    const auto map = parse_safetensors_index(read_text(index.string()), index.string());
+    std::vector<std::string> shards;
+    for (const auto& [tensor, shard] : map)
+      if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
+    for (const auto& shard : shards) {
+      if (!fs::exists(fs::path(model_dir) / shard))
+        throw InputError(index.string() + ": shard '" + shard + "' does not exist");
+      impl->add_file(shard);
+    }
+    // Every weight of the index is where the index says it is, and nothing else is there.
+    for (const auto& [tensor, shard] : map) {
+      auto it = impl->by_name.find(tensor);
+      if (it == impl->by_name.end() || impl->file_names[impl->tensors[it->second].file] != shard)
+        throw InputError(index.string() + ": tensor '" + tensor + "' is not in shard '" + shard + "'");
+    }
+    if (map.size() != impl->tensors.size())
+      throw InputError(index.string() + ": shards hold tensors the index does not list");
+  } else if (fs::exists(single)) {
+    impl->add_file("model.safetensors");
+  } else {
+    throw InputError(model_dir + ": no model.safetensors or model.safetensors.index.json");
+  }
+  return Checkpoint(std::move(impl));
+}
+
+const std::string& Checkpoint::dir() const { return impl_->dir; }
+const ModelConfig& Checkpoint::config() const { return impl_->config; }
+const std::vector<std::string>& Checkpoint::files() const { return impl_->file_names; }
+const std::vector<TensorInfo>& Checkpoint::tensors() const { return impl_->tensors; }
+const TensorInfo* Checkpoint::find(const std::string& name) const {
+  auto it = impl_->by_name.find(name);
+  return it == impl_->by_name.end() ? nullptr : &impl_->tensors[it->second];
+}
+
+void Checkpoint::validate_for_model() const {
+  for (const auto& need : required_tensors(impl_->config, *this)) {
+    const TensorInfo& t = impl_->get(need.name);
+    if (t.shape != need.shape) {
+      auto str = [](const std::vector<int64_t>& s) {
+        std::string r = "[";
+        for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+        return r + "]";
+      };
+      throw InputError(impl_->dir + ": tensor '" + t.name + "' has shape " + str(t.shape) + ", config.json implies " +
+                       str(need.shape));
+    }
+    if (t.dtype == DType::Other)
+      throw InputError(impl_->dir + ": tensor '" + t.name + "' has dtype " + t.dtype_str +
+                       " (supported: BF16, F16, F32)");
+  }
+}
+
+namespace {
+void check_finite(const float* p, size_t n, const std::string& dir, const std::string& name) {
+  // One pass, no per-element branch in the hot loop: accumulate p*0, which is NaN iff p is not finite.
+  float acc = 0.f;
+  for (size_t i = 0; i < n; ++i) acc += p[i] * 0.f;
+  if (!std::isfinite(acc)) {
+    for (size_t i = 0; i < n; ++i)
+      if (!std::isfinite(p[i]))
+        throw InputError(dir + ": tensor '" + name + "' holds a non-finite value (" + std::to_string(p[i]) +
+                         ") at element " + std::to_string(i));
+  }
+}
+int64_t row_length(const TensorInfo& t) { return t.shape.empty() ? 1 : t.shape.back(); }
+int64_t row_count(const TensorInfo& t) {
+  int64_t n = 1;
+  for (size_t i = 0; i + 1 < t.shape.size(); ++i) n *= t.shape[i];
+  return t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : n;
+}
+}  // namespace
+
+void Checkpoint::read_rows(const std::string& name, int64_t row_begin, int64_t row_end, float* out) const {
+  const TensorInfo& t = impl_->get(name);
+  if (t.dtype == DType::Other) throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
+  // 1-D tensors read elements; n-D tensors are [prod(shape[:-1]), shape[-1]].
+  const int64_t len = t.shape.size() <= 1 ? 1 : row_length(t);
+  const int64_t rows = t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : row_count(t);
+  if (row_begin < 0 || row_end > rows || row_begin > row_end)
+    throw InputError(impl_->dir + ": rows [" + std::to_string(row_begin) + ", " + std::to_string(row_end) +
+                     ") out of range for tensor '" + name + "'");
+  const size_t n = static_cast<size_t>((row_end - row_begin) * len);
+  convert_to_f32(t.dtype, impl_->bytes(t) + row_begin * len * t.elem_size, n, out);
+  impl_->bytes_read += n * t.elem_size;
+  check_finite(out, n, impl_->dir, name);
+}
+
+void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t col_end, float* out) const {
+  const TensorInfo& t = impl_->get(name);
+  if (t.shape.size() != 2) throw InputError(impl_->dir + ": tensor '" + name + "' is not 2-D");
+  if (t.dtype == DType::Other) throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
+  if (col_begin < 0 || col_end > t.shape[1] || col_begin > col_end)
+    throw InputError(impl_->dir + ": columns out of range for tensor '" + name + "'");
+  const int64_t width = col_end - col_begin;
+  const char* base = impl_->bytes(t);
+  for (int64_t r = 0; r < t.shape[0]; ++r)
+    convert_to_f32(t.dtype, base + (r * t.shape[1] + col_begin) * t.elem_size, static_cast<size_t>(width),
+                   out + r * width);
+  impl_->bytes_read += static_cast<uint64_t>(t.shape[0] * width) * t.elem_size;
+  check_finite(out, static_cast<size_t>(t.shape[0] * width), impl_->dir, name);
+}
+
+void Checkpoint::read_row(const std::string& name, int64_t row, float* out) const {
+  const TensorInfo& t = impl_->get(name);
+  if (t.shape.size() != 2 || row < 0 || row >= t.shape[0])
+    throw InputError(impl_->dir + ": row " + std::to_string(row) + " out of range for tensor '" + name + "'");
+  convert_to_f32(t.dtype, impl_->bytes(t) + row * t.shape[1] * t.elem_size, static_cast<size_t>(t.shape[1]), out);
+  check_finite(out, static_cast<size_t>(t.shape[1]), impl_->dir, name);
+}
+
+uint64_t Checkpoint::weight_bytes_read() const { return impl_->bytes_read; }
+
+}  // namespace sinkscope

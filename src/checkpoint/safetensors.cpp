@@ -1,0 +1,268 @@
+// safetensors: header validation (the reference implementation's rules), dtype conversion and a
+// writer. Everything here runs on untrusted bytes: sizes are checked before they are used.
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/error.hpp"
+
+namespace sinkscope {
+namespace {
+
+using nlohmann::json;
+
+[[noreturn]] void fail(const std::string& file, const std::string& what) {
+  throw InputError(file + ": " + what);
+}
+
+struct DTypeEntry {
+  const char* name;
+  size_t size;
+  DType type;
+};
+// Every dtype the safetensors format defines; sizes in bytes (sub-byte types are not supported
+// by the format version sinkscope reads and are rejected as unknown).
+constexpr DTypeEntry kDTypes[] = {
+    {"F32", 4, DType::F32},     {"F16", 2, DType::F16},      {"BF16", 2, DType::BF16},
+    {"F64", 8, DType::Other},   {"I64", 8, DType::Other},    {"U64", 8, DType::Other},
+    {"I32", 4, DType::Other},   {"U32", 4, DType::Other},    {"I16", 2, DType::Other},
+    {"U16", 2, DType::Other},   {"I8", 1, DType::Other},     {"U8", 1, DType::Other},
+    {"BOOL", 1, DType::Other},  {"F8_E4M3", 1, DType::Other}, {"F8_E5M2", 1, DType::Other},
+};
+
+bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
+  if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) return true;
+  *out = a * b;
+  return false;
+}
+
+}  // namespace
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "F32";
+    case DType::F16: return "F16";
+    case DType::BF16: return "BF16";
+    default: return "other";
+  }
+}
+
+size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t header_len,
+                                                 uint64_t data_len, const std::string& file) {
+  // Duplicate top-level keys are an error; nlohmann keeps the last one silently, so the parser
+  // callback watches the keys of the top-level object.
+  std::set<std::string> seen;
+  std::string duplicate;
+  json::parser_callback_t watch = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::key && depth == 1) {
+      const auto& k = parsed.get_ref<const std::string&>();
+      if (!seen.insert(k).second && duplicate.empty()) duplicate = k;
+    }
+    return true;
+  };
+  json j;
+  try {
+    j = json::parse(header, header + header_len, watch);
+  } catch (const json::exception& e) {
+    fail(file, std::string("safetensors header is not valid JSON (") + e.what() + ")");
+  }
+  if (!duplicate.empty()) fail(file, "safetensors header names tensor '" + duplicate + "' twice");
+  if (!j.is_object()) fail(file, "safetensors header is not a JSON object");
+
+  std::vector<TensorInfo> out;
+  out.reserve(j.size());
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    const json& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) fail(file, "__metadata__ is not an object");
+      for (auto m = v.begin(); m != v.end(); ++m)
+        if (!m.value().is_string()) fail(file, "__metadata__ value '" + m.key() + "' is not a string");
+      continue;
+    }
+    if (!v.is_object()) fail(file, "tensor '" + name + "': entry is not an object");
+    auto dt = v.find("dtype");
+    auto sh = v.find("shape");
+    auto off = v.find("data_offsets");
+    if (dt == v.end() || !dt->is_string()) fail(file, "tensor '" + name + "': missing or bad 'dtype'");
+    if (sh == v.end() || !sh->is_array()) fail(file, "tensor '" + name + "': missing or bad 'shape'");
+    if (off == v.end() || !off->is_array() || off->size() != 2)
+      fail(file, "tensor '" + name + "': missing or bad 'data_offsets'");
+    TensorInfo t;
+    t.name = name;
+    t.dtype_str = dt->get<std::string>();
+    const DTypeEntry* entry = nullptr;
+    for (const auto& e : kDTypes)
+      if (t.dtype_str == e.name) entry = &e;
+    if (!entry) fail(file, "tensor '" + name + "': unknown dtype '" + t.dtype_str + "'");
+    t.dtype = entry->type;
+    t.elem_size = entry->size;
+    uint64_t nbytes = entry->size;
+    for (const auto& d : *sh) {
+      if (!d.is_number_unsigned()) fail(file, "tensor '" + name + "': shape has a non-integer or negative entry");
+      const uint64_t dim = d.get<uint64_t>();
+      if (mul_overflows(nbytes, dim, &nbytes)) fail(file, "tensor '" + name + "': shape overflows");
+      t.shape.push_back(static_cast<int64_t>(dim));
+    }
+    for (const auto& o : *off)
+      if (!o.is_number_unsigned()) fail(file, "tensor '" + name + "': data_offsets are not non-negative integers");
+    t.begin = (*off)[0].get<uint64_t>();
+    t.end = (*off)[1].get<uint64_t>();
+    if (t.end < t.begin) fail(file, "tensor '" + name + "': data_offsets end before they begin");
+    if (t.end - t.begin != nbytes)
+      fail(file, "tensor '" + name + "': byte range " + std::to_string(t.end - t.begin) +
+                     " does not match shape x dtype size " + std::to_string(nbytes));
+    out.push_back(std::move(t));
+  }
+  // Offsets start at 0, are contiguous, do not overlap and end exactly at the end of the file.
+  std::vector<const TensorInfo*> order;
+  for (const auto& t : out) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t expected = 0;
+  for (const TensorInfo* t : order) {
+    if (t->begin < expected) fail(file, "tensor '" + t->name + "' overlaps the previous tensor");
+    if (t->begin > expected)
+      fail(file, "gap before tensor '" + t->name + "' (offset " + std::to_string(t->begin) + ", expected " +
+                     std::to_string(expected) + ")");
+    expected = t->end;
+  }
+  if (expected != data_len)
+    fail(file, "tensor data ends at byte " + std::to_string(expected) + " but the data section has " +
+                   std::to_string(data_len) + " bytes");
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const std::string& text,
+                                                                          const std::string& file) {
+  json j;
+  std::set<std::string> seen;
+  std::string duplicate;
+  json::parser_callback_t watch = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::key && depth == 2) {
+      const auto& k = parsed.get_ref<const std::string&>();
+      if (!seen.insert(k).second && duplicate.empty()) duplicate = k;
+    }
+    return true;
+  };
+  try {
+    j = json::parse(text, watch);
+  } catch (const json::exception& e) {
+    fail(file, std::string("not valid JSON (") + e.what() + ")");
+  }
+  if (!j.is_object()) fail(file, "top level is not a JSON object");
+  auto wm = j.find("weight_map");
+  if (wm == j.end() || !wm->is_object()) fail(file, "missing 'weight_map' object");
+  if (!duplicate.empty()) fail(file, "weight_map names tensor '" + duplicate + "' twice");
+  std::vector<std::pair<std::string, std::string>> out;
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    if (!it.value().is_string()) fail(file, "weight_map entry '" + it.key() + "' is not a file name");
+    const auto shard = it.value().get<std::string>();
+    if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
+      fail(file, "weight_map entry '" + it.key() + "' names a bad shard file '" + shard + "'");
+    out.emplace_back(it.key(), shard);
+  }
+  return out;
+}
+
+uint16_t f32_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float bf16_to_f32(uint16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400u)) {
+        mant <<= 1;
+        --exp;
+      }
+      u = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp - 15 + 127) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
+  switch (t) {
+    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::BF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+      return;
+    }
+    case DType::F16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+      return;
+    }
+    default: throw InputError("cannot convert dtype to float32");
+  }
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+  json header = json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    uint64_t n = 1;
+    for (auto d : t.shape) n *= static_cast<uint64_t>(d);
+    const uint64_t nbytes = n * dtype_size(t.dtype);
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+  }
+  header["__metadata__"] = {{"format", "pt"}};
+  std::string text = header.dump();
+  while ((8 + text.size()) % 8 != 0) text.push_back(' ');  // align the data section
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw InputError("cannot write " + path);
+  const uint64_t len = text.size();
+  out.write(reinterpret_cast<const char*>(&len), 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  std::vector<uint16_t> half;
+  for (const auto& t : tensors) {
+    uint64_t n = 1;
+    for (auto d : t.shape) n *= static_cast<uint64_t>(d);
+    if (t.dtype == DType::F32) {
+      out.write(reinterpret_cast<const char*>(t.data), static_cast<std::streamsize>(n * 4));
+    } else if (t.dtype == DType::BF16) {
+      half.resize(n);
+      for (uint64_t i = 0; i < n; ++i) half[i] = f32_to_bf16(t.data[i]);
+      out.write(reinterpret_cast<const char*>(half.data()), static_cast<std::streamsize>(n * 2));
+    } else {
+      throw InputError("write_safetensors: only F32 and BF16 are written");
+    }
+  }
+  out.flush();
+  if (!out) throw InputError("cannot write " + path + " (disk full?)");
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,81 @@
+#include "cpu/kernels.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace sinkscope::cpu {
+
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float* C, int64_t ldc, float alpha, float beta) {
+  if (M == 0 || N == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M), static_cast<blasint>(N),
+              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
+              static_cast<blasint>(ldc));
+}
+
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+             float* C, int64_t ldc, float alpha, float beta) {
+  if (M == 0 || N == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M), static_cast<blasint>(N),
+              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
+              static_cast<blasint>(ldc));
+}
+
+void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, double eps, float* out, float* inv_rms) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+    if (inv_rms) inv_rms[r] = inv;
+    float* o = out + r * n;
+    for (int64_t i = 0; i < n; ++i) o[i] = xr[i] * inv * gamma[i];
+  }
+}
+
+void rope(float* x, int64_t rows, int64_t d, int64_t ld, int64_t pos0, const double* inv_freq) {
+  const int64_t half = d / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* v = x + r * ld;
+    const double pos = static_cast<double>(pos0 + r);
+    for (int64_t j = 0; j < half; ++j) {
+      const double angle = pos * inv_freq[j];
+      const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+      const float a = v[j], b = v[j + half];
+      v[j] = a * c - b * s;
+      v[j + half] = b * c + a * s;
+    }
+  }
+}
+
+void causal_softmax(float* s, int64_t T) {
+  for (int64_t i = 0; i < T; ++i) {
+    float* row = s + i * T;
+    float m = row[0];
+    for (int64_t j = 1; j <= i; ++j) m = std::max(m, row[j]);
+    double sum = 0;
+    for (int64_t j = 0; j <= i; ++j) {
+      row[j] = std::exp(row[j] - m);
+      sum += row[j];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+    for (int64_t j = i + 1; j < T; ++j) row[j] = 0.f;
+  }
+}
+
+void swiglu(const float* g, const float* u, float* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+float l2_norm(const float* x, int64_t n) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  return static_cast<float>(std::sqrt(ss));
+}
+
+void set_threads(int n) { openblas_set_num_threads(std::max(1, n)); }
+
+}  // namespace sinkscope::cpu

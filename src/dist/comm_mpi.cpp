@@ -1,0 +1,200 @@
+// The MPI communicator (CPU buffers). MPI stays behind this file: no MPI type leaks into headers.
+#include "sinkscope/build_config.hpp"
+#include "sinkscope/comm.hpp"
+#include "sinkscope/error.hpp"
+
+#if SINKSCOPE_HAVE_MPI
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+namespace sinkscope {
+namespace {
+
+// One check macro for every MPI call: names the call, file:line, rank and host.
+[[noreturn]] void mpi_fail(int code, const char* call, const char* file, int line) {
+  char msg[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  MPI_Error_string(code, msg, &len);
+  int rank = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  throw RuntimeFailure(std::string(call) + " failed at " + file + ":" + std::to_string(line) + " on rank " +
+                       std::to_string(rank) + " (" + host_name() + "): " + msg);
+}
+#define SINKSCOPE_MPI_CHECK(call)                                 \
+  do {                                                            \
+    const int sinkscope_mpi_rc_ = (call);                         \
+    if (sinkscope_mpi_rc_ != MPI_SUCCESS) mpi_fail(sinkscope_mpi_rc_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// Counts above INT_MAX travel in chunks of this many elements.
+constexpr size_t kChunk = size_t{1} << 30;
+
+class MpiComm final : public Comm {
+ public:
+  MpiComm(MPI_Comm c, bool owned) : comm_(c), owned_(owned) {
+    SINKSCOPE_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    SINKSCOPE_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+  MpiComm(const MpiComm&) = delete;
+  MpiComm& operator=(const MpiComm&) = delete;
+  MpiComm(MpiComm&& o) noexcept : comm_(o.comm_), owned_(o.owned_), rank_(o.rank_), size_(o.size_) {
+    o.owned_ = false;
+  }
+  ~MpiComm() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owned_ && !finalized) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string kind() const override { return "mpi"; }
+
+  std::unique_ptr<Comm> split(int color, int key) const override {
+    MPI_Comm out;
+    SINKSCOPE_MPI_CHECK(MPI_Comm_split(comm_, color, key, &out));
+    return std::make_unique<MpiComm>(out, true);
+  }
+  void barrier() const override { SINKSCOPE_MPI_CHECK(MPI_Barrier(comm_)); }
+
+  void allreduce_sum(float* data, size_t n) const override { allreduce(data, n, MPI_FLOAT, MPI_SUM); }
+  void allreduce_sum(double* data, size_t n) const override { allreduce(data, n, MPI_DOUBLE, MPI_SUM); }
+  void allreduce_max(int64_t* data, size_t n) const override { allreduce(data, n, MPI_INT64_T, MPI_MAX); }
+
+  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts, std::vector<float>* recv,
+                 std::vector<size_t>* recv_counts) const override {
+    if (static_cast<int>(send_counts.size()) != size_) throw RuntimeFailure("alltoallv: one count per rank needed");
+    std::vector<uint64_t> sc(send_counts.begin(), send_counts.end()), rc(static_cast<size_t>(size_));
+    SINKSCOPE_MPI_CHECK(MPI_Alltoall(sc.data(), 1, MPI_UINT64_T, rc.data(), 1, MPI_UINT64_T, comm_));
+    recv_counts->assign(rc.begin(), rc.end());
+    size_t total = 0;
+    for (auto c : rc) total += c;
+    recv->assign(total, 0.f);
+    // Point-to-point in chunks, so no count passes INT_MAX.
+    std::vector<MPI_Request> reqs;
+    size_t soff = 0, roff = 0;
+    for (int r = 0; r < size_; ++r) {
+      for (size_t done = 0; done < rc[r]; done += kChunk) {
+        const int n = static_cast<int>(std::min(kChunk, rc[r] - done));
+        reqs.emplace_back();
+        SINKSCOPE_MPI_CHECK(MPI_Irecv(recv->data() + roff + done, n, MPI_FLOAT, r, 7, comm_, &reqs.back()));
+      }
+      roff += rc[r];
+    }
+    for (int r = 0; r < size_; ++r) {
+      for (size_t done = 0; done < sc[r]; done += kChunk) {
+        const int n = static_cast<int>(std::min(kChunk, sc[r] - done));
+        reqs.emplace_back();
+        SINKSCOPE_MPI_CHECK(MPI_Isend(send.data() + soff + done, n, MPI_FLOAT, r, 7, comm_, &reqs.back()));
+      }
+      soff += sc[r];
+    }
+    SINKSCOPE_MPI_CHECK(MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
+  }
+
+  std::vector<std::string> gather_bytes(const std::string& mine, int root) const override {
+    std::vector<std::string> out;
+    if (rank_ == root) {
+      out.resize(static_cast<size_t>(size_));
+      for (int r = 0; r < size_; ++r) out[r] = r == root ? mine : recv_bytes(r);
+    } else {
+      send_bytes(mine, root);
+    }
+    return out;
+  }
+  std::vector<std::string> allgather_bytes(const std::string& mine) const override {
+    std::vector<std::string> all = gather_bytes(mine, 0);
+    for (int r = 0; r < size_; ++r) {
+      std::string s = rank_ == 0 ? all[r] : std::string();
+      broadcast_bytes(&s, 0);
+      if (rank_ != 0) all.push_back(std::move(s));
+    }
+    return all;
+  }
+  void broadcast_bytes(std::string* data, int root) const override {
+    uint64_t n = data->size();
+    SINKSCOPE_MPI_CHECK(MPI_Bcast(&n, 1, MPI_UINT64_T, root, comm_));
+    data->resize(n);
+    for (size_t done = 0; done < n; done += kChunk) {
+      const int c = static_cast<int>(std::min<uint64_t>(kChunk, n - done));
+      SINKSCOPE_MPI_CHECK(MPI_Bcast(data->data() + done, c, MPI_BYTE, root, comm_));
+    }
+  }
+  int first_failed_rank(bool ok) const override {
+    int mine = ok ? INT_MAX : rank_, first = INT_MAX;
+    SINKSCOPE_MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm_));
+    return first == INT_MAX ? -1 : first;
+  }
+  [[noreturn]] void abort(int status) const override {
+    MPI_Abort(MPI_COMM_WORLD, status);
+    std::_Exit(status);
+  }
+
+ private:
+  template <typename T>
+  void allreduce(T* data, size_t n, MPI_Datatype type, MPI_Op op) const {
+    for (size_t done = 0; done < n; done += kChunk) {
+      const int c = static_cast<int>(std::min(kChunk, n - done));
+      SINKSCOPE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + done, c, type, op, comm_));
+    }
+  }
+  void send_bytes(const std::string& s, int to) const {
+    uint64_t n = s.size();
+    SINKSCOPE_MPI_CHECK(MPI_Send(&n, 1, MPI_UINT64_T, to, 11, comm_));
+    for (size_t done = 0; done < n; done += kChunk) {
+      const int c = static_cast<int>(std::min<uint64_t>(kChunk, n - done));
+      SINKSCOPE_MPI_CHECK(MPI_Send(s.data() + done, c, MPI_BYTE, to, 12, comm_));
+    }
+  }
+  std::string recv_bytes(int from) const {
+    uint64_t n = 0;
+    SINKSCOPE_MPI_CHECK(MPI_Recv(&n, 1, MPI_UINT64_T, from, 11, comm_, MPI_STATUS_IGNORE));
+    std::string s(n, '\0');
+    for (size_t done = 0; done < n; done += kChunk) {
+      const int c = static_cast<int>(std::min<uint64_t>(kChunk, n - done));
+      SINKSCOPE_MPI_CHECK(MPI_Recv(s.data() + done, c, MPI_BYTE, from, 12, comm_, MPI_STATUS_IGNORE));
+    }
+    return s;
+  }
+
+  MPI_Comm comm_;
+  bool owned_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+std::unique_ptr<Comm> make_mpi_world(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    SINKSCOPE_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+    // Errors come back as codes so they become exceptions with context instead of aborting bare.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  }
+  return std::make_unique<MpiComm>(MPI_COMM_WORLD, false);
+}
+
+void finalize_mpi() {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Finalize();
+}
+
+}  // namespace sinkscope
+
+#else  // built without MPI
+
+namespace sinkscope {
+std::unique_ptr<Comm> make_mpi_world(int*, char***) {
+  throw RuntimeFailure("this sinkscope was built without MPI (configure with -DSINKSCOPE_MPI=ON)");
+}
+void finalize_mpi() {}
+}  // namespace sinkscope
+
+#endif
