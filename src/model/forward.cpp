@@ -12,6 +12,8 @@
 //              expert outputs back per pair, and the slices are summed over the tp group.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <omp.h>
@@ -51,6 +53,12 @@ class CpuBackend final : public Backend {
     for (int64_t j = 0; j < d / 2; ++j)
       inv_freq_[static_cast<size_t>(j)] = 1.0 / std::pow(c_.rope_theta, static_cast<double>(2 * j) / static_cast<double>(d));
     slots_ = std::max<int64_t>(c_.num_experts, 1);
+    // Test hook (docs/reliability.md): SINKSCOPE_INJECT_FAULT=RANK:LAYER makes that world rank
+    // throw when it reaches that layer, so the failure tests can stop one rank part way.
+    if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
+      int rank = -1, layer = -1;
+      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank()) fault_layer_ = layer;
+    }
     ci_ = ComponentIndex{c_.num_heads, c_.num_heads + slots_};
   }
 
@@ -92,6 +100,7 @@ class CpuBackend final : public Backend {
   uint64_t bytes_loaded_ = 0;
   std::vector<double> inv_freq_;
   int64_t slots_ = 1;
+  int64_t fault_layer_ = -1;
   ComponentIndex ci_;
   // Per micro-batch circuit state: position-0 delta (c[0] - cbar) of every component slot, and
   // the running sum of the components' position-0 writes (for the identity check).
@@ -483,6 +492,7 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
   }
   residual_tap(0, x, B, T, probe0, obs);
   for (int64_t l = 0; l < c_.num_layers; ++l) {
+    if (l == fault_layer_) throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
     attention(l, x, y, B, T, probe0, obs);
     mlp(l, y, x, B, T, probe0, obs);
     residual_tap(l + 1, x, B, T, probe0, obs);

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every tensor/expert/data-parallel layout gives the numbers of one rank (METRICS.md section 7:
+# within 1e-5 relative on CPU), on synthetic models and on the golden models when present.
+# usage: test_layouts.sh SINKSCOPE REPO_ROOT [MPIEXEC]
+set -euo pipefail
+bin=$1 root=$2 mpiexec=${3:-mpirun}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+py=/usr/bin/python3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+"$bin" synth --config "$root/tests/data/moe_8e_4kv.json" --out "$work/m8" --seed 11 2>/dev/null
+"$bin" synth --config "$root/tests/data/tiny_moe.json" --out "$work/planted" --plant-circuit --seed 5 2>/dev/null
+models=("$work/m8:--probes random:5:20:3" "$work/planted:--probes random:5:20:4 --prepend-bos 1")
+for g in "$root"/tests/golden/*/; do
+  [ -f "$g/config.json" ] && models+=("$g:--tokens $g/probes.npy")
+done
+
+layouts=("2:--tp 2" "2:--ep 2" "2:" "4:--tp 2 --ep 2" "4:--tp 4" "4:--ep 4" "4:--ep 2")
+fail=0
+for entry in "${models[@]}"; do
+  model=${entry%%:*} probes=${entry#*:}
+  name=$(basename "$model")
+  # shellcheck disable=SC2086
+  "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 --ablate layers=0-0 --out "$work/$name.ref.h5"
+  for layout in "${layouts[@]}"; do
+    np=${layout%%:*} opts=${layout#*:}
+    # shellcheck disable=SC2086
+    if [[ "$name" == m8 || ( "$opts" != *"--tp 4"* ) ]]; then
+      out="$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5"
+      "$mpiexec" --oversubscribe -np "$np" "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 \
+        --ablate layers=0-0 $opts --out "$out"
+      if ! "$py" "$root/tests/tools/compare_h5.py" "$work/$name.ref.h5" "$out" --rtol 1e-5 \
+          --ignore-attrs created_utc,layout,tp,ep,dp,world_size; then
+        echo "FAIL: $name with np=$np $opts differs from one rank"
+        fail=1
+      fi
+      "$py" - "$out" "$np" <<'PY'
+import sys, h5py
+f = h5py.File(sys.argv[1], "r")
+assert f.attrs["world_size"] == int(sys.argv[2]), "world_size attribute"
+assert f.attrs["tp"] * f.attrs["dp"] == f.attrs["world_size"], "tp x dp = world"
+PY
+    fi
+  done
+done
+[ "$fail" = 0 ] && echo "all layouts agree with one rank"
+exit "$fail"

@@ -1,0 +1,226 @@
+// The reader's accept and reject cases. Bad files are generated here, not stored in the repo.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "model/tensor_names.hpp"
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/error.hpp"
+#include "sinkscope/synth.hpp"
+#include "test_util.hpp"
+
+using namespace sinkscope;
+using sinkscope::test::TempDir;
+
+namespace {
+
+std::string st_file(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  const uint64_t n = header.size();
+  std::memcpy(out.data(), &n, 8);
+  return out + header + data;
+}
+
+std::vector<TensorInfo> parse(const std::string& header, uint64_t data_len) {
+  return parse_safetensors_header(header.data(), header.size(), data_len, "f.safetensors");
+}
+
+void expect_reject(const std::string& header, uint64_t data_len, const std::string& fragment) {
+  try {
+    parse(header, data_len);
+    FAIL() << "accepted " << header;
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    EXPECT_EQ(std::string(e.what()).rfind("f.safetensors", 0), 0u);
+  }
+}
+
+std::string expect_open_error(const std::string& dir) {
+  try {
+    Checkpoint ck = Checkpoint::open(dir);
+    ck.validate_for_model();
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "opened " << dir;
+  return "";
+}
+
+}  // namespace
+
+TEST(SafetensorsHeader, AcceptsValid) {
+  auto t = parse(R"(  {"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},
+                  "a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})", 12);
+  ASSERT_EQ(t.size(), 2u);
+  const auto& a = t[0].name == "a" ? t[0] : t[1];
+  EXPECT_EQ(a.dtype, DType::BF16);
+  EXPECT_EQ(a.end, 4u);
+  auto other = parse(R"({"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", 8);
+  EXPECT_EQ(other[0].dtype, DType::Other);  // a valid file, even if sinkscope cannot compute with it
+  EXPECT_EQ(parse(R"({"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})", 4)[0].shape.size(), 0u);
+}
+
+TEST(SafetensorsHeader, RejectsBadHeaders) {
+  expect_reject("{not json", 0, "not valid JSON");
+  expect_reject("[1,2]", 0, "not a JSON object");
+  expect_reject(R"({"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}})", 4, "unknown dtype");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 4, "does not match shape");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})",
+                6, "overlaps");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8, "gap");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 8, "data section has 8");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                8, "twice");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4, "negative");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,4]}})", 4, "overflows");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}})", 8, "end before");
+  expect_reject(R"({"__metadata__":{"k":3}})", 0, "not a string");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1]}})", 0, "data_offsets");
+}
+
+TEST(SafetensorsIndex, ParsesAndRejects) {
+  auto m = parse_safetensors_index(R"({"metadata":{},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}})", "i.json");
+  EXPECT_EQ(m.size(), 2u);
+  EXPECT_THROW(parse_safetensors_index(R"({"weight_map":{"a":"s1","a":"s2"}})", "i.json"), InputError);
+  EXPECT_THROW(parse_safetensors_index(R"({"weight_map":{"a":"../x"}})", "i.json"), InputError);
+  EXPECT_THROW(parse_safetensors_index(R"({"other":1})", "i.json"), InputError);
+}
+
+TEST(Conversion, Bf16AndF16) {
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(1.5f)), 1.5f);
+  EXPECT_EQ(f32_to_bf16(1.0f + 1.0f / 512), f32_to_bf16(1.0f));  // ties round to even
+  const uint16_t h[4] = {0x3c00, 0xc000, 0x0001, 0x7bff};  // 1, -2, smallest subnormal, 65504
+  float out[4];
+  convert_to_f32(DType::F16, h, 4, out);
+  EXPECT_EQ(out[0], 1.f);
+  EXPECT_EQ(out[1], -2.f);
+  EXPECT_FLOAT_EQ(out[2], 5.9604645e-8f);
+  EXPECT_EQ(out[3], 65504.f);
+}
+
+class CheckpointFiles : public ::testing::Test {
+ protected:
+  void SetUp() override { synthesize(test::tiny_config(), dir.path(), false, 7); }
+  TempDir dir;
+};
+
+TEST_F(CheckpointFiles, OpensValidatesAndReadsSlices) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  ck.validate_for_model();
+  const ModelConfig& c = ck.config();
+  std::vector<float> all(static_cast<size_t>(c.hidden_size * c.num_heads * c.head_dim));
+  ck.read_rows("model.layers.0.self_attn.o_proj.weight", 0, c.hidden_size, all.data());
+  std::vector<float> cols(static_cast<size_t>(c.hidden_size * c.head_dim));
+  ck.read_cols("model.layers.0.self_attn.o_proj.weight", c.head_dim, 2 * c.head_dim, cols.data());
+  const int64_t width = c.num_heads * c.head_dim;
+  for (int64_t r = 0; r < c.hidden_size; ++r)
+    for (int64_t j = 0; j < c.head_dim; ++j) ASSERT_EQ(cols[r * c.head_dim + j], all[r * width + c.head_dim + j]);
+  EXPECT_GT(ck.weight_bytes_read(), 0u);
+}
+
+TEST_F(CheckpointFiles, RejectsTruncatedFile) {
+  const std::string path = dir / "model.safetensors";
+  const std::string bytes = test::read_file(path);
+  test::write_file(path, bytes.substr(0, bytes.size() - 10));
+  const std::string msg = expect_open_error(dir.path());
+  EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
+}
+
+TEST_F(CheckpointFiles, RejectsHugeAndPastEndHeaderLength) {
+  const std::string path = dir / "model.safetensors";
+  std::string bytes = test::read_file(path);
+  uint64_t n = 200ull << 20;
+  std::memcpy(bytes.data(), &n, 8);
+  test::write_file(path, bytes);
+  EXPECT_NE(expect_open_error(dir.path()).find("exceeds 100 MB"), std::string::npos);
+  n = bytes.size();
+  std::memcpy(bytes.data(), &n, 8);
+  test::write_file(path, bytes);
+  EXPECT_NE(expect_open_error(dir.path()).find("past the end"), std::string::npos);
+  test::write_file(path, "abc");
+  EXPECT_NE(expect_open_error(dir.path()).find("truncated"), std::string::npos);
+}
+
+TEST_F(CheckpointFiles, RejectsWrongShapeAndMissingTensor) {
+  // Rewrite the file with one tensor of the wrong shape, then with one tensor missing.
+  Checkpoint ck = Checkpoint::open(dir.path());
+  std::vector<std::vector<float>> data;
+  std::vector<TensorToWrite> tw;
+  for (const auto& t : ck.tensors()) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    data.emplace_back(static_cast<size_t>(n));
+    ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
+  }
+  for (size_t i = 0; i < ck.tensors().size(); ++i) tw.push_back({ck.tensors()[i].name, DType::BF16, ck.tensors()[i].shape, data[i].data()});
+  auto wrong = tw;
+  for (auto& t : wrong)
+    if (t.name == "model.layers.1.self_attn.k_proj.weight") t.shape = {t.shape[1], t.shape[0]};
+  write_safetensors(dir / "model.safetensors", wrong);
+  std::string msg = expect_open_error(dir.path());
+  EXPECT_NE(msg.find("model.layers.1.self_attn.k_proj.weight"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("has shape"), std::string::npos) << msg;
+  auto missing = tw;
+  missing.erase(std::remove_if(missing.begin(), missing.end(), [](const TensorToWrite& t) {
+                  return t.name == "model.layers.0.mlp.experts.3.down_proj.weight";
+                }),
+                missing.end());
+  write_safetensors(dir / "model.safetensors", missing);
+  msg = expect_open_error(dir.path());
+  EXPECT_NE(msg.find("experts.3.down_proj.weight' is missing"), std::string::npos) << msg;
+}
+
+TEST_F(CheckpointFiles, RejectsNonFiniteWeight) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  std::vector<std::vector<float>> data;
+  std::vector<TensorToWrite> tw;
+  for (const auto& t : ck.tensors()) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    data.emplace_back(static_cast<size_t>(n), 0.5f);
+    if (t.name == "model.layers.0.self_attn.v_proj.weight") data.back()[5] = std::nanf("");
+    tw.push_back({t.name, DType::BF16, t.shape, data.back().data()});
+  }
+  write_safetensors(dir / "model.safetensors", tw);
+  Checkpoint bad = Checkpoint::open(dir.path());
+  std::vector<float> out(static_cast<size_t>(bad.config().num_kv_heads * bad.config().head_dim * bad.config().hidden_size));
+  try {
+    bad.read_rows("model.layers.0.self_attn.v_proj.weight", 0, bad.config().num_kv_heads * bad.config().head_dim, out.data());
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos);
+  }
+}
+
+TEST_F(CheckpointFiles, ShardedIndex) {
+  // Split the single file into two shards with an index.
+  Checkpoint ck = Checkpoint::open(dir.path());
+  std::vector<std::vector<float>> data;
+  std::vector<TensorToWrite> a, b;
+  std::string map;
+  size_t i = 0;
+  for (const auto& t : ck.tensors()) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    data.emplace_back(static_cast<size_t>(n));
+  }
+  for (const auto& t : ck.tensors()) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data[i].data());
+    (i % 2 ? a : b).push_back({t.name, DType::BF16, t.shape, data[i].data()});
+    map += std::string(map.empty() ? "" : ",") + "\"" + t.name + "\":\"" + (i % 2 ? "s1.safetensors" : "s2.safetensors") + "\"";
+    ++i;
+  }
+  std::filesystem::remove(dir / "model.safetensors");
+  write_safetensors(dir / "s1.safetensors", a);
+  write_safetensors(dir / "s2.safetensors", b);
+  test::write_file(dir / "model.safetensors.index.json", "{\"weight_map\":{" + map + "}}");
+  Checkpoint sharded = Checkpoint::open(dir.path());
+  sharded.validate_for_model();
+  EXPECT_EQ(sharded.files().size(), 2u);
+  // An index naming a shard that does not exist.
+  test::write_file(dir / "model.safetensors.index.json", "{\"weight_map\":{" + map + ",\"extra\":\"s3.safetensors\"}}");
+  EXPECT_NE(expect_open_error(dir.path()).find("does not exist"), std::string::npos);
+}
