@@ -316,10 +316,14 @@ int main(int argc, char** argv) {
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
-      if (rank == 0) status = app.exit(e);
-      else status = e.get_exit_code();
+      // --help and --version print through CLI11; a usage error is one line and exit 1.
+      if (e.get_exit_code() == 0) {
+        if (rank == 0) app.exit(e);
+      } else if (rank == 0) {
+        std::cerr << "sinkscope: error: " << e.what() << " (see sinkscope --help)\n";
+      }
       finalize_mpi();
-      return status == 0 ? 0 : 1;
+      return e.get_exit_code() == 0 ? 0 : 1;
     }
     if (*analyze) status = cmd_analyze(model, pa, ca, out, step, *world);
     else if (*sweep) status = cmd_sweep(models, glob, pa, ca, out, resume, assemble_only, tau, steps, *world);

@@ -237,7 +237,8 @@ void silence_hdf5_errors() {
 void Handle::close() {
   if (id_ < 0) return;
   const hid_t id = std::exchange(id_, H5I_INVALID_HID);
-  SINKSCOPE_H5_CALL(closer_(id));
+  const Closer close = closer_;  // named for the message: "close failed at ...: H5Fclose(): ..."
+  SINKSCOPE_H5_CALL(close(id));
 }
 
 void Handle::reset() noexcept {
@@ -252,6 +253,10 @@ File File::create(const std::string& path) {
   silence_hdf5_errors();
   return in_context("cannot create HDF5 file", path, [&] {
     Handle fapl = file_access_properties();
+    // With the default ("weak") degree H5Fclose succeeds while any object is still open and the
+    // file is only completed later; the writers then would commit an unfinished file. "Semi"
+    // makes that close fail instead, so the commit is abandoned.
+    SINKSCOPE_H5_CALL(H5Pset_fclose_degree(fapl.id(), H5F_CLOSE_SEMI));
     Handle file(SINKSCOPE_H5_CALL(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id())),
                 H5Fclose);
     return File(std::move(file), path);

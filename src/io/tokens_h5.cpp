@@ -11,7 +11,8 @@ IntArray read_tokens_h5(const std::string& path) {
     h5::File f = h5::File::open_read(path);
     if (!f.has_dataset("tokens")) throw InputError(path + ": no dataset /tokens");
     const h5::DatasetInfo info = f.dataset_info("tokens");
-    if (info.kind != h5::DatasetInfo::Kind::kInteger) throw InputError(path + ": /tokens is not an integer dataset");
+    if (info.kind != h5::DatasetInfo::Kind::kInteger)
+      throw InputError(path + ": /tokens is not an integer dataset");
     if (info.shape.size() != 2) throw InputError(path + ": /tokens must be 2-D [N, T]");
     if (info.shape[0] == 0 || info.shape[1] == 0) throw InputError(path + ": /tokens is empty");
     std::vector<size_t> shape;
@@ -19,8 +20,9 @@ IntArray read_tokens_h5(const std::string& path) {
     t = IntArray(shape, "probe,position");
     for (size_t i = 0; i < v.size(); ++i) {
       if (v[i] < INT32_MIN || v[i] > INT32_MAX)
-        throw InputError(path + ": token id " + std::to_string(v[i]) + " at (row " + std::to_string(i / shape[1]) +
-                         ", column " + std::to_string(i % shape[1]) + ") does not fit int32");
+        throw InputError(path + ": token id " + std::to_string(v[i]) + " at (row " +
+                         std::to_string(i / shape[1]) + ", column " + std::to_string(i % shape[1]) +
+                         ") does not fit int32");
       t.data[i] = static_cast<int32_t>(v[i]);
     }
   } catch (const RuntimeFailure& e) {

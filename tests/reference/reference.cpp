@@ -161,6 +161,7 @@ struct Trace {
   std::vector<std::vector<Vec>> k0;      // [L][KV] of [d]: key at position 0 after k_norm
   std::vector<std::vector<std::vector<int>>> topk;  // [L][T]: routed experts (MoE layers)
   double min_gap = std::numeric_limits<double>::infinity();
+  int64_t exact_ties = 0;
 };
 
 }  // namespace
@@ -285,7 +286,14 @@ Trace ReferenceModel::Impl::forward(const int32_t* tok, int64_t T, const std::ve
         std::iota(order.begin(), order.end(), 0);
         // Largest probability first; equal probabilities keep the lower expert index first.
         std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
-        if (K < E) tr.min_gap = std::min(tr.min_gap, p[order[K - 1]] - p[order[K]]);
+        // Near-tie diagnostic in logit units (log p_a - log p_b), which fp32 resolves to ~1e-6.
+        if (K < E) {
+          const double gap = logits[order[K - 1]] - logits[order[K]];
+          if (gap == 0)
+            ++tr.exact_ties;  // decided by the tie rule alone
+          else
+            tr.min_gap = std::min(tr.min_gap, gap);
+        }
         double wsum = 0;
         for (int64_t j = 0; j < K; ++j) wsum += p[order[j]];
         for (int64_t j = 0; j < K; ++j) {
@@ -409,7 +417,10 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
   a.meta.seq_len = T;
   a.meta.eps = eps;
   a.tokens = tokens;
-  for (const Trace& tr : traces) R.min_routing_gap = std::min(R.min_routing_gap, tr.min_gap);
+  for (const Trace& tr : traces) {
+    R.min_routing_gap = std::min(R.min_routing_gap, tr.min_gap);
+    R.exact_routing_ties += tr.exact_ties;
+  }
 
   // ---- section 1: attention to position zero
   a.p0_per_query = FloatArray({uN, uL, uH, uT}, "probe,layer,head,query");

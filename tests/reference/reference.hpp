@@ -50,10 +50,13 @@ struct ReferenceResult {
   // ||k_0 - sum_c K(c[0])|| / ||k_0||, k_0 being the model's key at position 0 after k_norm.
   double identity_max_rel_err = 0;
 
-  // Diagnostics: the smallest gap p_(k) - p_(k+1) between the last chosen and the first unchosen
-  // router probability over all routed tokens (a gap near fp32 rounding means the top-k set may
-  // legitimately differ in fp32), and the smallest |alpha - eps| over heads (sink_rate borderline).
+  // Diagnostics: the smallest router-logit gap r_(k) - r_(k+1) between the last chosen and the
+  // first unchosen expert over all routed tokens whose gap is not exactly zero (a gap near fp32
+  // rounding means the top-k set may legitimately differ in fp32), the number of tokens whose
+  // top-k boundary is an exact tie (decided by "ties -> lower index" alone), and the smallest
+  // |alpha - eps| over heads (sink_rate borderline).
   double min_routing_gap = std::numeric_limits<double>::infinity();
+  int64_t exact_routing_ties = 0;
   double min_sink_eps_gap = std::numeric_limits<double>::infinity();
 };
 

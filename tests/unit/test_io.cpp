@@ -2,10 +2,9 @@
 // failure paths users meet: a wrong --out folder, a damaged or incomplete analysis file, a writer
 // that fails half way (nothing may be left behind).
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 #include <hdf5.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -440,8 +439,9 @@ TEST_F(IoTest, MissingFolderIsAnInputErrorAndLeavesNothing) {
 
 TEST_F(IoTest, UnwritableFolderIsAnInputError) {
   fs::create_directory(path("locked"));
-  fs::permissions(path("locked"), fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
-                                      fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(path("locked"), fs::perms::owner_read | fs::perms::owner_exec |
+                                      fs::perms::group_read | fs::perms::group_exec |
+                                      fs::perms::others_read | fs::perms::others_exec);
   auto attempt = [&] {
     try {
       write_sweep(path("locked/sweep.h5"), full_sweep());
@@ -464,7 +464,8 @@ TEST_F(IoTest, UnwritableFolderIsAnInputError) {
     }
     int status = 0;
     ::waitpid(pid, &status, 0);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "an unprivileged writer was not refused";
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "an unprivileged writer was not refused";
   }
   fs::permissions(path("locked"), fs::perms::owner_all);
   EXPECT_TRUE(fs::is_empty(path("locked")));
@@ -511,6 +512,27 @@ TEST_F(IoTest, FailingHdf5WriteLeavesNothing) {
                                    file.write_scalar("a/b", value);
                                  }),
                RuntimeFailure);
+  EXPECT_FALSE(fs::exists(path("x.h5")));
+  EXPECT_TRUE(leftover_temporaries().empty());
+}
+
+TEST_F(IoTest, ClosingWithAnObjectStillOpenFailsInsteadOfCommittingAnUnfinishedFile) {
+  // A handle left open would complete the file only after the rename; the close must fail.
+  EXPECT_THROW(
+      commit_atomically(path("x.h5"),
+                        [](const std::string& tmp) {
+                          h5::File file = h5::File::create(tmp);
+                          const float value = 1;
+                          file.write_scalar("a", value);
+                          // Hold dataset "a" open through the file's own id (the
+                          // only HDF5 file open in this process).
+                          hid_t file_id = H5I_INVALID_HID;
+                          ASSERT_EQ(H5Fget_obj_ids(H5F_OBJ_ALL, H5F_OBJ_FILE, 1, &file_id), 1);
+                          const h5::Handle open_set(H5Dopen2(file_id, "a", H5P_DEFAULT), H5Dclose);
+                          ASSERT_TRUE(open_set);
+                          file.close();
+                        }),
+      RuntimeFailure);
   EXPECT_FALSE(fs::exists(path("x.h5")));
   EXPECT_TRUE(leftover_temporaries().empty());
 }

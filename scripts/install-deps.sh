@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages sinkscope needs to build, test and report (Debian 12, as root).
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+packages=(
+  build-essential cmake pkg-config git
+  libopenmpi-dev openmpi-bin
+  libhdf5-dev hdf5-tools
+  libboost-serialization-dev
+  libgtest-dev
+  libopenblas-dev
+  nlohmann-json3-dev libcli11-dev
+  python3 python3-numpy python3-h5py python3-matplotlib
+  procps
+)
+if [ "${SINKSCOPE_WITH_SLURM:-0}" = 1 ]; then packages+=(slurm-wlm munge); fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "sinkscope: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The command line end to end: success paths, and for bad input exit status 1, one line naming the
+# file/tensor/option, and no output file left behind. Also sweep --resume and report.
+# usage: test_cli.sh SINKSCOPE REPO_ROOT
+set -uo pipefail
+bin=$1 root=$2
+py=/usr/bin/python3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work" || exit 1
+fail=0
+pass=0
+ok() { echo "ok: $1"; pass=$((pass + 1)); }
+bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+
+# expect_input_error NAME FRAGMENT OUTPUT -- command...: exit 1, one stderr line containing FRAGMENT,
+# and OUTPUT does not exist afterwards.
+expect_input_error() {
+  local name=$1 fragment=$2 output=$3
+  shift 4
+  "$@" >"$work/stdout" 2>"$work/stderr"
+  local rc=$? lines
+  lines=$(grep -c . "$work/stderr")
+  if [ "$rc" = 1 ] && [ "$lines" = 1 ] && grep -qF -- "$fragment" "$work/stderr" && [ ! -e "$output" ]; then
+    ok "$name"
+  else
+    bad "$name (exit $rc, $lines lines, output $( [ -e "$output" ] && echo left || echo absent )): $(cat "$work/stderr")"
+  fi
+}
+
+"$bin" --version | grep -q "sinkscope" && ok "--version" || bad "--version"
+"$bin" --help >/dev/null && ok "--help" || bad "--help"
+"$bin" synth --config "$root/tests/data/tiny_moe.json" --out model --seed 1 2>/dev/null && ok "synth" || bad "synth"
+"$bin" inspect --model model | grep -q "validation: ok" && ok "inspect validates" || bad "inspect"
+
+"$py" -c "import numpy as np; np.save('tok.npy', np.random.default_rng(0).integers(0, 64, (3, 12)).astype(np.int64))"
+"$bin" analyze --quiet --model model --tokens tok.npy --out a.h5 --per-query && [ -f a.h5 ] && ok "analyze .npy int64" || bad "analyze"
+"$py" - <<'PY' && ok "analysis file has the schema's attributes and dims" || bad "analysis schema"
+import h5py
+f = h5py.File("a.h5", "r")
+for k in ["sinkscope_version", "model_type", "checkpoint", "step", "num_layers", "num_heads", "num_kv_heads",
+          "head_dim", "num_experts", "top_k", "hidden_size", "num_probes", "seq_len", "eps", "sink_rate", "tp",
+          "ep", "dp", "world_size", "device", "tokens_sha256", "created_utc"]:
+    assert k in f.attrs, k
+for d in ["tokens", "attention/sink_score", "attention/sink_rate", "attention/p0_per_query", "residual/norm_p0",
+          "residual/norm_rest_median", "residual/h_ratio", "residual/p0_cosine", "residual/massive_p0",
+          "writes/attn_head_p0", "writes/attn_head_rest", "writes/moe_p0", "writes/moe_rest", "writes/expert_p0",
+          "routing/p0_topk_freq", "routing/rest_topk_freq", "circuit/attr_embed", "circuit/attr_head",
+          "circuit/attr_expert", "circuit/attr_mlp", "profile/layer_share", "profile/first2_share",
+          "profile/norm_gain_share", "profile/peak_layer", "profile/entropy"]:
+    assert d in f, d
+    assert "dims" in f[d].attrs, d
+assert f["attention/p0_per_query"].shape == (3, 4, 4, 12)
+assert f.attrs["num_probes"] == 3 and f.attrs["seq_len"] == 12
+PY
+"$py" -c "import h5py, numpy as np; h5py.File('tok.h5','w')['tokens'] = np.load('tok.npy').astype(np.int32)"
+"$bin" analyze --quiet --model model --tokens tok.h5 --out b.h5 && ok "analyze .h5 tokens" || bad "analyze .h5"
+"$py" "$root/tests/tools/compare_h5.py" a.h5 b.h5 --rtol 0 --skip attention/p0_per_query >/dev/null 2>&1 || true
+"$bin" analyze --quiet --model model --probes repeat:2:8:3 --prepend-bos 5 --out c.h5 &&
+  "$py" -c "import h5py; t=h5py.File('c.h5')['tokens'][()]; assert t.shape==(2,9) and (t[:,0]==5).all() and (t[:,1:]==3).all()" &&
+  ok "--probes repeat + --prepend-bos" || bad "--probes repeat + --prepend-bos"
+
+# Bad input: exit 1, one line naming the culprit, no output.
+expect_input_error "missing model folder" "nope: model folder does not exist" x.h5 -- "$bin" analyze --model nope --tokens tok.npy --out x.h5
+cp -r model trunc
+"$py" -c "import os; p='trunc/model.safetensors'; os.truncate(p, os.path.getsize(p) - 100)"
+expect_input_error "truncated safetensors" "trunc/model.safetensors" x.h5 -- "$bin" analyze --model trunc --tokens tok.npy --out x.h5
+cp -r model shape
+"$py" -c "import json; c=json.load(open('shape/config.json')); c['moe_intermediate_size']=16; json.dump(c, open('shape/config.json','w'))"
+expect_input_error "tensor with the wrong shape" "tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' has shape [32, 64], config.json implies [16, 64]" x.h5 -- "$bin" analyze --model shape --tokens tok.npy --out x.h5
+"$py" -c "import numpy as np; t=np.zeros((2,5),np.int32); t[1,3]=64; np.save('oov.npy', t)"
+expect_input_error "token id >= vocab_size" "oov.npy: token id 64 at (row 1, column 3)" x.h5 -- "$bin" analyze --model model --tokens oov.npy --out x.h5
+"$py" -c "import numpy as np; np.save('empty.npy', np.zeros((0,5),np.int32))"
+expect_input_error "empty probe file" "empty.npy: token array is empty" x.h5 -- "$bin" analyze --model model --tokens empty.npy --out x.h5
+"$py" -c "import numpy as np; np.save('flt.npy', np.zeros((2,5),np.float32))"
+expect_input_error "float probe file" "flt.npy: token dtype '<f4'" x.h5 -- "$bin" analyze --model model --tokens flt.npy --out x.h5
+"$py" -c "import numpy as np; np.save('ragged.npy', np.array([np.arange(3), np.arange(4)], dtype=object), allow_pickle=True)"
+expect_input_error "ragged probe file" "ragged.npy: token dtype '|O'" x.h5 -- "$bin" analyze --model model --tokens ragged.npy --out x.h5
+expect_input_error "missing token file" "missing.npy: cannot open" x.h5 -- "$bin" analyze --model model --tokens missing.npy --out x.h5
+expect_input_error "output in a missing folder" "no/such/dir/x.h5: folder" no/such/dir/x.h5 -- "$bin" analyze --model model --tokens tok.npy --out no/such/dir/x.h5
+expect_input_error "bad --ablate" "--ablate 'layers=9-12'" x.h5 -- "$bin" analyze --model model --tokens tok.npy --out x.h5 --ablate layers=9-12
+expect_input_error "bad --probes" "--probes 'random:2'" x.h5 -- "$bin" analyze --model model --probes random:2 --out x.h5
+expect_input_error "no probes" "give the probes" x.h5 -- "$bin" analyze --model model --out x.h5
+expect_input_error "unknown option" "--bogus" x.h5 -- "$bin" analyze --model model --tokens tok.npy --out x.h5 --bogus
+expect_input_error "cuda without a CUDA build" "--device cuda" x.h5 -- "$bin" analyze --model model --tokens tok.npy --out x.h5 --device cuda
+echo '{"model_type":"qwen3_moe","vocab_size":10,"hidden_size":30,"num_hidden_layers":1,"num_attention_heads":4,"moe_intermediate_size":8,"num_experts":2,"num_experts_per_tok":1}' > badcfg.json
+expect_input_error "contradictory config" "does not divide hidden_size" xdir -- "$bin" synth --config badcfg.json --out xdir
+cp -r model nanw
+"$py" "$root/tests/tools/patch_safetensors.py" nanw/model.safetensors model.layers.2.self_attn.o_proj.weight inf 7
+expect_input_error "Inf in a weight" "tensor 'model.layers.2.self_attn.o_proj.weight' holds a non-finite value" x.h5 -- "$bin" analyze --model nanw --tokens tok.npy --out x.h5
+ls ./*.tmp.* >/dev/null 2>&1 && bad "temporary files left behind" || ok "no temporary files left"
+
+# A sweep, interrupted (one file deleted, one truncated) and resumed, equals the uninterrupted one.
+for s in 0 100 200 400; do "$bin" synth --config "$root/tests/data/tiny_moe.json" --out "trace/step$s" --seed $((s + 3)) 2>/dev/null; done
+"$bin" sweep --quiet --models-glob 'trace/step*' --tokens tok.npy --out full && ok "sweep" || bad "sweep"
+cp -r full resumed
+rm resumed/checkpoints/step100.h5
+"$py" -c "import os; p='resumed/checkpoints/step200.h5'; os.truncate(p, os.path.getsize(p) // 2)"
+"$bin" sweep --models-glob 'trace/step*' --tokens tok.npy --out resumed --resume 2>resume.log
+grep -q "step0: done already, skipped" resume.log && grep -q "redoing step200: damaged" resume.log &&
+  ! grep -q "step100: done already" resume.log && ok "--resume skips valid files and redoes damaged ones" || bad "--resume: $(cat resume.log)"
+same=1
+for f in full/checkpoints/*.h5 full/sweep.h5; do
+  "$py" "$root/tests/tools/compare_h5.py" "$f" "resumed/${f#full/}" --rtol 0 >/dev/null || same=0
+done
+[ "$same" = 1 ] && ok "resumed sweep is identical to the uninterrupted one" || bad "resumed sweep differs"
+"$py" -c "
+import h5py; f=h5py.File('full/sweep.h5')
+assert list(f['steps'][()]) == [0, 100, 200, 400], f['steps'][()]
+assert f['sink_score'].shape == (4, 4, 4) and f['convergence/tv'].shape == (3,)
+" && ok "sweep.h5 steps and shapes" || bad "sweep.h5 contents"
+# Mixed probe lengths refused when assembling.
+"$py" -c "import numpy as np; np.save('tok9.npy', np.ones((3, 9), np.int32))"
+"$bin" analyze --quiet --model trace/step100 --tokens tok9.npy --out resumed/checkpoints/step100.h5
+expect_input_error "mixed probe lengths" "different lengths" resumed/nothing -- "$bin" sweep --quiet --models-glob 'trace/step*' --out resumed --assemble-only
+
+if "$bin" report full --out report >report.log 2>&1 && [ -f report/index.html ] && ls report/*.png >/dev/null 2>&1; then
+  ok "report writes index.html and PNGs"
+else
+  bad "report: $(tail -3 report.log)"
+fi
+expect_input_error "report on a missing input" "nothing-here" rep2/index.html -- "$bin" report nothing-here --out rep2
+
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
