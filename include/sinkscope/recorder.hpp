@@ -28,6 +28,7 @@ struct RankRecord {
   std::vector<double> unit_p0_sum;               // [L+1, D] sum over probes of x_l[0] / ||x_l[0]||
   std::vector<int32_t> massive_p0;               // [L+1], from the rank that holds probe 0
   bool has_probe0 = false;
+  bool has_rows = false;  // this rank's norm_p0 / norm_rest_median rows are authoritative
   std::vector<double> moe_p0_sum, moe_rest_sum;  // [L]
   std::vector<double> expert_p0_sum, p0_routed, rest_routed;  // [L, E]
   // Optional per-query attention to P0 for owned (probe, head): [rows, L, H, T] (zeros elsewhere).
@@ -37,6 +38,7 @@ struct RankRecord {
   void serialize(Archive& ar, const unsigned int /*version*/) {
     ar & L & H & E & T & D & C & probes & sink_sum & head_p0_sum & head_rest_sum & attr_sum;
     ar & identity_max_rel_err & probe_ids & norm_p0 & norm_rest_median & unit_p0_sum & massive_p0 & has_probe0;
+    ar & has_rows;
     ar & moe_p0_sum & moe_rest_sum & expert_p0_sum & p0_routed & rest_routed & p0_per_query;
   }
 };

@@ -38,6 +38,7 @@ RankRecord deserialize_record(const std::string& bytes) {
 
 Recorder::Recorder(const ModelConfig& cfg, const ShardPlan& plan, int64_t seq_len, bool per_query)
     : cfg_(cfg), plan_(plan), per_query_(per_query), records_rows_(plan.tp_rank == 0) {
+  rec_.has_rows = records_rows_;
   const int64_t L = cfg.num_layers, H = cfg.num_heads, E = std::max<int64_t>(cfg.num_experts, 1);
   ComponentIndex ci{H, H + E};
   rec_.L = L;
@@ -172,7 +173,7 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     for (size_t row = 0; row < r.probe_ids.size(); ++row) {
       const size_t n = static_cast<size_t>(r.probe_ids[row]);
       if (n >= N) throw RuntimeFailure("a rank recorded probe " + std::to_string(n) + " of " + std::to_string(N));
-      if (!r.norm_p0.empty()) {
+      if (r.has_rows) {
         std::copy_n(r.norm_p0.begin() + row * (L + 1), L + 1, a.norm_p0.data.begin() + n * (L + 1));
         std::copy_n(r.norm_rest_median.begin() + row * (L + 1), L + 1, a.norm_rest_median.data.begin() + n * (L + 1));
         ++rows_seen[n];

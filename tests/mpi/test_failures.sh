@@ -20,7 +20,7 @@ check() { if eval "$2"; then echo "ok: $1"; else echo "FAIL: $1"; fail=1; fi; }
 rc=$?
 check "bad token id exits 1 on all ranks" '[ $rc = 1 ]'
 check "one error line" '[ "$(grep -c "error" "$work/err1")" = 1 ]'
-check "the line names the bad id" 'grep -q "token id 500 at (row 0, column 0)" "$work/err1"'
+check "the line names the bad token" 'grep -q "token 500 >= vocab_size 96" "$work/err1"'
 check "no output file" '[ ! -e "$work/bad.h5" ]'
 
 # 2. Bad layout: refused with the reason, exit 1.
@@ -65,7 +65,7 @@ check "no output file after the injected fault" '[ ! -e "$work/inj.h5" ]'
 
 # 6. kill -9 of one rank of a 4-rank run: the others exit within 30 s, no output file.
 "$bin" synth --config "$root/tests/data/moe_8e_4kv.json" --out "$work/slow" --seed 3 2>/dev/null
-"$mpiexec" --oversubscribe -np 4 "$bin" analyze --quiet --model "$work/slow" --probes random:400:64:1 --batch 1 \
+"$mpiexec" --oversubscribe -np 4 "$bin" analyze --quiet --model "$work/slow" --probes random:20000:64:1 --batch 1 \
   --tp 2 --ep 2 --out "$work/killed.h5" 2>"$work/err5" &
 launcher=$!
 victim=""
@@ -75,7 +75,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 sleep 1
-if [ -n "$victim" ]; then
+if [ -n "$victim" ] && kill -0 "$victim" 2>/dev/null; then
   kill -9 "$victim"
   start=$(date +%s)
   wait "$launcher"

@@ -6,7 +6,9 @@
 #
 # 1. A trace of 4 tiny checkpoints, probes from an .npy file, tp 2: the Slurm sweep must equal a
 #    direct one-process `sinkscope sweep` (every dataset of every file, tests/slurm/compare_sweeps.py).
-# 2. 2 larger checkpoints, probes from an .h5 file, ep 2; while the tasks run, one is requeued from
+# 2. The trace of part 1 with one checkpoint damaged: that task fails, the assemble job lists it in
+#    failed_checkpoints.txt; repaired and resubmitted with --missing-only, the sweep is complete.
+# 3. 2 larger checkpoints, probes from an .h5 file, ep 2; while the tasks run, one is requeued from
 #    outside (`scontrol requeue`, as an admin or preemption would) and the other gets the
 #    pre-timeout SIGUSR1 (`scancel --signal=USR1 --batch`, what --signal=B:USR1@120 sends), on
 #    which it stops its step and requeues itself. The sweep must still finish, complete and equal
@@ -112,7 +114,7 @@ job_states() {
 
 dump_logs() {
   local log
-  for log in "$out1"/logs/*.log "${out2:-/nonexistent}"/logs/*.log; do
+  for log in "${out1:-}"/logs/*.log "${out2:-}"/logs/*.log "${out3:-}"/logs/*.log; do
     [[ -f $log ]] || continue
     echo "---- $log" >&2
     tail -n 30 "$log" >&2
@@ -177,7 +179,38 @@ else
   say "part 1: no report (plotting stack missing; the assemble log says so)"
 fi
 
-# ---- part 2: requeue part way, ep 2 ------------------------------------------------------------
+# ---- part 2: a checkpoint that fails, then a resume with --missing-only -----------------------
+# The same trace with step300 damaged: its task fails, the others complete, the assemble job
+# builds sweep.h5 from the rest, lists step300 in failed_checkpoints.txt and exits 1. Repaired,
+# a --missing-only submission runs one task and the sweep equals part 1's direct run.
+out2="$work/out_resume"
+broken="$models1/step300"
+mv "$broken/model.safetensors" "$work/step300.safetensors"
+head -c 1000 "$work/step300.safetensors" >"$broken/model.safetensors"
+say "part 2: submitting the trace with $broken damaged"
+submit --ranks 2 --tp 2 "$models1" "$probes1" "$out2"
+wait_jobs "$array_job" "$assemble_job"
+say "part 2: jobs finished"
+states=$(job_states "$array_job" | cut -d ' ' -f 1 | sort | uniq -c | tr -s ' ' | tr '\n' ';')
+[[ $states == " 3 COMPLETED; 1 FAILED;" ]] || fail "part 2: array task states are '$states', expected 3 COMPLETED, 1 FAILED"
+[[ $(job_states "$assemble_job") == "FAILED "* ]] || fail "part 2: the assemble job should fail when a checkpoint failed"
+[[ $(cat "$out2/failed_checkpoints.txt") == "$broken" ]] ||
+  fail "part 2: failed_checkpoints.txt is '$(cat "$out2/failed_checkpoints.txt")', expected $broken"
+[[ -f $out2/sweep.h5 ]] || fail "part 2: no sweep.h5 from the 3 good checkpoints"
+mv "$work/step300.safetensors" "$broken/model.safetensors"
+say "part 2: repaired; resubmitting with --missing-only"
+submit --missing-only --ranks 2 --tp 2 "$models1" "$probes1" "$out2"
+wait_jobs "$array_job" "$assemble_job"
+say "part 2: jobs finished"
+[[ $(job_states "$array_job" | wc -l) -eq 1 ]] || fail "part 2: --missing-only should submit one array task"
+expect_completed "$array_job" "part 2 array"
+expect_completed "$assemble_job" "part 2 assemble"
+[[ -f $out2/failed_checkpoints.txt && ! -s $out2/failed_checkpoints.txt ]] ||
+  fail "part 2: failed_checkpoints.txt not empty after the resume: $(cat "$out2/failed_checkpoints.txt")"
+"$python" "$repo/tests/slurm/compare_sweeps.py" "$work/direct1" "$out2" --layout tp=2,ep=1,world_size=2 ||
+  fail "part 2: the resumed sweep differs from the direct one"
+
+# ---- part 3: requeue part way, ep 2 ------------------------------------------------------------
 # Large enough that a task runs for several seconds on two shared cores: the signals must reach
 # it mid-analysis, which is checked below from its log.
 models2="$work/models2"
@@ -216,56 +249,56 @@ with h5py.File(sys.argv[1], "w") as f:
     f["tokens"] = rng.integers(0, 512, size=(64, 64), dtype=np.int64)
 EOF
 
-out2="$work/out_ep2"
-say "part 2: submitting 2 larger checkpoints, 2 ranks, ep 2"
-submit --ranks 2 --ep 2 "$models2" "$probes2" "$out2"
+out3="$work/out_ep2"
+say "part 3: submitting 2 larger checkpoints, 2 ranks, ep 2"
+submit --ranks 2 --ep 2 "$models2" "$probes2" "$out3"
 # Wait (bounded) until both tasks are analysing: their logs show sinkscope's first progress line.
 deadline=$((SECONDS + 120))
 for task in 0 1; do
-  log="$out2/logs/sweep_${array_job}_${task}.log"
+  log="$out3/logs/sweep_${array_job}_${task}.log"
   until grep -q 'probes/s' "$log" 2>/dev/null; do
     ((SECONDS < deadline)) || {
       dump_logs
-      fail "part 2: task $task did not start analysing within 120s"
+      fail "part 3: task $task did not start analysing within 120s"
     }
     sleep 0.2
   done
 done
 for task in 0 1; do
-  name=$(sed -n "$((task + 1))p" "$out2"/slurm/submit-*/array_checkpoints.txt | xargs -d '\n' basename)
-  [[ ! -f $out2/checkpoints/$name.h5 ]] ||
-    fail "part 2: $name finished before it could be interrupted; make medium_moe.json larger"
+  name=$(sed -n "$((task + 1))p" "$out3"/slurm/submit-*/array_checkpoints.txt | xargs -d '\n' basename)
+  [[ ! -f $out3/checkpoints/$name.h5 ]] ||
+    fail "part 3: $name finished before it could be interrupted; make medium_moe.json larger"
 done
-say "part 2: both tasks running; requeueing task 0, sending the pre-timeout SIGUSR1 to task 1"
+say "part 3: both tasks running; requeueing task 0, sending the pre-timeout SIGUSR1 to task 1"
 scontrol requeue "${array_job}_0" || fail "scontrol requeue ${array_job}_0 failed"
 scancel --signal=USR1 --batch "${array_job}_1" || fail "scancel --signal=USR1 --batch ${array_job}_1 failed"
 # The reference, while the tasks wait out the requeue delay and run again.
 "$sinkscope" sweep --models-glob "$models2/step*" --tokens "$probes2" --out "$work/direct2" --quiet ||
-  fail "direct sweep of part 2 failed"
+  fail "direct sweep of part 3 failed"
 wait_jobs "$array_job" "$assemble_job"
-say "part 2: jobs finished"
-expect_completed "$array_job" "part 2 array"
-expect_completed "$assemble_job" "part 2 assemble"
+say "part 3: jobs finished"
+expect_completed "$array_job" "part 3 array"
+expect_completed "$assemble_job" "part 3 assemble"
 # Every task ran twice: once interrupted, once to the end.
 while read -r state restarts; do
   [[ $restarts -ge 1 ]] || {
     dump_logs
-    fail "part 2: a task was not requeued ($state, Restarts=$restarts)"
+    fail "part 3: a task was not requeued ($state, Restarts=$restarts)"
   }
 done < <(job_states "$array_job")
-log0="$out2/logs/sweep_${array_job}_0.log"
-log1="$out2/logs/sweep_${array_job}_1.log"
+log0="$out3/logs/sweep_${array_job}_0.log"
+log1="$out3/logs/sweep_${array_job}_1.log"
 grep -q 'SIGTERM: stopping the step' "$log0" || {
   dump_logs
-  fail "part 2: task 0 does not log stopping its step on the requeue"
+  fail "part 3: task 0 does not log stopping its step on the requeue"
 }
 if ! grep -q 'SIGUSR1: the time limit is near' "$log1" || ! grep -q "requeueing ${array_job}_1" "$log1"; then
   dump_logs
-  fail "part 2: task 1 did not requeue itself on SIGUSR1"
+  fail "part 3: task 1 did not requeue itself on SIGUSR1"
 fi
-[[ -f $out2/failed_checkpoints.txt && ! -s $out2/failed_checkpoints.txt ]] ||
-  fail "part 2: failed_checkpoints.txt missing or not empty: $(cat "$out2/failed_checkpoints.txt" 2>/dev/null)"
-"$python" "$repo/tests/slurm/compare_sweeps.py" "$work/direct2" "$out2" --layout tp=1,ep=2,world_size=2 ||
-  fail "part 2: the requeued Slurm sweep differs from the direct one"
+[[ -f $out3/failed_checkpoints.txt && ! -s $out3/failed_checkpoints.txt ]] ||
+  fail "part 3: failed_checkpoints.txt missing or not empty: $(cat "$out3/failed_checkpoints.txt" 2>/dev/null)"
+"$python" "$repo/tests/slurm/compare_sweeps.py" "$work/direct2" "$out3" --layout tp=1,ep=2,world_size=2 ||
+  fail "part 3: the requeued Slurm sweep differs from the direct one"
 
 say "PASS"
