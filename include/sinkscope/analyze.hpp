@@ -17,6 +17,7 @@ struct AnalyzeOptions {
   std::string model;             // checkpoint folder
   std::string tokens_source = "tokens";  // the token file or --probes spec, named in errors
   int tp = 1, ep = 1;
+  int etp = 0;                   // expert tensor parallelism; 0 = default (tp where it fits, cpu)
   std::string device = "cpu";
   double eps = 0.3;
   bool per_query = false;

@@ -61,6 +61,10 @@ class Checkpoint {
   // Reads columns [col_begin, col_end) of every row of a 2-D tensor, converted to fp32
   // (out is [rows, col_end - col_begin], row-major).
   void read_cols(const std::string& name, int64_t col_begin, int64_t col_end, float* out) const;
+  // Reads the block rows [row_begin, row_end) x columns [col_begin, col_end) of the 2-D view
+  // [prod(shape[:-1]), shape[-1]] of a tensor, converted to fp32 (row-major into out).
+  void read_block(const std::string& name, int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,
+                  float* out) const;
   // Reads one row of a 2-D tensor (embedding lookup) without counting it as a weight load.
   void read_row(const std::string& name, int64_t row, float* out) const;
 

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
+#include <fstream>
 #include <iostream>
 #include <optional>
 #include <regex>
@@ -81,6 +82,21 @@ void run_agreed(const Comm& world, const std::function<void()>& fn) {
 
 namespace {
 
+// VmHWM of this process (peak resident set), 0 where /proc is not available.
+uint64_t peak_rss_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  uint64_t kb = 0;
+  while (in >> key) {
+    if (key == "VmHWM:") {
+      in >> kb;
+      break;
+    }
+    std::getline(in, key);
+  }
+  return kb << 10;
+}
+
 std::vector<Ablation> components_of_layers(const ModelConfig& c, int64_t first, int64_t last) {
   std::vector<Ablation> out;
   for (int64_t l = first; l <= last; ++l) {
@@ -135,7 +151,10 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     ck->validate_for_model();
     check_token_ids(tokens, ck->config().vocab_size, opt.tokens_source);
     if (tokens.shape.at(1) < 2) throw InputError(opt.tokens_source + ": probes need at least 2 positions");
-    plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, ck->config());
+    // The CUDA backend keeps whole experts (etp = 1) for now; the CPU default follows Megatron-Core.
+    const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cuda" ? 1 : 0);
+    if (opt.device == "cuda" && etp > 1) throw InputError("--etp " + std::to_string(etp) + ": the cuda backend supports etp=1 only");
+    plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, ck->config(), etp);
     ablate = parse_ablate(opt.ablate, ck->config().num_layers);
     if (opt.device != "cpu" && opt.device != "cuda") throw InputError("--device '" + opt.device + "': expected cpu or cuda");
     if (opt.device == "cuda" && !SINKSCOPE_HAVE_CUDA)
@@ -146,7 +165,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
 
   auto tp_group = world.split(plan.dp_rank, plan.tp_rank);
-  auto ep_group = world.split(plan.ep_group, plan.ep_rank);
+  auto ep_group = world.split(plan.ep_group, plan.ep_rank * plan.etp + plan.etp_rank);
   ForwardComms comms{&world, tp_group.get(), ep_group.get()};
   std::unique_ptr<Backend> backend;
   run_agreed(world, [&] {
@@ -225,6 +244,12 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     if (identity_err > 1e-3)
       throw RuntimeFailure("circuit identity violated: sum over components of K(c[0]) differs from k_0 by " +
                            std::to_string(identity_err) + " (relative)");
+  }
+
+  if (opt.verbose) {
+    const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() +
+                             "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) + " MiB";
+    for (const auto& l : world.gather_bytes(line, 0)) std::cerr << "sinkscope: " << l << "\n";
   }
 
   if (ablate.kind != AblateSpec::kNone) {

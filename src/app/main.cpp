@@ -32,7 +32,7 @@ struct ProbeArgs {
 };
 
 struct CommonArgs {
-  int tp = 1, ep = 1;
+  int tp = 1, ep = 1, etp = 0;
   std::string device = "cpu";
   double eps = 0.3;
   bool per_query = false;
@@ -52,6 +52,8 @@ void add_probe_options(CLI::App* app, ProbeArgs& p) {
 void add_common_options(CLI::App* app, CommonArgs& c) {
   app->add_option("--tp", c.tp, "tensor-parallel ranks (attention heads)")->check(CLI::PositiveNumber);
   app->add_option("--ep", c.ep, "expert-parallel ranks (experts)")->check(CLI::PositiveNumber);
+  app->add_option("--etp", c.etp, "expert tensor-parallel ranks (slices of each expert; default: tp where it fits)")
+      ->check(CLI::PositiveNumber);
   app->add_option("--device", c.device, "cpu or cuda");
   app->add_option("--eps", c.eps, "sink threshold on the sink score");
   app->add_flag("--per-query", c.per_query, "also write attention/p0_per_query");
@@ -83,6 +85,7 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   AnalyzeOptions o;
   o.tp = c.tp;
   o.ep = c.ep;
+  o.etp = c.etp;
   o.device = c.device;
   o.eps = c.eps;
   o.per_query = c.per_query;

@@ -218,16 +218,25 @@ void Checkpoint::read_rows(const std::string& name, int64_t row_begin, int64_t r
 void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t col_end, float* out) const {
   const TensorInfo& t = impl_->get(name);
   if (t.shape.size() != 2) throw InputError(impl_->dir + ": tensor '" + name + "' is not 2-D");
+  read_block(name, 0, t.shape[0], col_begin, col_end, out);
+}
+
+void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t row_end, int64_t col_begin,
+                            int64_t col_end, float* out) const {
+  const TensorInfo& t = impl_->get(name);
+  if (t.shape.size() < 2) throw InputError(impl_->dir + ": tensor '" + name + "' is not a matrix");
   if (t.dtype == DType::Other) throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
-  if (col_begin < 0 || col_end > t.shape[1] || col_begin > col_end)
-    throw InputError(impl_->dir + ": columns out of range for tensor '" + name + "'");
+  const int64_t rows = row_count(t), cols = row_length(t);
+  if (row_begin < 0 || row_end > rows || row_begin > row_end || col_begin < 0 || col_end > cols || col_begin > col_end)
+    throw InputError(impl_->dir + ": block out of range for tensor '" + name + "'");
   const int64_t width = col_end - col_begin;
   const char* base = impl_->bytes(t);
-  for (int64_t r = 0; r < t.shape[0]; ++r)
-    convert_to_f32(t.dtype, base + (r * t.shape[1] + col_begin) * t.elem_size, static_cast<size_t>(width),
-                   out + r * width);
-  impl_->bytes_read += static_cast<uint64_t>(t.shape[0] * width) * t.elem_size;
-  check_finite(out, static_cast<size_t>(t.shape[0] * width), impl_->dir, name);
+  for (int64_t r = row_begin; r < row_end; ++r)
+    convert_to_f32(t.dtype, base + (r * cols + col_begin) * t.elem_size, static_cast<size_t>(width),
+                   out + (r - row_begin) * width);
+  const size_t n = static_cast<size_t>((row_end - row_begin) * width);
+  impl_->bytes_read += n * t.elem_size;
+  check_finite(out, n, impl_->dir, name);
 }
 
 void Checkpoint::read_row(const std::string& name, int64_t row, float* out) const {

@@ -12,9 +12,11 @@ BOOST_CLASS_VERSION(sinkscope::ShardPlan, 1)
 
 namespace sinkscope {
 
-ShardPlan ShardPlan::make(int world, int rank, int tp, int ep, const ModelConfig& c) {
-  auto refuse = [](const std::string& why) { throw InputError("--tp/--ep: " + why); };
-  if (tp < 1 || ep < 1) refuse("sizes must be at least 1");
+ShardPlan ShardPlan::make(int world, int rank, int tp, int ep, const ModelConfig& c, int etp) {
+  auto refuse = [](const std::string& why) { throw InputError("--tp/--ep/--etp: " + why); };
+  if (tp < 1 || ep < 1 || etp < 0) refuse("sizes must be at least 1");
+  if (etp == 0)
+    etp = world % (tp * ep) == 0 && c.moe_intermediate_size % tp == 0 && c.num_experts > 0 ? tp : 1;
   if (world % tp != 0)
     refuse("tp=" + std::to_string(tp) + " does not divide the " + std::to_string(world) + " ranks");
   if (world % ep != 0)
@@ -29,6 +31,11 @@ ShardPlan ShardPlan::make(int world, int rank, int tp, int ep, const ModelConfig
   if (ep > 1 && c.num_experts == 0) refuse("ep=" + std::to_string(ep) + " but the model has no experts");
   if (c.num_experts > 0 && c.num_experts % ep != 0)
     refuse("ep=" + std::to_string(ep) + " does not divide the " + std::to_string(c.num_experts) + " experts");
+  if (world % (ep * etp) != 0)
+    refuse("ep x etp = " + std::to_string(ep * etp) + " does not divide the " + std::to_string(world) + " ranks");
+  if (etp > 1 && (c.num_experts == 0 || c.moe_intermediate_size % etp != 0))
+    refuse("etp=" + std::to_string(etp) + " does not divide the expert width (moe_intermediate_size " +
+           std::to_string(c.moe_intermediate_size) + ")");
 
   ShardPlan p;
   p.world_size = world;
@@ -38,8 +45,10 @@ ShardPlan ShardPlan::make(int world, int rank, int tp, int ep, const ModelConfig
   p.dp = world / tp;
   p.tp_rank = rank % tp;
   p.dp_rank = rank / tp;
-  p.ep_rank = rank % ep;
-  p.ep_group = rank / ep;
+  p.etp = etp;
+  p.etp_rank = rank % etp;
+  p.ep_rank = (rank / etp) % ep;
+  p.ep_group = rank / (ep * etp);
   p.num_heads = c.num_heads;
   p.num_kv_heads = c.num_kv_heads;
   p.num_experts = c.num_experts;
@@ -58,6 +67,10 @@ ShardPlan ShardPlan::make(int world, int rank, int tp, int ep, const ModelConfig
   const int64_t eper = c.num_experts / ep;
   p.expert_begin = p.ep_rank * eper;
   p.expert_end = p.expert_begin + eper;
+  p.moe_inter = c.moe_intermediate_size;
+  const int64_t iper = c.moe_intermediate_size / etp;
+  p.inter_begin = p.etp_rank * iper;
+  p.inter_end = p.inter_begin + iper;
   return p;
 }
 
@@ -66,18 +79,20 @@ void ShardPlan::probe_range(int64_t n, int dp, int dp_index, int64_t* begin, int
   *end = n * (dp_index + 1) / dp;
 }
 
-int ShardPlan::expert_owner(int64_t e) const {
-  return ep_group * ep + static_cast<int>(e / (num_experts / ep));
+int ShardPlan::expert_owner(int64_t e, int slice) const {
+  return static_cast<int>(e / (num_experts / ep)) * etp + slice;
 }
 
 int ShardPlan::head_owner(int64_t h) const { return dp_rank * tp + static_cast<int>(h / (num_heads / tp)); }
 
 std::string ShardPlan::describe() const {
   std::ostringstream os;
-  os << "world=" << world_size << " tp=" << tp << " ep=" << ep << " dp=" << dp << " (attention: dp x tp; experts: "
-     << ep << " per ep group, " << world_size / ep << " groups; heads/rank=" << num_heads / tp
+  os << "world=" << world_size << " tp=" << tp << " ep=" << ep << " etp=" << etp << " dp=" << dp
+     << " (attention: dp x tp; experts: ep x etp = " << ep * etp << " ranks per expert group, "
+     << world_size / (ep * etp) << " groups; heads/rank=" << num_heads / tp
      << ", kv heads/rank=" << (kv_end - kv_begin) << (tp > num_kv_heads ? " replicated" : "")
-     << ", experts/rank=" << (num_experts ? num_experts / ep : 0) << ")";
+     << ", experts/rank=" << (num_experts ? num_experts / ep : 0)
+     << (etp > 1 ? " x 1/" + std::to_string(etp) + " of their width" : "") << ")";
   return os.str();
 }
 

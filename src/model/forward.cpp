@@ -336,15 +336,16 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std
     }
   }
 
-  // Dispatch (token, expert) pairs to the expert owners of the ep group: [expert id, u] per pair.
+  // Dispatch (token, expert) pairs to the ranks of the expert group holding that expert (one per
+  // intermediate slice when etp > 1): [expert id, u] per pair and destination.
   const Comm& ep = *comms_.ep_group;
   const int P = ep.size();
-  const int64_t per_rank = E / P;
   std::vector<size_t> send_counts(static_cast<size_t>(P), 0);
   std::vector<std::vector<int64_t>> pairs_to(static_cast<size_t>(P));
-  for (int64_t pr = 0; pr < n * K; ++pr) pairs_to[topk[pr] / per_rank].push_back(pr);
+  for (int64_t pr = 0; pr < n * K; ++pr)
+    for (int slice = 0; slice < plan_.etp; ++slice) pairs_to[plan_.expert_owner(topk[pr], slice)].push_back(pr);
   std::vector<float> send;
-  send.reserve(static_cast<size_t>(n * K * (D + 1)));
+  send.reserve(static_cast<size_t>(n * K * plan_.etp * (D + 1)));
   for (int r = 0; r < P; ++r) {
     for (int64_t pr : pairs_to[r]) {
       send.push_back(static_cast<float>(topk[pr]));
@@ -381,13 +382,16 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std
   std::vector<size_t> back_recv_counts;
   ep.alltoallv(answer, back_counts, &back, &back_recv_counts);
 
+  // Sum the partial outputs of the etp slices (in rank order), then weight.
   outs.assign(static_cast<size_t>(n * K * D), 0.f);
   size_t pos = 0;
   for (int r = 0; r < P; ++r)
     for (int64_t pr : pairs_to[r]) {
-      for (int64_t j = 0; j < D; ++j) outs[pr * D + j] = weight[pr] * back[pos + j];
+      for (int64_t j = 0; j < D; ++j) outs[pr * D + j] += back[pos + j];
       pos += static_cast<size_t>(D);
     }
+  for (int64_t pr = 0; pr < n * K; ++pr)
+    for (int64_t j = 0; j < D; ++j) outs[pr * D + j] *= weight[pr];
 }
 
 void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B, int64_t T,

@@ -14,10 +14,6 @@ std::vector<float> rows(const Checkpoint& ck, const std::string& name, int64_t r
 
 std::vector<float> vec(const Checkpoint& ck, const std::string& name, int64_t n) { return rows(ck, name, 0, n, 1); }
 
-std::vector<float> slice(const Checkpoint& ck, const RowSlice& s, int64_t width) {
-  return rows(ck, s.tensor, s.row_begin, s.row_end, width);
-}
-
 }  // namespace
 
 ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
@@ -42,12 +38,16 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
       const int64_t I = c.moe_intermediate_size;
       L.router = rows(ck, p + "mlp.gate.weight", 0, c.num_experts, D);
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
+        // Expert tensor parallelism: this rank's rows [inter_begin, inter_end) of gate/up and the
+        // same columns of down (the SwiGLU is element-wise over the intermediate dimension).
         const ExpertLocation loc = expert_location(ck, c, l, e);
+        const int64_t i0 = plan.inter_begin, i1 = plan.inter_end;
         MlpWeights m;
-        m.inter = I;
-        m.gate = slice(ck, loc.gate, D);
-        m.up = slice(ck, loc.up, D);
-        m.down = slice(ck, loc.down, I);
+        m.inter = i1 - i0;
+        m.gate = rows(ck, loc.gate.tensor, loc.gate.row_begin + i0, loc.gate.row_begin + i1, D);
+        m.up = rows(ck, loc.up.tensor, loc.up.row_begin + i0, loc.up.row_begin + i1, D);
+        m.down.resize(static_cast<size_t>(D * m.inter));
+        ck.read_block(loc.down.tensor, loc.down.row_begin, loc.down.row_end, i0, i1, m.down.data());
         L.experts.push_back(std::move(m));
       }
     } else {

@@ -16,7 +16,7 @@ for g in "$root"/tests/golden/*/; do
   [ -f "$g/config.json" ] && models+=("$g:--tokens $g/probes.npy")
 done
 
-layouts=("2:--tp 2" "2:--ep 2" "2:" "4:--tp 2 --ep 2" "4:--tp 4" "4:--ep 4" "4:--ep 2")
+layouts=("2:--tp 2" "2:--ep 2" "2:" "4:--tp 2 --ep 2" "4:--tp 2 --ep 2 --etp 1" "4:--tp 4" "4:--ep 4" "4:--ep 2" "4:--ep 2 --etp 2")
 fail=0
 for entry in "${models[@]}"; do
   model=${entry%%:*} probes=${entry#*:}

@@ -23,7 +23,8 @@ TEST(ShardPlan, MegatronLayout) {
   EXPECT_EQ(p.ep_rank, 1);
   EXPECT_EQ(p.expert_begin, 2);
   EXPECT_EQ(p.expert_end, 4);
-  EXPECT_EQ(p.expert_owner(0), 2);  // ep group 1 = ranks 2, 3
+  EXPECT_EQ(p.expert_owner(0), 0);  // index inside the expert group (ranks 2, 3)
+  EXPECT_EQ(p.expert_owner(3), 1);
   EXPECT_EQ(p.head_owner(1), 2);
 }
 
@@ -54,12 +55,31 @@ TEST(ShardPlan, RefusesSizesThatDoNotFit) {
   EXPECT_EQ(reason(4, 2, 4), "");
 }
 
+TEST(ShardPlan, ExpertTensorParallel) {
+  ModelConfig c = test::tiny_config();  // moe_intermediate_size 16
+  // world 4 = ep 2 x etp 2: rank 3 holds experts 2-3, second half of their width.
+  const ShardPlan p = ShardPlan::make(4, 3, 2, 2, c, 2);
+  EXPECT_EQ(p.etp_rank, 1);
+  EXPECT_EQ(p.ep_rank, 1);
+  EXPECT_EQ(p.ep_group, 0);
+  EXPECT_EQ(p.expert_begin, 2);
+  EXPECT_EQ(p.inter_begin, 8);
+  EXPECT_EQ(p.inter_end, 16);
+  EXPECT_EQ(p.expert_owner(1, 1), 1);
+  EXPECT_EQ(p.expert_owner(2, 0), 2);
+  EXPECT_EQ(ShardPlan::make(4, 0, 2, 2, c, 0).etp, 2);  // default: etp = tp where it fits
+  EXPECT_EQ(ShardPlan::make(2, 0, 2, 2, c, 0).etp, 1);
+  EXPECT_THROW(ShardPlan::make(4, 0, 1, 4, c, 2), InputError);  // ep x etp = 8 > 4 ranks
+  c.moe_intermediate_size = 15;
+  EXPECT_THROW(ShardPlan::make(4, 0, 1, 2, c, 2), InputError);  // width not divisible
+}
+
 TEST(ShardPlan, SerialisationRoundTrip) {
   const ShardPlan p = ShardPlan::make(4, 2, 2, 4, test::tiny_config());
   const ShardPlan q = deserialize_plan(serialize_plan(p));
   EXPECT_EQ(p, q);
   EXPECT_THROW(deserialize_plan("garbage"), InputError);
-  EXPECT_NE(p.describe().find("tp=2 ep=4 dp=2"), std::string::npos);
+  EXPECT_NE(p.describe().find("tp=2 ep=4 etp=1 dp=2"), std::string::npos);
 }
 
 TEST(ShardPlan, ProbeRangesCoverAllProbes) {
@@ -95,4 +115,7 @@ TEST(ShardPlan, ShardedLoadReadsItsShare) {
   const double replicated = static_cast<double>(full) - attn - experts;
   EXPECT_NEAR(static_cast<double>(part), replicated + attn / 2 + experts / 2, 1.0);
   EXPECT_LT(static_cast<double>(part), 0.55 * static_cast<double>(full));
+  Checkpoint etp_ck = Checkpoint::open(dir.path());
+  const uint64_t quarter = make_cpu_backend(etp_ck, ShardPlan::make(4, 3, 2, 2, c, 2), comms, {})->weight_bytes_loaded();
+  EXPECT_NEAR(static_cast<double>(quarter), replicated + attn / 2 + experts / 4, 1.0);
 }
