@@ -13,7 +13,8 @@ packages=(
   python3 python3-numpy python3-h5py python3-matplotlib
   procps
 )
-if [ "${SINKSCOPE_WITH_SLURM:-0}" = 1 ]; then packages+=(slurm-wlm munge); fi
+# The test suite also needs Slurm (end-to-end Slurm test) and clang with libFuzzer (fuzz run).
+if [ "${SINKSCOPE_TEST_DEPS:-0}" = 1 ]; then packages+=(slurm-wlm munge clang libclang-rt-14-dev bc); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
