@@ -25,6 +25,7 @@ struct AnalyzeOptions {
   int64_t batch = 4;             // probes per micro-batch
   int threads = 1;
   bool verbose = false;
+  bool log_layout = false;       // rank 0 prints the shard plan's one-line description at start
   int64_t step = -1;             // training step, -1 when unknown
   // Called on rank 0 after each micro-batch: (probes done, probes total).
   std::function<void(int64_t, int64_t)> progress;

@@ -179,6 +179,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
 #endif
     backend = make_cpu_backend(*ck, plan, comms, fo);
   });
+  if (opt.log_layout && world.rank() == 0) std::cerr << "sinkscope: layout " << plan.describe() << "\n";
   if (opt.verbose) {
     const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() + "): " + plan.describe() +
                              "; heads [" + std::to_string(plan.head_begin) + ", " + std::to_string(plan.head_end) +

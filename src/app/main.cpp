@@ -93,6 +93,7 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   o.batch = c.batch;
   o.threads = c.threads;
   o.verbose = c.verbose;
+  o.log_layout = !c.quiet;
   return o;
 }
 

@@ -1,0 +1,865 @@
+// CUDA backend: the instrumented Qwen3-MoE forward pass of forward.cpp on the device
+// (docs/gpu-backend.md). Same hook points, same taps, same bookkeeping; what differs is where the
+// work happens:
+//   - the residual stream x stays on the device in fp32; every matrix product is bf16 x bf16 with
+//     fp32 accumulation (cuBLAS), except the router (fp32, so routing matches the CPU reference
+//     up to near-ties) and the circuit's G = delta W_K^T (TF32) and identity rows (fp32);
+//   - attention is the fused kernel of attention.cu; it writes A[i, 0] for every head and query;
+//   - the recording (head write norms via Gram matrices, position-0 deltas of every component,
+//     attributions, k_0 checks, residual and MoE summaries) runs on the device; only the tap
+//     arrays cross to the host, into pinned buffers, right before each observer call.
+// Communication goes through DeviceCollectives (host-staged today, NCCL later).
+#include "cuda/backend.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "cuda/check.hpp"
+#include "cuda/collectives.hpp"
+#include "cuda/device_buffer.hpp"
+#include "cuda/gemm.hpp"
+#include "cuda/kernels.cuh"
+#include "cuda/weights.hpp"
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/comm.hpp"
+#include "sinkscope/error.hpp"
+
+namespace sinkscope {
+namespace cuda {
+
+int visible_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error state for later calls
+    return 0;
+  }
+  return n;
+}
+
+namespace {
+
+double median_of(std::vector<float>& v) {  // as forward.cpp
+  if (v.empty()) return std::nan("");
+  const size_t n = v.size(), mid = n / 2;
+  std::nth_element(v.begin(), v.begin() + static_cast<long>(mid), v.end());
+  const double hi = v[mid];
+  if (n % 2 == 1) return hi;
+  const double lo = *std::max_element(v.begin(), v.begin() + static_cast<long>(mid));
+  return 0.5 * (lo + hi);
+}
+
+int local_rank_hint(const ShardPlan& plan) {
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"})
+    if (const char* s = std::getenv(v); s && *s) return std::atoi(s);
+  return plan.rank;
+}
+
+int select_device(const ShardPlan& plan) {
+  const int count = visible_device_count();
+  if (count == 0)
+    throw RuntimeFailure("--device cuda: no CUDA device is visible to rank " + std::to_string(plan.rank) + " on " +
+                         host_name());
+  const int dev = local_rank_hint(plan) % count;
+  CUDA_CHECK(cudaSetDevice(dev));
+  return dev;
+}
+
+struct StreamHolder {
+  cudaStream_t s = nullptr;
+  StreamHolder() { CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~StreamHolder() {
+    if (s) {
+      cudaStreamSynchronize(s);
+      cudaStreamDestroy(s);
+    }
+  }
+  StreamHolder(const StreamHolder&) = delete;
+  StreamHolder& operator=(const StreamHolder&) = delete;
+};
+
+// Event marks per layer: 0 start, 1 attention done, 2 attention tap done, 3 MoE done, 4 MoE tap
+// done, 5 residual tap done.
+constexpr int kMarks = 6;
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const Checkpoint* ck, const ModelConfig& cfg, const ShardPlan& plan, ForwardComms comms,
+              ForwardOptions opt, std::optional<uint64_t> seed)
+      : ck_(ck),
+        c_(cfg),
+        plan_(plan),
+        comms_(comms),
+        opt_(std::move(opt)),
+        device_(select_device(plan)),
+        blas_(stream_.s),
+        coll_(comms, stream_.s) {
+    set_error_context("rank " + std::to_string(plan.rank) + " on " + host_name());
+    if (c_.head_dim > 128 || c_.head_dim % 2 != 0 || c_.head_dim < 2)
+      throw InputError("--device cuda: head_dim " + std::to_string(c_.head_dim) +
+                       " is not supported (the CUDA attention takes even head dims up to 128)");
+    if (c_.num_experts > 1024 || c_.top_k > 32)
+      throw InputError("--device cuda: at most 1024 experts and top-32 routing are supported");
+    D_ = c_.hidden_size;
+    d_ = c_.head_dim;
+    dp_ = (d_ + 15) / 16 * 16;
+    H_ = c_.num_heads;
+    Hl_ = plan_.local_heads();
+    KVl_ = plan_.local_kv_heads();
+    qw_ = Hl_ * d_;
+    kw_ = KVl_ * d_;
+    qkv_ld_ = qw_ + 2 * kw_;
+    E_ = c_.num_experts;
+    K_ = c_.top_k;
+    S_ = std::max<int64_t>(E_, 1);
+    group_ = c_.kv_group_size();
+    L_ = c_.num_layers;
+    ci_ = ComponentIndex{H_, H_ + S_};
+    Ctot_ = ci_.count_before(L_);
+    eps_ = static_cast<float>(c_.rms_norm_eps);
+    scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
+    inv_freq_.resize(static_cast<size_t>(d_ / 2));
+    for (int64_t j = 0; j < d_ / 2; ++j)
+      inv_freq_[static_cast<size_t>(j)] =
+          1.0 / std::pow(c_.rope_theta, static_cast<double>(2 * j) / static_cast<double>(d_));
+    const uint64_t held_before = device_bytes_held();
+    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s)
+             : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
+    weight_device_bytes_ = device_bytes_held() - held_before;
+    near_ties_.assign(static_cast<size_t>(L_), 0);
+  }
+
+  ~CudaBackend() override {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+
+  std::string name() const override { return "cuda"; }
+  uint64_t weight_bytes_loaded() const override { return w_.bytes_loaded; }
+  void set_ablations(std::vector<Ablation> ablations) override {
+    opt_.ablations = std::move(ablations);
+    ablations_dirty_ = true;
+  }
+  FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) override;
+
+  void set_record(bool r) { record_ = r; }
+  void set_timing(bool t) { timing_ = t; }
+  const RunProfile& profile() const { return profile_; }
+  MemoryReport memory() const {
+    MemoryReport r;
+    r.weight_bytes = weight_device_bytes_;
+    r.held_bytes = device_bytes_held();
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+      r.device_used = total_b - free_b;
+      r.device_total = total_b;
+    }
+    return r;
+  }
+  const std::vector<int64_t>& near_ties() const { return near_ties_; }
+  int64_t routed() const { return routed_; }
+  bool grouped_used() const { return blas_.grouped_available(Dt::kF32) || blas_.grouped_available(Dt::kBF16); }
+
+ private:
+  cudaStream_t s() const { return stream_.s; }
+  void embed(const IntArray& tokens);
+  void residual_tap(int64_t index, ForwardObserver& obs);
+  void attention(int64_t l, ForwardObserver& obs);
+  void circuit(int64_t l, int64_t C);
+  void mlp(int64_t l, ForwardObserver& obs);
+  // The routed experts of the slice [s0, s0 + n); returns the device rows of the weighted-later
+  // expert outputs in source order (pairs sorted by expert, then by pair index).
+  const float* moe_experts(const DeviceLayer& Lw, int64_t n);
+  void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& counts,
+                  const std::vector<int64_t>& offsets, int64_t rows, float* out);
+  double abs_median_probe0();
+  void upload_ablations();
+  void ensure_rope(int64_t T);
+  void mark(int64_t l, int which);
+  void collect_profile();
+  void sync() { CUDA_CHECK(cudaStreamSynchronize(s())); }
+  template <typename T>
+  void to_host(T* dst, const T* src, size_t n) {
+    if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s()));
+  }
+  template <typename T>
+  void to_device(T* dst, const T* src, size_t n) {
+    if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s()));
+  }
+  bool ablated(int64_t layer, Ablation::Kind kind, int64_t index) const {
+    for (const auto& a : opt_.ablations)
+      if (a.layer == layer && a.kind == kind && a.index == index) return true;
+    return false;
+  }
+  [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
+    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" + component +
+                         ") of probe " + std::to_string(probe) + " in " + (ck_ ? ck_->dir() : "a synthetic model") +
+                         " (cuda)");
+  }
+
+  const Checkpoint* ck_;
+  ModelConfig c_;
+  ShardPlan plan_;
+  ForwardComms comms_;
+  ForwardOptions opt_;
+  int device_;
+  StreamHolder stream_;
+  Blas blas_;
+  DeviceCollectives coll_;
+  DeviceModel w_;
+  uint64_t weight_device_bytes_ = 0;
+
+  int64_t D_ = 0, d_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0, qkv_ld_ = 0, E_ = 0, K_ = 0, S_ = 1;
+  int64_t group_ = 1, L_ = 0, Ctot_ = 0;
+  float eps_ = 1e-6f, scale_ = 1.f;
+  ComponentIndex ci_;
+  std::vector<double> inv_freq_;
+
+  bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
+  int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1;
+  RunProfile profile_;
+  std::vector<cudaEvent_t> events_;
+  std::vector<int64_t> near_ties_;
+  int64_t routed_ = 0;
+
+  // Device state and scratch (grow-only).
+  DeviceBuffer<float> cos_, sin_;
+  DeviceBuffer<uint8_t> abl_heads_, abl_slots_;  // [L, H], [L, S]
+  DeviceBuffer<int32_t> tokens_;
+  DeviceBuffer<float> x_, inv_rx_, qkv_, a0_, partial_, qbar_, zbar_, colmean_, zr_, tp_pack_, wp0_, wrest_;
+  DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
+  DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
+  DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_;
+  DeviceBuffer<int32_t> ids_, pos_tok_, ipack_;
+  DeviceBuffer<unsigned> hist_;
+  // Pinned host copies of the taps.
+  PinnedBuffer<float> hx_, h_a0_, h_small_, h_attr_, h_norms_, h_x0_, h_mlp_, h_gap_;
+  PinnedBuffer<int32_t> h_ids_;
+  PinnedBuffer<unsigned> h_hist_;
+  PinnedBuffer<bf16_bits> h_bf_;
+  // Host routing bookkeeping of the current layer.
+  std::vector<int32_t> src_pair_, pos_of_pair_;
+  std::vector<int> counts_;
+  std::vector<int64_t> offsets_;
+};
+
+void CudaBackend::mark(int64_t l, int which) {
+  if (!timing_) return;
+  const size_t i = static_cast<size_t>(l * kMarks + which);
+  CUDA_CHECK(cudaEventRecord(events_[i], s()));
+}
+
+void CudaBackend::collect_profile() {
+  profile_ = RunProfile{};
+  profile_.layers = L_;
+  if (!timing_) return;
+  double* slot[kMarks - 1] = {&profile_.attention_ms, &profile_.attention_tap_ms, &profile_.moe_ms,
+                              &profile_.mlp_tap_ms, &profile_.residual_tap_ms};
+  for (int64_t l = 0; l < L_; ++l)
+    for (int w = 0; w + 1 < kMarks; ++w) {
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, events_[static_cast<size_t>(l * kMarks + w)],
+                                      events_[static_cast<size_t>(l * kMarks + w + 1)]));
+      *slot[w] += ms;
+    }
+}
+
+void CudaBackend::ensure_rope(int64_t T) {
+  if (T <= rope_T_) return;
+  const int64_t half = d_ / 2;
+  std::vector<float> c(static_cast<size_t>(T * half)), sn(static_cast<size_t>(T * half));
+  for (int64_t p = 0; p < T; ++p)
+    for (int64_t j = 0; j < half; ++j) {  // double angles, as cpu::rope
+      const double angle = static_cast<double>(p) * inv_freq_[static_cast<size_t>(j)];
+      c[static_cast<size_t>(p * half + j)] = static_cast<float>(std::cos(angle));
+      sn[static_cast<size_t>(p * half + j)] = static_cast<float>(std::sin(angle));
+    }
+  cos_.reserve(c.size());
+  sin_.reserve(sn.size());
+  CUDA_CHECK(cudaMemcpy(cos_.get(), c.data(), c.size() * sizeof(float), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(sin_.get(), sn.data(), sn.size() * sizeof(float), cudaMemcpyHostToDevice));
+  rope_T_ = T;
+}
+
+void CudaBackend::upload_ablations() {
+  if (!ablations_dirty_) return;
+  std::vector<uint8_t> heads(static_cast<size_t>(L_ * H_), 0), slots(static_cast<size_t>(L_ * S_), 0);
+  for (int64_t l = 0; l < L_; ++l) {
+    for (int64_t h = 0; h < H_; ++h) heads[static_cast<size_t>(l * H_ + h)] = ablated(l, Ablation::kHead, h) ? 1 : 0;
+    const bool moe = c_.is_moe_layer(l);
+    for (int64_t e = 0; e < (moe ? E_ : 1); ++e)
+      slots[static_cast<size_t>(l * S_ + e)] = ablated(l, moe ? Ablation::kExpert : Ablation::kMlp, e) ? 1 : 0;
+  }
+  ablate_embed_ = ablated(0, Ablation::kEmbedding, 0);
+  abl_heads_.reserve(heads.size());
+  abl_slots_.reserve(slots.size());
+  CUDA_CHECK(cudaMemcpy(abl_heads_.get(), heads.data(), heads.size(), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(abl_slots_.get(), slots.data(), slots.size(), cudaMemcpyHostToDevice));
+  ablations_dirty_ = false;
+}
+
+FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) {
+  const int64_t B = static_cast<int64_t>(tokens.shape.at(0)), T = static_cast<int64_t>(tokens.shape.at(1));
+  if (T < 2) throw InputError("probes need at least 2 positions (position 0 and the rest)");
+  if (!record_ && !opt_.ablations.empty())
+    throw RuntimeFailure("the CUDA backend applies ablations only with recording on");
+  if (B * T * std::max<int64_t>(K_, 1) > INT32_MAX) throw InputError("--device cuda: micro-batch too large");
+  CUDA_CHECK(cudaSetDevice(device_));
+  B_ = B;
+  T_ = T;
+  BT_ = B * T;
+  probe0_ = probe0;
+  ensure_rope(T);
+  upload_ablations();
+  if (timing_ && events_.size() < static_cast<size_t>(L_ * kMarks)) {
+    while (events_.size() < static_cast<size_t>(L_ * kMarks)) {
+      cudaEvent_t e;
+      CUDA_CHECK(cudaEventCreate(&e));
+      events_.push_back(e);
+    }
+  }
+
+  embed(tokens);
+  residual_tap(0, obs);
+  for (int64_t l = 0; l < L_; ++l) {
+    mark(l, 0);
+    attention(l, obs);
+    mark(l, 2);
+    mlp(l, obs);
+    mark(l, 4);
+    residual_tap(l + 1, obs);
+    mark(l, 5);
+  }
+  FloatArray logits;
+  if (opt_.want_logits) {
+    const int64_t V = c_.vocab_size;
+    u_.reserve(static_cast<size_t>(BT_ * D_));
+    logits_.reserve(static_cast<size_t>(BT_ * V));
+    k::rms_norm(x_.get(), BT_, static_cast<int>(D_), w_.final_norm.get(), eps_, u_.get(), nullptr, nullptr, s());
+    blas_.nt(BT_, V, D_, {u_.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_}, {logits_.get(), Dt::kF32, V});
+    logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
+                        "probe,position,vocab");
+    to_host(logits.ptr(), logits_.get(), logits.size());
+  }
+  sync();
+  collect_profile();
+  return logits;
+}
+
+void CudaBackend::embed(const IntArray& tokens) {
+  const int64_t B = B_, T = T_, BT = BT_, D = D_;
+  x_.reserve(static_cast<size_t>(BT * D));
+  if (w_.embed.get()) {
+    tokens_.reserve(static_cast<size_t>(BT));
+    to_device(tokens_.get(), tokens.data.data(), static_cast<size_t>(BT));
+    k::embed_gather(w_.embed.get(), tokens_.get(), BT, static_cast<int>(D), x_.get(), s());
+  } else {  // as forward.cpp: the checkpoint's rows in fp32, read on the host
+    hx_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
+    for (int64_t i = 0; i < BT; ++i)
+      ck_->read_row("model.embed_tokens.weight", tokens.data[static_cast<size_t>(i)], hx_.get() + i * D);
+    to_device(x_.get(), hx_.get(), static_cast<size_t>(BT * D));
+  }
+  delta_.reserve(static_cast<size_t>(std::max<int64_t>(B * Ctot_ * D, 1)));
+  p0_sum_.reserve(static_cast<size_t>(std::max<int64_t>(B * D, 1)));
+  if (!record_ || B == 0) return;
+  CUDA_CHECK(cudaMemsetAsync(delta_.get(), 0, static_cast<size_t>(B * Ctot_ * D) * sizeof(float), s()));
+  partial_.reserve(static_cast<size_t>(k::column_mean_scratch(static_cast<int>(B), static_cast<int>(T),
+                                                              static_cast<int>(D))));
+  colmean_.reserve(static_cast<size_t>(B * D));
+  k::column_mean_rest(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), D, partial_.get(),
+                      colmean_.get(), s());
+  k::embed_p0(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), colmean_.get(), ablate_embed_,
+              delta_.get() + ci_.embed() * D, Ctot_ * D, p0_sum_.get(), s());
+}
+
+double CudaBackend::abs_median_probe0() {
+  // Exact k-th smallest |x| over probe 0's T x D values by a three-pass radix select on the fp32
+  // bit patterns (11 + 11 + 10 bits); the median as forward.cpp's median_of.
+  const int64_t n = T_ * D_;
+  hist_.reserve(2048);
+  h_hist_.reserve(2048);
+  auto kth = [&](int64_t k) {
+    uint32_t prefix = 0, hi_mask = 0;
+    const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+    for (int pass = 0; pass < 3; ++pass) {
+      const int nb = 1 << bits[pass];
+      CUDA_CHECK(cudaMemsetAsync(hist_.get(), 0, static_cast<size_t>(nb) * sizeof(unsigned), s()));
+      k::abs_radix_hist(x_.get(), n, prefix, hi_mask, shifts[pass], bits[pass], hist_.get(), s());
+      to_host(h_hist_.get(), hist_.get(), static_cast<size_t>(nb));
+      sync();
+      int64_t cum = 0;
+      int bin = 0;
+      for (; bin < nb; ++bin) {
+        if (cum + h_hist_[static_cast<size_t>(bin)] > k) break;
+        cum += h_hist_[static_cast<size_t>(bin)];
+      }
+      if (bin == nb) bin = nb - 1;  // unreachable for k < n
+      k -= cum;
+      prefix |= static_cast<uint32_t>(bin) << shifts[pass];
+      hi_mask |= static_cast<uint32_t>(nb - 1) << shifts[pass];
+    }
+    float v;
+    std::memcpy(&v, &prefix, sizeof(v));
+    return static_cast<double>(v);
+  };
+  const int64_t mid = n / 2;
+  const double hi = kth(mid);
+  if (n % 2 == 1) return hi;
+  return 0.5 * (kth(mid - 1) + hi);
+}
+
+void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
+  if (!record_) return;
+  const int64_t B = B_, T = T_, BT = BT_, D = D_;
+  norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  h_norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  h_x0_.reserve(static_cast<size_t>(std::max<int64_t>(B * D, 1)));
+  k::row_norms(x_.get(), BT, static_cast<int>(D), D, norms_.get(), s());
+  to_host(h_norms_.get(), norms_.get(), static_cast<size_t>(BT));
+  if (B > 0)
+    CUDA_CHECK(cudaMemcpy2DAsync(h_x0_.get(), static_cast<size_t>(D) * sizeof(float), x_.get(),
+                                 static_cast<size_t>(T * D) * sizeof(float), static_cast<size_t>(D) * sizeof(float),
+                                 static_cast<size_t>(B), cudaMemcpyDeviceToHost, s()));
+  std::vector<float> abs_median(static_cast<size_t>(B), std::nanf(""));
+  if (probe0_ == 0 && B > 0) abs_median[0] = static_cast<float>(abs_median_probe0());  // Sun et al.: probe 0 only
+  sync();
+  std::vector<float> norm_p0(static_cast<size_t>(B)), rest_median(static_cast<size_t>(B)), rest;
+  for (int64_t b = 0; b < B; ++b) {
+    norm_p0[static_cast<size_t>(b)] = h_norms_[static_cast<size_t>(b * T)];
+    rest.assign(h_norms_.get() + b * T + 1, h_norms_.get() + (b + 1) * T);
+    double sum = 0;
+    for (float v : rest) sum += v;
+    if (!std::isfinite(sum) || !std::isfinite(norm_p0[static_cast<size_t>(b)]))
+      non_finite(index - 1, index == 0 ? "embedding" : "residual", probe0_ + b);
+    rest_median[static_cast<size_t>(b)] = static_cast<float>(median_of(rest));
+  }
+  ResidualTap tap{index, B, T, D, probe0_, h_x0_.get(), norm_p0.data(), rest_median.data(), abs_median.data()};
+  obs.on_residual(tap);
+}
+
+void CudaBackend::circuit(int64_t l, int64_t C) {
+  const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
+  const int64_t B = B_, T = T_, D = D_;
+  const bf16_bits* Wk = Lw.wqkv.get() + qw_ * D;
+  wkg_.reserve(static_cast<size_t>(kw_ * D));
+  G_.reserve(static_cast<size_t>(std::max<int64_t>(B * Ctot_ * kw_, 1)));
+  idrows_.reserve(static_cast<size_t>(std::max<int64_t>(B * 2 * D, 1)));
+  kid_.reserve(static_cast<size_t>(std::max<int64_t>(B * 2 * kw_, 1)));
+  k0m_.reserve(static_cast<size_t>(std::max<int64_t>(B * kw_, 1)));
+  k0s_.reserve(static_cast<size_t>(std::max<int64_t>(B * kw_, 1)));
+  qk_.reserve(static_cast<size_t>(std::max<int64_t>(B * qw_, 1)));
+  attr_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl_ * Ctot_, 1)));
+  // G = (delta (.) gamma_in) W_K^T for the C upstream slots: gamma folded into an fp32 copy of W_K,
+  // TF32 products (the attributions' tolerance is 5e-2 of the largest; TF32 keeps ~5e-4).
+  k::scale_columns(Wk, kw_, static_cast<int>(D), Lw.input_norm.get(), wkg_.get(), s());
+  blas_.nt(C, kw_, D, {delta_.get(), Dt::kF32, D, Ctot_ * D}, {wkg_.get(), Dt::kF32, D, 0},
+           {G_.get(), Dt::kF32, kw_, Ctot_ * kw_}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
+  // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
+  k::identity_rows(p0_sum_.get(), x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D),
+                   Lw.input_norm.get(), idrows_.get(), s());
+  k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk, static_cast<int>(kw_), D,
+                   kid_.get(), s());
+  k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T), qbar_.get(),
+                    Lw.k_norm.get(), static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
+                    static_cast<int>(plan_.head_begin), static_cast<int>(group_), static_cast<int>(plan_.kv_begin),
+                    eps_, scale_, k0m_.get(), k0s_.get(), qk_.get(), s());
+  k::attr_contract(G_.get(), Ctot_ * kw_, qk_.get(), static_cast<int>(B), static_cast<int>(C), static_cast<int>(Hl_),
+                   static_cast<int>(KVl_), static_cast<int>(d_), static_cast<int>(plan_.head_begin),
+                   static_cast<int>(group_), static_cast<int>(plan_.kv_begin), attr_.get(), s());
+}
+
+void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
+  const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
+  const int64_t B = B_, T = T_, BT = BT_, D = D_, d = d_, Hl = Hl_, qw = qw_;
+  const int Bi = static_cast<int>(B), Ti = static_cast<int>(T), Di = static_cast<int>(D);
+  u_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
+  inv_rx_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  qkv_.reserve(static_cast<size_t>(std::max<int64_t>(BT * qkv_ld_, 1)));
+  Qa_.reserve(static_cast<size_t>(std::max<int64_t>(BT * Hl * dp_, 1)));
+  Ka_.reserve(static_cast<size_t>(std::max<int64_t>(BT * KVl_ * dp_, 1)));
+  Va_.reserve(static_cast<size_t>(std::max<int64_t>(BT * KVl_ * dp_, 1)));
+  z_.reserve(static_cast<size_t>(std::max<int64_t>(BT * qw, 1)));
+  a0_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl * T, 1)));
+  tp_pack_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D + B * H_ * 2 * D, 1)));
+
+  k::rms_norm(x_.get(), BT, Di, Lw.input_norm.get(), eps_, u_.get(), nullptr, inv_rx_.get(), s());
+  blas_.nt(BT, qkv_ld_, D, {u_.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D}, {qkv_.get(), Dt::kF32, qkv_ld_});
+  k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl), static_cast<int>(KVl_),
+                  static_cast<int>(d), static_cast<int>(dp_), Lw.q_norm.get(), Lw.k_norm.get(), eps_, cos_.get(),
+                  sin_.get(), Qa_.get(), Ka_.get(), Va_.get(), s());
+  const int64_t C = ci_.count_before(l);
+  if (record_ && B > 0) {
+    partial_.reserve(static_cast<size_t>(k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
+    qbar_.reserve(static_cast<size_t>(B * qw));
+    k::column_mean_rest(qkv_.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, partial_.get(), qbar_.get(), s());
+    circuit(l, C);
+  }
+  k::flash_attention(Qa_.get(), Ka_.get(), Va_.get(), z_.get(), a0_.get(), Bi, Ti, static_cast<int>(Hl),
+                     static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
+                     static_cast<int>(plan_.head_begin), static_cast<int>(group_), static_cast<int>(plan_.kv_begin),
+                     scale_, s());
+
+  float* a = tp_pack_.get();
+  float* hp = a + BT * D;  // [B, H, {delta, p0}, D]
+  if (record_ && B > 0) {
+    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i]: Y = Z_h (M_hi + M_lo) into the (spent) qkv buffer.
+    float* Y = qkv_.get();
+    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_hi.get(), Dt::kBF16, d, d * d}, {Y, Dt::kF32, qw, d},
+             1.f, 0.f, static_cast<int>(Hl));
+    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_lo.get(), Dt::kBF16, d, d * d}, {Y, Dt::kF32, qw, d},
+             1.f, 1.f, static_cast<int>(Hl));
+    wp0_.reserve(static_cast<size_t>(B * Hl));
+    wrest_.reserve(static_cast<size_t>(B * Hl));
+    k::head_write_norms(Y, z_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), wp0_.get(), wrest_.get(), s());
+    // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
+    zbar_.reserve(static_cast<size_t>(B * qw));
+    k::column_mean_rest(z_.get(), Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(), s());
+    zr_.reserve(static_cast<size_t>(Hl * B * 2 * d));
+    k::z_rows(z_.get(), zbar_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), zr_.get(), s());
+    CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
+    k::head_pack(zr_.get(), Lw.wo.get(), Bi, static_cast<int>(Hl), static_cast<int>(d), Di, static_cast<int>(H_),
+                 static_cast<int>(plan_.head_begin), hp, s());
+  }
+  // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
+  if (coll_.tp_size() == 1) {
+    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {x_.get(), Dt::kF32, D}, 1.f, 1.f);
+  } else {
+    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {a, Dt::kF32, D});
+    coll_.tp_allreduce_sum(a, static_cast<size_t>(record_ ? BT * D + B * H_ * 2 * D : BT * D));
+    k::add_inplace(x_.get(), a, BT * D, s());
+  }
+  if (!record_) {
+    mark(l, 1);
+    return;
+  }
+  // Heads' deltas for later targets, mean-ablation at position 0, p0_sum (after the attributions
+  // above read the upstream state, as in forward.cpp).
+  k::finish_components({hp + D, H_ * 2 * D, 2 * D, hp, H_ * 2 * D, 2 * D, false}, Bi, static_cast<int>(H_), Di, Ti,
+                       abl_heads_.get() + l * H_, delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D,
+                       p0_sum_.get(), s());
+  mark(l, 1);
+
+  const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
+               n_attr = static_cast<size_t>(B * Hl * C), n_k = static_cast<size_t>(B * kw_);
+  h_a0_.reserve(std::max<size_t>(n_a0, 1));
+  h_small_.reserve(std::max<size_t>(2 * n_bh + 2 * n_k, 1));
+  h_attr_.reserve(std::max<size_t>(n_attr, 1));
+  float* h_wp0 = h_small_.get();
+  float* h_wrest = h_wp0 + n_bh;
+  float* h_k0m = h_wrest + n_bh;
+  float* h_k0s = h_k0m + n_k;
+  if (B > 0) {
+    to_host(h_a0_.get(), a0_.get(), n_a0);
+    to_host(h_wp0, wp0_.get(), n_bh);
+    to_host(h_wrest, wrest_.get(), n_bh);
+    to_host(h_attr_.get(), attr_.get(), n_attr);
+    to_host(h_k0m, k0m_.get(), n_k);
+    to_host(h_k0s, k0s_.get(), n_k);
+  }
+  sync();
+  std::vector<float> a0_mean(n_bh);
+  for (size_t bh = 0; bh < n_bh; ++bh) {
+    double sum = 0;
+    for (int64_t i = 0; i < T; ++i) sum += h_a0_[bh * static_cast<size_t>(T) + static_cast<size_t>(i)];
+    a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0;
+    for (int64_t h = 0; h < Hl; ++h) sum += h_wp0[b * Hl + h] + h_wrest[b * Hl + h];
+    if (!std::isfinite(sum)) non_finite(l, "attention", probe0_ + b);
+  }
+  AttentionTap tap{l,          B,         T,           D,       d,   probe0_, plan_.head_begin, Hl, a0_mean.data(),
+                   h_a0_.get(), h_wp0,    h_wrest,     h_attr_.get(), C, h_k0m,  h_k0s,           plan_.kv_begin,
+                   KVl_};
+  obs.on_attention(tap);
+}
+
+void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& counts,
+                             const std::vector<int64_t>& offsets, int64_t rows, float* out) {
+  if (rows == 0) return;
+  const int64_t I = Lw.inter, D = D_;
+  h_.reserve(static_cast<size_t>(rows * 2 * I));
+  act_.reserve(static_cast<size_t>(rows * I));
+  std::vector<int64_t> widx(counts.size());
+  for (size_t e = 0; e < widx.size(); ++e) widx[e] = static_cast<int64_t>(e);
+  blas_.grouped_nt(counts, offsets, widx, 2 * I, D, X, Lw.w_gate_up.get(), h_.get(), Dt::kBF16);
+  k::swiglu(h_.get(), rows, static_cast<int>(I), act_.get(), s());
+  blas_.grouped_nt(counts, offsets, widx, D, I, act_.get(), Lw.w_down.get(), out, Dt::kF32);
+}
+
+const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
+  const int64_t D = D_, K = K_, E = E_, npairs = n * K;
+  const int32_t* d_src_row = ipack_.get() + 2 * npairs;
+  const int P = coll_.ep_size();
+  out_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
+  xg_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
+  k::gather_rows(u_.get(), d_src_row, npairs, static_cast<int>(D), xg_.get(), s());
+  if (P == 1) {  // every expert is here: run them on the gathered rows directly
+    expert_ffn(Lw, xg_.get(), counts_, offsets_, npairs, out_.get());
+    return out_.get();
+  }
+  // Expert parallel: source order is expert-major, so each owner's pairs are one contiguous block.
+  // Sent per pair: [expert id, u row] (as forward.cpp); answered per pair in arrival order.
+  const int64_t per_rank = E / P;
+  std::vector<size_t> send_counts(static_cast<size_t>(P));
+  for (int r = 0; r < P; ++r)
+    send_counts[static_cast<size_t>(r)] =
+        static_cast<size_t>(offsets_[static_cast<size_t>((r + 1) * per_rank - 1)] +
+                            counts_[static_cast<size_t>((r + 1) * per_rank - 1)] -
+                            offsets_[static_cast<size_t>(r * per_rank)]) *
+        static_cast<size_t>(D + 1);
+  h_bf_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
+  to_host(h_bf_.get(), xg_.get(), static_cast<size_t>(npairs * D));
+  sync();
+  std::vector<float> send(static_cast<size_t>(npairs * (D + 1)));
+  for (int64_t p = 0; p < npairs; ++p) {
+    float* row = send.data() + p * (D + 1);
+    row[0] = static_cast<float>(h_ids_[static_cast<size_t>(src_pair_[static_cast<size_t>(p)])]);
+    for (int64_t j = 0; j < D; ++j) row[1 + j] = bf16_to_f32(h_bf_[static_cast<size_t>(p * D + j)]);
+  }
+  std::vector<float> recv;
+  std::vector<size_t> recv_counts;
+  coll_.ep_alltoallv(send, send_counts, &recv, &recv_counts);
+
+  const int64_t npr = static_cast<int64_t>(recv.size()) / (D + 1), El = plan_.local_experts();
+  std::vector<int> cnt(static_cast<size_t>(El), 0);
+  std::vector<int64_t> local(static_cast<size_t>(npr));
+  for (int64_t i = 0; i < npr; ++i) {
+    const int64_t e = static_cast<int64_t>(recv[static_cast<size_t>(i * (D + 1))]) - plan_.expert_begin;
+    if (e < 0 || e >= El) throw RuntimeFailure("expert dispatch reached the wrong rank");
+    local[static_cast<size_t>(i)] = e;
+    ++cnt[static_cast<size_t>(e)];
+  }
+  std::vector<int64_t> off(static_cast<size_t>(El), 0), fill(static_cast<size_t>(El), 0), slot(static_cast<size_t>(npr));
+  for (int64_t e = 1; e < El; ++e) off[static_cast<size_t>(e)] = off[static_cast<size_t>(e - 1)] + cnt[static_cast<size_t>(e - 1)];
+  std::vector<bf16_bits> xin(static_cast<size_t>(npr * D));
+  for (int64_t i = 0; i < npr; ++i) {
+    const size_t e = static_cast<size_t>(local[static_cast<size_t>(i)]);
+    const int64_t pos = off[e] + fill[e]++;
+    slot[static_cast<size_t>(i)] = pos;
+    const float* src = recv.data() + i * (D + 1) + 1;
+    for (int64_t j = 0; j < D; ++j) xin[static_cast<size_t>(pos * D + j)] = f32_to_bf16(src[j]);
+  }
+  xr_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
+  out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
+  to_device(xr_.get(), xin.data(), xin.size());
+  expert_ffn(Lw, xr_.get(), cnt, off, npr, out2_.get());
+  hx_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
+  to_host(hx_.get(), out2_.get(), static_cast<size_t>(npr * D));
+  sync();
+  std::vector<float> answer(static_cast<size_t>(npr * D));
+  for (int64_t i = 0; i < npr; ++i)
+    std::memcpy(answer.data() + i * D, hx_.get() + slot[static_cast<size_t>(i)] * D, static_cast<size_t>(D) * sizeof(float));
+  std::vector<size_t> back_counts(recv_counts.size());
+  for (size_t r = 0; r < recv_counts.size(); ++r) back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
+  std::vector<float> back;
+  std::vector<size_t> back_recv_counts;
+  coll_.ep_alltoallv(answer, back_counts, &back, &back_recv_counts);
+  if (static_cast<int64_t>(back.size()) != npairs * D) throw RuntimeFailure("expert answers do not match the pairs sent");
+  to_device(out_.get(), back.data(), back.size());
+  return out_.get();
+}
+
+void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
+  const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
+  const int64_t B = B_, T = T_, BT = BT_, D = D_, K = K_, S = S_;
+  const bool moe = Lw.moe;
+  const int64_t E = moe ? E_ : 0, E1 = std::max<int64_t>(E_, 1), nslots = moe ? E_ : 1;
+  const int Di = static_cast<int>(D), Ti = static_cast<int>(T);
+  const int tp = coll_.tp_size(), tr = coll_.tp_rank();
+  const int64_t s0 = BT * tr / tp, s1 = BT * (tr + 1) / tp, n = s1 - s0;
+
+  // One buffer summed over the tp group, laid out as forward.cpp's: m [BT, D], p0 writes and rest
+  // sums [B, S, D] each, p0 norms [B, S], p0 routing [B, E], rest routing counts [E].
+  const int64_t off_p0 = BT * D, off_rest = off_p0 + B * S * D, off_n0 = off_rest + B * S * D,
+                off_r0 = off_n0 + B * S, off_rc = off_r0 + B * E1, total = off_rc + E1;
+  mbuf_.reserve(static_cast<size_t>(total));
+  CUDA_CHECK(cudaMemsetAsync(mbuf_.get(), 0, static_cast<size_t>(total) * sizeof(float), s()));
+  float* m = mbuf_.get();
+  float* p0 = m + off_p0;
+  float* rest = m + off_rest;
+  float* n0 = m + off_n0;
+
+  u_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
+  if (moe) u32_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
+  k::rms_norm(x_.get() + s0 * D, n, Di, Lw.post_norm.get(), eps_, u_.get(), moe ? u32_.get() : nullptr, nullptr, s());
+
+  std::vector<int32_t> segs, items;  // (begin, end, out) and (row, out), rows in this block's order
+  std::vector<float> r0h(static_cast<size_t>(B * E1), 0.f), rch(static_cast<size_t>(E1), 0.f);
+  if (moe) {
+    const int64_t npairs = n * K;
+    router_logits_.reserve(static_cast<size_t>(std::max<int64_t>(n * E, 1)));
+    ids_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
+    tw_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
+    gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
+    h_ids_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
+    h_gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
+    blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D}, {router_logits_.get(), Dt::kF32, E});
+    k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K), c_.norm_topk_prob, ids_.get(),
+                   tw_.get(), gap_.get(), s());
+    to_host(h_ids_.get(), ids_.get(), static_cast<size_t>(npairs));
+    to_host(h_gap_.get(), gap_.get(), static_cast<size_t>(n));
+    sync();
+    for (int64_t r = 0; r < n; ++r)
+      if (h_gap_[static_cast<size_t>(r)] < 1e-3f) ++near_ties_[static_cast<size_t>(l)];
+    routed_ += n;
+
+    // Source order: pairs sorted by expert, then by pair index (so by token inside an expert).
+    counts_.assign(static_cast<size_t>(E), 0);
+    for (int64_t p = 0; p < npairs; ++p) ++counts_[static_cast<size_t>(h_ids_[static_cast<size_t>(p)])];
+    offsets_.assign(static_cast<size_t>(E), 0);
+    for (int64_t e = 1; e < E; ++e)
+      offsets_[static_cast<size_t>(e)] = offsets_[static_cast<size_t>(e - 1)] + counts_[static_cast<size_t>(e - 1)];
+    std::vector<int64_t> fill(offsets_);
+    src_pair_.assign(static_cast<size_t>(npairs), 0);
+    pos_of_pair_.assign(static_cast<size_t>(npairs), 0);
+    for (int64_t p = 0; p < npairs; ++p) {
+      const int64_t pos = fill[static_cast<size_t>(h_ids_[static_cast<size_t>(p)])]++;
+      src_pair_[static_cast<size_t>(pos)] = static_cast<int32_t>(p);
+      pos_of_pair_[static_cast<size_t>(p)] = static_cast<int32_t>(pos);
+    }
+    // Segments of one (expert, probe) each; position-0 pairs; routing counts.
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t seg_b = -1, seg_begin = 0;
+      const int64_t pe0 = offsets_[static_cast<size_t>(e)], pe1 = pe0 + counts_[static_cast<size_t>(e)];
+      for (int64_t pos = pe0; pos <= pe1; ++pos) {
+        const int64_t token = pos < pe1 ? s0 + src_pair_[static_cast<size_t>(pos)] / K : -1;
+        const int64_t b = pos < pe1 ? token / T : -2;
+        if (b != seg_b) {
+          if (seg_b >= 0) segs.insert(segs.end(), {static_cast<int32_t>(seg_begin), static_cast<int32_t>(pos),
+                                                   static_cast<int32_t>(seg_b * S + e)});
+          seg_b = b;
+          seg_begin = pos;
+        }
+        if (pos == pe1) break;
+        if (token % T == 0) {
+          items.insert(items.end(), {static_cast<int32_t>(pos), static_cast<int32_t>(b * S + e)});
+          r0h[static_cast<size_t>(b * E1 + e)] = 1.f;
+        } else {
+          rch[static_cast<size_t>(e)] += 1.f;
+        }
+      }
+    }
+    // Device copies: [src_pair | pos_of_pair | src_row | segs | items].
+    std::vector<int32_t> pack(static_cast<size_t>(3 * npairs) + segs.size() + items.size());
+    std::copy(src_pair_.begin(), src_pair_.end(), pack.begin());
+    std::copy(pos_of_pair_.begin(), pos_of_pair_.end(), pack.begin() + npairs);
+    for (int64_t p = 0; p < npairs; ++p)
+      pack[static_cast<size_t>(2 * npairs + p)] = src_pair_[static_cast<size_t>(p)] / static_cast<int32_t>(K);
+    std::copy(segs.begin(), segs.end(), pack.begin() + 3 * npairs);
+    std::copy(items.begin(), items.end(), pack.begin() + 3 * npairs + static_cast<long>(segs.size()));
+    ipack_.reserve(std::max<size_t>(pack.size(), 1));
+    to_device(ipack_.get(), pack.data(), pack.size());
+    pos_w_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
+    pos_tok_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
+    k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(), pos_tok_.get(), s());
+
+    const float* back = moe_experts(Lw, n);
+    k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
+    if (record_) {
+      const int32_t* d_segs = ipack_.get() + 3 * npairs;
+      const int32_t* d_items = d_segs + segs.size();
+      k::segment_sums(back, pos_w_.get(), pos_tok_.get(), 0, d_segs, static_cast<int>(segs.size() / 3), Di, Ti, rest,
+                      s());
+      k::p0_rows(back, pos_w_.get(), d_items, static_cast<int>(items.size() / 2), Di, p0, n0, s());
+      to_device(m + off_r0, r0h.data(), r0h.size());
+      to_device(m + off_rc, rch.data(), rch.size());
+    }
+  } else {
+    const int64_t I = Lw.inter;
+    if (n > 0) {
+      h_.reserve(static_cast<size_t>(n * 2 * I));
+      act_.reserve(static_cast<size_t>(n * I));
+      blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D}, {h_.get(), Dt::kBF16, 2 * I});
+      k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
+      blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I}, {m + s0 * D, Dt::kF32, D});
+    }
+    if (record_) {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r0 = std::max(s0, b * T + 1), r1 = std::min(s1, (b + 1) * T);
+        if (r0 < r1)
+          segs.insert(segs.end(), {static_cast<int32_t>(r0 - s0), static_cast<int32_t>(r1 - s0), static_cast<int32_t>(b * S)});
+        if (b * T >= s0 && b * T < s1) items.insert(items.end(), {static_cast<int32_t>(b * T - s0), static_cast<int32_t>(b * S)});
+      }
+      std::vector<int32_t> pack(segs);
+      pack.insert(pack.end(), items.begin(), items.end());
+      ipack_.reserve(std::max<size_t>(pack.size(), 1));
+      to_device(ipack_.get(), pack.data(), pack.size());
+      k::segment_sums(m + s0 * D, nullptr, nullptr, s0, ipack_.get(), static_cast<int>(segs.size() / 3), Di, Ti, rest,
+                      s());
+      k::p0_rows(m + s0 * D, nullptr, ipack_.get() + segs.size(), static_cast<int>(items.size() / 2), Di, p0, n0, s());
+    }
+  }
+  coll_.tp_allreduce_sum(mbuf_.get(), static_cast<size_t>(record_ ? total : BT * D));
+
+  if (record_) {
+    k::finish_components({p0, S * D, D, rest, S * D, D, true}, static_cast<int>(B), static_cast<int>(nslots), Di, Ti,
+                         abl_slots_.get() + l * S, delta_.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D,
+                         p0_sum_.get(), s());
+    norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+    k::row_norms(m, BT, Di, D, norms_.get(), s());
+  }
+  k::add_inplace(x_.get(), m, BT * D, s());
+  mark(l, 3);
+  if (!record_) return;
+
+  h_norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  h_mlp_.reserve(static_cast<size_t>(B * S + B * E1 + E1));
+  float* h_n0 = h_mlp_.get();
+  float* h_r0 = h_n0 + B * S;
+  float* h_rc = h_r0 + B * E1;
+  to_host(h_norms_.get(), norms_.get(), static_cast<size_t>(BT));
+  to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
+  sync();
+  std::vector<float> out_p0(static_cast<size_t>(B)), out_rest(static_cast<size_t>(B)),
+      expert_p0(static_cast<size_t>(B * E1), 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    out_p0[static_cast<size_t>(b)] = h_norms_[static_cast<size_t>(b * T)];
+    double r = 0;
+    for (int64_t i = 1; i < T; ++i) r += h_norms_[static_cast<size_t>(b * T + i)];
+    out_rest[static_cast<size_t>(b)] = static_cast<float>(r / static_cast<double>(T - 1));
+    if (moe)
+      for (int64_t e = 0; e < E; ++e) expert_p0[static_cast<size_t>(b * E + e)] = h_n0[b * S + e];
+    if (!std::isfinite(out_p0[static_cast<size_t>(b)] + out_rest[static_cast<size_t>(b)]))
+      non_finite(l, moe ? "moe" : "mlp", probe0_ + b);
+  }
+  MlpTap tap{l, B, T, D, probe0_, moe, E, out_p0.data(), out_rest.data(), expert_p0.data(), h_r0, h_rc};
+  obs.on_mlp(tap);
+}
+
+CudaBackend& cuda_of(Backend& b) {
+  auto* p = dynamic_cast<CudaBackend*>(&b);
+  if (!p) throw RuntimeFailure("not a CUDA backend: " + b.name());
+  return *p;
+}
+const CudaBackend& cuda_of(const Backend& b) {
+  auto* p = dynamic_cast<const CudaBackend*>(&b);
+  if (!p) throw RuntimeFailure("not a CUDA backend: " + b.name());
+  return *p;
+}
+
+}  // namespace
+
+void set_recording(Backend& backend, bool record) { cuda_of(backend).set_record(record); }
+void set_phase_timing(Backend& backend, bool on) { cuda_of(backend).set_timing(on); }
+RunProfile last_run_profile(const Backend& backend) { return cuda_of(backend).profile(); }
+MemoryReport memory_report(const Backend& backend) { return cuda_of(backend).memory(); }
+std::vector<int64_t> near_tie_counts(const Backend& backend) { return cuda_of(backend).near_ties(); }
+int64_t routed_tokens(const Backend& backend) { return cuda_of(backend).routed(); }
+bool grouped_gemm_used(const Backend& backend) { return cuda_of(backend).grouped_used(); }
+
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(const Checkpoint& ckpt, const ShardPlan& plan, ForwardComms comms,
+                                           ForwardOptions options) {
+  return std::make_unique<cuda::CudaBackend>(&ckpt, ckpt.config(), plan, comms, std::move(options), std::nullopt);
+}
+
+std::unique_ptr<Backend> make_cuda_backend_synthetic(const ModelConfig& cfg, const ShardPlan& plan,
+                                                     ForwardComms comms, ForwardOptions options, uint64_t seed) {
+  return std::make_unique<cuda::CudaBackend>(nullptr, cfg, plan, comms, std::move(options), seed);
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,283 @@
+// The position-zero recording of the attention block: head write norms (through the per-head Gram
+// matrices), the heads' position-0 and delta vectors, the component bookkeeping shared with the
+// MoE block (deltas, mean-ablation, the running sum of position-0 writes), and the circuit
+// attribution's small contractions (METRICS.md section 4; the math of forward.cpp).
+#include "cuda/device_common.cuh"
+#include "cuda/kernels.cuh"
+
+namespace sinkscope::cuda::k {
+namespace {
+
+constexpr int kMaxLaneElems = 4;  // d <= 128 over 32 lanes
+
+__global__ void head_write_norms_kernel(const float* __restrict__ Y, const bf16_bits* __restrict__ z, int T, int Hl,
+                                        int d, float* __restrict__ wp0, float* __restrict__ wrest) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t ld = static_cast<int64_t>(Hl) * d;
+  double rest = 0;
+  for (int i = warp; i < T; i += warps) {
+    const int64_t off = (static_cast<int64_t>(b) * T + i) * ld + static_cast<int64_t>(h) * d;
+    float ss = 0.f;
+    for (int j = lane; j < d; j += 32) ss += Y[off + j] * bf2f(z[off + j]);
+    ss = warp_sum(ss);
+    const float n = sqrtf(fmaxf(ss, 0.f));
+    if (i == 0) {
+      if (lane == 0) wp0[static_cast<int64_t>(b) * Hl + h] = n;
+    } else {
+      rest += n;
+    }
+  }
+  if (lane != 0) rest = 0;
+  rest = block_sum(rest);
+  if (threadIdx.x == 0) wrest[static_cast<int64_t>(b) * Hl + h] = static_cast<float>(rest / (T - 1));
+}
+
+__global__ void z_rows_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar, int B, int T, int Hl,
+                              int d, float* __restrict__ zr) {
+  const int64_t n = static_cast<int64_t>(Hl) * B * d;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int j = static_cast<int>(idx % d);
+    const int b = static_cast<int>((idx / d) % B);
+    const int h = static_cast<int>(idx / (static_cast<int64_t>(d) * B));
+    const int64_t col = static_cast<int64_t>(h) * d + j;
+    const float z0 = bf2f(z[static_cast<int64_t>(b) * T * Hl * d + col]);
+    const float zb = zbar[static_cast<int64_t>(b) * Hl * d + col];
+    float* out = zr + ((static_cast<int64_t>(h) * B + b) * 2) * d;
+    out[j] = z0 - zb;
+    out[d + j] = z0;
+  }
+}
+
+// Warp per (output channel c, local head h).
+__global__ void head_pack_kernel(const float* __restrict__ zr, const bf16_bits* __restrict__ Wo, int B, int Hl, int d,
+                                 int D, int H, int head_begin, float* __restrict__ hp) {
+  const int lane = threadIdx.x & 31;
+  const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int h = blockIdx.y;
+  if (c >= D) return;
+  const int64_t qw = static_cast<int64_t>(Hl) * d;
+  float w[kMaxLaneElems];
+#pragma unroll
+  for (int t = 0; t < kMaxLaneElems; ++t) {
+    const int j = lane + 32 * t;
+    w[t] = j < d ? bf2f(Wo[c * qw + static_cast<int64_t>(h) * d + j]) : 0.f;
+  }
+  for (int r = 0; r < 2 * B; ++r) {
+    const float* zrow = zr + (static_cast<int64_t>(h) * 2 * B + r) * d;
+    float acc = 0.f;
+#pragma unroll
+    for (int t = 0; t < kMaxLaneElems; ++t) {
+      const int j = lane + 32 * t;
+      if (j < d) acc += zrow[j] * w[t];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      const int b = r / 2, s = r % 2;
+      hp[((static_cast<int64_t>(b) * H + head_begin + h) * 2 + s) * D + c] = acc;
+    }
+  }
+}
+
+__global__ void finish_components_kernel(ComponentRows rows, int S, int D, int T, const uint8_t* __restrict__ ablated,
+                                         float* __restrict__ delta_store, int64_t delta_bstride,
+                                         float* __restrict__ target, int64_t target_bstride,
+                                         float* __restrict__ p0_sum) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = blockIdx.y;
+  if (c >= D) return;
+  const float inv_rest = 1.f / static_cast<float>(T - 1);
+  float* tgt = target + b * target_bstride + c;
+  float t = *tgt;
+  float ps = p0_sum[static_cast<int64_t>(b) * D + c];
+  for (int s = 0; s < S; ++s) {
+    const float p = rows.p0[b * rows.p0_bstride + s * rows.p0_sstride + c];
+    const float second = rows.second[b * rows.second_bstride + s * rows.second_sstride + c];
+    const float dl = rows.second_is_rest_sum ? p - second * inv_rest : second;
+    delta_store[b * delta_bstride + static_cast<int64_t>(s) * D + c] = dl;
+    const bool ab = ablated != nullptr && ablated[s] != 0;
+    if (ab) t -= dl;
+    ps += ab ? p - dl : p;
+  }
+  *tgt = t;
+  p0_sum[static_cast<int64_t>(b) * D + c] = ps;
+}
+
+__global__ void scale_columns_kernel(const bf16_bits* __restrict__ W, int64_t n, int cols,
+                                     const float* __restrict__ col_scale, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = bf2f(W[i]) * col_scale[i % cols];
+}
+
+__global__ void identity_rows_kernel(const float* __restrict__ p0_sum, const float* __restrict__ x, int T, int D,
+                                     const float* __restrict__ gamma, float* __restrict__ rows) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = blockIdx.y;
+  if (c >= D) return;
+  rows[(static_cast<int64_t>(b) * 2) * D + c] = p0_sum[static_cast<int64_t>(b) * D + c] * gamma[c];
+  rows[(static_cast<int64_t>(b) * 2 + 1) * D + c] = x[static_cast<int64_t>(b) * T * D + c] * gamma[c];
+}
+
+constexpr int kRowChunk = 8;
+
+// Warp per output column n; the R rows in chunks of kRowChunk accumulators.
+__global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K, const bf16_bits* __restrict__ W, int N,
+                                     int64_t ldw, float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const bf16_bits* wr = W + n * ldw;
+  for (int r0 = 0; r0 < R; r0 += kRowChunk) {
+    float acc[kRowChunk];
+#pragma unroll
+    for (int i = 0; i < kRowChunk; ++i) acc[i] = 0.f;
+    for (int kk = lane; kk < K; kk += 32) {
+      const float w = bf2f(wr[kk]);
+#pragma unroll
+      for (int i = 0; i < kRowChunk; ++i)
+        if (r0 + i < R) acc[i] += A[static_cast<int64_t>(r0 + i) * K + kk] * w;
+    }
+#pragma unroll
+    for (int i = 0; i < kRowChunk; ++i) {
+      const float v = warp_sum(acc[i]);
+      if (lane == 0 && r0 + i < R) out[static_cast<int64_t>(r0 + i) * N + n] = v;
+    }
+  }
+}
+
+__global__ void circuit_finish_kernel(const float* __restrict__ kid, const float* __restrict__ inv_rx, int T,
+                                      const float* __restrict__ qbar, const float* __restrict__ k_norm, int Hl,
+                                      int KVl, int d, int head_begin, int group, int kv_begin, float eps, float scale,
+                                      float* __restrict__ k0_model, float* __restrict__ k0_sum,
+                                      float* __restrict__ qk) {
+  extern __shared__ float inv_rk[];  // [KVl]
+  const int b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t kw = static_cast<int64_t>(KVl) * d;
+  const float ix = inv_rx[static_cast<int64_t>(b) * T];
+  const float* sum_row = kid + (static_cast<int64_t>(b) * 2) * kw;
+  const float* x0_row = sum_row + kw;
+  for (int g = warp; g < KVl; g += warps) {
+    float ss = 0.f;
+    for (int j = lane; j < d; j += 32) {
+      const float v = x0_row[static_cast<int64_t>(g) * d + j] * ix;
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float irk = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
+    if (lane == 0) inv_rk[g] = irk;
+    for (int j = lane; j < d; j += 32) {
+      const int64_t o = (static_cast<int64_t>(b) * KVl + g) * d + j;
+      k0_model[o] = x0_row[static_cast<int64_t>(g) * d + j] * ix * irk * k_norm[j];
+      k0_sum[o] = sum_row[static_cast<int64_t>(g) * d + j] * ix * irk * k_norm[j];
+    }
+  }
+  __syncthreads();
+  for (int h = warp; h < Hl; h += warps) {
+    const int g = (head_begin + h) / group - kv_begin;
+    const float f = ix * inv_rk[g] * scale;
+    for (int j = lane; j < d; j += 32) {
+      const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
+      qk[o] = qbar[o] * k_norm[j] * f;
+    }
+  }
+}
+
+// Warp per source slot c.
+__global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstride, const float* __restrict__ qk,
+                                     int C, int Hl, int KVl, int d, int head_begin, int group, int kv_begin,
+                                     float* __restrict__ attr) {
+  extern __shared__ float qk_s[];  // [Hl * d]
+  const int b = blockIdx.y;
+  for (int i = threadIdx.x; i < Hl * d; i += blockDim.x) qk_s[i] = qk[static_cast<int64_t>(b) * Hl * d + i];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (c >= C) return;
+  const int64_t kw = static_cast<int64_t>(KVl) * d;
+  const float* grow = G + b * g_bstride + c * kw;
+  for (int h = 0; h < Hl; ++h) {
+    const int g = (head_begin + h) / group - kv_begin;
+    float acc = 0.f;
+    for (int j = lane; j < d; j += 32) acc += grow[static_cast<int64_t>(g) * d + j] * qk_s[h * d + j];
+    acc = warp_sum(acc);
+    if (lane == 0) attr[(static_cast<int64_t>(b) * Hl + h) * C + c] = acc;
+  }
+}
+
+}  // namespace
+
+void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d, float* wp0, float* wrest,
+                      cudaStream_t s) {
+  if (B == 0 || Hl == 0) return;
+  head_write_norms_kernel<<<dim3(Hl, B), 256, 0, s>>>(Y, z, T, Hl, d, wp0, wrest);
+  CUDA_CHECK_LAUNCH("head_write_norms_kernel");
+}
+
+void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr, cudaStream_t s) {
+  const int64_t n = static_cast<int64_t>(Hl) * B * d;
+  if (n == 0) return;
+  z_rows_kernel<<<grid_for(n, 256, 4096), 256, 0, s>>>(z, zbar, B, T, Hl, d, zr);
+  CUDA_CHECK_LAUNCH("z_rows_kernel");
+}
+
+void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D, int H, int head_begin, float* hp,
+               cudaStream_t s) {
+  if (B == 0 || Hl == 0) return;
+  head_pack_kernel<<<dim3((D + 7) / 8, Hl), 256, 0, s>>>(zr, Wo, B, Hl, d, D, H, head_begin, hp);
+  CUDA_CHECK_LAUNCH("head_pack_kernel");
+}
+
+void finish_components(const ComponentRows& rows, int B, int S, int D, int T, const uint8_t* ablated,
+                       float* delta_store, int64_t delta_bstride, float* target, int64_t target_bstride,
+                       float* p0_sum, cudaStream_t s) {
+  if (B == 0 || S == 0) return;
+  finish_components_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(rows, S, D, T, ablated, delta_store,
+                                                                    delta_bstride, target, target_bstride, p0_sum);
+  CUDA_CHECK_LAUNCH("finish_components_kernel");
+}
+
+void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_scale, float* out, cudaStream_t s) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  scale_columns_kernel<<<grid_for(n, 256, 8192), 256, 0, s>>>(W, n, cols, col_scale, out);
+  CUDA_CHECK_LAUNCH("scale_columns_kernel");
+}
+
+void identity_rows(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma, float* rows,
+                   cudaStream_t s) {
+  if (B == 0) return;
+  identity_rows_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(p0_sum, x, T, D, gamma, rows);
+  CUDA_CHECK_LAUNCH("identity_rows_kernel");
+}
+
+void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out, cudaStream_t s) {
+  if (R == 0 || N == 0) return;
+  rows_times_wt_kernel<<<(N + 7) / 8, 256, 0, s>>>(A, R, K, W, N, ldw, out);
+  CUDA_CHECK_LAUNCH("rows_times_wt_kernel");
+}
+
+void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar, const float* k_norm,
+                    int Hl, int KVl, int d, int head_begin, int group, int kv_begin, float eps, float scale,
+                    float* k0_model, float* k0_sum, float* qk, cudaStream_t s) {
+  if (B == 0) return;
+  circuit_finish_kernel<<<B, 128, KVl * sizeof(float), s>>>(kid, inv_rx, T, qbar, k_norm, Hl, KVl, d, head_begin,
+                                                            group, kv_begin, eps, scale, k0_model, k0_sum, qk);
+  CUDA_CHECK_LAUNCH("circuit_finish_kernel");
+}
+
+void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, int C, int Hl, int KVl, int d,
+                   int head_begin, int group, int kv_begin, float* attr, cudaStream_t s) {
+  if (B == 0 || C == 0 || Hl == 0) return;
+  const size_t smem = static_cast<size_t>(Hl) * d * sizeof(float);
+  if (smem > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(attr_contract_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)));
+  attr_contract_kernel<<<dim3((C + 7) / 8, B), 256, smem, s>>>(G, g_bstride, qk, C, Hl, KVl, d, head_begin, group,
+                                                               kv_begin, attr);
+  CUDA_CHECK_LAUNCH("attr_contract_kernel");
+}
+
+}  // namespace sinkscope::cuda::k

@@ -1,0 +1,225 @@
+// The MoE block's kernels: router softmax + top-k, row gathers for the grouped expert products,
+// SwiGLU, the weighted combine back to token order, and the per-(probe, expert) position-0 and
+// rest-of-sequence write sums the recorder needs.
+#include <climits>
+
+#include "cuda/device_common.cuh"
+#include "cuda/kernels.cuh"
+
+namespace sinkscope::cuda::k {
+namespace {
+
+constexpr int kMaxTopK = 32;
+
+// Warp per token row; lane holds experts e = lane + 32 t. Probabilities in double as forward.cpp.
+template <int EPL>
+__global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, int E, int K, bool norm_topk,
+                                   int32_t* __restrict__ ids, float* __restrict__ weights, float* __restrict__ gap) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= n) return;
+  const float* lr = logits + r * E;
+  float mx = -INFINITY;
+  float l[EPL];
+#pragma unroll
+  for (int t = 0; t < EPL; ++t) {
+    const int e = lane + 32 * t;
+    l[t] = e < E ? lr[e] : -INFINITY;
+    mx = fmaxf(mx, l[t]);
+  }
+  mx = warp_max(mx);
+  double p[EPL];
+  double sum = 0;
+#pragma unroll
+  for (int t = 0; t < EPL; ++t) {
+    const int e = lane + 32 * t;
+    p[t] = e < E ? exp(static_cast<double>(l[t]) - static_cast<double>(mx)) : 0.0;
+    sum += p[t];
+  }
+  sum = warp_sum(sum);
+#pragma unroll
+  for (int t = 0; t < EPL; ++t) {
+    const int e = lane + 32 * t;
+    p[t] = e < E ? p[t] / sum : -1.0;  // -1: not a candidate
+  }
+  double chosen[kMaxTopK];
+  double wsum = 0, last = 0;
+  const int rounds = K < E ? K + 1 : K;
+  for (int k = 0; k < rounds; ++k) {
+    double bv = -2.0;
+    int bi = INT_MAX;
+#pragma unroll
+    for (int t = 0; t < EPL; ++t) {
+      const int e = lane + 32 * t;
+      if (p[t] > bv || (p[t] == bv && e < bi)) {
+        bv = p[t];
+        bi = e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const double ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (k == K) {  // the (k+1)-th: only its distance to the k-th
+      if (lane == 0) gap[r] = static_cast<float>(last - bv);
+      break;
+    }
+#pragma unroll
+    for (int t = 0; t < EPL; ++t)
+      if (lane + 32 * t == bi) p[t] = -1.0;
+    chosen[k] = bv;
+    wsum += bv;
+    last = bv;
+    if (lane == 0) ids[r * K + k] = bi;
+  }
+  if (rounds == K && lane == 0) gap[r] = 1.f;
+  if (lane == 0)
+    for (int k = 0; k < K; ++k) weights[r * K + k] = static_cast<float>(norm_topk ? chosen[k] / wsum : chosen[k]);
+}
+
+__global__ void gather_rows_kernel(const bf16_bits* __restrict__ src, const int32_t* __restrict__ rows, int D,
+                                   bf16_bits* __restrict__ dst) {
+  const int64_t i = blockIdx.x;
+  const bf16_bits* s = src + static_cast<int64_t>(rows[i]) * D;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) dst[i * D + c] = s[c];
+}
+
+__global__ void swiglu_kernel(const bf16_bits* __restrict__ h, int64_t n, int I, bf16_bits* __restrict__ act) {
+  const int64_t total = n * I;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / I;
+    const int c = static_cast<int>(idx % I);
+    const float g = bf2f(h[r * 2 * I + c]), u = bf2f(h[r * 2 * I + I + c]);
+    act[idx] = f2bf(g / (1.f + expf(-g)) * u);
+  }
+}
+
+__global__ void pair_info_kernel(const int32_t* __restrict__ src_pair, const float* __restrict__ weights,
+                                 int64_t npairs, int K, int64_t tok0, float* __restrict__ pos_w,
+                                 int32_t* __restrict__ pos_tok) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < npairs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t sp = src_pair[p];
+    pos_w[p] = weights[sp];
+    pos_tok[p] = static_cast<int32_t>(tok0 + sp / K);
+  }
+}
+
+__global__ void combine_kernel(const float* __restrict__ back, const int32_t* __restrict__ pos_of_pair,
+                               const float* __restrict__ weights, int K, int D, float* __restrict__ m) {
+  const int64_t r = blockIdx.x;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < K; ++j) {
+      const float o = weights[r * K + j] * back[static_cast<int64_t>(pos_of_pair[r * K + j]) * D + c];
+      acc += o;
+    }
+    m[r * D + c] = acc;
+  }
+}
+
+__global__ void segment_sums_kernel(const float* __restrict__ rows, const float* __restrict__ row_w,
+                                    const int32_t* __restrict__ row_tok, int64_t tok0, const int32_t* __restrict__ seg,
+                                    int D, int T, float* __restrict__ out_rows) {
+  const int i = blockIdx.x;
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;
+  if (c >= D) return;
+  const int begin = seg[3 * i], end = seg[3 * i + 1], out = seg[3 * i + 2];
+  float acc = 0.f;
+  for (int p = begin; p < end; ++p) {
+    const int64_t tok = row_tok ? row_tok[p] : tok0 + p;
+    if (tok % T == 0) continue;
+    const float w = row_w ? row_w[p] : 1.f;
+    acc += w * rows[static_cast<int64_t>(p) * D + c];
+  }
+  out_rows[static_cast<int64_t>(out) * D + c] = acc;
+}
+
+__global__ void p0_rows_kernel(const float* __restrict__ rows, const float* __restrict__ row_w,
+                               const int32_t* __restrict__ items, int D, float* __restrict__ p0_out,
+                               float* __restrict__ n0_out) {
+  const int i = blockIdx.x;
+  const int row = items[2 * i], out = items[2 * i + 1];
+  const float w = row_w ? row_w[row] : 1.f;
+  double ss = 0;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    const float v = w * rows[static_cast<int64_t>(row) * D + c];
+    p0_out[static_cast<int64_t>(out) * D + c] = v;
+    ss += static_cast<double>(v) * v;
+  }
+  ss = block_sum(ss);
+  if (threadIdx.x == 0) n0_out[out] = static_cast<float>(sqrt(ss));
+}
+
+}  // namespace
+
+void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, int32_t* ids, float* weights,
+                 float* gap, cudaStream_t s) {
+  if (n == 0) return;
+  if (K > kMaxTopK || K > E || E > 32 * 32)
+    throw_api_failure("CUDA", "unsupported router shape (E=" + std::to_string(E) + ", k=" + std::to_string(K) + ")",
+                      "router_topk", __FILE__, __LINE__);
+  constexpr int warps = 4;
+  const unsigned grid = static_cast<unsigned>((n + warps - 1) / warps);
+#define SINKSCOPE_ROUTER_CASE(N)                                                                      \
+  if (E <= 32 * N) {                                                                                  \
+    router_topk_kernel<N><<<grid, warps * 32, 0, s>>>(logits, n, E, K, norm_topk, ids, weights, gap); \
+    CUDA_CHECK_LAUNCH("router_topk_kernel");                                                          \
+    return;                                                                                           \
+  }
+  SINKSCOPE_ROUTER_CASE(1)
+  SINKSCOPE_ROUTER_CASE(2)
+  SINKSCOPE_ROUTER_CASE(4)
+  SINKSCOPE_ROUTER_CASE(8)
+  SINKSCOPE_ROUTER_CASE(16)
+  SINKSCOPE_ROUTER_CASE(32)
+#undef SINKSCOPE_ROUTER_CASE
+}
+
+void gather_rows(const bf16_bits* src, const int32_t* rows, int64_t n, int D, bf16_bits* dst, cudaStream_t s) {
+  if (n == 0) return;
+  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, D, dst);
+  CUDA_CHECK_LAUNCH("gather_rows_kernel");
+}
+
+void swiglu(const bf16_bits* h, int64_t n, int I, bf16_bits* act, cudaStream_t s) {
+  if (n == 0) return;
+  swiglu_kernel<<<grid_for(n * I, 256, 65536), 256, 0, s>>>(h, n, I, act);
+  CUDA_CHECK_LAUNCH("swiglu_kernel");
+}
+
+void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, int K, int64_t tok0, float* pos_w,
+               int32_t* pos_tok, cudaStream_t s) {
+  if (npairs == 0) return;
+  pair_info_kernel<<<grid_for(npairs, 256, 4096), 256, 0, s>>>(src_pair, weights, npairs, K, tok0, pos_w, pos_tok);
+  CUDA_CHECK_LAUNCH("pair_info_kernel");
+}
+
+void combine(const float* back, const int32_t* pos_of_pair, const float* weights, int64_t n, int K, int D, float* m,
+             cudaStream_t s) {
+  if (n == 0) return;
+  combine_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
+  CUDA_CHECK_LAUNCH("combine_kernel");
+}
+
+void segment_sums(const float* rows, const float* row_w, const int32_t* row_tok, int64_t tok0, const int32_t* seg,
+                  int nseg, int D, int T, float* out_rows, cudaStream_t s) {
+  if (nseg == 0) return;
+  segment_sums_kernel<<<dim3(nseg, (D + 127) / 128), 128, 0, s>>>(rows, row_w, row_tok, tok0, seg, D, T, out_rows);
+  CUDA_CHECK_LAUNCH("segment_sums_kernel");
+}
+
+void p0_rows(const float* rows, const float* row_w, const int32_t* items, int n, int D, float* p0_out, float* n0_out,
+             cudaStream_t s) {
+  if (n == 0) return;
+  p0_rows_kernel<<<n, 256, 0, s>>>(rows, row_w, items, D, p0_out, n0_out);
+  CUDA_CHECK_LAUNCH("p0_rows_kernel");
+}
+
+}  // namespace sinkscope::cuda::k

@@ -1,0 +1,258 @@
+// RMSNorm, the fused q/k norm + RoPE, row norms, column means, residual adds, the embedding and its
+// position-0 bookkeeping, and the radix histogram behind the exact median of |x| (probe 0).
+#include "cuda/device_common.cuh"
+#include "cuda/kernels.cuh"
+
+namespace sinkscope::cuda::k {
+namespace {
+
+constexpr int kNormThreads = 256;
+
+__global__ void rms_norm_kernel(const float* __restrict__ x, int D, const float* __restrict__ gamma, float eps,
+                                bf16_bits* __restrict__ out_bf, float* __restrict__ out_f32,
+                                float* __restrict__ inv_rms) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * D;
+  float ss = 0.f;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) ss += xr[c] * xr[c];
+  ss = block_sum(ss);
+  const float inv = 1.f / sqrtf(ss / static_cast<float>(D) + eps);
+  if (inv_rms && threadIdx.x == 0) inv_rms[r] = inv;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    const float v = xr[c] * inv * gamma[c];
+    out_bf[r * D + c] = f2bf(v);
+    if (out_f32) out_f32[r * D + c] = v;
+  }
+}
+
+// One warp per (row, head slot); lane handles the RoPE pairs (j, j + d/2) for j = lane + 32 t.
+constexpr int kMaxPairsPerLane = 2;  // d <= 128
+
+__global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d,
+                                    int dp, const float* __restrict__ q_gamma, const float* __restrict__ k_gamma,
+                                    float eps, const float* __restrict__ cos_tab, const float* __restrict__ sin_tab,
+                                    bf16_bits* __restrict__ Qa, bf16_bits* __restrict__ Ka,
+                                    bf16_bits* __restrict__ Va) {
+  const int lane = threadIdx.x & 31;
+  const int slot = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t r = blockIdx.x;
+  if (slot >= Hl + 2 * KVl || r >= rows) return;
+  float* src = qkv + r * ld + static_cast<int64_t>(slot) * d;
+  bf16_bits* dst;
+  if (slot < Hl)
+    dst = Qa + (r * Hl + slot) * dp;
+  else if (slot < Hl + KVl)
+    dst = Ka + (r * KVl + (slot - Hl)) * dp;
+  else
+    dst = Va + (r * KVl + (slot - Hl - KVl)) * dp;
+  for (int j = d + lane; j < dp; j += 32) dst[j] = 0;  // padding dims
+  if (slot >= Hl + KVl) {  // v: no norm, no rotation
+    for (int j = lane; j < d; j += 32) dst[j] = f2bf(src[j]);
+    return;
+  }
+  const int half = d / 2;
+  const float* gamma = slot < Hl ? q_gamma : k_gamma;
+  float a[kMaxPairsPerLane], b[kMaxPairsPerLane];
+  float ss = 0.f;
+#pragma unroll
+  for (int t = 0; t < kMaxPairsPerLane; ++t) {
+    const int j = lane + 32 * t;
+    a[t] = j < half ? src[j] : 0.f;
+    b[t] = j < half ? src[j + half] : 0.f;
+    ss += a[t] * a[t] + b[t] * b[t];
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
+  const int64_t pos = r % T;
+#pragma unroll
+  for (int t = 0; t < kMaxPairsPerLane; ++t) {
+    const int j = lane + 32 * t;
+    if (j >= half) continue;
+    const float x1 = a[t] * inv * gamma[j], x2 = b[t] * inv * gamma[j + half];
+    const float c = cos_tab[pos * half + j], sn = sin_tab[pos * half + j];
+    const float o1 = x1 * c - x2 * sn, o2 = x2 * c + x1 * sn;
+    dst[j] = f2bf(o1);
+    dst[j + half] = f2bf(o2);
+    if (slot < Hl) {  // the normed, rotated query in fp32 (qbar)
+      src[j] = o1;
+      src[j + half] = o2;
+    }
+  }
+}
+
+__global__ void row_norms_kernel(const float* __restrict__ x, int D, int64_t ld, float* __restrict__ norms) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * ld;
+  float ss = 0.f;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) ss += xr[c] * xr[c];
+  ss = block_sum(ss);
+  if (threadIdx.x == 0) norms[r] = sqrtf(ss);
+}
+
+constexpr int kColThreads = 128, kMaxChunks = 32, kRowsPerChunkMin = 32;
+
+int chunks_for(int T) {
+  int c = (T - 1 + kRowsPerChunkMin - 1) / kRowsPerChunkMin;
+  return c < 1 ? 1 : (c > kMaxChunks ? kMaxChunks : c);
+}
+
+template <typename In>
+__device__ __forceinline__ float load_as_float(const In* p);
+template <>
+__device__ __forceinline__ float load_as_float<float>(const float* p) {
+  return *p;
+}
+template <>
+__device__ __forceinline__ float load_as_float<bf16_bits>(const bf16_bits* p) {
+  return bf2f(*p);
+}
+
+// partial[b, chunk, c] = sum of rows i in the chunk's share of 1..T-1.
+template <typename In>
+__global__ void column_partial_kernel(const In* __restrict__ x, int T, int ncols, int64_t ld, int chunks,
+                                      float* __restrict__ partial) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = blockIdx.y, chunk = blockIdx.z;
+  if (c >= ncols) return;
+  const int64_t n = T - 1;
+  const int64_t i0 = 1 + n * chunk / chunks, i1 = 1 + n * (chunk + 1) / chunks;
+  const In* base = x + static_cast<int64_t>(b) * T * ld + c;
+  float acc = 0.f;
+  for (int64_t i = i0; i < i1; ++i) acc += load_as_float(base + i * ld);
+  partial[(static_cast<int64_t>(b) * chunks + chunk) * ncols + c] = acc;
+}
+
+__global__ void column_finish_kernel(const float* __restrict__ partial, int T, int ncols, int chunks,
+                                     float* __restrict__ out) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = blockIdx.y;
+  if (c >= ncols) return;
+  float acc = 0.f;
+  for (int k = 0; k < chunks; ++k) acc += partial[(static_cast<int64_t>(b) * chunks + k) * ncols + c];
+  out[static_cast<int64_t>(b) * ncols + c] = acc / static_cast<float>(T - 1);
+}
+
+template <typename In>
+void column_mean_rest_impl(const In* x, int B, int T, int ncols, int64_t ld, float* partial, float* out,
+                           cudaStream_t s) {
+  if (B == 0 || ncols == 0 || T < 2) return;
+  const int chunks = chunks_for(T);
+  const dim3 grid((ncols + kColThreads - 1) / kColThreads, B, chunks);
+  column_partial_kernel<In><<<grid, kColThreads, 0, s>>>(x, T, ncols, ld, chunks, partial);
+  CUDA_CHECK_LAUNCH("column_partial_kernel");
+  column_finish_kernel<<<dim3(grid.x, B), kColThreads, 0, s>>>(partial, T, ncols, chunks, out);
+  CUDA_CHECK_LAUNCH("column_finish_kernel");
+}
+
+__global__ void add_inplace_kernel(float* __restrict__ x, const float* __restrict__ a, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] += a[i];
+}
+
+__global__ void embed_gather_kernel(const bf16_bits* __restrict__ table, const int32_t* __restrict__ tokens, int D,
+                                    float* __restrict__ x) {
+  const int64_t r = blockIdx.x;
+  const bf16_bits* row = table + static_cast<int64_t>(tokens[r]) * D;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) x[r * D + c] = bf2f(row[c]);
+}
+
+__global__ void embed_p0_kernel(float* __restrict__ x, int T, int D, const float* __restrict__ mean_rest, bool ablate,
+                                float* __restrict__ delta, int64_t delta_bstride, float* __restrict__ p0_sum) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = blockIdx.y;
+  if (c >= D) return;
+  float* x0 = x + static_cast<int64_t>(b) * T * D;
+  const float dl = x0[c] - mean_rest[static_cast<int64_t>(b) * D + c];
+  delta[b * delta_bstride + c] = dl;
+  if (ablate) x0[c] -= dl;
+  p0_sum[static_cast<int64_t>(b) * D + c] = x0[c];
+}
+
+constexpr int kMaxBins = 2048;
+
+__global__ void abs_radix_hist_kernel(const float* __restrict__ x, int64_t n, uint32_t prefix, uint32_t hi_mask,
+                                      int shift, int bits, unsigned* __restrict__ hist) {
+  __shared__ unsigned local[kMaxBins];
+  const int nbins = 1 << bits;
+  for (int i = threadIdx.x; i < nbins; i += blockDim.x) local[i] = 0;
+  __syncthreads();
+  const uint32_t mask = static_cast<uint32_t>(nbins - 1);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint32_t u = __float_as_uint(x[i]) & 0x7fffffffu;
+    if ((u & hi_mask) == prefix) atomicAdd(&local[(u >> shift) & mask], 1u);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nbins; i += blockDim.x)
+    if (local[i]) atomicAdd(&hist[i], local[i]);
+}
+
+}  // namespace
+
+void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf, float* out_f32,
+              float* inv_rms, cudaStream_t s) {
+  if (rows == 0) return;
+  rms_norm_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, D, gamma, eps, out_bf, out_f32, inv_rms);
+  CUDA_CHECK_LAUNCH("rms_norm_kernel");
+}
+
+void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, const float* q_gamma,
+                  const float* k_gamma, float eps, const float* cos_tab, const float* sin_tab, bf16_bits* Qa,
+                  bf16_bits* Ka, bf16_bits* Va, cudaStream_t s) {
+  if (rows == 0) return;
+  constexpr int warps = 4;
+  const int slots = Hl + 2 * KVl;
+  const dim3 grid(static_cast<unsigned>(rows), (slots + warps - 1) / warps);
+  qk_norm_rope_kernel<<<grid, warps * 32, 0, s>>>(qkv, rows, T, ld, Hl, KVl, d, dp, q_gamma, k_gamma, eps, cos_tab,
+                                                  sin_tab, Qa, Ka, Va);
+  CUDA_CHECK_LAUNCH("qk_norm_rope_kernel");
+}
+
+void row_norms(const float* x, int64_t rows, int D, int64_t ld, float* norms, cudaStream_t s) {
+  if (rows == 0) return;
+  row_norms_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, D, ld, norms);
+  CUDA_CHECK_LAUNCH("row_norms_kernel");
+}
+
+int64_t column_mean_scratch(int B, int T, int ncols) {
+  return static_cast<int64_t>(B) * chunks_for(T) * ncols;
+}
+
+void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float* partial, float* out,
+                      cudaStream_t s) {
+  column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
+}
+
+void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial, float* out,
+                      cudaStream_t s) {
+  column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
+}
+
+void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  add_inplace_kernel<<<grid_for(n, 256, 65536), 256, 0, s>>>(x, a, n);
+  CUDA_CHECK_LAUNCH("add_inplace_kernel");
+}
+
+void embed_gather(const bf16_bits* table, const int32_t* tokens, int64_t n, int D, float* x, cudaStream_t s) {
+  if (n == 0) return;
+  embed_gather_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(table, tokens, D, x);
+  CUDA_CHECK_LAUNCH("embed_gather_kernel");
+}
+
+void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate, float* delta, int64_t delta_bstride,
+              float* p0_sum, cudaStream_t s) {
+  if (B == 0) return;
+  embed_p0_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(x, T, D, mean_rest, ablate, delta, delta_bstride, p0_sum);
+  CUDA_CHECK_LAUNCH("embed_p0_kernel");
+}
+
+void abs_radix_hist(const float* x, int64_t n, uint32_t prefix, uint32_t hi_mask, int shift, int bits,
+                    unsigned* hist, cudaStream_t s) {
+  if (n == 0) return;
+  abs_radix_hist_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(x, n, prefix, hi_mask, shift, bits, hist);
+  CUDA_CHECK_LAUNCH("abs_radix_hist_kernel");
+}
+
+}  // namespace sinkscope::cuda::k
