@@ -23,7 +23,12 @@ struct AnalysisMeta {
   std::string device = "cpu";
   std::string tokens_sha256;
   std::string created_utc;
-  std::string layout;  // sinkscope addition: the ShardPlan's one-line description
+  // sinkscope additions (docs/schema.md):
+  std::string layout;  // the ShardPlan's one-line description
+  int64_t etp = 1;     // expert tensor parallelism
+  // METRICS.md section 4's identity: max over probes, target layers and KV heads of
+  // |k_0 - sum_c K(c[0])| / |k_0|.
+  double circuit_identity_max_rel_err = 0;
 };
 
 struct Analysis {

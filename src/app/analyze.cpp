@@ -228,6 +228,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   m.world_size = plan.world_size;
   m.device = opt.device;
   m.layout = plan.describe();
+  m.etp = plan.etp;
   m.tokens_sha256 = tokens_sha256(tokens);
   m.created_utc = utc_now_iso8601();
 
@@ -239,6 +240,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     for (const auto& b : blobs) records.push_back(deserialize_record(b));
     double identity_err = 0;
     reduce_records(records, cfg, opt.eps, opt.per_query, a, &identity_err);
+    a.meta.circuit_identity_max_rel_err = identity_err;
     compute_profile(a);
     a.tokens = tokens;
     // The decomposition x_t[0] = sum of component writes is exact up to fp32 rounding.

@@ -223,6 +223,8 @@ void write_meta(h5::File& file, const AnalysisMeta& meta) {
   file.write_string_attribute("tokens_sha256", meta.tokens_sha256);
   file.write_string_attribute("created_utc", meta.created_utc);
   file.write_string_attribute("layout", meta.layout);
+  file.write_int_attribute("etp", meta.etp);
+  file.write_double_attribute("circuit_identity_max_rel_err", meta.circuit_identity_max_rel_err);
 }
 
 // ---- reading -------------------------------------------------------------------------------
@@ -439,6 +441,9 @@ Analysis read_analysis(const std::string& path) {
   if (reader.guard([&] { return file.has_attribute("layout"); })) {
     m.layout = reader.string_attribute(file, "layout");
   }
+  if (reader.guard([&] { return file.has_attribute("etp"); })) m.etp = reader.int_attribute(file, "etp");
+  if (reader.guard([&] { return file.has_attribute("circuit_identity_max_rel_err"); }))
+    m.circuit_identity_max_rel_err = reader.double_attribute(file, "circuit_identity_max_rel_err");
 
   Sizes sizes;
   sizes.probes = reader.size(m.num_probes, "num_probes");

@@ -123,6 +123,9 @@ TEST_P(Golden, MatchesTransformersFloat64Reference) {
       const FloatArray& got = s == "attr_embed" ? a.attr_embed : s == "attr_head" ? a.attr_head : s == "attr_expert" ? a.attr_expert : a.attr_mlp;
       expect_close(k, got.data, e.values.at(k), 1e-7, 0, 1e-3);
     }
+    // The identity of section 4: the per-component keys add up to the model's key at position 0.
+    EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-5);
+    EXPECT_GE(a.meta.circuit_identity_max_rel_err, 0.0);
     // Section 5: the profile.
     expect_close("layer_share", a.layer_share.data, e.values.at("layer_share"), 1e-6, 0, 1e-3);
     expect_close("norm_gain_share", a.norm_gain_share.data, e.values.at("norm_gain_share"), 1e-6, 0, 1e-3);
