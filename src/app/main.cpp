@@ -4,7 +4,9 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -125,9 +127,18 @@ int cmd_analyze(const std::string& model, const ProbeArgs& pa, const CommonArgs&
   return 0;
 }
 
+struct SweepArgs {
+  bool resume = false, assemble_only = false, no_assemble = false;
+  double tau = 0.05;
+  std::vector<int64_t> steps;
+  std::string failed_list;
+};
+
 int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, const ProbeArgs& pa,
-              const CommonArgs& ca, const std::string& outdir, bool resume, bool assemble_only, double tau,
-              const std::vector<int64_t>& steps, const Comm& world) {
+              const CommonArgs& ca, const std::string& outdir, const SweepArgs& sa, const Comm& world) {
+  const bool resume = sa.resume, assemble_only = sa.assemble_only;
+  const double tau = sa.tau;
+  const std::vector<int64_t>& steps = sa.steps;
   std::vector<SweepCheckpoint> cps;
   IntArray tokens;
   std::string source;
@@ -181,21 +192,40 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       }
     }
   }
-  if (world.rank() == 0) {
-    Sweep s = assemble_sweep(cps, outdir, tau);
-    write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
-    if (!ca.quiet) {
-      std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " (" << s.names.size()
-                << " checkpoints, convergence step " << s.convergence_step << ")\n";
-      if (!s.failed.empty()) {
-        std::cerr << "sinkscope: checkpoints without a valid analysis:";
-        for (const auto& f : s.failed) std::cerr << " " << f;
-        std::cerr << "\n";
+  // Array tasks of a Slurm sweep analyse one checkpoint each and leave sweep.h5 to the assemble
+  // step (--no-assemble), so tasks never write the shared file concurrently.
+  int status = failed.empty() ? 0 : 1;
+  if (world.rank() == 0 && !sa.no_assemble) {
+    try {
+      Sweep s = assemble_sweep(cps, outdir, tau);
+      write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
+      if (!ca.quiet) {
+        std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " (" << s.names.size()
+                  << " checkpoints, convergence step " << s.convergence_step << ")\n";
+        if (!s.failed.empty()) {
+          std::cerr << "sinkscope: checkpoints without a valid analysis:";
+          for (const auto& f : s.failed) std::cerr << " " << f;
+          std::cerr << "\n";
+        }
       }
+      for (const auto& f : s.failed)
+        if (std::find(failed.begin(), failed.end(), f) == failed.end()) failed.push_back(f);
+    } catch (const InputError& e) {
+      // Rank 0 alone assembles: report like any bad input, without taking the other ranks down.
+      std::cerr << "sinkscope: error: " << e.what() << "\n";
+      for (const auto& c : cps)
+        if (std::find(failed.begin(), failed.end(), c.name) == failed.end()) failed.push_back(c.name);
     }
-    if (!s.failed.empty()) return 1;
+    if (!failed.empty()) status = 1;
   }
-  return failed.empty() ? 0 : 1;
+  if (world.rank() == 0 && !sa.failed_list.empty()) {
+    commit_atomically(sa.failed_list, [&](const std::string& tmp) {
+      std::ofstream out(tmp);
+      for (const auto& f : failed) out << f << "\n";
+      if (!out.flush()) throw RuntimeFailure("cannot write " + tmp);
+    });
+  }
+  return status;
 }
 
 int cmd_inspect(const std::string& model) {
@@ -276,12 +306,11 @@ int main(int argc, char** argv) {
 
   std::string model, out, config, glob, input;
   std::vector<std::string> models;
-  std::vector<int64_t> steps;
   ProbeArgs pa;
   CommonArgs ca;
   int64_t step = -1;
-  bool resume = false, assemble_only = false, plant = false;
-  double tau = 0.05;
+  bool plant = false;
+  SweepArgs sa;
   uint64_t seed = 0;
 
   auto* analyze = app.add_subcommand("analyze", "analyse one checkpoint into an HDF5 file");
@@ -295,10 +324,12 @@ int main(int argc, char** argv) {
   auto* mo = sweep->add_option("--models", models, "checkpoint folders");
   sweep->add_option("--models-glob", glob, "checkpoint folders by pattern, e.g. 'run/step*'")->excludes(mo);
   sweep->add_option("--out", out, "output folder")->required();
-  sweep->add_flag("--resume", resume, "skip checkpoints whose analysis file exists and validates");
-  sweep->add_flag("--assemble-only", assemble_only, "only build sweep.h5 from existing analysis files");
-  sweep->add_option("--tau", tau, "convergence threshold on the total-variation distance");
-  sweep->add_option("--steps", steps, "training steps, one per checkpoint (default: from folder names)");
+  sweep->add_flag("--resume", sa.resume, "skip checkpoints whose analysis file exists and validates");
+  auto* only = sweep->add_flag("--assemble-only", sa.assemble_only, "only build sweep.h5 from existing analysis files");
+  sweep->add_flag("--no-assemble", sa.no_assemble, "analyse only; leave sweep.h5 to a later --assemble-only")->excludes(only);
+  sweep->add_option("--tau", sa.tau, "convergence threshold on the total-variation distance");
+  sweep->add_option("--steps", sa.steps, "training steps, one per checkpoint (default: from folder names)");
+  sweep->add_option("--failed-list", sa.failed_list, "write the names of checkpoints that failed, one per line");
   add_probe_options(sweep, pa);
   add_common_options(sweep, ca);
 
@@ -330,7 +361,7 @@ int main(int argc, char** argv) {
       return e.get_exit_code() == 0 ? 0 : 1;
     }
     if (*analyze) status = cmd_analyze(model, pa, ca, out, step, *world);
-    else if (*sweep) status = cmd_sweep(models, glob, pa, ca, out, resume, assemble_only, tau, steps, *world);
+    else if (*sweep) status = cmd_sweep(models, glob, pa, ca, out, sa, *world);
     else if (*report) status = cmd_report(input, out);
     else if (*inspect) status = cmd_inspect(model);
     else if (*synth) status = cmd_synth(config, out, plant, seed);

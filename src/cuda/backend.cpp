@@ -235,7 +235,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_;
   DeviceBuffer<unsigned> hist_;
   // Pinned host copies of the taps.
-  PinnedBuffer<float> hx_, h_a0_, h_small_, h_attr_, h_norms_, h_x0_, h_mlp_, h_gap_;
+  PinnedBuffer<float> hx_, h_out2_, h_a0_, h_small_, h_attr_, h_norms_, h_x0_, h_mlp_, h_gap_;
   PinnedBuffer<int32_t> h_ids_;
   PinnedBuffer<unsigned> h_hist_;
   PinnedBuffer<bf16_bits> h_bf_;
@@ -278,8 +278,9 @@ void CudaBackend::ensure_rope(int64_t T) {
     }
   cos_.reserve(c.size());
   sin_.reserve(sn.size());
-  CUDA_CHECK(cudaMemcpy(cos_.get(), c.data(), c.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CUDA_CHECK(cudaMemcpy(sin_.get(), sn.data(), sn.size() * sizeof(float), cudaMemcpyHostToDevice));
+  to_device(cos_.get(), c.data(), c.size());
+  to_device(sin_.get(), sn.data(), sn.size());
+  sync();
   rope_T_ = T;
 }
 
@@ -295,8 +296,9 @@ void CudaBackend::upload_ablations() {
   ablate_embed_ = ablated(0, Ablation::kEmbedding, 0);
   abl_heads_.reserve(heads.size());
   abl_slots_.reserve(slots.size());
-  CUDA_CHECK(cudaMemcpy(abl_heads_.get(), heads.data(), heads.size(), cudaMemcpyHostToDevice));
-  CUDA_CHECK(cudaMemcpy(abl_slots_.get(), slots.data(), slots.size(), cudaMemcpyHostToDevice));
+  to_device(abl_heads_.get(), heads.data(), heads.size());
+  to_device(abl_slots_.get(), slots.data(), slots.size());
+  sync();
   ablations_dirty_ = false;
 }
 
@@ -646,12 +648,13 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
   to_device(xr_.get(), xin.data(), xin.size());
   expert_ffn(Lw, xr_.get(), cnt, off, npr, out2_.get());
-  hx_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
-  to_host(hx_.get(), out2_.get(), static_cast<size_t>(npr * D));
+  h_out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
+  to_host(h_out2_.get(), out2_.get(), static_cast<size_t>(npr * D));
   sync();
   std::vector<float> answer(static_cast<size_t>(npr * D));
   for (int64_t i = 0; i < npr; ++i)
-    std::memcpy(answer.data() + i * D, hx_.get() + slot[static_cast<size_t>(i)] * D, static_cast<size_t>(D) * sizeof(float));
+    std::memcpy(answer.data() + i * D, h_out2_.get() + slot[static_cast<size_t>(i)] * D,
+                static_cast<size_t>(D) * sizeof(float));
   std::vector<size_t> back_counts(recv_counts.size());
   for (size_t r = 0; r < recv_counts.size(); ++r) back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
   std::vector<float> back;

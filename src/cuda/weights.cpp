@@ -44,6 +44,9 @@ void load_rows_bf16(const Checkpoint& ck, const std::string& name, int64_t r0, i
 // Per local head: M_h = W_O,h^T W_O,h in fp32 (bf16 products, fp32 sums), split into hi + lo bf16.
 void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cudaStream_t s) {
   const int64_t qw = Hl * d;
+  // cudaMemcpy from pageable memory may return before its DMA lands, and the backend's stream does
+  // not wait for the legacy stream: finish every upload before the Gram product reads W_O.
+  CUDA_CHECK(cudaDeviceSynchronize());
   DeviceBuffer<float> m(static_cast<size_t>(Hl * d * d));
   L.gram_hi.reserve(static_cast<size_t>(Hl * d * d));
   L.gram_lo.reserve(static_cast<size_t>(Hl * d * d));
@@ -114,12 +117,13 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
                    w.lm_head.get());
   }
   w.bytes_loaded = ck.weight_bytes_read() - before;
+  CUDA_CHECK(cudaDeviceSynchronize());  // every upload has landed before the stream reads it
   return w;
 }
 
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head, uint64_t seed,
                                     Blas& blas, cudaStream_t s) {
-  const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads, KV = c.num_kv_heads;
+  const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads;
   const int64_t Hl = plan.local_heads(), KVl = plan.local_kv_heads(), qw = Hl * d, kw = KVl * d;
   DeviceModel w;
   uint64_t bytes = 0;
@@ -150,7 +154,6 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 2, 0), D);
     L.wo.reserve(static_cast<size_t>(D * qw));
     random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
-    (void)KV;
     make_gram(L, D, Hl, d, blas, s);
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
@@ -183,7 +186,7 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     w.lm_head.reserve(static_cast<size_t>(c.vocab_size * D));
     random_bf16(w.lm_head.get(), c.vocab_size, D, 0, 0, D, tensor_id(-1, 10, 0), D);
   }
-  CUDA_CHECK(cudaStreamSynchronize(s));
+  CUDA_CHECK(cudaDeviceSynchronize());
   w.bytes_loaded = bytes;
   return w;
 }

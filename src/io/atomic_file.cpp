@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -56,14 +57,47 @@ std::string check_output_folder(const std::string& path) {
   return folder;
 }
 
+// The temporary being written, removed by the termination handler: a job killed by Slurm
+// (SIGTERM at cancel, requeue or time limit) leaves no partial file behind. unlink() is
+// async-signal-safe; the path lives in a static buffer so the handler never allocates.
+char g_tmp_path[4096] = {0};
+volatile std::sig_atomic_t g_tmp_set = 0;
+
+extern "C" void remove_temporary_and_die(int sig) {
+  if (g_tmp_set) ::unlink(g_tmp_path);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+class TemporaryGuard {
+ public:
+  explicit TemporaryGuard(const std::string& path) {
+    static const bool installed = [] {
+      for (int sig : {SIGTERM, SIGINT, SIGHUP}) std::signal(sig, remove_temporary_and_die);
+      return true;
+    }();
+    (void)installed;
+    if (path.size() < sizeof(g_tmp_path)) {
+      std::memcpy(g_tmp_path, path.c_str(), path.size() + 1);
+      g_tmp_set = 1;
+    }
+  }
+  ~TemporaryGuard() { g_tmp_set = 0; }
+  TemporaryGuard(const TemporaryGuard&) = delete;
+  TemporaryGuard& operator=(const TemporaryGuard&) = delete;
+};
+
 }  // namespace
 
 void commit_atomically(const std::string& path,
                        const std::function<void(const std::string& tmp_path)>& fill) {
   const std::string folder = check_output_folder(path);
-  // The pid keeps concurrent writers of the same output (two array tasks given the same
-  // checkpoint by mistake) from writing into each other's temporary.
-  const std::string tmp_path = path + ".tmp." + std::to_string(::getpid());
+  // Host and pid keep concurrent writers of the same output (two array tasks on different nodes
+  // of a shared filesystem given the same checkpoint) from writing into each other's temporary.
+  char host[64] = {0};
+  if (::gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "host");
+  const std::string tmp_path = path + ".tmp." + host + "." + std::to_string(::getpid());
+  TemporaryGuard guard(tmp_path);
   try {
     fill(tmp_path);
     // Data on disk before the rename: otherwise a crash right after it can leave the final

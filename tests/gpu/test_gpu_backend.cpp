@@ -79,6 +79,8 @@ struct Case {
   uint64_t seed;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 ModelConfig shape(int64_t D, int64_t L, int64_t H, int64_t KV, int64_t d, int64_t E, int64_t K, int64_t moe_I,
                   std::vector<int64_t> dense_layers, int64_t V = 96) {
   ModelConfig c;
@@ -424,6 +426,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GpuBackendTest, ::testing::ValuesIn(cases()), c
 struct Layout {
   int tp, ep;
 };
+
+void PrintTo(const Layout& l, std::ostream* os) { *os << "tp" << l.tp << " ep" << l.ep; }
 
 class GpuLayoutTest : public ::testing::TestWithParam<Layout> {};
 
