@@ -558,6 +558,20 @@ TEST_F(IoTest, TruncatedFileIsAnInputError) {
   expect_input_error(path("a.h5"), "not a readable HDF5 file");
 }
 
+// A file cut anywhere (every 1% of its length, and one byte short) is refused as bad input,
+// never read as a complete analysis and never a crash.
+TEST_F(IoTest, FileCutAnywhereIsAnInputError) {
+  write_analysis(path("full.h5"), full_analysis());
+  const auto size = fs::file_size(path("full.h5"));
+  std::vector<uintmax_t> cuts = {size - 1};
+  for (int pct = 1; pct < 100; ++pct) cuts.push_back(size * static_cast<uintmax_t>(pct) / 100);
+  for (uintmax_t cut : cuts) {
+    fs::copy_file(path("full.h5"), path("cut.h5"), fs::copy_options::overwrite_existing);
+    fs::resize_file(path("cut.h5"), cut);
+    EXPECT_THROW(read_analysis(path("cut.h5")), InputError) << "cut at " << cut << " of " << size;
+  }
+}
+
 TEST_F(IoTest, NonHdf5FileIsAnInputError) {
   std::ofstream(path("a.h5")) << "this is not HDF5\n";
   expect_input_error(path("a.h5"), "not a readable HDF5 file");
