@@ -484,7 +484,9 @@ TEST_F(IoTest, FailingCallbackLeavesNoTemporaryAndKeepsThePreviousFile) {
                                    throw std::runtime_error("writer died");
                                  }),
                std::runtime_error);
-  EXPECT_EQ(seen_tmp, target + ".tmp." + std::to_string(::getpid()));
+  char host[64] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  EXPECT_EQ(seen_tmp, target + ".tmp." + host + "." + std::to_string(::getpid()));
   EXPECT_FALSE(fs::exists(seen_tmp));
   EXPECT_TRUE(leftover_temporaries().empty());
   std::string content;
