@@ -16,6 +16,7 @@
 #include "sinkscope/synth.hpp"
 
 #include <cmath>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -33,7 +34,8 @@ namespace {
 struct Store {
   std::vector<std::string> names;
   std::vector<std::vector<int64_t>> shapes;
-  std::vector<std::vector<float>> data;
+  // A deque: add() hands out references that must survive later add()s (a vector would move them).
+  std::deque<std::vector<float>> data;
   std::vector<float>& add(const std::string& name, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (auto d : shape) n *= d;
