@@ -7,13 +7,16 @@
 //   - attention is the fused kernel of attention.cu; it writes A[i, 0] for every head and query;
 //   - the recording (head write norms via Gram matrices, position-0 deltas of every component,
 //     attributions, k_0 checks, residual and MoE summaries) runs on the device; only the tap
-//     arrays cross to the host, into pinned buffers, right before each observer call.
+//     arrays cross to the host, into pinned buffers, right before each observer call;
+//   - routing bookkeeping (sorting the (token, expert) pairs by expert) runs on the device with one
+//     expert-parallel rank, on the host with several (which build per-destination lists anyway).
 // Communication goes through DeviceCollectives (host-staged today, NCCL later).
 #include "cuda/backend.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -81,9 +84,21 @@ struct StreamHolder {
   StreamHolder& operator=(const StreamHolder&) = delete;
 };
 
-// Event marks per layer: 0 start, 1 attention done, 2 attention tap done, 3 MoE done, 4 MoE tap
-// done, 5 residual tap done.
-constexpr int kMarks = 6;
+// Event marks per layer, in stream order; RunProfile's phases are the gaps between them.
+enum Mark : int {
+  kLayerStart,
+  kQkvDone,
+  kCircuitDone,
+  kFlashDone,
+  kAttnDone,
+  kAttnTapDone,
+  kRouted,
+  kExpertsDone,
+  kMoeDone,
+  kMlpTapDone,
+  kResTapDone,
+  kMarks
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -103,6 +118,14 @@ class CudaBackend final : public Backend {
                        " is not supported (the CUDA attention takes even head dims up to 128)");
     if (c_.num_experts > 1024 || c_.top_k > 32)
       throw InputError("--device cuda: at most 1024 experts and top-32 routing are supported");
+    if (plan_.etp != 1)
+      throw InputError("--etp " + std::to_string(plan_.etp) + ": the cuda backend keeps whole experts (etp=1)");
+    // Test hook shared with the CPU backend (docs/reliability.md): SINKSCOPE_INJECT_FAULT=RANK:LAYER
+    // makes that world rank throw when it reaches that layer.
+    if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
+      int rank = -1, layer = -1;
+      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank()) fault_layer_ = layer;
+    }
     D_ = c_.hidden_size;
     d_ = c_.head_dim;
     dp_ = (d_ + 15) / 16 * 16;
@@ -169,8 +192,8 @@ class CudaBackend final : public Backend {
   void attention(int64_t l, ForwardObserver& obs);
   void circuit(int64_t l, int64_t C);
   void mlp(int64_t l, ForwardObserver& obs);
-  // The routed experts of the slice [s0, s0 + n); returns the device rows of the weighted-later
-  // expert outputs in source order (pairs sorted by expert, then by pair index).
+  // Runs the experts on the slice's n * k (token, expert) pairs and returns their outputs (not yet
+  // weighted) on the device, in source order: pairs sorted by expert, then by pair index.
   const float* moe_experts(const DeviceLayer& Lw, int64_t n);
   void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& counts,
                   const std::vector<int64_t>& offsets, int64_t rows, float* out);
@@ -218,7 +241,7 @@ class CudaBackend final : public Backend {
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
-  int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1;
+  int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1, fault_layer_ = -1;
   RunProfile profile_;
   std::vector<cudaEvent_t> events_;
   std::vector<int64_t> near_ties_;
@@ -230,13 +253,14 @@ class CudaBackend final : public Backend {
   DeviceBuffer<int32_t> tokens_;
   DeviceBuffer<float> x_, inv_rx_, qkv_, a0_, partial_, qbar_, zbar_, colmean_, zr_, tp_pack_, wp0_, wrest_;
   DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
+  DeviceBuffer<float> norm_partial_;
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
   DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_;
-  DeviceBuffer<int32_t> ids_, pos_tok_, ipack_;
+  DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_;
   DeviceBuffer<unsigned> hist_;
   // Pinned host copies of the taps.
   PinnedBuffer<float> hx_, h_out2_, h_a0_, h_small_, h_attr_, h_norms_, h_x0_, h_mlp_, h_gap_;
-  PinnedBuffer<int32_t> h_ids_;
+  PinnedBuffer<int32_t> h_ids_, h_cnt_;
   PinnedBuffer<unsigned> h_hist_;
   PinnedBuffer<bf16_bits> h_bf_;
   // Host routing bookkeeping of the current layer.
@@ -255,8 +279,10 @@ void CudaBackend::collect_profile() {
   profile_ = RunProfile{};
   profile_.layers = L_;
   if (!timing_) return;
-  double* slot[kMarks - 1] = {&profile_.attention_ms, &profile_.attention_tap_ms, &profile_.moe_ms,
-                              &profile_.mlp_tap_ms, &profile_.residual_tap_ms};
+  double* slot[kMarks - 1] = {&profile_.qkv_ms,      &profile_.circuit_ms,       &profile_.flash_ms,
+                              &profile_.attn_rest_ms, &profile_.attention_tap_ms, &profile_.route_ms,
+                              &profile_.experts_ms,  &profile_.combine_ms,       &profile_.mlp_tap_ms,
+                              &profile_.residual_tap_ms};
   for (int64_t l = 0; l < L_; ++l)
     for (int w = 0; w + 1 < kMarks; ++w) {
       float ms = 0;
@@ -326,13 +352,14 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
   embed(tokens);
   residual_tap(0, obs);
   for (int64_t l = 0; l < L_; ++l) {
-    mark(l, 0);
+    if (l == fault_layer_) throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
+    mark(l, kLayerStart);
     attention(l, obs);
-    mark(l, 2);
+    mark(l, kAttnTapDone);
     mlp(l, obs);
-    mark(l, 4);
+    mark(l, kMlpTapDone);
     residual_tap(l + 1, obs);
-    mark(l, 5);
+    mark(l, kResTapDone);
   }
   FloatArray logits;
   if (opt_.want_logits) {
@@ -496,12 +523,17 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
     partial_.reserve(static_cast<size_t>(k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
     qbar_.reserve(static_cast<size_t>(B * qw));
     k::column_mean_rest(qkv_.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, partial_.get(), qbar_.get(), s());
+    mark(l, kQkvDone);
     circuit(l, C);
+  } else {
+    mark(l, kQkvDone);
   }
+  mark(l, kCircuitDone);
   k::flash_attention(Qa_.get(), Ka_.get(), Va_.get(), z_.get(), a0_.get(), Bi, Ti, static_cast<int>(Hl),
                      static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
                      static_cast<int>(plan_.head_begin), static_cast<int>(group_), static_cast<int>(plan_.kv_begin),
                      scale_, s());
+  mark(l, kFlashDone);
 
   float* a = tp_pack_.get();
   float* hp = a + BT * D;  // [B, H, {delta, p0}, D]
@@ -514,7 +546,9 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
              1.f, 1.f, static_cast<int>(Hl));
     wp0_.reserve(static_cast<size_t>(B * Hl));
     wrest_.reserve(static_cast<size_t>(B * Hl));
-    k::head_write_norms(Y, z_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), wp0_.get(), wrest_.get(), s());
+    norm_partial_.reserve(static_cast<size_t>(k::head_write_norms_scratch(Bi, static_cast<int>(Hl))));
+    k::head_write_norms(Y, z_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), norm_partial_.get(), wp0_.get(),
+                        wrest_.get(), s());
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
     zbar_.reserve(static_cast<size_t>(B * qw));
     k::column_mean_rest(z_.get(), Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(), s());
@@ -533,7 +567,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
     k::add_inplace(x_.get(), a, BT * D, s());
   }
   if (!record_) {
-    mark(l, 1);
+    mark(l, kAttnDone);
     return;
   }
   // Heads' deltas for later targets, mean-ablation at position 0, p0_sum (after the attributions
@@ -541,7 +575,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   k::finish_components({hp + D, H_ * 2 * D, 2 * D, hp, H_ * 2 * D, 2 * D, false}, Bi, static_cast<int>(H_), Di, Ti,
                        abl_heads_.get() + l * H_, delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D,
                        p0_sum_.get(), s());
-  mark(l, 1);
+  mark(l, kAttnDone);
 
   const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
                n_attr = static_cast<size_t>(B * Hl * C), n_k = static_cast<size_t>(B * kw_);
@@ -593,11 +627,10 @@ void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const st
 
 const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   const int64_t D = D_, K = K_, E = E_, npairs = n * K;
-  const int32_t* d_src_row = ipack_.get() + 2 * npairs;
   const int P = coll_.ep_size();
   out_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
   xg_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
-  k::gather_rows(u_.get(), d_src_row, npairs, static_cast<int>(D), xg_.get(), s());
+  k::gather_rows(u_.get(), ipack_.get(), static_cast<int>(K), npairs, static_cast<int>(D), xg_.get(), s());
   if (P == 1) {  // every expert is here: run them on the gathered rows directly
     expert_ffn(Lw, xg_.get(), counts_, offsets_, npairs, out_.get());
     return out_.get();
@@ -702,67 +735,107 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D}, {router_logits_.get(), Dt::kF32, E});
     k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K), c_.norm_topk_prob, ids_.get(),
                    tw_.get(), gap_.get(), s());
-    to_host(h_ids_.get(), ids_.get(), static_cast<size_t>(npairs));
-    to_host(h_gap_.get(), gap_.get(), static_cast<size_t>(n));
-    sync();
-    for (int64_t r = 0; r < n; ++r)
-      if (h_gap_[static_cast<size_t>(r)] < 1e-3f) ++near_ties_[static_cast<size_t>(l)];
-    routed_ += n;
-
-    // Source order: pairs sorted by expert, then by pair index (so by token inside an expert).
-    counts_.assign(static_cast<size_t>(E), 0);
-    for (int64_t p = 0; p < npairs; ++p) ++counts_[static_cast<size_t>(h_ids_[static_cast<size_t>(p)])];
-    offsets_.assign(static_cast<size_t>(E), 0);
-    for (int64_t e = 1; e < E; ++e)
-      offsets_[static_cast<size_t>(e)] = offsets_[static_cast<size_t>(e - 1)] + counts_[static_cast<size_t>(e - 1)];
-    std::vector<int64_t> fill(offsets_);
-    src_pair_.assign(static_cast<size_t>(npairs), 0);
-    pos_of_pair_.assign(static_cast<size_t>(npairs), 0);
-    for (int64_t p = 0; p < npairs; ++p) {
-      const int64_t pos = fill[static_cast<size_t>(h_ids_[static_cast<size_t>(p)])]++;
-      src_pair_[static_cast<size_t>(pos)] = static_cast<int32_t>(p);
-      pos_of_pair_[static_cast<size_t>(p)] = static_cast<int32_t>(pos);
-    }
-    // Segments of one (expert, probe) each; position-0 pairs; routing counts.
-    for (int64_t e = 0; e < E; ++e) {
-      int64_t seg_b = -1, seg_begin = 0;
-      const int64_t pe0 = offsets_[static_cast<size_t>(e)], pe1 = pe0 + counts_[static_cast<size_t>(e)];
-      for (int64_t pos = pe0; pos <= pe1; ++pos) {
-        const int64_t token = pos < pe1 ? s0 + src_pair_[static_cast<size_t>(pos)] / K : -1;
-        const int64_t b = pos < pe1 ? token / T : -2;
-        if (b != seg_b) {
-          if (seg_b >= 0) segs.insert(segs.end(), {static_cast<int32_t>(seg_begin), static_cast<int32_t>(pos),
-                                                   static_cast<int32_t>(seg_b * S + e)});
-          seg_b = b;
-          seg_begin = pos;
-        }
-        if (pos == pe1) break;
-        if (token % T == 0) {
-          items.insert(items.end(), {static_cast<int32_t>(pos), static_cast<int32_t>(b * S + e)});
-          r0h[static_cast<size_t>(b * E1 + e)] = 1.f;
-        } else {
-          rch[static_cast<size_t>(e)] += 1.f;
+    // The routing bookkeeping. One expert-parallel rank: on the device (a histogram, its E counts to
+    // the host for the grouped product's sizes, a stable counting sort). Several: on the host, which
+    // must build the per-destination send lists anyway.
+    const bool device_routing = coll_.ep_size() == 1;
+    if (device_routing) {
+      cnt_dev_.reserve(static_cast<size_t>(E + 1));
+      off_dev_.reserve(static_cast<size_t>(E));
+      h_cnt_.reserve(static_cast<size_t>(E + 1));
+      k::expert_histogram(ids_.get(), npairs, static_cast<int>(E), gap_.get(), n, cnt_dev_.get(), s());
+      to_host(h_cnt_.get(), cnt_dev_.get(), static_cast<size_t>(E + 1));
+      sync();
+      int64_t total = 0;
+      counts_.assign(static_cast<size_t>(E), 0);
+      offsets_.assign(static_cast<size_t>(E), 0);
+      std::vector<int32_t> off32(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) {
+        counts_[static_cast<size_t>(e)] = h_cnt_[static_cast<size_t>(e)];
+        offsets_[static_cast<size_t>(e)] = total;
+        off32[static_cast<size_t>(e)] = static_cast<int32_t>(total);
+        total += h_cnt_[static_cast<size_t>(e)];
+      }
+      if (total != npairs) non_finite(l, "router", probe0_);  // NaN logits pick no expert
+      near_ties_[static_cast<size_t>(l)] += h_cnt_[static_cast<size_t>(E)];
+      routed_ += n;
+      to_device(off_dev_.get(), off32.data(), off32.size());
+      ipack_.reserve(static_cast<size_t>(std::max<int64_t>(2 * npairs, 1)));
+      k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), ipack_.get(), ipack_.get() + npairs,
+                     s());
+    } else {
+      to_host(h_ids_.get(), ids_.get(), static_cast<size_t>(npairs));
+      to_host(h_gap_.get(), gap_.get(), static_cast<size_t>(n));
+      sync();
+      for (int64_t r = 0; r < n; ++r)
+        if (h_gap_[static_cast<size_t>(r)] < 1e-3f) ++near_ties_[static_cast<size_t>(l)];
+      routed_ += n;
+      // Source order: pairs sorted by expert, then by pair index (so by token inside an expert).
+      counts_.assign(static_cast<size_t>(E), 0);
+      for (int64_t p = 0; p < npairs; ++p) {
+        const int32_t e = h_ids_[static_cast<size_t>(p)];
+        if (e < 0 || e >= E) non_finite(l, "router", probe0_ + (s0 + p / K) / T);  // NaN logits pick no expert
+        ++counts_[static_cast<size_t>(e)];
+      }
+      offsets_.assign(static_cast<size_t>(E), 0);
+      for (int64_t e = 1; e < E; ++e)
+        offsets_[static_cast<size_t>(e)] = offsets_[static_cast<size_t>(e - 1)] + counts_[static_cast<size_t>(e - 1)];
+      std::vector<int64_t> fill(offsets_);
+      src_pair_.assign(static_cast<size_t>(npairs), 0);
+      pos_of_pair_.assign(static_cast<size_t>(npairs), 0);
+      for (int64_t p = 0; p < npairs; ++p) {
+        const int64_t pos = fill[static_cast<size_t>(h_ids_[static_cast<size_t>(p)])]++;
+        src_pair_[static_cast<size_t>(pos)] = static_cast<int32_t>(p);
+        pos_of_pair_[static_cast<size_t>(p)] = static_cast<int32_t>(pos);
+      }
+      // Segments of one (expert, probe) each; position-0 pairs; routing counts.
+      for (int64_t e = 0; e < E; ++e) {
+        int64_t seg_b = -1, seg_begin = 0;
+        const int64_t pe0 = offsets_[static_cast<size_t>(e)], pe1 = pe0 + counts_[static_cast<size_t>(e)];
+        for (int64_t pos = pe0; pos <= pe1; ++pos) {
+          const int64_t token = pos < pe1 ? s0 + src_pair_[static_cast<size_t>(pos)] / K : -1;
+          const int64_t b = pos < pe1 ? token / T : -2;
+          if (b != seg_b) {
+            if (seg_b >= 0)
+              segs.insert(segs.end(), {static_cast<int32_t>(seg_begin), static_cast<int32_t>(pos),
+                                       static_cast<int32_t>(seg_b * S + e)});
+            seg_b = b;
+            seg_begin = pos;
+          }
+          if (pos == pe1) break;
+          if (token % T == 0) {
+            items.insert(items.end(), {static_cast<int32_t>(pos), static_cast<int32_t>(b * S + e)});
+            r0h[static_cast<size_t>(b * E1 + e)] = 1.f;
+          } else {
+            rch[static_cast<size_t>(e)] += 1.f;
+          }
         }
       }
+      // Device copies: [src_pair | pos_of_pair | segs | items].
+      std::vector<int32_t> pack(static_cast<size_t>(2 * npairs) + segs.size() + items.size());
+      std::copy(src_pair_.begin(), src_pair_.end(), pack.begin());
+      std::copy(pos_of_pair_.begin(), pos_of_pair_.end(), pack.begin() + npairs);
+      std::copy(segs.begin(), segs.end(), pack.begin() + 2 * npairs);
+      std::copy(items.begin(), items.end(), pack.begin() + 2 * npairs + static_cast<long>(segs.size()));
+      ipack_.reserve(std::max<size_t>(pack.size(), 1));
+      to_device(ipack_.get(), pack.data(), pack.size());
     }
-    // Device copies: [src_pair | pos_of_pair | src_row | segs | items].
-    std::vector<int32_t> pack(static_cast<size_t>(3 * npairs) + segs.size() + items.size());
-    std::copy(src_pair_.begin(), src_pair_.end(), pack.begin());
-    std::copy(pos_of_pair_.begin(), pos_of_pair_.end(), pack.begin() + npairs);
-    for (int64_t p = 0; p < npairs; ++p)
-      pack[static_cast<size_t>(2 * npairs + p)] = src_pair_[static_cast<size_t>(p)] / static_cast<int32_t>(K);
-    std::copy(segs.begin(), segs.end(), pack.begin() + 3 * npairs);
-    std::copy(items.begin(), items.end(), pack.begin() + 3 * npairs + static_cast<long>(segs.size()));
-    ipack_.reserve(std::max<size_t>(pack.size(), 1));
-    to_device(ipack_.get(), pack.data(), pack.size());
     pos_w_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     pos_tok_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(), pos_tok_.get(), s());
+    mark(l, kRouted);
 
     const float* back = moe_experts(Lw, n);
+    mark(l, kExpertsDone);
     k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
-    if (record_) {
-      const int32_t* d_segs = ipack_.get() + 3 * npairs;
+    if (record_ && device_routing) {
+      k::expert_rest_sums(back, pos_w_.get(), pos_tok_.get(), off_dev_.get(), cnt_dev_.get(), static_cast<int>(E),
+                          static_cast<int>(B), Ti, static_cast<int>(S), Di, rest, s());
+      k::expert_p0_and_counts(back, pos_w_.get(), ids_.get(), ipack_.get() + npairs, cnt_dev_.get(),
+                              static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0, s1,
+                              static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());
+    } else if (record_) {
+      const int32_t* d_segs = ipack_.get() + 2 * npairs;
       const int32_t* d_items = d_segs + segs.size();
       k::segment_sums(back, pos_w_.get(), pos_tok_.get(), 0, d_segs, static_cast<int>(segs.size() / 3), Di, Ti, rest,
                       s());
@@ -772,6 +845,7 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     }
   } else {
     const int64_t I = Lw.inter;
+    mark(l, kRouted);
     if (n > 0) {
       h_.reserve(static_cast<size_t>(n * 2 * I));
       act_.reserve(static_cast<size_t>(n * I));
@@ -779,6 +853,7 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
       k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
       blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I}, {m + s0 * D, Dt::kF32, D});
     }
+    mark(l, kExpertsDone);
     if (record_) {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r0 = std::max(s0, b * T + 1), r1 = std::min(s1, (b + 1) * T);
@@ -805,7 +880,7 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     k::row_norms(m, BT, Di, D, norms_.get(), s());
   }
   k::add_inplace(x_.get(), m, BT * D, s());
-  mark(l, 3);
+  mark(l, kMoeDone);
   if (!record_) return;
 
   h_norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));

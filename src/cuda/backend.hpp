@@ -36,11 +36,20 @@ int visible_device_count();
 // (RuntimeFailure for any other backend).
 struct RunProfile {
   int64_t layers = 0;
-  double attention_ms = 0;      // device time: input norm .. o_proj and the head bookkeeping (+ circuit)
-  double attention_tap_ms = 0;  // copying the attention tap back and the observer
-  double moe_ms = 0;            // post norm .. x += m (routing round trip to the host included)
+  // Device time (CUDA events) summed over the layers of the last run, phase by phase.
+  double qkv_ms = 0;            // input norm, qkv product, q/k norm + RoPE (+ qbar when recording)
+  double circuit_ms = 0;        // circuit attribution (recording only)
+  double flash_ms = 0;          // fused attention
+  double attn_rest_ms = 0;      // head write norms / vectors, o_proj, tp all-reduce, component bookkeeping
+  double attention_tap_ms = 0;  // attention tap copy + observer
+  double route_ms = 0;          // post norm, router, top-k, routing round trip to the host
+  double experts_ms = 0;        // gather + expert products + SwiGLU (dense MLP on dense layers)
+  double combine_ms = 0;        // combine, per-expert position-0 sums, tp all-reduce, x += m
   double mlp_tap_ms = 0;        // MoE tap copy + observer
   double residual_tap_ms = 0;   // residual norms, medians, observer
+  double attention_ms() const { return qkv_ms + circuit_ms + flash_ms + attn_rest_ms; }
+  double moe_ms() const { return route_ms + experts_ms + combine_ms; }
+  double taps_ms() const { return attention_tap_ms + mlp_tap_ms + residual_tap_ms; }
 };
 struct MemoryReport {
   uint64_t weight_bytes = 0;    // device bytes of the model shard

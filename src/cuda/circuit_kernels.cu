@@ -2,6 +2,8 @@
 // matrices), the heads' position-0 and delta vectors, the component bookkeeping shared with the
 // MoE block (deltas, mean-ablation, the running sum of position-0 writes), and the circuit
 // attribution's small contractions (METRICS.md section 4; the math of forward.cpp).
+#include <algorithm>
+
 #include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
 
@@ -10,13 +12,18 @@ namespace {
 
 constexpr int kMaxLaneElems = 4;  // d <= 128 over 32 lanes
 
+// Block (h, b, chunk) takes rows [i0, i1) of its probe; warp per row, lanes over the head dims.
+// partial[(b * Hl + h) * chunks + chunk] = sum of ||w|| over its rows i >= 1.
+constexpr int kNormChunks = 32;
 __global__ void head_write_norms_kernel(const float* __restrict__ Y, const bf16_bits* __restrict__ z, int T, int Hl,
-                                        int d, float* __restrict__ wp0, float* __restrict__ wrest) {
-  const int h = blockIdx.x, b = blockIdx.y;
+                                        int d, int chunks, float* __restrict__ wp0, float* __restrict__ partial) {
+  const int h = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t ld = static_cast<int64_t>(Hl) * d;
-  double rest = 0;
-  for (int i = warp; i < T; i += warps) {
+  const int i0 = static_cast<int>(static_cast<int64_t>(T) * chunk / chunks);
+  const int i1 = static_cast<int>(static_cast<int64_t>(T) * (chunk + 1) / chunks);
+  float rest = 0.f;
+  for (int i = i0 + warp; i < i1; i += warps) {
     const int64_t off = (static_cast<int64_t>(b) * T + i) * ld + static_cast<int64_t>(h) * d;
     float ss = 0.f;
     for (int j = lane; j < d; j += 32) ss += Y[off + j] * bf2f(z[off + j]);
@@ -28,9 +35,18 @@ __global__ void head_write_norms_kernel(const float* __restrict__ Y, const bf16_
       rest += n;
     }
   }
-  if (lane != 0) rest = 0;
+  if (lane != 0) rest = 0.f;
   rest = block_sum(rest);
-  if (threadIdx.x == 0) wrest[static_cast<int64_t>(b) * Hl + h] = static_cast<float>(rest / (T - 1));
+  if (threadIdx.x == 0) partial[(static_cast<int64_t>(b) * Hl + h) * chunks + chunk] = rest;
+}
+
+__global__ void head_write_norms_finish_kernel(const float* __restrict__ partial, int n, int chunks, int T,
+                                               float* __restrict__ wrest) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  double acc = 0;
+  for (int c = 0; c < chunks; ++c) acc += partial[static_cast<int64_t>(i) * chunks + c];
+  wrest[i] = static_cast<float>(acc / (T - 1));
 }
 
 __global__ void z_rows_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar, int B, int T, int Hl,
@@ -209,11 +225,16 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
 
 }  // namespace
 
-void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d, float* wp0, float* wrest,
-                      cudaStream_t s) {
+int64_t head_write_norms_scratch(int B, int Hl) { return static_cast<int64_t>(B) * Hl * kNormChunks; }
+
+void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d, float* partial, float* wp0,
+                      float* wrest, cudaStream_t s) {
   if (B == 0 || Hl == 0) return;
-  head_write_norms_kernel<<<dim3(Hl, B), 256, 0, s>>>(Y, z, T, Hl, d, wp0, wrest);
+  const int chunks = std::max(1, std::min(kNormChunks, T / 64));
+  head_write_norms_kernel<<<dim3(Hl, B, chunks), 256, 0, s>>>(Y, z, T, Hl, d, chunks, wp0, partial);
   CUDA_CHECK_LAUNCH("head_write_norms_kernel");
+  head_write_norms_finish_kernel<<<(B * Hl + 127) / 128, 128, 0, s>>>(partial, B * Hl, chunks, T, wrest);
+  CUDA_CHECK_LAUNCH("head_write_norms_finish_kernel");
 }
 
 void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr, cudaStream_t s) {

@@ -66,8 +66,10 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
 // ---- circuit_kernels.cu -------------------------------------------------------------------
 // Head write norms from y = z_h M_h (M_h = W_O,h^T W_O,h): ||w_h[i]||^2 = y_i . z_h[i].
 // Y [B*T, Hl*d] fp32, z [B*T, Hl*d] bf16 -> wp0 [B, Hl] = ||w[0]||, wrest [B, Hl] = mean_{i>=1} ||w[i]||.
-void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d, float* wp0, float* wrest,
-                      cudaStream_t s);
+// `partial` is scratch of head_write_norms_scratch(B, Hl) floats.
+int64_t head_write_norms_scratch(int B, int Hl);
+void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d, float* partial, float* wp0,
+                      float* wrest, cudaStream_t s);
 
 // zr [Hl, B, 2, d]: (z_h[b, 0] - zbar[b, h], z_h[b, 0]) for the head writes' position-0 vectors.
 void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr, cudaStream_t s);
@@ -122,8 +124,27 @@ void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, in
 void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, int32_t* ids, float* weights,
                  float* gap, cudaStream_t s);
 
-// dst[i, :] = src[rows[i], :] (bf16 rows of width D).
-void gather_rows(const bf16_bits* src, const int32_t* rows, int64_t n, int D, bf16_bits* dst, cudaStream_t s);
+// dst[i, :] = src[rows[i] / div, :] (bf16 rows of width D; div = k turns pair ids into token rows).
+void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, int D, bf16_bits* dst,
+                 cudaStream_t s);
+
+// Routing bookkeeping on the device (single expert-parallel rank):
+// counts_and_ties [E + 1]: pairs per expert, then the rows whose gap is < 1e-3 (zeroed here).
+void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n, int32_t* counts_and_ties,
+                      cudaStream_t s);
+// Stable counting sort by expert: src_pair[pos] = pair, pos_of_pair[pair] = pos, with expert e's
+// pairs at offsets[e] .. in pair order.
+void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets, int32_t* src_pair,
+                 int32_t* pos_of_pair, cudaStream_t s);
+// out_rows[b * S + e, :] = sum over expert e's rows p whose token pos_tok[p] is probe b's position
+// 1..T-1 of row_w[p] * rows[p, :] (rows in source order; every (e, b) written, zeros included).
+void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok, const int32_t* offsets,
+                      const int32_t* counts, int E, int B, int T, int S, int D, float* out_rows, cudaStream_t s);
+// Position-0 pairs of the slice [s0, s1): p0_out[b * S + e, :] = w * row, n0_out = its norm,
+// r0_out[b * E + e] = 1; rc_out[e] = counts[e] minus those position-0 pairs.
+void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids, const int32_t* pos_of_pair,
+                          const int32_t* counts, int B, int T, int K, int E, int64_t s0, int64_t s1, int S, int D,
+                          float* p0_out, float* n0_out, float* r0_out, float* rc_out, cudaStream_t s);
 
 // act[r, c] = silu(h[r, c]) * h[r, I + c] for h [n, 2I] (gate | up), bf16 in and out, fp32 math.
 void swiglu(const bf16_bits* h, int64_t n, int I, bf16_bits* act, cudaStream_t s);

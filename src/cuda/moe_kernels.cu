@@ -1,6 +1,7 @@
 // The MoE block's kernels: router softmax + top-k, row gathers for the grouped expert products,
 // SwiGLU, the weighted combine back to token order, and the per-(probe, expert) position-0 and
 // rest-of-sequence write sums the recorder needs.
+#include <algorithm>
 #include <climits>
 
 #include "cuda/device_common.cuh"
@@ -82,11 +83,19 @@ __global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, 
     for (int k = 0; k < K; ++k) weights[r * K + k] = static_cast<float>(norm_topk ? chosen[k] / wsum : chosen[k]);
 }
 
-__global__ void gather_rows_kernel(const bf16_bits* __restrict__ src, const int32_t* __restrict__ rows, int D,
+__global__ void gather_rows_kernel(const bf16_bits* __restrict__ src, const int32_t* __restrict__ rows, int div, int D,
                                    bf16_bits* __restrict__ dst) {
   const int64_t i = blockIdx.x;
-  const bf16_bits* s = src + static_cast<int64_t>(rows[i]) * D;
+  const bf16_bits* s = src + static_cast<int64_t>(rows[i] / div) * D;
   for (int c = threadIdx.x; c < D; c += blockDim.x) dst[i * D + c] = s[c];
+}
+
+// 16-byte copies when rows are multiples of 8 bf16 (every Qwen3 width).
+__global__ void gather_rows16_kernel(const uint4* __restrict__ src, const int32_t* __restrict__ rows, int div,
+                                     int chunks, uint4* __restrict__ dst) {
+  const int64_t i = blockIdx.x;
+  const uint4* s = src + static_cast<int64_t>(rows[i] / div) * chunks;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[i * chunks + c] = s[c];
 }
 
 __global__ void swiglu_kernel(const bf16_bits* __restrict__ h, int64_t n, int I, bf16_bits* __restrict__ act) {
@@ -157,6 +166,132 @@ __global__ void p0_rows_kernel(const float* __restrict__ rows, const float* __re
   if (threadIdx.x == 0) n0_out[out] = static_cast<float>(sqrt(ss));
 }
 
+
+// counts[e] += pairs routed to e; ties[0] += rows whose k-th / (k+1)-th gap is < 1e-3.
+__global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
+                                        const float* __restrict__ gap, int64_t n, int32_t* __restrict__ counts,
+                                        int32_t* __restrict__ ties) {
+  extern __shared__ int32_t local[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) local[e] = 0;
+  __syncthreads();
+  int32_t my_ties = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < npairs; p += stride)
+    atomicAdd(&local[ids[p]], 1);
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n; r += stride)
+    my_ties += gap[r] < 1e-3f ? 1 : 0;
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    if (local[e]) atomicAdd(&counts[e], local[e]);
+  if (my_ties) atomicAdd(ties, my_ties);
+}
+
+// Stable counting sort of the pairs by expert, one warp per expert: the warp walks the pairs in
+// order, 8 per lane per step, and places its expert's pairs at offsets[e] + running rank.
+constexpr int kRankPerLane = 8;
+__global__ void expert_rank_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
+                                   const int32_t* __restrict__ offsets, int32_t* __restrict__ src_pair,
+                                   int32_t* __restrict__ pos_of_pair) {
+  const int lane = threadIdx.x & 31;
+  const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (e >= E) return;
+  int64_t running = offsets[e];
+  for (int64_t base = 0; base < npairs; base += 32 * kRankPerLane) {
+    const int64_t first = base + static_cast<int64_t>(lane) * kRankPerLane;
+    unsigned hits = 0;
+#pragma unroll
+    for (int j = 0; j < kRankPerLane; ++j)
+      if (first + j < npairs && ids[first + j] == e) hits |= 1u << j;
+    const int mine = __popc(hits);
+    int incl = mine;  // inclusive scan over lanes
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int64_t pos = running + incl - mine;
+#pragma unroll
+    for (int j = 0; j < kRankPerLane; ++j)
+      if (hits & (1u << j)) {
+        src_pair[pos] = static_cast<int32_t>(first + j);
+        pos_of_pair[first + j] = static_cast<int32_t>(pos);
+        ++pos;
+      }
+    running += __shfl_sync(0xffffffffu, incl, 31);
+  }
+}
+
+__device__ __forceinline__ int lower_bound_tok(const int32_t* __restrict__ tok, int lo, int hi, int64_t value) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (tok[mid] < value)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Block (e, b) sums w * row over expert e's pairs whose token is probe b's position 1..T-1 (the
+// pairs of an expert are in token order), 4 columns per thread.
+__global__ void expert_rest_sums_kernel(const float* __restrict__ rows, const float* __restrict__ row_w,
+                                        const int32_t* __restrict__ pos_tok, const int32_t* __restrict__ offsets,
+                                        const int32_t* __restrict__ counts, int B, int T, int S, int D,
+                                        float* __restrict__ out_rows) {
+  const int e = blockIdx.x / B, b = blockIdx.x % B;
+  const int lo = offsets[e], hi = lo + counts[e];
+  const int begin = lower_bound_tok(pos_tok, lo, hi, static_cast<int64_t>(b) * T + 1);
+  const int end = lower_bound_tok(pos_tok, begin, hi, static_cast<int64_t>(b + 1) * T);
+  const int c0 = blockIdx.y * blockDim.x * 4 + threadIdx.x;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int p = begin; p < end; ++p) {
+    const float w = row_w[p];
+    const float* row = rows + static_cast<int64_t>(p) * D;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = c0 + j * blockDim.x;
+      if (c < D) acc[j] += w * row[c];
+    }
+  }
+  float* out = out_rows + (static_cast<int64_t>(b) * S + e) * D;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = c0 + j * blockDim.x;
+    if (c < D) out[c] = acc[j];
+  }
+}
+
+__global__ void rest_counts_kernel(const int32_t* __restrict__ counts, int E, float* __restrict__ rc) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < E) rc[e] = static_cast<float>(counts[e]);
+}
+
+// Block (b, k): the k-th pair of probe b's position 0 when that token is in the slice [s0, s1).
+__global__ void p0_pairs_kernel(const float* __restrict__ rows, const float* __restrict__ pos_w,
+                                const int32_t* __restrict__ ids, const int32_t* __restrict__ pos_of_pair, int T, int K,
+                                int64_t s0, int64_t s1, int S, int E1, int D, float* __restrict__ p0_out,
+                                float* __restrict__ n0_out, float* __restrict__ r0_out, float* __restrict__ rc_out) {
+  const int b = blockIdx.x / K, k = blockIdx.x % K;
+  const int64_t token = static_cast<int64_t>(b) * T;
+  if (token < s0 || token >= s1) return;
+  const int64_t p = (token - s0) * K + k;
+  const int pos = pos_of_pair[p], e = ids[p];
+  const float w = pos_w[pos];
+  float* out = p0_out + (static_cast<int64_t>(b) * S + e) * D;
+  double ss = 0;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    const float v = w * rows[static_cast<int64_t>(pos) * D + c];
+    out[c] = v;
+    ss += static_cast<double>(v) * v;
+  }
+  ss = block_sum(ss);
+  if (threadIdx.x == 0) {
+    n0_out[static_cast<int64_t>(b) * S + e] = static_cast<float>(sqrt(ss));
+    r0_out[static_cast<int64_t>(b) * E1 + e] = 1.f;
+    atomicAdd(&rc_out[e], -1.f);  // exact: small integers
+  }
+}
+
 }  // namespace
 
 void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, int32_t* ids, float* weights,
@@ -182,9 +317,17 @@ void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, i
 #undef SINKSCOPE_ROUTER_CASE
 }
 
-void gather_rows(const bf16_bits* src, const int32_t* rows, int64_t n, int D, bf16_bits* dst, cudaStream_t s) {
+void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, int D, bf16_bits* dst,
+                 cudaStream_t s) {
   if (n == 0) return;
-  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, D, dst);
+  const bool aligned = D % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  if (aligned) {
+    gather_rows16_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(reinterpret_cast<const uint4*>(src), rows, div, D / 8,
+                                                                   reinterpret_cast<uint4*>(dst));
+    CUDA_CHECK_LAUNCH("gather_rows16_kernel");
+    return;
+  }
+  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, div, D, dst);
   CUDA_CHECK_LAUNCH("gather_rows_kernel");
 }
 
@@ -220,6 +363,42 @@ void p0_rows(const float* rows, const float* row_w, const int32_t* items, int n,
   if (n == 0) return;
   p0_rows_kernel<<<n, 256, 0, s>>>(rows, row_w, items, D, p0_out, n0_out);
   CUDA_CHECK_LAUNCH("p0_rows_kernel");
+}
+
+void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n, int32_t* counts_and_ties,
+                      cudaStream_t s) {
+  CUDA_CHECK(cudaMemsetAsync(counts_and_ties, 0, static_cast<size_t>(E + 1) * sizeof(int32_t), s));
+  if (npairs == 0 && n == 0) return;
+  expert_histogram_kernel<<<grid_for(std::max(npairs, n), 256, 1024), 256, static_cast<size_t>(E) * sizeof(int32_t),
+                            s>>>(ids, npairs, E, gap, n, counts_and_ties, counts_and_ties + E);
+  CUDA_CHECK_LAUNCH("expert_histogram_kernel");
+}
+
+void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets, int32_t* src_pair,
+                 int32_t* pos_of_pair, cudaStream_t s) {
+  if (npairs == 0) return;
+  expert_rank_kernel<<<(E + 3) / 4, 128, 0, s>>>(ids, npairs, E, offsets, src_pair, pos_of_pair);
+  CUDA_CHECK_LAUNCH("expert_rank_kernel");
+}
+
+void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok, const int32_t* offsets,
+                      const int32_t* counts, int E, int B, int T, int S, int D, float* out_rows, cudaStream_t s) {
+  if (E == 0 || B == 0) return;
+  const dim3 grid(static_cast<unsigned>(E * B), (D + 511) / 512);
+  expert_rest_sums_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D, out_rows);
+  CUDA_CHECK_LAUNCH("expert_rest_sums_kernel");
+}
+
+void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids, const int32_t* pos_of_pair,
+                          const int32_t* counts, int B, int T, int K, int E, int64_t s0, int64_t s1, int S, int D,
+                          float* p0_out, float* n0_out, float* r0_out, float* rc_out, cudaStream_t s) {
+  if (E == 0) return;
+  rest_counts_kernel<<<(E + 127) / 128, 128, 0, s>>>(counts, E, rc_out);
+  CUDA_CHECK_LAUNCH("rest_counts_kernel");
+  if (B == 0 || K == 0) return;
+  p0_pairs_kernel<<<B * K, 256, 0, s>>>(rows, pos_w, ids, pos_of_pair, T, K, s0, s1, S, E, D, p0_out, n0_out, r0_out,
+                                        rc_out);
+  CUDA_CHECK_LAUNCH("p0_pairs_kernel");
 }
 
 }  // namespace sinkscope::cuda::k

@@ -15,13 +15,6 @@ using sinkscope::test::TempDir;
 
 namespace {
 
-std::string st_file(const std::string& header, const std::string& data) {
-  std::string out(8, '\0');
-  const uint64_t n = header.size();
-  std::memcpy(out.data(), &n, 8);
-  return out + header + data;
-}
-
 std::vector<TensorInfo> parse(const std::string& header, uint64_t data_len) {
   return parse_safetensors_header(header.data(), header.size(), data_len, "f.safetensors");
 }
