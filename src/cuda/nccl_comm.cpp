@@ -43,19 +43,10 @@ NcclComm::NcclComm(const Comm& group, cudaStream_t stream, double timeout_s)
   group.broadcast_bytes(&bytes, 0);
   if (bytes.size() != sizeof(id)) throw RuntimeFailure("NCCL bootstrap: the unique id did not arrive");
   std::memcpy(&id, bytes.data(), sizeof(id));
-  // Non-blocking initialisation, so a peer that never arrives is a timeout, not a hang.
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;
-  SINKSCOPE_NCCL_CHECK(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config));
-  const auto start = Clock::now();
-  for (;;) {
-    ncclResult_t state = ncclSuccess;
-    SINKSCOPE_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state));
-    if (state == ncclSuccess) break;
-    if (state != ncclInProgress) fail(std::string("NCCL initialisation failed: ") + ncclGetErrorString(state));
-    if (seconds_since(start) > timeout_s_) fail("NCCL initialisation timed out");
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  // Blocking initialisation (what nccl-tests does): it returns once every rank of the group has
+  // joined; a rank that dies before joining ends the job through the MPI launcher. Every later
+  // operation is waited for with a bound (wait()).
+  SINKSCOPE_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
 }
 
 NcclComm::~NcclComm() {

@@ -20,7 +20,7 @@ namespace sinkscope::cuda {
 class NcclComm {
  public:
   // Collective over every rank of `group`: its rank 0 creates the unique id and broadcasts it.
-  // `timeout_s` bounds initialisation and every wait (SINKSCOPE_NCCL_TIMEOUT overrides it).
+  // `timeout_s` bounds every wait (SINKSCOPE_NCCL_TIMEOUT overrides it).
   NcclComm(const Comm& group, cudaStream_t stream, double timeout_s = 300.0);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
