@@ -5,7 +5,7 @@
 #      one GPU (tests/tools/compare_h5.py, bf16 tolerance) by the caller;
 #   2. kill -9 of one rank: the other exits within 30 s (NCCL abort on the bounded wait);
 #   3. transformers loads a checkpoint written by `sinkscope synth`.
-# usage: multi_gpu_run.sh SINKSCOPE REPO_ROOT OUTDIR
+# usage: [NP=2] [LAYOUTS="--tp 2;--ep 2;--tp 1"] [SKIP_EXTRAS=1] multi_gpu_run.sh SINKSCOPE REPO_ROOT OUTDIR
 set -u
 bin=$1 root=$2 out=$3
 mkdir -p "$out"
@@ -24,17 +24,19 @@ for entry in "${models[@]}"; do
   # shellcheck disable=SC2086
   "$bin" analyze --quiet --device cpu --model "$model" $probes --ablate layers=0-0 --out "$out/$name.cpu.h5" ||
     echo "FAIL: $name on the CPU"
-  for layout in "--tp 2" "--ep 2" "--tp 1"; do
+  IFS=';' read -r -a layouts <<< "${LAYOUTS:---tp 2;--ep 2;--tp 1}"
+  for layout in "${layouts[@]}"; do
     tag=$(echo "$layout" | tr -d ' -')
     start=$(date +%s%N)
     # shellcheck disable=SC2086
-    timeout 120 mpirun -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$bin" analyze --quiet --device cuda --model "$model" $probes \
-      --ablate layers=0-0 $layout --out "$out/$name.gpu2.$tag.h5" 2>"$out/$name.gpu2.$tag.err" ||
-      { echo "FAIL: $name with 2 GPUs $layout"; tail -3 "$out/$name.gpu2.$tag.err"; }
-    echo "$name 2 GPUs $layout: $(( ($(date +%s%N) - start) / 1000000 )) ms"
+    timeout 120 mpirun -np "${NP:-2}" -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$bin" analyze --quiet --device cuda --model "$model" $probes \
+      --ablate layers=0-0 $layout --out "$out/$name.gpu${NP:-2}.$tag.h5" 2>"$out/$name.gpu${NP:-2}.$tag.err" ||
+      { echo "FAIL: $name with ${NP:-2} GPUs $layout"; tail -3 "$out/$name.gpu${NP:-2}.$tag.err"; }
+    echo "$name ${NP:-2} GPUs $layout: $(( ($(date +%s%N) - start) / 1000000 )) ms"
   done
 done
 
+[ "${SKIP_EXTRAS:-0}" = 1 ] && { rm -rf "$work"; exit 0; }
 # kill -9 of one rank of a 2-GPU run.
 "$bin" synth --config "$root/tests/data/moe_16e.json" --out "$work/big" --seed 6 2>/dev/null
 mpirun -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$bin" analyze --quiet --device cuda --model "$work/big" --probes random:20000:64:1 \
