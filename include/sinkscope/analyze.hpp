@@ -15,6 +15,10 @@ class Comm;
 
 struct AnalyzeOptions {
   std::string model;             // checkpoint folder
+  // Benchmarks only (--model-config FILE --synthetic-weights SEED, --device cuda): random weights
+  // of that shape built on the device instead of a checkpoint. synthetic_seed < 0: off.
+  std::string model_config;
+  int64_t synthetic_seed = -1;
   std::string tokens_source = "tokens";  // the token file or --probes spec, named in errors
   int tp = 1, ep = 1;
   int etp = 0;                   // expert tensor parallelism; 0 = default (tp where it fits, cpu)

@@ -144,24 +144,33 @@ std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, in
 
 Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, const Comm& world) {
   std::optional<Checkpoint> ck;
+  ModelConfig synthetic_cfg;
   ShardPlan plan;
   AblateSpec ablate;
   run_agreed(world, [&] {
-    ck.emplace(Checkpoint::open(opt.model));
-    ck->validate_for_model();
-    check_token_ids(tokens, ck->config().vocab_size, opt.tokens_source);
+    if (opt.synthetic_seed >= 0) {
+      // Benchmarks only: random weights of config.json's shape, made on the device.
+      if (opt.device != "cuda")
+        throw InputError("--synthetic-weights needs --device cuda (for the CPU, write a checkpoint with `sinkscope synth`)");
+      synthetic_cfg = parse_model_config(opt.model_config);
+    } else {
+      ck.emplace(Checkpoint::open(opt.model));
+      ck->validate_for_model();
+    }
+    const ModelConfig& c = ck ? ck->config() : synthetic_cfg;
+    check_token_ids(tokens, c.vocab_size, opt.tokens_source);
     if (tokens.shape.at(1) < 2) throw InputError(opt.tokens_source + ": probes need at least 2 positions");
     // The CUDA backend keeps whole experts (etp = 1) for now; the CPU default follows Megatron-Core.
     const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cuda" ? 1 : 0);
     if (opt.device == "cuda" && etp > 1) throw InputError("--etp " + std::to_string(etp) + ": the cuda backend supports etp=1 only");
-    plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, ck->config(), etp);
-    ablate = parse_ablate(opt.ablate, ck->config().num_layers);
+    plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, c, etp);
+    ablate = parse_ablate(opt.ablate, c.num_layers);
     if (opt.device != "cpu" && opt.device != "cuda") throw InputError("--device '" + opt.device + "': expected cpu or cuda");
     if (opt.device == "cuda" && !SINKSCOPE_HAVE_CUDA)
       throw InputError("--device cuda: this sinkscope was built without CUDA (configure with -DSINKSCOPE_CUDA=ON)");
     if (opt.batch < 1) throw InputError("--batch must be at least 1");
   });
-  const ModelConfig& cfg = ck->config();
+  const ModelConfig& cfg = ck ? ck->config() : synthetic_cfg;
   const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
 
   auto tp_group = world.split(plan.dp_rank, plan.tp_rank);
@@ -173,7 +182,8 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     fo.threads = opt.threads;
 #if SINKSCOPE_HAVE_CUDA
     if (opt.device == "cuda") {
-      backend = make_cuda_backend(*ck, plan, comms, fo);
+      backend = ck ? make_cuda_backend(*ck, plan, comms, fo)
+                   : make_cuda_backend_synthetic(cfg, plan, comms, fo, static_cast<uint64_t>(opt.synthetic_seed));
       return;
     }
 #endif
@@ -210,7 +220,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   AnalysisMeta& m = a.meta;
   m.sinkscope_version = SINKSCOPE_VERSION;
   m.model_type = cfg.model_type;
-  m.checkpoint = opt.model;
+  m.checkpoint = ck ? opt.model : "synthetic:" + opt.model_config + ":seed=" + std::to_string(opt.synthetic_seed);
   m.step = opt.step;
   m.num_layers = cfg.num_layers;
   m.num_heads = cfg.num_heads;

@@ -67,13 +67,13 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
 }
 
 // The probe matrix every rank agrees on (each rank reads the same file).
-IntArray load_probes(const ProbeArgs& p, const std::string& model_dir, std::string* source) {
+IntArray load_probes(const ProbeArgs& p, const std::string& config_json, std::string* source) {
   IntArray t;
   if (!p.tokens.empty()) {
     t = load_tokens(p.tokens);
     *source = p.tokens;
   } else if (!p.probes.empty()) {
-    const ModelConfig c = parse_model_config((fs::path(model_dir) / "config.json").string());
+    const ModelConfig c = parse_model_config(config_json);
     t = make_probes(p.probes, c.vocab_size);
     *source = "--probes " + p.probes;
   } else {
@@ -105,15 +105,19 @@ void check_output_folder(const std::string& path, const char* option) {
   if (::access(parent.c_str(), W_OK) != 0) throw InputError(std::string(option) + " " + path + ": folder " + parent.string() + " is not writable");
 }
 
-int cmd_analyze(const std::string& model, const ProbeArgs& pa, const CommonArgs& ca, const std::string& out,
-                int64_t step, const Comm& world) {
+int cmd_analyze(const std::string& model, const std::string& model_config, int64_t synthetic_seed, const ProbeArgs& pa,
+                const CommonArgs& ca, const std::string& out, int64_t step, const Comm& world) {
   IntArray tokens;
   AnalyzeOptions o = analyze_options(ca);
+  if (model.empty() && model_config.empty()) throw InputError("analyze: give --model DIR (or --model-config FILE --synthetic-weights SEED)");
+  if (!model_config.empty() && synthetic_seed < 0) throw InputError("--model-config needs --synthetic-weights SEED");
   o.model = model;
+  o.model_config = model_config;
+  o.synthetic_seed = synthetic_seed;
   o.step = step >= 0 ? step : step_from_name(model);
   run_agreed(world, [&] {
     if (world.rank() == 0) check_output_folder(out, "--out");
-    tokens = load_probes(pa, model, &o.tokens_source);
+    tokens = load_probes(pa, model.empty() ? model_config : (fs::path(model) / "config.json").string(), &o.tokens_source);
   });
   Progress progress("analyze " + fs::path(model).filename().string(), world.rank() == 0 && !ca.quiet);
   o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
@@ -150,7 +154,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       if (ec) throw InputError("--out " + outdir + ": cannot create folder (" + ec.message() + ")");
       check_output_folder((fs::path(outdir) / "sweep.h5").string(), "--out");
     }
-    if (!assemble_only) tokens = load_probes(pa, cps.front().dir, &source);
+    if (!assemble_only) tokens = load_probes(pa, (fs::path(cps.front().dir) / "config.json").string(), &source);
   });
   std::vector<std::string> failed;
   if (!assemble_only) {
@@ -314,7 +318,14 @@ int main(int argc, char** argv) {
   uint64_t seed = 0;
 
   auto* analyze = app.add_subcommand("analyze", "analyse one checkpoint into an HDF5 file");
-  analyze->add_option("--model", model, "Hugging Face checkpoint folder")->required();
+  std::string model_config;
+  int64_t synthetic_seed = -1;
+  auto* model_opt = analyze->add_option("--model", model, "Hugging Face checkpoint folder");
+  auto* config_opt = analyze->add_option("--model-config", model_config,
+                                         "config.json of a model to build with random weights (benchmarks only)");
+  analyze->add_option("--synthetic-weights", synthetic_seed, "seed of the random weights (with --model-config, --device cuda)")
+      ->needs(config_opt);
+  config_opt->excludes(model_opt);
   analyze->add_option("--out", out, "analysis file to write (.h5)")->required();
   analyze->add_option("--step", step, "training step (default: from the folder name)");
   add_probe_options(analyze, pa);
@@ -360,7 +371,7 @@ int main(int argc, char** argv) {
       finalize_mpi();
       return e.get_exit_code() == 0 ? 0 : 1;
     }
-    if (*analyze) status = cmd_analyze(model, pa, ca, out, step, *world);
+    if (*analyze) status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
     else if (*sweep) status = cmd_sweep(models, glob, pa, ca, out, sa, *world);
     else if (*report) status = cmd_report(input, out);
     else if (*inspect) status = cmd_inspect(model);

@@ -90,6 +90,8 @@ expect_input_error "bad --ablate" "--ablate 'layers=9-12'" x.h5 -- "$bin" analyz
 expect_input_error "bad --probes" "--probes 'random:2'" x.h5 -- "$bin" analyze --model model --probes random:2 --out x.h5
 expect_input_error "no probes" "give the probes" x.h5 -- "$bin" analyze --model model --out x.h5
 expect_input_error "unknown option" "--bogus" x.h5 -- "$bin" analyze --model model --tokens tok.npy --out x.h5 --bogus
+expect_input_error "synthetic weights need cuda" "--synthetic-weights needs --device cuda" x.h5 -- "$bin" analyze --model-config "$root/tests/data/tiny_moe.json" --synthetic-weights 1 --probes random:2:8:1 --out x.h5
+expect_input_error "no model" "give --model DIR" x.h5 -- "$bin" analyze --probes random:2:8:1 --out x.h5
 expect_input_error "cuda without a CUDA build" "--device cuda" x.h5 -- "$bin" analyze --model model --tokens tok.npy --out x.h5 --device cuda
 echo '{"model_type":"qwen3_moe","vocab_size":10,"hidden_size":30,"num_hidden_layers":1,"num_attention_heads":4,"moe_intermediate_size":8,"num_experts":2,"num_experts_per_tok":1}' > badcfg.json
 expect_input_error "contradictory config" "does not divide hidden_size" xdir -- "$bin" synth --config badcfg.json --out xdir
