@@ -35,7 +35,6 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
     L.k_norm = vec(ck, p + "self_attn.k_norm.weight", d);
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
-      const int64_t I = c.moe_intermediate_size;
       L.router = rows(ck, p + "mlp.gate.weight", 0, c.num_experts, D);
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
         // Expert tensor parallelism: this rank's rows [inter_begin, inter_end) of gate/up and the
