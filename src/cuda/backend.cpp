@@ -11,6 +11,7 @@
 //   - routing bookkeeping (sorting the (token, expert) pairs by expert) runs on the device with one
 //     expert-parallel rank, on the host with several (which build per-destination lists anyway).
 // Communication goes through DeviceCollectives (host-staged today, NCCL later).
+#include "model/median.hpp"
 #include "cuda/backend.hpp"
 
 #include <algorithm>
@@ -44,16 +45,6 @@ int visible_device_count() {
 }
 
 namespace {
-
-double median_of(std::vector<float>& v) {  // as forward.cpp
-  if (v.empty()) return std::nan("");
-  const size_t n = v.size(), mid = n / 2;
-  std::nth_element(v.begin(), v.begin() + static_cast<long>(mid), v.end());
-  const double hi = v[mid];
-  if (n % 2 == 1) return hi;
-  const double lo = *std::max_element(v.begin(), v.begin() + static_cast<long>(mid));
-  return 0.5 * (lo + hi);
-}
 
 int local_rank_hint(const ShardPlan& plan) {
   for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"})

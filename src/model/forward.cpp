@@ -19,6 +19,7 @@
 #include <omp.h>
 
 #include "cpu/kernels.hpp"
+#include "model/median.hpp"
 #include "model/weights.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
@@ -30,16 +31,6 @@ namespace {
 
 using cpu::gemm_nn;
 using cpu::gemm_nt;
-
-double median_of(std::vector<float>& v) {
-  if (v.empty()) return std::nan("");
-  const size_t n = v.size(), mid = n / 2;
-  std::nth_element(v.begin(), v.begin() + static_cast<long>(mid), v.end());
-  const double hi = v[mid];
-  if (n % 2 == 1) return hi;
-  const double lo = *std::max_element(v.begin(), v.begin() + static_cast<long>(mid));
-  return 0.5 * (lo + hi);
-}
 
 class CpuBackend final : public Backend {
  public:
