@@ -2,14 +2,38 @@
 
 #include <cblas.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 
 namespace sinkscope::cpu {
+namespace {
+
+// Threads per rank (--threads). OpenBLAS itself runs single-threaded: sinkscope calls it from
+// inside its own parallel loops (attention per head, experts), where a threaded OpenBLAS would
+// serialise concurrent calls on its thread pool; a large product called outside such a loop is
+// split into row blocks over the threads here instead.
+int g_threads = 1;
+
+int threads_for_rows(int64_t M) {
+  if (g_threads <= 1 || omp_in_parallel()) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, M / 64)));
+}
+
+}  // namespace
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
              float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
+  if (const int t = threads_for_rows(M); t > 1) {
+#pragma omp parallel for num_threads(t) schedule(static)
+    for (int i = 0; i < t; ++i) {
+      const int64_t r0 = M * i / t, r1 = M * (i + 1) / t;
+      gemm_nt(r1 - r0, N, K, A + r0 * lda, lda, B, ldb, C + r0 * ldc, ldc, alpha, beta);
+    }
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M), static_cast<blasint>(N),
               static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
               static_cast<blasint>(ldc));
@@ -18,6 +42,14 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
              float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
+  if (const int t = threads_for_rows(M); t > 1) {
+#pragma omp parallel for num_threads(t) schedule(static)
+    for (int i = 0; i < t; ++i) {
+      const int64_t r0 = M * i / t, r1 = M * (i + 1) / t;
+      gemm_nn(r1 - r0, N, K, A + r0 * lda, lda, B, ldb, C + r0 * ldc, ldc, alpha, beta);
+    }
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M), static_cast<blasint>(N),
               static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
               static_cast<blasint>(ldc));
@@ -76,6 +108,9 @@ float l2_norm(const float* x, int64_t n) {
   return static_cast<float>(std::sqrt(ss));
 }
 
-void set_threads(int n) { openblas_set_num_threads(std::max(1, n)); }
+void set_threads(int n) {
+  g_threads = std::max(1, n);
+  openblas_set_num_threads(1);
+}
 
 }  // namespace sinkscope::cpu
