@@ -46,18 +46,22 @@ double forward_flops(const ModelConfig& c, int64_t N, int64_t T) {
   double per_token = 0;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     per_token += 2 * D * (H * d + 2 * KV * d) + 2 * H * d * D;  // qkv, o_proj
-    per_token += 2 * 2 * H * d * (static_cast<double>(T + 1) / 2);  // causal QK^T and PV, mean key count
+    per_token +=
+        2 * 2 * H * d * (static_cast<double>(T + 1) / 2);  // causal QK^T and PV, mean key count
     if (c.is_moe_layer(l))
-      per_token += 2 * D * static_cast<double>(c.num_experts) +
-                   static_cast<double>(c.top_k) * 3 * 2 * D * static_cast<double>(c.moe_intermediate_size);
+      per_token +=
+          2 * D * static_cast<double>(c.num_experts) +
+          static_cast<double>(c.top_k) * 3 * 2 * D * static_cast<double>(c.moe_intermediate_size);
     else
       per_token += 3 * 2 * D * static_cast<double>(c.intermediate_size);
   }
   return per_token * static_cast<double>(N * T);
 }
 
-Timing time_mode(Backend& be, const IntArray& tokens, int64_t batch, ForwardObserver& obs, int warmup, int iters) {
-  const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
+Timing time_mode(Backend& be, const IntArray& tokens, int64_t batch, ForwardObserver& obs,
+                 int warmup, int iters) {
+  const int64_t N = static_cast<int64_t>(tokens.shape[0]),
+                T = static_cast<int64_t>(tokens.shape[1]);
   std::vector<IntArray> parts;
   for (int64_t b0 = 0; b0 < N; b0 += batch) {
     const int64_t b1 = std::min(N, b0 + batch);
@@ -92,7 +96,8 @@ Timing time_mode(Backend& be, const IntArray& tokens, int64_t batch, ForwardObse
   for (int i = 0; i < iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     cuda::RunProfile p = forward(i + 1 == iters);
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     if (i + 1 == iters) t.profile = p;
   }
   std::sort(ms.begin(), ms.end());
@@ -113,7 +118,8 @@ int main(int argc, char** argv) {
   uint64_t seed = 1;
   std::string modes = "plain,record,recorder";
   bool phases = true;
-  app.add_option("--config", config, "config.json of the shape (Hugging Face Qwen3-MoE keys)")->required();
+  app.add_option("--config", config, "config.json of the shape (Hugging Face Qwen3-MoE keys)")
+      ->required();
   app.add_option("--probes", probes, "N probes per forward");
   app.add_option("--seq", seq, "T tokens per probe");
   app.add_option("--batch", batch, "probes per micro-batch");
@@ -136,24 +142,29 @@ int main(int argc, char** argv) {
     auto tp = world->split(0, 0), ep = world->split(0, 0);
     const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, cfg);
     const auto t_load = std::chrono::steady_clock::now();
-    auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()}, ForwardOptions{}, seed);
-    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
-    const IntArray tokens = make_probes("random:" + std::to_string(probes) + ":" + std::to_string(seq) + ":" +
-                                            std::to_string(seed),
-                                        cfg.vocab_size);
+    auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()},
+                                          ForwardOptions{}, seed);
+    const double load_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+    const IntArray tokens = make_probes(
+        "random:" + std::to_string(probes) + ":" + std::to_string(seq) + ":" + std::to_string(seed),
+        cfg.vocab_size);
     cuda::set_phase_timing(*be, phases);
     const cuda::MemoryReport m0 = cuda::memory_report(*be);
-    std::printf("shape: %s | layers %lld, hidden %lld, heads %lld/%lld kv, head_dim %lld, experts %lld top-%lld, "
-                "moe_inter %lld, vocab %lld\n",
-                config.c_str(), static_cast<long long>(cfg.num_layers), static_cast<long long>(cfg.hidden_size),
-                static_cast<long long>(cfg.num_heads), static_cast<long long>(cfg.num_kv_heads),
-                static_cast<long long>(cfg.head_dim), static_cast<long long>(cfg.num_experts),
-                static_cast<long long>(cfg.top_k), static_cast<long long>(cfg.moe_intermediate_size),
-                static_cast<long long>(cfg.vocab_size));
-    std::printf("run: N=%lld probes x T=%lld, micro-batch %lld, %d warm-up + %d timed forwards per mode; "
-                "weights made in %.1f s (%.2f GiB on the device)\n\n",
-                static_cast<long long>(probes), static_cast<long long>(seq), static_cast<long long>(batch), warmup,
-                iters, load_s, gib(m0.weight_bytes));
+    std::printf(
+        "shape: %s | layers %lld, hidden %lld, heads %lld/%lld kv, head_dim %lld, experts %lld "
+        "top-%lld, "
+        "moe_inter %lld, vocab %lld\n",
+        config.c_str(), static_cast<long long>(cfg.num_layers),
+        static_cast<long long>(cfg.hidden_size), static_cast<long long>(cfg.num_heads),
+        static_cast<long long>(cfg.num_kv_heads), static_cast<long long>(cfg.head_dim),
+        static_cast<long long>(cfg.num_experts), static_cast<long long>(cfg.top_k),
+        static_cast<long long>(cfg.moe_intermediate_size), static_cast<long long>(cfg.vocab_size));
+    std::printf(
+        "run: N=%lld probes x T=%lld, micro-batch %lld, %d warm-up + %d timed forwards per mode; "
+        "weights made in %.1f s (%.2f GiB on the device)\n\n",
+        static_cast<long long>(probes), static_cast<long long>(seq), static_cast<long long>(batch),
+        warmup, iters, load_s, gib(m0.weight_bytes));
 
     const double flops = forward_flops(cfg, probes, seq);
     const double tokens_n = static_cast<double>(probes * seq);
@@ -181,33 +192,40 @@ int main(int argc, char** argv) {
       const Timing t = time_mode(*be, tokens, batch, *obs, warmup, iters);
       const double L = static_cast<double>(std::max<int64_t>(t.profile.layers, 1));
       std::printf("%-10s %12.1f %12.0f %9.1f %14.3f %14.3f %14.3f\n", mode.c_str(), t.median_ms,
-                  tokens_n / (t.median_ms / 1e3), flops / (t.median_ms / 1e3) / 1e12, t.profile.attention_ms() / L,
-                  t.profile.moe_ms() / L, t.profile.taps_ms() / L);
+                  tokens_n / (t.median_ms / 1e3), flops / (t.median_ms / 1e3) / 1e12,
+                  t.profile.attention_ms() / L, t.profile.moe_ms() / L, t.profile.taps_ms() / L);
       profiles.push_back({mode, t.profile});
     }
     if (phases && !profiles.empty()) {
-      std::printf("\nms per layer by phase (device time between CUDA events, last timed forward):\n%-10s", "mode");
-      const char* names[] = {"qkv", "circuit", "flash", "attn_rest", "attn_tap", "route", "experts", "combine",
-                             "mlp_tap", "res_tap"};
+      std::printf(
+          "\nms per layer by phase (device time between CUDA events, last timed forward):\n%-10s",
+          "mode");
+      const char* names[] = {"qkv",   "circuit", "flash",   "attn_rest", "attn_tap",
+                             "route", "experts", "combine", "mlp_tap",   "res_tap"};
       for (const char* n : names) std::printf(" %9s", n);
       std::printf("\n");
       for (const auto& [mode, p] : profiles) {
         const double L = static_cast<double>(std::max<int64_t>(p.layers, 1));
-        const double v[] = {p.qkv_ms,     p.circuit_ms, p.flash_ms,   p.attn_rest_ms, p.attention_tap_ms,
-                            p.route_ms,   p.experts_ms, p.combine_ms, p.mlp_tap_ms,   p.residual_tap_ms};
+        const double v[] = {p.qkv_ms,           p.circuit_ms,     p.flash_ms,   p.attn_rest_ms,
+                            p.attention_tap_ms, p.route_ms,       p.experts_ms, p.combine_ms,
+                            p.mlp_tap_ms,       p.residual_tap_ms};
         std::printf("%-10s", mode.c_str());
         for (double x : v) std::printf(" %9.3f", x / L);
         std::printf("\n");
       }
     }
     const cuda::MemoryReport m = cuda::memory_report(*be);
-    std::printf("\nmemory: weights %.2f GiB, backend total (weights + scratch) %.2f GiB, device in use %.2f of %.2f GiB "
-                "(cudaMemGetInfo, all allocations)\n",
-                gib(m.weight_bytes), gib(m.held_bytes), gib(m.device_used), gib(m.device_total));
+    std::printf(
+        "\nmemory: weights %.2f GiB, backend total (weights + scratch) %.2f GiB, device in use "
+        "%.2f of %.2f GiB "
+        "(cudaMemGetInfo, all allocations)\n",
+        gib(m.weight_bytes), gib(m.held_bytes), gib(m.device_used), gib(m.device_total));
     std::printf("grouped expert GEMM (cublasGemmGroupedBatchedEx): %s\n",
                 cuda::grouped_gemm_used(*be) ? "yes" : "no (one cublasGemmEx per expert)");
-    std::printf("per-layer times are CUDA-event device time summed over micro-batches / layers; 'attn' includes the\n"
-                "circuit attribution when recording; 'moe' includes the routing round trip to the host.\n");
+    std::printf(
+        "per-layer times are CUDA-event device time summed over micro-batches / layers; 'attn' "
+        "includes the\n"
+        "circuit attribution when recording; 'moe' includes the routing round trip to the host.\n");
   } catch (const InputError& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());
     return 1;

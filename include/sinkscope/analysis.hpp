@@ -41,11 +41,11 @@ struct Analysis {
   FloatArray p0_per_query;  // [N, L, H, T]; empty unless --per-query
 
   // residual/
-  FloatArray norm_p0;            // [N, L+1]
-  FloatArray norm_rest_median;   // [N, L+1]
-  FloatArray h_ratio;            // [L+1]
-  FloatArray p0_cosine;          // [L+1]
-  IntArray massive_p0;           // [L+1]
+  FloatArray norm_p0;           // [N, L+1]
+  FloatArray norm_rest_median;  // [N, L+1]
+  FloatArray h_ratio;           // [L+1]
+  FloatArray p0_cosine;         // [L+1]
+  IntArray massive_p0;          // [L+1]
 
   // writes/ and routing/
   FloatArray attn_head_p0, attn_head_rest;  // [L, H]
@@ -54,15 +54,15 @@ struct Analysis {
   FloatArray p0_topk_freq, rest_topk_freq;  // [L, E]
 
   // circuit/
-  FloatArray attr_embed;   // [L, H]
-  FloatArray attr_head;    // [L, H, L, H]
-  FloatArray attr_expert;  // [L, H, L, E]
-  FloatArray attr_mlp;     // [L, H, L]
-  IntArray ablation_components;       // [K, 3]; empty unless --ablate
-  FloatArray ablation_delta_sink;     // [K, L, H]; empty unless --ablate
+  FloatArray attr_embed;           // [L, H]
+  FloatArray attr_head;            // [L, H, L, H]
+  FloatArray attr_expert;          // [L, H, L, E]
+  FloatArray attr_mlp;             // [L, H, L]
+  IntArray ablation_components;    // [K, 3]; empty unless --ablate
+  FloatArray ablation_delta_sink;  // [K, L, H]; empty unless --ablate
 
   // profile/
-  FloatArray layer_share;      // [L+1]
+  FloatArray layer_share;  // [L+1]
   float first2_share = 0;
   FloatArray norm_gain_share;  // [L]
   int32_t peak_layer = 0;

@@ -14,23 +14,23 @@ namespace sinkscope {
 class Comm;
 
 struct AnalyzeOptions {
-  std::string model;             // checkpoint folder
+  std::string model;  // checkpoint folder
   // Benchmarks only (--model-config FILE --synthetic-weights SEED, --device cuda): random weights
   // of that shape built on the device instead of a checkpoint. synthetic_seed < 0: off.
   std::string model_config;
   int64_t synthetic_seed = -1;
   std::string tokens_source = "tokens";  // the token file or --probes spec, named in errors
   int tp = 1, ep = 1;
-  int etp = 0;                   // expert tensor parallelism; 0 = default (tp where it fits, cpu)
+  int etp = 0;  // expert tensor parallelism; 0 = default (tp where it fits, cpu)
   std::string device = "cpu";
   double eps = 0.3;
   bool per_query = false;
-  std::string ablate;            // "", "layers=A-B" or "top=K"
-  int64_t batch = 4;             // probes per micro-batch
+  std::string ablate;  // "", "layers=A-B" or "top=K"
+  int64_t batch = 4;   // probes per micro-batch
   int threads = 1;
   bool verbose = false;
-  bool log_layout = false;       // rank 0 prints the shard plan's one-line description at start
-  int64_t step = -1;             // training step, -1 when unknown
+  bool log_layout = false;  // rank 0 prints the shard plan's one-line description at start
+  int64_t step = -1;        // training step, -1 when unknown
   // Called on rank 0 after each micro-batch: (probes done, probes total).
   std::function<void(int64_t, int64_t)> progress;
 };

@@ -34,8 +34,8 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
                                                  uint64_t data_len, const std::string& file);
 
 // Parses model.safetensors.index.json: returns tensor name -> shard file name. Throws InputError.
-std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const std::string& json_text,
-                                                                          const std::string& file);
+std::vector<std::pair<std::string, std::string>> parse_safetensors_index(
+    const std::string& json_text, const std::string& file);
 
 class Checkpoint {
  public:
@@ -63,8 +63,8 @@ class Checkpoint {
   void read_cols(const std::string& name, int64_t col_begin, int64_t col_end, float* out) const;
   // Reads the block rows [row_begin, row_end) x columns [col_begin, col_end) of the 2-D view
   // [prod(shape[:-1]), shape[-1]] of a tensor, converted to fp32 (row-major into out).
-  void read_block(const std::string& name, int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end,
-                  float* out) const;
+  void read_block(const std::string& name, int64_t row_begin, int64_t row_end, int64_t col_begin,
+                  int64_t col_end, float* out) const;
   // Reads one row of a 2-D tensor (embedding lookup) without counting it as a weight load.
   void read_row(const std::string& name, int64_t row, float* out) const;
 

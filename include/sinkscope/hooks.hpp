@@ -16,29 +16,31 @@ struct ComponentIndex {
   int64_t num_heads = 0, slots_per_layer = 0;
   int64_t embed() const { return 0; }
   int64_t head(int64_t layer, int64_t h) const { return 1 + layer * slots_per_layer + h; }
-  int64_t expert(int64_t layer, int64_t e) const { return 1 + layer * slots_per_layer + num_heads + e; }
+  int64_t expert(int64_t layer, int64_t e) const {
+    return 1 + layer * slots_per_layer + num_heads + e;
+  }
   int64_t mlp(int64_t layer) const { return expert(layer, 0); }
   int64_t count_before(int64_t layer) const { return 1 + layer * slots_per_layer; }
 };
 
 // The residual stream x_l (l = 0..L) at position zero, per probe.
 struct ResidualTap {
-  int64_t index;              // l: 0 = embeddings, l = after layer l-1
+  int64_t index;  // l: 0 = embeddings, l = after layer l-1
   int64_t B, T, D, probe0;
-  const float* x0;            // [B, D]  x_l[0]
-  const float* norm_p0;       // [B]     ||x_l[0]||
+  const float* x0;                // [B, D]  x_l[0]
+  const float* norm_p0;           // [B]     ||x_l[0]||
   const float* norm_rest_median;  // [B] median over i >= 1 of ||x_l[i]||
-  const float* abs_median;    // [B]     median over all i, c of |x_l[i, c]| (Sun et al.)
+  const float* abs_median;        // [B]     median over all i, c of |x_l[i, c]| (Sun et al.)
 };
 
 // One layer's attention for the query heads this rank owns.
 struct AttentionTap {
   int64_t layer, B, T, D, head_dim, probe0;
   int64_t head_begin, local_heads;  // global ids [head_begin, head_begin + local_heads)
-  const float* a0_mean;        // [B, Hl]  mean over all queries i of A[i, 0]
-  const float* a0;             // [B, Hl, T] A[i, 0] for every query (always provided)
-  const float* write_p0_norm;  // [B, Hl]  ||w^{l,h}[0]||
-  const float* write_rest_norm;// [B, Hl]  mean over i >= 1 of ||w^{l,h}[i]||
+  const float* a0_mean;             // [B, Hl]  mean over all queries i of A[i, 0]
+  const float* a0;                  // [B, Hl, T] A[i, 0] for every query (always provided)
+  const float* write_p0_norm;       // [B, Hl]  ||w^{l,h}[0]||
+  const float* write_rest_norm;     // [B, Hl]  mean over i >= 1 of ||w^{l,h}[i]||
   // Circuit attributions of this layer's heads (targets) to every upstream component slot
   // c < count_before(layer), per probe: [B, Hl, count_before(layer)].
   const float* attr;

@@ -27,15 +27,15 @@ IntArray read_tokens_h5(const std::string& path);
 
 // sweep.h5 (INTERFACE.md "Sweep folder").
 struct Sweep {
-  std::vector<int64_t> steps;       // [C]
-  std::vector<std::string> names;   // [C]
-  FloatArray sink_rate;             // [C, L]
-  FloatArray sink_score;            // [C, L, H]
-  FloatArray h_ratio;               // [C, L+1]
-  FloatArray layer_share;           // [C, L+1]
-  FloatArray first2_share;          // [C]
-  FloatArray norm_gain_share;       // [C, L]
-  FloatArray convergence_tv;        // [C-1]
+  std::vector<int64_t> steps;      // [C]
+  std::vector<std::string> names;  // [C]
+  FloatArray sink_rate;            // [C, L]
+  FloatArray sink_score;           // [C, L, H]
+  FloatArray h_ratio;              // [C, L+1]
+  FloatArray layer_share;          // [C, L+1]
+  FloatArray first2_share;         // [C]
+  FloatArray norm_gain_share;      // [C, L]
+  FloatArray convergence_tv;       // [C-1]
   int64_t convergence_step = -1;
   double tau = 0.05;
   std::vector<std::string> failed;  // checkpoints that had no valid analysis file (attribute)
@@ -47,6 +47,7 @@ Sweep read_sweep(const std::string& path);
 // Atomic commit helper used by the writers, exposed for other outputs (reports).
 // Calls `fill(tmp_path)`, then fsyncs and renames tmp_path over `path`.
 // Throws InputError when the folder of `path` is missing or not writable.
-void commit_atomically(const std::string& path, const std::function<void(const std::string& tmp_path)>& fill);
+void commit_atomically(const std::string& path,
+                       const std::function<void(const std::string& tmp_path)>& fill);
 
 }  // namespace sinkscope

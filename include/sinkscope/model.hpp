@@ -27,8 +27,8 @@ struct Ablation {
 
 struct ForwardOptions {
   int threads = 1;
-  bool want_logits = false;          // final norm + lm_head (tests compare logits with golden)
-  std::vector<Ablation> ablations;   // applied to every probe of the run
+  bool want_logits = false;         // final norm + lm_head (tests compare logits with golden)
+  std::vector<Ablation> ablations;  // applied to every probe of the run
 };
 
 // Communicators the forward pass uses: the tp group (ranks of a dp group), the ep group, and the
@@ -55,7 +55,7 @@ class Backend {
 
 // CPU backend: fp32 compute, OpenBLAS sgemm for every matrix product. Loads only the slices of
 // `plan` from `ckpt` (which must outlive the backend: embeddings are read row by row).
-std::unique_ptr<Backend> make_cpu_backend(const Checkpoint& ckpt, const ShardPlan& plan, ForwardComms comms,
-                                          ForwardOptions options);
+std::unique_ptr<Backend> make_cpu_backend(const Checkpoint& ckpt, const ShardPlan& plan,
+                                          ForwardComms comms, ForwardOptions options);
 
 }  // namespace sinkscope

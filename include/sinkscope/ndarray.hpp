@@ -36,7 +36,9 @@ struct NdArray {
   }
   const T& at(size_t i) const { return data[i]; }
   const T& at(size_t i, size_t j) const { return data[i * shape[1] + j]; }
-  const T& at(size_t i, size_t j, size_t k) const { return data[(i * shape[1] + j) * shape[2] + k]; }
+  const T& at(size_t i, size_t j, size_t k) const {
+    return data[(i * shape[1] + j) * shape[2] + k];
+  }
   const T& at(size_t i, size_t j, size_t k, size_t l) const {
     return data[((i * shape[1] + j) * shape[2] + k) * shape[3] + l];
   }

@@ -18,8 +18,8 @@ IntArray make_probes(const std::string& spec, int64_t vocab_size);
 // --prepend-bos ID: a column of ID in front (T grows by one).
 IntArray prepend_bos(const IntArray& tokens, int32_t bos);
 
-// Every id must be < vocab_size and >= 0: otherwise InputError naming the first bad (row, column, id)
-// and `source`.
+// Every id must be < vocab_size and >= 0: otherwise InputError naming the first bad (row, column,
+// id) and `source`.
 void check_token_ids(const IntArray& tokens, int64_t vocab_size, const std::string& source);
 
 // Hex SHA-256 of the int32 token bytes (the `tokens_sha256` attribute).

@@ -20,7 +20,7 @@ struct RankRecord {
   int64_t probes = 0;                                // probes seen by this rank's dp group
   // Heads this rank owns: sums over probes, [L, H] (zero outside owned heads).
   std::vector<double> sink_sum, head_p0_sum, head_rest_sum;
-  std::vector<double> attr_sum;  // [L, H, C]
+  std::vector<double> attr_sum;     // [L, H, C]
   double identity_max_rel_err = 0;  // max over targets of |k0_model - sum_c K(c[0])| / |k0_model|
   // Per-probe rows, filled by tp rank 0 of each dp group: probe ids and [L+1] values each.
   std::vector<int64_t> probe_ids;
@@ -29,17 +29,18 @@ struct RankRecord {
   std::vector<int32_t> massive_p0;               // [L+1], from the rank that holds probe 0
   bool has_probe0 = false;
   bool has_rows = false;  // this rank's norm_p0 / norm_rest_median rows are authoritative
-  std::vector<double> moe_p0_sum, moe_rest_sum;  // [L]
+  std::vector<double> moe_p0_sum, moe_rest_sum;               // [L]
   std::vector<double> expert_p0_sum, p0_routed, rest_routed;  // [L, E]
   // Optional per-query attention to P0 for owned (probe, head): [rows, L, H, T] (zeros elsewhere).
   std::vector<float> p0_per_query;
 
   template <class Archive>
   void serialize(Archive& ar, const unsigned int /*version*/) {
-    ar & L & H & E & T & D & C & probes & sink_sum & head_p0_sum & head_rest_sum & attr_sum;
-    ar & identity_max_rel_err & probe_ids & norm_p0 & norm_rest_median & unit_p0_sum & massive_p0 & has_probe0;
-    ar & has_rows;
-    ar & moe_p0_sum & moe_rest_sum & expert_p0_sum & p0_routed & rest_routed & p0_per_query;
+    ar& L& H& E& T& D& C& probes& sink_sum& head_p0_sum& head_rest_sum& attr_sum;
+    ar& identity_max_rel_err& probe_ids& norm_p0& norm_rest_median& unit_p0_sum& massive_p0&
+        has_probe0;
+    ar& has_rows;
+    ar& moe_p0_sum& moe_rest_sum& expert_p0_sum& p0_routed& rest_routed& p0_per_query;
   }
 };
 
@@ -67,14 +68,15 @@ class Recorder final : public ForwardObserver {
 
 // Rank 0: assembles records of every rank into the analysis arrays of sections 1-4 (eps for
 // sink_rate). `a.meta` must already carry the shape attributes.
-void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps, bool per_query,
-                    Analysis& a, double* identity_max_rel_err);
+void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps,
+                    bool per_query, Analysis& a, double* identity_max_rel_err);
 
 // METRICS.md section 5 from the circuit map, sink scores and h-ratios already in `a`.
 void compute_profile(Analysis& a);
 
 // Total-variation distance series and convergence step of METRICS.md section 6.
-void convergence(const std::vector<std::vector<float>>& layer_shares, const std::vector<int64_t>& steps, double tau,
-                 std::vector<float>* tv, int64_t* step);
+void convergence(const std::vector<std::vector<float>>& layer_shares,
+                 const std::vector<int64_t>& steps, double tau, std::vector<float>* tv,
+                 int64_t* step);
 
 }  // namespace sinkscope

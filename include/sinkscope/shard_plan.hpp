@@ -27,20 +27,22 @@ struct ShardPlan {
   int64_t head_begin = 0, head_end = 0;      // query heads [begin, end)
   int64_t kv_begin = 0, kv_end = 0;          // KV heads held [begin, end)
   int64_t expert_begin = 0, expert_end = 0;  // experts [begin, end)
-  int64_t moe_inter = 0;                      // moe_intermediate_size of the model
-  int64_t inter_begin = 0, inter_end = 0;     // this rank's slice of each expert's intermediate dim
+  int64_t moe_inter = 0;                     // moe_intermediate_size of the model
+  int64_t inter_begin = 0, inter_end = 0;    // this rank's slice of each expert's intermediate dim
 
   // Throws InputError with a one-line reason when the sizes do not fit. etp = 0 picks the
   // default: tp when the world holds tp x ep ranks per expert group and tp divides the expert
   // width (Megatron-Core's default), else 1.
-  static ShardPlan make(int world_size, int rank, int tp, int ep, const ModelConfig& cfg, int etp = 1);
+  static ShardPlan make(int world_size, int rank, int tp, int ep, const ModelConfig& cfg,
+                        int etp = 1);
 
   int64_t local_heads() const { return head_end - head_begin; }
   int64_t local_kv_heads() const { return kv_end - kv_begin; }
   int64_t local_experts() const { return expert_end - expert_begin; }
   // Probes [begin, end) of the dp group `dp_index` out of n (contiguous, sizes differ by <= 1).
   static void probe_range(int64_t n, int dp, int dp_index, int64_t* begin, int64_t* end);
-  // Rank, inside this rank's expert group communicator, that holds slice `slice` (< etp) of expert e.
+  // Rank, inside this rank's expert group communicator, that holds slice `slice` (< etp) of expert
+  // e.
   int expert_owner(int64_t e, int slice = 0) const;
   // Rank that owns query head h inside this rank's dp group.
   int head_owner(int64_t h) const;
@@ -51,10 +53,10 @@ struct ShardPlan {
 
   template <class Archive>
   void serialize(Archive& ar, const unsigned int /*version*/) {
-    ar & world_size & rank & tp & ep & dp & tp_rank & dp_rank & ep_rank & ep_group;
-    ar & etp & etp_rank & moe_inter & inter_begin & inter_end;
-    ar & num_heads & num_kv_heads & num_experts;
-    ar & head_begin & head_end & kv_begin & kv_end & expert_begin & expert_end;
+    ar& world_size& rank& tp& ep& dp& tp_rank& dp_rank& ep_rank& ep_group;
+    ar& etp& etp_rank& moe_inter& inter_begin& inter_end;
+    ar& num_heads& num_kv_heads& num_experts;
+    ar& head_begin& head_end& kv_begin& kv_end& expert_begin& expert_end;
   }
 };
 

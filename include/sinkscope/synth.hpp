@@ -10,15 +10,16 @@
 namespace sinkscope {
 
 struct PlantedCircuit {
-  int64_t head_layer = 0, head = 0;          // the P0 head: writes a BOS feature at position 0
-  int64_t expert_layer = 1, expert = 0;      // the amplifying expert: squares it into a big direction
-  int64_t sink_layer = 2, sink_head = 0;     // the sink head: keys on that direction
-  int32_t bos_token_id = 1;                  // probes must start with it (--prepend-bos)
+  int64_t head_layer = 0, head = 0;       // the P0 head: writes a BOS feature at position 0
+  int64_t expert_layer = 1, expert = 0;   // the amplifying expert: squares it into a big direction
+  int64_t sink_layer = 2, sink_head = 0;  // the sink head: keys on that direction
+  int32_t bos_token_id = 1;               // probes must start with it (--prepend-bos)
 };
 
 // Writes OUT/config.json and OUT/model.safetensors (bf16), and with `plant` also
 // OUT/planted_circuit.json. Throws InputError when the shape cannot hold a planted circuit
 // (fewer than 3 layers, layer 1 not MoE, hidden_size < 8, head_dim < 4).
-PlantedCircuit synthesize(const ModelConfig& cfg, const std::string& out_dir, bool plant, uint64_t seed);
+PlantedCircuit synthesize(const ModelConfig& cfg, const std::string& out_dir, bool plant,
+                          uint64_t seed);
 
 }  // namespace sinkscope

@@ -44,7 +44,8 @@ AblateSpec parse_ablate(const std::string& spec, int64_t num_layers) {
     s.first = std::stoll(m[1]);
     s.last = m[2].matched ? std::stoll(m[2]) : s.first;
     if (s.first > s.last || s.last >= num_layers)
-      throw InputError("--ablate '" + spec + "': layers must lie in 0-" + std::to_string(num_layers - 1));
+      throw InputError("--ablate '" + spec + "': layers must lie in 0-" +
+                       std::to_string(num_layers - 1));
     return s;
   }
   if (std::regex_match(spec, m, std::regex("top=(\\d+)"))) {
@@ -100,9 +101,11 @@ uint64_t peak_rss_bytes() {
 std::vector<Ablation> components_of_layers(const ModelConfig& c, int64_t first, int64_t last) {
   std::vector<Ablation> out;
   for (int64_t l = first; l <= last; ++l) {
-    for (int64_t h = 0; h < c.num_heads; ++h) out.push_back({static_cast<int32_t>(l), Ablation::kHead, static_cast<int32_t>(h)});
+    for (int64_t h = 0; h < c.num_heads; ++h)
+      out.push_back({static_cast<int32_t>(l), Ablation::kHead, static_cast<int32_t>(h)});
     if (c.is_moe_layer(l))
-      for (int64_t e = 0; e < c.num_experts; ++e) out.push_back({static_cast<int32_t>(l), Ablation::kExpert, static_cast<int32_t>(e)});
+      for (int64_t e = 0; e < c.num_experts; ++e)
+        out.push_back({static_cast<int32_t>(l), Ablation::kExpert, static_cast<int32_t>(e)});
     else
       out.push_back({static_cast<int32_t>(l), Ablation::kMlp, 0});
   }
@@ -112,7 +115,8 @@ std::vector<Ablation> components_of_layers(const ModelConfig& c, int64_t first, 
 // The K components with the largest sink-weighted positive attribution (the layer_share weights
 // of METRICS.md section 5, per component).
 std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, int64_t K) {
-  const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1], E = static_cast<size_t>(c.num_experts);
+  const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1],
+               E = static_cast<size_t>(c.num_experts);
   std::vector<std::pair<double, Ablation>> scored;
   auto score = [&](auto attr_of) {
     double s = 0;
@@ -120,7 +124,8 @@ std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, in
       for (size_t h = 0; h < H; ++h) s += a.sink_score.at(t, h) * std::max(0.f, attr_of(t, h));
     return s;
   };
-  scored.push_back({score([&](size_t t, size_t h) { return a.attr_embed.at(t, h); }), {0, Ablation::kEmbedding, 0}});
+  scored.push_back({score([&](size_t t, size_t h) { return a.attr_embed.at(t, h); }),
+                    {0, Ablation::kEmbedding, 0}});
   for (size_t l = 0; l < L; ++l) {
     for (size_t j = 0; j < H; ++j)
       scored.push_back({score([&](size_t t, size_t h) { return a.attr_head.at(t, h, l, j); }),
@@ -134,9 +139,11 @@ std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, in
                         {static_cast<int32_t>(l), Ablation::kMlp, 0}});
     }
   }
-  std::stable_sort(scored.begin(), scored.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  std::stable_sort(scored.begin(), scored.end(),
+                   [](const auto& x, const auto& y) { return x.first > y.first; });
   std::vector<Ablation> out;
-  for (size_t i = 0; i < scored.size() && static_cast<int64_t>(i) < K; ++i) out.push_back(scored[i].second);
+  for (size_t i = 0; i < scored.size() && static_cast<int64_t>(i) < K; ++i)
+    out.push_back(scored[i].second);
   return out;
 }
 
@@ -151,7 +158,9 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     if (opt.synthetic_seed >= 0) {
       // Benchmarks only: random weights of config.json's shape, made on the device.
       if (opt.device != "cuda")
-        throw InputError("--synthetic-weights needs --device cuda (for the CPU, write a checkpoint with `sinkscope synth`)");
+        throw InputError(
+            "--synthetic-weights needs --device cuda (for the CPU, write a checkpoint with "
+            "`sinkscope synth`)");
       synthetic_cfg = parse_model_config(opt.model_config);
     } else {
       ck.emplace(Checkpoint::open(opt.model));
@@ -159,19 +168,26 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     }
     const ModelConfig& c = ck ? ck->config() : synthetic_cfg;
     check_token_ids(tokens, c.vocab_size, opt.tokens_source);
-    if (tokens.shape.at(1) < 2) throw InputError(opt.tokens_source + ": probes need at least 2 positions");
-    // The CUDA backend keeps whole experts (etp = 1) for now; the CPU default follows Megatron-Core.
+    if (tokens.shape.at(1) < 2)
+      throw InputError(opt.tokens_source + ": probes need at least 2 positions");
+    // The CUDA backend keeps whole experts (etp = 1) for now; the CPU default follows
+    // Megatron-Core.
     const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cuda" ? 1 : 0);
-    if (opt.device == "cuda" && etp > 1) throw InputError("--etp " + std::to_string(etp) + ": the cuda backend supports etp=1 only");
+    if (opt.device == "cuda" && etp > 1)
+      throw InputError("--etp " + std::to_string(etp) + ": the cuda backend supports etp=1 only");
     plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, c, etp);
     ablate = parse_ablate(opt.ablate, c.num_layers);
-    if (opt.device != "cpu" && opt.device != "cuda") throw InputError("--device '" + opt.device + "': expected cpu or cuda");
+    if (opt.device != "cpu" && opt.device != "cuda")
+      throw InputError("--device '" + opt.device + "': expected cpu or cuda");
     if (opt.device == "cuda" && !SINKSCOPE_HAVE_CUDA)
-      throw InputError("--device cuda: this sinkscope was built without CUDA (configure with -DSINKSCOPE_CUDA=ON)");
+      throw InputError(
+          "--device cuda: this sinkscope was built without CUDA (configure with "
+          "-DSINKSCOPE_CUDA=ON)");
     if (opt.batch < 1) throw InputError("--batch must be at least 1");
   });
   const ModelConfig& cfg = ck ? ck->config() : synthetic_cfg;
-  const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
+  const int64_t N = static_cast<int64_t>(tokens.shape[0]),
+                T = static_cast<int64_t>(tokens.shape[1]);
 
   auto tp_group = world.split(plan.dp_rank, plan.tp_rank);
   auto ep_group = world.split(plan.ep_group, plan.ep_rank * plan.etp + plan.etp_rank);
@@ -183,18 +199,22 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
 #if SINKSCOPE_HAVE_CUDA
     if (opt.device == "cuda") {
       backend = ck ? make_cuda_backend(*ck, plan, comms, fo)
-                   : make_cuda_backend_synthetic(cfg, plan, comms, fo, static_cast<uint64_t>(opt.synthetic_seed));
+                   : make_cuda_backend_synthetic(cfg, plan, comms, fo,
+                                                 static_cast<uint64_t>(opt.synthetic_seed));
       return;
     }
 #endif
     backend = make_cpu_backend(*ck, plan, comms, fo);
   });
-  if (opt.log_layout && world.rank() == 0) std::cerr << "sinkscope: layout " << plan.describe() << "\n";
+  if (opt.log_layout && world.rank() == 0)
+    std::cerr << "sinkscope: layout " << plan.describe() << "\n";
   if (opt.verbose) {
-    const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() + "): " + plan.describe() +
-                             "; heads [" + std::to_string(plan.head_begin) + ", " + std::to_string(plan.head_end) +
-                             "), experts [" + std::to_string(plan.expert_begin) + ", " + std::to_string(plan.expert_end) +
-                             "); weight bytes read " + std::to_string(backend->weight_bytes_loaded());
+    const std::string line =
+        "rank " + std::to_string(world.rank()) + " (" + host_name() + "): " + plan.describe() +
+        "; heads [" + std::to_string(plan.head_begin) + ", " + std::to_string(plan.head_end) +
+        "), experts [" + std::to_string(plan.expert_begin) + ", " +
+        std::to_string(plan.expert_end) + "); weight bytes read " +
+        std::to_string(backend->weight_bytes_loaded());
     auto lines = world.gather_bytes(line, 0);
     for (const auto& l : lines) std::cerr << "sinkscope: " << l << "\n";
   }
@@ -212,7 +232,8 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       std::copy(tokens.data.begin() + b0 * T, tokens.data.begin() + b1 * T, batch.data.begin());
       backend->run(batch, b0, rec);
       rec.add_probes(b1 - b0);
-      if (report && opt.progress && world.rank() == 0) opt.progress(std::min(N, (it + 1) * opt.batch * plan.dp), N);
+      if (report && opt.progress && world.rank() == 0)
+        opt.progress(std::min(N, (it + 1) * opt.batch * plan.dp), N);
     }
   };
 
@@ -220,7 +241,9 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   AnalysisMeta& m = a.meta;
   m.sinkscope_version = SINKSCOPE_VERSION;
   m.model_type = cfg.model_type;
-  m.checkpoint = ck ? opt.model : "synthetic:" + opt.model_config + ":seed=" + std::to_string(opt.synthetic_seed);
+  m.checkpoint =
+      ck ? opt.model
+         : "synthetic:" + opt.model_config + ":seed=" + std::to_string(opt.synthetic_seed);
   m.step = opt.step;
   m.num_layers = cfg.num_layers;
   m.num_heads = cfg.num_heads;
@@ -255,13 +278,15 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     a.tokens = tokens;
     // The decomposition x_t[0] = sum of component writes is exact up to fp32 rounding.
     if (identity_err > 1e-3)
-      throw RuntimeFailure("circuit identity violated: sum over components of K(c[0]) differs from k_0 by " +
-                           std::to_string(identity_err) + " (relative)");
+      throw RuntimeFailure(
+          "circuit identity violated: sum over components of K(c[0]) differs from k_0 by " +
+          std::to_string(identity_err) + " (relative)");
   }
 
   if (opt.verbose) {
     const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() +
-                             "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) + " MiB";
+                             "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) +
+                             " MiB";
     for (const auto& l : world.gather_bytes(line, 0)) std::cerr << "sinkscope: " << l << "\n";
   }
 
@@ -273,13 +298,15 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       std::string list;
       if (world.rank() == 0)
         for (const auto& c : top_components(a, cfg, ablate.top))
-          list += std::to_string(c.layer) + " " + std::to_string(c.kind) + " " + std::to_string(c.index) + " ";
+          list += std::to_string(c.layer) + " " + std::to_string(c.kind) + " " +
+                  std::to_string(c.index) + " ";
       world.broadcast_bytes(&list, 0);
       std::istringstream is(list);
       int32_t l, k, i;
       while (is >> l >> k >> i) comps.push_back({l, static_cast<Ablation::Kind>(k), i});
     }
-    const size_t K = comps.size(), L = static_cast<size_t>(cfg.num_layers), H = static_cast<size_t>(cfg.num_heads);
+    const size_t K = comps.size(), L = static_cast<size_t>(cfg.num_layers),
+                 H = static_cast<size_t>(cfg.num_heads);
     a.ablation_components = IntArray({K, 3}, "component,field");
     a.ablation_delta_sink = FloatArray({K, L, H}, "component,layer,head");
     for (size_t k = 0; k < K; ++k) {
@@ -293,7 +320,9 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       a.ablation_components.at(k, 2) = comps[k].index;
       for (size_t i = 0; i < L * H; ++i)
         a.ablation_delta_sink.data[k * L * H + i] =
-            world.rank() == 0 ? static_cast<float>(sink[i] / static_cast<double>(N)) - a.sink_score.data[i] : 0.f;
+            world.rank() == 0
+                ? static_cast<float>(sink[i] / static_cast<double>(N)) - a.sink_score.data[i]
+                : 0.f;
     }
     backend->set_ablations({});
   }

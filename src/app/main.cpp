@@ -6,8 +6,8 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdlib>
-#include <fstream>
 #include <filesystem>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 
@@ -45,16 +45,21 @@ struct CommonArgs {
 };
 
 void add_probe_options(CLI::App* app, ProbeArgs& p) {
-  auto* tok = app->add_option("--tokens", p.tokens, "probe tokens: .npy int32/int64 [N, T] or .h5 with /tokens");
-  auto* pr = app->add_option("--probes", p.probes, "generated probes: random:N:T:SEED or repeat:N:T:TOKEN");
+  auto* tok = app->add_option("--tokens", p.tokens,
+                              "probe tokens: .npy int32/int64 [N, T] or .h5 with /tokens");
+  auto* pr = app->add_option("--probes", p.probes,
+                             "generated probes: random:N:T:SEED or repeat:N:T:TOKEN");
   tok->excludes(pr);
-  app->add_option("--prepend-bos", p.prepend_bos, "put token ID in front of every probe (BOS on/off controls)");
+  app->add_option("--prepend-bos", p.prepend_bos,
+                  "put token ID in front of every probe (BOS on/off controls)");
 }
 
 void add_common_options(CLI::App* app, CommonArgs& c) {
-  app->add_option("--tp", c.tp, "tensor-parallel ranks (attention heads)")->check(CLI::PositiveNumber);
+  app->add_option("--tp", c.tp, "tensor-parallel ranks (attention heads)")
+      ->check(CLI::PositiveNumber);
   app->add_option("--ep", c.ep, "expert-parallel ranks (experts)")->check(CLI::PositiveNumber);
-  app->add_option("--etp", c.etp, "expert tensor-parallel ranks (slices of each expert; default: tp where it fits)")
+  app->add_option("--etp", c.etp,
+                  "expert tensor-parallel ranks (slices of each expert; default: tp where it fits)")
       ->check(CLI::PositiveNumber);
   app->add_option("--device", c.device, "cpu or cuda");
   app->add_option("--eps", c.eps, "sink threshold on the sink score");
@@ -101,32 +106,43 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
 
 void check_output_folder(const std::string& path, const char* option) {
   const fs::path parent = fs::absolute(path).parent_path();
-  if (!fs::is_directory(parent)) throw InputError(std::string(option) + " " + path + ": folder " + parent.string() + " does not exist");
-  if (::access(parent.c_str(), W_OK) != 0) throw InputError(std::string(option) + " " + path + ": folder " + parent.string() + " is not writable");
+  if (!fs::is_directory(parent))
+    throw InputError(std::string(option) + " " + path + ": folder " + parent.string() +
+                     " does not exist");
+  if (::access(parent.c_str(), W_OK) != 0)
+    throw InputError(std::string(option) + " " + path + ": folder " + parent.string() +
+                     " is not writable");
 }
 
-int cmd_analyze(const std::string& model, const std::string& model_config, int64_t synthetic_seed, const ProbeArgs& pa,
-                const CommonArgs& ca, const std::string& out, int64_t step, const Comm& world) {
+int cmd_analyze(const std::string& model, const std::string& model_config, int64_t synthetic_seed,
+                const ProbeArgs& pa, const CommonArgs& ca, const std::string& out, int64_t step,
+                const Comm& world) {
   IntArray tokens;
   AnalyzeOptions o = analyze_options(ca);
-  if (model.empty() && model_config.empty()) throw InputError("analyze: give --model DIR (or --model-config FILE --synthetic-weights SEED)");
-  if (!model_config.empty() && synthetic_seed < 0) throw InputError("--model-config needs --synthetic-weights SEED");
+  if (model.empty() && model_config.empty())
+    throw InputError("analyze: give --model DIR (or --model-config FILE --synthetic-weights SEED)");
+  if (!model_config.empty() && synthetic_seed < 0)
+    throw InputError("--model-config needs --synthetic-weights SEED");
   o.model = model;
   o.model_config = model_config;
   o.synthetic_seed = synthetic_seed;
   o.step = step >= 0 ? step : step_from_name(model);
   run_agreed(world, [&] {
     if (world.rank() == 0) check_output_folder(out, "--out");
-    tokens = load_probes(pa, model.empty() ? model_config : (fs::path(model) / "config.json").string(), &o.tokens_source);
+    tokens =
+        load_probes(pa, model.empty() ? model_config : (fs::path(model) / "config.json").string(),
+                    &o.tokens_source);
   });
-  Progress progress("analyze " + fs::path(model).filename().string(), world.rank() == 0 && !ca.quiet);
+  Progress progress("analyze " + fs::path(model).filename().string(),
+                    world.rank() == 0 && !ca.quiet);
   o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
   Analysis a = analyze_checkpoint(o, tokens, world);
   if (world.rank() == 0) {
     write_analysis(out, a);
     if (!ca.quiet)
-      std::cerr << "sinkscope: wrote " << out << " (sink_rate " << std::setprecision(3) << a.meta.sink_rate
-                << ", first2_share " << a.first2_share << ", peak layer " << a.peak_layer << ")\n";
+      std::cerr << "sinkscope: wrote " << out << " (sink_rate " << std::setprecision(3)
+                << a.meta.sink_rate << ", first2_share " << a.first2_share << ", peak layer "
+                << a.peak_layer << ")\n";
   }
   return 0;
 }
@@ -139,7 +155,8 @@ struct SweepArgs {
 };
 
 int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, const ProbeArgs& pa,
-              const CommonArgs& ca, const std::string& outdir, const SweepArgs& sa, const Comm& world) {
+              const CommonArgs& ca, const std::string& outdir, const SweepArgs& sa,
+              const Comm& world) {
   const bool resume = sa.resume, assemble_only = sa.assemble_only;
   const double tau = sa.tau;
   const std::vector<int64_t>& steps = sa.steps;
@@ -154,7 +171,8 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       if (ec) throw InputError("--out " + outdir + ": cannot create folder (" + ec.message() + ")");
       check_output_folder((fs::path(outdir) / "sweep.h5").string(), "--out");
     }
-    if (!assemble_only) tokens = load_probes(pa, (fs::path(cps.front().dir) / "config.json").string(), &source);
+    if (!assemble_only)
+      tokens = load_probes(pa, (fs::path(cps.front().dir) / "config.json").string(), &source);
   });
   std::vector<std::string> failed;
   if (!assemble_only) {
@@ -168,22 +186,27 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
         std::string why;
         try {
           const ModelConfig c = parse_model_config((fs::path(cp.dir) / "config.json").string());
-          if (analysis_file_matches(path, sha, c, &why)) skip = "1";
-          else if (why != "missing" && !ca.quiet) std::cerr << "sinkscope: redoing " << cp.name << ": " << why << "\n";
+          if (analysis_file_matches(path, sha, c, &why))
+            skip = "1";
+          else if (why != "missing" && !ca.quiet)
+            std::cerr << "sinkscope: redoing " << cp.name << ": " << why << "\n";
         } catch (const InputError&) {
         }
       }
       world.broadcast_bytes(&skip, 0);
       if (skip == "1") {
-        if (world.rank() == 0 && !ca.quiet) std::cerr << "sinkscope: [" << i + 1 << "/" << cps.size() << "] " << cp.name << ": done already, skipped\n";
+        if (world.rank() == 0 && !ca.quiet)
+          std::cerr << "sinkscope: [" << i + 1 << "/" << cps.size() << "] " << cp.name
+                    << ": done already, skipped\n";
         continue;
       }
       AnalyzeOptions o = analyze_options(ca);
       o.model = cp.dir;
       o.step = cp.step;
       o.tokens_source = source;
-      Progress progress("[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
-                        world.rank() == 0 && !ca.quiet);
+      Progress progress(
+          "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
+          world.rank() == 0 && !ca.quiet);
       o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
       try {
         Analysis a = analyze_checkpoint(o, tokens, world);
@@ -204,8 +227,9 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       Sweep s = assemble_sweep(cps, outdir, tau);
       write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
       if (!ca.quiet) {
-        std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " (" << s.names.size()
-                  << " checkpoints, convergence step " << s.convergence_step << ")\n";
+        std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " ("
+                  << s.names.size() << " checkpoints, convergence step " << s.convergence_step
+                  << ")\n";
         if (!s.failed.empty()) {
           std::cerr << "sinkscope: checkpoints without a valid analysis:";
           for (const auto& f : s.failed) std::cerr << " " << f;
@@ -218,7 +242,8 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       // Rank 0 alone assembles: report like any bad input, without taking the other ranks down.
       std::cerr << "sinkscope: error: " << e.what() << "\n";
       for (const auto& c : cps)
-        if (std::find(failed.begin(), failed.end(), c.name) == failed.end()) failed.push_back(c.name);
+        if (std::find(failed.begin(), failed.end(), c.name) == failed.end())
+          failed.push_back(c.name);
     }
     if (!failed.empty()) status = 1;
   }
@@ -236,11 +261,14 @@ int cmd_inspect(const std::string& model) {
   Checkpoint ck = Checkpoint::open(model);
   const ModelConfig& c = ck.config();
   std::cout << "model: " << model << "\n"
-            << "  model_type " << c.model_type << ", layers " << c.num_layers << ", hidden " << c.hidden_size << ", heads "
-            << c.num_heads << " (kv " << c.num_kv_heads << ", head_dim " << c.head_dim << "), experts " << c.num_experts
-            << " top-" << c.top_k << (c.norm_topk_prob ? " (renormalised)" : "") << ", moe_intermediate "
-            << c.moe_intermediate_size << ", vocab " << c.vocab_size << ", rope_theta " << c.rope_theta << "\n  layers:";
-  for (int64_t l = 0; l < c.num_layers; ++l) std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense");
+            << "  model_type " << c.model_type << ", layers " << c.num_layers << ", hidden "
+            << c.hidden_size << ", heads " << c.num_heads << " (kv " << c.num_kv_heads
+            << ", head_dim " << c.head_dim << "), experts " << c.num_experts << " top-" << c.top_k
+            << (c.norm_topk_prob ? " (renormalised)" : "") << ", moe_intermediate "
+            << c.moe_intermediate_size << ", vocab " << c.vocab_size << ", rope_theta "
+            << c.rope_theta << "\n  layers:";
+  for (int64_t l = 0; l < c.num_layers; ++l)
+    std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense");
   std::cout << "\n  files:";
   for (const auto& f : ck.files()) std::cout << " " << f;
   std::cout << "\n  tensors (" << ck.tensors().size() << "):\n";
@@ -251,33 +279,40 @@ int cmd_inspect(const std::string& model) {
     std::cout << "]\n";
     bytes += t.end - t.begin;
   }
-  std::cout << "  total " << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / 1e6 << " MB\n";
+  std::cout << "  total " << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / 1e6
+            << " MB\n";
   ck.validate_for_model();
   const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, c);
-  std::cout << "  shard plan (one rank): " << plan.describe() << "\n  validation: ok (every tensor present with the shape config.json implies)\n";
+  std::cout << "  shard plan (one rank): " << plan.describe()
+            << "\n  validation: ok (every tensor present with the shape config.json implies)\n";
   return 0;
 }
 
 int cmd_report(const std::string& input, const std::string& out) {
-  std::string script = std::getenv("SINKSCOPE_REPORT_SCRIPT") ? std::getenv("SINKSCOPE_REPORT_SCRIPT") : "";
+  std::string script =
+      std::getenv("SINKSCOPE_REPORT_SCRIPT") ? std::getenv("SINKSCOPE_REPORT_SCRIPT") : "";
   if (script.empty()) {
     const fs::path exe = fs::canonical("/proc/self/exe");
-    for (const fs::path& cand : {exe.parent_path().parent_path() / "share/sinkscope/sinkscope_report.py",
-                                 fs::path(SINKSCOPE_REPORT_SCRIPT)})
+    for (const fs::path& cand :
+         {exe.parent_path().parent_path() / "share/sinkscope/sinkscope_report.py",
+          fs::path(SINKSCOPE_REPORT_SCRIPT)})
       if (fs::exists(cand)) {
         script = cand.string();
         break;
       }
   }
-  if (script.empty()) throw RuntimeFailure("report: cannot find sinkscope_report.py (set SINKSCOPE_REPORT_SCRIPT)");
-  const char* py = std::getenv("SINKSCOPE_PYTHON") ? std::getenv("SINKSCOPE_PYTHON") : "/usr/bin/python3";
+  if (script.empty())
+    throw RuntimeFailure("report: cannot find sinkscope_report.py (set SINKSCOPE_REPORT_SCRIPT)");
+  const char* py =
+      std::getenv("SINKSCOPE_PYTHON") ? std::getenv("SINKSCOPE_PYTHON") : "/usr/bin/python3";
   std::cout.flush();
   std::vector<std::string> args = {py, script, input, "--out", out};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   execv(py, argv.data());
-  throw RuntimeFailure(std::string("report: cannot run ") + py + " (install python3-matplotlib python3-h5py)");
+  throw RuntimeFailure(std::string("report: cannot run ") + py +
+                       " (install python3-matplotlib python3-h5py)");
 }
 
 int cmd_synth(const std::string& config, const std::string& out, bool plant, uint64_t seed) {
@@ -285,8 +320,9 @@ int cmd_synth(const std::string& config, const std::string& out, bool plant, uin
   const PlantedCircuit pc = synthesize(c, out, plant, seed);
   std::cerr << "sinkscope: wrote " << out << "/config.json and model.safetensors";
   if (plant)
-    std::cerr << " with a planted circuit: head " << pc.head_layer << "." << pc.head << " -> expert " << pc.expert_layer
-              << "." << pc.expert << " -> sink head " << pc.sink_layer << "." << pc.sink_head << " (probes must start with token "
+    std::cerr << " with a planted circuit: head " << pc.head_layer << "." << pc.head
+              << " -> expert " << pc.expert_layer << "." << pc.expert << " -> sink head "
+              << pc.sink_layer << "." << pc.sink_head << " (probes must start with token "
               << pc.bos_token_id << ")";
   std::cerr << "\n";
   return 0;
@@ -297,7 +333,8 @@ int cmd_synth(const std::string& config, const std::string& out, bool plant, uin
 int main(int argc, char** argv) {
   std::unique_ptr<Comm> world;
   try {
-    world = launched_under_mpi() && SINKSCOPE_HAVE_MPI ? make_mpi_world(&argc, &argv) : make_single_comm();
+    world = launched_under_mpi() && SINKSCOPE_HAVE_MPI ? make_mpi_world(&argc, &argv)
+                                                       : make_single_comm();
   } catch (const std::exception& e) {
     std::cerr << "sinkscope: error: " << e.what() << "\n";
     return 2;
@@ -321,9 +358,12 @@ int main(int argc, char** argv) {
   std::string model_config;
   int64_t synthetic_seed = -1;
   auto* model_opt = analyze->add_option("--model", model, "Hugging Face checkpoint folder");
-  auto* config_opt = analyze->add_option("--model-config", model_config,
-                                         "config.json of a model to build with random weights (benchmarks only)");
-  analyze->add_option("--synthetic-weights", synthetic_seed, "seed of the random weights (with --model-config, --device cuda)")
+  auto* config_opt =
+      analyze->add_option("--model-config", model_config,
+                          "config.json of a model to build with random weights (benchmarks only)");
+  analyze
+      ->add_option("--synthetic-weights", synthetic_seed,
+                   "seed of the random weights (with --model-config, --device cuda)")
       ->needs(config_opt);
   config_opt->excludes(model_opt);
   analyze->add_option("--out", out, "analysis file to write (.h5)")->required();
@@ -333,25 +373,35 @@ int main(int argc, char** argv) {
 
   auto* sweep = app.add_subcommand("sweep", "analyse many checkpoints and the convergence signal");
   auto* mo = sweep->add_option("--models", models, "checkpoint folders");
-  sweep->add_option("--models-glob", glob, "checkpoint folders by pattern, e.g. 'run/step*'")->excludes(mo);
+  sweep->add_option("--models-glob", glob, "checkpoint folders by pattern, e.g. 'run/step*'")
+      ->excludes(mo);
   sweep->add_option("--out", out, "output folder")->required();
-  sweep->add_flag("--resume", sa.resume, "skip checkpoints whose analysis file exists and validates");
-  auto* only = sweep->add_flag("--assemble-only", sa.assemble_only, "only build sweep.h5 from existing analysis files");
-  sweep->add_flag("--no-assemble", sa.no_assemble, "analyse only; leave sweep.h5 to a later --assemble-only")->excludes(only);
+  sweep->add_flag("--resume", sa.resume,
+                  "skip checkpoints whose analysis file exists and validates");
+  auto* only = sweep->add_flag("--assemble-only", sa.assemble_only,
+                               "only build sweep.h5 from existing analysis files");
+  sweep
+      ->add_flag("--no-assemble", sa.no_assemble,
+                 "analyse only; leave sweep.h5 to a later --assemble-only")
+      ->excludes(only);
   sweep->add_option("--tau", sa.tau, "convergence threshold on the total-variation distance");
-  sweep->add_option("--steps", sa.steps, "training steps, one per checkpoint (default: from folder names)");
-  sweep->add_option("--failed-list", sa.failed_list, "write the names of checkpoints that failed, one per line");
+  sweep->add_option("--steps", sa.steps,
+                    "training steps, one per checkpoint (default: from folder names)");
+  sweep->add_option("--failed-list", sa.failed_list,
+                    "write the names of checkpoints that failed, one per line");
   add_probe_options(sweep, pa);
   add_common_options(sweep, ca);
 
-  auto* report = app.add_subcommand("report", "PNG plots and a summary page from a sweep or analysis file");
+  auto* report =
+      app.add_subcommand("report", "PNG plots and a summary page from a sweep or analysis file");
   report->add_option("input", input, "sweep folder, sweep.h5 or analysis .h5")->required();
   report->add_option("--out", out, "report folder")->required();
 
   auto* inspect = app.add_subcommand("inspect", "print config, tensors and shard plan; validate");
   inspect->add_option("--model", model, "checkpoint folder")->required();
 
-  auto* synth = app.add_subcommand("synth", "write a random (optionally circuit-planted) checkpoint");
+  auto* synth =
+      app.add_subcommand("synth", "write a random (optionally circuit-planted) checkpoint");
   synth->add_option("--config", config, "config.json of the shape")->required();
   synth->add_option("--out", out, "output folder")->required();
   synth->add_flag("--plant-circuit", plant, "plant a known P0 sink circuit");
@@ -371,21 +421,28 @@ int main(int argc, char** argv) {
       finalize_mpi();
       return e.get_exit_code() == 0 ? 0 : 1;
     }
-    if (*analyze) status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
-    else if (*sweep) status = cmd_sweep(models, glob, pa, ca, out, sa, *world);
-    else if (*report) status = cmd_report(input, out);
-    else if (*inspect) status = cmd_inspect(model);
-    else if (*synth) status = cmd_synth(config, out, plant, seed);
+    if (*analyze)
+      status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
+    else if (*sweep)
+      status = cmd_sweep(models, glob, pa, ca, out, sa, *world);
+    else if (*report)
+      status = cmd_report(input, out);
+    else if (*inspect)
+      status = cmd_inspect(model);
+    else if (*synth)
+      status = cmd_synth(config, out, plant, seed);
   } catch (const InputError& e) {
     if (e.agreed || world->size() == 1) {
       if (rank == 0) std::cerr << "sinkscope: error: " << e.what() << "\n";
       finalize_mpi();
       return 1;
     }
-    std::cerr << "sinkscope: error on rank " << rank << " (" << host_name() << "): " << e.what() << "\n";
+    std::cerr << "sinkscope: error on rank " << rank << " (" << host_name() << "): " << e.what()
+              << "\n";
     world->abort(1);
   } catch (const std::exception& e) {
-    std::cerr << "sinkscope: failure on rank " << rank << " (" << host_name() << "): " << e.what() << "\n";
+    std::cerr << "sinkscope: failure on rank " << rank << " (" << host_name() << "): " << e.what()
+              << "\n";
     if (world->size() > 1) world->abort(2);
     return 2;
   }

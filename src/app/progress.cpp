@@ -7,8 +7,12 @@
 namespace sinkscope {
 
 Progress::Progress(std::string label, bool enabled, double period_s)
-    : label_(std::move(label)), enabled_(enabled), tty_(isatty(STDERR_FILENO) == 1), period_s_(period_s),
-      start_(std::chrono::steady_clock::now()), last_(start_) {}
+    : label_(std::move(label)),
+      enabled_(enabled),
+      tty_(isatty(STDERR_FILENO) == 1),
+      period_s_(period_s),
+      start_(std::chrono::steady_clock::now()),
+      last_(start_) {}
 
 void Progress::update(int64_t done, int64_t total) {
   if (!enabled_ || total <= 0) return;
@@ -23,13 +27,14 @@ void Progress::update(int64_t done, int64_t total) {
   const double eta = rate > 0 ? static_cast<double>(total - done) / rate : 0;
   if (tty_) {
     const int width = 30, fill = static_cast<int>(width * done / total);
-    std::fprintf(stderr, "\r%s [%.*s%*s] %lld/%lld probes  %.2f probes/s  %.0fs left ", label_.c_str(), fill,
-                 "##############################", width - fill, "", static_cast<long long>(done),
-                 static_cast<long long>(total), rate, eta);
+    std::fprintf(stderr, "\r%s [%.*s%*s] %lld/%lld probes  %.2f probes/s  %.0fs left ",
+                 label_.c_str(), fill, "##############################", width - fill, "",
+                 static_cast<long long>(done), static_cast<long long>(total), rate, eta);
     if (last) std::fprintf(stderr, "\n");
   } else {
-    std::fprintf(stderr, "%s: %lld/%lld probes, %.2f probes/s, %.0f s elapsed, %.0f s left\n", label_.c_str(),
-                 static_cast<long long>(done), static_cast<long long>(total), rate, elapsed, eta);
+    std::fprintf(stderr, "%s: %lld/%lld probes, %.2f probes/s, %.0f s elapsed, %.0f s left\n",
+                 label_.c_str(), static_cast<long long>(done), static_cast<long long>(total), rate,
+                 elapsed, eta);
   }
   std::fflush(stderr);
 }

@@ -49,7 +49,8 @@ struct Store {
 }  // namespace
 
 PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool plant, uint64_t seed) {
-  const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads, KV = c.num_kv_heads, V = c.vocab_size;
+  const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads, KV = c.num_kv_heads,
+                V = c.vocab_size;
   PlantedCircuit pc;
   if (plant) {
     if (c.num_layers < 3) throw InputError("synth --plant-circuit: needs at least 3 layers");
@@ -65,7 +66,8 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
   if (!fs::is_directory(out)) {
     std::error_code ec;
     fs::create_directories(out, ec);
-    if (ec) throw InputError("synth --out " + out + ": cannot create folder (" + ec.message() + ")");
+    if (ec)
+      throw InputError("synth --out " + out + ": cannot create folder (" + ec.message() + ")");
   }
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -141,7 +143,8 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
     if (c.is_moe_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
       auto& router = linear(p + "mlp.gate.weight", E, D);
-      if (plant) for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
+      if (plant)
+        for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
       if (plant && l == pc.expert_layer) router[pc.expert * D + CONST] = 8.f;
       for (int64_t e = 0; e < E; ++e) {
         const std::string q2 = p + "mlp.experts." + std::to_string(e) + ".";
@@ -175,7 +178,8 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
   if (!c.tie_word_embeddings) linear("lm_head.weight", V, D);
 
   std::vector<TensorToWrite> tw;
-  for (size_t i = 0; i < st.names.size(); ++i) tw.push_back({st.names[i], DType::BF16, st.shapes[i], st.data[i].data()});
+  for (size_t i = 0; i < st.names.size(); ++i)
+    tw.push_back({st.names[i], DType::BF16, st.shapes[i], st.data[i].data()});
   ModelConfig written = c;
   written.dtype = "bfloat16";
   const fs::path dir(out);

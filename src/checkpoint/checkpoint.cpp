@@ -12,9 +12,9 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "model/tensor_names.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
-#include "model/tensor_names.hpp"
 
 namespace sinkscope {
 namespace fs = std::filesystem;
@@ -84,20 +84,24 @@ struct Checkpoint::Impl {
   void add_file(const std::string& file_name) {
     const std::string path = (fs::path(dir) / file_name).string();
     auto mf = std::make_unique<MappedFile>(path);
-    if (mf->size() < 8) throw InputError(path + ": truncated safetensors file (" + std::to_string(mf->size()) + " bytes)");
+    if (mf->size() < 8)
+      throw InputError(path + ": truncated safetensors file (" + std::to_string(mf->size()) +
+                       " bytes)");
     uint64_t header_len = 0;
     std::memcpy(&header_len, mf->data(), 8);  // little-endian on every supported host
     if (header_len > kMaxHeaderBytes)
-      throw InputError(path + ": safetensors header length " + std::to_string(header_len) + " exceeds 100 MB");
+      throw InputError(path + ": safetensors header length " + std::to_string(header_len) +
+                       " exceeds 100 MB");
     if (header_len > mf->size() - 8)
-      throw InputError(path + ": safetensors header length " + std::to_string(header_len) + " runs past the end of the file (" +
-                       std::to_string(mf->size()) + " bytes)");
+      throw InputError(path + ": safetensors header length " + std::to_string(header_len) +
+                       " runs past the end of the file (" + std::to_string(mf->size()) + " bytes)");
     const uint64_t data_len = mf->size() - 8 - header_len;
     auto infos = parse_safetensors_header(mf->data() + 8, header_len, data_len, path);
     const int index = static_cast<int>(files.size());
     for (auto& t : infos) {
       t.file = index;
-      if (by_name.count(t.name)) throw InputError(path + ": tensor '" + t.name + "' also appears in another shard");
+      if (by_name.count(t.name))
+        throw InputError(path + ": tensor '" + t.name + "' also appears in another shard");
       by_name.emplace(t.name, tensors.size());
       tensors.push_back(std::move(t));
     }
@@ -108,11 +112,14 @@ struct Checkpoint::Impl {
 
   const TensorInfo& get(const std::string& name) const {
     auto it = by_name.find(name);
-    if (it == by_name.end()) throw InputError(dir + ": tensor '" + name + "' is missing from the checkpoint");
+    if (it == by_name.end())
+      throw InputError(dir + ": tensor '" + name + "' is missing from the checkpoint");
     return tensors[it->second];
   }
 
-  const char* bytes(const TensorInfo& t) const { return files[t.file]->data() + data_start[t.file] + t.begin; }
+  const char* bytes(const TensorInfo& t) const {
+    return files[t.file]->data() + data_start[t.file] + t.begin;
+  }
 };
 
 Checkpoint::Checkpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -141,7 +148,8 @@ Checkpoint Checkpoint::open(const std::string& model_dir) {
     for (const auto& [tensor, shard] : map) {
       auto it = impl->by_name.find(tensor);
       if (it == impl->by_name.end() || impl->file_names[impl->tensors[it->second].file] != shard)
-        throw InputError(index.string() + ": tensor '" + tensor + "' is not in shard '" + shard + "'");
+        throw InputError(index.string() + ": tensor '" + tensor + "' is not in shard '" + shard +
+                         "'");
     }
     if (map.size() != impl->tensors.size())
       throw InputError(index.string() + ": shards hold tensors the index does not list");
@@ -171,8 +179,8 @@ void Checkpoint::validate_for_model() const {
         for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
         return r + "]";
       };
-      throw InputError(impl_->dir + ": tensor '" + t.name + "' has shape " + str(t.shape) + ", config.json implies " +
-                       str(need.shape));
+      throw InputError(impl_->dir + ": tensor '" + t.name + "' has shape " + str(t.shape) +
+                       ", config.json implies " + str(need.shape));
     }
     if (t.dtype == DType::Other)
       throw InputError(impl_->dir + ": tensor '" + t.name + "' has dtype " + t.dtype_str +
@@ -182,14 +190,15 @@ void Checkpoint::validate_for_model() const {
 
 namespace {
 void check_finite(const float* p, size_t n, const std::string& dir, const std::string& name) {
-  // One pass, no per-element branch in the hot loop: accumulate p*0, which is NaN iff p is not finite.
+  // One pass, no per-element branch in the hot loop: accumulate p*0, which is NaN iff p is not
+  // finite.
   float acc = 0.f;
   for (size_t i = 0; i < n; ++i) acc += p[i] * 0.f;
   if (!std::isfinite(acc)) {
     for (size_t i = 0; i < n; ++i)
       if (!std::isfinite(p[i]))
-        throw InputError(dir + ": tensor '" + name + "' holds a non-finite value (" + std::to_string(p[i]) +
-                         ") at element " + std::to_string(i));
+        throw InputError(dir + ": tensor '" + name + "' holds a non-finite value (" +
+                         std::to_string(p[i]) + ") at element " + std::to_string(i));
   }
 }
 int64_t row_length(const TensorInfo& t) { return t.shape.empty() ? 1 : t.shape.back(); }
@@ -200,34 +209,39 @@ int64_t row_count(const TensorInfo& t) {
 }
 }  // namespace
 
-void Checkpoint::read_rows(const std::string& name, int64_t row_begin, int64_t row_end, float* out) const {
+void Checkpoint::read_rows(const std::string& name, int64_t row_begin, int64_t row_end,
+                           float* out) const {
   const TensorInfo& t = impl_->get(name);
-  if (t.dtype == DType::Other) throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
+  if (t.dtype == DType::Other)
+    throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
   // 1-D tensors read elements; n-D tensors are [prod(shape[:-1]), shape[-1]].
   const int64_t len = t.shape.size() <= 1 ? 1 : row_length(t);
   const int64_t rows = t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : row_count(t);
   if (row_begin < 0 || row_end > rows || row_begin > row_end)
-    throw InputError(impl_->dir + ": rows [" + std::to_string(row_begin) + ", " + std::to_string(row_end) +
-                     ") out of range for tensor '" + name + "'");
+    throw InputError(impl_->dir + ": rows [" + std::to_string(row_begin) + ", " +
+                     std::to_string(row_end) + ") out of range for tensor '" + name + "'");
   const size_t n = static_cast<size_t>((row_end - row_begin) * len);
   convert_to_f32(t.dtype, impl_->bytes(t) + row_begin * len * t.elem_size, n, out);
   impl_->bytes_read += n * t.elem_size;
   check_finite(out, n, impl_->dir, name);
 }
 
-void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t col_end, float* out) const {
+void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t col_end,
+                           float* out) const {
   const TensorInfo& t = impl_->get(name);
   if (t.shape.size() != 2) throw InputError(impl_->dir + ": tensor '" + name + "' is not 2-D");
   read_block(name, 0, t.shape[0], col_begin, col_end, out);
 }
 
-void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t row_end, int64_t col_begin,
-                            int64_t col_end, float* out) const {
+void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                            int64_t col_begin, int64_t col_end, float* out) const {
   const TensorInfo& t = impl_->get(name);
   if (t.shape.size() < 2) throw InputError(impl_->dir + ": tensor '" + name + "' is not a matrix");
-  if (t.dtype == DType::Other) throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
+  if (t.dtype == DType::Other)
+    throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
   const int64_t rows = row_count(t), cols = row_length(t);
-  if (row_begin < 0 || row_end > rows || row_begin > row_end || col_begin < 0 || col_end > cols || col_begin > col_end)
+  if (row_begin < 0 || row_end > rows || row_begin > row_end || col_begin < 0 || col_end > cols ||
+      col_begin > col_end)
     throw InputError(impl_->dir + ": block out of range for tensor '" + name + "'");
   const int64_t width = col_end - col_begin;
   const char* base = impl_->bytes(t);
@@ -242,8 +256,10 @@ void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t 
 void Checkpoint::read_row(const std::string& name, int64_t row, float* out) const {
   const TensorInfo& t = impl_->get(name);
   if (t.shape.size() != 2 || row < 0 || row >= t.shape[0])
-    throw InputError(impl_->dir + ": row " + std::to_string(row) + " out of range for tensor '" + name + "'");
-  convert_to_f32(t.dtype, impl_->bytes(t) + row * t.shape[1] * t.elem_size, static_cast<size_t>(t.shape[1]), out);
+    throw InputError(impl_->dir + ": row " + std::to_string(row) + " out of range for tensor '" +
+                     name + "'");
+  convert_to_f32(t.dtype, impl_->bytes(t) + row * t.shape[1] * t.elem_size,
+                 static_cast<size_t>(t.shape[1]), out);
   check_finite(out, static_cast<size_t>(t.shape[1]), impl_->dir, name);
 }
 

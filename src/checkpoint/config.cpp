@@ -66,7 +66,8 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
   if (!j.is_object()) fail(file, "top level is not a JSON object");
 
   ModelConfig c;
-  if (const json* v = find_key(j, "model_type"); v && v->is_string()) c.model_type = v->get<std::string>();
+  if (const json* v = find_key(j, "model_type"); v && v->is_string())
+    c.model_type = v->get<std::string>();
   if (c.model_type.empty()) fail(file, "missing key 'model_type'");
   if (c.model_type != "qwen3_moe" && c.model_type != "qwen2_moe" && c.model_type != "qwen3")
     fail(file, "model_type '" + c.model_type + "' is not supported (supported: qwen3_moe, qwen3)");
@@ -102,21 +103,27 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
   } else if (const json* rp = find_key(j, "rope_parameters")) {
     if (!rp->is_object()) fail(file, "key 'rope_parameters' is not an object");
     c.rope_theta = get_double(*rp, file, "rope_theta", 10000.0);
-    if (const json* t = find_key(*rp, "rope_type"); t && t->is_string() && t->get<std::string>() != "default")
-      fail(file, "rope_parameters.rope_type '" + t->get<std::string>() + "' is not supported (only 'default')");
+    if (const json* t = find_key(*rp, "rope_type");
+        t && t->is_string() && t->get<std::string>() != "default")
+      fail(file, "rope_parameters.rope_type '" + t->get<std::string>() +
+                     "' is not supported (only 'default')");
   }
   if (const json* rs = find_key(j, "rope_scaling"); rs && rs->is_object()) {
     const json* t = find_key(*rs, "rope_type");
     if (!t) t = find_key(*rs, "type");
     if (t && t->is_string() && t->get<std::string>() != "default")
-      fail(file, "rope_scaling type '" + t->get<std::string>() + "' is not supported (only 'default')");
+      fail(file,
+           "rope_scaling type '" + t->get<std::string>() + "' is not supported (only 'default')");
   }
-  if (const json* v = find_key(j, "torch_dtype"); v && v->is_string()) c.dtype = v->get<std::string>();
-  else if (const json* v2 = find_key(j, "dtype"); v2 && v2->is_string()) c.dtype = v2->get<std::string>();
+  if (const json* v = find_key(j, "torch_dtype"); v && v->is_string())
+    c.dtype = v->get<std::string>();
+  else if (const json* v2 = find_key(j, "dtype"); v2 && v2->is_string())
+    c.dtype = v2->get<std::string>();
 
   // Consistency: every contradiction is reported by name.
   auto positive = [&](int64_t v, const char* key) {
-    if (v <= 0) fail(file, std::string("key '") + key + "' must be positive, got " + std::to_string(v));
+    if (v <= 0)
+      fail(file, std::string("key '") + key + "' must be positive, got " + std::to_string(v));
   };
   positive(c.vocab_size, "vocab_size");
   positive(c.hidden_size, "hidden_size");
@@ -125,15 +132,17 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
   positive(c.num_kv_heads, "num_key_value_heads");
   if (c.head_dim == 0) {
     if (c.hidden_size % c.num_heads != 0)
-      fail(file, "num_attention_heads (" + std::to_string(c.num_heads) + ") does not divide hidden_size (" +
-                     std::to_string(c.hidden_size) + ") and head_dim is absent");
+      fail(file, "num_attention_heads (" + std::to_string(c.num_heads) +
+                     ") does not divide hidden_size (" + std::to_string(c.hidden_size) +
+                     ") and head_dim is absent");
     c.head_dim = c.hidden_size / c.num_heads;
   }
   positive(c.head_dim, "head_dim");
-  if (c.head_dim % 2 != 0) fail(file, "head_dim must be even for RoPE, got " + std::to_string(c.head_dim));
+  if (c.head_dim % 2 != 0)
+    fail(file, "head_dim must be even for RoPE, got " + std::to_string(c.head_dim));
   if (c.num_heads % c.num_kv_heads != 0)
-    fail(file, "num_key_value_heads (" + std::to_string(c.num_kv_heads) + ") does not divide num_attention_heads (" +
-                   std::to_string(c.num_heads) + ")");
+    fail(file, "num_key_value_heads (" + std::to_string(c.num_kv_heads) +
+                   ") does not divide num_attention_heads (" + std::to_string(c.num_heads) + ")");
   if (c.num_experts < 0) fail(file, "num_experts must not be negative");
   if (c.num_experts > 0) {
     positive(c.top_k, "num_experts_per_tok");

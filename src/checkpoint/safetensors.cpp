@@ -28,11 +28,11 @@ struct DTypeEntry {
 // Every dtype the safetensors format defines; sizes in bytes (sub-byte types are not supported
 // by the format version sinkscope reads and are rejected as unknown).
 constexpr DTypeEntry kDTypes[] = {
-    {"F32", 4, DType::F32},     {"F16", 2, DType::F16},      {"BF16", 2, DType::BF16},
-    {"F64", 8, DType::Other},   {"I64", 8, DType::Other},    {"U64", 8, DType::Other},
-    {"I32", 4, DType::Other},   {"U32", 4, DType::Other},    {"I16", 2, DType::Other},
-    {"U16", 2, DType::Other},   {"I8", 1, DType::Other},     {"U8", 1, DType::Other},
-    {"BOOL", 1, DType::Other},  {"F8_E4M3", 1, DType::Other}, {"F8_E5M2", 1, DType::Other},
+    {"F32", 4, DType::F32},    {"F16", 2, DType::F16},       {"BF16", 2, DType::BF16},
+    {"F64", 8, DType::Other},  {"I64", 8, DType::Other},     {"U64", 8, DType::Other},
+    {"I32", 4, DType::Other},  {"U32", 4, DType::Other},     {"I16", 2, DType::Other},
+    {"U16", 2, DType::Other},  {"I8", 1, DType::Other},      {"U8", 1, DType::Other},
+    {"BOOL", 1, DType::Other}, {"F8_E4M3", 1, DType::Other}, {"F8_E5M2", 1, DType::Other},
 };
 
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
@@ -45,10 +45,14 @@ bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    default: return "other";
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    default:
+      return "other";
   }
 }
 
@@ -84,15 +88,18 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
     if (name == "__metadata__") {
       if (!v.is_object()) fail(file, "__metadata__ is not an object");
       for (auto m = v.begin(); m != v.end(); ++m)
-        if (!m.value().is_string()) fail(file, "__metadata__ value '" + m.key() + "' is not a string");
+        if (!m.value().is_string())
+          fail(file, "__metadata__ value '" + m.key() + "' is not a string");
       continue;
     }
     if (!v.is_object()) fail(file, "tensor '" + name + "': entry is not an object");
     auto dt = v.find("dtype");
     auto sh = v.find("shape");
     auto off = v.find("data_offsets");
-    if (dt == v.end() || !dt->is_string()) fail(file, "tensor '" + name + "': missing or bad 'dtype'");
-    if (sh == v.end() || !sh->is_array()) fail(file, "tensor '" + name + "': missing or bad 'shape'");
+    if (dt == v.end() || !dt->is_string())
+      fail(file, "tensor '" + name + "': missing or bad 'dtype'");
+    if (sh == v.end() || !sh->is_array())
+      fail(file, "tensor '" + name + "': missing or bad 'shape'");
     if (off == v.end() || !off->is_array() || off->size() != 2)
       fail(file, "tensor '" + name + "': missing or bad 'data_offsets'");
     TensorInfo t;
@@ -106,13 +113,15 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
     t.elem_size = entry->size;
     uint64_t nbytes = entry->size;
     for (const auto& d : *sh) {
-      if (!d.is_number_unsigned()) fail(file, "tensor '" + name + "': shape has a non-integer or negative entry");
+      if (!d.is_number_unsigned())
+        fail(file, "tensor '" + name + "': shape has a non-integer or negative entry");
       const uint64_t dim = d.get<uint64_t>();
       if (mul_overflows(nbytes, dim, &nbytes)) fail(file, "tensor '" + name + "': shape overflows");
       t.shape.push_back(static_cast<int64_t>(dim));
     }
     for (const auto& o : *off)
-      if (!o.is_number_unsigned()) fail(file, "tensor '" + name + "': data_offsets are not non-negative integers");
+      if (!o.is_number_unsigned())
+        fail(file, "tensor '" + name + "': data_offsets are not non-negative integers");
     t.begin = (*off)[0].get<uint64_t>();
     t.end = (*off)[1].get<uint64_t>();
     if (t.end < t.begin) fail(file, "tensor '" + name + "': data_offsets end before they begin");
@@ -131,18 +140,18 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
   for (const TensorInfo* t : order) {
     if (t->begin < expected) fail(file, "tensor '" + t->name + "' overlaps the previous tensor");
     if (t->begin > expected)
-      fail(file, "gap before tensor '" + t->name + "' (offset " + std::to_string(t->begin) + ", expected " +
-                     std::to_string(expected) + ")");
+      fail(file, "gap before tensor '" + t->name + "' (offset " + std::to_string(t->begin) +
+                     ", expected " + std::to_string(expected) + ")");
     expected = t->end;
   }
   if (expected != data_len)
-    fail(file, "tensor data ends at byte " + std::to_string(expected) + " but the data section has " +
-                   std::to_string(data_len) + " bytes");
+    fail(file, "tensor data ends at byte " + std::to_string(expected) +
+                   " but the data section has " + std::to_string(data_len) + " bytes");
   return out;
 }
 
 std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const std::string& text,
-                                                                          const std::string& file) {
+                                                                         const std::string& file) {
   json j;
   std::set<std::string> seen;
   std::string duplicate;
@@ -164,7 +173,8 @@ std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const s
   if (!duplicate.empty()) fail(file, "weight_map names tensor '" + duplicate + "' twice");
   std::vector<std::pair<std::string, std::string>> out;
   for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it.value().is_string()) fail(file, "weight_map entry '" + it.key() + "' is not a file name");
+    if (!it.value().is_string())
+      fail(file, "weight_map entry '" + it.key() + "' is not a file name");
     const auto shard = it.value().get<std::string>();
     if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
       fail(file, "weight_map entry '" + it.key() + "' names a bad shard file '" + shard + "'");
@@ -214,7 +224,9 @@ static float f16_to_f32(uint16_t h) {
 
 void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
   switch (t) {
-    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::F32:
+      std::memcpy(dst, src, n * 4);
+      return;
     case DType::BF16: {
       const auto* s = static_cast<const uint16_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
@@ -225,7 +237,8 @@ void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
       for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
       return;
     }
-    default: throw InputError("cannot convert dtype to float32");
+    default:
+      throw InputError("cannot convert dtype to float32");
   }
 }
 
@@ -236,7 +249,9 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     uint64_t n = 1;
     for (auto d : t.shape) n *= static_cast<uint64_t>(d);
     const uint64_t nbytes = n * dtype_size(t.dtype);
-    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + nbytes}}};
+    header[t.name] = {{"dtype", dtype_name(t.dtype)},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
   }
   header["__metadata__"] = {{"format", "pt"}};

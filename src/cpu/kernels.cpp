@@ -23,8 +23,8 @@ int threads_for_rows(int64_t M) {
 
 }  // namespace
 
-void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-             float* C, int64_t ldc, float alpha, float beta) {
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
   if (const int t = threads_for_rows(M); t > 1) {
 #pragma omp parallel for num_threads(t) schedule(static)
@@ -34,13 +34,13 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
     }
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M), static_cast<blasint>(N),
-              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
-              static_cast<blasint>(ldc));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M),
+              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda),
+              B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
 
-void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-             float* C, int64_t ldc, float alpha, float beta) {
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
   if (const int t = threads_for_rows(M); t > 1) {
 #pragma omp parallel for num_threads(t) schedule(static)
@@ -50,12 +50,13 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
     }
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M), static_cast<blasint>(N),
-              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
-              static_cast<blasint>(ldc));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M),
+              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda),
+              B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
 
-void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, double eps, float* out, float* inv_rms) {
+void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, double eps, float* out,
+              float* inv_rms) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     double ss = 0;

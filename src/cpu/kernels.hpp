@@ -6,11 +6,11 @@
 namespace sinkscope::cpu {
 
 // C[M, N] = alpha * A[M, K] * B[N, K]^T + beta * C   (weights are stored [out, in])
-void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-             float* C, int64_t ldc, float alpha = 1.f, float beta = 0.f);
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, float alpha = 1.f, float beta = 0.f);
 // C[M, N] = alpha * A[M, K] * B[K, N] + beta * C
-void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-             float* C, int64_t ldc, float alpha = 1.f, float beta = 0.f);
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, float alpha = 1.f, float beta = 0.f);
 
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * gamma; also returns each row's
 // 1 / rms in inv_rms[r] when inv_rms is not null.
@@ -19,7 +19,8 @@ void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, doubl
 
 // Rotates pairs (j, j + d/2) of each row of x[rows, d] (stride ld) by position pos0 + r
 // (the rotate_half convention of HF Llama/Qwen), with inv_freq[j] = theta^(-2j/d).
-void rope(float* x, int64_t rows, int64_t d, int64_t ld, int64_t pos0_stride_rows, const double* inv_freq);
+void rope(float* x, int64_t rows, int64_t d, int64_t ld, int64_t pos0_stride_rows,
+          const double* inv_freq);
 
 // Causal softmax of the rows of s[T, T] in place (row i keeps j <= i), fp32 with max subtraction
 // and a double-precision sum.

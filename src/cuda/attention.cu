@@ -3,8 +3,8 @@
 // One block of 4 warps takes 64 queries of one (probe, head); each warp owns 16 query rows. Key
 // and value tiles of 64 positions stream through shared memory (cp.async, double buffered). Scores
 // come from bf16 mma.sync m16n8k16 with fp32 accumulation and stay in registers; the softmax is the
-// online one in fp32 (log2 domain), P is rounded to bf16 for the P V product. The raw score of key 0
-// is kept from the first tile, so after the last tile A[i, 0] = exp2(s_i0 - m_i) / l_i needs no
+// online one in fp32 (log2 domain), P is rounded to bf16 for the P V product. The raw score of key
+// 0 is kept from the first tile, so after the last tile A[i, 0] = exp2(s_i0 - m_i) / l_i needs no
 // second pass and no T x T storage. Head dims up to 128: the operands are padded with zero dims to
 // DP, a multiple of 16 (one template instance per DP).
 #include "cuda/device_common.cuh"
@@ -15,7 +15,9 @@ namespace {
 
 constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4;
 
-__device__ __forceinline__ uint32_t ld32(const bf16_bits* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t ld32(const bf16_bits* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return static_cast<uint32_t>(f2bf(lo)) | (static_cast<uint32_t>(f2bf(hi)) << 16);
@@ -24,7 +26,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_size));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -33,7 +36,8 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // D += A B: A 16x16 bf16 (row), B 16x8 bf16 (col), D 16x8 fp32.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -41,8 +45,8 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
-                                                  const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                  uint32_t& r3, const void* smem) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -57,15 +61,17 @@ constexpr int smem_bytes() {
 template <int DP>
 __global__ void __launch_bounds__(kWarps * 32)
     flash_attention_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
-                           const bf16_bits* __restrict__ V, bf16_bits* __restrict__ z, float* __restrict__ a0, int T,
-                           int Hl, int KVl, int d, int head_begin, int group, int kv_begin, float scale_log2) {
+                           const bf16_bits* __restrict__ V, bf16_bits* __restrict__ z,
+                           float* __restrict__ a0, int T, int Hl, int KVl, int d, int head_begin,
+                           int group, int kv_begin, float scale_log2) {
   constexpr int STR = DP + 8;  // padded smem row (bf16): conflict-free fragment loads and ldmatrix
   constexpr int KS = DP / 16, NT = kBlockN / 8, DT = DP / 8, CH = DP / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_bits* Ks = reinterpret_cast<bf16_bits*>(smem_raw);
   bf16_bits* Vs = Ks + 2 * kBlockN * STR;
 
-  const int mb = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);  // longest blocks first
+  const int mb =
+      static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);  // longest blocks first
   const int h = blockIdx.y, b = blockIdx.z;
   const int g = (head_begin + h) / group - kv_begin;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -125,7 +131,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
       const bf16_bits* krow = Kb + (nt * 8 + gq) * STR + tq * 2;
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) mma_bf16(sc[nt], qf[ks], ld32(krow + ks * 16), ld32(krow + ks * 16 + 8));
+      for (int ks = 0; ks < KS; ++ks)
+        mma_bf16(sc[nt], qf[ks], ld32(krow + ks * 16), ld32(krow + ks * 16 + 8));
     }
     const bool diagonal = kt == mb;
 #pragma unroll
@@ -212,28 +219,31 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (col < d) zr[col] = f2bf(o[dt][2 * i] * inv_l[i]);
       if (col + 1 < d) zr[col + 1] = f2bf(o[dt][2 * i + 1] * inv_l[i]);
     }
-    if (tq == 0) a0[(static_cast<int64_t>(b) * Hl + h) * T + row] = exp2f(s_key0[i] - m_run[i]) * inv_l[i];
+    if (tq == 0)
+      a0[(static_cast<int64_t>(b) * Hl + h) * T + row] = exp2f(s_key0[i] - m_run[i]) * inv_l[i];
   }
 }
 
 template <int DP>
-void launch(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z, float* a0, int B, int T, int Hl,
-            int KVl, int d, int head_begin, int group, int kv_begin, float scale, cudaStream_t s) {
+void launch(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z, float* a0,
+            int B, int T, int Hl, int KVl, int d, int head_begin, int group, int kv_begin,
+            float scale, cudaStream_t s) {
   constexpr int bytes = smem_bytes<DP>();
   // Per launch: the attribute belongs to the current device, and a host call costs microseconds.
-  CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<DP>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid((T + kBlockM - 1) / kBlockM, Hl, B);
   const float scale_log2 = scale * 1.4426950408889634f;
-  flash_attention_kernel<DP><<<grid, kWarps * 32, bytes, s>>>(Q, K, V, z, a0, T, Hl, KVl, d, head_begin, group,
-                                                              kv_begin, scale_log2);
+  flash_attention_kernel<DP><<<grid, kWarps * 32, bytes, s>>>(
+      Q, K, V, z, a0, T, Hl, KVl, d, head_begin, group, kv_begin, scale_log2);
   CUDA_CHECK_LAUNCH("flash_attention_kernel");
 }
 
 }  // namespace
 
-void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z, float* a0, int B,
-                     int T, int Hl, int KVl, int d, int dp, int head_begin, int group, int kv_begin, float scale,
-                     cudaStream_t s) {
+void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
+                     float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,
+                     int group, int kv_begin, float scale, cudaStream_t s) {
   if (B == 0 || T == 0 || Hl == 0) return;
 #define SINKSCOPE_ATTN_CASE(N) \
   case N:                      \
@@ -248,8 +258,8 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
     SINKSCOPE_ATTN_CASE(112);
     SINKSCOPE_ATTN_CASE(128);
     default:
-      throw_api_failure("CUDA", "unsupported padded head dim " + std::to_string(dp), "flash_attention", __FILE__,
-                        __LINE__);
+      throw_api_failure("CUDA", "unsupported padded head dim " + std::to_string(dp),
+                        "flash_attention", __FILE__, __LINE__);
   }
 #undef SINKSCOPE_ATTN_CASE
 }

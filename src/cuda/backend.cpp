@@ -11,8 +11,8 @@
 //   - routing bookkeeping (sorting the (token, expert) pairs by expert) runs on the device with one
 //     expert-parallel rank, on the host with several (which build per-destination lists anyway).
 // Communication goes through DeviceCollectives (host-staged today, NCCL later).
-#include "model/median.hpp"
 #include "cuda/backend.hpp"
+#include "model/median.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -47,7 +47,8 @@ int visible_device_count() {
 namespace {
 
 int local_rank_hint(const ShardPlan& plan) {
-  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"})
+  for (const char* v :
+       {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"})
     if (const char* s = std::getenv(v); s && *s) return std::atoi(s);
   return plan.rank;
 }
@@ -55,8 +56,8 @@ int local_rank_hint(const ShardPlan& plan) {
 int select_device(const ShardPlan& plan) {
   const int count = visible_device_count();
   if (count == 0)
-    throw RuntimeFailure("--device cuda: no CUDA device is visible to rank " + std::to_string(plan.rank) + " on " +
-                         host_name());
+    throw RuntimeFailure("--device cuda: no CUDA device is visible to rank " +
+                         std::to_string(plan.rank) + " on " + host_name());
   const int dev = local_rank_hint(plan) % count;
   CUDA_CHECK(cudaSetDevice(dev));
   return dev;
@@ -93,8 +94,8 @@ enum Mark : int {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(const Checkpoint* ck, const ModelConfig& cfg, const ShardPlan& plan, ForwardComms comms,
-              ForwardOptions opt, std::optional<uint64_t> seed)
+  CudaBackend(const Checkpoint* ck, const ModelConfig& cfg, const ShardPlan& plan,
+              ForwardComms comms, ForwardOptions opt, std::optional<uint64_t> seed)
       : ck_(ck),
         c_(cfg),
         plan_(plan),
@@ -110,12 +111,14 @@ class CudaBackend final : public Backend {
     if (c_.num_experts > 1024 || c_.top_k > 32)
       throw InputError("--device cuda: at most 1024 experts and top-32 routing are supported");
     if (plan_.etp != 1)
-      throw InputError("--etp " + std::to_string(plan_.etp) + ": the cuda backend keeps whole experts (etp=1)");
-    // Test hook shared with the CPU backend (docs/reliability.md): SINKSCOPE_INJECT_FAULT=RANK:LAYER
-    // makes that world rank throw when it reaches that layer.
+      throw InputError("--etp " + std::to_string(plan_.etp) +
+                       ": the cuda backend keeps whole experts (etp=1)");
+    // Test hook shared with the CPU backend (docs/reliability.md):
+    // SINKSCOPE_INJECT_FAULT=RANK:LAYER makes that world rank throw when it reaches that layer.
     if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
       int rank = -1, layer = -1;
-      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank()) fault_layer_ = layer;
+      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank())
+        fault_layer_ = layer;
     }
     D_ = c_.hidden_size;
     d_ = c_.head_dim;
@@ -174,7 +177,9 @@ class CudaBackend final : public Backend {
   }
   const std::vector<int64_t>& near_ties() const { return near_ties_; }
   int64_t routed() const { return routed_; }
-  bool grouped_used() const { return blas_.grouped_available(Dt::kF32) || blas_.grouped_available(Dt::kBF16); }
+  bool grouped_used() const {
+    return blas_.grouped_available(Dt::kF32) || blas_.grouped_available(Dt::kBF16);
+  }
 
  private:
   cudaStream_t s() const { return stream_.s; }
@@ -208,9 +213,9 @@ class CudaBackend final : public Backend {
     return false;
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
-    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" + component +
-                         ") of probe " + std::to_string(probe) + " in " + (ck_ ? ck_->dir() : "a synthetic model") +
-                         " (cuda)");
+    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" +
+                         component + ") of probe " + std::to_string(probe) + " in " +
+                         (ck_ ? ck_->dir() : "a synthetic model") + " (cuda)");
   }
 
   const Checkpoint* ck_;
@@ -225,7 +230,8 @@ class CudaBackend final : public Backend {
   DeviceModel w_;
   uint64_t weight_device_bytes_ = 0;
 
-  int64_t D_ = 0, d_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0, qkv_ld_ = 0, E_ = 0, K_ = 0, S_ = 1;
+  int64_t D_ = 0, d_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0, qkv_ld_ = 0, E_ = 0,
+          K_ = 0, S_ = 1;
   int64_t group_ = 1, L_ = 0, Ctot_ = 0;
   float eps_ = 1e-6f, scale_ = 1.f;
   ComponentIndex ci_;
@@ -242,7 +248,8 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> cos_, sin_;
   DeviceBuffer<uint8_t> abl_heads_, abl_slots_;  // [L, H], [L, S]
   DeviceBuffer<int32_t> tokens_;
-  DeviceBuffer<float> x_, inv_rx_, qkv_, a0_, partial_, qbar_, zbar_, colmean_, zr_, tp_pack_, wp0_, wrest_;
+  DeviceBuffer<float> x_, inv_rx_, qkv_, a0_, partial_, qbar_, zbar_, colmean_, zr_, tp_pack_, wp0_,
+      wrest_;
   DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
   DeviceBuffer<float> norm_partial_;
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
@@ -270,10 +277,11 @@ void CudaBackend::collect_profile() {
   profile_ = RunProfile{};
   profile_.layers = L_;
   if (!timing_) return;
-  double* slot[kMarks - 1] = {&profile_.qkv_ms,      &profile_.circuit_ms,       &profile_.flash_ms,
-                              &profile_.attn_rest_ms, &profile_.attention_tap_ms, &profile_.route_ms,
-                              &profile_.experts_ms,  &profile_.combine_ms,       &profile_.mlp_tap_ms,
-                              &profile_.residual_tap_ms};
+  double* slot[kMarks - 1] = {&profile_.qkv_ms,           &profile_.circuit_ms,
+                              &profile_.flash_ms,         &profile_.attn_rest_ms,
+                              &profile_.attention_tap_ms, &profile_.route_ms,
+                              &profile_.experts_ms,       &profile_.combine_ms,
+                              &profile_.mlp_tap_ms,       &profile_.residual_tap_ms};
   for (int64_t l = 0; l < L_; ++l)
     for (int w = 0; w + 1 < kMarks; ++w) {
       float ms = 0;
@@ -303,12 +311,15 @@ void CudaBackend::ensure_rope(int64_t T) {
 
 void CudaBackend::upload_ablations() {
   if (!ablations_dirty_) return;
-  std::vector<uint8_t> heads(static_cast<size_t>(L_ * H_), 0), slots(static_cast<size_t>(L_ * S_), 0);
+  std::vector<uint8_t> heads(static_cast<size_t>(L_ * H_), 0),
+      slots(static_cast<size_t>(L_ * S_), 0);
   for (int64_t l = 0; l < L_; ++l) {
-    for (int64_t h = 0; h < H_; ++h) heads[static_cast<size_t>(l * H_ + h)] = ablated(l, Ablation::kHead, h) ? 1 : 0;
+    for (int64_t h = 0; h < H_; ++h)
+      heads[static_cast<size_t>(l * H_ + h)] = ablated(l, Ablation::kHead, h) ? 1 : 0;
     const bool moe = c_.is_moe_layer(l);
     for (int64_t e = 0; e < (moe ? E_ : 1); ++e)
-      slots[static_cast<size_t>(l * S_ + e)] = ablated(l, moe ? Ablation::kExpert : Ablation::kMlp, e) ? 1 : 0;
+      slots[static_cast<size_t>(l * S_ + e)] =
+          ablated(l, moe ? Ablation::kExpert : Ablation::kMlp, e) ? 1 : 0;
   }
   ablate_embed_ = ablated(0, Ablation::kEmbedding, 0);
   abl_heads_.reserve(heads.size());
@@ -320,11 +331,13 @@ void CudaBackend::upload_ablations() {
 }
 
 FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) {
-  const int64_t B = static_cast<int64_t>(tokens.shape.at(0)), T = static_cast<int64_t>(tokens.shape.at(1));
+  const int64_t B = static_cast<int64_t>(tokens.shape.at(0)),
+                T = static_cast<int64_t>(tokens.shape.at(1));
   if (T < 2) throw InputError("probes need at least 2 positions (position 0 and the rest)");
   if (!record_ && !opt_.ablations.empty())
     throw RuntimeFailure("the CUDA backend applies ablations only with recording on");
-  if (B * T * std::max<int64_t>(K_, 1) > INT32_MAX) throw InputError("--device cuda: micro-batch too large");
+  if (B * T * std::max<int64_t>(K_, 1) > INT32_MAX)
+    throw InputError("--device cuda: micro-batch too large");
   CUDA_CHECK(cudaSetDevice(device_));
   B_ = B;
   T_ = T;
@@ -343,7 +356,8 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
   embed(tokens);
   residual_tap(0, obs);
   for (int64_t l = 0; l < L_; ++l) {
-    if (l == fault_layer_) throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
+    if (l == fault_layer_)
+      throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
     mark(l, kLayerStart);
     attention(l, obs);
     mark(l, kAttnTapDone);
@@ -357,8 +371,10 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
     const int64_t V = c_.vocab_size;
     u_.reserve(static_cast<size_t>(BT_ * D_));
     logits_.reserve(static_cast<size_t>(BT_ * V));
-    k::rms_norm(x_.get(), BT_, static_cast<int>(D_), w_.final_norm.get(), eps_, u_.get(), nullptr, nullptr, s());
-    blas_.nt(BT_, V, D_, {u_.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_}, {logits_.get(), Dt::kF32, V});
+    k::rms_norm(x_.get(), BT_, static_cast<int>(D_), w_.final_norm.get(), eps_, u_.get(), nullptr,
+                nullptr, s());
+    blas_.nt(BT_, V, D_, {u_.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_},
+             {logits_.get(), Dt::kF32, V});
     logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
                         "probe,position,vocab");
     to_host(logits.ptr(), logits_.get(), logits.size());
@@ -378,20 +394,23 @@ void CudaBackend::embed(const IntArray& tokens) {
   } else {  // as forward.cpp: the checkpoint's rows in fp32, read on the host
     hx_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
     for (int64_t i = 0; i < BT; ++i)
-      ck_->read_row("model.embed_tokens.weight", tokens.data[static_cast<size_t>(i)], hx_.get() + i * D);
+      ck_->read_row("model.embed_tokens.weight", tokens.data[static_cast<size_t>(i)],
+                    hx_.get() + i * D);
     to_device(x_.get(), hx_.get(), static_cast<size_t>(BT * D));
   }
   delta_.reserve(static_cast<size_t>(std::max<int64_t>(B * Ctot_ * D, 1)));
   p0_sum_.reserve(static_cast<size_t>(std::max<int64_t>(B * D, 1)));
   if (!record_ || B == 0) return;
-  CUDA_CHECK(cudaMemsetAsync(delta_.get(), 0, static_cast<size_t>(B * Ctot_ * D) * sizeof(float), s()));
-  partial_.reserve(static_cast<size_t>(k::column_mean_scratch(static_cast<int>(B), static_cast<int>(T),
-                                                              static_cast<int>(D))));
+  CUDA_CHECK(
+      cudaMemsetAsync(delta_.get(), 0, static_cast<size_t>(B * Ctot_ * D) * sizeof(float), s()));
+  partial_.reserve(static_cast<size_t>(
+      k::column_mean_scratch(static_cast<int>(B), static_cast<int>(T), static_cast<int>(D))));
   colmean_.reserve(static_cast<size_t>(B * D));
-  k::column_mean_rest(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), D, partial_.get(),
-                      colmean_.get(), s());
-  k::embed_p0(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), colmean_.get(), ablate_embed_,
-              delta_.get() + ci_.embed() * D, Ctot_ * D, p0_sum_.get(), s());
+  k::column_mean_rest(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), D,
+                      partial_.get(), colmean_.get(), s());
+  k::embed_p0(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D),
+              colmean_.get(), ablate_embed_, delta_.get() + ci_.embed() * D, Ctot_ * D,
+              p0_sum_.get(), s());
 }
 
 double CudaBackend::abs_median_probe0() {
@@ -440,10 +459,12 @@ void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
   to_host(h_norms_.get(), norms_.get(), static_cast<size_t>(BT));
   if (B > 0)
     CUDA_CHECK(cudaMemcpy2DAsync(h_x0_.get(), static_cast<size_t>(D) * sizeof(float), x_.get(),
-                                 static_cast<size_t>(T * D) * sizeof(float), static_cast<size_t>(D) * sizeof(float),
-                                 static_cast<size_t>(B), cudaMemcpyDeviceToHost, s()));
+                                 static_cast<size_t>(T * D) * sizeof(float),
+                                 static_cast<size_t>(D) * sizeof(float), static_cast<size_t>(B),
+                                 cudaMemcpyDeviceToHost, s()));
   std::vector<float> abs_median(static_cast<size_t>(B), std::nanf(""));
-  if (probe0_ == 0 && B > 0) abs_median[0] = static_cast<float>(abs_median_probe0());  // Sun et al.: probe 0 only
+  if (probe0_ == 0 && B > 0)
+    abs_median[0] = static_cast<float>(abs_median_probe0());  // Sun et al.: probe 0 only
   sync();
   std::vector<float> norm_p0(static_cast<size_t>(B)), rest_median(static_cast<size_t>(B)), rest;
   for (int64_t b = 0; b < B; ++b) {
@@ -455,7 +476,8 @@ void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
       non_finite(index - 1, index == 0 ? "embedding" : "residual", probe0_ + b);
     rest_median[static_cast<size_t>(b)] = static_cast<float>(median_of(rest));
   }
-  ResidualTap tap{index, B, T, D, probe0_, h_x0_.get(), norm_p0.data(), rest_median.data(), abs_median.data()};
+  ResidualTap tap{
+      index, B, T, D, probe0_, h_x0_.get(), norm_p0.data(), rest_median.data(), abs_median.data()};
   obs.on_residual(tap);
 }
 
@@ -477,17 +499,19 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   blas_.nt(C, kw_, D, {delta_.get(), Dt::kF32, D, Ctot_ * D}, {wkg_.get(), Dt::kF32, D, 0},
            {G_.get(), Dt::kF32, kw_, Ctot_ * kw_}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
   // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
-  k::identity_rows(p0_sum_.get(), x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D),
-                   Lw.input_norm.get(), idrows_.get(), s());
-  k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk, static_cast<int>(kw_), D,
-                   kid_.get(), s());
-  k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T), qbar_.get(),
-                    Lw.k_norm.get(), static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
-                    static_cast<int>(plan_.head_begin), static_cast<int>(group_), static_cast<int>(plan_.kv_begin),
-                    eps_, scale_, k0m_.get(), k0s_.get(), qk_.get(), s());
-  k::attr_contract(G_.get(), Ctot_ * kw_, qk_.get(), static_cast<int>(B), static_cast<int>(C), static_cast<int>(Hl_),
-                   static_cast<int>(KVl_), static_cast<int>(d_), static_cast<int>(plan_.head_begin),
-                   static_cast<int>(group_), static_cast<int>(plan_.kv_begin), attr_.get(), s());
+  k::identity_rows(p0_sum_.get(), x_.get(), static_cast<int>(B), static_cast<int>(T),
+                   static_cast<int>(D), Lw.input_norm.get(), idrows_.get(), s());
+  k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
+                   static_cast<int>(kw_), D, kid_.get(), s());
+  k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T),
+                    qbar_.get(), Lw.k_norm.get(), static_cast<int>(Hl_), static_cast<int>(KVl_),
+                    static_cast<int>(d_), static_cast<int>(plan_.head_begin),
+                    static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
+                    k0m_.get(), k0s_.get(), qk_.get(), s());
+  k::attr_contract(G_.get(), Ctot_ * kw_, qk_.get(), static_cast<int>(B), static_cast<int>(C),
+                   static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
+                   static_cast<int>(plan_.head_begin), static_cast<int>(group_),
+                   static_cast<int>(plan_.kv_begin), attr_.get(), s());
 }
 
 void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
@@ -505,53 +529,62 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   tp_pack_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D + B * H_ * 2 * D, 1)));
 
   k::rms_norm(x_.get(), BT, Di, Lw.input_norm.get(), eps_, u_.get(), nullptr, inv_rx_.get(), s());
-  blas_.nt(BT, qkv_ld_, D, {u_.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D}, {qkv_.get(), Dt::kF32, qkv_ld_});
-  k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl), static_cast<int>(KVl_),
-                  static_cast<int>(d), static_cast<int>(dp_), Lw.q_norm.get(), Lw.k_norm.get(), eps_, cos_.get(),
-                  sin_.get(), Qa_.get(), Ka_.get(), Va_.get(), s());
+  blas_.nt(BT, qkv_ld_, D, {u_.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D},
+           {qkv_.get(), Dt::kF32, qkv_ld_});
+  k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
+                  static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
+                  Lw.q_norm.get(), Lw.k_norm.get(), eps_, cos_.get(), sin_.get(), Qa_.get(),
+                  Ka_.get(), Va_.get(), s());
   const int64_t C = ci_.count_before(l);
   if (record_ && B > 0) {
-    partial_.reserve(static_cast<size_t>(k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
+    partial_.reserve(
+        static_cast<size_t>(k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
     qbar_.reserve(static_cast<size_t>(B * qw));
-    k::column_mean_rest(qkv_.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, partial_.get(), qbar_.get(), s());
+    k::column_mean_rest(qkv_.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, partial_.get(),
+                        qbar_.get(), s());
     mark(l, kQkvDone);
     circuit(l, C);
   } else {
     mark(l, kQkvDone);
   }
   mark(l, kCircuitDone);
-  k::flash_attention(Qa_.get(), Ka_.get(), Va_.get(), z_.get(), a0_.get(), Bi, Ti, static_cast<int>(Hl),
-                     static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
-                     static_cast<int>(plan_.head_begin), static_cast<int>(group_), static_cast<int>(plan_.kv_begin),
-                     scale_, s());
+  k::flash_attention(Qa_.get(), Ka_.get(), Va_.get(), z_.get(), a0_.get(), Bi, Ti,
+                     static_cast<int>(Hl), static_cast<int>(KVl_), static_cast<int>(d),
+                     static_cast<int>(dp_), static_cast<int>(plan_.head_begin),
+                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), scale_, s());
   mark(l, kFlashDone);
 
   float* a = tp_pack_.get();
   float* hp = a + BT * D;  // [B, H, {delta, p0}, D]
   if (record_ && B > 0) {
-    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i]: Y = Z_h (M_hi + M_lo) into the (spent) qkv buffer.
+    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i]: Y = Z_h (M_hi + M_lo) into the (spent) qkv
+    // buffer.
     float* Y = qkv_.get();
-    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_hi.get(), Dt::kBF16, d, d * d}, {Y, Dt::kF32, qw, d},
-             1.f, 0.f, static_cast<int>(Hl));
-    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_lo.get(), Dt::kBF16, d, d * d}, {Y, Dt::kF32, qw, d},
-             1.f, 1.f, static_cast<int>(Hl));
+    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_hi.get(), Dt::kBF16, d, d * d},
+             {Y, Dt::kF32, qw, d}, 1.f, 0.f, static_cast<int>(Hl));
+    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_lo.get(), Dt::kBF16, d, d * d},
+             {Y, Dt::kF32, qw, d}, 1.f, 1.f, static_cast<int>(Hl));
     wp0_.reserve(static_cast<size_t>(B * Hl));
     wrest_.reserve(static_cast<size_t>(B * Hl));
-    norm_partial_.reserve(static_cast<size_t>(k::head_write_norms_scratch(Bi, static_cast<int>(Hl))));
-    k::head_write_norms(Y, z_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), norm_partial_.get(), wp0_.get(),
-                        wrest_.get(), s());
+    norm_partial_.reserve(
+        static_cast<size_t>(k::head_write_norms_scratch(Bi, static_cast<int>(Hl))));
+    k::head_write_norms(Y, z_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d),
+                        norm_partial_.get(), wp0_.get(), wrest_.get(), s());
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
     zbar_.reserve(static_cast<size_t>(B * qw));
-    k::column_mean_rest(z_.get(), Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(), s());
+    k::column_mean_rest(z_.get(), Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(),
+                        s());
     zr_.reserve(static_cast<size_t>(Hl * B * 2 * d));
-    k::z_rows(z_.get(), zbar_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), zr_.get(), s());
+    k::z_rows(z_.get(), zbar_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), zr_.get(),
+              s());
     CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
-    k::head_pack(zr_.get(), Lw.wo.get(), Bi, static_cast<int>(Hl), static_cast<int>(d), Di, static_cast<int>(H_),
-                 static_cast<int>(plan_.head_begin), hp, s());
+    k::head_pack(zr_.get(), Lw.wo.get(), Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
+                 static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
   // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
   if (coll_.tp_size() == 1) {
-    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {x_.get(), Dt::kF32, D}, 1.f, 1.f);
+    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+             {x_.get(), Dt::kF32, D}, 1.f, 1.f);
   } else {
     blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {a, Dt::kF32, D});
     coll_.tp_allreduce_sum(a, static_cast<size_t>(record_ ? BT * D + B * H_ * 2 * D : BT * D));
@@ -563,9 +596,10 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   }
   // Heads' deltas for later targets, mean-ablation at position 0, p0_sum (after the attributions
   // above read the upstream state, as in forward.cpp).
-  k::finish_components({hp + D, H_ * 2 * D, 2 * D, hp, H_ * 2 * D, 2 * D, false}, Bi, static_cast<int>(H_), Di, Ti,
-                       abl_heads_.get() + l * H_, delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D,
-                       p0_sum_.get(), s());
+  k::finish_components({hp + D, H_ * 2 * D, 2 * D, hp, H_ * 2 * D, 2 * D, false}, Bi,
+                       static_cast<int>(H_), Di, Ti, abl_heads_.get() + l * H_,
+                       delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D, p0_sum_.get(),
+                       s());
   mark(l, kAttnDone);
 
   const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
@@ -589,7 +623,8 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   std::vector<float> a0_mean(n_bh);
   for (size_t bh = 0; bh < n_bh; ++bh) {
     double sum = 0;
-    for (int64_t i = 0; i < T; ++i) sum += h_a0_[bh * static_cast<size_t>(T) + static_cast<size_t>(i)];
+    for (int64_t i = 0; i < T; ++i)
+      sum += h_a0_[bh * static_cast<size_t>(T) + static_cast<size_t>(i)];
     a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
   }
   for (int64_t b = 0; b < B; ++b) {
@@ -597,14 +632,30 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
     for (int64_t h = 0; h < Hl; ++h) sum += h_wp0[b * Hl + h] + h_wrest[b * Hl + h];
     if (!std::isfinite(sum)) non_finite(l, "attention", probe0_ + b);
   }
-  AttentionTap tap{l,          B,         T,           D,       d,   probe0_, plan_.head_begin, Hl, a0_mean.data(),
-                   h_a0_.get(), h_wp0,    h_wrest,     h_attr_.get(), C, h_k0m,  h_k0s,           plan_.kv_begin,
+  AttentionTap tap{l,
+                   B,
+                   T,
+                   D,
+                   d,
+                   probe0_,
+                   plan_.head_begin,
+                   Hl,
+                   a0_mean.data(),
+                   h_a0_.get(),
+                   h_wp0,
+                   h_wrest,
+                   h_attr_.get(),
+                   C,
+                   h_k0m,
+                   h_k0s,
+                   plan_.kv_begin,
                    KVl_};
   obs.on_attention(tap);
 }
 
-void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& counts,
-                             const std::vector<int64_t>& offsets, int64_t rows, float* out) {
+void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X,
+                             const std::vector<int>& counts, const std::vector<int64_t>& offsets,
+                             int64_t rows, float* out) {
   if (rows == 0) return;
   const int64_t I = Lw.inter, D = D_;
   h_.reserve(static_cast<size_t>(rows * 2 * I));
@@ -621,7 +672,8 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   const int P = coll_.ep_size();
   out_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
   xg_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
-  k::gather_rows(u_.get(), ipack_.get(), static_cast<int>(K), npairs, static_cast<int>(D), xg_.get(), s());
+  k::gather_rows(u_.get(), ipack_.get(), static_cast<int>(K), npairs, static_cast<int>(D),
+                 xg_.get(), s());
   if (P == 1) {  // every expert is here: run them on the gathered rows directly
     expert_ffn(Lw, xg_.get(), counts_, offsets_, npairs, out_.get());
     return out_.get();
@@ -653,13 +705,16 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   std::vector<int> cnt(static_cast<size_t>(El), 0);
   std::vector<int64_t> local(static_cast<size_t>(npr));
   for (int64_t i = 0; i < npr; ++i) {
-    const int64_t e = static_cast<int64_t>(recv[static_cast<size_t>(i * (D + 1))]) - plan_.expert_begin;
+    const int64_t e =
+        static_cast<int64_t>(recv[static_cast<size_t>(i * (D + 1))]) - plan_.expert_begin;
     if (e < 0 || e >= El) throw RuntimeFailure("expert dispatch reached the wrong rank");
     local[static_cast<size_t>(i)] = e;
     ++cnt[static_cast<size_t>(e)];
   }
-  std::vector<int64_t> off(static_cast<size_t>(El), 0), fill(static_cast<size_t>(El), 0), slot(static_cast<size_t>(npr));
-  for (int64_t e = 1; e < El; ++e) off[static_cast<size_t>(e)] = off[static_cast<size_t>(e - 1)] + cnt[static_cast<size_t>(e - 1)];
+  std::vector<int64_t> off(static_cast<size_t>(El), 0), fill(static_cast<size_t>(El), 0),
+      slot(static_cast<size_t>(npr));
+  for (int64_t e = 1; e < El; ++e)
+    off[static_cast<size_t>(e)] = off[static_cast<size_t>(e - 1)] + cnt[static_cast<size_t>(e - 1)];
   std::vector<bf16_bits> xin(static_cast<size_t>(npr * D));
   for (int64_t i = 0; i < npr; ++i) {
     const size_t e = static_cast<size_t>(local[static_cast<size_t>(i)]);
@@ -680,11 +735,13 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
     std::memcpy(answer.data() + i * D, h_out2_.get() + slot[static_cast<size_t>(i)] * D,
                 static_cast<size_t>(D) * sizeof(float));
   std::vector<size_t> back_counts(recv_counts.size());
-  for (size_t r = 0; r < recv_counts.size(); ++r) back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
+  for (size_t r = 0; r < recv_counts.size(); ++r)
+    back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
   std::vector<float> back;
   std::vector<size_t> back_recv_counts;
   coll_.ep_alltoallv(answer, back_counts, &back, &back_recv_counts);
-  if (static_cast<int64_t>(back.size()) != npairs * D) throw RuntimeFailure("expert answers do not match the pairs sent");
+  if (static_cast<int64_t>(back.size()) != npairs * D)
+    throw RuntimeFailure("expert answers do not match the pairs sent");
   to_device(out_.get(), back.data(), back.size());
   return out_.get();
 }
@@ -711,7 +768,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
 
   u_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
   if (moe) u32_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
-  k::rms_norm(x_.get() + s0 * D, n, Di, Lw.post_norm.get(), eps_, u_.get(), moe ? u32_.get() : nullptr, nullptr, s());
+  k::rms_norm(x_.get() + s0 * D, n, Di, Lw.post_norm.get(), eps_, u_.get(),
+              moe ? u32_.get() : nullptr, nullptr, s());
 
   std::vector<int32_t> segs, items;  // (begin, end, out) and (row, out), rows in this block's order
   std::vector<float> r0h(static_cast<size_t>(B * E1), 0.f), rch(static_cast<size_t>(E1), 0.f);
@@ -723,18 +781,20 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
     h_ids_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     h_gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
-    blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D}, {router_logits_.get(), Dt::kF32, E});
-    k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K), c_.norm_topk_prob, ids_.get(),
-                   tw_.get(), gap_.get(), s());
-    // The routing bookkeeping. One expert-parallel rank: on the device (a histogram, its E counts to
-    // the host for the grouped product's sizes, a stable counting sort). Several: on the host, which
-    // must build the per-destination send lists anyway.
+    blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
+             {router_logits_.get(), Dt::kF32, E});
+    k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K),
+                   c_.norm_topk_prob, ids_.get(), tw_.get(), gap_.get(), s());
+    // The routing bookkeeping. One expert-parallel rank: on the device (a histogram, its E counts
+    // to the host for the grouped product's sizes, a stable counting sort). Several: on the host,
+    // which must build the per-destination send lists anyway.
     const bool device_routing = coll_.ep_size() == 1;
     if (device_routing) {
       cnt_dev_.reserve(static_cast<size_t>(E + 1));
       off_dev_.reserve(static_cast<size_t>(E));
       h_cnt_.reserve(static_cast<size_t>(E + 1));
-      k::expert_histogram(ids_.get(), npairs, static_cast<int>(E), gap_.get(), n, cnt_dev_.get(), s());
+      k::expert_histogram(ids_.get(), npairs, static_cast<int>(E), gap_.get(), n, cnt_dev_.get(),
+                          s());
       to_host(h_cnt_.get(), cnt_dev_.get(), static_cast<size_t>(E + 1));
       sync();
       int64_t total = 0;
@@ -752,8 +812,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
       routed_ += n;
       to_device(off_dev_.get(), off32.data(), off32.size());
       ipack_.reserve(static_cast<size_t>(std::max<int64_t>(2 * npairs, 1)));
-      k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), ipack_.get(), ipack_.get() + npairs,
-                     s());
+      k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), ipack_.get(),
+                     ipack_.get() + npairs, s());
     } else {
       to_host(h_ids_.get(), ids_.get(), static_cast<size_t>(npairs));
       to_host(h_gap_.get(), gap_.get(), static_cast<size_t>(n));
@@ -765,12 +825,14 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
       counts_.assign(static_cast<size_t>(E), 0);
       for (int64_t p = 0; p < npairs; ++p) {
         const int32_t e = h_ids_[static_cast<size_t>(p)];
-        if (e < 0 || e >= E) non_finite(l, "router", probe0_ + (s0 + p / K) / T);  // NaN logits pick no expert
+        if (e < 0 || e >= E)
+          non_finite(l, "router", probe0_ + (s0 + p / K) / T);  // NaN logits pick no expert
         ++counts_[static_cast<size_t>(e)];
       }
       offsets_.assign(static_cast<size_t>(E), 0);
       for (int64_t e = 1; e < E; ++e)
-        offsets_[static_cast<size_t>(e)] = offsets_[static_cast<size_t>(e - 1)] + counts_[static_cast<size_t>(e - 1)];
+        offsets_[static_cast<size_t>(e)] =
+            offsets_[static_cast<size_t>(e - 1)] + counts_[static_cast<size_t>(e - 1)];
       std::vector<int64_t> fill(offsets_);
       src_pair_.assign(static_cast<size_t>(npairs), 0);
       pos_of_pair_.assign(static_cast<size_t>(npairs), 0);
@@ -782,7 +844,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
       // Segments of one (expert, probe) each; position-0 pairs; routing counts.
       for (int64_t e = 0; e < E; ++e) {
         int64_t seg_b = -1, seg_begin = 0;
-        const int64_t pe0 = offsets_[static_cast<size_t>(e)], pe1 = pe0 + counts_[static_cast<size_t>(e)];
+        const int64_t pe0 = offsets_[static_cast<size_t>(e)],
+                      pe1 = pe0 + counts_[static_cast<size_t>(e)];
         for (int64_t pos = pe0; pos <= pe1; ++pos) {
           const int64_t token = pos < pe1 ? s0 + src_pair_[static_cast<size_t>(pos)] / K : -1;
           const int64_t b = pos < pe1 ? token / T : -2;
@@ -807,29 +870,32 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
       std::copy(src_pair_.begin(), src_pair_.end(), pack.begin());
       std::copy(pos_of_pair_.begin(), pos_of_pair_.end(), pack.begin() + npairs);
       std::copy(segs.begin(), segs.end(), pack.begin() + 2 * npairs);
-      std::copy(items.begin(), items.end(), pack.begin() + 2 * npairs + static_cast<long>(segs.size()));
+      std::copy(items.begin(), items.end(),
+                pack.begin() + 2 * npairs + static_cast<long>(segs.size()));
       ipack_.reserve(std::max<size_t>(pack.size(), 1));
       to_device(ipack_.get(), pack.data(), pack.size());
     }
     pos_w_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     pos_tok_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
-    k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(), pos_tok_.get(), s());
+    k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(),
+                 pos_tok_.get(), s());
     mark(l, kRouted);
 
     const float* back = moe_experts(Lw, n);
     mark(l, kExpertsDone);
     k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
     if (record_ && device_routing) {
-      k::expert_rest_sums(back, pos_w_.get(), pos_tok_.get(), off_dev_.get(), cnt_dev_.get(), static_cast<int>(E),
-                          static_cast<int>(B), Ti, static_cast<int>(S), Di, rest, s());
+      k::expert_rest_sums(back, pos_w_.get(), pos_tok_.get(), off_dev_.get(), cnt_dev_.get(),
+                          static_cast<int>(E), static_cast<int>(B), Ti, static_cast<int>(S), Di,
+                          rest, s());
       k::expert_p0_and_counts(back, pos_w_.get(), ids_.get(), ipack_.get() + npairs, cnt_dev_.get(),
-                              static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0, s1,
-                              static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());
+                              static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0,
+                              s1, static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());
     } else if (record_) {
       const int32_t* d_segs = ipack_.get() + 2 * npairs;
       const int32_t* d_items = d_segs + segs.size();
-      k::segment_sums(back, pos_w_.get(), pos_tok_.get(), 0, d_segs, static_cast<int>(segs.size() / 3), Di, Ti, rest,
-                      s());
+      k::segment_sums(back, pos_w_.get(), pos_tok_.get(), 0, d_segs,
+                      static_cast<int>(segs.size() / 3), Di, Ti, rest, s());
       k::p0_rows(back, pos_w_.get(), d_items, static_cast<int>(items.size() / 2), Di, p0, n0, s());
       to_device(m + off_r0, r0h.data(), r0h.size());
       to_device(m + off_rc, rch.data(), rch.size());
@@ -840,33 +906,40 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     if (n > 0) {
       h_.reserve(static_cast<size_t>(n * 2 * I));
       act_.reserve(static_cast<size_t>(n * I));
-      blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D}, {h_.get(), Dt::kBF16, 2 * I});
+      blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
+               {h_.get(), Dt::kBF16, 2 * I});
       k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
-      blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I}, {m + s0 * D, Dt::kF32, D});
+      blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I},
+               {m + s0 * D, Dt::kF32, D});
     }
     mark(l, kExpertsDone);
     if (record_) {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r0 = std::max(s0, b * T + 1), r1 = std::min(s1, (b + 1) * T);
         if (r0 < r1)
-          segs.insert(segs.end(), {static_cast<int32_t>(r0 - s0), static_cast<int32_t>(r1 - s0), static_cast<int32_t>(b * S)});
-        if (b * T >= s0 && b * T < s1) items.insert(items.end(), {static_cast<int32_t>(b * T - s0), static_cast<int32_t>(b * S)});
+          segs.insert(segs.end(), {static_cast<int32_t>(r0 - s0), static_cast<int32_t>(r1 - s0),
+                                   static_cast<int32_t>(b * S)});
+        if (b * T >= s0 && b * T < s1)
+          items.insert(items.end(),
+                       {static_cast<int32_t>(b * T - s0), static_cast<int32_t>(b * S)});
       }
       std::vector<int32_t> pack(segs);
       pack.insert(pack.end(), items.begin(), items.end());
       ipack_.reserve(std::max<size_t>(pack.size(), 1));
       to_device(ipack_.get(), pack.data(), pack.size());
-      k::segment_sums(m + s0 * D, nullptr, nullptr, s0, ipack_.get(), static_cast<int>(segs.size() / 3), Di, Ti, rest,
-                      s());
-      k::p0_rows(m + s0 * D, nullptr, ipack_.get() + segs.size(), static_cast<int>(items.size() / 2), Di, p0, n0, s());
+      k::segment_sums(m + s0 * D, nullptr, nullptr, s0, ipack_.get(),
+                      static_cast<int>(segs.size() / 3), Di, Ti, rest, s());
+      k::p0_rows(m + s0 * D, nullptr, ipack_.get() + segs.size(),
+                 static_cast<int>(items.size() / 2), Di, p0, n0, s());
     }
   }
   coll_.tp_allreduce_sum(mbuf_.get(), static_cast<size_t>(record_ ? total : BT * D));
 
   if (record_) {
-    k::finish_components({p0, S * D, D, rest, S * D, D, true}, static_cast<int>(B), static_cast<int>(nslots), Di, Ti,
-                         abl_slots_.get() + l * S, delta_.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D,
-                         p0_sum_.get(), s());
+    k::finish_components({p0, S * D, D, rest, S * D, D, true}, static_cast<int>(B),
+                         static_cast<int>(nslots), Di, Ti, abl_slots_.get() + l * S,
+                         delta_.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D, p0_sum_.get(),
+                         s());
     norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
     k::row_norms(m, BT, Di, D, norms_.get(), s());
   }
@@ -894,7 +967,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     if (!std::isfinite(out_p0[static_cast<size_t>(b)] + out_rest[static_cast<size_t>(b)]))
       non_finite(l, moe ? "moe" : "mlp", probe0_ + b);
   }
-  MlpTap tap{l, B, T, D, probe0_, moe, E, out_p0.data(), out_rest.data(), expert_p0.data(), h_r0, h_rc};
+  MlpTap tap{l,    B,   T, D, probe0_, moe, E, out_p0.data(), out_rest.data(), expert_p0.data(),
+             h_r0, h_rc};
   obs.on_mlp(tap);
 }
 
@@ -915,19 +989,23 @@ void set_recording(Backend& backend, bool record) { cuda_of(backend).set_record(
 void set_phase_timing(Backend& backend, bool on) { cuda_of(backend).set_timing(on); }
 RunProfile last_run_profile(const Backend& backend) { return cuda_of(backend).profile(); }
 MemoryReport memory_report(const Backend& backend) { return cuda_of(backend).memory(); }
-std::vector<int64_t> near_tie_counts(const Backend& backend) { return cuda_of(backend).near_ties(); }
+std::vector<int64_t> near_tie_counts(const Backend& backend) {
+  return cuda_of(backend).near_ties();
+}
 int64_t routed_tokens(const Backend& backend) { return cuda_of(backend).routed(); }
 bool grouped_gemm_used(const Backend& backend) { return cuda_of(backend).grouped_used(); }
 
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(const Checkpoint& ckpt, const ShardPlan& plan, ForwardComms comms,
-                                           ForwardOptions options) {
-  return std::make_unique<cuda::CudaBackend>(&ckpt, ckpt.config(), plan, comms, std::move(options), std::nullopt);
+std::unique_ptr<Backend> make_cuda_backend(const Checkpoint& ckpt, const ShardPlan& plan,
+                                           ForwardComms comms, ForwardOptions options) {
+  return std::make_unique<cuda::CudaBackend>(&ckpt, ckpt.config(), plan, comms, std::move(options),
+                                             std::nullopt);
 }
 
 std::unique_ptr<Backend> make_cuda_backend_synthetic(const ModelConfig& cfg, const ShardPlan& plan,
-                                                     ForwardComms comms, ForwardOptions options, uint64_t seed) {
+                                                     ForwardComms comms, ForwardOptions options,
+                                                     uint64_t seed) {
   return std::make_unique<cuda::CudaBackend>(nullptr, cfg, plan, comms, std::move(options), seed);
 }
 

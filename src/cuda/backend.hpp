@@ -15,17 +15,20 @@ namespace sinkscope {
 
 class Checkpoint;
 
-// Loads this rank's shard of `ckpt` (which must outlive the backend: embeddings are read row by row)
-// as bf16 onto the GPU of this rank (local rank modulo the visible devices). Throws RuntimeFailure
-// when no GPU is visible and InputError for shapes the kernels do not take (head_dim > 128 or odd).
-std::unique_ptr<Backend> make_cuda_backend(const Checkpoint& ckpt, const ShardPlan& plan, ForwardComms comms,
-                                           ForwardOptions options);
+// Loads this rank's shard of `ckpt` (which must outlive the backend: embeddings are read row by
+// row) as bf16 onto the GPU of this rank (local rank modulo the visible devices). Throws
+// RuntimeFailure when no GPU is visible and InputError for shapes the kernels do not take (head_dim
+// > 128 or odd).
+std::unique_ptr<Backend> make_cuda_backend(const Checkpoint& ckpt, const ShardPlan& plan,
+                                           ForwardComms comms, ForwardOptions options);
 
-// FOR BENCHMARKS ONLY: a backend with random bf16 weights of cfg's shape made directly on the device
-// (no checkpoint, nothing read from disk; the same seed and shape give the same weights under any
-// layout). Tokens embed from a random table. Its numbers measure speed and memory, nothing else.
+// FOR BENCHMARKS ONLY: a backend with random bf16 weights of cfg's shape made directly on the
+// device (no checkpoint, nothing read from disk; the same seed and shape give the same weights
+// under any layout). Tokens embed from a random table. Its numbers measure speed and memory,
+// nothing else.
 std::unique_ptr<Backend> make_cuda_backend_synthetic(const ModelConfig& cfg, const ShardPlan& plan,
-                                                     ForwardComms comms, ForwardOptions options, uint64_t seed);
+                                                     ForwardComms comms, ForwardOptions options,
+                                                     uint64_t seed);
 
 namespace cuda {
 
@@ -37,10 +40,11 @@ int visible_device_count();
 struct RunProfile {
   int64_t layers = 0;
   // Device time (CUDA events) summed over the layers of the last run, phase by phase.
-  double qkv_ms = 0;            // input norm, qkv product, q/k norm + RoPE (+ qbar when recording)
-  double circuit_ms = 0;        // circuit attribution (recording only)
-  double flash_ms = 0;          // fused attention
-  double attn_rest_ms = 0;      // head write norms / vectors, o_proj, tp all-reduce, component bookkeeping
+  double qkv_ms = 0;      // input norm, qkv product, q/k norm + RoPE (+ qbar when recording)
+  double circuit_ms = 0;  // circuit attribution (recording only)
+  double flash_ms = 0;    // fused attention
+  double attn_rest_ms =
+      0;  // head write norms / vectors, o_proj, tp all-reduce, component bookkeeping
   double attention_tap_ms = 0;  // attention tap copy + observer
   double route_ms = 0;          // post norm, router, top-k, routing round trip to the host
   double experts_ms = 0;        // gather + expert products + SwiGLU (dense MLP on dense layers)
@@ -52,9 +56,9 @@ struct RunProfile {
   double taps_ms() const { return attention_tap_ms + mlp_tap_ms + residual_tap_ms; }
 };
 struct MemoryReport {
-  uint64_t weight_bytes = 0;    // device bytes of the model shard
-  uint64_t held_bytes = 0;      // device bytes held by the backend now (weights + scratch)
-  uint64_t device_used = 0;     // cudaMemGetInfo: total - free (every process and library on the GPU)
+  uint64_t weight_bytes = 0;  // device bytes of the model shard
+  uint64_t held_bytes = 0;    // device bytes held by the backend now (weights + scratch)
+  uint64_t device_used = 0;   // cudaMemGetInfo: total - free (every process and library on the GPU)
   uint64_t device_total = 0;
 };
 // false: the plain forward (no recording kernels, no copies, no observer calls; ablations refused).

@@ -15,7 +15,8 @@ std::string& context() {
 
 void set_error_context(std::string c) { context() = std::move(c); }
 
-void throw_api_failure(const char* api, const std::string& status, const char* call, const char* file, int line) {
+void throw_api_failure(const char* api, const std::string& status, const char* call,
+                       const char* file, int line) {
   int device = -1;
   std::string device_name = "?";
   if (cudaGetDevice(&device) == cudaSuccess) {
@@ -23,9 +24,9 @@ void throw_api_failure(const char* api, const std::string& status, const char* c
     if (cudaGetDeviceProperties(&prop, device) == cudaSuccess) device_name = prop.name;
   }
   std::string where = context().empty() ? std::string() : ", " + context();
-  throw RuntimeFailure(std::string(api) + " error " + status + " in `" + call + "` at " + file + ":" +
-                       std::to_string(line) + " on device " + std::to_string(device) + " (" + device_name + ")" +
-                       where);
+  throw RuntimeFailure(std::string(api) + " error " + status + " in `" + call + "` at " + file +
+                       ":" + std::to_string(line) + " on device " + std::to_string(device) + " (" +
+                       device_name + ")" + where);
 }
 
 }  // namespace sinkscope::cuda

@@ -15,8 +15,10 @@ constexpr int kMaxLaneElems = 4;  // d <= 128 over 32 lanes
 // Block (h, b, chunk) takes rows [i0, i1) of its probe; warp per row, lanes over the head dims.
 // partial[(b * Hl + h) * chunks + chunk] = sum of ||w|| over its rows i >= 1.
 constexpr int kNormChunks = 32;
-__global__ void head_write_norms_kernel(const float* __restrict__ Y, const bf16_bits* __restrict__ z, int T, int Hl,
-                                        int d, int chunks, float* __restrict__ wp0, float* __restrict__ partial) {
+__global__ void head_write_norms_kernel(const float* __restrict__ Y,
+                                        const bf16_bits* __restrict__ z, int T, int Hl, int d,
+                                        int chunks, float* __restrict__ wp0,
+                                        float* __restrict__ partial) {
   const int h = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t ld = static_cast<int64_t>(Hl) * d;
@@ -40,8 +42,8 @@ __global__ void head_write_norms_kernel(const float* __restrict__ Y, const bf16_
   if (threadIdx.x == 0) partial[(static_cast<int64_t>(b) * Hl + h) * chunks + chunk] = rest;
 }
 
-__global__ void head_write_norms_finish_kernel(const float* __restrict__ partial, int n, int chunks, int T,
-                                               float* __restrict__ wrest) {
+__global__ void head_write_norms_finish_kernel(const float* __restrict__ partial, int n, int chunks,
+                                               int T, float* __restrict__ wrest) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   double acc = 0;
@@ -49,8 +51,8 @@ __global__ void head_write_norms_finish_kernel(const float* __restrict__ partial
   wrest[i] = static_cast<float>(acc / (T - 1));
 }
 
-__global__ void z_rows_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar, int B, int T, int Hl,
-                              int d, float* __restrict__ zr) {
+__global__ void z_rows_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar,
+                              int B, int T, int Hl, int d, float* __restrict__ zr) {
   const int64_t n = static_cast<int64_t>(Hl) * B * d;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -67,8 +69,9 @@ __global__ void z_rows_kernel(const bf16_bits* __restrict__ z, const float* __re
 }
 
 // Warp per (output channel c, local head h).
-__global__ void head_pack_kernel(const float* __restrict__ zr, const bf16_bits* __restrict__ Wo, int B, int Hl, int d,
-                                 int D, int H, int head_begin, float* __restrict__ hp) {
+__global__ void head_pack_kernel(const float* __restrict__ zr, const bf16_bits* __restrict__ Wo,
+                                 int B, int Hl, int d, int D, int H, int head_begin,
+                                 float* __restrict__ hp) {
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int h = blockIdx.y;
@@ -96,7 +99,8 @@ __global__ void head_pack_kernel(const float* __restrict__ zr, const bf16_bits* 
   }
 }
 
-__global__ void finish_components_kernel(ComponentRows rows, int S, int D, int T, const uint8_t* __restrict__ ablated,
+__global__ void finish_components_kernel(ComponentRows rows, int S, int D, int T,
+                                         const uint8_t* __restrict__ ablated,
                                          float* __restrict__ delta_store, int64_t delta_bstride,
                                          float* __restrict__ target, int64_t target_bstride,
                                          float* __restrict__ p0_sum) {
@@ -127,20 +131,23 @@ __global__ void scale_columns_kernel(const bf16_bits* __restrict__ W, int64_t n,
     out[i] = bf2f(W[i]) * col_scale[i % cols];
 }
 
-__global__ void identity_rows_kernel(const float* __restrict__ p0_sum, const float* __restrict__ x, int T, int D,
-                                     const float* __restrict__ gamma, float* __restrict__ rows) {
+__global__ void identity_rows_kernel(const float* __restrict__ p0_sum, const float* __restrict__ x,
+                                     int T, int D, const float* __restrict__ gamma,
+                                     float* __restrict__ rows) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y;
   if (c >= D) return;
   rows[(static_cast<int64_t>(b) * 2) * D + c] = p0_sum[static_cast<int64_t>(b) * D + c] * gamma[c];
-  rows[(static_cast<int64_t>(b) * 2 + 1) * D + c] = x[static_cast<int64_t>(b) * T * D + c] * gamma[c];
+  rows[(static_cast<int64_t>(b) * 2 + 1) * D + c] =
+      x[static_cast<int64_t>(b) * T * D + c] * gamma[c];
 }
 
 constexpr int kRowChunk = 8;
 
 // Warp per output column n; the R rows in chunks of kRowChunk accumulators.
-__global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K, const bf16_bits* __restrict__ W, int N,
-                                     int64_t ldw, float* __restrict__ out) {
+__global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K,
+                                     const bf16_bits* __restrict__ W, int N, int64_t ldw,
+                                     float* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= N) return;
@@ -163,11 +170,13 @@ __global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K, 
   }
 }
 
-__global__ void circuit_finish_kernel(const float* __restrict__ kid, const float* __restrict__ inv_rx, int T,
-                                      const float* __restrict__ qbar, const float* __restrict__ k_norm, int Hl,
-                                      int KVl, int d, int head_begin, int group, int kv_begin, float eps, float scale,
-                                      float* __restrict__ k0_model, float* __restrict__ k0_sum,
-                                      float* __restrict__ qk) {
+__global__ void circuit_finish_kernel(const float* __restrict__ kid,
+                                      const float* __restrict__ inv_rx, int T,
+                                      const float* __restrict__ qbar,
+                                      const float* __restrict__ k_norm, int Hl, int KVl, int d,
+                                      int head_begin, int group, int kv_begin, float eps,
+                                      float scale, float* __restrict__ k0_model,
+                                      float* __restrict__ k0_sum, float* __restrict__ qk) {
   extern __shared__ float inv_rk[];  // [KVl]
   const int b = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -202,12 +211,14 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid, const float
 }
 
 // Warp per source slot c.
-__global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstride, const float* __restrict__ qk,
-                                     int C, int Hl, int KVl, int d, int head_begin, int group, int kv_begin,
+__global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstride,
+                                     const float* __restrict__ qk, int C, int Hl, int KVl, int d,
+                                     int head_begin, int group, int kv_begin,
                                      float* __restrict__ attr) {
   extern __shared__ float qk_s[];  // [Hl * d]
   const int b = blockIdx.y;
-  for (int i = threadIdx.x; i < Hl * d; i += blockDim.x) qk_s[i] = qk[static_cast<int64_t>(b) * Hl * d + i];
+  for (int i = threadIdx.x; i < Hl * d; i += blockDim.x)
+    qk_s[i] = qk[static_cast<int64_t>(b) * Hl * d + i];
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -217,7 +228,8 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
   for (int h = 0; h < Hl; ++h) {
     const int g = (head_begin + h) / group - kv_begin;
     float acc = 0.f;
-    for (int j = lane; j < d; j += 32) acc += grow[static_cast<int64_t>(g) * d + j] * qk_s[h * d + j];
+    for (int j = lane; j < d; j += 32)
+      acc += grow[static_cast<int64_t>(g) * d + j] * qk_s[h * d + j];
     acc = warp_sum(acc);
     if (lane == 0) attr[(static_cast<int64_t>(b) * Hl + h) * C + c] = acc;
   }
@@ -225,79 +237,88 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
 
 }  // namespace
 
-int64_t head_write_norms_scratch(int B, int Hl) { return static_cast<int64_t>(B) * Hl * kNormChunks; }
+int64_t head_write_norms_scratch(int B, int Hl) {
+  return static_cast<int64_t>(B) * Hl * kNormChunks;
+}
 
-void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d, float* partial, float* wp0,
-                      float* wrest, cudaStream_t s) {
+void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d,
+                      float* partial, float* wp0, float* wrest, cudaStream_t s) {
   if (B == 0 || Hl == 0) return;
   const int chunks = std::max(1, std::min(kNormChunks, T / 64));
   head_write_norms_kernel<<<dim3(Hl, B, chunks), 256, 0, s>>>(Y, z, T, Hl, d, chunks, wp0, partial);
   CUDA_CHECK_LAUNCH("head_write_norms_kernel");
-  head_write_norms_finish_kernel<<<(B * Hl + 127) / 128, 128, 0, s>>>(partial, B * Hl, chunks, T, wrest);
+  head_write_norms_finish_kernel<<<(B * Hl + 127) / 128, 128, 0, s>>>(partial, B * Hl, chunks, T,
+                                                                      wrest);
   CUDA_CHECK_LAUNCH("head_write_norms_finish_kernel");
 }
 
-void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr, cudaStream_t s) {
+void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr,
+            cudaStream_t s) {
   const int64_t n = static_cast<int64_t>(Hl) * B * d;
   if (n == 0) return;
   z_rows_kernel<<<grid_for(n, 256, 4096), 256, 0, s>>>(z, zbar, B, T, Hl, d, zr);
   CUDA_CHECK_LAUNCH("z_rows_kernel");
 }
 
-void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D, int H, int head_begin, float* hp,
-               cudaStream_t s) {
+void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D, int H,
+               int head_begin, float* hp, cudaStream_t s) {
   if (B == 0 || Hl == 0) return;
   head_pack_kernel<<<dim3((D + 7) / 8, Hl), 256, 0, s>>>(zr, Wo, B, Hl, d, D, H, head_begin, hp);
   CUDA_CHECK_LAUNCH("head_pack_kernel");
 }
 
-void finish_components(const ComponentRows& rows, int B, int S, int D, int T, const uint8_t* ablated,
-                       float* delta_store, int64_t delta_bstride, float* target, int64_t target_bstride,
-                       float* p0_sum, cudaStream_t s) {
+void finish_components(const ComponentRows& rows, int B, int S, int D, int T,
+                       const uint8_t* ablated, float* delta_store, int64_t delta_bstride,
+                       float* target, int64_t target_bstride, float* p0_sum, cudaStream_t s) {
   if (B == 0 || S == 0) return;
-  finish_components_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(rows, S, D, T, ablated, delta_store,
-                                                                    delta_bstride, target, target_bstride, p0_sum);
+  finish_components_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(
+      rows, S, D, T, ablated, delta_store, delta_bstride, target, target_bstride, p0_sum);
   CUDA_CHECK_LAUNCH("finish_components_kernel");
 }
 
-void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_scale, float* out, cudaStream_t s) {
+void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_scale, float* out,
+                   cudaStream_t s) {
   const int64_t n = rows * cols;
   if (n == 0) return;
   scale_columns_kernel<<<grid_for(n, 256, 8192), 256, 0, s>>>(W, n, cols, col_scale, out);
   CUDA_CHECK_LAUNCH("scale_columns_kernel");
 }
 
-void identity_rows(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma, float* rows,
-                   cudaStream_t s) {
+void identity_rows(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma,
+                   float* rows, cudaStream_t s) {
   if (B == 0) return;
   identity_rows_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(p0_sum, x, T, D, gamma, rows);
   CUDA_CHECK_LAUNCH("identity_rows_kernel");
 }
 
-void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out, cudaStream_t s) {
+void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out,
+                   cudaStream_t s) {
   if (R == 0 || N == 0) return;
   rows_times_wt_kernel<<<(N + 7) / 8, 256, 0, s>>>(A, R, K, W, N, ldw, out);
   CUDA_CHECK_LAUNCH("rows_times_wt_kernel");
 }
 
-void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar, const float* k_norm,
-                    int Hl, int KVl, int d, int head_begin, int group, int kv_begin, float eps, float scale,
-                    float* k0_model, float* k0_sum, float* qk, cudaStream_t s) {
+void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar,
+                    const float* k_norm, int Hl, int KVl, int d, int head_begin, int group,
+                    int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
+                    cudaStream_t s) {
   if (B == 0) return;
-  circuit_finish_kernel<<<B, 128, KVl * sizeof(float), s>>>(kid, inv_rx, T, qbar, k_norm, Hl, KVl, d, head_begin,
-                                                            group, kv_begin, eps, scale, k0_model, k0_sum, qk);
+  circuit_finish_kernel<<<B, 128, KVl * sizeof(float), s>>>(kid, inv_rx, T, qbar, k_norm, Hl, KVl,
+                                                            d, head_begin, group, kv_begin, eps,
+                                                            scale, k0_model, k0_sum, qk);
   CUDA_CHECK_LAUNCH("circuit_finish_kernel");
 }
 
-void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, int C, int Hl, int KVl, int d,
-                   int head_begin, int group, int kv_begin, float* attr, cudaStream_t s) {
+void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, int C, int Hl,
+                   int KVl, int d, int head_begin, int group, int kv_begin, float* attr,
+                   cudaStream_t s) {
   if (B == 0 || C == 0 || Hl == 0) return;
   const size_t smem = static_cast<size_t>(Hl) * d * sizeof(float);
   if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(attr_contract_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
-  attr_contract_kernel<<<dim3((C + 7) / 8, B), 256, smem, s>>>(G, g_bstride, qk, C, Hl, KVl, d, head_begin, group,
-                                                               kv_begin, attr);
+    CUDA_CHECK(cudaFuncSetAttribute(
+        attr_contract_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  attr_contract_kernel<<<dim3((C + 7) / 8, B), 256, smem, s>>>(G, g_bstride, qk, C, Hl, KVl, d,
+                                                               head_begin, group, kv_begin, attr);
   CUDA_CHECK_LAUNCH("attr_contract_kernel");
 }
 

@@ -35,8 +35,8 @@ class DeviceCollectives {
 
   // The MoE exchange over the ep group (Comm::alltoallv semantics on host vectors). With NCCL the
   // counts travel over MPI and the payload over NCCL through device staging buffers.
-  void ep_alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts, std::vector<float>* recv,
-                    std::vector<size_t>* recv_counts);
+  void ep_alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts,
+                    std::vector<float>* recv, std::vector<size_t>* recv_counts);
 
   // Seconds spent inside the collectives (the benchmark's communication time).
   double seconds() const { return seconds_; }

@@ -11,7 +11,9 @@
 
 namespace sinkscope::cuda::k {
 
-__device__ __forceinline__ float bf2f(bf16_bits v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
+__device__ __forceinline__ float bf2f(bf16_bits v) {
+  return __uint_as_float(static_cast<uint32_t>(v) << 16);
+}
 __device__ __forceinline__ bf16_bits f2bf(float v) {
   const __nv_bfloat16 b = __float2bfloat16_rn(v);
   return *reinterpret_cast<const bf16_bits*>(&b);

@@ -14,7 +14,8 @@ cudaDataType_t dtype(Dt t) { return t == Dt::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 int as_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX)
-    throw RuntimeFailure(std::string("cuBLAS call: ") + what + " = " + std::to_string(v) + " does not fit an int");
+    throw RuntimeFailure(std::string("cuBLAS call: ") + what + " = " + std::to_string(v) +
+                         " does not fit an int");
   return static_cast<int>(v);
 }
 
@@ -32,43 +33,45 @@ Blas::~Blas() {
   if (handle_) cublasDestroy(handle_);
 }
 
-void Blas::call(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, const void* A, Dt at,
-                int64_t lda, int64_t sa, const void* B, Dt bt, int64_t ldb, int64_t sb, void* C, Dt ct, int64_t ldc,
-                int64_t sc, float alpha, float beta, int batch, Math math) {
+void Blas::call(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
+                const void* A, Dt at, int64_t lda, int64_t sa, const void* B, Dt bt, int64_t ldb,
+                int64_t sb, void* C, Dt ct, int64_t ldc, int64_t sc, float alpha, float beta,
+                int batch, Math math) {
   if (m == 0 || n == 0 || batch == 0) return;
-  const cublasComputeType_t compute =
-      (math == Math::kTF32 && at == Dt::kF32 && bt == Dt::kF32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  const cublasComputeType_t compute = (math == Math::kTF32 && at == Dt::kF32 && bt == Dt::kF32)
+                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                          : CUBLAS_COMPUTE_32F;
   if (k == 0) {  // C = beta C; not needed by the backend
     throw RuntimeFailure("cuBLAS call with an empty inner dimension");
   }
-  CUBLAS_CHECK(cublasGemmStridedBatchedEx(handle_, ta, tb, as_int(m, "m"), as_int(n, "n"), as_int(k, "k"), &alpha, A,
-                                          dtype(at), as_int(lda, "lda"), sa, B, dtype(bt), as_int(ldb, "ldb"), sb,
-                                          &beta, C, dtype(ct), as_int(ldc, "ldc"), sc, batch, compute,
-                                          CUBLAS_GEMM_DEFAULT));
+  CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      handle_, ta, tb, as_int(m, "m"), as_int(n, "n"), as_int(k, "k"), &alpha, A, dtype(at),
+      as_int(lda, "lda"), sa, B, dtype(bt), as_int(ldb, "ldb"), sb, &beta, C, dtype(ct),
+      as_int(ldc, "ldc"), sc, batch, compute, CUBLAS_GEMM_DEFAULT));
 }
 
 // Row-major C = A B^T is column-major C^T = B A^T: cuBLAS(T, N) with the operands swapped.
-void Blas::nt(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha, float beta, int batch,
-              Math math) {
-  call(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld, A.stride, C.ptr, C.type,
-       C.ld, C.stride, alpha, beta, batch, math);
+void Blas::nt(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha,
+              float beta, int batch, Math math) {
+  call(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld,
+       A.stride, C.ptr, C.type, C.ld, C.stride, alpha, beta, batch, math);
 }
 
-void Blas::nn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha, float beta, int batch,
-              Math math) {
-  call(CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld, A.stride, C.ptr, C.type,
-       C.ld, C.stride, alpha, beta, batch, math);
+void Blas::nn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha,
+              float beta, int batch, Math math) {
+  call(CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld,
+       A.stride, C.ptr, C.type, C.ld, C.stride, alpha, beta, batch, math);
 }
 
-void Blas::tn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha, float beta, int batch,
-              Math math) {
-  call(CUBLAS_OP_N, CUBLAS_OP_T, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld, A.stride, C.ptr, C.type,
-       C.ld, C.stride, alpha, beta, batch, math);
+void Blas::tn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha,
+              float beta, int batch, Math math) {
+  call(CUBLAS_OP_N, CUBLAS_OP_T, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld,
+       A.stride, C.ptr, C.type, C.ld, C.stride, alpha, beta, batch, math);
 }
 
 void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& row_offset,
-                      const std::vector<int64_t>& weight_index, int64_t N, int64_t K, const bf16_bits* A,
-                      const bf16_bits* W, void* C, Dt ct) {
+                      const std::vector<int64_t>& weight_index, int64_t N, int64_t K,
+                      const bf16_bits* A, const bf16_bits* W, void* C, Dt ct) {
   const size_t cbytes = ct == Dt::kF32 ? 4 : 2;
   std::vector<int> live;
   for (size_t g = 0; g < rows.size(); ++g)
@@ -78,7 +81,8 @@ void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& 
   bool& available = ct == Dt::kF32 ? grouped_f32_ : grouped_bf16_;
   if (available) {
     std::vector<const void*> host(static_cast<size_t>(3 * G));
-    std::vector<cublasOperation_t> ta(static_cast<size_t>(G), CUBLAS_OP_T), tb(static_cast<size_t>(G), CUBLAS_OP_N);
+    std::vector<cublasOperation_t> ta(static_cast<size_t>(G), CUBLAS_OP_T),
+        tb(static_cast<size_t>(G), CUBLAS_OP_N);
     std::vector<int> m(static_cast<size_t>(G), as_int(N, "N")), n(static_cast<size_t>(G)),
         k(static_cast<size_t>(G), as_int(K, "K")), lda(static_cast<size_t>(G), as_int(K, "K")),
         ldb(static_cast<size_t>(G), as_int(K, "K")), ldc(static_cast<size_t>(G), as_int(N, "N")),
@@ -90,27 +94,31 @@ void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& 
       host[static_cast<size_t>(i)] = W + weight_index[static_cast<size_t>(g)] * N * K;
       host[static_cast<size_t>(G + i)] = A + row_offset[static_cast<size_t>(g)] * K;
       host[static_cast<size_t>(2 * G + i)] =
-          static_cast<const char*>(C) + static_cast<size_t>(row_offset[static_cast<size_t>(g)] * N) * cbytes;
+          static_cast<const char*>(C) +
+          static_cast<size_t>(row_offset[static_cast<size_t>(g)] * N) * cbytes;
     }
     ptr_arrays_.reserve(host.size());
     // Pageable source: the copy takes the bytes before returning, so `host` may go away.
-    CUDA_CHECK(cudaMemcpyAsync(ptr_arrays_.get(), host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice,
-                               stream_));
+    CUDA_CHECK(cudaMemcpyAsync(ptr_arrays_.get(), host.data(), host.size() * sizeof(void*),
+                               cudaMemcpyHostToDevice, stream_));
     const void* const* dA = ptr_arrays_.get();
     const void* const* dB = ptr_arrays_.get() + G;
     void* const* dC = const_cast<void* const*>(ptr_arrays_.get() + 2 * G);
     const cublasStatus_t st = cublasGemmGroupedBatchedEx(
-        handle_, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(), dA, CUDA_R_16BF, lda.data(), dB,
-        CUDA_R_16BF, ldb.data(), beta.data(), dC, dtype(ct), ldc.data(), G, size.data(), CUBLAS_COMPUTE_32F);
+        handle_, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(), dA, CUDA_R_16BF,
+        lda.data(), dB, CUDA_R_16BF, ldb.data(), beta.data(), dC, dtype(ct), ldc.data(), G,
+        size.data(), CUBLAS_COMPUTE_32F);
     if (st == CUBLAS_STATUS_SUCCESS) return;
     if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE &&
         st != CUBLAS_STATUS_ARCH_MISMATCH)
       CUBLAS_CHECK(st);
-    available = false;  // this cuBLAS does not group these types: one product per expert from now on
+    available =
+        false;  // this cuBLAS does not group these types: one product per expert from now on
   }
   for (int g : live) {
     const size_t gi = static_cast<size_t>(g);
-    nt(rows[gi], N, K, {A + row_offset[gi] * K, Dt::kBF16, K}, {W + weight_index[gi] * N * K, Dt::kBF16, K},
+    nt(rows[gi], N, K, {A + row_offset[gi] * K, Dt::kBF16, K},
+       {W + weight_index[gi] * N * K, Dt::kBF16, K},
        {static_cast<char*>(C) + static_cast<size_t>(row_offset[gi] * N) * cbytes, ct, N});
   }
 }

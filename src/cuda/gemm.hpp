@@ -38,29 +38,30 @@ class Blas {
   Blas& operator=(const Blas&) = delete;
 
   // C[M, N] = alpha * A[M, K] B[N, K]^T + beta * C, `batch` times with the operands' strides.
-  void nt(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha = 1.f, float beta = 0.f,
-          int batch = 1, Math math = Math::kDefault);
+  void nt(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha = 1.f,
+          float beta = 0.f, int batch = 1, Math math = Math::kDefault);
   // C[M, N] = alpha * A[M, K] B[K, N] + beta * C.
-  void nn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha = 1.f, float beta = 0.f,
-          int batch = 1, Math math = Math::kDefault);
+  void nn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha = 1.f,
+          float beta = 0.f, int batch = 1, Math math = Math::kDefault);
   // C[M, N] = alpha * A[K, M]^T B[K, N] + beta * C.
-  void tn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha = 1.f, float beta = 0.f,
-          int batch = 1, Math math = Math::kDefault);
+  void tn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, float alpha = 1.f,
+          float beta = 0.f, int batch = 1, Math math = Math::kDefault);
 
-  // Expert products: for each group g with rows[g] > 0, C_g[rows[g], N] = A_g[rows[g], K] W_g[N, K]^T,
-  // A_g = A + row_offset[g] * K (bf16), W_g = W + weight_index[g] * N * K (bf16),
-  // C_g = C + row_offset[g] * N (type ct). Row-major, packed.
+  // Expert products: for each group g with rows[g] > 0, C_g[rows[g], N] = A_g[rows[g], K] W_g[N,
+  // K]^T, A_g = A + row_offset[g] * K (bf16), W_g = W + weight_index[g] * N * K (bf16), C_g = C +
+  // row_offset[g] * N (type ct). Row-major, packed.
   void grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& row_offset,
-                  const std::vector<int64_t>& weight_index, int64_t N, int64_t K, const bf16_bits* A,
-                  const bf16_bits* W, void* C, Dt ct);
+                  const std::vector<int64_t>& weight_index, int64_t N, int64_t K,
+                  const bf16_bits* A, const bf16_bits* W, void* C, Dt ct);
 
   cublasHandle_t handle() const { return handle_; }
   bool grouped_available(Dt ct) const { return ct == Dt::kF32 ? grouped_f32_ : grouped_bf16_; }
 
  private:
-  void call(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k, const void* A, Dt at,
-            int64_t lda, int64_t sa, const void* B, Dt bt, int64_t ldb, int64_t sb, void* C, Dt ct, int64_t ldc,
-            int64_t sc, float alpha, float beta, int batch, Math math);
+  void call(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
+            const void* A, Dt at, int64_t lda, int64_t sa, const void* B, Dt bt, int64_t ldb,
+            int64_t sb, void* C, Dt ct, int64_t ldc, int64_t sc, float alpha, float beta, int batch,
+            Math math);
 
   cublasHandle_t handle_ = nullptr;
   cudaStream_t stream_ = nullptr;

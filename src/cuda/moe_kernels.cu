@@ -14,8 +14,9 @@ constexpr int kMaxTopK = 32;
 
 // Warp per token row; lane holds experts e = lane + 32 t. Probabilities in double as forward.cpp.
 template <int EPL>
-__global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, int E, int K, bool norm_topk,
-                                   int32_t* __restrict__ ids, float* __restrict__ weights, float* __restrict__ gap) {
+__global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, int E, int K,
+                                   bool norm_topk, int32_t* __restrict__ ids,
+                                   float* __restrict__ weights, float* __restrict__ gap) {
   const int lane = threadIdx.x & 31;
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= n) return;
@@ -80,10 +81,12 @@ __global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, 
   }
   if (rounds == K && lane == 0) gap[r] = 1.f;
   if (lane == 0)
-    for (int k = 0; k < K; ++k) weights[r * K + k] = static_cast<float>(norm_topk ? chosen[k] / wsum : chosen[k]);
+    for (int k = 0; k < K; ++k)
+      weights[r * K + k] = static_cast<float>(norm_topk ? chosen[k] / wsum : chosen[k]);
 }
 
-__global__ void gather_rows_kernel(const bf16_bits* __restrict__ src, const int32_t* __restrict__ rows, int div, int D,
+__global__ void gather_rows_kernel(const bf16_bits* __restrict__ src,
+                                   const int32_t* __restrict__ rows, int div, int D,
                                    bf16_bits* __restrict__ dst) {
   const int64_t i = blockIdx.x;
   const bf16_bits* s = src + static_cast<int64_t>(rows[i] / div) * D;
@@ -91,14 +94,16 @@ __global__ void gather_rows_kernel(const bf16_bits* __restrict__ src, const int3
 }
 
 // 16-byte copies when rows are multiples of 8 bf16 (every Qwen3 width).
-__global__ void gather_rows16_kernel(const uint4* __restrict__ src, const int32_t* __restrict__ rows, int div,
-                                     int chunks, uint4* __restrict__ dst) {
+__global__ void gather_rows16_kernel(const uint4* __restrict__ src,
+                                     const int32_t* __restrict__ rows, int div, int chunks,
+                                     uint4* __restrict__ dst) {
   const int64_t i = blockIdx.x;
   const uint4* s = src + static_cast<int64_t>(rows[i] / div) * chunks;
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[i * chunks + c] = s[c];
 }
 
-__global__ void swiglu_kernel(const bf16_bits* __restrict__ h, int64_t n, int I, bf16_bits* __restrict__ act) {
+__global__ void swiglu_kernel(const bf16_bits* __restrict__ h, int64_t n, int I,
+                              bf16_bits* __restrict__ act) {
   const int64_t total = n * I;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -109,8 +114,9 @@ __global__ void swiglu_kernel(const bf16_bits* __restrict__ h, int64_t n, int I,
   }
 }
 
-__global__ void pair_info_kernel(const int32_t* __restrict__ src_pair, const float* __restrict__ weights,
-                                 int64_t npairs, int K, int64_t tok0, float* __restrict__ pos_w,
+__global__ void pair_info_kernel(const int32_t* __restrict__ src_pair,
+                                 const float* __restrict__ weights, int64_t npairs, int K,
+                                 int64_t tok0, float* __restrict__ pos_w,
                                  int32_t* __restrict__ pos_tok) {
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < npairs;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -120,13 +126,16 @@ __global__ void pair_info_kernel(const int32_t* __restrict__ src_pair, const flo
   }
 }
 
-__global__ void combine_kernel(const float* __restrict__ back, const int32_t* __restrict__ pos_of_pair,
-                               const float* __restrict__ weights, int K, int D, float* __restrict__ m) {
+__global__ void combine_kernel(const float* __restrict__ back,
+                               const int32_t* __restrict__ pos_of_pair,
+                               const float* __restrict__ weights, int K, int D,
+                               float* __restrict__ m) {
   const int64_t r = blockIdx.x;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float acc = 0.f;
     for (int j = 0; j < K; ++j) {
-      const float o = weights[r * K + j] * back[static_cast<int64_t>(pos_of_pair[r * K + j]) * D + c];
+      const float o =
+          weights[r * K + j] * back[static_cast<int64_t>(pos_of_pair[r * K + j]) * D + c];
       acc += o;
     }
     m[r * D + c] = acc;
@@ -134,8 +143,9 @@ __global__ void combine_kernel(const float* __restrict__ back, const int32_t* __
 }
 
 __global__ void segment_sums_kernel(const float* __restrict__ rows, const float* __restrict__ row_w,
-                                    const int32_t* __restrict__ row_tok, int64_t tok0, const int32_t* __restrict__ seg,
-                                    int D, int T, float* __restrict__ out_rows) {
+                                    const int32_t* __restrict__ row_tok, int64_t tok0,
+                                    const int32_t* __restrict__ seg, int D, int T,
+                                    float* __restrict__ out_rows) {
   const int i = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= D) return;
@@ -166,17 +176,17 @@ __global__ void p0_rows_kernel(const float* __restrict__ rows, const float* __re
   if (threadIdx.x == 0) n0_out[out] = static_cast<float>(sqrt(ss));
 }
 
-
 // counts[e] += pairs routed to e; ties[0] += rows whose k-th / (k+1)-th gap is < 1e-3.
 __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
-                                        const float* __restrict__ gap, int64_t n, int32_t* __restrict__ counts,
-                                        int32_t* __restrict__ ties) {
+                                        const float* __restrict__ gap, int64_t n,
+                                        int32_t* __restrict__ counts, int32_t* __restrict__ ties) {
   extern __shared__ int32_t local[];
   for (int e = threadIdx.x; e < E; e += blockDim.x) local[e] = 0;
   __syncthreads();
   int32_t my_ties = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < npairs; p += stride)
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < npairs;
+       p += stride)
     atomicAdd(&local[ids[p]], 1);
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n; r += stride)
     my_ties += gap[r] < 1e-3f ? 1 : 0;
@@ -190,7 +200,8 @@ __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t
 // order, 8 per lane per step, and places its expert's pairs at offsets[e] + running rank.
 constexpr int kRankPerLane = 8;
 __global__ void expert_rank_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
-                                   const int32_t* __restrict__ offsets, int32_t* __restrict__ src_pair,
+                                   const int32_t* __restrict__ offsets,
+                                   int32_t* __restrict__ src_pair,
                                    int32_t* __restrict__ pos_of_pair) {
   const int lane = threadIdx.x & 31;
   const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -221,7 +232,8 @@ __global__ void expert_rank_kernel(const int32_t* __restrict__ ids, int64_t npai
   }
 }
 
-__device__ __forceinline__ int lower_bound_tok(const int32_t* __restrict__ tok, int lo, int hi, int64_t value) {
+__device__ __forceinline__ int lower_bound_tok(const int32_t* __restrict__ tok, int lo, int hi,
+                                               int64_t value) {
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     if (tok[mid] < value)
@@ -234,10 +246,12 @@ __device__ __forceinline__ int lower_bound_tok(const int32_t* __restrict__ tok, 
 
 // Block (e, b) sums w * row over expert e's pairs whose token is probe b's position 1..T-1 (the
 // pairs of an expert are in token order), 4 columns per thread.
-__global__ void expert_rest_sums_kernel(const float* __restrict__ rows, const float* __restrict__ row_w,
-                                        const int32_t* __restrict__ pos_tok, const int32_t* __restrict__ offsets,
-                                        const int32_t* __restrict__ counts, int B, int T, int S, int D,
-                                        float* __restrict__ out_rows) {
+__global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
+                                        const float* __restrict__ row_w,
+                                        const int32_t* __restrict__ pos_tok,
+                                        const int32_t* __restrict__ offsets,
+                                        const int32_t* __restrict__ counts, int B, int T, int S,
+                                        int D, float* __restrict__ out_rows) {
   const int e = blockIdx.x / B, b = blockIdx.x % B;
   const int lo = offsets[e], hi = lo + counts[e];
   const int begin = lower_bound_tok(pos_tok, lo, hi, static_cast<int64_t>(b) * T + 1);
@@ -261,16 +275,19 @@ __global__ void expert_rest_sums_kernel(const float* __restrict__ rows, const fl
   }
 }
 
-__global__ void rest_counts_kernel(const int32_t* __restrict__ counts, int E, float* __restrict__ rc) {
+__global__ void rest_counts_kernel(const int32_t* __restrict__ counts, int E,
+                                   float* __restrict__ rc) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e < E) rc[e] = static_cast<float>(counts[e]);
 }
 
 // Block (b, k): the k-th pair of probe b's position 0 when that token is in the slice [s0, s1).
 __global__ void p0_pairs_kernel(const float* __restrict__ rows, const float* __restrict__ pos_w,
-                                const int32_t* __restrict__ ids, const int32_t* __restrict__ pos_of_pair, int T, int K,
-                                int64_t s0, int64_t s1, int S, int E1, int D, float* __restrict__ p0_out,
-                                float* __restrict__ n0_out, float* __restrict__ r0_out, float* __restrict__ rc_out) {
+                                const int32_t* __restrict__ ids,
+                                const int32_t* __restrict__ pos_of_pair, int T, int K, int64_t s0,
+                                int64_t s1, int S, int E1, int D, float* __restrict__ p0_out,
+                                float* __restrict__ n0_out, float* __restrict__ r0_out,
+                                float* __restrict__ rc_out) {
   const int b = blockIdx.x / K, k = blockIdx.x % K;
   const int64_t token = static_cast<int64_t>(b) * T;
   if (token < s0 || token >= s1) return;
@@ -294,19 +311,22 @@ __global__ void p0_pairs_kernel(const float* __restrict__ rows, const float* __r
 
 }  // namespace
 
-void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, int32_t* ids, float* weights,
-                 float* gap, cudaStream_t s) {
+void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, int32_t* ids,
+                 float* weights, float* gap, cudaStream_t s) {
   if (n == 0) return;
   if (K > kMaxTopK || K > E || E > 32 * 32)
-    throw_api_failure("CUDA", "unsupported router shape (E=" + std::to_string(E) + ", k=" + std::to_string(K) + ")",
-                      "router_topk", __FILE__, __LINE__);
+    throw_api_failure(
+        "CUDA",
+        "unsupported router shape (E=" + std::to_string(E) + ", k=" + std::to_string(K) + ")",
+        "router_topk", __FILE__, __LINE__);
   constexpr int warps = 4;
   const unsigned grid = static_cast<unsigned>((n + warps - 1) / warps);
-#define SINKSCOPE_ROUTER_CASE(N)                                                                      \
-  if (E <= 32 * N) {                                                                                  \
-    router_topk_kernel<N><<<grid, warps * 32, 0, s>>>(logits, n, E, K, norm_topk, ids, weights, gap); \
-    CUDA_CHECK_LAUNCH("router_topk_kernel");                                                          \
-    return;                                                                                           \
+#define SINKSCOPE_ROUTER_CASE(N)                                                     \
+  if (E <= 32 * N) {                                                                 \
+    router_topk_kernel<N>                                                            \
+        <<<grid, warps * 32, 0, s>>>(logits, n, E, K, norm_topk, ids, weights, gap); \
+    CUDA_CHECK_LAUNCH("router_topk_kernel");                                         \
+    return;                                                                          \
   }
   SINKSCOPE_ROUTER_CASE(1)
   SINKSCOPE_ROUTER_CASE(2)
@@ -317,13 +337,14 @@ void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, i
 #undef SINKSCOPE_ROUTER_CASE
 }
 
-void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, int D, bf16_bits* dst,
-                 cudaStream_t s) {
+void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, int D,
+                 bf16_bits* dst, cudaStream_t s) {
   if (n == 0) return;
-  const bool aligned = D % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  const bool aligned = D % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   if (aligned) {
-    gather_rows16_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(reinterpret_cast<const uint4*>(src), rows, div, D / 8,
-                                                                   reinterpret_cast<uint4*>(dst));
+    gather_rows16_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(
+        reinterpret_cast<const uint4*>(src), rows, div, D / 8, reinterpret_cast<uint4*>(dst));
     CUDA_CHECK_LAUNCH("gather_rows16_kernel");
     return;
   }
@@ -337,67 +358,73 @@ void swiglu(const bf16_bits* h, int64_t n, int I, bf16_bits* act, cudaStream_t s
   CUDA_CHECK_LAUNCH("swiglu_kernel");
 }
 
-void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, int K, int64_t tok0, float* pos_w,
-               int32_t* pos_tok, cudaStream_t s) {
+void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, int K, int64_t tok0,
+               float* pos_w, int32_t* pos_tok, cudaStream_t s) {
   if (npairs == 0) return;
-  pair_info_kernel<<<grid_for(npairs, 256, 4096), 256, 0, s>>>(src_pair, weights, npairs, K, tok0, pos_w, pos_tok);
+  pair_info_kernel<<<grid_for(npairs, 256, 4096), 256, 0, s>>>(src_pair, weights, npairs, K, tok0,
+                                                               pos_w, pos_tok);
   CUDA_CHECK_LAUNCH("pair_info_kernel");
 }
 
-void combine(const float* back, const int32_t* pos_of_pair, const float* weights, int64_t n, int K, int D, float* m,
-             cudaStream_t s) {
+void combine(const float* back, const int32_t* pos_of_pair, const float* weights, int64_t n, int K,
+             int D, float* m, cudaStream_t s) {
   if (n == 0) return;
   combine_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
   CUDA_CHECK_LAUNCH("combine_kernel");
 }
 
-void segment_sums(const float* rows, const float* row_w, const int32_t* row_tok, int64_t tok0, const int32_t* seg,
-                  int nseg, int D, int T, float* out_rows, cudaStream_t s) {
+void segment_sums(const float* rows, const float* row_w, const int32_t* row_tok, int64_t tok0,
+                  const int32_t* seg, int nseg, int D, int T, float* out_rows, cudaStream_t s) {
   if (nseg == 0) return;
-  segment_sums_kernel<<<dim3(nseg, (D + 127) / 128), 128, 0, s>>>(rows, row_w, row_tok, tok0, seg, D, T, out_rows);
+  segment_sums_kernel<<<dim3(nseg, (D + 127) / 128), 128, 0, s>>>(rows, row_w, row_tok, tok0, seg,
+                                                                  D, T, out_rows);
   CUDA_CHECK_LAUNCH("segment_sums_kernel");
 }
 
-void p0_rows(const float* rows, const float* row_w, const int32_t* items, int n, int D, float* p0_out, float* n0_out,
-             cudaStream_t s) {
+void p0_rows(const float* rows, const float* row_w, const int32_t* items, int n, int D,
+             float* p0_out, float* n0_out, cudaStream_t s) {
   if (n == 0) return;
   p0_rows_kernel<<<n, 256, 0, s>>>(rows, row_w, items, D, p0_out, n0_out);
   CUDA_CHECK_LAUNCH("p0_rows_kernel");
 }
 
-void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n, int32_t* counts_and_ties,
-                      cudaStream_t s) {
+void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n,
+                      int32_t* counts_and_ties, cudaStream_t s) {
   CUDA_CHECK(cudaMemsetAsync(counts_and_ties, 0, static_cast<size_t>(E + 1) * sizeof(int32_t), s));
   if (npairs == 0 && n == 0) return;
-  expert_histogram_kernel<<<grid_for(std::max(npairs, n), 256, 1024), 256, static_cast<size_t>(E) * sizeof(int32_t),
-                            s>>>(ids, npairs, E, gap, n, counts_and_ties, counts_and_ties + E);
+  expert_histogram_kernel<<<grid_for(std::max(npairs, n), 256, 1024), 256,
+                            static_cast<size_t>(E) * sizeof(int32_t), s>>>(
+      ids, npairs, E, gap, n, counts_and_ties, counts_and_ties + E);
   CUDA_CHECK_LAUNCH("expert_histogram_kernel");
 }
 
-void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets, int32_t* src_pair,
-                 int32_t* pos_of_pair, cudaStream_t s) {
+void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets,
+                 int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s) {
   if (npairs == 0) return;
   expert_rank_kernel<<<(E + 3) / 4, 128, 0, s>>>(ids, npairs, E, offsets, src_pair, pos_of_pair);
   CUDA_CHECK_LAUNCH("expert_rank_kernel");
 }
 
-void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok, const int32_t* offsets,
-                      const int32_t* counts, int E, int B, int T, int S, int D, float* out_rows, cudaStream_t s) {
+void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,
+                      const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
+                      int D, float* out_rows, cudaStream_t s) {
   if (E == 0 || B == 0) return;
   const dim3 grid(static_cast<unsigned>(E * B), (D + 511) / 512);
-  expert_rest_sums_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D, out_rows);
+  expert_rest_sums_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
+                                               out_rows);
   CUDA_CHECK_LAUNCH("expert_rest_sums_kernel");
 }
 
-void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids, const int32_t* pos_of_pair,
-                          const int32_t* counts, int B, int T, int K, int E, int64_t s0, int64_t s1, int S, int D,
-                          float* p0_out, float* n0_out, float* r0_out, float* rc_out, cudaStream_t s) {
+void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids,
+                          const int32_t* pos_of_pair, const int32_t* counts, int B, int T, int K,
+                          int E, int64_t s0, int64_t s1, int S, int D, float* p0_out, float* n0_out,
+                          float* r0_out, float* rc_out, cudaStream_t s) {
   if (E == 0) return;
   rest_counts_kernel<<<(E + 127) / 128, 128, 0, s>>>(counts, E, rc_out);
   CUDA_CHECK_LAUNCH("rest_counts_kernel");
   if (B == 0 || K == 0) return;
-  p0_pairs_kernel<<<B * K, 256, 0, s>>>(rows, pos_w, ids, pos_of_pair, T, K, s0, s1, S, E, D, p0_out, n0_out, r0_out,
-                                        rc_out);
+  p0_pairs_kernel<<<B * K, 256, 0, s>>>(rows, pos_w, ids, pos_of_pair, T, K, s0, s1, S, E, D,
+                                        p0_out, n0_out, r0_out, rc_out);
   CUDA_CHECK_LAUNCH("p0_pairs_kernel");
 }
 

@@ -15,7 +15,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 // Counts above INT_MAX are not an issue for NCCL (size_t counts), but a single send above 2^31
 // elements is split anyway so no transport sees a message it cannot describe.
@@ -23,12 +25,12 @@ constexpr size_t kChunk = size_t{1} << 30;
 
 }  // namespace
 
-#define SINKSCOPE_NCCL_CHECK(call)                                                                   \
-  do {                                                                                               \
-    const ncclResult_t sinkscope_nccl_rc_ = (call);                                                  \
-    if (sinkscope_nccl_rc_ != ncclSuccess && sinkscope_nccl_rc_ != ncclInProgress)                   \
-      fail(std::string(#call) + " failed at " __FILE__ ":" + std::to_string(__LINE__) + ": " +        \
-           ncclGetErrorString(sinkscope_nccl_rc_));                                                  \
+#define SINKSCOPE_NCCL_CHECK(call)                                                             \
+  do {                                                                                         \
+    const ncclResult_t sinkscope_nccl_rc_ = (call);                                            \
+    if (sinkscope_nccl_rc_ != ncclSuccess && sinkscope_nccl_rc_ != ncclInProgress)             \
+      fail(std::string(#call) + " failed at " __FILE__ ":" + std::to_string(__LINE__) + ": " + \
+           ncclGetErrorString(sinkscope_nccl_rc_));                                            \
   } while (0)
 
 NcclComm::NcclComm(const Comm& group, cudaStream_t stream, double timeout_s)
@@ -41,7 +43,8 @@ NcclComm::NcclComm(const Comm& group, cudaStream_t stream, double timeout_s)
     bytes.assign(reinterpret_cast<const char*>(&id), sizeof(id));
   }
   group.broadcast_bytes(&bytes, 0);
-  if (bytes.size() != sizeof(id)) throw RuntimeFailure("NCCL bootstrap: the unique id did not arrive");
+  if (bytes.size() != sizeof(id))
+    throw RuntimeFailure("NCCL bootstrap: the unique id did not arrive");
   std::memcpy(&id, bytes.data(), sizeof(id));
   // Blocking initialisation (what nccl-tests does): it returns once every rank of the group has
   // joined; a rank that dies before joining ends the job through the MPI launcher. Every later
@@ -65,8 +68,8 @@ void NcclComm::fail(const std::string& what) {
   }
   int device = -1;
   cudaGetDevice(&device);
-  throw RuntimeFailure(what + " (rank " + std::to_string(rank_) + " of " + std::to_string(size_) + ", host " +
-                       host_name() + ", device " + std::to_string(device) + ")");
+  throw RuntimeFailure(what + " (rank " + std::to_string(rank_) + " of " + std::to_string(size_) +
+                       ", host " + host_name() + ", device " + std::to_string(device) + ")");
 }
 
 void NcclComm::wait(const char* what) {
@@ -80,7 +83,8 @@ void NcclComm::wait(const char* what) {
     if (state != ncclSuccess && state != ncclInProgress)
       fail(std::string(what) + ": NCCL error " + ncclGetErrorString(state));
     if (seconds_since(start) > timeout_s_)
-      fail(std::string(what) + " timed out after " + std::to_string(timeout_s_) + " s (a peer failed or hangs)");
+      fail(std::string(what) + " timed out after " + std::to_string(timeout_s_) +
+           " s (a peer failed or hangs)");
     std::this_thread::yield();
   }
 }
@@ -89,23 +93,26 @@ void NcclComm::allreduce_sum(float* device, size_t n) {
   if (size_ == 1 || n == 0) return;
   SINKSCOPE_NCCL_CHECK(ncclGroupStart());
   for (size_t done = 0; done < n; done += kChunk)
-    SINKSCOPE_NCCL_CHECK(ncclAllReduce(device + done, device + done, std::min(kChunk, n - done), ncclFloat32, ncclSum,
-                                       comm_, stream_));
+    SINKSCOPE_NCCL_CHECK(ncclAllReduce(device + done, device + done, std::min(kChunk, n - done),
+                                       ncclFloat32, ncclSum, comm_, stream_));
   SINKSCOPE_NCCL_CHECK(ncclGroupEnd());
   wait("ncclAllReduce");
 }
 
 void NcclComm::alltoallv(const float* send, const std::vector<size_t>& send_counts, float* recv,
                          const std::vector<size_t>& recv_counts) {
-  if (static_cast<int>(send_counts.size()) != size_ || static_cast<int>(recv_counts.size()) != size_)
+  if (static_cast<int>(send_counts.size()) != size_ ||
+      static_cast<int>(recv_counts.size()) != size_)
     throw RuntimeFailure("NCCL alltoallv: one count per rank needed");
   size_t soff = 0, roff = 0;
   SINKSCOPE_NCCL_CHECK(ncclGroupStart());
   for (int r = 0; r < size_; ++r) {
     for (size_t done = 0; done < send_counts[r]; done += kChunk)
-      SINKSCOPE_NCCL_CHECK(ncclSend(send + soff + done, std::min(kChunk, send_counts[r] - done), ncclFloat32, r, comm_, stream_));
+      SINKSCOPE_NCCL_CHECK(ncclSend(send + soff + done, std::min(kChunk, send_counts[r] - done),
+                                    ncclFloat32, r, comm_, stream_));
     for (size_t done = 0; done < recv_counts[r]; done += kChunk)
-      SINKSCOPE_NCCL_CHECK(ncclRecv(recv + roff + done, std::min(kChunk, recv_counts[r] - done), ncclFloat32, r, comm_, stream_));
+      SINKSCOPE_NCCL_CHECK(ncclRecv(recv + roff + done, std::min(kChunk, recv_counts[r] - done),
+                                    ncclFloat32, r, comm_, stream_));
     soff += send_counts[r];
     roff += recv_counts[r];
   }

@@ -8,9 +8,9 @@ namespace {
 
 constexpr int kNormThreads = 256;
 
-__global__ void rms_norm_kernel(const float* __restrict__ x, int D, const float* __restrict__ gamma, float eps,
-                                bf16_bits* __restrict__ out_bf, float* __restrict__ out_f32,
-                                float* __restrict__ inv_rms) {
+__global__ void rms_norm_kernel(const float* __restrict__ x, int D, const float* __restrict__ gamma,
+                                float eps, bf16_bits* __restrict__ out_bf,
+                                float* __restrict__ out_f32, float* __restrict__ inv_rms) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * D;
   float ss = 0.f;
@@ -28,11 +28,12 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, int D, const float*
 // One warp per (row, head slot); lane handles the RoPE pairs (j, j + d/2) for j = lane + 32 t.
 constexpr int kMaxPairsPerLane = 2;  // d <= 128
 
-__global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d,
-                                    int dp, const float* __restrict__ q_gamma, const float* __restrict__ k_gamma,
-                                    float eps, const float* __restrict__ cos_tab, const float* __restrict__ sin_tab,
-                                    bf16_bits* __restrict__ Qa, bf16_bits* __restrict__ Ka,
-                                    bf16_bits* __restrict__ Va) {
+__global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T, int ld, int Hl,
+                                    int KVl, int d, int dp, const float* __restrict__ q_gamma,
+                                    const float* __restrict__ k_gamma, float eps,
+                                    const float* __restrict__ cos_tab,
+                                    const float* __restrict__ sin_tab, bf16_bits* __restrict__ Qa,
+                                    bf16_bits* __restrict__ Ka, bf16_bits* __restrict__ Va) {
   const int lane = threadIdx.x & 31;
   const int slot = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int64_t r = blockIdx.x;
@@ -46,7 +47,7 @@ __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T
   else
     dst = Va + (r * KVl + (slot - Hl - KVl)) * dp;
   for (int j = d + lane; j < dp; j += 32) dst[j] = 0;  // padding dims
-  if (slot >= Hl + KVl) {  // v: no norm, no rotation
+  if (slot >= Hl + KVl) {                              // v: no norm, no rotation
     for (int j = lane; j < d; j += 32) dst[j] = f2bf(src[j]);
     return;
   }
@@ -80,7 +81,8 @@ __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T
   }
 }
 
-__global__ void row_norms_kernel(const float* __restrict__ x, int D, int64_t ld, float* __restrict__ norms) {
+__global__ void row_norms_kernel(const float* __restrict__ x, int D, int64_t ld,
+                                 float* __restrict__ norms) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * ld;
   float ss = 0.f;
@@ -109,8 +111,8 @@ __device__ __forceinline__ float load_as_float<bf16_bits>(const bf16_bits* p) {
 
 // partial[b, chunk, c] = sum of rows i in the chunk's share of 1..T-1.
 template <typename In>
-__global__ void column_partial_kernel(const In* __restrict__ x, int T, int ncols, int64_t ld, int chunks,
-                                      float* __restrict__ partial) {
+__global__ void column_partial_kernel(const In* __restrict__ x, int T, int ncols, int64_t ld,
+                                      int chunks, float* __restrict__ partial) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y, chunk = blockIdx.z;
   if (c >= ncols) return;
@@ -122,19 +124,20 @@ __global__ void column_partial_kernel(const In* __restrict__ x, int T, int ncols
   partial[(static_cast<int64_t>(b) * chunks + chunk) * ncols + c] = acc;
 }
 
-__global__ void column_finish_kernel(const float* __restrict__ partial, int T, int ncols, int chunks,
-                                     float* __restrict__ out) {
+__global__ void column_finish_kernel(const float* __restrict__ partial, int T, int ncols,
+                                     int chunks, float* __restrict__ out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y;
   if (c >= ncols) return;
   float acc = 0.f;
-  for (int k = 0; k < chunks; ++k) acc += partial[(static_cast<int64_t>(b) * chunks + k) * ncols + c];
+  for (int k = 0; k < chunks; ++k)
+    acc += partial[(static_cast<int64_t>(b) * chunks + k) * ncols + c];
   out[static_cast<int64_t>(b) * ncols + c] = acc / static_cast<float>(T - 1);
 }
 
 template <typename In>
-void column_mean_rest_impl(const In* x, int B, int T, int ncols, int64_t ld, float* partial, float* out,
-                           cudaStream_t s) {
+void column_mean_rest_impl(const In* x, int B, int T, int ncols, int64_t ld, float* partial,
+                           float* out, cudaStream_t s) {
   if (B == 0 || ncols == 0 || T < 2) return;
   const int chunks = chunks_for(T);
   const dim3 grid((ncols + kColThreads - 1) / kColThreads, B, chunks);
@@ -150,15 +153,18 @@ __global__ void add_inplace_kernel(float* __restrict__ x, const float* __restric
     x[i] += a[i];
 }
 
-__global__ void embed_gather_kernel(const bf16_bits* __restrict__ table, const int32_t* __restrict__ tokens, int D,
+__global__ void embed_gather_kernel(const bf16_bits* __restrict__ table,
+                                    const int32_t* __restrict__ tokens, int D,
                                     float* __restrict__ x) {
   const int64_t r = blockIdx.x;
   const bf16_bits* row = table + static_cast<int64_t>(tokens[r]) * D;
   for (int c = threadIdx.x; c < D; c += blockDim.x) x[r * D + c] = bf2f(row[c]);
 }
 
-__global__ void embed_p0_kernel(float* __restrict__ x, int T, int D, const float* __restrict__ mean_rest, bool ablate,
-                                float* __restrict__ delta, int64_t delta_bstride, float* __restrict__ p0_sum) {
+__global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
+                                const float* __restrict__ mean_rest, bool ablate,
+                                float* __restrict__ delta, int64_t delta_bstride,
+                                float* __restrict__ p0_sum) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y;
   if (c >= D) return;
@@ -171,8 +177,9 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D, const float
 
 constexpr int kMaxBins = 2048;
 
-__global__ void abs_radix_hist_kernel(const float* __restrict__ x, int64_t n, uint32_t prefix, uint32_t hi_mask,
-                                      int shift, int bits, unsigned* __restrict__ hist) {
+__global__ void abs_radix_hist_kernel(const float* __restrict__ x, int64_t n, uint32_t prefix,
+                                      uint32_t hi_mask, int shift, int bits,
+                                      unsigned* __restrict__ hist) {
   __shared__ unsigned local[kMaxBins];
   const int nbins = 1 << bits;
   for (int i = threadIdx.x; i < nbins; i += blockDim.x) local[i] = 0;
@@ -190,22 +197,24 @@ __global__ void abs_radix_hist_kernel(const float* __restrict__ x, int64_t n, ui
 
 }  // namespace
 
-void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf, float* out_f32,
-              float* inv_rms, cudaStream_t s) {
+void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
+              float* out_f32, float* inv_rms, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, D, gamma, eps, out_bf, out_f32, inv_rms);
+  rms_norm_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, D, gamma, eps, out_bf,
+                                                                       out_f32, inv_rms);
   CUDA_CHECK_LAUNCH("rms_norm_kernel");
 }
 
-void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, const float* q_gamma,
-                  const float* k_gamma, float eps, const float* cos_tab, const float* sin_tab, bf16_bits* Qa,
-                  bf16_bits* Ka, bf16_bits* Va, cudaStream_t s) {
+void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp,
+                  const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
+                  const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
+                  cudaStream_t s) {
   if (rows == 0) return;
   constexpr int warps = 4;
   const int slots = Hl + 2 * KVl;
   const dim3 grid(static_cast<unsigned>(rows), (slots + warps - 1) / warps);
-  qk_norm_rope_kernel<<<grid, warps * 32, 0, s>>>(qkv, rows, T, ld, Hl, KVl, d, dp, q_gamma, k_gamma, eps, cos_tab,
-                                                  sin_tab, Qa, Ka, Va);
+  qk_norm_rope_kernel<<<grid, warps * 32, 0, s>>>(qkv, rows, T, ld, Hl, KVl, d, dp, q_gamma,
+                                                  k_gamma, eps, cos_tab, sin_tab, Qa, Ka, Va);
   CUDA_CHECK_LAUNCH("qk_norm_rope_kernel");
 }
 
@@ -219,13 +228,13 @@ int64_t column_mean_scratch(int B, int T, int ncols) {
   return static_cast<int64_t>(B) * chunks_for(T) * ncols;
 }
 
-void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float* partial, float* out,
-                      cudaStream_t s) {
+void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float* partial,
+                      float* out, cudaStream_t s) {
   column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
 }
 
-void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial, float* out,
-                      cudaStream_t s) {
+void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial,
+                      float* out, cudaStream_t s) {
   column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
 }
 
@@ -235,23 +244,26 @@ void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s) {
   CUDA_CHECK_LAUNCH("add_inplace_kernel");
 }
 
-void embed_gather(const bf16_bits* table, const int32_t* tokens, int64_t n, int D, float* x, cudaStream_t s) {
+void embed_gather(const bf16_bits* table, const int32_t* tokens, int64_t n, int D, float* x,
+                  cudaStream_t s) {
   if (n == 0) return;
   embed_gather_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(table, tokens, D, x);
   CUDA_CHECK_LAUNCH("embed_gather_kernel");
 }
 
-void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate, float* delta, int64_t delta_bstride,
-              float* p0_sum, cudaStream_t s) {
+void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate, float* delta,
+              int64_t delta_bstride, float* p0_sum, cudaStream_t s) {
   if (B == 0) return;
-  embed_p0_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(x, T, D, mean_rest, ablate, delta, delta_bstride, p0_sum);
+  embed_p0_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(x, T, D, mean_rest, ablate, delta,
+                                                           delta_bstride, p0_sum);
   CUDA_CHECK_LAUNCH("embed_p0_kernel");
 }
 
-void abs_radix_hist(const float* x, int64_t n, uint32_t prefix, uint32_t hi_mask, int shift, int bits,
-                    unsigned* hist, cudaStream_t s) {
+void abs_radix_hist(const float* x, int64_t n, uint32_t prefix, uint32_t hi_mask, int shift,
+                    int bits, unsigned* hist, cudaStream_t s) {
   if (n == 0) return;
-  abs_radix_hist_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(x, n, prefix, hi_mask, shift, bits, hist);
+  abs_radix_hist_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(x, n, prefix, hi_mask, shift, bits,
+                                                               hist);
   CUDA_CHECK_LAUNCH("abs_radix_hist_kernel");
 }
 

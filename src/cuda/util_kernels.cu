@@ -20,9 +20,9 @@ __device__ __forceinline__ float unit_uniform(uint64_t seed, uint64_t tensor_id,
 }
 
 template <typename Out>
-__global__ void fill_random_kernel(Out* __restrict__ dst, int64_t rows, int64_t cols, int64_t row_offset,
-                                   int64_t col_offset, int64_t global_cols, uint64_t seed, uint64_t tensor_id,
-                                   float stddev) {
+__global__ void fill_random_kernel(Out* __restrict__ dst, int64_t rows, int64_t cols,
+                                   int64_t row_offset, int64_t col_offset, int64_t global_cols,
+                                   uint64_t seed, uint64_t tensor_id, float stddev) {
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -42,8 +42,8 @@ __global__ void fill_kernel(float* __restrict__ dst, int64_t n, float value) {
     dst[i] = value;
 }
 
-__global__ void split_hi_lo_kernel(const float* __restrict__ m, int64_t n, bf16_bits* __restrict__ hi,
-                                   bf16_bits* __restrict__ lo) {
+__global__ void split_hi_lo_kernel(const float* __restrict__ m, int64_t n,
+                                   bf16_bits* __restrict__ hi, bf16_bits* __restrict__ lo) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const bf16_bits h = f2bf(m[i]);
@@ -52,13 +52,15 @@ __global__ void split_hi_lo_kernel(const float* __restrict__ m, int64_t n, bf16_
   }
 }
 
-__global__ void bf16_to_f32_kernel(const bf16_bits* __restrict__ src, int64_t n, float* __restrict__ dst) {
+__global__ void bf16_to_f32_kernel(const bf16_bits* __restrict__ src, int64_t n,
+                                   float* __restrict__ dst) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     dst[i] = bf2f(src[i]);
 }
 
-__global__ void f32_to_bf16_kernel(const float* __restrict__ src, int64_t n, bf16_bits* __restrict__ dst) {
+__global__ void f32_to_bf16_kernel(const float* __restrict__ src, int64_t n,
+                                   bf16_bits* __restrict__ dst) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     dst[i] = f2bf(src[i]);
@@ -66,8 +68,9 @@ __global__ void f32_to_bf16_kernel(const float* __restrict__ src, int64_t n, bf1
 
 }  // namespace
 
-void fill_random_bf16(bf16_bits* dst, int64_t rows, int64_t cols, int64_t row_offset, int64_t col_offset,
-                      int64_t global_cols, uint64_t seed, uint64_t tensor_id, float stddev, cudaStream_t s) {
+void fill_random_bf16(bf16_bits* dst, int64_t rows, int64_t cols, int64_t row_offset,
+                      int64_t col_offset, int64_t global_cols, uint64_t seed, uint64_t tensor_id,
+                      float stddev, cudaStream_t s) {
   if (rows * cols == 0) return;
   fill_random_kernel<bf16_bits><<<grid_for(rows * cols, 256, 65536), 256, 0, s>>>(
       dst, rows, cols, row_offset, col_offset, global_cols, seed, tensor_id, stddev);
@@ -75,7 +78,8 @@ void fill_random_bf16(bf16_bits* dst, int64_t rows, int64_t cols, int64_t row_of
 }
 
 void fill_random_f32(float* dst, int64_t rows, int64_t cols, int64_t row_offset, int64_t col_offset,
-                     int64_t global_cols, uint64_t seed, uint64_t tensor_id, float stddev, cudaStream_t s) {
+                     int64_t global_cols, uint64_t seed, uint64_t tensor_id, float stddev,
+                     cudaStream_t s) {
   if (rows * cols == 0) return;
   fill_random_kernel<float><<<grid_for(rows * cols, 256, 65536), 256, 0, s>>>(
       dst, rows, cols, row_offset, col_offset, global_cols, seed, tensor_id, stddev);

@@ -24,7 +24,8 @@ void upload_f32(const std::vector<float>& src, DeviceBuffer<float>& dst) {
   CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
 }
 
-std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, int64_t width) {
+std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
+                             int64_t width) {
   std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
   ck.read_rows(name, r0, r1, out.data());
   return out;
@@ -32,8 +33,8 @@ std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int6
 
 // Rows [r0, r1) of a [*, width] tensor into dst, in chunks so that large tensors (lm_head) never
 // sit whole in host memory.
-void load_rows_bf16(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, int64_t width,
-                    bf16_bits* dst) {
+void load_rows_bf16(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
+                    int64_t width, bf16_bits* dst) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(width, 1) / 4);
   for (int64_t a = r0; a < r1; a += chunk) {
     const int64_t b = std::min(r1, a + chunk);
@@ -50,18 +51,19 @@ void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cud
   DeviceBuffer<float> m(static_cast<size_t>(Hl * d * d));
   L.gram_hi.reserve(static_cast<size_t>(Hl * d * d));
   L.gram_lo.reserve(static_cast<size_t>(Hl * d * d));
-  blas.tn(d, d, D, {L.wo.get(), Dt::kBF16, qw, d}, {L.wo.get(), Dt::kBF16, qw, d}, {m.get(), Dt::kF32, d, d * d}, 1.f,
-          0.f, static_cast<int>(Hl));
+  blas.tn(d, d, D, {L.wo.get(), Dt::kBF16, qw, d}, {L.wo.get(), Dt::kBF16, qw, d},
+          {m.get(), Dt::kF32, d, d * d}, 1.f, 0.f, static_cast<int>(Hl));
   k::split_hi_lo(m.get(), Hl * d * d, L.gram_hi.get(), L.gram_lo.get(), s);
   CUDA_CHECK(cudaStreamSynchronize(s));  // m is freed on return
 }
 
 }  // namespace
 
-DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head, Blas& blas,
-                              cudaStream_t s) {
+DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
+                              Blas& blas, cudaStream_t s) {
   const ModelConfig& c = ck.config();
-  const int64_t D = c.hidden_size, d = c.head_dim, Hl = plan.local_heads(), KVl = plan.local_kv_heads();
+  const int64_t D = c.hidden_size, d = c.head_dim, Hl = plan.local_heads(),
+                KVl = plan.local_kv_heads();
   const int64_t qw = Hl * d, kw = KVl * d;
   const uint64_t before = ck.weight_bytes_read();
   DeviceModel w;
@@ -74,8 +76,10 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     upload_f32(read_rows(ck, p + "self_attn.q_norm.weight", 0, d, 1), L.q_norm);
     upload_f32(read_rows(ck, p + "self_attn.k_norm.weight", 0, d, 1), L.k_norm);
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
-    load_rows_bf16(ck, p + "self_attn.q_proj.weight", plan.head_begin * d, plan.head_end * d, D, L.wqkv.get());
-    load_rows_bf16(ck, p + "self_attn.k_proj.weight", plan.kv_begin * d, plan.kv_end * d, D, L.wqkv.get() + qw * D);
+    load_rows_bf16(ck, p + "self_attn.q_proj.weight", plan.head_begin * d, plan.head_end * d, D,
+                   L.wqkv.get());
+    load_rows_bf16(ck, p + "self_attn.k_proj.weight", plan.kv_begin * d, plan.kv_end * d, D,
+                   L.wqkv.get() + qw * D);
     load_rows_bf16(ck, p + "self_attn.v_proj.weight", plan.kv_begin * d, plan.kv_end * d, D,
                    L.wqkv.get() + (qw + kw) * D);
     {
@@ -113,16 +117,16 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
   upload_f32(read_rows(ck, "model.norm.weight", 0, D, 1), w.final_norm);
   if (with_lm_head) {
     w.lm_head.reserve(static_cast<size_t>(c.vocab_size * D));
-    load_rows_bf16(ck, c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", 0, c.vocab_size, D,
-                   w.lm_head.get());
+    load_rows_bf16(ck, c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", 0,
+                   c.vocab_size, D, w.lm_head.get());
   }
   w.bytes_loaded = ck.weight_bytes_read() - before;
   CUDA_CHECK(cudaDeviceSynchronize());  // every upload has landed before the stream reads it
   return w;
 }
 
-DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head, uint64_t seed,
-                                    Blas& blas, cudaStream_t s) {
+DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
+                                    uint64_t seed, Blas& blas, cudaStream_t s) {
   const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads;
   const int64_t Hl = plan.local_heads(), KVl = plan.local_kv_heads(), qw = Hl * d, kw = KVl * d;
   DeviceModel w;
@@ -131,8 +135,8 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     return static_cast<uint64_t>(((layer + 1) * 16 + kind) * 1000003 + expert);
   };
   // rows x cols block at (row0, col0) of a [*, global_cols] tensor, std 1/sqrt(fan_in).
-  auto random_bf16 = [&](bf16_bits* dst, int64_t rows, int64_t cols, int64_t row0, int64_t col0, int64_t global_cols,
-                         uint64_t id, int64_t fan_in) {
+  auto random_bf16 = [&](bf16_bits* dst, int64_t rows, int64_t cols, int64_t row0, int64_t col0,
+                         int64_t global_cols, uint64_t id, int64_t fan_in) {
     k::fill_random_bf16(dst, rows, cols, row0, col0, global_cols, seed, id,
                         1.f / std::sqrt(static_cast<float>(fan_in)), s);
     bytes += static_cast<uint64_t>(rows * cols) * 2;
@@ -151,7 +155,8 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
     random_bf16(L.wqkv.get(), qw, D, plan.head_begin * d, 0, D, tensor_id(l, 0, 0), D);
     random_bf16(L.wqkv.get() + qw * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 1, 0), D);
-    random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 2, 0), D);
+    random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 2, 0),
+                D);
     L.wo.reserve(static_cast<size_t>(D * qw));
     random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
     make_gram(L, D, Hl, d, blas, s);

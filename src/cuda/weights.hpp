@@ -23,29 +23,29 @@ class Blas;
 struct DeviceLayer {
   DeviceBuffer<float> input_norm, post_norm;  // [D]
   DeviceBuffer<float> q_norm, k_norm;         // [d]
-  DeviceBuffer<bf16_bits> wqkv;               // [Hl*d + 2*KVl*d, D]: this rank's q rows, then k, then v
-  DeviceBuffer<bf16_bits> wo;                 // [D, Hl*d]: its columns of o_proj
+  DeviceBuffer<bf16_bits> wqkv;  // [Hl*d + 2*KVl*d, D]: this rank's q rows, then k, then v
+  DeviceBuffer<bf16_bits> wo;    // [D, Hl*d]: its columns of o_proj
   // Per local head h the Gram matrix W_O,h^T W_O,h [d, d] split into bf16 hi + lo parts: the head
   // write norms come from z^T M z without forming the per-head writes.
-  DeviceBuffer<bf16_bits> gram_hi, gram_lo;   // [Hl, d, d]
+  DeviceBuffer<bf16_bits> gram_hi, gram_lo;  // [Hl, d, d]
   bool moe = false;
-  DeviceBuffer<float> router;                 // [E, D] fp32 (routing is decided in fp32)
-  DeviceBuffer<bf16_bits> w_gate_up;          // [El, 2I, D] (gate rows, then up rows); dense: [1, 2I, D]
-  DeviceBuffer<bf16_bits> w_down;             // [El, D, I]; dense: [1, D, I]
+  DeviceBuffer<float> router;         // [E, D] fp32 (routing is decided in fp32)
+  DeviceBuffer<bf16_bits> w_gate_up;  // [El, 2I, D] (gate rows, then up rows); dense: [1, 2I, D]
+  DeviceBuffer<bf16_bits> w_down;     // [El, D, I]; dense: [1, D, I]
   int64_t inter = 0;
 };
 
 struct DeviceModel {
   std::vector<DeviceLayer> layers;
-  DeviceBuffer<float> final_norm;     // [D]
-  DeviceBuffer<bf16_bits> lm_head;    // [V, D], only when logits are wanted
-  DeviceBuffer<bf16_bits> embed;      // [V, D], synthetic models only (checkpoints embed on the host)
-  uint64_t bytes_loaded = 0;          // checkpoint bytes converted (or bf16 bytes made, synthetic)
+  DeviceBuffer<float> final_norm;   // [D]
+  DeviceBuffer<bf16_bits> lm_head;  // [V, D], only when logits are wanted
+  DeviceBuffer<bf16_bits> embed;    // [V, D], synthetic models only (checkpoints embed on the host)
+  uint64_t bytes_loaded = 0;        // checkpoint bytes converted (or bf16 bytes made, synthetic)
 };
 
-DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head, Blas& blas,
-                              cudaStream_t s);
-DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head, uint64_t seed,
-                                    Blas& blas, cudaStream_t s);
+DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
+                              Blas& blas, cudaStream_t s);
+DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
+                                    uint64_t seed, Blas& blas, cudaStream_t s);
 
 }  // namespace sinkscope::cuda

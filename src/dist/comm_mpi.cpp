@@ -20,12 +20,12 @@ namespace {
   MPI_Error_string(code, msg, &len);
   int rank = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  throw RuntimeFailure(std::string(call) + " failed at " + file + ":" + std::to_string(line) + " on rank " +
-                       std::to_string(rank) + " (" + host_name() + "): " + msg);
+  throw RuntimeFailure(std::string(call) + " failed at " + file + ":" + std::to_string(line) +
+                       " on rank " + std::to_string(rank) + " (" + host_name() + "): " + msg);
 }
-#define SINKSCOPE_MPI_CHECK(call)                                 \
-  do {                                                            \
-    const int sinkscope_mpi_rc_ = (call);                         \
+#define SINKSCOPE_MPI_CHECK(call)                                                                 \
+  do {                                                                                            \
+    const int sinkscope_mpi_rc_ = (call);                                                         \
     if (sinkscope_mpi_rc_ != MPI_SUCCESS) mpi_fail(sinkscope_mpi_rc_, #call, __FILE__, __LINE__); \
   } while (0)
 
@@ -60,15 +60,24 @@ class MpiComm final : public Comm {
   }
   void barrier() const override { SINKSCOPE_MPI_CHECK(MPI_Barrier(comm_)); }
 
-  void allreduce_sum(float* data, size_t n) const override { allreduce(data, n, MPI_FLOAT, MPI_SUM); }
-  void allreduce_sum(double* data, size_t n) const override { allreduce(data, n, MPI_DOUBLE, MPI_SUM); }
-  void allreduce_max(int64_t* data, size_t n) const override { allreduce(data, n, MPI_INT64_T, MPI_MAX); }
+  void allreduce_sum(float* data, size_t n) const override {
+    allreduce(data, n, MPI_FLOAT, MPI_SUM);
+  }
+  void allreduce_sum(double* data, size_t n) const override {
+    allreduce(data, n, MPI_DOUBLE, MPI_SUM);
+  }
+  void allreduce_max(int64_t* data, size_t n) const override {
+    allreduce(data, n, MPI_INT64_T, MPI_MAX);
+  }
 
-  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts, std::vector<float>* recv,
-                 std::vector<size_t>* recv_counts) const override {
-    if (static_cast<int>(send_counts.size()) != size_) throw RuntimeFailure("alltoallv: one count per rank needed");
-    std::vector<uint64_t> sc(send_counts.begin(), send_counts.end()), rc(static_cast<size_t>(size_));
-    SINKSCOPE_MPI_CHECK(MPI_Alltoall(sc.data(), 1, MPI_UINT64_T, rc.data(), 1, MPI_UINT64_T, comm_));
+  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts,
+                 std::vector<float>* recv, std::vector<size_t>* recv_counts) const override {
+    if (static_cast<int>(send_counts.size()) != size_)
+      throw RuntimeFailure("alltoallv: one count per rank needed");
+    std::vector<uint64_t> sc(send_counts.begin(), send_counts.end()),
+        rc(static_cast<size_t>(size_));
+    SINKSCOPE_MPI_CHECK(
+        MPI_Alltoall(sc.data(), 1, MPI_UINT64_T, rc.data(), 1, MPI_UINT64_T, comm_));
     recv_counts->assign(rc.begin(), rc.end());
     size_t total = 0;
     for (auto c : rc) total += c;
@@ -80,7 +89,8 @@ class MpiComm final : public Comm {
       for (size_t done = 0; done < rc[r]; done += kChunk) {
         const int n = static_cast<int>(std::min(kChunk, rc[r] - done));
         reqs.emplace_back();
-        SINKSCOPE_MPI_CHECK(MPI_Irecv(recv->data() + roff + done, n, MPI_FLOAT, r, 7, comm_, &reqs.back()));
+        SINKSCOPE_MPI_CHECK(
+            MPI_Irecv(recv->data() + roff + done, n, MPI_FLOAT, r, 7, comm_, &reqs.back()));
       }
       roff += rc[r];
     }
@@ -88,11 +98,13 @@ class MpiComm final : public Comm {
       for (size_t done = 0; done < sc[r]; done += kChunk) {
         const int n = static_cast<int>(std::min(kChunk, sc[r] - done));
         reqs.emplace_back();
-        SINKSCOPE_MPI_CHECK(MPI_Isend(send.data() + soff + done, n, MPI_FLOAT, r, 7, comm_, &reqs.back()));
+        SINKSCOPE_MPI_CHECK(
+            MPI_Isend(send.data() + soff + done, n, MPI_FLOAT, r, 7, comm_, &reqs.back()));
       }
       soff += sc[r];
     }
-    SINKSCOPE_MPI_CHECK(MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
+    SINKSCOPE_MPI_CHECK(
+        MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE));
   }
 
   std::vector<std::string> gather_bytes(const std::string& mine, int root) const override {
@@ -155,7 +167,8 @@ class MpiComm final : public Comm {
     std::string s(n, '\0');
     for (size_t done = 0; done < n; done += kChunk) {
       const int c = static_cast<int>(std::min<uint64_t>(kChunk, n - done));
-      SINKSCOPE_MPI_CHECK(MPI_Recv(s.data() + done, c, MPI_BYTE, from, 12, comm_, MPI_STATUS_IGNORE));
+      SINKSCOPE_MPI_CHECK(
+          MPI_Recv(s.data() + done, c, MPI_BYTE, from, 12, comm_, MPI_STATUS_IGNORE));
     }
     return s;
   }

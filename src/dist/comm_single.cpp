@@ -19,15 +19,19 @@ class SingleComm final : public Comm {
   void allreduce_sum(float*, size_t) const override {}
   void allreduce_sum(double*, size_t) const override {}
   void allreduce_max(int64_t*, size_t) const override {}
-  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts, std::vector<float>* recv,
-                 std::vector<size_t>* recv_counts) const override {
+  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts,
+                 std::vector<float>* recv, std::vector<size_t>* recv_counts) const override {
     if (send_counts.size() != 1 || send_counts[0] != send.size())
       throw RuntimeFailure("alltoallv: counts do not match the buffer");
     *recv = send;
     *recv_counts = send_counts;
   }
-  std::vector<std::string> gather_bytes(const std::string& mine, int) const override { return {mine}; }
-  std::vector<std::string> allgather_bytes(const std::string& mine) const override { return {mine}; }
+  std::vector<std::string> gather_bytes(const std::string& mine, int) const override {
+    return {mine};
+  }
+  std::vector<std::string> allgather_bytes(const std::string& mine) const override {
+    return {mine};
+  }
   void broadcast_bytes(std::string*, int) const override {}
   int first_failed_rank(bool ok) const override { return ok ? -1 : 0; }
   [[noreturn]] void abort(int status) const override { std::_Exit(status); }
@@ -44,7 +48,8 @@ std::string host_name() {
 }
 
 bool launched_under_mpi() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PMIXP_ABORT_AGENT_PORT"})
+  for (const char* v :
+       {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PMIXP_ABORT_AGENT_PORT"})
     if (std::getenv(v)) return true;
   return false;
 }

@@ -22,19 +22,25 @@ ShardPlan ShardPlan::make(int world, int rank, int tp, int ep, const ModelConfig
   if (world % ep != 0)
     refuse("ep=" + std::to_string(ep) + " does not divide the " + std::to_string(world) + " ranks");
   if (c.num_heads % tp != 0)
-    refuse("tp=" + std::to_string(tp) + " does not divide the " + std::to_string(c.num_heads) + " attention heads");
+    refuse("tp=" + std::to_string(tp) + " does not divide the " + std::to_string(c.num_heads) +
+           " attention heads");
   if (tp > c.num_kv_heads && tp % c.num_kv_heads != 0)
     refuse("tp=" + std::to_string(tp) + " exceeds the " + std::to_string(c.num_kv_heads) +
            " KV heads and is not a multiple of them (KV heads are replicated only evenly)");
   if (tp <= c.num_kv_heads && c.num_kv_heads % tp != 0)
-    refuse("tp=" + std::to_string(tp) + " does not divide the " + std::to_string(c.num_kv_heads) + " KV heads");
-  if (ep > 1 && c.num_experts == 0) refuse("ep=" + std::to_string(ep) + " but the model has no experts");
+    refuse("tp=" + std::to_string(tp) + " does not divide the " + std::to_string(c.num_kv_heads) +
+           " KV heads");
+  if (ep > 1 && c.num_experts == 0)
+    refuse("ep=" + std::to_string(ep) + " but the model has no experts");
   if (c.num_experts > 0 && c.num_experts % ep != 0)
-    refuse("ep=" + std::to_string(ep) + " does not divide the " + std::to_string(c.num_experts) + " experts");
+    refuse("ep=" + std::to_string(ep) + " does not divide the " + std::to_string(c.num_experts) +
+           " experts");
   if (world % (ep * etp) != 0)
-    refuse("ep x etp = " + std::to_string(ep * etp) + " does not divide the " + std::to_string(world) + " ranks");
+    refuse("ep x etp = " + std::to_string(ep * etp) + " does not divide the " +
+           std::to_string(world) + " ranks");
   if (etp > 1 && (c.num_experts == 0 || c.moe_intermediate_size % etp != 0))
-    refuse("etp=" + std::to_string(etp) + " does not divide the expert width (moe_intermediate_size " +
+    refuse("etp=" + std::to_string(etp) +
+           " does not divide the expert width (moe_intermediate_size " +
            std::to_string(c.moe_intermediate_size) + ")");
 
   ShardPlan p;
@@ -83,7 +89,9 @@ int ShardPlan::expert_owner(int64_t e, int slice) const {
   return static_cast<int>(e / (num_experts / ep)) * etp + slice;
 }
 
-int ShardPlan::head_owner(int64_t h) const { return dp_rank * tp + static_cast<int>(h / (num_heads / tp)); }
+int ShardPlan::head_owner(int64_t h) const {
+  return dp_rank * tp + static_cast<int>(h / (num_heads / tp));
+}
 
 std::string ShardPlan::describe() const {
   std::ostringstream os;

@@ -441,7 +441,8 @@ Analysis read_analysis(const std::string& path) {
   if (reader.guard([&] { return file.has_attribute("layout"); })) {
     m.layout = reader.string_attribute(file, "layout");
   }
-  if (reader.guard([&] { return file.has_attribute("etp"); })) m.etp = reader.int_attribute(file, "etp");
+  if (reader.guard([&] { return file.has_attribute("etp"); }))
+    m.etp = reader.int_attribute(file, "etp");
   if (reader.guard([&] { return file.has_attribute("circuit_identity_max_rel_err"); }))
     m.circuit_identity_max_rel_err = reader.double_attribute(file, "circuit_identity_max_rel_err");
 

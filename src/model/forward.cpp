@@ -1,4 +1,5 @@
-// CPU backend: the instrumented Qwen3-MoE forward pass on one rank's shard (docs/parallel-layout.md).
+// CPU backend: the instrumented Qwen3-MoE forward pass on one rank's shard
+// (docs/parallel-layout.md).
 //
 // Per layer and micro-batch:
 //   attention  heads of this rank; per (probe, head) the T x T causal softmax in fp32, A[i, 0]
@@ -10,13 +11,13 @@
 //   MoE        each tp rank routes a 1/tp slice of its dp group's tokens, sends (token, expert)
 //              pairs to the expert owners of its ep group (all-to-all with counts), gets the
 //              expert outputs back per pair, and the slices are summed over the tp group.
+#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
-#include <omp.h>
 
 #include "cpu/kernels.hpp"
 #include "model/median.hpp"
@@ -42,31 +43,35 @@ class CpuBackend final : public Backend {
     const int64_t d = c_.head_dim;
     inv_freq_.resize(static_cast<size_t>(d / 2));
     for (int64_t j = 0; j < d / 2; ++j)
-      inv_freq_[static_cast<size_t>(j)] = 1.0 / std::pow(c_.rope_theta, static_cast<double>(2 * j) / static_cast<double>(d));
+      inv_freq_[static_cast<size_t>(j)] =
+          1.0 / std::pow(c_.rope_theta, static_cast<double>(2 * j) / static_cast<double>(d));
     slots_ = std::max<int64_t>(c_.num_experts, 1);
     // Test hook (docs/reliability.md): SINKSCOPE_INJECT_FAULT=RANK:LAYER makes that world rank
     // throw when it reaches that layer, so the failure tests can stop one rank part way.
     if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
       int rank = -1, layer = -1;
-      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank()) fault_layer_ = layer;
+      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank())
+        fault_layer_ = layer;
     }
     ci_ = ComponentIndex{c_.num_heads, c_.num_heads + slots_};
   }
 
   std::string name() const override { return "cpu"; }
   uint64_t weight_bytes_loaded() const override { return bytes_loaded_; }
-  void set_ablations(std::vector<Ablation> ablations) override { opt_.ablations = std::move(ablations); }
+  void set_ablations(std::vector<Ablation> ablations) override {
+    opt_.ablations = std::move(ablations);
+  }
 
   FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) override;
 
  private:
   void embed(const IntArray& tokens, std::vector<float>& x) const;
-  void residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T, int64_t probe0,
-                    ForwardObserver& obs) const;
-  void attention(int64_t l, const std::vector<float>& x, std::vector<float>& y, int64_t B, int64_t T, int64_t probe0,
-                 ForwardObserver& obs);
-  void mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B, int64_t T, int64_t probe0,
-           ForwardObserver& obs);
+  void residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T,
+                    int64_t probe0, ForwardObserver& obs) const;
+  void attention(int64_t l, const std::vector<float>& x, std::vector<float>& y, int64_t B,
+                 int64_t T, int64_t probe0, ForwardObserver& obs);
+  void mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B, int64_t T,
+           int64_t probe0, ForwardObserver& obs);
   // Expert-parallel MoE on this rank's token slice: returns per (slice row, k) expert ids,
   // weights and the weighted expert outputs [n * K, D].
   void moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
@@ -78,8 +83,8 @@ class CpuBackend final : public Backend {
     return false;
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
-    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" + component + ") of probe " +
-                         std::to_string(probe) + " in " + ck_.dir());
+    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" +
+                         component + ") of probe " + std::to_string(probe) + " in " + ck_.dir());
   }
 
   const Checkpoint& ck_;
@@ -102,13 +107,15 @@ class CpuBackend final : public Backend {
 void CpuBackend::embed(const IntArray& tokens, std::vector<float>& x) const {
   const int64_t D = c_.hidden_size;
   for (size_t i = 0; i < tokens.data.size(); ++i)
-    ck_.read_row("model.embed_tokens.weight", tokens.data[i], x.data() + static_cast<int64_t>(i) * D);
+    ck_.read_row("model.embed_tokens.weight", tokens.data[i],
+                 x.data() + static_cast<int64_t>(i) * D);
 }
 
-void CpuBackend::residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T, int64_t probe0,
-                              ForwardObserver& obs) const {
+void CpuBackend::residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T,
+                              int64_t probe0, ForwardObserver& obs) const {
   const int64_t D = c_.hidden_size;
-  std::vector<float> x0(static_cast<size_t>(B * D)), norm_p0(B), rest_median(B), abs_median(B, std::nanf(""));
+  std::vector<float> x0(static_cast<size_t>(B * D)), norm_p0(B), rest_median(B),
+      abs_median(B, std::nanf(""));
   std::vector<float> norms;
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x.data() + b * T * D;
@@ -127,14 +134,16 @@ void CpuBackend::residual_tap(int64_t index, const std::vector<float>& x, int64_
       abs_median[b] = static_cast<float>(median_of(mags));
     }
   }
-  ResidualTap tap{index, B, T, D, probe0, x0.data(), norm_p0.data(), rest_median.data(), abs_median.data()};
+  ResidualTap tap{
+      index, B, T, D, probe0, x0.data(), norm_p0.data(), rest_median.data(), abs_median.data()};
   obs.on_residual(tap);
 }
 
-void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& y, int64_t B, int64_t T,
-                           int64_t probe0, ForwardObserver& obs) {
+void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& y, int64_t B,
+                           int64_t T, int64_t probe0, ForwardObserver& obs) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
-  const int64_t D = c_.hidden_size, d = c_.head_dim, Hl = plan_.local_heads(), KVl = plan_.local_kv_heads();
+  const int64_t D = c_.hidden_size, d = c_.head_dim, Hl = plan_.local_heads(),
+                KVl = plan_.local_kv_heads();
   const int64_t BT = B * T, qw = Hl * d, kw = KVl * d, H = c_.num_heads;
   const int64_t group = c_.kv_group_size();
   const double eps = c_.rms_norm_eps;
@@ -142,7 +151,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
 
   std::vector<float> u(static_cast<size_t>(BT * D)), inv_rx(static_cast<size_t>(BT));
   cpu::rms_norm(x.data(), BT, D, L.input_norm.data(), eps, u.data(), inv_rx.data());
-  std::vector<float> q(static_cast<size_t>(BT * qw)), k(static_cast<size_t>(BT * kw)), v(static_cast<size_t>(BT * kw));
+  std::vector<float> q(static_cast<size_t>(BT * qw)), k(static_cast<size_t>(BT * kw)),
+      v(static_cast<size_t>(BT * kw));
   gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
   gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
   gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
@@ -161,11 +171,15 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   std::vector<float> k0_model(static_cast<size_t>(B * kw));
   for (int64_t b = 0; b < B; ++b) std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < Hl; ++h) cpu::rope(q.data() + b * T * qw + h * d, T, d, qw, 0, inv_freq_.data());
-    for (int64_t g = 0; g < KVl; ++g) cpu::rope(k.data() + b * T * kw + g * d, T, d, kw, 0, inv_freq_.data());
+    for (int64_t h = 0; h < Hl; ++h)
+      cpu::rope(q.data() + b * T * qw + h * d, T, d, qw, 0, inv_freq_.data());
+    for (int64_t g = 0; g < KVl; ++g)
+      cpu::rope(k.data() + b * T * kw + g * d, T, d, kw, 0, inv_freq_.data());
   }
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).
-  auto kv_of = [&](int64_t h_local) { return (plan_.head_begin + h_local) / group - plan_.kv_begin; };
+  auto kv_of = [&](int64_t h_local) {
+    return (plan_.head_begin + h_local) / group - plan_.kv_begin;
+  };
 
   // qbar: mean over i >= 1 of the rotated, normed queries.
   std::vector<float> qbar(static_cast<size_t>(B * qw), 0.f);
@@ -176,7 +190,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   }
 
   // Attention: the T x T part, parallel over (probe, head).
-  std::vector<float> z(static_cast<size_t>(BT * qw)), a0(static_cast<size_t>(B * Hl * T)), a0_mean(B * Hl);
+  std::vector<float> z(static_cast<size_t>(BT * qw)), a0(static_cast<size_t>(B * Hl * T)),
+      a0_mean(B * Hl);
 #pragma omp parallel num_threads(opt_.threads)
   {
     std::vector<float> s(static_cast<size_t>(T * T));
@@ -192,7 +207,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
         sum += s[i * T];
       }
       a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
-      gemm_nn(T, d, T, s.data(), T, v.data() + b * T * kw + g * d, kw, z.data() + b * T * qw + h * d, qw);
+      gemm_nn(T, d, T, s.data(), T, v.data() + b * T * kw + g * d, kw,
+              z.data() + b * T * qw + h * d, qw);
     }
   }
 
@@ -261,12 +277,29 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
       }
       for (int64_t g = 0; g < KVl; ++g)
         for (int64_t j = 0; j < d; ++j)
-          k0_sum[b * kw + g * d + j] = G[C * kw + g * d + j] * ix * inv_rk[b * KVl + g] * L.k_norm[j];
+          k0_sum[b * kw + g * d + j] =
+              G[C * kw + g * d + j] * ix * inv_rk[b * KVl + g] * L.k_norm[j];
     }
   }
 
-  AttentionTap tap{l, B, T, D, d, probe0, plan_.head_begin, Hl, a0_mean.data(), a0.data(), wp0_norm.data(),
-                   wrest_norm.data(), attr.data(), C, k0_model.data(), k0_sum.data(), plan_.kv_begin, KVl};
+  AttentionTap tap{l,
+                   B,
+                   T,
+                   D,
+                   d,
+                   probe0,
+                   plan_.head_begin,
+                   Hl,
+                   a0_mean.data(),
+                   a0.data(),
+                   wp0_norm.data(),
+                   wrest_norm.data(),
+                   attr.data(),
+                   C,
+                   k0_model.data(),
+                   k0_sum.data(),
+                   plan_.kv_begin,
+                   KVl};
   obs.on_attention(tap);
 
   // Store the heads' deltas for later targets; ablate; y = x + a.
@@ -300,8 +333,8 @@ void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* 
   gemm_nt(n, D, I, g.data(), I, m.down.data(), I, out, D);
 }
 
-void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
-                           std::vector<float>& outs) const {
+void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
+                           std::vector<int32_t>& topk, std::vector<float>& outs) const {
   const int64_t D = c_.hidden_size, E = c_.num_experts, K = c_.top_k;
   // Router: softmax over experts, top-k (ties go to the lower expert index), weights.
   std::vector<float> logits(static_cast<size_t>(n * E));
@@ -334,7 +367,8 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std
   std::vector<size_t> send_counts(static_cast<size_t>(P), 0);
   std::vector<std::vector<int64_t>> pairs_to(static_cast<size_t>(P));
   for (int64_t pr = 0; pr < n * K; ++pr)
-    for (int slice = 0; slice < plan_.etp; ++slice) pairs_to[plan_.expert_owner(topk[pr], slice)].push_back(pr);
+    for (int slice = 0; slice < plan_.etp; ++slice)
+      pairs_to[plan_.expert_owner(topk[pr], slice)].push_back(pr);
   std::vector<float> send;
   send.reserve(static_cast<size_t>(n * K * plan_.etp * (D + 1)));
   for (int r = 0; r < P; ++r) {
@@ -354,7 +388,8 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std
   std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(plan_.local_experts()));
   for (int64_t i = 0; i < npairs; ++i) {
     const int64_t e = static_cast<int64_t>(recv[i * (D + 1)]) - plan_.expert_begin;
-    if (e < 0 || e >= plan_.local_experts()) throw RuntimeFailure("expert dispatch reached the wrong rank");
+    if (e < 0 || e >= plan_.local_experts())
+      throw RuntimeFailure("expert dispatch reached the wrong rank");
     by_expert[e].push_back(i);
   }
 #pragma omp parallel for schedule(dynamic) num_threads(opt_.threads)
@@ -363,12 +398,14 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std
     if (idx.empty()) continue;
     const int64_t m = static_cast<int64_t>(idx.size());
     std::vector<float> in(static_cast<size_t>(m * D)), out(static_cast<size_t>(m * D));
-    for (int64_t r = 0; r < m; ++r) std::copy_n(recv.data() + idx[r] * (D + 1) + 1, D, in.data() + r * D);
+    for (int64_t r = 0; r < m; ++r)
+      std::copy_n(recv.data() + idx[r] * (D + 1) + 1, D, in.data() + r * D);
     run_mlp(L.experts[e], in.data(), m, out.data());
     for (int64_t r = 0; r < m; ++r) std::copy_n(out.data() + r * D, D, answer.data() + idx[r] * D);
   }
   std::vector<size_t> back_counts(recv_counts.size());
-  for (size_t r = 0; r < recv_counts.size(); ++r) back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
+  for (size_t r = 0; r < recv_counts.size(); ++r)
+    back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
   std::vector<float> back;
   std::vector<size_t> back_recv_counts;
   ep.alltoallv(answer, back_counts, &back, &back_recv_counts);
@@ -385,10 +422,11 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n, std
     for (int64_t j = 0; j < D; ++j) outs[pr * D + j] *= weight[pr];
 }
 
-void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B, int64_t T,
-                     int64_t probe0, ForwardObserver& obs) {
+void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B,
+                     int64_t T, int64_t probe0, ForwardObserver& obs) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
-  const int64_t D = c_.hidden_size, BT = B * T, E = L.moe ? c_.num_experts : 0, K = c_.top_k, S = slots_;
+  const int64_t D = c_.hidden_size, BT = B * T, E = L.moe ? c_.num_experts : 0, K = c_.top_k,
+                S = slots_;
   const int64_t Ctot = ci_.count_before(c_.num_layers);
   std::vector<float> u(static_cast<size_t>(BT * D));
   cpu::rms_norm(y.data(), BT, D, L.post_norm.data(), c_.rms_norm_eps, u.data());
@@ -399,8 +437,9 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>&
 
   // One buffer summed over the tp group: m [BT, D], per (probe, slot) p0 vectors and rest sums
   // [B, S, D] each, p0 norms [B, S], p0 routing [B, E], rest routing counts [E].
-  const size_t off_m = 0, off_p0 = off_m + BT * D, off_rest = off_p0 + B * S * D, off_n0 = off_rest + B * S * D,
-               off_r0 = off_n0 + B * S, off_rc = off_r0 + B * std::max<int64_t>(E, 1);
+  const size_t off_m = 0, off_p0 = off_m + BT * D, off_rest = off_p0 + B * S * D,
+               off_n0 = off_rest + B * S * D, off_r0 = off_n0 + B * S,
+               off_rc = off_r0 + B * std::max<int64_t>(E, 1);
   std::vector<float> buf(off_rc + static_cast<size_t>(std::max<int64_t>(E, 1)), 0.f);
   float* m = buf.data() + off_m;
   auto account = [&](int64_t token, int64_t slot, const float* write) {
@@ -437,7 +476,8 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>&
   if (tp > 1) comms_.tp_group->allreduce_sum(buf.data(), buf.size());
 
   // Per-component deltas for the circuit map, ablation, the tap, and x = y + m.
-  std::vector<float> out_p0(B), out_rest(B), expert_p0(static_cast<size_t>(B * std::max<int64_t>(E, 1)), 0.f);
+  std::vector<float> out_p0(B), out_rest(B),
+      expert_p0(static_cast<size_t>(B * std::max<int64_t>(E, 1)), 0.f);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t s = 0; s < (L.moe ? E : 1); ++s) {
       const float* p0 = buf.data() + off_p0 + (b * S + s) * D;
@@ -457,15 +497,26 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>&
     out_rest[b] = static_cast<float>(rest / static_cast<double>(T - 1));
     if (!std::isfinite(out_p0[b] + out_rest[b])) non_finite(l, L.moe ? "moe" : "mlp", probe0 + b);
   }
-  MlpTap tap{l, B, T, D, probe0, L.moe, E, out_p0.data(), out_rest.data(), expert_p0.data(),
-             buf.data() + off_r0, buf.data() + off_rc};
+  MlpTap tap{l,
+             B,
+             T,
+             D,
+             probe0,
+             L.moe,
+             E,
+             out_p0.data(),
+             out_rest.data(),
+             expert_p0.data(),
+             buf.data() + off_r0,
+             buf.data() + off_rc};
   obs.on_mlp(tap);
   x.resize(y.size());
   for (size_t i = 0; i < y.size(); ++i) x[i] = y[i] + m[i];
 }
 
 FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) {
-  const int64_t B = static_cast<int64_t>(tokens.shape.at(0)), T = static_cast<int64_t>(tokens.shape.at(1));
+  const int64_t B = static_cast<int64_t>(tokens.shape.at(0)),
+                T = static_cast<int64_t>(tokens.shape.at(1));
   const int64_t D = c_.hidden_size, Ctot = ci_.count_before(c_.num_layers);
   if (T < 2) throw InputError("probes need at least 2 positions (position 0 and the rest)");
   cpu::set_threads(opt_.threads);
@@ -487,7 +538,8 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
   }
   residual_tap(0, x, B, T, probe0, obs);
   for (int64_t l = 0; l < c_.num_layers; ++l) {
-    if (l == fault_layer_) throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
+    if (l == fault_layer_)
+      throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
     attention(l, x, y, B, T, probe0, obs);
     mlp(l, y, x, B, T, probe0, obs);
     residual_tap(l + 1, x, B, T, probe0, obs);
@@ -497,7 +549,8 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
     const int64_t V = c_.vocab_size;
     std::vector<float> u(x.size());
     cpu::rms_norm(x.data(), B * T, D, w_.final_norm.data(), c_.rms_norm_eps, u.data());
-    logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)}, "probe,position,vocab");
+    logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
+                        "probe,position,vocab");
     gemm_nt(B * T, V, D, u.data(), D, w_.lm_head.data(), D, logits.ptr(), V);
   }
   return logits;
@@ -505,8 +558,8 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(const Checkpoint& ckpt, const ShardPlan& plan, ForwardComms comms,
-                                          ForwardOptions options) {
+std::unique_ptr<Backend> make_cpu_backend(const Checkpoint& ckpt, const ShardPlan& plan,
+                                          ForwardComms comms, ForwardOptions options) {
   return std::make_unique<CpuBackend>(ckpt, plan, comms, std::move(options));
 }
 

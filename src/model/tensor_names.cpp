@@ -8,7 +8,8 @@ bool experts_fused(const Checkpoint& ckpt, int64_t layer) {
   return ckpt.find(layer_prefix(layer) + "mlp.experts.gate_up_proj") != nullptr;
 }
 
-ExpertLocation expert_location(const Checkpoint& ckpt, const ModelConfig& c, int64_t layer, int64_t e) {
+ExpertLocation expert_location(const Checkpoint& ckpt, const ModelConfig& c, int64_t layer,
+                               int64_t e) {
   const std::string p = layer_prefix(layer) + "mlp.experts.";
   const int64_t I = c.moe_intermediate_size, D = c.hidden_size;
   if (experts_fused(ckpt, layer)) {
@@ -18,7 +19,8 @@ ExpertLocation expert_location(const Checkpoint& ckpt, const ModelConfig& c, int
             {p + "down_proj", e * D, (e + 1) * D}};
   }
   const std::string q = p + std::to_string(e) + ".";
-  return {{q + "gate_proj.weight", 0, I}, {q + "up_proj.weight", 0, I}, {q + "down_proj.weight", 0, D}};
+  return {
+      {q + "gate_proj.weight", 0, I}, {q + "up_proj.weight", 0, I}, {q + "down_proj.weight", 0, D}};
 }
 
 std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpoint& ckpt) {

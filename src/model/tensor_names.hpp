@@ -33,7 +33,8 @@ struct ExpertLocation {
 
 // True when layer l stores its experts fused (3-D tensors).
 bool experts_fused(const Checkpoint& ckpt, int64_t layer);
-ExpertLocation expert_location(const Checkpoint& ckpt, const ModelConfig& c, int64_t layer, int64_t e);
+ExpertLocation expert_location(const Checkpoint& ckpt, const ModelConfig& c, int64_t layer,
+                               int64_t e);
 
 // Everything the model needs, with the shape config.json implies.
 std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpoint& ckpt);

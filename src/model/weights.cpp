@@ -6,13 +6,16 @@
 namespace sinkscope {
 namespace {
 
-std::vector<float> rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, int64_t width) {
+std::vector<float> rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
+                        int64_t width) {
   std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
   ck.read_rows(name, r0, r1, out.data());
   return out;
 }
 
-std::vector<float> vec(const Checkpoint& ck, const std::string& name, int64_t n) { return rows(ck, name, 0, n, 1); }
+std::vector<float> vec(const Checkpoint& ck, const std::string& name, int64_t n) {
+  return rows(ck, name, 0, n, 1);
+}
 
 }  // namespace
 
@@ -59,7 +62,8 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
   }
   w.final_norm = vec(ck, "model.norm.weight", D);
   if (with_lm_head)
-    w.lm_head = rows(ck, c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", 0, c.vocab_size, D);
+    w.lm_head = rows(ck, c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", 0,
+                     c.vocab_size, D);
   return w;
 }
 

@@ -24,9 +24,9 @@ struct LayerWeights {
   std::vector<float> o;                      // [D, Hl * d]  its columns of o_proj
   std::vector<float> q_norm, k_norm;         // [d]
   bool moe = false;
-  std::vector<float> router;                 // [E, D] (replicated)
-  std::vector<MlpWeights> experts;           // local experts [expert_begin, expert_end)
-  MlpWeights dense;                          // dense MLP layers (replicated)
+  std::vector<float> router;        // [E, D] (replicated)
+  std::vector<MlpWeights> experts;  // local experts [expert_begin, expert_end)
+  MlpWeights dense;                 // dense MLP layers (replicated)
 };
 
 struct ModelWeights {

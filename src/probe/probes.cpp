@@ -13,14 +13,17 @@
 namespace sinkscope {
 namespace {
 
-[[noreturn]] void fail(const std::string& file, const std::string& what) { throw InputError(file + ": " + what); }
+[[noreturn]] void fail(const std::string& file, const std::string& what) {
+  throw InputError(file + ": " + what);
+}
 
 // Parses a .npy file (format versions 1-3) holding int32 or int64, little-endian, C order, 2-D.
 IntArray load_npy(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, "cannot open token file");
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (bytes.size() < 10 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0) fail(path, "not a .npy file (bad magic)");
+  if (bytes.size() < 10 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0)
+    fail(path, "not a .npy file (bad magic)");
   const int major = static_cast<unsigned char>(bytes[6]);
   size_t header_len = 0, pos = 0;
   if (major == 1) {
@@ -39,14 +42,20 @@ IntArray load_npy(const std::string& path) {
   const std::string header = bytes.substr(pos, header_len);
   pos += header_len;
   std::smatch m;
-  if (!std::regex_search(header, m, std::regex("'descr'\\s*:\\s*'([^']*)'"))) fail(path, ".npy header has no descr");
+  if (!std::regex_search(header, m, std::regex("'descr'\\s*:\\s*'([^']*)'")))
+    fail(path, ".npy header has no descr");
   const std::string descr = m[1];
   size_t width = 0;
-  if (descr == "<i4" || descr == "|i4" || descr == "=i4") width = 4;
-  else if (descr == "<i8" || descr == "=i8") width = 8;
-  else fail(path, "token dtype '" + descr + "' is not int32 or int64 (little-endian)");
-  if (std::regex_search(header, m, std::regex("'fortran_order'\\s*:\\s*True"))) fail(path, "tokens are in Fortran order; C order needed");
-  if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)"))) fail(path, ".npy header has no shape");
+  if (descr == "<i4" || descr == "|i4" || descr == "=i4")
+    width = 4;
+  else if (descr == "<i8" || descr == "=i8")
+    width = 8;
+  else
+    fail(path, "token dtype '" + descr + "' is not int32 or int64 (little-endian)");
+  if (std::regex_search(header, m, std::regex("'fortran_order'\\s*:\\s*True")))
+    fail(path, "tokens are in Fortran order; C order needed");
+  if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)")))
+    fail(path, ".npy header has no shape");
   std::vector<size_t> shape;
   std::stringstream ss(m[1].str());
   std::string item;
@@ -54,15 +63,20 @@ IntArray load_npy(const std::string& path) {
     item.erase(0, item.find_first_not_of(" \t"));
     item.erase(item.find_last_not_of(" \t") + 1);
     if (item.empty()) continue;
-    if (item.find_first_not_of("0123456789") != std::string::npos) fail(path, "bad shape entry '" + item + "'");
+    if (item.find_first_not_of("0123456789") != std::string::npos)
+      fail(path, "bad shape entry '" + item + "'");
     shape.push_back(std::stoull(item));
   }
-  if (shape.size() != 2) fail(path, "tokens must be a 2-D array [N, T], got " + std::to_string(shape.size()) + " dimensions");
+  if (shape.size() != 2)
+    fail(path,
+         "tokens must be a 2-D array [N, T], got " + std::to_string(shape.size()) + " dimensions");
   if (shape[0] == 0 || shape[1] == 0) fail(path, "token array is empty");
-  if (shape[1] > (size_t{1} << 31) || shape[0] > (size_t{1} << 31)) fail(path, "token array is too large");
+  if (shape[1] > (size_t{1} << 31) || shape[0] > (size_t{1} << 31))
+    fail(path, "token array is too large");
   const size_t count = shape[0] * shape[1];
   if (bytes.size() - pos != count * width)
-    fail(path, "token data has " + std::to_string(bytes.size() - pos) + " bytes, shape needs " + std::to_string(count * width));
+    fail(path, "token data has " + std::to_string(bytes.size() - pos) + " bytes, shape needs " +
+                   std::to_string(count * width));
   IntArray t(shape, "probe,position");
   for (size_t i = 0; i < count; ++i) {
     if (width == 4) {
@@ -73,8 +87,8 @@ IntArray load_npy(const std::string& path) {
       int64_t v;
       std::memcpy(&v, bytes.data() + pos + 8 * i, 8);
       if (v < INT32_MIN || v > INT32_MAX)
-        fail(path, "token id " + std::to_string(v) + " at (row " + std::to_string(i / shape[1]) + ", column " +
-                       std::to_string(i % shape[1]) + ") does not fit int32");
+        fail(path, "token id " + std::to_string(v) + " at (row " + std::to_string(i / shape[1]) +
+                       ", column " + std::to_string(i % shape[1]) + ") does not fit int32");
       t.data[i] = static_cast<int32_t>(v);
     }
   }
@@ -97,14 +111,17 @@ IntArray make_probes(const std::string& spec, int64_t vocab) {
   if (!std::regex_match(spec, m, re))
     throw InputError("--probes '" + spec + "': expected random:N:T:SEED or repeat:N:T:TOKEN");
   const uint64_t n = std::stoull(m[2]), T = std::stoull(m[3]), arg = std::stoull(m[4]);
-  if (n == 0 || T == 0 || n > (1u << 20) || T > (1u << 22)) throw InputError("--probes '" + spec + "': N and T must be positive and sane");
+  if (n == 0 || T == 0 || n > (1u << 20) || T > (1u << 22))
+    throw InputError("--probes '" + spec + "': N and T must be positive and sane");
   IntArray t({n, T}, "probe,position");
   if (m[1] == "random") {
     std::mt19937_64 rng(arg);
     std::uniform_int_distribution<int64_t> dist(0, vocab - 1);
     for (auto& v : t.data) v = static_cast<int32_t>(dist(rng));
   } else {
-    if (static_cast<int64_t>(arg) >= vocab) throw InputError("--probes '" + spec + "': token " + std::to_string(arg) + " >= vocab_size " + std::to_string(vocab));
+    if (static_cast<int64_t>(arg) >= vocab)
+      throw InputError("--probes '" + spec + "': token " + std::to_string(arg) + " >= vocab_size " +
+                       std::to_string(vocab));
     std::fill(t.data.begin(), t.data.end(), static_cast<int32_t>(arg));
   }
   return t;
@@ -124,15 +141,19 @@ void check_token_ids(const IntArray& tokens, int64_t vocab, const std::string& s
   const size_t T = tokens.shape.at(1);
   for (size_t i = 0; i < tokens.data.size(); ++i)
     if (tokens.data[i] < 0 || tokens.data[i] >= vocab)
-      throw InputError(source + ": token id " + std::to_string(tokens.data[i]) + " at (row " + std::to_string(i / T) +
-                       ", column " + std::to_string(i % T) + ") is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+      throw InputError(source + ": token id " + std::to_string(tokens.data[i]) + " at (row " +
+                       std::to_string(i / T) + ", column " + std::to_string(i % T) +
+                       ") is outside the vocabulary [0, " + std::to_string(vocab) + ")");
 }
 
-std::string tokens_sha256(const IntArray& tokens) { return sha256_hex(tokens.data.data(), tokens.data.size() * 4); }
+std::string tokens_sha256(const IntArray& tokens) {
+  return sha256_hex(tokens.data.data(), tokens.data.size() * 4);
+}
 
 void save_npy_int32(const std::string& path, const IntArray& t) {
-  std::string header = "{'descr': '<i4', 'fortran_order': False, 'shape': (" + std::to_string(t.shape.at(0)) + ", " +
-                       std::to_string(t.shape.at(1)) + "), }";
+  std::string header = "{'descr': '<i4', 'fortran_order': False, 'shape': (" +
+                       std::to_string(t.shape.at(0)) + ", " + std::to_string(t.shape.at(1)) +
+                       "), }";
   while ((10 + header.size() + 1) % 64 != 0) header.push_back(' ');
   header.push_back('\n');
   std::ofstream out(path, std::ios::binary);
@@ -141,7 +162,8 @@ void save_npy_int32(const std::string& path, const IntArray& t) {
   const uint16_t len = static_cast<uint16_t>(header.size());
   out.write(reinterpret_cast<const char*>(&len), 2);
   out.write(header.data(), static_cast<std::streamsize>(header.size()));
-  out.write(reinterpret_cast<const char*>(t.data.data()), static_cast<std::streamsize>(t.data.size() * 4));
+  out.write(reinterpret_cast<const char*>(t.data.data()),
+            static_cast<std::streamsize>(t.data.size() * 4));
 }
 
 }  // namespace sinkscope

@@ -105,7 +105,9 @@ void Recorder::on_attention(const AttentionTap& t) {
       double* dst = rec_.attr_sum.data() + (l * H + gh) * rec_.C;
       const float* src = t.attr + bh * t.num_sources;
       for (int64_t c = 0; c < t.num_sources; ++c) dst[c] += src[c];
-      if (per_query_) std::copy_n(t.a0 + bh * t.T, t.T, rec_.p0_per_query.data() + ((row * rec_.L + l) * H + gh) * rec_.T);
+      if (per_query_)
+        std::copy_n(t.a0 + bh * t.T, t.T,
+                    rec_.p0_per_query.data() + ((row * rec_.L + l) * H + gh) * rec_.T);
     }
     for (int64_t g = 0; g < t.local_kv_heads; ++g) {
       const float* km = t.k0_model + (b * t.local_kv_heads + g) * t.head_dim;
@@ -115,7 +117,8 @@ void Recorder::on_attention(const AttentionTap& t) {
         diff += (km[j] - ks[j]) * static_cast<double>(km[j] - ks[j]);
         norm += static_cast<double>(km[j]) * km[j];
       }
-      rec_.identity_max_rel_err = std::max(rec_.identity_max_rel_err, std::sqrt(diff / std::max(norm, 1e-30)));
+      rec_.identity_max_rel_err =
+          std::max(rec_.identity_max_rel_err, std::sqrt(diff / std::max(norm, 1e-30)));
     }
   }
 }
@@ -136,17 +139,19 @@ void Recorder::on_mlp(const MlpTap& t) {
     for (int64_t e = 0; e < t.num_experts; ++e) rec_.rest_routed[l * E + e] += t.rest_routed[e];
 }
 
-void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps, bool per_query,
-                    Analysis& a, double* identity_max_rel_err) {
+void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps,
+                    bool per_query, Analysis& a, double* identity_max_rel_err) {
   if (records.empty()) throw RuntimeFailure("no rank records to reduce");
   const RankRecord& r0 = records.front();
-  const size_t L = static_cast<size_t>(r0.L), H = static_cast<size_t>(r0.H), T = static_cast<size_t>(r0.T),
-               D = static_cast<size_t>(r0.D), C = static_cast<size_t>(r0.C);
+  const size_t L = static_cast<size_t>(r0.L), H = static_cast<size_t>(r0.H),
+               T = static_cast<size_t>(r0.T), D = static_cast<size_t>(r0.D),
+               C = static_cast<size_t>(r0.C);
   const size_t E = static_cast<size_t>(cfg.num_experts), Es = std::max<size_t>(E, 1);
   const size_t N = static_cast<size_t>(a.meta.num_probes);
   ComponentIndex ci{static_cast<int64_t>(H), static_cast<int64_t>(H + Es)};
 
-  std::vector<double> sink(L * H, 0), hp0(L * H, 0), hrest(L * H, 0), attr(L * H * C, 0), unit((L + 1) * D, 0);
+  std::vector<double> sink(L * H, 0), hp0(L * H, 0), hrest(L * H, 0), attr(L * H * C, 0),
+      unit((L + 1) * D, 0);
   std::vector<double> mp0(L, 0), mrest(L, 0), ep0(L * Es, 0), r0c(L * Es, 0), rrc(L * Es, 0);
   a.norm_p0 = FloatArray({N, L + 1}, "probe,layer");
   a.norm_rest_median = FloatArray({N, L + 1}, "probe,layer");
@@ -169,22 +174,29 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     add(r0c, r.p0_routed);
     add(rrc, r.rest_routed);
     max_err = std::max(max_err, r.identity_max_rel_err);
-    if (r.has_probe0) std::copy(r.massive_p0.begin(), r.massive_p0.end(), a.massive_p0.data.begin());
+    if (r.has_probe0)
+      std::copy(r.massive_p0.begin(), r.massive_p0.end(), a.massive_p0.data.begin());
     for (size_t row = 0; row < r.probe_ids.size(); ++row) {
       const size_t n = static_cast<size_t>(r.probe_ids[row]);
-      if (n >= N) throw RuntimeFailure("a rank recorded probe " + std::to_string(n) + " of " + std::to_string(N));
+      if (n >= N)
+        throw RuntimeFailure("a rank recorded probe " + std::to_string(n) + " of " +
+                             std::to_string(N));
       if (r.has_rows) {
         std::copy_n(r.norm_p0.begin() + row * (L + 1), L + 1, a.norm_p0.data.begin() + n * (L + 1));
-        std::copy_n(r.norm_rest_median.begin() + row * (L + 1), L + 1, a.norm_rest_median.data.begin() + n * (L + 1));
+        std::copy_n(r.norm_rest_median.begin() + row * (L + 1), L + 1,
+                    a.norm_rest_median.data.begin() + n * (L + 1));
         ++rows_seen[n];
       }
       if (per_query && !r.p0_per_query.empty())
         for (size_t i = 0; i < L * H * T; ++i)
-          if (r.p0_per_query[row * L * H * T + i] != 0.f) a.p0_per_query.data[n * L * H * T + i] = r.p0_per_query[row * L * H * T + i];
+          if (r.p0_per_query[row * L * H * T + i] != 0.f)
+            a.p0_per_query.data[n * L * H * T + i] = r.p0_per_query[row * L * H * T + i];
     }
   }
   for (size_t n = 0; n < N; ++n)
-    if (rows_seen[n] != 1) throw RuntimeFailure("probe " + std::to_string(n) + " was recorded " + std::to_string(rows_seen[n]) + " times");
+    if (rows_seen[n] != 1)
+      throw RuntimeFailure("probe " + std::to_string(n) + " was recorded " +
+                           std::to_string(rows_seen[n]) + " times");
   if (identity_max_rel_err) *identity_max_rel_err = max_err;
 
   const double inv_n = 1.0 / static_cast<double>(N);
@@ -210,12 +222,16 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
   a.p0_cosine = FloatArray({L + 1}, "layer");
   for (size_t l = 0; l <= L; ++l) {
     double ratio = 0;
-    for (size_t n = 0; n < N; ++n) ratio += static_cast<double>(a.norm_p0.data[n * (L + 1) + l]) / a.norm_rest_median.data[n * (L + 1) + l];
+    for (size_t n = 0; n < N; ++n)
+      ratio += static_cast<double>(a.norm_p0.data[n * (L + 1) + l]) /
+               a.norm_rest_median.data[n * (L + 1) + l];
     a.h_ratio.data[l] = static_cast<float>(ratio * inv_n);
     // Mean pairwise cosine from the sum of unit vectors: sum_{n != m} u_n.u_m = |sum u|^2 - N.
     double s2 = 0;
     for (size_t c = 0; c < D; ++c) s2 += unit[l * D + c] * unit[l * D + c];
-    a.p0_cosine.data[l] = N < 2 ? std::nanf("") : static_cast<float>((s2 - static_cast<double>(N)) / (static_cast<double>(N) * (N - 1)));
+    a.p0_cosine.data[l] = N < 2 ? std::nanf("")
+                                : static_cast<float>((s2 - static_cast<double>(N)) /
+                                                     (static_cast<double>(N) * (N - 1)));
   }
 
   a.moe_p0 = FloatArray({L}, "layer");
@@ -243,9 +259,11 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
       const double* at = attr.data() + (t * H + h) * C;
       a.attr_embed.at(t, h) = static_cast<float>(at[ci.embed()] * inv_n);
       for (size_t l = 0; l < t; ++l) {
-        for (size_t s = 0; s < H; ++s) a.attr_head.at(t, h, l, s) = static_cast<float>(at[ci.head(l, s)] * inv_n);
+        for (size_t s = 0; s < H; ++s)
+          a.attr_head.at(t, h, l, s) = static_cast<float>(at[ci.head(l, s)] * inv_n);
         if (cfg.is_moe_layer(static_cast<int64_t>(l))) {
-          for (size_t e = 0; e < E; ++e) a.attr_expert.at(t, h, l, e) = static_cast<float>(at[ci.expert(l, e)] * inv_n);
+          for (size_t e = 0; e < E; ++e)
+            a.attr_expert.at(t, h, l, e) = static_cast<float>(at[ci.expert(l, e)] * inv_n);
         } else {
           a.attr_mlp.at(t, h, l) = static_cast<float>(at[ci.mlp(l)] * inv_n);
         }
@@ -271,11 +289,13 @@ void compute_profile(Analysis& a) {
   double total = 0;
   for (double s : share) total += s;
   a.layer_share = FloatArray({L + 1}, "layer_index");
-  for (size_t i = 0; i <= L; ++i) a.layer_share.data[i] = total > 0 ? static_cast<float>(share[i] / total) : 0.f;
+  for (size_t i = 0; i <= L; ++i)
+    a.layer_share.data[i] = total > 0 ? static_cast<float>(share[i] / total) : 0.f;
   a.first2_share = (L >= 1 ? a.layer_share.data[1] : 0.f) + (L >= 2 ? a.layer_share.data[2] : 0.f);
   a.peak_layer = 0;
   for (size_t l = 1; l < L; ++l)
-    if (a.layer_share.data[1 + l] > a.layer_share.data[1 + a.peak_layer]) a.peak_layer = static_cast<int32_t>(l);
+    if (a.layer_share.data[1 + l] > a.layer_share.data[1 + a.peak_layer])
+      a.peak_layer = static_cast<int32_t>(l);
   double ent = 0;
   for (float p : a.layer_share.data)
     if (p > 0) ent -= p * std::log(static_cast<double>(p));
@@ -285,19 +305,22 @@ void compute_profile(Analysis& a) {
   std::vector<double> gain(L);
   double gsum = 0;
   for (size_t l = 0; l < L; ++l) {
-    gain[l] = std::max(0.0, std::log(static_cast<double>(a.h_ratio.data[l + 1])) - std::log(static_cast<double>(a.h_ratio.data[l])));
+    gain[l] = std::max(0.0, std::log(static_cast<double>(a.h_ratio.data[l + 1])) -
+                                std::log(static_cast<double>(a.h_ratio.data[l])));
     if (!std::isfinite(gain[l])) gain[l] = 0;
     gsum += gain[l];
   }
-  for (size_t l = 0; l < L; ++l) a.norm_gain_share.data[l] = gsum > 0 ? static_cast<float>(gain[l] / gsum) : 0.f;
+  for (size_t l = 0; l < L; ++l)
+    a.norm_gain_share.data[l] = gsum > 0 ? static_cast<float>(gain[l] / gsum) : 0.f;
 }
 
-void convergence(const std::vector<std::vector<float>>& shares, const std::vector<int64_t>& steps, double tau,
-                 std::vector<float>* tv, int64_t* step) {
+void convergence(const std::vector<std::vector<float>>& shares, const std::vector<int64_t>& steps,
+                 double tau, std::vector<float>* tv, int64_t* step) {
   tv->clear();
   for (size_t c = 1; c < shares.size(); ++c) {
     double d = 0;
-    for (size_t i = 0; i < shares[c].size(); ++i) d += std::fabs(static_cast<double>(shares[c][i]) - shares[c - 1][i]);
+    for (size_t i = 0; i < shares[c].size(); ++i)
+      d += std::fabs(static_cast<double>(shares[c][i]) - shares[c - 1][i]);
     tv->push_back(static_cast<float>(0.5 * d));
   }
   // The first step s_c after which every later tv is <= tau: tv[j] compares c = j + 1 with j, so

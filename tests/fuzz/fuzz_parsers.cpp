@@ -2,10 +2,10 @@
 // sharded index, config.json and .npy token files (docs/reliability.md has the runs and results).
 // The first input byte picks the parser. Only InputError may escape a parser: anything else
 // (a crash, a sanitizer report, another exception) is a finding.
+#include <unistd.h>
 #include <cstdint>
 #include <cstdio>
 #include <string>
-#include <unistd.h>
 
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/config.hpp"
@@ -20,7 +20,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 0: {
         // The header as the reader sees it: the data section is whatever follows a declared length.
         const uint64_t data_len = body.size() > 64 ? body.size() - 64 : 0;
-        sinkscope::parse_safetensors_header(body.data(), body.size() - data_len, data_len, "fuzz.safetensors");
+        sinkscope::parse_safetensors_header(body.data(), body.size() - data_len, data_len,
+                                            "fuzz.safetensors");
         break;
       }
       case 1:

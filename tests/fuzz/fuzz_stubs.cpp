@@ -4,5 +4,7 @@
 #include "sinkscope/io.hpp"
 
 namespace sinkscope {
-IntArray read_tokens_h5(const std::string& path) { throw InputError(path + ": .h5 tokens are not fuzzed"); }
+IntArray read_tokens_h5(const std::string& path) {
+  throw InputError(path + ": .h5 tokens are not fuzzed");
+}
 }  // namespace sinkscope

@@ -61,8 +61,9 @@ Expected load_expected(const std::string& path) {
   return e;
 }
 
-void expect_close(const std::string& name, const std::vector<float>& got, const std::vector<double>& want,
-                  double abs_tol, double rel_tol, double scale_tol) {
+void expect_close(const std::string& name, const std::vector<float>& got,
+                  const std::vector<double>& want, double abs_tol, double rel_tol,
+                  double scale_tol) {
   ASSERT_EQ(got.size(), want.size()) << name;
   double scale = 0;
   for (double w : want) scale = std::max(scale, std::fabs(w));
@@ -77,8 +78,8 @@ void expect_close(const std::string& name, const std::vector<float>& got, const 
     const double allowed = abs_tol + rel_tol * std::fabs(want[i]) + scale_tol * scale;
     if (err / allowed > worst) worst = err / allowed, at = i;
   }
-  EXPECT_LE(worst, 1.0) << name << ": worst at [" << at << "]: got " << got[at] << ", want " << want[at]
-                        << " (error / allowed = " << worst << ")";
+  EXPECT_LE(worst, 1.0) << name << ": worst at [" << at << "]: got " << got[at] << ", want "
+                        << want[at] << " (error / allowed = " << worst << ")";
 }
 
 std::vector<float> ints_as_floats(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }
@@ -104,23 +105,31 @@ TEST_P(Golden, MatchesTransformersFloat64Reference) {
     expect_close("sink_rate", a.sink_rate.data, e.values.at("sink_rate"), 0, 0, 0);
     // Section 2: residual stream.
     for (const char* k : {"norm_p0", "norm_rest_median", "h_ratio"}) {
-      const FloatArray& got = std::string(k) == "norm_p0" ? a.norm_p0 : std::string(k) == "h_ratio" ? a.h_ratio : a.norm_rest_median;
+      const FloatArray& got = std::string(k) == "norm_p0"   ? a.norm_p0
+                              : std::string(k) == "h_ratio" ? a.h_ratio
+                                                            : a.norm_rest_median;
       expect_close(k, got.data, e.values.at(k), 0, 1e-3, 0);
     }
     expect_close("p0_cosine", a.p0_cosine.data, e.values.at("p0_cosine"), 1e-4, 1e-3, 0);
-    expect_close("massive_p0", ints_as_floats(a.massive_p0.data), e.values.at("massive_p0"), 0, 0, 0);
+    expect_close("massive_p0", ints_as_floats(a.massive_p0.data), e.values.at("massive_p0"), 0, 0,
+                 0);
     // Section 3: writes and routing.
     expect_close("attn_head_p0", a.attn_head_p0.data, e.values.at("attn_head_p0"), 0, 1e-3, 1e-6);
-    expect_close("attn_head_rest", a.attn_head_rest.data, e.values.at("attn_head_rest"), 0, 1e-3, 1e-6);
+    expect_close("attn_head_rest", a.attn_head_rest.data, e.values.at("attn_head_rest"), 0, 1e-3,
+                 1e-6);
     expect_close("moe_p0", a.moe_p0.data, e.values.at("moe_p0"), 0, 1e-3, 1e-6);
     expect_close("moe_rest", a.moe_rest.data, e.values.at("moe_rest"), 0, 1e-3, 1e-6);
     expect_close("expert_p0", a.expert_p0.data, e.values.at("expert_p0"), 0, 1e-3, 1e-6);
     expect_close("p0_topk_freq", a.p0_topk_freq.data, e.values.at("p0_topk_freq"), 1e-7, 0, 0);
-    expect_close("rest_topk_freq", a.rest_topk_freq.data, e.values.at("rest_topk_freq"), 1e-7, 0, 0);
+    expect_close("rest_topk_freq", a.rest_topk_freq.data, e.values.at("rest_topk_freq"), 1e-7, 0,
+                 0);
     // Section 4: the circuit map.
     for (const char* k : {"attr_embed", "attr_head", "attr_expert", "attr_mlp"}) {
       const std::string s(k);
-      const FloatArray& got = s == "attr_embed" ? a.attr_embed : s == "attr_head" ? a.attr_head : s == "attr_expert" ? a.attr_expert : a.attr_mlp;
+      const FloatArray& got = s == "attr_embed"    ? a.attr_embed
+                              : s == "attr_head"   ? a.attr_head
+                              : s == "attr_expert" ? a.attr_expert
+                                                   : a.attr_mlp;
       expect_close(k, got.data, e.values.at(k), 1e-7, 0, 1e-3);
     }
     // The identity of section 4: the per-component keys add up to the model's key at position 0.
@@ -128,7 +137,8 @@ TEST_P(Golden, MatchesTransformersFloat64Reference) {
     EXPECT_GE(a.meta.circuit_identity_max_rel_err, 0.0);
     // Section 5: the profile.
     expect_close("layer_share", a.layer_share.data, e.values.at("layer_share"), 1e-6, 0, 1e-3);
-    expect_close("norm_gain_share", a.norm_gain_share.data, e.values.at("norm_gain_share"), 1e-6, 0, 1e-3);
+    expect_close("norm_gain_share", a.norm_gain_share.data, e.values.at("norm_gain_share"), 1e-6, 0,
+                 1e-3);
     expect_close("first2_share", {a.first2_share}, e.values.at("first2_share"), 1e-3, 0, 0);
     EXPECT_EQ(a.peak_layer, static_cast<int32_t>(e.values.at("peak_layer")[0]));
     expect_close("entropy", {a.entropy}, e.values.at("entropy"), 1e-3, 0, 0);
@@ -144,7 +154,8 @@ TEST_P(Golden, LogitsMatch) {
   auto world = make_single_comm();
   ForwardOptions fo;
   fo.want_logits = true;
-  auto backend = make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, ck.config()), {world.get(), world.get(), world.get()}, fo);
+  auto backend = make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, ck.config()),
+                                  {world.get(), world.get(), world.get()}, fo);
   ForwardObserver none;
   const FloatArray logits = backend->run(tokens, 0, none);
   expect_close("logits", logits.data, e.values.at("logits"), 2e-4, 1e-3, 0);

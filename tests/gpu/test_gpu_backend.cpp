@@ -1,25 +1,28 @@
 // The CUDA backend against the CPU reference backend on synthesized checkpoints (random and with a
-// planted circuit; head dims 16/24/32/64/128; GQA; a dense layer), tap by tap and end to end through
-// analyze_checkpoint, on one rank and on tp/ep layouts whose ranks are threads of this process.
-// Needs a GPU: every test fails (never skips) when none is visible. ctest label `gpu`.
+// planted circuit; head dims 16/24/32/64/128; GQA; a dense layer), tap by tap and end to end
+// through analyze_checkpoint, on one rank and on tp/ep layouts whose ranks are threads of this
+// process. Needs a GPU: every test fails (never skips) when none is visible. ctest label `gpu`.
 //
 // Tolerances (METRICS.md section 7, GPU bf16 targets), with their reasons:
 //   attention to P0       2e-2 absolute: bf16 q and k move a logit by ~1e-2 of its size, and
 //                         dA = A (1 - A) dlogit.
-//   norms                 2e-2 relative: bf16 operands (2^-9) through a few layers. Values under 1% of
+//   norms                 2e-2 relative: bf16 operands (2^-9) through a few layers. Values under 1%
+//   of
 //                         their array's largest are compared against that 1% (an exactly-zero
 //                         planted write has no relative error to speak of).
 //   attributions          5e-2 of the array's largest magnitude: a difference of two K terms; the
 //                         deltas carry the upstream bf16 error.
 //   k_0 identity          1e-3 relative on the GPU itself (analyze_checkpoint enforces it).
 //   routing               identical, except tokens whose k-th and (k+1)-th router probabilities
-//                         differ by < 1e-3 (near-ties, counted by the backend and reported). Taps from
-//                         the first layer with a routing difference on are reported, not asserted.
+//                         differ by < 1e-3 (near-ties, counted by the backend and reported). Taps
+//                         from the first layer with a routing difference on are reported, not
+//                         asserted.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 
+#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -29,7 +32,6 @@
 #include <sstream>
 #include <string>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 #include "cuda/backend.hpp"
@@ -53,12 +55,14 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr double kAttnAbs = 2e-2, kNormRel = 2e-2, kNormFloor = 1e-2, kAttrRel = 5e-2, kIdentityRel = 1e-3;
+constexpr double kAttnAbs = 2e-2, kNormRel = 2e-2, kNormFloor = 1e-2, kAttrRel = 5e-2,
+                 kIdentityRel = 1e-3;
 
-#define REQUIRE_GPU()                                                                                   \
-  do {                                                                                                  \
-    if (cuda::visible_device_count() == 0)                                                              \
-      GTEST_FAIL() << "no CUDA device is visible: the gpu tests cannot pass without one (label `gpu`)"; \
+#define REQUIRE_GPU()                                                                          \
+  do {                                                                                         \
+    if (cuda::visible_device_count() == 0)                                                     \
+      GTEST_FAIL()                                                                             \
+          << "no CUDA device is visible: the gpu tests cannot pass without one (label `gpu`)"; \
   } while (0)
 
 class TempDir {
@@ -88,8 +92,8 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-ModelConfig shape(int64_t D, int64_t L, int64_t H, int64_t KV, int64_t d, int64_t E, int64_t K, int64_t moe_I,
-                  std::vector<int64_t> dense_layers, int64_t V = 96) {
+ModelConfig shape(int64_t D, int64_t L, int64_t H, int64_t KV, int64_t d, int64_t E, int64_t K,
+                  int64_t moe_I, std::vector<int64_t> dense_layers, int64_t V = 96) {
   ModelConfig c;
   c.model_type = "qwen3_moe";
   c.vocab_size = V;
@@ -134,14 +138,15 @@ std::vector<Case> cases() {
   uint64_t seed = 11;
   for (const auto& s : shapes)
     for (bool plant : {false, true})
-      out.push_back({std::string(s.name) + (plant ? "_planted" : "_random"), s.cfg, plant, s.N, s.T, s.batch, seed++});
+      out.push_back({std::string(s.name) + (plant ? "_planted" : "_random"), s.cfg, plant, s.N, s.T,
+                     s.batch, seed++});
   return out;
 }
 
 // Tokens [N, T]; planted models get BOS in front (T grows by one), as `--prepend-bos`.
 IntArray probes_for(const Case& c, const PlantedCircuit& pc) {
-  const std::string spec =
-      "random:" + std::to_string(c.N) + ":" + std::to_string(c.plant ? c.T - 1 : c.T) + ":" + std::to_string(c.seed);
+  const std::string spec = "random:" + std::to_string(c.N) + ":" +
+                           std::to_string(c.plant ? c.T - 1 : c.T) + ":" + std::to_string(c.seed);
   IntArray t = make_probes(spec, c.cfg.vocab_size);
   return c.plant ? prepend_bos(t, pc.bos_token_id) : t;
 }
@@ -149,19 +154,21 @@ IntArray probes_for(const Case& c, const PlantedCircuit& pc) {
 // ---- comparisons ----------------------------------------------------------------------------
 
 struct Metric {
-  double worst = 0;      // largest error / allowed error seen
+  double worst = 0;  // largest error / allowed error seen
   int64_t checked = 0, failed = 0;
-  std::string example;   // first failure
+  std::string example;  // first failure
 };
 
 class Checker {
  public:
   // |g - c| <= tol
   void abs(const std::string& name, const float* g, const float* c, size_t n, double tol) {
-    for (size_t i = 0; i < n; ++i) note(name, std::fabs(static_cast<double>(g[i]) - c[i]) / tol, i, g[i], c[i]);
+    for (size_t i = 0; i < n; ++i)
+      note(name, std::fabs(static_cast<double>(g[i]) - c[i]) / tol, i, g[i], c[i]);
   }
   // |g - c| <= tol * max(|c|, floor * max|c|)
-  void rel(const std::string& name, const float* g, const float* c, size_t n, double tol, double floor = kNormFloor) {
+  void rel(const std::string& name, const float* g, const float* c, size_t n, double tol,
+           double floor = kNormFloor) {
     double mx = 0;
     for (size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(static_cast<double>(c[i])));
     for (size_t i = 0; i < n; ++i) {
@@ -174,10 +181,12 @@ class Checker {
     double mx = 0;
     for (size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(static_cast<double>(c[i])));
     const double allowed = tol * std::max(mx, 1e-6);
-    for (size_t i = 0; i < n; ++i) note(name, std::fabs(static_cast<double>(g[i]) - c[i]) / allowed, i, g[i], c[i]);
+    for (size_t i = 0; i < n; ++i)
+      note(name, std::fabs(static_cast<double>(g[i]) - c[i]) / allowed, i, g[i], c[i]);
   }
   // per row of `width`: ||g - c|| <= tol * ||c||
-  void rows(const std::string& name, const float* g, const float* c, size_t nrows, size_t width, double tol) {
+  void rows(const std::string& name, const float* g, const float* c, size_t nrows, size_t width,
+            double tol) {
     for (size_t r = 0; r < nrows; ++r) {
       double diff = 0, norm = 0;
       for (size_t j = 0; j < width; ++j) {
@@ -185,7 +194,8 @@ class Checker {
         diff += e * e;
         norm += static_cast<double>(c[r * width + j]) * c[r * width + j];
       }
-      note(name, std::sqrt(diff) / (tol * std::max(std::sqrt(norm), 1e-20)), r, std::sqrt(diff), std::sqrt(norm));
+      note(name, std::sqrt(diff) / (tol * std::max(std::sqrt(norm), 1e-20)), r, std::sqrt(diff),
+           std::sqrt(norm));
     }
   }
   void set_strict(bool s) { strict_ = s; }
@@ -197,8 +207,9 @@ class Checker {
     int64_t failed = 0;
     for (const auto& [name, m] : metrics_) {
       char line[256];
-      std::snprintf(line, sizeof(line), "  %-34s worst %8.3f  checked %8lld  failed %6lld%s\n", name.c_str(), m.worst,
-                    static_cast<long long>(m.checked), static_cast<long long>(m.failed), m.example.c_str());
+      std::snprintf(line, sizeof(line), "  %-34s worst %8.3f  checked %8lld  failed %6lld%s\n",
+                    name.c_str(), m.worst, static_cast<long long>(m.checked),
+                    static_cast<long long>(m.failed), m.example.c_str());
       os << line;
       failed += m.failed;
     }
@@ -213,7 +224,9 @@ class Checker {
     ++m.checked;
     if (!(ratio <= m.worst)) m.worst = std::isnan(ratio) ? INFINITY : std::max(m.worst, ratio);
     if (!(ratio <= 1.0) && strict_) {
-      if (m.failed == 0) m.example = "  e.g. [" + std::to_string(i) + "] gpu " + std::to_string(g) + " cpu " + std::to_string(c);
+      if (m.failed == 0)
+        m.example = "  e.g. [" + std::to_string(i) + "] gpu " + std::to_string(g) + " cpu " +
+                    std::to_string(c);
       ++m.failed;
     }
   }
@@ -246,25 +259,27 @@ struct Capture final : ForwardObserver {
     return std::vector<float>(p, p + n);
   }
   void on_residual(const ResidualTap& t) override {
-    res.push_back({t.index, t.B, t.probe0, copy(t.x0, t.B * t.D), copy(t.norm_p0, t.B), copy(t.norm_rest_median, t.B),
-                   copy(t.abs_median, t.B)});
+    res.push_back({t.index, t.B, t.probe0, copy(t.x0, t.B * t.D), copy(t.norm_p0, t.B),
+                   copy(t.norm_rest_median, t.B), copy(t.abs_median, t.B)});
   }
   void on_attention(const AttentionTap& t) override {
     const int64_t bh = t.B * t.local_heads, bk = t.B * t.local_kv_heads * t.head_dim;
-    att.push_back({t.layer, t.B, t.probe0, t.num_sources, t.local_kv_heads, t.head_dim, copy(t.a0_mean, bh),
-                   copy(t.a0, bh * t.T), copy(t.write_p0_norm, bh), copy(t.write_rest_norm, bh),
-                   copy(t.attr, bh * t.num_sources), copy(t.k0_model, bk), copy(t.k0_from_components, bk)});
+    att.push_back({t.layer, t.B, t.probe0, t.num_sources, t.local_kv_heads, t.head_dim,
+                   copy(t.a0_mean, bh), copy(t.a0, bh * t.T), copy(t.write_p0_norm, bh),
+                   copy(t.write_rest_norm, bh), copy(t.attr, bh * t.num_sources),
+                   copy(t.k0_model, bk), copy(t.k0_from_components, bk)});
   }
   void on_mlp(const MlpTap& t) override {
     const int64_t E1 = std::max<int64_t>(t.num_experts, 1);
     mlp.push_back({t.layer, t.B, t.probe0, t.num_experts, t.moe, copy(t.out_p0_norm, t.B),
-                   copy(t.out_rest_norm, t.B), copy(t.expert_p0_norm, t.B * E1), copy(t.p0_routed, t.B * E1),
-                   copy(t.rest_routed, E1)});
+                   copy(t.out_rest_norm, t.B), copy(t.expert_p0_norm, t.B * E1),
+                   copy(t.p0_routed, t.B * E1), copy(t.rest_routed, E1)});
   }
 };
 
 void run_all(Backend& be, const IntArray& tokens, int64_t batch, ForwardObserver& obs) {
-  const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
+  const int64_t N = static_cast<int64_t>(tokens.shape[0]),
+                T = static_cast<int64_t>(tokens.shape[1]);
   for (int64_t b0 = 0; b0 < N; b0 += batch) {
     const int64_t b1 = std::min(N, b0 + batch);
     IntArray part({static_cast<size_t>(b1 - b0), static_cast<size_t>(T)}, "probe,position");
@@ -309,8 +324,10 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
     ASSERT_EQ(a.layer, b.layer);
     if (!a.moe) continue;
     double diff = 0;
-    for (size_t j = 0; j < a.p0_routed.size(); ++j) diff += std::fabs(a.p0_routed[j] - b.p0_routed[j]);
-    for (size_t j = 0; j < a.rest_routed.size(); ++j) diff += std::fabs(a.rest_routed[j] - b.rest_routed[j]);
+    for (size_t j = 0; j < a.p0_routed.size(); ++j)
+      diff += std::fabs(a.p0_routed[j] - b.p0_routed[j]);
+    for (size_t j = 0; j < a.rest_routed.size(); ++j)
+      diff += std::fabs(a.rest_routed[j] - b.rest_routed[j]);
     mismatch[static_cast<size_t>(a.layer)] += diff / 2;  // a changed choice moves two counts
   }
   int64_t first_diff_layer = L, total_ties = 0, total_mismatch = 0;
@@ -321,9 +338,11 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
         << "layer " << l << ": routing differs for more tokens than there are near-ties";
     if (mismatch[static_cast<size_t>(l)] > 0 && first_diff_layer == L) first_diff_layer = l;
   }
-  std::cout << "[ routing  ] " << c.name << ": " << total_ties << " near-ties (|p_k - p_k+1| < 1e-3) in "
-            << cuda::routed_tokens(*cuda_be) << " routed tokens; " << total_mismatch
-            << " token choices differ from the CPU" << (first_diff_layer < L ? " (from layer " + std::to_string(first_diff_layer) + ")" : "")
+  std::cout << "[ routing  ] " << c.name << ": " << total_ties
+            << " near-ties (|p_k - p_k+1| < 1e-3) in " << cuda::routed_tokens(*cuda_be)
+            << " routed tokens; " << total_mismatch << " token choices differ from the CPU"
+            << (first_diff_layer < L ? " (from layer " + std::to_string(first_diff_layer) + ")"
+                                     : "")
             << "\n";
 
   Checker chk;
@@ -331,11 +350,13 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
     const auto &a = cpu.res[i], &b = gpu.res[i];
     ASSERT_EQ(a.index, b.index);
     chk.set_strict(a.index - 1 < first_diff_layer);
-    chk.rows("residual x0", b.x0.data(), a.x0.data(), static_cast<size_t>(a.B), a.x0.size() / std::max<size_t>(a.B, 1),
-             kNormRel);
+    chk.rows("residual x0", b.x0.data(), a.x0.data(), static_cast<size_t>(a.B),
+             a.x0.size() / std::max<size_t>(a.B, 1), kNormRel);
     chk.rel("residual norm_p0", b.norm_p0.data(), a.norm_p0.data(), a.norm_p0.size(), kNormRel);
-    chk.rel("residual norm_rest_median", b.rest_median.data(), a.rest_median.data(), a.rest_median.size(), kNormRel);
-    if (a.probe0 == 0) chk.rel("residual abs_median (probe 0)", &b.abs_median[0], &a.abs_median[0], 1, kNormRel);
+    chk.rel("residual norm_rest_median", b.rest_median.data(), a.rest_median.data(),
+            a.rest_median.size(), kNormRel);
+    if (a.probe0 == 0)
+      chk.rel("residual abs_median (probe 0)", &b.abs_median[0], &a.abs_median[0], 1, kNormRel);
   }
   for (size_t i = 0; i < cpu.att.size(); ++i) {
     const auto &a = cpu.att[i], &b = gpu.att[i];
@@ -346,7 +367,8 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
     chk.abs("attention a0_mean", b.a0_mean.data(), a.a0_mean.data(), a.a0_mean.size(), kAttnAbs);
     chk.rel("head write_p0_norm", b.wp0.data(), a.wp0.data(), a.wp0.size(), kNormRel);
     chk.rel("head write_rest_norm", b.wrest.data(), a.wrest.data(), a.wrest.size(), kNormRel);
-    chk.of_max("attr (layer " + std::to_string(a.layer) + ")", b.attr.data(), a.attr.data(), a.attr.size(), kAttrRel);
+    chk.of_max("attr (layer " + std::to_string(a.layer) + ")", b.attr.data(), a.attr.data(),
+               a.attr.size(), kAttrRel);
     const size_t rows = static_cast<size_t>(a.B * a.kvl), hd = static_cast<size_t>(a.hd);
     chk.rows("k0_model vs cpu", b.k0m.data(), a.k0m.data(), rows, hd, kNormRel);
     chk.rows("k0 identity (gpu, 1e-3)", b.k0s.data(), b.k0m.data(), rows, hd, kIdentityRel);
@@ -356,7 +378,9 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
     chk.set_strict(a.layer < first_diff_layer);
     chk.rel("mlp out_p0_norm", b.out_p0.data(), a.out_p0.data(), a.out_p0.size(), kNormRel);
     chk.rel("mlp out_rest_norm", b.out_rest.data(), a.out_rest.data(), a.out_rest.size(), kNormRel);
-    if (a.moe) chk.rel("expert_p0_norm", b.expert_p0.data(), a.expert_p0.data(), a.expert_p0.size(), kNormRel);
+    if (a.moe)
+      chk.rel("expert_p0_norm", b.expert_p0.data(), a.expert_p0.data(), a.expert_p0.size(),
+              kNormRel);
   }
   EXPECT_EQ(chk.report(c.name + " taps"), 0) << "see the table above";
 }
@@ -367,38 +391,49 @@ void compare_analyses(const Analysis& cpu, const Analysis& gpu, const std::strin
   Checker chk;
   auto same_shape = [](const auto& x, const auto& y) { return x.shape == y.shape; };
   ASSERT_TRUE(same_shape(cpu.sink_score, gpu.sink_score));
-  chk.abs("attention/sink_score", gpu.sink_score.ptr(), cpu.sink_score.ptr(), cpu.sink_score.size(), kAttnAbs);
+  chk.abs("attention/sink_score", gpu.sink_score.ptr(), cpu.sink_score.ptr(), cpu.sink_score.size(),
+          kAttnAbs);
   if (!cpu.p0_per_query.empty()) {
     ASSERT_TRUE(same_shape(cpu.p0_per_query, gpu.p0_per_query));
-    chk.abs("attention/p0_per_query", gpu.p0_per_query.ptr(), cpu.p0_per_query.ptr(), cpu.p0_per_query.size(),
-            kAttnAbs);
+    chk.abs("attention/p0_per_query", gpu.p0_per_query.ptr(), cpu.p0_per_query.ptr(),
+            cpu.p0_per_query.size(), kAttnAbs);
   }
   chk.rel("residual/norm_p0", gpu.norm_p0.ptr(), cpu.norm_p0.ptr(), cpu.norm_p0.size(), kNormRel);
   chk.rel("residual/norm_rest_median", gpu.norm_rest_median.ptr(), cpu.norm_rest_median.ptr(),
           cpu.norm_rest_median.size(), kNormRel);
   chk.rel("residual/h_ratio", gpu.h_ratio.ptr(), cpu.h_ratio.ptr(), cpu.h_ratio.size(), kNormRel);
-  chk.abs("residual/p0_cosine", gpu.p0_cosine.ptr(), cpu.p0_cosine.ptr(), cpu.p0_cosine.size(), kNormRel);
-  chk.rel("writes/attn_head_p0", gpu.attn_head_p0.ptr(), cpu.attn_head_p0.ptr(), cpu.attn_head_p0.size(), kNormRel);
-  chk.rel("writes/attn_head_rest", gpu.attn_head_rest.ptr(), cpu.attn_head_rest.ptr(), cpu.attn_head_rest.size(),
+  chk.abs("residual/p0_cosine", gpu.p0_cosine.ptr(), cpu.p0_cosine.ptr(), cpu.p0_cosine.size(),
           kNormRel);
+  chk.rel("writes/attn_head_p0", gpu.attn_head_p0.ptr(), cpu.attn_head_p0.ptr(),
+          cpu.attn_head_p0.size(), kNormRel);
+  chk.rel("writes/attn_head_rest", gpu.attn_head_rest.ptr(), cpu.attn_head_rest.ptr(),
+          cpu.attn_head_rest.size(), kNormRel);
   chk.rel("writes/moe_p0", gpu.moe_p0.ptr(), cpu.moe_p0.ptr(), cpu.moe_p0.size(), kNormRel);
   chk.rel("writes/moe_rest", gpu.moe_rest.ptr(), cpu.moe_rest.ptr(), cpu.moe_rest.size(), kNormRel);
-  chk.rel("writes/expert_p0", gpu.expert_p0.ptr(), cpu.expert_p0.ptr(), cpu.expert_p0.size(), kNormRel);
+  chk.rel("writes/expert_p0", gpu.expert_p0.ptr(), cpu.expert_p0.ptr(), cpu.expert_p0.size(),
+          kNormRel);
   // Routing frequencies: a near-tie token moves 1/(N T) of a frequency; 2e-2 allows a few.
-  chk.abs("routing/p0_topk_freq", gpu.p0_topk_freq.ptr(), cpu.p0_topk_freq.ptr(), cpu.p0_topk_freq.size(), 2e-2);
-  chk.abs("routing/rest_topk_freq", gpu.rest_topk_freq.ptr(), cpu.rest_topk_freq.ptr(), cpu.rest_topk_freq.size(),
-          2e-2);
-  chk.of_max("circuit/attr_embed", gpu.attr_embed.ptr(), cpu.attr_embed.ptr(), cpu.attr_embed.size(), kAttrRel);
-  chk.of_max("circuit/attr_head", gpu.attr_head.ptr(), cpu.attr_head.ptr(), cpu.attr_head.size(), kAttrRel);
-  chk.of_max("circuit/attr_expert", gpu.attr_expert.ptr(), cpu.attr_expert.ptr(), cpu.attr_expert.size(), kAttrRel);
-  chk.of_max("circuit/attr_mlp", gpu.attr_mlp.ptr(), cpu.attr_mlp.ptr(), cpu.attr_mlp.size(), kAttrRel);
-  chk.abs("profile/layer_share", gpu.layer_share.ptr(), cpu.layer_share.ptr(), cpu.layer_share.size(), kAttrRel);
+  chk.abs("routing/p0_topk_freq", gpu.p0_topk_freq.ptr(), cpu.p0_topk_freq.ptr(),
+          cpu.p0_topk_freq.size(), 2e-2);
+  chk.abs("routing/rest_topk_freq", gpu.rest_topk_freq.ptr(), cpu.rest_topk_freq.ptr(),
+          cpu.rest_topk_freq.size(), 2e-2);
+  chk.of_max("circuit/attr_embed", gpu.attr_embed.ptr(), cpu.attr_embed.ptr(),
+             cpu.attr_embed.size(), kAttrRel);
+  chk.of_max("circuit/attr_head", gpu.attr_head.ptr(), cpu.attr_head.ptr(), cpu.attr_head.size(),
+             kAttrRel);
+  chk.of_max("circuit/attr_expert", gpu.attr_expert.ptr(), cpu.attr_expert.ptr(),
+             cpu.attr_expert.size(), kAttrRel);
+  chk.of_max("circuit/attr_mlp", gpu.attr_mlp.ptr(), cpu.attr_mlp.ptr(), cpu.attr_mlp.size(),
+             kAttrRel);
+  chk.abs("profile/layer_share", gpu.layer_share.ptr(), cpu.layer_share.ptr(),
+          cpu.layer_share.size(), kAttrRel);
   if (!cpu.ablation_components.empty()) {
     if (cpu.ablation_components.data == gpu.ablation_components.data) {
-      chk.abs("circuit/ablation/delta_sink_score", gpu.ablation_delta_sink.ptr(), cpu.ablation_delta_sink.ptr(),
-              cpu.ablation_delta_sink.size(), kAttnAbs);
+      chk.abs("circuit/ablation/delta_sink_score", gpu.ablation_delta_sink.ptr(),
+              cpu.ablation_delta_sink.ptr(), cpu.ablation_delta_sink.size(), kAttnAbs);
     } else {
-      std::cout << "[ ablation ] " << title << ": top components differ between cpu and cuda (near-equal scores); "
+      std::cout << "[ ablation ] " << title
+                << ": top components differ between cpu and cuda (near-equal scores); "
                 << "deltas not compared\n";
     }
   }
@@ -472,11 +507,13 @@ TEST_P(GpuLayoutTest, MatchesOneCpuRank) {
       }
     });
   for (auto& t : ranks) t.join();
-  for (int r = 0; r < world_size; ++r) ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+  for (int r = 0; r < world_size; ++r)
+    ASSERT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
   EXPECT_EQ(results[0].meta.tp, lay.tp);
   EXPECT_EQ(results[0].meta.ep, lay.ep);
   compare_analyses(cpu, results[0],
-                   "world 4, tp " + std::to_string(lay.tp) + ", ep " + std::to_string(lay.ep) + " (cuda) vs 1 cpu rank");
+                   "world 4, tp " + std::to_string(lay.tp) + ", ep " + std::to_string(lay.ep) +
+                       " (cuda) vs 1 cpu rank");
 }
 
 std::string layout_name(const ::testing::TestParamInfo<Layout>& info) {
@@ -484,8 +521,8 @@ std::string layout_name(const ::testing::TestParamInfo<Layout>& info) {
 }
 
 // tp 2 x ep 2; tp 4 (> 2 KV heads: replicated); ep 4 with dp 4 (a rank with no probes left).
-INSTANTIATE_TEST_SUITE_P(World4, GpuLayoutTest, ::testing::Values(Layout{2, 2}, Layout{4, 4}, Layout{1, 4}),
-                         layout_name);
+INSTANTIATE_TEST_SUITE_P(World4, GpuLayoutTest,
+                         ::testing::Values(Layout{2, 2}, Layout{4, 4}, Layout{1, 4}), layout_name);
 
 // The synthetic (benchmark) backend runs a forward with and without recording, with finite taps.
 TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
@@ -494,7 +531,8 @@ TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
   const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, cfg);
   auto world = make_single_comm();
   auto tp = world->split(0, 0), ep = world->split(0, 0);
-  auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()}, ForwardOptions{}, 7);
+  auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()},
+                                        ForwardOptions{}, 7);
   IntArray tokens = make_probes("random:2:80:3", cfg.vocab_size);
   Capture cap;
   cuda::set_phase_timing(*be, true);
@@ -503,7 +541,8 @@ TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
   for (const auto& a : cap.att)
     for (float v : a.a0) ASSERT_TRUE(std::isfinite(v) && v >= 0.f && v <= 1.0001f);
   for (const auto& a : cap.att)
-    for (int64_t bh = 0; bh < 2 * 4; ++bh) EXPECT_NEAR(a.a0[static_cast<size_t>(bh * 80)], 1.f, 1e-5);  // A[0, 0] = 1
+    for (int64_t bh = 0; bh < 2 * 4; ++bh)
+      EXPECT_NEAR(a.a0[static_cast<size_t>(bh * 80)], 1.f, 1e-5);  // A[0, 0] = 1
   EXPECT_GT(cuda::last_run_profile(*be).attention_ms(), 0.0);
   EXPECT_GT(cuda::last_run_profile(*be).flash_ms, 0.0);
   cuda::set_recording(*be, false);

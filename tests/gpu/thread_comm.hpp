@@ -74,18 +74,23 @@ class ThreadComm final : public Comm {
     int new_rank = 0;
     for (size_t i = 0; i < members.size(); ++i)
       if (members[i].second == rank_) new_rank = static_cast<int>(i);
-    return std::make_unique<ThreadComm>(g_->subgroup(epoch, color, static_cast<int>(members.size())), new_rank);
+    return std::make_unique<ThreadComm>(
+        g_->subgroup(epoch, color, static_cast<int>(members.size())), new_rank);
   }
 
   void barrier() const override { g_->barrier(); }
-  void allreduce_sum(float* data, size_t n) const override { reduce(data, n, [](float& a, float b) { a += b; }); }
-  void allreduce_sum(double* data, size_t n) const override { reduce(data, n, [](double& a, double b) { a += b; }); }
+  void allreduce_sum(float* data, size_t n) const override {
+    reduce(data, n, [](float& a, float b) { a += b; });
+  }
+  void allreduce_sum(double* data, size_t n) const override {
+    reduce(data, n, [](double& a, double b) { a += b; });
+  }
   void allreduce_max(int64_t* data, size_t n) const override {
     reduce(data, n, [](int64_t& a, int64_t b) { a = std::max(a, b); });
   }
 
-  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts, std::vector<float>* recv,
-                 std::vector<size_t>* recv_counts) const override {
+  void alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts,
+                 std::vector<float>* recv, std::vector<size_t>* recv_counts) const override {
     const size_t P = static_cast<size_t>(size());
     if (send_counts.size() != P) throw RuntimeFailure("alltoallv: one count per rank expected");
     std::string mine(P * sizeof(size_t) + send.size() * sizeof(float), '\0');

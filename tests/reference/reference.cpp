@@ -35,12 +35,15 @@ struct Layer {
   Mlp dense;
 };
 
-// Rows [row_begin, row_end) of tensor `name` viewed as [prod(shape[:-1]), shape[-1]], widened to double.
-Matrix read_matrix(const Checkpoint& ck, const std::string& name, int64_t row_begin, int64_t row_end, int64_t cols) {
+// Rows [row_begin, row_end) of tensor `name` viewed as [prod(shape[:-1]), shape[-1]], widened to
+// double.
+Matrix read_matrix(const Checkpoint& ck, const std::string& name, int64_t row_begin,
+                   int64_t row_end, int64_t cols) {
   const TensorInfo* ti = ck.find(name);
   if (!ti) throw std::runtime_error("reference: tensor '" + name + "' is missing");
   if (ti->shape.empty() || ti->shape.back() != cols)
-    throw std::runtime_error("reference: tensor '" + name + "' does not have " + std::to_string(cols) + " columns");
+    throw std::runtime_error("reference: tensor '" + name + "' does not have " +
+                             std::to_string(cols) + " columns");
   std::vector<float> f(static_cast<size_t>((row_end - row_begin) * cols));
   ck.read_rows(name, row_begin, row_end, f.data());
   Matrix m;
@@ -90,7 +93,8 @@ double rms(const double* x, int64_t n, double eps) {
 Vec rms_norm(const double* x, int64_t n, const Vec& gamma, double eps) {
   const double r = rms(x, n, eps);
   Vec out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = gamma[static_cast<size_t>(i)] * (x[i] / r);
+  for (int64_t i = 0; i < n; ++i)
+    out[static_cast<size_t>(i)] = gamma[static_cast<size_t>(i)] * (x[i] / r);
   return out;
 }
 
@@ -101,7 +105,8 @@ Vec rope(const Vec& x, int64_t pos, double theta) {
   Vec out(x.size());
   for (int64_t j = 0; j < half; ++j) {
     const double inv_freq = std::pow(theta, -static_cast<double>(2 * j) / static_cast<double>(d));
-    const double angle = static_cast<double>(pos) * inv_freq, c = std::cos(angle), s = std::sin(angle);
+    const double angle = static_cast<double>(pos) * inv_freq, c = std::cos(angle),
+                 s = std::sin(angle);
     out[j] = x[j] * c - x[j + half] * s;
     out[j + half] = x[j + half] * c + x[j] * s;
   }
@@ -149,16 +154,16 @@ void mean_ablate_p0(Vec& w, int64_t T, int64_t D) {
 
 // Everything one probe's forward pass leaves behind.
 struct Trace {
-  std::vector<Vec> x;                    // [L+1] of [T, D]: the residual stream x_l
-  Vec embed;                             // [T, D]: the embedding component's write (= x_0)
-  std::vector<std::vector<Vec>> head;    // [L][H] of [T, D]: w^{l,h}
-  std::vector<std::vector<Vec>> ffn;     // [L][S] of [T, D]: m^{l,e} (S = E) or the dense MLP (S = 1)
-  std::vector<Vec> m;                    // [L] of [T, D]: m_l
-  std::vector<std::vector<Vec>> a0;      // [L][H] of [T]: A^{l,h}[i, 0]
-  Vec rx;                                // [L]: r_x of x_l[0]
-  std::vector<Vec> rk;                   // [L][KV]: r_k of the pre-norm key at position 0
-  std::vector<std::vector<Vec>> qbar;    // [L][H] of [d]
-  std::vector<std::vector<Vec>> k0;      // [L][KV] of [d]: key at position 0 after k_norm
+  std::vector<Vec> x;                  // [L+1] of [T, D]: the residual stream x_l
+  Vec embed;                           // [T, D]: the embedding component's write (= x_0)
+  std::vector<std::vector<Vec>> head;  // [L][H] of [T, D]: w^{l,h}
+  std::vector<std::vector<Vec>> ffn;   // [L][S] of [T, D]: m^{l,e} (S = E) or the dense MLP (S = 1)
+  std::vector<Vec> m;                  // [L] of [T, D]: m_l
+  std::vector<std::vector<Vec>> a0;    // [L][H] of [T]: A^{l,h}[i, 0]
+  Vec rx;                              // [L]: r_x of x_l[0]
+  std::vector<Vec> rk;                 // [L][KV]: r_k of the pre-norm key at position 0
+  std::vector<std::vector<Vec>> qbar;  // [L][H] of [d]
+  std::vector<std::vector<Vec>> k0;    // [L][KV] of [d]: key at position 0 after k_norm
   std::vector<std::vector<std::vector<int>>> topk;  // [L][T]: routed experts (MoE layers)
   double min_gap = std::numeric_limits<double>::infinity();
   int64_t exact_ties = 0;
@@ -179,7 +184,8 @@ struct ReferenceModel::Impl {
 
   Trace forward(const int32_t* tok, int64_t T, const std::vector<Component>& ab) const;
   std::vector<Trace> forward_all(const IntArray& tokens, const std::vector<Component>& ab) const {
-    const int64_t N = static_cast<int64_t>(tokens.shape.at(0)), T = static_cast<int64_t>(tokens.shape.at(1));
+    const int64_t N = static_cast<int64_t>(tokens.shape.at(0)),
+                  T = static_cast<int64_t>(tokens.shape.at(1));
     if (T < 2) throw std::runtime_error("reference: probes need at least 2 positions");
     std::vector<Trace> out;
     for (int64_t n = 0; n < N; ++n) out.push_back(forward(tokens.data.data() + n * T, T, ab));
@@ -187,8 +193,10 @@ struct ReferenceModel::Impl {
   }
 };
 
-Trace ReferenceModel::Impl::forward(const int32_t* tok, int64_t T, const std::vector<Component>& ab) const {
-  const int64_t L = c.num_layers, H = c.num_heads, KV = c.num_kv_heads, d = c.head_dim, D = c.hidden_size;
+Trace ReferenceModel::Impl::forward(const int32_t* tok, int64_t T,
+                                    const std::vector<Component>& ab) const {
+  const int64_t L = c.num_layers, H = c.num_heads, KV = c.num_kv_heads, d = c.head_dim,
+                D = c.hidden_size;
   const int64_t group = H / KV, E = c.num_experts, K = c.top_k;
   const double eps = c.rms_norm_eps, inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
   Trace tr;
@@ -246,7 +254,8 @@ Trace ReferenceModel::Impl::forward(const int32_t* tok, int64_t T, const std::ve
       const int64_t g = h / group;
       for (int64_t i = 0; i < T; ++i) {
         Vec s(i + 1);
-        for (int64_t j = 0; j <= i; ++j) s[j] = dot(qr[i][h].data(), kr[j][g].data(), d) * inv_sqrt_d;
+        for (int64_t j = 0; j <= i; ++j)
+          s[j] = dot(qr[i][h].data(), kr[j][g].data(), d) * inv_sqrt_d;
         const double mx = *std::max_element(s.begin(), s.end());
         double sum = 0;
         for (auto& v : s) sum += (v = std::exp(v - mx));
@@ -309,7 +318,8 @@ Trace ReferenceModel::Impl::forward(const int32_t* tok, int64_t T, const std::ve
       }
     }
     for (int64_t s = 0; s < S; ++s)
-      if (ablated(ab, static_cast<int32_t>(l), W.moe ? Component::kExpert : Component::kMlp, static_cast<int32_t>(s)))
+      if (ablated(ab, static_cast<int32_t>(l), W.moe ? Component::kExpert : Component::kMlp,
+                  static_cast<int32_t>(s)))
         mean_ablate_p0(tr.ffn[l][s], T, D);
     tr.m[l].assign(static_cast<size_t>(T * D), 0.0);
     for (int64_t s = 0; s < S; ++s)
@@ -374,19 +384,23 @@ ReferenceModel& ReferenceModel::operator=(ReferenceModel&&) noexcept = default;
 
 const ModelConfig& ReferenceModel::config() const { return impl_->c; }
 
-std::vector<double> ReferenceModel::sink_scores(const IntArray& tokens, const std::vector<Component>& ablate) const {
+std::vector<double> ReferenceModel::sink_scores(const IntArray& tokens,
+                                                const std::vector<Component>& ablate) const {
   const ModelConfig& c = impl_->c;
   const int64_t L = c.num_layers, H = c.num_heads;
-  const int64_t N = static_cast<int64_t>(tokens.shape.at(0)), T = static_cast<int64_t>(tokens.shape.at(1));
+  const int64_t N = static_cast<int64_t>(tokens.shape.at(0)),
+                T = static_cast<int64_t>(tokens.shape.at(1));
   std::vector<double> alpha(static_cast<size_t>(L * H), 0.0);
   for (const Trace& tr : impl_->forward_all(tokens, ablate))
     for (int64_t l = 0; l < L; ++l)
       for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = 0; i < T; ++i) alpha[l * H + h] += tr.a0[l][h][i] / static_cast<double>(N * T);
+        for (int64_t i = 0; i < T; ++i)
+          alpha[l * H + h] += tr.a0[l][h][i] / static_cast<double>(N * T);
   return alpha;
 }
 
-std::vector<double> ReferenceModel::ablation_delta(const IntArray& tokens, const Component& comp) const {
+std::vector<double> ReferenceModel::ablation_delta(const IntArray& tokens,
+                                                   const Component& comp) const {
   const std::vector<double> clean = sink_scores(tokens, {}), ablated = sink_scores(tokens, {comp});
   std::vector<double> delta(clean.size());
   for (size_t i = 0; i < clean.size(); ++i) delta[i] = ablated[i] - clean[i];
@@ -395,9 +409,11 @@ std::vector<double> ReferenceModel::ablation_delta(const IntArray& tokens, const
 
 ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) const {
   const ModelConfig& c = impl_->c;
-  const int64_t L = c.num_layers, H = c.num_heads, KV = c.num_kv_heads, d = c.head_dim, D = c.hidden_size;
+  const int64_t L = c.num_layers, H = c.num_heads, KV = c.num_kv_heads, d = c.head_dim,
+                D = c.hidden_size;
   const int64_t E = c.num_experts, group = H / KV;
-  const int64_t N = static_cast<int64_t>(tokens.shape.at(0)), T = static_cast<int64_t>(tokens.shape.at(1));
+  const int64_t N = static_cast<int64_t>(tokens.shape.at(0)),
+                T = static_cast<int64_t>(tokens.shape.at(1));
   const double dN = static_cast<double>(N), inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
   const std::vector<Trace> traces = impl_->forward_all(tokens, {});
   const auto uL = static_cast<size_t>(L), uH = static_cast<size_t>(H), uE = static_cast<size_t>(E),
@@ -479,8 +495,10 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
         cos_sum += dot(xn, xm, D) / (norm2(xn, D) * norm2(xm, D));
         ++pairs;
       }
-    a.p0_cosine.at(l) = pairs > 0 ? static_cast<float>(cos_sum / static_cast<double>(pairs)) : std::nanf("");
-    // Sun et al. on probe 0: |x_l[0, c]| > 100 and > 1000 x median over all (i, c') of |x_l[i, c']|.
+    a.p0_cosine.at(l) =
+        pairs > 0 ? static_cast<float>(cos_sum / static_cast<double>(pairs)) : std::nanf("");
+    // Sun et al. on probe 0: |x_l[0, c]| > 100 and > 1000 x median over all (i, c') of |x_l[i,
+    // c']|.
     const Vec& x0 = traces[0].x[l];
     Vec mags(x0.size());
     for (size_t j = 0; j < x0.size(); ++j) mags[j] = std::fabs(x0[j]);
@@ -536,11 +554,13 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
     }
     for (int64_t n = 0; n < N; ++n)
       for (int64_t i = 0; i < T; ++i)
-        for (int e : traces[n].topk[l][i]) ++(i == 0 ? R.p0_routed_count : R.rest_routed_count)[l * E + e];
+        for (int e : traces[n].topk[l][i])
+          ++(i == 0 ? R.p0_routed_count : R.rest_routed_count)[l * E + e];
     for (int64_t e = 0; e < E; ++e) {
-      a.p0_topk_freq.at(l, e) = static_cast<float>(static_cast<double>(R.p0_routed_count[l * E + e]) / dN);
-      a.rest_topk_freq.at(l, e) =
-          static_cast<float>(static_cast<double>(R.rest_routed_count[l * E + e]) / (dN * static_cast<double>(T - 1)));
+      a.p0_topk_freq.at(l, e) =
+          static_cast<float>(static_cast<double>(R.p0_routed_count[l * E + e]) / dN);
+      a.rest_topk_freq.at(l, e) = static_cast<float>(
+          static_cast<double>(R.rest_routed_count[l * E + e]) / (dN * static_cast<double>(T - 1)));
     }
   }
 
@@ -578,12 +598,17 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
         attribute(tr.embed, [&](int64_t h, double v) { R.attr_embed[t * H + h] += v; });
         for (int64_t l = 0; l < t; ++l) {
           for (int64_t s = 0; s < H; ++s)
-            attribute(tr.head[l][s], [&](int64_t h, double v) { R.attr_head[((t * H + h) * L + l) * H + s] += v; });
+            attribute(tr.head[l][s], [&](int64_t h, double v) {
+              R.attr_head[((t * H + h) * L + l) * H + s] += v;
+            });
           if (impl_->layers[l].moe) {
             for (int64_t e = 0; e < E; ++e)
-              attribute(tr.ffn[l][e], [&](int64_t h, double v) { R.attr_expert[((t * H + h) * L + l) * E + e] += v; });
+              attribute(tr.ffn[l][e], [&](int64_t h, double v) {
+                R.attr_expert[((t * H + h) * L + l) * E + e] += v;
+              });
           } else {
-            attribute(tr.ffn[l][0], [&](int64_t h, double v) { R.attr_mlp[(t * H + h) * L + l] += v; });
+            attribute(tr.ffn[l][0],
+                      [&](int64_t h, double v) { R.attr_mlp[(t * H + h) * L + l] += v; });
           }
         }
         // Identity: sum over components of K(c[0]) equals the model's k_0.
@@ -599,7 +624,8 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
   }
   a.attr_embed = FloatArray({uL, uH}, "target_layer,target_head");
   a.attr_head = FloatArray({uL, uH, uL, uH}, "target_layer,target_head,source_layer,source_head");
-  a.attr_expert = FloatArray({uL, uH, uL, uE}, "target_layer,target_head,source_layer,source_expert");
+  a.attr_expert =
+      FloatArray({uL, uH, uL, uE}, "target_layer,target_head,source_layer,source_expert");
   a.attr_mlp = FloatArray({uL, uH, uL}, "target_layer,target_head,source_layer");
   auto to_float = [](const std::vector<double>& src, FloatArray& dst) {
     for (size_t i = 0; i < src.size(); ++i) dst.data[i] = static_cast<float>(src[i]);
@@ -617,8 +643,10 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
       share[0] += alpha * std::max(0.0, R.attr_embed[t * H + h]);
       for (int64_t l = 0; l < t; ++l) {
         double s = 0;
-        for (int64_t j = 0; j < H; ++j) s += std::max(0.0, R.attr_head[((t * H + h) * L + l) * H + j]);
-        for (int64_t e = 0; e < E; ++e) s += std::max(0.0, R.attr_expert[((t * H + h) * L + l) * E + e]);
+        for (int64_t j = 0; j < H; ++j)
+          s += std::max(0.0, R.attr_head[((t * H + h) * L + l) * H + j]);
+        for (int64_t e = 0; e < E; ++e)
+          s += std::max(0.0, R.attr_expert[((t * H + h) * L + l) * E + e]);
         s += std::max(0.0, R.attr_mlp[(t * H + h) * L + l]);
         share[1 + l] += alpha * s;
       }
@@ -644,7 +672,8 @@ ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) cons
     gain[l] = std::max(0.0, std::log(h_ratio[l + 1]) - std::log(h_ratio[l]));
     gsum += gain[l];
   }
-  for (int64_t l = 0; l < L; ++l) a.norm_gain_share.at(l) = static_cast<float>(gsum > 0 ? gain[l] / gsum : 0.0);
+  for (int64_t l = 0; l < L; ++l)
+    a.norm_gain_share.at(l) = static_cast<float>(gsum > 0 ? gain[l] / gsum : 0.0);
   return R;
 }
 

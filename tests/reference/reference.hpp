@@ -75,7 +75,8 @@ class ReferenceModel {
 
   // alpha [L, H] (METRICS.md section 1) with `ablate` mean-ablated at position 0 (all of them in
   // the same run; empty = clean).
-  std::vector<double> sink_scores(const IntArray& tokens, const std::vector<Component>& ablate) const;
+  std::vector<double> sink_scores(const IntArray& tokens,
+                                  const std::vector<Component>& ablate) const;
 
   // circuit/ablation/delta_sink_score for one component: alpha(ablated) - alpha(clean), [L, H].
   std::vector<double> ablation_delta(const IntArray& tokens, const Component& c) const;

@@ -43,39 +43,50 @@ std::string expect_open_error(const std::string& dir) {
 }  // namespace
 
 TEST(SafetensorsHeader, AcceptsValid) {
-  auto t = parse(R"(  {"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},
-                  "a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})", 12);
+  auto t = parse(
+      R"(  {"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},
+                  "a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})",
+      12);
   ASSERT_EQ(t.size(), 2u);
   const auto& a = t[0].name == "a" ? t[0] : t[1];
   EXPECT_EQ(a.dtype, DType::BF16);
   EXPECT_EQ(a.end, 4u);
   auto other = parse(R"({"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", 8);
-  EXPECT_EQ(other[0].dtype, DType::Other);  // a valid file, even if sinkscope cannot compute with it
-  EXPECT_EQ(parse(R"({"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})", 4)[0].shape.size(), 0u);
+  EXPECT_EQ(other[0].dtype,
+            DType::Other);  // a valid file, even if sinkscope cannot compute with it
+  EXPECT_EQ(parse(R"({"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})", 4)[0].shape.size(),
+            0u);
 }
 
 TEST(SafetensorsHeader, RejectsBadHeaders) {
   expect_reject("{not json", 0, "not valid JSON");
   expect_reject("[1,2]", 0, "not a JSON object");
   expect_reject(R"({"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}})", 4, "unknown dtype");
-  expect_reject(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 4, "does not match shape");
-  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})",
-                6, "overlaps");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 4,
+                "does not match shape");
+  expect_reject(
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})",
+      6, "overlaps");
   expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8, "gap");
-  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 8, "data section has 8");
-  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-                8, "twice");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 8,
+                "data section has 8");
+  expect_reject(
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+      8, "twice");
   expect_reject(R"({"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4, "negative");
-  expect_reject(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,4]}})", 4, "overflows");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,4]}})",
+                4, "overflows");
   expect_reject(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[8,4]}})", 8, "end before");
   expect_reject(R"({"__metadata__":{"k":3}})", 0, "not a string");
   expect_reject(R"({"a":{"dtype":"F32","shape":[1]}})", 0, "data_offsets");
 }
 
 TEST(SafetensorsIndex, ParsesAndRejects) {
-  auto m = parse_safetensors_index(R"({"metadata":{},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}})", "i.json");
+  auto m = parse_safetensors_index(
+      R"({"metadata":{},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}})", "i.json");
   EXPECT_EQ(m.size(), 2u);
-  EXPECT_THROW(parse_safetensors_index(R"({"weight_map":{"a":"s1","a":"s2"}})", "i.json"), InputError);
+  EXPECT_THROW(parse_safetensors_index(R"({"weight_map":{"a":"s1","a":"s2"}})", "i.json"),
+               InputError);
   EXPECT_THROW(parse_safetensors_index(R"({"weight_map":{"a":"../x"}})", "i.json"), InputError);
   EXPECT_THROW(parse_safetensors_index(R"({"other":1})", "i.json"), InputError);
 }
@@ -83,7 +94,7 @@ TEST(SafetensorsIndex, ParsesAndRejects) {
 TEST(Conversion, Bf16AndF16) {
   EXPECT_EQ(bf16_to_f32(f32_to_bf16(1.5f)), 1.5f);
   EXPECT_EQ(f32_to_bf16(1.0f + 1.0f / 512), f32_to_bf16(1.0f));  // ties round to even
-  const uint16_t h[4] = {0x3c00, 0xc000, 0x0001, 0x7bff};  // 1, -2, smallest subnormal, 65504
+  const uint16_t h[4] = {0x3c00, 0xc000, 0x0001, 0x7bff};        // 1, -2, smallest subnormal, 65504
   float out[4];
   convert_to_f32(DType::F16, h, 4, out);
   EXPECT_EQ(out[0], 1.f);
@@ -108,7 +119,8 @@ TEST_F(CheckpointFiles, OpensValidatesAndReadsSlices) {
   ck.read_cols("model.layers.0.self_attn.o_proj.weight", c.head_dim, 2 * c.head_dim, cols.data());
   const int64_t width = c.num_heads * c.head_dim;
   for (int64_t r = 0; r < c.hidden_size; ++r)
-    for (int64_t j = 0; j < c.head_dim; ++j) ASSERT_EQ(cols[r * c.head_dim + j], all[r * width + c.head_dim + j]);
+    for (int64_t j = 0; j < c.head_dim; ++j)
+      ASSERT_EQ(cols[r * c.head_dim + j], all[r * width + c.head_dim + j]);
   EXPECT_GT(ck.weight_bytes_read(), 0u);
 }
 
@@ -146,7 +158,8 @@ TEST_F(CheckpointFiles, RejectsWrongShapeAndMissingTensor) {
     data.emplace_back(static_cast<size_t>(n));
     ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
   }
-  for (size_t i = 0; i < ck.tensors().size(); ++i) tw.push_back({ck.tensors()[i].name, DType::BF16, ck.tensors()[i].shape, data[i].data()});
+  for (size_t i = 0; i < ck.tensors().size(); ++i)
+    tw.push_back({ck.tensors()[i].name, DType::BF16, ck.tensors()[i].shape, data[i].data()});
   auto wrong = tw;
   for (auto& t : wrong)
     if (t.name == "model.layers.1.self_attn.k_proj.weight") t.shape = {t.shape[1], t.shape[0]};
@@ -155,9 +168,10 @@ TEST_F(CheckpointFiles, RejectsWrongShapeAndMissingTensor) {
   EXPECT_NE(msg.find("model.layers.1.self_attn.k_proj.weight"), std::string::npos) << msg;
   EXPECT_NE(msg.find("has shape"), std::string::npos) << msg;
   auto missing = tw;
-  missing.erase(std::remove_if(missing.begin(), missing.end(), [](const TensorToWrite& t) {
-                  return t.name == "model.layers.0.mlp.experts.3.down_proj.weight";
-                }),
+  missing.erase(std::remove_if(missing.begin(), missing.end(),
+                               [](const TensorToWrite& t) {
+                                 return t.name == "model.layers.0.mlp.experts.3.down_proj.weight";
+                               }),
                 missing.end());
   write_safetensors(dir / "model.safetensors", missing);
   msg = expect_open_error(dir.path());
@@ -177,9 +191,11 @@ TEST_F(CheckpointFiles, RejectsNonFiniteWeight) {
   }
   write_safetensors(dir / "model.safetensors", tw);
   Checkpoint bad = Checkpoint::open(dir.path());
-  std::vector<float> out(static_cast<size_t>(bad.config().num_kv_heads * bad.config().head_dim * bad.config().hidden_size));
+  std::vector<float> out(static_cast<size_t>(bad.config().num_kv_heads * bad.config().head_dim *
+                                             bad.config().hidden_size));
   try {
-    bad.read_rows("model.layers.0.self_attn.v_proj.weight", 0, bad.config().num_kv_heads * bad.config().head_dim, out.data());
+    bad.read_rows("model.layers.0.self_attn.v_proj.weight", 0,
+                  bad.config().num_kv_heads * bad.config().head_dim, out.data());
     FAIL();
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos);
@@ -203,7 +219,8 @@ TEST_F(CheckpointFiles, ShardedIndex) {
     for (auto d : t.shape) n *= d;
     ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data[i].data());
     (i % 2 ? a : b).push_back({t.name, DType::BF16, t.shape, data[i].data()});
-    map += std::string(map.empty() ? "" : ",") + "\"" + t.name + "\":\"" + (i % 2 ? "s1.safetensors" : "s2.safetensors") + "\"";
+    map += std::string(map.empty() ? "" : ",") + "\"" + t.name + "\":\"" +
+           (i % 2 ? "s1.safetensors" : "s2.safetensors") + "\"";
     ++i;
   }
   std::filesystem::remove(dir / "model.safetensors");
@@ -214,6 +231,7 @@ TEST_F(CheckpointFiles, ShardedIndex) {
   sharded.validate_for_model();
   EXPECT_EQ(sharded.files().size(), 2u);
   // An index naming a shard that does not exist.
-  test::write_file(dir / "model.safetensors.index.json", "{\"weight_map\":{" + map + ",\"extra\":\"s3.safetensors\"}}");
+  test::write_file(dir / "model.safetensors.index.json",
+                   "{\"weight_map\":{" + map + ",\"extra\":\"s3.safetensors\"}}");
   EXPECT_NE(expect_open_error(dir.path()).find("does not exist"), std::string::npos);
 }

@@ -6,7 +6,8 @@
 using namespace sinkscope;
 
 namespace {
-const char* kBase = R"({"model_type":"qwen3_moe","vocab_size":100,"hidden_size":64,"num_hidden_layers":4,
+const char* kBase =
+    R"({"model_type":"qwen3_moe","vocab_size":100,"hidden_size":64,"num_hidden_layers":4,
   "num_attention_heads":4,"num_key_value_heads":2,"moe_intermediate_size":32,"intermediate_size":96,
   "num_experts":8,"num_experts_per_tok":2,"rms_norm_eps":1e-6%s})";
 std::string with(const std::string& extra) {
@@ -38,7 +39,8 @@ TEST(Config, KeyVariants) {
   ModelConfig a = parse_model_config_text(with(R"(,"rope_theta":1000000.0,"head_dim":32)"), "c");
   EXPECT_DOUBLE_EQ(a.rope_theta, 1e6);
   EXPECT_EQ(a.head_dim, 32);
-  ModelConfig b = parse_model_config_text(with(R"(,"rope_parameters":{"rope_type":"default","rope_theta":5e5})"), "c");
+  ModelConfig b = parse_model_config_text(
+      with(R"(,"rope_parameters":{"rope_type":"default","rope_theta":5e5})"), "c");
   EXPECT_DOUBLE_EQ(b.rope_theta, 5e5);
   std::string local = with("");
   local.replace(local.find("\"num_experts\""), 13, "\"num_local_experts\"");
@@ -50,7 +52,8 @@ TEST(Config, KeyVariants) {
 }
 
 TEST(Config, SparseStepAndMlpOnlyLayers) {
-  const ModelConfig c = parse_model_config_text(with(R"(,"decoder_sparse_step":2,"mlp_only_layers":[3])"), "c");
+  const ModelConfig c =
+      parse_model_config_text(with(R"(,"decoder_sparse_step":2,"mlp_only_layers":[3])"), "c");
   EXPECT_FALSE(c.is_moe_layer(0));
   EXPECT_TRUE(c.is_moe_layer(1));
   EXPECT_FALSE(c.is_moe_layer(2));
@@ -71,7 +74,8 @@ TEST(Config, RejectsContradictions) {
 }
 
 TEST(Config, TopKAboveExpertsNamed) {
-  const std::string j = R"({"model_type":"qwen3_moe","vocab_size":10,"hidden_size":16,"num_hidden_layers":1,
+  const std::string j =
+      R"({"model_type":"qwen3_moe","vocab_size":10,"hidden_size":16,"num_hidden_layers":1,
     "num_attention_heads":2,"moe_intermediate_size":8,"num_experts":2,"num_experts_per_tok":3})";
   expect_error(j, "exceeds num_experts");
 }

@@ -29,15 +29,18 @@ TEST(Kernels, RopeRotatesHalvesByPosition) {
   for (int r = 0; r < 3; ++r)
     for (int j = 0; j < d / 2; ++j) {
       const double a = r * inv_freq[j];
-      EXPECT_NEAR(y[r * d + j], x[r * d + j] * std::cos(a) - x[r * d + j + d / 2] * std::sin(a), 1e-6);
-      EXPECT_NEAR(y[r * d + j + d / 2], x[r * d + j + d / 2] * std::cos(a) + x[r * d + j] * std::sin(a), 1e-6);
+      EXPECT_NEAR(y[r * d + j], x[r * d + j] * std::cos(a) - x[r * d + j + d / 2] * std::sin(a),
+                  1e-6);
+      EXPECT_NEAR(y[r * d + j + d / 2],
+                  x[r * d + j + d / 2] * std::cos(a) + x[r * d + j] * std::sin(a), 1e-6);
     }
   for (int j = 0; j < d; ++j) EXPECT_EQ(y[j], x[j]);  // position 0 is the identity
   // Relative position property: q_i . k_j depends only on i - j.
   std::vector<float> q(d), k(d);
   for (int j = 0; j < d; ++j) q[j] = n(rng), k[j] = n(rng);
   auto dot_at = [&](int i, int jpos) {
-    std::vector<float> qq(static_cast<size_t>((i + 1) * d)), kk(static_cast<size_t>((jpos + 1) * d));
+    std::vector<float> qq(static_cast<size_t>((i + 1) * d)),
+        kk(static_cast<size_t>((jpos + 1) * d));
     std::copy(q.begin(), q.end(), qq.begin() + i * d);
     std::copy(k.begin(), k.end(), kk.begin() + jpos * d);
     cpu::rope(qq.data(), i + 1, d, d, 0, inv_freq.data());
@@ -51,7 +54,8 @@ TEST(Kernels, RopeRotatesHalvesByPosition) {
 
 TEST(Kernels, CausalSoftmaxIsStableOnLargeLogits) {
   const int T = 4;
-  std::vector<float> s = {1e30f, 0, 0, 0, 1e4f, 1e4f + 1, 0, 0, -1e4f, 0, 1e4f, 0, 88.f, 89.f, 90.f, 1000.f};
+  std::vector<float> s = {1e30f, 0, 0,    0, 1e4f, 1e4f + 1, 0,    0,
+                          -1e4f, 0, 1e4f, 0, 88.f, 89.f,     90.f, 1000.f};
   cpu::causal_softmax(s.data(), T);
   for (float v : s) EXPECT_TRUE(std::isfinite(v));
   EXPECT_FLOAT_EQ(s[0], 1.f);

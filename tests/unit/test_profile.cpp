@@ -8,7 +8,8 @@
 using namespace sinkscope;
 
 TEST(Convergence, ConstructedSeries) {
-  std::vector<std::vector<float>> shares = {{1, 0, 0}, {0.5f, 0.5f, 0}, {0, 1, 0}, {0, 0.98f, 0.02f}, {0, 0.97f, 0.03f}};
+  std::vector<std::vector<float>> shares = {
+      {1, 0, 0}, {0.5f, 0.5f, 0}, {0, 1, 0}, {0, 0.98f, 0.02f}, {0, 0.97f, 0.03f}};
   std::vector<int64_t> steps = {0, 128, 256, 512, 1024};
   std::vector<float> tv;
   int64_t step = 0;
@@ -18,7 +19,7 @@ TEST(Convergence, ConstructedSeries) {
   EXPECT_FLOAT_EQ(tv[1], 0.5f);
   EXPECT_NEAR(tv[2], 0.02, 1e-6);
   EXPECT_NEAR(tv[3], 0.01, 1e-6);
-  EXPECT_EQ(step, 256);  // after step 256 every tv is small
+  EXPECT_EQ(step, 256);         // after step 256 every tv is small
   shares.push_back({1, 0, 0});  // a late jump: not converged
   steps.push_back(2048);
   convergence(shares, steps, 0.05, &tv, &step);

@@ -64,8 +64,8 @@ const auto* const kPrintWorst = ::testing::AddGlobalTestEnvironment(new PrintWor
 
 // Compares every entry with bound(ref) = abs_tol + rel_tol * |ref| + scale_tol * max|ref of the
 // array|; records the worst errors under `name`.
-void compare(const std::string& what, const std::string& name, const FloatArray& got, const FloatArray& ref,
-             double abs_tol, double rel_tol, double scale_tol = 0) {
+void compare(const std::string& what, const std::string& name, const FloatArray& got,
+             const FloatArray& ref, double abs_tol, double rel_tol, double scale_tol = 0) {
   ASSERT_EQ(got.shape, ref.shape) << what << ": " << name << " has the wrong shape";
   double scale = 0;
   for (float v : ref.data) scale = std::max(scale, std::fabs(static_cast<double>(v)));
@@ -78,12 +78,13 @@ void compare(const std::string& what, const std::string& name, const FloatArray&
     if (std::fabs(b) > 1e-6) w.rel = std::max(w.rel, diff / std::fabs(b));
     w.used = std::max(w.used, diff / bound);
     if (!(diff <= bound) && reported++ < 5)
-      ADD_FAILURE() << what << ": " << name << "[" << i << "] sinkscope " << a << " reference " << b << " (|d| " << diff
-                    << " > " << bound << ")";
+      ADD_FAILURE() << what << ": " << name << "[" << i << "] sinkscope " << a << " reference " << b
+                    << " (|d| " << diff << " > " << bound << ")";
   }
 }
 
-void compare_scalar(const std::string& what, const std::string& name, double got, double ref, double abs_tol) {
+void compare_scalar(const std::string& what, const std::string& name, double got, double ref,
+                    double abs_tol) {
   FloatArray g({1}, "x"), r({1}, "x");
   g.data[0] = static_cast<float>(got);
   r.data[0] = static_cast<float>(ref);
@@ -145,7 +146,8 @@ void rewrite_checkpoint(const std::string& dir, Edit edit) {
   std::vector<TensorInfo> infos;
   std::vector<std::vector<float>> values;
   {
-    const Checkpoint ck = Checkpoint::open(dir);  // mapped: read everything before rewriting the file
+    const Checkpoint ck =
+        Checkpoint::open(dir);  // mapped: read everything before rewriting the file
     for (const TensorInfo& t : ck.tensors()) {
       int64_t count = 1;
       for (int64_t d : t.shape) count *= d;
@@ -158,16 +160,19 @@ void rewrite_checkpoint(const std::string& dir, Edit edit) {
     }
   }
   std::vector<TensorToWrite> tw;
-  for (size_t i = 0; i < infos.size(); ++i) tw.push_back({infos[i].name, DType::BF16, infos[i].shape, values[i].data()});
+  for (size_t i = 0; i < infos.size(); ++i)
+    tw.push_back({infos[i].name, DType::BF16, infos[i].shape, values[i].data()});
   write_safetensors((fs::path(dir) / "model.safetensors").string(), tw);
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // `synth` writes every RMSNorm weight as 1, which would leave a misuse of gamma_in, gamma_post,
-// gamma_q or gamma_k (e.g. in K(v) of METRICS.md section 4) unseen: rewrite them as 1 + 0.3 N(0, 1).
+// gamma_q or gamma_k (e.g. in K(v) of METRICS.md section 4) unseen: rewrite them as 1 + 0.3 N(0,
+// 1).
 void randomize_norm_weights(const std::string& dir, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -200,7 +205,8 @@ void plant_massive_embedding(const std::string& dir, int32_t token) {
   });
 }
 
-Analysis run_sinkscope(const std::string& model, const IntArray& tokens, int64_t batch, const std::string& ablate) {
+Analysis run_sinkscope(const std::string& model, const IntArray& tokens, int64_t batch,
+                       const std::string& ablate) {
   AnalyzeOptions opt;
   opt.model = model;
   opt.batch = batch;
@@ -212,39 +218,46 @@ Analysis run_sinkscope(const std::string& model, const IntArray& tokens, int64_t
 }
 
 // Every array of METRICS.md sections 1-5 against the reference.
-void compare_analysis(const std::string& what, const Analysis& s, const ReferenceResult& R, const ModelConfig& cfg) {
+void compare_analysis(const std::string& what, const Analysis& s, const ReferenceResult& R,
+                      const ModelConfig& cfg) {
   const Analysis& r = R.analysis;
   const size_t L = static_cast<size_t>(cfg.num_layers), E = static_cast<size_t>(cfg.num_experts);
   const double N = static_cast<double>(r.meta.num_probes), T = static_cast<double>(r.meta.seq_len);
 
   // The reference itself: the decomposition of section 4 is exact up to float64 rounding.
-  EXPECT_LT(R.identity_max_rel_err, kIdentityRel) << what << ": sum_c K(c[0]) != k_0 in the reference";
+  EXPECT_LT(R.identity_max_rel_err, kIdentityRel)
+      << what << ": sum_c K(c[0]) != k_0 in the reference";
   worst()["(ref identity)"].abs = std::max(worst()["(ref identity)"].abs, R.identity_max_rel_err);
   // Well-posedness of the case: no router near-tie and no sink score at eps, where fp32 and
   // float64 may legitimately disagree about a discrete choice.
   // (Router logits are O(1) here and fp32 gets them right to ~1e-6, so a logit gap of 1e-5 is
-  // resolved; a sink score farther than the attention tolerance from eps must be classified the same.)
+  // resolved; a sink score farther than the attention tolerance from eps must be classified the
+  // same.)
   if (R.exact_routing_ties > 0)
     std::printf("%s: %lld tokens with an exact router tie at the top-k boundary\n", what.c_str(),
                 static_cast<long long>(R.exact_routing_ties));
   ASSERT_GT(R.min_routing_gap, 1e-5) << what << ": a router near-tie; pick another seed";
-  ASSERT_GT(R.min_sink_eps_gap, kAttnAbs) << what << ": a sink score sits at eps; pick another seed";
+  ASSERT_GT(R.min_sink_eps_gap, kAttnAbs)
+      << what << ": a sink score sits at eps; pick another seed";
 
   // Section 1: attention to position zero, absolute.
   compare(what, "sink_score", s.sink_score, r.sink_score, kAttnAbs, 0);
   compare(what, "p0_per_query", s.p0_per_query, r.p0_per_query, kAttnAbs, 0);
-  compare(what, "sink_rate", s.sink_rate, r.sink_rate, 0, 0);  // identical away from eps (checked above)
+  compare(what, "sink_rate", s.sink_rate, r.sink_rate, 0,
+          0);  // identical away from eps (checked above)
   EXPECT_EQ(s.meta.sink_rate, r.meta.sink_rate) << what;
 
   // Section 2: norms, relative (a tiny absolute floor for values that are exactly zero).
   compare(what, "norm_p0", s.norm_p0, r.norm_p0, 1e-7, kRel);
   compare(what, "norm_rest_median", s.norm_rest_median, r.norm_rest_median, 1e-7, kRel);
   compare(what, "h_ratio", s.h_ratio, r.h_ratio, 1e-7, kRel);
-  // A cosine is bounded by 1 and can sit near 0, where a relative bound means nothing: 1e-3 absolute.
+  // A cosine is bounded by 1 and can sit near 0, where a relative bound means nothing: 1e-3
+  // absolute.
   compare(what, "p0_cosine", s.p0_cosine, r.p0_cosine, kRel, 0);
   ASSERT_EQ(s.massive_p0.shape, r.massive_p0.shape);
   EXPECT_EQ(s.massive_p0.data, r.massive_p0.data) << what << ": massive_p0";
-  if (std::any_of(r.massive_p0.data.begin(), r.massive_p0.data.end(), [](int32_t m) { return m > 0; })) {
+  if (std::any_of(r.massive_p0.data.begin(), r.massive_p0.data.end(),
+                  [](int32_t m) { return m > 0; })) {
     std::printf("%s: massive_p0 = [", what.c_str());
     for (int32_t m : r.massive_p0.data) std::printf(" %d", m);
     std::printf(" ]\n");
@@ -294,8 +307,8 @@ void compare_analysis(const std::string& what, const Analysis& s, const Referenc
 }
 
 // Ablation deltas of sinkscope (components as it chose them) against the reference's reruns.
-void compare_ablation(const std::string& what, const Analysis& s, const ReferenceModel& ref, const IntArray& tokens,
-                      const ModelConfig& cfg) {
+void compare_ablation(const std::string& what, const Analysis& s, const ReferenceModel& ref,
+                      const IntArray& tokens, const ModelConfig& cfg) {
   const size_t K = s.ablation_components.shape.empty() ? 0 : s.ablation_components.shape[0];
   const size_t L = static_cast<size_t>(cfg.num_layers), H = static_cast<size_t>(cfg.num_heads);
   ASSERT_GT(K, 0u) << what << ": no ablations recorded";
@@ -303,7 +316,8 @@ void compare_ablation(const std::string& what, const Analysis& s, const Referenc
   const std::vector<double> clean = ref.sink_scores(tokens, {});
   FloatArray got({K, L, H}, "component,layer,head"), want({K, L, H}, "component,layer,head");
   for (size_t k = 0; k < K; ++k) {
-    const Component c{s.ablation_components.at(k, 0), s.ablation_components.at(k, 1), s.ablation_components.at(k, 2)};
+    const Component c{s.ablation_components.at(k, 0), s.ablation_components.at(k, 1),
+                      s.ablation_components.at(k, 2)};
     const std::vector<double> ablated = ref.sink_scores(tokens, {c});
     for (size_t i = 0; i < L * H; ++i) {
       got.data[k * L * H + i] = s.ablation_delta_sink.data[k * L * H + i];
@@ -335,9 +349,10 @@ TEST_P(ReferenceShapes, MatchesFloat64Reference) {
   synthesize(cfg, dir, false, k.seed);
   randomize_norm_weights(dir, k.seed + 2);
   if (k.tie_router) tie_router_rows(dir);
-  const IntArray tokens = make_probes("random:" + std::to_string(k.probes) + ":" + std::to_string(k.positions) + ":" +
-                                          std::to_string(k.seed + 1),
-                                      cfg.vocab_size);
+  const IntArray tokens =
+      make_probes("random:" + std::to_string(k.probes) + ":" + std::to_string(k.positions) + ":" +
+                      std::to_string(k.seed + 1),
+                  cfg.vocab_size);
   if (k.massive) plant_massive_embedding(dir, tokens.at(0, 0));
   const Analysis s = run_sinkscope(dir, tokens, k.batch, k.ablate);
   const ReferenceModel ref(dir);
@@ -348,7 +363,7 @@ TEST_P(ReferenceShapes, MatchesFloat64Reference) {
 
 std::vector<Case> cases() {
   std::vector<Case> v;
-  {  // GQA: 4 query heads on 2 KV heads
+  {                                                 // GQA: 4 query heads on 2 KV heads
     Case c{"gqa", {}, 4, 17, 4, 11, "layers=0-0"};  // T odd: an even count for the rest median
     c.massive = true;
     v.push_back(c);
@@ -414,7 +429,9 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ReferenceShapes, ::testing::ValuesIn(cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
 
 // ---- the planted circuit of `synth --plant-circuit`
 TEST(ReferencePlanted, FindsAndMatchesThePlantedCircuit) {
@@ -468,8 +485,10 @@ TEST(ReferencePlanted, FindsAndMatchesThePlantedCircuit) {
   EXPECT_GT(planted, 0.0);
   EXPECT_GT(planted, largest_other) << "the planted expert is not the strongest source";
   EXPECT_GT(planted, 0.5 * positive) << "planted " << planted << " of positive total " << positive;
-  std::printf("planted: sink score %.4f; expert attribution %.4f of positive total %.4f (next largest %.4f)\n", sink,
-              planted, positive, largest_other);
+  std::printf(
+      "planted: sink score %.4f; expert attribution %.4f of positive total %.4f (next largest "
+      "%.4f)\n",
+      sink, planted, positive, largest_other);
 
   // (c) mean-ablating head A or the expert at P0 removes the sink; nothing else in layers 0-1 does.
   const size_t K = s.ablation_components.shape.at(0);
@@ -484,17 +503,22 @@ TEST(ReferencePlanted, FindsAndMatchesThePlantedCircuit) {
     saw_head |= is_head;
     saw_expert |= is_expert;
     if (is_head || is_expert) {
-      EXPECT_LT(delta, -0.5f) << "ablating planted component (" << layer << ", " << kind << ", " << index << ")";
+      EXPECT_LT(delta, -0.5f) << "ablating planted component (" << layer << ", " << kind << ", "
+                              << index << ")";
     } else {
       largest_other_delta = std::max(largest_other_delta, std::fabs(delta));
-      EXPECT_LT(std::fabs(delta), 0.2f) << "ablating non-planted component (" << layer << ", " << kind << ", " << index
-                                        << ") moved the sink by " << delta;
+      EXPECT_LT(std::fabs(delta), 0.2f) << "ablating non-planted component (" << layer << ", "
+                                        << kind << ", " << index << ") moved the sink by " << delta;
     }
-    if (is_head || is_expert) std::printf("planted: ablating (%d, %d, %d) changes the sink score by %.4f\n", layer, kind, index, delta);
+    if (is_head || is_expert)
+      std::printf("planted: ablating (%d, %d, %d) changes the sink score by %.4f\n", layer, kind,
+                  index, delta);
   }
   EXPECT_TRUE(saw_head && saw_expert) << "layers=0-1 did not ablate the planted components";
-  std::printf("planted: largest |delta| on the sink head from a non-planted component of layers 0-1: %.4f\n",
-              largest_other_delta);
+  std::printf(
+      "planted: largest |delta| on the sink head from a non-planted component of layers 0-1: "
+      "%.4f\n",
+      largest_other_delta);
 
   // (d) the ablation deltas agree with the reference's reruns.
   compare_ablation("planted", s, ref, tokens, ref.config());

@@ -105,9 +105,11 @@ TEST(ShardPlan, ShardedLoadReadsItsShare) {
   auto single = make_single_comm();
   ForwardComms comms{single.get(), single.get(), single.get()};
   Checkpoint full_ck = Checkpoint::open(dir.path());
-  const uint64_t full = make_cpu_backend(full_ck, ShardPlan::make(1, 0, 1, 1, c), comms, {})->weight_bytes_loaded();
+  const uint64_t full =
+      make_cpu_backend(full_ck, ShardPlan::make(1, 0, 1, 1, c), comms, {})->weight_bytes_loaded();
   Checkpoint part_ck = Checkpoint::open(dir.path());
-  const uint64_t part = make_cpu_backend(part_ck, ShardPlan::make(4, 3, 2, 2, c), comms, {})->weight_bytes_loaded();
+  const uint64_t part =
+      make_cpu_backend(part_ck, ShardPlan::make(4, 3, 2, 2, c), comms, {})->weight_bytes_loaded();
   // Replicated: norms and routers. Sharded: q/k/v/o and experts, which are almost everything.
   const double D = c.hidden_size, d = c.head_dim, L = c.num_layers;
   const double attn = L * (2 * c.num_heads * d * D + 2 * c.num_kv_heads * d * D) * 2;
@@ -116,6 +118,7 @@ TEST(ShardPlan, ShardedLoadReadsItsShare) {
   EXPECT_NEAR(static_cast<double>(part), replicated + attn / 2 + experts / 2, 1.0);
   EXPECT_LT(static_cast<double>(part), 0.55 * static_cast<double>(full));
   Checkpoint etp_ck = Checkpoint::open(dir.path());
-  const uint64_t quarter = make_cpu_backend(etp_ck, ShardPlan::make(4, 3, 2, 2, c, 2), comms, {})->weight_bytes_loaded();
+  const uint64_t quarter =
+      make_cpu_backend(etp_ck, ShardPlan::make(4, 3, 2, 2, c, 2), comms, {})->weight_bytes_loaded();
   EXPECT_NEAR(static_cast<double>(quarter), replicated + attn / 2 + experts / 4, 1.0);
 }

@@ -52,7 +52,8 @@ class SweepFiles : public ::testing::Test {
       AnalyzeOptions o;
       o.model = c.dir;
       o.step = c.step;
-      write_analysis(dir / ("out/checkpoints/" + c.name + ".h5"), analyze_checkpoint(o, tokens, *world));
+      write_analysis(dir / ("out/checkpoints/" + c.name + ".h5"),
+                     analyze_checkpoint(o, tokens, *world));
     }
   }
   test::TempDir dir;
@@ -88,7 +89,8 @@ TEST_F(SweepFiles, RefusesMixedProbeLengths) {
   auto world = make_single_comm();
   AnalyzeOptions o;
   o.model = cps[1].dir;
-  write_analysis(dir / "out/checkpoints/step100.h5", analyze_checkpoint(o, make_probes("random:3:9:1", cfg.vocab_size), *world));
+  write_analysis(dir / "out/checkpoints/step100.h5",
+                 analyze_checkpoint(o, make_probes("random:3:9:1", cfg.vocab_size), *world));
   try {
     assemble_sweep(cps, dir / "out", 0.05);
     FAIL();

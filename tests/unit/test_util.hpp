@@ -25,7 +25,9 @@ class TempDir {
     std::filesystem::remove_all(path_, ec);
   }
   const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return (std::filesystem::path(path_) / name).string(); }
+  std::string operator/(const std::string& name) const {
+    return (std::filesystem::path(path_) / name).string();
+  }
 
  private:
   std::string path_;
@@ -60,7 +62,8 @@ inline ModelConfig tiny_config(int64_t layers = 3) {
 }
 
 // Probes [n, t] with ids in [lo, vocab) and `first` at position 0 when first >= 0.
-inline IntArray probe_matrix(size_t n, size_t t, int32_t lo, int32_t vocab, int32_t first, uint64_t seed) {
+inline IntArray probe_matrix(size_t n, size_t t, int32_t lo, int32_t vocab, int32_t first,
+                             uint64_t seed) {
   IntArray p({n, t}, "probe,position");
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int32_t> dist(lo, vocab - 1);
