@@ -147,6 +147,11 @@ if "$bin" report full --out report >report.log 2>&1 && [ -f report/index.html ] 
 else
   bad "report: $(tail -3 report.log)"
 fi
+if "$bin" report a.h5 --out report1 >report1.log 2>&1 && [ -f report1/index.html ] && ls report1/*.png >/dev/null 2>&1; then
+  ok "report of a single analysis file"
+else
+  bad "report of a single analysis file: $(tail -3 report1.log)"
+fi
 expect_input_error "report on a missing input" "nothing-here" rep2/index.html -- "$bin" report nothing-here --out rep2
 
 echo "$pass passed, $fail failed"
