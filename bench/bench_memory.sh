@@ -16,9 +16,9 @@ cat > "$work/config.json" <<'JSON'
 JSON
 "$bin" synth --config "$work/config.json" --out "$work/model" --seed 1 2>/dev/null
 args=(analyze --model "$work/model" --probes random:8:128:1 --batch 2 --verbose --quiet)
-one=$("$bin" "${args[@]}" --out "$work/a1.h5" 2>&1 | sed -n 's/.*peak resident memory \([0-9]*\) MiB/\1/p')
+one=$("$bin" "${args[@]}" --out "$work/a1.h5" 2>&1 | sed -n 's/.*peak resident memory \([0-9]*\) MiB.*/\1/p')
 four=$(mpirun --oversubscribe -np 4 "$bin" "${args[@]}" --tp 2 --ep 2 --out "$work/a4.h5" 2>&1 |
-       sed -n 's/.*rank \([0-9]\).*peak resident memory \([0-9]*\) MiB/\1 \2/p')
+       sed -n 's/.*rank \([0-9]\).*peak resident memory \([0-9]*\) MiB.*/\1 \2/p')
 echo "| run | rank | peak RSS (MiB) | fraction of one rank |"
 echo "|---|---|---|---|"
 echo "| 1 rank | 0 | $one | 1.00 |"

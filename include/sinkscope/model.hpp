@@ -49,6 +49,9 @@ class Backend {
   virtual FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& observer) = 0;
   // Replaces the mean-ablations applied by the following runs (METRICS.md section 4).
   virtual void set_ablations(std::vector<Ablation> ablations) = 0;
+  // Seconds this rank spent inside collectives (tp all-reduces, the expert exchange) since it was
+  // made: the communication share of a run (benchmarks, --verbose).
+  virtual double communication_seconds() const = 0;
   // Bytes of checkpoint data this rank converted when loading its shard.
   virtual uint64_t weight_bytes_loaded() const = 0;
 };

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <ctime>
 #include <fstream>
 #include <iostream>
@@ -266,7 +267,10 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   m.created_utc = utc_now_iso8601();
 
   Recorder rec(cfg, plan, T, opt.per_query);
+  const auto forward_start = std::chrono::steady_clock::now();
   run_all(rec, true);
+  const double forward_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - forward_start).count();
   auto blobs = world.gather_bytes(serialize_record(rec.record()), 0);
   if (world.rank() == 0) {
     std::vector<RankRecord> records;
@@ -284,9 +288,15 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   }
 
   if (opt.verbose) {
+    const double comm = backend->communication_seconds();
+    char timing[200];
+    std::snprintf(timing, sizeof(timing),
+                  "; forward %.3f s (%.0f tokens/s over the job), communication %.3f s (%.1f%%)",
+                  forward_seconds, static_cast<double>(N * T) / std::max(forward_seconds, 1e-9),
+                  comm, 100.0 * comm / std::max(forward_seconds, 1e-9));
     const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() +
                              "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) +
-                             " MiB";
+                             " MiB" + timing;
     for (const auto& l : world.gather_bytes(line, 0)) std::cerr << "sinkscope: " << l << "\n";
   }
 

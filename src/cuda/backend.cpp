@@ -155,6 +155,7 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   uint64_t weight_bytes_loaded() const override { return w_.bytes_loaded; }
+  double communication_seconds() const override { return coll_.seconds(); }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);
     ablations_dirty_ = true;

@@ -13,6 +13,7 @@
 //              expert outputs back per pair, and the slices are summed over the tp group.
 #include <omp.h>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -32,6 +33,21 @@ namespace {
 
 using cpu::gemm_nn;
 using cpu::gemm_nt;
+
+// Adds the time of its scope to a counter (the communication share of a run).
+class ScopedSeconds {
+ public:
+  explicit ScopedSeconds(double* acc) : acc_(acc), start_(std::chrono::steady_clock::now()) {}
+  ~ScopedSeconds() {
+    *acc_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+  ScopedSeconds(const ScopedSeconds&) = delete;
+  ScopedSeconds& operator=(const ScopedSeconds&) = delete;
+
+ private:
+  double* acc_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 class CpuBackend final : public Backend {
  public:
@@ -58,6 +74,7 @@ class CpuBackend final : public Backend {
 
   std::string name() const override { return "cpu"; }
   uint64_t weight_bytes_loaded() const override { return bytes_loaded_; }
+  double communication_seconds() const override { return comm_seconds_; }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);
   }
@@ -97,6 +114,7 @@ class CpuBackend final : public Backend {
   std::vector<double> inv_freq_;
   int64_t slots_ = 1;
   int64_t fault_layer_ = -1;
+  mutable double comm_seconds_ = 0;  // time inside collectives (all-reduces, the expert exchange)
   ComponentIndex ci_;
   // Per micro-batch circuit state: position-0 delta (c[0] - cbar) of every component slot, and
   // the running sum of the components' position-0 writes (for the identity check).
@@ -247,6 +265,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     std::vector<float> buf(a.size() + head_pack.size());
     std::copy(a.begin(), a.end(), buf.begin());
     std::copy(head_pack.begin(), head_pack.end(), buf.begin() + static_cast<long>(a.size()));
+    ScopedSeconds timed(&comm_seconds_);
     comms_.tp_group->allreduce_sum(buf.data(), buf.size());
     std::copy_n(buf.begin(), a.size(), a.begin());
     std::copy(buf.begin() + static_cast<long>(a.size()), buf.end(), head_pack.begin());
@@ -380,7 +399,10 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
   }
   std::vector<float> recv;
   std::vector<size_t> recv_counts;
-  ep.alltoallv(send, send_counts, &recv, &recv_counts);
+  {
+    ScopedSeconds timed(&comm_seconds_);
+    ep.alltoallv(send, send_counts, &recv, &recv_counts);
+  }
 
   // Run the local experts on what arrived, grouped by expert; answer per pair in arrival order.
   const int64_t npairs = static_cast<int64_t>(recv.size()) / (D + 1);
@@ -408,7 +430,10 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
     back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
   std::vector<float> back;
   std::vector<size_t> back_recv_counts;
-  ep.alltoallv(answer, back_counts, &back, &back_recv_counts);
+  {
+    ScopedSeconds timed(&comm_seconds_);
+    ep.alltoallv(answer, back_counts, &back, &back_recv_counts);
+  }
 
   // Sum the partial outputs of the etp slices (in rank order), then weight.
   outs.assign(static_cast<size_t>(n * K * D), 0.f);
@@ -473,7 +498,10 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>&
     run_mlp(L.dense, u.data() + s0 * D, n, m + s0 * D);
     for (int64_t r = 0; r < n; ++r) account(s0 + r, 0, m + (s0 + r) * D);
   }
-  if (tp > 1) comms_.tp_group->allreduce_sum(buf.data(), buf.size());
+  if (tp > 1) {
+    ScopedSeconds timed(&comm_seconds_);
+    comms_.tp_group->allreduce_sum(buf.data(), buf.size());
+  }
 
   // Per-component deltas for the circuit map, ablation, the tap, and x = y + m.
   std::vector<float> out_p0(B), out_rest(B),
