@@ -21,19 +21,29 @@ int threads_for_rows(int64_t M) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, M / 64)));
 }
 
+// Runs `gemm(rows, A offset, C offset)` on row blocks of an M-row product over the threads;
+// returns false (nothing done) when the product should run in one call.
+template <typename Gemm>
+bool split_rows(int64_t M, int64_t lda, int64_t ldc, Gemm&& gemm) {
+  const int t = threads_for_rows(M);
+  if (t <= 1) return false;
+#pragma omp parallel for num_threads(t) schedule(static)
+  for (int i = 0; i < t; ++i) {
+    const int64_t r0 = M * i / t, r1 = M * (i + 1) / t;
+    gemm(r1 - r0, r0 * lda, r0 * ldc);
+  }
+  return true;
+}
+
 }  // namespace
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
-  if (const int t = threads_for_rows(M); t > 1) {
-#pragma omp parallel for num_threads(t) schedule(static)
-    for (int i = 0; i < t; ++i) {
-      const int64_t r0 = M * i / t, r1 = M * (i + 1) / t;
-      gemm_nt(r1 - r0, N, K, A + r0 * lda, lda, B, ldb, C + r0 * ldc, ldc, alpha, beta);
-    }
+  if (split_rows(M, lda, ldc, [&](int64_t rows, int64_t a_off, int64_t c_off) {
+        gemm_nt(rows, N, K, A + a_off, lda, B, ldb, C + c_off, ldc, alpha, beta);
+      }))
     return;
-  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M),
               static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda),
               B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
@@ -42,14 +52,10 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
-  if (const int t = threads_for_rows(M); t > 1) {
-#pragma omp parallel for num_threads(t) schedule(static)
-    for (int i = 0; i < t; ++i) {
-      const int64_t r0 = M * i / t, r1 = M * (i + 1) / t;
-      gemm_nn(r1 - r0, N, K, A + r0 * lda, lda, B, ldb, C + r0 * ldc, ldc, alpha, beta);
-    }
+  if (split_rows(M, lda, ldc, [&](int64_t rows, int64_t a_off, int64_t c_off) {
+        gemm_nn(rows, N, K, A + a_off, lda, B, ldb, C + c_off, ldc, alpha, beta);
+      }))
     return;
-  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M),
               static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda),
               B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));

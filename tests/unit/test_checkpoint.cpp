@@ -106,6 +106,25 @@ TEST(Conversion, Bf16AndF16) {
 class CheckpointFiles : public ::testing::Test {
  protected:
   void SetUp() override { synthesize(test::tiny_config(), dir.path(), false, 7); }
+
+  // Every tensor of the checkpoint as fp32, ready to be written again (possibly altered).
+  struct Contents {
+    std::vector<std::vector<float>> data;  // owns the values the TensorToWrite entries point at
+    std::vector<TensorToWrite> tensors;
+  };
+  static Contents read_all(const Checkpoint& ck) {
+    Contents c;
+    c.data.reserve(ck.tensors().size());
+    for (const auto& t : ck.tensors()) {
+      int64_t n = 1;
+      for (auto d : t.shape) n *= d;
+      c.data.emplace_back(static_cast<size_t>(n));
+      ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), c.data.back().data());
+      c.tensors.push_back({t.name, DType::BF16, t.shape, c.data.back().data()});
+    }
+    return c;
+  }
+
   TempDir dir;
 };
 
@@ -149,17 +168,8 @@ TEST_F(CheckpointFiles, RejectsHugeAndPastEndHeaderLength) {
 
 TEST_F(CheckpointFiles, RejectsWrongShapeAndMissingTensor) {
   // Rewrite the file with one tensor of the wrong shape, then with one tensor missing.
-  Checkpoint ck = Checkpoint::open(dir.path());
-  std::vector<std::vector<float>> data;
-  std::vector<TensorToWrite> tw;
-  for (const auto& t : ck.tensors()) {
-    int64_t n = 1;
-    for (auto d : t.shape) n *= d;
-    data.emplace_back(static_cast<size_t>(n));
-    ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
-  }
-  for (size_t i = 0; i < ck.tensors().size(); ++i)
-    tw.push_back({ck.tensors()[i].name, DType::BF16, ck.tensors()[i].shape, data[i].data()});
+  const Contents all = read_all(Checkpoint::open(dir.path()));
+  const std::vector<TensorToWrite>& tw = all.tensors;
   auto wrong = tw;
   for (auto& t : wrong)
     if (t.name == "model.layers.1.self_attn.k_proj.weight") t.shape = {t.shape[1], t.shape[0]};
@@ -179,17 +189,11 @@ TEST_F(CheckpointFiles, RejectsWrongShapeAndMissingTensor) {
 }
 
 TEST_F(CheckpointFiles, RejectsNonFiniteWeight) {
-  Checkpoint ck = Checkpoint::open(dir.path());
-  std::vector<std::vector<float>> data;
-  std::vector<TensorToWrite> tw;
-  for (const auto& t : ck.tensors()) {
-    int64_t n = 1;
-    for (auto d : t.shape) n *= d;
-    data.emplace_back(static_cast<size_t>(n), 0.5f);
-    if (t.name == "model.layers.0.self_attn.v_proj.weight") data.back()[5] = std::nanf("");
-    tw.push_back({t.name, DType::BF16, t.shape, data.back().data()});
-  }
-  write_safetensors(dir / "model.safetensors", tw);
+  Contents all = read_all(Checkpoint::open(dir.path()));
+  for (size_t i = 0; i < all.tensors.size(); ++i)
+    if (all.tensors[i].name == "model.layers.0.self_attn.v_proj.weight")
+      all.data[i][5] = std::nanf("");
+  write_safetensors(dir / "model.safetensors", all.tensors);
   Checkpoint bad = Checkpoint::open(dir.path());
   std::vector<float> out(static_cast<size_t>(bad.config().num_kv_heads * bad.config().head_dim *
                                              bad.config().hidden_size));
@@ -204,24 +208,13 @@ TEST_F(CheckpointFiles, RejectsNonFiniteWeight) {
 
 TEST_F(CheckpointFiles, ShardedIndex) {
   // Split the single file into two shards with an index.
-  Checkpoint ck = Checkpoint::open(dir.path());
-  std::vector<std::vector<float>> data;
+  const Contents all = read_all(Checkpoint::open(dir.path()));
   std::vector<TensorToWrite> a, b;
   std::string map;
-  size_t i = 0;
-  for (const auto& t : ck.tensors()) {
-    int64_t n = 1;
-    for (auto d : t.shape) n *= d;
-    data.emplace_back(static_cast<size_t>(n));
-  }
-  for (const auto& t : ck.tensors()) {
-    int64_t n = 1;
-    for (auto d : t.shape) n *= d;
-    ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data[i].data());
-    (i % 2 ? a : b).push_back({t.name, DType::BF16, t.shape, data[i].data()});
-    map += std::string(map.empty() ? "" : ",") + "\"" + t.name + "\":\"" +
+  for (size_t i = 0; i < all.tensors.size(); ++i) {
+    (i % 2 ? a : b).push_back(all.tensors[i]);
+    map += std::string(map.empty() ? "" : ",") + "\"" + all.tensors[i].name + "\":\"" +
            (i % 2 ? "s1.safetensors" : "s2.safetensors") + "\"";
-    ++i;
   }
   std::filesystem::remove(dir / "model.safetensors");
   write_safetensors(dir / "s1.safetensors", a);
