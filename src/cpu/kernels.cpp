@@ -89,9 +89,10 @@ void rope(float* x, int64_t rows, int64_t d, int64_t ld, int64_t pos0, const dou
   }
 }
 
-void causal_softmax(float* s, int64_t T) {
-  for (int64_t i = 0; i < T; ++i) {
-    float* row = s + i * T;
+void causal_softmax_rows(float* s, int64_t rows, int64_t ld, int64_t first) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = first + r;
+    float* row = s + r * ld;
     float m = row[0];
     for (int64_t j = 1; j <= i; ++j) m = std::max(m, row[j]);
     double sum = 0;
@@ -101,9 +102,11 @@ void causal_softmax(float* s, int64_t T) {
     }
     const float inv = static_cast<float>(1.0 / sum);
     for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-    for (int64_t j = i + 1; j < T; ++j) row[j] = 0.f;
+    for (int64_t j = i + 1; j < ld; ++j) row[j] = 0.f;
   }
 }
+
+void causal_softmax(float* s, int64_t T) { causal_softmax_rows(s, T, T, 0); }
 
 void swiglu(const float* g, const float* u, float* h, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];

@@ -25,6 +25,9 @@ void rope(float* x, int64_t rows, int64_t d, int64_t ld, int64_t pos0_stride_row
 // Causal softmax of the rows of s[T, T] in place (row i keeps j <= i), fp32 with max subtraction
 // and a double-precision sum.
 void causal_softmax(float* s, int64_t T);
+// The same for a block of `rows` query rows starting at query `first` (row r is query first + r,
+// keeps keys j <= first + r) stored with leading dimension ld.
+void causal_softmax_rows(float* s, int64_t rows, int64_t ld, int64_t first);
 
 // h[i] = silu(g[i]) * u[i]
 void swiglu(const float* g, const float* u, float* h, int64_t n);

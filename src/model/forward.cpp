@@ -207,26 +207,33 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     for (int64_t j = 0; j < qw; ++j) qbar[b * qw + j] /= static_cast<float>(T - 1);
   }
 
-  // Attention: the T x T part, parallel over (probe, head).
+  // Attention, parallel over (probe, head), in blocks of query rows: a block of queries
+  // [i0, i1) needs keys [0, i1) only, so the causal upper triangle is never computed and the
+  // score buffer is kQueryBlock x T (O(T) memory per thread, not T x T).
+  constexpr int64_t kQueryBlock = 64;
   std::vector<float> z(static_cast<size_t>(BT * qw)), a0(static_cast<size_t>(B * Hl * T)),
       a0_mean(B * Hl);
 #pragma omp parallel num_threads(opt_.threads)
   {
-    std::vector<float> s(static_cast<size_t>(T * T));
+    std::vector<float> s(static_cast<size_t>(std::min(kQueryBlock, T) * T));
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < B * Hl; ++bh) {
       const int64_t b = bh / Hl, h = bh % Hl, g = kv_of(h);
       const float* qh = q.data() + b * T * qw + h * d;
-      gemm_nt(T, T, d, qh, qw, k.data() + b * T * kw + g * d, kw, s.data(), T, scale);
-      cpu::causal_softmax(s.data(), T);
+      const float* kh = k.data() + b * T * kw + g * d;
+      const float* vh = v.data() + b * T * kw + g * d;
       double sum = 0;
-      for (int64_t i = 0; i < T; ++i) {
-        a0[bh * T + i] = s[i * T];
-        sum += s[i * T];
+      for (int64_t i0 = 0; i0 < T; i0 += kQueryBlock) {
+        const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0;
+        gemm_nt(rows, i1, d, qh + i0 * qw, qw, kh, kw, s.data(), i1, scale);
+        cpu::causal_softmax_rows(s.data(), rows, i1, i0);
+        for (int64_t r = 0; r < rows; ++r) {
+          a0[bh * T + i0 + r] = s[r * i1];
+          sum += s[r * i1];
+        }
+        gemm_nn(rows, d, i1, s.data(), i1, vh, kw, z.data() + (b * T + i0) * qw + h * d, qw);
       }
       a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
-      gemm_nn(T, d, T, s.data(), T, v.data() + b * T * kw + g * d, kw,
-              z.data() + b * T * qw + h * d, qw);
     }
   }
 

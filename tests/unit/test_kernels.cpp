@@ -70,6 +70,17 @@ TEST(Kernels, CausalSoftmaxIsStableOnLargeLogits) {
   }
 }
 
+TEST(Kernels, CausalSoftmaxBlocksMatchTheFullMatrix) {
+  const int T = 7;
+  std::vector<float> full(T * T);
+  for (int i = 0; i < T * T; ++i) full[i] = std::sin(0.7f * i) * 5.f;
+  std::vector<float> block(full.begin() + 3 * T, full.begin() + 5 * T);  // rows 3-4, ld T
+  cpu::causal_softmax(full.data(), T);
+  cpu::causal_softmax_rows(block.data(), 2, T, 3);
+  for (int r = 0; r < 2; ++r)
+    for (int j = 0; j < T; ++j) EXPECT_FLOAT_EQ(block[r * T + j], full[(3 + r) * T + j]);
+}
+
 TEST(Kernels, GemmNtMatchesLoops) {
   const int M = 3, N = 5, K = 7;
   std::vector<float> a(M * K), b(N * K), c(M * N);
