@@ -20,7 +20,10 @@ struct RankRecord {
   int64_t probes = 0;                                // probes seen by this rank's dp group
   // Heads this rank owns: sums over probes, [L, H] (zero outside owned heads).
   std::vector<double> sink_sum, head_p0_sum, head_rest_sum;
-  std::vector<double> attr_sum;     // [L, H, C]
+  // Attribution sums of the target heads this rank owns only, [L, head_count, C]: the records a
+  // large job gathers stay proportional to what each rank owns.
+  int64_t head_begin = 0, head_count = 0;
+  std::vector<double> attr_sum;
   double identity_max_rel_err = 0;  // max over targets of |k0_model - sum_c K(c[0])| / |k0_model|
   // Per-probe rows, filled by tp rank 0 of each dp group: probe ids and [L+1] values each.
   std::vector<int64_t> probe_ids;
@@ -36,7 +39,7 @@ struct RankRecord {
 
   template <class Archive>
   void serialize(Archive& ar, const unsigned int /*version*/) {
-    ar& L& H& E& T& D& C& probes& sink_sum& head_p0_sum& head_rest_sum& attr_sum;
+    ar& L& H& E& T& D& C& probes& sink_sum& head_p0_sum& head_rest_sum& head_begin& head_count& attr_sum;
     ar& identity_max_rel_err& probe_ids& norm_p0& norm_rest_median& unit_p0_sum& massive_p0&
         has_probe0;
     ar& has_rows;

@@ -11,7 +11,7 @@
 
 #include "sinkscope/error.hpp"
 
-BOOST_CLASS_VERSION(sinkscope::RankRecord, 1)
+BOOST_CLASS_VERSION(sinkscope::RankRecord, 2)
 
 namespace sinkscope {
 
@@ -50,7 +50,9 @@ Recorder::Recorder(const ModelConfig& cfg, const ShardPlan& plan, int64_t seq_le
   rec_.sink_sum.assign(L * H, 0);
   rec_.head_p0_sum.assign(L * H, 0);
   rec_.head_rest_sum.assign(L * H, 0);
-  rec_.attr_sum.assign(static_cast<size_t>(L * H * rec_.C), 0);
+  rec_.head_begin = plan.head_begin;
+  rec_.head_count = plan.local_heads();
+  rec_.attr_sum.assign(static_cast<size_t>(L * rec_.head_count * rec_.C), 0);
   rec_.unit_p0_sum.assign(static_cast<size_t>((L + 1) * cfg.hidden_size), 0);
   rec_.massive_p0.assign(L + 1, 0);
   rec_.moe_p0_sum.assign(L, 0);
@@ -102,7 +104,7 @@ void Recorder::on_attention(const AttentionTap& t) {
       rec_.sink_sum[l * H + gh] += t.a0_mean[bh];
       rec_.head_p0_sum[l * H + gh] += t.write_p0_norm[bh];
       rec_.head_rest_sum[l * H + gh] += t.write_rest_norm[bh];
-      double* dst = rec_.attr_sum.data() + (l * H + gh) * rec_.C;
+      double* dst = rec_.attr_sum.data() + (l * rec_.head_count + h) * rec_.C;
       const float* src = t.attr + bh * t.num_sources;
       for (int64_t c = 0; c < t.num_sources; ++c) dst[c] += src[c];
       if (per_query_)
@@ -166,7 +168,12 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     add(sink, r.sink_sum);
     add(hp0, r.head_p0_sum);
     add(hrest, r.head_rest_sum);
-    add(attr, r.attr_sum);
+    for (size_t l = 0; l < L; ++l)
+      for (int64_t hl = 0; hl < r.head_count; ++hl) {
+        const double* src = r.attr_sum.data() + (l * static_cast<size_t>(r.head_count) + hl) * C;
+        double* dst = attr.data() + (l * H + static_cast<size_t>(r.head_begin + hl)) * C;
+        for (size_t c = 0; c < C; ++c) dst[c] += src[c];
+      }
     add(unit, r.unit_p0_sum);
     add(mp0, r.moe_p0_sum);
     add(mrest, r.moe_rest_sum);
