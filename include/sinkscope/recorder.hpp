@@ -39,7 +39,8 @@ struct RankRecord {
 
   template <class Archive>
   void serialize(Archive& ar, const unsigned int /*version*/) {
-    ar& L& H& E& T& D& C& probes& sink_sum& head_p0_sum& head_rest_sum& head_begin& head_count& attr_sum;
+    ar& L& H& E& T& D& C& probes& sink_sum& head_p0_sum& head_rest_sum& head_begin& head_count&
+        attr_sum;
     ar& identity_max_rel_err& probe_ids& norm_p0& norm_rest_median& unit_p0_sum& massive_p0&
         has_probe0;
     ar& has_rows;
