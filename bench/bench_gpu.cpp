@@ -75,18 +75,7 @@ Timing time_mode(Backend& be, const IntArray& tokens, int64_t batch, ForwardObse
     for (size_t i = 0; i < parts.size(); ++i) {
       be.run(parts[i], static_cast<int64_t>(i) * batch, obs);
       if (keep_profile) {
-        const cuda::RunProfile p = cuda::last_run_profile(be);
-        sum.layers = p.layers;
-        sum.qkv_ms += p.qkv_ms;
-        sum.circuit_ms += p.circuit_ms;
-        sum.flash_ms += p.flash_ms;
-        sum.attn_rest_ms += p.attn_rest_ms;
-        sum.attention_tap_ms += p.attention_tap_ms;
-        sum.route_ms += p.route_ms;
-        sum.experts_ms += p.experts_ms;
-        sum.combine_ms += p.combine_ms;
-        sum.mlp_tap_ms += p.mlp_tap_ms;
-        sum.residual_tap_ms += p.residual_tap_ms;
+        sum += cuda::last_run_profile(be);
       }
     }
     return sum;
@@ -200,17 +189,12 @@ int main(int argc, char** argv) {
       std::printf(
           "\nms per layer by phase (device time between CUDA events, last timed forward):\n%-10s",
           "mode");
-      const char* names[] = {"qkv",   "circuit", "flash",   "attn_rest", "attn_tap",
-                             "route", "experts", "combine", "mlp_tap",   "res_tap"};
-      for (const char* n : names) std::printf(" %9s", n);
+      for (const auto& ph : cuda::RunProfile::phases()) std::printf(" %9s", ph.name);
       std::printf("\n");
       for (const auto& [mode, p] : profiles) {
         const double L = static_cast<double>(std::max<int64_t>(p.layers, 1));
-        const double v[] = {p.qkv_ms,           p.circuit_ms,     p.flash_ms,   p.attn_rest_ms,
-                            p.attention_tap_ms, p.route_ms,       p.experts_ms, p.combine_ms,
-                            p.mlp_tap_ms,       p.residual_tap_ms};
         std::printf("%-10s", mode.c_str());
-        for (double x : v) std::printf(" %9.3f", x / L);
+        for (const auto& ph : cuda::RunProfile::phases()) std::printf(" %9.3f", p.*ph.ms / L);
         std::printf("\n");
       }
     }

@@ -294,9 +294,19 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
                   "; forward %.3f s (%.0f tokens/s over the job), communication %.3f s (%.1f%%)",
                   forward_seconds, static_cast<double>(N * T) / std::max(forward_seconds, 1e-9),
                   comm, 100.0 * comm / std::max(forward_seconds, 1e-9));
+    std::string device_memory;
+#if SINKSCOPE_HAVE_CUDA
+    if (opt.device == "cuda") {
+      const cuda::MemoryReport m = cuda::memory_report(*backend);
+      device_memory = "; GPU memory: weights " + std::to_string(m.weight_bytes >> 20) +
+                      " MiB, weights + scratch " + std::to_string(m.held_bytes >> 20) +
+                      " MiB, device in use " + std::to_string(m.device_used >> 20) + " of " +
+                      std::to_string(m.device_total >> 20) + " MiB";
+    }
+#endif
     const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() +
                              "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) +
-                             " MiB" + timing;
+                             " MiB" + timing + device_memory;
     for (const auto& l : world.gather_bytes(line, 0)) std::cerr << "sinkscope: " << l << "\n";
   }
 

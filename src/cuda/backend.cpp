@@ -8,9 +8,10 @@
 //   - the recording (head write norms via Gram matrices, position-0 deltas of every component,
 //     attributions, k_0 checks, residual and MoE summaries) runs on the device; only the tap
 //     arrays cross to the host, into pinned buffers, right before each observer call;
-//   - routing bookkeeping (sorting the (token, expert) pairs by expert) runs on the device with one
-//     expert-parallel rank, on the host with several (which build per-destination lists anyway).
-// Communication goes through DeviceCollectives (host-staged today, NCCL later).
+//   - routing bookkeeping (sorting the (token, expert) pairs by expert) runs on the device; with
+//     several expert-parallel ranks the routed rows go device to device to their experts' owners
+//     and the answers come back the same way (only the per-expert counts touch the host).
+// Communication goes through DeviceCollectives (NCCL, or host staging with SINKSCOPE_NCCL=0).
 #include "cuda/backend.hpp"
 #include "model/median.hpp"
 
@@ -20,6 +21,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <optional>
 
 #include "cuda/check.hpp"
@@ -82,10 +85,13 @@ enum Mark : int {
   kQkvDone,
   kCircuitDone,
   kFlashDone,
+  kHeadRecDone,
   kAttnDone,
   kAttnTapDone,
   kRouted,
   kExpertsDone,
+  kCombineDone,
+  kMoeRecDone,
   kMoeDone,
   kMlpTapDone,
   kResTapDone,
@@ -151,6 +157,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    for (cudaEvent_t e : tap_events_) cudaEventDestroy(e);
   }
 
   std::string name() const override { return "cuda"; }
@@ -192,14 +199,22 @@ class CudaBackend final : public Backend {
   // Runs the experts on the slice's n * k (token, expert) pairs and returns their outputs (not yet
   // weighted) on the device, in source order: pairs sorted by expert, then by pair index.
   const float* moe_experts(const DeviceLayer& Lw, int64_t n);
-  void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& counts,
-                  const std::vector<int64_t>& offsets, int64_t rows, float* out);
-  double abs_median_probe0();
+  // The expert FFN on `total` bf16 rows of X in groups: group g is rows[g] rows from offsets[g],
+  // all routed to local expert expert[g]; fp32 outputs at the same rows of out.
+  void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& rows,
+                  const std::vector<int64_t>& offsets, const std::vector<int64_t>& expert,
+                  int64_t total, float* out);
   void upload_ablations();
   void ensure_rope(int64_t T);
   void mark(int64_t l, int which);
   void collect_profile();
   void sync() { CUDA_CHECK(cudaStreamSynchronize(s())); }
+  // The host side of a tap (reading its pinned copies, checks, the observer call) runs once the
+  // device has reached this point of the stream, but only when flush_deferred() is called, so the
+  // host does it while the device computes what was enqueued since.
+  void defer(std::function<void()> work);
+  // Runs deferred work, oldest first, until at most `keep` items are left.
+  void flush_deferred(size_t keep);
   template <typename T>
   void to_host(T* dst, const T* src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s()));
@@ -242,6 +257,13 @@ class CudaBackend final : public Backend {
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1, fault_layer_ = -1;
   RunProfile profile_;
   std::vector<cudaEvent_t> events_;
+  struct Deferred {
+    cudaEvent_t ready;
+    std::function<void()> work;
+  };
+  std::deque<Deferred> deferred_;
+  std::vector<cudaEvent_t> tap_events_;  // a ring; at most 3 taps are pending at once
+  size_t next_tap_event_ = 0;
   std::vector<int64_t> near_ties_;
   int64_t routed_ = 0;
 
@@ -256,14 +278,13 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
   DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_;
-  DeviceBuffer<unsigned> hist_;
-  // Pinned host copies of the taps.
-  PinnedBuffer<float> hx_, h_out2_, h_a0_, h_small_, h_attr_, h_norms_, h_x0_, h_mlp_, h_gap_;
-  PinnedBuffer<int32_t> h_ids_, h_cnt_;
-  PinnedBuffer<unsigned> h_hist_;
-  PinnedBuffer<bf16_bits> h_bf_;
-  // Host routing bookkeeping of the current layer.
-  std::vector<int32_t> src_pair_, pos_of_pair_;
+  DeviceBuffer<float> a0_mean_, median_;
+  DeviceBuffer<uint8_t> median_scratch_;
+  // Pinned host copies of the taps; each tap kind has its own, since up to three taps (MoE tap of
+  // layer l, residual tap l + 1, attention tap l + 1) wait for their host side at once.
+  PinnedBuffer<float> hx_, h_a0_, h_small_, h_attr_, h_mnorms_, h_rnorms_, h_x0_, h_mlp_;
+  PinnedBuffer<int32_t> h_cnt_;
+  // Routing of the current layer: pairs per expert and their offsets in source order.
   std::vector<int> counts_;
   std::vector<int64_t> offsets_;
 };
@@ -274,21 +295,40 @@ void CudaBackend::mark(int64_t l, int which) {
   CUDA_CHECK(cudaEventRecord(events_[i], s()));
 }
 
+void CudaBackend::defer(std::function<void()> work) {
+  constexpr size_t kRing = 8;
+  if (deferred_.size() >= kRing) flush_deferred(kRing - 1);  // never with the flush points below
+  while (tap_events_.size() < kRing) {
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    tap_events_.push_back(e);
+  }
+  cudaEvent_t e = tap_events_[next_tap_event_++ % kRing];
+  CUDA_CHECK(cudaEventRecord(e, s()));
+  deferred_.push_back(Deferred{e, std::move(work)});
+}
+
+void CudaBackend::flush_deferred(size_t keep) {
+  while (deferred_.size() > keep) {
+    Deferred d = std::move(deferred_.front());
+    deferred_.pop_front();
+    CUDA_CHECK(cudaEventSynchronize(d.ready));
+    d.work();
+  }
+}
+
 void CudaBackend::collect_profile() {
   profile_ = RunProfile{};
   profile_.layers = L_;
   if (!timing_) return;
-  double* slot[kMarks - 1] = {&profile_.qkv_ms,           &profile_.circuit_ms,
-                              &profile_.flash_ms,         &profile_.attn_rest_ms,
-                              &profile_.attention_tap_ms, &profile_.route_ms,
-                              &profile_.experts_ms,       &profile_.combine_ms,
-                              &profile_.mlp_tap_ms,       &profile_.residual_tap_ms};
+  constexpr auto phases = RunProfile::phases();
+  static_assert(phases.size() == kMarks - 1, "one phase between each two marks");
   for (int64_t l = 0; l < L_; ++l)
     for (int w = 0; w + 1 < kMarks; ++w) {
       float ms = 0;
       CUDA_CHECK(cudaEventElapsedTime(&ms, events_[static_cast<size_t>(l * kMarks + w)],
                                       events_[static_cast<size_t>(l * kMarks + w + 1)]));
-      *slot[w] += ms;
+      profile_.*phases[static_cast<size_t>(w)].ms += ms;
     }
 }
 
@@ -354,6 +394,7 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
     }
   }
 
+  deferred_.clear();  // left over only when an earlier run threw
   embed(tokens);
   residual_tap(0, obs);
   for (int64_t l = 0; l < L_; ++l) {
@@ -367,6 +408,7 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
     residual_tap(l + 1, obs);
     mark(l, kResTapDone);
   }
+  flush_deferred(0);
   FloatArray logits;
   if (opt_.want_logits) {
     const int64_t V = c_.vocab_size;
@@ -414,72 +456,43 @@ void CudaBackend::embed(const IntArray& tokens) {
               p0_sum_.get(), s());
 }
 
-double CudaBackend::abs_median_probe0() {
-  // Exact k-th smallest |x| over probe 0's T x D values by a three-pass radix select on the fp32
-  // bit patterns (11 + 11 + 10 bits); the median as forward.cpp's median_of.
-  const int64_t n = T_ * D_;
-  hist_.reserve(2048);
-  h_hist_.reserve(2048);
-  auto kth = [&](int64_t k) {
-    uint32_t prefix = 0, hi_mask = 0;
-    const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
-    for (int pass = 0; pass < 3; ++pass) {
-      const int nb = 1 << bits[pass];
-      CUDA_CHECK(cudaMemsetAsync(hist_.get(), 0, static_cast<size_t>(nb) * sizeof(unsigned), s()));
-      k::abs_radix_hist(x_.get(), n, prefix, hi_mask, shifts[pass], bits[pass], hist_.get(), s());
-      to_host(h_hist_.get(), hist_.get(), static_cast<size_t>(nb));
-      sync();
-      int64_t cum = 0;
-      int bin = 0;
-      for (; bin < nb; ++bin) {
-        if (cum + h_hist_[static_cast<size_t>(bin)] > k) break;
-        cum += h_hist_[static_cast<size_t>(bin)];
-      }
-      if (bin == nb) bin = nb - 1;  // unreachable for k < n
-      k -= cum;
-      prefix |= static_cast<uint32_t>(bin) << shifts[pass];
-      hi_mask |= static_cast<uint32_t>(nb - 1) << shifts[pass];
-    }
-    float v;
-    std::memcpy(&v, &prefix, sizeof(v));
-    return static_cast<double>(v);
-  };
-  const int64_t mid = n / 2;
-  const double hi = kth(mid);
-  if (n % 2 == 1) return hi;
-  return 0.5 * (kth(mid - 1) + hi);
-}
-
 void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
   if (!record_) return;
-  const int64_t B = B_, T = T_, BT = BT_, D = D_;
+  const int64_t B = B_, T = T_, BT = BT_, D = D_, probe0 = probe0_;
   norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-  h_norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-  h_x0_.reserve(static_cast<size_t>(std::max<int64_t>(B * D, 1)));
+  h_rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  h_x0_.reserve(static_cast<size_t>(B * D + 1));
   k::row_norms(x_.get(), BT, static_cast<int>(D), D, norms_.get(), s());
-  to_host(h_norms_.get(), norms_.get(), static_cast<size_t>(BT));
+  to_host(h_rnorms_.get(), norms_.get(), static_cast<size_t>(BT));
   if (B > 0)
     CUDA_CHECK(cudaMemcpy2DAsync(h_x0_.get(), static_cast<size_t>(D) * sizeof(float), x_.get(),
                                  static_cast<size_t>(T * D) * sizeof(float),
                                  static_cast<size_t>(D) * sizeof(float), static_cast<size_t>(B),
                                  cudaMemcpyDeviceToHost, s()));
-  std::vector<float> abs_median(static_cast<size_t>(B), std::nanf(""));
-  if (probe0_ == 0 && B > 0)
-    abs_median[0] = static_cast<float>(abs_median_probe0());  // Sun et al.: probe 0 only
-  sync();
-  std::vector<float> norm_p0(static_cast<size_t>(B)), rest_median(static_cast<size_t>(B)), rest;
-  for (int64_t b = 0; b < B; ++b) {
-    norm_p0[static_cast<size_t>(b)] = h_norms_[static_cast<size_t>(b * T)];
-    rest.assign(h_norms_.get() + b * T + 1, h_norms_.get() + (b + 1) * T);
-    double sum = 0;
-    for (float v : rest) sum += v;
-    if (!std::isfinite(sum) || !std::isfinite(norm_p0[static_cast<size_t>(b)]))
-      non_finite(index - 1, index == 0 ? "embedding" : "residual", probe0_ + b);
-    rest_median[static_cast<size_t>(b)] = static_cast<float>(median_of(rest));
+  const bool median = probe0 == 0 && B > 0;  // Sun et al.'s |x| median: probe 0 only
+  if (median) {
+    median_scratch_.reserve(k::abs_median_scratch_bytes());
+    median_.reserve(1);
+    k::abs_median(x_.get(), T * D, median_scratch_.get(), median_.get(), s());
+    to_host(h_x0_.get() + B * D, median_.get(), 1);
   }
-  ResidualTap tap{
-      index, B, T, D, probe0_, h_x0_.get(), norm_p0.data(), rest_median.data(), abs_median.data()};
-  obs.on_residual(tap);
+  defer([this, &obs, index, B, T, D, probe0, median] {
+    std::vector<float> abs_median(static_cast<size_t>(B), std::nanf(""));
+    if (median) abs_median[0] = h_x0_[static_cast<size_t>(B * D)];
+    std::vector<float> norm_p0(static_cast<size_t>(B)), rest_median(static_cast<size_t>(B)), rest;
+    for (int64_t b = 0; b < B; ++b) {
+      norm_p0[static_cast<size_t>(b)] = h_rnorms_[static_cast<size_t>(b * T)];
+      rest.assign(h_rnorms_.get() + b * T + 1, h_rnorms_.get() + (b + 1) * T);
+      double sum = 0;
+      for (float v : rest) sum += v;
+      if (!std::isfinite(sum) || !std::isfinite(norm_p0[static_cast<size_t>(b)]))
+        non_finite(index - 1, index == 0 ? "embedding" : "residual", probe0 + b);
+      rest_median[static_cast<size_t>(b)] = static_cast<float>(median_of(rest));
+    }
+    ResidualTap tap{
+        index, B, T, D, probe0, h_x0_.get(), norm_p0.data(), rest_median.data(), abs_median.data()};
+    obs.on_residual(tap);
+  });
 }
 
 void CudaBackend::circuit(int64_t l, int64_t C) {
@@ -582,6 +595,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
     k::head_pack(zr_.get(), Lw.wo.get(), Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
                  static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
+  mark(l, kHeadRecDone);
   // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
   if (coll_.tp_size() == 1) {
     blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
@@ -606,66 +620,63 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
                n_attr = static_cast<size_t>(B * Hl * C), n_k = static_cast<size_t>(B * kw_);
   h_a0_.reserve(std::max<size_t>(n_a0, 1));
-  h_small_.reserve(std::max<size_t>(2 * n_bh + 2 * n_k, 1));
+  h_small_.reserve(std::max<size_t>(3 * n_bh + 2 * n_k, 1));
   h_attr_.reserve(std::max<size_t>(n_attr, 1));
+  a0_mean_.reserve(std::max<size_t>(n_bh, 1));
   float* h_wp0 = h_small_.get();
   float* h_wrest = h_wp0 + n_bh;
-  float* h_k0m = h_wrest + n_bh;
+  float* h_a0m = h_wrest + n_bh;
+  float* h_k0m = h_a0m + n_bh;
   float* h_k0s = h_k0m + n_k;
   if (B > 0) {
+    k::row_means(a0_.get(), B * Hl, static_cast<int>(T), a0_mean_.get(), s());
     to_host(h_a0_.get(), a0_.get(), n_a0);
     to_host(h_wp0, wp0_.get(), n_bh);
     to_host(h_wrest, wrest_.get(), n_bh);
+    to_host(h_a0m, a0_mean_.get(), n_bh);
     to_host(h_attr_.get(), attr_.get(), n_attr);
     to_host(h_k0m, k0m_.get(), n_k);
     to_host(h_k0s, k0s_.get(), n_k);
   }
-  sync();
-  std::vector<float> a0_mean(n_bh);
-  for (size_t bh = 0; bh < n_bh; ++bh) {
-    double sum = 0;
-    for (int64_t i = 0; i < T; ++i)
-      sum += h_a0_[bh * static_cast<size_t>(T) + static_cast<size_t>(i)];
-    a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    double sum = 0;
-    for (int64_t h = 0; h < Hl; ++h) sum += h_wp0[b * Hl + h] + h_wrest[b * Hl + h];
-    if (!std::isfinite(sum)) non_finite(l, "attention", probe0_ + b);
-  }
-  AttentionTap tap{l,
-                   B,
-                   T,
-                   D,
-                   d,
-                   probe0_,
-                   plan_.head_begin,
-                   Hl,
-                   a0_mean.data(),
-                   h_a0_.get(),
-                   h_wp0,
-                   h_wrest,
-                   h_attr_.get(),
-                   C,
-                   h_k0m,
-                   h_k0s,
-                   plan_.kv_begin,
-                   KVl_};
-  obs.on_attention(tap);
+  const int64_t probe0 = probe0_;
+  defer([this, &obs, l, B, T, D, d, Hl, C, probe0, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s] {
+    for (int64_t b = 0; b < B; ++b) {
+      double sum = 0;
+      for (int64_t h = 0; h < Hl; ++h) sum += h_wp0[b * Hl + h] + h_wrest[b * Hl + h];
+      if (!std::isfinite(sum)) non_finite(l, "attention", probe0 + b);
+    }
+    AttentionTap tap{l,
+                     B,
+                     T,
+                     D,
+                     d,
+                     probe0,
+                     plan_.head_begin,
+                     Hl,
+                     h_a0m,
+                     h_a0_.get(),
+                     h_wp0,
+                     h_wrest,
+                     h_attr_.get(),
+                     C,
+                     h_k0m,
+                     h_k0s,
+                     plan_.kv_begin,
+                     KVl_};
+    obs.on_attention(tap);
+  });
 }
 
 void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X,
-                             const std::vector<int>& counts, const std::vector<int64_t>& offsets,
-                             int64_t rows, float* out) {
-  if (rows == 0) return;
+                             const std::vector<int>& rows, const std::vector<int64_t>& offsets,
+                             const std::vector<int64_t>& expert, int64_t total, float* out) {
+  if (total == 0) return;
   const int64_t I = Lw.inter, D = D_;
-  h_.reserve(static_cast<size_t>(rows * 2 * I));
-  act_.reserve(static_cast<size_t>(rows * I));
-  std::vector<int64_t> widx(counts.size());
-  for (size_t e = 0; e < widx.size(); ++e) widx[e] = static_cast<int64_t>(e);
-  blas_.grouped_nt(counts, offsets, widx, 2 * I, D, X, Lw.w_gate_up.get(), h_.get(), Dt::kBF16);
-  k::swiglu(h_.get(), rows, static_cast<int>(I), act_.get(), s());
-  blas_.grouped_nt(counts, offsets, widx, D, I, act_.get(), Lw.w_down.get(), out, Dt::kF32);
+  h_.reserve(static_cast<size_t>(total * 2 * I));
+  act_.reserve(static_cast<size_t>(total * I));
+  blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), h_.get(), Dt::kBF16);
+  k::swiglu(h_.get(), total, static_cast<int>(I), act_.get(), s());
+  blas_.grouped_nt(rows, offsets, expert, D, I, act_.get(), Lw.w_down.get(), out, Dt::kF32);
 }
 
 const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
@@ -676,74 +687,50 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   k::gather_rows(u_.get(), ipack_.get(), static_cast<int>(K), npairs, static_cast<int>(D),
                  xg_.get(), s());
   if (P == 1) {  // every expert is here: run them on the gathered rows directly
-    expert_ffn(Lw, xg_.get(), counts_, offsets_, npairs, out_.get());
+    std::vector<int64_t> widx(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) widx[static_cast<size_t>(e)] = e;
+    expert_ffn(Lw, xg_.get(), counts_, offsets_, widx, npairs, out_.get());
     return out_.get();
   }
-  // Expert parallel: source order is expert-major, so each owner's pairs are one contiguous block.
-  // Sent per pair: [expert id, u row] (as forward.cpp); answered per pair in arrival order.
-  const int64_t per_rank = E / P;
-  std::vector<size_t> send_counts(static_cast<size_t>(P));
-  for (int r = 0; r < P; ++r)
-    send_counts[static_cast<size_t>(r)] =
-        static_cast<size_t>(offsets_[static_cast<size_t>((r + 1) * per_rank - 1)] +
-                            counts_[static_cast<size_t>((r + 1) * per_rank - 1)] -
-                            offsets_[static_cast<size_t>(r * per_rank)]) *
-        static_cast<size_t>(D + 1);
-  h_bf_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
-  to_host(h_bf_.get(), xg_.get(), static_cast<size_t>(npairs * D));
-  sync();
-  std::vector<float> send(static_cast<size_t>(npairs * (D + 1)));
-  for (int64_t p = 0; p < npairs; ++p) {
-    float* row = send.data() + p * (D + 1);
-    row[0] = static_cast<float>(h_ids_[static_cast<size_t>(src_pair_[static_cast<size_t>(p)])]);
-    for (int64_t j = 0; j < D; ++j) row[1 + j] = bf16_to_f32(h_bf_[static_cast<size_t>(p * D + j)]);
+  // Expert parallel, device to device. The gathered rows are expert-major and every ep rank owns a
+  // contiguous range of experts, so each owner's rows are one contiguous block. The per-expert
+  // counts of every source travel first (MPI, E ints per rank), so both sides know every size; the
+  // rows go as bf16, the answers come back as fp32 rows in the order they were sent, i.e. straight
+  // into the source order the combine and the recording read.
+  const int64_t El = plan_.local_experts(), eb = plan_.expert_begin;
+  std::string mine(reinterpret_cast<const char*>(counts_.data()), counts_.size() * sizeof(int));
+  const std::vector<std::string> all = comms_.ep_group->allgather_bytes(mine);
+  std::vector<size_t> send_rows(static_cast<size_t>(P), 0), recv_rows(static_cast<size_t>(P), 0);
+  std::vector<int> grows;  // groups (source, local expert), source-major, as the rows arrive
+  std::vector<int64_t> goff, gexp;
+  int64_t npr = 0;
+  for (int r = 0; r < P; ++r) {
+    for (int64_t e = r * El; e < (r + 1) * El; ++e)
+      send_rows[static_cast<size_t>(r)] += static_cast<size_t>(counts_[static_cast<size_t>(e)]);
+    if (all[static_cast<size_t>(r)].size() != static_cast<size_t>(E) * sizeof(int))
+      throw RuntimeFailure("expert counts of ep rank " + std::to_string(r) + " are malformed");
+    for (int64_t j = 0; j < El; ++j) {
+      int c = 0;
+      std::memcpy(&c, all[static_cast<size_t>(r)].data() + (eb + j) * sizeof(int), sizeof(int));
+      grows.push_back(c);
+      goff.push_back(npr);
+      gexp.push_back(j);
+      npr += c;
+      recv_rows[static_cast<size_t>(r)] += static_cast<size_t>(c);
+    }
   }
-  std::vector<float> recv;
-  std::vector<size_t> recv_counts;
-  coll_.ep_alltoallv(send, send_counts, &recv, &recv_counts);
-
-  const int64_t npr = static_cast<int64_t>(recv.size()) / (D + 1), El = plan_.local_experts();
-  std::vector<int> cnt(static_cast<size_t>(El), 0);
-  std::vector<int64_t> local(static_cast<size_t>(npr));
-  for (int64_t i = 0; i < npr; ++i) {
-    const int64_t e =
-        static_cast<int64_t>(recv[static_cast<size_t>(i * (D + 1))]) - plan_.expert_begin;
-    if (e < 0 || e >= El) throw RuntimeFailure("expert dispatch reached the wrong rank");
-    local[static_cast<size_t>(i)] = e;
-    ++cnt[static_cast<size_t>(e)];
-  }
-  std::vector<int64_t> off(static_cast<size_t>(El), 0), fill(static_cast<size_t>(El), 0),
-      slot(static_cast<size_t>(npr));
-  for (int64_t e = 1; e < El; ++e)
-    off[static_cast<size_t>(e)] = off[static_cast<size_t>(e - 1)] + cnt[static_cast<size_t>(e - 1)];
-  std::vector<bf16_bits> xin(static_cast<size_t>(npr * D));
-  for (int64_t i = 0; i < npr; ++i) {
-    const size_t e = static_cast<size_t>(local[static_cast<size_t>(i)]);
-    const int64_t pos = off[e] + fill[e]++;
-    slot[static_cast<size_t>(i)] = pos;
-    const float* src = recv.data() + i * (D + 1) + 1;
-    for (int64_t j = 0; j < D; ++j) xin[static_cast<size_t>(pos * D + j)] = f32_to_bf16(src[j]);
-  }
+  auto bytes = [&](const std::vector<size_t>& rows, size_t elem) {
+    std::vector<size_t> b(rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) b[r] = rows[r] * static_cast<size_t>(D) * elem;
+    return b;
+  };
   xr_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
   out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
-  to_device(xr_.get(), xin.data(), xin.size());
-  expert_ffn(Lw, xr_.get(), cnt, off, npr, out2_.get());
-  h_out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
-  to_host(h_out2_.get(), out2_.get(), static_cast<size_t>(npr * D));
-  sync();
-  std::vector<float> answer(static_cast<size_t>(npr * D));
-  for (int64_t i = 0; i < npr; ++i)
-    std::memcpy(answer.data() + i * D, h_out2_.get() + slot[static_cast<size_t>(i)] * D,
-                static_cast<size_t>(D) * sizeof(float));
-  std::vector<size_t> back_counts(recv_counts.size());
-  for (size_t r = 0; r < recv_counts.size(); ++r)
-    back_counts[r] = recv_counts[r] / static_cast<size_t>(D + 1) * D;
-  std::vector<float> back;
-  std::vector<size_t> back_recv_counts;
-  coll_.ep_alltoallv(answer, back_counts, &back, &back_recv_counts);
-  if (static_cast<int64_t>(back.size()) != npairs * D)
-    throw RuntimeFailure("expert answers do not match the pairs sent");
-  to_device(out_.get(), back.data(), back.size());
+  coll_.ep_alltoallv(xg_.get(), bytes(send_rows, sizeof(bf16_bits)), xr_.get(),
+                     bytes(recv_rows, sizeof(bf16_bits)));
+  expert_ffn(Lw, xr_.get(), grows, goff, gexp, npr, out2_.get());
+  coll_.ep_alltoallv(out2_.get(), bytes(recv_rows, sizeof(float)), out_.get(),
+                     bytes(send_rows, sizeof(float)));
   return out_.get();
 }
 
@@ -772,110 +759,47 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
   k::rms_norm(x_.get() + s0 * D, n, Di, Lw.post_norm.get(), eps_, u_.get(),
               moe ? u32_.get() : nullptr, nullptr, s());
 
-  std::vector<int32_t> segs, items;  // (begin, end, out) and (row, out), rows in this block's order
-  std::vector<float> r0h(static_cast<size_t>(B * E1), 0.f), rch(static_cast<size_t>(E1), 0.f);
   if (moe) {
     const int64_t npairs = n * K;
     router_logits_.reserve(static_cast<size_t>(std::max<int64_t>(n * E, 1)));
     ids_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     tw_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
-    h_ids_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
-    h_gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
     blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
              {router_logits_.get(), Dt::kF32, E});
     k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K),
                    c_.norm_topk_prob, ids_.get(), tw_.get(), gap_.get(), s());
-    // The routing bookkeeping. One expert-parallel rank: on the device (a histogram, its E counts
-    // to the host for the grouped product's sizes, a stable counting sort). Several: on the host,
-    // which must build the per-destination send lists anyway.
-    const bool device_routing = coll_.ep_size() == 1;
-    if (device_routing) {
-      cnt_dev_.reserve(static_cast<size_t>(E + 1));
-      off_dev_.reserve(static_cast<size_t>(E));
-      h_cnt_.reserve(static_cast<size_t>(E + 1));
-      k::expert_histogram(ids_.get(), npairs, static_cast<int>(E), gap_.get(), n, cnt_dev_.get(),
-                          s());
-      to_host(h_cnt_.get(), cnt_dev_.get(), static_cast<size_t>(E + 1));
-      sync();
-      int64_t total = 0;
-      counts_.assign(static_cast<size_t>(E), 0);
-      offsets_.assign(static_cast<size_t>(E), 0);
-      std::vector<int32_t> off32(static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) {
-        counts_[static_cast<size_t>(e)] = h_cnt_[static_cast<size_t>(e)];
-        offsets_[static_cast<size_t>(e)] = total;
-        off32[static_cast<size_t>(e)] = static_cast<int32_t>(total);
-        total += h_cnt_[static_cast<size_t>(e)];
-      }
-      if (total != npairs) non_finite(l, "router", probe0_);  // NaN logits pick no expert
-      near_ties_[static_cast<size_t>(l)] += h_cnt_[static_cast<size_t>(E)];
-      routed_ += n;
-      to_device(off_dev_.get(), off32.data(), off32.size());
-      ipack_.reserve(static_cast<size_t>(std::max<int64_t>(2 * npairs, 1)));
-      k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), ipack_.get(),
-                     ipack_.get() + npairs, s());
-    } else {
-      to_host(h_ids_.get(), ids_.get(), static_cast<size_t>(npairs));
-      to_host(h_gap_.get(), gap_.get(), static_cast<size_t>(n));
-      sync();
-      for (int64_t r = 0; r < n; ++r)
-        if (h_gap_[static_cast<size_t>(r)] < 1e-3f) ++near_ties_[static_cast<size_t>(l)];
-      routed_ += n;
-      // Source order: pairs sorted by expert, then by pair index (so by token inside an expert).
-      counts_.assign(static_cast<size_t>(E), 0);
-      for (int64_t p = 0; p < npairs; ++p) {
-        const int32_t e = h_ids_[static_cast<size_t>(p)];
-        if (e < 0 || e >= E)
-          non_finite(l, "router", probe0_ + (s0 + p / K) / T);  // NaN logits pick no expert
-        ++counts_[static_cast<size_t>(e)];
-      }
-      offsets_.assign(static_cast<size_t>(E), 0);
-      for (int64_t e = 1; e < E; ++e)
-        offsets_[static_cast<size_t>(e)] =
-            offsets_[static_cast<size_t>(e - 1)] + counts_[static_cast<size_t>(e - 1)];
-      std::vector<int64_t> fill(offsets_);
-      src_pair_.assign(static_cast<size_t>(npairs), 0);
-      pos_of_pair_.assign(static_cast<size_t>(npairs), 0);
-      for (int64_t p = 0; p < npairs; ++p) {
-        const int64_t pos = fill[static_cast<size_t>(h_ids_[static_cast<size_t>(p)])]++;
-        src_pair_[static_cast<size_t>(pos)] = static_cast<int32_t>(p);
-        pos_of_pair_[static_cast<size_t>(p)] = static_cast<int32_t>(pos);
-      }
-      // Segments of one (expert, probe) each; position-0 pairs; routing counts.
-      for (int64_t e = 0; e < E; ++e) {
-        int64_t seg_b = -1, seg_begin = 0;
-        const int64_t pe0 = offsets_[static_cast<size_t>(e)],
-                      pe1 = pe0 + counts_[static_cast<size_t>(e)];
-        for (int64_t pos = pe0; pos <= pe1; ++pos) {
-          const int64_t token = pos < pe1 ? s0 + src_pair_[static_cast<size_t>(pos)] / K : -1;
-          const int64_t b = pos < pe1 ? token / T : -2;
-          if (b != seg_b) {
-            if (seg_b >= 0)
-              segs.insert(segs.end(), {static_cast<int32_t>(seg_begin), static_cast<int32_t>(pos),
-                                       static_cast<int32_t>(seg_b * S + e)});
-            seg_b = b;
-            seg_begin = pos;
-          }
-          if (pos == pe1) break;
-          if (token % T == 0) {
-            items.insert(items.end(), {static_cast<int32_t>(pos), static_cast<int32_t>(b * S + e)});
-            r0h[static_cast<size_t>(b * E1 + e)] = 1.f;
-          } else {
-            rch[static_cast<size_t>(e)] += 1.f;
-          }
-        }
-      }
-      // Device copies: [src_pair | pos_of_pair | segs | items].
-      std::vector<int32_t> pack(static_cast<size_t>(2 * npairs) + segs.size() + items.size());
-      std::copy(src_pair_.begin(), src_pair_.end(), pack.begin());
-      std::copy(pos_of_pair_.begin(), pos_of_pair_.end(), pack.begin() + npairs);
-      std::copy(segs.begin(), segs.end(), pack.begin() + 2 * npairs);
-      std::copy(items.begin(), items.end(),
-                pack.begin() + 2 * npairs + static_cast<long>(segs.size()));
-      ipack_.reserve(std::max<size_t>(pack.size(), 1));
-      to_device(ipack_.get(), pack.data(), pack.size());
+    // The routing bookkeeping on the device: a histogram, its E counts to the host (the grouped
+    // product takes host sizes, and the ep exchange its block sizes), a stable counting sort that
+    // puts the pairs in source order: by expert, then by token.
+    cnt_dev_.reserve(static_cast<size_t>(E + 1));
+    off_dev_.reserve(static_cast<size_t>(E));
+    h_cnt_.reserve(static_cast<size_t>(E + 1));
+    k::expert_histogram(ids_.get(), npairs, static_cast<int>(E), gap_.get(), n, cnt_dev_.get(),
+                        s());
+    to_host(h_cnt_.get(), cnt_dev_.get(), static_cast<size_t>(E + 1));
+    flush_deferred(1);  // the taps before this layer's attention, while the device routes
+    sync();
+    int64_t assigned = 0;
+    counts_.assign(static_cast<size_t>(E), 0);
+    offsets_.assign(static_cast<size_t>(E), 0);
+    std::vector<int32_t> off32(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      counts_[static_cast<size_t>(e)] = h_cnt_[static_cast<size_t>(e)];
+      offsets_[static_cast<size_t>(e)] = assigned;
+      off32[static_cast<size_t>(e)] = static_cast<int32_t>(assigned);
+      assigned += h_cnt_[static_cast<size_t>(e)];
     }
+    if (assigned != npairs) {  // NaN logits pick no expert
+      flush_deferred(0);       // an earlier tap may name the first non-finite component
+      non_finite(l, "router", probe0_);
+    }
+    near_ties_[static_cast<size_t>(l)] += h_cnt_[static_cast<size_t>(E)];
+    routed_ += n;
+    to_device(off_dev_.get(), off32.data(), off32.size());
+    ipack_.reserve(static_cast<size_t>(std::max<int64_t>(2 * npairs, 1)));
+    k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), ipack_.get(),
+                   ipack_.get() + npairs, s());
     pos_w_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     pos_tok_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(),
@@ -885,24 +809,18 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     const float* back = moe_experts(Lw, n);
     mark(l, kExpertsDone);
     k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
-    if (record_ && device_routing) {
+    mark(l, kCombineDone);
+    if (record_) {
       k::expert_rest_sums(back, pos_w_.get(), pos_tok_.get(), off_dev_.get(), cnt_dev_.get(),
                           static_cast<int>(E), static_cast<int>(B), Ti, static_cast<int>(S), Di,
                           rest, s());
       k::expert_p0_and_counts(back, pos_w_.get(), ids_.get(), ipack_.get() + npairs, cnt_dev_.get(),
                               static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0,
                               s1, static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());
-    } else if (record_) {
-      const int32_t* d_segs = ipack_.get() + 2 * npairs;
-      const int32_t* d_items = d_segs + segs.size();
-      k::segment_sums(back, pos_w_.get(), pos_tok_.get(), 0, d_segs,
-                      static_cast<int>(segs.size() / 3), Di, Ti, rest, s());
-      k::p0_rows(back, pos_w_.get(), d_items, static_cast<int>(items.size() / 2), Di, p0, n0, s());
-      to_device(m + off_r0, r0h.data(), r0h.size());
-      to_device(m + off_rc, rch.data(), rch.size());
     }
   } else {
     const int64_t I = Lw.inter;
+    flush_deferred(1);
     mark(l, kRouted);
     if (n > 0) {
       h_.reserve(static_cast<size_t>(n * 2 * I));
@@ -914,7 +832,9 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
                {m + s0 * D, Dt::kF32, D});
     }
     mark(l, kExpertsDone);
+    mark(l, kCombineDone);
     if (record_) {
+      std::vector<int32_t> segs, items;  // (begin, end, out) and (row, out) of this block's rows
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r0 = std::max(s0, b * T + 1), r1 = std::min(s1, (b + 1) * T);
         if (r0 < r1)
@@ -934,6 +854,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
                  static_cast<int>(items.size() / 2), Di, p0, n0, s());
     }
   }
+  mark(l, kMoeRecDone);
+  flush_deferred(0);  // this layer's attention tap, while the device runs the experts
   coll_.tp_allreduce_sum(mbuf_.get(), static_cast<size_t>(record_ ? total : BT * D));
 
   if (record_) {
@@ -948,29 +870,31 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
   mark(l, kMoeDone);
   if (!record_) return;
 
-  h_norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  h_mnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
   h_mlp_.reserve(static_cast<size_t>(B * S + B * E1 + E1));
   float* h_n0 = h_mlp_.get();
   float* h_r0 = h_n0 + B * S;
   float* h_rc = h_r0 + B * E1;
-  to_host(h_norms_.get(), norms_.get(), static_cast<size_t>(BT));
+  to_host(h_mnorms_.get(), norms_.get(), static_cast<size_t>(BT));
   to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
-  sync();
-  std::vector<float> out_p0(static_cast<size_t>(B)), out_rest(static_cast<size_t>(B)),
-      expert_p0(static_cast<size_t>(B * E1), 0.f);
-  for (int64_t b = 0; b < B; ++b) {
-    out_p0[static_cast<size_t>(b)] = h_norms_[static_cast<size_t>(b * T)];
-    double r = 0;
-    for (int64_t i = 1; i < T; ++i) r += h_norms_[static_cast<size_t>(b * T + i)];
-    out_rest[static_cast<size_t>(b)] = static_cast<float>(r / static_cast<double>(T - 1));
-    if (moe)
-      for (int64_t e = 0; e < E; ++e) expert_p0[static_cast<size_t>(b * E + e)] = h_n0[b * S + e];
-    if (!std::isfinite(out_p0[static_cast<size_t>(b)] + out_rest[static_cast<size_t>(b)]))
-      non_finite(l, moe ? "moe" : "mlp", probe0_ + b);
-  }
-  MlpTap tap{l,    B,   T, D, probe0_, moe, E, out_p0.data(), out_rest.data(), expert_p0.data(),
-             h_r0, h_rc};
-  obs.on_mlp(tap);
+  const int64_t probe0 = probe0_;
+  defer([this, &obs, l, B, T, D, E, E1, S, moe, probe0, h_n0, h_r0, h_rc] {
+    std::vector<float> out_p0(static_cast<size_t>(B)), out_rest(static_cast<size_t>(B)),
+        expert_p0(static_cast<size_t>(B * E1), 0.f);
+    for (int64_t b = 0; b < B; ++b) {
+      out_p0[static_cast<size_t>(b)] = h_mnorms_[static_cast<size_t>(b * T)];
+      double r = 0;
+      for (int64_t i = 1; i < T; ++i) r += h_mnorms_[static_cast<size_t>(b * T + i)];
+      out_rest[static_cast<size_t>(b)] = static_cast<float>(r / static_cast<double>(T - 1));
+      if (moe)
+        for (int64_t e = 0; e < E; ++e) expert_p0[static_cast<size_t>(b * E + e)] = h_n0[b * S + e];
+      if (!std::isfinite(out_p0[static_cast<size_t>(b)] + out_rest[static_cast<size_t>(b)]))
+        non_finite(l, moe ? "moe" : "mlp", probe0 + b);
+    }
+    MlpTap tap{l,    B,   T, D, probe0, moe, E, out_p0.data(), out_rest.data(), expert_p0.data(),
+               h_r0, h_rc};
+    obs.on_mlp(tap);
+  });
 }
 
 CudaBackend& cuda_of(Backend& b) {

@@ -3,6 +3,7 @@
 // the small tap arrays copied back to the host. No CUDA types in this header.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -40,19 +41,52 @@ int visible_device_count();
 struct RunProfile {
   int64_t layers = 0;
   // Device time (CUDA events) summed over the layers of the last run, phase by phase.
-  double qkv_ms = 0;      // input norm, qkv product, q/k norm + RoPE (+ qbar when recording)
-  double circuit_ms = 0;  // circuit attribution (recording only)
-  double flash_ms = 0;    // fused attention
-  double attn_rest_ms =
-      0;  // head write norms / vectors, o_proj, tp all-reduce, component bookkeeping
-  double attention_tap_ms = 0;  // attention tap copy + observer
-  double route_ms = 0;          // post norm, router, top-k, routing round trip to the host
-  double experts_ms = 0;        // gather + expert products + SwiGLU (dense MLP on dense layers)
-  double combine_ms = 0;        // combine, per-expert position-0 sums, tp all-reduce, x += m
-  double mlp_tap_ms = 0;        // MoE tap copy + observer
-  double residual_tap_ms = 0;   // residual norms, medians, observer
-  double attention_ms() const { return qkv_ms + circuit_ms + flash_ms + attn_rest_ms; }
-  double moe_ms() const { return route_ms + experts_ms + combine_ms; }
+  double qkv_ms = 0;            // input norm, qkv product, q/k norm + RoPE (+ qbar when recording)
+  double circuit_ms = 0;        // circuit attribution (recording only)
+  double flash_ms = 0;          // fused attention
+  double head_record_ms = 0;    // head write norms (Gram products), heads' position-0 vectors
+  double attn_rest_ms = 0;      // o_proj, tp all-reduce, component bookkeeping
+  double attention_tap_ms = 0;  // attention tap: A[i, 0] means, copies to the host
+  double route_ms = 0;          // post norm, router, top-k, expert counts to the host, sort
+  double experts_ms = 0;        // gather (+ ep exchange) + expert products + SwiGLU (dense MLP)
+  double combine_ms = 0;        // weighted combine of the k expert outputs per token
+  double moe_record_ms = 0;     // per-expert position-0 writes and rest sums, routing counts
+  double moe_finish_ms = 0;     // tp all-reduce, component bookkeeping, norms of m, x += m
+  double mlp_tap_ms = 0;        // MoE tap copies to the host
+  double residual_tap_ms = 0;   // residual norms, |x| median (probe 0), copies to the host
+  // The host side of the taps (observer calls) overlaps later device work and is in no phase.
+
+  // The phases in stream order with short names (the benchmark's columns).
+  struct Phase {
+    const char* name;
+    double RunProfile::*ms;
+  };
+  static constexpr std::array<Phase, 13> phases() {
+    return {{{"qkv", &RunProfile::qkv_ms},
+             {"circuit", &RunProfile::circuit_ms},
+             {"flash", &RunProfile::flash_ms},
+             {"head_rec", &RunProfile::head_record_ms},
+             {"attn_rest", &RunProfile::attn_rest_ms},
+             {"attn_tap", &RunProfile::attention_tap_ms},
+             {"route", &RunProfile::route_ms},
+             {"experts", &RunProfile::experts_ms},
+             {"combine", &RunProfile::combine_ms},
+             {"moe_rec", &RunProfile::moe_record_ms},
+             {"moe_fin", &RunProfile::moe_finish_ms},
+             {"mlp_tap", &RunProfile::mlp_tap_ms},
+             {"res_tap", &RunProfile::residual_tap_ms}}};
+  }
+  RunProfile& operator+=(const RunProfile& o) {
+    layers = o.layers;
+    for (const Phase& p : phases()) this->*p.ms += o.*p.ms;
+    return *this;
+  }
+  double attention_ms() const {
+    return qkv_ms + circuit_ms + flash_ms + head_record_ms + attn_rest_ms;
+  }
+  double moe_ms() const {
+    return route_ms + experts_ms + combine_ms + moe_record_ms + moe_finish_ms;
+  }
   double taps_ms() const { return attention_tap_ms + mlp_tap_ms + residual_tap_ms; }
 };
 struct MemoryReport {

@@ -7,6 +7,7 @@
 #include "cuda/check.hpp"
 #include "cuda/nccl_comm.hpp"
 #include "sinkscope/comm.hpp"
+#include "sinkscope/error.hpp"
 
 namespace sinkscope::cuda {
 namespace {
@@ -37,21 +38,39 @@ DeviceCollectives::DeviceCollectives(ForwardComms comms, cudaStream_t stream)
     tp_nccl_ = std::make_unique<NcclComm>(*comms_.tp_group, stream_);
   if (nccl_wanted() && comms_.ep_group->size() > 1)
     ep_nccl_ = std::make_unique<NcclComm>(*comms_.ep_group, stream_);
+  if (uses_nccl()) {
+    CUDA_CHECK(cudaEventCreate(&ev_begin_));
+    CUDA_CHECK(cudaEventCreate(&ev_end_));
+  }
 }
 
-DeviceCollectives::~DeviceCollectives() = default;
+DeviceCollectives::~DeviceCollectives() {
+  if (ev_begin_) cudaEventDestroy(ev_begin_);
+  if (ev_end_) cudaEventDestroy(ev_end_);
+}
 
 int DeviceCollectives::tp_size() const { return comms_.tp_group->size(); }
 int DeviceCollectives::tp_rank() const { return comms_.tp_group->rank(); }
 int DeviceCollectives::ep_size() const { return comms_.ep_group->size(); }
 
+template <class F>
+void DeviceCollectives::timed(NcclComm& comm, const char* what, F enqueue) {
+  CUDA_CHECK(cudaEventRecord(ev_begin_, stream_));
+  enqueue();
+  CUDA_CHECK(cudaEventRecord(ev_end_, stream_));
+  comm.wait(what);
+  float ms = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, ev_begin_, ev_end_));
+  seconds_ += 1e-3 * ms;
+}
+
 void DeviceCollectives::tp_allreduce_sum(float* device, size_t n) {
   if (comms_.tp_group->size() == 1) return;
-  Timer t(&seconds_);
   if (tp_nccl_) {
-    tp_nccl_->allreduce_sum(device, n);
+    timed(*tp_nccl_, "ncclAllReduce", [&] { tp_nccl_->allreduce_sum(device, n); });
     return;
   }
+  Timer t(&seconds_);
   staging_.reserve(n > 0 ? n : 1);
   if (n > 0)
     CUDA_CHECK(cudaMemcpyAsync(staging_.get(), device, n * sizeof(float), cudaMemcpyDeviceToHost,
@@ -64,39 +83,53 @@ void DeviceCollectives::tp_allreduce_sum(float* device, size_t n) {
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // staging_ is reused by the next call
 }
 
-void DeviceCollectives::ep_alltoallv(const std::vector<float>& send,
-                                     const std::vector<size_t>& send_counts,
-                                     std::vector<float>* recv, std::vector<size_t>* recv_counts) {
-  Timer t(&seconds_);
-  if (!ep_nccl_) {
-    comms_.ep_group->alltoallv(send, send_counts, recv, recv_counts);
+void DeviceCollectives::ep_alltoallv(const void* send, const std::vector<size_t>& send_bytes,
+                                     void* recv, const std::vector<size_t>& recv_bytes) {
+  const int P = comms_.ep_group->size();
+  if (static_cast<int>(send_bytes.size()) != P || static_cast<int>(recv_bytes.size()) != P)
+    throw RuntimeFailure("ep all-to-all: one count per rank needed");
+  if (ep_nccl_) {
+    timed(*ep_nccl_, "NCCL all-to-all",
+          [&] { ep_nccl_->alltoallv_bytes(send, send_bytes, recv, recv_bytes); });
     return;
   }
-  // Counts over MPI (small), payload over NCCL.
-  const int P = comms_.ep_group->size();
-  std::string mine(reinterpret_cast<const char*>(send_counts.data()),
-                   send_counts.size() * sizeof(size_t));
-  const std::vector<std::string> all = comms_.ep_group->allgather_bytes(mine);
-  recv_counts->assign(static_cast<size_t>(P), 0);
-  size_t total = 0;
+  // Host staging: each block is padded to whole floats for Comm::alltoallv.
+  Timer t(&seconds_);
+  auto words = [](size_t bytes) { return (bytes + sizeof(float) - 1) / sizeof(float); };
+  size_t send_total = 0, recv_total = 0, send_words = 0;
   for (int r = 0; r < P; ++r) {
-    size_t c = 0;
-    std::memcpy(&c, all[r].data() + static_cast<size_t>(comms_.ep_group->rank()) * sizeof(size_t),
-                sizeof(size_t));
-    (*recv_counts)[r] = c;
-    total += c;
+    send_total += send_bytes[static_cast<size_t>(r)];
+    recv_total += recv_bytes[static_cast<size_t>(r)];
+    send_words += words(send_bytes[static_cast<size_t>(r)]);
   }
-  send_dev_.reserve(send.size() > 0 ? send.size() : 1);
-  recv_dev_.reserve(total > 0 ? total : 1);
-  if (!send.empty())
-    CUDA_CHECK(cudaMemcpyAsync(send_dev_.get(), send.data(), send.size() * sizeof(float),
-                               cudaMemcpyHostToDevice, stream_));
-  ep_nccl_->alltoallv(send_dev_.get(), send_counts, recv_dev_.get(), *recv_counts);
-  recv->resize(total);
-  if (total > 0)
-    CUDA_CHECK(cudaMemcpyAsync(recv->data(), recv_dev_.get(), total * sizeof(float),
-                               cudaMemcpyDeviceToHost, stream_));
+  staging_bytes_.reserve(send_total > 0 ? send_total : 1);
+  if (send_total > 0)
+    CUDA_CHECK(
+        cudaMemcpyAsync(staging_bytes_.get(), send, send_total, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::vector<float> packed(send_words, 0.f), got;
+  std::vector<size_t> send_counts(static_cast<size_t>(P)), got_counts;
+  for (size_t r = 0, src = 0, dst = 0; r < static_cast<size_t>(P); ++r) {
+    std::memcpy(packed.data() + dst, staging_bytes_.get() + src, send_bytes[r]);
+    send_counts[r] = words(send_bytes[r]);
+    src += send_bytes[r];
+    dst += send_counts[r];
+  }
+  comms_.ep_group->alltoallv(packed, send_counts, &got, &got_counts);
+  staging_bytes_.reserve(recv_total > 0 ? recv_total : 1);
+  for (size_t r = 0, src = 0, dst = 0; r < static_cast<size_t>(P); ++r) {
+    if (got_counts[r] != words(recv_bytes[r]))
+      throw RuntimeFailure("ep all-to-all: rank " + std::to_string(r) + " sent " +
+                           std::to_string(got_counts[r]) + " words, " +
+                           std::to_string(words(recv_bytes[r])) + " were expected");
+    std::memcpy(staging_bytes_.get() + dst, got.data() + src, recv_bytes[r]);
+    src += got_counts[r];
+    dst += recv_bytes[r];
+  }
+  if (recv_total > 0)
+    CUDA_CHECK(
+        cudaMemcpyAsync(recv, staging_bytes_.get(), recv_total, cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // staging_bytes_ is reused by the next call
 }
 
 }  // namespace sinkscope::cuda

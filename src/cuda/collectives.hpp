@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -33,20 +34,28 @@ class DeviceCollectives {
   // earlier work included). Every tp rank must call it, also with n == 0.
   void tp_allreduce_sum(float* device, size_t n);
 
-  // The MoE exchange over the ep group (Comm::alltoallv semantics on host vectors). With NCCL the
-  // counts travel over MPI and the payload over NCCL through device staging buffers.
-  void ep_alltoallv(const std::vector<float>& send, const std::vector<size_t>& send_counts,
-                    std::vector<float>* recv, std::vector<size_t>* recv_counts);
+  // The MoE exchange over the ep group, device memory to device memory: this rank sends
+  // send_bytes[r] bytes (contiguous, in rank order) to rank r and receives recv_bytes[r] from it
+  // (both sides know the sizes: the counts travel before, over MPI). NCCL where it is in use,
+  // else through pinned host memory and the ep group's Comm.
+  void ep_alltoallv(const void* send, const std::vector<size_t>& send_bytes, void* recv,
+                    const std::vector<size_t>& recv_bytes);
 
-  // Seconds spent inside the collectives (the benchmark's communication time).
+  // Seconds spent communicating (the benchmark's communication time): over NCCL the device time
+  // between events around the NCCL operations, with host staging the wall time of the call.
   double seconds() const { return seconds_; }
 
  private:
+  // Enqueues `enqueue` between two events, waits (bounded) and adds the device time between them.
+  template <class F>
+  void timed(NcclComm& comm, const char* what, F enqueue);
+
   ForwardComms comms_;
   cudaStream_t stream_;
   PinnedBuffer<float> staging_;
-  DeviceBuffer<float> send_dev_, recv_dev_;
+  PinnedBuffer<uint8_t> staging_bytes_;
   std::unique_ptr<NcclComm> tp_nccl_, ep_nccl_;
+  cudaEvent_t ev_begin_ = nullptr, ev_end_ = nullptr;
   double seconds_ = 0;
 };
 

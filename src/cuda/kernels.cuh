@@ -53,10 +53,15 @@ void embed_gather(const bf16_bits* table, const int32_t* tokens, int64_t n, int 
 void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate, float* delta,
               int64_t delta_bstride, float* p0_sum, cudaStream_t s);
 
-// Histogram (nbins = 2^bits) of the bit field [shift, shift + bits) of |x| (fp32 bit patterns),
-// over the elements whose bits under hi_mask equal prefix. hist must be zeroed by the caller.
-void abs_radix_hist(const float* x, int64_t n, uint32_t prefix, uint32_t hi_mask, int shift,
-                    int bits, unsigned* hist, cudaStream_t s);
+// The median of |x| over n fp32 values (the mean of the two middle ones for even n), exactly, on
+// the device: a three-pass radix select on the bit patterns (11 + 11 + 10 bits) per middle rank;
+// the bins are picked on the device, so nothing waits for the host. scratch holds
+// abs_median_scratch_bytes(); *out (device) receives the median.
+size_t abs_median_scratch_bytes();
+void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s);
+
+// out[r] = mean of a[r, 0..cols) (double sums), rows x cols row-major.
+void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t s);
 
 // ---- attention.cu -------------------------------------------------------------------------
 // Causal attention of B probes x Hl local heads over T positions, flash style (online softmax in

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -96,28 +97,27 @@ void NcclComm::allreduce_sum(float* device, size_t n) {
     SINKSCOPE_NCCL_CHECK(ncclAllReduce(device + done, device + done, std::min(kChunk, n - done),
                                        ncclFloat32, ncclSum, comm_, stream_));
   SINKSCOPE_NCCL_CHECK(ncclGroupEnd());
-  wait("ncclAllReduce");
 }
 
-void NcclComm::alltoallv(const float* send, const std::vector<size_t>& send_counts, float* recv,
-                         const std::vector<size_t>& recv_counts) {
-  if (static_cast<int>(send_counts.size()) != size_ ||
-      static_cast<int>(recv_counts.size()) != size_)
+void NcclComm::alltoallv_bytes(const void* send, const std::vector<size_t>& send_bytes, void* recv,
+                               const std::vector<size_t>& recv_bytes) {
+  if (static_cast<int>(send_bytes.size()) != size_ || static_cast<int>(recv_bytes.size()) != size_)
     throw RuntimeFailure("NCCL alltoallv: one count per rank needed");
+  const auto* sp = static_cast<const uint8_t*>(send);
+  auto* rp = static_cast<uint8_t*>(recv);
   size_t soff = 0, roff = 0;
   SINKSCOPE_NCCL_CHECK(ncclGroupStart());
   for (int r = 0; r < size_; ++r) {
-    for (size_t done = 0; done < send_counts[r]; done += kChunk)
-      SINKSCOPE_NCCL_CHECK(ncclSend(send + soff + done, std::min(kChunk, send_counts[r] - done),
-                                    ncclFloat32, r, comm_, stream_));
-    for (size_t done = 0; done < recv_counts[r]; done += kChunk)
-      SINKSCOPE_NCCL_CHECK(ncclRecv(recv + roff + done, std::min(kChunk, recv_counts[r] - done),
-                                    ncclFloat32, r, comm_, stream_));
-    soff += send_counts[r];
-    roff += recv_counts[r];
+    for (size_t done = 0; done < send_bytes[r]; done += kChunk)
+      SINKSCOPE_NCCL_CHECK(ncclSend(sp + soff + done, std::min(kChunk, send_bytes[r] - done),
+                                    ncclUint8, r, comm_, stream_));
+    for (size_t done = 0; done < recv_bytes[r]; done += kChunk)
+      SINKSCOPE_NCCL_CHECK(ncclRecv(rp + roff + done, std::min(kChunk, recv_bytes[r] - done),
+                                    ncclUint8, r, comm_, stream_));
+    soff += send_bytes[r];
+    roff += recv_bytes[r];
   }
   SINKSCOPE_NCCL_CHECK(ncclGroupEnd());
-  wait("NCCL all-to-all");
 }
 
 }  // namespace sinkscope::cuda

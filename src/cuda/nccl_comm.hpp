@@ -29,15 +29,19 @@ class NcclComm {
   int rank() const { return rank_; }
   int size() const { return size_; }
 
-  // In place, element-wise sum over the ranks of n floats of device memory, then a bounded wait.
+  // The operations are enqueued on the stream; wait() bounds the wait for them (and for all of the
+  // stream's earlier work).
+  // In place, element-wise sum over the ranks of n floats of device memory.
   void allreduce_sum(float* device, size_t n);
-  // Every rank sends send_counts[r] floats (contiguous, in rank order) to rank r and receives
-  // recv_counts[r] floats from it (grouped ncclSend/ncclRecv), then a bounded wait.
-  void alltoallv(const float* send, const std::vector<size_t>& send_counts, float* recv,
-                 const std::vector<size_t>& recv_counts);
+  // Every rank sends send_bytes[r] bytes (contiguous, in rank order) to rank r and receives
+  // recv_bytes[r] bytes from it (grouped ncclSend/ncclRecv).
+  void alltoallv_bytes(const void* send, const std::vector<size_t>& send_bytes, void* recv,
+                       const std::vector<size_t>& recv_bytes);
+  // Returns once the stream is idle; throws (after ncclCommAbort) on an NCCL error, a CUDA error
+  // or when the timeout passes.
+  void wait(const char* what);
 
  private:
-  void wait(const char* what);
   [[noreturn]] void fail(const std::string& what);
 
   ncclComm_t comm_ = nullptr;

@@ -177,14 +177,27 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
 
 constexpr int kMaxBins = 2048;
 
-__global__ void abs_radix_hist_kernel(const float* __restrict__ x, int64_t n, uint32_t prefix,
-                                      uint32_t hi_mask, int shift, int bits,
-                                      unsigned* __restrict__ hist) {
+// The state of one k-th-smallest selection: the rank left inside the current prefix, and the
+// prefix bits chosen so far.
+struct RadixState {
+  unsigned long long k;
+  uint32_t prefix, hi_mask;
+};
+
+__global__ void radix_init_kernel(RadixState* st, unsigned long long k0, unsigned long long k1) {
+  st[0] = RadixState{k0, 0u, 0u};
+  st[1] = RadixState{k1, 0u, 0u};
+}
+
+__global__ void abs_radix_hist_state_kernel(const float* __restrict__ x, int64_t n,
+                                            const RadixState* __restrict__ st, int shift, int bits,
+                                            unsigned* __restrict__ hist) {
   __shared__ unsigned local[kMaxBins];
   const int nbins = 1 << bits;
   for (int i = threadIdx.x; i < nbins; i += blockDim.x) local[i] = 0;
   __syncthreads();
-  const uint32_t mask = static_cast<uint32_t>(nbins - 1);
+  const uint32_t mask = static_cast<uint32_t>(nbins - 1), prefix = st->prefix,
+                 hi_mask = st->hi_mask;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint32_t u = __float_as_uint(x[i]) & 0x7fffffffu;
@@ -195,7 +208,70 @@ __global__ void abs_radix_hist_kernel(const float* __restrict__ x, int64_t n, ui
     if (local[i]) atomicAdd(&hist[i], local[i]);
 }
 
+// One thread: the bin holding the k-th element, as the host loop of the first implementation.
+__global__ void radix_pick_kernel(const unsigned* __restrict__ hist, int bits, int shift,
+                                  RadixState* st) {
+  const int nb = 1 << bits;
+  unsigned long long cum = 0, k = st->k;
+  int bin = 0;
+  for (; bin < nb; ++bin) {
+    if (cum + hist[bin] > k) break;
+    cum += hist[bin];
+  }
+  if (bin == nb) bin = nb - 1;  // unreachable for k < n
+  st->k = k - cum;
+  st->prefix |= static_cast<uint32_t>(bin) << shift;
+  st->hi_mask |= static_cast<uint32_t>(nb - 1) << shift;
+}
+
+__global__ void radix_median_kernel(const RadixState* st, bool odd, float* out) {
+  const double hi = static_cast<double>(__uint_as_float(st[1].prefix));
+  *out = odd ? static_cast<float>(hi)
+             : static_cast<float>(0.5 * (static_cast<double>(__uint_as_float(st[0].prefix)) + hi));
+}
+
+// Warp per row: mean of the row in double.
+__global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int cols,
+                                 float* __restrict__ out) {
+  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  double sum = 0;
+  for (int i = lane; i < cols; i += 32) sum += a[r * cols + i];
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) out[r] = static_cast<float>(sum / static_cast<double>(cols));
+}
+
 }  // namespace
+
+size_t abs_median_scratch_bytes() { return 2 * sizeof(RadixState) + kMaxBins * sizeof(unsigned); }
+
+void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s) {
+  if (n == 0) return;
+  auto* st = static_cast<RadixState*>(scratch);
+  auto* hist = reinterpret_cast<unsigned*>(st + 2);
+  const unsigned long long mid = static_cast<unsigned long long>(n / 2);
+  radix_init_kernel<<<1, 1, 0, s>>>(st, mid > 0 ? mid - 1 : 0, mid);
+  CUDA_CHECK_LAUNCH("radix_init_kernel");
+  const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+  for (int which = n % 2 == 1 ? 1 : 0; which < 2; ++which)
+    for (int pass = 0; pass < 3; ++pass) {
+      CUDA_CHECK(cudaMemsetAsync(hist, 0, kMaxBins * sizeof(unsigned), s));
+      abs_radix_hist_state_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(
+          x, n, st + which, shifts[pass], bits[pass], hist);
+      CUDA_CHECK_LAUNCH("abs_radix_hist_state_kernel");
+      radix_pick_kernel<<<1, 1, 0, s>>>(hist, bits[pass], shifts[pass], st + which);
+      CUDA_CHECK_LAUNCH("radix_pick_kernel");
+    }
+  radix_median_kernel<<<1, 1, 0, s>>>(st, n % 2 == 1, out);
+  CUDA_CHECK_LAUNCH("radix_median_kernel");
+}
+
+void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t s) {
+  if (rows == 0) return;
+  row_means_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(a, rows, cols, out);
+  CUDA_CHECK_LAUNCH("row_means_kernel");
+}
 
 void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
               float* out_f32, float* inv_rms, cudaStream_t s) {
@@ -257,14 +333,6 @@ void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate
   embed_p0_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(x, T, D, mean_rest, ablate, delta,
                                                            delta_bstride, p0_sum);
   CUDA_CHECK_LAUNCH("embed_p0_kernel");
-}
-
-void abs_radix_hist(const float* x, int64_t n, uint32_t prefix, uint32_t hi_mask, int shift,
-                    int bits, unsigned* hist, cudaStream_t s) {
-  if (n == 0) return;
-  abs_radix_hist_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(x, n, prefix, hi_mask, shift, bits,
-                                                               hist);
-  CUDA_CHECK_LAUNCH("abs_radix_hist_kernel");
 }
 
 }  // namespace sinkscope::cuda::k

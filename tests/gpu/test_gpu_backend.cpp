@@ -45,6 +45,9 @@
 #include "sinkscope/synth.hpp"
 #include "thread_comm.hpp"
 
+#include <fstream>
+#include <nlohmann/json.hpp>
+
 namespace sinkscope {
 // The multi-rank layouts here are threads sharing one GPU: NCCL refuses two ranks on one device,
 // so the device collectives stage through the (threaded) host communicators instead. Real NCCL
@@ -550,6 +553,51 @@ TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
   be->run(tokens, 0, none);
   EXPECT_TRUE(none.att.empty() && none.mlp.empty() && none.res.empty());
   EXPECT_GT(cuda::memory_report(*be).weight_bytes, 0u);
+}
+
+// Sets every element of one tensor of a safetensors file to NaN (F32 or BF16).
+void poison_tensor(const std::string& file, const std::string& name) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  uint64_t n = 0;
+  f.read(reinterpret_cast<char*>(&n), 8);
+  std::string header(n, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(n));
+  const auto t = nlohmann::json::parse(header).at(name);
+  const uint64_t begin = t.at("data_offsets")[0], end = t.at("data_offsets")[1];
+  const std::string dtype = t.at("dtype");
+  std::string nan;
+  if (dtype == "F32") {
+    const uint32_t bits = 0x7fc00000u;
+    nan.assign(reinterpret_cast<const char*>(&bits), 4);
+  } else {
+    ASSERT_EQ(dtype, "BF16");
+    const uint16_t bits = 0x7fc0u;
+    nan.assign(reinterpret_cast<const char*>(&bits), 2);
+  }
+  f.seekp(static_cast<std::streamoff>(8 + n + begin));
+  for (uint64_t at = begin; at < end; at += nan.size()) f.write(nan.data(), nan.size());
+  ASSERT_TRUE(f.good()) << file;
+}
+
+// A NaN weight that only layer 1's heads read: the run fails naming layer 1's attention, not a
+// later component that the NaN reaches through the residual (the taps' host side is deferred).
+TEST(GpuFaults, NonFiniteWeightNamesTheFirstComponent) {
+  REQUIRE_GPU();
+  TempDir dir;
+  const ModelConfig cfg = shape(64, 3, 4, 2, 16, 8, 2, 32, {});
+  synthesize(cfg, dir.path(), false, 11);
+  poison_tensor(dir.path() + "/model.safetensors", "model.layers.1.self_attn.o_proj.weight");
+  auto world = make_single_comm();
+  AnalyzeOptions opt;
+  opt.model = dir.path();
+  opt.device = "cuda";
+  const IntArray tokens = make_probes("random:3:40:2", cfg.vocab_size);
+  try {
+    analyze_checkpoint(opt, tokens, *world);
+    FAIL() << "a NaN o_proj went unnoticed";
+  } catch (const RuntimeFailure& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 1 (attention)"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
