@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -555,8 +556,8 @@ TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
   EXPECT_GT(cuda::memory_report(*be).weight_bytes, 0u);
 }
 
-// Sets every element of one tensor of a safetensors file to NaN (F32 or BF16).
-void poison_tensor(const std::string& file, const std::string& name) {
+// Sets every element of one tensor of a safetensors file to `value` (F32 or BF16, truncated).
+void fill_tensor(const std::string& file, const std::string& name, float value) {
   std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
   uint64_t n = 0;
   f.read(reinterpret_cast<char*>(&n), 8);
@@ -565,28 +566,29 @@ void poison_tensor(const std::string& file, const std::string& name) {
   const auto t = nlohmann::json::parse(header).at(name);
   const uint64_t begin = t.at("data_offsets")[0], end = t.at("data_offsets")[1];
   const std::string dtype = t.at("dtype");
-  std::string nan;
-  if (dtype == "F32") {
-    const uint32_t bits = 0x7fc00000u;
-    nan.assign(reinterpret_cast<const char*>(&bits), 4);
+  uint32_t bits = 0;
+  std::memcpy(&bits, &value, 4);
+  std::string elem(reinterpret_cast<const char*>(&bits), 4);
+  if (dtype == "BF16") {
+    const uint16_t hi = static_cast<uint16_t>(bits >> 16);
+    elem.assign(reinterpret_cast<const char*>(&hi), 2);
   } else {
-    ASSERT_EQ(dtype, "BF16");
-    const uint16_t bits = 0x7fc0u;
-    nan.assign(reinterpret_cast<const char*>(&bits), 2);
+    ASSERT_EQ(dtype, "F32");
   }
   f.seekp(static_cast<std::streamoff>(8 + n + begin));
-  for (uint64_t at = begin; at < end; at += nan.size()) f.write(nan.data(), nan.size());
+  for (uint64_t at = begin; at < end; at += elem.size()) f.write(elem.data(), elem.size());
   ASSERT_TRUE(f.good()) << file;
 }
 
-// A NaN weight that only layer 1's heads read: the run fails naming layer 1's attention, not a
-// later component that the NaN reaches through the residual (the taps' host side is deferred).
-TEST(GpuFaults, NonFiniteWeightNamesTheFirstComponent) {
+// Finite weights whose products overflow in layer 1's heads (NaN weights are refused at load):
+// the run fails naming layer 1's attention, not a later component that the overflow reaches
+// through the residual (the taps' checks run deferred, behind later device work).
+TEST(GpuFaults, OverflowNamesTheFirstComponent) {
   REQUIRE_GPU();
   TempDir dir;
   const ModelConfig cfg = shape(64, 3, 4, 2, 16, 8, 2, 32, {});
   synthesize(cfg, dir.path(), false, 11);
-  poison_tensor(dir.path() + "/model.safetensors", "model.layers.1.self_attn.o_proj.weight");
+  fill_tensor(dir.path() + "/model.safetensors", "model.layers.1.self_attn.o_proj.weight", 1e30f);
   auto world = make_single_comm();
   AnalyzeOptions opt;
   opt.model = dir.path();
@@ -594,7 +596,7 @@ TEST(GpuFaults, NonFiniteWeightNamesTheFirstComponent) {
   const IntArray tokens = make_probes("random:3:40:2", cfg.vocab_size);
   try {
     analyze_checkpoint(opt, tokens, *world);
-    FAIL() << "a NaN o_proj went unnoticed";
+    FAIL() << "an overflow in layer 1 went unnoticed";
   } catch (const RuntimeFailure& e) {
     EXPECT_NE(std::string(e.what()).find("layer 1 (attention)"), std::string::npos) << e.what();
   }
