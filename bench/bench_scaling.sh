@@ -5,7 +5,9 @@
 # forward spent communicating (max over ranks) and the GPU memory per rank (--verbose's lines).
 #   SPLITS  "NP:OPTIONS;..." (default: 1 GPU; 2 GPUs dp / ep 2 / tp 2; 4 GPUs dp / ep 4 /
 #           tp 2 x ep 2 / tp 4 x ep 4). With no tp/ep option the ranks split the probes (dp).
-#   PROBES  probe spec (default random:8:4096:1); BATCH probes per micro-batch (default 8)
+#   PROBES  probe spec (default random:64:4096:1); BATCH probes per micro-batch (default 8), so
+#           every rank runs several 8 x 4096 micro-batches and the rate after the first one (which
+#           pays for first use: allocations, kernel loading, NCCL connections) is the steady one
 #   KEEP    a folder: each split's analysis file and log are kept there
 #   MODEL_ARGS="--model DIR" uses a checkpoint on the CPU instead (to try the script anywhere)
 # For the 235B shape on one 4-GPU node:
@@ -14,15 +16,15 @@
 set -uo pipefail
 bin=$1
 config=${2:-${CONFIG:-$(dirname "$0")/qwen3_30b_a3b.json}}
-probes=${PROBES:-random:8:4096:1}
+probes=${PROBES:-random:64:4096:1}
 IFS=';' read -r -a splits <<< "${SPLITS:-1:;2:;2:--ep 2;2:--tp 2;4:;4:--ep 4;4:--tp 2 --ep 2;4:--tp 4 --ep 4}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
 out=$(mktemp -d)
 echo "config $(basename "$config"), probes $probes, batch ${BATCH:-8}, $(date -u +%F)"
 echo
-echo "| GPUs | split | tokens/s | efficiency | communication share (max over ranks) | GPU memory per rank, weights + scratch (max, MiB) | peak host RSS (max, MiB) |"
-echo "|---|---|---|---|---|---|---|"
-base="" base_np=1
+echo "| GPUs | split | tokens/s, whole job | efficiency | tokens/s after the first micro-batch | efficiency | communication share after it (max over ranks) | GPU memory per rank, weights + scratch (max, MiB) | peak host RSS (max, MiB) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+base="" base_np=1 sbase=
 for s in "${splits[@]}"; do
   np=${s%%:*} opts=${s#*:}
   tag=$(echo "np$np $opts" | tr -d ' -')
@@ -35,17 +37,21 @@ for s in "${splits[@]}"; do
   fi
   rm -f "$out/$tag.h5"
   rate=$(sed -n 's/.*(\([0-9]*\) tokens\/s over the job).*/\1/p' <<< "$log" | sort -g | head -1)
-  comm=$(sed -n 's/.*communication [0-9.]* s (\([0-9.]*\)%).*/\1/p' <<< "$log" | sort -g | tail -1)
+  steady=$(sed -n 's/.*then \([0-9]*\) tokens\/s with.*/\1/p' <<< "$log" | sort -g | head -1)
+  comm=$(sed -n 's/.*then [0-9]* tokens\/s with communication \([0-9.]*\)%.*/\1/p' <<< "$log" | sort -g | tail -1)
   rss=$(sed -n 's/.*peak resident memory \([0-9]*\) MiB.*/\1/p' <<< "$log" | sort -g | tail -1)
   gpu=$(sed -n 's/.*weights + scratch \([0-9]*\) MiB.*/\1/p' <<< "$log" | sort -g | tail -1)
   label=${opts:-dp $np}
   [ "$np" = 1 ] && [ -z "$opts" ] && label="one GPU"
   if [ -z "$rate" ]; then
-    echo "| $np | $label | failed: $(grep -m1 -i 'error\|failure\|abort' <<< "$log") | | | | |"
+    echo "| $np | $label | failed: $(grep -m1 -i 'error\|failure\|abort' <<< "$log") | | | | | | |"
     continue
   fi
-  [ -z "$base" ] && base=$rate base_np=$np
+  [ -z "$base" ] && base=$rate base_np=$np sbase=$steady
   eff=$(awk -v r="$rate" -v b="$base" -v n="$np" -v bn="$base_np" 'BEGIN { printf "%.0f%%", 100 * r * bn / (b * n) }')
-  echo "| $np | $label | $rate | $eff | ${comm:-0}% | ${gpu:-n/a} | $rss |"
+  seff=n/a
+  [ -n "$steady" ] && [ -n "$sbase" ] &&
+    seff=$(awk -v r="$steady" -v b="$sbase" -v n="$np" -v bn="$base_np" 'BEGIN { printf "%.0f%%", 100 * r * bn / (b * n) }')
+  echo "| $np | $label | $rate | $eff | ${steady:-n/a} | $seff | ${comm:-n/a}% | ${gpu:-n/a} | $rss |"
 done
 rm -rf "$out"

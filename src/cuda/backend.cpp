@@ -571,19 +571,14 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   float* a = tp_pack_.get();
   float* hp = a + BT * D;  // [B, H, {delta, p0}, D]
   if (record_ && B > 0) {
-    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i]: Y = Z_h (M_hi + M_lo) into the (spent) qkv
-    // buffer.
-    float* Y = qkv_.get();
-    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_hi.get(), Dt::kBF16, d, d * d},
-             {Y, Dt::kF32, qw, d}, 1.f, 0.f, static_cast<int>(Hl));
-    blas_.nn(BT, d, d, {z_.get(), Dt::kBF16, qw, d}, {Lw.gram_lo.get(), Dt::kBF16, d, d * d},
-             {Y, Dt::kF32, qw, d}, 1.f, 1.f, static_cast<int>(Hl));
+    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i], fused on the tensor cores.
     wp0_.reserve(static_cast<size_t>(B * Hl));
     wrest_.reserve(static_cast<size_t>(B * Hl));
     norm_partial_.reserve(
         static_cast<size_t>(k::head_write_norms_scratch(Bi, static_cast<int>(Hl))));
-    k::head_write_norms(Y, z_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d),
-                        norm_partial_.get(), wp0_.get(), wrest_.get(), s());
+    k::head_write_norms(z_.get(), Lw.gram_hi.get(), Lw.gram_lo.get(), Bi, Ti, static_cast<int>(Hl),
+                        static_cast<int>(d), static_cast<int>(dp_), norm_partial_.get(), wp0_.get(),
+                        wrest_.get(), s());
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
     zbar_.reserve(static_cast<size_t>(B * qw));
     k::column_mean_rest(z_.get(), Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(),

@@ -12,34 +12,105 @@ namespace {
 
 constexpr int kMaxLaneElems = 4;  // d <= 128 over 32 lanes
 
-// Block (h, b, chunk) takes rows [i0, i1) of its probe; warp per row, lanes over the head dims.
-// partial[(b * Hl + h) * chunks + chunk] = sum of ||w|| over its rows i >= 1.
-constexpr int kNormChunks = 32;
-__global__ void head_write_norms_kernel(const float* __restrict__ Y,
-                                        const bf16_bits* __restrict__ z, int T, int Hl, int d,
-                                        int chunks, float* __restrict__ wp0,
-                                        float* __restrict__ partial) {
-  const int h = blockIdx.x, b = blockIdx.y, chunk = blockIdx.z;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int64_t ld = static_cast<int64_t>(Hl) * d;
+// ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i] with M = W_O,h^T W_O,h as two bf16 parts
+// (hi + lo carry ~16 bits), fused: Y = Z (M_hi + M_lo) is formed on the tensor cores 16 rows x 8
+// columns at a time and contracted with z in registers, so Y never reaches memory. Block (chunk,
+// h, b) takes rows [i0, i1) of probe b, head h; M_hi and M_lo of the head sit in shared memory
+// (zero padded to DP). partial[(b * Hl + h) * chunks + chunk] = sum of ||w|| over its rows i >= 1.
+constexpr int kNormChunks = 32, kNormWarps = 4, kNormRowsPerChunk = 256;
+
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+template <int DP>
+constexpr int gram_smem_bytes() {
+  return 2 * DP * (DP + 8) * static_cast<int>(sizeof(bf16_bits));
+}
+
+template <int DP>
+__global__ void __launch_bounds__(kNormWarps * 32)
+    head_write_norms_kernel(const bf16_bits* __restrict__ z, const bf16_bits* __restrict__ Mhi,
+                            const bf16_bits* __restrict__ Mlo, int T, int Hl, int d, int chunks,
+                            float* __restrict__ wp0, float* __restrict__ partial) {
+  constexpr int STR = DP + 8, KS = DP / 16, NT = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Ms[part][n][k] = M_part[k][n]: B fragments (column n of M) are then contiguous in k.
+  bf16_bits* Ms = reinterpret_cast<bf16_bits*>(smem_raw);
+  const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int64_t dd = static_cast<int64_t>(d) * d;
+  for (int i = threadIdx.x; i < 2 * DP * DP; i += blockDim.x) {
+    const int part = i / (DP * DP), k = (i / DP) % DP, n = i % DP;
+    const bf16_bits* M = (part ? Mlo : Mhi) + h * dd;
+    Ms[(part * DP + n) * STR + k] =
+        k < d && n < d ? M[static_cast<int64_t>(k) * d + n] : static_cast<bf16_bits>(0);
+  }
+  __syncthreads();
   const int i0 = static_cast<int>(static_cast<int64_t>(T) * chunk / chunks);
   const int i1 = static_cast<int>(static_cast<int64_t>(T) * (chunk + 1) / chunks);
+  const int64_t ld = static_cast<int64_t>(Hl) * d;
   float rest = 0.f;
-  for (int i = i0 + warp; i < i1; i += warps) {
-    const int64_t off = (static_cast<int64_t>(b) * T + i) * ld + static_cast<int64_t>(h) * d;
-    float ss = 0.f;
-    for (int j = lane; j < d; j += 32) ss += Y[off + j] * bf2f(z[off + j]);
-    ss = warp_sum(ss);
-    const float n = sqrtf(fmaxf(ss, 0.f));
-    if (i == 0) {
-      if (lane == 0) wp0[static_cast<int64_t>(b) * Hl + h] = n;
-    } else {
-      rest += n;
+  for (int t0 = i0 + warp * 16; t0 < i1; t0 += kNormWarps * 16) {
+    const int r0 = t0 + gq, r1 = r0 + 8;
+    const bool v0 = r0 < i1, v1 = r1 < i1;
+    const bf16_bits* z0 = z + (static_cast<int64_t>(b) * T + (v0 ? r0 : i0)) * ld + h * d;
+    const bf16_bits* z1 = z + (static_cast<int64_t>(b) * T + (v1 ? r1 : i0)) * ld + h * d;
+    uint32_t a[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int c = ks * 16 + tq * 2;  // d is even: c < d implies c + 1 < d
+      a[ks][0] = v0 && c < d ? ld32(z0 + c) : 0u;
+      a[ks][1] = v1 && c < d ? ld32(z1 + c) : 0u;
+      a[ks][2] = v0 && c + 8 < d ? ld32(z0 + c + 8) : 0u;
+      a[ks][3] = v1 && c + 8 < d ? ld32(z1 + c + 8) : 0u;
+    }
+    float ss0 = 0.f, ss1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float y[4] = {0.f, 0.f, 0.f, 0.f};
+      const bf16_bits* mh = Ms + (nt * 8 + gq) * STR + tq * 2;
+      const bf16_bits* ml = mh + DP * STR;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        mma_bf16(y, a[ks], ld32(mh + ks * 16), ld32(mh + ks * 16 + 8));
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        mma_bf16(y, a[ks], ld32(ml + ks * 16), ld32(ml + ks * 16 + 8));
+      // y holds Y at rows gq (y0, y1) and gq + 8 (y2, y3), columns nt * 8 + 2 tq + {0, 1}: the
+      // same positions as the A fragment of k-step nt / 2, half nt % 2.
+      const uint32_t za = a[nt / 2][(nt & 1) * 2], zb = a[nt / 2][(nt & 1) * 2 + 1];
+      ss0 += y[0] * bf16_lo(za) + y[1] * bf16_hi(za);
+      ss1 += y[2] * bf16_lo(zb) + y[3] * bf16_hi(zb);
+    }
+    ss0 += __shfl_xor_sync(0xffffffffu, ss0, 1);
+    ss0 += __shfl_xor_sync(0xffffffffu, ss0, 2);
+    ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
+    ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
+    if (tq == 0) {
+      const float n0 = sqrtf(fmaxf(ss0, 0.f)), n1 = sqrtf(fmaxf(ss1, 0.f));
+      if (v0) {
+        if (r0 == 0)
+          wp0[static_cast<int64_t>(b) * Hl + h] = n0;
+        else
+          rest += n0;
+      }
+      if (v1) rest += n1;  // r1 >= 8
     }
   }
-  if (lane != 0) rest = 0.f;
   rest = block_sum(rest);
   if (threadIdx.x == 0) partial[(static_cast<int64_t>(b) * Hl + h) * chunks + chunk] = rest;
+}
+
+template <int DP>
+void launch_head_write_norms(const bf16_bits* z, const bf16_bits* Mhi, const bf16_bits* Mlo, int B,
+                             int T, int Hl, int d, int chunks, float* wp0, float* partial,
+                             cudaStream_t s) {
+  constexpr int bytes = gram_smem_bytes<DP>();
+  CUDA_CHECK(cudaFuncSetAttribute(head_write_norms_kernel<DP>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  head_write_norms_kernel<DP><<<dim3(chunks, Hl, B), kNormWarps * 32, bytes, s>>>(
+      z, Mhi, Mlo, T, Hl, d, chunks, wp0, partial);
+  CUDA_CHECK_LAUNCH("head_write_norms_kernel");
 }
 
 __global__ void head_write_norms_finish_kernel(const float* __restrict__ partial, int n, int chunks,
@@ -241,12 +312,29 @@ int64_t head_write_norms_scratch(int B, int Hl) {
   return static_cast<int64_t>(B) * Hl * kNormChunks;
 }
 
-void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d,
-                      float* partial, float* wp0, float* wrest, cudaStream_t s) {
+void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_bits* gram_lo, int B,
+                      int T, int Hl, int d, int dp, float* partial, float* wp0, float* wrest,
+                      cudaStream_t s) {
   if (B == 0 || Hl == 0) return;
-  const int chunks = std::max(1, std::min(kNormChunks, T / 64));
-  head_write_norms_kernel<<<dim3(Hl, B, chunks), 256, 0, s>>>(Y, z, T, Hl, d, chunks, wp0, partial);
-  CUDA_CHECK_LAUNCH("head_write_norms_kernel");
+  const int chunks = std::max(1, std::min(kNormChunks, T / kNormRowsPerChunk));
+#define SINKSCOPE_GRAM_CASE(N)                                                             \
+  case N:                                                                                  \
+    launch_head_write_norms<N>(z, gram_hi, gram_lo, B, T, Hl, d, chunks, wp0, partial, s); \
+    break
+  switch (dp) {
+    SINKSCOPE_GRAM_CASE(16);
+    SINKSCOPE_GRAM_CASE(32);
+    SINKSCOPE_GRAM_CASE(48);
+    SINKSCOPE_GRAM_CASE(64);
+    SINKSCOPE_GRAM_CASE(80);
+    SINKSCOPE_GRAM_CASE(96);
+    SINKSCOPE_GRAM_CASE(112);
+    SINKSCOPE_GRAM_CASE(128);
+    default:
+      throw_api_failure("CUDA", "unsupported padded head dim " + std::to_string(dp),
+                        "head_write_norms", __FILE__, __LINE__);
+  }
+#undef SINKSCOPE_GRAM_CASE
   head_write_norms_finish_kernel<<<(B * Hl + 127) / 128, 128, 0, s>>>(partial, B * Hl, chunks, T,
                                                                       wrest);
   CUDA_CHECK_LAUNCH("head_write_norms_finish_kernel");

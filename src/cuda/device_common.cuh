@@ -49,6 +49,23 @@ __device__ __forceinline__ T block_sum(T v) {
   return total;
 }
 
+__device__ __forceinline__ uint32_t ld32(const bf16_bits* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// D += A B on the tensor cores: A 16x16 bf16 (row), B 16x8 bf16 (col), D 16x8 fp32. Fragments as
+// PTX's m16n8k16: lane (g = lane / 4, t = lane % 4) holds A rows g, g + 8 at columns 2t, 2t + 1
+// (a0, a1) and 2t + 8, 2t + 9 (a2, a3); B column g at rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9
+// (b1); D rows g (d0, d1) and g + 8 (d2, d3) at columns 2t, 2t + 1.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 20) {
   int64_t g = (n + threads - 1) / threads;
   if (g > cap) g = cap;

@@ -73,12 +73,14 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
                      int group, int kv_begin, float scale, cudaStream_t s);
 
 // ---- circuit_kernels.cu -------------------------------------------------------------------
-// Head write norms from y = z_h M_h (M_h = W_O,h^T W_O,h): ||w_h[i]||^2 = y_i . z_h[i].
-// Y [B*T, Hl*d] fp32, z [B*T, Hl*d] bf16 -> wp0 [B, Hl] = ||w[0]||, wrest [B, Hl] = mean_{i>=1}
-// ||w[i]||. `partial` is scratch of head_write_norms_scratch(B, Hl) floats.
+// Head write norms ||w_h[i]||^2 = z_h[i]^T M_h z_h[i] (M_h = W_O,h^T W_O,h = gram_hi + gram_lo,
+// [Hl, d, d] bf16 each), fused (z M never stored). z [B*T, Hl*d] bf16 -> wp0 [B, Hl] = ||w[0]||,
+// wrest [B, Hl] = mean_{i>=1} ||w[i]||. dp: d padded to a multiple of 16 (<= 128). `partial` is
+// scratch of head_write_norms_scratch(B, Hl) floats.
 int64_t head_write_norms_scratch(int B, int Hl);
-void head_write_norms(const float* Y, const bf16_bits* z, int B, int T, int Hl, int d,
-                      float* partial, float* wp0, float* wrest, cudaStream_t s);
+void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_bits* gram_lo, int B,
+                      int T, int Hl, int d, int dp, float* partial, float* wp0, float* wrest,
+                      cudaStream_t s);
 
 // zr [Hl, B, 2, d]: (z_h[b, 0] - zbar[b, h], z_h[b, 0]) for the head writes' position-0 vectors.
 void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr,

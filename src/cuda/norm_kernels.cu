@@ -1,5 +1,6 @@
 // RMSNorm, the fused q/k norm + RoPE, row norms, column means, residual adds, the embedding and its
 // position-0 bookkeeping, and the radix histogram behind the exact median of |x| (probe 0).
+#include <cub/block/block_scan.cuh>
 #include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
 
@@ -208,20 +209,33 @@ __global__ void abs_radix_hist_state_kernel(const float* __restrict__ x, int64_t
     if (local[i]) atomicAdd(&hist[i], local[i]);
 }
 
-// One thread: the bin holding the k-th element, as the host loop of the first implementation.
-__global__ void radix_pick_kernel(const unsigned* __restrict__ hist, int bits, int shift,
-                                  RadixState* st) {
-  const int nb = 1 << bits;
-  unsigned long long cum = 0, k = st->k;
-  int bin = 0;
-  for (; bin < nb; ++bin) {
-    if (cum + hist[bin] > k) break;
-    cum += hist[bin];
+// The bin holding the k-th element: one block, two bins per thread, a block-wide exclusive scan
+// of the counts; the one thread whose bin straddles rank k updates the state.
+constexpr int kPickThreads = kMaxBins / 2;
+__global__ void __launch_bounds__(kPickThreads)
+    radix_pick_kernel(const unsigned* __restrict__ hist, int bits, int shift, RadixState* st) {
+  using Scan = cub::BlockScan<unsigned long long, kPickThreads>;
+  __shared__ typename Scan::TempStorage scratch;
+  const int nb = 1 << bits, i0 = 2 * threadIdx.x, i1 = i0 + 1;
+  const unsigned long long h0 = i0 < nb ? hist[i0] : 0, h1 = i1 < nb ? hist[i1] : 0;
+  unsigned long long before = 0;  // elements in the bins below i0
+  Scan(scratch).ExclusiveSum(h0 + h1, before);
+  const unsigned long long k = st->k;
+  __syncthreads();  // every thread has read st->k before the winner writes it
+  int bin = -1;
+  unsigned long long below = 0;
+  if (i0 < nb && before <= k && k < before + h0) {
+    bin = i0;
+    below = before;
+  } else if (i1 < nb && before + h0 <= k && (k < before + h0 + h1 || i1 == nb - 1)) {
+    bin = i1;  // the last bin also takes k >= n, which cannot happen for k < n
+    below = before + h0;
   }
-  if (bin == nb) bin = nb - 1;  // unreachable for k < n
-  st->k = k - cum;
-  st->prefix |= static_cast<uint32_t>(bin) << shift;
-  st->hi_mask |= static_cast<uint32_t>(nb - 1) << shift;
+  if (bin >= 0) {
+    st->k = k - below;
+    st->prefix |= static_cast<uint32_t>(bin) << shift;
+    st->hi_mask |= static_cast<uint32_t>(nb - 1) << shift;
+  }
 }
 
 __global__ void radix_median_kernel(const RadixState* st, bool odd, float* out) {
@@ -260,7 +274,7 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
       abs_radix_hist_state_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(
           x, n, st + which, shifts[pass], bits[pass], hist);
       CUDA_CHECK_LAUNCH("abs_radix_hist_state_kernel");
-      radix_pick_kernel<<<1, 1, 0, s>>>(hist, bits[pass], shifts[pass], st + which);
+      radix_pick_kernel<<<1, kPickThreads, 0, s>>>(hist, bits[pass], shifts[pass], st + which);
       CUDA_CHECK_LAUNCH("radix_pick_kernel");
     }
   radix_median_kernel<<<1, 1, 0, s>>>(st, n % 2 == 1, out);

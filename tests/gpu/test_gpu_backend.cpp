@@ -138,6 +138,8 @@ std::vector<Case> cases() {
       {"d64_mha", shape(256, 3, 4, 4, 64, 8, 2, 64, {}), 2, 129, 2},
       // head_dim 128 (Qwen3's), GQA 4:1
       {"d128_gqa4", shape(256, 3, 4, 1, 128, 4, 2, 64, {}), 2, 100, 2},
+      // hidden 90, head_dim 30: no 16-byte row paths (the kernels' scalar fallbacks)
+      {"d30_width90", shape(90, 3, 3, 1, 30, 6, 2, 40, {}), 2, 45, 2},
   };
   uint64_t seed = 11;
   for (const auto& s : shapes)
