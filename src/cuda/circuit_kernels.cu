@@ -17,7 +17,7 @@ constexpr int kMaxLaneElems = 4;  // d <= 128 over 32 lanes
 // columns at a time and contracted with z in registers, so Y never reaches memory. Block (chunk,
 // h, b) takes rows [i0, i1) of probe b, head h; M_hi and M_lo of the head sit in shared memory
 // (zero padded to DP). partial[(b * Hl + h) * chunks + chunk] = sum of ||w|| over its rows i >= 1.
-constexpr int kNormChunks = 32, kNormWarps = 4, kNormRowsPerChunk = 256;
+constexpr int kNormChunks = 32, kNormWarps = 8, kNormMinRows = 128, kNormTargetBlocks = 528;
 
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
@@ -34,16 +34,29 @@ __global__ void __launch_bounds__(kNormWarps * 32)
                             float* __restrict__ wp0, float* __restrict__ partial) {
   constexpr int STR = DP + 8, KS = DP / 16, NT = DP / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Ms[part][n][k] = M_part[k][n]: B fragments (column n of M) are then contiguous in k.
+  // Ms[part][n][k] = M_part[n][k] = M_part[k][n] (exactly symmetric, see gram_split): the B
+  // fragments (column n of M) are contiguous in k. Rows copied 16 bytes at a time where d allows.
   bf16_bits* Ms = reinterpret_cast<bf16_bits*>(smem_raw);
   const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
   const int64_t dd = static_cast<int64_t>(d) * d;
-  for (int i = threadIdx.x; i < 2 * DP * DP; i += blockDim.x) {
-    const int part = i / (DP * DP), k = (i / DP) % DP, n = i % DP;
-    const bf16_bits* M = (part ? Mlo : Mhi) + h * dd;
-    Ms[(part * DP + n) * STR + k] =
-        k < d && n < d ? M[static_cast<int64_t>(k) * d + n] : static_cast<bf16_bits>(0);
+  constexpr int CH = DP / 8;  // 16-byte pieces per padded row
+  if (d % 8 == 0) {
+    for (int i = threadIdx.x; i < 2 * DP * CH; i += blockDim.x) {
+      const int part = i / (DP * CH), n = (i / CH) % DP, k = (i % CH) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (n < d && k < d)
+        v = *reinterpret_cast<const uint4*>((part ? Mlo : Mhi) + h * dd +
+                                            static_cast<int64_t>(n) * d + k);
+      *reinterpret_cast<uint4*>(Ms + (part * DP + n) * STR + k) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < 2 * DP * DP; i += blockDim.x) {
+      const int part = i / (DP * DP), n = (i / DP) % DP, k = i % DP;
+      Ms[(part * DP + n) * STR + k] =
+          n < d && k < d ? (part ? Mlo : Mhi)[h * dd + static_cast<int64_t>(n) * d + k]
+                         : static_cast<bf16_bits>(0);
+    }
   }
   __syncthreads();
   const int i0 = static_cast<int>(static_cast<int64_t>(T) * chunk / chunks);
@@ -87,7 +100,8 @@ __global__ void __launch_bounds__(kNormWarps * 32)
     ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
     ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
     if (tq == 0) {
-      const float n0 = sqrtf(fmaxf(ss0, 0.f)), n1 = sqrtf(fmaxf(ss1, 0.f));
+      // Rounding can leave a tiny negative; a NaN stays NaN (fmaxf would hide it).
+      const float n0 = sqrtf(ss0 < 0.f ? 0.f : ss0), n1 = sqrtf(ss1 < 0.f ? 0.f : ss1);
       if (v0) {
         if (r0 == 0)
           wp0[static_cast<int64_t>(b) * Hl + h] = n0;
@@ -316,7 +330,10 @@ void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_b
                       int T, int Hl, int d, int dp, float* partial, float* wp0, float* wrest,
                       cudaStream_t s) {
   if (B == 0 || Hl == 0) return;
-  const int chunks = std::max(1, std::min(kNormChunks, T / kNormRowsPerChunk));
+  // Enough blocks to fill the device (~4 per SM of an H100/H200), each with enough rows to repay
+  // its copy of M.
+  const int want = (kNormTargetBlocks + B * Hl - 1) / (B * Hl);
+  const int chunks = std::max(1, std::min({kNormChunks, want, T / kNormMinRows}));
 #define SINKSCOPE_GRAM_CASE(N)                                                             \
   case N:                                                                                  \
     launch_head_write_norms<N>(z, gram_hi, gram_lo, B, T, Hl, d, chunks, wp0, partial, s); \

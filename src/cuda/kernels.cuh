@@ -198,8 +198,9 @@ void fill_random_f32(float* dst, int64_t rows, int64_t cols, int64_t row_offset,
                      int64_t global_cols, uint64_t seed, uint64_t tensor_id, float stddev,
                      cudaStream_t s);
 void fill(float* dst, int64_t n, float value, cudaStream_t s);
-// hi = bf16(m), lo = bf16(m - hi): m ~= hi + lo to about 16 significant bits.
-void split_hi_lo(const float* m, int64_t n, bf16_bits* hi, bf16_bits* lo, cudaStream_t s);
+// `count` d x d matrices m (fp32, symmetric up to rounding) -> hi = bf16(v), lo = bf16(v - hi)
+// with v = (m + m^T) / 2: v ~= hi + lo to about 16 significant bits, hi and lo exactly symmetric.
+void gram_split(const float* m, int64_t count, int d, bf16_bits* hi, bf16_bits* lo, cudaStream_t s);
 void bf16_to_f32(const bf16_bits* src, int64_t n, float* dst, cudaStream_t s);
 void f32_to_bf16(const float* src, int64_t n, bf16_bits* dst, cudaStream_t s);
 

@@ -42,13 +42,18 @@ __global__ void fill_kernel(float* __restrict__ dst, int64_t n, float value) {
     dst[i] = value;
 }
 
-__global__ void split_hi_lo_kernel(const float* __restrict__ m, int64_t n,
-                                   bf16_bits* __restrict__ hi, bf16_bits* __restrict__ lo) {
+__global__ void gram_split_kernel(const float* __restrict__ m, int64_t count, int d,
+                                  bf16_bits* __restrict__ hi, bf16_bits* __restrict__ lo) {
+  const int64_t n = count * d * d;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const bf16_bits h = f2bf(m[i]);
+    const int64_t base = i / (static_cast<int64_t>(d) * d) * d * d;
+    const int r = static_cast<int>((i - base) / d), c = static_cast<int>((i - base) % d);
+    // (a + b) / 2 is the same float for (r, c) and (c, r): the parts are exactly symmetric.
+    const float v = 0.5f * (m[i] + m[base + static_cast<int64_t>(c) * d + r]);
+    const bf16_bits h = f2bf(v);
     hi[i] = h;
-    lo[i] = f2bf(m[i] - bf2f(h));
+    lo[i] = f2bf(v - bf2f(h));
   }
 }
 
@@ -92,10 +97,12 @@ void fill(float* dst, int64_t n, float value, cudaStream_t s) {
   CUDA_CHECK_LAUNCH("fill_kernel");
 }
 
-void split_hi_lo(const float* m, int64_t n, bf16_bits* hi, bf16_bits* lo, cudaStream_t s) {
+void gram_split(const float* m, int64_t count, int d, bf16_bits* hi, bf16_bits* lo,
+                cudaStream_t s) {
+  const int64_t n = count * d * d;
   if (n == 0) return;
-  split_hi_lo_kernel<<<grid_for(n, 256, 65536), 256, 0, s>>>(m, n, hi, lo);
-  CUDA_CHECK_LAUNCH("split_hi_lo_kernel");
+  gram_split_kernel<<<grid_for(n, 256, 65536), 256, 0, s>>>(m, count, d, hi, lo);
+  CUDA_CHECK_LAUNCH("gram_split_kernel");
 }
 
 void bf16_to_f32(const bf16_bits* src, int64_t n, float* dst, cudaStream_t s) {

@@ -42,7 +42,8 @@ void load_rows_bf16(const Checkpoint& ck, const std::string& name, int64_t r0, i
   }
 }
 
-// Per local head: M_h = W_O,h^T W_O,h in fp32 (bf16 products, fp32 sums), split into hi + lo bf16.
+// Per local head: M_h = W_O,h^T W_O,h in fp32 (bf16 products, fp32 sums), made exactly symmetric
+// and split into hi + lo bf16 (the head write norm kernel reads rows of M as its columns).
 void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cudaStream_t s) {
   const int64_t qw = Hl * d;
   // cudaMemcpy from pageable memory may return before its DMA lands, and the backend's stream does
@@ -53,7 +54,7 @@ void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cud
   L.gram_lo.reserve(static_cast<size_t>(Hl * d * d));
   blas.tn(d, d, D, {L.wo.get(), Dt::kBF16, qw, d}, {L.wo.get(), Dt::kBF16, qw, d},
           {m.get(), Dt::kF32, d, d * d}, 1.f, 0.f, static_cast<int>(Hl));
-  k::split_hi_lo(m.get(), Hl * d * d, L.gram_hi.get(), L.gram_lo.get(), s);
+  k::gram_split(m.get(), Hl, static_cast<int>(d), L.gram_hi.get(), L.gram_lo.get(), s);
   CUDA_CHECK(cudaStreamSynchronize(s));  // m is freed on return
 }
 

@@ -582,15 +582,15 @@ void fill_tensor(const std::string& file, const std::string& name, float value) 
   ASSERT_TRUE(f.good()) << file;
 }
 
-// Finite weights whose products overflow in layer 1's heads (NaN weights are refused at load):
-// the run fails naming layer 1's attention, not a later component that the overflow reaches
-// through the residual (the taps' checks run deferred, behind later device work).
+// Finite weights whose products overflow in layer 1's values (NaN weights are refused at load):
+// the run fails naming layer 1's attention, not the router or the residual that the overflow
+// reaches later (the taps' checks run deferred, behind later device work).
 TEST(GpuFaults, OverflowNamesTheFirstComponent) {
   REQUIRE_GPU();
   TempDir dir;
   const ModelConfig cfg = shape(64, 3, 4, 2, 16, 8, 2, 32, {});
   synthesize(cfg, dir.path(), false, 11);
-  fill_tensor(dir.path() + "/model.safetensors", "model.layers.1.self_attn.o_proj.weight", 1e30f);
+  fill_tensor(dir.path() + "/model.safetensors", "model.layers.1.self_attn.v_proj.weight", 1e38f);
   auto world = make_single_comm();
   AnalyzeOptions opt;
   opt.model = dir.path();
