@@ -277,7 +277,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> norm_partial_;
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
   DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_;
-  DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_;
+  DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
   DeviceBuffer<float> a0_mean_, median_;
   DeviceBuffer<uint8_t> median_scratch_;
   // Pinned host copies of the taps; each tap kind has its own, since up to three taps (MoE tap of
@@ -793,8 +793,10 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     routed_ += n;
     to_device(off_dev_.get(), off32.data(), off32.size());
     ipack_.reserve(static_cast<size_t>(std::max<int64_t>(2 * npairs, 1)));
-    k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), ipack_.get(),
-                   ipack_.get() + npairs, s());
+    sort_scratch_.reserve(static_cast<size_t>(
+        std::max<int64_t>(k::expert_rank_scratch(npairs, static_cast<int>(E)), 1)));
+    k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), sort_scratch_.get(),
+                   ipack_.get(), ipack_.get() + npairs, s());
     pos_w_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     pos_tok_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
     k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(),

@@ -149,9 +149,10 @@ void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, 
 void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n,
                       int32_t* counts_and_ties, cudaStream_t s);
 // Stable counting sort by expert: src_pair[pos] = pair, pos_of_pair[pair] = pos, with expert e's
-// pairs at offsets[e] .. in pair order.
+// pairs at offsets[e] .. in pair order. scratch: expert_rank_scratch(npairs, E) ints.
+int64_t expert_rank_scratch(int64_t npairs, int E);
 void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets,
-                 int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s);
+                 int32_t* scratch, int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s);
 // out_rows[b * S + e, :] = sum over expert e's rows p whose token pos_tok[p] is probe b's position
 // 1..T-1 of row_w[p] * rows[p, :] (rows in source order; every (e, b) written, zeros included).
 void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,

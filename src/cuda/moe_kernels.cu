@@ -3,6 +3,7 @@
 // rest-of-sequence write sums the recorder needs.
 #include <algorithm>
 #include <climits>
+#include <cub/block/block_scan.cuh>
 
 #include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
@@ -176,7 +177,8 @@ __global__ void p0_rows_kernel(const float* __restrict__ rows, const float* __re
   if (threadIdx.x == 0) n0_out[out] = static_cast<float>(sqrt(ss));
 }
 
-// counts[e] += pairs routed to e; ties[0] += rows whose k-th / (k+1)-th gap is < 1e-3.
+// counts[e] += pairs routed to e; ties[0] += rows whose k-th / (k+1)-th gap is < 1e-3. Ids
+// outside [0, E) (NaN logits) are not counted: the caller sees fewer pairs than it routed.
 __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
                                         const float* __restrict__ gap, int64_t n,
                                         int32_t* __restrict__ counts, int32_t* __restrict__ ties) {
@@ -186,8 +188,10 @@ __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t
   int32_t my_ties = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < npairs;
-       p += stride)
-    atomicAdd(&local[ids[p]], 1);
+       p += stride) {
+    const int e = ids[p];
+    if (e >= 0 && e < E) atomicAdd(&local[e], 1);  // NaN logits pick no expert (id INT_MAX)
+  }
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n; r += stride)
     my_ties += gap[r] < 1e-3f ? 1 : 0;
   __syncthreads();
@@ -196,39 +200,84 @@ __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t
   if (my_ties) atomicAdd(ties, my_ties);
 }
 
-// Stable counting sort of the pairs by expert, one warp per expert: the warp walks the pairs in
-// order, 8 per lane per step, and places its expert's pairs at offsets[e] + running rank.
-constexpr int kRankPerLane = 8;
-__global__ void expert_rank_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
-                                   const int32_t* __restrict__ offsets,
+// Stable counting sort of the pairs by expert in three parallel steps. The pairs are cut into
+// chunks of kSortChunk, one warp each: (1) per-chunk expert counts, (2) per expert, an exclusive
+// scan of its counts over the chunks (+ offsets[e]) gives each chunk's first position, (3) each
+// warp walks its chunk in order, 32 pairs a step, and places pair p at its chunk's running position
+// for its expert plus its rank among the step's lanes with the same expert (__match_any_sync), so
+// the pairs of an expert stay in pair order.
+constexpr int kSortChunk = 1024, kSortWarps = 4;
+
+__global__ void chunk_counts_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
+                                    int nchunks, int32_t* __restrict__ counts) {
+  extern __shared__ int32_t sort_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int chunk = blockIdx.x * kSortWarps + warp;
+  int32_t* local = sort_smem + warp * E;
+  for (int e = lane; e < E; e += 32) local[e] = 0;
+  __syncwarp();
+  if (chunk < nchunks) {
+    const int64_t p0 = static_cast<int64_t>(chunk) * kSortChunk;
+    const int64_t p1 = p0 + kSortChunk < npairs ? p0 + kSortChunk : npairs;
+    for (int64_t p = p0 + lane; p < p1; p += 32) {
+      const int e = ids[p];
+      if (e >= 0 && e < E) atomicAdd(&local[e], 1);  // (the caller stops before: see histogram)
+    }
+    __syncwarp();
+    for (int e = lane; e < E; e += 32) counts[static_cast<int64_t>(chunk) * E + e] = local[e];
+  }
+}
+
+constexpr int kScanThreads = 256;
+__global__ void __launch_bounds__(kScanThreads)
+    chunk_scan_kernel(const int32_t* __restrict__ counts, const int32_t* __restrict__ offsets,
+                      int E, int nchunks, int32_t* __restrict__ base) {
+  using Scan = cub::BlockScan<int32_t, kScanThreads>;
+  __shared__ typename Scan::TempStorage scratch;
+  const int e = blockIdx.x;
+  int32_t carry = offsets[e];
+  for (int c0 = 0; c0 < nchunks; c0 += kScanThreads) {
+    const int c = c0 + static_cast<int>(threadIdx.x);
+    const int32_t v = c < nchunks ? counts[static_cast<int64_t>(c) * E + e] : 0;
+    int32_t before = 0, total = 0;
+    Scan(scratch).ExclusiveSum(v, before, total);
+    if (c < nchunks) base[static_cast<int64_t>(c) * E + e] = carry + before;
+    carry += total;
+    __syncthreads();  // scratch is reused by the next tile
+  }
+}
+
+__global__ void chunk_place_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
+                                   int nchunks, const int32_t* __restrict__ base,
                                    int32_t* __restrict__ src_pair,
                                    int32_t* __restrict__ pos_of_pair) {
-  const int lane = threadIdx.x & 31;
-  const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (e >= E) return;
-  int64_t running = offsets[e];
-  for (int64_t base = 0; base < npairs; base += 32 * kRankPerLane) {
-    const int64_t first = base + static_cast<int64_t>(lane) * kRankPerLane;
-    unsigned hits = 0;
-#pragma unroll
-    for (int j = 0; j < kRankPerLane; ++j)
-      if (first + j < npairs && ids[first + j] == e) hits |= 1u << j;
-    const int mine = __popc(hits);
-    int incl = mine;  // inclusive scan over lanes
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += v;
+  extern __shared__ int32_t sort_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int chunk = blockIdx.x * kSortWarps + warp;
+  if (chunk >= nchunks) return;  // whole warps only: no block-wide barrier follows
+  int32_t* run = sort_smem + warp * E;
+  for (int e = lane; e < E; e += 32) run[e] = base[static_cast<int64_t>(chunk) * E + e];
+  __syncwarp();
+  const int64_t p0 = static_cast<int64_t>(chunk) * kSortChunk;
+  const int64_t p1 = p0 + kSortChunk < npairs ? p0 + kSortChunk : npairs;
+  const unsigned lower = (1u << lane) - 1u;
+  for (int64_t step = p0; step < p1; step += 32) {
+    const int64_t p = step + lane;
+    const bool valid = p < p1 && ids[p] >= 0 && ids[p] < E;
+    const unsigned mask = __ballot_sync(0xffffffffu, valid);
+    int e = 0, rank = 0, same = 0;
+    if (valid) {
+      e = ids[p];
+      const unsigned peers = __match_any_sync(mask, e);
+      rank = __popc(peers & lower);
+      same = __popc(peers);
+      const int32_t pos = run[e] + rank;
+      src_pair[pos] = static_cast<int32_t>(p);
+      pos_of_pair[p] = pos;
     }
-    int64_t pos = running + incl - mine;
-#pragma unroll
-    for (int j = 0; j < kRankPerLane; ++j)
-      if (hits & (1u << j)) {
-        src_pair[pos] = static_cast<int32_t>(first + j);
-        pos_of_pair[first + j] = static_cast<int32_t>(pos);
-        ++pos;
-      }
-    running += __shfl_sync(0xffffffffu, incl, 31);
+    __syncwarp();  // every lane has read run[] before the first of each group advances it
+    if (valid && rank == 0) run[e] += same;
+    __syncwarp();
   }
 }
 
@@ -441,11 +490,25 @@ void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* ga
   CUDA_CHECK_LAUNCH("expert_histogram_kernel");
 }
 
+int64_t expert_rank_scratch(int64_t npairs, int E) {
+  return 2 * ((npairs + kSortChunk - 1) / kSortChunk) * static_cast<int64_t>(E);
+}
+
 void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets,
-                 int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s) {
+                 int32_t* scratch, int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s) {
   if (npairs == 0) return;
-  expert_rank_kernel<<<(E + 3) / 4, 128, 0, s>>>(ids, npairs, E, offsets, src_pair, pos_of_pair);
-  CUDA_CHECK_LAUNCH("expert_rank_kernel");
+  const int nchunks = static_cast<int>((npairs + kSortChunk - 1) / kSortChunk);
+  int32_t* counts = scratch;
+  int32_t* base = scratch + static_cast<int64_t>(nchunks) * E;
+  const unsigned blocks = static_cast<unsigned>((nchunks + kSortWarps - 1) / kSortWarps);
+  const size_t smem = static_cast<size_t>(kSortWarps) * E * sizeof(int32_t);
+  chunk_counts_kernel<<<blocks, kSortWarps * 32, smem, s>>>(ids, npairs, E, nchunks, counts);
+  CUDA_CHECK_LAUNCH("chunk_counts_kernel");
+  chunk_scan_kernel<<<E, kScanThreads, 0, s>>>(counts, offsets, E, nchunks, base);
+  CUDA_CHECK_LAUNCH("chunk_scan_kernel");
+  chunk_place_kernel<<<blocks, kSortWarps * 32, smem, s>>>(ids, npairs, E, nchunks, base, src_pair,
+                                                           pos_of_pair);
+  CUDA_CHECK_LAUNCH("chunk_place_kernel");
 }
 
 void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,

@@ -5,7 +5,8 @@
 #      one GPU (tests/tools/compare_h5.py, bf16 tolerance) by the caller;
 #   2. kill -9 of one rank: the other exits within 30 s (NCCL abort on the bounded wait);
 #   3. transformers loads a checkpoint written by `sinkscope synth`.
-# usage: [NP=2] [LAYOUTS="--tp 2;--ep 2;--tp 1"] [SKIP_EXTRAS=1] multi_gpu_run.sh SINKSCOPE REPO_ROOT OUTDIR
+# usage: [NP=2] [LAYOUTS="--tp 2;--ep 2;--tp 1"] [KILL_LAYOUT="--tp 2"] [SKIP_EXTRAS=1]
+#        multi_gpu_run.sh SINKSCOPE REPO_ROOT OUTDIR
 set -u
 bin=$1 root=$2 out=$3
 mkdir -p "$out"
@@ -40,7 +41,7 @@ done
 # kill -9 of one rank of a 2-GPU run.
 "$bin" synth --config "$root/tests/data/moe_16e.json" --out "$work/big" --seed 6 2>/dev/null
 mpirun -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$bin" analyze --quiet --device cuda --model "$work/big" --probes random:20000:64:1 \
-  --batch 1 --tp 2 --out "$out/killed.h5" 2>"$out/killed.err" &
+  --batch 1 ${KILL_LAYOUT:---tp 2} --out "$out/killed.h5" 2>"$out/killed.err" &
 launcher=$!
 sleep 8
 victim=$(pgrep -P "$launcher" -f killed.h5 | sed -n 2p)
