@@ -274,7 +274,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> x_, inv_rx_, qkv_, a0_, partial_, qbar_, zbar_, colmean_, zr_, tp_pack_, wp0_,
       wrest_;
   DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
-  DeviceBuffer<float> norm_partial_;
+  DeviceBuffer<float> norm_partial_, rest_scratch_;
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
   DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
@@ -808,9 +808,13 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
     mark(l, kCombineDone);
     if (record_) {
+      rest_scratch_.reserve(static_cast<size_t>(
+          std::max<int64_t>(k::expert_rest_sums_scratch(static_cast<int>(E), static_cast<int>(B),
+                                                        static_cast<int>(S), Di, npairs),
+                            1)));
       k::expert_rest_sums(back, pos_w_.get(), pos_tok_.get(), off_dev_.get(), cnt_dev_.get(),
                           static_cast<int>(E), static_cast<int>(B), Ti, static_cast<int>(S), Di,
-                          rest, s());
+                          npairs, rest_scratch_.get(), rest, s());
       k::expert_p0_and_counts(back, pos_w_.get(), ids_.get(), ipack_.get() + npairs, cnt_dev_.get(),
                               static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0,
                               s1, static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());

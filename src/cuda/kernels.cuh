@@ -155,9 +155,12 @@ void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offse
                  int32_t* scratch, int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s);
 // out_rows[b * S + e, :] = sum over expert e's rows p whose token pos_tok[p] is probe b's position
 // 1..T-1 of row_w[p] * rows[p, :] (rows in source order; every (e, b) written, zeros included).
+// Long segments are cut into splits summed in a fixed order (deterministic for a given shape);
+// scratch holds expert_rest_sums_scratch(E, B, S, D, npairs) floats (npairs: rows in `rows`).
+int64_t expert_rest_sums_scratch(int E, int B, int S, int D, int64_t npairs);
 void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,
                       const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
-                      int D, float* out_rows, cudaStream_t s);
+                      int D, int64_t npairs, float* scratch, float* out_rows, cudaStream_t s);
 // Position-0 pairs of the slice [s0, s1): p0_out[b * S + e, :] = w * row, n0_out = its norm,
 // r0_out[b * E + e] = 1; rc_out[e] = counts[e] minus those position-0 pairs.
 void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids,

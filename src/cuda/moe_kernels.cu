@@ -293,8 +293,22 @@ __device__ __forceinline__ int lower_bound_tok(const int32_t* __restrict__ tok, 
   return lo;
 }
 
-// Block (e, b) sums w * row over expert e's pairs whose token is probe b's position 1..T-1 (the
-// pairs of an expert are in token order), 4 columns per thread.
+// The rows [begin, end) of expert e's pairs whose token is probe b's position 1..T-1 (the pairs of
+// an expert are in token order), split z of gridDim.z.
+__device__ __forceinline__ void rest_rows(const int32_t* __restrict__ pos_tok,
+                                          const int32_t* __restrict__ offsets,
+                                          const int32_t* __restrict__ counts, int e, int b, int T,
+                                          int& begin, int& end) {
+  const int lo = offsets[e], hi = lo + counts[e];
+  const int first = lower_bound_tok(pos_tok, lo, hi, static_cast<int64_t>(b) * T + 1);
+  const int last = lower_bound_tok(pos_tok, first, hi, static_cast<int64_t>(b + 1) * T);
+  const int64_t n = last - first;
+  begin = first + static_cast<int>(n * blockIdx.z / gridDim.z);
+  end = first + static_cast<int>(n * (blockIdx.z + 1) / gridDim.z);
+}
+
+// Block (e, b, split) sums w * row over its rows, 4 columns per thread, into
+// out_rows[(split * B + b) * S + e] (the splits are summed in order by rest_splits_sum_kernel).
 __global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
                                         const float* __restrict__ row_w,
                                         const int32_t* __restrict__ pos_tok,
@@ -302,9 +316,8 @@ __global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
                                         const int32_t* __restrict__ counts, int B, int T, int S,
                                         int D, float* __restrict__ out_rows) {
   const int e = blockIdx.x / B, b = blockIdx.x % B;
-  const int lo = offsets[e], hi = lo + counts[e];
-  const int begin = lower_bound_tok(pos_tok, lo, hi, static_cast<int64_t>(b) * T + 1);
-  const int end = lower_bound_tok(pos_tok, begin, hi, static_cast<int64_t>(b + 1) * T);
+  int begin = 0, end = 0;
+  rest_rows(pos_tok, offsets, counts, e, b, T, begin, end);
   const int c0 = blockIdx.y * blockDim.x * 4 + threadIdx.x;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int p = begin; p < end; ++p) {
@@ -316,7 +329,7 @@ __global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
       if (c < D) acc[j] += w * row[c];
     }
   }
-  float* out = out_rows + (static_cast<int64_t>(b) * S + e) * D;
+  float* out = out_rows + ((static_cast<int64_t>(blockIdx.z) * B + b) * S + e) * D;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int c = c0 + j * blockDim.x;
@@ -333,9 +346,8 @@ __global__ void expert_rest_sums4_kernel(const float* __restrict__ rows,
                                          const int32_t* __restrict__ counts, int B, int T, int S,
                                          int D, float* __restrict__ out_rows) {
   const int e = blockIdx.x / B, b = blockIdx.x % B;
-  const int lo = offsets[e], hi = lo + counts[e];
-  const int begin = lower_bound_tok(pos_tok, lo, hi, static_cast<int64_t>(b) * T + 1);
-  const int end = lower_bound_tok(pos_tok, begin, hi, static_cast<int64_t>(b + 1) * T);
+  int begin = 0, end = 0;
+  rest_rows(pos_tok, offsets, counts, e, b, T, begin, end);
   const int c = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
   if (c >= D) return;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -364,7 +376,19 @@ __global__ void expert_rest_sums4_kernel(const float* __restrict__ rows,
     acc.z += w * v.z;
     acc.w += w * v.w;
   }
-  *reinterpret_cast<float4*>(out_rows + (static_cast<int64_t>(b) * S + e) * D + c) = acc;
+  *reinterpret_cast<float4*>(out_rows + ((static_cast<int64_t>(blockIdx.z) * B + b) * S + e) * D +
+                             c) = acc;
+}
+
+// out[i] = sum over the splits, in split order, of parts[split * n + i].
+__global__ void rest_splits_sum_kernel(const float* __restrict__ parts, int64_t n, int splits,
+                                       float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int z = 0; z < splits; ++z) acc += parts[z * n + i];
+    out[i] = acc;
+  }
 }
 
 __global__ void rest_counts_kernel(const int32_t* __restrict__ counts, int E,
@@ -511,20 +535,49 @@ void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offse
   CUDA_CHECK_LAUNCH("chunk_place_kernel");
 }
 
+namespace {
+// Row splits per (expert, probe): enough blocks to fill the device, and at most ~256 rows a block
+// (the work is a chain of loads per thread), so long probes with few experts per probe still
+// spread; with many probes a split of 1 writes the sums directly.
+int rest_splits(int E, int B, int D, int64_t npairs) {
+  const int64_t base = static_cast<int64_t>(E) * B * ((D + 511) / 512);
+  const int64_t by_blocks = (2048 + base - 1) / base;
+  const int64_t by_rows = (npairs / std::max<int64_t>(static_cast<int64_t>(E) * B, 1) + 255) / 256;
+  return static_cast<int>(std::min<int64_t>(64, std::max<int64_t>({1, by_blocks, by_rows})));
+}
+}  // namespace
+
+int64_t expert_rest_sums_scratch(int E, int B, int S, int D, int64_t npairs) {
+  const int splits = rest_splits(E, B, D, npairs);
+  return splits > 1 ? static_cast<int64_t>(splits) * B * S * D : 0;
+}
+
 void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,
                       const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
-                      int D, float* out_rows, cudaStream_t s) {
+                      int D, int64_t npairs, float* scratch, float* out_rows, cudaStream_t s) {
   if (E == 0 || B == 0) return;
-  const dim3 grid(static_cast<unsigned>(E * B), (D + 511) / 512);
+  const int splits = rest_splits(E, B, D, npairs);
+  // With splits, every (split, b, slot) of the scratch is written except the slots >= E of the
+  // S-slot rows, which the final sum also reads: zero them once.
+  float* dst = splits > 1 ? scratch : out_rows;
+  if (splits > 1 && S > E)
+    CUDA_CHECK(
+        cudaMemsetAsync(scratch, 0, static_cast<size_t>(splits) * B * S * D * sizeof(float), s));
+  const dim3 grid(static_cast<unsigned>(E * B), (D + 511) / 512, static_cast<unsigned>(splits));
   if (D % 4 == 0) {  // rows and outputs are then 16-byte aligned (cudaMalloc'd, D floats apart)
     expert_rest_sums4_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
-                                                  out_rows);
+                                                  dst);
     CUDA_CHECK_LAUNCH("expert_rest_sums4_kernel");
-    return;
+  } else {
+    expert_rest_sums_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
+                                                 dst);
+    CUDA_CHECK_LAUNCH("expert_rest_sums_kernel");
   }
-  expert_rest_sums_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
-                                               out_rows);
-  CUDA_CHECK_LAUNCH("expert_rest_sums_kernel");
+  if (splits > 1) {
+    const int64_t n = static_cast<int64_t>(B) * S * D;
+    rest_splits_sum_kernel<<<grid_for(n, 256, 8192), 256, 0, s>>>(scratch, n, splits, out_rows);
+    CUDA_CHECK_LAUNCH("rest_splits_sum_kernel");
+  }
 }
 
 void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids,
