@@ -541,6 +541,7 @@ namespace {
 // spread; with many probes a split of 1 writes the sums directly.
 int rest_splits(int E, int B, int D, int64_t npairs) {
   const int64_t base = static_cast<int64_t>(E) * B * ((D + 511) / 512);
+  if (base == 0) return 1;  // a rank with no probes left (B = 0) still joins the collectives
   const int64_t by_blocks = (2048 + base - 1) / base;
   const int64_t by_rows = (npairs / std::max<int64_t>(static_cast<int64_t>(E) * B, 1) + 255) / 256;
   return static_cast<int>(std::min<int64_t>(64, std::max<int64_t>({1, by_blocks, by_rows})));
