@@ -20,9 +20,11 @@ import torch
 import transformers
 
 
-def build(config_path, attn):
+def build(config_path, attn, layers):
     with open(config_path) as f:
         raw = json.load(f)
+    if layers:
+        raw["num_hidden_layers"] = layers
     cfg = transformers.Qwen3MoeConfig(**{k: v for k, v in raw.items() if k != "architectures"})
     cfg._attn_implementation = attn
     torch.manual_seed(0)
@@ -65,6 +67,7 @@ def main():
     ap.add_argument("--run", action="append", required=True, help="MODE:B:T, MODE eager or sdpa")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: keep)")
     args = ap.parse_args()
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name()}", flush=True)
@@ -79,7 +82,7 @@ def main():
             models.clear()
             torch.cuda.empty_cache()
             t0 = time.time()
-            models[attn] = build(args.config, attn)
+            models[attn] = build(args.config, attn, args.layers)
             print(f"<!-- built the {attn} model in {time.time() - t0:.0f} s -->", flush=True)
         model, cfg = models[attn]
         label = "HF eager + output_attentions" if mode == "eager" else "HF sdpa (plain forward)"
