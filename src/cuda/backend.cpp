@@ -198,12 +198,12 @@ class CudaBackend final : public Backend {
   void mlp(int64_t l, ForwardObserver& obs);
   // Runs the experts on the slice's n * k (token, expert) pairs and returns their outputs (not yet
   // weighted) on the device, in source order: pairs sorted by expert, then by pair index.
-  const float* moe_experts(const DeviceLayer& Lw, int64_t n);
+  const bf16_bits* moe_experts(const DeviceLayer& Lw, int64_t n);
   // The expert FFN on `total` bf16 rows of X in groups: group g is rows[g] rows from offsets[g],
   // all routed to local expert expert[g]; fp32 outputs at the same rows of out.
   void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& rows,
                   const std::vector<int64_t>& offsets, const std::vector<int64_t>& expert,
-                  int64_t total, float* out);
+                  int64_t total, bf16_bits* out);
   void upload_ablations();
   void ensure_rope(int64_t T);
   void mark(int64_t l, int which);
@@ -275,8 +275,8 @@ class CudaBackend final : public Backend {
       wrest_;
   DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
   DeviceBuffer<float> norm_partial_, rest_scratch_;
-  DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, out_, out2_, norms_, logits_;
-  DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_;
+  DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, norms_, logits_;
+  DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_, out_, out2_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
   DeviceBuffer<float> a0_mean_, median_;
   DeviceBuffer<uint8_t> median_scratch_;
@@ -664,17 +664,17 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
 
 void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X,
                              const std::vector<int>& rows, const std::vector<int64_t>& offsets,
-                             const std::vector<int64_t>& expert, int64_t total, float* out) {
+                             const std::vector<int64_t>& expert, int64_t total, bf16_bits* out) {
   if (total == 0) return;
   const int64_t I = Lw.inter, D = D_;
   h_.reserve(static_cast<size_t>(total * 2 * I));
   act_.reserve(static_cast<size_t>(total * I));
   blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), h_.get(), Dt::kBF16);
   k::swiglu(h_.get(), total, static_cast<int>(I), act_.get(), s());
-  blas_.grouped_nt(rows, offsets, expert, D, I, act_.get(), Lw.w_down.get(), out, Dt::kF32);
+  blas_.grouped_nt(rows, offsets, expert, D, I, act_.get(), Lw.w_down.get(), out, Dt::kBF16);
 }
 
-const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
+const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   const int64_t D = D_, K = K_, E = E_, npairs = n * K;
   const int P = coll_.ep_size();
   out_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
@@ -690,8 +690,8 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   // Expert parallel, device to device. The gathered rows are expert-major and every ep rank owns a
   // contiguous range of experts, so each owner's rows are one contiguous block. The per-expert
   // counts of every source travel first (MPI, E ints per rank), so both sides know every size; the
-  // rows go as bf16, the answers come back as fp32 rows in the order they were sent, i.e. straight
-  // into the source order the combine and the recording read.
+  // rows go as bf16, the answers (bf16, as every expert output) come back in the order they were
+  // sent, i.e. straight into the source order the combine and the recording read.
   const int64_t El = plan_.local_experts(), eb = plan_.expert_begin;
   std::string mine(reinterpret_cast<const char*>(counts_.data()), counts_.size() * sizeof(int));
   const std::vector<std::string> all = comms_.ep_group->allgather_bytes(mine);
@@ -724,8 +724,8 @@ const float* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   coll_.ep_alltoallv(xg_.get(), bytes(send_rows, sizeof(bf16_bits)), xr_.get(),
                      bytes(recv_rows, sizeof(bf16_bits)));
   expert_ffn(Lw, xr_.get(), grows, goff, gexp, npr, out2_.get());
-  coll_.ep_alltoallv(out2_.get(), bytes(recv_rows, sizeof(float)), out_.get(),
-                     bytes(send_rows, sizeof(float)));
+  coll_.ep_alltoallv(out2_.get(), bytes(recv_rows, sizeof(bf16_bits)), out_.get(),
+                     bytes(send_rows, sizeof(bf16_bits)));
   return out_.get();
 }
 
@@ -803,7 +803,7 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
                  pos_tok_.get(), s());
     mark(l, kRouted);
 
-    const float* back = moe_experts(Lw, n);
+    const bf16_bits* back = moe_experts(Lw, n);
     mark(l, kExpertsDone);
     k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
     mark(l, kCombineDone);

@@ -158,12 +158,12 @@ void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offse
 // Long segments are cut into splits summed in a fixed order (deterministic for a given shape);
 // scratch holds expert_rest_sums_scratch(E, B, S, D, npairs) floats (npairs: rows in `rows`).
 int64_t expert_rest_sums_scratch(int E, int B, int S, int D, int64_t npairs);
-void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,
+void expert_rest_sums(const bf16_bits* rows, const float* row_w, const int32_t* pos_tok,
                       const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
                       int D, int64_t npairs, float* scratch, float* out_rows, cudaStream_t s);
 // Position-0 pairs of the slice [s0, s1): p0_out[b * S + e, :] = w * row, n0_out = its norm,
 // r0_out[b * E + e] = 1; rc_out[e] = counts[e] minus those position-0 pairs.
-void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids,
+void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32_t* ids,
                           const int32_t* pos_of_pair, const int32_t* counts, int B, int T, int K,
                           int E, int64_t s0, int64_t s1, int S, int D, float* p0_out, float* n0_out,
                           float* r0_out, float* rc_out, cudaStream_t s);
@@ -177,8 +177,8 @@ void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, in
                float* pos_w, int32_t* pos_tok, cudaStream_t s);
 
 // m[r, :] = sum_j weights[r*K + j] * back[pos_of_pair[r*K + j], :] for the n rows of a slice.
-void combine(const float* back, const int32_t* pos_of_pair, const float* weights, int64_t n, int K,
-             int D, float* m, cudaStream_t s);
+void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
+             int K, int D, float* m, cudaStream_t s);
 
 // For each segment (begin, end, out) of seg [nseg, 3]: out_rows[out, :] = sum over rows p in
 // [begin, end) whose token (row_tok[p], or tok0 + p when row_tok is null) is not at position 0 of

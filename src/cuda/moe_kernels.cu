@@ -127,7 +127,7 @@ __global__ void pair_info_kernel(const int32_t* __restrict__ src_pair,
   }
 }
 
-__global__ void combine_kernel(const float* __restrict__ back,
+__global__ void combine_kernel(const bf16_bits* __restrict__ back,
                                const int32_t* __restrict__ pos_of_pair,
                                const float* __restrict__ weights, int K, int D,
                                float* __restrict__ m) {
@@ -136,7 +136,7 @@ __global__ void combine_kernel(const float* __restrict__ back,
     float acc = 0.f;
     for (int j = 0; j < K; ++j) {
       const float o =
-          weights[r * K + j] * back[static_cast<int64_t>(pos_of_pair[r * K + j]) * D + c];
+          weights[r * K + j] * bf2f(back[static_cast<int64_t>(pos_of_pair[r * K + j]) * D + c]);
       acc += o;
     }
     m[r * D + c] = acc;
@@ -309,7 +309,7 @@ __device__ __forceinline__ void rest_rows(const int32_t* __restrict__ pos_tok,
 
 // Block (e, b, split) sums w * row over its rows, 4 columns per thread, into
 // out_rows[(split * B + b) * S + e] (the splits are summed in order by rest_splits_sum_kernel).
-__global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
+__global__ void expert_rest_sums_kernel(const bf16_bits* __restrict__ rows,
                                         const float* __restrict__ row_w,
                                         const int32_t* __restrict__ pos_tok,
                                         const int32_t* __restrict__ offsets,
@@ -322,11 +322,11 @@ __global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int p = begin; p < end; ++p) {
     const float w = row_w[p];
-    const float* row = rows + static_cast<int64_t>(p) * D;
+    const bf16_bits* row = rows + static_cast<int64_t>(p) * D;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int c = c0 + j * blockDim.x;
-      if (c < D) acc[j] += w * row[c];
+      if (c < D) acc[j] += w * bf2f(row[c]);
     }
   }
   float* out = out_rows + ((static_cast<int64_t>(blockIdx.z) * B + b) * S + e) * D;
@@ -337,9 +337,15 @@ __global__ void expert_rest_sums_kernel(const float* __restrict__ rows,
   }
 }
 
-// The same sums with 16-byte loads (D % 4 == 0), 4 rows in flight per thread: memory bound, so
-// what counts is the number of loads in flight. Same summation order per column as above.
-__global__ void expert_rest_sums4_kernel(const float* __restrict__ rows,
+// The same sums with 8-byte loads of 4 bf16 (D % 4 == 0), 4 rows in flight per thread: memory
+// bound, so what counts is the number of loads in flight. Same summation order per column as above.
+__device__ __forceinline__ float4 load_bf16x4(const bf16_bits* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                     __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+
+__global__ void expert_rest_sums4_kernel(const bf16_bits* __restrict__ rows,
                                          const float* __restrict__ row_w,
                                          const int32_t* __restrict__ pos_tok,
                                          const int32_t* __restrict__ offsets,
@@ -357,7 +363,7 @@ __global__ void expert_rest_sums4_kernel(const float* __restrict__ rows,
     float w[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      v[j] = *reinterpret_cast<const float4*>(rows + static_cast<int64_t>(p + j) * D + c);
+      v[j] = load_bf16x4(rows + static_cast<int64_t>(p + j) * D + c);
       w[j] = row_w[p + j];
     }
 #pragma unroll
@@ -369,7 +375,7 @@ __global__ void expert_rest_sums4_kernel(const float* __restrict__ rows,
     }
   }
   for (; p < end; ++p) {
-    const float4 v = *reinterpret_cast<const float4*>(rows + static_cast<int64_t>(p) * D + c);
+    const float4 v = load_bf16x4(rows + static_cast<int64_t>(p) * D + c);
     const float w = row_w[p];
     acc.x += w * v.x;
     acc.y += w * v.y;
@@ -398,7 +404,7 @@ __global__ void rest_counts_kernel(const int32_t* __restrict__ counts, int E,
 }
 
 // Block (b, k): the k-th pair of probe b's position 0 when that token is in the slice [s0, s1).
-__global__ void p0_pairs_kernel(const float* __restrict__ rows, const float* __restrict__ pos_w,
+__global__ void p0_pairs_kernel(const bf16_bits* __restrict__ rows, const float* __restrict__ pos_w,
                                 const int32_t* __restrict__ ids,
                                 const int32_t* __restrict__ pos_of_pair, int T, int K, int64_t s0,
                                 int64_t s1, int S, int E1, int D, float* __restrict__ p0_out,
@@ -413,7 +419,7 @@ __global__ void p0_pairs_kernel(const float* __restrict__ rows, const float* __r
   float* out = p0_out + (static_cast<int64_t>(b) * S + e) * D;
   double ss = 0;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    const float v = w * rows[static_cast<int64_t>(pos) * D + c];
+    const float v = w * bf2f(rows[static_cast<int64_t>(pos) * D + c]);
     out[c] = v;
     ss += static_cast<double>(v) * v;
   }
@@ -482,8 +488,8 @@ void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, in
   CUDA_CHECK_LAUNCH("pair_info_kernel");
 }
 
-void combine(const float* back, const int32_t* pos_of_pair, const float* weights, int64_t n, int K,
-             int D, float* m, cudaStream_t s) {
+void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
+             int K, int D, float* m, cudaStream_t s) {
   if (n == 0) return;
   combine_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
   CUDA_CHECK_LAUNCH("combine_kernel");
@@ -553,7 +559,7 @@ int64_t expert_rest_sums_scratch(int E, int B, int S, int D, int64_t npairs) {
   return splits > 1 ? static_cast<int64_t>(splits) * B * S * D : 0;
 }
 
-void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_tok,
+void expert_rest_sums(const bf16_bits* rows, const float* row_w, const int32_t* pos_tok,
                       const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
                       int D, int64_t npairs, float* scratch, float* out_rows, cudaStream_t s) {
   if (E == 0 || B == 0) return;
@@ -565,7 +571,7 @@ void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_
     CUDA_CHECK(
         cudaMemsetAsync(scratch, 0, static_cast<size_t>(splits) * B * S * D * sizeof(float), s));
   const dim3 grid(static_cast<unsigned>(E * B), (D + 511) / 512, static_cast<unsigned>(splits));
-  if (D % 4 == 0) {  // rows and outputs are then 16-byte aligned (cudaMalloc'd, D floats apart)
+  if (D % 4 == 0) {  // rows 8-byte and outputs 16-byte aligned (cudaMalloc'd, D elements apart)
     expert_rest_sums4_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
                                                   dst);
     CUDA_CHECK_LAUNCH("expert_rest_sums4_kernel");
@@ -581,7 +587,7 @@ void expert_rest_sums(const float* rows, const float* row_w, const int32_t* pos_
   }
 }
 
-void expert_p0_and_counts(const float* rows, const float* pos_w, const int32_t* ids,
+void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32_t* ids,
                           const int32_t* pos_of_pair, const int32_t* counts, int B, int T, int K,
                           int E, int64_t s0, int64_t s1, int S, int D, float* p0_out, float* n0_out,
                           float* r0_out, float* rc_out, cudaStream_t s) {
