@@ -8,10 +8,19 @@
 // tile, so after the last tile A[i, 0] = exp2(s_i0 - m_i) / l_i needs no second pass and no T x T
 // storage. Head dims up to 128: the operands are padded with zero dims to DP, a multiple of 16 (one
 // template instance per DP).
+//
+// On Hopper (a build for sm_90a, a device of compute capability 9.0) head dims 64 and 128 take a
+// second kernel of the same contract built on warpgroup products (wgmma): two warpgroups of 64
+// query rows share each key tile; S = Q K^T reads Q and K from shared memory, O += P V takes P
+// from registers and V^T from shared memory (V is transposed once per call into scratch, so both
+// products read K-major 128-byte-swizzled tiles).
+#include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace sinkscope::cuda::k {
 namespace {
@@ -254,12 +263,328 @@ void launch(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bit
     launch_bm<DP, 128>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, s);
 }
 
+// ---- Hopper: warpgroup products -------------------------------------------------------------
+
+constexpr int kWgRows = 128;  // queries per block: two warpgroups of 64
+constexpr int kVtPad = 128;   // V^T rows are padded to a multiple of this many keys (zeros)
+
+template <int DP, int BN>
+constexpr int wg_smem_bytes() {
+  // 1 KiB of slack to align the tiles to the 1 KiB swizzle period; Q, then two K and two V^T
+  // stages.
+  return 1024 + kWgRows * DP * 2 + 2 * BN * DP * 2 + 2 * DP * BN * 2;
+}
+
+// Vt[b, g, c, t] = V[b * T + t, g, c] for t < T, 0 for T <= t < Tp.
+__global__ void transpose_v_kernel(const bf16_bits* __restrict__ V, bf16_bits* __restrict__ Vt,
+                                   int T, int Tp, int KVl, int DP) {
+  __shared__ bf16_bits tile[64][128 + 2];
+  const int t0 = blockIdx.x * 64, g = blockIdx.y, b = blockIdx.z;
+  const int ch = DP / 8;
+  for (int i = threadIdx.x; i < 64 * ch; i += blockDim.x) {
+    const int r = i / ch, c = (i % ch) * 8, t = t0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (t < T)
+      v = *reinterpret_cast<const uint4*>(V + ((static_cast<int64_t>(b) * T + t) * KVl + g) * DP +
+                                          c);
+    const bf16_bits* e = reinterpret_cast<const bf16_bits*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) tile[r][c + j] = e[j];
+  }
+  __syncthreads();
+  bf16_bits* out = Vt + ((static_cast<int64_t>(b) * KVl + g) * DP) * Tp + t0;
+  for (int i = threadIdx.x; i < DP * 8; i += blockDim.x) {
+    const int c = i / 8, k8 = (i % 8) * 8;
+    alignas(16) bf16_bits e[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) e[j] = tile[k8 + j][c];
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(c) * Tp + k8) =
+        *reinterpret_cast<const uint4*>(e);
+  }
+}
+
+__global__ void wgmma_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+// The contract of flash_attention_kernel with V read as Vt [B, KVl, DP, Tp]. 256 threads: warpgroup
+// wg owns query rows mb * 128 + 64 wg .. + 63 of one (probe, head); key tiles of BN positions.
+template <int DP, int BN>
+__global__ void __launch_bounds__(256, 1)
+    flash_attention_wgmma_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
+                                 const bf16_bits* __restrict__ Vt, bf16_bits* __restrict__ z,
+                                 float* __restrict__ a0, int T, int Tp, int Hl, int KVl, int d,
+                                 int head_begin, int group, int kv_begin, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  constexpr int QB = kWgRows * DP * 2, KB = BN * DP * 2, VB = DP * BN * 2;
+  constexpr int NS = BN / 2, NO = DP / 2, QCH = DP / 8, VCH = BN / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* const sbase = smem_raw + (base - raw);
+
+  const int mb = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);  // longest first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int g = (head_begin + h) / group - kv_begin;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int64_t tok0 = static_cast<int64_t>(b) * T;
+  const int64_t ldq = static_cast<int64_t>(Hl) * DP, ldk = static_cast<int64_t>(KVl) * DP;
+  const int q0 = mb * kWgRows;
+  const int wg_first = q0 + wg * 64, wg_last = min(wg_first + 63, T - 1);
+  const int row0 = wg_first + warp * 16 + gq, row1 = row0 + 8;
+
+  for (int i = tid; i < kWgRows * QCH; i += 256) {
+    const int r = i / QCH, c = i % QCH, row = q0 + r;
+    const bool valid = row < T;
+    cp_async16(sbase + (c / 8) * (kWgRows * 128) + swizzle128(r, c % 8),
+               Q + (tok0 + (valid ? row : 0)) * ldq + static_cast<int64_t>(h) * DP + c * 8, valid);
+  }
+  const bf16_bits* vt_head = Vt + (static_cast<int64_t>(b) * KVl + g) * DP * Tp;
+  auto load_tile = [&](int kt, int stage) {
+    const int k0 = kt * BN;
+    unsigned char* ks = sbase + QB + stage * KB;
+    for (int i = tid; i < BN * QCH; i += 256) {
+      const int r = i / QCH, c = i % QCH, key = k0 + r;
+      const bool valid = key < T;
+      cp_async16(ks + (c / 8) * (BN * 128) + swizzle128(r, c % 8),
+                 K + (tok0 + (valid ? key : 0)) * ldk + static_cast<int64_t>(g) * DP + c * 8,
+                 valid);
+    }
+    unsigned char* vs = sbase + QB + 2 * KB + stage * VB;
+    for (int i = tid; i < DP * VCH; i += 256) {
+      const int r = i / VCH, c = i % VCH;  // V^T row r (a head dim), keys k0 + 8 c ..
+      cp_async16(vs + (c / 8) * (DP * 128) + swizzle128(r, c % 8),
+                 vt_head + static_cast<int64_t>(r) * Tp + k0 + c * 8, true);
+    }
+    cp_async_commit();
+  };
+
+  float o[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) o[i] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, s_key0[2] = {0.f, 0.f};
+
+  const int block_last = min(q0 + kWgRows, T) - 1;
+  const int n_tiles = block_last / BN + 1;
+  load_tile(0, 0);  // the Q copies travel in the same group
+  for (int kt = 0; kt < n_tiles; ++kt) {
+    if (kt + 1 < n_tiles) {
+      load_tile(kt + 1, (kt + 1) & 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    // Warpgroup-uniform: tiles wholly above the warpgroup's rows (or a warpgroup past T) change
+    // nothing.
+    if (wg_first <= wg_last && kt * BN <= wg_last) {
+      const uint32_t qs = base + wg * 64 * 128;
+      const uint32_t kb = base + QB + (kt & 1) * KB;
+      const uint32_t vb = base + QB + 2 * KB + (kt & 1) * VB;
+      float s[NS];
+#pragma unroll
+      for (int i = 0; i < NS; ++i) s[i] = 0.f;
+      fence();
+#pragma unroll
+      for (int ks = 0; ks < DP / 16; ++ks)
+        Wgmma<BN>::ss(s, smem_desc(qs + (ks / 4) * (kWgRows * 128) + (ks % 4) * 32),
+                      smem_desc(kb + (ks / 4) * (BN * 128) + (ks % 4) * 32), ks > 0);
+      commit();
+      wait<0>();
+      pin(s);
+
+      const bool diagonal = (kt + 1) * BN - 1 > wg_first;  // a key may pass a row
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e < 2 ? row0 : row1;
+          const int key = kt * BN + j * 8 + tq * 2 + (e & 1);
+          float v = s[4 * j + e] * scale_log2;
+          if ((diagonal && key > row) || key >= T) v = -INFINITY;
+          s[4 * j + e] = v;
+        }
+      if (kt == 0 && tq == 0) {  // key 0 is column 0 of the first tile
+        s_key0[0] = s[0];
+        s_key0[1] = s[2];
+      }
+      float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+      }
+      float bse[2], alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        bse[i] = mx[i] == -INFINITY ? 0.f : mx[i];
+        alpha[i] = exp2f(m_run[i] - bse[i]);
+        m_run[i] = mx[i];
+      }
+      uint32_t pf[BN / 16][4];
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const float p0 = exp2f(s[4 * j] - bse[0]), p1 = exp2f(s[4 * j + 1] - bse[0]);
+        const float p2 = exp2f(s[4 * j + 2] - bse[1]), p3 = exp2f(s[4 * j + 3] - bse[1]);
+        rs[0] += p0 + p1;
+        rs[1] += p2 + p3;
+        pf[j / 2][(j & 1) * 2 + 0] = pack_bf16(p0, p1);
+        pf[j / 2][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+      }
+      l_run[0] = l_run[0] * alpha[0] + rs[0];
+      l_run[1] = l_run[1] * alpha[1] + rs[1];
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j) {
+        o[4 * j] *= alpha[0];
+        o[4 * j + 1] *= alpha[0];
+        o[4 * j + 2] *= alpha[1];
+        o[4 * j + 3] *= alpha[1];
+      }
+      fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        Wgmma<DP>::rs(o, pf[kk], smem_desc(vb + (kk / 4) * (DP * 128) + (kk % 4) * 32));
+      commit();
+      wait<0>();
+      pin(o);
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+  const float inv_l[2] = {1.f / l_run[0], 1.f / l_run[1]};
+  const int64_t ldz = static_cast<int64_t>(Hl) * d;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = i == 0 ? row0 : row1;
+    if (row >= T) continue;
+    bf16_bits* zr = z + (tok0 + row) * ldz + static_cast<int64_t>(h) * d;
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+      const int col = j * 8 + tq * 2;  // d is even: both columns of the pair or neither
+      if (col < d)
+        *reinterpret_cast<uint32_t*>(zr + col) =
+            pack_bf16(o[4 * j + 2 * i] * inv_l[i], o[4 * j + 2 * i + 1] * inv_l[i]);
+    }
+    if (tq == 0)
+      a0[(static_cast<int64_t>(b) * Hl + h) * T + row] = exp2f(s_key0[i] - m_run[i]) * inv_l[i];
+  }
+#endif
+}
+
+int tp_of(int T) { return (T + kVtPad - 1) / kVtPad * kVtPad; }
+
+template <int DP, int BN>
+void launch_wgmma(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* vt,
+                  bf16_bits* z, float* a0, int B, int T, int Hl, int KVl, int d, int head_begin,
+                  int group, int kv_begin, float scale, cudaStream_t s) {
+  const int Tp = tp_of(T);
+  transpose_v_kernel<<<dim3(Tp / 64, KVl, B), 256, 0, s>>>(V, vt, T, Tp, KVl, DP);
+  CUDA_CHECK_LAUNCH("transpose_v_kernel");
+  constexpr int bytes = wg_smem_bytes<DP, BN>();
+  CUDA_CHECK(cudaFuncSetAttribute(flash_attention_wgmma_kernel<DP, BN>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const dim3 grid((T + kWgRows - 1) / kWgRows, Hl, B);
+  const float scale_log2 = scale * 1.4426950408889634f;
+  flash_attention_wgmma_kernel<DP, BN><<<grid, 256, bytes, s>>>(
+      Q, K, vt, z, a0, T, Tp, Hl, KVl, d, head_begin, group, kv_begin, scale_log2);
+  CUDA_CHECK_LAUNCH("flash_attention_wgmma_kernel");
+}
+
+// Keys per tile of the Hopper kernel: 128 unless SINKSCOPE_ATTN_BLOCK_N=64, read once.
+int block_n() {
+  static const int bn = [] {
+    const char* v = std::getenv("SINKSCOPE_ATTN_BLOCK_N");
+    return v && std::atoi(v) == 64 ? 64 : 128;
+  }();
+  return bn;
+}
+
+template <int DP>
+void launch_wgmma_dp(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* vt,
+                     bf16_bits* z, float* a0, int B, int T, int Hl, int KVl, int d, int head_begin,
+                     int group, int kv_begin, float scale, cudaStream_t s) {
+  if (block_n() == 64)
+    launch_wgmma<DP, 64>(Q, K, V, vt, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale,
+                         s);
+  else
+    launch_wgmma<DP, 128>(Q, K, V, vt, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale,
+                          s);
+}
+
+// Whether this build carries the sm_90a kernels for the current device: asked once per device.
+bool wgmma_built_for_device() {
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) return false;
+  const int k = known[dev].load();
+  if (k != 0) return k == 2;
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  int yes = 0;
+  if (prop.major == 9 && prop.minor == 0) {
+    DeviceBuffer<int> flag;
+    flag.reserve(1);
+    wgmma_probe_kernel<<<1, 1>>>(flag.get());
+    CUDA_CHECK_LAUNCH("wgmma_probe_kernel");
+    CUDA_CHECK(cudaMemcpy(&yes, flag.get(), sizeof(int), cudaMemcpyDeviceToHost));
+  }
+  known[dev].store(yes ? 2 : 1);
+  return yes != 0;
+}
+
 }  // namespace
+
+bool flash_attention_wgmma_available(int dp) {
+  return (dp == 64 || dp == 128) && wgmma_built_for_device();
+}
+
+int64_t flash_attention_scratch(int B, int T, int KVl, int dp) {
+  if (dp != 64 && dp != 128) return 0;
+  return static_cast<int64_t>(B) * KVl * dp * tp_of(T);
+}
 
 void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
                      float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,
-                     int group, int kv_begin, float scale, cudaStream_t s) {
+                     int group, int kv_begin, float scale, bf16_bits* vt_scratch, cudaStream_t s,
+                     AttnKernel kernel) {
   if (B == 0 || T == 0 || Hl == 0) return;
+  if (kernel == AttnKernel::kAuto) {
+    static const bool off = [] {
+      const char* v = std::getenv("SINKSCOPE_ATTN_WGMMA");
+      return v && std::string(v) == "0";
+    }();
+    kernel = !off && vt_scratch && flash_attention_wgmma_available(dp) ? AttnKernel::kWgmma
+                                                                       : AttnKernel::kMmaSync;
+  }
+  if (kernel == AttnKernel::kWgmma) {
+    if (!vt_scratch || !flash_attention_wgmma_available(dp))
+      throw_api_failure("CUDA",
+                        "the wgmma attention needs an sm_90a build, a compute capability 9.0 "
+                        "device, head dim 64 or 128 and V^T scratch (padded head dim " +
+                            std::to_string(dp) + ")",
+                        "flash_attention", __FILE__, __LINE__);
+    if (dp == 64)
+      return launch_wgmma_dp<64>(Q, K, V, vt_scratch, z, a0, B, T, Hl, KVl, d, head_begin, group,
+                                 kv_begin, scale, s);
+    return launch_wgmma_dp<128>(Q, K, V, vt_scratch, z, a0, B, T, Hl, KVl, d, head_begin, group,
+                                kv_begin, scale, s);
+  }
 #define SINKSCOPE_ATTN_CASE(N) \
   case N:                      \
     return launch<N>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, s)

@@ -276,7 +276,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
   DeviceBuffer<float> norm_partial_, rest_scratch_;
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, norms_, logits_;
-  DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, z_, xg_, xr_, h_, act_, out_, out2_;
+  DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, Vt_, z_, xg_, xr_, h_, act_, out_, out2_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
   DeviceBuffer<float> a0_mean_, median_;
   DeviceBuffer<uint8_t> median_scratch_;
@@ -538,6 +538,9 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   Qa_.reserve(static_cast<size_t>(std::max<int64_t>(BT * Hl * dp_, 1)));
   Ka_.reserve(static_cast<size_t>(std::max<int64_t>(BT * KVl_ * dp_, 1)));
   Va_.reserve(static_cast<size_t>(std::max<int64_t>(BT * KVl_ * dp_, 1)));
+  const int64_t vt_elems =
+      k::flash_attention_scratch(Bi, Ti, static_cast<int>(KVl_), static_cast<int>(dp_));
+  if (vt_elems > 0) Vt_.reserve(static_cast<size_t>(vt_elems));
   z_.reserve(static_cast<size_t>(std::max<int64_t>(BT * qw, 1)));
   a0_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl * T, 1)));
   tp_pack_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D + B * H_ * 2 * D, 1)));
@@ -565,7 +568,8 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   k::flash_attention(Qa_.get(), Ka_.get(), Va_.get(), z_.get(), a0_.get(), Bi, Ti,
                      static_cast<int>(Hl), static_cast<int>(KVl_), static_cast<int>(d),
                      static_cast<int>(dp_), static_cast<int>(plan_.head_begin),
-                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), scale_, s());
+                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), scale_,
+                     vt_elems > 0 ? Vt_.get() : nullptr, s());
   mark(l, kFlashDone);
 
   float* a = tp_pack_.get();

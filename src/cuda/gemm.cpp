@@ -1,5 +1,6 @@
 #include "cuda/gemm.hpp"
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <string>
@@ -27,9 +28,29 @@ Blas::Blas(cudaStream_t stream) : stream_(stream) {
   CUBLAS_CHECK(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));
   if (const char* v = std::getenv("SINKSCOPE_CUDA_NO_GROUPED_GEMM"); v && *v && *v != '0')
     grouped_bf16_ = grouped_f32_ = false;
+  const char* ns = std::getenv("SINKSCOPE_CUDA_EXPERT_STREAMS");
+  const int n_sides = ns ? std::atoi(ns) : 0;
+  if (n_sides > 1) {
+    grouped_bf16_ = grouped_f32_ = false;
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    sides_.resize(static_cast<size_t>(std::min(n_sides, 16)));
+    for (Side& side : sides_) {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&side.done, cudaEventDisableTiming));
+      CUBLAS_CHECK(cublasCreate(&side.handle));
+      CUBLAS_CHECK(cublasSetStream(side.handle, side.stream));
+      CUBLAS_CHECK(cublasSetPointerMode(side.handle, CUBLAS_POINTER_MODE_HOST));
+    }
+  }
 }
 
 Blas::~Blas() {
+  for (Side& side : sides_) {
+    if (side.handle) cublasDestroy(side.handle);
+    if (side.done) cudaEventDestroy(side.done);
+    if (side.stream) cudaStreamDestroy(side.stream);
+  }
+  if (fork_) cudaEventDestroy(fork_);
   if (handle_) cublasDestroy(handle_);
 }
 
@@ -115,11 +136,37 @@ void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& 
     available =
         false;  // this cuBLAS does not group these types: one product per expert from now on
   }
-  for (int g : live) {
-    const size_t gi = static_cast<size_t>(g);
-    nt(rows[gi], N, K, {A + row_offset[gi] * K, Dt::kBF16, K},
-       {W + weight_index[gi] * N * K, Dt::kBF16, K},
-       {static_cast<char*>(C) + static_cast<size_t>(row_offset[gi] * N) * cbytes, ct, N});
+  per_expert(live, rows, row_offset, weight_index, N, K, A, W, C, ct);
+}
+
+void Blas::per_expert(const std::vector<int>& live, const std::vector<int>& rows,
+                      const std::vector<int64_t>& row_offset,
+                      const std::vector<int64_t>& weight_index, int64_t N, int64_t K,
+                      const bf16_bits* A, const bf16_bits* W, void* C, Dt ct) {
+  const size_t cbytes = ct == Dt::kF32 ? 4 : 2;
+  const float one = 1.f, zero = 0.f;
+  if (!sides_.empty()) CUDA_CHECK(cudaEventRecord(fork_, stream_));
+  for (size_t i = 0; i < live.size(); ++i) {
+    const size_t g = static_cast<size_t>(live[i]);
+    cublasHandle_t h = handle_;
+    if (!sides_.empty()) {
+      const Side& side = sides_[i % sides_.size()];
+      if (i < sides_.size()) CUDA_CHECK(cudaStreamWaitEvent(side.stream, fork_, 0));
+      h = side.handle;
+    }
+    // Row-major C_g = A_g W_g^T is column-major C_g^T = W_g A_g^T.
+    CUBLAS_CHECK(
+        cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, as_int(N, "N"), rows[g], as_int(K, "K"), &one,
+                     W + weight_index[g] * N * K, CUDA_R_16BF, as_int(K, "K"),
+                     A + row_offset[g] * K, CUDA_R_16BF, as_int(K, "K"), &zero,
+                     static_cast<char*>(C) + static_cast<size_t>(row_offset[g] * N) * cbytes,
+                     dtype(ct), as_int(N, "N"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  if (sides_.empty()) return;
+  const size_t used = std::min(live.size(), sides_.size());
+  for (size_t i = 0; i < used; ++i) {
+    CUDA_CHECK(cudaEventRecord(sides_[i].done, sides_[i].stream));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_, sides_[i].done, 0));
   }
 }
 

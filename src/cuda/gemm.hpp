@@ -1,7 +1,10 @@
 // cuBLAS for the backend's matrix products, in row-major terms (weights are stored [out, in], as
 // in the checkpoint). bf16 operands accumulate in fp32; fp32 operands run in plain fp32 or, where
 // asked, TF32. The expert products go through cublasGemmGroupedBatchedEx when this cuBLAS takes
-// the types, else through one cublasGemmEx per non-empty expert.
+// the types, else through one cublasGemmEx per non-empty expert; with
+// SINKSCOPE_CUDA_EXPERT_STREAMS=N (N > 1) they are one cublasGemmEx per expert spread round-robin
+// over N streams forked from and joined back into the backend's stream (one cuBLAS handle, hence
+// one workspace, per stream).
 #pragma once
 
 #include <cublas_v2.h>
@@ -63,8 +66,21 @@ class Blas {
             int64_t sb, void* C, Dt ct, int64_t ldc, int64_t sc, float alpha, float beta, int batch,
             Math math);
 
+  void per_expert(const std::vector<int>& live, const std::vector<int>& rows,
+                  const std::vector<int64_t>& row_offset, const std::vector<int64_t>& weight_index,
+                  int64_t N, int64_t K, const bf16_bits* A, const bf16_bits* W, void* C, Dt ct);
+
   cublasHandle_t handle_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  // The expert streams (empty unless SINKSCOPE_CUDA_EXPERT_STREAMS > 1): stream, handle, and the
+  // event each one records when its share is done.
+  struct Side {
+    cudaStream_t stream = nullptr;
+    cublasHandle_t handle = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  std::vector<Side> sides_;
+  cudaEvent_t fork_ = nullptr;
   bool grouped_bf16_ = true, grouped_f32_ = true;  // cleared when cuBLAS refuses the types
   DeviceBuffer<const void*> ptr_arrays_;
 };

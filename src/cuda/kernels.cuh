@@ -68,9 +68,17 @@ void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t 
 // fp32, bf16 tensor-core products, T x T never stored). Q [B*T, Hl, dp], K/V [B*T, KVl, dp] bf16;
 // local head h reads held KV head (head_begin + h) / group - kv_begin. Writes z [B*T, Hl * d] bf16
 // (dims < d) and a0 [B, Hl, T] = exp(q_i . k_0 * scale - lse_i). dp is a multiple of 16, <= 128.
+// Two kernels keep this contract: mma.sync (any dp; every GPU this build targets) and, for dp 64
+// and 128 on an sm_90a build running on compute capability 9.0, warpgroup products (wgmma), which
+// need vt_scratch of flash_attention_scratch() elements. kAuto takes wgmma where it can run and
+// vt_scratch is given, unless SINKSCOPE_ATTN_WGMMA=0; asking for kWgmma where it cannot run throws.
+enum class AttnKernel { kAuto, kMmaSync, kWgmma };
+bool flash_attention_wgmma_available(int dp);
+int64_t flash_attention_scratch(int B, int T, int KVl, int dp);
 void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
                      float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,
-                     int group, int kv_begin, float scale, cudaStream_t s);
+                     int group, int kv_begin, float scale, bf16_bits* vt_scratch, cudaStream_t s,
+                     AttnKernel kernel = AttnKernel::kAuto);
 
 // ---- circuit_kernels.cu -------------------------------------------------------------------
 // Head write norms ||w_h[i]||^2 = z_h[i]^T M_h z_h[i] (M_h = W_O,h^T W_O,h = gram_hi + gram_lo,

@@ -30,12 +30,15 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "cuda/backend.hpp"
+#include "cuda/device_buffer.hpp"
+#include "cuda/kernels.cuh"
 #include "sinkscope/analyze.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
@@ -580,6 +583,134 @@ void fill_tensor(const std::string& file, const std::string& name, float value) 
   f.seekp(static_cast<std::streamoff>(8 + n + begin));
   for (uint64_t at = begin; at < end; at += elem.size()) f.write(elem.data(), elem.size());
   ASSERT_TRUE(f.good()) << file;
+}
+
+// The attention kernels on their own against a float64 reference computed from the same bf16
+// operands: causal softmax, z = sum_j p_ij v_j and A[i, 0] = p_i0, for head dims whose padded
+// width takes the Hopper kernel (64, 128) and one padded inside it (120 -> 128), GQA, several
+// probes, T below, at and across the 128-query blocks and key tiles. A planted key 0 makes some
+// heads sink-like (A[i, 0] near 1), others stay diffuse.
+struct AttnCase {
+  int B, T, Hl, KVl, d, dp;
+};
+
+void attention_reference(const AttnCase& c, const std::vector<uint16_t>& Q,
+                         const std::vector<uint16_t>& K, const std::vector<uint16_t>& V,
+                         std::vector<double>& z, std::vector<double>& a0) {
+  const int group = c.Hl / c.KVl;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+  z.assign(static_cast<size_t>(c.B) * c.T * c.Hl * c.d, 0.0);
+  a0.assign(static_cast<size_t>(c.B) * c.Hl * c.T, 0.0);
+  std::vector<double> p(static_cast<size_t>(c.T));
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hl; ++h) {
+      const int g = h / group;
+      for (int i = 0; i < c.T; ++i) {
+        const size_t qi = ((static_cast<size_t>(b) * c.T + i) * c.Hl + h) * c.dp;
+        double mx = -INFINITY;
+        for (int j = 0; j <= i; ++j) {
+          const size_t kj = ((static_cast<size_t>(b) * c.T + j) * c.KVl + g) * c.dp;
+          double dot = 0;
+          for (int e = 0; e < c.d; ++e)
+            dot += double(bf16_to_f32(Q[qi + e])) * bf16_to_f32(K[kj + e]);
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        double sum = 0;
+        for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        double* zr = &z[((static_cast<size_t>(b) * c.T + i) * c.Hl + h) * c.d];
+        for (int j = 0; j <= i; ++j) {
+          const size_t vj = ((static_cast<size_t>(b) * c.T + j) * c.KVl + g) * c.dp;
+          for (int e = 0; e < c.d; ++e) zr[e] += p[j] / sum * bf16_to_f32(V[vj + e]);
+        }
+        a0[(static_cast<size_t>(b) * c.Hl + h) * c.T + i] = p[0] / sum;
+      }
+    }
+}
+
+TEST(GpuAttentionKernels, MatchFloat64Reference) {
+  REQUIRE_GPU();
+  int dev = 0;
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, dev), cudaSuccess);
+#if defined(SINKSCOPE_EXPECT_WGMMA)
+  if (prop.major == 9 && prop.minor == 0) {
+    ASSERT_TRUE(cuda::k::flash_attention_wgmma_available(128))
+        << "an sm_90a build on a compute capability 9.0 device must run the wgmma kernel";
+  }
+#endif
+  const std::vector<AttnCase> cases = {{2, 1, 2, 1, 64, 64},      {2, 77, 4, 2, 64, 64},
+                                       {1, 300, 4, 1, 128, 128},  {2, 129, 2, 2, 128, 128},
+                                       {1, 1100, 2, 1, 128, 128}, {1, 260, 4, 2, 120, 128},
+                                       {1, 515, 2, 1, 64, 64}};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const AttnCase& c : cases) {
+    SCOPED_TRACE("B " + std::to_string(c.B) + " T " + std::to_string(c.T) + " Hl " +
+                 std::to_string(c.Hl) + " KVl " + std::to_string(c.KVl) + " d " +
+                 std::to_string(c.d));
+    const size_t nq = static_cast<size_t>(c.B) * c.T * c.Hl * c.dp,
+                 nk = static_cast<size_t>(c.B) * c.T * c.KVl * c.dp;
+    std::vector<uint16_t> Q(nq, 0), K(nk, 0), V(nk, 0);
+    const size_t qrows = static_cast<size_t>(c.B) * c.T * c.Hl,
+                 krows = static_cast<size_t>(c.B) * c.T * c.KVl;
+    for (size_t r = 0; r < qrows; ++r)
+      for (int e = 0; e < c.d; ++e) {
+        // Heads alternate between a shared direction (they find the planted key 0) and noise.
+        const bool sinky = (r % static_cast<size_t>(c.Hl)) % 2 == 0;
+        Q[r * c.dp + e] = f32_to_bf16(sinky ? 1.5f + 0.3f * nd(rng) : nd(rng));
+      }
+    for (size_t r = 0; r < krows; ++r) {
+      const bool key0 = (r / static_cast<size_t>(c.KVl)) % static_cast<size_t>(c.T) == 0;
+      for (int e = 0; e < c.d; ++e) {
+        K[r * c.dp + e] = f32_to_bf16(key0 ? 1.0f : 0.5f * nd(rng));
+        V[r * c.dp + e] = f32_to_bf16(nd(rng));
+      }
+    }
+    std::vector<double> zr, ar;
+    attention_reference(c, Q, K, V, zr, ar);
+
+    cuda::DeviceBuffer<uint16_t> dQ(nq), dK(nk), dV(nk), dz(qrows * c.d);
+    cuda::DeviceBuffer<float> da0(static_cast<size_t>(c.B) * c.Hl * c.T);
+    cuda::DeviceBuffer<uint16_t> dvt(std::max<size_t>(
+        1, static_cast<size_t>(cuda::k::flash_attention_scratch(c.B, c.T, c.KVl, c.dp))));
+    ASSERT_EQ(cudaMemcpy(dQ.get(), Q.data(), nq * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dK.get(), K.data(), nk * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dV.get(), V.data(), nk * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    std::vector<cuda::k::AttnKernel> kernels = {cuda::k::AttnKernel::kMmaSync};
+    if (cuda::k::flash_attention_wgmma_available(c.dp))
+      kernels.push_back(cuda::k::AttnKernel::kWgmma);
+    for (cuda::k::AttnKernel kern : kernels) {
+      SCOPED_TRACE(kern == cuda::k::AttnKernel::kWgmma ? "wgmma" : "mma.sync");
+      ASSERT_EQ(cudaMemset(dz.get(), 0xff, qrows * c.d * 2), cudaSuccess);  // NaN patterns
+      ASSERT_EQ(cudaMemset(da0.get(), 0xff, static_cast<size_t>(c.B) * c.Hl * c.T * 4),
+                cudaSuccess);
+      cuda::k::flash_attention(dQ.get(), dK.get(), dV.get(), dz.get(), da0.get(), c.B, c.T, c.Hl,
+                               c.KVl, c.d, c.dp, 0, c.Hl / c.KVl, 0,
+                               1.f / std::sqrt(static_cast<float>(c.d)), dvt.get(), nullptr, kern);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<uint16_t> z(qrows * c.d);
+      std::vector<float> a0(static_cast<size_t>(c.B) * c.Hl * c.T);
+      ASSERT_EQ(cudaMemcpy(z.data(), dz.get(), z.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(a0.data(), da0.get(), a0.size() * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      double zerr = 0, aerr = 0, amax = 0;
+      for (size_t i = 0; i < z.size(); ++i) {
+        const double v = bf16_to_f32(z[i]);
+        zerr = std::isfinite(v) ? std::max(zerr, std::abs(v - zr[i])) : INFINITY;
+      }
+      for (size_t i = 0; i < a0.size(); ++i) {
+        aerr = std::isfinite(a0[i]) ? std::max(aerr, std::abs(a0[i] - ar[i])) : INFINITY;
+        amax = std::max(amax, ar[i]);
+      }
+      EXPECT_LT(zerr, kAttnAbs);
+      EXPECT_LT(aerr, 1e-3);
+      if (c.T > 1) {
+        EXPECT_GT(amax, 0.5) << "the planted key 0 should draw a sink";
+      }
+    }
+  }
 }
 
 // Finite weights whose products overflow in layer 1's values (NaN weights are refused at load):
