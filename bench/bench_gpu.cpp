@@ -204,8 +204,7 @@ int main(int argc, char** argv) {
         "%.2f of %.2f GiB "
         "(cudaMemGetInfo, all allocations)\n",
         gib(m.weight_bytes), gib(m.held_bytes), gib(m.device_used), gib(m.device_total));
-    std::printf("grouped expert GEMM (cublasGemmGroupedBatchedEx): %s\n",
-                cuda::grouped_gemm_used(*be) ? "yes" : "no (one cublasGemmEx per expert)");
+    std::printf("expert products: %s\n", cuda::expert_gemm_strategy(*be).c_str());
     std::printf(
         "per-layer times are CUDA-event device time summed over micro-batches / layers; 'attn' "
         "includes the\n"

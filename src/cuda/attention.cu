@@ -400,17 +400,20 @@ __global__ void __launch_bounds__(256, 1)
       wait<0>();
       pin(s);
 
-      const bool diagonal = (kt + 1) * BN - 1 > wg_first;  // a key may pass a row
+      // Masks only where a key may pass a row or reach T; elsewhere the scale alone.
+      if ((kt + 1) * BN - 1 > wg_first || (kt + 1) * BN > T) {
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
+        for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = e < 2 ? row0 : row1;
-          const int key = kt * BN + j * 8 + tq * 2 + (e & 1);
-          float v = s[4 * j + e] * scale_log2;
-          if ((diagonal && key > row) || key >= T) v = -INFINITY;
-          s[4 * j + e] = v;
-        }
+          for (int e = 0; e < 4; ++e) {
+            const int row = e < 2 ? row0 : row1;
+            const int key = kt * BN + j * 8 + tq * 2 + (e & 1);
+            s[4 * j + e] = key > row || key >= T ? -INFINITY : s[4 * j + e] * scale_log2;
+          }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NS; ++i) s[i] *= scale_log2;
+      }
       if (kt == 0 && tq == 0) {  // key 0 is column 0 of the first tile
         s_key0[0] = s[0];
         s_key0[1] = s[2];

@@ -185,9 +185,7 @@ class CudaBackend final : public Backend {
   }
   const std::vector<int64_t>& near_ties() const { return near_ties_; }
   int64_t routed() const { return routed_; }
-  bool grouped_used() const {
-    return blas_.grouped_available(Dt::kF32) || blas_.grouped_available(Dt::kBF16);
-  }
+  std::string expert_strategy() const { return blas_.expert_strategy(); }
 
  private:
   cudaStream_t s() const { return stream_.s; }
@@ -923,7 +921,9 @@ std::vector<int64_t> near_tie_counts(const Backend& backend) {
   return cuda_of(backend).near_ties();
 }
 int64_t routed_tokens(const Backend& backend) { return cuda_of(backend).routed(); }
-bool grouped_gemm_used(const Backend& backend) { return cuda_of(backend).grouped_used(); }
+std::string expert_gemm_strategy(const Backend& backend) {
+  return cuda_of(backend).expert_strategy();
+}
 
 }  // namespace cuda
 

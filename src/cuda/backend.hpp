@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "sinkscope/config.hpp"
@@ -102,10 +103,10 @@ void set_phase_timing(Backend& backend, bool on);
 RunProfile last_run_profile(const Backend& backend);
 MemoryReport memory_report(const Backend& backend);
 // Per layer: router near-ties seen so far (tokens whose k-th and (k+1)-th probabilities differ by
-// less than 1e-3), the tokens routed, and whether the grouped expert GEMM was used.
+// less than 1e-3), the tokens routed, and how the expert products run.
 std::vector<int64_t> near_tie_counts(const Backend& backend);
 int64_t routed_tokens(const Backend& backend);
-bool grouped_gemm_used(const Backend& backend);
+std::string expert_gemm_strategy(const Backend& backend);
 
 }  // namespace cuda
 }  // namespace sinkscope

@@ -13,6 +13,8 @@ namespace {
 
 cudaDataType_t dtype(Dt t) { return t == Dt::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
+constexpr int kExpertStreams = 4;
+
 int as_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX)
     throw RuntimeFailure(std::string("cuBLAS call: ") + what + " = " + std::to_string(v) +
@@ -23,17 +25,29 @@ int as_int(int64_t v, const char* what) {
 }  // namespace
 
 Blas::Blas(cudaStream_t stream) : stream_(stream) {
+  // The expert-product settings first: a bad value fails before anything is created.
+  if (const char* v = std::getenv("SINKSCOPE_CUDA_EXPERT_GEMM"); v && *v) {
+    const std::string how(v);
+    if (how != "grouped" && how != "per-expert")
+      throw InputError("SINKSCOPE_CUDA_EXPERT_GEMM: unknown value '" + how +
+                       "' (per-expert or grouped)");
+    grouped_bf16_ = grouped_f32_ = how == "grouped";
+  }
+  int n_sides = kExpertStreams;
+  if (const char* v = std::getenv("SINKSCOPE_CUDA_EXPERT_STREAMS"); v && *v) {
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (*end != '\0' || n < 1 || n > 16)
+      throw InputError(std::string("SINKSCOPE_CUDA_EXPERT_STREAMS: '") + v +
+                       "' is not a stream count from 1 to 16");
+    n_sides = static_cast<int>(n);
+  }
   CUBLAS_CHECK(cublasCreate(&handle_));
   CUBLAS_CHECK(cublasSetStream(handle_, stream_));
   CUBLAS_CHECK(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));
-  if (const char* v = std::getenv("SINKSCOPE_CUDA_NO_GROUPED_GEMM"); v && *v && *v != '0')
-    grouped_bf16_ = grouped_f32_ = false;
-  const char* ns = std::getenv("SINKSCOPE_CUDA_EXPERT_STREAMS");
-  const int n_sides = ns ? std::atoi(ns) : 0;
   if (n_sides > 1) {
-    grouped_bf16_ = grouped_f32_ = false;
     CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    sides_.resize(static_cast<size_t>(std::min(n_sides, 16)));
+    sides_.resize(static_cast<size_t>(n_sides));
     for (Side& side : sides_) {
       CUDA_CHECK(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
       CUDA_CHECK(cudaEventCreateWithFlags(&side.done, cudaEventDisableTiming));
@@ -88,6 +102,13 @@ void Blas::tn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, f
               float beta, int batch, Math math) {
   call(CUBLAS_OP_N, CUBLAS_OP_T, N, M, K, B.ptr, B.type, B.ld, B.stride, A.ptr, A.type, A.ld,
        A.stride, C.ptr, C.type, C.ld, C.stride, alpha, beta, batch, math);
+}
+
+std::string Blas::expert_strategy() const {
+  if (grouped_bf16_ || grouped_f32_) return "cublasGemmGroupedBatchedEx";
+  return "one cublasGemmEx per expert on " + (sides_.empty()
+                                                  ? std::string("the backend's stream")
+                                                  : std::to_string(sides_.size()) + " streams");
 }
 
 void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& row_offset,
