@@ -28,10 +28,12 @@ Blas::Blas(cudaStream_t stream) : stream_(stream) {
   // The expert-product settings first: a bad value fails before anything is created.
   if (const char* v = std::getenv("SINKSCOPE_CUDA_EXPERT_GEMM"); v && *v) {
     const std::string how(v);
-    if (how != "grouped" && how != "per-expert")
+    if (how != "auto" && how != "grouped" && how != "per-expert")
       throw InputError("SINKSCOPE_CUDA_EXPERT_GEMM: unknown value '" + how +
-                       "' (per-expert or grouped)");
-    grouped_bf16_ = grouped_f32_ = how == "grouped";
+                       "' (auto, grouped or per-expert)");
+    route_ = how == "grouped"      ? Route::kGrouped
+             : how == "per-expert" ? Route::kPerExpert
+                                   : Route::kAuto;
   }
   int n_sides = kExpertStreams;
   if (const char* v = std::getenv("SINKSCOPE_CUDA_EXPERT_STREAMS"); v && *v) {
@@ -105,10 +107,19 @@ void Blas::tn(int64_t M, int64_t N, int64_t K, Operand A, Operand B, Result C, f
 }
 
 std::string Blas::expert_strategy() const {
-  if (grouped_bf16_ || grouped_f32_) return "cublasGemmGroupedBatchedEx";
-  return "one cublasGemmEx per expert on " + (sides_.empty()
-                                                  ? std::string("the backend's stream")
-                                                  : std::to_string(sides_.size()) + " streams");
+  const std::string per = "one cublasGemmEx per expert on " +
+                          (sides_.empty() ? std::string("the backend's stream")
+                                          : std::to_string(sides_.size()) + " streams");
+  switch (route_) {
+    case Route::kGrouped:
+      return "cublasGemmGroupedBatchedEx";
+    case Route::kPerExpert:
+      return per;
+    case Route::kAuto:
+      break;
+  }
+  return "cublasGemmGroupedBatchedEx below " + std::to_string(kPerExpertMinRows) +
+         " rows per expert on average, else " + per;
 }
 
 void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& row_offset,
@@ -120,8 +131,12 @@ void Blas::grouped_nt(const std::vector<int>& rows, const std::vector<int64_t>& 
     if (rows[g] > 0) live.push_back(static_cast<int>(g));
   if (live.empty()) return;
   const int G = static_cast<int>(live.size());
+  int64_t total = 0;
+  for (int g : live) total += rows[static_cast<size_t>(g)];
+  const bool grouped = route_ == Route::kGrouped ||
+                       (route_ == Route::kAuto && total < int64_t{kPerExpertMinRows} * G);
   bool& available = ct == Dt::kF32 ? grouped_f32_ : grouped_bf16_;
-  if (available) {
+  if (grouped && available) {
     std::vector<const void*> host(static_cast<size_t>(3 * G));
     std::vector<cublasOperation_t> ta(static_cast<size_t>(G), CUBLAS_OP_T),
         tb(static_cast<size_t>(G), CUBLAS_OP_N);

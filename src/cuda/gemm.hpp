@@ -2,13 +2,18 @@
 // in the checkpoint). bf16 operands accumulate in fp32; fp32 operands run in plain fp32 or, where
 // asked, TF32.
 //
-// The expert products (grouped_nt) are one cublasGemmEx per non-empty expert, spread round-robin
-// over 4 streams forked from and joined back into the backend's stream (one cuBLAS handle, hence
-// one workspace, per stream). On an H200 this runs the Qwen3-30B-A3B expert products at 8 x 4096 in
-// 4.95 ms per layer, against 5.51 ms on one stream and 9.0 ms through cublasGemmGroupedBatchedEx
-// (docs/gpu-backend.md). SINKSCOPE_CUDA_EXPERT_STREAMS=N picks N streams (1: the backend's stream
-// only); SINKSCOPE_CUDA_EXPERT_GEMM=grouped takes cublasGemmGroupedBatchedEx instead (falling back
-// to the per-expert products where this cuBLAS refuses the types).
+// The expert products (grouped_nt) take one of two routes. cublasGemmGroupedBatchedEx is one call
+// for all experts but, on an H200 with cuBLAS 13, runs big groups slowly (the Qwen3-30B-A3B expert
+// products at 8 x 4096, about 2048 rows per expert: 9.0 ms per layer); one cublasGemmEx per
+// non-empty expert, spread round-robin over 4 streams forked from and joined back into the
+// backend's stream (one cuBLAS handle, hence one workspace, per stream), runs those in 4.95 ms but
+// pays a host call per expert, which small groups cannot hide (1 x 4096, about 256 rows per
+// expert: 2.8 ms against 1.27 grouped). So by default (auto) groups averaging fewer than
+// kPerExpertMinRows rows take the grouped call, larger ones the per-expert products
+// (docs/gpu-backend.md has the measurements). SINKSCOPE_CUDA_EXPERT_GEMM=grouped or per-expert
+// forces a route; SINKSCOPE_CUDA_EXPERT_STREAMS=N (1..16) sets the streams of the per-expert route
+// (1: the backend's stream only). Where this cuBLAS refuses the grouped call's types, the
+// per-expert route serves every size.
 #pragma once
 
 #include <cublas_v2.h>
@@ -65,6 +70,7 @@ class Blas {
   cublasHandle_t handle() const { return handle_; }
   // How the expert products run, for logs and benchmarks.
   std::string expert_strategy() const;
+  static constexpr int kPerExpertMinRows = 768;
 
  private:
   void call(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
@@ -87,9 +93,10 @@ class Blas {
   };
   std::vector<Side> sides_;
   cudaEvent_t fork_ = nullptr;
-  // Whether grouped_nt tries cublasGemmGroupedBatchedEx (SINKSCOPE_CUDA_EXPERT_GEMM=grouped);
-  // cleared per result type when cuBLAS refuses it.
-  bool grouped_bf16_ = false, grouped_f32_ = false;
+  enum class Route { kAuto, kGrouped, kPerExpert };
+  Route route_ = Route::kAuto;
+  // Whether cuBLAS takes the grouped call for a result type (cleared when it refuses).
+  bool grouped_bf16_ = true, grouped_f32_ = true;
   DeviceBuffer<const void*> ptr_arrays_;
 };
 

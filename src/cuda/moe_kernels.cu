@@ -307,83 +307,79 @@ __device__ __forceinline__ void rest_rows(const int32_t* __restrict__ pos_tok,
   end = first + static_cast<int>(n * (blockIdx.z + 1) / gridDim.z);
 }
 
-// Block (e, b, split) sums w * row over its rows, 4 columns per thread, into
-// out_rows[(split * B + b) * S + e] (the splits are summed in order by rest_splits_sum_kernel).
-__global__ void expert_rest_sums_kernel(const bf16_bits* __restrict__ rows,
-                                        const float* __restrict__ row_w,
-                                        const int32_t* __restrict__ pos_tok,
-                                        const int32_t* __restrict__ offsets,
-                                        const int32_t* __restrict__ counts, int B, int T, int S,
-                                        int D, float* __restrict__ out_rows) {
-  const int e = blockIdx.x / B, b = blockIdx.x % B;
-  int begin = 0, end = 0;
-  rest_rows(pos_tok, offsets, counts, e, b, T, begin, end);
-  const int c0 = blockIdx.y * blockDim.x * 4 + threadIdx.x;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int p = begin; p < end; ++p) {
-    const float w = row_w[p];
-    const bf16_bits* row = rows + static_cast<int64_t>(p) * D;
+// W consecutive bf16 as floats: one 2-, 8- or 16-byte load.
+template <int W>
+__device__ __forceinline__ void load_bf16(const bf16_bits* p, float (&v)[W]) {
+  if constexpr (W == 1) {
+    v[0] = bf2f(*p);
+  } else if constexpr (W == 4) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const uint32_t w[2] = {u.x, u.y};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int c = c0 + j * blockDim.x;
-      if (c < D) acc[j] += w * bf2f(row[c]);
+    for (int i = 0; i < 2; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+    static_assert(W == 8, "1, 4 or 8 bf16 per load");
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
   }
-  float* out = out_rows + ((static_cast<int64_t>(blockIdx.z) * B + b) * S + e) * D;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int c = c0 + j * blockDim.x;
-    if (c < D) out[c] = acc[j];
-  }
 }
 
-// The same sums with 8-byte loads of 4 bf16 (D % 4 == 0), 4 rows in flight per thread: memory
-// bound, so what counts is the number of loads in flight. Same summation order per column as above.
-__device__ __forceinline__ float4 load_bf16x4(const bf16_bits* p) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
-                     __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
-}
+// Block (e, b, split) sums w * row over its rows into out_rows[(split * B + b) * S + e] (the splits
+// are summed in order by rest_splits_sum_kernel). Each thread owns W consecutive columns (W > 1
+// needs D % W == 0: aligned loads and stores) and keeps 4 rows in flight: the pass is memory
+// bound, so what counts is the bytes in flight. Every W sums each column in the same order.
+constexpr int kRestThreads = 256;
 
-__global__ void expert_rest_sums4_kernel(const bf16_bits* __restrict__ rows,
-                                         const float* __restrict__ row_w,
-                                         const int32_t* __restrict__ pos_tok,
-                                         const int32_t* __restrict__ offsets,
-                                         const int32_t* __restrict__ counts, int B, int T, int S,
-                                         int D, float* __restrict__ out_rows) {
+template <int W>
+__global__ void __launch_bounds__(kRestThreads)
+    expert_rest_sums_kernel(const bf16_bits* __restrict__ rows, const float* __restrict__ row_w,
+                            const int32_t* __restrict__ pos_tok,
+                            const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts,
+                            int B, int T, int S, int D, float* __restrict__ out_rows) {
   const int e = blockIdx.x / B, b = blockIdx.x % B;
   int begin = 0, end = 0;
   rest_rows(pos_tok, offsets, counts, e, b, T, begin, end);
-  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+  const int c = (blockIdx.y * kRestThreads + threadIdx.x) * W;
   if (c >= D) return;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float acc[W];
+#pragma unroll
+  for (int i = 0; i < W; ++i) acc[i] = 0.f;
   int p = begin;
   for (; p + 4 <= end; p += 4) {
-    float4 v[4];
-    float w[4];
+    float v[4][W], w[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      v[j] = load_bf16x4(rows + static_cast<int64_t>(p + j) * D + c);
+      load_bf16<W>(rows + static_cast<int64_t>(p + j) * D + c, v[j]);
       w[j] = row_w[p + j];
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      acc.x += w[j] * v[j].x;
-      acc.y += w[j] * v[j].y;
-      acc.z += w[j] * v[j].z;
-      acc.w += w[j] * v[j].w;
-    }
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < W; ++i) acc[i] += w[j] * v[j][i];
   }
   for (; p < end; ++p) {
-    const float4 v = load_bf16x4(rows + static_cast<int64_t>(p) * D + c);
+    float v[W];
+    load_bf16<W>(rows + static_cast<int64_t>(p) * D + c, v);
     const float w = row_w[p];
-    acc.x += w * v.x;
-    acc.y += w * v.y;
-    acc.z += w * v.z;
-    acc.w += w * v.w;
+#pragma unroll
+    for (int i = 0; i < W; ++i) acc[i] += w * v[i];
   }
-  *reinterpret_cast<float4*>(out_rows + ((static_cast<int64_t>(blockIdx.z) * B + b) * S + e) * D +
-                             c) = acc;
+  float* out = out_rows + ((static_cast<int64_t>(blockIdx.z) * B + b) * S + e) * D + c;
+  if constexpr (W == 1) {
+    out[0] = acc[0];
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; i += 4)
+      *reinterpret_cast<float4*>(out + i) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+  }
 }
 
 // out[i] = sum over the splits, in split order, of parts[split * n + i].
@@ -545,8 +541,12 @@ namespace {
 // Row splits per (expert, probe): enough blocks to fill the device, and at most ~256 rows a block
 // (the work is a chain of loads per thread), so long probes with few experts per probe still
 // spread; with many probes a split of 1 writes the sums directly.
+// Columns per thread of the rest sums: 16-byte loads where D allows.
+int rest_width(int D) { return D % 8 == 0 ? 8 : D % 4 == 0 ? 4 : 1; }
+
 int rest_splits(int E, int B, int D, int64_t npairs) {
-  const int64_t base = static_cast<int64_t>(E) * B * ((D + 511) / 512);
+  const int cols = kRestThreads * rest_width(D);
+  const int64_t base = static_cast<int64_t>(E) * B * ((D + cols - 1) / cols);
   if (base == 0) return 1;  // a rank with no probes left (B = 0) still joins the collectives
   const int64_t by_blocks = (2048 + base - 1) / base;
   const int64_t by_rows = (npairs / std::max<int64_t>(static_cast<int64_t>(E) * B, 1) + 255) / 256;
@@ -570,16 +570,20 @@ void expert_rest_sums(const bf16_bits* rows, const float* row_w, const int32_t* 
   if (splits > 1 && S > E)
     CUDA_CHECK(
         cudaMemsetAsync(scratch, 0, static_cast<size_t>(splits) * B * S * D * sizeof(float), s));
-  const dim3 grid(static_cast<unsigned>(E * B), (D + 511) / 512, static_cast<unsigned>(splits));
-  if (D % 4 == 0) {  // rows 8-byte and outputs 16-byte aligned (cudaMalloc'd, D elements apart)
-    expert_rest_sums4_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
-                                                  dst);
-    CUDA_CHECK_LAUNCH("expert_rest_sums4_kernel");
-  } else {
-    expert_rest_sums_kernel<<<grid, 128, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D,
-                                                 dst);
-    CUDA_CHECK_LAUNCH("expert_rest_sums_kernel");
-  }
+  const int W = rest_width(D), cols = kRestThreads * W;
+  const dim3 grid(static_cast<unsigned>(E * B), static_cast<unsigned>((D + cols - 1) / cols),
+                  static_cast<unsigned>(splits));
+  // Rows are D elements apart from a cudaMalloc'd base: W-aligned loads and stores.
+  if (W == 8)
+    expert_rest_sums_kernel<8>
+        <<<grid, kRestThreads, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D, dst);
+  else if (W == 4)
+    expert_rest_sums_kernel<4>
+        <<<grid, kRestThreads, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D, dst);
+  else
+    expert_rest_sums_kernel<1>
+        <<<grid, kRestThreads, 0, s>>>(rows, row_w, pos_tok, offsets, counts, B, T, S, D, dst);
+  CUDA_CHECK_LAUNCH("expert_rest_sums_kernel");
   if (splits > 1) {
     const int64_t n = static_cast<int64_t>(B) * S * D;
     rest_splits_sum_kernel<<<grid_for(n, 256, 8192), 256, 0, s>>>(scratch, n, splits, out_rows);

@@ -190,23 +190,35 @@ __global__ void radix_init_kernel(RadixState* st, unsigned long long k0, unsigne
   st[1] = RadixState{k1, 0u, 0u};
 }
 
+// One pass of the selection for both middle ranks at once (nsel = 1 or 2): histograms of the
+// next `bits` bits of |x| among the elements matching each rank's prefix so far. While the two
+// ranks share their prefix (always in the first pass, and usually after) one histogram serves
+// both: one read of x and one shared-memory atomic per element.
 __global__ void abs_radix_hist_state_kernel(const float* __restrict__ x, int64_t n,
-                                            const RadixState* __restrict__ st, int shift, int bits,
-                                            unsigned* __restrict__ hist) {
-  __shared__ unsigned local[kMaxBins];
+                                            const RadixState* __restrict__ st, int nsel, int shift,
+                                            int bits, unsigned* __restrict__ hist) {
+  __shared__ unsigned local[2][kMaxBins];
   const int nbins = 1 << bits;
-  for (int i = threadIdx.x; i < nbins; i += blockDim.x) local[i] = 0;
+  for (int i = threadIdx.x; i < 2 * kMaxBins; i += blockDim.x)
+    local[i / kMaxBins][i % kMaxBins] = 0;
   __syncthreads();
-  const uint32_t mask = static_cast<uint32_t>(nbins - 1), prefix = st->prefix,
-                 hi_mask = st->hi_mask;
+  const uint32_t mask = static_cast<uint32_t>(nbins - 1);
+  const uint32_t prefix[2] = {st[0].prefix, nsel > 1 ? st[1].prefix : 0u};
+  const uint32_t hi_mask[2] = {st[0].hi_mask, nsel > 1 ? st[1].hi_mask : 0u};
+  const bool same = nsel == 1 || (prefix[0] == prefix[1] && hi_mask[0] == hi_mask[1]);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint32_t u = __float_as_uint(x[i]) & 0x7fffffffu;
-    if ((u & hi_mask) == prefix) atomicAdd(&local[(u >> shift) & mask], 1u);
+    const uint32_t bin = (u >> shift) & mask;
+    if ((u & hi_mask[0]) == prefix[0]) atomicAdd(&local[0][bin], 1u);
+    if (!same && (u & hi_mask[1]) == prefix[1]) atomicAdd(&local[1][bin], 1u);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < nbins; i += blockDim.x)
-    if (local[i]) atomicAdd(&hist[i], local[i]);
+  for (int q = 0; q < nsel; ++q) {
+    const unsigned* src = local[same ? 0 : q];
+    for (int i = threadIdx.x; i < nbins; i += blockDim.x)
+      if (src[i]) atomicAdd(&hist[q * kMaxBins + i], src[i]);
+  }
 }
 
 // The bin holding the k-th element: one block, two bins per thread, a block-wide exclusive scan
@@ -258,7 +270,9 @@ __global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int 
 
 }  // namespace
 
-size_t abs_median_scratch_bytes() { return 2 * sizeof(RadixState) + kMaxBins * sizeof(unsigned); }
+size_t abs_median_scratch_bytes() {
+  return 2 * sizeof(RadixState) + 2 * kMaxBins * sizeof(unsigned);
+}
 
 void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s) {
   if (n == 0) return;
@@ -267,16 +281,20 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
   const unsigned long long mid = static_cast<unsigned long long>(n / 2);
   radix_init_kernel<<<1, 1, 0, s>>>(st, mid > 0 ? mid - 1 : 0, mid);
   CUDA_CHECK_LAUNCH("radix_init_kernel");
+  // Both middle ranks (one for odd n) select in the same three passes over x.
   const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
-  for (int which = n % 2 == 1 ? 1 : 0; which < 2; ++which)
-    for (int pass = 0; pass < 3; ++pass) {
-      CUDA_CHECK(cudaMemsetAsync(hist, 0, kMaxBins * sizeof(unsigned), s));
-      abs_radix_hist_state_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(
-          x, n, st + which, shifts[pass], bits[pass], hist);
-      CUDA_CHECK_LAUNCH("abs_radix_hist_state_kernel");
-      radix_pick_kernel<<<1, kPickThreads, 0, s>>>(hist, bits[pass], shifts[pass], st + which);
+  const int first = n % 2 == 1 ? 1 : 0, nsel = 2 - first;
+  for (int pass = 0; pass < 3; ++pass) {
+    CUDA_CHECK(cudaMemsetAsync(hist, 0, 2 * kMaxBins * sizeof(unsigned), s));
+    abs_radix_hist_state_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(
+        x, n, st + first, nsel, shifts[pass], bits[pass], hist);
+    CUDA_CHECK_LAUNCH("abs_radix_hist_state_kernel");
+    for (int q = 0; q < nsel; ++q) {
+      radix_pick_kernel<<<1, kPickThreads, 0, s>>>(hist + q * kMaxBins, bits[pass], shifts[pass],
+                                                   st + first + q);
       CUDA_CHECK_LAUNCH("radix_pick_kernel");
     }
+  }
   radix_median_kernel<<<1, 1, 0, s>>>(st, n % 2 == 1, out);
   CUDA_CHECK_LAUNCH("radix_median_kernel");
 }

@@ -585,6 +585,38 @@ void fill_tensor(const std::string& file, const std::string& name, float value) 
   ASSERT_TRUE(f.good()) << file;
 }
 
+// The |x| median on the device is exact: the mean of the two middle |x| for even n, the middle
+// one for odd n, against std::nth_element; with ties, signs, zeros and values spanning exponents.
+TEST(GpuKernels, AbsMedianIsExact) {
+  REQUIRE_GPU();
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t n : {1, 2, 7, 1000, 4097, 300000, 1 << 20}) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (auto& v : x) {
+      v = nd(rng) * std::exp2(static_cast<float>(static_cast<int>(rng() % 24) - 12));
+      if (rng() % 10 == 0) v = static_cast<float>(static_cast<int>(rng() % 5) - 2);  // ties
+    }
+    std::vector<float> a(x.size());
+    for (size_t i = 0; i < x.size(); ++i) a[i] = std::abs(x[i]);
+    const size_t mid = a.size() / 2;
+    std::nth_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid), a.end());
+    const float hi = a[mid];
+    float expect = hi;
+    if (n % 2 == 0) {
+      const float lo = *std::max_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid));
+      expect = static_cast<float>(0.5 * (static_cast<double>(lo) + hi));
+    }
+    cuda::DeviceBuffer<float> dx(x.size()), dout(1);
+    cuda::DeviceBuffer<unsigned char> scratch(cuda::k::abs_median_scratch_bytes());
+    ASSERT_EQ(cudaMemcpy(dx.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    cuda::k::abs_median(dx.get(), n, scratch.get(), dout.get(), nullptr);
+    float got = 0;
+    ASSERT_EQ(cudaMemcpy(&got, dout.get(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got, expect) << "n = " << n;
+  }
+}
+
 // The attention kernels on their own against a float64 reference computed from the same bf16
 // operands: causal softmax, z = sum_j p_ij v_j and A[i, 0] = p_i0, for head dims whose padded
 // width takes the Hopper kernel (64, 128) and one padded inside it (120 -> 128), GQA, several
