@@ -79,6 +79,16 @@ struct StreamHolder {
   StreamHolder& operator=(const StreamHolder&) = delete;
 };
 
+struct EventHolder {
+  cudaEvent_t e = nullptr;
+  EventHolder() { CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
+  ~EventHolder() {
+    if (e) cudaEventDestroy(e);
+  }
+  EventHolder(const EventHolder&) = delete;
+  EventHolder& operator=(const EventHolder&) = delete;
+};
+
 // Event marks per layer, in stream order; RunProfile's phases are the gaps between them.
 enum Mark : int {
   kLayerStart,
@@ -156,6 +166,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    cudaStreamSynchronize(copy_.s);  // copies may still fly into the pinned buffers after a throw
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     for (cudaEvent_t e : tap_events_) cudaEventDestroy(e);
   }
@@ -217,6 +228,21 @@ class CudaBackend final : public Backend {
   void to_host(T* dst, const T* src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s()));
   }
+  // A tap's copy to the host: on the copy stream, after everything enqueued so far on the main one.
+  template <typename T>
+  void tap_to_host(T* dst, const T* src, size_t n) {
+    if (!n) return;
+    fork_copies();
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, copy_.s));
+  }
+  void fork_copies() {
+    CUDA_CHECK(cudaEventRecord(fork_.e, s()));
+    CUDA_CHECK(cudaStreamWaitEvent(copy_.s, fork_.e, 0));
+  }
+  void join_copies() {
+    CUDA_CHECK(cudaEventRecord(join_.e, copy_.s));
+    CUDA_CHECK(cudaStreamWaitEvent(s(), join_.e, 0));
+  }
   template <typename T>
   void to_device(T* dst, const T* src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s()));
@@ -239,6 +265,11 @@ class CudaBackend final : public Backend {
   ForwardOptions opt_;
   int device_;
   StreamHolder stream_;
+  // The taps' copies to the host run here, behind the kernels that produce them (fork_), so the
+  // main stream never waits for PCIe; the main stream waits for them (join_) at the start of the
+  // next layer, before anything rewrites their device sources.
+  StreamHolder copy_;
+  EventHolder fork_, join_;
   Blas blas_;
   DeviceCollectives coll_;
   DeviceModel w_;
@@ -252,6 +283,7 @@ class CudaBackend final : public Backend {
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
+  bool x_norms_ready_ = false;  // rnorms_ holds ||x|| per row (the MoE block's fused add)
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1, fault_layer_ = -1;
   RunProfile profile_;
   std::vector<cudaEvent_t> events_;
@@ -273,7 +305,7 @@ class CudaBackend final : public Backend {
       wrest_;
   DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
   DeviceBuffer<float> norm_partial_, rest_scratch_;
-  DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, norms_, logits_;
+  DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, norms_, rnorms_, logits_;
   DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, Vt_, z_, xg_, xr_, h_, act_, out_, out2_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
   DeviceBuffer<float> a0_mean_, median_;
@@ -302,7 +334,8 @@ void CudaBackend::defer(std::function<void()> work) {
     tap_events_.push_back(e);
   }
   cudaEvent_t e = tap_events_[next_tap_event_++ % kRing];
-  CUDA_CHECK(cudaEventRecord(e, s()));
+  fork_copies();  // ready = the main stream's work so far and the tap copies before it
+  CUDA_CHECK(cudaEventRecord(e, copy_.s));
   deferred_.push_back(Deferred{e, std::move(work)});
 }
 
@@ -398,6 +431,7 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
   for (int64_t l = 0; l < L_; ++l) {
     if (l == fault_layer_)
       throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
+    join_copies();
     mark(l, kLayerStart);
     attention(l, obs);
     mark(l, kAttnTapDone);
@@ -457,22 +491,25 @@ void CudaBackend::embed(const IntArray& tokens) {
 void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
   if (!record_) return;
   const int64_t B = B_, T = T_, BT = BT_, D = D_, probe0 = probe0_;
-  norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+  rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
   h_rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
   h_x0_.reserve(static_cast<size_t>(B * D + 1));
-  k::row_norms(x_.get(), BT, static_cast<int>(D), D, norms_.get(), s());
-  to_host(h_rnorms_.get(), norms_.get(), static_cast<size_t>(BT));
-  if (B > 0)
+  if (!x_norms_ready_) k::row_norms(x_.get(), BT, static_cast<int>(D), D, rnorms_.get(), s());
+  x_norms_ready_ = false;
+  tap_to_host(h_rnorms_.get(), rnorms_.get(), static_cast<size_t>(BT));
+  if (B > 0) {
+    fork_copies();
     CUDA_CHECK(cudaMemcpy2DAsync(h_x0_.get(), static_cast<size_t>(D) * sizeof(float), x_.get(),
                                  static_cast<size_t>(T * D) * sizeof(float),
                                  static_cast<size_t>(D) * sizeof(float), static_cast<size_t>(B),
-                                 cudaMemcpyDeviceToHost, s()));
+                                 cudaMemcpyDeviceToHost, copy_.s));
+  }
   const bool median = probe0 == 0 && B > 0;  // Sun et al.'s |x| median: probe 0 only
   if (median) {
     median_scratch_.reserve(k::abs_median_scratch_bytes());
     median_.reserve(1);
     k::abs_median(x_.get(), T * D, median_scratch_.get(), median_.get(), s());
-    to_host(h_x0_.get() + B * D, median_.get(), 1);
+    tap_to_host(h_x0_.get() + B * D, median_.get(), 1);
   }
   defer([this, &obs, index, B, T, D, probe0, median] {
     std::vector<float> abs_median(static_cast<size_t>(B), std::nanf(""));
@@ -627,13 +664,13 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   float* h_k0s = h_k0m + n_k;
   if (B > 0) {
     k::row_means(a0_.get(), B * Hl, static_cast<int>(T), a0_mean_.get(), s());
-    to_host(h_a0_.get(), a0_.get(), n_a0);
-    to_host(h_wp0, wp0_.get(), n_bh);
-    to_host(h_wrest, wrest_.get(), n_bh);
-    to_host(h_a0m, a0_mean_.get(), n_bh);
-    to_host(h_attr_.get(), attr_.get(), n_attr);
-    to_host(h_k0m, k0m_.get(), n_k);
-    to_host(h_k0s, k0s_.get(), n_k);
+    tap_to_host(h_a0_.get(), a0_.get(), n_a0);
+    tap_to_host(h_wp0, wp0_.get(), n_bh);
+    tap_to_host(h_wrest, wrest_.get(), n_bh);
+    tap_to_host(h_a0m, a0_mean_.get(), n_bh);
+    tap_to_host(h_attr_.get(), attr_.get(), n_attr);
+    tap_to_host(h_k0m, k0m_.get(), n_k);
+    tap_to_host(h_k0s, k0s_.get(), n_k);
   }
   const int64_t probe0 = probe0_;
   defer([this, &obs, l, B, T, D, d, Hl, C, probe0, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s] {
@@ -866,10 +903,14 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
                          static_cast<int>(nslots), Di, Ti, abl_slots_.get() + l * S,
                          delta_.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D, p0_sum_.get(),
                          s());
+    // x += m with ||m|| (this tap) and ||x|| (the residual tap that follows) in one pass.
     norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-    k::row_norms(m, BT, Di, D, norms_.get(), s());
+    rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+    k::add_rows_norms(x_.get(), m, BT, Di, norms_.get(), rnorms_.get(), s());
+    x_norms_ready_ = true;
+  } else {
+    k::add_inplace(x_.get(), m, BT * D, s());
   }
-  k::add_inplace(x_.get(), m, BT * D, s());
   mark(l, kMoeDone);
   if (!record_) return;
 
@@ -878,8 +919,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
   float* h_n0 = h_mlp_.get();
   float* h_r0 = h_n0 + B * S;
   float* h_rc = h_r0 + B * E1;
-  to_host(h_mnorms_.get(), norms_.get(), static_cast<size_t>(BT));
-  to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
+  tap_to_host(h_mnorms_.get(), norms_.get(), static_cast<size_t>(BT));
+  tap_to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
   const int64_t probe0 = probe0_;
   defer([this, &obs, l, B, T, D, E, E1, S, moe, probe0, h_n0, h_r0, h_rc] {
     std::vector<float> out_p0(static_cast<size_t>(B)), out_rest(static_cast<size_t>(B)),

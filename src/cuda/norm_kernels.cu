@@ -148,6 +148,41 @@ void column_mean_rest_impl(const In* x, int B, int T, int ncols, int64_t ld, flo
   CUDA_CHECK_LAUNCH("column_finish_kernel");
 }
 
+// Block per row: x[r] += m[r], with ||m[r]|| and ||x[r] + m[r]|| from the same pass.
+__global__ void add_rows_norms_kernel(float* __restrict__ x, const float* __restrict__ m, int D,
+                                      float* __restrict__ m_norms, float* __restrict__ x_norms) {
+  const int64_t r = blockIdx.x;
+  float* xr = x + r * D;
+  const float* mr = m + r * D;
+  float sm = 0.f, sx = 0.f;
+  if (D % 4 == 0) {  // rows 16-byte aligned (cudaMalloc'd, D floats apart)
+    for (int c = threadIdx.x * 4; c < D; c += blockDim.x * 4) {
+      const float4 mv = *reinterpret_cast<const float4*>(mr + c);
+      float4 xv = *reinterpret_cast<const float4*>(xr + c);
+      xv.x += mv.x;
+      xv.y += mv.y;
+      xv.z += mv.z;
+      xv.w += mv.w;
+      *reinterpret_cast<float4*>(xr + c) = xv;
+      sm += mv.x * mv.x + mv.y * mv.y + mv.z * mv.z + mv.w * mv.w;
+      sx += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+    }
+  } else {
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+      const float mv = mr[c], xv = xr[c] + mv;
+      xr[c] = xv;
+      sm += mv * mv;
+      sx += xv * xv;
+    }
+  }
+  sm = block_sum(sm);
+  sx = block_sum(sx);
+  if (threadIdx.x == 0) {
+    m_norms[r] = sqrtf(sm);
+    x_norms[r] = sqrtf(sx);
+  }
+}
+
 __global__ void add_inplace_kernel(float* __restrict__ x, const float* __restrict__ a, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -344,6 +379,14 @@ void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float
 void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial,
                       float* out, cudaStream_t s) {
   column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
+}
+
+void add_rows_norms(float* x, const float* m, int64_t rows, int D, float* m_norms, float* x_norms,
+                    cudaStream_t s) {
+  if (rows == 0) return;
+  add_rows_norms_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, m, D, m_norms,
+                                                                             x_norms);
+  CUDA_CHECK_LAUNCH("add_rows_norms_kernel");
 }
 
 void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s) {
