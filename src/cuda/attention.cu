@@ -533,8 +533,10 @@ void launch_wgmma(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf
   CUDA_CHECK_LAUNCH("flash_attention_wgmma_kernel");
 }
 
+}  // namespace
+
 // Whether this build carries the sm_90a kernels for the current device: asked once per device.
-bool wgmma_built_for_device() {
+bool sm90a_kernels_available() {
   static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
@@ -555,10 +557,8 @@ bool wgmma_built_for_device() {
   return yes != 0;
 }
 
-}  // namespace
-
 bool flash_attention_wgmma_available(int dp) {
-  return (dp == 64 || dp == 128) && wgmma_built_for_device();
+  return (dp == 64 || dp == 128) && sm90a_kernels_available();
 }
 
 int64_t flash_attention_scratch(int B, int T, int KVl, int dp) {

@@ -163,6 +163,14 @@ class CudaBackend final : public Backend {
              : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
     weight_device_bytes_ = device_bytes_held() - held_before;
     near_ties_.assign(static_cast<size_t>(L_), 0);
+    // The expert products: the Hopper kernel (grouped_gemm.cu) unless a cuBLAS route is asked for.
+    const int I = static_cast<int>(c_.moe_intermediate_size), Dw = static_cast<int>(D_);
+    sm90_experts_ = blas_.allows_wgmma() && E_ > 0 && k::grouped_gemm_sm90_supported(Dw, I) &&
+                    k::grouped_gemm_sm90_supported(I, Dw);
+    if (blas_.requires_wgmma() && !sm90_experts_)
+      throw InputError(
+          "SINKSCOPE_CUDA_EXPERT_GEMM=wgmma: needs an sm_90a build on a compute capability 9.0 "
+          "device and hidden and expert widths that are multiples of 8");
   }
 
   ~CudaBackend() override {
@@ -196,7 +204,10 @@ class CudaBackend final : public Backend {
   }
   const std::vector<int64_t>& near_ties() const { return near_ties_; }
   int64_t routed() const { return routed_; }
-  std::string expert_strategy() const { return blas_.expert_strategy(); }
+  std::string expert_strategy() const {
+    return sm90_experts_ ? "one wgmma kernel per product for all experts (gather and SwiGLU fused)"
+                         : blas_.expert_strategy();
+  }
 
  private:
   cudaStream_t s() const { return stream_.s; }
@@ -210,9 +221,11 @@ class CudaBackend final : public Backend {
   const bf16_bits* moe_experts(const DeviceLayer& Lw, int64_t n);
   // The expert FFN on `total` bf16 rows of X in groups: group g is rows[g] rows from offsets[g],
   // all routed to local expert expert[g]; fp32 outputs at the same rows of out.
-  void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const std::vector<int>& rows,
-                  const std::vector<int64_t>& offsets, const std::vector<int64_t>& expert,
-                  int64_t total, bf16_bits* out);
+  // The expert products of the groups (rows, offsets into X's packed rows, expert): X's rows are
+  // gathered by index (x_rows[p] / x_div) when x_rows is given.
+  void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const int32_t* x_rows, int x_div,
+                  const std::vector<int>& rows, const std::vector<int64_t>& offsets,
+                  const std::vector<int64_t>& expert, int64_t total, bf16_bits* out);
   void upload_ablations();
   void ensure_rope(int64_t T);
   void mark(int64_t l, int which);
@@ -283,7 +296,9 @@ class CudaBackend final : public Backend {
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
-  bool x_norms_ready_ = false;  // rnorms_ holds ||x|| per row (the MoE block's fused add)
+  bool x_norms_ready_ = false;
+  bool sm90_experts_ = false;             // the expert products run on grouped_gemm.cu's kernel
+  k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // rnorms_ holds ||x|| per row (the MoE block's fused add)
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1, fault_layer_ = -1;
   RunProfile profile_;
   std::vector<cudaEvent_t> events_;
@@ -307,6 +322,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> norm_partial_, rest_scratch_;
   DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, norms_, rnorms_, logits_;
   DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, Vt_, z_, xg_, xr_, h_, act_, out_, out2_;
+  DeviceBuffer<int32_t> gemm_gu_dev_, gemm_dn_dev_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
   DeviceBuffer<float> a0_mean_, median_;
   DeviceBuffer<uint8_t> median_scratch_;
@@ -701,13 +717,30 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   });
 }
 
-void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X,
-                             const std::vector<int>& rows, const std::vector<int64_t>& offsets,
+void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const int32_t* x_rows,
+                             int x_div, const std::vector<int>& rows,
+                             const std::vector<int64_t>& offsets,
                              const std::vector<int64_t>& expert, int64_t total, bf16_bits* out) {
   if (total == 0) return;
   const int64_t I = Lw.inter, D = D_;
-  h_.reserve(static_cast<size_t>(total * 2 * I));
   act_.reserve(static_cast<size_t>(total * I));
+  if (sm90_experts_) {  // gather (x_rows), gate|up and SwiGLU in one product; down in another
+    gemm_gu_.build(rows, offsets, expert, static_cast<int>(I), true);
+    gemm_dn_.build(rows, offsets, expert, static_cast<int>(D), false);
+    gemm_gu_dev_.reserve(gemm_gu_.ints());
+    gemm_dn_dev_.reserve(gemm_dn_.ints());
+    k::grouped_gemm_sm90(X, x_rows, x_div, Lw.w_gate_up.get(), act_.get(), static_cast<int>(D),
+                         static_cast<int>(I), true, gemm_gu_, gemm_gu_dev_.get(), s());
+    k::grouped_gemm_sm90(act_.get(), nullptr, 1, Lw.w_down.get(), out, static_cast<int>(I),
+                         static_cast<int>(D), false, gemm_dn_, gemm_dn_dev_.get(), s());
+    return;
+  }
+  if (x_rows) {  // the cuBLAS route reads packed rows
+    xg_.reserve(static_cast<size_t>(total * D));
+    k::gather_rows(X, x_rows, x_div, total, static_cast<int>(D), xg_.get(), s());
+    X = xg_.get();
+  }
+  h_.reserve(static_cast<size_t>(total * 2 * I));
   blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), h_.get(), Dt::kBF16);
   k::swiglu(h_.get(), total, static_cast<int>(I), act_.get(), s());
   blas_.grouped_nt(rows, offsets, expert, D, I, act_.get(), Lw.w_down.get(), out, Dt::kBF16);
@@ -717,15 +750,16 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   const int64_t D = D_, K = K_, E = E_, npairs = n * K;
   const int P = coll_.ep_size();
   out_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
+  if (P == 1) {  // every expert is here: the products read the routed rows straight from u
+    std::vector<int64_t> widx(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) widx[static_cast<size_t>(e)] = e;
+    expert_ffn(Lw, u_.get(), ipack_.get(), static_cast<int>(K), counts_, offsets_, widx, npairs,
+               out_.get());
+    return out_.get();
+  }
   xg_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
   k::gather_rows(u_.get(), ipack_.get(), static_cast<int>(K), npairs, static_cast<int>(D),
                  xg_.get(), s());
-  if (P == 1) {  // every expert is here: run them on the gathered rows directly
-    std::vector<int64_t> widx(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) widx[static_cast<size_t>(e)] = e;
-    expert_ffn(Lw, xg_.get(), counts_, offsets_, widx, npairs, out_.get());
-    return out_.get();
-  }
   // Expert parallel, device to device. The gathered rows are expert-major and every ep rank owns a
   // contiguous range of experts, so each owner's rows are one contiguous block. The per-expert
   // counts of every source travel first (MPI, E ints per rank), so both sides know every size; the
@@ -762,7 +796,7 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
   coll_.ep_alltoallv(xg_.get(), bytes(send_rows, sizeof(bf16_bits)), xr_.get(),
                      bytes(recv_rows, sizeof(bf16_bits)));
-  expert_ffn(Lw, xr_.get(), grows, goff, gexp, npr, out2_.get());
+  expert_ffn(Lw, xr_.get(), nullptr, 1, grows, goff, gexp, npr, out2_.get());
   coll_.ep_alltoallv(out2_.get(), bytes(recv_rows, sizeof(bf16_bits)), out_.get(),
                      bytes(send_rows, sizeof(bf16_bits)));
   return out_.get();

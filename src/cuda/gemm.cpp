@@ -28,11 +28,12 @@ Blas::Blas(cudaStream_t stream) : stream_(stream) {
   // The expert-product settings first: a bad value fails before anything is created.
   if (const char* v = std::getenv("SINKSCOPE_CUDA_EXPERT_GEMM"); v && *v) {
     const std::string how(v);
-    if (how != "auto" && how != "grouped" && how != "per-expert")
+    if (how != "auto" && how != "wgmma" && how != "grouped" && how != "per-expert")
       throw InputError("SINKSCOPE_CUDA_EXPERT_GEMM: unknown value '" + how +
-                       "' (auto, grouped or per-expert)");
+                       "' (auto, wgmma, grouped or per-expert)");
     route_ = how == "grouped"      ? Route::kGrouped
              : how == "per-expert" ? Route::kPerExpert
+             : how == "wgmma"      ? Route::kWgmma
                                    : Route::kAuto;
   }
   int n_sides = kExpertStreams;
@@ -116,6 +117,7 @@ std::string Blas::expert_strategy() const {
     case Route::kPerExpert:
       return per;
     case Route::kAuto:
+    case Route::kWgmma:
       break;
   }
   return "cublasGemmGroupedBatchedEx below " + std::to_string(kPerExpertMinRows) +

@@ -71,6 +71,10 @@ class Blas {
   // How the expert products run, for logs and benchmarks.
   std::string expert_strategy() const;
   static constexpr int kPerExpertMinRows = 768;
+  // SINKSCOPE_CUDA_EXPERT_GEMM leaves the backend free to use its Hopper kernel (auto, wgmma), or
+  // demands it (wgmma).
+  bool allows_wgmma() const { return route_ == Route::kAuto || route_ == Route::kWgmma; }
+  bool requires_wgmma() const { return route_ == Route::kWgmma; }
 
  private:
   void call(cublasOperation_t ta, cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
@@ -93,7 +97,7 @@ class Blas {
   };
   std::vector<Side> sides_;
   cudaEvent_t fork_ = nullptr;
-  enum class Route { kAuto, kGrouped, kPerExpert };
+  enum class Route { kAuto, kWgmma, kGrouped, kPerExpert };
   Route route_ = Route::kAuto;
   // Whether cuBLAS takes the grouped call for a result type (cleared when it refuses).
   bool grouped_bf16_ = true, grouped_f32_ = true;

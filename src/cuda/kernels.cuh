@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "cuda/device_buffer.hpp"
 
@@ -68,6 +69,10 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
 void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t s);
 
 // ---- attention.cu -------------------------------------------------------------------------
+// Whether this build carries sm_90a code (wgmma) for the current device (compute capability 9.0):
+// probed once per device.
+bool sm90a_kernels_available();
+
 // Causal attention of B probes x Hl local heads over T positions, flash style (online softmax in
 // fp32, bf16 tensor-core products, T x T never stored). Q [B*T, Hl, dp], K/V [B*T, KVl, dp] bf16;
 // local head h reads held KV head (head_begin + h) / group - kv_begin. Writes z [B*T, Hl * d] bf16
@@ -182,6 +187,26 @@ void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32
 
 // act[r, c] = silu(h[r, c]) * h[r, I + c] for h [n, 2I] (gate | up), bf16 in and out, fp32 math.
 void swiglu(const bf16_bits* h, int64_t n, int I, bf16_bits* act, cudaStream_t s);
+
+// ---- grouped_gemm.cu ------------------------------------------------------------------------
+// The expert products in one launch each on Hopper (wgmma; sm_90a builds on compute capability
+// 9.0): for every group g with rows[g] > 0, packed rows p = row_offset[g] + r (r < rows[g]):
+//   store:  C[p, 0:N] = A[src(p), 0:K] W_g[0:N, 0:K]^T                      (W_g = W + w_g N K)
+//   swiglu: C[p, 0:N] = silu(A[src(p)] W_g[0:N]^T) * (A[src(p)] W_g[N:2N]^T)   (W_g = W + w_g 2N K)
+// with src(p) = a_rows ? a_rows[p] / a_div : p (rows gathered by index), bf16 in and out, fp32
+// accumulation. Needs K % 8 == 0 and N even. The host builds the tile list (GroupedGemmPlan);
+// dev_plan holds plan.groups.size() + plan.tiles.size() ints (a distinct buffer per product that
+// is in flight).
+bool grouped_gemm_sm90_supported(int K, int N);
+struct GroupedGemmPlan {
+  std::vector<int32_t> groups, tiles;  // 4 ints each: see grouped_gemm.cu
+  void build(const std::vector<int>& rows, const std::vector<int64_t>& row_offset,
+             const std::vector<int64_t>& weight_index, int N, bool swiglu);
+  size_t ints() const { return groups.size() + tiles.size(); }
+};
+void grouped_gemm_sm90(const bf16_bits* A, const int32_t* a_rows, int a_div, const bf16_bits* W,
+                       bf16_bits* C, int K, int N, bool swiglu, const GroupedGemmPlan& plan,
+                       int32_t* dev_plan, cudaStream_t s);
 
 // For the pairs in source order: pos_w[p] = weights[src_pair[p]], pos_tok[p] = tok0 + src_pair[p] /
 // K.
