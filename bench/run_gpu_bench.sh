@@ -10,6 +10,7 @@
 #      (bench/hf_reference.py; needs python3 with torch and transformers).
 # usage: bench/run_gpu_bench.sh [BUILD]        (BUILD defaults to build-cuda)
 #   env: CONFIG (default bench/qwen3_30b_a3b.json), LAYERS (0: the config's; fewer for a quick try),
+#        COMMIT (the commit to print, for a folder of copied binaries; default: git HEAD),
 #        LONG="32768 131072" (the single-probe lengths), SKIP_HF=1
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +25,7 @@ if [ ! -x "$bench" ]; then
   bench=$build/bench/sinkscope_bench_gpu
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-echo "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+echo "commit ${COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(date -u +%FT%TZ)"
 run() { "$bench" --config "$config" --layers "$layers" "$@"; }
 echo
 echo "## sinkscope"
