@@ -29,28 +29,65 @@ namespace {
 
 constexpr int kBlockN = 64;  // keys per tile; a block holds BM queries, 16 per warp
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return static_cast<uint32_t>(f2bf(lo)) | (static_cast<uint32_t>(f2bf(hi)) << 16);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                                   uint32_t& r3, const void* smem) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
+}
+
+// The online softmax's step for one thread's two rows (m16n8 layout, NT column tiles of 8 scores,
+// log2 domain): the new running max over the quad into m_run; base is that max, or 0 for a row
+// that has seen only -inf so far (so exp2(s - base) stays 0, not NaN); alpha = exp2(old max -
+// base) rescales what was summed before.
+template <int NT>
+__device__ __forceinline__ void online_max(const float (&s)[NT * 4], float (&m_run)[2],
+                                           float (&base)[2], float (&alpha)[2]) {
+  float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    base[i] = mx[i] == -INFINITY ? 0.f : mx[i];
+    alpha[i] = exp2f(m_run[i] - base[i]);
+    m_run[i] = mx[i];
+  }
+}
+
+// The end of a pass for one thread's rows row0 and row0 + 8 of one (probe, head), o in the m16n8
+// accumulator layout over NT column tiles of 8: l summed over the quad, z = O / l in bf16 (d is
+// even: column pairs), A[i, 0] = exp2(s_i0 - m_i) / l_i.
+template <int NT>
+__device__ __forceinline__ void finish_rows(const float (&o)[NT * 4], float (&l_run)[2],
+                                            const float (&m_run)[2], const float (&s_key0)[2],
+                                            int row0, int T, int tq, bf16_bits* z_head, int64_t ldz,
+                                            int d, float* a0_head) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + 8 * i;
+    if (row >= T) continue;
+    const float inv_l = 1.f / l_run[i];
+    bf16_bits* zr = z_head + row * ldz;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int col = j * 8 + tq * 2;
+      if (col < d)
+        *reinterpret_cast<uint32_t*>(zr + col) =
+            pack_bf16(o[4 * j + 2 * i] * inv_l, o[4 * j + 2 * i + 1] * inv_l);
+    }
+    if (tq == 0) a0_head[row] = exp2f(s_key0[i] - m_run[i]) * inv_l;
+  }
 }
 
 template <int DP>
@@ -155,21 +192,8 @@ __global__ void __launch_bounds__(BM / 16 * 32)
         s_key0[1] = sc[0][2];
       }
 
-      float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        mx[0] = fmaxf(mx[0], fmaxf(sc[nt][0], sc[nt][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(sc[nt][2], sc[nt][3]));
-      }
       float base[2], alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        base[i] = mx[i] == -INFINITY ? 0.f : mx[i];
-        alpha[i] = exp2f(m_run[i] - base[i]);
-        m_run[i] = mx[i];
-      }
+      online_max<NT>(reinterpret_cast<const float(&)[NT * 4]>(sc), m_run, base, alpha);
 
       uint32_t pf[NT / 2][4];
       float rs[2] = {0.f, 0.f};
@@ -207,27 +231,9 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     __syncthreads();  // the next iteration's prefetch overwrites this buffer
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-  }
-  const float inv_l[2] = {1.f / l_run[0], 1.f / l_run[1]};
-  const int64_t ldz = static_cast<int64_t>(Hl) * d;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? row0 : row1;
-    if (row >= T) continue;
-    bf16_bits* zr = z + (tok0 + row) * ldz + static_cast<int64_t>(h) * d;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      const int col = dt * 8 + tq * 2;
-      if (col < d) zr[col] = f2bf(o[dt][2 * i] * inv_l[i]);
-      if (col + 1 < d) zr[col + 1] = f2bf(o[dt][2 * i + 1] * inv_l[i]);
-    }
-    if (tq == 0)
-      a0[(static_cast<int64_t>(b) * Hl + h) * T + row] = exp2f(s_key0[i] - m_run[i]) * inv_l[i];
-  }
+  finish_rows<DT>(reinterpret_cast<const float(&)[DT * 4]>(o), l_run, m_run, s_key0, row0, T, tq,
+                  z + tok0 * Hl * d + static_cast<int64_t>(h) * d, static_cast<int64_t>(Hl) * d, d,
+                  a0 + (static_cast<int64_t>(b) * Hl + h) * T);
 }
 
 template <int DP, int BM>
@@ -436,21 +442,8 @@ __global__ void __launch_bounds__(256, 1)
         s_key0[0] = s[0];
         s_key0[1] = s[2];
       }
-      float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-      }
       float bse[2], alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-        bse[i] = mx[i] == -INFINITY ? 0.f : mx[i];
-        alpha[i] = exp2f(m_run[i] - bse[i]);
-        m_run[i] = mx[i];
-      }
+      online_max<BN / 8>(s, m_run, bse, alpha);
       float rs[2] = {0.f, 0.f};
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
@@ -489,29 +482,9 @@ __global__ void __launch_bounds__(256, 1)
     wait<0>();
     pin(o);
   }
-
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-  }
-  const float inv_l[2] = {1.f / l_run[0], 1.f / l_run[1]};
-  const int64_t ldz = static_cast<int64_t>(Hl) * d;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = i == 0 ? row0 : row1;
-    if (row >= T) continue;
-    bf16_bits* zr = z + (tok0 + row) * ldz + static_cast<int64_t>(h) * d;
-#pragma unroll
-    for (int j = 0; j < DP / 8; ++j) {
-      const int col = j * 8 + tq * 2;  // d is even: both columns of the pair or neither
-      if (col < d)
-        *reinterpret_cast<uint32_t*>(zr + col) =
-            pack_bf16(o[4 * j + 2 * i] * inv_l[i], o[4 * j + 2 * i + 1] * inv_l[i]);
-    }
-    if (tq == 0)
-      a0[(static_cast<int64_t>(b) * Hl + h) * T + row] = exp2f(s_key0[i] - m_run[i]) * inv_l[i];
-  }
+  finish_rows<DP / 8>(o, l_run, m_run, s_key0, row0, T, tq,
+                      z + tok0 * Hl * d + static_cast<int64_t>(h) * d, static_cast<int64_t>(Hl) * d,
+                      d, a0 + (static_cast<int64_t>(b) * Hl + h) * T);
 #endif
 }
 

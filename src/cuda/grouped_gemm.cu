@@ -26,18 +26,6 @@ constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 256;
 constexpr int kAStage = kBM * kBK * 2, kBStage = kBN * kBK * 2;
 constexpr int kSmem = 1024 + kStages * (kAStage + kBStage);
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
-__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  return static_cast<uint32_t>(f2bf(lo)) | (static_cast<uint32_t>(f2bf(hi)) << 16);
-}
-
 // groups[g] = {row offset of the group in the packed A / C rows, rows, weight index, 0};
 // tiles[t] = {group, first row, first column, 0} (columns of C; of act for SwiGLU).
 template <bool kSwiGLU>
@@ -112,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (n_k > 1) load(1);
   cp_async_commit();
   for (int kt = 0; kt < n_k; ++kt) {
-    cp_async_wait1();  // tile kt has landed (kt + 1 may still fly)
+    cp_async_wait<1>();  // tile kt has landed (kt + 1 may still fly)
     fence_proxy_async();
     __syncthreads();  // and every warpgroup is past the product of tile kt - 2: its stage is free
     if (kt + 2 < n_k) load(kt + 2);
@@ -128,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   wait<0>();
   pin(acc);
-  cp_async_wait0();
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -144,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float u0 = acc[4 * (j + kBN / 16) + 2 * half],
                     u1 = acc[4 * (j + kBN / 16) + 2 * half + 1];
         *reinterpret_cast<uint32_t*>(crow + col) =
-            pack2(g0 / (1.f + expf(-g0)) * u0, g1 / (1.f + expf(-g1)) * u1);
+            pack_bf16(g0 / (1.f + expf(-g0)) * u0, g1 / (1.f + expf(-g1)) * u1);
       }
     } else {
 #pragma unroll
@@ -152,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = n0 + j * 8 + tq * 2;
         if (col >= N) continue;
         *reinterpret_cast<uint32_t*>(crow + col) =
-            pack2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+            pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
       }
     }
   }

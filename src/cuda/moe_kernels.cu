@@ -86,21 +86,14 @@ __global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, 
       weights[r * K + k] = static_cast<float>(norm_topk ? chosen[k] / wsum : chosen[k]);
 }
 
-__global__ void gather_rows_kernel(const bf16_bits* __restrict__ src,
-                                   const int32_t* __restrict__ rows, int div, int D,
-                                   bf16_bits* __restrict__ dst) {
+// dst[i] = src[rows[i] / div], rows of `width` elements of V: bf16_bits, or uint4 (16-byte copies)
+// when rows are multiples of 8 bf16 (every Qwen3 width).
+template <typename V>
+__global__ void gather_rows_kernel(const V* __restrict__ src, const int32_t* __restrict__ rows,
+                                   int div, int width, V* __restrict__ dst) {
   const int64_t i = blockIdx.x;
-  const bf16_bits* s = src + static_cast<int64_t>(rows[i] / div) * D;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) dst[i * D + c] = s[c];
-}
-
-// 16-byte copies when rows are multiples of 8 bf16 (every Qwen3 width).
-__global__ void gather_rows16_kernel(const uint4* __restrict__ src,
-                                     const int32_t* __restrict__ rows, int div, int chunks,
-                                     uint4* __restrict__ dst) {
-  const int64_t i = blockIdx.x;
-  const uint4* s = src + static_cast<int64_t>(rows[i] / div) * chunks;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[i * chunks + c] = s[c];
+  const V* s = src + static_cast<int64_t>(rows[i] / div) * width;
+  for (int c = threadIdx.x; c < width; c += blockDim.x) dst[i * width + c] = s[c];
 }
 
 __global__ void swiglu_kernel(const bf16_bits* __restrict__ h, int64_t n, int I,
@@ -461,12 +454,11 @@ void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, 
   const bool aligned = D % 8 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   if (aligned) {
-    gather_rows16_kernel<<<static_cast<unsigned>(n), 128, 0, s>>>(
+    gather_rows_kernel<uint4><<<static_cast<unsigned>(n), 128, 0, s>>>(
         reinterpret_cast<const uint4*>(src), rows, div, D / 8, reinterpret_cast<uint4*>(dst));
-    CUDA_CHECK_LAUNCH("gather_rows16_kernel");
-    return;
+  } else {
+    gather_rows_kernel<bf16_bits><<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, div, D, dst);
   }
-  gather_rows_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, div, D, dst);
   CUDA_CHECK_LAUNCH("gather_rows_kernel");
 }
 

@@ -585,6 +585,20 @@ void fill_tensor(const std::string& file, const std::string& name, float value) 
   ASSERT_TRUE(f.good()) << file;
 }
 
+// Whether the Hopper (wgmma) kernels must run here: an sm_90a build (CMake defines
+// SINKSCOPE_EXPECT_WGMMA) on a compute capability 9.0 device.
+bool hopper_kernels_expected() {
+#if defined(SINKSCOPE_EXPECT_WGMMA)
+  int dev = 0;
+  cudaDeviceProp prop{};
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess)
+    return false;
+  return prop.major == 9 && prop.minor == 0;
+#else
+  return false;
+#endif
+}
+
 // The |x| median on the device is exact: the mean of the two middle |x| for even n, the middle
 // one for odd n, against std::nth_element; with ties, signs, zeros and values spanning exponents.
 TEST(GpuKernels, AbsMedianIsExact) {
@@ -622,15 +636,9 @@ TEST(GpuKernels, AbsMedianIsExact) {
 // by index, K and N that are not multiples of the tiles, both the plain and the SwiGLU epilogue.
 TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
   REQUIRE_GPU();
-  int dev = 0;
-  cudaDeviceProp prop{};
-  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
-  ASSERT_EQ(cudaGetDeviceProperties(&prop, dev), cudaSuccess);
   if (!cuda::k::grouped_gemm_sm90_supported(64, 64)) {
-#if defined(SINKSCOPE_EXPECT_WGMMA)
-    ASSERT_FALSE(prop.major == 9 && prop.minor == 0)
+    ASSERT_FALSE(hopper_kernels_expected())
         << "an sm_90a build on a compute capability 9.0 device must run the wgmma expert kernel";
-#endif
     GTEST_SKIP() << "this build has no sm_90a code for this device: the cuBLAS routes serve it";
   }
   std::mt19937 rng(5);
@@ -749,16 +757,10 @@ void attention_reference(const AttnCase& c, const std::vector<uint16_t>& Q,
 
 TEST(GpuAttentionKernels, MatchFloat64Reference) {
   REQUIRE_GPU();
-  int dev = 0;
-  cudaDeviceProp prop{};
-  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
-  ASSERT_EQ(cudaGetDeviceProperties(&prop, dev), cudaSuccess);
-#if defined(SINKSCOPE_EXPECT_WGMMA)
-  if (prop.major == 9 && prop.minor == 0) {
+  if (hopper_kernels_expected()) {
     ASSERT_TRUE(cuda::k::flash_attention_wgmma_available(128))
         << "an sm_90a build on a compute capability 9.0 device must run the wgmma kernel";
   }
-#endif
   const std::vector<AttnCase> cases = {{2, 1, 2, 1, 64, 64},      {2, 77, 4, 2, 64, 64},
                                        {1, 300, 4, 1, 128, 128},  {2, 129, 2, 2, 128, 128},
                                        {1, 1100, 2, 1, 128, 128}, {1, 260, 4, 2, 120, 128},
