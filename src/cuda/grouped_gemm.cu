@@ -13,7 +13,7 @@
 // the inputs is never written; and the gate|up product may finish with SwiGLU: its 256 weight rows
 // are 128 gate rows and the 128 matching up rows, so each thread holds gate and up of the same
 // columns and writes silu(gate) * up in bf16 (from the fp32 accumulators, no bf16 round trip).
-#include <algorithm>
+#include <vector>
 
 #include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
