@@ -794,9 +794,34 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   };
   xr_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
   out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
-  coll_.ep_alltoallv(xg_.get(), bytes(send_rows, sizeof(bf16_bits)), xr_.get(),
-                     bytes(recv_rows, sizeof(bf16_bits)));
-  expert_ffn(Lw, xr_.get(), nullptr, 1, grows, goff, gexp, npr, out2_.get());
+  // While the rows travel, this rank's own rows for its own experts (its block of the send buffer,
+  // in the order they also arrive in) run from the send buffer into their place among the answers;
+  // the copy of them that arrives is not read. The other sources' groups run after the exchange.
+  const int me = comms_.ep_group->rank();
+  int64_t send_me = 0, recv_me = 0;
+  for (int r = 0; r < me; ++r) {
+    send_me += static_cast<int64_t>(send_rows[static_cast<size_t>(r)]);
+    recv_me += static_cast<int64_t>(recv_rows[static_cast<size_t>(r)]);
+  }
+  std::vector<int> own_rows, other_rows;
+  std::vector<int64_t> own_off, own_exp, other_off, other_exp;
+  for (size_t g = 0; g < grows.size(); ++g) {
+    if (static_cast<int64_t>(g) / El == me) {
+      own_rows.push_back(grows[g]);
+      own_off.push_back(goff[g] - recv_me);
+      own_exp.push_back(gexp[g]);
+    } else {
+      other_rows.push_back(grows[g]);
+      other_off.push_back(goff[g]);
+      other_exp.push_back(gexp[g]);
+    }
+  }
+  coll_.ep_exchange_begin(xg_.get(), bytes(send_rows, sizeof(bf16_bits)), xr_.get(),
+                          bytes(recv_rows, sizeof(bf16_bits)));
+  expert_ffn(Lw, xg_.get() + send_me * D, nullptr, 1, own_rows, own_off, own_exp,
+             static_cast<int64_t>(recv_rows[static_cast<size_t>(me)]), out2_.get() + recv_me * D);
+  coll_.ep_exchange_end();
+  expert_ffn(Lw, xr_.get(), nullptr, 1, other_rows, other_off, other_exp, npr, out2_.get());
   coll_.ep_alltoallv(out2_.get(), bytes(recv_rows, sizeof(bf16_bits)), out_.get(),
                      bytes(send_rows, sizeof(bf16_bits)));
   return out_.get();

@@ -40,22 +40,34 @@ class DeviceCollectives {
   // else through pinned host memory and the ep group's Comm.
   void ep_alltoallv(const void* send, const std::vector<size_t>& send_bytes, void* recv,
                     const std::vector<size_t>& recv_bytes);
+  // The same exchange in two halves, so the caller can enqueue work that needs neither buffer in
+  // between: begin enqueues it behind the stream's work so far (over NCCL on a stream of its own,
+  // at high priority, so it runs next to that work); end returns once it is done (bounded wait) and
+  // orders the stream's later work after it. With host staging begin does all of it.
+  void ep_exchange_begin(const void* send, const std::vector<size_t>& send_bytes, void* recv,
+                         const std::vector<size_t>& recv_bytes);
+  void ep_exchange_end();
 
   // Seconds spent communicating (the benchmark's communication time): over NCCL the device time
   // between events around the NCCL operations, with host staging the wall time of the call.
   double seconds() const { return seconds_; }
 
  private:
-  // Enqueues `enqueue` between two events, waits (bounded) and adds the device time between them.
+  // Enqueues `enqueue` on `on` between two events, waits (bounded) and adds the device time between
+  // them.
   template <class F>
-  void timed(NcclComm& comm, const char* what, F enqueue);
+  void timed(NcclComm& comm, cudaStream_t on, const char* what, F enqueue);
+  void host_alltoallv(const void* send, const std::vector<size_t>& send_bytes, void* recv,
+                      const std::vector<size_t>& recv_bytes);
 
   ForwardComms comms_;
   cudaStream_t stream_;
   PinnedBuffer<float> staging_;
   PinnedBuffer<uint8_t> staging_bytes_;
   std::unique_ptr<NcclComm> tp_nccl_, ep_nccl_;
-  cudaEvent_t ev_begin_ = nullptr, ev_end_ = nullptr;
+  cudaStream_t ep_stream_ = nullptr;  // the ep exchange's NCCL stream
+  cudaEvent_t ev_begin_ = nullptr, ev_end_ = nullptr, ev_fork_ = nullptr;
+  bool ep_pending_ = false;
   double seconds_ = 0;
 };
 
