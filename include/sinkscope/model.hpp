@@ -25,6 +25,22 @@ struct Ablation {
   int32_t index = 0;
 };
 
+// Whether `ablations` mean-ablates component `index` of `kind` in `layer`.
+inline bool has_ablation(const std::vector<Ablation>& ablations, int64_t layer, Ablation::Kind kind,
+                         int64_t index) {
+  for (const auto& a : ablations)
+    if (a.layer == layer && a.kind == kind && a.index == index) return true;
+  return false;
+}
+
+// The one-line error of a backend that meets a non-finite activation: the layer, the component,
+// the probe and the model it ran (`where`), then `suffix` (e.g. " (cuda)").
+inline std::string non_finite_message(int64_t layer, const char* component, int64_t probe,
+                                      const std::string& where, const char* suffix = "") {
+  return "non-finite activation in layer " + std::to_string(layer) + " (" + component +
+         ") of probe " + std::to_string(probe) + " in " + where + suffix;
+}
+
 struct ForwardOptions {
   int threads = 1;
   bool want_logits = false;         // final norm + lm_head (tests compare logits with golden)

@@ -261,14 +261,11 @@ class CudaBackend final : public Backend {
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s()));
   }
   bool ablated(int64_t layer, Ablation::Kind kind, int64_t index) const {
-    for (const auto& a : opt_.ablations)
-      if (a.layer == layer && a.kind == kind && a.index == index) return true;
-    return false;
+    return has_ablation(opt_.ablations, layer, kind, index);
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
-    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" +
-                         component + ") of probe " + std::to_string(probe) + " in " +
-                         (ck_ ? ck_->dir() : "a synthetic model") + " (cuda)");
+    throw RuntimeFailure(non_finite_message(layer, component, probe,
+                                            ck_ ? ck_->dir() : "a synthetic model", " (cuda)"));
   }
 
   const Checkpoint* ck_;

@@ -95,13 +95,10 @@ class CpuBackend final : public Backend {
                  std::vector<float>& outs) const;
   void run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const;
   bool ablated(int64_t layer, Ablation::Kind kind, int64_t index) const {
-    for (const auto& a : opt_.ablations)
-      if (a.layer == layer && a.kind == kind && a.index == index) return true;
-    return false;
+    return has_ablation(opt_.ablations, layer, kind, index);
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
-    throw RuntimeFailure("non-finite activation in layer " + std::to_string(layer) + " (" +
-                         component + ") of probe " + std::to_string(probe) + " in " + ck_.dir());
+    throw RuntimeFailure(non_finite_message(layer, component, probe, ck_.dir()));
   }
 
   const Checkpoint& ck_;
