@@ -37,28 +37,31 @@ bool split_rows(int64_t M, int64_t lda, int64_t ldc, Gemm&& gemm) {
 
 }  // namespace
 
-void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-             int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+namespace {
+
+// C = alpha A op(B) + beta C, row-major, rows split over threads where large enough.
+void gemm_rows(CBLAS_TRANSPOSE tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
   if (M == 0 || N == 0) return;
   if (split_rows(M, lda, ldc, [&](int64_t rows, int64_t a_off, int64_t c_off) {
-        gemm_nt(rows, N, K, A + a_off, lda, B, ldb, C + c_off, ldc, alpha, beta);
+        gemm_rows(tb, rows, N, K, A + a_off, lda, B, ldb, C + c_off, ldc, alpha, beta);
       }))
     return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(M),
-              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda),
-              B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, static_cast<blasint>(M), static_cast<blasint>(N),
+              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B,
+              static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
+}
+
+}  // namespace
+
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
+  gemm_rows(CblasTrans, M, N, K, A, lda, B, ldb, C, ldc, alpha, beta);
 }
 
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
              int64_t ldb, float* C, int64_t ldc, float alpha, float beta) {
-  if (M == 0 || N == 0) return;
-  if (split_rows(M, lda, ldc, [&](int64_t rows, int64_t a_off, int64_t c_off) {
-        gemm_nn(rows, N, K, A + a_off, lda, B, ldb, C + c_off, ldc, alpha, beta);
-      }))
-    return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(M),
-              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda),
-              B, static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
+  gemm_rows(CblasNoTrans, M, N, K, A, lda, B, ldb, C, ldc, alpha, beta);
 }
 
 void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, double eps, float* out,
