@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/check.hpp"
@@ -20,16 +21,40 @@ inline std::atomic<uint64_t>& device_bytes_held() {
   return bytes;
 }
 
-template <typename T>
-class DeviceBuffer {
+// Where a buffer's memory comes from: device memory (counted in device_bytes_held) or pinned host
+// memory.
+struct DeviceMemory {
+  static void* allocate(size_t bytes) {
+    void* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, bytes));
+    device_bytes_held() += bytes;
+    return p;
+  }
+  // No throw from destructors; a failure here shows up at the next checked call.
+  static void free(void* p, size_t bytes) {
+    cudaFree(p);
+    device_bytes_held() -= bytes;
+  }
+};
+struct PinnedMemory {
+  static void* allocate(size_t bytes) {
+    void* p = nullptr;
+    CUDA_CHECK(cudaMallocHost(&p, bytes));
+    return p;
+  }
+  static void free(void* p, size_t) { cudaFreeHost(p); }
+};
+
+template <typename T, class Memory>
+class Buffer {
  public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t n) { reserve(n); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& o) noexcept
+  Buffer() = default;
+  explicit Buffer(size_t n) { reserve(n); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept
       : ptr_(std::exchange(o.ptr_, nullptr)), cap_(std::exchange(o.cap_, 0)) {}
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+  Buffer& operator=(Buffer&& o) noexcept {
     if (this != &o) {
       release();
       ptr_ = std::exchange(o.ptr_, nullptr);
@@ -37,30 +62,32 @@ class DeviceBuffer {
     }
     return *this;
   }
-  ~DeviceBuffer() { release(); }
+  ~Buffer() { release(); }
 
   // Ensures room for n elements; the old contents are not kept.
   void reserve(size_t n) {
     if (n <= cap_) return;
     release();
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
-    ptr_ = static_cast<T*>(p);
+    ptr_ = static_cast<T*>(Memory::allocate(n * sizeof(T)));
     cap_ = n;
-    device_bytes_held() += n * sizeof(T);
   }
   T* get() { return ptr_; }
   const T* get() const { return ptr_; }
   size_t capacity() const { return cap_; }
   size_t bytes() const { return cap_ * sizeof(T); }
+  // Element access on the host: pinned buffers only.
+  template <class M = Memory, class = std::enable_if_t<std::is_same_v<M, PinnedMemory>>>
+  T& operator[](size_t i) {
+    return ptr_[i];
+  }
+  template <class M = Memory, class = std::enable_if_t<std::is_same_v<M, PinnedMemory>>>
+  const T& operator[](size_t i) const {
+    return ptr_[i];
+  }
 
  private:
   void release() {
-    if (ptr_) {
-      cudaFree(
-          ptr_);  // no throw from destructors; a failure here shows up at the next checked call
-      device_bytes_held() -= cap_ * sizeof(T);
-    }
+    if (ptr_) Memory::free(ptr_, cap_ * sizeof(T));
     ptr_ = nullptr;
     cap_ = 0;
   }
@@ -69,44 +96,9 @@ class DeviceBuffer {
 };
 
 template <typename T>
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  PinnedBuffer(PinnedBuffer&& o) noexcept
-      : ptr_(std::exchange(o.ptr_, nullptr)), cap_(std::exchange(o.cap_, 0)) {}
-  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
-    if (this != &o) {
-      release();
-      ptr_ = std::exchange(o.ptr_, nullptr);
-      cap_ = std::exchange(o.cap_, 0);
-    }
-    return *this;
-  }
-  ~PinnedBuffer() { release(); }
-  void reserve(size_t n) {
-    if (n <= cap_) return;
-    release();
-    void* p = nullptr;
-    CUDA_CHECK(cudaMallocHost(&p, n * sizeof(T)));
-    ptr_ = static_cast<T*>(p);
-    cap_ = n;
-  }
-  T* get() { return ptr_; }
-  const T* get() const { return ptr_; }
-  T& operator[](size_t i) { return ptr_[i]; }
-  const T& operator[](size_t i) const { return ptr_[i]; }
-
- private:
-  void release() {
-    if (ptr_) cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    cap_ = 0;
-  }
-  T* ptr_ = nullptr;
-  size_t cap_ = 0;
-};
+using DeviceBuffer = Buffer<T, DeviceMemory>;
+template <typename T>
+using PinnedBuffer = Buffer<T, PinnedMemory>;
 
 // bf16 as stored on the device; host code never does arithmetic on it.
 using bf16_bits = uint16_t;
