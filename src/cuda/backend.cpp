@@ -219,10 +219,9 @@ class CudaBackend final : public Backend {
   // Runs the experts on the slice's n * k (token, expert) pairs and returns their outputs (not yet
   // weighted) on the device, in source order: pairs sorted by expert, then by pair index.
   const bf16_bits* moe_experts(const DeviceLayer& Lw, int64_t n);
-  // The expert FFN on `total` bf16 rows of X in groups: group g is rows[g] rows from offsets[g],
-  // all routed to local expert expert[g]; fp32 outputs at the same rows of out.
-  // The expert products of the groups (rows, offsets into X's packed rows, expert): X's rows are
-  // gathered by index (x_rows[p] / x_div) when x_rows is given.
+  // The expert FFN on `total` packed rows in groups: group g is rows[g] rows from offsets[g], all
+  // routed to local expert expert[g]; bf16 outputs at the same rows of out. Packed row p is row p
+  // of X, or row x_rows[p] / x_div of X when x_rows is given (the routed pairs' tokens).
   void expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const int32_t* x_rows, int x_div,
                   const std::vector<int>& rows, const std::vector<int64_t>& offsets,
                   const std::vector<int64_t>& expert, int64_t total, bf16_bits* out);
@@ -293,9 +292,9 @@ class CudaBackend final : public Backend {
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
-  bool x_norms_ready_ = false;
+  bool x_norms_ready_ = false;            // rnorms_ holds ||x|| per row (the MoE block's fused add)
   bool sm90_experts_ = false;             // the expert products run on grouped_gemm.cu's kernel
-  k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // rnorms_ holds ||x|| per row (the MoE block's fused add)
+  k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // its tile lists for gate|up and down
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1, fault_layer_ = -1;
   RunProfile profile_;
   std::vector<cudaEvent_t> events_;
