@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "sinkscope/components.hpp"
 #include "sinkscope/ndarray.hpp"
 
 namespace sinkscope {
@@ -58,8 +59,13 @@ struct Analysis {
   FloatArray attr_head;            // [L, H, L, H]
   FloatArray attr_expert;          // [L, H, L, E]
   FloatArray attr_mlp;             // [L, H, L]
+  FloatArray attr_shared_expert;   // [L, H, L]
   IntArray ablation_components;    // [K, 3]; empty unless --ablate
   FloatArray ablation_delta_sink;  // [K, L, H]; empty unless --ablate
+
+  // The attribution dataset of a component kind (component_kinds()' `dataset`).
+  FloatArray& attr_of(ComponentKind kind);
+  const FloatArray& attr_of(ComponentKind kind) const;
 
   // profile/
   FloatArray layer_share;  // [L+1]

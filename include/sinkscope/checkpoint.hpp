@@ -52,10 +52,6 @@ class Checkpoint {
   const std::vector<TensorInfo>& tensors() const;
   const TensorInfo* find(const std::string& name) const;
 
-  // Checks that every tensor the model family needs is present with the shape config.json implies.
-  // Throws InputError naming the first missing or mis-shaped tensor.
-  void validate_for_model() const;
-
   // Reads rows [row_begin, row_end) of tensor `name` (1-D: elements), converted to fp32, into out.
   void read_rows(const std::string& name, int64_t row_begin, int64_t row_end, float* out) const;
   // Reads columns [col_begin, col_end) of every row of a 2-D tensor, converted to fp32

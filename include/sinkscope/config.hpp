@@ -1,4 +1,7 @@
-// The model description read from a Hugging Face config.json (Qwen3-MoE family first).
+// The model description read from a Hugging Face config.json. Which keys mean what, and which
+// architectural features a model has, is decided by its family (sinkscope/family.hpp): this struct
+// holds the resolved values, so the rest of the code asks "does it have a q/k bias" rather than
+// "is it qwen2_moe".
 #pragma once
 
 #include <cstdint>
@@ -7,8 +10,40 @@
 
 namespace sinkscope {
 
+struct FamilySpec;
+
+// How a decoder layer is wired (docs/metrics.md section 0 and "Model families").
+enum class BlockKind : int32_t {
+  kPreNorm = 0,   // y = x + attn(norm(x)); x' = y + mlp(norm(y))           (Llama, Qwen, Mixtral)
+  kPostNorm = 1,  // y = x + norm(attn(x)); x' = y + norm(mlp(y))           (OLMo-2)
+  kParallel = 2,  // x' = x + attn(norm1(x)) + mlp(norm2(x))                (GPT-NeoX, Pythia)
+};
+enum class NormKind : int32_t { kRms = 0, kLayer = 1 };  // RMSNorm | LayerNorm with bias
+// q/k normalisation after the projections: none, per head over head_dim (Qwen3), or over the full
+// projection width spanning all heads (OLMoE, OLMo-2).
+enum class QkNormKind : int32_t { kNone = 0, kPerHead = 1, kFullWidth = 2 };
+enum class Activation : int32_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+// Router: softmax over all experts then top-k (Qwen, OLMoE), or top-k of the logits then a
+// softmax over the selected (Mixtral).
+enum class RouterKind : int32_t { kSoftmaxTopK = 0, kTopKSoftmax = 1 };
+enum class RopeKind : int32_t { kDefault = 0, kLinear = 1, kLlama3 = 2 };
+
+struct RopeConfig {
+  RopeKind kind = RopeKind::kDefault;
+  double theta = 10000.0;
+  int64_t rotary_dim = 0;  // dims of each head that rotate (partial rotary); 0: all of head_dim
+  double factor = 1.0;     // linear and llama3
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
+  int64_t original_max_position = 8192;                  // llama3
+  int64_t rotated(int64_t head_dim) const { return rotary_dim > 0 ? rotary_dim : head_dim; }
+  // The inverse frequencies of the rotated pairs, [rotated(head_dim) / 2], as transformers builds
+  // them.
+  std::vector<double> inv_freq(int64_t head_dim) const;
+};
+
 struct ModelConfig {
-  std::string model_type;  // "qwen3_moe"
+  std::string model_type;             // "qwen3_moe", "olmoe", "gpt_neox", ...
+  const FamilySpec* family = nullptr;  // set by parse_model_config (never null afterwards)
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t num_layers = 0;         // num_hidden_layers
@@ -22,24 +57,41 @@ struct ModelConfig {
   bool norm_topk_prob = true;
   int64_t decoder_sparse_step = 1;
   std::vector<int64_t> mlp_only_layers;
-  double rms_norm_eps = 1e-6;
-  double rope_theta = 10000.0;  // rope_theta or rope_parameters.rope_theta
+  int64_t shared_expert_intermediate_size = 0;  // > 0: every MoE layer has a gated shared expert
+  double rms_norm_eps = 1e-6;  // the norms' epsilon (layer_norm_eps for LayerNorm families)
+  RopeConfig rope;
   bool tie_word_embeddings = false;
   std::string dtype;  // torch_dtype or dtype ("bfloat16", ...), informational
 
-  // INTERFACE.md: layer l is MoE when l is not in mlp_only_layers and (l+1) % decoder_sparse_step
-  // == 0.
+  // Architecture, resolved from the family and the config's switches.
+  BlockKind block = BlockKind::kPreNorm;
+  NormKind norm = NormKind::kRms;
+  QkNormKind qk_norm = QkNormKind::kPerHead;
+  Activation act = Activation::kSilu;  // of the dense MLP and the experts
+  bool gated_mlp = true;               // SwiGLU (gate, up, down) or a plain up/act/down MLP
+  RouterKind router = RouterKind::kSoftmaxTopK;
+  bool qkv_bias = false;  // q/k/v projection biases
+  bool o_bias = false;    // output projection bias
+  bool mlp_bias = false;  // biases on the MLP's projections
+  double clip_qkv = 0;    // > 0: q, k, v clamped to [-clip, clip] after the projections (OLMoE)
+  int64_t sliding_window = 0;  // > 0: the model attends within a window (probes must fit in it)
+
+  // Layer l is MoE when the model has experts, l is not in mlp_only_layers and
+  // (l+1) % decoder_sparse_step == 0.
   bool is_moe_layer(int64_t layer) const;
+  bool any_dense_layer() const;
+  bool has_shared_expert() const { return shared_expert_intermediate_size > 0; }
   int64_t kv_group_size() const { return num_heads / num_kv_heads; }
 };
 
 // Parses and validates config.json. Throws InputError naming the file and the key that is
-// missing, of the wrong type or contradictory (e.g. top_k > experts, heads not dividing).
+// missing, of the wrong type, out of its documented range or contradictory (e.g. top_k > experts,
+// heads not dividing); an unsupported model_type or rope setting is refused by name.
 ModelConfig parse_model_config(const std::string& config_json_path);
 ModelConfig parse_model_config_text(const std::string& json_text,
                                     const std::string& name_for_errors);
 
-// Writes a config.json that transformers' Qwen3MoeConfig loads (used by `synth`).
+// Writes a config.json that transformers' config class of the family loads (used by `synth`).
 std::string model_config_to_json(const ModelConfig& c);
 
 }  // namespace sinkscope

@@ -1,4 +1,4 @@
-// Hook points of the instrumented forward pass (STYLE.md habit 7). A backend (CPU or CUDA) calls
+// Hook points of the instrumented forward pass . A backend (CPU or CUDA) calls
 // the observer once per layer and micro-batch with rank-local, already-reduced position-zero
 // summaries on the host, so the Recorder is the same for every backend. Arrays are row-major;
 // `B` is the number of probes of the micro-batch on this rank's dp group, `probe0` the global
@@ -8,20 +8,6 @@
 #include <cstdint>
 
 namespace sinkscope {
-
-// Component slots of the circuit map: the embedding is slot 0; layer l's components follow at
-// 1 + l * (H + S): its H heads, then S = max(E, 1) slots for its experts (MoE layer) or for the
-// dense MLP (slot H of a dense layer).
-struct ComponentIndex {
-  int64_t num_heads = 0, slots_per_layer = 0;
-  int64_t embed() const { return 0; }
-  int64_t head(int64_t layer, int64_t h) const { return 1 + layer * slots_per_layer + h; }
-  int64_t expert(int64_t layer, int64_t e) const {
-    return 1 + layer * slots_per_layer + num_heads + e;
-  }
-  int64_t mlp(int64_t layer) const { return expert(layer, 0); }
-  int64_t count_before(int64_t layer) const { return 1 + layer * slots_per_layer; }
-};
 
 // The residual stream x_l (l = 0..L) at position zero, per probe.
 struct ResidualTap {
@@ -42,11 +28,13 @@ struct AttentionTap {
   const float* write_p0_norm;       // [B, Hl]  ||w^{l,h}[0]||
   const float* write_rest_norm;     // [B, Hl]  mean over i >= 1 of ||w^{l,h}[i]||
   // Circuit attributions of this layer's heads (targets) to every upstream component slot
-  // c < count_before(layer), per probe: [B, Hl, count_before(layer)].
+  // c < count_before(layer) of the ComponentLayout (sinkscope/components.hpp), per probe:
+  // [B, Hl, count_before(layer)].
   const float* attr;
   int64_t num_sources;
-  // The identity check of METRICS.md section 4: the model's k_0 (after k_norm) and the sum over
-  // all components of K(c[0]), per KV head this rank holds: [B, KVl, head_dim] each.
+  // The identity check of docs/metrics.md section 4: the model's k_0 (after the k norm) and the
+  // sum over all components of K(c[0]) plus the constant (bias) terms, per KV head this rank
+  // holds: [B, KVl, head_dim] each.
   const float* k0_model;
   const float* k0_from_components;
   int64_t kv_begin, local_kv_heads;

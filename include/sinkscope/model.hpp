@@ -1,37 +1,23 @@
-// The instrumented forward pass of the Qwen3-MoE family on one rank's shard.
+// The instrumented forward pass on one rank's shard, and the registry of backends that run it.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "sinkscope/components.hpp"
 #include "sinkscope/config.hpp"
 #include "sinkscope/hooks.hpp"
 #include "sinkscope/ndarray.hpp"
+#include "sinkscope/parallel.hpp"
 #include "sinkscope/shard_plan.hpp"
 
 namespace sinkscope {
 
 class Checkpoint;
 class Comm;
-
-// Mean-ablation at position zero (METRICS.md section 4, causal version): the component's write at
-// position 0 is replaced by its mean write over positions 1..T-1, per probe.
-struct Ablation {
-  enum Kind : int32_t { kHead = 0, kExpert = 1, kEmbedding = 2, kMlp = 3 };
-  int32_t layer = 0;
-  Kind kind = kHead;
-  int32_t index = 0;
-};
-
-// Whether `ablations` mean-ablates component `index` of `kind` in `layer`.
-inline bool has_ablation(const std::vector<Ablation>& ablations, int64_t layer, Ablation::Kind kind,
-                         int64_t index) {
-  for (const auto& a : ablations)
-    if (a.layer == layer && a.kind == kind && a.index == index) return true;
-  return false;
-}
 
 // The one-line error of a backend that meets a non-finite activation: the layer, the component,
 // the probe and the model it ran (`where`), then `suffix` (e.g. " (cuda)").
@@ -47,14 +33,6 @@ struct ForwardOptions {
   std::vector<Ablation> ablations;  // applied to every probe of the run
 };
 
-// Communicators the forward pass uses: the tp group (ranks of a dp group), the ep group, and the
-// world (for the micro-batch count agreement). Single-process runs pass single comms.
-struct ForwardComms {
-  const Comm* world;
-  const Comm* tp_group;
-  const Comm* ep_group;
-};
-
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -63,18 +41,48 @@ class Backend {
   // collectives) through the model, calling `observer` at every hook point. `probe0` is the
   // global index of the first probe. Returns logits [B, T, V] when options.want_logits.
   virtual FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& observer) = 0;
-  // Replaces the mean-ablations applied by the following runs (METRICS.md section 4).
+  // Replaces the mean-ablations applied by the following runs (docs/metrics.md section 4).
   virtual void set_ablations(std::vector<Ablation> ablations) = 0;
   // Seconds this rank spent inside collectives (tp all-reduces, the expert exchange) since it was
   // made: the communication share of a run (benchmarks, --verbose).
   virtual double communication_seconds() const = 0;
   // Bytes of checkpoint data this rank converted when loading its shard.
   virtual uint64_t weight_bytes_loaded() const = 0;
+  // Device memory in use, for --verbose ("; GPU memory: ..."); empty for host backends.
+  virtual std::string memory_summary() const { return {}; }
 };
 
-// CPU backend: fp32 compute, OpenBLAS sgemm for every matrix product. Loads only the slices of
-// `plan` from `ckpt` (which must outlive the backend: embeddings are read row by row).
+// What a backend is made from. `ckpt` is null for synthetic weights (benchmarks: random weights
+// of `cfg`'s shape made on the device, seed `synthetic_seed`).
+struct BackendInputs {
+  const Checkpoint* ckpt = nullptr;  // must outlive the backend (embeddings are read row by row)
+  const ModelConfig* cfg = nullptr;
+  const ShardPlan* plan = nullptr;
+  ForwardComms comms{};
+  ForwardOptions options;
+  int64_t synthetic_seed = -1;
+};
+
+// The backend registry: `--device NAME` picks an entry. Each backend built into this binary
+// registers itself (src/pipeline/backends.cpp lists them from the build configuration).
+struct BackendEntry {
+  std::string name;     // "cpu", "cuda"
+  std::string summary;  // one line for --help
+  // Throws InputError with a one-line reason when this backend cannot run the model or options
+  // (checked up front, before any weight is read).
+  std::function<void(const ModelConfig&, const ShardPlan&, bool synthetic)> check;
+  std::function<std::unique_ptr<Backend>(const BackendInputs&)> make;
+};
+void register_backend(BackendEntry entry);
+// The entry named `name`; throws InputError naming `--device` and the built-in backends.
+const BackendEntry& find_backend(const std::string& name);
+std::vector<std::string> backend_names();
+
+// CPU backend: fp32 compute, OpenBLAS sgemm for every matrix product, every supported family.
+// Loads only the slices of the plan from the checkpoint.
+std::unique_ptr<Backend> make_cpu_backend(const BackendInputs& in);
 std::unique_ptr<Backend> make_cpu_backend(const Checkpoint& ckpt, const ShardPlan& plan,
                                           ForwardComms comms, ForwardOptions options);
+BackendEntry cpu_backend_entry();
 
 }  // namespace sinkscope

@@ -17,6 +17,7 @@
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/io.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
@@ -266,7 +267,7 @@ int cmd_inspect(const std::string& model) {
             << ", head_dim " << c.head_dim << "), experts " << c.num_experts << " top-" << c.top_k
             << (c.norm_topk_prob ? " (renormalised)" : "") << ", moe_intermediate "
             << c.moe_intermediate_size << ", vocab " << c.vocab_size << ", rope_theta "
-            << c.rope_theta << "\n  layers:";
+            << c.rope.theta << "\n  family: " << c.family->description << "\n  layers:";
   for (int64_t l = 0; l < c.num_layers; ++l)
     std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense");
   std::cout << "\n  files:";
@@ -281,7 +282,7 @@ int cmd_inspect(const std::string& model) {
   }
   std::cout << "  total " << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / 1e6
             << " MB\n";
-  ck.validate_for_model();
+  validate_checkpoint(ck);
   const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, c);
   std::cout << "  shard plan (one rank): " << plan.describe()
             << "\n  validation: ok (every tensor present with the shape config.json implies)\n";

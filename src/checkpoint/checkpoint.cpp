@@ -12,7 +12,6 @@
 #include <sstream>
 #include <unordered_map>
 
-#include "model/tensor_names.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
 
@@ -170,23 +169,6 @@ const TensorInfo* Checkpoint::find(const std::string& name) const {
   return it == impl_->by_name.end() ? nullptr : &impl_->tensors[it->second];
 }
 
-void Checkpoint::validate_for_model() const {
-  for (const auto& need : required_tensors(impl_->config, *this)) {
-    const TensorInfo& t = impl_->get(need.name);
-    if (t.shape != need.shape) {
-      auto str = [](const std::vector<int64_t>& s) {
-        std::string r = "[";
-        for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-        return r + "]";
-      };
-      throw InputError(impl_->dir + ": tensor '" + t.name + "' has shape " + str(t.shape) +
-                       ", config.json implies " + str(need.shape));
-    }
-    if (t.dtype == DType::Other)
-      throw InputError(impl_->dir + ": tensor '" + t.name + "' has dtype " + t.dtype_str +
-                       " (supported: BF16, F16, F32)");
-  }
-}
 
 namespace {
 void check_finite(const float* p, size_t n, const std::string& dir, const std::string& name) {

@@ -77,6 +77,42 @@ void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, doubl
   }
 }
 
+void layer_norm(const float* x, int64_t rows, int64_t n, const float* gamma, const float* beta,
+                double eps, float* out, float* inv_std) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += xr[i];
+    const double mean = sum / static_cast<double>(n);
+    double var = 0;
+    for (int64_t i = 0; i < n; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const double inv = 1.0 / std::sqrt(var / static_cast<double>(n) + eps);
+    if (inv_std) inv_std[r] = static_cast<float>(inv);
+    float* o = out + r * n;
+    for (int64_t i = 0; i < n; ++i)
+      o[i] = static_cast<float>((xr[i] - mean) * inv) * gamma[i] + (beta ? beta[i] : 0.f);
+  }
+}
+
+void activation(Activation act, float* x, int64_t n) {
+  switch (act) {
+    case Activation::kSilu:
+      for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+      return;
+    case Activation::kGeluErf:
+      for (int64_t i = 0; i < n; ++i)
+        x[i] = static_cast<float>(0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0))));
+      return;
+    case Activation::kGeluTanh:
+      for (int64_t i = 0; i < n; ++i) {
+        const double v = x[i];
+        x[i] = static_cast<float>(
+            0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v))));
+      }
+      return;
+  }
+}
+
 void rope(float* x, int64_t rows, int64_t d, int64_t ld, int64_t pos0, const double* inv_freq) {
   const int64_t half = d / 2;
   for (int64_t r = 0; r < rows; ++r) {

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "sinkscope/config.hpp"
+
 namespace sinkscope::cpu {
 
 // C[M, N] = alpha * A[M, K] * B[N, K]^T + beta * C   (weights are stored [out, in])
@@ -16,6 +18,14 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
 // 1 / rms in inv_rms[r] when inv_rms is not null.
 void rms_norm(const float* x, int64_t rows, int64_t n, const float* gamma, double eps, float* out,
               float* inv_rms = nullptr);
+
+// LayerNorm with gain and optional bias: out = (x - mean) / sqrt(var + eps) * gamma + beta
+// (population variance, as torch); inv_std[r] = 1 / sqrt(var + eps) when not null.
+void layer_norm(const float* x, int64_t rows, int64_t n, const float* gamma, const float* beta,
+                double eps, float* out, float* inv_std = nullptr);
+
+// x = act(x) in place.
+void activation(Activation act, float* x, int64_t n);
 
 // Rotates pairs (j, j + d/2) of each row of x[rows, d] (stride ld) by position pos0 + r
 // (the rotate_half convention of HF Llama/Qwen), with inv_freq[j] = theta^(-2j/d).

@@ -32,6 +32,7 @@
 #include "cuda/kernels.cuh"
 #include "cuda/weights.hpp"
 #include "sinkscope/checkpoint.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
 
@@ -150,14 +151,11 @@ class CudaBackend final : public Backend {
     S_ = std::max<int64_t>(E_, 1);
     group_ = c_.kv_group_size();
     L_ = c_.num_layers;
-    ci_ = ComponentIndex{H_, H_ + S_};
+    ci_ = ComponentLayout(c_);
     Ctot_ = ci_.count_before(L_);
     eps_ = static_cast<float>(c_.rms_norm_eps);
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
-    inv_freq_.resize(static_cast<size_t>(d_ / 2));
-    for (int64_t j = 0; j < d_ / 2; ++j)
-      inv_freq_[static_cast<size_t>(j)] =
-          1.0 / std::pow(c_.rope_theta, static_cast<double>(2 * j) / static_cast<double>(d_));
+    inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
     w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s)
              : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
@@ -181,6 +179,13 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   uint64_t weight_bytes_loaded() const override { return w_.bytes_loaded; }
+  std::string memory_summary() const override {
+    const MemoryReport m = memory();
+    return "; GPU memory: weights " + std::to_string(m.weight_bytes >> 20) +
+           " MiB, weights + scratch " + std::to_string(m.held_bytes >> 20) +
+           " MiB, device in use " + std::to_string(m.device_used >> 20) + " of " +
+           std::to_string(m.device_total >> 20) + " MiB";
+  }
   double communication_seconds() const override { return coll_.seconds(); }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);
@@ -259,7 +264,7 @@ class CudaBackend final : public Backend {
   void to_device(T* dst, const T* src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s()));
   }
-  bool ablated(int64_t layer, Ablation::Kind kind, int64_t index) const {
+  bool ablated(int64_t layer, ComponentKind kind, int64_t index) const {
     return has_ablation(opt_.ablations, layer, kind, index);
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
@@ -288,7 +293,7 @@ class CudaBackend final : public Backend {
           K_ = 0, S_ = 1;
   int64_t group_ = 1, L_ = 0, Ctot_ = 0;
   float eps_ = 1e-6f, scale_ = 1.f;
-  ComponentIndex ci_;
+  ComponentLayout ci_;
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
@@ -481,7 +486,7 @@ void CudaBackend::embed(const IntArray& tokens) {
   } else {  // as forward.cpp: the checkpoint's rows in fp32, read on the host
     hx_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
     for (int64_t i = 0; i < BT; ++i)
-      ck_->read_row("model.embed_tokens.weight", tokens.data[static_cast<size_t>(i)],
+      ck_->read_row(tensor_name(c_, Role::kEmbed), tokens.data[static_cast<size_t>(i)],
                     hx_.get() + i * D);
     to_device(x_.get(), hx_.get(), static_cast<size_t>(BT * D));
   }
@@ -1033,6 +1038,43 @@ std::unique_ptr<Backend> make_cuda_backend_synthetic(const ModelConfig& cfg, con
                                                      ForwardComms comms, ForwardOptions options,
                                                      uint64_t seed) {
   return std::make_unique<cuda::CudaBackend>(nullptr, cfg, plan, comms, std::move(options), seed);
+}
+
+void check_cuda_supports(const ModelConfig& c) {
+  std::string missing;
+  auto need = [&](bool ok, const char* what) {
+    if (!ok) missing += (missing.empty() ? "" : ", ") + std::string(what);
+  };
+  need(c.block == BlockKind::kPreNorm, "post-norm or parallel-residual blocks");
+  need(c.norm == NormKind::kRms, "LayerNorm");
+  need(c.qk_norm == QkNormKind::kPerHead, "q/k norms other than per-head RMSNorm");
+  need(!c.qkv_bias && !c.o_bias && !c.mlp_bias, "projection biases");
+  need(c.gated_mlp && c.act == Activation::kSilu, "MLPs other than SwiGLU");
+  need(c.router == RouterKind::kSoftmaxTopK, "top-k-then-softmax routing");
+  need(!c.has_shared_expert(), "shared experts");
+  need(c.rope.kind == RopeKind::kDefault && c.rope.rotated(c.head_dim) == c.head_dim,
+       "scaled or partial rotary embeddings");
+  if (!missing.empty())
+    throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
+                     " models yet (" + missing + "); use --device cpu");
+}
+
+BackendEntry cuda_backend_entry() {
+  BackendEntry e;
+  e.name = "cuda";
+  e.summary = "NVIDIA GPUs (bf16 products, fp32 statistics), one rank per GPU, NCCL";
+  e.check = [](const ModelConfig& c, const ShardPlan& plan, bool) {
+    check_cuda_supports(c);
+    if (plan.etp != 1)
+      throw InputError("--etp " + std::to_string(plan.etp) +
+                       ": the cuda backend supports etp=1 only");
+  };
+  e.make = [](const BackendInputs& in) -> std::unique_ptr<Backend> {
+    if (in.ckpt) return make_cuda_backend(*in.ckpt, *in.plan, in.comms, in.options);
+    return make_cuda_backend_synthetic(*in.cfg, *in.plan, in.comms, in.options,
+                                       static_cast<uint64_t>(in.synthetic_seed));
+  };
+  return e;
 }
 
 }  // namespace sinkscope

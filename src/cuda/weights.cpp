@@ -6,8 +6,8 @@
 #include "cuda/check.hpp"
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
-#include "model/tensor_names.hpp"
 #include "sinkscope/checkpoint.hpp"
+#include "sinkscope/family.hpp"
 
 namespace sinkscope::cuda {
 namespace {
@@ -71,21 +71,23 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
   w.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     DeviceLayer& L = w.layers[static_cast<size_t>(l)];
-    const std::string p = layer_prefix(l);
-    upload_f32(read_rows(ck, p + "input_layernorm.weight", 0, D, 1), L.input_norm);
-    upload_f32(read_rows(ck, p + "post_attention_layernorm.weight", 0, D, 1), L.post_norm);
-    upload_f32(read_rows(ck, p + "self_attn.q_norm.weight", 0, d, 1), L.q_norm);
-    upload_f32(read_rows(ck, p + "self_attn.k_norm.weight", 0, d, 1), L.k_norm);
+    // The family table names every tensor (the cuda backend runs the pre-norm, per-head q/k norm
+    // families: check_cuda_supports).
+    auto name = [&](Role role) { return tensor_name(c, role, l, -1, &ck); };
+    upload_f32(read_rows(ck, name(Role::kAttnNorm), 0, D, 1), L.input_norm);
+    upload_f32(read_rows(ck, name(Role::kMlpNorm), 0, D, 1), L.post_norm);
+    upload_f32(read_rows(ck, name(Role::kQNorm), 0, d, 1), L.q_norm);
+    upload_f32(read_rows(ck, name(Role::kKNorm), 0, d, 1), L.k_norm);
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
-    load_rows_bf16(ck, p + "self_attn.q_proj.weight", plan.head_begin * d, plan.head_end * d, D,
+    load_rows_bf16(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, D,
                    L.wqkv.get());
-    load_rows_bf16(ck, p + "self_attn.k_proj.weight", plan.kv_begin * d, plan.kv_end * d, D,
+    load_rows_bf16(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, D,
                    L.wqkv.get() + qw * D);
-    load_rows_bf16(ck, p + "self_attn.v_proj.weight", plan.kv_begin * d, plan.kv_end * d, D,
+    load_rows_bf16(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, D,
                    L.wqkv.get() + (qw + kw) * D);
     {
       std::vector<float> o(static_cast<size_t>(D * qw));
-      ck.read_cols(p + "self_attn.o_proj.weight", plan.head_begin * d, plan.head_end * d, o.data());
+      ck.read_cols(name(Role::kO), plan.head_begin * d, plan.head_end * d, o.data());
       L.wo.reserve(o.size());
       upload_bf16(o, L.wo.get());
     }
@@ -94,11 +96,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     if (L.moe) {
       const int64_t I = c.moe_intermediate_size, El = plan.local_experts();
       L.inter = I;
-      upload_f32(read_rows(ck, p + "mlp.gate.weight", 0, c.num_experts, D), L.router);
+      upload_f32(read_rows(ck, name(Role::kRouter), 0, c.num_experts, D), L.router);
       L.w_gate_up.reserve(static_cast<size_t>(El * 2 * I * D));
       L.w_down.reserve(static_cast<size_t>(El * D * I));
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
-        const ExpertLocation loc = expert_location(ck, c, l, e);
+        const ExpertLocation loc = expert_location(ck, l, e);
         bf16_bits* gu = L.w_gate_up.get() + (e - plan.expert_begin) * 2 * I * D;
         load_rows_bf16(ck, loc.gate.tensor, loc.gate.row_begin, loc.gate.row_end, D, gu);
         load_rows_bf16(ck, loc.up.tensor, loc.up.row_begin, loc.up.row_end, D, gu + I * D);
@@ -110,15 +112,15 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       L.inter = I;
       L.w_gate_up.reserve(static_cast<size_t>(2 * I * D));
       L.w_down.reserve(static_cast<size_t>(D * I));
-      load_rows_bf16(ck, p + "mlp.gate_proj.weight", 0, I, D, L.w_gate_up.get());
-      load_rows_bf16(ck, p + "mlp.up_proj.weight", 0, I, D, L.w_gate_up.get() + I * D);
-      load_rows_bf16(ck, p + "mlp.down_proj.weight", 0, D, I, L.w_down.get());
+      load_rows_bf16(ck, name(Role::kMlpGate), 0, I, D, L.w_gate_up.get());
+      load_rows_bf16(ck, name(Role::kMlpUp), 0, I, D, L.w_gate_up.get() + I * D);
+      load_rows_bf16(ck, name(Role::kMlpDown), 0, D, I, L.w_down.get());
     }
   }
-  upload_f32(read_rows(ck, "model.norm.weight", 0, D, 1), w.final_norm);
+  upload_f32(read_rows(ck, tensor_name(c, Role::kFinalNorm), 0, D, 1), w.final_norm);
   if (with_lm_head) {
     w.lm_head.reserve(static_cast<size_t>(c.vocab_size * D));
-    load_rows_bf16(ck, c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", 0,
+    load_rows_bf16(ck, tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), 0,
                    c.vocab_size, D, w.lm_head.get());
   }
   w.bytes_loaded = ck.weight_bytes_read() - before;

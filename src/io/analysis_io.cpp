@@ -101,6 +101,9 @@ const std::vector<Field<float>>& float_fields() {
        {A::kLayer, A::kHead, A::kLayer, A::kExpert}, &Analysis::attr_expert, false},
       {"circuit/attr_mlp", "target_layer,target_head,source_layer",
        {A::kLayer, A::kHead, A::kLayer}, &Analysis::attr_mlp, false},
+      // Format 1.1: families with a shared expert (absent from 1.0 files: read as empty).
+      {"circuit/attr_shared_expert", "target_layer,target_head,source_layer",
+       {A::kLayer, A::kHead, A::kLayer}, &Analysis::attr_shared_expert, true},
       {"circuit/ablation/delta_sink_score", "component,layer,head",
        {A::kAblation, A::kLayer, A::kHead}, &Analysis::ablation_delta_sink, true},
       {"profile/layer_share", "embedding_or_layer",
@@ -117,7 +120,8 @@ const std::vector<Field<int32_t>>& int_fields() {
   static const std::vector<Field<int32_t>> fields = {
       {"tokens", "probe,position", {A::kProbe, A::kPosition}, &Analysis::tokens, false},
       {"residual/massive_p0", "layer_input", {A::kLayerPlusOne}, &Analysis::massive_p0, false},
-      // Fields: source layer, kind (0 head, 1 expert, 2 embedding), index (METRICS.md 4).
+      // Fields: source layer, kind (ComponentKind: 0 head, 1 expert, 2 embedding, 3 dense MLP,
+      // 4 shared expert), index (docs/metrics.md section 4).
       {"circuit/ablation/components", "component,field",
        {A::kAblation, A::kThree}, &Analysis::ablation_components, true},
   };

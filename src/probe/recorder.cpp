@@ -40,7 +40,7 @@ Recorder::Recorder(const ModelConfig& cfg, const ShardPlan& plan, int64_t seq_le
     : cfg_(cfg), plan_(plan), per_query_(per_query), records_rows_(plan.tp_rank == 0) {
   rec_.has_rows = records_rows_;
   const int64_t L = cfg.num_layers, H = cfg.num_heads, E = std::max<int64_t>(cfg.num_experts, 1);
-  ComponentIndex ci{H, H + E};
+  const ComponentLayout ci(cfg);
   rec_.L = L;
   rec_.H = H;
   rec_.E = cfg.num_experts;
@@ -141,6 +141,26 @@ void Recorder::on_mlp(const MlpTap& t) {
     for (int64_t e = 0; e < t.num_experts; ++e) rec_.rest_routed[l * E + e] += t.rest_routed[e];
 }
 
+FloatArray& Analysis::attr_of(ComponentKind kind) {
+  switch (kind) {
+    case ComponentKind::kEmbedding:
+      return attr_embed;
+    case ComponentKind::kHead:
+      return attr_head;
+    case ComponentKind::kExpert:
+      return attr_expert;
+    case ComponentKind::kMlp:
+      return attr_mlp;
+    case ComponentKind::kSharedExpert:
+      return attr_shared_expert;
+  }
+  throw RuntimeFailure("unknown component kind " + std::to_string(static_cast<int>(kind)));
+}
+
+const FloatArray& Analysis::attr_of(ComponentKind kind) const {
+  return const_cast<Analysis*>(this)->attr_of(kind);
+}
+
 void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps,
                     bool per_query, Analysis& a, double* identity_max_rel_err) {
   if (records.empty()) throw RuntimeFailure("no rank records to reduce");
@@ -150,7 +170,10 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
                C = static_cast<size_t>(r0.C);
   const size_t E = static_cast<size_t>(cfg.num_experts), Es = std::max<size_t>(E, 1);
   const size_t N = static_cast<size_t>(a.meta.num_probes);
-  ComponentIndex ci{static_cast<int64_t>(H), static_cast<int64_t>(H + Es)};
+  const ComponentLayout ci(cfg);
+  if (static_cast<int64_t>(C) != ci.count_before(cfg.num_layers))
+    throw RuntimeFailure("rank records have " + std::to_string(C) + " component slots, the model " +
+                         std::to_string(ci.count_before(cfg.num_layers)));
 
   std::vector<double> sink(L * H, 0), hp0(L * H, 0), hrest(L * H, 0), attr(L * H * C, 0),
       unit((L + 1) * D, 0);
@@ -257,42 +280,64 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     }
   }
 
-  a.attr_embed = FloatArray({L, H}, "target_layer,target_head");
-  a.attr_head = FloatArray({L, H, L, H}, "target_layer,target_head,source_layer,source_head");
-  a.attr_expert = FloatArray({L, H, L, E}, "target_layer,target_head,source_layer,source_expert");
-  a.attr_mlp = FloatArray({L, H, L}, "target_layer,target_head,source_layer");
-  for (size_t t = 0; t < L; ++t)
-    for (size_t h = 0; h < H; ++h) {
-      const double* at = attr.data() + (t * H + h) * C;
-      a.attr_embed.at(t, h) = static_cast<float>(at[ci.embed()] * inv_n);
-      for (size_t l = 0; l < t; ++l) {
-        for (size_t s = 0; s < H; ++s)
-          a.attr_head.at(t, h, l, s) = static_cast<float>(at[ci.head(l, s)] * inv_n);
-        if (cfg.is_moe_layer(static_cast<int64_t>(l))) {
-          for (size_t e = 0; e < E; ++e)
-            a.attr_expert.at(t, h, l, e) = static_cast<float>(at[ci.expert(l, e)] * inv_n);
-        } else {
-          a.attr_mlp.at(t, h, l) = static_cast<float>(at[ci.mlp(l)] * inv_n);
+  // One attribution dataset per component kind (sinkscope/components.hpp), filled from the
+  // slots of the kind's components in every source layer before the target.
+  for (const ComponentKindInfo& kind : component_kinds()) {
+    FloatArray& out = a.attr_of(kind.kind);
+    const size_t width = static_cast<size_t>(component_width(cfg, kind.kind));
+    if (!kind.per_layer)
+      out = FloatArray({L, H}, "target_layer,target_head");
+    else if (kind.indexed)
+      out = FloatArray({L, H, L, width}, std::string("target_layer,target_head,source_layer,source_") +
+                                             (kind.kind == ComponentKind::kHead ? "head" : kind.name));
+    else
+      out = FloatArray({L, H, L}, "target_layer,target_head,source_layer");
+    for (size_t t = 0; t < L; ++t)
+      for (size_t h = 0; h < H; ++h) {
+        const double* at = attr.data() + (t * H + h) * C;
+        if (!kind.per_layer) {
+          out.data[t * H + h] = static_cast<float>(at[ci.embed()] * inv_n);
+          continue;
+        }
+        for (size_t l = 0; l < t; ++l) {
+          const int64_t n = component_count(cfg, kind.kind, static_cast<int64_t>(l));
+          for (int64_t i = 0; i < n; ++i) {
+            const float v = static_cast<float>(
+                at[ci.slot(kind.kind, static_cast<int64_t>(l), i)] * inv_n);
+            if (kind.indexed)
+              out.data[((t * H + h) * L + l) * width + static_cast<size_t>(i)] = v;
+            else
+              out.data[(t * H + h) * L + l] = v;
+          }
         }
       }
-    }
+  }
 }
 
 void compute_profile(Analysis& a) {
   const size_t L = a.sink_score.shape.at(0), H = a.sink_score.shape.at(1);
-  const size_t E = a.attr_expert.shape.size() == 4 ? a.attr_expert.shape[3] : 0;
+  // share(l): the sink-weighted positive attributions of every component of layer l (index 0:
+  // the embedding), summed over the kinds of components.
   std::vector<double> share(L + 1, 0);
-  for (size_t t = 0; t < L; ++t)
-    for (size_t h = 0; h < H; ++h) {
-      const double alpha = a.sink_score.at(t, h);
-      share[0] += alpha * std::max(0.f, a.attr_embed.at(t, h));
-      for (size_t l = 0; l < t; ++l) {
-        double s = std::max(0.f, a.attr_mlp.at(t, h, l));
-        for (size_t j = 0; j < H; ++j) s += std::max(0.f, a.attr_head.at(t, h, l, j));
-        for (size_t e = 0; e < E; ++e) s += std::max(0.f, a.attr_expert.at(t, h, l, e));
-        share[1 + l] += alpha * s;
+  for (const ComponentKindInfo& kind : component_kinds()) {
+    const FloatArray& attr = a.attr_of(kind.kind);
+    if (attr.data.empty()) continue;
+    const size_t width = kind.indexed ? attr.shape.at(3) : 1;
+    for (size_t t = 0; t < L; ++t)
+      for (size_t h = 0; h < H; ++h) {
+        const double alpha = a.sink_score.at(t, h);
+        if (!kind.per_layer) {
+          share[0] += alpha * std::max(0.f, attr.data[t * H + h]);
+          continue;
+        }
+        for (size_t l = 0; l < t; ++l) {
+          const float* v = attr.data.data() + ((t * H + h) * L + l) * width;
+          double s = 0;
+          for (size_t i = 0; i < width; ++i) s += std::max(0.f, v[i]);
+          share[1 + l] += alpha * s;
+        }
       }
-    }
+  }
   double total = 0;
   for (double s : share) total += s;
   a.layer_share = FloatArray({L + 1}, "layer_index");

@@ -117,7 +117,7 @@ ModelConfig shape(int64_t D, int64_t L, int64_t H, int64_t KV, int64_t d, int64_
   c.decoder_sparse_step = 1;
   c.mlp_only_layers = std::move(dense_layers);
   c.rms_norm_eps = 1e-6;
-  c.rope_theta = 10000.0;
+  c.rope.theta = 10000.0;
   c.tie_word_embeddings = false;
   c.dtype = "bfloat16";
   return c;

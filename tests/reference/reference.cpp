@@ -234,12 +234,12 @@ Trace ReferenceModel::Impl::forward(const int32_t* tok, int64_t T,
           tr.rk[l][g] = rms(kpre.data(), d, eps);
           tr.k0[l][g] = kn;
         }
-        kr[i][g] = rope(kn, i, c.rope_theta);
+        kr[i][g] = rope(kn, i, c.rope.theta);
         vv[i][g] = apply_rows(W.v, g * d, d, u[i].data());
       }
       for (int64_t h = 0; h < H; ++h) {
         const Vec qpre = apply_rows(W.q, h * d, d, u[i].data());
-        qr[i][h] = rope(rms_norm(qpre.data(), d, W.q_norm, eps), i, c.rope_theta);
+        qr[i][h] = rope(rms_norm(qpre.data(), d, W.q_norm, eps), i, c.rope.theta);
       }
     }
     tr.qbar[l].assign(H, Vec(d, 0.0));

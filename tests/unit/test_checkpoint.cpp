@@ -4,7 +4,7 @@
 #include <cstring>
 #include <filesystem>
 
-#include "model/tensor_names.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/synth.hpp"
@@ -32,7 +32,7 @@ void expect_reject(const std::string& header, uint64_t data_len, const std::stri
 std::string expect_open_error(const std::string& dir) {
   try {
     Checkpoint ck = Checkpoint::open(dir);
-    ck.validate_for_model();
+    validate_checkpoint(ck);
   } catch (const InputError& e) {
     return e.what();
   }
@@ -130,7 +130,7 @@ class CheckpointFiles : public ::testing::Test {
 
 TEST_F(CheckpointFiles, OpensValidatesAndReadsSlices) {
   Checkpoint ck = Checkpoint::open(dir.path());
-  ck.validate_for_model();
+  validate_checkpoint(ck);
   const ModelConfig& c = ck.config();
   std::vector<float> all(static_cast<size_t>(c.hidden_size * c.num_heads * c.head_dim));
   ck.read_rows("model.layers.0.self_attn.o_proj.weight", 0, c.hidden_size, all.data());
@@ -221,7 +221,7 @@ TEST_F(CheckpointFiles, ShardedIndex) {
   write_safetensors(dir / "s2.safetensors", b);
   test::write_file(dir / "model.safetensors.index.json", "{\"weight_map\":{" + map + "}}");
   Checkpoint sharded = Checkpoint::open(dir.path());
-  sharded.validate_for_model();
+  validate_checkpoint(sharded);
   EXPECT_EQ(sharded.files().size(), 2u);
   // An index naming a shard that does not exist.
   test::write_file(dir / "model.safetensors.index.json",

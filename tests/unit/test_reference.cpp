@@ -135,7 +135,7 @@ ModelConfig make_config(const Shape& s) {
   c.decoder_sparse_step = s.sparse_step;
   c.mlp_only_layers = s.mlp_only;
   c.rms_norm_eps = s.rms_eps;
-  c.rope_theta = s.rope_theta;
+  c.rope.theta = s.rope_theta;
   c.dtype = "bfloat16";
   return c;
 }

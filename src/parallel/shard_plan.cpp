@@ -1,3 +1,4 @@
+#include "sinkscope/parallel.hpp"
 #include "sinkscope/shard_plan.hpp"
 
 #include <boost/archive/text_iarchive.hpp>
@@ -124,5 +125,15 @@ ShardPlan deserialize_plan(const std::string& bytes) {
   }
   return p;
 }
+
+}  // namespace sinkscope
+
+namespace sinkscope {
+
+ParallelContext::ParallelContext(const Comm& world, ShardPlan plan)
+    : world_(&world),
+      plan_(plan),
+      tp_(world.split(plan.dp_rank, plan.tp_rank)),
+      ep_(world.split(plan.ep_group, plan.ep_rank * plan.etp + plan.etp_rank)) {}
 
 }  // namespace sinkscope

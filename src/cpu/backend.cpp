@@ -1,16 +1,19 @@
-// CPU backend: the instrumented Qwen3-MoE forward pass on one rank's shard
-// (docs/parallel-layout.md).
+// CPU backend: the instrumented forward pass of every supported family on one rank's shard
+// (docs/parallel-layout.md), fp32 with OpenBLAS sgemm. It is the reference the CUDA backend is
+// checked against.
 //
 // Per layer and micro-batch:
 //   attention  heads of this rank; per (probe, head) the T x T causal softmax in fp32, A[i, 0]
 //              kept, z = A V; each head's write w = z W_O[:, h]^T computed on its own (so its
 //              norms and position-0 vector are exact) and summed into the o_proj partial sum,
-//              which is all-reduced over the tp group.
+//              which is all-reduced over the tp group. Post-norm families scale every head's
+//              write by the layer's output norm (gamma / rms of the summed output, per position).
 //   circuit    the rank that owns a target head computes its attributions from the position-0
 //              deltas of every upstream component (gathered over the tp group per layer).
-//   MoE        each tp rank routes a 1/tp slice of its dp group's tokens, sends (token, expert)
+//   MLP / MoE  each tp rank routes a 1/tp slice of its dp group's tokens, sends (token, expert)
 //              pairs to the expert owners of its ep group (all-to-all with counts), gets the
 //              expert outputs back per pair, and the slices are summed over the tp group.
+// The block wiring (pre-norm, post-norm, parallel residual) follows the family.
 #include <omp.h>
 #include <algorithm>
 #include <chrono>
@@ -21,11 +24,12 @@
 #include <numeric>
 
 #include "cpu/kernels.hpp"
+#include "cpu/weights.hpp"
 #include "model/median.hpp"
-#include "model/weights.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/model.hpp"
 
 namespace sinkscope {
@@ -49,19 +53,27 @@ class ScopedSeconds {
   std::chrono::steady_clock::time_point start_;
 };
 
+void add_bias(float* x, int64_t rows, int64_t n, int64_t ld, const std::vector<float>& bias) {
+  if (bias.empty()) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) x[r * ld + j] += bias[static_cast<size_t>(j)];
+}
+
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(const Checkpoint& ck, const ShardPlan& plan, ForwardComms comms, ForwardOptions opt)
-      : ck_(ck), c_(ck.config()), plan_(plan), comms_(comms), opt_(std::move(opt)) {
-    const uint64_t before = ck.weight_bytes_read();
-    w_ = load_weights(ck, plan, opt_.want_logits);
-    bytes_loaded_ = ck.weight_bytes_read() - before;
-    const int64_t d = c_.head_dim;
-    inv_freq_.resize(static_cast<size_t>(d / 2));
-    for (int64_t j = 0; j < d / 2; ++j)
-      inv_freq_[static_cast<size_t>(j)] =
-          1.0 / std::pow(c_.rope_theta, static_cast<double>(2 * j) / static_cast<double>(d));
-    slots_ = std::max<int64_t>(c_.num_experts, 1);
+  explicit CpuBackend(const BackendInputs& in)
+      : ck_(*in.ckpt),
+        c_(in.ckpt->config()),
+        plan_(*in.plan),
+        comms_(in.comms),
+        opt_(in.options),
+        layout_(c_) {
+    const uint64_t before = ck_.weight_bytes_read();
+    w_ = load_weights(ck_, plan_, opt_.want_logits);
+    bytes_loaded_ = ck_.weight_bytes_read() - before;
+    inv_freq_ = c_.rope.inv_freq(c_.head_dim);
+    mlp_slots_ = std::max<int64_t>(c_.num_experts, 1) + (c_.has_shared_expert() ? 1 : 0);
+    embed_name_ = tensor_name(c_, Role::kEmbed);
     // Test hook (docs/reliability.md): SINKSCOPE_INJECT_FAULT=RANK:LAYER makes that world rank
     // throw when it reaches that layer, so the failure tests can stop one rank part way.
     if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
@@ -69,7 +81,6 @@ class CpuBackend final : public Backend {
       if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank())
         fault_layer_ = layer;
     }
-    ci_ = ComponentIndex{c_.num_heads, c_.num_heads + slots_};
   }
 
   std::string name() const override { return "cpu"; }
@@ -83,18 +94,29 @@ class CpuBackend final : public Backend {
 
  private:
   void embed(const IntArray& tokens, std::vector<float>& x) const;
+  // u = norm(x) per row; inv_scale[r] = 1 / rms (RMSNorm) or 1 / std (LayerNorm).
+  void normalize(const NormWeights& n, const float* x, int64_t rows, float* u,
+                 float* inv_scale) const;
   void residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T,
                     int64_t probe0, ForwardObserver& obs) const;
-  void attention(int64_t l, const std::vector<float>& x, std::vector<float>& y, int64_t B,
+  // The attention block of layer l reading x; a = its write to the residual stream (ablations
+  // applied), complete for the dp group.
+  void attention(int64_t l, const std::vector<float>& x, std::vector<float>& a, int64_t B,
                  int64_t T, int64_t probe0, ForwardObserver& obs);
-  void mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B, int64_t T,
+  // The MLP / MoE block of layer l reading `in`; m = its write to the residual stream.
+  void mlp(int64_t l, const std::vector<float>& in, std::vector<float>& m, int64_t B, int64_t T,
            int64_t probe0, ForwardObserver& obs);
-  // Expert-parallel MoE on this rank's token slice: returns per (slice row, k) expert ids,
-  // weights and the weighted expert outputs [n * K, D].
+  // Expert-parallel MoE on this rank's token slice: returns per (slice row, k) expert ids and
+  // the weighted expert outputs [n * K, D].
   void moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
                  std::vector<float>& outs) const;
+  void route(const float* logits, int64_t n, int32_t* topk, float* weight) const;
   void run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const;
-  bool ablated(int64_t layer, Ablation::Kind kind, int64_t index) const {
+  // Sums of squares of a query/key row over the full projection width (all heads of the dp
+  // group), for the full-width q/k norm: [rows] each.
+  void full_width_sumsq(const std::vector<float>& q, const std::vector<float>& k, int64_t rows,
+                        std::vector<double>& q_ss, std::vector<double>& k_ss);
+  bool ablated(int64_t layer, ComponentKind kind, int64_t index) const {
     return has_ablation(opt_.ablations, layer, kind, index);
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
@@ -106,15 +128,16 @@ class CpuBackend final : public Backend {
   ShardPlan plan_;
   ForwardComms comms_;
   ForwardOptions opt_;
+  ComponentLayout layout_;
   ModelWeights w_;
   uint64_t bytes_loaded_ = 0;
   std::vector<double> inv_freq_;
-  int64_t slots_ = 1;
+  int64_t mlp_slots_ = 1;  // MLP-side slots per layer: max(E, 1) (+ 1 shared expert)
+  std::string embed_name_;
   int64_t fault_layer_ = -1;
   mutable double comm_seconds_ = 0;  // time inside collectives (all-reduces, the expert exchange)
-  ComponentIndex ci_;
   // Per micro-batch circuit state: position-0 delta (c[0] - cbar) of every component slot, and
-  // the running sum of the components' position-0 writes (for the identity check).
+  // the running sum of the residual's position-0 writes (for the identity check).
   std::vector<float> delta_;   // [B, C, D]
   std::vector<float> p0_sum_;  // [B, D]
 };
@@ -122,8 +145,17 @@ class CpuBackend final : public Backend {
 void CpuBackend::embed(const IntArray& tokens, std::vector<float>& x) const {
   const int64_t D = c_.hidden_size;
   for (size_t i = 0; i < tokens.data.size(); ++i)
-    ck_.read_row("model.embed_tokens.weight", tokens.data[i],
-                 x.data() + static_cast<int64_t>(i) * D);
+    ck_.read_row(embed_name_, tokens.data[i], x.data() + static_cast<int64_t>(i) * D);
+}
+
+void CpuBackend::normalize(const NormWeights& n, const float* x, int64_t rows, float* u,
+                           float* inv_scale) const {
+  const int64_t D = c_.hidden_size;
+  if (c_.norm == NormKind::kLayer)
+    cpu::layer_norm(x, rows, D, n.gain.data(), n.bias.empty() ? nullptr : n.bias.data(),
+                    c_.rms_norm_eps, u, inv_scale);
+  else
+    cpu::rms_norm(x, rows, D, n.gain.data(), c_.rms_norm_eps, u, inv_scale);
 }
 
 void CpuBackend::residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T,
@@ -154,42 +186,107 @@ void CpuBackend::residual_tap(int64_t index, const std::vector<float>& x, int64_
   obs.on_residual(tap);
 }
 
-void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& y, int64_t B,
-                           int64_t T, int64_t probe0, ForwardObserver& obs) {
+void CpuBackend::full_width_sumsq(const std::vector<float>& q, const std::vector<float>& k,
+                                  int64_t rows, std::vector<double>& q_ss,
+                                  std::vector<double>& k_ss) {
+  const int64_t d = c_.head_dim, Hl = plan_.local_heads(), KVl = plan_.local_kv_heads();
+  const int64_t qw = Hl * d, kw = KVl * d, group = c_.kv_group_size();
+  const int tp_rank = comms_.tp_group->rank();
+  // A KV head held by several tp ranks (tp > num_kv_heads) is counted by the rank that owns its
+  // first query head only.
+  std::vector<char> counts(static_cast<size_t>(KVl));
+  for (int64_t g = 0; g < KVl; ++g)
+    counts[g] = ((plan_.kv_begin + g) * group) / (c_.num_heads / plan_.tp) == tp_rank;
+  std::vector<double> buf(static_cast<size_t>(2 * rows), 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double sq = 0, sk = 0;
+    for (int64_t j = 0; j < qw; ++j) sq += static_cast<double>(q[r * qw + j]) * q[r * qw + j];
+    for (int64_t g = 0; g < KVl; ++g)
+      if (counts[g])
+        for (int64_t j = 0; j < d; ++j) {
+          const double v = k[r * kw + g * d + j];
+          sk += v * v;
+        }
+    buf[r] = sq;
+    buf[rows + r] = sk;
+  }
+  if (comms_.tp_group->size() > 1) {
+    ScopedSeconds timed(&comm_seconds_);
+    comms_.tp_group->allreduce_sum(buf.data(), buf.size());
+  }
+  q_ss.assign(buf.begin(), buf.begin() + rows);
+  k_ss.assign(buf.begin() + rows, buf.end());
+}
+
+void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& a,
+                           int64_t B, int64_t T, int64_t probe0, ForwardObserver& obs) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t D = c_.hidden_size, d = c_.head_dim, Hl = plan_.local_heads(),
                 KVl = plan_.local_kv_heads();
   const int64_t BT = B * T, qw = Hl * d, kw = KVl * d, H = c_.num_heads;
-  const int64_t group = c_.kv_group_size();
+  const int64_t group = c_.kv_group_size(), rot = c_.rope.rotated(c_.head_dim);
   const double eps = c_.rms_norm_eps;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  const bool post_norm = c_.block == BlockKind::kPostNorm;
+  const bool layer_norm = c_.norm == NormKind::kLayer;
+  const int tp = comms_.tp_group->size();
 
-  std::vector<float> u(static_cast<size_t>(BT * D)), inv_rx(static_cast<size_t>(BT));
-  cpu::rms_norm(x.data(), BT, D, L.input_norm.data(), eps, u.data(), inv_rx.data());
+  // The attention's input: the normed residual (pre-norm, parallel) or the residual itself.
+  std::vector<float> u(static_cast<size_t>(BT * D)), inv_rx(static_cast<size_t>(BT), 1.f);
+  if (post_norm)
+    std::copy(x.begin(), x.end(), u.begin());
+  else
+    normalize(L.attn_norm, x.data(), BT, u.data(), inv_rx.data());
   std::vector<float> q(static_cast<size_t>(BT * qw)), k(static_cast<size_t>(BT * kw)),
       v(static_cast<size_t>(BT * kw));
   gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
   gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
   gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
+  add_bias(q.data(), BT, qw, qw, L.q_bias);
+  add_bias(k.data(), BT, kw, kw, L.k_bias);
+  add_bias(v.data(), BT, kw, kw, L.v_bias);
 
-  // r_k: the rms of each held KV head's key at position 0 before k_norm (METRICS.md section 4).
-  std::vector<float> inv_rk(static_cast<size_t>(B * KVl));
-  cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t g = 0; g < KVl; ++g) {
-      float tmp[1];
-      std::vector<float> scratch(static_cast<size_t>(d));
-      cpu::rms_norm(k.data() + b * T * kw + g * d, 1, d, L.k_norm.data(), eps, scratch.data(), tmp);
-      inv_rk[b * KVl + g] = tmp[0];
+  // q/k norms. inv_rk: 1 / r_k, the scale of head g's key at position 0 (docs/metrics.md
+  // section 4); kgain(g, j): the k norm's gain of dimension j of held KV head g.
+  std::vector<float> inv_rk(static_cast<size_t>(B * KVl), 1.f);
+  std::vector<float> unit_gain(static_cast<size_t>(kw), 1.f);
+  const float* kgain = unit_gain.data();  // [KVl * d]: the gain of each held key dimension
+  std::vector<float> kgain_tiled;
+  if (c_.qk_norm == QkNormKind::kPerHead) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < KVl; ++g) {
+        float tmp[1];
+        std::vector<float> scratch(static_cast<size_t>(d));
+        cpu::rms_norm(k.data() + b * T * kw + g * d, 1, d, L.k_norm.data(), eps, scratch.data(),
+                      tmp);
+        inv_rk[b * KVl + g] = tmp[0];
+      }
+    cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
+    cpu::rms_norm(k.data(), BT * KVl, d, L.k_norm.data(), eps, k.data());
+    kgain_tiled.resize(static_cast<size_t>(kw));
+    for (int64_t g = 0; g < KVl; ++g) std::copy_n(L.k_norm.data(), d, kgain_tiled.data() + g * d);
+    kgain = kgain_tiled.data();
+  } else if (c_.qk_norm == QkNormKind::kFullWidth) {
+    std::vector<double> q_ss, k_ss;
+    full_width_sumsq(q, k, BT, q_ss, k_ss);
+    const double qn = static_cast<double>(H * d), kn = static_cast<double>(c_.num_kv_heads * d);
+    for (int64_t r = 0; r < BT; ++r) {
+      const float iq = static_cast<float>(1.0 / std::sqrt(q_ss[r] / qn + eps));
+      const float ik = static_cast<float>(1.0 / std::sqrt(k_ss[r] / kn + eps));
+      for (int64_t j = 0; j < qw; ++j) q[r * qw + j] = q[r * qw + j] * iq * L.q_norm[j];
+      for (int64_t j = 0; j < kw; ++j) k[r * kw + j] = k[r * kw + j] * ik * L.k_norm[j];
+      if (r % T == 0)
+        for (int64_t g = 0; g < KVl; ++g) inv_rk[(r / T) * KVl + g] = ik;
     }
-  cpu::rms_norm(k.data(), BT * KVl, d, L.k_norm.data(), eps, k.data());
+    kgain = L.k_norm.data();
+  }
   std::vector<float> k0_model(static_cast<size_t>(B * kw));
   for (int64_t b = 0; b < B; ++b) std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < Hl; ++h)
-      cpu::rope(q.data() + b * T * qw + h * d, T, d, qw, 0, inv_freq_.data());
+      cpu::rope(q.data() + b * T * qw + h * d, T, rot, qw, 0, inv_freq_.data());
     for (int64_t g = 0; g < KVl; ++g)
-      cpu::rope(k.data() + b * T * kw + g * d, T, d, kw, 0, inv_freq_.data());
+      cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
   }
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).
   auto kv_of = [&](int64_t h_local) {
@@ -234,8 +331,31 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     }
   }
 
-  // Head writes: w = z_h W_O[:, h]^T, norms and position-0 summaries, summed into the partial a.
-  std::vector<float> a(static_cast<size_t>(BT * D), 0.f);
+  // The layer's output a = z W_O^T (+ b_O), summed over the tp group. Post-norm blocks need it
+  // before the heads' writes (their scale is gamma / rms(a) per position): one collective for a,
+  // a second for the heads' position-0 vectors. Pre-norm blocks send both in one.
+  a.assign(static_cast<size_t>(BT * D), 0.f);
+  std::vector<float> out_scale;  // [BT] 1 / rms(a) of post-norm blocks
+  const bool bias_here = comms_.tp_group->rank() == 0 && !L.o_bias.empty();
+  if (post_norm) {
+    gemm_nt(BT, D, qw, z.data(), qw, L.o.data(), qw, a.data(), D);
+    if (bias_here) add_bias(a.data(), BT, D, D, L.o_bias);
+    if (tp > 1) {
+      ScopedSeconds timed(&comm_seconds_);
+      comms_.tp_group->allreduce_sum(a.data(), a.size());
+    }
+    out_scale.resize(static_cast<size_t>(BT));
+    for (int64_t r = 0; r < BT; ++r) {
+      float* ar = a.data() + r * D;
+      double ss = 0;
+      for (int64_t j = 0; j < D; ++j) ss += static_cast<double>(ar[j]) * ar[j];
+      out_scale[r] = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(D) + eps));
+      for (int64_t j = 0; j < D; ++j) ar[j] = ar[j] * out_scale[r] * L.attn_out_norm.gain[j];
+    }
+  }
+
+  // Head writes: w = z_h W_O[:, h]^T (scaled as the block writes it), norms and position-0
+  // summaries.
   std::vector<float> wp0_norm(B * Hl), wrest_norm(B * Hl);
   std::vector<float> head_pack(static_cast<size_t>(B * H * 2 * D), 0.f);  // [B, H, {delta, p0}, D]
 #pragma omp parallel num_threads(opt_.threads)
@@ -245,8 +365,14 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < Hl; ++h) {
         gemm_nt(T, D, d, z.data() + b * T * qw + h * d, qw, L.o.data() + h * d, qw, wbuf.data(), D);
-        float* ab = a.data() + b * T * D;
-        for (int64_t i = 0; i < T * D; ++i) ab[i] += wbuf[i];
+        if (post_norm) {
+          for (int64_t i = 0; i < T; ++i)
+            for (int64_t j = 0; j < D; ++j)
+              wbuf[i * D + j] *= out_scale[b * T + i] * L.attn_out_norm.gain[j];
+        } else {
+          float* ab = a.data() + b * T * D;
+          for (int64_t i = 0; i < T * D; ++i) ab[i] += wbuf[i];
+        }
         wp0_norm[b * Hl + h] = cpu::l2_norm(wbuf.data(), D);
         double rest = 0;
         for (int64_t i = 1; i < T; ++i) rest += cpu::l2_norm(wbuf.data() + i * D, D);
@@ -263,45 +389,64 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
       }
     }
   }
+  if (!post_norm && bias_here) add_bias(a.data(), BT, D, D, L.o_bias);
   // o_proj is row-parallel: the partial sums of the tp ranks add up to a_l. One collective
-  // carries a and the heads' position-0 vectors.
-  if (comms_.tp_group->size() > 1) {
-    std::vector<float> buf(a.size() + head_pack.size());
-    std::copy(a.begin(), a.end(), buf.begin());
-    std::copy(head_pack.begin(), head_pack.end(), buf.begin() + static_cast<long>(a.size()));
+  // carries a (pre-norm) and the heads' position-0 vectors.
+  if (tp > 1) {
+    const size_t na = post_norm ? 0 : a.size();
+    std::vector<float> buf(na + head_pack.size());
+    std::copy_n(a.begin(), na, buf.begin());
+    std::copy(head_pack.begin(), head_pack.end(), buf.begin() + static_cast<long>(na));
     ScopedSeconds timed(&comm_seconds_);
     comms_.tp_group->allreduce_sum(buf.data(), buf.size());
-    std::copy_n(buf.begin(), a.size(), a.begin());
-    std::copy(buf.begin() + static_cast<long>(a.size()), buf.end(), head_pack.begin());
+    std::copy_n(buf.begin(), na, a.begin());
+    std::copy(buf.begin() + static_cast<long>(na), buf.end(), head_pack.begin());
   }
 
-  // Circuit attribution for this layer's (target) heads from the sources of layers < l.
-  const int64_t C = ci_.count_before(l), Ctot = ci_.count_before(c_.num_layers);
+  // Circuit attribution for this layer's (target) heads from the sources of layers < l:
+  // K(c) = kgain (.) W_K (gamma_in (.) P c) / (s_x r_k), P the LayerNorm centring (identity for
+  // RMSNorm); the constant kconst = W_K beta_in + b_K enters the identity only.
+  const int64_t C = layout_.count_before(l), Ctot = layout_.count_before(c_.num_layers);
+  std::vector<float> kconst(static_cast<size_t>(kw), 0.f);
+  if (layer_norm && !L.attn_norm.bias.empty())
+    gemm_nt(1, kw, D, L.attn_norm.bias.data(), D, L.k.data(), D, kconst.data(), kw);
+  if (!L.k_bias.empty())
+    for (int64_t j = 0; j < kw; ++j) kconst[j] += L.k_bias[j];
   std::vector<float> attr(static_cast<size_t>(B * Hl * C)), k0_sum(static_cast<size_t>(B * kw));
   {
     std::vector<float> src(static_cast<size_t>((C + 1) * D)), G(static_cast<size_t>((C + 1) * kw));
     for (int64_t b = 0; b < B; ++b) {
       const float* db = delta_.data() + b * Ctot * D;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t j = 0; j < D; ++j) src[c * D + j] = db[c * D + j] * L.input_norm[j];
-      for (int64_t j = 0; j < D; ++j) src[C * D + j] = p0_sum_[b * D + j] * L.input_norm[j];
+      auto put = [&](int64_t row, const float* vsrc) {
+        float* dst = src.data() + row * D;
+        double mean = 0;
+        if (layer_norm) {
+          for (int64_t j = 0; j < D; ++j) mean += vsrc[j];
+          mean /= static_cast<double>(D);
+        }
+        for (int64_t j = 0; j < D; ++j)
+          dst[j] = (vsrc[j] - static_cast<float>(mean)) * (post_norm ? 1.f : L.attn_norm.gain[j]);
+      };
+      for (int64_t c = 0; c < C; ++c) put(c, db + c * D);
+      put(C, p0_sum_.data() + b * D);
       gemm_nt(C + 1, kw, D, src.data(), D, L.k.data(), D, G.data(), kw);
       const float ix = inv_rx[b * T];
       for (int64_t h = 0; h < Hl; ++h) {
         const int64_t g = kv_of(h);
         const float f = ix * inv_rk[b * KVl + g] * scale;
         const float* qb = qbar.data() + b * qw + h * d;
+        const float* kg = kgain + g * d;
         for (int64_t c = 0; c < C; ++c) {
           const float* gc = G.data() + c * kw + g * d;
           double acc = 0;
-          for (int64_t j = 0; j < d; ++j) acc += static_cast<double>(gc[j]) * L.k_norm[j] * qb[j];
+          for (int64_t j = 0; j < d; ++j) acc += static_cast<double>(gc[j]) * kg[j] * qb[j];
           attr[(b * Hl + h) * C + c] = static_cast<float>(acc) * f;
         }
       }
       for (int64_t g = 0; g < KVl; ++g)
         for (int64_t j = 0; j < d; ++j)
-          k0_sum[b * kw + g * d + j] =
-              G[C * kw + g * d + j] * ix * inv_rk[b * KVl + g] * L.k_norm[j];
+          k0_sum[b * kw + g * d + j] = (G[C * kw + g * d + j] * ix + kconst[g * d + j]) *
+                                       inv_rk[b * KVl + g] * kgain[g * d + j];
     }
   }
 
@@ -325,20 +470,23 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
                    KVl};
   obs.on_attention(tap);
 
-  // Store the heads' deltas for later targets; ablate; y = x + a.
-  for (int64_t b = 0; b < B; ++b)
+  // Store the heads' deltas for later targets; the part of a[0] that is no head's (the output
+  // bias) joins the running position-0 sum; ablate.
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> rest0(a.begin() + b * T * D, a.begin() + b * T * D + D);
     for (int64_t h = 0; h < H; ++h) {
       const float* delta = head_pack.data() + ((b * H + h) * 2) * D;
       const float* p0 = delta + D;
-      std::copy_n(delta, D, delta_.data() + (b * Ctot + ci_.head(l, h)) * D);
-      const bool ab = ablated(l, Ablation::kHead, h);
+      std::copy_n(delta, D, delta_.data() + (b * Ctot + layout_.head(l, h)) * D);
+      const bool ab = ablated(l, ComponentKind::kHead, h);
       for (int64_t j = 0; j < D; ++j) {
+        rest0[j] -= p0[j];
         if (ab) a[b * T * D + j] -= delta[j];  // position 0 gets the head's mean write
         p0_sum_[b * D + j] += ab ? p0[j] - delta[j] : p0[j];
       }
     }
-  y.resize(x.size());
-  for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] + a[i];
+    for (int64_t j = 0; j < D; ++j) p0_sum_[b * D + j] += static_cast<float>(rest0[j]);
+  }
   for (int64_t b = 0; b < B; ++b) {
     double s = 0;
     for (int64_t h = 0; h < Hl; ++h) s += wp0_norm[b * Hl + h] + wrest_norm[b * Hl + h];
@@ -349,32 +497,55 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
 void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const {
   if (n == 0) return;
   const int64_t D = c_.hidden_size, I = m.inter;
-  std::vector<float> g(static_cast<size_t>(n * I)), up(static_cast<size_t>(n * I));
-  gemm_nt(n, I, D, u, D, m.gate.data(), D, g.data(), I);
-  gemm_nt(n, I, D, u, D, m.up.data(), D, up.data(), I);
-  cpu::swiglu(g.data(), up.data(), g.data(), n * I);
-  gemm_nt(n, D, I, g.data(), I, m.down.data(), I, out, D);
+  std::vector<float> h(static_cast<size_t>(n * I));
+  gemm_nt(n, I, D, u, D, m.up.data(), D, h.data(), I);
+  add_bias(h.data(), n, I, I, m.up_bias);
+  if (!m.gate.empty()) {
+    std::vector<float> g(static_cast<size_t>(n * I));
+    gemm_nt(n, I, D, u, D, m.gate.data(), D, g.data(), I);
+    add_bias(g.data(), n, I, I, m.gate_bias);
+    if (c_.act == Activation::kSilu) {
+      cpu::swiglu(g.data(), h.data(), h.data(), n * I);
+    } else {
+      cpu::activation(c_.act, g.data(), n * I);
+      for (int64_t i = 0; i < n * I; ++i) h[i] *= g[i];
+    }
+  } else {
+    cpu::activation(c_.act, h.data(), n * I);
+  }
+  gemm_nt(n, D, I, h.data(), I, m.down.data(), I, out, D);
+  add_bias(out, n, D, D, m.down_bias);
 }
 
-void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
-                           std::vector<int32_t>& topk, std::vector<float>& outs) const {
-  const int64_t D = c_.hidden_size, E = c_.num_experts, K = c_.top_k;
-  // Router: softmax over experts, top-k (ties go to the lower expert index), weights.
-  std::vector<float> logits(static_cast<size_t>(n * E));
-  gemm_nt(n, E, D, u, D, L.router.data(), D, logits.data(), E);
-  topk.assign(static_cast<size_t>(n * K), 0);
-  std::vector<float> weight(static_cast<size_t>(n * K));
+void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight) const {
+  const int64_t E = c_.num_experts, K = c_.top_k;
   std::vector<double> p(static_cast<size_t>(E));
   std::vector<int32_t> order(static_cast<size_t>(E));
-  for (int64_t r = 0; r < n; ++r) {
-    const float* lr = logits.data() + r * E;
+  for (int64_t r = 0; r < n; ++r, lr += E) {
+    std::iota(order.begin(), order.end(), 0);
+    // Ties go to the lower expert index.
+    auto by = [&](const auto& key) {
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int32_t a, int32_t b) {
+        return key[a] != key[b] ? key[a] > key[b] : a < b;
+      });
+    };
+    if (c_.router == RouterKind::kTopKSoftmax) {
+      // Mixtral: the top-k logits, then a softmax over the selected ones.
+      by(lr);
+      const double mx = lr[order[0]];
+      double sum = 0;
+      for (int64_t j = 0; j < K; ++j) sum += (p[j] = std::exp(static_cast<double>(lr[order[j]]) - mx));
+      for (int64_t j = 0; j < K; ++j) {
+        topk[r * K + j] = order[j];
+        weight[r * K + j] = static_cast<float>(p[j] / sum);
+      }
+      continue;
+    }
     const double mx = *std::max_element(lr, lr + E);
     double sum = 0;
     for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(static_cast<double>(lr[e]) - mx));
     for (int64_t e = 0; e < E; ++e) p[e] /= sum;
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + K, order.end(),
-                      [&](int32_t a, int32_t b) { return p[a] != p[b] ? p[a] > p[b] : a < b; });
+    by(p);
     double wsum = 0;
     for (int64_t j = 0; j < K; ++j) wsum += p[order[j]];
     for (int64_t j = 0; j < K; ++j) {
@@ -382,6 +553,16 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
       weight[r * K + j] = static_cast<float>(c_.norm_topk_prob ? p[order[j]] / wsum : p[order[j]]);
     }
   }
+}
+
+void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
+                           std::vector<int32_t>& topk, std::vector<float>& outs) const {
+  const int64_t D = c_.hidden_size, E = c_.num_experts, K = c_.top_k;
+  std::vector<float> logits(static_cast<size_t>(n * E));
+  gemm_nt(n, E, D, u, D, L.router.data(), D, logits.data(), E);
+  topk.assign(static_cast<size_t>(n * K), 0);
+  std::vector<float> weight(static_cast<size_t>(n * K));
+  route(logits.data(), n, topk.data(), weight.data());
 
   // Dispatch (token, expert) pairs to the ranks of the expert group holding that expert (one per
   // intermediate slice when etp > 1): [expert id, u] per pair and destination.
@@ -451,14 +632,20 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
     for (int64_t j = 0; j < D; ++j) outs[pr * D + j] *= weight[pr];
 }
 
-void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>& x, int64_t B,
+void CpuBackend::mlp(int64_t l, const std::vector<float>& in, std::vector<float>& mout, int64_t B,
                      int64_t T, int64_t probe0, ForwardObserver& obs) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t D = c_.hidden_size, BT = B * T, E = L.moe ? c_.num_experts : 0, K = c_.top_k,
-                S = slots_;
-  const int64_t Ctot = ci_.count_before(c_.num_layers);
+                S = mlp_slots_;
+  const int64_t shared_slot = std::max<int64_t>(c_.num_experts, 1);
+  const bool shared = L.moe && c_.has_shared_expert();
+  const bool post_norm = c_.block == BlockKind::kPostNorm;
+  const int64_t Ctot = layout_.count_before(c_.num_layers);
   std::vector<float> u(static_cast<size_t>(BT * D));
-  cpu::rms_norm(y.data(), BT, D, L.post_norm.data(), c_.rms_norm_eps, u.data());
+  if (post_norm)
+    std::copy(in.begin(), in.end(), u.begin());
+  else
+    normalize(L.mlp_norm, in.data(), BT, u.data(), nullptr);
 
   // This tp rank's token slice [s0, s1) of the dp group's tokens.
   const int tp = comms_.tp_group->size(), tr = comms_.tp_group->rank();
@@ -481,47 +668,97 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>&
       for (int64_t j = 0; j < D; ++j) acc[j] += write[j];
     }
   };
+  // Per slice row: the writes of its components (K experts (+ shared) or the dense MLP), then
+  // their sum m; a post-norm block scales them all by gamma / rms(m) of the row.
+  std::vector<int32_t> topk;
+  std::vector<float> outs, shared_out;
   if (L.moe) {
-    std::vector<int32_t> topk;
-    std::vector<float> outs;
     moe_slice(L, u.data() + s0 * D, n, topk, outs);
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t token = s0 + r;
-      for (int64_t j = 0; j < K; ++j) {
-        const float* o = outs.data() + (r * K + j) * D;
-        const int64_t e = topk[r * K + j];
-        for (int64_t c = 0; c < D; ++c) m[token * D + c] += o[c];
-        account(token, e, o);
-        if (token % T == 0)
-          buf[off_r0 + (token / T) * E + e] = 1.f;
-        else
-          buf[off_rc + e] += 1.f;
+    if (shared) {
+      shared_out.resize(static_cast<size_t>(n * D));
+      run_mlp(L.shared, u.data() + s0 * D, n, shared_out.data());
+      std::vector<float> gate(static_cast<size_t>(n));
+      gemm_nt(n, 1, D, u.data() + s0 * D, D, L.shared_gate.data(), D, gate.data(), 1);
+      for (int64_t r = 0; r < n; ++r) {
+        const float sg = 1.f / (1.f + std::exp(-gate[r]));
+        for (int64_t j = 0; j < D; ++j) shared_out[r * D + j] *= sg;
       }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      float* mr = m + (s0 + r) * D;
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t c = 0; c < D; ++c) mr[c] += outs[(r * K + j) * D + c];
+      if (shared)
+        for (int64_t c = 0; c < D; ++c) mr[c] += shared_out[r * D + c];
     }
   } else {
     run_mlp(L.dense, u.data() + s0 * D, n, m + s0 * D);
-    for (int64_t r = 0; r < n; ++r) account(s0 + r, 0, m + (s0 + r) * D);
+  }
+  if (post_norm) {
+    const float* gain = L.mlp_out_norm.gain.data();
+    for (int64_t r = 0; r < n; ++r) {
+      float* mr = m + (s0 + r) * D;
+      double ss = 0;
+      for (int64_t c = 0; c < D; ++c) ss += static_cast<double>(mr[c]) * mr[c];
+      const float sc =
+          static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(D) + c_.rms_norm_eps));
+      auto apply = [&](float* w) {
+        for (int64_t c = 0; c < D; ++c) w[c] *= sc * gain[c];
+      };
+      apply(mr);
+      if (L.moe)
+        for (int64_t j = 0; j < K; ++j) apply(outs.data() + (r * K + j) * D);
+      if (shared) apply(shared_out.data() + r * D);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t token = s0 + r;
+    if (!L.moe) {
+      account(token, 0, m + token * D);
+      continue;
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = topk[r * K + j];
+      account(token, e, outs.data() + (r * K + j) * D);
+      if (token % T == 0)
+        buf[off_r0 + (token / T) * E + e] = 1.f;
+      else
+        buf[off_rc + e] += 1.f;
+    }
+    if (shared) account(token, shared_slot, shared_out.data() + r * D);
   }
   if (tp > 1) {
     ScopedSeconds timed(&comm_seconds_);
     comms_.tp_group->allreduce_sum(buf.data(), buf.size());
   }
 
-  // Per-component deltas for the circuit map, ablation, the tap, and x = y + m.
+  // Per-component deltas for the circuit map, ablation, the tap.
+  struct SlotKind {
+    int64_t slot;
+    ComponentKind kind;
+    int64_t index;
+  };
+  std::vector<SlotKind> slots;
+  if (L.moe) {
+    for (int64_t e = 0; e < E; ++e) slots.push_back({e, ComponentKind::kExpert, e});
+    if (shared) slots.push_back({shared_slot, ComponentKind::kSharedExpert, 0});
+  } else {
+    slots.push_back({0, ComponentKind::kMlp, 0});
+  }
   std::vector<float> out_p0(B), out_rest(B),
       expert_p0(static_cast<size_t>(B * std::max<int64_t>(E, 1)), 0.f);
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t s = 0; s < (L.moe ? E : 1); ++s) {
-      const float* p0 = buf.data() + off_p0 + (b * S + s) * D;
-      const float* rest = buf.data() + off_rest + (b * S + s) * D;
-      float* delta = delta_.data() + (b * Ctot + (L.moe ? ci_.expert(l, s) : ci_.mlp(l))) * D;
+    for (const SlotKind& sk : slots) {
+      const float* p0 = buf.data() + off_p0 + (b * S + sk.slot) * D;
+      const float* rest = buf.data() + off_rest + (b * S + sk.slot) * D;
+      float* delta = delta_.data() + (b * Ctot + layout_.slot(sk.kind, l, sk.index)) * D;
       for (int64_t j = 0; j < D; ++j) delta[j] = p0[j] - rest[j] / static_cast<float>(T - 1);
-      const bool ab = ablated(l, L.moe ? Ablation::kExpert : Ablation::kMlp, s);
+      const bool ab = ablated(l, sk.kind, sk.index);
       for (int64_t j = 0; j < D; ++j) {
         if (ab) m[b * T * D + j] -= delta[j];
         p0_sum_[b * D + j] += ab ? p0[j] - delta[j] : p0[j];
       }
-      if (L.moe) expert_p0[b * E + s] = buf[off_n0 + b * S + s];
+      if (sk.kind == ComponentKind::kExpert) expert_p0[b * E + sk.index] = buf[off_n0 + b * S + sk.slot];
     }
     out_p0[b] = cpu::l2_norm(m + b * T * D, D);
     double rest = 0;
@@ -542,24 +779,23 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& y, std::vector<float>&
              buf.data() + off_r0,
              buf.data() + off_rc};
   obs.on_mlp(tap);
-  x.resize(y.size());
-  for (size_t i = 0; i < y.size(); ++i) x[i] = y[i] + m[i];
+  mout.assign(m, m + BT * D);
 }
 
 FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) {
   const int64_t B = static_cast<int64_t>(tokens.shape.at(0)),
                 T = static_cast<int64_t>(tokens.shape.at(1));
-  const int64_t D = c_.hidden_size, Ctot = ci_.count_before(c_.num_layers);
+  const int64_t D = c_.hidden_size, Ctot = layout_.count_before(c_.num_layers);
   if (T < 2) throw InputError("probes need at least 2 positions (position 0 and the rest)");
   cpu::set_threads(opt_.threads);
-  std::vector<float> x(static_cast<size_t>(B * T * D)), y;
+  std::vector<float> x(static_cast<size_t>(B * T * D)), a, m;
   embed(tokens, x);
   delta_.assign(static_cast<size_t>(B * Ctot * D), 0.f);
   p0_sum_.assign(static_cast<size_t>(B * D), 0.f);
-  const bool ablate_embed = ablated(0, Ablation::kEmbedding, 0);
+  const bool ablate_embed = ablated(0, ComponentKind::kEmbedding, 0);
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x.data() + b * T * D;
-    float* delta = delta_.data() + (b * Ctot + ci_.embed()) * D;
+    float* delta = delta_.data() + (b * Ctot + layout_.embed()) * D;
     for (int64_t i = 1; i < T; ++i)
       for (int64_t j = 0; j < D; ++j) delta[j] += xb[i * D + j];
     for (int64_t j = 0; j < D; ++j) {
@@ -572,15 +808,23 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     if (l == fault_layer_)
       throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
-    attention(l, x, y, B, T, probe0, obs);
-    mlp(l, y, x, B, T, probe0, obs);
+    attention(l, x, a, B, T, probe0, obs);
+    if (c_.block == BlockKind::kParallel) {
+      // x' = x + attn(norm1(x)) + mlp(norm2(x)): the MLP reads x, not x + a.
+      mlp(l, x, m, B, T, probe0, obs);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += a[i] + m[i];
+    } else {
+      for (size_t i = 0; i < x.size(); ++i) x[i] += a[i];
+      mlp(l, x, m, B, T, probe0, obs);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += m[i];
+    }
     residual_tap(l + 1, x, B, T, probe0, obs);
   }
   FloatArray logits;
   if (opt_.want_logits) {
     const int64_t V = c_.vocab_size;
     std::vector<float> u(x.size());
-    cpu::rms_norm(x.data(), B * T, D, w_.final_norm.data(), c_.rms_norm_eps, u.data());
+    normalize(w_.final_norm, x.data(), B * T, u.data(), nullptr);
     logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
                         "probe,position,vocab");
     gemm_nt(B * T, V, D, u.data(), D, w_.lm_head.data(), D, logits.ptr(), V);
@@ -590,9 +834,34 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
 
 }  // namespace
 
+std::unique_ptr<Backend> make_cpu_backend(const BackendInputs& in) {
+  if (!in.ckpt) throw InputError("--device cpu needs a checkpoint (write one with `sinkscope synth`)");
+  return std::make_unique<CpuBackend>(in);
+}
+
 std::unique_ptr<Backend> make_cpu_backend(const Checkpoint& ckpt, const ShardPlan& plan,
                                           ForwardComms comms, ForwardOptions options) {
-  return std::make_unique<CpuBackend>(ckpt, plan, comms, std::move(options));
+  BackendInputs in;
+  in.ckpt = &ckpt;
+  in.cfg = &ckpt.config();
+  in.plan = &plan;
+  in.comms = comms;
+  in.options = std::move(options);
+  return make_cpu_backend(in);
+}
+
+BackendEntry cpu_backend_entry() {
+  BackendEntry e;
+  e.name = "cpu";
+  e.summary = "fp32 reference on the host (OpenBLAS), every family";
+  e.check = [](const ModelConfig&, const ShardPlan&, bool synthetic) {
+    if (synthetic)
+      throw InputError(
+          "--synthetic-weights needs --device cuda (for the CPU, write a checkpoint with "
+          "`sinkscope synth`)");
+  };
+  e.make = [](const BackendInputs& in) { return make_cpu_backend(in); };
+  return e;
 }
 
 }  // namespace sinkscope

@@ -14,16 +14,14 @@
 
 #include "sinkscope/build_config.hpp"
 #include "sinkscope/checkpoint.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/model.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/recorder.hpp"
+#include "sinkscope/parallel.hpp"
 #include "sinkscope/shard_plan.hpp"
-
-#if SINKSCOPE_HAVE_CUDA
-#include "cuda/backend.hpp"
-#endif
 
 namespace sinkscope {
 
@@ -99,46 +97,26 @@ uint64_t peak_rss_bytes() {
   return kb << 10;
 }
 
-std::vector<Ablation> components_of_layers(const ModelConfig& c, int64_t first, int64_t last) {
-  std::vector<Ablation> out;
-  for (int64_t l = first; l <= last; ++l) {
-    for (int64_t h = 0; h < c.num_heads; ++h)
-      out.push_back({static_cast<int32_t>(l), Ablation::kHead, static_cast<int32_t>(h)});
-    if (c.is_moe_layer(l))
-      for (int64_t e = 0; e < c.num_experts; ++e)
-        out.push_back({static_cast<int32_t>(l), Ablation::kExpert, static_cast<int32_t>(e)});
-    else
-      out.push_back({static_cast<int32_t>(l), Ablation::kMlp, 0});
-  }
-  return out;
-}
-
 // The K components with the largest sink-weighted positive attribution (the layer_share weights
 // of METRICS.md section 5, per component).
 std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, int64_t K) {
-  const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1],
-               E = static_cast<size_t>(c.num_experts);
+  const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1];
   std::vector<std::pair<double, Ablation>> scored;
-  auto score = [&](auto attr_of) {
-    double s = 0;
-    for (size_t t = 0; t < L; ++t)
-      for (size_t h = 0; h < H; ++h) s += a.sink_score.at(t, h) * std::max(0.f, attr_of(t, h));
-    return s;
-  };
-  scored.push_back({score([&](size_t t, size_t h) { return a.attr_embed.at(t, h); }),
-                    {0, Ablation::kEmbedding, 0}});
-  for (size_t l = 0; l < L; ++l) {
-    for (size_t j = 0; j < H; ++j)
-      scored.push_back({score([&](size_t t, size_t h) { return a.attr_head.at(t, h, l, j); }),
-                        {static_cast<int32_t>(l), Ablation::kHead, static_cast<int32_t>(j)}});
-    if (c.is_moe_layer(static_cast<int64_t>(l))) {
-      for (size_t e = 0; e < E; ++e)
-        scored.push_back({score([&](size_t t, size_t h) { return a.attr_expert.at(t, h, l, e); }),
-                          {static_cast<int32_t>(l), Ablation::kExpert, static_cast<int32_t>(e)}});
-    } else {
-      scored.push_back({score([&](size_t t, size_t h) { return a.attr_mlp.at(t, h, l); }),
-                        {static_cast<int32_t>(l), Ablation::kMlp, 0}});
-    }
+  for (const ComponentKindInfo& kind : component_kinds()) {
+    const FloatArray& attr = a.attr_of(kind.kind);
+    const size_t width = kind.indexed ? attr.shape.at(3) : 1;
+    for (size_t l = 0; l < (kind.per_layer ? L : 1); ++l)
+      for (int64_t i = 0; i < component_count(c, kind.kind, static_cast<int64_t>(l)); ++i) {
+        double s = 0;
+        for (size_t t = 0; t < L; ++t)
+          for (size_t h = 0; h < H; ++h) {
+            const size_t at = !kind.per_layer ? t * H + h
+                              : kind.indexed  ? ((t * H + h) * L + l) * width + static_cast<size_t>(i)
+                                              : (t * H + h) * L + l;
+            s += a.sink_score.at(t, h) * std::max(0.f, attr.data[at]);
+          }
+        scored.push_back({s, {static_cast<int32_t>(l), kind.kind, static_cast<int32_t>(i)}});
+      }
   }
   std::stable_sort(scored.begin(), scored.end(),
                    [](const auto& x, const auto& y) { return x.first > y.first; });
@@ -155,57 +133,49 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   ModelConfig synthetic_cfg;
   ShardPlan plan;
   AblateSpec ablate;
+  const BackendEntry* backend_entry = nullptr;
+  const bool synthetic = opt.synthetic_seed >= 0;
   run_agreed(world, [&] {
-    if (opt.synthetic_seed >= 0) {
+    backend_entry = &find_backend(opt.device);
+    if (synthetic) {
       // Benchmarks only: random weights of config.json's shape, made on the device.
-      if (opt.device != "cuda")
-        throw InputError(
-            "--synthetic-weights needs --device cuda (for the CPU, write a checkpoint with "
-            "`sinkscope synth`)");
       synthetic_cfg = parse_model_config(opt.model_config);
     } else {
       ck.emplace(Checkpoint::open(opt.model));
-      ck->validate_for_model();
+      validate_checkpoint(*ck);
     }
     const ModelConfig& c = ck ? ck->config() : synthetic_cfg;
     check_token_ids(tokens, c.vocab_size, opt.tokens_source);
     if (tokens.shape.at(1) < 2)
       throw InputError(opt.tokens_source + ": probes need at least 2 positions");
+    if (c.sliding_window > 0 && static_cast<int64_t>(tokens.shape.at(1)) > c.sliding_window)
+      throw InputError(opt.tokens_source + ": probes of " + std::to_string(tokens.shape.at(1)) +
+                       " tokens are longer than the model's sliding_window (" +
+                       std::to_string(c.sliding_window) +
+                       "): position 0 would leave the window of later queries");
     // The CUDA backend keeps whole experts (etp = 1) for now; the CPU default follows
     // Megatron-Core.
-    const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cuda" ? 1 : 0);
-    if (opt.device == "cuda" && etp > 1)
-      throw InputError("--etp " + std::to_string(etp) + ": the cuda backend supports etp=1 only");
+    const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cpu" ? 0 : 1);
     plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, c, etp);
     ablate = parse_ablate(opt.ablate, c.num_layers);
-    if (opt.device != "cpu" && opt.device != "cuda")
-      throw InputError("--device '" + opt.device + "': expected cpu or cuda");
-    if (opt.device == "cuda" && !SINKSCOPE_HAVE_CUDA)
-      throw InputError(
-          "--device cuda: this sinkscope was built without CUDA (configure with "
-          "-DSINKSCOPE_CUDA=ON)");
     if (opt.batch < 1) throw InputError("--batch must be at least 1");
+    backend_entry->check(c, plan, synthetic);
   });
   const ModelConfig& cfg = ck ? ck->config() : synthetic_cfg;
   const int64_t N = static_cast<int64_t>(tokens.shape[0]),
                 T = static_cast<int64_t>(tokens.shape[1]);
 
-  auto tp_group = world.split(plan.dp_rank, plan.tp_rank);
-  auto ep_group = world.split(plan.ep_group, plan.ep_rank * plan.etp + plan.etp_rank);
-  ForwardComms comms{&world, tp_group.get(), ep_group.get()};
+  const ParallelContext par(world, plan);
   std::unique_ptr<Backend> backend;
   run_agreed(world, [&] {
-    ForwardOptions fo;
-    fo.threads = opt.threads;
-#if SINKSCOPE_HAVE_CUDA
-    if (opt.device == "cuda") {
-      backend = ck ? make_cuda_backend(*ck, plan, comms, fo)
-                   : make_cuda_backend_synthetic(cfg, plan, comms, fo,
-                                                 static_cast<uint64_t>(opt.synthetic_seed));
-      return;
-    }
-#endif
-    backend = make_cpu_backend(*ck, plan, comms, fo);
+    BackendInputs in;
+    in.ckpt = ck ? &*ck : nullptr;
+    in.cfg = &cfg;
+    in.plan = &par.plan();
+    in.comms = par.comms();
+    in.options.threads = opt.threads;
+    in.synthetic_seed = opt.synthetic_seed;
+    backend = backend_entry->make(in);
   });
   if (opt.log_layout && world.rank() == 0)
     std::cerr << "sinkscope: layout " << plan.describe() << "\n";
@@ -314,16 +284,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
                     first_seconds, tokens / std::max(rest, 1e-9),
                     100.0 * (comm - first_comm) / std::max(rest, 1e-9));
     }
-    std::string device_memory;
-#if SINKSCOPE_HAVE_CUDA
-    if (opt.device == "cuda") {
-      const cuda::MemoryReport m = cuda::memory_report(*backend);
-      device_memory = "; GPU memory: weights " + std::to_string(m.weight_bytes >> 20) +
-                      " MiB, weights + scratch " + std::to_string(m.held_bytes >> 20) +
-                      " MiB, device in use " + std::to_string(m.device_used >> 20) + " of " +
-                      std::to_string(m.device_total >> 20) + " MiB";
-    }
-#endif
+    const std::string device_memory = backend->memory_summary();
     const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() +
                              "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) +
                              " MiB" + timing + device_memory;
@@ -338,12 +299,12 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       std::string list;
       if (world.rank() == 0)
         for (const auto& c : top_components(a, cfg, ablate.top))
-          list += std::to_string(c.layer) + " " + std::to_string(c.kind) + " " +
+          list += std::to_string(c.layer) + " " + std::to_string(static_cast<int>(c.kind)) + " " +
                   std::to_string(c.index) + " ";
       world.broadcast_bytes(&list, 0);
       std::istringstream is(list);
       int32_t l, k, i;
-      while (is >> l >> k >> i) comps.push_back({l, static_cast<Ablation::Kind>(k), i});
+      while (is >> l >> k >> i) comps.push_back({l, static_cast<ComponentKind>(k), i});
     }
     const size_t K = comps.size(), L = static_cast<size_t>(cfg.num_layers),
                  H = static_cast<size_t>(cfg.num_heads);
@@ -356,7 +317,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       std::vector<double> sink = arec.record().sink_sum;
       world.allreduce_sum(sink.data(), sink.size());
       a.ablation_components.at(k, 0) = comps[k].layer;
-      a.ablation_components.at(k, 1) = comps[k].kind;
+      a.ablation_components.at(k, 1) = static_cast<int32_t>(comps[k].kind);
       a.ablation_components.at(k, 2) = comps[k].index;
       for (size_t i = 0; i < L * H; ++i)
         a.ablation_delta_sink.data[k * L * H + i] =

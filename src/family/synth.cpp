@@ -16,13 +16,13 @@
 #include "sinkscope/synth.hpp"
 
 #include <cmath>
-#include <deque>
+#include <map>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "model/tensor_names.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
 
@@ -31,28 +31,27 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// Every tensor of the model by name, fp32 until written.
 struct Store {
-  std::vector<std::string> names;
-  std::vector<std::vector<int64_t>> shapes;
-  // A deque: add() hands out references that must survive later add()s (a vector would move them).
-  std::deque<std::vector<float>> data;
-  std::vector<float>& add(const std::string& name, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (auto d : shape) n *= d;
-    names.push_back(name);
-    shapes.push_back(std::move(shape));
-    data.emplace_back(static_cast<size_t>(n), 0.f);
-    return data.back();
-  }
+  std::vector<RequiredTensor> tensors;
+  std::map<std::string, std::vector<float>> data;
+  std::vector<float>& at(const std::string& name) { return data.at(name); }
 };
 
 }  // namespace
 
-PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool plant, uint64_t seed) {
+PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool plant,
+                          uint64_t seed) {
+  // Round trip through config.json: what is written is exactly what a reader will see (family,
+  // defaults of the family, rotary dims).
+  const ModelConfig c = parse_model_config_text(model_config_to_json(shape), "synth config");
   const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads, KV = c.num_kv_heads,
                 V = c.vocab_size;
   PlantedCircuit pc;
   if (plant) {
+    if (c.qk_norm != QkNormKind::kPerHead || c.block != BlockKind::kPreNorm || !c.family->moe)
+      throw InputError("synth --plant-circuit: needs a pre-norm MoE family with per-head q/k "
+                       "norms (qwen3_moe); model_type is " + c.model_type);
     if (c.num_layers < 3) throw InputError("synth --plant-circuit: needs at least 3 layers");
     if (!c.is_moe_layer(1)) throw InputError("synth --plant-circuit: layer 1 must be an MoE layer");
     if (D < 8) throw InputError("synth --plant-circuit: hidden_size must be at least 8");
@@ -76,8 +75,25 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
   };
   const int64_t CONST = 0, BOS = 1, S = 2, U = 3;  // reserved channels when planting
 
+  // Every tensor the family asks for: matrices ~ N(0, 1/fan_in), norm gains 1, biases 0; the
+  // embedding ~ N(0, 1).
   Store st;
-  auto& emb = st.add("model.embed_tokens.weight", {V, D});
+  st.tensors = required_tensors(c, nullptr, false);
+  for (const auto& t : st.tensors) {
+    int64_t n = 1;
+    for (auto dim : t.shape) n *= dim;
+    std::vector<float> v(static_cast<size_t>(n), 0.f);
+    const bool is_bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
+    if (t.shape.size() == 1 && !is_bias)
+      std::fill(v.begin(), v.end(), 1.f);
+    else if (t.shape.size() >= 2)
+      randn(v, 1.f / std::sqrt(static_cast<float>(t.shape.back())));
+    st.data.emplace(t.name, std::move(v));
+  }
+  auto W = [&](Role role, int64_t l = -1, int64_t e = -1) -> std::vector<float>& {
+    return st.at(tensor_name(c, role, l, e));
+  };
+  auto& emb = W(Role::kEmbed);
   randn(emb, 1.f);
   if (plant) {
     for (int64_t t = 0; t < V; ++t) {
@@ -87,33 +103,18 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
       emb[t * D + U] = 0.f;
     }
   }
-  auto linear = [&](const std::string& name, int64_t rows, int64_t cols) -> std::vector<float>& {
-    auto& w = st.add(name, {rows, cols});
-    randn(w, 1.f / std::sqrt(static_cast<float>(cols)));
-    return w;
-  };
-  auto ones = [&](const std::string& name, int64_t n) -> std::vector<float>& {
-    auto& w = st.add(name, {n});
-    std::fill(w.begin(), w.end(), 1.f);
-    return w;
-  };
   const int64_t jstar = d / 2 - 1;  // the most slowly rotating RoPE dimension
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const std::string p = layer_prefix(l);
-    ones(p + "input_layernorm.weight", D);
-    ones(p + "post_attention_layernorm.weight", D);
-    auto& q = linear(p + "self_attn.q_proj.weight", H * d, D);
-    auto& k = linear(p + "self_attn.k_proj.weight", KV * d, D);
-    auto& v = linear(p + "self_attn.v_proj.weight", KV * d, D);
-    auto& o = linear(p + "self_attn.o_proj.weight", D, H * d);
-    auto& qn = ones(p + "self_attn.q_norm.weight", d);
-    auto& kn = ones(p + "self_attn.k_norm.weight", d);
-    if (plant) {
-      // Keep the reserved channels clean of other components' writes.
-      for (int64_t r : {S, U})
-        for (int64_t j = 0; j < H * d; ++j) o[r * H * d + j] = 0.f;
-    }
-    if (plant && l == pc.head_layer) {
+  for (int64_t l = 0; plant && l < c.num_layers; ++l) {
+    auto& q = W(Role::kQ, l);
+    auto& k = W(Role::kK, l);
+    auto& v = W(Role::kV, l);
+    auto& o = W(Role::kO, l);
+    auto& qn = W(Role::kQNorm, l);
+    auto& kn = W(Role::kKNorm, l);
+    // Keep the reserved channels clean of other components' writes.
+    for (int64_t r : {S, U})
+      for (int64_t j = 0; j < H * d; ++j) o[r * H * d + j] = 0.f;
+    if (l == pc.head_layer) {
       // Head A: its query reads CONST and its key reads -BOS in dimension j*, so every query
       // i >= 1 avoids the BOS position; position 0 can only attend to itself. Its value reads
       // BOS, so z[0] carries the BOS feature and z[i >= 1] almost none.
@@ -131,7 +132,7 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
           for (int64_t r = 0; r < D; ++r) o[r * H * d + h * d] = 0.f;
       o[S * H * d + pc.head * d] = 1.f;
     }
-    if (plant && l == pc.sink_layer) {
+    if (l == pc.sink_layer) {
       const int64_t g = pc.sink_head / (H / KV);
       for (int64_t j = 0; j < d * D; ++j) q[pc.sink_head * d * D + j] = 0.f;
       q[(pc.sink_head * d + jstar) * D + CONST] = 1.f;
@@ -142,44 +143,35 @@ PlantedCircuit synthesize(const ModelConfig& c, const std::string& out, bool pla
     }
     if (c.is_moe_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
-      auto& router = linear(p + "mlp.gate.weight", E, D);
-      if (plant)
-        for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
-      if (plant && l == pc.expert_layer) router[pc.expert * D + CONST] = 8.f;
+      auto& router = W(Role::kRouter, l);
+      for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
+      if (l == pc.expert_layer) router[pc.expert * D + CONST] = 8.f;
       for (int64_t e = 0; e < E; ++e) {
-        const std::string q2 = p + "mlp.experts." + std::to_string(e) + ".";
-        auto& gw = linear(q2 + "gate_proj.weight", I, D);
-        auto& uw = linear(q2 + "up_proj.weight", I, D);
-        auto& dw = linear(q2 + "down_proj.weight", D, I);
-        if (plant) {
-          for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
-          if (l == pc.expert_layer && e == pc.expert) {
-            const int64_t units = std::min<int64_t>(I, 8);
-            for (int64_t j = 0; j < units; ++j) {
-              for (int64_t r = 0; r < D; ++r) gw[j * D + r] = uw[j * D + r] = 0.f;
-              gw[j * D + S] = 2.f;
-              uw[j * D + S] = 2.f;
-              for (int64_t r = 0; r < D; ++r) dw[r * I + j] = 0.f;
-              dw[U * I + j] = 4.f;
-            }
+        auto& gw = W(Role::kExpertGate, l, e);
+        auto& uw = W(Role::kExpertUp, l, e);
+        auto& dw = W(Role::kExpertDown, l, e);
+        for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
+        if (l == pc.expert_layer && e == pc.expert) {
+          const int64_t units = std::min<int64_t>(I, 8);
+          for (int64_t j = 0; j < units; ++j) {
+            for (int64_t r = 0; r < D; ++r) gw[j * D + r] = uw[j * D + r] = 0.f;
+            gw[j * D + S] = 2.f;
+            uw[j * D + S] = 2.f;
+            for (int64_t r = 0; r < D; ++r) dw[r * I + j] = 0.f;
+            dw[U * I + j] = 4.f;
           }
         }
       }
     } else {
       const int64_t I = c.intermediate_size;
-      linear(p + "mlp.gate_proj.weight", I, D);
-      linear(p + "mlp.up_proj.weight", I, D);
-      auto& dw = linear(p + "mlp.down_proj.weight", D, I);
-      if (plant)
-        for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
+      auto& dw = W(Role::kMlpDown, l);
+      for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
     }
   }
-  ones("model.norm.weight", D);
-  if (!c.tie_word_embeddings) linear("lm_head.weight", V, D);
 
   std::vector<TensorToWrite> tw;
-  for (size_t i = 0; i < st.names.size(); ++i)
-    tw.push_back({st.names[i], DType::BF16, st.shapes[i], st.data[i].data()});
+  for (const auto& t : st.tensors)
+    tw.push_back({t.name, DType::BF16, t.shape, st.at(t.name).data()});
   ModelConfig written = c;
   written.dtype = "bfloat16";
   const fs::path dir(out);

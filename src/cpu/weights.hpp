@@ -1,0 +1,53 @@
+// One rank's shard of the model in fp32 (the CPU backend's copy). Which tensors exist follows the
+// family (sinkscope/family.hpp); absent parts stay empty.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "sinkscope/config.hpp"
+#include "sinkscope/shard_plan.hpp"
+
+namespace sinkscope {
+
+class Checkpoint;
+
+struct NormWeights {
+  std::vector<float> gain;  // [n]
+  std::vector<float> bias;  // [n] LayerNorm only
+};
+
+struct MlpWeights {
+  std::vector<float> gate, up;  // [I, D] (gate empty for an ungated MLP)
+  std::vector<float> down;      // [D, I]
+  std::vector<float> gate_bias, up_bias;  // [I] where the family has them
+  std::vector<float> down_bias;           // [D] (only on the rank holding intermediate slice 0)
+  int64_t inter = 0;
+};
+
+struct LayerWeights {
+  NormWeights attn_norm, mlp_norm;          // pre-norm and parallel blocks
+  NormWeights attn_out_norm, mlp_out_norm;  // post-norm blocks
+  std::vector<float> q;                     // [Hl * d, D]  this rank's query heads
+  std::vector<float> k, v;                  // [KVl * d, D] the KV heads it holds
+  std::vector<float> q_bias, k_bias, v_bias;  // [Hl * d], [KVl * d]
+  std::vector<float> o;                     // [D, Hl * d]  its columns of o_proj
+  std::vector<float> o_bias;                // [D]
+  std::vector<float> q_norm, k_norm;        // [d] per head, or this rank's slice of the full width
+  bool moe = false;
+  std::vector<float> router;        // [E, D] (replicated)
+  std::vector<MlpWeights> experts;  // local experts [expert_begin, expert_end)
+  MlpWeights dense;                 // dense MLP layers (replicated)
+  MlpWeights shared;                // the shared expert (replicated)
+  std::vector<float> shared_gate;   // [D]
+};
+
+struct ModelWeights {
+  std::vector<LayerWeights> layers;
+  NormWeights final_norm;      // [D]
+  std::vector<float> lm_head;  // [V, D], loaded only when logits are wanted
+};
+
+ModelWeights load_weights(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head);
+
+}  // namespace sinkscope

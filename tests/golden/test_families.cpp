@@ -1,0 +1,199 @@
+// Every supported family against its transformers reference (tools/make_family_goldens.py,
+// float64 eager; tests/golden/families/README.md). Tolerances are docs/metrics.md section 7's:
+// attention to P0 within 1e-4 absolute, norms within 1e-3 relative; routing identical; logits
+// within 1e-3 of their largest magnitude. The circuit identity (section 4) must hold on every
+// family, whatever its norms, biases and residual wiring.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <numeric>
+
+#include "sinkscope/analyze.hpp"
+#include "sinkscope/checkpoint.hpp"
+#include "sinkscope/comm.hpp"
+#include "sinkscope/family.hpp"
+#include "sinkscope/model.hpp"
+#include "sinkscope/probes.hpp"
+#include "sinkscope/shard_plan.hpp"
+
+using namespace sinkscope;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kFamiliesDir = std::string(SINKSCOPE_GOLDEN_DIR) + "/families";
+
+struct Expected {
+  std::map<std::string, std::vector<double>> values;
+  std::map<std::string, std::vector<int64_t>> shapes;
+};
+
+Expected load_expected(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  const auto infos = parse_safetensors_header(bytes.data() + 8, n, bytes.size() - 8 - n, path);
+  Expected e;
+  for (const auto& t : infos) {
+    const char* p = bytes.data() + 8 + n + t.begin;
+    const size_t count = (t.end - t.begin) / t.elem_size;
+    std::vector<double> v(count);
+    for (size_t i = 0; i < count; ++i) {
+      if (t.dtype_str == "F32") {
+        float f;
+        std::memcpy(&f, p + 4 * i, 4);
+        v[i] = f;
+      } else if (t.dtype_str == "I32") {
+        int32_t x;
+        std::memcpy(&x, p + 4 * i, 4);
+        v[i] = x;
+      } else {
+        ADD_FAILURE() << path << ": unexpected dtype " << t.dtype_str << " of " << t.name;
+      }
+    }
+    e.values[t.name] = std::move(v);
+    e.shapes[t.name] = t.shape;
+  }
+  return e;
+}
+
+// |got - want| <= abs_tol + rel_tol |want| + scale_tol max|want| everywhere.
+void expect_close(const std::string& name, const std::vector<float>& got,
+                  const std::vector<double>& want, double abs_tol, double rel_tol,
+                  double scale_tol) {
+  ASSERT_EQ(got.size(), want.size()) << name;
+  double scale = 0;
+  for (double w : want) scale = std::max(scale, std::fabs(w));
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(got[i] - want[i]);
+    const double allowed = abs_tol + rel_tol * std::fabs(want[i]) + scale_tol * scale;
+    if (err / allowed > worst) worst = err / allowed, at = i;
+    if (std::isnan(got[i])) worst = INFINITY, at = i;
+  }
+  EXPECT_LE(worst, 1.0) << name << ": worst at [" << at << "]: got " << got[at] << ", want "
+                        << want[at] << " (error / allowed = " << worst << ")";
+}
+
+// Routing frequencies implied by the reference's raw router logits, with sinkscope's tie rule
+// (the lower expert index first). Softmax is monotonic, so both router kinds select the top-k
+// logits.
+void expected_routing(const Expected& e, const ModelConfig& c, int64_t N, int64_t T,
+                      std::vector<double>* p0, std::vector<double>* rest) {
+  const auto& logits = e.values.at("router_logits");
+  const auto& layers = e.values.at("moe_layers");
+  const int64_t Lm = static_cast<int64_t>(layers.size()), E = c.num_experts, K = c.top_k,
+                L = c.num_layers;
+  p0->assign(static_cast<size_t>(L * E), 0.0);
+  rest->assign(static_cast<size_t>(L * E), 0.0);
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < Lm; ++m)
+      for (int64_t i = 0; i < T; ++i) {
+        const double* lr = logits.data() + ((n * Lm + m) * T + i) * E;
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int64_t a, int64_t b) { return lr[a] > lr[b]; });
+        const int64_t l = static_cast<int64_t>(layers[static_cast<size_t>(m)]);
+        for (int64_t k = 0; k < K; ++k) {
+          const size_t at = static_cast<size_t>(l * E + order[static_cast<size_t>(k)]);
+          if (i == 0)
+            (*p0)[at] += 1.0 / static_cast<double>(N);
+          else
+            (*rest)[at] += 1.0 / static_cast<double>(N * (T - 1));
+        }
+      }
+}
+
+class Family : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Family, MatchesTransformersReference) {
+  const std::string dir = kFamiliesDir + "/" + GetParam();
+  ASSERT_TRUE(fs::exists(dir + "/expected.safetensors")) << "golden fixture missing: " << dir;
+  const Expected e = load_expected(dir + "/expected.safetensors");
+  const IntArray tokens = load_tokens(dir + "/probes.npy");
+  const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
+  auto world = make_single_comm();
+  for (int64_t batch : {1, 3}) {
+    SCOPED_TRACE("batch " + std::to_string(batch));
+    AnalyzeOptions o;
+    o.model = dir;
+    o.per_query = true;
+    o.batch = batch;
+    const Analysis a = analyze_checkpoint(o, tokens, *world);
+    expect_close("attn_p0", a.p0_per_query.data, e.values.at("attn_p0"), 1e-4, 0, 0);
+    expect_close("norm_p0", a.norm_p0.data, e.values.at("norm_p0"), 0, 1e-3, 0);
+    expect_close("norm_rest_median", a.norm_rest_median.data, e.values.at("norm_rest_median"), 0,
+                 1e-3, 0);
+    // Whatever the family's norms, biases and wiring, the components' keys add up to k_0.
+    EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-4);
+    const Checkpoint ck = Checkpoint::open(dir);
+    if (e.values.count("router_logits")) {
+      std::vector<double> p0, rest;
+      expected_routing(e, ck.config(), N, T, &p0, &rest);
+      expect_close("p0_topk_freq", a.p0_topk_freq.data, p0, 1e-6, 0, 0);
+      expect_close("rest_topk_freq", a.rest_topk_freq.data, rest, 1e-6, 0, 0);
+    }
+    // The profile is a distribution over the embedding and the layers.
+    double total = 0;
+    for (float s : a.layer_share.data) total += s;
+    EXPECT_NEAR(total, 1.0, 1e-5);
+  }
+}
+
+TEST_P(Family, LogitsMatch) {
+  const std::string dir = kFamiliesDir + "/" + GetParam();
+  const Expected e = load_expected(dir + "/expected.safetensors");
+  const IntArray tokens = load_tokens(dir + "/probes.npy");
+  Checkpoint ck = Checkpoint::open(dir);
+  validate_checkpoint(ck);
+  auto world = make_single_comm();
+  ForwardOptions fo;
+  fo.want_logits = true;
+  auto backend = make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, ck.config()),
+                                  {world.get(), world.get(), world.get()}, fo);
+  ForwardObserver none;
+  const FloatArray logits = backend->run(tokens, 0, none);
+  expect_close("logits", logits.data, e.values.at("logits"), 0, 0, 1e-3);
+}
+
+// Mean-ablating every component of layer 0 at position 0 moves layer 1's keys, and the
+// shared expert (Qwen2-MoE) is a component of its own: ablating it alone changes sink scores.
+TEST(FamilyComponents, SharedExpertIsAnAblatableComponent) {
+  const std::string dir = kFamiliesDir + "/qwen2_moe";
+  const IntArray tokens = load_tokens(dir + "/probes.npy");
+  auto world = make_single_comm();
+  AnalyzeOptions o;
+  o.model = dir;
+  o.ablate = "layers=0-0";
+  const Analysis a = analyze_checkpoint(o, tokens, *world);
+  const Checkpoint ck = Checkpoint::open(dir);
+  const ModelConfig& c = ck.config();
+  ASSERT_TRUE(c.has_shared_expert());
+  ASSERT_EQ(a.attr_shared_expert.shape, (std::vector<size_t>{3, 4, 3}));
+  int64_t shared_row = -1;
+  for (size_t k = 0; k < a.ablation_components.shape[0]; ++k)
+    if (a.ablation_components.at(k, 1) == static_cast<int32_t>(ComponentKind::kSharedExpert))
+      shared_row = static_cast<int64_t>(k);
+  ASSERT_GE(shared_row, 0) << "layers=0-0 must list layer 0's shared expert";
+  double moved = 0, nonzero_attr = 0;
+  const size_t L = 3, H = 4;
+  for (size_t i = 0; i < L * H; ++i)
+    moved = std::max<double>(moved, std::fabs(a.ablation_delta_sink.data[shared_row * L * H + i]));
+  for (float v : a.attr_shared_expert.data) nonzero_attr = std::max<double>(nonzero_attr, std::fabs(v));
+  EXPECT_GT(moved, 1e-6);
+  EXPECT_GT(nonzero_attr, 1e-6);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Family,
+                         ::testing::Values("olmoe", "mixtral", "qwen2_moe", "llama", "qwen3",
+                                           "olmo2", "gpt_neox", "qwen3_moe_fused"));
+
+}  // namespace
