@@ -15,6 +15,15 @@ models=("$work/m8:--probes random:5:20:3" "$work/planted:--probes random:5:20:4 
 for g in "$root"/tests/golden/*/; do
   [ -f "$g/config.json" ] && models+=("$g:--tokens $g/probes.npy")
 done
+# Other families, on the layouts that exercise what they change: full-width q/k norms over tp
+# ranks (olmoe, olmo2; tp 4 replicates their KV heads), a shared expert under ep (qwen2_moe),
+# top-k-then-softmax routing under ep (mixtral), LayerNorm and the parallel residual (gpt_neox).
+family_models=()
+for f in olmoe qwen2_moe mixtral olmo2 gpt_neox; do
+  g="$root/tests/golden/families/$f"
+  [ -f "$g/config.json" ] && family_models+=("$g:--tokens $g/probes.npy")
+done
+family_layouts=("2:--tp 2" "2:--ep 2" "4:--tp 4" "4:--tp 2 --ep 2")
 
 layouts=("1:" "2:--tp 2" "2:--ep 2" "2:" "4:--tp 2 --ep 2" "4:--tp 2 --ep 2 --etp 1" "4:--tp 4" "4:--ep 4" "4:--ep 2" "4:--ep 2 --etp 2")
 fail=0
@@ -41,6 +50,24 @@ f = h5py.File(sys.argv[1], "r")
 assert f.attrs["world_size"] == int(sys.argv[2]), "world_size attribute"
 assert f.attrs["tp"] * f.attrs["dp"] == f.attrs["world_size"], "tp x dp = world"
 PY
+    fi
+  done
+done
+for entry in "${family_models[@]}"; do
+  model=${entry%%:*} probes=${entry#*:}
+  name=family_$(basename "$model")
+  # shellcheck disable=SC2086
+  "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 --ablate layers=0-0 --out "$work/$name.ref.h5"
+  for layout in "${family_layouts[@]}"; do
+    np=${layout%%:*} opts=${layout#*:}
+    out="$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5"
+    # shellcheck disable=SC2086
+    "$mpiexec" --oversubscribe -np "$np" "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 \
+      --ablate layers=0-0 $opts --out "$out"
+    if ! "$py" "$root/tests/tools/compare_h5.py" "$work/$name.ref.h5" "$out" --rtol 1e-5 \
+        --ignore-attrs created_utc,layout,tp,ep,etp,dp,world_size,circuit_identity_max_rel_err; then
+      echo "FAIL: $name with np=$np $opts differs from one rank"
+      fail=1
     fi
   done
 done

@@ -98,3 +98,15 @@ TEST_F(SweepFiles, RefusesMixedProbeLengths) {
     EXPECT_NE(std::string(e.what()).find("different lengths"), std::string::npos) << e.what();
   }
 }
+
+// Hub checkpoint names of the public training traces (OLMoE, OLMo-2, Pythia, DeepSpeed,
+// Megatron): the step is the number after step/iter, whatever comes before or after it.
+TEST(Sweep, StepsFromHubCheckpointNames) {
+  EXPECT_EQ(step_from_name("/hub/OLMoE-1B-7B/step10000-tokens41B"), 10000);
+  EXPECT_EQ(step_from_name("stage1-step1000-tokens5B"), 1000);
+  EXPECT_EQ(step_from_name("/runs/pythia-160m/step143000/"), 143000);
+  EXPECT_EQ(step_from_name("global_step500"), 500);
+  EXPECT_EQ(step_from_name("iter_0001000"), 1000);
+  EXPECT_EQ(step_from_name("checkpoint-250"), 250);
+  EXPECT_EQ(step_from_name("final"), -1);
+}
