@@ -152,6 +152,8 @@ class CudaBackend final : public Backend {
     group_ = c_.kv_group_size();
     L_ = c_.num_layers;
     ci_ = ComponentLayout(c_);
+    qk_norm_ = c_.qk_norm == QkNormKind::kPerHead;
+    renormalise_topk_ = c_.norm_topk_prob || c_.router == RouterKind::kTopKSoftmax;
     Ctot_ = ci_.count_before(L_);
     eps_ = static_cast<float>(c_.rms_norm_eps);
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
@@ -294,6 +296,11 @@ class CudaBackend final : public Backend {
   int64_t group_ = 1, L_ = 0, Ctot_ = 0;
   float eps_ = 1e-6f, scale_ = 1.f;
   ComponentLayout ci_;
+  // Per-head q/k RMSNorm (Qwen3) or none (Llama, Mixtral).
+  bool qk_norm_ = true;
+  // Top-k weights renormalised to sum 1: norm_topk_prob, or Mixtral's softmax over the selected
+  // logits (the same weights).
+  bool renormalise_topk_ = true;
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
@@ -570,7 +577,8 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
                    static_cast<int>(kw_), D, kid_.get(), s());
   k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T),
-                    qbar_.get(), Lw.k_norm.get(), static_cast<int>(Hl_), static_cast<int>(KVl_),
+                    qbar_.get(), qk_norm_ ? Lw.k_norm.get() : nullptr, static_cast<int>(Hl_),
+                    static_cast<int>(KVl_),
                     static_cast<int>(d_), static_cast<int>(plan_.head_begin),
                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
                     k0m_.get(), k0s_.get(), qk_.get(), s());
@@ -602,7 +610,8 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
            {qkv_.get(), Dt::kF32, qkv_ld_});
   k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
                   static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
-                  Lw.q_norm.get(), Lw.k_norm.get(), eps_, cos_.get(), sin_.get(), Qa_.get(),
+                  qk_norm_ ? Lw.q_norm.get() : nullptr, qk_norm_ ? Lw.k_norm.get() : nullptr, eps_,
+                  cos_.get(), sin_.get(), Qa_.get(),
                   Ka_.get(), Va_.get(), s());
   const int64_t C = ci_.count_before(l);
   if (record_ && B > 0) {
@@ -862,7 +871,7 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
     blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
              {router_logits_.get(), Dt::kF32, E});
     k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K),
-                   c_.norm_topk_prob, ids_.get(), tw_.get(), gap_.get(), s());
+                   renormalise_topk_, ids_.get(), tw_.get(), gap_.get(), s());
     // The routing bookkeeping on the device: a histogram, its E counts to the host (the grouped
     // product takes host sizes, and the ep exchange its block sizes), a stable counting sort that
     // puts the pairs in source order: by expert, then by token.
@@ -1047,13 +1056,11 @@ void check_cuda_supports(const ModelConfig& c) {
   };
   need(c.block == BlockKind::kPreNorm, "post-norm or parallel-residual blocks");
   need(c.norm == NormKind::kRms, "LayerNorm");
-  need(c.qk_norm == QkNormKind::kPerHead, "q/k norms other than per-head RMSNorm");
+  need(c.qk_norm != QkNormKind::kFullWidth, "full-width q/k norms");
   need(!c.qkv_bias && !c.o_bias && !c.mlp_bias, "projection biases");
   need(c.gated_mlp && c.act == Activation::kSilu, "MLPs other than SwiGLU");
-  need(c.router == RouterKind::kSoftmaxTopK, "top-k-then-softmax routing");
   need(!c.has_shared_expert(), "shared experts");
-  need(c.rope.kind == RopeKind::kDefault && c.rope.rotated(c.head_dim) == c.head_dim,
-       "scaled or partial rotary embeddings");
+  need(c.rope.rotated(c.head_dim) == c.head_dim, "partial rotary embeddings");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

@@ -276,12 +276,14 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
       ss += v * v;
     }
     ss = warp_sum(ss);
-    const float irk = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
+    // No key norm (k_norm null): r_k = 1 and unit gains (docs/metrics.md, "Model families").
+    const float irk = k_norm ? 1.f / sqrtf(ss / static_cast<float>(d) + eps) : 1.f;
     if (lane == 0) inv_rk[g] = irk;
     for (int j = lane; j < d; j += 32) {
       const int64_t o = (static_cast<int64_t>(b) * KVl + g) * d + j;
-      k0_model[o] = x0_row[static_cast<int64_t>(g) * d + j] * ix * irk * k_norm[j];
-      k0_sum[o] = sum_row[static_cast<int64_t>(g) * d + j] * ix * irk * k_norm[j];
+      const float gain = k_norm ? k_norm[j] : 1.f;
+      k0_model[o] = x0_row[static_cast<int64_t>(g) * d + j] * ix * irk * gain;
+      k0_sum[o] = sum_row[static_cast<int64_t>(g) * d + j] * ix * irk * gain;
     }
   }
   __syncthreads();
@@ -290,7 +292,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
     const float f = ix * inv_rk[g] * scale;
     for (int j = lane; j < d; j += 32) {
       const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
-      qk[o] = qbar[o] * k_norm[j] * f;
+      qk[o] = qbar[o] * (k_norm ? k_norm[j] : 1.f) * f;
     }
   }
 }

@@ -64,13 +64,15 @@ __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T
     ss += a[t] * a[t] + b[t] * b[t];
   }
   ss = warp_sum(ss);
-  const float inv = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
+  // No q/k norm (gamma null): plain RoPE.
+  const float inv = gamma ? 1.f / sqrtf(ss / static_cast<float>(d) + eps) : 1.f;
   const int64_t pos = r % T;
 #pragma unroll
   for (int t = 0; t < kMaxPairsPerLane; ++t) {
     const int j = lane + 32 * t;
     if (j >= half) continue;
-    const float x1 = a[t] * inv * gamma[j], x2 = b[t] * inv * gamma[j + half];
+    const float g1 = gamma ? gamma[j] : 1.f, g2 = gamma ? gamma[j + half] : 1.f;
+    const float x1 = a[t] * inv * g1, x2 = b[t] * inv * g2;
     const float c = cos_tab[pos * half + j], sn = sin_tab[pos * half + j];
     const float o1 = x1 * c - x2 * sn, o2 = x2 * c + x1 * sn;
     dst[j] = f2bf(o1);

@@ -71,13 +71,15 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
   w.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     DeviceLayer& L = w.layers[static_cast<size_t>(l)];
-    // The family table names every tensor (the cuda backend runs the pre-norm, per-head q/k norm
-    // families: check_cuda_supports).
+    // The family table names every tensor (the cuda backend runs the pre-norm RMSNorm families
+    // without biases, with per-head or no q/k norm: check_cuda_supports).
     auto name = [&](Role role) { return tensor_name(c, role, l, -1, &ck); };
     upload_f32(read_rows(ck, name(Role::kAttnNorm), 0, D, 1), L.input_norm);
     upload_f32(read_rows(ck, name(Role::kMlpNorm), 0, D, 1), L.post_norm);
-    upload_f32(read_rows(ck, name(Role::kQNorm), 0, d, 1), L.q_norm);
-    upload_f32(read_rows(ck, name(Role::kKNorm), 0, d, 1), L.k_norm);
+    if (c.qk_norm == QkNormKind::kPerHead) {
+      upload_f32(read_rows(ck, name(Role::kQNorm), 0, d, 1), L.q_norm);
+      upload_f32(read_rows(ck, name(Role::kKNorm), 0, d, 1), L.k_norm);
+    }
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
     load_rows_bf16(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, D,
                    L.wqkv.get());

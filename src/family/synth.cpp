@@ -49,9 +49,10 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
                 V = c.vocab_size;
   PlantedCircuit pc;
   if (plant) {
-    if (c.qk_norm != QkNormKind::kPerHead || c.block != BlockKind::kPreNorm || !c.family->moe)
-      throw InputError("synth --plant-circuit: needs a pre-norm MoE family with per-head q/k "
-                       "norms (qwen3_moe); model_type is " + c.model_type);
+    if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe)
+      throw InputError("synth --plant-circuit: needs a pre-norm MoE family with per-head or no "
+                       "q/k norms (qwen3_moe, qwen2_moe, mixtral); model_type is " +
+                       c.model_type);
     if (c.num_layers < 3) throw InputError("synth --plant-circuit: needs at least 3 layers");
     if (!c.is_moe_layer(1)) throw InputError("synth --plant-circuit: layer 1 must be an MoE layer");
     if (D < 8) throw InputError("synth --plant-circuit: hidden_size must be at least 8");
@@ -104,13 +105,17 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     }
   }
   const int64_t jstar = d / 2 - 1;  // the most slowly rotating RoPE dimension
+  // Without q/k norms the planted dimension j* gets its gain of 2 from the projections instead.
+  const bool qk_norm = c.qk_norm == QkNormKind::kPerHead;
+  std::vector<float> no_gain(static_cast<size_t>(d), 1.f);
+  const float w_gain = qk_norm ? 1.f : 2.f;
   for (int64_t l = 0; plant && l < c.num_layers; ++l) {
     auto& q = W(Role::kQ, l);
     auto& k = W(Role::kK, l);
     auto& v = W(Role::kV, l);
     auto& o = W(Role::kO, l);
-    auto& qn = W(Role::kQNorm, l);
-    auto& kn = W(Role::kKNorm, l);
+    auto& qn = qk_norm ? W(Role::kQNorm, l) : no_gain;
+    auto& kn = qk_norm ? W(Role::kKNorm, l) : no_gain;
     // Keep the reserved channels clean of other components' writes.
     for (int64_t r : {S, U})
       for (int64_t j = 0; j < H * d; ++j) o[r * H * d + j] = 0.f;
@@ -120,9 +125,9 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
       // BOS, so z[0] carries the BOS feature and z[i >= 1] almost none.
       const int64_t g = pc.head / (H / KV);
       for (int64_t j = 0; j < d * D; ++j) q[pc.head * d * D + j] = 0.f;
-      q[(pc.head * d + jstar) * D + CONST] = 1.f;
+      q[(pc.head * d + jstar) * D + CONST] = w_gain;
       for (int64_t j = 0; j < D; ++j) k[(g * d + jstar) * D + j] = 0.f;
-      k[(g * d + jstar) * D + BOS] = -1.f;
+      k[(g * d + jstar) * D + BOS] = -w_gain;
       qn[jstar] = 2.f;
       kn[jstar] = 2.f;
       for (int64_t j = 0; j < D; ++j) v[(g * d) * D + j] = 0.f;
@@ -135,14 +140,19 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     if (l == pc.sink_layer) {
       const int64_t g = pc.sink_head / (H / KV);
       for (int64_t j = 0; j < d * D; ++j) q[pc.sink_head * d * D + j] = 0.f;
-      q[(pc.sink_head * d + jstar) * D + CONST] = 1.f;
+      q[(pc.sink_head * d + jstar) * D + CONST] = w_gain;
       for (int64_t j = 0; j < D; ++j) k[(g * d + jstar) * D + j] = 0.f;
-      k[(g * d + jstar) * D + U] = 1.f;
+      k[(g * d + jstar) * D + U] = w_gain;
       qn[jstar] = 2.f;
       kn[jstar] = 2.f;
     }
     if (c.is_moe_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+      if (c.has_shared_expert()) {  // the shared expert stays out of the reserved channels
+        const int64_t SI = c.shared_expert_intermediate_size;
+        auto& sd = W(Role::kSharedDown, l);
+        for (int64_t j = 0; j < SI; ++j) sd[S * SI + j] = sd[U * SI + j] = 0.f;
+      }
       auto& router = W(Role::kRouter, l);
       for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
       if (l == pc.expert_layer) router[pc.expert * D + CONST] = 8.f;

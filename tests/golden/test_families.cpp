@@ -20,6 +20,7 @@
 #include "sinkscope/model.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
+#include "sinkscope/synth.hpp"
 
 using namespace sinkscope;
 namespace fs = std::filesystem;
@@ -191,6 +192,81 @@ TEST(FamilyComponents, SharedExpertIsAnAblatableComponent) {
   EXPECT_GT(moved, 1e-6);
   EXPECT_GT(nonzero_attr, 1e-6);
 }
+
+// A temporary folder, removed at the end of the test.
+struct TempDir {
+  TempDir() {
+    char tmpl[] = "/tmp/sinkscope_family_XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string path;
+};
+
+// `synth` writes a checkpoint of every family that validates and analyses, with the circuit
+// identity holding (the family table drives both the writer and the reader).
+TEST_P(Family, SynthWritesAnAnalysableCheckpoint) {
+  const ModelConfig shape = parse_model_config(kFamiliesDir + "/" + GetParam() + "/config.json");
+  TempDir tmp;
+  synthesize(shape, tmp.path, false, 3);
+  const Checkpoint ck = Checkpoint::open(tmp.path);
+  EXPECT_EQ(ck.config().model_type, shape.model_type);
+  validate_checkpoint(ck);
+  auto world = make_single_comm();
+  AnalyzeOptions o;
+  o.model = tmp.path;
+  const Analysis a = analyze_checkpoint(o, make_probes("random:2:12:5", shape.vocab_size), *world);
+  EXPECT_EQ(a.meta.model_type, shape.model_type);
+  EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-4);
+  EXPECT_EQ(a.sink_score.shape, (std::vector<size_t>{static_cast<size_t>(shape.num_layers),
+                                                      static_cast<size_t>(shape.num_heads)}));
+}
+
+// The planted two-block circuit (docs/synth.md) in families without q/k norms: the sink head is
+// the strongest sink, and mean-ablating the first-stage head or the planted expert at position 0
+// removes most of it.
+class PlantedFamily : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(PlantedFamily, CircuitIsFoundAndCausal) {
+  ModelConfig shape = parse_model_config(kFamiliesDir + "/" + GetParam() + "/config.json");
+  shape.mlp_only_layers.clear();
+  TempDir tmp;
+  const PlantedCircuit pc = synthesize(shape, tmp.path, true, 7);
+  IntArray tokens = prepend_bos(make_probes("random:4:15:9", shape.vocab_size), pc.bos_token_id);
+  for (size_t n = 0; n < tokens.shape[0]; ++n)
+    for (size_t i = 1; i < tokens.shape[1]; ++i)
+      if (tokens.at(n, i) == pc.bos_token_id) tokens.at(n, i) = pc.bos_token_id + 1;
+  auto world = make_single_comm();
+  AnalyzeOptions o;
+  o.model = tmp.path;
+  o.ablate = "layers=0-1";
+  const Analysis a = analyze_checkpoint(o, tokens, *world);
+  const size_t H = static_cast<size_t>(shape.num_heads);
+  const float sink = a.sink_score.at(pc.sink_layer, pc.sink_head);
+  std::printf("%s planted: sink score %.4f\n", GetParam().c_str(), sink);
+  EXPECT_GT(sink, 0.6f);
+  for (size_t i = 0; i < a.sink_score.size(); ++i)
+    if (i != static_cast<size_t>(pc.sink_layer) * H + static_cast<size_t>(pc.sink_head))
+      EXPECT_LT(a.sink_score.data[i], sink) << "sink_score[" << i / H << ", " << i % H << "]";
+  bool saw_head = false, saw_expert = false;
+  for (size_t k = 0; k < a.ablation_components.shape[0]; ++k) {
+    const int32_t layer = a.ablation_components.at(k, 0), kind = a.ablation_components.at(k, 1),
+                  index = a.ablation_components.at(k, 2);
+    const float delta = a.ablation_delta_sink.at(k, pc.sink_layer, pc.sink_head);
+    const bool head = layer == pc.head_layer && kind == 0 && index == pc.head;
+    const bool expert = layer == pc.expert_layer && kind == 1 && index == pc.expert;
+    saw_head |= head;
+    saw_expert |= expert;
+    if (head || expert) {
+      std::printf("%s planted: ablating (%d, %d, %d) moves the sink by %.4f\n",
+                  GetParam().c_str(), layer, kind, index, delta);
+      EXPECT_LT(delta, -0.5f * sink) << "ablating planted component " << layer << "/" << kind;
+    }
+  }
+  EXPECT_TRUE(saw_head && saw_expert);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, PlantedFamily, ::testing::Values("mixtral", "qwen2_moe"));
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Family,
                          ::testing::Values("olmoe", "mixtral", "qwen2_moe", "llama", "qwen3",

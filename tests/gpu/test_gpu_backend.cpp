@@ -149,6 +149,19 @@ std::vector<Case> cases() {
     for (bool plant : {false, true})
       out.push_back({std::string(s.name) + (plant ? "_planted" : "_random"), s.cfg, plant, s.N, s.T,
                      s.batch, seed++});
+  // Other families the cuda backend runs: no q/k norm, Mixtral's router, Llama-3 rope scaling.
+  ModelConfig mixtral = shape(128, 3, 4, 2, 32, 8, 2, 64, {});
+  mixtral.model_type = "mixtral";
+  mixtral.intermediate_size = mixtral.moe_intermediate_size;
+  out.push_back({"mixtral_d32_random", mixtral, false, 2, 70, 2, seed++});
+  ModelConfig llama = shape(256, 3, 4, 1, 64, 0, 0, 0, {});
+  llama.model_type = "llama";
+  llama.rope.kind = RopeKind::kLlama3;
+  llama.rope.factor = 8;
+  llama.rope.low_freq_factor = 1;
+  llama.rope.high_freq_factor = 4;
+  llama.rope.original_max_position = 32;
+  out.push_back({"llama3_d64_random", llama, false, 2, 100, 2, seed++});
   return out;
 }
 
