@@ -21,7 +21,7 @@
 #include <string>
 
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/attention.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace sinkscope::cuda::k {

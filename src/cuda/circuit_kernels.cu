@@ -5,7 +5,7 @@
 #include <algorithm>
 
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/circuit_kernels.cuh"
 
 namespace sinkscope::cuda::k {
 namespace {

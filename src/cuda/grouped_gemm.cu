@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/grouped_gemm.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace sinkscope::cuda::k {

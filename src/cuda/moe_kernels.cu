@@ -6,7 +6,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/moe_kernels.cuh"
 
 namespace sinkscope::cuda::k {
 namespace {

@@ -2,7 +2,7 @@
 // position-0 bookkeeping, and the radix histogram behind the exact median of |x| (probe 0).
 #include <cub/block/block_scan.cuh>
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 
 namespace sinkscope::cuda::k {
 namespace {

@@ -1,6 +1,6 @@
 // Fills, conversions and the counter-based random weights of the synthetic (benchmark) backend.
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/util_kernels.cuh"
 
 namespace sinkscope::cuda::k {
 namespace {

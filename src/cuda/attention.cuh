@@ -1,0 +1,34 @@
+// Host launchers of attention.cu (see kernels.cuh for the conventions shared by every launcher:
+// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_buffer.hpp"
+
+namespace sinkscope::cuda::k {
+
+// Whether this build carries sm_90a code (wgmma) for the current device (compute capability 9.0):
+// probed once per device.
+bool sm90a_kernels_available();
+
+// Causal attention of B probes x Hl local heads over T positions, flash style (online softmax in
+// fp32, bf16 tensor-core products, T x T never stored). Q [B*T, Hl, dp], K/V [B*T, KVl, dp] bf16;
+// local head h reads held KV head (head_begin + h) / group - kv_begin. Writes z [B*T, Hl * d] bf16
+// (dims < d) and a0 [B, Hl, T] = exp(q_i . k_0 * scale - lse_i). dp is a multiple of 16, <= 128.
+// Two kernels keep this contract: mma.sync (any dp; every GPU this build targets) and, for dp 64
+// and 128 on an sm_90a build running on compute capability 9.0, warpgroup products (wgmma), which
+// need vt_scratch of flash_attention_scratch() elements. kAuto takes wgmma where it can run and
+// vt_scratch is given, unless SINKSCOPE_ATTN_WGMMA=0; asking for kWgmma where it cannot run throws.
+enum class AttnKernel { kAuto, kMmaSync, kWgmma };
+bool flash_attention_wgmma_available(int dp);
+int64_t flash_attention_scratch(int B, int T, int KVl, int dp);
+void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
+                     float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,
+                     int group, int kv_begin, float scale, bf16_bits* vt_scratch, cudaStream_t s,
+                     AttnKernel kernel = AttnKernel::kAuto);
+
+}  // namespace sinkscope::cuda::k

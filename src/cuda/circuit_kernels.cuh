@@ -1,0 +1,75 @@
+// Host launchers of circuit_kernels.cu (see kernels.cuh for the conventions shared by every launcher:
+// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_buffer.hpp"
+
+namespace sinkscope::cuda::k {
+
+// Head write norms ||w_h[i]||^2 = z_h[i]^T M_h z_h[i] (M_h = W_O,h^T W_O,h = gram_hi + gram_lo,
+// [Hl, d, d] bf16 each), fused (z M never stored). z [B*T, Hl*d] bf16 -> wp0 [B, Hl] = ||w[0]||,
+// wrest [B, Hl] = mean_{i>=1} ||w[i]||. dp: d padded to a multiple of 16 (<= 128). `partial` is
+// scratch of head_write_norms_scratch(B, Hl) floats.
+int64_t head_write_norms_scratch(int B, int Hl);
+void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_bits* gram_lo, int B,
+                      int T, int Hl, int d, int dp, float* partial, float* wp0, float* wrest,
+                      cudaStream_t s);
+
+// zr [Hl, B, 2, d]: (z_h[b, 0] - zbar[b, h], z_h[b, 0]) for the head writes' position-0 vectors.
+void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr,
+            cudaStream_t s);
+
+// hp [B, H, 2, D] (global head slots; zero elsewhere): hp[b, head_begin + h, s] = W_O,h zr[h, b,
+// s], W_O [D, Hl*d] bf16, fp32 arithmetic.
+void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D, int H,
+               int head_begin, float* hp, cudaStream_t s);
+
+// Stores the position-0 deltas of S component slots per probe, applies the mean-ablations and adds
+// the (ablated) position-0 writes to p0_sum, in slot order (as forward.cpp does):
+//   p = p0(b, s); delta = rest_is_sum ? p - second(b, s) / (T - 1) : second(b, s)
+//   delta_store[b * delta_bstride + s * D] = delta
+//   if ablated[s]: target[b * target_bstride] -= delta;  p0_sum[b] += ablated[s] ? p - delta : p
+struct ComponentRows {
+  const float* p0;
+  int64_t p0_bstride, p0_sstride;
+  const float* second;
+  int64_t second_bstride, second_sstride;
+  bool second_is_rest_sum;
+};
+void finish_components(const ComponentRows& rows, int B, int S, int D, int T,
+                       const uint8_t* ablated, float* delta_store, int64_t delta_bstride,
+                       float* target, int64_t target_bstride, float* p0_sum, cudaStream_t s);
+
+// out[r, c] = W[r, c] * col_scale[c] in fp32 (W bf16 [rows, cols]).
+void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_scale, float* out,
+                   cudaStream_t s);
+
+// rows [B, 2, D]: (p0_sum[b] * gamma, x[b*T] * gamma).
+void identity_rows(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma,
+                   float* rows, cudaStream_t s);
+
+// out[r, n] = sum_k A[r, k] * W[n, k] in fp32 (A fp32 [R, K], W bf16 [N, K] with row stride ldw).
+void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out,
+                   cudaStream_t s);
+
+// Per probe b and held KV head g, from kid [B, 2, KVl*d] = (K-rows of p0_sum*gamma, x[0]*gamma)
+// without the 1/r_x factor: r_k, k0_model [B, KVl, d] (the key at position 0 after k_norm, in
+// fp32), k0_sum [B, KVl, d] = sum over components of K(c[0]), and qk [B, Hl, d] = qbar * k_norm /
+// (r_x r_k) / sqrt(d) (what the attribution contracts G with).
+void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar,
+                    const float* k_norm, int Hl, int KVl, int d, int head_begin, int group,
+                    int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
+                    cudaStream_t s);
+
+// attr[b, h, c] = sum_j G[b, c, g(h)*d + j] * qk[b, h, j] for c < C; G rows have width KVl*d and
+// probe stride g_bstride.
+void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, int C, int Hl,
+                   int KVl, int d, int head_begin, int group, int kv_begin, float* attr,
+                   cudaStream_t s);
+
+}  // namespace sinkscope::cuda::k

@@ -1,0 +1,53 @@
+// Host launchers of grouped_gemm.cu (see kernels.cuh for the conventions shared by every launcher:
+// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_buffer.hpp"
+
+namespace sinkscope::cuda::k {
+
+// The expert products in one launch each on Hopper (wgmma; sm_90a builds on compute capability
+// 9.0): for every group g with rows[g] > 0, packed rows p = row_offset[g] + r (r < rows[g]):
+//   store:  C[p, 0:N] = A[src(p), 0:K] W_g[0:N, 0:K]^T                      (W_g = W + w_g N K)
+//   swiglu: C[p, 0:N] = silu(A[src(p)] W_g[0:N]^T) * (A[src(p)] W_g[N:2N]^T)   (W_g = W + w_g 2N K)
+// with src(p) = a_rows ? a_rows[p] / a_div : p (rows gathered by index), bf16 in and out, fp32
+// accumulation. Needs K % 8 == 0 and N even. The host builds the tile list (GroupedGemmPlan);
+// dev_plan holds plan.groups.size() + plan.tiles.size() ints (a distinct buffer per product that
+// is in flight).
+bool grouped_gemm_sm90_supported(int K, int N);
+struct GroupedGemmPlan {
+  std::vector<int32_t> groups, tiles;  // 4 ints each: see grouped_gemm.cu
+  void build(const std::vector<int>& rows, const std::vector<int64_t>& row_offset,
+             const std::vector<int64_t>& weight_index, int N, bool swiglu);
+  size_t ints() const { return groups.size() + tiles.size(); }
+};
+void grouped_gemm_sm90(const bf16_bits* A, const int32_t* a_rows, int a_div, const bf16_bits* W,
+                       bf16_bits* C, int K, int N, bool swiglu, const GroupedGemmPlan& plan,
+                       int32_t* dev_plan, cudaStream_t s);
+
+// For the pairs in source order: pos_w[p] = weights[src_pair[p]], pos_tok[p] = tok0 + src_pair[p] /
+// K.
+void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, int K, int64_t tok0,
+               float* pos_w, int32_t* pos_tok, cudaStream_t s);
+
+// m[r, :] = sum_j weights[r*K + j] * back[pos_of_pair[r*K + j], :] for the n rows of a slice.
+void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
+             int K, int D, float* m, cudaStream_t s);
+
+// For each segment (begin, end, out) of seg [nseg, 3]: out_rows[out, :] = sum over rows p in
+// [begin, end) whose token (row_tok[p], or tok0 + p when row_tok is null) is not at position 0 of
+// (row_w[p] or 1) * rows[p, :].
+void segment_sums(const float* rows, const float* row_w, const int32_t* row_tok, int64_t tok0,
+                  const int32_t* seg, int nseg, int D, int T, float* out_rows, cudaStream_t s);
+
+// For each item (row, out) of items [n, 2]: p0_out[out, :] = (row_w[row] or 1) * rows[row, :] and
+// n0_out[out] = its norm.
+void p0_rows(const float* rows, const float* row_w, const int32_t* items, int n, int D,
+             float* p0_out, float* n0_out, cudaStream_t s);
+
+}  // namespace sinkscope::cuda::k

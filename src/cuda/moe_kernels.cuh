@@ -1,0 +1,50 @@
+// Host launchers of moe_kernels.cu (see kernels.cuh for the conventions shared by every launcher:
+// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_buffer.hpp"
+
+namespace sinkscope::cuda::k {
+
+// Router: p = softmax(logits[r, :]) in double; the top-k experts (ties -> lower index), their
+// weights (renormalised when norm_topk), and gap[r] = p_(k) - p_(k+1) (1 when k == E).
+void router_topk(const float* logits, int64_t n, int E, int K, bool norm_topk, int32_t* ids,
+                 float* weights, float* gap, cudaStream_t s);
+
+// dst[i, :] = src[rows[i] / div, :] (bf16 rows of width D; div = k turns pair ids into token rows).
+void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, int D,
+                 bf16_bits* dst, cudaStream_t s);
+
+// Routing bookkeeping on the device (single expert-parallel rank):
+// counts_and_ties [E + 1]: pairs per expert, then the rows whose gap is < 1e-3 (zeroed here).
+void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n,
+                      int32_t* counts_and_ties, cudaStream_t s);
+// Stable counting sort by expert: src_pair[pos] = pair, pos_of_pair[pair] = pos, with expert e's
+// pairs at offsets[e] .. in pair order. scratch: expert_rank_scratch(npairs, E) ints.
+int64_t expert_rank_scratch(int64_t npairs, int E);
+void expert_rank(const int32_t* ids, int64_t npairs, int E, const int32_t* offsets,
+                 int32_t* scratch, int32_t* src_pair, int32_t* pos_of_pair, cudaStream_t s);
+// out_rows[b * S + e, :] = sum over expert e's rows p whose token pos_tok[p] is probe b's position
+// 1..T-1 of row_w[p] * rows[p, :] (rows in source order; every (e, b) written, zeros included).
+// Long segments are cut into splits summed in a fixed order (deterministic for a given shape);
+// scratch holds expert_rest_sums_scratch(E, B, S, D, npairs) floats (npairs: rows in `rows`).
+int64_t expert_rest_sums_scratch(int E, int B, int S, int D, int64_t npairs);
+void expert_rest_sums(const bf16_bits* rows, const float* row_w, const int32_t* pos_tok,
+                      const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
+                      int D, int64_t npairs, float* scratch, float* out_rows, cudaStream_t s);
+// Position-0 pairs of the slice [s0, s1): p0_out[b * S + e, :] = w * row, n0_out = its norm,
+// r0_out[b * E + e] = 1; rc_out[e] = counts[e] minus those position-0 pairs.
+void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32_t* ids,
+                          const int32_t* pos_of_pair, const int32_t* counts, int B, int T, int K,
+                          int E, int64_t s0, int64_t s1, int S, int D, float* p0_out, float* n0_out,
+                          float* r0_out, float* rc_out, cudaStream_t s);
+
+// act[r, c] = silu(h[r, c]) * h[r, I + c] for h [n, 2I] (gate | up), bf16 in and out, fp32 math.
+void swiglu(const bf16_bits* h, int64_t n, int I, bf16_bits* act, cudaStream_t s);
+
+}  // namespace sinkscope::cuda::k

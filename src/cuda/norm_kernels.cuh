@@ -1,0 +1,67 @@
+// Host launchers of norm_kernels.cu (see kernels.cuh for the conventions shared by every launcher:
+// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_buffer.hpp"
+
+namespace sinkscope::cuda::k {
+
+// out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * gamma in fp32, stored as bf16 (out_bf) and,
+// where not null, fp32 (out_f32); inv_rms[r] = that 1 / sqrt(...) where not null.
+void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
+              float* out_f32, float* inv_rms, cudaStream_t s);
+
+// The fused per-head step after the qkv product. qkv [rows, ld] holds q (Hl heads), k (KVl), v
+// (KVl) of width d each, fp32. q and k get their RMSNorm (q_gamma / k_gamma) then RoPE at position
+// r % T (rotate_half, cos/sin tables [T, d/2]); the normed rotated q is written back into qkv (for
+// qbar) and q, k, v go to the attention operands Qa [rows, Hl, dp], Ka/Va [rows, KVl, dp] in bf16
+// with dims d..dp-1 zero.
+void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp,
+                  const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
+                  const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
+                  cudaStream_t s);
+
+// norms[r] = ||x[r, 0:D]|| for rows r (row stride ld).
+void row_norms(const float* x, int64_t rows, int D, int64_t ld, float* norms, cudaStream_t s);
+
+// out[b, c] = mean over i = 1..T-1 of x[b*T + i, c] (row stride ld), for B probes and ncols
+// columns. `partial` is scratch of column_mean_scratch(B, T, ncols) floats. Deterministic (no
+// atomics).
+int64_t column_mean_scratch(int B, int T, int ncols);
+void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float* partial,
+                      float* out, cudaStream_t s);
+void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial,
+                      float* out, cudaStream_t s);
+
+// x[i] += a[i]
+void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s);
+// x[r, :] += m[r, :] for rows x D (packed), with m_norms[r] = ||m[r]|| and x_norms[r] = ||x[r]||
+// after the add, in one pass.
+void add_rows_norms(float* x, const float* m, int64_t rows, int D, float* m_norms, float* x_norms,
+                    cudaStream_t s);
+
+// x[r, :] = table[tokens[r], :] (bf16 -> fp32).
+void embed_gather(const bf16_bits* table, const int32_t* tokens, int64_t n, int D, float* x,
+                  cudaStream_t s);
+
+// The embedding's position-0 bookkeeping per probe b: delta = x[b*T] - mean_rest[b] (stored at
+// delta + b * delta_bstride), optional mean-ablation of x[b*T], p0_sum[b] = x[b*T].
+void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate, float* delta,
+              int64_t delta_bstride, float* p0_sum, cudaStream_t s);
+
+// The median of |x| over n fp32 values (the mean of the two middle ones for even n), exactly, on
+// the device: a three-pass radix select on the bit patterns (11 + 11 + 10 bits) per middle rank;
+// the bins are picked on the device, so nothing waits for the host. scratch holds
+// abs_median_scratch_bytes(); *out (device) receives the median.
+size_t abs_median_scratch_bytes();
+void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s);
+
+// out[r] = mean of a[r, 0..cols) (double sums), rows x cols row-major.
+void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t s);
+
+}  // namespace sinkscope::cuda::k

@@ -1,0 +1,30 @@
+// Host launchers of util_kernels.cu (see kernels.cuh for the conventions shared by every launcher:
+// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/device_buffer.hpp"
+
+namespace sinkscope::cuda::k {
+
+// Deterministic pseudo-random weights for benchmarks: element (row_offset + r, col_offset + c) of
+// a [*, global_cols] tensor gets a uniform value of standard deviation `stddev`, so any sharding of
+// the same tensor id sees the same global tensor.
+void fill_random_bf16(bf16_bits* dst, int64_t rows, int64_t cols, int64_t row_offset,
+                      int64_t col_offset, int64_t global_cols, uint64_t seed, uint64_t tensor_id,
+                      float stddev, cudaStream_t s);
+void fill_random_f32(float* dst, int64_t rows, int64_t cols, int64_t row_offset, int64_t col_offset,
+                     int64_t global_cols, uint64_t seed, uint64_t tensor_id, float stddev,
+                     cudaStream_t s);
+void fill(float* dst, int64_t n, float value, cudaStream_t s);
+// `count` d x d matrices m (fp32, symmetric up to rounding) -> hi = bf16(v), lo = bf16(v - hi)
+// with v = (m + m^T) / 2: v ~= hi + lo to about 16 significant bits, hi and lo exactly symmetric.
+void gram_split(const float* m, int64_t count, int d, bf16_bits* hi, bf16_bits* lo, cudaStream_t s);
+void bf16_to_f32(const bf16_bits* src, int64_t n, float* dst, cudaStream_t s);
+void f32_to_bf16(const float* src, int64_t n, bf16_bits* dst, cudaStream_t s);
+
+}  // namespace sinkscope::cuda::k
