@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda/device_common.cuh"
+#include "cuda/attention.cuh"  // sm90a_kernels_available
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/wgmma.cuh"
 

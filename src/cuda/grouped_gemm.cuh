@@ -30,24 +30,4 @@ void grouped_gemm_sm90(const bf16_bits* A, const int32_t* a_rows, int a_div, con
                        bf16_bits* C, int K, int N, bool swiglu, const GroupedGemmPlan& plan,
                        int32_t* dev_plan, cudaStream_t s);
 
-// For the pairs in source order: pos_w[p] = weights[src_pair[p]], pos_tok[p] = tok0 + src_pair[p] /
-// K.
-void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, int K, int64_t tok0,
-               float* pos_w, int32_t* pos_tok, cudaStream_t s);
-
-// m[r, :] = sum_j weights[r*K + j] * back[pos_of_pair[r*K + j], :] for the n rows of a slice.
-void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
-             int K, int D, float* m, cudaStream_t s);
-
-// For each segment (begin, end, out) of seg [nseg, 3]: out_rows[out, :] = sum over rows p in
-// [begin, end) whose token (row_tok[p], or tok0 + p when row_tok is null) is not at position 0 of
-// (row_w[p] or 1) * rows[p, :].
-void segment_sums(const float* rows, const float* row_w, const int32_t* row_tok, int64_t tok0,
-                  const int32_t* seg, int nseg, int D, int T, float* out_rows, cudaStream_t s);
-
-// For each item (row, out) of items [n, 2]: p0_out[out, :] = (row_w[row] or 1) * rows[row, :] and
-// n0_out[out] = its norm.
-void p0_rows(const float* rows, const float* row_w, const int32_t* items, int n, int D,
-             float* p0_out, float* n0_out, cudaStream_t s);
-
 }  // namespace sinkscope::cuda::k
