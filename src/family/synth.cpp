@@ -77,25 +77,35 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
   const int64_t CONST = 0, BOS = 1, S = 2, U = 3;  // reserved channels when planting
 
   // Every tensor the family asks for: matrices ~ N(0, 1/fan_in), norm gains 1, biases 0; the
-  // embedding ~ N(0, 1).
+  // embedding ~ N(0, 1). Drawn in a fixed order (the embedding, then layer by layer, then the
+  // output head), so a seed gives the same checkpoint from one version to the next.
   Store st;
   st.tensors = required_tensors(c, nullptr, false);
-  for (const auto& t : st.tensors) {
+  const std::string embed_name = tensor_name(c, Role::kEmbed),
+                    head_name = c.tie_word_embeddings ? "" : tensor_name(c, Role::kLmHead);
+  auto draw = [&](const RequiredTensor& t) {
     int64_t n = 1;
     for (auto dim : t.shape) n *= dim;
     std::vector<float> v(static_cast<size_t>(n), 0.f);
     const bool is_bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
-    if (t.shape.size() == 1 && !is_bias)
+    if (t.name == embed_name)
+      randn(v, 1.f);
+    else if (t.shape.size() == 1 && !is_bias)
       std::fill(v.begin(), v.end(), 1.f);
     else if (t.shape.size() >= 2)
       randn(v, 1.f / std::sqrt(static_cast<float>(t.shape.back())));
     st.data.emplace(t.name, std::move(v));
-  }
+  };
+  for (const auto& t : st.tensors)
+    if (t.name == embed_name) draw(t);
+  for (const auto& t : st.tensors)
+    if (t.name != embed_name && t.name != head_name) draw(t);
+  for (const auto& t : st.tensors)
+    if (t.name == head_name) draw(t);
   auto W = [&](Role role, int64_t l = -1, int64_t e = -1) -> std::vector<float>& {
     return st.at(tensor_name(c, role, l, e));
   };
   auto& emb = W(Role::kEmbed);
-  randn(emb, 1.f);
   if (plant) {
     for (int64_t t = 0; t < V; ++t) {
       emb[t * D + CONST] = 3.f;
