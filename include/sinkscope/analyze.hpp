@@ -31,6 +31,10 @@ struct AnalyzeOptions {
   bool verbose = false;
   bool log_layout = false;  // rank 0 prints the shard plan's one-line description at start
   int64_t step = -1;        // training step, -1 when unknown
+  // Provenance written into the file as given (docs/schema.md "Provenance").
+  std::string command_line;  // the command as run
+  std::string options;       // every option of the subcommand with its value
+  int64_t prepend_bos = -1;  // --prepend-bos (already applied to the tokens), -1 when off
   // Called on rank 0 after each micro-batch: (probes done, probes total).
   std::function<void(int64_t, int64_t)> progress;
 };

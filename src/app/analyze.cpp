@@ -274,6 +274,17 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   m.etp = plan.etp;
   m.tokens_sha256 = tokens_sha256(tokens);
   m.created_utc = utc_now_iso8601();
+  m.format_version = kFormatVersion;
+  m.git_commit = SINKSCOPE_GIT_COMMIT;
+  m.command_line = opt.command_line;
+  m.options = opt.options;
+  m.probes = opt.tokens_source;
+  m.prepend_bos = opt.prepend_bos;
+  m.ablate = opt.ablate;
+  m.batch = opt.batch;
+  m.threads = opt.threads;
+  m.per_query = opt.per_query ? 1 : 0;
+  m.checkpoint_headers_sha256 = ck ? ck->headers_sha256() : "";
 
   Recorder rec(cfg, plan, T, opt.per_query);
   const auto forward_start = std::chrono::steady_clock::now();

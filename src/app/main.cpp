@@ -42,6 +42,8 @@ struct CommonArgs {
   int64_t batch = 4;
   int threads = 1;
   bool verbose = false, quiet = false;
+  // Provenance for the output files: the command as run, every option with its value.
+  std::string command_line, options;
 };
 
 void add_probe_options(CLI::App* app, ProbeArgs& p) {
@@ -101,6 +103,8 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   o.threads = c.threads;
   o.verbose = c.verbose;
   o.log_layout = !c.quiet;
+  o.command_line = c.command_line;
+  o.options = c.options;
   return o;
 }
 
@@ -127,6 +131,7 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   o.model_config = model_config;
   o.synthetic_seed = synthetic_seed;
   o.step = step >= 0 ? step : step_from_name(model);
+  o.prepend_bos = pa.prepend_bos;
   run_agreed(world, [&] {
     if (world.rank() == 0) check_output_folder(out, "--out");
     tokens =
@@ -204,6 +209,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       o.model = cp.dir;
       o.step = cp.step;
       o.tokens_source = source;
+      o.prepend_bos = pa.prepend_bos;
       Progress progress(
           "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
           world.rank() == 0 && !ca.quiet);
@@ -225,6 +231,8 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   if (world.rank() == 0 && !sa.no_assemble) {
     try {
       Sweep s = assemble_sweep(cps, outdir, tau);
+      s.command_line = ca.command_line;
+      s.options = ca.options;
       write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
       if (!ca.quiet) {
         std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " ("
@@ -344,6 +352,8 @@ int main(int argc, char** argv) {
   CLI::App app{"sinkscope: finds the position-zero attention sink circuit in MoE language models"};
   app.set_version_flag("--version", std::string("sinkscope ") + SINKSCOPE_VERSION);
   app.require_subcommand(1);
+  // Every option's default appears in --help and in the `options` attribute of the outputs.
+  app.option_defaults()->always_capture_default();
 
   std::string model, out, config, glob, input;
   std::vector<std::string> models;
@@ -420,6 +430,11 @@ int main(int argc, char** argv) {
       }
       finalize_mpi();
       return e.get_exit_code() == 0 ? 0 : 1;
+    }
+    for (const CLI::App* command : {analyze, sweep}) {
+      if (!*command) continue;
+      for (int i = 0; i < argc; ++i) ca.command_line += (i ? " " : "") + std::string(argv[i]);
+      ca.options = command->config_to_str(true, false);
     }
     if (*analyze)
       status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
