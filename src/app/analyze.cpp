@@ -361,6 +361,16 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     a.ablation_components = IntArray({K, 3}, "component,field");
     a.ablation_delta_sink = FloatArray({K, L, H}, "component,layer,head");
     for (size_t k = 0; k < K; ++k) {
+      if (opt.ablation_progress && world.rank() == 0) {
+        const Ablation& c = comps[k];
+        const std::string layer = "layer " + std::to_string(c.layer);
+        const std::string what =
+            c.kind == Ablation::kHead     ? layer + " head " + std::to_string(c.index)
+            : c.kind == Ablation::kExpert ? layer + " expert " + std::to_string(c.index)
+            : c.kind == Ablation::kMlp    ? layer + " dense MLP"
+                                          : std::string("embedding");
+        opt.ablation_progress(static_cast<int64_t>(k + 1), static_cast<int64_t>(K), what);
+      }
       backend->set_ablations({comps[k]});
       Recorder arec(cfg, plan, T, false);
       run_all(arec, false);

@@ -50,6 +50,11 @@ std::vector<SweepCheckpoint> list_checkpoints(const std::vector<std::string>& mo
     if (c.name.empty())
       c.name = fs::path(dirs[i]).lexically_normal().parent_path().filename().string();
     c.step = steps.empty() ? step_from_name(dirs[i]) : steps[i];
+    // Ordering by name would put "best" before "final" whatever their training steps were.
+    if (c.step < 0 && steps.empty())
+      throw InputError("checkpoint folder " + dirs[i] +
+                       " has no step in its name (step<N>, iter_<N>, checkpoint-<N>): give every "
+                       "checkpoint's step with --steps");
     out.push_back(c);
   }
   std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
