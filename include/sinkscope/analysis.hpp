@@ -26,7 +26,7 @@ struct AnalysisMeta {
   // sinkscope additions (docs/schema.md):
   std::string layout;  // the ShardPlan's one-line description
   int64_t etp = 1;     // expert tensor parallelism
-  // METRICS.md section 4's identity: max over probes, target layers and KV heads of
+  // docs/metrics.md section 4's identity: max over probes, target layers and KV heads of
   // |k_0 - sum_c K(c[0])| / |k_0|.
   double circuit_identity_max_rel_err = 0;
   // Provenance (format version 2; docs/schema.md "Provenance"). Files of format version 1 have

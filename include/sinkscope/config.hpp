@@ -27,7 +27,7 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   std::string dtype;  // torch_dtype or dtype ("bfloat16", ...), informational
 
-  // INTERFACE.md: layer l is MoE when l is not in mlp_only_layers and (l+1) % decoder_sparse_step
+  // docs/schema.md: layer l is MoE when l is not in mlp_only_layers and (l+1) % decoder_sparse_step
   // == 0.
   bool is_moe_layer(int64_t layer) const;
   int64_t kv_group_size() const { return num_heads / num_kv_heads; }

@@ -1,4 +1,4 @@
-// Hook points of the instrumented forward pass (STYLE.md habit 7). A backend (CPU or CUDA) calls
+// Hook points of the instrumented forward pass. A backend (CPU or CUDA) calls
 // the observer once per layer and micro-batch with rank-local, already-reduced position-zero
 // summaries on the host, so the Recorder is the same for every backend. Arrays are row-major;
 // `B` is the number of probes of the micro-batch on this rank's dp group, `probe0` the global
@@ -45,7 +45,7 @@ struct AttentionTap {
   // c < count_before(layer), per probe: [B, Hl, count_before(layer)].
   const float* attr;
   int64_t num_sources;
-  // The identity check of METRICS.md section 4: the model's k_0 (after k_norm) and the sum over
+  // The identity check of docs/metrics.md section 4: the model's k_0 (after k_norm) and the sum over
   // all components of K(c[0]), per KV head this rank holds: [B, KVl, head_dim] each.
   const float* k0_model;
   const float* k0_from_components;

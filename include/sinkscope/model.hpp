@@ -16,7 +16,7 @@ namespace sinkscope {
 class Checkpoint;
 class Comm;
 
-// Mean-ablation at position zero (METRICS.md section 4, causal version): the component's write at
+// Mean-ablation at position zero (docs/metrics.md section 4, causal version): the component's write at
 // position 0 is replaced by its mean write over positions 1..T-1, per probe.
 struct Ablation {
   enum Kind : int32_t { kHead = 0, kExpert = 1, kEmbedding = 2, kMlp = 3 };
@@ -63,7 +63,7 @@ class Backend {
   // collectives) through the model, calling `observer` at every hook point. `probe0` is the
   // global index of the first probe. Returns logits [B, T, V] when options.want_logits.
   virtual FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& observer) = 0;
-  // Replaces the mean-ablations applied by the following runs (METRICS.md section 4).
+  // Replaces the mean-ablations applied by the following runs (docs/metrics.md section 4).
   virtual void set_ablations(std::vector<Ablation> ablations) = 0;
   // Seconds this rank spent inside collectives (tp all-reduces, the expert exchange) since it was
   // made: the communication share of a run (benchmarks, --verbose).

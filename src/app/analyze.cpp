@@ -114,7 +114,7 @@ std::vector<Ablation> components_of_layers(const ModelConfig& c, int64_t first, 
 }
 
 // The K components with the largest sink-weighted positive attribution (the layer_share weights
-// of METRICS.md section 5, per component).
+// of docs/metrics.md section 5, per component).
 std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, int64_t K) {
   const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1],
                E = static_cast<size_t>(c.num_experts);

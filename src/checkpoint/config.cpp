@@ -1,4 +1,4 @@
-// config.json parsing: every key variant of INTERFACE.md "Inputs", validated before use.
+// config.json parsing: every key variant of docs/schema.md "Inputs", validated before use.
 #include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>

@@ -6,7 +6,7 @@
 // Callers that can blame the input (a damaged file, a missing dataset) catch RuntimeFailure and
 // rethrow InputError with the file name; this layer cannot know which failures are the user's.
 //
-// Internal to src/: public headers stay free of HDF5 types (STYLE.md habit 2).
+// Internal to src/: public headers stay free of HDF5 types.
 #pragma once
 
 #include <hdf5.h>

@@ -172,7 +172,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
   gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
 
-  // r_k: the rms of each held KV head's key at position 0 before k_norm (METRICS.md section 4).
+  // r_k: the rms of each held KV head's key at position 0 before k_norm (docs/metrics.md section 4).
   std::vector<float> inv_rk(static_cast<size_t>(B * KVl));
   cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
   for (int64_t b = 0; b < B; ++b)

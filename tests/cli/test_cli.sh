@@ -187,5 +187,12 @@ grep -q "shapes/step5 (" "$work/stderr" && ok "mixed shapes: second checkpoint n
   grep -q "ablation 1/" abl.log && grep -q "layer 0 head 0" abl.log && ok "ablation progress per component" ||
   bad "ablation progress: $(cat abl.log)"
 
+if "$root/jobs/submit_sweep.sh" --dry-run --site local --sinkscope /cluster/apps/sinkscope/bin/sinkscope \
+  trace tok.npy dry-out >dry.log 2>&1 && grep -q "array job" dry.log; then
+  ok "submit_sweep.sh --dry-run without the site's binary"
+else
+  bad "submit_sweep.sh --dry-run: $(tail -3 dry.log)"
+fi
+
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every tensor/expert/data-parallel layout gives the numbers of one rank (METRICS.md section 7:
+# Every tensor/expert/data-parallel layout gives the numbers of one rank (docs/metrics.md section 7:
 # within 1e-5 relative on CPU), on synthetic models and on the golden models when present.
 # usage: test_layouts.sh SINKSCOPE REPO_ROOT [MPIEXEC]
 set -euo pipefail

@@ -1,4 +1,4 @@
-// src/io: the HDF5 schema of INTERFACE.md (names, dims, attribute types), round trips, and the
+// src/io: the HDF5 schema of docs/schema.md (names, dims, attribute types), round trips, and the
 // failure paths users meet: a wrong --out folder, a damaged or incomplete analysis file, a writer
 // that fails half way (nothing may be left behind).
 #include <gtest/gtest.h>
