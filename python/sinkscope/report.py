@@ -135,6 +135,11 @@ class Analysis:
             self.attr_head = dataset(f, "circuit/attr_head", 4)
             self.attr_expert = dataset(f, "circuit/attr_expert", 4)
             self.attr_mlp = dataset(f, "circuit/attr_mlp", 3)
+            # Optional (--ablate): the causal check of the circuit, docs/metrics.md §4.
+            self.ablation_components = self.ablation_delta = None
+            if "circuit/ablation/components" in f and "circuit/ablation/delta_sink_score" in f:
+                self.ablation_components = dataset(f, "circuit/ablation/components", 2).astype(int)
+                self.ablation_delta = dataset(f, "circuit/ablation/delta_sink_score", 3).astype(float)
         layers, heads = self.sink_score.shape
         for name, array, shape in [
             ("attention/sink_rate", self.sink_rate, (layers,)),
@@ -719,6 +724,11 @@ class Page:
         self.html.append(f"<p>{html.escape(text)}</p>")
         self.md += [text, ""]
 
+    def text_with_link(self, before, label, href, after=""):
+        self.html.append(f"<p>{html.escape(before)}<a href=\"{html.escape(href)}\">"
+                         f"{html.escape(label)}</a>{html.escape(after)}</p>")
+        self.md += [f"{before}[{label}]({href}){after}", ""]
+
     def figure(self, image, caption):
         if image is None:
             return
@@ -773,14 +783,22 @@ def column_formatter(values):
 
 
 def edges_section(page, edges, a, out_dir):
-    page.heading(f"Strongest circuit edges ({checkpoint_title(a)})")
+    has_sink = bool(np.nanmax(a.sink_score) > a.eps)
+    page.heading(f"Strongest circuit edges ({checkpoint_title(a)})" if has_sink else
+                 f"Strongest attribution edges ({checkpoint_title(a)}; no sink head)")
+    if not has_sink:
+        page.warning(f"No head of this checkpoint has a sink score above ε = {a.eps:g}: there is no "
+                     "sink circuit to explain, and the edges below only rank attributions into "
+                     "heads that attend weakly to position 0.")
     if not edges:
         page.text("No edge with a positive attribution into a head with a non-zero sink score.")
         return
-    page.text("Ranked by α(target) × attribution, the weight each edge carries in the "
-              "layer-share profile (docs/metrics.md §4-5). Attribution is in sink-logit units: how "
-              "much more the source's write at position 0 raises the target head's logit for key "
-              f"0 than its typical write elsewhere. Top {len(edges)}, also in edges.csv.")
+    page.text_with_link(
+        "Ranked by α(target) × attribution, the weight each edge carries in the "
+        "layer-share profile (docs/metrics.md §4-5). Attribution is in sink-logit units: how "
+        "much more the source's write at position 0 raises the target head's logit for key "
+        f"0 than its typical write elsewhere. Top {len(edges)}, also in ", "edges.csv",
+        "edges.csv", ".")
     attribution = column_formatter([e["attribution"] for e in edges])
     weight = column_formatter([e["weight"] for e in edges])
     rows = [(rank, e["source"], "→ " + e["target"], attribution(e["attribution"]),
@@ -867,6 +885,7 @@ def report_sweep(sweep, out_dir, top):
 
     if last_analysis is not None:
         edges_section(page, strongest_edges(last_analysis, top), last_analysis, out_dir)
+        ablation_section(page, last_analysis, out_dir, top)
     else:
         page.heading("Strongest circuit edges")
         page.text(f"Not shown: the last checkpoint's analysis file "
@@ -900,7 +919,62 @@ def report_analysis(a, out_dir, top):
                 "Share of the sink-building attribution contributed by the embedding and by each "
                 "layer; layers 0 and 1 in orange.")
     edges_section(page, strongest_edges(a, top), a, out_dir)
+    ablation_section(page, a, out_dir, top)
     page.write(out_dir)
+
+
+COMPONENT_KINDS = {0: "H", 1: "E", 2: "emb", 3: "MLP"}
+
+
+def component_label(layer, kind, index):
+    if kind == 2:
+        return "emb"
+    if kind == 3:
+        return f"L{layer}.MLP"
+    return f"L{layer}.{COMPONENT_KINDS.get(kind, '?')}{index}"
+
+
+def ablation_section(page, a, out_dir, top):
+    """The causal check (--ablate): how much each mean-ablated component moves the sink scores."""
+    if a.ablation_components is None:
+        return
+    page.heading(f"Ablations ({checkpoint_title(a)})")
+    components, delta = a.ablation_components, a.ablation_delta
+    if len(components) == 0:
+        page.text("The ablation set was empty.")
+        return
+    flat = delta.reshape(len(components), -1)
+    drop = flat.min(axis=1)  # the largest fall of any head's sink score
+    order = np.argsort(drop)[:top]
+    heads = delta.shape[2]
+    fmt = column_formatter(list(drop[order]) + list(flat.mean(axis=1)[order]))
+    rows = []
+    for k in order:
+        where = int(np.argmin(flat[k]))
+        rows.append((component_label(*components[k]), fmt(drop[k]),
+                     f"L{where // heads}.H{where % heads}", fmt(flat[k].mean())))
+    page.text(f"Each component's write at position 0 replaced by its mean elsewhere and the layers "
+              f"after it rerun (docs/metrics.md §4, causal version); {len(components)} components, "
+              f"the {len(order)} with the largest drop of any head's sink score α first.")
+    page.table(["component", "largest Δα", "at head", "mean Δα over heads"], rows,
+               left_columns=(0, 2))
+    page.figure(plot_ablations(components[order], drop[order], out_dir),
+                "Largest fall of any head's sink score when the component is ablated "
+                "(negative = the component builds the sink).")
+
+
+def plot_ablations(components, drops, out_dir):
+    labels = [component_label(*c) for c in components]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.28 * len(labels)), layout="constrained")
+    y = np.arange(len(labels))
+    ax.barh(y, drops, color=["tab:red" if d < 0 else "tab:grey" for d in drops])
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("largest Δ sink score α (ablated − clean)")
+    ax.set_title("Mean-ablation at position 0")
+    return save(fig, out_dir, "ablations.png")
 
 
 def load_input(path):

@@ -283,7 +283,10 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
       if (!ca.quiet) {
         std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " ("
-                  << s.names.size() << " checkpoints, convergence step " << s.convergence_step
+                  << s.names.size() << " checkpoints, "
+                  << (s.convergence_step >= 0
+                          ? "converged at step " + std::to_string(s.convergence_step)
+                          : std::string("not converged"))
                   << ")\n";
         if (!s.failed.empty()) {
           std::cerr << "sinkscope: checkpoints without a valid analysis:";

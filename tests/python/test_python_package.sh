@@ -43,4 +43,9 @@ assert s.sizes["checkpoint_pair"] == 1
 print("ok: package installed with pip --target, imported and used on real output")
 PY
 PYTHONPATH="$work/site" "$py" -m sinkscope.report "$work/out/sweep" --out "$work/report" >/dev/null
-test -s "$work/report/index.html" && echo "ok: python -m sinkscope.report"
+test -s "$work/report/index.html" || { echo "FAIL: no index.html from python -m sinkscope.report"; exit 1; }
+# The report of an analysis with --ablate: the ablation table and plot, edges.csv linked.
+PYTHONPATH="$work/site" "$py" -m sinkscope.report "$work/out/a.h5" --out "$work/report-a" >/dev/null
+grep -q "<h2>Ablations" "$work/report-a/index.html" && test -s "$work/report-a/ablations.png" &&
+  grep -q '<a href="edges.csv">edges.csv</a>' "$work/report-a/index.html" && test -s "$work/report-a/edges.csv" &&
+  echo "ok: report shows the ablations and links edges.csv"
