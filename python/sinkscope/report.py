@@ -258,7 +258,26 @@ class StepAxis:
             ax.set_xticklabels(self.labels, rotation=45, ha="right")
         if self.by_step and len(self.x) > 8:
             plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+        if self.by_step and len(self.x) <= 16:
+            self.thin_labels(ax)
         ax.set_xlabel(self.title)
+
+    def thin_labels(self, ax):
+        """Blanks tick labels that would touch the previous shown one (0, 128 and 256 sit close
+        together on a log axis and printed as "0 128256"); the ticks themselves stay."""
+        ax.figure.canvas.draw()  # settles the layout, so data -> pixel positions are final
+        pixels = ax.transData.transform(np.column_stack([self.x, np.zeros_like(self.x)]))[:, 0]
+        rotated = len(self.x) > 8
+        font = float(plt.rcParams["xtick.labelsize"]) * ax.figure.dpi / 72  # points -> pixels
+        labels, last = [], None
+        for x, label in zip(pixels, self.labels):
+            width = (0.75 if rotated else 0.62) * font * (1 if rotated else len(label)) + 6
+            if last is None or x - last >= width:
+                labels.append(label)
+                last = x
+            else:
+                labels.append("")
+        ax.set_xticklabels(labels, rotation=45 if rotated else 0, ha="right" if rotated else "center")
 
 
 def layer_ticks(ax, axis, count):
@@ -362,17 +381,20 @@ def plot_sink_rate(sweep, axis, eps, out_dir):
     layers = sweep.sink_rate.shape[1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.3), layout="constrained",
                                       gridspec_kw={"width_ratios": [1.25, 1]})
-    for c, colour in enumerate(checkpoint_colours(len(sweep.steps))):
-        left.plot(np.arange(layers), sweep.sink_rate[c], color=colour,
-                  marker="o" if layers <= 24 else None, markersize=3.5, linewidth=1.6,
-                  label=axis.labels[c])
-    left.set_ylim(-0.03, 1.03)
+    # A heatmap, not one line per checkpoint: checkpoints with the same sink rate in every layer
+    # would draw identical lines, hiding each other.
+    count = len(sweep.steps)
+    image = left.imshow(sweep.sink_rate, aspect="auto", cmap=SCORE_CMAP, vmin=0, vmax=1,
+                        interpolation="nearest")
     left.set_xlabel("layer")
     layer_ticks(left, "x", layers)
-    left.set_ylabel(f"sink rate (fraction of heads with α > {eps:g})")
-    left.set_title("(a) sink rate by layer, one line per checkpoint")
-    left.grid(True, axis="y")
-    checkpoint_key(fig, left, "step" if axis.by_step else "checkpoint", axis.labels)
+    shown = evenly_sampled(count, 16)
+    left.set_yticks(shown)
+    left.set_yticklabels([axis.labels[c] for c in shown])
+    left.set_ylabel("step" if axis.by_step else "checkpoint")
+    left.set_title("(a) sink rate by layer and checkpoint")
+    bar = fig.colorbar(image, ax=left, pad=0.01)
+    bar.set_label(f"sink rate (fraction of heads with α > {eps:g})")
 
     mean_rate = sweep.sink_rate.mean(axis=1)
     right.plot(axis.x, mean_rate, color="black", marker="o", linewidth=2, label="mean over layers")
