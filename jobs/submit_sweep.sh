@@ -144,8 +144,15 @@ if [[ -z $sinkscope ]]; then
   sinkscope=${SITE_SINKSCOPE:-$(command -v sinkscope || true)}
   [[ -n $sinkscope ]] || sinkscope="$repo_root/build/src/sinkscope"
 fi
-[[ -x $sinkscope && ! -d $sinkscope ]] || die "sinkscope binary $sinkscope is not an executable (--sinkscope PATH)"
-sinkscope="$(cd "$(dirname "$sinkscope")" && pwd)/$(basename "$sinkscope")"
+if [[ -x $sinkscope && ! -d $sinkscope ]]; then
+  sinkscope="$(cd "$(dirname "$sinkscope")" && pwd)/$(basename "$sinkscope")"
+elif ((dry_run)); then
+  # A dry run only prints what would be submitted: it may be prepared where the site's binary
+  # (a path on the cluster) does not exist.
+  log "note: sinkscope binary $sinkscope does not exist here (fine for --dry-run; a submission needs it)"
+else
+  die "sinkscope binary $sinkscope is not an executable (--sinkscope PATH)"
+fi
 
 # ---- probes -----------------------------------------------------------------------------------
 if [[ $probes =~ ^(random|repeat): ]]; then

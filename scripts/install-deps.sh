@@ -11,6 +11,7 @@ packages=(
   libopenblas-dev
   nlohmann-json3-dev libcli11-dev
   python3 python3-numpy python3-h5py python3-matplotlib
+  python3-xarray python3-h5netcdf python3-pandas python3-pip python3-setuptools
   procps
 )
 # The test suite also needs Slurm (end-to-end Slurm test) and clang with libFuzzer (fuzz run).

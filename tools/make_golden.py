@@ -8,7 +8,7 @@ Commands (run where torch and transformers are installed, e.g. the GPU machine):
 
 Each fixture folder tests/golden/<name>/ holds a Hugging Face checkpoint (config.json and
 model.safetensors in bf16, per-expert tensor names as on the Hub), probes.npy (int32 [N, T]),
-expected.safetensors (reference tensors plus the metrics of METRICS.md sections 1-5) and
+expected.safetensors (reference tensors plus the metrics of docs/metrics.md sections 1-5) and
 meta.json (versions, seed, date, command, the self-check results). tests/golden/README.md lists
 every tensor and the tolerances to compare with.
 
@@ -20,7 +20,7 @@ here in numpy float64 from the checkpoint file itself, and each hooked tensor is
 that independent recomputation. transformers computes RMSNorm, the RoPE tables and both softmaxes
 (attention, router) in float32 even inside a float64 model, so hooked values carry float32 rounding
 (about 1e-7 relative): the cross-checks allow TOL_FLOAT32_INSIDE on those paths and TOL_FLOAT64 on
-pure float64 paths. Both are far inside sinkscope's own targets (METRICS.md section 7).
+pure float64 paths. Both are far inside sinkscope's own targets (docs/metrics.md section 7).
 """
 
 import argparse
@@ -44,15 +44,15 @@ FIXTURES = ("tiny_random", "tiny_trained")
 NUM_PROBES = 3
 PROBE_LEN = 24
 BOS_ID = 1  # the fixed first token of tiny_trained's training text and probes
-SINK_EPS = 0.3  # METRICS.md section 1 default
-MASSIVE_ABS = 100.0  # METRICS.md section 2 (Sun et al.)
+SINK_EPS = 0.3  # docs/metrics.md section 1 default
+MASSIVE_ABS = 100.0  # docs/metrics.md section 2 (Sun et al.)
 MASSIVE_REL = 1000.0
 MAX_TOTAL_BYTES = 3 * 1024 * 1024  # the fixtures are committed: keep them small
 
 # Self-check tolerances, relative to the largest magnitude of the reference tensor.
 TOL_FLOAT64 = 1e-9  # paths computed in float64 on both sides
 TOL_FLOAT32_INSIDE = 1e-5  # paths where transformers rounds through float32 (see module docstring)
-TOL_KEY_IDENTITY = 1e-6  # sum of K(c[0]) vs the model's k_0 (METRICS.md section 4)
+TOL_KEY_IDENTITY = 1e-6  # sum of K(c[0]) vs the model's k_0 (docs/metrics.md section 4)
 TOL_STORED = 1e-5  # --check: recomputed float64 vs the stored float32 tensors
 
 # Training of tiny_trained: short, but long enough for a BOS sink to form.
@@ -216,7 +216,7 @@ def rewrite_config_legacy_keys(model_dir):
 
     tiny_random carries `rope_theta`, `num_experts` and `torch_dtype` while tiny_trained keeps what
     transformers 5 writes (`rope_parameters`, `num_local_experts`, `dtype`), so the fixtures cover
-    both variants that sinkscope must read (INTERFACE.md, Inputs).
+    both variants that sinkscope must read (docs/schema.md, Inputs).
     """
     path = os.path.join(model_dir, "config.json")
     with open(path) as f:
@@ -273,7 +273,7 @@ class ModelSpec:
 
 
 def read_spec(model_dir):
-    """Parse config.json the way INTERFACE.md requires (rope_theta | rope_parameters, num_experts | ...)."""
+    """Parse config.json the way docs/schema.md requires (rope_theta | rope_parameters, num_experts | ...)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     if config.get("attention_bias", False):
@@ -581,37 +581,37 @@ def recompute_layers(spec, weights, probes, hooked, checks):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics (METRICS.md), float64 numpy
+# Metrics (docs/metrics.md), float64 numpy
 # ----------------------------------------------------------------------------------------------
 
 
 def sink_score(attn_p0):
-    """METRICS.md 1: alpha[l,h] = mean over probes and ALL queries i = 0..T-1 of A[i, 0]; attn_p0 [N,L,H,T]."""
+    """docs/metrics.md 1: alpha[l,h] = mean over probes and ALL queries i = 0..T-1 of A[i, 0]; attn_p0 [N,L,H,T]."""
     return attn_p0.mean(axis=(0, 3))
 
 
 def sink_rate(alpha, eps=SINK_EPS):
-    """METRICS.md 1: fraction of the heads of each layer with alpha > eps."""
+    """docs/metrics.md 1: fraction of the heads of each layer with alpha > eps."""
     return (alpha > eps).mean(axis=1)
 
 
 def norm_p0(residual):
-    """METRICS.md 2: ||x_l[0]|| per probe and layer; residual [N,L+1,T,D] -> [N,L+1]."""
+    """docs/metrics.md 2: ||x_l[0]|| per probe and layer; residual [N,L+1,T,D] -> [N,L+1]."""
     return np.linalg.norm(residual[:, :, 0], axis=-1)
 
 
 def norm_rest_median(residual):
-    """METRICS.md 2: median over i = 1..T-1 of ||x_l[i]|| (mean of the middle two for an even count)."""
+    """docs/metrics.md 2: median over i = 1..T-1 of ||x_l[i]|| (mean of the middle two for an even count)."""
     return np.median(np.linalg.norm(residual[:, :, 1:], axis=-1), axis=-1)
 
 
 def h_ratio(p0_norms, rest_medians):
-    """METRICS.md 2: mean over probes of norm_p0 / norm_rest_median -> [L+1]."""
+    """docs/metrics.md 2: mean over probes of norm_p0 / norm_rest_median -> [L+1]."""
     return (p0_norms / rest_medians).mean(axis=0)
 
 
 def p0_cosine(residual):
-    """METRICS.md 2: mean over probe pairs n < m of cos(x_l,n[0], x_l,m[0]) -> [L+1]."""
+    """docs/metrics.md 2: mean over probe pairs n < m of cos(x_l,n[0], x_l,m[0]) -> [L+1]."""
     p0 = residual[:, :, 0]
     unit = p0 / np.linalg.norm(p0, axis=-1, keepdims=True)
     n_probes = p0.shape[0]
@@ -620,7 +620,7 @@ def p0_cosine(residual):
 
 
 def massive_p0(residual):
-    """METRICS.md 2: on probe 0, channels with |x_l[0,c]| > 100 and > 1000 x median |x_l[i,c']| (all i, c')."""
+    """docs/metrics.md 2: on probe 0, channels with |x_l[0,c]| > 100 and > 1000 x median |x_l[i,c']| (all i, c')."""
     magnitudes = np.abs(residual[0])  # [L+1, T, D]
     medians = np.median(magnitudes.reshape(magnitudes.shape[0], -1), axis=1)
     massive = (magnitudes[:, 0] > MASSIVE_ABS) & (magnitudes[:, 0] > MASSIVE_REL * medians[:, None])
@@ -628,24 +628,24 @@ def massive_p0(residual):
 
 
 def attn_head_norms(head_writes):
-    """METRICS.md 3: attn_head_p0 = mean_n ||w^{l,h}[0]||, attn_head_rest = mean over n, i >= 1; [N,L,H,T,D]."""
+    """docs/metrics.md 3: attn_head_p0 = mean_n ||w^{l,h}[0]||, attn_head_rest = mean over n, i >= 1; [N,L,H,T,D]."""
     norms = np.linalg.norm(head_writes, axis=-1)
     return norms[..., 0].mean(axis=0), norms[..., 1:].mean(axis=(0, 3))
 
 
 def block_norms(block_out):
-    """METRICS.md 3: moe_p0 and moe_rest for m_l (MoE block or dense MLP output); block_out [N,L,T,D]."""
+    """docs/metrics.md 3: moe_p0 and moe_rest for m_l (MoE block or dense MLP output); block_out [N,L,T,D]."""
     norms = np.linalg.norm(block_out, axis=-1)
     return norms[..., 0].mean(axis=0), norms[..., 1:].mean(axis=(0, 2))
 
 
 def expert_p0(expert_out):
-    """METRICS.md 3: mean over probes of ||m^{l,e}[0]|| (zero where e is not routed); [N,L,E,T,D] -> [L,E]."""
+    """docs/metrics.md 3: mean over probes of ||m^{l,e}[0]|| (zero where e is not routed); [N,L,E,T,D] -> [L,E]."""
     return np.linalg.norm(expert_out[..., 0, :], axis=-1).mean(axis=0)
 
 
 def topk_freq(topk_idx, num_experts):
-    """METRICS.md 3: p0_topk_freq (position 0, over probes) and rest_topk_freq (over probes and i >= 1).
+    """docs/metrics.md 3: p0_topk_freq (position 0, over probes) and rest_topk_freq (over probes and i >= 1).
 
     topk_idx int [N,L,T,K], -1 in dense layers (which therefore count zero everywhere).
     """
@@ -654,7 +654,7 @@ def topk_freq(topk_idx, num_experts):
 
 
 def key_map(spec, weights, target, kv_head, r_x, r_k):
-    """The d x D matrix of K(v) = gamma_k * (W_K^g (gamma_in * v)) / (r_x r_k) (METRICS.md 4), so K(v) = M @ v."""
+    """The d x D matrix of K(v) = gamma_k * (W_K^g (gamma_in * v)) / (r_x r_k) (docs/metrics.md 4), so K(v) = M @ v."""
     prefix = f"model.layers.{target}."
     d = spec.head_dim
     key_proj = weights[prefix + "self_attn.k_proj.weight"][kv_head * d:(kv_head + 1) * d]
@@ -664,7 +664,7 @@ def key_map(spec, weights, target, kv_head, r_x, r_k):
 
 
 def circuit_attribution(spec, weights, layers):
-    """METRICS.md 4: differential key attribution of every upstream component to every head's sink logit.
+    """docs/metrics.md 4: differential key attribution of every upstream component to every head's sink logit.
 
     For target layer t, probe n, KV head g, with the RMS scales frozen at their actual values
     (r_x = sqrt(mean(x_t[0]^2) + eps), r_k the same for head g's pre-norm key at position 0),
@@ -729,7 +729,7 @@ def circuit_attribution(spec, weights, layers):
 
 
 def check_attribution(spec, weights, layers, attribution, k0_model, checks):
-    """The two identities of METRICS.md 4 that must hold to rounding.
+    """The two identities of docs/metrics.md 4 that must hold to rounding.
 
     1. sum over components of K(c[0]) equals the model's k_0 (the post-k_norm key at position 0: RoPE is
        the identity there).
@@ -755,7 +755,7 @@ def check_attribution(spec, weights, layers, attribution, k0_model, checks):
 
 
 def layer_share(spec, alpha, attribution):
-    """METRICS.md 5: index 0 = embedding, 1 + l = layer l; sum_{t,h} alpha[t,h] sum_{c in layer} max(attr, 0).
+    """docs/metrics.md 5: index 0 = embedding, 1 + l = layer l; sum_{t,h} alpha[t,h] sum_{c in layer} max(attr, 0).
 
     Normalised to sum 1 (all zeros if no attribution is positive).
     """
@@ -771,24 +771,24 @@ def layer_share(spec, alpha, attribution):
 
 
 def first2_share(share):
-    """METRICS.md 5: layer_share[1] + layer_share[2] (layers 0 and 1)."""
+    """docs/metrics.md 5: layer_share[1] + layer_share[2] (layers 0 and 1)."""
     return share[1] + share[2]
 
 
 def norm_gain_share(ratios):
-    """METRICS.md 5: G_l = log h_ratio[l+1] - log h_ratio[l]; share = max(G, 0) / sum max(G, 0) (zeros if none)."""
+    """docs/metrics.md 5: G_l = log h_ratio[l+1] - log h_ratio[l]; share = max(G, 0) / sum max(G, 0) (zeros if none)."""
     gains = np.maximum(np.diff(np.log(ratios)), 0.0)
     total = gains.sum()
     return gains / total if total > 0 else gains
 
 
 def peak_layer(share):
-    """METRICS.md 5: argmax over l of layer_share[1 + l]."""
+    """docs/metrics.md 5: argmax over l of layer_share[1 + l]."""
     return int(np.argmax(share[1:]))
 
 
 def entropy(share):
-    """METRICS.md 5: Shannon entropy in nats of layer_share (0 log 0 = 0)."""
+    """docs/metrics.md 5: Shannon entropy in nats of layer_share (0 log 0 = 0)."""
     nonzero = share[share > 0]
     return float(-np.sum(nonzero * np.log(nonzero)))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a toy Qwen3-MoE from scratch on byte-level Python source and save a log-spaced checkpoint trace.
 
-The toy traces (TOY_TRACE_NOTES.md) are made with, on one H200 (about 3.5 minutes each):
+The toy traces of examples/README.md are made with, on one H200 (about 3.5 minutes each):
 
     python3 tools/train_toy_moe.py --mode bos    --steps 2048 --out examples/toy_trace_bos
     python3 tools/train_toy_moe.py --mode random --steps 2048 --out examples/toy_trace_random

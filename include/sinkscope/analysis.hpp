@@ -1,5 +1,5 @@
-// The in-memory form of one analysis file (INTERFACE.md "Analysis file"; every number is
-// defined in docs/metrics.md, a copy of the METRICS.md contract).
+// The in-memory form of one analysis file (docs/schema.md "Analysis file"; every number is
+// defined in docs/metrics.md).
 #pragma once
 
 #include <cstdint>
@@ -27,10 +27,27 @@ struct AnalysisMeta {
   // sinkscope additions (docs/schema.md):
   std::string layout;  // the ShardPlan's one-line description
   int64_t etp = 1;     // expert tensor parallelism
-  // METRICS.md section 4's identity: max over probes, target layers and KV heads of
+  // docs/metrics.md section 4's identity: max over probes, target layers and KV heads of
   // |k_0 - sum_c K(c[0])| / |k_0|.
   double circuit_identity_max_rel_err = 0;
+  // Provenance (format version 2; docs/schema.md "Provenance"). Files of format version 1 have
+  // none of these: they read back empty (-1 for the numbers).
+  int64_t format_version = 0;           // the writer stamps kFormatVersion when 0
+  std::string git_commit;               // of the build that wrote the file
+  std::string command_line;             // argv joined with spaces, as run
+  std::string options;                  // every option of the subcommand with its value (TOML lines)
+  std::string probes;                   // the token file, or "--probes SPEC"
+  int64_t prepend_bos = -1;             // --prepend-bos, -1 when off
+  std::string ablate;                   // --ablate, "" when off
+  int64_t batch = -1, threads = -1;     // --batch, --threads
+  int64_t per_query = -1;               // --per-query (0 or 1)
+  std::string checkpoint_headers_sha256;  // Checkpoint::headers_sha256()
 };
+
+// The version of the file layout that this build writes (root attribute `format_version`).
+// 1: the layout before the attribute existed. 2: dimension scales, coordinate variables,
+// long_name/units/description on every dataset, provenance attributes (docs/schema.md).
+inline constexpr int64_t kFormatVersion = 2;
 
 struct Analysis {
   AnalysisMeta meta;

@@ -31,8 +31,15 @@ struct AnalyzeOptions {
   bool verbose = false;
   bool log_layout = false;  // rank 0 prints the shard plan's one-line description at start
   int64_t step = -1;        // training step, -1 when unknown
+  // Provenance written into the file as given (docs/schema.md "Provenance").
+  std::string command_line;  // the command as run
+  std::string options;       // every option of the subcommand with its value
+  int64_t prepend_bos = -1;  // --prepend-bos (already applied to the tokens), -1 when off
   // Called on rank 0 after each micro-batch: (probes done, probes total).
   std::function<void(int64_t, int64_t)> progress;
+  // Called on rank 0 before each ablated component (--ablate): (index from 1, count, component
+  // as "layer L head H" / "layer L expert E" / "embedding" / "layer L dense MLP").
+  std::function<void(int64_t, int64_t, const std::string&)> ablation_progress;
 };
 
 // Every rank calls this with the same tokens. Returns the complete analysis on rank 0 (other

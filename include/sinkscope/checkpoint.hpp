@@ -67,6 +67,11 @@ class Checkpoint {
   // Bytes of stored tensor data converted so far by read_rows/read_cols (the sharded-load measure).
   uint64_t weight_bytes_read() const;
 
+  // Hex SHA-256 over every safetensors file's name, length prefix and JSON header, in the order of
+  // files(): identifies the checkpoint's tensors (names, shapes, offsets) without reading the
+  // weights (the `checkpoint_headers_sha256` attribute).
+  std::string headers_sha256() const;
+
  private:
   struct Impl;
   explicit Checkpoint(std::unique_ptr<Impl> impl);

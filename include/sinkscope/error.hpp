@@ -1,4 +1,4 @@
-// Error policy (STYLE.md habit 4): library code throws one of two typed exceptions; `main`
+// Error policy: library code throws one of two typed exceptions; `main`
 // catches once, prints one line, and maps InputError -> exit 1, everything else -> exit 2.
 #pragma once
 

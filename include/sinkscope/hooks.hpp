@@ -1,4 +1,4 @@
-// Hook points of the instrumented forward pass . A backend (CPU or CUDA) calls
+// Hook points of the instrumented forward pass. A backend (CPU or CUDA) calls
 // the observer once per layer and micro-batch with rank-local, already-reduced position-zero
 // summaries on the host, so the Recorder is the same for every backend. Arrays are row-major;
 // `B` is the number of probes of the micro-batch on this rank's dp group, `probe0` the global

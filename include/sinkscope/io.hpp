@@ -1,4 +1,4 @@
-// HDF5 files of INTERFACE.md: the analysis file and sweep.h5. Free of HDF5 types.
+// HDF5 files of docs/schema.md: the analysis file and sweep.h5. Free of HDF5 types.
 // Writers commit atomically: write to "<path>.tmp.<pid>", flush + fsync, rename over <path>;
 // on any failure the temporary is removed and nothing is left at <path>.
 #pragma once
@@ -12,7 +12,7 @@
 
 namespace sinkscope {
 
-// Writes every dataset of INTERFACE.md that `a` holds (optional ones only when non-empty), with
+// Writes every dataset of docs/schema.md that `a` holds (optional ones only when non-empty), with
 // the root attributes and a `dims` attribute on each dataset. Throws InputError when the folder
 // of `path` is missing or not writable, RuntimeFailure on an HDF5 failure (message carries HDF5's
 // own error stack, first line).
@@ -25,7 +25,7 @@ Analysis read_analysis(const std::string& path);
 // Token file in HDF5: dataset /tokens, integer [N, T]. Throws InputError naming the file.
 IntArray read_tokens_h5(const std::string& path);
 
-// sweep.h5 (INTERFACE.md "Sweep folder").
+// sweep.h5 (docs/schema.md "Sweep folder").
 struct Sweep {
   std::vector<int64_t> steps;      // [C]
   std::vector<std::string> names;  // [C]
@@ -39,7 +39,16 @@ struct Sweep {
   int64_t convergence_step = -1;
   double tau = 0.05;
   std::vector<std::string> failed;  // checkpoints that had no valid analysis file (attribute)
+  // Provenance (format version 2): per checkpoint [C], from its analysis file ...
+  std::vector<std::string> checkpoint_paths;           // the model folder as given
+  std::vector<std::string> checkpoint_headers_sha256;  // Checkpoint::headers_sha256()
+  // ... and of the whole sweep (root attributes).
+  std::string tokens_sha256;
+  double eps = 0;
+  int64_t format_version = 0;  // the writer stamps kFormatVersion when 0
+  std::string git_commit, command_line, options;
 };
+
 
 void write_sweep(const std::string& path, const Sweep& s);
 Sweep read_sweep(const std::string& path);

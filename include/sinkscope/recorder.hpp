@@ -1,4 +1,4 @@
-// Rank-local records of the position-zero quantities (METRICS.md sections 1-4) and the Reducer
+// Rank-local records of the position-zero quantities (docs/metrics.md sections 1-4) and the Reducer
 // that assembles them into the global analysis on rank 0.
 #pragma once
 
@@ -75,10 +75,10 @@ class Recorder final : public ForwardObserver {
 void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps,
                     bool per_query, Analysis& a, double* identity_max_rel_err);
 
-// METRICS.md section 5 from the circuit map, sink scores and h-ratios already in `a`.
+// docs/metrics.md section 5 from the circuit map, sink scores and h-ratios already in `a`.
 void compute_profile(Analysis& a);
 
-// Total-variation distance series and convergence step of METRICS.md section 6.
+// Total-variation distance series and convergence step of docs/metrics.md section 6.
 void convergence(const std::vector<std::vector<float>>& layer_shares,
                  const std::vector<int64_t>& steps, double tau, std::vector<float>* tv,
                  int64_t* step);

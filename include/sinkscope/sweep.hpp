@@ -1,4 +1,4 @@
-// Checkpoint sweeps (METRICS.md section 6, INTERFACE.md "Sweep folder").
+// Checkpoint sweeps (docs/metrics.md section 6, docs/schema.md "Sweep folder").
 #pragma once
 
 #include <cstdint>
@@ -21,7 +21,8 @@ struct SweepCheckpoint {
 int64_t step_from_name(const std::string& folder);
 
 // The checkpoints of --models / --models-glob (sorted by step, then name), with --steps applied
-// when given. Throws InputError for an empty list, duplicate names or a --steps length mismatch.
+// when given. Throws InputError for an empty list, duplicate names, a --steps length mismatch, or
+// a folder without a step in its name when --steps is not given.
 std::vector<SweepCheckpoint> list_checkpoints(const std::vector<std::string>& models,
                                               const std::string& glob,
                                               const std::vector<int64_t>& steps);

@@ -1,4 +1,4 @@
-// sinkscope: one binary, CLI11 subcommands (INTERFACE.md "Command line").
+// sinkscope: one binary, CLI11 subcommands (docs/schema.md "Command line").
 // Error policy: library code throws; this file catches once, prints one line and exits
 // 1 (bad input) or 2 (runtime failure; every MPI rank is taken down so no job hangs).
 #include <unistd.h>
@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 
 #include "app/progress.hpp"
 #include "sinkscope/analyze.hpp"
@@ -43,13 +44,19 @@ struct CommonArgs {
   int64_t batch = 4;
   int threads = 1;
   bool verbose = false, quiet = false;
+  // Provenance for the output files: the command as run, every option with its value.
+  std::string command_line, options;
 };
 
 void add_probe_options(CLI::App* app, ProbeArgs& p) {
-  auto* tok = app->add_option("--tokens", p.tokens,
-                              "probe tokens: .npy int32/int64 [N, T] or .h5 with /tokens");
-  auto* pr = app->add_option("--probes", p.probes,
-                             "generated probes: random:N:T:SEED or repeat:N:T:TOKEN");
+  auto* tok = app->add_option(
+      "--tokens", p.tokens,
+      "probe tokens: .npy int32/int64 [N, T] or .h5 with /tokens (one of --tokens/--probes is "
+      "required)");
+  auto* pr = app->add_option(
+      "--probes", p.probes,
+      "generated probes: random:N:T:SEED or repeat:N:T:TOKEN (one of --tokens/--probes is "
+      "required)");
   tok->excludes(pr);
   app->add_option("--prepend-bos", p.prepend_bos,
                   "put token ID in front of every probe (BOS on/off controls)");
@@ -63,7 +70,13 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
                   "expert tensor-parallel ranks (slices of each expert; default: tp where it fits)")
       ->check(CLI::PositiveNumber);
   app->add_option("--device", c.device, "cpu or cuda");
-  app->add_option("--eps", c.eps, "sink threshold on the sink score");
+  app->add_option("--eps", c.eps, "sink threshold on the sink score, in (0, 1)")
+      ->check(CLI::Validator(
+          [](const std::string& text) {
+            const double eps = std::strtod(text.c_str(), nullptr);
+            return eps > 0 && eps < 1 ? std::string() : "must lie strictly between 0 and 1";
+          },
+          "(0,1)"));
   app->add_flag("--per-query", c.per_query, "also write attention/p0_per_query");
   app->add_option("--ablate", c.ablate, "causal ablations: layers=A-B or top=K");
   app->add_option("--batch", c.batch, "probes per forward micro-batch")->check(CLI::PositiveNumber);
@@ -85,7 +98,14 @@ IntArray load_probes(const ProbeArgs& p, const std::string& config_json, std::st
   } else {
     throw InputError("give the probes with --tokens FILE or --probes SPEC");
   }
-  if (p.prepend_bos >= 0) t = prepend_bos(t, static_cast<int32_t>(p.prepend_bos));
+  if (p.prepend_bos >= 0) {
+    // Blame the option that brings the id, not the probes it is put in front of.
+    const ModelConfig c = parse_model_config(config_json);
+    if (p.prepend_bos >= c.vocab_size)
+      throw InputError("--prepend-bos " + std::to_string(p.prepend_bos) + ": not below the model's vocab_size " +
+                       std::to_string(c.vocab_size) + " (" + config_json + ")");
+    t = prepend_bos(t, static_cast<int32_t>(p.prepend_bos));
+  }
   return t;
 }
 
@@ -102,6 +122,14 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   o.threads = c.threads;
   o.verbose = c.verbose;
   o.log_layout = !c.quiet;
+  o.command_line = c.command_line;
+  o.options = c.options;
+  if (!c.quiet) {
+    // One forward pass over every probe per component: minutes each on a large model.
+    o.ablation_progress = [](int64_t done, int64_t total, const std::string& component) {
+      std::cerr << "sinkscope: ablation " << done << "/" << total << ": " << component << "\n";
+    };
+  }
   return o;
 }
 
@@ -128,6 +156,7 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   o.model_config = model_config;
   o.synthetic_seed = synthetic_seed;
   o.step = step >= 0 ? step : step_from_name(model);
+  o.prepend_bos = pa.prepend_bos;
   run_agreed(world, [&] {
     if (world.rank() == 0) check_output_folder(out, "--out");
     tokens =
@@ -148,6 +177,28 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   return 0;
 }
 
+// Checks, before any checkpoint is analysed, what would otherwise fail once per checkpoint: every
+// config.json reads, all checkpoints have one model shape (naming the first two that differ), and
+// the parallel layout fits the world.
+void check_sweep_up_front(const std::vector<SweepCheckpoint>& cps, const CommonArgs& ca,
+                          const Comm& world) {
+  std::vector<ModelConfig> configs;
+  for (const SweepCheckpoint& cp : cps)
+    configs.push_back(parse_model_config((fs::path(cp.dir) / "config.json").string()));
+  auto shape = [](const ModelConfig& c) {
+    return "layers " + std::to_string(c.num_layers) + ", hidden " + std::to_string(c.hidden_size) +
+           ", heads " + std::to_string(c.num_heads) + "/" + std::to_string(c.num_kv_heads) +
+           ", head_dim " + std::to_string(c.head_dim) + ", experts " +
+           std::to_string(c.num_experts) + ", vocab " + std::to_string(c.vocab_size);
+  };
+  for (size_t i = 1; i < configs.size(); ++i)
+    if (shape(configs[i]) != shape(configs[0]))
+      throw InputError("checkpoints of different model shapes in one sweep: " + cps[0].dir + " (" +
+                       shape(configs[0]) + ") and " + cps[i].dir + " (" + shape(configs[i]) + ")");
+  const int etp = ca.etp > 0 ? ca.etp : (ca.device == "cuda" ? 1 : 0);
+  ShardPlan::make(world.size(), world.rank(), ca.tp, ca.ep, configs.front(), etp);
+}
+
 struct SweepArgs {
   bool resume = false, assemble_only = false, no_assemble = false;
   double tau = 0.05;
@@ -166,6 +217,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   std::string source;
   run_agreed(world, [&] {
     cps = list_checkpoints(models, glob, steps);
+    if (!assemble_only) check_sweep_up_front(cps, ca, world);
     if (world.rank() == 0) {
       std::error_code ec;
       fs::create_directories(fs::path(outdir) / "checkpoints", ec);
@@ -205,6 +257,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       o.model = cp.dir;
       o.step = cp.step;
       o.tokens_source = source;
+      o.prepend_bos = pa.prepend_bos;
       Progress progress(
           "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
           world.rank() == 0 && !ca.quiet);
@@ -226,10 +279,15 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   if (world.rank() == 0 && !sa.no_assemble) {
     try {
       Sweep s = assemble_sweep(cps, outdir, tau);
+      s.command_line = ca.command_line;
+      s.options = ca.options;
       write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
       if (!ca.quiet) {
         std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " ("
-                  << s.names.size() << " checkpoints, convergence step " << s.convergence_step
+                  << s.names.size() << " checkpoints, "
+                  << (s.convergence_step >= 0
+                          ? "converged at step " + std::to_string(s.convergence_step)
+                          : std::string("not converged"))
                   << ")\n";
         if (!s.failed.empty()) {
           std::cerr << "sinkscope: checkpoints without a valid analysis:";
@@ -258,7 +316,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   return status;
 }
 
-int cmd_inspect(const std::string& model) {
+int cmd_inspect(const std::string& model, bool list_tensors) {
   Checkpoint ck = Checkpoint::open(model);
   const ModelConfig& c = ck.config();
   std::cout << "model: " << model << "\n"
@@ -272,13 +330,23 @@ int cmd_inspect(const std::string& model) {
     std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense");
   std::cout << "\n  files:";
   for (const auto& f : ck.files()) std::cout << " " << f;
-  std::cout << "\n  tensors (" << ck.tensors().size() << "):\n";
+  // A 30B MoE has tens of thousands of tensors: a summary by default, the list with --tensors.
+  std::map<std::string, size_t> per_dtype;
   uint64_t bytes = 0;
   for (const auto& t : ck.tensors()) {
-    std::cout << "    " << t.name << "  " << t.dtype_str << " [";
-    for (size_t i = 0; i < t.shape.size(); ++i) std::cout << (i ? ", " : "") << t.shape[i];
-    std::cout << "]\n";
+    ++per_dtype[t.dtype_str];
     bytes += t.end - t.begin;
+  }
+  std::cout << "\n  tensors: " << ck.tensors().size() << " (";
+  for (auto it = per_dtype.begin(); it != per_dtype.end(); ++it)
+    std::cout << (it == per_dtype.begin() ? "" : ", ") << it->first << " " << it->second;
+  std::cout << ")" << (list_tensors ? ":" : "; --tensors lists them") << "\n";
+  if (list_tensors) {
+    for (const auto& t : ck.tensors()) {
+      std::cout << "    " << t.name << "  " << t.dtype_str << " [";
+      for (size_t i = 0; i < t.shape.size(); ++i) std::cout << (i ? ", " : "") << t.shape[i];
+      std::cout << "]\n";
+    }
   }
   std::cout << "  total " << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / 1e6
             << " MB\n";
@@ -329,6 +397,37 @@ int cmd_synth(const std::string& config, const std::string& out, bool plant, uin
   return 0;
 }
 
+bool has_subcommand(const CLI::App& app, const std::string& name) {
+  for (const CLI::App* sub : app.get_subcommands({}))
+    if (sub->get_name() == name) return true;
+  return false;
+}
+
+// The subcommand nearest to a misspelt one (at most 2 edits away), or "".
+std::string closest_subcommand(const CLI::App& app, const std::string& typed) {
+  std::string best;
+  size_t best_distance = 3;
+  for (const CLI::App* sub : app.get_subcommands({})) {
+    const std::string& name = sub->get_name();
+    std::vector<size_t> row(name.size() + 1);
+    for (size_t j = 0; j <= name.size(); ++j) row[j] = j;
+    for (size_t i = 1; i <= typed.size(); ++i) {
+      size_t diagonal = row[0];
+      row[0] = i;
+      for (size_t j = 1; j <= name.size(); ++j) {
+        const size_t above = row[j];
+        row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (typed[i - 1] != name[j - 1])});
+        diagonal = above;
+      }
+    }
+    if (row[name.size()] < best_distance) {
+      best_distance = row[name.size()];
+      best = name;
+    }
+  }
+  return best;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -345,6 +444,8 @@ int main(int argc, char** argv) {
   CLI::App app{"sinkscope: finds the position-zero attention sink circuit in MoE language models"};
   app.set_version_flag("--version", std::string("sinkscope ") + SINKSCOPE_VERSION);
   app.require_subcommand(1);
+  // Every option's default appears in --help and in the `options` attribute of the outputs.
+  app.option_defaults()->always_capture_default();
 
   std::string model, out, config, glob, input;
   std::vector<std::string> models;
@@ -400,6 +501,8 @@ int main(int argc, char** argv) {
 
   auto* inspect = app.add_subcommand("inspect", "print config, tensors and shard plan; validate");
   inspect->add_option("--model", model, "checkpoint folder")->required();
+  bool list_tensors = false;
+  inspect->add_flag("--tensors", list_tensors, "list every tensor (name, dtype, shape)");
 
   auto* synth =
       app.add_subcommand("synth", "write a random (optionally circuit-planted) checkpoint");
@@ -411,6 +514,12 @@ int main(int argc, char** argv) {
   int status = 0;
   try {
     try {
+      if (argc > 1 && argv[1][0] != '-' && !has_subcommand(app, argv[1])) {
+        std::string closest = closest_subcommand(app, argv[1]);
+        throw CLI::ExtrasError("unknown subcommand '" + std::string(argv[1]) + "'" +
+                                   (closest.empty() ? "" : " (did you mean '" + closest + "'?)"),
+                               CLI::ExitCodes::ExtrasError);
+      }
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
       // --help and --version print through CLI11; a usage error is one line and exit 1.
@@ -422,6 +531,11 @@ int main(int argc, char** argv) {
       finalize_mpi();
       return e.get_exit_code() == 0 ? 0 : 1;
     }
+    for (const CLI::App* command : {analyze, sweep}) {
+      if (!*command) continue;
+      for (int i = 0; i < argc; ++i) ca.command_line += (i ? " " : "") + std::string(argv[i]);
+      ca.options = command->config_to_str(true, false);
+    }
     if (*analyze)
       status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
     else if (*sweep)
@@ -429,7 +543,7 @@ int main(int argc, char** argv) {
     else if (*report)
       status = cmd_report(input, out);
     else if (*inspect)
-      status = cmd_inspect(model);
+      status = cmd_inspect(model, list_tensors);
     else if (*synth)
       status = cmd_synth(config, out, plant, seed);
   } catch (const InputError& e) {

@@ -14,6 +14,7 @@
 
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/probes.hpp"
 
 namespace sinkscope {
 namespace fs = std::filesystem;
@@ -246,5 +247,16 @@ void Checkpoint::read_row(const std::string& name, int64_t row, float* out) cons
 }
 
 uint64_t Checkpoint::weight_bytes_read() const { return impl_->bytes_read; }
+
+std::string Checkpoint::headers_sha256() const {
+  // File name, then the 8-byte length and the JSON header exactly as stored, file by file.
+  std::string bytes;
+  for (size_t i = 0; i < impl_->files.size(); ++i) {
+    bytes += impl_->file_names[i];
+    bytes.push_back('\0');
+    bytes.append(impl_->files[i]->data(), impl_->data_start[i]);
+  }
+  return sha256_hex(bytes.data(), bytes.size());
+}
 
 }  // namespace sinkscope

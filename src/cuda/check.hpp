@@ -1,4 +1,4 @@
-// One check-macro family for the CUDA runtime and cuBLAS (STYLE.md habit 3), made from one generic
+// One check-macro family for the CUDA runtime and cuBLAS, made from one generic
 // macro: a failed call throws sinkscope::RuntimeFailure naming the call, file:line, the device and
 // the rank/host context the backend set. Never used inside assert.
 #pragma once

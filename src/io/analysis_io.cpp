@@ -1,13 +1,25 @@
-// The analysis file and sweep.h5 of INTERFACE.md. Dataset and attribute names here are the
+// The analysis file and sweep.h5 of docs/schema.md. Dataset and attribute names here are the
 // contract: scripts, plots and other people's code read them. Add, never rename.
 //
-// One table per file kind lists every dataset with its schema axes, so the writer and the reader
-// cannot drift apart, and both check shapes against the root attributes: a file that reads back
-// is a file whose numbers line up with its own description (what `sweep --resume` relies on).
+// ONE schema table per file kind (analysis_datasets(), sweep_datasets()) lists every dataset with
+// its dimensions, element type (from the member that holds it), long_name, units and description.
+// The writer and the reader both walk it, and docs/schema.md's tables are generated from (and
+// checked against) the attributes of real output files (tests/tools/schema_doc.py), so none of
+// them can drift apart. Adding a
+// dataset is one row here (plus the member that holds it).
+//
+// Dimensions are real HDF5 dimension scales (netCDF-4 layout): one coordinate variable per
+// dimension at the root, attached to every axis that uses it, so xarray/h5netcdf and netCDF tools
+// open the files as they are. Both readers check shapes against the root attributes: a file that
+// reads back is a file whose numbers line up with its own description (what `sweep --resume`
+// relies on).
 #include <algorithm>
 #include <filesystem>
+#include <map>
+#include <set>
 #include <string>
 #include <type_traits>
+#include <variant>
 #include <vector>
 
 #include "io/hdf5_file.hpp"
@@ -22,117 +34,255 @@ namespace {
 
 constexpr const char* kScalarDims = "scalar";
 
-// The sizes every analysis dataset is made of, taken from the root attributes.
+// ---- dimensions ----------------------------------------------------------------------------
+
+// The sizes every dataset is made of: root attributes (analysis) or leading shapes (sweep).
 struct Sizes {
-  size_t probes = 0;     // N
-  size_t positions = 0;  // T
-  size_t layers = 0;     // L
-  size_t heads = 0;      // H
-  size_t experts = 0;    // E
-  size_t ablations = 0;  // K: not an attribute; taken from circuit/ablation/components
+  size_t probes = 0;       // N
+  size_t positions = 0;    // T
+  size_t layers = 0;       // L
+  size_t heads = 0;        // H
+  size_t experts = 0;      // E
+  size_t ablations = 0;    // K: not an attribute; taken from circuit/ablation/components
+  size_t checkpoints = 0;  // C (sweep.h5)
 };
 
-// Axes of the schema, resolved against Sizes.
-enum class Axis { kProbe, kPosition, kLayer, kLayerPlusOne, kHead, kExpert, kAblation, kThree };
+enum class Axis {
+  kProbe,
+  kPosition,
+  kQuery,
+  kLayer,
+  kLayerInput,
+  kEmbeddingOrLayer,
+  kHead,
+  kExpert,
+  kTargetLayer,
+  kTargetHead,
+  kSourceLayer,
+  kSourceHead,
+  kSourceExpert,
+  kComponent,
+  kField,
+  kCheckpoint,
+  kCheckpointPair,
+};
+
+// The three columns of circuit/ablation/components, the values of its `field` coordinate.
+const std::vector<std::string>& ablation_fields() {
+  static const std::vector<std::string> fields = {"source_layer", "kind", "index"};
+  return fields;
+}
+
+struct AxisSpec {
+  Axis axis;
+  const char* name;  // the dimension's name, and its coordinate variable's (at the root)
+  const char* long_name;
+  const char* description;
+};
+
+// One row per dimension. The L-sized and the (L+1)-sized layer axes have different names
+// (`layer` and `layer_input` / `embedding_or_layer`) so no name ever stands for two lengths.
+const std::vector<AxisSpec>& axis_specs() {
+  using A = Axis;
+  // clang-format off
+  static const std::vector<AxisSpec> specs = {
+      {A::kProbe, "probe", "probe index", "row of /tokens (0..N-1)"},
+      {A::kPosition, "position", "token position", "position in the probe (0..T-1); 0 is the sink position"},
+      {A::kQuery, "query", "query position", "query position i of the attention row A[i, 0] (0..T-1)"},
+      {A::kLayer, "layer", "decoder layer", "decoder layer l (0..L-1)"},
+      {A::kLayerInput, "layer_input", "residual stream index",
+       "residual stream x_l entering layer l (0..L); x_0 is the embedding output, x_L the final residual before the last norm"},
+      {A::kEmbeddingOrLayer, "embedding_or_layer", "source block",
+       "0 = the embedding, 1 + l = decoder layer l (0..L)"},
+      {A::kHead, "head", "attention head", "query head h (0..H-1)"},
+      {A::kExpert, "expert", "routed expert", "routed expert e (0..E-1)"},
+      {A::kTargetLayer, "target_layer", "target layer", "layer t of the sink head whose key is attributed (0..L-1)"},
+      {A::kTargetHead, "target_head", "target head", "query head h of the target layer (0..H-1)"},
+      {A::kSourceLayer, "source_layer", "source layer", "layer l of the writing component (0..L-1)"},
+      {A::kSourceHead, "source_head", "source head", "attention head of the source layer (0..H-1)"},
+      {A::kSourceExpert, "source_expert", "source expert", "routed expert of the source layer (0..E-1)"},
+      {A::kComponent, "component", "ablated component", "row k of circuit/ablation/components (0..K-1)"},
+      {A::kField, "field", "component field", "column of circuit/ablation/components: source_layer, kind, index"},
+      {A::kCheckpoint, "checkpoint", "checkpoint index", "checkpoint c in sweep order (0..C-1; steps and names give its step and folder)"},
+      {A::kCheckpointPair, "checkpoint_pair", "checkpoint pair", "pair (c, c + 1) of consecutive checkpoints (0..C-2)"},
+  };
+  // clang-format on
+  return specs;
+}
+
+const AxisSpec& axis_spec(Axis axis) {
+  for (const AxisSpec& spec : axis_specs())
+    if (spec.axis == axis) return spec;
+  throw RuntimeFailure("schema: axis without a row in axis_specs()");
+}
 
 size_t extent(Axis axis, const Sizes& s) {
   switch (axis) {
     case Axis::kProbe:
       return s.probes;
     case Axis::kPosition:
+    case Axis::kQuery:
       return s.positions;
     case Axis::kLayer:
+    case Axis::kTargetLayer:
+    case Axis::kSourceLayer:
       return s.layers;
-    case Axis::kLayerPlusOne:
+    case Axis::kLayerInput:
+    case Axis::kEmbeddingOrLayer:
       return s.layers + 1;
     case Axis::kHead:
+    case Axis::kTargetHead:
+    case Axis::kSourceHead:
       return s.heads;
     case Axis::kExpert:
+    case Axis::kSourceExpert:
       return s.experts;
-    case Axis::kAblation:
+    case Axis::kComponent:
       return s.ablations;
-    case Axis::kThree:
-      return 3;
+    case Axis::kField:
+      return ablation_fields().size();
+    case Axis::kCheckpoint:
+      return s.checkpoints;
+    case Axis::kCheckpointPair:
+      return s.checkpoints == 0 ? 0 : s.checkpoints - 1;
   }
   return 0;
 }
 
-template <typename T>
-struct Field {
-  const char* name;        // dataset path, INTERFACE.md
-  const char* dims;        // axis names written when the array does not name its own
-  std::vector<Axis> axes;  // expected shape
-  NdArray<T> Analysis::*member;
-  bool optional;  // written only when non-empty (--per-query, --ablate)
+// ---- datasets --------------------------------------------------------------------------------
+
+// Where a dataset's values live in the in-memory struct; the element type follows from it.
+template <typename Owner>
+using Member = std::variant<FloatArray Owner::*, IntArray Owner::*, float Owner::*,
+                            int32_t Owner::*, int64_t Owner::*, std::vector<int64_t> Owner::*,
+                            std::vector<std::string> Owner::*>;
+
+template <typename Owner>
+struct DatasetSpec {
+  const char* name;  // dataset path; its group is the part before the last '/'
+  std::vector<Axis> axes;  // empty: a scalar
+  const char* long_name;
+  const char* units;  // "1": dimensionless; "": not a quantity (ids, indices, names)
+  const char* description;
+  Member<Owner> member;
+  const char* when = "";   // "": always written; else the option that adds it (written when non-empty)
+  bool coordinate = false;  // listed in the `coordinates` attribute of datasets on its axes
 };
 
-// Axis names: "layer_input" indexes the residual stream x_0..x_L (x_l enters layer l, x_L is the
-// final residual); "embedding_or_layer" indexes layer_share (0 = embedding, 1 + l = layer l).
-const std::vector<Field<float>>& float_fields() {
+// The analysis file. Definitions: docs/metrics.md (sections named in the descriptions).
+const std::vector<DatasetSpec<Analysis>>& analysis_datasets() {
   using A = Axis;
-  // One dataset per line: the table reads like INTERFACE.md's.
+  using An = Analysis;
+  // One dataset per row: the table reads like docs/schema.md's.
   // clang-format off
-  static const std::vector<Field<float>> fields = {
-      {"attention/sink_score", "layer,head", {A::kLayer, A::kHead}, &Analysis::sink_score, false},
-      {"attention/sink_rate", "layer", {A::kLayer}, &Analysis::sink_rate, false},
-      {"attention/p0_per_query", "probe,layer,head,query",
-       {A::kProbe, A::kLayer, A::kHead, A::kPosition}, &Analysis::p0_per_query, true},
-      {"residual/norm_p0", "probe,layer_input",
-       {A::kProbe, A::kLayerPlusOne}, &Analysis::norm_p0, false},
-      {"residual/norm_rest_median", "probe,layer_input",
-       {A::kProbe, A::kLayerPlusOne}, &Analysis::norm_rest_median, false},
-      {"residual/h_ratio", "layer_input", {A::kLayerPlusOne}, &Analysis::h_ratio, false},
-      {"residual/p0_cosine", "layer_input", {A::kLayerPlusOne}, &Analysis::p0_cosine, false},
-      {"writes/attn_head_p0", "layer,head", {A::kLayer, A::kHead}, &Analysis::attn_head_p0, false},
-      {"writes/attn_head_rest", "layer,head",
-       {A::kLayer, A::kHead}, &Analysis::attn_head_rest, false},
-      {"writes/moe_p0", "layer", {A::kLayer}, &Analysis::moe_p0, false},
-      {"writes/moe_rest", "layer", {A::kLayer}, &Analysis::moe_rest, false},
-      {"writes/expert_p0", "layer,expert", {A::kLayer, A::kExpert}, &Analysis::expert_p0, false},
-      {"routing/p0_topk_freq", "layer,expert",
-       {A::kLayer, A::kExpert}, &Analysis::p0_topk_freq, false},
-      {"routing/rest_topk_freq", "layer,expert",
-       {A::kLayer, A::kExpert}, &Analysis::rest_topk_freq, false},
-      {"circuit/attr_embed", "target_layer,target_head",
-       {A::kLayer, A::kHead}, &Analysis::attr_embed, false},
-      {"circuit/attr_head", "target_layer,target_head,source_layer,source_head",
-       {A::kLayer, A::kHead, A::kLayer, A::kHead}, &Analysis::attr_head, false},
-      {"circuit/attr_expert", "target_layer,target_head,source_layer,source_expert",
-       {A::kLayer, A::kHead, A::kLayer, A::kExpert}, &Analysis::attr_expert, false},
-      {"circuit/attr_mlp", "target_layer,target_head,source_layer",
-       {A::kLayer, A::kHead, A::kLayer}, &Analysis::attr_mlp, false},
-      // Format 1.1: families with a shared expert (absent from 1.0 files: read as empty).
-      {"circuit/attr_shared_expert", "target_layer,target_head,source_layer",
-       {A::kLayer, A::kHead, A::kLayer}, &Analysis::attr_shared_expert, true},
-      {"circuit/ablation/delta_sink_score", "component,layer,head",
-       {A::kAblation, A::kLayer, A::kHead}, &Analysis::ablation_delta_sink, true},
-      {"profile/layer_share", "embedding_or_layer",
-       {A::kLayerPlusOne}, &Analysis::layer_share, false},
-      {"profile/norm_gain_share", "layer", {A::kLayer}, &Analysis::norm_gain_share, false},
+  static const std::vector<DatasetSpec<An>> specs = {
+      {"tokens", {A::kProbe, A::kPosition}, "probe token ids", "",
+       "the probes as run (after --prepend-bos)", &An::tokens},
+      {"attention/sink_score", {A::kLayer, A::kHead}, "sink score alpha", "1",
+       "mean over probes and all queries of the attention to position 0 (metrics 1)", &An::sink_score},
+      {"attention/sink_rate", {A::kLayer}, "sink rate", "1",
+       "fraction of the layer's heads with sink_score > eps (metrics 1)", &An::sink_rate},
+      {"attention/p0_per_query", {A::kProbe, A::kLayer, A::kHead, A::kQuery}, "attention to position 0", "1",
+       "A[i, 0] for every probe, layer, head and query (metrics 1)", &An::p0_per_query, "--per-query"},
+      {"residual/norm_p0", {A::kProbe, A::kLayerInput}, "residual norm at position 0", "residual units",
+       "||x_l[0]|| (metrics 2)", &An::norm_p0},
+      {"residual/norm_rest_median", {A::kProbe, A::kLayerInput}, "median residual norm elsewhere", "residual units",
+       "median over positions i >= 1 of ||x_l[i]|| (metrics 2)", &An::norm_rest_median},
+      {"residual/h_ratio", {A::kLayerInput}, "position-0 norm ratio", "1",
+       "mean over probes of norm_p0 / norm_rest_median (metrics 2)", &An::h_ratio},
+      {"residual/p0_cosine", {A::kLayerInput}, "position-0 cosine across probes", "1",
+       "mean cosine of x_l[0] over pairs of distinct probes; NaN with one probe (metrics 2)", &An::p0_cosine},
+      {"residual/massive_p0", {A::kLayerInput}, "massive activations at position 0", "channels",
+       "channels with |x_l[0, c]| > 100 and > 1000 x the median magnitude (metrics 2)", &An::massive_p0},
+      {"writes/attn_head_p0", {A::kLayer, A::kHead}, "head write norm at position 0", "residual units",
+       "mean over probes of ||w^{l,h}[0]|| (metrics 3)", &An::attn_head_p0},
+      {"writes/attn_head_rest", {A::kLayer, A::kHead}, "head write norm elsewhere", "residual units",
+       "mean over probes and positions i >= 1 of ||w^{l,h}[i]|| (metrics 3)", &An::attn_head_rest},
+      {"writes/moe_p0", {A::kLayer}, "MLP/MoE write norm at position 0", "residual units",
+       "mean over probes of ||m_l[0]|| (metrics 3)", &An::moe_p0},
+      {"writes/moe_rest", {A::kLayer}, "MLP/MoE write norm elsewhere", "residual units",
+       "mean over probes and positions i >= 1 of ||m_l[i]|| (metrics 3)", &An::moe_rest},
+      {"writes/expert_p0", {A::kLayer, A::kExpert}, "expert write norm at position 0", "residual units",
+       "mean over probes of ||m^{l,e}[0]||, zero where not routed (metrics 3)", &An::expert_p0},
+      {"routing/p0_topk_freq", {A::kLayer, A::kExpert}, "position-0 routing frequency", "1",
+       "fraction of probes whose position 0 routes to the expert (metrics 3)", &An::p0_topk_freq},
+      {"routing/rest_topk_freq", {A::kLayer, A::kExpert}, "routing frequency elsewhere", "1",
+       "fraction of (probe, i >= 1) tokens routed to the expert (metrics 3)", &An::rest_topk_freq},
+      {"circuit/attr_embed", {A::kTargetLayer, A::kTargetHead}, "embedding attribution", "logit",
+       "attr(embedding -> t,h): differential key attribution (metrics 4)", &An::attr_embed},
+      {"circuit/attr_head", {A::kTargetLayer, A::kTargetHead, A::kSourceLayer, A::kSourceHead},
+       "head attribution", "logit", "attr(head l.j -> t,h); 0 where l >= t (metrics 4)", &An::attr_head},
+      {"circuit/attr_expert", {A::kTargetLayer, A::kTargetHead, A::kSourceLayer, A::kSourceExpert},
+       "expert attribution", "logit", "attr(expert l.e -> t,h); 0 where l >= t (metrics 4)", &An::attr_expert},
+      {"circuit/attr_mlp", {A::kTargetLayer, A::kTargetHead, A::kSourceLayer}, "dense MLP attribution", "logit",
+       "attr(dense MLP of layer l -> t,h); 0 where l >= t or layer l is MoE (metrics 4)", &An::attr_mlp},
+      {"circuit/attr_shared_expert", {A::kTargetLayer, A::kTargetHead, A::kSourceLayer},
+       "shared expert attribution", "logit",
+       "attr(shared expert of layer l -> t,h); 0 where l >= t, layer l is dense or the family has "
+       "no shared expert (metrics, Model families)", &An::attr_shared_expert, "a shared-expert family"},
+      {"circuit/ablation/components", {A::kComponent, A::kField}, "ablated components", "",
+       "source layer, kind (0 head, 1 expert, 2 embedding, 3 dense MLP, 4 shared expert), index (metrics 4)",
+       &An::ablation_components, "--ablate"},
+      {"circuit/ablation/delta_sink_score", {A::kComponent, A::kLayer, A::kHead}, "sink score change", "1",
+       "sink_score with the component mean-ablated at position 0, minus the clean sink_score (metrics 4)",
+       &An::ablation_delta_sink, "--ablate"},
+      {"profile/layer_share", {A::kEmbeddingOrLayer}, "layer share of the sink", "1",
+       "sink-weighted share of positive attribution per source block (metrics 5)", &An::layer_share},
+      {"profile/first2_share", {}, "share of layers 0 and 1", "1",
+       "layer_share[1] + layer_share[2] (metrics 5)", &An::first2_share},
+      {"profile/norm_gain_share", {A::kLayer}, "norm-gain share", "1",
+       "share of the positive growth of log h_ratio made by the layer (metrics 5)", &An::norm_gain_share},
+      {"profile/peak_layer", {}, "peak layer", "",
+       "argmax over l of layer_share[1 + l] (metrics 5)", &An::peak_layer},
+      {"profile/entropy", {}, "entropy of layer_share", "nat",
+       "Shannon entropy of layer_share: low = concentrated (metrics 5)", &An::entropy},
   };
   // clang-format on
-  return fields;
+  return specs;
 }
 
-const std::vector<Field<int32_t>>& int_fields() {
+// sweep.h5: one row of every checkpoint's analysis per dataset, in sweep order.
+const std::vector<DatasetSpec<Sweep>>& sweep_datasets() {
   using A = Axis;
+  using S = Sweep;
   // clang-format off
-  static const std::vector<Field<int32_t>> fields = {
-      {"tokens", "probe,position", {A::kProbe, A::kPosition}, &Analysis::tokens, false},
-      {"residual/massive_p0", "layer_input", {A::kLayerPlusOne}, &Analysis::massive_p0, false},
-      // Fields: source layer, kind (ComponentKind: 0 head, 1 expert, 2 embedding, 3 dense MLP,
-      // 4 shared expert), index (docs/metrics.md section 4).
-      {"circuit/ablation/components", "component,field",
-       {A::kAblation, A::kThree}, &Analysis::ablation_components, true},
+  static const std::vector<DatasetSpec<S>> specs = {
+      {"steps", {A::kCheckpoint}, "training step", "step",
+       "training step of the checkpoint (folder name or --steps)", &S::steps, "", true},
+      {"names", {A::kCheckpoint}, "checkpoint name", "",
+       "the checkpoint folder's name; its file is checkpoints/<name>.h5", &S::names, "", true},
+      {"checkpoint_paths", {A::kCheckpoint}, "checkpoint folder", "",
+       "the checkpoint folder as given on the command line", &S::checkpoint_paths},
+      {"checkpoint_headers_sha256", {A::kCheckpoint}, "safetensors headers SHA-256", "",
+       "SHA-256 of the checkpoint's safetensors headers (names, shapes, offsets)", &S::checkpoint_headers_sha256},
+      {"sink_rate", {A::kCheckpoint, A::kLayer}, "sink rate", "1",
+       "attention/sink_rate of each checkpoint (metrics 1)", &S::sink_rate},
+      {"sink_score", {A::kCheckpoint, A::kLayer, A::kHead}, "sink score alpha", "1",
+       "attention/sink_score of each checkpoint (metrics 1)", &S::sink_score},
+      {"h_ratio", {A::kCheckpoint, A::kLayerInput}, "position-0 norm ratio", "1",
+       "residual/h_ratio of each checkpoint (metrics 2)", &S::h_ratio},
+      {"layer_share", {A::kCheckpoint, A::kEmbeddingOrLayer}, "layer share of the sink", "1",
+       "profile/layer_share of each checkpoint (metrics 5)", &S::layer_share},
+      {"first2_share", {A::kCheckpoint}, "share of layers 0 and 1", "1",
+       "profile/first2_share of each checkpoint (metrics 5)", &S::first2_share},
+      {"norm_gain_share", {A::kCheckpoint, A::kLayer}, "norm-gain share", "1",
+       "profile/norm_gain_share of each checkpoint (metrics 5)", &S::norm_gain_share},
+      {"convergence/tv", {A::kCheckpointPair}, "layer_share change", "1",
+       "total-variation distance between the layer_share of checkpoints c and c + 1 (metrics 6)",
+       &S::convergence_tv},
+      {"convergence/step", {}, "convergence step", "step",
+       "first step after which every later tv is <= tau; -1: not converged (metrics 6)", &S::convergence_step},
   };
   // clang-format on
-  return fields;
+  return specs;
 }
 
-constexpr const char* kFirst2Share = "profile/first2_share";
-constexpr const char* kPeakLayer = "profile/peak_layer";
-constexpr const char* kEntropy = "profile/entropy";
-constexpr const char* kAblationComponents = "circuit/ablation/components";
+std::string dims_text(const std::vector<Axis>& axes) {
+  if (axes.empty()) return kScalarDims;
+  std::string text;
+  for (size_t i = 0; i < axes.size(); ++i) text += (i ? "," : "") + std::string(axis_spec(axes[i]).name);
+  return text;
+}
 
 std::string shape_text(const std::vector<size_t>& shape) {
   std::string text = "[";
@@ -146,16 +296,19 @@ std::vector<size_t> expected_shape(const std::vector<Axis>& axes, const Sizes& s
   return shape;
 }
 
-size_t axis_count(const std::string& dims) {
-  if (dims.empty()) return 0;
-  return static_cast<size_t>(std::count(dims.begin(), dims.end(), ',')) + 1;
-}
-
-// The array's own axis names when they fit its rank (producers may be more specific than the
-// schema), otherwise the schema's: every dataset gets a usable `dims` either way.
-std::string dims_for(const std::string& own, const char* schema, size_t rank) {
-  if (rank == 0) return kScalarDims;
-  return axis_count(own) == rank ? own : schema;
+// True when the optional dataset has nothing to write.
+template <typename Owner>
+bool is_empty(const Owner& owner, const Member<Owner>& member) {
+  return std::visit(
+      [&](auto pointer) {
+        using Value = std::decay_t<decltype(owner.*pointer)>;
+        if constexpr (std::is_arithmetic_v<Value>) {
+          return false;
+        } else {
+          return (owner.*pointer).empty();
+        }
+      },
+      member);
 }
 
 // The shape an array is written with. A default-constructed array (no shape, no data) stands for
@@ -178,12 +331,97 @@ std::vector<size_t> checked_write_shape(const NdArray<T>& array,
   return shape;
 }
 
-template <typename T>
-void write_array(h5::File& file, const char* name, const NdArray<T>& array,
-                 const std::vector<size_t>& expected, const char* schema_dims,
-                 const std::string& final_path) {
-  const std::vector<size_t> shape = checked_write_shape(array, expected, final_path, name);
-  file.write_dataset(name, array.ptr(), shape, dims_for(array.dims, schema_dims, shape.size()));
+void check_length(size_t length, const std::vector<size_t>& expected, const std::string& file,
+                  const char* name) {
+  if (std::vector<size_t>{length} != expected) {
+    throw RuntimeFailure("cannot write " + file + ": " + name + " has " + std::to_string(length) +
+                         " entries, the schema says " + shape_text(expected));
+  }
+}
+
+// The `description` attribute: the row's, and the option that adds an optional dataset.
+template <typename Owner>
+std::string description_of(const DatasetSpec<Owner>& spec) {
+  std::string text = spec.description;
+  if (spec.when[0] != '\0') text += std::string(" (written with ") + spec.when + ")";
+  return text;
+}
+
+// Writes one dataset of the table with its attributes; dimension scales are attached by the caller.
+template <typename Owner>
+void write_one(h5::File& file, const Owner& owner, const DatasetSpec<Owner>& spec,
+               const Sizes& sizes, const std::string& final_path) {
+  const std::vector<size_t> expected = expected_shape(spec.axes, sizes);
+  const std::string dims = dims_text(spec.axes);
+  std::visit(
+      [&](auto pointer) {
+        const auto& value = owner.*pointer;
+        using Value = std::decay_t<decltype(value)>;
+        if constexpr (std::is_arithmetic_v<Value>) {
+          file.write_scalar<Value>(spec.name, value);
+        } else if constexpr (std::is_same_v<Value, std::vector<std::string>>) {
+          check_length(value.size(), expected, final_path, spec.name);
+          file.write_strings(spec.name, value, dims);
+        } else if constexpr (std::is_same_v<Value, std::vector<int64_t>>) {
+          check_length(value.size(), expected, final_path, spec.name);
+          file.write_dataset(spec.name, value.data(), expected, dims);
+        } else {
+          const std::vector<size_t> shape =
+              checked_write_shape(value, expected, final_path, spec.name);
+          file.write_dataset(spec.name, value.ptr(), shape, dims);
+        }
+      },
+      spec.member);
+  file.write_string_attribute("long_name", spec.long_name, spec.name);
+  file.write_string_attribute("units", spec.units, spec.name);
+  file.write_string_attribute("description", description_of(spec), spec.name);
+}
+
+// Writes every dataset of `specs` that `owner` holds, the coordinate variable of every dimension
+// they use, and attaches them: the netCDF-4 layout.
+template <typename Owner>
+void write_datasets(h5::File& file, const Owner& owner, const std::vector<DatasetSpec<Owner>>& specs,
+                    const Sizes& sizes, const std::string& final_path) {
+  std::vector<const DatasetSpec<Owner>*> written;
+  std::set<Axis> used;
+  for (const DatasetSpec<Owner>& spec : specs) {
+    if (spec.when[0] != '\0' && is_empty(owner, spec.member)) continue;
+    written.push_back(&spec);
+    used.insert(spec.axes.begin(), spec.axes.end());
+  }
+  for (Axis axis : used) {
+    const AxisSpec& a = axis_spec(axis);
+    const size_t n = extent(axis, sizes);
+    if (axis == Axis::kField) {
+      file.write_strings(a.name, ablation_fields(), a.name);
+    } else {
+      std::vector<int64_t> index(n);
+      for (size_t i = 0; i < n; ++i) index[i] = static_cast<int64_t>(i);
+      file.write_dataset(a.name, index.data(), {n}, a.name);
+    }
+    file.write_string_attribute("long_name", a.long_name, a.name);
+    file.write_string_attribute("description", a.description, a.name);
+    file.make_dimension_scale(a.name, a.name);
+  }
+  for (const DatasetSpec<Owner>* spec : written) {
+    write_one(file, owner, *spec, sizes, final_path);
+    std::string coordinates;
+    for (size_t axis = 0; axis < spec->axes.size(); ++axis) {
+      file.attach_dimension_scale(spec->name, axis_spec(spec->axes[axis]).name,
+                                  static_cast<unsigned>(axis));
+    }
+    // CF `coordinates`: the coordinate datasets along this dataset's axes (xarray shows them).
+    for (const DatasetSpec<Owner>* other : written) {
+      if (!other->coordinate || other == spec || other->axes.empty()) continue;
+      const bool along = std::all_of(other->axes.begin(), other->axes.end(), [&](Axis axis) {
+        return std::find(spec->axes.begin(), spec->axes.end(), axis) != spec->axes.end();
+      });
+      if (along) {
+        coordinates += (coordinates.empty() ? "" : " ") + std::string(other->name);
+      }
+    }
+    if (!coordinates.empty()) file.write_string_attribute("coordinates", coordinates, spec->name);
+  }
 }
 
 Sizes sizes_of(const AnalysisMeta& meta, const std::string& file) {
@@ -205,8 +443,13 @@ void write_meta(h5::File& file, const AnalysisMeta& meta) {
   file.write_string_attribute("sinkscope_version", meta.sinkscope_version.empty()
                                                        ? std::string(SINKSCOPE_VERSION)
                                                        : meta.sinkscope_version);
+  file.write_int_attribute("format_version",
+                           meta.format_version > 0 ? meta.format_version : kFormatVersion);
+  file.write_string_attribute("git_commit",
+                              meta.git_commit.empty() ? SINKSCOPE_GIT_COMMIT : meta.git_commit);
   file.write_string_attribute("model_type", meta.model_type);
   file.write_string_attribute("checkpoint", meta.checkpoint);
+  file.write_string_attribute("checkpoint_headers_sha256", meta.checkpoint_headers_sha256);
   file.write_int_attribute("step", meta.step);
   file.write_int_attribute("num_layers", meta.num_layers);
   file.write_int_attribute("num_heads", meta.num_heads);
@@ -229,6 +472,14 @@ void write_meta(h5::File& file, const AnalysisMeta& meta) {
   file.write_string_attribute("layout", meta.layout);
   file.write_int_attribute("etp", meta.etp);
   file.write_double_attribute("circuit_identity_max_rel_err", meta.circuit_identity_max_rel_err);
+  file.write_string_attribute("command_line", meta.command_line);
+  file.write_string_attribute("options", meta.options);
+  file.write_string_attribute("probes", meta.probes);
+  file.write_int_attribute("prepend_bos", meta.prepend_bos);
+  file.write_string_attribute("ablate", meta.ablate);
+  file.write_int_attribute("batch", meta.batch);
+  file.write_int_attribute("threads", meta.threads);
+  file.write_int_attribute("per_query", meta.per_query);
 }
 
 // ---- reading -------------------------------------------------------------------------------
@@ -331,35 +582,39 @@ class Reader {
   const char* kind_;
 };
 
-// ---- sweep.h5 ------------------------------------------------------------------------------
-
-struct SweepField {
-  const char* name;
-  const char* dims;
-  FloatArray Sweep::*member;
-};
-
-// Sweep shapes in terms of C (checkpoints), L and H: see expected_sweep_shape.
-const std::vector<SweepField>& sweep_fields() {
-  static const std::vector<SweepField> fields = {
-      {"sink_rate", "checkpoint,layer", &Sweep::sink_rate},
-      {"sink_score", "checkpoint,layer,head", &Sweep::sink_score},
-      {"h_ratio", "checkpoint,layer_input", &Sweep::h_ratio},
-      {"layer_share", "checkpoint,embedding_or_layer", &Sweep::layer_share},
-      {"first2_share", "checkpoint", &Sweep::first2_share},
-      {"norm_gain_share", "checkpoint,layer", &Sweep::norm_gain_share},
-      // tv[i] compares checkpoint i with checkpoint i + 1.
-      {"convergence/tv", "checkpoint_pair", &Sweep::convergence_tv},
-  };
-  return fields;
-}
-
-std::vector<size_t> expected_sweep_shape(const std::string& name, size_t c, size_t l, size_t h) {
-  if (name == "sink_rate" || name == "norm_gain_share") return {c, l};
-  if (name == "sink_score") return {c, l, h};
-  if (name == "h_ratio" || name == "layer_share") return {c, l + 1};
-  if (name == "first2_share") return {c};
-  return {c == 0 ? 0 : c - 1};  // convergence/tv
+// Reads every dataset of `specs` into `owner`; optional ones only when present.
+template <typename Owner>
+void read_datasets(const Reader& reader, const h5::File& file, Owner& owner,
+                   const std::vector<DatasetSpec<Owner>>& specs, const Sizes& sizes) {
+  for (const DatasetSpec<Owner>& spec : specs) {
+    if (spec.when[0] != '\0' && !reader.guard([&] { return file.has_dataset(spec.name); })) continue;
+    const std::vector<size_t> expected = expected_shape(spec.axes, sizes);
+    const std::string dims = dims_text(spec.axes);
+    std::visit(
+        [&](auto pointer) {
+          auto& value = owner.*pointer;
+          using Value = std::decay_t<decltype(value)>;
+          if constexpr (std::is_arithmetic_v<Value>) {
+            using Stored = std::conditional_t<std::is_integral_v<Value>, Value, float>;
+            value = static_cast<Value>(
+                reader.template read_array<Stored>(file, spec.name, {}, kScalarDims).data.at(0));
+          } else if constexpr (std::is_same_v<Value, std::vector<std::string>>) {
+            reader.require_dataset(file, spec.name);
+            value = reader.guard([&] { return file.read_strings(spec.name); });
+            if (std::vector<size_t>{value.size()} != expected) {
+              reader.fail("dataset /" + std::string(spec.name) + " has " +
+                          std::to_string(value.size()) + " entries, expected " +
+                          shape_text(expected));
+            }
+          } else if constexpr (std::is_same_v<Value, std::vector<int64_t>>) {
+            value = reader.template read_array<int64_t>(file, spec.name, expected, dims.c_str()).data;
+          } else {
+            using Element = std::decay_t<decltype(value.data[0])>;
+            value = reader.template read_array<Element>(file, spec.name, expected, dims.c_str());
+          }
+        },
+        spec.member);
+  }
 }
 
 std::string join(const std::vector<std::string>& parts, char separator) {
@@ -397,19 +652,7 @@ void write_analysis(const std::string& path, const Analysis& a) {
   commit_atomically(path, [&](const std::string& tmp_path) {
     h5::File file = h5::File::create(tmp_path);
     write_meta(file, a.meta);
-    for (const Field<int32_t>& field : int_fields()) {
-      const IntArray& array = a.*field.member;
-      if (field.optional && array.empty()) continue;
-      write_array(file, field.name, array, expected_shape(field.axes, sizes), field.dims, path);
-    }
-    for (const Field<float>& field : float_fields()) {
-      const FloatArray& array = a.*field.member;
-      if (field.optional && array.empty()) continue;
-      write_array(file, field.name, array, expected_shape(field.axes, sizes), field.dims, path);
-    }
-    file.write_scalar<float>(kFirst2Share, a.first2_share);
-    file.write_scalar<int32_t>(kPeakLayer, a.peak_layer);
-    file.write_scalar<float>(kEntropy, a.entropy);
+    write_datasets(file, a, analysis_datasets(), sizes, path);
     file.close();
   });
 }
@@ -441,13 +684,26 @@ Analysis read_analysis(const std::string& path) {
   m.device = reader.string_attribute(file, "device");
   m.tokens_sha256 = reader.string_attribute(file, "tokens_sha256");
   m.created_utc = reader.string_attribute(file, "created_utc");
-  // `layout` is a sinkscope addition to the schema: tolerate files from other writers.
-  if (reader.guard([&] { return file.has_attribute("layout"); })) {
-    m.layout = reader.string_attribute(file, "layout");
+  // sinkscope additions to the schema (later format versions): tolerate files without them.
+  auto has = [&](const char* name) { return reader.guard([&] { return file.has_attribute(name); }); };
+  m.format_version = has("format_version") ? reader.int_attribute(file, "format_version") : 1;
+  for (auto [name, field] : {std::pair{"layout", &AnalysisMeta::layout},
+                             {"git_commit", &AnalysisMeta::git_commit},
+                             {"command_line", &AnalysisMeta::command_line},
+                             {"options", &AnalysisMeta::options},
+                             {"probes", &AnalysisMeta::probes},
+                             {"ablate", &AnalysisMeta::ablate},
+                             {"checkpoint_headers_sha256", &AnalysisMeta::checkpoint_headers_sha256}}) {
+    if (has(name)) m.*field = reader.string_attribute(file, name);
   }
-  if (reader.guard([&] { return file.has_attribute("etp"); }))
-    m.etp = reader.int_attribute(file, "etp");
-  if (reader.guard([&] { return file.has_attribute("circuit_identity_max_rel_err"); }))
+  for (auto [name, field] : {std::pair{"etp", &AnalysisMeta::etp},
+                             {"prepend_bos", &AnalysisMeta::prepend_bos},
+                             {"batch", &AnalysisMeta::batch},
+                             {"threads", &AnalysisMeta::threads},
+                             {"per_query", &AnalysisMeta::per_query}}) {
+    if (has(name)) m.*field = reader.int_attribute(file, name);
+  }
+  if (has("circuit_identity_max_rel_err"))
     m.circuit_identity_max_rel_err = reader.double_attribute(file, "circuit_identity_max_rel_err");
 
   Sizes sizes;
@@ -458,63 +714,53 @@ Analysis read_analysis(const std::string& path) {
   sizes.experts = reader.size(m.num_experts, "num_experts");
 
   // Ablation datasets are optional but come as a pair; K is the components' row count.
-  const bool has_components = reader.guard([&] { return file.has_dataset(kAblationComponents); });
+  constexpr const char* kComponents = "circuit/ablation/components";
+  constexpr const char* kDelta = "circuit/ablation/delta_sink_score";
+  const bool has_components = reader.guard([&] { return file.has_dataset(kComponents); });
+  const bool has_delta = reader.guard([&] { return file.has_dataset(kDelta); });
+  if (has_components != has_delta) {
+    reader.fail(std::string("dataset /") + (has_components ? kDelta : kComponents) + " is missing");
+  }
   if (has_components) {
-    const h5::DatasetInfo info =
-        reader.guard([&] { return file.dataset_info(kAblationComponents); });
+    const h5::DatasetInfo info = reader.guard([&] { return file.dataset_info(kComponents); });
     if (info.shape.size() != 2) {
-      reader.fail(std::string("dataset /") + kAblationComponents + " has shape " +
+      reader.fail(std::string("dataset /") + kComponents + " has shape " +
                   shape_text(info.shape) + ", expected [K,3]");
     }
     sizes.ablations = info.shape[0];
   }
-
-  for (const Field<int32_t>& field : int_fields()) {
-    if (field.optional && !reader.guard([&] { return file.has_dataset(field.name); })) continue;
-    a.*field.member =
-        reader.read_array<int32_t>(file, field.name, expected_shape(field.axes, sizes), field.dims);
-  }
-  for (const Field<float>& field : float_fields()) {
-    // delta_sink_score is optional only together with components.
-    const bool skip = field.optional && !reader.guard([&] { return file.has_dataset(field.name); });
-    if (skip && !(has_components && field.member == &Analysis::ablation_delta_sink)) continue;
-    a.*field.member =
-        reader.read_array<float>(file, field.name, expected_shape(field.axes, sizes), field.dims);
-  }
-  if (!has_components &&
-      reader.guard([&] { return file.has_dataset("circuit/ablation/delta_sink_score"); })) {
-    reader.fail(std::string("dataset /") + kAblationComponents + " is missing");
-  }
-  a.first2_share = reader.read_array<float>(file, kFirst2Share, {}, kScalarDims).data.at(0);
-  a.peak_layer = reader.read_array<int32_t>(file, kPeakLayer, {}, kScalarDims).data.at(0);
-  a.entropy = reader.read_array<float>(file, kEntropy, {}, kScalarDims).data.at(0);
+  read_datasets(reader, file, a, analysis_datasets(), sizes);
   return a;
 }
 
 void write_sweep(const std::string& path, const Sweep& s) {
   const size_t checkpoints = s.steps.size();
-  if (s.names.size() != checkpoints) {
-    throw RuntimeFailure("cannot write " + path + ": " + std::to_string(s.names.size()) +
-                         " names for " + std::to_string(checkpoints) + " steps");
-  }
   // L and H come from sink_score [C, L, H]; every other dataset must agree with them.
   const std::vector<size_t>& score_shape = s.sink_score.shape;
-  const size_t layers = score_shape.size() == 3 ? score_shape[1] : 0;
-  const size_t heads = score_shape.size() == 3 ? score_shape[2] : 0;
+  Sizes sizes;
+  sizes.checkpoints = checkpoints;
+  sizes.layers = score_shape.size() == 3 ? score_shape[1] : 0;
+  sizes.heads = score_shape.size() == 3 ? score_shape[2] : 0;
+  // Files assembled from analyses of format version 1 have no per-checkpoint provenance.
+  Sweep filled = s;
+  filled.checkpoint_paths.resize(checkpoints);
+  filled.checkpoint_headers_sha256.resize(checkpoints);
 
   commit_atomically(path, [&](const std::string& tmp_path) {
     h5::File file = h5::File::create(tmp_path);
     file.write_string_attribute("sinkscope_version", SINKSCOPE_VERSION);
+    file.write_int_attribute("format_version",
+                             s.format_version > 0 ? s.format_version : kFormatVersion);
+    file.write_string_attribute("git_commit",
+                                s.git_commit.empty() ? SINKSCOPE_GIT_COMMIT : s.git_commit);
+    file.write_string_attribute("command_line", s.command_line);
+    file.write_string_attribute("options", s.options);
+    file.write_string_attribute("tokens_sha256", s.tokens_sha256);
+    file.write_double_attribute("eps", s.eps);
     file.write_double_attribute("tau", s.tau);
     // A comma-separated list: checkpoint names are folder names, which carry no commas.
     file.write_string_attribute("failed", join(s.failed, ','));
-    file.write_dataset("steps", s.steps.data(), {checkpoints}, "checkpoint");
-    file.write_strings("names", s.names, "checkpoint");
-    for (const SweepField& field : sweep_fields()) {
-      write_array(file, field.name, s.*field.member,
-                  expected_sweep_shape(field.name, checkpoints, layers, heads), field.dims, path);
-    }
-    file.write_scalar<int64_t>("convergence/step", s.convergence_step);
+    write_datasets(file, filled, sweep_datasets(), sizes, path);
     file.close();
   });
 }
@@ -525,42 +771,42 @@ Sweep read_sweep(const std::string& path) {
   Sweep s;
   s.tau = reader.double_attribute(file, "tau");
   s.failed = split(reader.string_attribute(file, "failed"), ',');
+  auto has = [&](const char* name) { return reader.guard([&] { return file.has_attribute(name); }); };
+  s.format_version = has("format_version") ? reader.int_attribute(file, "format_version") : 1;
+  for (auto [name, field] : {std::pair{"git_commit", &Sweep::git_commit},
+                             {"command_line", &Sweep::command_line},
+                             {"options", &Sweep::options},
+                             {"tokens_sha256", &Sweep::tokens_sha256}}) {
+    if (has(name)) s.*field = reader.string_attribute(file, name);
+  }
+  if (has("eps")) s.eps = reader.double_attribute(file, "eps");
 
   reader.require_dataset(file, "steps");
   const h5::DatasetInfo steps_info = reader.guard([&] { return file.dataset_info("steps"); });
   if (steps_info.kind != h5::DatasetInfo::Kind::kInteger || steps_info.shape.size() != 1) {
     reader.fail("dataset /steps is not a 1-D integer dataset");
   }
-  s.steps = reader.guard([&] { return file.read_dataset<int64_t>("steps"); });
-  const size_t checkpoints = s.steps.size();
-
-  reader.require_dataset(file, "names");
-  s.names = reader.guard([&] { return file.read_strings("names"); });
-  if (s.names.size() != checkpoints) {
-    reader.fail("dataset /names has " + std::to_string(s.names.size()) + " entries for " +
-                std::to_string(checkpoints) + " steps");
-  }
-
   reader.require_dataset(file, "sink_score");
   const h5::DatasetInfo score = reader.guard([&] { return file.dataset_info("sink_score"); });
   if (score.shape.size() != 3) {
     reader.fail("dataset /sink_score has shape " + shape_text(score.shape) +
                 ", expected [checkpoint,layer,head]");
   }
-  const size_t layers = score.shape[1];
-  const size_t heads = score.shape[2];
-  for (const SweepField& field : sweep_fields()) {
-    s.*field.member = reader.read_array<float>(
-        file, field.name, expected_sweep_shape(field.name, checkpoints, layers, heads), field.dims);
+  Sizes sizes;
+  sizes.checkpoints = steps_info.shape[0];
+  sizes.layers = score.shape[1];
+  sizes.heads = score.shape[2];
+  std::vector<DatasetSpec<Sweep>> specs = sweep_datasets();
+  if (s.format_version < 2) {  // per-checkpoint provenance arrived with format version 2
+    specs.erase(std::remove_if(specs.begin(), specs.end(),
+                               [](const DatasetSpec<Sweep>& spec) {
+                                 return spec.member == Member<Sweep>(&Sweep::checkpoint_paths) ||
+                                        spec.member ==
+                                            Member<Sweep>(&Sweep::checkpoint_headers_sha256);
+                               }),
+                specs.end());
   }
-  reader.require_dataset(file, "convergence/step");
-  const h5::DatasetInfo step_info =
-      reader.guard([&] { return file.dataset_info("convergence/step"); });
-  if (step_info.kind != h5::DatasetInfo::Kind::kInteger || IntArray::count(step_info.shape) != 1) {
-    reader.fail("dataset /convergence/step is not an integer scalar");
-  }
-  s.convergence_step =
-      reader.guard([&] { return file.read_dataset<int64_t>("convergence/step"); }).front();
+  read_datasets(reader, file, s, specs, sizes);
   return s;
 }
 

@@ -1,5 +1,7 @@
 #include "io/hdf5_file.hpp"
 
+#include <hdf5_hl.h>
+
 #include <algorithm>
 #include <mutex>
 #include <string>
@@ -369,6 +371,66 @@ void File::write_int_attribute(const std::string& name, int64_t value, const std
 void File::write_double_attribute(const std::string& name, double value,
                                   const std::string& object) {
   write_attribute(name, object, stored_type<double>(), H5T_NATIVE_DOUBLE, &value);
+}
+
+// ---- File: dimension scales ---------------------------------------------------------------
+
+void File::make_dimension_scale(const std::string& scale, const std::string& dimension) {
+  const std::string name = relative(scale);
+  in_context("cannot make " + shown(name) + " a dimension scale", path_, [&] {
+    Handle set(SINKSCOPE_H5_CALL(H5Dopen2(file_.id(), name.c_str(), H5P_DEFAULT)), H5Dclose);
+    SINKSCOPE_H5_CALL(H5DSset_scale(set.id(), dimension.c_str()));
+    set.close();
+  });
+}
+
+void File::attach_dimension_scale(const std::string& dataset, const std::string& scale,
+                                  unsigned axis) {
+  const std::string name = relative(dataset);
+  const std::string scale_name = relative(scale);
+  in_context("cannot attach dimension scale " + shown(scale_name) + " to axis " +
+                 std::to_string(axis) + " of " + shown(name),
+             path_, [&] {
+               Handle set(SINKSCOPE_H5_CALL(H5Dopen2(file_.id(), name.c_str(), H5P_DEFAULT)),
+                          H5Dclose);
+               Handle dim(SINKSCOPE_H5_CALL(H5Dopen2(file_.id(), scale_name.c_str(), H5P_DEFAULT)),
+                          H5Dclose);
+               SINKSCOPE_H5_CALL(H5DSattach_scale(set.id(), dim.id(), axis));
+               dim.close();
+               set.close();
+             });
+}
+
+namespace {
+
+// H5DSiterate_scales visitor: the name of the first scale attached to the axis.
+herr_t first_scale_name(hid_t, unsigned, hid_t scale, void* client) {
+  auto* name = static_cast<std::string*>(client);
+  const ssize_t length = H5DSget_scale_name(scale, nullptr, 0);
+  if (length <= 0) return 1;  // a scale without a name: stop, leaving ""
+  std::vector<char> buffer(static_cast<size_t>(length) + 1, '\0');
+  if (H5DSget_scale_name(scale, buffer.data(), buffer.size()) < 0) return -1;
+  *name = buffer.data();
+  return 1;
+}
+
+}  // namespace
+
+std::vector<std::string> File::attached_scales(const std::string& dataset) const {
+  const std::string name = relative(dataset);
+  return in_context("cannot list the dimension scales of " + shown(name), path_, [&] {
+    Handle set(SINKSCOPE_H5_CALL(H5Dopen2(file_.id(), name.c_str(), H5P_DEFAULT)), H5Dclose);
+    Handle space(SINKSCOPE_H5_CALL(H5Dget_space(set.id())), H5Sclose);
+    const size_t rank = space_shape(space.id()).size();
+    std::vector<std::string> names(rank);
+    for (size_t axis = 0; axis < rank; ++axis) {
+      if (SINKSCOPE_H5_CALL(H5DSget_num_scales(set.id(), static_cast<unsigned>(axis))) <= 0) continue;
+      int index = 0;
+      SINKSCOPE_H5_CALL(H5DSiterate_scales(set.id(), static_cast<unsigned>(axis), &index,
+                                           first_scale_name, &names[axis]));
+    }
+    return names;
+  });
 }
 
 // ---- File: reading ------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 // Callers that can blame the input (a damaged file, a missing dataset) catch RuntimeFailure and
 // rethrow InputError with the file name; this layer cannot know which failures are the user's.
 //
-// Internal to src/: public headers stay free of HDF5 types (STYLE.md habit 2).
+// Internal to src/: public headers stay free of HDF5 types.
 #pragma once
 
 #include <hdf5.h>
@@ -174,6 +174,14 @@ class File {
   void write_int_attribute(const std::string& name, int64_t value, const std::string& object = "/");
   void write_double_attribute(const std::string& name, double value,
                               const std::string& object = "/");
+
+  // ---- dimension scales (netCDF-4 dimensions; what xarray and h5netcdf read as dims) --------
+  // Turns the 1-D dataset `scale` into a dimension scale named `dimension` (its basename).
+  void make_dimension_scale(const std::string& scale, const std::string& dimension);
+  // Attaches dimension scale `scale` to axis `axis` of `dataset`.
+  void attach_dimension_scale(const std::string& dataset, const std::string& scale, unsigned axis);
+  // The names of the dimension scales attached to each axis of `dataset` ("" where none).
+  std::vector<std::string> attached_scales(const std::string& dataset) const;
 
   // ---- reading ---------------------------------------------------------------------------
   // True when every group on the way exists and `name` is a dataset (not a group).

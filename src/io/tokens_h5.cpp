@@ -1,4 +1,4 @@
-// Token files in HDF5 (INTERFACE.md "Inputs": dataset /tokens, [N, T]).
+// Token files in HDF5 (docs/schema.md "Inputs": dataset /tokens, [N, T]).
 #include "io/hdf5_file.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/io.hpp"

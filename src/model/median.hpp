@@ -1,4 +1,4 @@
-// The median of METRICS.md (numpy's convention: the mean of the two middle values of an even
+// The median of docs/metrics.md (numpy's convention: the mean of the two middle values of an even
 // count), shared by the backends so every path computes residual medians the same way.
 #pragma once
 

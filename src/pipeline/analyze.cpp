@@ -98,7 +98,7 @@ uint64_t peak_rss_bytes() {
 }
 
 // The K components with the largest sink-weighted positive attribution (the layer_share weights
-// of METRICS.md section 5, per component).
+// of docs/metrics.md section 5, per component).
 std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, int64_t K) {
   const size_t L = a.sink_score.shape[0], H = a.sink_score.shape[1];
   std::vector<std::pair<double, Ablation>> scored;
@@ -244,6 +244,17 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   m.etp = plan.etp;
   m.tokens_sha256 = tokens_sha256(tokens);
   m.created_utc = utc_now_iso8601();
+  m.format_version = kFormatVersion;
+  m.git_commit = SINKSCOPE_GIT_COMMIT;
+  m.command_line = opt.command_line;
+  m.options = opt.options;
+  m.probes = opt.tokens_source;
+  m.prepend_bos = opt.prepend_bos;
+  m.ablate = opt.ablate;
+  m.batch = opt.batch;
+  m.threads = opt.threads;
+  m.per_query = opt.per_query ? 1 : 0;
+  m.checkpoint_headers_sha256 = ck ? ck->headers_sha256() : "";
 
   Recorder rec(cfg, plan, T, opt.per_query);
   const auto forward_start = std::chrono::steady_clock::now();
@@ -311,6 +322,16 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     a.ablation_components = IntArray({K, 3}, "component,field");
     a.ablation_delta_sink = FloatArray({K, L, H}, "component,layer,head");
     for (size_t k = 0; k < K; ++k) {
+      if (opt.ablation_progress && world.rank() == 0) {
+        const Ablation& c = comps[k];
+        const std::string layer = "layer " + std::to_string(c.layer);
+        const std::string what =
+            c.kind == Ablation::kHead     ? layer + " head " + std::to_string(c.index)
+            : c.kind == Ablation::kExpert ? layer + " expert " + std::to_string(c.index)
+            : c.kind == Ablation::kMlp    ? layer + " dense MLP"
+                                          : std::string("embedding");
+        opt.ablation_progress(static_cast<int64_t>(k + 1), static_cast<int64_t>(K), what);
+      }
       backend->set_ablations({comps[k]});
       Recorder arec(cfg, plan, T, false);
       run_all(arec, false);

@@ -50,6 +50,11 @@ std::vector<SweepCheckpoint> list_checkpoints(const std::vector<std::string>& mo
     if (c.name.empty())
       c.name = fs::path(dirs[i]).lexically_normal().parent_path().filename().string();
     c.step = steps.empty() ? step_from_name(dirs[i]) : steps[i];
+    // Ordering by name would put "best" before "final" whatever their training steps were.
+    if (c.step < 0 && steps.empty())
+      throw InputError("checkpoint folder " + dirs[i] +
+                       " has no step in its name (step<N>, iter_<N>, checkpoint-<N>): give every "
+                       "checkpoint's step with --steps");
     out.push_back(c);
   }
   std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
@@ -110,8 +115,16 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
                        std::to_string(m0.seq_len) + " and " + std::to_string(a.meta.seq_len) + ")");
     if (a.meta.tokens_sha256 != m0.tokens_sha256)
       throw InputError(outdir + ": checkpoints were analysed with different probes");
+    if (a.meta.eps != m0.eps)
+      throw InputError(outdir + ": checkpoints were analysed with different --eps");
     if (a.meta.num_layers != m0.num_layers || a.meta.num_heads != m0.num_heads)
       throw InputError(outdir + ": checkpoints have different model shapes");
+  }
+  s.tokens_sha256 = m0.tokens_sha256;
+  s.eps = m0.eps;
+  for (const auto& a : ok) {
+    s.checkpoint_paths.push_back(a.meta.checkpoint);
+    s.checkpoint_headers_sha256.push_back(a.meta.checkpoint_headers_sha256);
   }
   const size_t C = ok.size(), L = static_cast<size_t>(m0.num_layers),
                H = static_cast<size_t>(m0.num_heads);

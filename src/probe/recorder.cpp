@@ -284,6 +284,15 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
   // slots of the kind's components in every source layer before the target.
   for (const ComponentKindInfo& kind : component_kinds()) {
     FloatArray& out = a.attr_of(kind.kind);
+    // A kind the model never has (a shared expert in most families) gets no dataset.
+    bool present = !kind.per_layer;
+    for (int64_t l = 0; l < cfg.num_layers && !present; ++l)
+      present = component_count(cfg, kind.kind, l) > 0 || kind.kind == ComponentKind::kMlp ||
+                kind.kind == ComponentKind::kExpert;
+    if (!present) {
+      out = FloatArray();
+      continue;
+    }
     const size_t width = static_cast<size_t>(component_width(cfg, kind.kind));
     if (!kind.per_layer)
       out = FloatArray({L, H}, "target_layer,target_head");

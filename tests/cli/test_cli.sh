@@ -154,5 +154,45 @@ else
 fi
 expect_input_error "report on a missing input" "nothing-here" rep2/index.html -- "$bin" report nothing-here --out rep2
 
+# ---- command-line checks of issue 18 ----
+"$bin" analyze --help >help.txt && "$bin" sweep --help >>help.txt
+grep -q -- "--eps FLOAT:(0,1)=0.3" help.txt && grep -q -- "--tau FLOAT=0.05" help.txt &&
+  grep -q -- "--batch INT:POSITIVE=4" help.txt && grep -q -- "--threads INT:POSITIVE=1" help.txt &&
+  grep -q -- "--tp INT:POSITIVE=1" help.txt && grep -q "one of --tokens/--probes is required" help.txt &&
+  ok "--help shows defaults and the probe requirement" || bad "--help defaults"
+expect_input_error "misspelt subcommand suggests the right one" "did you mean 'analyze'" x.h5 -- "$bin" anlyze --out x.h5
+expect_input_error "--eps outside (0,1)" "--eps: must lie strictly between 0 and 1" e.h5 -- \
+  "$bin" analyze --quiet --model model --probes random:2:6:1 --eps 1.5 --out e.h5
+expect_input_error "--prepend-bos beyond the vocabulary blames --prepend-bos" "--prepend-bos 151643" e.h5 -- \
+  "$bin" analyze --quiet --model model --probes random:2:6:1 --prepend-bos 151643 --out e.h5
+"$bin" sweep --models trace/step0 trace/step100 --probes random:2:6:1 --tp 3 --out tp3 >/dev/null 2>tp3.log
+[ "$?" = 1 ] && [ "$(grep -c . tp3.log)" = 1 ] && grep -q "tp=3" tp3.log && [ ! -e tp3/checkpoints/step0.h5 ] &&
+  ok "sweep --tp 3 on one rank: refused once, up front" || bad "sweep --tp 3: $(cat tp3.log)"
+mkdir -p named && cp -r trace/step0 named/final && cp -r trace/step100 named/best
+expect_input_error "folders without a step are refused" "named/final has no step in its name" named-out/sweep.h5 -- \
+  "$bin" sweep --quiet --models named/final named/best --probes random:2:6:1 --out named-out
+"$bin" sweep --quiet --models named/final named/best --steps 9 3 --probes random:2:6:1 --out named-ok &&
+  "$py" -c "import h5py; f=h5py.File('named-ok/sweep.h5'); assert list(f['steps'][()])==[3,9]; assert [n.decode() if isinstance(n,bytes) else n for n in f['names'].asstr()[()]]==['best','final']" &&
+  ok "--steps orders folders without a step" || bad "--steps with named folders"
+"$bin" synth --config "$root/tests/data/moe_16e.json" --out shapes/step5 --seed 1 2>/dev/null
+expect_input_error "mixed model shapes name both checkpoints" "trace/step0 (" shapes-out/sweep.h5 -- \
+  "$bin" sweep --quiet --models trace/step0 shapes/step5 --probes random:2:6:1 --out shapes-out
+grep -q "shapes/step5 (" "$work/stderr" && ok "mixed shapes: second checkpoint named" || bad "mixed shapes: $(cat "$work/stderr")"
+"$bin" inspect --model model >inspect.txt && ! grep -q "model.layers.0.self_attn.q_proj.weight" inspect.txt &&
+  grep -q -- "--tensors lists them" inspect.txt &&
+  "$bin" inspect --model model --tensors >inspect-all.txt &&
+  grep -q "model.layers.0.self_attn.q_proj.weight" inspect-all.txt &&
+  ok "inspect: summary, the list with --tensors" || bad "inspect summary"
+"$bin" analyze --model model --probes random:2:6:1 --ablate layers=0 --out abl.h5 2>abl.log &&
+  grep -q "ablation 1/" abl.log && grep -q "layer 0 head 0" abl.log && ok "ablation progress per component" ||
+  bad "ablation progress: $(cat abl.log)"
+
+if "$root/jobs/submit_sweep.sh" --dry-run --site local --sinkscope /cluster/apps/sinkscope/bin/sinkscope \
+  trace tok.npy dry-out >dry.log 2>&1 && grep -q "array job" dry.log; then
+  ok "submit_sweep.sh --dry-run without the site's binary"
+else
+  bad "submit_sweep.sh --dry-run: $(tail -3 dry.log)"
+fi
+
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -1,5 +1,5 @@
 // sinkscope against golden data written by HF transformers (tools/make_golden.py, float64
-// reference; tests/golden/README.md). Tolerances are METRICS.md section 7's:
+// reference; tests/golden/README.md). Tolerances are docs/metrics.md section 7's:
 //   attention to P0: 1e-4 absolute (fp32 softmax of bf16-weight activations vs float64);
 //   norms and ratios: 1e-3 relative;
 //   attributions and shares: 1e-3 of the array's largest magnitude (entries near zero have no

@@ -3,7 +3,7 @@
 // through analyze_checkpoint, on one rank and on tp/ep layouts whose ranks are threads of this
 // process. Needs a GPU: every test fails (never skips) when none is visible. ctest label `gpu`.
 //
-// Tolerances (METRICS.md section 7, GPU bf16 targets), with their reasons:
+// Tolerances (docs/metrics.md section 7, GPU bf16 targets), with their reasons:
 //   attention to P0       2e-2 absolute: bf16 q and k move a logit by ~1e-2 of its size, and
 //                         dA = A (1 - A) dlogit.
 //   norms                 2e-2 relative: bf16 operands (2^-9) through a few layers. Values under 1%

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every tensor/expert/data-parallel layout gives the numbers of one rank (METRICS.md section 7:
+# Every tensor/expert/data-parallel layout gives the numbers of one rank (docs/metrics.md section 7:
 # within 1e-5 relative on CPU), on synthetic models and on the golden models when present.
 # usage: test_layouts.sh SINKSCOPE REPO_ROOT [MPIEXEC]
 set -euo pipefail
@@ -58,8 +58,10 @@ for entry in "${family_models[@]}"; do
   name=family_$(basename "$model")
   # shellcheck disable=SC2086
   "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 --ablate layers=0-0 --out "$work/$name.ref.h5"
+  experts=$("$py" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("num_experts") or c.get("num_local_experts") or 0)' "$model/config.json")
   for layout in "${family_layouts[@]}"; do
     np=${layout%%:*} opts=${layout#*:}
+    [[ "$experts" == 0 && "$opts" == *"--ep"* ]] && opts=${opts/--ep 2/}  # dense: the ranks split probes
     out="$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5"
     # shellcheck disable=SC2086
     "$mpiexec" --oversubscribe -np "$np" "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 \

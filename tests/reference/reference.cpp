@@ -1,4 +1,4 @@
-// The float64 reference (see reference.hpp). Written from METRICS.md and the Hugging Face
+// The float64 reference (see reference.hpp). Written from docs/metrics.md and the Hugging Face
 // Qwen3-MoE modelling code, not from sinkscope's forward pass: one probe at a time, one token at a
 // time, plain loops, every intermediate kept so each metric can be computed literally.
 #include "reference.hpp"

@@ -1,11 +1,11 @@
 // An independent float64 reference for sinkscope (tests only).
 //
 // A deliberately naive, loop-based re-implementation of the Qwen3-MoE forward pass and of every
-// metric of METRICS.md sections 1-5, plus the mean-ablation of section 4 (causal version). It
+// metric of docs/metrics.md sections 1-5, plus the mean-ablation of section 4 (causal version). It
 // shares nothing with sinkscope's forward pass, kernels, recorder or reducer: only the checkpoint
 // reader (Checkpoint::read_rows, so the same stored bf16/f16/f32 values are used) and the
 // config.json parser. Weights are widened bf16 -> float -> double; everything after that is
-// double with plain loops, each quantity computed literally as METRICS.md defines it (e.g.
+// double with plain loops, each quantity computed literally as docs/metrics.md defines it (e.g.
 // p0_cosine over all pairs n < m, attributions from K(c[0]) and K(cbar) separately).
 #pragma once
 
@@ -31,7 +31,7 @@ struct Component {
 };
 
 struct ReferenceResult {
-  // Every array of METRICS.md sections 1-5 (p0_per_query always filled), rounded to float at the
+  // Every array of docs/metrics.md sections 1-5 (p0_per_query always filled), rounded to float at the
   // very end; the ablation arrays are empty.
   Analysis analysis;
 
@@ -46,7 +46,7 @@ struct ReferenceResult {
   // tokens routed to e, [L, E].
   std::vector<int64_t> p0_routed_count, rest_routed_count;
 
-  // METRICS.md section 4 identity: max over (probe, layer t, KV head g) of
+  // docs/metrics.md section 4 identity: max over (probe, layer t, KV head g) of
   // ||k_0 - sum_c K(c[0])|| / ||k_0||, k_0 being the model's key at position 0 after k_norm.
   double identity_max_rel_err = 0;
 
@@ -73,7 +73,7 @@ class ReferenceModel {
   // The clean analysis of `tokens` ([N, T], T >= 2) with sink-rate threshold `eps`.
   ReferenceResult analyze(const IntArray& tokens, double eps = 0.3) const;
 
-  // alpha [L, H] (METRICS.md section 1) with `ablate` mean-ablated at position 0 (all of them in
+  // alpha [L, H] (docs/metrics.md section 1) with `ablate` mean-ablated at position 0 (all of them in
   // the same run; empty = clean).
   std::vector<double> sink_scores(const IntArray& tokens,
                                   const std::vector<Component>& ablate) const;

@@ -15,8 +15,11 @@ Tolerances (why they are what they are):
   largest values; small entries next to large ones are therefore judged on the dataset's scale.
 - Integer, boolean and string datasets must be equal.
 - Floating-point attributes (eps, sink_rate, tau): relative 1e-5 of their own magnitude.
-- Attributes ignored: created_utc (a clock); tp, ep, etp, dp, world_size, layout describe the layout, which
-  differs on purpose: --layout checks the candidate's values instead.
+- Attributes ignored: created_utc (a clock); command_line and options (the command as run, which
+  differs between a direct sweep and array tasks); tp, ep, etp, dp, world_size, layout describe the
+  layout, which differs on purpose: --layout checks the candidate's values instead.
+- Dimension scales (DIMENSION_LIST, REFERENCE_LIST hold object references, which differ between
+  files) are compared by the names of the scales attached to each axis.
 """
 
 import argparse
@@ -27,7 +30,7 @@ import h5py
 import numpy as np
 
 REL_TOL = 1e-5
-IGNORED_ATTRS = {"created_utc"}
+IGNORED_ATTRS = {"created_utc", "command_line", "options", "DIMENSION_LIST", "REFERENCE_LIST"}
 # etp follows the layout; the identity error is rounding that differs with summation order.
 LAYOUT_ATTRS = {"tp", "ep", "etp", "dp", "world_size", "layout", "circuit_identity_max_rel_err"}
 
@@ -105,6 +108,9 @@ def compare_file(ref_path, cand_path, layout, problems, counts, worst):
                 continue
             compare_attrs(where, r, c, problems)
             if isinstance(r, h5py.Dataset):
+                scales = [[list(d.keys()) for d in x.dims] for x in (r, c)]
+                if scales[0] != scales[1]:
+                    problems.append(f"{where}: dimension scales {scales[0]} != {scales[1]}")
                 compare_dataset(where, r, c, problems, worst)
                 counts[1] += 1
     counts[0] += 1

@@ -1,4 +1,4 @@
-// src/io: the HDF5 schema of INTERFACE.md (names, dims, attribute types), round trips, and the
+// src/io: the HDF5 schema of docs/schema.md (names, dims, attribute types), round trips, and the
 // failure paths users meet: a wrong --out folder, a damaged or incomplete analysis file, a writer
 // that fails half way (nothing may be left behind).
 #include <gtest/gtest.h>
@@ -97,8 +97,7 @@ Analysis full_analysis(unsigned seed = 7) {
   m.layout = "tp=2 ep=3 dp=1 (heads 0-0|1-1)";
 
   a.tokens = random_array<int32_t>(rng, {n, t}, "probe,position");
-  // Names of its own (more specific than the schema's): they must be written and read back.
-  a.sink_score = random_array<float>(rng, {l, h}, "layer,query_head");
+  a.sink_score = random_array<float>(rng, {l, h}, "layer,head");
   a.sink_rate = random_array<float>(rng, {l}, "layer");
   a.p0_per_query = random_array<float>(rng, {n, l, h, t}, "probe,layer,head,query");
   a.norm_p0 = random_array<float>(rng, {n, l + 1}, "probe,layer_input");
@@ -147,6 +146,14 @@ Sweep full_sweep(size_t checkpoints = 3) {
   s.convergence_step = c > 1 ? s.steps[1] : -1;
   s.tau = 0.07;
   s.failed = {"step64", "step96"};
+  for (size_t i = 0; i < c; ++i) {
+    s.checkpoint_paths.push_back("/runs/a/step" + std::to_string(i));
+    s.checkpoint_headers_sha256.push_back(std::string(64, static_cast<char>('a' + i)));
+  }
+  s.tokens_sha256 = std::string(64, 'f');
+  s.eps = 0.25;
+  s.command_line = "sinkscope sweep --models-glob 'runs/a/step*'";
+  s.options = "tau=0.07";
   return s;
 }
 
@@ -280,14 +287,15 @@ TEST_F(IoTest, OptionalDatasetsAreWrittenOnlyWhenPresent) {
   expect_same_analysis(written, read_analysis(path("a.h5")));
 }
 
-TEST_F(IoTest, EveryDatasetCarriesItsDims) {
+TEST_F(IoTest, EveryDatasetCarriesItsDimsAndDimensionScales) {
   Analysis written = full_analysis();
   written.h_ratio.dims = "";  // no names of its own: the schema's are written
+  written.sink_score.dims = "layer,query_head";  // the schema's names win: they are the scales'
   write_analysis(path("a.h5"), written);
 
   const std::vector<std::pair<std::string, std::string>> expected = {
       {"tokens", "probe,position"},
-      {"attention/sink_score", "layer,query_head"},  // the array's own names
+      {"attention/sink_score", "layer,head"},
       {"attention/sink_rate", "layer"},
       {"attention/p0_per_query", "probe,layer,head,query"},
       {"residual/norm_p0", "probe,layer_input"},
@@ -319,6 +327,53 @@ TEST_F(IoTest, EveryDatasetCarriesItsDims) {
   for (const auto& [name, dims] : expected) {
     EXPECT_EQ(raw_string_attribute(raw.id, name, "dims"), dims) << name;
   }
+  // Every axis has the dimension scale of the same name attached (what netCDF tools read), and
+  // each scale is a coordinate 0..n-1 of the axis' length.
+  const h5::File file = h5::File::open_read(path("a.h5"));
+  for (const auto& [name, dims] : expected) {
+    if (dims == "scalar") continue;
+    std::string attached;
+    for (const std::string& scale : file.attached_scales(name))
+      attached += (attached.empty() ? "" : ",") + scale;
+    EXPECT_EQ(attached, dims) << name;
+  }
+  const std::vector<int64_t> layer_input = file.read_dataset<int64_t>("layer_input");
+  ASSERT_EQ(layer_input.size(), kLayers + 1);
+  EXPECT_EQ(layer_input.back(), static_cast<int64_t>(kLayers));
+  EXPECT_EQ(file.read_dataset<int64_t>("layer").size(), kLayers);
+  EXPECT_EQ(file.read_strings("field"), (std::vector<std::string>{"source_layer", "kind", "index"}));
+  EXPECT_EQ(file.read_string_attribute("units", "attention/sink_score"), "1");
+  EXPECT_NE(file.read_string_attribute("long_name", "circuit/attr_head"), "");
+  EXPECT_NE(file.read_string_attribute("description", "attention/p0_per_query").find("--per-query"),
+            std::string::npos);
+}
+
+TEST_F(IoTest, ProvenanceRoundTrips) {
+  Analysis written = full_analysis();
+  AnalysisMeta& m = written.meta;
+  m.command_line = "sinkscope analyze --model m --probes random:2:4:1 --eps 0.25";
+  m.options = "eps=0.25\nbatch=4";
+  m.probes = "--probes random:2:4:1";
+  m.prepend_bos = 7;
+  m.ablate = "layers=0-1";
+  m.batch = 4;
+  m.threads = 2;
+  m.per_query = 1;
+  m.git_commit = "0123abcd";
+  m.checkpoint_headers_sha256 = std::string(64, 'b');
+  write_analysis(path("a.h5"), written);
+  const AnalysisMeta read = read_analysis(path("a.h5")).meta;
+  EXPECT_EQ(read.format_version, kFormatVersion);
+  EXPECT_EQ(read.command_line, m.command_line);
+  EXPECT_EQ(read.options, m.options);
+  EXPECT_EQ(read.probes, m.probes);
+  EXPECT_EQ(read.prepend_bos, 7);
+  EXPECT_EQ(read.ablate, m.ablate);
+  EXPECT_EQ(read.batch, 4);
+  EXPECT_EQ(read.threads, 2);
+  EXPECT_EQ(read.per_query, 1);
+  EXPECT_EQ(read.git_commit, "0123abcd");
+  EXPECT_EQ(read.checkpoint_headers_sha256, m.checkpoint_headers_sha256);
 }
 
 TEST_F(IoTest, AnalysisAttributesHaveTheSchemaTypes) {
@@ -376,6 +431,13 @@ TEST_F(IoTest, SweepRoundTrips) {
   EXPECT_EQ(written.convergence_step, read.convergence_step);
   EXPECT_EQ(written.tau, read.tau);
   EXPECT_EQ(written.failed, read.failed);
+  EXPECT_EQ(written.checkpoint_paths, read.checkpoint_paths);
+  EXPECT_EQ(written.checkpoint_headers_sha256, read.checkpoint_headers_sha256);
+  EXPECT_EQ(written.tokens_sha256, read.tokens_sha256);
+  EXPECT_EQ(written.eps, read.eps);
+  EXPECT_EQ(written.command_line, read.command_line);
+  EXPECT_EQ(written.options, read.options);
+  EXPECT_EQ(read.format_version, kFormatVersion);
 
   RawFile raw(path("sweep.h5"));
   ASSERT_GE(raw.id, 0);

@@ -1,4 +1,4 @@
-// Profile and convergence (METRICS.md sections 5 and 6) on constructed inputs.
+// Profile and convergence (docs/metrics.md sections 5 and 6) on constructed inputs.
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -1,4 +1,4 @@
-// sinkscope against the independent float64 reference (tests/reference), METRICS.md section 7:
+// sinkscope against the independent float64 reference (tests/reference), docs/metrics.md section 7:
 // synthetic checkpoints of several shapes (GQA, MHA, dense layers via mlp_only_layers and
 // decoder_sparse_step, a model without experts, norm_topk_prob false, head_dim != hidden/heads,
 // top-1 and top-3 routing, exact router ties, massive activations, non-unit RMSNorm weights),
@@ -35,7 +35,7 @@ using reference::Component;
 using reference::ReferenceModel;
 using reference::ReferenceResult;
 
-// ---- tolerances of METRICS.md section 7 (CPU)
+// ---- tolerances of docs/metrics.md section 7 (CPU)
 constexpr double kAttnAbs = 1e-4;      // attention to P0: absolute
 constexpr double kRel = 1e-3;          // norms and attributions: relative
 constexpr double kAblationAbs = 1e-3;  // ablation deltas (differences of sink scores): absolute
@@ -171,7 +171,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 // `synth` writes every RMSNorm weight as 1, which would leave a misuse of gamma_in, gamma_post,
-// gamma_q or gamma_k (e.g. in K(v) of METRICS.md section 4) unseen: rewrite them as 1 + 0.3 N(0,
+// gamma_q or gamma_k (e.g. in K(v) of docs/metrics.md section 4) unseen: rewrite them as 1 + 0.3 N(0,
 // 1).
 void randomize_norm_weights(const std::string& dir, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -217,7 +217,7 @@ Analysis run_sinkscope(const std::string& model, const IntArray& tokens, int64_t
   return analyze_checkpoint(opt, tokens, *comm);
 }
 
-// Every array of METRICS.md sections 1-5 against the reference.
+// Every array of docs/metrics.md sections 1-5 against the reference.
 void compare_analysis(const std::string& what, const Analysis& s, const ReferenceResult& R,
                       const ModelConfig& cfg) {
   const Analysis& r = R.analysis;
@@ -419,7 +419,7 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {  // exact router ties (experts 0 and 1 share a router row): the lower index must win. This
-     // checks the tie rule sinkscope documents (forward.cpp), beyond METRICS.md section 7, which
+     // checks the tie rule sinkscope documents (forward.cpp), beyond docs/metrics.md section 7, which
      // exempts exact ties; it relies on identical router rows giving bit-identical fp32 logits.
     Case c{"router_ties", {}, 4, 16, 3, 61, ""};
     c.tie_router = true;

@@ -32,6 +32,10 @@ TEST(Sweep, ListsSortedByStep) {
   EXPECT_EQ(cps[2].name, "step512");
   EXPECT_THROW(list_checkpoints({}, dir / "nothing*", {}), InputError);
   EXPECT_THROW(list_checkpoints({dir / "step0"}, "", {1, 2}), InputError);
+  // A folder without a step in its name is refused unless --steps gives it.
+  fs::create_directories(dir / "final");
+  EXPECT_THROW(list_checkpoints({dir / "step0", dir / "final"}, "", {}), InputError);
+  EXPECT_EQ(list_checkpoints({dir / "step0", dir / "final"}, "", {0, 9}).back().name, "final");
   auto given = list_checkpoints({dir / "step0", dir / "step64"}, "", {10, 5});
   EXPECT_EQ(given[0].step, 5);
 }
