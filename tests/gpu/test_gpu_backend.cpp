@@ -869,5 +869,61 @@ TEST(GpuFaults, OverflowNamesTheFirstComponent) {
   }
 }
 
+
+// The CUDA-run families against transformers' float64 reference (tests/golden/families): attention
+// to position 0 per query within the GPU tolerance (docs/metrics.md section 7: 2e-2 absolute), the
+// residual norms within kNormRel, and the circuit identity within 1e-3.
+std::vector<double> golden_values(const std::string& path, const std::string& name) {
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  for (const auto& t : parse_safetensors_header(bytes.data() + 8, n, bytes.size() - 8 - n, path))
+    if (t.name == name) {
+      std::vector<double> v((t.end - t.begin) / 4);
+      for (size_t i = 0; i < v.size(); ++i) {
+        float f;
+        std::memcpy(&f, bytes.data() + 8 + n + t.begin + 4 * i, 4);
+        v[i] = f;
+      }
+      return v;
+    }
+  ADD_FAILURE() << path << " has no tensor " << name;
+  return {};
+}
+
+class GpuFamilyGolden : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
+  REQUIRE_GPU();
+  const std::string dir = std::string(SINKSCOPE_SOURCE_DIR) + "/tests/golden/families/" + GetParam();
+  const IntArray tokens = load_tokens(dir + "/probes.npy");
+  auto world = make_single_comm();
+  AnalyzeOptions opt;
+  opt.model = dir;
+  opt.per_query = true;
+  opt.device = "cuda";
+  const Analysis a = analyze_checkpoint(opt, tokens, *world);
+  const auto want = golden_values(dir + "/expected.safetensors", "attn_p0");
+  ASSERT_EQ(want.size(), a.p0_per_query.data.size());
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    worst = std::max(worst, std::fabs(a.p0_per_query.data[i] - want[i]));
+  std::printf("[ family ] %s: worst |A[i,0] gpu - transformers float64| = %.5f\n",
+              GetParam().c_str(), worst);
+  EXPECT_LE(worst, kAttnAbs);
+  for (const char* name : {"norm_p0", "norm_rest_median"}) {
+    const auto ref = golden_values(dir + "/expected.safetensors", name);
+    const FloatArray& got = std::string(name) == "norm_p0" ? a.norm_p0 : a.norm_rest_median;
+    ASSERT_EQ(ref.size(), got.data.size());
+    for (size_t i = 0; i < ref.size(); ++i)
+      EXPECT_NEAR(got.data[i], ref[i], kNormRel * std::fabs(ref[i]) + kNormFloor) << name << "[" << i << "]";
+  }
+  EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, GpuFamilyGolden,
+                         ::testing::Values("qwen3", "llama", "mixtral", "qwen3_moe_fused"));
+
 }  // namespace
 }  // namespace sinkscope
