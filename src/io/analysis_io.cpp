@@ -109,6 +109,23 @@ const std::vector<Field<float>>& float_fields() {
       {"profile/layer_share", "embedding_or_layer",
        {A::kLayerPlusOne}, &Analysis::layer_share, false},
       {"profile/norm_gain_share", "layer", {A::kLayer}, &Analysis::norm_gain_share, false},
+      // Contract 1.2 (docs/metrics.md "Scientific validity"): per-probe records for the sweep's
+      // bootstrap, the causal layer profile (--causal-profile) and the ablation search.
+      {"attention/sink_score_per_probe", "probe,layer,head",
+       {A::kProbe, A::kLayer, A::kHead}, &Analysis::sink_score_per_probe, true},
+      {"profile/attr_layer_per_probe", "probe,embedding_or_layer",
+       {A::kProbe, A::kLayerPlusOne}, &Analysis::attr_layer_per_probe, true},
+      {"profile/causal_drop", "embedding_or_layer",
+       {A::kLayerPlusOne}, &Analysis::causal_drop, true},
+      {"profile/causal_drop_attention", "layer", {A::kLayer}, &Analysis::causal_drop_attention, true},
+      {"profile/causal_drop_ffn", "layer", {A::kLayer}, &Analysis::causal_drop_ffn, true},
+      {"profile/causal_drop_per_probe", "probe,embedding_or_layer",
+       {A::kProbe, A::kLayerPlusOne}, &Analysis::causal_drop_per_probe, true},
+      {"profile/causal_layer_share", "embedding_or_layer",
+       {A::kLayerPlusOne}, &Analysis::causal_layer_share, true},
+      {"circuit/search/layer_drop", "embedding_or_layer",
+       {A::kLayerPlusOne}, &Analysis::search_layer_drop, true},
+      {"circuit/search/effect", "component", {A::kAblation}, &Analysis::search_effect, true},
   };
   // clang-format on
   return fields;
@@ -133,6 +150,10 @@ constexpr const char* kFirst2Share = "profile/first2_share";
 constexpr const char* kPeakLayer = "profile/peak_layer";
 constexpr const char* kEntropy = "profile/entropy";
 constexpr const char* kAblationComponents = "circuit/ablation/components";
+constexpr const char* kCausalFirst2Share = "profile/causal_first2_share";
+constexpr const char* kCausalPeakLayer = "profile/causal_peak_layer";
+constexpr const char* kSearchSelected = "circuit/search/selected";
+constexpr const char* kSearchShare = "circuit/search/share";
 
 std::string shape_text(const std::vector<size_t>& shape) {
   std::string text = "[";
@@ -380,6 +401,93 @@ std::vector<std::string> split(const std::string& text, char separator) {
   }
 }
 
+// ---- sweep.h5, contract 1.2 (docs/metrics.md "Scientific validity") --------------------------
+
+// The 1.2 datasets of a sweep that have a fixed shape in C and L: name, dims, member, extents
+// (0: C, 1: C - 1, 2: L + 1).
+struct SweepV12Field {
+  const char* name;
+  const char* dims;
+  FloatArray Sweep::*member;
+  std::vector<int> axes;
+};
+
+const std::vector<SweepV12Field>& sweep_v12_fields() {
+  static const std::vector<SweepV12Field> fields = {
+      {"max_sink_score", "checkpoint", &Sweep::max_sink_score, {0}},
+      {"causal_layer_share", "checkpoint,embedding_or_layer", &Sweep::causal_layer_share, {0, 2}},
+      {"causal_first2_share", "checkpoint", &Sweep::causal_first2_share, {0}},
+      {"bootstrap/noise_floor", "checkpoint", &Sweep::noise_floor, {0}},
+      {"convergence/distance", "checkpoint_pair", &Sweep::convergence_distance, {1}},
+      {"convergence/distance_per_doubling", "checkpoint_pair",
+       &Sweep::convergence_distance_per_doubling, {1}},
+      {"convergence/threshold", "checkpoint_pair", &Sweep::convergence_threshold, {1}},
+  };
+  return fields;
+}
+
+std::vector<size_t> v12_shape(const std::vector<int>& axes, size_t c, size_t l) {
+  std::vector<size_t> shape;
+  for (int a : axes) shape.push_back(a == 0 ? c : a == 1 ? (c == 0 ? 0 : c - 1) : l + 1);
+  return shape;
+}
+
+void write_sweep_v12(h5::File& file, const Sweep& s, size_t checkpoints, size_t layers) {
+  const std::string path = "sweep.h5";
+  for (const SweepV12Field& f : sweep_v12_fields()) {
+    const FloatArray& array = s.*f.member;
+    if (array.empty()) continue;
+    write_array(file, f.name, array, v12_shape(f.axes, checkpoints, layers), f.dims, path);
+  }
+  if (!s.convergence_still.empty())
+    write_array(file, "convergence/still", s.convergence_still,
+                {checkpoints == 0 ? 0 : checkpoints - 1}, "checkpoint_pair", path);
+  if (s.convergence_outcome.empty()) return;
+  file.write_string_attribute("convergence_outcome", s.convergence_outcome);
+  file.write_string_attribute("convergence_profile", s.convergence_profile);
+  file.write_scalar<int64_t>("convergence/converged_step", s.converged_step);
+  file.write_int_attribute("bootstrap_replicates", s.bootstrap_replicates);
+  file.write_int_attribute("bootstrap_seed", s.bootstrap_seed);
+  for (const Sweep::Interval& iv : s.bootstrap) {
+    std::string dims = "checkpoint";
+    if (iv.se.shape.size() >= 2) dims += iv.se.shape.size() == 3 ? ",layer,head" : ",layer_index";
+    file.write_dataset("bootstrap/" + iv.name + "/se", iv.se.ptr(), iv.se.shape, dims);
+    file.write_dataset("bootstrap/" + iv.name + "/ci95", iv.ci95.ptr(), iv.ci95.shape,
+                       dims + ",bound");
+  }
+}
+
+void read_sweep_v12(const h5::File& file, const Reader& reader, Sweep& s, size_t checkpoints,
+                    size_t layers) {
+  for (const SweepV12Field& f : sweep_v12_fields())
+    if (reader.guard([&] { return file.has_dataset(f.name); }))
+      s.*f.member = reader.read_array<float>(file, f.name, v12_shape(f.axes, checkpoints, layers),
+                                             f.dims);
+  if (reader.guard([&] { return file.has_dataset("convergence/still"); }))
+    s.convergence_still = reader.read_array<int32_t>(
+        file, "convergence/still", {checkpoints == 0 ? 0 : checkpoints - 1}, "checkpoint_pair");
+  if (!reader.guard([&] { return file.has_attribute("convergence_outcome"); })) return;
+  s.convergence_outcome = reader.string_attribute(file, "convergence_outcome");
+  s.convergence_profile = reader.string_attribute(file, "convergence_profile");
+  s.converged_step =
+      reader.guard([&] { return file.read_dataset<int64_t>("convergence/converged_step"); }).at(0);
+  s.bootstrap_replicates = reader.int_attribute(file, "bootstrap_replicates");
+  s.bootstrap_seed = reader.int_attribute(file, "bootstrap_seed");
+  for (const char* name : {"sink_score", "max_sink_score", "sink_rate", "h_ratio", "norm_gain_share",
+                           "layer_share", "first2_share", "causal_layer_share",
+                           "causal_first2_share"}) {
+    const std::string se = std::string("bootstrap/") + name + "/se";
+    if (!reader.guard([&] { return file.has_dataset(se); })) continue;
+    Sweep::Interval iv;
+    iv.name = name;
+    iv.se.data = reader.guard([&] { return file.read_dataset<float>(se, &iv.se.shape); });
+    const std::string ci = std::string("bootstrap/") + name + "/ci95";
+    reader.require_dataset(file, ci);
+    iv.ci95.data = reader.guard([&] { return file.read_dataset<float>(ci, &iv.ci95.shape); });
+    s.bootstrap.push_back(iv);
+  }
+}
+
 }  // namespace
 
 void write_analysis(const std::string& path, const Analysis& a) {
@@ -410,6 +518,14 @@ void write_analysis(const std::string& path, const Analysis& a) {
     file.write_scalar<float>(kFirst2Share, a.first2_share);
     file.write_scalar<int32_t>(kPeakLayer, a.peak_layer);
     file.write_scalar<float>(kEntropy, a.entropy);
+    if (a.has_causal_profile()) {
+      file.write_scalar<float>(kCausalFirst2Share, a.causal_first2_share);
+      file.write_scalar<int32_t>(kCausalPeakLayer, a.causal_peak_layer);
+    }
+    if (!a.search_effect.empty()) {
+      file.write_scalar<int32_t>(kSearchSelected, a.search_selected);
+      file.write_scalar<float>(kSearchShare, a.search_share);
+    }
     file.close();
   });
 }
@@ -488,6 +604,16 @@ Analysis read_analysis(const std::string& path) {
   a.first2_share = reader.read_array<float>(file, kFirst2Share, {}, kScalarDims).data.at(0);
   a.peak_layer = reader.read_array<int32_t>(file, kPeakLayer, {}, kScalarDims).data.at(0);
   a.entropy = reader.read_array<float>(file, kEntropy, {}, kScalarDims).data.at(0);
+  if (a.has_causal_profile()) {
+    a.causal_first2_share =
+        reader.read_array<float>(file, kCausalFirst2Share, {}, kScalarDims).data.at(0);
+    a.causal_peak_layer =
+        reader.read_array<int32_t>(file, kCausalPeakLayer, {}, kScalarDims).data.at(0);
+  }
+  if (!a.search_effect.empty()) {
+    a.search_selected = reader.read_array<int32_t>(file, kSearchSelected, {}, kScalarDims).data.at(0);
+    a.search_share = reader.read_array<float>(file, kSearchShare, {}, kScalarDims).data.at(0);
+  }
   return a;
 }
 
@@ -515,6 +641,7 @@ void write_sweep(const std::string& path, const Sweep& s) {
                   expected_sweep_shape(field.name, checkpoints, layers, heads), field.dims, path);
     }
     file.write_scalar<int64_t>("convergence/step", s.convergence_step);
+    write_sweep_v12(file, s, checkpoints, layers);
     file.close();
   });
 }
@@ -561,6 +688,7 @@ Sweep read_sweep(const std::string& path) {
   }
   s.convergence_step =
       reader.guard([&] { return file.read_dataset<int64_t>("convergence/step"); }).front();
+  read_sweep_v12(file, reader, s, checkpoints, layers);
   return s;
 }
 
