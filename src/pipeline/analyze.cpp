@@ -388,9 +388,17 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
         if (part == 1) a.causal_drop_ffn.data[index - 1] = drop;
         if (part != 2) continue;
         a.causal_drop.data[index] = drop;
-        for (size_t n = 0; n < static_cast<size_t>(N); ++n)
-          a.causal_drop_per_probe.data[n * (L + 1) + index] = static_cast<float>(sink_weighted_drop(
-              a.sink_score, per_probe.data.data() + n * L * H));
+        // Per probe: the same weights, the probe's own clean and ablated scores.
+        double weight = 0;
+        for (float w : a.sink_score.data) weight += w;
+        for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
+          double d = 0;
+          for (size_t i = 0; i < L * H; ++i)
+            d += static_cast<double>(a.sink_score.data[i]) *
+                 (a.sink_score_per_probe.data[n * L * H + i] - per_probe.data[n * L * H + i]);
+          a.causal_drop_per_probe.data[n * (L + 1) + index] =
+              weight > 0 ? static_cast<float>(d / weight) : 0.f;
+        }
       }
     if (world.rank() == 0) compute_causal_profile(a);
     if (ablate.kind == AblateSpec::kSearch) a.search_layer_drop = a.causal_drop;
