@@ -236,3 +236,11 @@ TEST(Convergence12, BootstrapIsSeededAndCoversThePointEstimates) {
   EXPECT_EQ(back.noise_floor.data, a.noise_floor.data);
   EXPECT_EQ(back.causal_layer_share.data, a.causal_layer_share.data);
 }
+
+TEST(Ablate, ParsesSearch) {
+  EXPECT_EQ(parse_ablate("search", 4).kind, AblateSpec::kSearch);
+  EXPECT_EQ(parse_ablate("search", 4).top, 0);
+  EXPECT_EQ(parse_ablate("search:2", 4).top, 2);
+  EXPECT_THROW(parse_ablate("search:0", 4), InputError);
+  EXPECT_THROW(parse_ablate("search:x", 4), InputError);
+}
