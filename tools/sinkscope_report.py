@@ -182,6 +182,11 @@ class Sweep:
             self.convergence_profile = as_text(attribute(f, "convergence_profile", "attribution"))
             self.causal_layer_share = (dataset(f, "causal_layer_share", 2).astype(float)
                                        if "causal_layer_share" in f else None)
+            if "convergence/distance" in f:  # 1.2: the profile's distance and its threshold
+                self.tv = dataset(f, "convergence/distance", 1).astype(float)
+                self.threshold = dataset(f, "convergence/threshold", 1).astype(float)
+            else:
+                self.threshold = None
             failed = as_text(attribute(f, "failed", ""))
             self.failed = [n for n in failed.split(",") if n]
             self.version = as_text(attribute(f, "sinkscope_version", "?"))
@@ -496,16 +501,27 @@ def plot_convergence(sweep, axis, out_dir):
     fig, ax = plt.subplots(figsize=(8, 4.3), layout="constrained")
     x = axis.x[1:]  # tv[i] compares checkpoint i with i + 1: plotted at the later one
     tv = sweep.tv
-    ax.plot(x, tv, color="black", marker="o", linewidth=2, label="TV(layer share, previous)")
-    ax.axhline(sweep.tau, color="tab:red", linestyle="--", linewidth=1.3,
-               label=f"τ = {sweep.tau:g}")
+    profile = "causal layer share" if sweep.convergence_profile == "causal" else "layer share"
+    ax.plot(x, tv, color="black", marker="o", linewidth=2, label=f"TV({profile}, previous)")
+    if sweep.threshold is not None:
+        ax.plot(x, sweep.threshold, color="tab:red", linestyle="--", marker="_", linewidth=1.3,
+                label=f"threshold: max(τ·gap in doublings, noise floor), τ = {sweep.tau:g}")
+    else:
+        ax.axhline(sweep.tau, color="tab:red", linestyle="--", linewidth=1.3,
+                   label=f"τ = {sweep.tau:g}")
     positive = tv[tv > 0]
     log_y = bool(len(positive) and positive.max() / max(positive.min(), 1e-12) > 30)
     if log_y:
         ax.set_yscale("log")  # the tail below tau matters as much as the early jumps
     else:
         ax.set_ylim(0, max(float(np.nanmax(tv)) if len(tv) else 0, sweep.tau) * 1.15)
-    if sweep.convergence_step >= 0:
+    if sweep.outcome is not None:
+        if sweep.converged_step >= 0:
+            where = axis.x[list(sweep.steps).index(sweep.converged_step)]
+            ax.axvline(where, color="tab:green", linewidth=2, alpha=0.8,
+                       label=f"converged at step {step_label(sweep.converged_step)}")
+        title = f"{profile[0].upper() + profile[1:]} profile: {sweep.outcome}"
+    elif sweep.convergence_step >= 0:
         where = (axis.x[list(sweep.steps).index(sweep.convergence_step)]
                  if sweep.convergence_step in sweep.steps else float(sweep.convergence_step))
         ax.axvline(where, color="tab:green", linewidth=2, alpha=0.8,
@@ -519,7 +535,7 @@ def plot_convergence(sweep, axis, out_dir):
     ax.set_ylabel("total variation distance")
     ax.grid(True, axis="y", which="major")
     ax.legend(frameon=False, loc="best")
-    ax.set_title(title + "  (METRICS.md §6)")
+    ax.set_title(title + ("  (metrics.md 1.2)" if sweep.outcome else "  (METRICS.md §6)"))
     return save(fig, out_dir, "convergence.png")
 
 
@@ -915,9 +931,15 @@ def report_sweep(sweep, out_dir, top):
         causation_section(page, sweep.layer_share, sweep.causal_layer_share, labels, out_dir)
     if len(sweep.steps) >= 2:
         page.figure(plot_convergence(sweep, axis, out_dir),
-                    "Total-variation distance between consecutive layer-share profiles. The "
-                    "profile has converged at the first step after which every distance stays "
-                    "≤ τ.")
+                    ("Total-variation distance between consecutive profiles and the threshold "
+                     "of each pair (τ per doubling of the step, or the bootstrap noise floor). "
+                     "Outcomes: 'converged at step S' (a sink from S on, the profile moved "
+                     "before S and at least two pairs after S stay under the threshold), 'not "
+                     "converged', 'no sink', 'too few checkpoints' (docs/metrics.md 1.2)."
+                     if sweep.outcome else
+                     "Total-variation distance between consecutive layer-share profiles. The "
+                     "profile has converged at the first step after which every distance stays "
+                     "≤ τ."))
     else:
         page.text("One checkpoint only: no convergence curve.")
 
