@@ -53,14 +53,14 @@ struct Sweep {
   std::vector<Interval> bootstrap;
   int64_t bootstrap_replicates = 0;
   int64_t bootstrap_seed = 0;
-  FloatArray noise_floor;  // [C]: 95th percentile of the distance between two replicates
-  std::string convergence_profile;                  // "causal" or "attribution"
-  FloatArray convergence_distance;                  // [C-1] TV of that profile
-  FloatArray convergence_distance_per_doubling;     // [C-1]
-  FloatArray convergence_threshold;                 // [C-1] on the TV scale
-  IntArray convergence_still;                       // [C-1] 1 = distance <= threshold
-  std::string convergence_outcome;                  // "converged at step S", "not converged", ...
-  int64_t converged_step = -1;                      // S of "converged at step S", else -1
+  FloatArray noise_floor;           // [C]: 95th percentile of the distance between two replicates
+  std::string convergence_profile;  // "causal" or "attribution"
+  FloatArray convergence_distance;  // [C-1] TV of that profile
+  FloatArray convergence_distance_per_doubling;  // [C-1]
+  FloatArray convergence_threshold;              // [C-1] on the TV scale
+  IntArray convergence_still;                    // [C-1] 1 = distance <= threshold
+  std::string convergence_outcome;               // "converged at step S", "not converged", ...
+  int64_t converged_step = -1;                   // S of "converged at step S", else -1
 };
 
 void write_sweep(const std::string& path, const Sweep& s);

@@ -420,13 +420,15 @@ int main(int argc, char** argv) {
       ->excludes(only);
   sweep->add_option("--tau", sa.tau,
                     "convergence threshold: total-variation distance per doubling of the step");
-  sweep->add_option("--bootstrap", sa.bootstrap,
-                    "bootstrap replicates over probes (standard errors, 95% intervals, noise "
-                    "floor; 0 = none)")
+  sweep
+      ->add_option("--bootstrap", sa.bootstrap,
+                   "bootstrap replicates over probes (standard errors, 95% intervals, noise "
+                   "floor; 0 = none)")
       ->check(CLI::NonNegativeNumber);
   sweep->add_option("--bootstrap-seed", sa.bootstrap_seed, "seed of the bootstrap draws");
-  sweep->add_option("--convergence-profile", sa.convergence_profile,
-                    "profile the convergence signal reads: causal (default) or attribution")
+  sweep
+      ->add_option("--convergence-profile", sa.convergence_profile,
+                   "profile the convergence signal reads: causal (default) or attribution")
       ->check(CLI::IsMember({"causal", "attribution"}));
   sweep->add_flag("--no-causal-profile", sa.no_causal_profile,
                   "skip the causal layer profile (one forward per layer and part)");

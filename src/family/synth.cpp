@@ -50,8 +50,10 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
   PlantedCircuit pc;
   if (plant) {
     if (c.qk_norm != QkNormKind::kPerHead || c.block != BlockKind::kPreNorm || !c.family->moe)
-      throw InputError("synth --plant-circuit: needs a pre-norm MoE family with per-head q/k "
-                       "norms (qwen3_moe); model_type is " + c.model_type);
+      throw InputError(
+          "synth --plant-circuit: needs a pre-norm MoE family with per-head q/k "
+          "norms (qwen3_moe); model_type is " +
+          c.model_type);
     if (c.num_layers < 3) throw InputError("synth --plant-circuit: needs at least 3 layers");
     if (!c.is_moe_layer(1)) throw InputError("synth --plant-circuit: layer 1 must be an MoE layer");
     if (D < 8) throw InputError("synth --plant-circuit: hidden_size must be at least 8");

@@ -419,8 +419,10 @@ const std::vector<SweepV12Field>& sweep_v12_fields() {
       {"causal_first2_share", "checkpoint", &Sweep::causal_first2_share, {0}},
       {"bootstrap/noise_floor", "checkpoint", &Sweep::noise_floor, {0}},
       {"convergence/distance", "checkpoint_pair", &Sweep::convergence_distance, {1}},
-      {"convergence/distance_per_doubling", "checkpoint_pair",
-       &Sweep::convergence_distance_per_doubling, {1}},
+      {"convergence/distance_per_doubling",
+       "checkpoint_pair",
+       &Sweep::convergence_distance_per_doubling,
+       {1}},
       {"convergence/threshold", "checkpoint_pair", &Sweep::convergence_threshold, {1}},
   };
   return fields;
@@ -461,8 +463,8 @@ void read_sweep_v12(const h5::File& file, const Reader& reader, Sweep& s, size_t
                     size_t layers) {
   for (const SweepV12Field& f : sweep_v12_fields())
     if (reader.guard([&] { return file.has_dataset(f.name); }))
-      s.*f.member = reader.read_array<float>(file, f.name, v12_shape(f.axes, checkpoints, layers),
-                                             f.dims);
+      s.*f.member =
+          reader.read_array<float>(file, f.name, v12_shape(f.axes, checkpoints, layers), f.dims);
   if (reader.guard([&] { return file.has_dataset("convergence/still"); }))
     s.convergence_still = reader.read_array<int32_t>(
         file, "convergence/still", {checkpoints == 0 ? 0 : checkpoints - 1}, "checkpoint_pair");
@@ -473,9 +475,9 @@ void read_sweep_v12(const h5::File& file, const Reader& reader, Sweep& s, size_t
       reader.guard([&] { return file.read_dataset<int64_t>("convergence/converged_step"); }).at(0);
   s.bootstrap_replicates = reader.int_attribute(file, "bootstrap_replicates");
   s.bootstrap_seed = reader.int_attribute(file, "bootstrap_seed");
-  for (const char* name : {"sink_score", "max_sink_score", "sink_rate", "h_ratio", "norm_gain_share",
-                           "layer_share", "first2_share", "causal_layer_share",
-                           "causal_first2_share"}) {
+  for (const char* name :
+       {"sink_score", "max_sink_score", "sink_rate", "h_ratio", "norm_gain_share", "layer_share",
+        "first2_share", "causal_layer_share", "causal_first2_share"}) {
     const std::string se = std::string("bootstrap/") + name + "/se";
     if (!reader.guard([&] { return file.has_dataset(se); })) continue;
     Sweep::Interval iv;
@@ -611,7 +613,8 @@ Analysis read_analysis(const std::string& path) {
         reader.read_array<int32_t>(file, kCausalPeakLayer, {}, kScalarDims).data.at(0);
   }
   if (!a.search_effect.empty()) {
-    a.search_selected = reader.read_array<int32_t>(file, kSearchSelected, {}, kScalarDims).data.at(0);
+    a.search_selected =
+        reader.read_array<int32_t>(file, kSearchSelected, {}, kScalarDims).data.at(0);
     a.search_share = reader.read_array<float>(file, kSearchShare, {}, kScalarDims).data.at(0);
   }
   return a;

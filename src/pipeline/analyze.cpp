@@ -56,8 +56,7 @@ AblateSpec parse_ablate(const std::string& spec, int64_t num_layers) {
   if (std::regex_match(spec, m, std::regex("search(?::(\\d+))?"))) {
     s.kind = AblateSpec::kSearch;
     s.top = m[1].matched ? std::stoll(m[1]) : 0;
-    if (m[1].matched && s.top <= 0)
-      throw InputError("--ablate '" + spec + "': K must be positive");
+    if (m[1].matched && s.top <= 0) throw InputError("--ablate '" + spec + "': K must be positive");
     return s;
   }
   throw InputError("--ablate '" + spec + "': expected layers=A-B, top=K or search[:K]");
@@ -374,11 +373,11 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     a.causal_drop = FloatArray({L + 1}, "embedding_or_layer");
     a.causal_drop_attention = FloatArray({L}, "layer");
     a.causal_drop_ffn = FloatArray({L}, "layer");
-    a.causal_drop_per_probe = FloatArray({static_cast<size_t>(N), L + 1}, "probe,embedding_or_layer");
+    a.causal_drop_per_probe =
+        FloatArray({static_cast<size_t>(N), L + 1}, "probe,embedding_or_layer");
     for (size_t index = 0; index <= L; ++index)
       for (int part = 2; part >= (index == 0 ? 2 : 0); --part) {
-        const std::vector<Ablation> set =
-            index_components(cfg, static_cast<int64_t>(index), part);
+        const std::vector<Ablation> set = index_components(cfg, static_cast<int64_t>(index), part);
         if (set.empty()) continue;
         const FloatArray per_probe = run_ablated(set);
         if (world.rank() != 0) continue;
@@ -460,7 +459,8 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       a.ablation_components.at(j, 1) = static_cast<int32_t>(comps[k].kind);
       a.ablation_components.at(j, 2) = comps[k].index;
       if (world.rank() == 0)
-        std::copy(deltas[k].begin(), deltas[k].end(), a.ablation_delta_sink.data.begin() + j * L * H);
+        std::copy(deltas[k].begin(), deltas[k].end(),
+                  a.ablation_delta_sink.data.begin() + j * L * H);
     }
     if (ablate.kind == AblateSpec::kSearch && world.rank() == 0) {
       a.search_effect = FloatArray({K}, "component");

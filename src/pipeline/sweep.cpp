@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <regex>
 
 #include "sinkscope/checkpoint.hpp"
@@ -142,8 +142,8 @@ ConvergenceResult assess_convergence(const ConvergenceInput& in) {
   for (size_t c = 0; c < C; ++c)
     if (in.steps[c] < 0 || (c > 0 && in.steps[c] <= in.steps[c - 1])) steps_usable = false;
   for (size_t c = 1; c < C; ++c) {
-    const double tv = tv_distance(in.profiles[c].data(), in.profiles[c - 1].data(),
-                                  in.profiles[c].size());
+    const double tv =
+        tv_distance(in.profiles[c].data(), in.profiles[c - 1].data(), in.profiles[c].size());
     // The gap in doublings of the step (step + 1, so step 0 counts); 1 per pair when the steps
     // are unknown or not increasing.
     const double gap = steps_usable ? std::log2(static_cast<double>(in.steps[c] + 1) /
@@ -234,7 +234,8 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
     std::copy(a.norm_gain_share.data.begin(), a.norm_gain_share.data.end(),
               s.norm_gain_share.data.begin() + c * L);
     s.first2_share.data[c] = a.first2_share;
-    s.max_sink_score.data[c] = *std::max_element(a.sink_score.data.begin(), a.sink_score.data.end());
+    s.max_sink_score.data[c] =
+        *std::max_element(a.sink_score.data.begin(), a.sink_score.data.end());
     if (all_causal) {
       std::copy(a.causal_layer_share.data.begin(), a.causal_layer_share.data.end(),
                 s.causal_layer_share.data.begin() + c * (L + 1));
@@ -261,10 +262,10 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
       for (auto& n : d) n = pick(rng);
   }
   std::vector<Resampled> q = {
-      {"sink_score", {C, L, H}, {}},      {"max_sink_score", {C}, {}},
-      {"sink_rate", {C, L}, {}},          {"h_ratio", {C, L + 1}, {}},
-      {"norm_gain_share", {C, L}, {}},    {"layer_share", {C, L + 1}, {}},
-      {"first2_share", {C}, {}},          {"causal_layer_share", {C, L + 1}, {}},
+      {"sink_score", {C, L, H}, {}},    {"max_sink_score", {C}, {}},
+      {"sink_rate", {C, L}, {}},        {"h_ratio", {C, L + 1}, {}},
+      {"norm_gain_share", {C, L}, {}},  {"layer_share", {C, L + 1}, {}},
+      {"first2_share", {C}, {}},        {"causal_layer_share", {C, L + 1}, {}},
       {"causal_first2_share", {C}, {}},
   };
   if (!all_causal) q.resize(q.size() - 2);
@@ -301,7 +302,8 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
       get("max_sink_score").values[b][c] = static_cast<float>(top);
       const std::vector<double> h = resampled_mean(ratio, idx);
       std::vector<double> gain(L);
-      for (size_t l = 0; l <= L; ++l) get("h_ratio").values[b][c * (L + 1) + l] = static_cast<float>(h[l]);
+      for (size_t l = 0; l <= L; ++l)
+        get("h_ratio").values[b][c * (L + 1) + l] = static_cast<float>(h[l]);
       for (size_t l = 0; l < L; ++l) {
         gain[l] = std::max(0.0, std::log(h[l + 1]) - std::log(h[l]));
         if (!std::isfinite(gain[l])) gain[l] = 0;
@@ -332,8 +334,9 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
       for (double x : v) mean += x;
       mean /= std::max<size_t>(v.size(), 1);
       for (double x : v) var += (x - mean) * (x - mean);
-      iv.se.data[i] = v.size() < 2 ? std::nanf("")
-                                   : static_cast<float>(std::sqrt(var / static_cast<double>(v.size() - 1)));
+      iv.se.data[i] = v.size() < 2
+                          ? std::nanf("")
+                          : static_cast<float>(std::sqrt(var / static_cast<double>(v.size() - 1)));
       iv.ci95.data[2 * i] = static_cast<float>(quantile(v, 0.025));
       iv.ci95.data[2 * i + 1] = static_cast<float>(quantile(v, 0.975));
     }
@@ -344,7 +347,8 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
   if (opt.convergence_profile != "causal" && opt.convergence_profile != "attribution")
     throw InputError("--convergence-profile '" + opt.convergence_profile +
                      "': expected causal or attribution");
-  s.convergence_profile = opt.convergence_profile == "causal" && all_causal ? "causal" : "attribution";
+  s.convergence_profile =
+      opt.convergence_profile == "causal" && all_causal ? "causal" : "attribution";
   const bool causal = s.convergence_profile == "causal";
   const Resampled& profile_reps = get(causal ? "causal_layer_share" : "layer_share");
   ConvergenceInput in;

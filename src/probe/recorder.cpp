@@ -304,7 +304,8 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
   a.attr_layer_per_probe = FloatArray({N, L + 1}, "probe,embedding_or_layer");
   for (const auto& r : records)
     for (size_t row = 0; row < r.own_probe_ids.size(); ++row) {
-      const size_t n = static_cast<size_t>(r.own_probe_ids[row]), Hl = static_cast<size_t>(r.head_count);
+      const size_t n = static_cast<size_t>(r.own_probe_ids[row]),
+                   Hl = static_cast<size_t>(r.head_count);
       for (size_t t = 0; t < L; ++t)
         for (size_t hl = 0; hl < Hl; ++hl) {
           const double alpha = sink[t * H + static_cast<size_t>(r.head_begin) + hl] * inv_n;
@@ -355,7 +356,8 @@ FloatArray per_probe_sink(const std::vector<RankRecord>& records, int64_t num_pr
   FloatArray out({N, L, H}, "probe,layer,head");
   for (const auto& r : records)
     for (size_t row = 0; row < r.own_probe_ids.size(); ++row) {
-      const size_t n = static_cast<size_t>(r.own_probe_ids[row]), Hl = static_cast<size_t>(r.head_count);
+      const size_t n = static_cast<size_t>(r.own_probe_ids[row]),
+                   Hl = static_cast<size_t>(r.head_count);
       if (n >= N)
         throw RuntimeFailure("a rank recorded probe " + std::to_string(n) + " of " +
                              std::to_string(N));
@@ -390,7 +392,8 @@ void positive_shares(const std::vector<double>& v, FloatArray* share, float* fir
   *first2 = (n >= 2 ? share->data[1] : 0.f) + (n >= 3 ? share->data[2] : 0.f);
   *peak = 0;
   for (size_t l = 1; l + 1 < n; ++l)
-    if (share->data[1 + l] > share->data[1 + static_cast<size_t>(*peak)]) *peak = static_cast<int32_t>(l);
+    if (share->data[1 + l] > share->data[1 + static_cast<size_t>(*peak)])
+      *peak = static_cast<int32_t>(l);
 }
 }  // namespace
 

@@ -110,8 +110,9 @@ TEST(Probes, RandomProbesAvoidSpecialIds) {
 
 TEST(Probes, SpecialTokenIdsFromBothConfigFiles) {
   test::TempDir dir;
-  test::write_file(dir / "config.json",
-                   R"({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": null})");
+  test::write_file(
+      dir / "config.json",
+      R"({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": null})");
   EXPECT_EQ(special_token_ids(dir.path()), (std::vector<int32_t>{151643, 151645}));
   test::write_file(dir / "generation_config.json", R"({"pad_token_id": 0, "eos_token_id": 2})");
   EXPECT_EQ(special_token_ids(dir.path()), (std::vector<int32_t>{0, 2, 151643, 151645}));

@@ -595,9 +595,10 @@ TEST(ReferenceCausal, PlantedCircuitLivesInTheEmbeddingAndLayersZeroAndOne) {
   EXPECT_GT(s.causal_drop.data[1 + pc.expert_layer], 0.1f);
   EXPECT_NEAR(s.causal_drop.data[1 + 3], 0.f, 1e-3f);
   EXPECT_GT(s.causal_first2_share, 0.5f);
-  std::printf("planted: causal_drop emb %.4f, layers %.4f %.4f %.4f %.4f; causal_first2_share %.3f\n",
-              s.causal_drop.data[0], s.causal_drop.data[1], s.causal_drop.data[2],
-              s.causal_drop.data[3], s.causal_drop.data[4], s.causal_first2_share);
+  std::printf(
+      "planted: causal_drop emb %.4f, layers %.4f %.4f %.4f %.4f; causal_first2_share %.3f\n",
+      s.causal_drop.data[0], s.causal_drop.data[1], s.causal_drop.data[2], s.causal_drop.data[3],
+      s.causal_drop.data[4], s.causal_first2_share);
 }
 
 // --ablate search recovers both blocks of the planted circuit, which top=K misses (its first
@@ -618,14 +619,16 @@ TEST(ReferencePlanted, SearchFindsBothBlocks) {
     return false;
   };
   const Analysis top = run_sinkscope(dir, tokens, 2, "top=2");
-  EXPECT_FALSE(chosen(top, 2, static_cast<int32_t>(pc.head_layer), 0, static_cast<int32_t>(pc.head)))
+  EXPECT_FALSE(
+      chosen(top, 2, static_cast<int32_t>(pc.head_layer), 0, static_cast<int32_t>(pc.head)))
       << "top=2 now finds head A: the search's reason to exist has gone, update docs/metrics.md";
 
   const Analysis s = run_sinkscope(dir, tokens, 2, "search");
   ASSERT_FALSE(s.search_effect.empty());
   const int64_t selected = s.search_selected;
   ASSERT_GT(selected, 0);
-  EXPECT_TRUE(chosen(s, selected, static_cast<int32_t>(pc.head_layer), 0, static_cast<int32_t>(pc.head)))
+  EXPECT_TRUE(
+      chosen(s, selected, static_cast<int32_t>(pc.head_layer), 0, static_cast<int32_t>(pc.head)))
       << "head A is not in the selected set";
   EXPECT_TRUE(chosen(s, selected, static_cast<int32_t>(pc.expert_layer), 1,
                      static_cast<int32_t>(pc.expert)))

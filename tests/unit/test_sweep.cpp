@@ -142,7 +142,8 @@ TEST(Convergence12, RandomInitCheckpointsHaveNoSink) {
   const ModelConfig cfg = test::tiny_config();
   std::vector<std::string> dirs;
   for (uint64_t seed : {3u, 7u, 12u, 21u}) {
-    dirs.push_back(dir / ("seed" + std::to_string(seed) + "/step" + std::to_string(dirs.size() + 1) + "000"));
+    dirs.push_back(
+        dir / ("seed" + std::to_string(seed) + "/step" + std::to_string(dirs.size() + 1) + "000"));
     synthesize(cfg, dirs.back(), false, seed);
   }
   // Probes long enough that uniform attention stays far below eps (about ln(T)/T).
@@ -172,8 +173,8 @@ TEST(Convergence12, SameCheckpointUnderFourNamesDoesNotConverge) {
     dirs.push_back(dir / ("step" + std::to_string(step)));
     fs::create_directory_symlink(dir / "model", dirs.back());
   }
-  const IntArray tokens = test::probe_matrix(16, 24, 2, static_cast<int32_t>(cfg.vocab_size),
-                                             pc.bos_token_id, 3);
+  const IntArray tokens =
+      test::probe_matrix(16, 24, 2, static_cast<int32_t>(cfg.vocab_size), pc.bos_token_id, 3);
   for (const char* profile : {"causal", "attribution"}) {
     auto cps = list_checkpoints(dirs, "", {});
     if (std::string(profile) == "causal") sweep_of(dirs, {}, tokens, dir / "out");
