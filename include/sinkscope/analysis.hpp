@@ -56,6 +56,9 @@ struct Analysis {
   // attention/
   FloatArray sink_score;    // [L, H]
   FloatArray sink_rate;     // [L]
+  // Contract 1.2: alpha^{l,h} of each probe (its mean over queries), what the sweep's bootstrap
+  // resamples. Empty in files written before 1.2.
+  FloatArray sink_score_per_probe;  // [N, L, H]
   FloatArray p0_per_query;  // [N, L, H, T]; empty unless --per-query
 
   // residual/
@@ -90,6 +93,33 @@ struct Analysis {
   FloatArray norm_gain_share;  // [L]
   int32_t peak_layer = 0;
   float entropy = 0;
+  // Contract 1.2 (docs/metrics.md "Scientific validity"): the per-probe, sink-weighted, signed
+  // attribution of each source index (0 = embedding, 1 + l = layer l), whose probe mean is the
+  // layer-level form of layer_share; the bootstrap's input for the attribution profile.
+  FloatArray attr_layer_per_probe;  // [N, L+1]
+
+  // Contract 1.2, --causal-profile: drops of the sink-weighted sink score when every component of
+  // an index (the embedding, or all of layer l) is mean-ablated at position 0. Empty when off.
+  FloatArray causal_drop;            // [L+1]
+  FloatArray causal_drop_attention;  // [L]: the layer's heads only
+  FloatArray causal_drop_ffn;        // [L]: the layer's MLP / experts / shared expert only
+  FloatArray causal_drop_per_probe;  // [N, L+1]: per probe; its mean is causal_drop
+  FloatArray causal_layer_share;     // [L+1]
+  float causal_first2_share = 0;
+  int32_t causal_peak_layer = 0;
+
+  // Contract 1.2, --ablate search: the component ablations (circuit/ablation/*) are the
+  // components of the opened layers ranked by causal effect; these say how they were chosen.
+  FloatArray search_layer_drop;  // [L+1]: sink-weighted drop per index (as causal_drop)
+  FloatArray search_effect;      // [K]: sink-weighted drop of each ablated component
+  int32_t search_selected = 0;   // the smallest leading set reaching search_share of the drop
+  float search_share = 0;        // the share asked for (0.9)
+
+  bool has_causal_profile() const { return !causal_layer_share.empty(); }
 };
+
+// The sink-weighted sink score drop of docs/metrics.md 1.2: sum_{t,h} alpha (alpha - alpha') /
+// sum alpha, with `alpha` the clean sink scores and `ablated` those under an ablation ([L, H]).
+double sink_weighted_drop(const FloatArray& alpha, const float* ablated);
 
 }  // namespace sinkscope

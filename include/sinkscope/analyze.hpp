@@ -25,7 +25,10 @@ struct AnalyzeOptions {
   std::string device = "cpu";
   double eps = 0.3;
   bool per_query = false;
-  std::string ablate;  // "", "layers=A-B" or "top=K"
+  std::string ablate;  // "", "layers=A-B", "top=K" or "search[:K]"
+  // Contract 1.2: profile/causal_* (one forward per layer and part, docs/metrics.md).
+  bool causal_profile = false;
+  double search_share = 0.9;  // --ablate search: the share of the drop the reported set reaches
   int64_t batch = 4;   // probes per micro-batch
   int threads = 1;
   bool verbose = false;
@@ -49,8 +52,8 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
 
 // Parses --ablate. Throws InputError naming the option.
 struct AblateSpec {
-  enum Kind { kNone, kLayers, kTop } kind = kNone;
-  int64_t first = 0, last = 0, top = 0;
+  enum Kind { kNone, kLayers, kTop, kSearch } kind = kNone;
+  int64_t first = 0, last = 0, top = 0;  // search: top = most indices opened, 0 = no limit
 };
 AblateSpec parse_ablate(const std::string& spec, int64_t num_layers);
 

@@ -47,6 +47,28 @@ struct Sweep {
   double eps = 0;
   int64_t format_version = 0;  // the writer stamps kFormatVersion when 0
   std::string git_commit, command_line, options;
+
+  // Contract 1.2 (docs/metrics.md "Scientific validity"). Empty arrays are not written.
+  FloatArray max_sink_score;       // [C]
+  FloatArray causal_layer_share;   // [C, L+1]; empty unless every checkpoint has the profile
+  FloatArray causal_first2_share;  // [C]
+  // Bootstrap over probes: for each per-checkpoint quantity `name` (shape [C, ...]), the standard
+  // error (same shape) and the 95% percentile interval (shape [C, ..., 2]).
+  struct Interval {
+    std::string name;
+    FloatArray se, ci95;
+  };
+  std::vector<Interval> bootstrap;
+  int64_t bootstrap_replicates = 0;
+  int64_t bootstrap_seed = 0;
+  FloatArray noise_floor;           // [C]: 95th percentile of the distance between two replicates
+  std::string convergence_profile;  // "causal" or "attribution"
+  FloatArray convergence_distance;  // [C-1] TV of that profile
+  FloatArray convergence_distance_per_doubling;  // [C-1]
+  FloatArray convergence_threshold;              // [C-1] on the TV scale
+  IntArray convergence_still;                    // [C-1] 1 = distance <= threshold
+  std::string convergence_outcome;               // "converged at step S", "not converged", ...
+  int64_t converged_step = -1;                   // S of "converged at step S", else -1
 };
 
 

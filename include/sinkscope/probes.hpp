@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "sinkscope/ndarray.hpp"
 
@@ -12,10 +13,19 @@ namespace sinkscope {
 // Throws InputError naming the file (empty, ragged, wrong dtype or rank, ...).
 IntArray load_tokens(const std::string& path);
 
-// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option.
-IntArray make_probes(const std::string& spec, int64_t vocab_size);
+// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option. Random ids
+// are drawn uniformly from [0, vocab_size) without the ids in `excluded` (contract 1.2: the
+// special tokens of special_token_ids and the --prepend-bos id).
+IntArray make_probes(const std::string& spec, int64_t vocab_size,
+                     const std::vector<int32_t>& excluded = {});
 
-// --prepend-bos ID: a column of ID in front (T grows by one).
+// The special token ids a model names: bos_token_id, eos_token_id and pad_token_id of
+// MODEL_DIR/config.json and MODEL_DIR/generation_config.json (an id or a list of ids; null and
+// absent keys ignored), sorted, without duplicates.
+std::vector<int32_t> special_token_ids(const std::string& model_dir);
+
+// --prepend-bos ID: a column of ID in front (T grows by one). Throws InputError (one line) when a
+// probe already starts with ID: the BOS would be doubled.
 IntArray prepend_bos(const IntArray& tokens, int32_t bos);
 
 // Every id must be < vocab_size and >= 0: otherwise InputError naming the first bad (row, column,

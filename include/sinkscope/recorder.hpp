@@ -36,6 +36,12 @@ struct RankRecord {
   std::vector<double> expert_p0_sum, p0_routed, rest_routed;  // [L, E]
   // Optional per-query attention to P0 for owned (probe, head): [rows, L, H, T] (zeros elsewhere).
   std::vector<float> p0_per_query;
+  // Per-probe values of the heads this rank owns (contract 1.2, for the sweep's bootstrap): every
+  // rank records them, for the probes it saw. sink_rows [rows, L, head_count] = alpha of each
+  // probe; attr_layer_rows [rows, L, head_count, L+1] = per probe, target head and source index
+  // (0 embedding, 1 + l layer l) the sum of the components' attributions.
+  std::vector<int64_t> own_probe_ids;
+  std::vector<float> sink_rows, attr_layer_rows;
 
   template <class Archive>
   void serialize(Archive& ar, const unsigned int /*version*/) {
@@ -45,6 +51,7 @@ struct RankRecord {
         has_probe0;
     ar& has_rows;
     ar& moe_p0_sum& moe_rest_sum& expert_p0_sum& p0_routed& rest_routed& p0_per_query;
+    ar& own_probe_ids& sink_rows& attr_layer_rows;
   }
 };
 
@@ -63,6 +70,7 @@ class Recorder final : public ForwardObserver {
 
  private:
   int64_t row_of(int64_t probe);
+  int64_t own_row_of(int64_t probe);
   ModelConfig cfg_;
   ShardPlan plan_;
   bool per_query_;
@@ -75,10 +83,17 @@ class Recorder final : public ForwardObserver {
 void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps,
                     bool per_query, Analysis& a, double* identity_max_rel_err);
 
+// Rank 0: alpha of every probe [N, L, H] from the records' own rows (contract 1.2).
+FloatArray per_probe_sink(const std::vector<RankRecord>& records, int64_t num_probes);
+
 // docs/metrics.md section 5 from the circuit map, sink scores and h-ratios already in `a`.
 void compute_profile(Analysis& a);
 
-// Total-variation distance series and convergence step of docs/metrics.md section 6.
+// Contract 1.2: profile/causal_* from `a.causal_drop` (and a.causal_drop_per_probe left as is).
+void compute_causal_profile(Analysis& a);
+
+// Total-variation distance series and convergence step of docs/metrics.md section 6 (contract 1.0;
+// kept for the `convergence/tv` dataset; the 1.2 outcome is `assess_convergence` in sweep.hpp).
 void convergence(const std::vector<std::vector<float>>& layer_shares,
                  const std::vector<int64_t>& steps, double tau, std::vector<float>* tv,
                  int64_t* step);

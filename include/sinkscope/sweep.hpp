@@ -31,9 +31,39 @@ std::vector<SweepCheckpoint> list_checkpoints(const std::vector<std::string>& mo
 bool analysis_file_matches(const std::string& path, const std::string& tokens_sha256,
                            const ModelConfig& cfg, std::string* why);
 
+// Contract 1.2 convergence (docs/metrics.md "Scientific validity"): one of the outcomes
+// "converged at step S", "not converged", "no sink", "too few checkpoints".
+struct ConvergenceInput {
+  std::vector<std::vector<float>> profiles;  // [C][L+1], in step order
+  std::vector<int64_t> steps;                // [C]
+  std::vector<bool> has_sink;                // [C]: max sink score > eps
+  std::vector<double> noise_floor;           // [C]: 0 where unknown
+  double tau = 0.05;
+};
+struct ConvergenceResult {
+  std::vector<float> distance, distance_per_doubling, threshold;  // [C-1]
+  std::vector<int32_t> still;                                     // [C-1]
+  std::string outcome;
+  int64_t step = -1;  // S when converged, else -1
+};
+ConvergenceResult assess_convergence(const ConvergenceInput& in);
+
+struct SweepOptions {
+  double tau = 0.05;
+  int64_t bootstrap = 200;  // replicates; 0 = no bootstrap (noise floor 0)
+  int64_t bootstrap_seed = 0;
+  std::string convergence_profile = "causal";  // or "attribution"
+};
+
 // Builds sweep.h5 contents from the analysis files that exist; missing or invalid ones are listed
 // in `failed`. Throws InputError when files disagree on probes (length or tokens).
 Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
-                     double tau);
+                     const SweepOptions& opt);
+inline Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
+                            double tau) {
+  SweepOptions opt;
+  opt.tau = tau;
+  return assemble_sweep(cps, outdir, opt);
+}
 
 }  // namespace sinkscope

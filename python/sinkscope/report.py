@@ -128,6 +128,9 @@ class Analysis:
             self.sink_rate = dataset(f, "attention/sink_rate", 1).astype(float)
             self.h_ratio = dataset(f, "residual/h_ratio", 1).astype(float)
             self.layer_share = dataset(f, "profile/layer_share", 1).astype(float)
+            # Contract 1.2 (--causal-profile); None in files without it.
+            self.causal_layer_share = (dataset(f, "profile/causal_layer_share", 1).astype(float)
+                                       if "profile/causal_layer_share" in f else None)
             self.first2_share = float(dataset(f, "profile/first2_share"))
             self.entropy = float(dataset(f, "profile/entropy"))
             self.peak_layer = int(dataset(f, "profile/peak_layer"))
@@ -180,8 +183,20 @@ class Sweep:
             self.layer_share = dataset(f, "layer_share", 2).astype(float)
             self.first2_share = dataset(f, "first2_share", 1).astype(float)
             self.tv = dataset(f, "convergence/tv", 1).astype(float)
-            self.convergence_step = int(dataset(f, "convergence/step"))
+            self.convergence_step = int(dataset(f, "convergence/step"))  # 1.0, deprecated
             self.tau = float(attribute(f, "tau"))
+            # Contract 1.2: the outcome in the words sinkscope prints; 1.1 files have none.
+            self.outcome = as_text(attribute(f, "convergence_outcome", "")) or None
+            self.converged_step = (int(dataset(f, "convergence/converged_step"))
+                                   if "convergence/converged_step" in f else -1)
+            self.convergence_profile = as_text(attribute(f, "convergence_profile", "attribution"))
+            self.causal_layer_share = (dataset(f, "causal_layer_share", 2).astype(float)
+                                       if "causal_layer_share" in f else None)
+            if "convergence/distance" in f:  # 1.2: the profile's distance and its threshold
+                self.tv = dataset(f, "convergence/distance", 1).astype(float)
+                self.threshold = dataset(f, "convergence/threshold", 1).astype(float)
+            else:
+                self.threshold = None
             failed = as_text(attribute(f, "failed", ""))
             self.failed = [n for n in failed.split(",") if n]
             self.version = as_text(attribute(f, "sinkscope_version", "?"))
@@ -518,16 +533,27 @@ def plot_convergence(sweep, axis, out_dir):
     fig, ax = plt.subplots(figsize=(8, 4.3), layout="constrained")
     x = axis.x[1:]  # tv[i] compares checkpoint i with i + 1: plotted at the later one
     tv = sweep.tv
-    ax.plot(x, tv, color="black", marker="o", linewidth=2, label="TV(layer share, previous)")
-    ax.axhline(sweep.tau, color="tab:red", linestyle="--", linewidth=1.3,
-               label=f"τ = {sweep.tau:g}")
+    profile = "causal layer share" if sweep.convergence_profile == "causal" else "layer share"
+    ax.plot(x, tv, color="black", marker="o", linewidth=2, label=f"TV({profile}, previous)")
+    if sweep.threshold is not None:
+        ax.plot(x, sweep.threshold, color="tab:red", linestyle="--", marker="_", linewidth=1.3,
+                label=f"threshold: max(τ·gap in doublings, noise floor), τ = {sweep.tau:g}")
+    else:
+        ax.axhline(sweep.tau, color="tab:red", linestyle="--", linewidth=1.3,
+                   label=f"τ = {sweep.tau:g}")
     positive = tv[tv > 0]
     log_y = bool(len(positive) and positive.max() / max(positive.min(), 1e-12) > 30)
     if log_y:
         ax.set_yscale("log")  # the tail below tau matters as much as the early jumps
     else:
         ax.set_ylim(0, max(float(np.nanmax(tv)) if len(tv) else 0, sweep.tau) * 1.15)
-    if sweep.convergence_step >= 0:
+    if sweep.outcome is not None:
+        if sweep.converged_step >= 0:
+            where = axis.x[list(sweep.steps).index(sweep.converged_step)]
+            ax.axvline(where, color="tab:green", linewidth=2, alpha=0.8,
+                       label=f"converged at step {step_label(sweep.converged_step)}")
+        title = f"{profile[0].upper() + profile[1:]} profile: {sweep.outcome}"
+    elif sweep.convergence_step >= 0:
         where = (axis.x[list(sweep.steps).index(sweep.convergence_step)]
                  if sweep.convergence_step in sweep.steps else float(sweep.convergence_step))
         ax.axvline(where, color="tab:green", linewidth=2, alpha=0.8,
@@ -541,7 +567,7 @@ def plot_convergence(sweep, axis, out_dir):
     ax.set_ylabel("total variation distance")
     ax.grid(True, axis="y", which="major")
     ax.legend(frameon=False, loc="best")
-    ax.set_title(title + "  (docs/metrics.md §6)")
+    ax.set_title(title + ("  (docs/metrics.md 1.2)" if sweep.outcome else "  (docs/metrics.md §6)"))
     return save(fig, out_dir, "convergence.png")
 
 
@@ -853,7 +879,9 @@ def report_sweep(sweep, out_dir, top):
                 f"{sweep.path} · {len(sweep.steps)} checkpoints · sinkscope {sweep.version}")
     keys = model_keys(last_analysis) if last_analysis else [
         ("model", f"{layers} layers, {heads} heads")]
-    conv = (f"step {sweep.convergence_step}" if sweep.convergence_step >= 0 else "not converged")
+    conv = (f"{sweep.outcome} ({sweep.convergence_profile} profile)" if sweep.outcome else
+            (f"step {sweep.convergence_step} (contract 1.0 rule)" if sweep.convergence_step >= 0
+             else "not converged (contract 1.0 rule)"))
     keys += [("steps", f"{step_label(sweep.steps[0])} … {step_label(sweep.steps[-1])}"),
              ("convergence (τ = " + f"{sweep.tau:g})", conv),
              ("first-two-layer share (last)", f"{sweep.first2_share[-1]:.2f}"),
@@ -891,11 +919,21 @@ def report_sweep(sweep, out_dir, top):
                 "(a) Share of the sink-building attribution (α-weighted, positive part) "
                 "contributed by the embedding and by each layer's heads, experts and MLP; (b) the "
                 "share of layers 0 and 1 against the uniform baseline.")
+    if sweep.causal_layer_share is not None:
+        labels = [f"step {step_label(s)}" if axis.by_step else n
+                  for s, n in zip(sweep.steps, sweep.names)]
+        causation_section(page, sweep.layer_share, sweep.causal_layer_share, labels, out_dir)
     if len(sweep.steps) >= 2:
         page.figure(plot_convergence(sweep, axis, out_dir),
-                    "Total-variation distance between consecutive layer-share profiles. The "
-                    "profile has converged at the first step after which every distance stays "
-                    "≤ τ.")
+                    ("Total-variation distance between consecutive profiles and the threshold "
+                     "of each pair (τ per doubling of the step, or the bootstrap noise floor). "
+                     "Outcomes: 'converged at step S' (a sink from S on, the profile moved "
+                     "before S and at least two pairs after S stay under the threshold), 'not "
+                     "converged', 'no sink', 'too few checkpoints' (docs/metrics.md 1.2)."
+                     if sweep.outcome else
+                     "Total-variation distance between consecutive layer-share profiles. The "
+                     "profile has converged at the first step after which every distance stays "
+                     "≤ τ."))
     else:
         page.text("One checkpoint only: no convergence curve.")
 
@@ -943,9 +981,67 @@ def report_analysis(a, out_dir, top):
     page.figure(plot_single_layer_share(a, out_dir),
                 "Share of the sink-building attribution contributed by the embedding and by each "
                 "layer; layers 0 and 1 in orange.")
+    if a.causal_layer_share is not None:
+        causation_section(page, a.layer_share[None, :], a.causal_layer_share[None, :],
+                          [checkpoint_title(a)], out_dir)
     edges_section(page, strongest_edges(a, top), a, out_dir)
     ablation_section(page, a, out_dir, top)
     page.write(out_dir)
+
+# ---- Attribution next to causation (contract 1.2) ---------------------------------------------
+
+def spearman(x, y):
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def plot_profiles(attribution, causal, labels, out_dir):
+    count, width = attribution.shape
+    shown = evenly_sampled(count, MAX_PANELS)
+    fig, axes = plt.subplots(1, len(shown), figsize=(min(3.2 * len(shown), 18), 3.6),
+                             layout="constrained", squeeze=False, sharey=True)
+    x = np.arange(width)
+    for ax, c in zip(axes[0], shown):
+        ax.bar(x - 0.2, attribution[c], 0.4, color="tab:blue", label="attribution (layer_share)")
+        ax.bar(x + 0.2, causal[c], 0.4, color="tab:orange", label="causal (causal_layer_share)")
+        ax.set_xticks(x)
+        ax.set_xticklabels(share_labels(width - 1), fontsize=7)
+        ax.set_title(f"{labels[c]}\nSpearman ρ = {spearman(attribution[c], causal[c]):.2f}",
+                     fontsize=9)
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("share")
+    axes[0][0].legend(frameon=False, fontsize=7, loc="upper right")
+    fig.suptitle("Attribution next to causation: where the sink circuit is built")
+    return save(fig, out_dir, "attribution_vs_causal.png")
+
+
+def causation_section(page, attribution, causal, labels, out_dir):
+    page.heading("Attribution next to causation")
+    page.figure(plot_profiles(attribution, causal, labels, out_dir),
+                "Blue: the attribution profile (share of α-weighted positive direct attribution, "
+                "docs/metrics.md §5). Orange: the causal profile (share of the drop in the "
+                "sink-weighted sink score when the embedding or a whole layer is mean-ablated at "
+                "position 0, contract 1.2). ρ: Spearman rank correlation of the two over the "
+                "embedding and the layers.")
+    page.table(["checkpoint", "attribution peak", "causal peak", "attribution first2",
+                "causal first2", "Spearman ρ"],
+               [(labels[c], int(np.argmax(attribution[c, 1:])), int(np.argmax(causal[c, 1:])),
+                 f"{attribution[c, 1:3].sum():.3f}", f"{causal[c, 1:3].sum():.3f}",
+                 f"{spearman(attribution[c], causal[c]):.2f}")
+                for c in range(attribution.shape[0])],
+               left_columns=(0,))
 
 
 COMPONENT_KINDS = {0: "H", 1: "E", 2: "emb", 3: "MLP", 4: "SE"}

@@ -33,6 +33,7 @@ namespace {
 struct ProbeArgs {
   std::string tokens, probes;
   int64_t prepend_bos = -1;
+  bool allow_special_tokens = false;
 };
 
 struct CommonArgs {
@@ -41,6 +42,7 @@ struct CommonArgs {
   double eps = 0.3;
   bool per_query = false;
   std::string ablate;
+  bool causal_profile = false;
   int64_t batch = 4;
   int threads = 1;
   bool verbose = false, quiet = false;
@@ -60,6 +62,8 @@ void add_probe_options(CLI::App* app, ProbeArgs& p) {
   tok->excludes(pr);
   app->add_option("--prepend-bos", p.prepend_bos,
                   "put token ID in front of every probe (BOS on/off controls)");
+  app->add_flag("--allow-special-tokens", p.allow_special_tokens,
+                "random probes may contain the model's bos/eos/pad ids and the --prepend-bos id");
 }
 
 void add_common_options(CLI::App* app, CommonArgs& c) {
@@ -78,7 +82,7 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
           },
           "(0,1)"));
   app->add_flag("--per-query", c.per_query, "also write attention/p0_per_query");
-  app->add_option("--ablate", c.ablate, "causal ablations: layers=A-B or top=K");
+  app->add_option("--ablate", c.ablate, "causal ablations: layers=A-B, top=K or search[:K]");
   app->add_option("--batch", c.batch, "probes per forward micro-batch")->check(CLI::PositiveNumber);
   app->add_option("--threads", c.threads, "CPU threads per rank")->check(CLI::PositiveNumber);
   app->add_flag("--verbose", c.verbose, "log the shard plan and bytes read per rank");
@@ -86,14 +90,21 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
 }
 
 // The probe matrix every rank agrees on (each rank reads the same file).
-IntArray load_probes(const ProbeArgs& p, const std::string& config_json, std::string* source) {
+IntArray load_probes(const ProbeArgs& p, const std::string& config_json, std::string* source,
+                     const std::string& model_dir) {
   IntArray t;
   if (!p.tokens.empty()) {
     t = load_tokens(p.tokens);
     *source = p.tokens;
   } else if (!p.probes.empty()) {
     const ModelConfig c = parse_model_config(config_json);
-    t = make_probes(p.probes, c.vocab_size);
+    // Contract 1.2: random probes avoid the model's special tokens and the prepended id.
+    std::vector<int32_t> excluded;
+    if (!p.allow_special_tokens) {
+      if (!model_dir.empty()) excluded = special_token_ids(model_dir);
+      if (p.prepend_bos >= 0) excluded.push_back(static_cast<int32_t>(p.prepend_bos));
+    }
+    t = make_probes(p.probes, c.vocab_size, excluded);
     *source = "--probes " + p.probes;
   } else {
     throw InputError("give the probes with --tokens FILE or --probes SPEC");
@@ -118,6 +129,7 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   o.eps = c.eps;
   o.per_query = c.per_query;
   o.ablate = c.ablate;
+  o.causal_profile = c.causal_profile;
   o.batch = c.batch;
   o.threads = c.threads;
   o.verbose = c.verbose;
@@ -161,7 +173,7 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
     if (world.rank() == 0) check_output_folder(out, "--out");
     tokens =
         load_probes(pa, model.empty() ? model_config : (fs::path(model) / "config.json").string(),
-                    &o.tokens_source);
+                    &o.tokens_source, model);
   });
   Progress progress("analyze " + fs::path(model).filename().string(),
                     world.rank() == 0 && !ca.quiet);
@@ -169,10 +181,18 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   Analysis a = analyze_checkpoint(o, tokens, world);
   if (world.rank() == 0) {
     write_analysis(out, a);
-    if (!ca.quiet)
+    if (!ca.quiet) {
       std::cerr << "sinkscope: wrote " << out << " (sink_rate " << std::setprecision(3)
                 << a.meta.sink_rate << ", first2_share " << a.first2_share << ", peak layer "
-                << a.peak_layer << ")\n";
+                << a.peak_layer;
+      if (a.has_causal_profile())
+        std::cerr << "; causal first2_share " << a.causal_first2_share << ", causal peak layer "
+                  << a.causal_peak_layer;
+      if (!a.search_effect.empty())
+        std::cerr << "; search: " << a.search_selected << " components carry "
+                  << 100 * a.search_share << "% of the drop";
+      std::cerr << ")\n";
+    }
   }
   return 0;
 }
@@ -202,6 +222,9 @@ void check_sweep_up_front(const std::vector<SweepCheckpoint>& cps, const CommonA
 struct SweepArgs {
   bool resume = false, assemble_only = false, no_assemble = false;
   double tau = 0.05;
+  int64_t bootstrap = 200, bootstrap_seed = 0;
+  std::string convergence_profile = "causal";
+  bool no_causal_profile = false;
   std::vector<int64_t> steps;
   std::string failed_list;
 };
@@ -225,7 +248,8 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       check_output_folder((fs::path(outdir) / "sweep.h5").string(), "--out");
     }
     if (!assemble_only)
-      tokens = load_probes(pa, (fs::path(cps.front().dir) / "config.json").string(), &source);
+      tokens = load_probes(pa, (fs::path(cps.front().dir) / "config.json").string(), &source,
+                           cps.front().dir);
   });
   std::vector<std::string> failed;
   if (!assemble_only) {
@@ -254,6 +278,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
         continue;
       }
       AnalyzeOptions o = analyze_options(ca);
+      o.causal_profile = !sa.no_causal_profile;  // on in sweeps (contract 1.2)
       o.model = cp.dir;
       o.step = cp.step;
       o.tokens_source = source;
@@ -278,17 +303,20 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   int status = failed.empty() ? 0 : 1;
   if (world.rank() == 0 && !sa.no_assemble) {
     try {
-      Sweep s = assemble_sweep(cps, outdir, tau);
+      SweepOptions so;
+      so.tau = tau;
+      so.bootstrap = sa.bootstrap;
+      so.bootstrap_seed = sa.bootstrap_seed;
+      so.convergence_profile = sa.convergence_profile;
+      Sweep s = assemble_sweep(cps, outdir, so);
       s.command_line = ca.command_line;
       s.options = ca.options;
       write_sweep((fs::path(outdir) / "sweep.h5").string(), s);
       if (!ca.quiet) {
         std::cerr << "sinkscope: wrote " << (fs::path(outdir) / "sweep.h5").string() << " ("
-                  << s.names.size() << " checkpoints, "
-                  << (s.convergence_step >= 0
-                          ? "converged at step " + std::to_string(s.convergence_step)
-                          : std::string("not converged"))
-                  << ")\n";
+                  << s.names.size() << " checkpoints; " << s.convergence_outcome << " ("
+                  << s.convergence_profile << " profile, tau " << tau << ", "
+                  << s.bootstrap_replicates << " bootstrap replicates))\n";
         if (!s.failed.empty()) {
           std::cerr << "sinkscope: checkpoints without a valid analysis:";
           for (const auto& f : s.failed) std::cerr << " " << f;
@@ -472,6 +500,8 @@ int main(int argc, char** argv) {
   analyze->add_option("--step", step, "training step (default: from the folder name)");
   add_probe_options(analyze, pa);
   add_common_options(analyze, ca);
+  analyze->add_flag("--causal-profile", ca.causal_profile,
+                    "also the causal layer profile (mean-ablates each layer at position 0)");
 
   auto* sweep = app.add_subcommand("sweep", "analyse many checkpoints and the convergence signal");
   auto* mo = sweep->add_option("--models", models, "checkpoint folders");
@@ -486,7 +516,20 @@ int main(int argc, char** argv) {
       ->add_flag("--no-assemble", sa.no_assemble,
                  "analyse only; leave sweep.h5 to a later --assemble-only")
       ->excludes(only);
-  sweep->add_option("--tau", sa.tau, "convergence threshold on the total-variation distance");
+  sweep->add_option("--tau", sa.tau,
+                    "convergence threshold: total-variation distance per doubling of the step");
+  sweep
+      ->add_option("--bootstrap", sa.bootstrap,
+                   "bootstrap replicates over probes (standard errors, 95% intervals, noise "
+                   "floor; 0 = none)")
+      ->check(CLI::NonNegativeNumber);
+  sweep->add_option("--bootstrap-seed", sa.bootstrap_seed, "seed of the bootstrap draws");
+  sweep
+      ->add_option("--convergence-profile", sa.convergence_profile,
+                   "profile the convergence signal reads: causal (default) or attribution")
+      ->check(CLI::IsMember({"causal", "attribution"}));
+  sweep->add_flag("--no-causal-profile", sa.no_causal_profile,
+                  "skip the causal layer profile (one forward per layer and part)");
   sweep->add_option("--steps", sa.steps,
                     "training steps, one per checkpoint (default: from folder names)");
   sweep->add_option("--failed-list", sa.failed_list,

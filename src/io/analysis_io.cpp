@@ -65,6 +65,7 @@ enum class Axis {
   kField,
   kCheckpoint,
   kCheckpointPair,
+  kBound,
 };
 
 // The three columns of circuit/ablation/components, the values of its `field` coordinate.
@@ -105,6 +106,7 @@ const std::vector<AxisSpec>& axis_specs() {
       {A::kField, "field", "component field", "column of circuit/ablation/components: source_layer, kind, index"},
       {A::kCheckpoint, "checkpoint", "checkpoint index", "checkpoint c in sweep order (0..C-1; steps and names give its step and folder)"},
       {A::kCheckpointPair, "checkpoint_pair", "checkpoint pair", "pair (c, c + 1) of consecutive checkpoints (0..C-2)"},
+      {A::kBound, "bound", "interval bound", "0 = lower, 1 = upper bound of a 95% bootstrap interval"},
   };
   // clang-format on
   return specs;
@@ -145,6 +147,8 @@ size_t extent(Axis axis, const Sizes& s) {
       return s.checkpoints;
     case Axis::kCheckpointPair:
       return s.checkpoints == 0 ? 0 : s.checkpoints - 1;
+    case Axis::kBound:
+      return 2;
   }
   return 0;
 }
@@ -167,6 +171,8 @@ struct DatasetSpec {
   Member<Owner> member;
   const char* when = "";   // "": always written; else the option that adds it (written when non-empty)
   bool coordinate = false;  // listed in the `coordinates` attribute of datasets on its axes
+  // Optional datasets that are scalars (never "empty"): written when this says so.
+  bool (*present)(const Owner&) = nullptr;
 };
 
 // The analysis file. Definitions: docs/metrics.md (sections named in the descriptions).
@@ -236,6 +242,46 @@ const std::vector<DatasetSpec<Analysis>>& analysis_datasets() {
        "argmax over l of layer_share[1 + l] (metrics 5)", &An::peak_layer},
       {"profile/entropy", {}, "entropy of layer_share", "nat",
        "Shannon entropy of layer_share: low = concentrated (metrics 5)", &An::entropy},
+      // Contract 1.2 (docs/metrics.md "Scientific validity"): per-probe records for the sweep's
+      // bootstrap, the causal layer profile and the ablation search.
+      {"attention/sink_score_per_probe", {A::kProbe, A::kLayer, A::kHead}, "sink score per probe", "1",
+       "alpha of each probe: mean over its queries of A[i, 0] (metrics 1.2, bootstrap)",
+       &An::sink_score_per_probe, "per-probe records"},
+      {"profile/attr_layer_per_probe", {A::kProbe, A::kEmbeddingOrLayer}, "attribution per probe and block", "logit",
+       "each probe's sink-weighted positive attribution per source block (metrics 1.2, bootstrap)",
+       &An::attr_layer_per_probe, "per-probe records"},
+      {"profile/causal_drop", {A::kEmbeddingOrLayer}, "causal drop per block", "1",
+       "drop of the sink-weighted sink score when the block's writes at position 0 are mean-ablated (metrics 1.2)",
+       &An::causal_drop, "--causal-profile"},
+      {"profile/causal_drop_attention", {A::kLayer}, "causal drop of the layer's heads", "1",
+       "as causal_drop, ablating the layer's attention heads only (metrics 1.2)", &An::causal_drop_attention,
+       "--causal-profile"},
+      {"profile/causal_drop_ffn", {A::kLayer}, "causal drop of the layer's MLP", "1",
+       "as causal_drop, ablating the layer's MLP / experts / shared expert only (metrics 1.2)",
+       &An::causal_drop_ffn, "--causal-profile"},
+      {"profile/causal_drop_per_probe", {A::kProbe, A::kEmbeddingOrLayer}, "causal drop per probe", "1",
+       "causal_drop of each probe; its mean is causal_drop (metrics 1.2)", &An::causal_drop_per_probe,
+       "--causal-profile"},
+      {"profile/causal_layer_share", {A::kEmbeddingOrLayer}, "causal layer share", "1",
+       "positive causal drops normalised to sum 1 (metrics 1.2)", &An::causal_layer_share, "--causal-profile"},
+      {"profile/causal_first2_share", {}, "causal share of layers 0 and 1", "1",
+       "causal_layer_share[1] + causal_layer_share[2] (metrics 1.2)", &An::causal_first2_share,
+       "--causal-profile", false, [](const An& a) { return a.has_causal_profile(); }},
+      {"profile/causal_peak_layer", {}, "causal peak layer", "",
+       "argmax over l of causal_layer_share[1 + l] (metrics 1.2)", &An::causal_peak_layer,
+       "--causal-profile", false, [](const An& a) { return a.has_causal_profile(); }},
+      {"circuit/search/layer_drop", {A::kEmbeddingOrLayer}, "search: drop per block", "1",
+       "sink-weighted drop when each block is ablated, the first stage of --ablate search (metrics 1.2)",
+       &An::search_layer_drop, "--ablate search"},
+      {"circuit/search/effect", {A::kComponent}, "search: component effect", "1",
+       "sink-weighted drop of each ablated component, largest first (metrics 1.2)", &An::search_effect,
+       "--ablate search"},
+      {"circuit/search/selected", {}, "search: smallest set", "components",
+       "the smallest number of leading components reaching `share` of the summed effects (metrics 1.2)",
+       &An::search_selected, "--ablate search", false, [](const An& a) { return !a.search_effect.empty(); }},
+      {"circuit/search/share", {}, "search: share asked for", "1",
+       "the share of the summed effects the selected set reaches (metrics 1.2)", &An::search_share,
+       "--ablate search", false, [](const An& a) { return !a.search_effect.empty(); }},
   };
   // clang-format on
   return specs;
@@ -270,8 +316,35 @@ const std::vector<DatasetSpec<Sweep>>& sweep_datasets() {
       {"convergence/tv", {A::kCheckpointPair}, "layer_share change", "1",
        "total-variation distance between the layer_share of checkpoints c and c + 1 (metrics 6)",
        &S::convergence_tv},
-      {"convergence/step", {}, "convergence step", "step",
-       "first step after which every later tv is <= tau; -1: not converged (metrics 6)", &S::convergence_step},
+      {"convergence/step", {}, "convergence step (contract 1.0, deprecated)", "step",
+       "first step after which every later tv is <= tau; -1: not converged (metrics 6; superseded by "
+       "convergence/converged_step and the convergence_outcome attribute, metrics 1.2)", &S::convergence_step},
+      // Contract 1.2 (docs/metrics.md "Scientific validity").
+      {"max_sink_score", {A::kCheckpoint}, "largest sink score", "1",
+       "max over layers and heads of sink_score (metrics 1.2)", &S::max_sink_score, "contract 1.2"},
+      {"causal_layer_share", {A::kCheckpoint, A::kEmbeddingOrLayer}, "causal layer share", "1",
+       "profile/causal_layer_share of each checkpoint (metrics 1.2)", &S::causal_layer_share,
+       "--causal-profile"},
+      {"causal_first2_share", {A::kCheckpoint}, "causal share of layers 0 and 1", "1",
+       "profile/causal_first2_share of each checkpoint (metrics 1.2)", &S::causal_first2_share,
+       "--causal-profile"},
+      {"bootstrap/noise_floor", {A::kCheckpoint}, "profile noise floor", "1",
+       "95th percentile of the profile distance between two bootstrap replicates of the checkpoint (metrics 1.2)",
+       &S::noise_floor, "--bootstrap"},
+      {"convergence/distance", {A::kCheckpointPair}, "profile distance", "1",
+       "total-variation distance of the convergence profile between checkpoints c and c + 1 (metrics 1.2)",
+       &S::convergence_distance, "contract 1.2"},
+      {"convergence/distance_per_doubling", {A::kCheckpointPair}, "profile distance per step doubling", "1",
+       "distance / log2(step_{c+1} / step_c) (metrics 1.2)", &S::convergence_distance_per_doubling,
+       "contract 1.2"},
+      {"convergence/threshold", {A::kCheckpointPair}, "effective threshold", "1",
+       "max(tau x doublings, noise floor) on the distance scale (metrics 1.2)", &S::convergence_threshold,
+       "contract 1.2"},
+      {"convergence/still", {A::kCheckpointPair}, "pair below threshold", "",
+       "1 where distance <= threshold (metrics 1.2)", &S::convergence_still, "contract 1.2"},
+      {"convergence/converged_step", {}, "convergence step", "step",
+       "S of \"converged at step S\", else -1 (metrics 1.2)", &S::converged_step, "contract 1.2", false,
+       [](const S& s) { return !s.convergence_outcome.empty(); }},
   };
   // clang-format on
   return specs;
@@ -381,15 +454,17 @@ void write_one(h5::File& file, const Owner& owner, const DatasetSpec<Owner>& spe
 // they use, and attaches them: the netCDF-4 layout.
 template <typename Owner>
 void write_datasets(h5::File& file, const Owner& owner, const std::vector<DatasetSpec<Owner>>& specs,
-                    const Sizes& sizes, const std::string& final_path) {
+                    const Sizes& sizes, const std::string& final_path, std::set<Axis>& axes_done) {
   std::vector<const DatasetSpec<Owner>*> written;
   std::set<Axis> used;
   for (const DatasetSpec<Owner>& spec : specs) {
     if (spec.when[0] != '\0' && is_empty(owner, spec.member)) continue;
+    if (spec.present && !spec.present(owner)) continue;
     written.push_back(&spec);
     used.insert(spec.axes.begin(), spec.axes.end());
   }
   for (Axis axis : used) {
+    if (!axes_done.insert(axis).second) continue;  // its coordinate is already in the file
     const AxisSpec& a = axis_spec(axis);
     const size_t n = extent(axis, sizes);
     if (axis == Axis::kField) {
@@ -635,6 +710,83 @@ std::vector<std::string> split(const std::string& text, char separator) {
   }
 }
 
+// ---- sweep.h5, contract 1.2: attributes and bootstrap intervals ------------------------------
+
+// The quantities the sweep's bootstrap covers (docs/metrics.md "Scientific validity"), with the
+// axes of one checkpoint's value: bootstrap/<name>/se has [checkpoint, axes...] and
+// bootstrap/<name>/ci95 [checkpoint, axes..., bound].
+struct BootstrapQuantity {
+  const char* name;
+  std::vector<Axis> axes;
+  const char* long_name;
+};
+const std::vector<BootstrapQuantity>& bootstrap_quantities() {
+  using A = Axis;
+  static const std::vector<BootstrapQuantity> q = {
+      {"sink_score", {A::kLayer, A::kHead}, "sink score"},
+      {"max_sink_score", {}, "largest sink score"},
+      {"sink_rate", {A::kLayer}, "sink rate"},
+      {"h_ratio", {A::kLayerInput}, "position-0 norm ratio"},
+      {"norm_gain_share", {A::kLayer}, "norm-gain share"},
+      {"layer_share", {A::kEmbeddingOrLayer}, "layer share"},
+      {"first2_share", {}, "share of layers 0 and 1"},
+      {"causal_layer_share", {A::kEmbeddingOrLayer}, "causal layer share"},
+      {"causal_first2_share", {}, "causal share of layers 0 and 1"},
+  };
+  return q;
+}
+
+// One interval's two datasets, written and read through the schema machinery above.
+std::vector<DatasetSpec<Sweep::Interval>> bootstrap_specs(const BootstrapQuantity& q,
+                                                          std::vector<std::string>& names,
+                                                          std::vector<std::string>& titles) {
+  names = {std::string("bootstrap/") + q.name + "/se", std::string("bootstrap/") + q.name + "/ci95"};
+  titles = {std::string("standard error of ") + q.long_name,
+            std::string("95% interval of ") + q.long_name};
+  std::vector<Axis> se_axes{Axis::kCheckpoint};
+  se_axes.insert(se_axes.end(), q.axes.begin(), q.axes.end());
+  std::vector<Axis> ci_axes = se_axes;
+  ci_axes.push_back(Axis::kBound);
+  return {{names[0].c_str(), se_axes, titles[0].c_str(), "1",
+           "bootstrap standard error over probes (metrics 1.2)", &Sweep::Interval::se, "--bootstrap"},
+          {names[1].c_str(), ci_axes, titles[1].c_str(), "1",
+           "2.5th and 97.5th percentiles of the bootstrap replicates (metrics 1.2)",
+           &Sweep::Interval::ci95, "--bootstrap"}};
+}
+
+void write_sweep_v12(h5::File& file, const Sweep& s, const Sizes& sizes, const std::string& path,
+                     std::set<Axis>& axes_done) {
+  if (s.convergence_outcome.empty()) return;
+  file.write_string_attribute("convergence_outcome", s.convergence_outcome);
+  file.write_string_attribute("convergence_profile", s.convergence_profile);
+  file.write_int_attribute("bootstrap_replicates", s.bootstrap_replicates);
+  file.write_int_attribute("bootstrap_seed", s.bootstrap_seed);
+  for (const Sweep::Interval& iv : s.bootstrap)
+    for (const BootstrapQuantity& q : bootstrap_quantities())
+      if (iv.name == q.name) {
+        std::vector<std::string> names, titles;
+        write_datasets(file, iv, bootstrap_specs(q, names, titles), sizes, path, axes_done);
+      }
+}
+
+void read_sweep_v12(const h5::File& file, const Reader& reader, Sweep& s, const Sizes& sizes) {
+  if (!reader.guard([&] { return file.has_attribute("convergence_outcome"); })) return;
+  s.convergence_outcome = reader.string_attribute(file, "convergence_outcome");
+  s.convergence_profile = reader.string_attribute(file, "convergence_profile");
+  s.bootstrap_replicates = reader.int_attribute(file, "bootstrap_replicates");
+  s.bootstrap_seed = reader.int_attribute(file, "bootstrap_seed");
+  for (const BootstrapQuantity& q : bootstrap_quantities()) {
+    std::vector<std::string> names, titles;
+    const auto specs = bootstrap_specs(q, names, titles);
+    if (!reader.guard([&] { return file.has_dataset(names[0]); })) continue;
+    reader.require_dataset(file, names[1]);
+    Sweep::Interval iv;
+    iv.name = q.name;
+    read_datasets(reader, file, iv, specs, sizes);
+    s.bootstrap.push_back(std::move(iv));
+  }
+}
+
 }  // namespace
 
 void write_analysis(const std::string& path, const Analysis& a) {
@@ -652,7 +804,8 @@ void write_analysis(const std::string& path, const Analysis& a) {
   commit_atomically(path, [&](const std::string& tmp_path) {
     h5::File file = h5::File::create(tmp_path);
     write_meta(file, a.meta);
-    write_datasets(file, a, analysis_datasets(), sizes, path);
+    std::set<Axis> axes_done;
+    write_datasets(file, a, analysis_datasets(), sizes, path, axes_done);
     file.close();
   });
 }
@@ -760,7 +913,9 @@ void write_sweep(const std::string& path, const Sweep& s) {
     file.write_double_attribute("tau", s.tau);
     // A comma-separated list: checkpoint names are folder names, which carry no commas.
     file.write_string_attribute("failed", join(s.failed, ','));
-    write_datasets(file, filled, sweep_datasets(), sizes, path);
+    std::set<Axis> axes_done;
+    write_datasets(file, filled, sweep_datasets(), sizes, path, axes_done);
+    write_sweep_v12(file, filled, sizes, path, axes_done);
     file.close();
   });
 }
@@ -807,6 +962,7 @@ Sweep read_sweep(const std::string& path) {
                 specs.end());
   }
   read_datasets(reader, file, s, specs, sizes);
+  read_sweep_v12(file, reader, s, sizes);
   return s;
 }
 

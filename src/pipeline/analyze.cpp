@@ -53,7 +53,13 @@ AblateSpec parse_ablate(const std::string& spec, int64_t num_layers) {
     if (s.top <= 0) throw InputError("--ablate '" + spec + "': K must be positive");
     return s;
   }
-  throw InputError("--ablate '" + spec + "': expected layers=A-B or top=K");
+  if (std::regex_match(spec, m, std::regex("search(?::(\\d+))?"))) {
+    s.kind = AblateSpec::kSearch;
+    s.top = m[1].matched ? std::stoll(m[1]) : 0;
+    if (m[1].matched && s.top <= 0) throw InputError("--ablate '" + spec + "': K must be positive");
+    return s;
+  }
+  throw InputError("--ablate '" + spec + "': expected layers=A-B, top=K or search[:K]");
 }
 
 void run_agreed(const Comm& world, const std::function<void()>& fn) {
@@ -124,6 +130,47 @@ std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, in
   for (size_t i = 0; i < scored.size() && static_cast<int64_t>(i) < K; ++i)
     out.push_back(scored[i].second);
   return out;
+}
+
+std::string encode_components(const std::vector<Ablation>& comps) {
+  std::string list;
+  for (const auto& c : comps)
+    list += std::to_string(c.layer) + " " + std::to_string(static_cast<int>(c.kind)) + " " +
+            std::to_string(c.index) + " ";
+  return list;
+}
+
+std::vector<Ablation> decode_components(const std::string& list) {
+  std::vector<Ablation> comps;
+  std::istringstream is(list);
+  int32_t l, k, i;
+  while (is >> l >> k >> i) comps.push_back({l, static_cast<ComponentKind>(k), i});
+  return comps;
+}
+
+// The components mean-ablated for source index `index` of the profiles (0: the embedding,
+// 1 + l: every component of layer l), restricted to heads (part 0), to the rest (part 1) or not
+// (part 2).
+std::vector<Ablation> index_components(const ModelConfig& c, int64_t index, int part) {
+  if (index == 0) return {{0, ComponentKind::kEmbedding, 0}};
+  std::vector<Ablation> out;
+  for (const Ablation& a : components_of_layers(c, index - 1, index - 1))
+    if (part == 2 || (part == 0) == (a.kind == ComponentKind::kHead)) out.push_back(a);
+  return out;
+}
+
+// The smallest number of leading entries of `values` (sorted descending) whose positive parts
+// reach `share` of the sum of all positive parts; 0 when nothing is positive.
+int64_t smallest_leading_set(const std::vector<double>& values, double share) {
+  double total = 0;
+  for (double v : values) total += std::max(0.0, v);
+  if (total <= 0) return 0;
+  double sum = 0;
+  for (size_t i = 0; i < values.size(); ++i) {
+    sum += std::max(0.0, values[i]);
+    if (sum >= share * total * (1 - 1e-12)) return static_cast<int64_t>(i) + 1;
+  }
+  return static_cast<int64_t>(values.size());
 }
 
 }  // namespace
@@ -302,51 +349,143 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     for (const auto& l : world.gather_bytes(line, 0)) std::cerr << "sinkscope: " << l << "\n";
   }
 
+  // Per-probe sink scores [N, L, H] under a set of mean-ablations at position 0 (rank 0; empty
+  // elsewhere): one more pass over the probes.
+  const size_t L = static_cast<size_t>(cfg.num_layers), H = static_cast<size_t>(cfg.num_heads);
+  auto run_ablated = [&](const std::vector<Ablation>& set) {
+    backend->set_ablations(set);
+    Recorder arec(cfg, plan, T, false);
+    run_all(arec, false);
+    backend->set_ablations({});
+    RankRecord r = arec.record();
+    r.attr_layer_rows.clear();  // not needed from an ablated pass
+    const auto blobs = world.gather_bytes(serialize_record(r), 0);
+    FloatArray per_probe;
+    if (world.rank() == 0) {
+      std::vector<RankRecord> records;
+      for (const auto& b : blobs) records.push_back(deserialize_record(b));
+      per_probe = per_probe_sink(records, N);
+    }
+    return per_probe;
+  };
+  // Mean over probes [L, H] of a per-probe array (double sums).
+  auto probe_mean = [&](const FloatArray& per_probe) {
+    std::vector<float> mean(L * H, 0.f);
+    for (size_t i = 0; i < L * H; ++i) {
+      double sum = 0;
+      for (size_t n = 0; n < static_cast<size_t>(N); ++n) sum += per_probe.data[n * L * H + i];
+      mean[i] = static_cast<float>(sum / static_cast<double>(N));
+    }
+    return mean;
+  };
+
+  // Contract 1.2: the causal layer profile (and the layer stage of --ablate search).
+  if (opt.causal_profile || ablate.kind == AblateSpec::kSearch) {
+    a.causal_drop = FloatArray({L + 1}, "embedding_or_layer");
+    a.causal_drop_attention = FloatArray({L}, "layer");
+    a.causal_drop_ffn = FloatArray({L}, "layer");
+    a.causal_drop_per_probe =
+        FloatArray({static_cast<size_t>(N), L + 1}, "probe,embedding_or_layer");
+    for (size_t index = 0; index <= L; ++index)
+      for (int part = 2; part >= (index == 0 ? 2 : 0); --part) {
+        const std::vector<Ablation> set = index_components(cfg, static_cast<int64_t>(index), part);
+        if (set.empty()) continue;
+        const FloatArray per_probe = run_ablated(set);
+        if (world.rank() != 0) continue;
+        const std::vector<float> mean = probe_mean(per_probe);
+        const float drop = static_cast<float>(sink_weighted_drop(a.sink_score, mean.data()));
+        if (part == 0) a.causal_drop_attention.data[index - 1] = drop;
+        if (part == 1) a.causal_drop_ffn.data[index - 1] = drop;
+        if (part != 2) continue;
+        a.causal_drop.data[index] = drop;
+        // Per probe: the same weights, the probe's own clean and ablated scores.
+        double weight = 0;
+        for (float w : a.sink_score.data) weight += w;
+        for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
+          double d = 0;
+          for (size_t i = 0; i < L * H; ++i)
+            d += static_cast<double>(a.sink_score.data[i]) *
+                 (a.sink_score_per_probe.data[n * L * H + i] - per_probe.data[n * L * H + i]);
+          a.causal_drop_per_probe.data[n * (L + 1) + index] =
+              weight > 0 ? static_cast<float>(d / weight) : 0.f;
+        }
+      }
+    if (world.rank() == 0) compute_causal_profile(a);
+    if (ablate.kind == AblateSpec::kSearch) a.search_layer_drop = a.causal_drop;
+    if (!opt.causal_profile)  // asked for by the search alone: not written as a profile
+      for (FloatArray* f : {&a.causal_drop, &a.causal_drop_attention, &a.causal_drop_ffn,
+                            &a.causal_drop_per_probe, &a.causal_layer_share})
+        *f = FloatArray();
+  }
+
   if (ablate.kind != AblateSpec::kNone) {
     std::vector<Ablation> comps;
     if (ablate.kind == AblateSpec::kLayers) {
       comps = components_of_layers(cfg, ablate.first, ablate.last);
     } else {
       std::string list;
-      if (world.rank() == 0)
-        for (const auto& c : top_components(a, cfg, ablate.top))
-          list += std::to_string(c.layer) + " " + std::to_string(static_cast<int>(c.kind)) + " " +
-                  std::to_string(c.index) + " ";
+      if (world.rank() == 0 && ablate.kind == AblateSpec::kTop)
+        list = encode_components(top_components(a, cfg, ablate.top));
+      if (world.rank() == 0 && ablate.kind == AblateSpec::kSearch) {
+        // Layer stage: open the indices with the largest drops, fewest first, until they carry
+        // search_share of the positive layer-level drop (at most `top` of them when given).
+        std::vector<std::pair<double, int64_t>> order;
+        for (size_t i = 0; i <= L; ++i) order.push_back({a.search_layer_drop.data[i], i});
+        std::stable_sort(order.begin(), order.end(),
+                         [](const auto& x, const auto& y) { return x.first > y.first; });
+        std::vector<double> drops;
+        for (const auto& o : order) drops.push_back(o.first);
+        int64_t open = smallest_leading_set(drops, opt.search_share);
+        if (ablate.top > 0) open = std::min(open, ablate.top);
+        std::vector<Ablation> inside;
+        for (int64_t j = 0; j < open; ++j)
+          for (const Ablation& c : index_components(cfg, order[static_cast<size_t>(j)].second, 2))
+            inside.push_back(c);
+        list = encode_components(inside);
+      }
       world.broadcast_bytes(&list, 0);
-      std::istringstream is(list);
-      int32_t l, k, i;
-      while (is >> l >> k >> i) comps.push_back({l, static_cast<ComponentKind>(k), i});
+      comps = decode_components(list);
     }
-    const size_t K = comps.size(), L = static_cast<size_t>(cfg.num_layers),
-                 H = static_cast<size_t>(cfg.num_heads);
+    const size_t K = comps.size();
+    std::vector<std::vector<float>> deltas(K);
+    std::vector<double> effect(K, 0);
+    for (size_t k = 0; k < K; ++k) {
+      if (opt.ablation_progress && world.rank() == 0)
+        opt.ablation_progress(static_cast<int64_t>(k + 1), static_cast<int64_t>(K),
+                              describe(comps[k]));
+      const FloatArray per_probe = run_ablated({comps[k]});
+      if (world.rank() != 0) continue;
+      deltas[k] = probe_mean(per_probe);
+      effect[k] = sink_weighted_drop(a.sink_score, deltas[k].data());
+      for (size_t i = 0; i < L * H; ++i) deltas[k][i] -= a.sink_score.data[i];
+    }
+    // search: components ranked by their causal effect, largest first.
+    std::vector<size_t> rank(K);
+    for (size_t k = 0; k < K; ++k) rank[k] = k;
+    if (ablate.kind == AblateSpec::kSearch)
+      std::stable_sort(rank.begin(), rank.end(),
+                       [&](size_t x, size_t y) { return effect[x] > effect[y]; });
     a.ablation_components = IntArray({K, 3}, "component,field");
     a.ablation_delta_sink = FloatArray({K, L, H}, "component,layer,head");
-    for (size_t k = 0; k < K; ++k) {
-      if (opt.ablation_progress && world.rank() == 0) {
-        const Ablation& c = comps[k];
-        const std::string layer = "layer " + std::to_string(c.layer);
-        const std::string what =
-            c.kind == Ablation::kHead     ? layer + " head " + std::to_string(c.index)
-            : c.kind == Ablation::kExpert ? layer + " expert " + std::to_string(c.index)
-            : c.kind == Ablation::kMlp    ? layer + " dense MLP"
-                                          : std::string("embedding");
-        opt.ablation_progress(static_cast<int64_t>(k + 1), static_cast<int64_t>(K), what);
-      }
-      backend->set_ablations({comps[k]});
-      Recorder arec(cfg, plan, T, false);
-      run_all(arec, false);
-      std::vector<double> sink = arec.record().sink_sum;
-      world.allreduce_sum(sink.data(), sink.size());
-      a.ablation_components.at(k, 0) = comps[k].layer;
-      a.ablation_components.at(k, 1) = static_cast<int32_t>(comps[k].kind);
-      a.ablation_components.at(k, 2) = comps[k].index;
-      for (size_t i = 0; i < L * H; ++i)
-        a.ablation_delta_sink.data[k * L * H + i] =
-            world.rank() == 0
-                ? static_cast<float>(sink[i] / static_cast<double>(N)) - a.sink_score.data[i]
-                : 0.f;
+    for (size_t j = 0; j < K; ++j) {
+      const size_t k = rank[j];
+      a.ablation_components.at(j, 0) = comps[k].layer;
+      a.ablation_components.at(j, 1) = static_cast<int32_t>(comps[k].kind);
+      a.ablation_components.at(j, 2) = comps[k].index;
+      if (world.rank() == 0)
+        std::copy(deltas[k].begin(), deltas[k].end(),
+                  a.ablation_delta_sink.data.begin() + j * L * H);
     }
-    backend->set_ablations({});
+    if (ablate.kind == AblateSpec::kSearch && world.rank() == 0) {
+      a.search_effect = FloatArray({K}, "component");
+      std::vector<double> ranked;
+      for (size_t j = 0; j < K; ++j) {
+        a.search_effect.data[j] = static_cast<float>(effect[rank[j]]);
+        ranked.push_back(effect[rank[j]]);
+      }
+      a.search_selected = static_cast<int32_t>(smallest_leading_set(ranked, opt.search_share));
+      a.search_share = static_cast<float>(opt.search_share);
+    }
   }
   return a;
 }

@@ -3,8 +3,10 @@
 #include <glob.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <regex>
 
 #include "sinkscope/checkpoint.hpp"
@@ -92,8 +94,100 @@ bool analysis_file_matches(const std::string& path, const std::string& sha, cons
   }
 }
 
+namespace {
+
+double tv_distance(const float* a, const float* b, size_t n) {
+  double d = 0;
+  for (size_t i = 0; i < n; ++i) d += std::fabs(static_cast<double>(a[i]) - b[i]);
+  return 0.5 * d;
+}
+
+// Positive parts normalised to sum 1 (all zero when nothing is positive): METRICS.md section 5's
+// normalisation, shared by both profiles.
+void positive_shares(const std::vector<double>& v, float* out) {
+  double total = 0;
+  for (double x : v) total += std::max(0.0, x);
+  for (size_t i = 0; i < v.size(); ++i)
+    out[i] = total > 0 ? static_cast<float>(std::max(0.0, v[i]) / total) : 0.f;
+}
+
+// Linear-interpolated quantile of `v` (numpy's default), q in [0, 1].
+double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return std::nan("");
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos)), hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - static_cast<double>(lo)) * (v[hi] - v[lo]);
+}
+
+// One per-checkpoint quantity of the sweep: its point values [C, ...] and, per replicate, the
+// same quantity recomputed on resampled probes.
+struct Resampled {
+  std::string name;
+  std::vector<size_t> shape;               // [C, ...]
+  std::vector<std::vector<float>> values;  // [B][C * inner]; NaN where a file lacks the inputs
+};
+
+// Mean over the probes `idx` of rows of a per-probe array [N, inner].
+std::vector<double> resampled_mean(const FloatArray& per_probe, const std::vector<size_t>& idx) {
+  const size_t inner = per_probe.data.size() / per_probe.shape.at(0);
+  std::vector<double> mean(inner, 0);
+  for (size_t n : idx)
+    for (size_t i = 0; i < inner; ++i) mean[i] += per_probe.data[n * inner + i];
+  for (double& m : mean) m /= static_cast<double>(idx.size());
+  return mean;
+}
+
+}  // namespace
+
+ConvergenceResult assess_convergence(const ConvergenceInput& in) {
+  ConvergenceResult r;
+  const size_t C = in.profiles.size();
+  bool steps_usable = true;
+  for (size_t c = 0; c < C; ++c)
+    if (in.steps[c] < 0 || (c > 0 && in.steps[c] <= in.steps[c - 1])) steps_usable = false;
+  for (size_t c = 1; c < C; ++c) {
+    const double tv =
+        tv_distance(in.profiles[c].data(), in.profiles[c - 1].data(), in.profiles[c].size());
+    // The gap in doublings of the step (step + 1, so step 0 counts); 1 per pair when the steps
+    // are unknown or not increasing.
+    const double gap = steps_usable ? std::log2(static_cast<double>(in.steps[c] + 1) /
+                                                static_cast<double>(in.steps[c - 1] + 1))
+                                    : 1.0;
+    const double noise = std::max(in.noise_floor[c - 1], in.noise_floor[c]);
+    const double threshold = std::max(in.tau * gap, noise);
+    r.distance.push_back(static_cast<float>(tv));
+    r.distance_per_doubling.push_back(static_cast<float>(tv / gap));
+    r.threshold.push_back(static_cast<float>(threshold));
+    r.still.push_back(tv <= threshold ? 1 : 0);
+  }
+  if (C == 0 || !in.has_sink[C - 1]) {
+    r.outcome = C == 0 ? "too few checkpoints" : "no sink";
+    return r;
+  }
+  // One pair to see the profile change, two to see it stop.
+  if (C < 4) {
+    r.outcome = "too few checkpoints";
+    return r;
+  }
+  // c0: the first checkpoint of the longest tail that has a sink everywhere and whose pairs are
+  // all still (pair j compares checkpoints j - 1 and j, still[j - 1]).
+  size_t c0 = C - 1;
+  while (c0 > 0 && in.has_sink[c0 - 1] && r.still[c0 - 1]) --c0;
+  bool moved_before = false;
+  for (size_t j = 1; j <= c0; ++j) moved_before |= r.still[j - 1] == 0;
+  if (C - 1 - c0 >= 2 && moved_before) {
+    r.step = in.steps[c0];
+    r.outcome = "converged at step " + std::to_string(r.step);
+  } else {
+    r.outcome = "not converged";
+  }
+  return r;
+}
+
 Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
-                     double tau) {
+                     const SweepOptions& opt) {
+  const double tau = opt.tau;
   Sweep s;
   s.tau = tau;
   std::vector<Analysis> ok;
@@ -127,13 +221,20 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
     s.checkpoint_headers_sha256.push_back(a.meta.checkpoint_headers_sha256);
   }
   const size_t C = ok.size(), L = static_cast<size_t>(m0.num_layers),
-               H = static_cast<size_t>(m0.num_heads);
+               H = static_cast<size_t>(m0.num_heads), N = static_cast<size_t>(m0.num_probes);
   s.sink_rate = FloatArray({C, L}, "checkpoint,layer");
   s.sink_score = FloatArray({C, L, H}, "checkpoint,layer,head");
   s.h_ratio = FloatArray({C, L + 1}, "checkpoint,layer");
   s.layer_share = FloatArray({C, L + 1}, "checkpoint,layer_index");
   s.first2_share = FloatArray({C}, "checkpoint");
   s.norm_gain_share = FloatArray({C, L}, "checkpoint,layer");
+  s.max_sink_score = FloatArray({C}, "checkpoint");
+  bool all_causal = true;
+  for (const auto& a : ok) all_causal &= a.has_causal_profile();
+  if (all_causal) {
+    s.causal_layer_share = FloatArray({C, L + 1}, "checkpoint,embedding_or_layer");
+    s.causal_first2_share = FloatArray({C}, "checkpoint");
+  }
   std::vector<std::vector<float>> shares;
   for (size_t c = 0; c < C; ++c) {
     const Analysis& a = ok[c];
@@ -146,12 +247,154 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
     std::copy(a.norm_gain_share.data.begin(), a.norm_gain_share.data.end(),
               s.norm_gain_share.data.begin() + c * L);
     s.first2_share.data[c] = a.first2_share;
+    s.max_sink_score.data[c] =
+        *std::max_element(a.sink_score.data.begin(), a.sink_score.data.end());
+    if (all_causal) {
+      std::copy(a.causal_layer_share.data.begin(), a.causal_layer_share.data.end(),
+                s.causal_layer_share.data.begin() + c * (L + 1));
+      s.causal_first2_share.data[c] = a.causal_first2_share;
+    }
     shares.push_back(a.layer_share.data);
   }
   std::vector<float> tv;
   convergence(shares, s.steps, tau, &tv, &s.convergence_step);
   s.convergence_tv = FloatArray({tv.size()}, "checkpoint_pair");
   s.convergence_tv.data = tv;
+
+  // ---- bootstrap over probes (contract 1.2): replicate b draws N probe indices with
+  // replacement, the same draws for every checkpoint, and recomputes every quantity from the
+  // per-probe records of the analysis files.
+  const size_t B = static_cast<size_t>(std::max<int64_t>(opt.bootstrap, 0));
+  s.bootstrap_replicates = static_cast<int64_t>(B);
+  s.bootstrap_seed = opt.bootstrap_seed;
+  std::vector<std::vector<size_t>> draws(B, std::vector<size_t>(N));
+  {
+    std::mt19937_64 rng(static_cast<uint64_t>(opt.bootstrap_seed));
+    std::uniform_int_distribution<size_t> pick(0, N - 1);
+    for (auto& d : draws)
+      for (auto& n : d) n = pick(rng);
+  }
+  std::vector<Resampled> q = {
+      {"sink_score", {C, L, H}, {}},    {"max_sink_score", {C}, {}},
+      {"sink_rate", {C, L}, {}},        {"h_ratio", {C, L + 1}, {}},
+      {"norm_gain_share", {C, L}, {}},  {"layer_share", {C, L + 1}, {}},
+      {"first2_share", {C}, {}},        {"causal_layer_share", {C, L + 1}, {}},
+      {"causal_first2_share", {C}, {}},
+  };
+  if (!all_causal) q.resize(q.size() - 2);
+  auto get = [&](const char* name) -> Resampled& {
+    for (auto& r : q)
+      if (r.name == name) return r;
+    throw RuntimeFailure(std::string("no bootstrap quantity ") + name);
+  };
+  for (auto& r : q) {
+    const size_t inner = FloatArray::count(r.shape) / C;
+    r.values.assign(B, std::vector<float>(C * inner, std::nanf("")));
+  }
+  for (size_t c = 0; c < C; ++c) {
+    const Analysis& a = ok[c];
+    if (a.sink_score_per_probe.empty() || a.attr_layer_per_probe.empty()) continue;  // pre-1.2
+    FloatArray ratio({N, L + 1}, "probe,layer_input");
+    for (size_t i = 0; i < ratio.data.size(); ++i)
+      ratio.data[i] = a.norm_p0.data[i] / a.norm_rest_median.data[i];
+    for (size_t b = 0; b < B; ++b) {
+      const std::vector<size_t>& idx = draws[b];
+      const std::vector<double> alpha = resampled_mean(a.sink_score_per_probe, idx);
+      double top = 0;
+      for (size_t l = 0; l < L; ++l) {
+        size_t over = 0;
+        for (size_t h = 0; h < H; ++h) {
+          const double v = alpha[l * H + h];
+          get("sink_score").values[b][c * L * H + l * H + h] = static_cast<float>(v);
+          top = std::max(top, v);
+          if (v > a.meta.eps) ++over;
+        }
+        get("sink_rate").values[b][c * L + l] =
+            static_cast<float>(static_cast<double>(over) / static_cast<double>(H));
+      }
+      get("max_sink_score").values[b][c] = static_cast<float>(top);
+      const std::vector<double> h = resampled_mean(ratio, idx);
+      std::vector<double> gain(L);
+      for (size_t l = 0; l <= L; ++l)
+        get("h_ratio").values[b][c * (L + 1) + l] = static_cast<float>(h[l]);
+      for (size_t l = 0; l < L; ++l) {
+        gain[l] = std::max(0.0, std::log(h[l + 1]) - std::log(h[l]));
+        if (!std::isfinite(gain[l])) gain[l] = 0;
+      }
+      positive_shares(gain, get("norm_gain_share").values[b].data() + c * L);
+      float* ls = get("layer_share").values[b].data() + c * (L + 1);
+      positive_shares(resampled_mean(a.attr_layer_per_probe, idx), ls);
+      get("first2_share").values[b][c] = (L >= 1 ? ls[1] : 0.f) + (L >= 2 ? ls[2] : 0.f);
+      if (all_causal && !a.causal_drop_per_probe.empty()) {
+        float* cs = get("causal_layer_share").values[b].data() + c * (L + 1);
+        positive_shares(resampled_mean(a.causal_drop_per_probe, idx), cs);
+        get("causal_first2_share").values[b][c] = (L >= 1 ? cs[1] : 0.f) + (L >= 2 ? cs[2] : 0.f);
+      }
+    }
+  }
+  for (const auto& r : q) {
+    Sweep::Interval iv;
+    iv.name = r.name;
+    iv.se = FloatArray(r.shape, "");
+    std::vector<size_t> ci_shape = r.shape;
+    ci_shape.push_back(2);
+    iv.ci95 = FloatArray(ci_shape, "");
+    for (size_t i = 0; i < iv.se.data.size(); ++i) {
+      std::vector<double> v;
+      for (size_t b = 0; b < B; ++b)
+        if (std::isfinite(r.values[b][i])) v.push_back(r.values[b][i]);
+      double mean = 0, var = 0;
+      for (double x : v) mean += x;
+      mean /= std::max<size_t>(v.size(), 1);
+      for (double x : v) var += (x - mean) * (x - mean);
+      iv.se.data[i] = v.size() < 2
+                          ? std::nanf("")
+                          : static_cast<float>(std::sqrt(var / static_cast<double>(v.size() - 1)));
+      iv.ci95.data[2 * i] = static_cast<float>(quantile(v, 0.025));
+      iv.ci95.data[2 * i + 1] = static_cast<float>(quantile(v, 0.975));
+    }
+    s.bootstrap.push_back(iv);
+  }
+
+  // ---- convergence (contract 1.2) on the chosen profile.
+  if (opt.convergence_profile != "causal" && opt.convergence_profile != "attribution")
+    throw InputError("--convergence-profile '" + opt.convergence_profile +
+                     "': expected causal or attribution");
+  s.convergence_profile =
+      opt.convergence_profile == "causal" && all_causal ? "causal" : "attribution";
+  const bool causal = s.convergence_profile == "causal";
+  const Resampled& profile_reps = get(causal ? "causal_layer_share" : "layer_share");
+  ConvergenceInput in;
+  in.tau = tau;
+  in.steps = s.steps;
+  s.noise_floor = FloatArray({C}, "checkpoint");
+  for (size_t c = 0; c < C; ++c) {
+    const FloatArray& p = causal ? ok[c].causal_layer_share : ok[c].layer_share;
+    in.profiles.push_back(p.data);
+    in.has_sink.push_back(s.max_sink_score.data[c] > ok[c].meta.eps);
+    // The distance between two independent replicates of the same checkpoint, 95th percentile.
+    std::vector<double> d;
+    for (size_t b = 0; b + 1 < B; b += 2) {
+      const float* x = profile_reps.values[b].data() + c * (L + 1);
+      const float* y = profile_reps.values[b + 1].data() + c * (L + 1);
+      if (std::isfinite(x[0]) && std::isfinite(y[0])) d.push_back(tv_distance(x, y, L + 1));
+    }
+    const double floor = d.empty() ? 0.0 : quantile(d, 0.95);
+    s.noise_floor.data[c] = static_cast<float>(floor);
+    in.noise_floor.push_back(floor);
+  }
+  const ConvergenceResult r = assess_convergence(in);
+  const size_t P = r.distance.size();
+  s.convergence_distance = FloatArray({P}, "checkpoint_pair");
+  s.convergence_distance.data = r.distance;
+  s.convergence_distance_per_doubling = FloatArray({P}, "checkpoint_pair");
+  s.convergence_distance_per_doubling.data = r.distance_per_doubling;
+  s.convergence_threshold = FloatArray({P}, "checkpoint_pair");
+  s.convergence_threshold.data = r.threshold;
+  s.convergence_still = IntArray({P}, "checkpoint_pair");
+  s.convergence_still.data = r.still;
+  s.convergence_outcome = r.outcome;
+  s.converged_step = r.step;
   return s;
 }
 

@@ -1,8 +1,10 @@
 // Probe sources: .npy / .h5 token files, random and repeated probes, a prepended BOS column.
 #include "sinkscope/probes.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
 #include <sstream>
@@ -105,7 +107,7 @@ IntArray load_tokens(const std::string& path) {
   fail(path, "token file must be .npy or .h5");
 }
 
-IntArray make_probes(const std::string& spec, int64_t vocab) {
+IntArray make_probes(const std::string& spec, int64_t vocab, const std::vector<int32_t>& excluded) {
   std::smatch m;
   const std::regex re("(random|repeat):(\\d+):(\\d+):(\\d+)");
   if (!std::regex_match(spec, m, re))
@@ -115,9 +117,24 @@ IntArray make_probes(const std::string& spec, int64_t vocab) {
     throw InputError("--probes '" + spec + "': N and T must be positive and sane");
   IntArray t({n, T}, "probe,position");
   if (m[1] == "random") {
+    // Ids in [0, vocab - |excluded in range|) mapped onto the allowed ids in order: with nothing
+    // excluded, the draws are those of sinkscope 1.1.
+    std::vector<int32_t> skip;
+    for (int32_t id : excluded)
+      if (id >= 0 && id < vocab) skip.push_back(id);
+    std::sort(skip.begin(), skip.end());
+    skip.erase(std::unique(skip.begin(), skip.end()), skip.end());
+    const int64_t allowed = vocab - static_cast<int64_t>(skip.size());
+    if (allowed <= 0)
+      throw InputError("--probes '" + spec + "': every id of the vocabulary is a special token");
     std::mt19937_64 rng(arg);
-    std::uniform_int_distribution<int64_t> dist(0, vocab - 1);
-    for (auto& v : t.data) v = static_cast<int32_t>(dist(rng));
+    std::uniform_int_distribution<int64_t> dist(0, allowed - 1);
+    for (auto& v : t.data) {
+      int64_t id = dist(rng);
+      for (int32_t s : skip)  // ascending: shift past every excluded id at or below it
+        if (s <= id) ++id;
+      v = static_cast<int32_t>(id);
+    }
   } else {
     if (static_cast<int64_t>(arg) >= vocab)
       throw InputError("--probes '" + spec + "': token " + std::to_string(arg) + " >= vocab_size " +
@@ -127,8 +144,38 @@ IntArray make_probes(const std::string& spec, int64_t vocab) {
   return t;
 }
 
+std::vector<int32_t> special_token_ids(const std::string& model_dir) {
+  std::vector<int32_t> ids;
+  for (const char* name : {"config.json", "generation_config.json"}) {
+    const std::string path = model_dir + "/" + name;
+    std::ifstream in(path);
+    if (!in) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(in);
+    } catch (const std::exception& e) {
+      fail(path, std::string("not valid JSON (") + e.what() + ")");
+    }
+    if (!j.is_object()) continue;
+    for (const char* key : {"bos_token_id", "eos_token_id", "pad_token_id"}) {
+      if (!j.contains(key)) continue;
+      const auto& v = j[key];
+      for (const auto& id : v.is_array() ? v : nlohmann::json::array({v}))
+        if (id.is_number_integer()) ids.push_back(id.get<int32_t>());
+    }
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
 IntArray prepend_bos(const IntArray& tokens, int32_t bos) {
   const size_t N = tokens.shape[0], T = tokens.shape[1];
+  for (size_t n = 0; n < N; ++n)
+    if (T > 0 && tokens.data[n * T] == bos)
+      throw InputError("--prepend-bos " + std::to_string(bos) + ": probe " + std::to_string(n) +
+                       " already starts with token " + std::to_string(bos) +
+                       "; it would be doubled (drop --prepend-bos or the leading token)");
   IntArray out({N, T + 1}, tokens.dims);
   for (size_t n = 0; n < N; ++n) {
     out.data[n * (T + 1)] = bos;

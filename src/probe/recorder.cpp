@@ -11,7 +11,7 @@
 
 #include "sinkscope/error.hpp"
 
-BOOST_CLASS_VERSION(sinkscope::RankRecord, 2)
+BOOST_CLASS_VERSION(sinkscope::RankRecord, 3)
 
 namespace sinkscope {
 
@@ -73,6 +73,17 @@ int64_t Recorder::row_of(int64_t probe) {
   return static_cast<int64_t>(rec_.probe_ids.size()) - 1;
 }
 
+int64_t Recorder::own_row_of(int64_t probe) {
+  auto it = std::find(rec_.own_probe_ids.begin(), rec_.own_probe_ids.end(), probe);
+  if (it != rec_.own_probe_ids.end()) return it - rec_.own_probe_ids.begin();
+  rec_.own_probe_ids.push_back(probe);
+  const size_t rows = rec_.own_probe_ids.size(), L = static_cast<size_t>(rec_.L),
+               Hl = static_cast<size_t>(rec_.head_count);
+  rec_.sink_rows.resize(rows * L * Hl, 0.f);
+  rec_.attr_layer_rows.resize(rows * L * Hl * (L + 1), 0.f);
+  return static_cast<int64_t>(rows) - 1;
+}
+
 void Recorder::on_residual(const ResidualTap& t) {
   if (!records_rows_) return;
   const int64_t L1 = rec_.L + 1, D = t.D;
@@ -96,12 +107,19 @@ void Recorder::on_residual(const ResidualTap& t) {
 }
 
 void Recorder::on_attention(const AttentionTap& t) {
-  const int64_t H = rec_.H, l = t.layer;
+  const int64_t H = rec_.H, l = t.layer, L1 = rec_.L + 1;
+  const int64_t stride = ComponentLayout(cfg_).stride();
   for (int64_t b = 0; b < t.B; ++b) {
     const int64_t row = per_query_ ? row_of(t.probe0 + b) : 0;
+    const int64_t own = own_row_of(t.probe0 + b);
     for (int64_t h = 0; h < t.local_heads; ++h) {
       const int64_t gh = t.head_begin + h, bh = b * t.local_heads + h;
+      const int64_t lh = (own * rec_.L + l) * rec_.head_count + (gh - rec_.head_begin);
       rec_.sink_sum[l * H + gh] += t.a0_mean[bh];
+      rec_.sink_rows[static_cast<size_t>(lh)] = t.a0_mean[bh];
+      float* by_layer = rec_.attr_layer_rows.data() + lh * L1;
+      for (int64_t c = 0; c < t.num_sources; ++c)
+        by_layer[c == 0 ? 0 : 1 + (c - 1) / stride] += t.attr[bh * t.num_sources + c];
       rec_.head_p0_sum[l * H + gh] += t.write_p0_norm[bh];
       rec_.head_rest_sum[l * H + gh] += t.write_rest_norm[bh];
       double* dst = rec_.attr_sum.data() + (l * rec_.head_count + h) * rec_.C;
@@ -280,6 +298,23 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     }
   }
 
+  // Contract 1.2: per-probe alpha, and per probe the sink-weighted signed attribution of each
+  // source index (weights: the sink scores of the whole probe set, as in layer_share).
+  a.sink_score_per_probe = per_probe_sink(records, static_cast<int64_t>(N));
+  a.attr_layer_per_probe = FloatArray({N, L + 1}, "probe,embedding_or_layer");
+  for (const auto& r : records)
+    for (size_t row = 0; row < r.own_probe_ids.size(); ++row) {
+      const size_t n = static_cast<size_t>(r.own_probe_ids[row]),
+                   Hl = static_cast<size_t>(r.head_count);
+      for (size_t t = 0; t < L; ++t)
+        for (size_t hl = 0; hl < Hl; ++hl) {
+          const double alpha = sink[t * H + static_cast<size_t>(r.head_begin) + hl] * inv_n;
+          const float* src = r.attr_layer_rows.data() + ((row * L + t) * Hl + hl) * (L + 1);
+          for (size_t i = 0; i <= L; ++i)
+            a.attr_layer_per_probe.data[n * (L + 1) + i] += static_cast<float>(alpha * src[i]);
+        }
+    }
+
   // One attribution dataset per component kind (sinkscope/components.hpp), filled from the
   // slots of the kind's components in every source layer before the target.
   for (const ComponentKindInfo& kind : component_kinds()) {
@@ -321,6 +356,59 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
         }
       }
   }
+}
+
+FloatArray per_probe_sink(const std::vector<RankRecord>& records, int64_t num_probes) {
+  if (records.empty()) throw RuntimeFailure("no rank records to reduce");
+  const size_t N = static_cast<size_t>(num_probes), L = static_cast<size_t>(records[0].L),
+               H = static_cast<size_t>(records[0].H);
+  FloatArray out({N, L, H}, "probe,layer,head");
+  for (const auto& r : records)
+    for (size_t row = 0; row < r.own_probe_ids.size(); ++row) {
+      const size_t n = static_cast<size_t>(r.own_probe_ids[row]),
+                   Hl = static_cast<size_t>(r.head_count);
+      if (n >= N)
+        throw RuntimeFailure("a rank recorded probe " + std::to_string(n) + " of " +
+                             std::to_string(N));
+      for (size_t l = 0; l < L; ++l)
+        for (size_t hl = 0; hl < Hl; ++hl)
+          out.data[(n * L + l) * H + static_cast<size_t>(r.head_begin) + hl] =
+              r.sink_rows[(row * L + l) * Hl + hl];
+    }
+  return out;
+}
+
+double sink_weighted_drop(const FloatArray& alpha, const float* ablated) {
+  double weight = 0, drop = 0;
+  for (size_t i = 0; i < alpha.data.size(); ++i) {
+    weight += alpha.data[i];
+    drop += static_cast<double>(alpha.data[i]) * (alpha.data[i] - static_cast<double>(ablated[i]));
+  }
+  return weight > 0 ? drop / weight : 0.0;
+}
+
+namespace {
+// Shares of positive parts, sum 1 (all zero when nothing is positive); first-two share and peak
+// layer of METRICS.md section 5 applied to a [L+1] profile.
+void positive_shares(const std::vector<double>& v, FloatArray* share, float* first2,
+                     int32_t* peak) {
+  const size_t n = v.size();
+  double total = 0;
+  for (double x : v) total += std::max(0.0, x);
+  *share = FloatArray({n}, "embedding_or_layer");
+  for (size_t i = 0; i < n; ++i)
+    share->data[i] = total > 0 ? static_cast<float>(std::max(0.0, v[i]) / total) : 0.f;
+  *first2 = (n >= 2 ? share->data[1] : 0.f) + (n >= 3 ? share->data[2] : 0.f);
+  *peak = 0;
+  for (size_t l = 1; l + 1 < n; ++l)
+    if (share->data[1 + l] > share->data[1 + static_cast<size_t>(*peak)])
+      *peak = static_cast<int32_t>(l);
+}
+}  // namespace
+
+void compute_causal_profile(Analysis& a) {
+  positive_shares(std::vector<double>(a.causal_drop.data.begin(), a.causal_drop.data.end()),
+                  &a.causal_layer_share, &a.causal_first2_share, &a.causal_peak_layer);
 }
 
 void compute_profile(Analysis& a) {

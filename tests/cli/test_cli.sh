@@ -58,6 +58,22 @@ PY
 "$bin" analyze --quiet --model model --probes repeat:2:8:3 --prepend-bos 5 --out c.h5 &&
   "$py" -c "import h5py; t=h5py.File('c.h5')['tokens'][()]; assert t.shape==(2,9) and (t[:,0]==5).all() and (t[:,1:]==3).all()" &&
   ok "--probes repeat + --prepend-bos" || bad "--probes repeat + --prepend-bos"
+# Contract 1.2 probe hygiene: a BOS that the probes already carry is not doubled, and random probes
+# avoid the special ids of config.json / generation_config.json and the prepended id.
+expect_input_error "--prepend-bos refuses to double a BOS" "already starts with token 3" x.h5 -- "$bin" analyze --model model --probes repeat:2:8:3 --prepend-bos 3 --out x.h5
+cp -r model special
+"$py" -c "
+import json
+c = json.load(open('special/config.json')); c.update(bos_token_id=1, eos_token_id=[2, 5]); json.dump(c, open('special/config.json', 'w'))
+json.dump({'pad_token_id': 7, 'eos_token_id': None}, open('special/generation_config.json', 'w'))"
+"$bin" analyze --quiet --model special --probes random:40:16:1 --prepend-bos 9 --out s.h5 &&
+  "$bin" analyze --quiet --model special --probes random:40:16:1 --prepend-bos 9 --allow-special-tokens --out s2.h5 &&
+  "$py" -c "
+import h5py, numpy as np
+t = h5py.File('s.h5')['tokens'][()]; u = h5py.File('s2.h5')['tokens'][()]
+assert (t[:, 0] == 9).all() and not np.isin(t[:, 1:], [1, 2, 5, 7, 9]).any(), t
+assert np.isin(u[:, 1:], [1, 2, 5, 7, 9]).any()
+" && ok "random probes avoid special ids unless --allow-special-tokens" || bad "random probes and special ids"
 
 # Bad input: exit 1, one line naming the culprit, no output.
 expect_input_error "missing model folder" "nope: model folder does not exist" x.h5 -- "$bin" analyze --model nope --tokens tok.npy --out x.h5
@@ -118,18 +134,20 @@ done
 import h5py; f=h5py.File('full/sweep.h5')
 assert list(f['steps'][()]) == [0, 100, 200, 400], f['steps'][()]
 assert f['sink_score'].shape == (4, 4, 4) and f['convergence/tv'].shape == (3,)
+assert f['bootstrap/layer_share/ci95'].shape == (4, 5, 2) and f['causal_layer_share'].shape == (4, 5)
+assert f.attrs['convergence_outcome'] in ('no sink', 'not converged'), f.attrs['convergence_outcome']
 " && ok "sweep.h5 steps and shapes" || bad "sweep.h5 contents"
 # A sweep killed part way (SIGKILL while a checkpoint is being analysed) and rerun with --resume
 # produces the same files as the uninterrupted sweep, and no partial file is left at any time.
 "$py" -c "import numpy as np; np.save('many.npy', np.random.default_rng(1).integers(0, 64, (3000, 12)).astype(np.int32))"
-"$bin" sweep --quiet --models-glob 'trace/step*' --tokens many.npy --batch 1 --out killed_ref
-"$bin" sweep --quiet --models-glob 'trace/step*' --tokens many.npy --batch 1 --out killed &
+"$bin" sweep --quiet --models-glob 'trace/step*' --tokens many.npy --batch 1 --no-causal-profile --out killed_ref
+"$bin" sweep --quiet --models-glob 'trace/step*' --tokens many.npy --batch 1 --no-causal-profile --out killed &
 pid=$!
 for _ in $(seq 200); do [ -e killed/checkpoints/step0.h5 ] && break; sleep 0.05; done
 kill -9 "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null
 partial=$(find killed -name '*.h5' | wc -l)
-"$bin" sweep --quiet --models-glob 'trace/step*' --tokens many.npy --batch 1 --out killed --resume
+"$bin" sweep --quiet --models-glob 'trace/step*' --tokens many.npy --batch 1 --no-causal-profile --out killed --resume
 same=1
 for f in killed_ref/checkpoints/*.h5 killed_ref/sweep.h5; do
   "$py" "$root/tests/tools/compare_h5.py" "$f" "killed/${f#killed_ref/}" --rtol 0 >/dev/null || same=0

@@ -11,5 +11,5 @@ mkdir -p "$out"
 "$bin" synth --config "$root/tests/data/tiny_qwen2_moe.json" --out "$out/shared" --seed 3 2>/dev/null
 # a.h5: a family with a shared expert and a dense layer, so that every dataset is written
 "$bin" analyze --quiet --model "$out/shared" --probes random:3:10:7 --prepend-bos 1 \
-  --per-query --ablate layers=0-1 --out "$out/a.h5"
+  --per-query --ablate layers=0-1 --causal-profile --out "$out/a.h5"
 "$bin" sweep --quiet --models-glob "$out/run/step*" --probes random:3:10:7 --out "$out/sweep"

@@ -407,6 +407,60 @@ std::vector<double> ReferenceModel::ablation_delta(const IntArray& tokens,
   return delta;
 }
 
+std::vector<double> ReferenceModel::causal_drop(const IntArray& tokens, int part,
+                                                std::vector<double>* per_probe) const {
+  const ModelConfig& c = impl_->c;
+  const int64_t L = c.num_layers, H = c.num_heads;
+  const int64_t N = static_cast<int64_t>(tokens.shape.at(0)),
+                T = static_cast<int64_t>(tokens.shape.at(1));
+  // alpha of each probe [N][L * H]: the mean over queries of A[i, 0].
+  auto per_probe_alpha = [&](const std::vector<Component>& ablate) {
+    std::vector<std::vector<double>> out;
+    for (const Trace& tr : impl_->forward_all(tokens, ablate)) {
+      std::vector<double> a(static_cast<size_t>(L * H), 0.0);
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t i = 0; i < T; ++i) a[l * H + h] += tr.a0[l][h][i] / static_cast<double>(T);
+      out.push_back(a);
+    }
+    return out;
+  };
+  const auto clean = per_probe_alpha({});
+  std::vector<double> alpha(static_cast<size_t>(L * H), 0.0);
+  for (const auto& a : clean)
+    for (size_t i = 0; i < alpha.size(); ++i) alpha[i] += a[i] / static_cast<double>(N);
+  double weight = 0;
+  for (double a : alpha) weight += a;
+  std::vector<double> drop(static_cast<size_t>(L + 1), 0.0);
+  if (per_probe) per_probe->assign(static_cast<size_t>(N * (L + 1)), 0.0);
+  for (int64_t index = 0; index <= L; ++index) {
+    std::vector<Component> set;
+    if (index == 0) {
+      set.push_back({0, Component::kEmbedding, 0});
+    } else {
+      const int32_t l = static_cast<int32_t>(index - 1);
+      if (part != 1)
+        for (int32_t h = 0; h < H; ++h) set.push_back({l, Component::kHead, h});
+      if (part != 0) {
+        if (impl_->layers[static_cast<size_t>(l)].moe)
+          for (int32_t e = 0; e < c.num_experts; ++e) set.push_back({l, Component::kExpert, e});
+        else
+          set.push_back({l, Component::kMlp, 0});
+      }
+    }
+    const auto ablated = per_probe_alpha(set);
+    for (int64_t n = 0; n < N; ++n) {
+      double d = 0;
+      for (size_t i = 0; i < alpha.size(); ++i)
+        d += alpha[i] * (clean[static_cast<size_t>(n)][i] - ablated[static_cast<size_t>(n)][i]);
+      d /= weight;
+      drop[static_cast<size_t>(index)] += d / static_cast<double>(N);
+      if (per_probe) (*per_probe)[static_cast<size_t>(n * (L + 1) + index)] = d;
+    }
+  }
+  return drop;
+}
+
 ReferenceResult ReferenceModel::analyze(const IntArray& tokens, double eps) const {
   const ModelConfig& c = impl_->c;
   const int64_t L = c.num_layers, H = c.num_heads, KV = c.num_kv_heads, d = c.head_dim,

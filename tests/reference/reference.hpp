@@ -78,6 +78,14 @@ class ReferenceModel {
   std::vector<double> sink_scores(const IntArray& tokens,
                                   const std::vector<Component>& ablate) const;
 
+  // Contract 1.2 `profile/causal_drop` [L+1] and, per probe, `causal_drop_per_probe` [N, L+1]:
+  // for index 0 the embedding, for 1 + l every head and every expert (or the dense MLP) of layer l
+  // mean-ablated at position 0 in one run; the drop sum_{t,h} alpha (alpha - alpha') / sum alpha,
+  // alpha the clean scores of all probes. `part` 0 ablates the layer's heads only, 1 its MLP or
+  // experts only, 2 both (index 0 always the embedding alone).
+  std::vector<double> causal_drop(const IntArray& tokens, int part = 2,
+                                  std::vector<double>* per_probe = nullptr) const;
+
   // circuit/ablation/delta_sink_score for one component: alpha(ablated) - alpha(clean), [L, H].
   std::vector<double> ablation_delta(const IntArray& tokens, const Component& c) const;
 

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "sinkscope/error.hpp"
@@ -87,6 +88,48 @@ TEST(Probes, GeneratedAndChecked) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("probes.npy: token id 20 at (row 1, column 2)"),
               std::string::npos)
+        << e.what();
+  }
+}
+
+// Contract 1.2 probe hygiene.
+TEST(Probes, RandomProbesAvoidSpecialIds) {
+  const IntArray all = make_probes("random:50:40:3", 20);
+  const IntArray some = make_probes("random:50:40:3", 20, {1, 0, 19, 1, 40});
+  // With nothing excluded the draws are 1.1's; with exclusions every other id still occurs.
+  EXPECT_EQ(make_probes("random:50:40:3", 20, {}).data, all.data);
+  std::vector<int> seen(20, 0);
+  for (int v : some.data) ++seen[static_cast<size_t>(v)];
+  EXPECT_EQ(seen[0], 0);
+  EXPECT_EQ(seen[1], 0);
+  EXPECT_EQ(seen[19], 0);
+  for (int id = 2; id < 19; ++id) EXPECT_GT(seen[static_cast<size_t>(id)], 0) << id;
+  EXPECT_GT(std::count(all.data.begin(), all.data.end(), 1), 0);
+  EXPECT_THROW(make_probes("random:1:2:3", 2, {0, 1}), InputError);
+}
+
+TEST(Probes, SpecialTokenIdsFromBothConfigFiles) {
+  test::TempDir dir;
+  test::write_file(
+      dir / "config.json",
+      R"({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": null})");
+  EXPECT_EQ(special_token_ids(dir.path()), (std::vector<int32_t>{151643, 151645}));
+  test::write_file(dir / "generation_config.json", R"({"pad_token_id": 0, "eos_token_id": 2})");
+  EXPECT_EQ(special_token_ids(dir.path()), (std::vector<int32_t>{0, 2, 151643, 151645}));
+  test::write_file(dir / "generation_config.json", "{not json");
+  EXPECT_THROW(special_token_ids(dir.path()), InputError);
+}
+
+TEST(Probes, PrependBosRefusesADoubledBos) {
+  IntArray t({2, 3}, "probe,position");
+  t.data = {4, 5, 5, 8, 5, 6};
+  EXPECT_NO_THROW(prepend_bos(t, 5));  // 5 inside the probes is not a doubled BOS
+  t.at(0, 0) = 5;
+  try {
+    prepend_bos(t, 5);
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("probe 0 already starts with token 5"), std::string::npos)
         << e.what();
   }
 }

@@ -60,3 +60,63 @@ TEST(Profile, LayerShareFromConstructedAttributions) {
   EXPECT_NEAR(a.norm_gain_share.data[1], 2.0 / 3, 1e-6);
   EXPECT_NEAR(a.norm_gain_share.data[2], 1.0 / 3, 1e-6);
 }
+
+#include "sinkscope/sweep.hpp"
+
+// Contract 1.2 outcomes on constructed profiles.
+TEST(Convergence12, ConstructedOutcomes) {
+  ConvergenceInput in;
+  in.profiles = {{1, 0, 0}, {0.5f, 0.5f, 0}, {0, 1, 0}, {0, 0.98f, 0.02f}, {0, 0.97f, 0.03f}};
+  in.steps = {0, 128, 256, 512, 1024};
+  in.has_sink = {false, true, true, true, true};
+  in.noise_floor = {0, 0, 0, 0, 0};
+  in.tau = 0.05;
+  ConvergenceResult r = assess_convergence(in);
+  // Gaps in doublings of step + 1: log2(129), then about 1 each.
+  EXPECT_NEAR(r.distance_per_doubling[0], 0.5 / std::log2(129.0), 1e-6);
+  EXPECT_EQ(r.still, (std::vector<int32_t>{0, 0, 1, 1}));
+  EXPECT_EQ(r.outcome, "converged at step 256");
+  EXPECT_EQ(r.step, 256);
+
+  // A noise floor above the late distances' threshold does not change that; one above the big
+  // change hides it: nothing is seen to move, so nothing converged.
+  in.noise_floor = {0.6, 0.6, 0.6, 0.6, 0.6};
+  r = assess_convergence(in);
+  EXPECT_EQ(r.outcome, "not converged");
+
+  // Only one still pair at the end: not converged (the shipped trace's 1.0 "converged at 1024").
+  in.noise_floor.assign(5, 0);
+  in.profiles[3] = {0, 0.5f, 0.5f};
+  in.profiles[4] = {0, 0.48f, 0.52f};
+  r = assess_convergence(in);
+  EXPECT_EQ(r.still, (std::vector<int32_t>{0, 0, 0, 1}));
+  EXPECT_EQ(r.outcome, "not converged");
+
+  // No sink at the last checkpoint.
+  in.has_sink.back() = false;
+  EXPECT_EQ(assess_convergence(in).outcome, "no sink");
+  // Three checkpoints cannot show a change and then two still pairs.
+  in.profiles.resize(3);
+  in.steps.resize(3);
+  in.has_sink = {true, true, true};
+  in.noise_floor.resize(3);
+  EXPECT_EQ(assess_convergence(in).outcome, "too few checkpoints");
+
+  // The sink must exist at every checkpoint from S on: a still tail without a sink at its start
+  // begins where the sink does.
+  in.profiles = {{1, 0}, {0, 1}, {0, 1}, {0, 1}, {0, 1}};
+  in.steps = {1, 2, 4, 8, 16};
+  in.has_sink = {true, true, false, true, true};
+  in.noise_floor.assign(5, 0);
+  r = assess_convergence(in);
+  EXPECT_EQ(r.outcome, "not converged");  // from step 8: one still pair only
+  in.has_sink = {true, true, true, true, true};
+  EXPECT_EQ(assess_convergence(in).outcome, "converged at step 2");
+  // Unequal gaps: the same TV over a short gap is a faster change. 0.04 between steps 1000 and
+  // 1100 is 0.29 per doubling, above tau.
+  in.profiles = {{1, 0}, {0, 1}, {0, 1}, {0.04f, 0.96f}, {0.04f, 0.96f}};
+  in.steps = {100, 200, 1000, 1100, 2200};
+  r = assess_convergence(in);
+  EXPECT_EQ(r.still, (std::vector<int32_t>{0, 1, 0, 1}));
+  EXPECT_EQ(r.outcome, "not converged");
+}

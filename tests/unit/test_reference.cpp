@@ -206,12 +206,13 @@ void plant_massive_embedding(const std::string& dir, int32_t token) {
 }
 
 Analysis run_sinkscope(const std::string& model, const IntArray& tokens, int64_t batch,
-                       const std::string& ablate) {
+                       const std::string& ablate, bool causal_profile = false) {
   AnalyzeOptions opt;
   opt.model = model;
   opt.batch = batch;
   opt.per_query = true;
   opt.ablate = ablate;
+  opt.causal_profile = causal_profile;
   opt.threads = 1;
   auto comm = make_single_comm();
   return analyze_checkpoint(opt, tokens, *comm);
@@ -522,6 +523,132 @@ TEST(ReferencePlanted, FindsAndMatchesThePlantedCircuit) {
 
   // (d) the ablation deltas agree with the reference's reruns.
   compare_ablation("planted", s, ref, tokens, ref.config());
+}
+
+// Probes of the planted circuit: BOS first, never elsewhere (ids in [2, vocab)).
+IntArray planted_probes(const ModelConfig& cfg, const PlantedCircuit& pc, int64_t N, int64_t T,
+                        uint64_t seed) {
+  IntArray tokens({static_cast<size_t>(N), static_cast<size_t>(T)}, "probe,position");
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> ids(2, static_cast<int32_t>(cfg.vocab_size - 1));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < T; ++i) tokens.at(n, i) = i == 0 ? pc.bos_token_id : ids(rng);
+  return tokens;
+}
+
+// ---- contract 1.2: the causal layer profile against the reference's own layer ablations
+// (every component of a layer, enumerated from the reference's weights, in one float64 run).
+void compare_causal(const std::string& what, const Analysis& s, const ReferenceModel& ref,
+                    const IntArray& tokens) {
+  ASSERT_TRUE(s.has_causal_profile()) << what;
+  std::vector<double> per_probe;
+  const std::vector<double> both = ref.causal_drop(tokens, 2, &per_probe);
+  const std::vector<double> heads = ref.causal_drop(tokens, 0), ffn = ref.causal_drop(tokens, 1);
+  const size_t L = both.size() - 1;
+  auto as_array = [](const std::vector<double>& v, std::vector<size_t> shape) {
+    FloatArray f(shape, "");
+    for (size_t i = 0; i < v.size(); ++i) f.data[i] = static_cast<float>(v[i]);
+    return f;
+  };
+  compare(what, "causal_drop", s.causal_drop, as_array(both, {L + 1}), kAblationAbs, 0);
+  compare(what, "causal_drop_per_probe", s.causal_drop_per_probe,
+          as_array(per_probe, {per_probe.size() / (L + 1), L + 1}), kAblationAbs, 0);
+  compare(what, "causal_drop_attention", s.causal_drop_attention,
+          as_array(std::vector<double>(heads.begin() + 1, heads.end()), {L}), kAblationAbs, 0);
+  compare(what, "causal_drop_ffn", s.causal_drop_ffn,
+          as_array(std::vector<double>(ffn.begin() + 1, ffn.end()), {L}), kAblationAbs, 0);
+  // The share is METRICS.md section 5's normalisation of the reference's drops.
+  double total = 0;
+  for (double d : both) total += std::max(0.0, d);
+  for (size_t i = 0; i <= L; ++i)
+    EXPECT_NEAR(s.causal_layer_share.data[i], total > 0 ? std::max(0.0, both[i]) / total : 0.0,
+                1e-3)
+        << what << ": causal_layer_share[" << i << "]";
+}
+
+TEST(ReferenceCausal, LayerDropsOfRandomModelMatchReference) {
+  TempDir tmp;
+  const std::string dir = tmp.path("random");
+  Shape sh;
+  sh.layers = 4;
+  sh.mlp_only = {2};  // a dense layer among MoE layers
+  const ModelConfig cfg = make_config(sh);
+  synthesize(cfg, dir, false, 11);
+  const IntArray tokens = make_probes("random:5:12:4", cfg.vocab_size);
+  const Analysis s = run_sinkscope(dir, tokens, 2, "", true);
+  compare_causal("random", s, ReferenceModel(dir), tokens);
+}
+
+TEST(ReferenceCausal, PlantedCircuitLivesInTheEmbeddingAndLayersZeroAndOne) {
+  TempDir tmp;
+  const std::string dir = tmp.path("planted");
+  Shape sh;
+  sh.layers = 4;
+  const ModelConfig cfg = make_config(sh);
+  const PlantedCircuit pc = synthesize(cfg, dir, true, 7);
+  const IntArray tokens = planted_probes(cfg, pc, 5, 16, 99);
+  const Analysis s = run_sinkscope(dir, tokens, 2, "", true);
+  compare_causal("planted", s, ReferenceModel(dir), tokens);
+  // Head A (layer 0) and the expert (layer 1) build the sink of layer 2; ablating layer 2 or 3
+  // at position 0 cannot reach it. The causal share of layers 0-1 is therefore most of it.
+  EXPECT_GT(s.causal_drop.data[1 + pc.head_layer], 0.1f);
+  EXPECT_GT(s.causal_drop.data[1 + pc.expert_layer], 0.1f);
+  EXPECT_NEAR(s.causal_drop.data[1 + 3], 0.f, 1e-3f);
+  EXPECT_GT(s.causal_first2_share, 0.5f);
+  std::printf(
+      "planted: causal_drop emb %.4f, layers %.4f %.4f %.4f %.4f; causal_first2_share %.3f\n",
+      s.causal_drop.data[0], s.causal_drop.data[1], s.causal_drop.data[2], s.causal_drop.data[3],
+      s.causal_drop.data[4], s.causal_first2_share);
+}
+
+// --ablate search recovers both blocks of the planted circuit, which top=K misses (its first
+// stage, head A, has almost no direct attribution).
+TEST(ReferencePlanted, SearchFindsBothBlocks) {
+  TempDir tmp;
+  const std::string dir = tmp.path("planted");
+  Shape sh;
+  sh.layers = 4;
+  const ModelConfig cfg = make_config(sh);
+  const PlantedCircuit pc = synthesize(cfg, dir, true, 7);
+  const IntArray tokens = planted_probes(cfg, pc, 5, 16, 99);
+  auto chosen = [&](const Analysis& a, int64_t count, int32_t layer, int32_t kind, int32_t index) {
+    for (int64_t k = 0; k < count; ++k)
+      if (a.ablation_components.at(k, 0) == layer && a.ablation_components.at(k, 1) == kind &&
+          a.ablation_components.at(k, 2) == index)
+        return true;
+    return false;
+  };
+  const Analysis top = run_sinkscope(dir, tokens, 2, "top=2");
+  EXPECT_FALSE(
+      chosen(top, 2, static_cast<int32_t>(pc.head_layer), 0, static_cast<int32_t>(pc.head)))
+      << "top=2 now finds head A: the search's reason to exist has gone, update docs/metrics.md";
+
+  const Analysis s = run_sinkscope(dir, tokens, 2, "search");
+  ASSERT_FALSE(s.search_effect.empty());
+  const int64_t selected = s.search_selected;
+  ASSERT_GT(selected, 0);
+  EXPECT_TRUE(
+      chosen(s, selected, static_cast<int32_t>(pc.head_layer), 0, static_cast<int32_t>(pc.head)))
+      << "head A is not in the selected set";
+  EXPECT_TRUE(chosen(s, selected, static_cast<int32_t>(pc.expert_layer), 1,
+                     static_cast<int32_t>(pc.expert)))
+      << "the planted expert is not in the selected set";
+  // Ranked by causal effect, and nothing outside the circuit (and the embedding, which carries
+  // the BOS feature) is selected.
+  for (size_t k = 1; k < s.search_effect.size(); ++k)
+    EXPECT_GE(s.search_effect.data[k - 1], s.search_effect.data[k]);
+  EXPECT_LE(selected, 3);
+  // The effects agree with the reference's reruns of each component.
+  const ReferenceModel ref(dir);
+  for (int64_t k = 0; k < selected; ++k) {
+    Component c{s.ablation_components.at(k, 0), s.ablation_components.at(k, 1),
+                s.ablation_components.at(k, 2)};
+    const std::vector<double> delta = ref.ablation_delta(tokens, c);
+    for (size_t i = 0; i < delta.size(); ++i)
+      EXPECT_NEAR(s.ablation_delta_sink.data[k * delta.size() + i], delta[i], kAblationAbs);
+  }
+  std::printf("planted: search selected %lld of %zu components (share %.2f)\n",
+              static_cast<long long>(selected), s.search_effect.size(), s.search_share);
 }
 
 }  // namespace

@@ -114,3 +114,138 @@ TEST(Sweep, StepsFromHubCheckpointNames) {
   EXPECT_EQ(step_from_name("checkpoint-250"), 250);
   EXPECT_EQ(step_from_name("final"), -1);
 }
+
+// ---- contract 1.2: the convergence signal must not fire without training or without a sink
+// (issue 17). Each checkpoint is analysed as `sweep` does it (causal profile on), then assembled
+// with the bootstrap.
+namespace {
+
+Sweep sweep_of(const std::vector<std::string>& dirs, const std::vector<int64_t>& steps,
+               const IntArray& tokens, const std::string& out, int64_t bootstrap = 200,
+               int64_t seed = 0) {
+  auto cps = list_checkpoints(dirs, "", steps);
+  fs::create_directories(fs::path(out) / "checkpoints");
+  auto world = make_single_comm();
+  for (const auto& c : cps) {
+    AnalyzeOptions o;
+    o.model = c.dir;
+    o.step = c.step;
+    o.causal_profile = true;
+    write_analysis(out + "/checkpoints/" + c.name + ".h5", analyze_checkpoint(o, tokens, *world));
+  }
+  SweepOptions so;
+  so.bootstrap = bootstrap;
+  so.bootstrap_seed = seed;
+  return assemble_sweep(cps, out, so);
+}
+
+}  // namespace
+
+TEST(Convergence12, RandomInitCheckpointsHaveNoSink) {
+  test::TempDir dir;
+  const ModelConfig cfg = test::tiny_config();
+  std::vector<std::string> dirs;
+  for (uint64_t seed : {3u, 7u, 12u, 21u}) {
+    dirs.push_back(
+        dir / ("seed" + std::to_string(seed) + "/step" + std::to_string(dirs.size() + 1) + "000"));
+    synthesize(cfg, dirs.back(), false, seed);
+  }
+  // Probes long enough that uniform attention stays far below eps (about ln(T)/T).
+  const IntArray tokens = make_probes("random:16:64:5", cfg.vocab_size);
+  for (size_t count : {size_t{3}, size_t{4}}) {
+    const std::vector<std::string> some(dirs.begin(), dirs.begin() + static_cast<long>(count));
+    const Sweep s = sweep_of(some, {}, tokens, dir / ("out" + std::to_string(count)));
+    ASSERT_EQ(s.names.size(), count);
+    for (float m : s.max_sink_score.data) EXPECT_LT(m, 0.3f);
+    EXPECT_EQ(s.convergence_outcome, "no sink");
+    EXPECT_EQ(s.converged_step, -1);
+    EXPECT_EQ(s.convergence_profile, "causal");
+    std::printf("random init, %zu seeds: %s (max sink score %.3f)\n", count,
+                s.convergence_outcome.c_str(),
+                *std::max_element(s.max_sink_score.data.begin(), s.max_sink_score.data.end()));
+  }
+}
+
+TEST(Convergence12, SameCheckpointUnderFourNamesDoesNotConverge) {
+  test::TempDir dir;
+  // A checkpoint with a sink (the planted circuit), linked under four step names: nothing
+  // changes, so no convergence step can be located.
+  const ModelConfig cfg = test::tiny_config(4);
+  const PlantedCircuit pc = synthesize(cfg, dir / "model", true, 5);
+  std::vector<std::string> dirs;
+  for (int step : {1000, 2000, 3000, 4000}) {
+    dirs.push_back(dir / ("step" + std::to_string(step)));
+    fs::create_directory_symlink(dir / "model", dirs.back());
+  }
+  const IntArray tokens =
+      test::probe_matrix(16, 24, 2, static_cast<int32_t>(cfg.vocab_size), pc.bos_token_id, 3);
+  for (const char* profile : {"causal", "attribution"}) {
+    auto cps = list_checkpoints(dirs, "", {});
+    if (std::string(profile) == "causal") sweep_of(dirs, {}, tokens, dir / "out");
+    SweepOptions so;
+    so.convergence_profile = profile;
+    const Sweep s = assemble_sweep(cps, dir / "out", so);
+    for (float m : s.max_sink_score.data) EXPECT_GT(m, 0.3f);
+    for (float d : s.convergence_distance.data) EXPECT_EQ(d, 0.f);
+    EXPECT_EQ(s.convergence_outcome, "not converged") << profile;
+    EXPECT_EQ(s.converged_step, -1);
+    // The 1.0 signal, kept under its old name, fires at the first step: the defect of issue 17.
+    EXPECT_EQ(s.convergence_step, 1000);
+  }
+}
+
+TEST(Convergence12, BootstrapIsSeededAndCoversThePointEstimates) {
+  test::TempDir dir;
+  const ModelConfig cfg = test::tiny_config();
+  std::vector<std::string> dirs;
+  for (int i = 0; i < 2; ++i) {
+    dirs.push_back(dir / ("step" + std::to_string(i + 1)));
+    synthesize(cfg, dirs.back(), false, static_cast<uint64_t>(i + 40));
+  }
+  const IntArray tokens = make_probes("random:12:10:2", cfg.vocab_size);
+  const Sweep a = sweep_of(dirs, {}, tokens, dir / "out", 100, 9);
+  EXPECT_EQ(a.convergence_outcome, "too few checkpoints");
+  auto cps = list_checkpoints(dirs, "", {});
+  SweepOptions so;
+  so.bootstrap = 100;
+  so.bootstrap_seed = 9;
+  const Sweep same = assemble_sweep(cps, dir / "out", so);
+  so.bootstrap_seed = 10;
+  const Sweep other = assemble_sweep(cps, dir / "out", so);
+  ASSERT_EQ(a.bootstrap.size(), 9u);  // every per-checkpoint quantity, both profiles
+  for (size_t q = 0; q < a.bootstrap.size(); ++q) {
+    EXPECT_EQ(a.bootstrap[q].se.data, same.bootstrap[q].se.data) << a.bootstrap[q].name;
+    EXPECT_EQ(a.bootstrap[q].se.shape.at(0), 2u);
+    EXPECT_EQ(a.bootstrap[q].ci95.shape.back(), 2u);
+  }
+  const Sweep::Interval& score = a.bootstrap[0];
+  ASSERT_EQ(score.name, "sink_score");
+  EXPECT_NE(score.se.data, other.bootstrap[0].se.data);
+  // Standard errors are positive where probes differ, and the 95% interval holds the estimate
+  // for most heads (it is a percentile interval of the mean, so nearly always).
+  size_t inside = 0;
+  for (size_t i = 0; i < score.se.size(); ++i) {
+    EXPECT_GT(score.se.data[i], 0.f);
+    EXPECT_LE(score.ci95.data[2 * i], score.ci95.data[2 * i + 1]);
+    inside += a.sink_score.data[i] >= score.ci95.data[2 * i] &&
+              a.sink_score.data[i] <= score.ci95.data[2 * i + 1];
+  }
+  EXPECT_GE(inside, score.se.size() * 9 / 10);
+  for (float f : a.noise_floor.data) EXPECT_GT(f, 0.f);
+  // Round trip through sweep.h5.
+  write_sweep(dir / "sweep.h5", a);
+  const Sweep back = read_sweep(dir / "sweep.h5");
+  EXPECT_EQ(back.convergence_outcome, a.convergence_outcome);
+  EXPECT_EQ(back.bootstrap.size(), a.bootstrap.size());
+  EXPECT_EQ(back.bootstrap[0].ci95.data, score.ci95.data);
+  EXPECT_EQ(back.noise_floor.data, a.noise_floor.data);
+  EXPECT_EQ(back.causal_layer_share.data, a.causal_layer_share.data);
+}
+
+TEST(Ablate, ParsesSearch) {
+  EXPECT_EQ(parse_ablate("search", 4).kind, AblateSpec::kSearch);
+  EXPECT_EQ(parse_ablate("search", 4).top, 0);
+  EXPECT_EQ(parse_ablate("search:2", 4).top, 2);
+  EXPECT_THROW(parse_ablate("search:0", 4), InputError);
+  EXPECT_THROW(parse_ablate("search:x", 4), InputError);
+}
