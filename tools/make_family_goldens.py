@@ -591,14 +591,37 @@ def build_family(family, out_root, seed, device):
     return size
 
 
+def add_hf_bf16(family, out_root, device):
+    """Adds `attn_p0_hf_bf16` to an existing fixture: transformers' own bf16 eager attention to
+    position 0 on the same checkpoint and probes (device: the GPU), the yardstick for bf16 GPU
+    backends (docs/metrics.md section 7: closer to float64 than transformers' bf16)."""
+    from safetensors.numpy import load_file
+    model_dir = os.path.join(out_root, family)
+    expected = load_file(os.path.join(model_dir, "expected.safetensors"))
+    probes = expected["tokens"].astype(np.int64)
+    model, _ = load_model(family, model_dir, torch.bfloat16, device)
+    result, _ = run_model(family, model, probes, device)
+    expected["attn_p0_hf_bf16"] = np.ascontiguousarray(result["attn_p0"].astype(np.float32))
+    save_numpy_file(expected, os.path.join(model_dir, "expected.safetensors"))
+    worst = float(np.max(np.abs(result["attn_p0"] - expected["attn_p0"])))
+    log(family, f"transformers bf16 eager on {device}: worst |A[i,0] - float64| = {worst:.5f}")
+    return worst
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--add-hf-bf16", action="store_true",
+                        help="only add attn_p0_hf_bf16 (transformers bf16 eager) to existing fixtures")
     parser.add_argument("--out", required=True, help="output root, e.g. tests/golden/families")
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(min(8, os.cpu_count() or 1))
+    if args.add_hf_bf16:
+        for family in args.families:
+            add_hf_bf16(family, args.out, args.device)
+        return
     failed, total = [], 0
     for family in args.families:
         try:
