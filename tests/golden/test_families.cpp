@@ -13,6 +13,7 @@
 #include <map>
 #include <numeric>
 
+#include "golden_data.hpp"
 #include "sinkscope/analyze.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
@@ -29,59 +30,9 @@ namespace {
 
 const std::string kFamiliesDir = std::string(SINKSCOPE_GOLDEN_DIR) + "/families";
 
-struct Expected {
-  std::map<std::string, std::vector<double>> values;
-  std::map<std::string, std::vector<int64_t>> shapes;
-};
-
-Expected load_expected(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  const auto infos = parse_safetensors_header(bytes.data() + 8, n, bytes.size() - 8 - n, path);
-  Expected e;
-  for (const auto& t : infos) {
-    const char* p = bytes.data() + 8 + n + t.begin;
-    const size_t count = (t.end - t.begin) / t.elem_size;
-    std::vector<double> v(count);
-    for (size_t i = 0; i < count; ++i) {
-      if (t.dtype_str == "F32") {
-        float f;
-        std::memcpy(&f, p + 4 * i, 4);
-        v[i] = f;
-      } else if (t.dtype_str == "I32") {
-        int32_t x;
-        std::memcpy(&x, p + 4 * i, 4);
-        v[i] = x;
-      } else {
-        ADD_FAILURE() << path << ": unexpected dtype " << t.dtype_str << " of " << t.name;
-      }
-    }
-    e.values[t.name] = std::move(v);
-    e.shapes[t.name] = t.shape;
-  }
-  return e;
-}
-
-// |got - want| <= abs_tol + rel_tol |want| + scale_tol max|want| everywhere.
-void expect_close(const std::string& name, const std::vector<float>& got,
-                  const std::vector<double>& want, double abs_tol, double rel_tol,
-                  double scale_tol) {
-  ASSERT_EQ(got.size(), want.size()) << name;
-  double scale = 0;
-  for (double w : want) scale = std::max(scale, std::fabs(w));
-  double worst = 0;
-  size_t at = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double err = std::fabs(got[i] - want[i]);
-    const double allowed = abs_tol + rel_tol * std::fabs(want[i]) + scale_tol * scale;
-    if (err / allowed > worst) worst = err / allowed, at = i;
-    if (std::isnan(got[i])) worst = INFINITY, at = i;
-  }
-  EXPECT_LE(worst, 1.0) << name << ": worst at [" << at << "]: got " << got[at] << ", want "
-                        << want[at] << " (error / allowed = " << worst << ")";
-}
+using golden::Expected;
+using golden::expect_close;
+using golden::load_expected;
 
 // Routing frequencies implied by the reference's raw router logits, with sinkscope's tie rule
 // (the lower expert index first). Softmax is monotonic, so both router kinds select the top-k

@@ -27,6 +27,19 @@ family_layouts=("2:--tp 2" "2:--ep 2" "4:--tp 4" "4:--tp 2 --ep 2")
 
 layouts=("1:" "2:--tp 2" "2:--ep 2" "2:" "4:--tp 2 --ep 2" "4:--tp 2 --ep 2 --etp 1" "4:--tp 4" "4:--ep 4" "4:--ep 2" "4:--ep 2 --etp 2")
 fail=0
+# run_layout MODEL NAME NP OPTS OUT PROBES...: the layout's run, compared with the one-rank file.
+run_layout() {
+  local model=$1 name=$2 np=$3 opts=$4 out=$5
+  shift 5
+  # shellcheck disable=SC2086
+  "$mpiexec" --oversubscribe -np "$np" "$bin" analyze --quiet --model "$model" "$@" --per-query --batch 2 \
+    --ablate layers=0-0 $opts --out "$out"
+  if ! "$py" "$root/tests/tools/compare_h5.py" "$work/$name.ref.h5" "$out" --rtol 1e-5 \
+      --ignore-attrs created_utc,layout,tp,ep,etp,dp,world_size,circuit_identity_max_rel_err; then
+    echo "FAIL: $name with np=$np $opts differs from one rank"
+    fail=1
+  fi
+}
 for entry in "${models[@]}"; do
   model=${entry%%:*} probes=${entry#*:}
   name=$(basename "$model")
@@ -37,13 +50,7 @@ for entry in "${models[@]}"; do
     # shellcheck disable=SC2086
     if [[ "$name" == m8 || ( "$opts" != *"--tp 4"* ) ]]; then
       out="$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5"
-      "$mpiexec" --oversubscribe -np "$np" "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 \
-        --ablate layers=0-0 $opts --out "$out"
-      if ! "$py" "$root/tests/tools/compare_h5.py" "$work/$name.ref.h5" "$out" --rtol 1e-5 \
-          --ignore-attrs created_utc,layout,tp,ep,etp,dp,world_size,circuit_identity_max_rel_err; then
-        echo "FAIL: $name with np=$np $opts differs from one rank"
-        fail=1
-      fi
+      run_layout "$model" "$name" "$np" "$opts" "$out" $probes
       "$py" - "$out" "$np" <<'PY'
 import sys, h5py
 f = h5py.File(sys.argv[1], "r")
@@ -62,15 +69,8 @@ for entry in "${family_models[@]}"; do
   for layout in "${family_layouts[@]}"; do
     np=${layout%%:*} opts=${layout#*:}
     [[ "$experts" == 0 && "$opts" == *"--ep"* ]] && opts=${opts/--ep 2/}  # dense: the ranks split probes
-    out="$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5"
     # shellcheck disable=SC2086
-    "$mpiexec" --oversubscribe -np "$np" "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 \
-      --ablate layers=0-0 $opts --out "$out"
-    if ! "$py" "$root/tests/tools/compare_h5.py" "$work/$name.ref.h5" "$out" --rtol 1e-5 \
-        --ignore-attrs created_utc,layout,tp,ep,etp,dp,world_size,circuit_identity_max_rel_err; then
-      echo "FAIL: $name with np=$np $opts differs from one rank"
-      fail=1
-    fi
+    run_layout "$model" "$name" "$np" "$opts" "$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5" $probes
   done
 done
 [ "$fail" = 0 ] && echo "all layouts agree with one rank"
