@@ -669,25 +669,34 @@ def plot_circuit_graph(edges, a, out_dir):
         columns.setdefault(e["source_layer"], set()).add(source)
         columns.setdefault(e["target_layer"], set()).add(target)
     used = sorted(columns)
+    heads_total = a.sink_score.shape[1]
+    lower_slots = max([m[2] for col in columns.values() for m in col if m[0] not in ("head", "embed")]
+                      + [0]) + 1
     # Columns are evenly spaced in layer order (not at their layer number): a circuit from
-    # layer 0 into layers 40-47 would otherwise crowd into one corner.
+    # layer 0 into layers 40-47 would otherwise crowd into one corner. Rows are fixed per head
+    # (and per expert) index, so head h sits at the same height in every column.
     for column, layer in enumerate(used):
-        members = columns[layer]
-        heads = sorted(m for m in members if m[0] in ("head", "embed"))
-        others = sorted(m for m in members if m[0] not in ("head", "embed"))
-        for rank, member in enumerate(heads):  # heads spread over the upper band
-            nodes[member] = (column, 0.55 + 0.45 * (rank + 0.5) / len(heads))
-        for rank, member in enumerate(others):  # experts / MLP over the lower band
-            nodes[member] = (column, 0.45 * (rank + 0.5) / len(others))
+        for member in columns[layer]:
+            kind, _, slot = member
+            if kind == "embed":
+                nodes[member] = (column, 0.775)
+            elif kind == "head":
+                nodes[member] = (column, 0.55 + 0.45 * (slot + 0.5) / heads_total)
+            else:  # experts, dense MLP, shared expert over the lower band
+                nodes[member] = (column, 0.45 * (slot + 0.5) / lower_slots)
     fig, ax = plt.subplots(figsize=(min(4 + 1.1 * len(used), 16), 5.5), layout="constrained")
     heaviest = max(e["weight"] for e in edges)
-    for e in sorted(edges, key=lambda e: e["weight"]):
+    for index, e in enumerate(sorted(edges, key=lambda e: e["weight"])):
         x0, y0 = nodes[(e["kind"], e["source_layer"], e["slot"])]
         x1, y1 = nodes[("head", e["target_layer"], e["target_head"])]
         share = e["weight"] / heaviest
+        # An edge that skips columns bends further out, so it does not run through the nodes of
+        # the columns it passes (and never reads as an edge from one of them).
+        skip = max(0, abs(x1 - x0) - 1)
+        rad = (0.12 + 0.18 * skip) * (1 if index % 2 == 0 else -1)
         arrow = {"arrowstyle": "-|>", "color": plt.get_cmap("Reds")(0.35 + 0.6 * share),
                  "linewidth": 0.8 + 4.5 * share, "shrinkA": 9, "shrinkB": 9,
-                 "connectionstyle": "arc3,rad=0.12", "alpha": 0.9}
+                 "connectionstyle": f"arc3,rad={rad:.2f}", "alpha": 0.9}
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=arrow)
     alpha_norm = colors.Normalize(0, 1)
     for (kind, layer, slot), (x, y) in nodes.items():
@@ -698,7 +707,7 @@ def plot_circuit_graph(edges, a, out_dir):
             face, marker, label = "lightgrey", "s", "emb"
         else:
             face, marker = "lightsteelblue", "D"
-            label = "MLP" if kind == "mlp" else f"E{slot}"
+            label = {"mlp": "MLP", "shared_expert": "SE"}.get(kind, f"E{slot}")
         ax.scatter([x], [y], s=260, marker=marker, color=face, edgecolors="black", zorder=3)
         # Labels sit on a white patch: arrows leaving a busy source node would hide them.
         ax.text(x + 0.1, y + 0.035, label, va="bottom", ha="left", fontsize=9, zorder=5,
@@ -716,6 +725,17 @@ def plot_circuit_graph(edges, a, out_dir):
     bar = fig.colorbar(cm.ScalarMappable(norm=alpha_norm, cmap=SCORE_CMAP), ax=ax, pad=0.01,
                        shrink=0.8)
     bar.set_label("head sink score α")
+    from matplotlib.lines import Line2D
+    legend = [Line2D([], [], marker="o", linestyle="", markersize=10, markeredgecolor="black",
+                     markerfacecolor=plt.get_cmap(SCORE_CMAP)(0.8), label="attention head (fill: α)"),
+              Line2D([], [], marker="s", linestyle="", markersize=10, markeredgecolor="black",
+                     markerfacecolor="lightgrey", label="embedding"),
+              Line2D([], [], marker="D", linestyle="", markersize=9, markeredgecolor="black",
+                     markerfacecolor="lightsteelblue", label="expert / MLP / shared expert"),
+              Line2D([], [], color=plt.get_cmap("Reds")(0.95), linewidth=4,
+                     label="edge: darker and wider = more weight")]
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(0, -0.12), ncol=4, frameon=False,
+              fontsize=8)
     ax.set_title(f"Strongest {len(edges)} sink-circuit edges — {checkpoint_title(a)}\n"
                  "(arrow width ∝ α(target) × attribution)")
     return save(fig, out_dir, "circuit_graph.png")
