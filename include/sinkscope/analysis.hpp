@@ -29,6 +29,9 @@ struct AnalysisMeta {
   // METRICS.md section 4's identity: max over probes, target layers and KV heads of
   // |k_0 - sum_c K(c[0])| / |k_0|.
   double circuit_identity_max_rel_err = 0;
+  // SHA-256 of the file's content (docs/schema.md), set by read_analysis after it verified it;
+  // empty for files that carry none. Writers compute their own and ignore this field.
+  std::string content_sha256;
 };
 
 struct Analysis {

@@ -9,11 +9,16 @@
 namespace sinkscope {
 
 // --tokens FILE: .npy (int32/int64, [N, T], C order) or .h5 with dataset /tokens.
-// Throws InputError naming the file (empty, ragged, wrong dtype or rank, ...).
+// Throws InputError naming the file (empty, ragged, wrong dtype or rank, not a regular file, more
+// than kMaxTokens tokens, ...).
 IntArray load_tokens(const std::string& path);
 
-// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option.
+// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option (numbers
+// checked without overflow; N x T at most kMaxTokens, sinkscope/limits.hpp).
 IntArray make_probes(const std::string& spec, int64_t vocab_size);
+
+// Throws InputError "<source>: ..." when n x t overflows or exceeds kMaxTokens.
+void check_token_count(uint64_t n, uint64_t t, const std::string& source);
 
 // --prepend-bos ID: a column of ID in front (T grows by one).
 IntArray prepend_bos(const IntArray& tokens, int32_t bos);

@@ -4,8 +4,11 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "io/json_bounded.hpp"
+#include "io/small_file.hpp"
 #include "sinkscope/config.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/limits.hpp"
 
 namespace sinkscope {
 namespace {
@@ -161,11 +164,11 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
 }
 
 ModelConfig parse_model_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(path + ": cannot open config file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_model_config_text(ss.str(), path);
+  // A regular file of at most kMaxConfigBytes (a FIFO or /dev/zero is refused, never read), and
+  // nested at most kMaxJsonDepth levels: checked by a bounded parse before the full one.
+  const std::string text = read_regular_file(path, kMaxConfigBytes, "config file");
+  parse_json_bounded(text, path, kMaxJsonDepth);
+  return parse_model_config_text(text, path);
 }
 
 std::string model_config_to_json(const ModelConfig& c) {

@@ -4,13 +4,19 @@
 // One table per file kind lists every dataset with its schema axes, so the writer and the reader
 // cannot drift apart, and both check shapes against the root attributes: a file that reads back
 // is a file whose numbers line up with its own description (what `sweep --resume` relies on).
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 #include "io/hdf5_file.hpp"
+#include "io/small_file.hpp"
+#include "probe/sha256.hpp"
 #include "sinkscope/analysis.hpp"
 #include "sinkscope/build_config.hpp"
 #include "sinkscope/error.hpp"
@@ -136,6 +142,80 @@ std::string shape_text(const std::vector<size_t>& shape) {
   return text + "]";
 }
 
+// ---- content checksum ------------------------------------------------------------------------
+
+// Root attribute `content_sha256`: SHA-256 over every root attribute and every dataset (path,
+// dims, shape, values) in the order of the tables above. The writer hashes what it writes, the
+// reader what it reads back, so a changed byte anywhere in the file's content is noticed
+// (`sweep --resume` then redoes the checkpoint instead of trusting it).
+constexpr const char* kContentSha256 = "content_sha256";
+
+class ContentDigest {
+ public:
+  void text(std::string_view name, std::string_view value) {
+    field(name);
+    field(value);
+  }
+  void integer(std::string_view name, int64_t value) { text(name, std::to_string(value)); }
+  void real(std::string_view name, double value) {
+    char exact[64];  // hexadecimal floating point: every bit of the double
+    std::snprintf(exact, sizeof(exact), "%a", value);
+    text(name, exact);
+  }
+  template <typename T>
+  void array(std::string_view name, const std::string& dims, const std::vector<size_t>& shape,
+             const T* values, size_t count) {
+    field(name);
+    field(dims);
+    const uint64_t rank = shape.size();
+    sha_.update(&rank, sizeof(rank));
+    for (const size_t extent : shape) {
+      const uint64_t e = extent;
+      sha_.update(&e, sizeof(e));
+    }
+    sha_.update(values, count * sizeof(T));
+  }
+  std::string hex() { return sha_.hex_digest(); }
+
+ private:
+  // Length-prefixed, so no two different sequences of fields hash the same bytes.
+  void field(std::string_view bytes) {
+    const uint64_t n = bytes.size();
+    sha_.update(&n, sizeof(n));
+    sha_.update(bytes.data(), bytes.size());
+  }
+  Sha256 sha_;
+};
+
+// Every root attribute of write_meta, in its order.
+void digest_meta(ContentDigest& d, const AnalysisMeta& m) {
+  d.text("sinkscope_version", m.sinkscope_version);
+  d.text("model_type", m.model_type);
+  d.text("checkpoint", m.checkpoint);
+  d.integer("step", m.step);
+  d.integer("num_layers", m.num_layers);
+  d.integer("num_heads", m.num_heads);
+  d.integer("num_kv_heads", m.num_kv_heads);
+  d.integer("head_dim", m.head_dim);
+  d.integer("num_experts", m.num_experts);
+  d.integer("top_k", m.top_k);
+  d.integer("hidden_size", m.hidden_size);
+  d.integer("num_probes", m.num_probes);
+  d.integer("seq_len", m.seq_len);
+  d.real("eps", m.eps);
+  d.real("sink_rate", m.sink_rate);
+  d.integer("tp", m.tp);
+  d.integer("ep", m.ep);
+  d.integer("dp", m.dp);
+  d.integer("world_size", m.world_size);
+  d.text("device", m.device);
+  d.text("tokens_sha256", m.tokens_sha256);
+  d.text("created_utc", m.created_utc);
+  d.text("layout", m.layout);
+  d.integer("etp", m.etp);
+  d.real("circuit_identity_max_rel_err", m.circuit_identity_max_rel_err);
+}
+
 std::vector<size_t> expected_shape(const std::vector<Axis>& axes, const Sizes& sizes) {
   std::vector<size_t> shape;
   for (Axis axis : axes) shape.push_back(extent(axis, sizes));
@@ -177,9 +257,17 @@ std::vector<size_t> checked_write_shape(const NdArray<T>& array,
 template <typename T>
 void write_array(h5::File& file, const char* name, const NdArray<T>& array,
                  const std::vector<size_t>& expected, const char* schema_dims,
-                 const std::string& final_path) {
+                 const std::string& final_path, ContentDigest* digest = nullptr) {
   const std::vector<size_t> shape = checked_write_shape(array, expected, final_path, name);
-  file.write_dataset(name, array.ptr(), shape, dims_for(array.dims, schema_dims, shape.size()));
+  const std::string dims = dims_for(array.dims, schema_dims, shape.size());
+  file.write_dataset(name, array.ptr(), shape, dims);
+  if (digest != nullptr) digest->array(name, dims, shape, array.ptr(), array.data.size());
+}
+
+template <typename T>
+void write_scalar(h5::File& file, const char* name, T value, ContentDigest& digest) {
+  file.write_scalar<T>(name, value);
+  digest.array(name, kScalarDims, {}, &value, 1);
 }
 
 Sizes sizes_of(const AnalysisMeta& meta, const std::string& file) {
@@ -197,10 +285,7 @@ Sizes sizes_of(const AnalysisMeta& meta, const std::string& file) {
 }
 
 void write_meta(h5::File& file, const AnalysisMeta& meta) {
-  // A producer that did not stamp a version gets this build's.
-  file.write_string_attribute("sinkscope_version", meta.sinkscope_version.empty()
-                                                       ? std::string(SINKSCOPE_VERSION)
-                                                       : meta.sinkscope_version);
+  file.write_string_attribute("sinkscope_version", meta.sinkscope_version);
   file.write_string_attribute("model_type", meta.model_type);
   file.write_string_attribute("checkpoint", meta.checkpoint);
   file.write_int_attribute("step", meta.step);
@@ -240,10 +325,12 @@ class Reader {
   }
 
   h5::File open() const {
-    std::error_code error;
-    if (!std::filesystem::exists(path_, error)) {
+    struct stat st {};
+    if (::stat(path_.c_str(), &st) != 0) {
       throw InputError("cannot read " + std::string(kind_) + " file " + path_ + ": no such file");
     }
+    // HDF5 opens the path itself: a FIFO there would block it forever.
+    if (!S_ISREG(st.st_mode)) fail("it is " + file_kind(st.st_mode) + ", not a regular file");
     try {
       return h5::File::open_read(path_);
     } catch (const RuntimeFailure& e) {
@@ -390,22 +477,31 @@ void write_analysis(const std::string& path, const Analysis& a) {
     sizes.ablations = a.ablation_components.shape.empty() ? 0 : a.ablation_components.shape[0];
   }
 
+  // A producer that did not stamp a version gets this build's.
+  AnalysisMeta meta = a.meta;
+  if (meta.sinkscope_version.empty()) meta.sinkscope_version = SINKSCOPE_VERSION;
+
   commit_atomically(path, [&](const std::string& tmp_path) {
     h5::File file = h5::File::create(tmp_path);
-    write_meta(file, a.meta);
+    ContentDigest digest;
+    write_meta(file, meta);
+    digest_meta(digest, meta);
     for (const Field<int32_t>& field : int_fields()) {
       const IntArray& array = a.*field.member;
       if (field.optional && array.empty()) continue;
-      write_array(file, field.name, array, expected_shape(field.axes, sizes), field.dims, path);
+      write_array(file, field.name, array, expected_shape(field.axes, sizes), field.dims, path,
+                  &digest);
     }
     for (const Field<float>& field : float_fields()) {
       const FloatArray& array = a.*field.member;
       if (field.optional && array.empty()) continue;
-      write_array(file, field.name, array, expected_shape(field.axes, sizes), field.dims, path);
+      write_array(file, field.name, array, expected_shape(field.axes, sizes), field.dims, path,
+                  &digest);
     }
-    file.write_scalar<float>(kFirst2Share, a.first2_share);
-    file.write_scalar<int32_t>(kPeakLayer, a.peak_layer);
-    file.write_scalar<float>(kEntropy, a.entropy);
+    write_scalar<float>(file, kFirst2Share, a.first2_share, digest);
+    write_scalar<int32_t>(file, kPeakLayer, a.peak_layer, digest);
+    write_scalar<float>(file, kEntropy, a.entropy, digest);
+    file.write_string_attribute(kContentSha256, digest.hex());
     file.close();
   });
 }
@@ -465,10 +561,17 @@ Analysis read_analysis(const std::string& path) {
     sizes.ablations = info.shape[0];
   }
 
+  // The digest of what is read, in the writer's order; compared with content_sha256 below.
+  ContentDigest digest;
+  digest_meta(digest, m);
+  const auto add = [&](const char* name, const auto& array) {
+    digest.array(name, array.dims, array.shape, array.ptr(), array.data.size());
+  };
   for (const Field<int32_t>& field : int_fields()) {
     if (field.optional && !reader.guard([&] { return file.has_dataset(field.name); })) continue;
     a.*field.member =
         reader.read_array<int32_t>(file, field.name, expected_shape(field.axes, sizes), field.dims);
+    add(field.name, a.*field.member);
   }
   for (const Field<float>& field : float_fields()) {
     // delta_sink_score is optional only together with components.
@@ -476,14 +579,29 @@ Analysis read_analysis(const std::string& path) {
     if (skip && !(has_components && field.member == &Analysis::ablation_delta_sink)) continue;
     a.*field.member =
         reader.read_array<float>(file, field.name, expected_shape(field.axes, sizes), field.dims);
+    add(field.name, a.*field.member);
   }
   if (!has_components &&
       reader.guard([&] { return file.has_dataset("circuit/ablation/delta_sink_score"); })) {
     reader.fail(std::string("dataset /") + kAblationComponents + " is missing");
   }
-  a.first2_share = reader.read_array<float>(file, kFirst2Share, {}, kScalarDims).data.at(0);
-  a.peak_layer = reader.read_array<int32_t>(file, kPeakLayer, {}, kScalarDims).data.at(0);
-  a.entropy = reader.read_array<float>(file, kEntropy, {}, kScalarDims).data.at(0);
+  const FloatArray first2 = reader.read_array<float>(file, kFirst2Share, {}, kScalarDims);
+  const IntArray peak = reader.read_array<int32_t>(file, kPeakLayer, {}, kScalarDims);
+  const FloatArray entropy = reader.read_array<float>(file, kEntropy, {}, kScalarDims);
+  add(kFirst2Share, first2);
+  add(kPeakLayer, peak);
+  add(kEntropy, entropy);
+  a.first2_share = first2.data.at(0);
+  a.peak_layer = peak.data.at(0);
+  a.entropy = entropy.data.at(0);
+  // Files of other writers and of earlier sinkscope versions have no checksum: read as they are;
+  // `sweep --resume` does not trust them (analysis_file_matches).
+  if (reader.guard([&] { return file.has_attribute(kContentSha256); })) {
+    m.content_sha256 = reader.string_attribute(file, kContentSha256);
+    if (digest.hex() != m.content_sha256)
+      reader.fail("content does not match its checksum (content_sha256): the file was changed or "
+                  "damaged after it was written");
+  }
   return a;
 }
 

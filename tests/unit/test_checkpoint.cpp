@@ -157,7 +157,7 @@ TEST_F(CheckpointFiles, RejectsHugeAndPastEndHeaderLength) {
   uint64_t n = 200ull << 20;
   std::memcpy(bytes.data(), &n, 8);
   test::write_file(path, bytes);
-  EXPECT_NE(expect_open_error(dir.path()).find("exceeds 100 MB"), std::string::npos);
+  EXPECT_NE(expect_open_error(dir.path()).find("exceeds the limit of 104857600 bytes"), std::string::npos);
   n = bytes.size();
   std::memcpy(bytes.data(), &n, 8);
   test::write_file(path, bytes);
