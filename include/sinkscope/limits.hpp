@@ -25,7 +25,9 @@ inline constexpr int64_t kMaxBatch = int64_t{1} << 20;  // --batch (probes per m
 inline constexpr int64_t kMaxRankTimeoutSeconds = 7 * 24 * 3600;  // --rank-timeout
 inline constexpr int64_t kDefaultRankTimeoutSeconds = 600;
 
-// Reading an analysis file in a child process (sweep --resume, assembling) ends after this long.
-inline constexpr int kIsolatedReadSeconds = 600;
+// Reading an analysis file in a child process (sweep --resume, assembling): HDF5 can loop or
+// allocate without end on a damaged file. The child is killed after this many seconds plus one
+// per MiB of the file, and may allocate at most 1 GiB plus 16 times the file's size.
+inline constexpr int kIsolatedReadSeconds = 120;
 
 }  // namespace sinkscope

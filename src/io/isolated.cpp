@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -10,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 
 #include "sinkscope/error.hpp"
 
@@ -27,9 +30,19 @@ void write_all(int fd, const std::string& text) {
   }
 }
 
+// Limits this process's address space to what it has now plus `budget` bytes.
+void limit_memory_growth(uint64_t budget) {
+  uint64_t pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;  // first field: total program size, in pages
+  const uint64_t now = pages * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const rlimit limit{static_cast<rlim_t>(now + budget), static_cast<rlim_t>(now + budget)};
+  ::setrlimit(RLIMIT_AS, &limit);
+}
+
 }  // namespace
 
-std::string run_isolated(const std::function<std::string()>& check, int timeout_seconds) {
+IsolatedResult run_isolated(const std::function<std::string()>& check, int timeout_seconds,
+                            uint64_t memory_budget_bytes) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0)
     throw RuntimeFailure(std::string("cannot create a pipe: ") + std::strerror(errno));
@@ -42,7 +55,14 @@ std::string run_isolated(const std::function<std::string()>& check, int timeout_
                          std::strerror(error));
   }
   if (child == 0) {
+    // The child ends with this process: killed by Slurm or by a caller's own deadline, it must
+    // not leave a reader looping on a damaged file behind.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() == 1) ::_exit(1);  // the parent ended before prctl took effect
     ::close(fds[0]);
+    const int null = ::open("/dev/null", O_WRONLY);
+    if (null >= 0) ::dup2(null, STDERR_FILENO);
+    if (memory_budget_bytes > 0) limit_memory_growth(memory_budget_bytes);
     std::string answer;
     try {
       answer = check();
@@ -84,13 +104,13 @@ std::string run_isolated(const std::function<std::string()>& check, int timeout_
   while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
   }
   if (timed_out)
-    return "reading it did not finish within " + std::to_string(timeout_seconds) + " s";
+    return {false, "reading it did not finish within " + std::to_string(timeout_seconds) + " s"};
   if (WIFSIGNALED(status))
-    return std::string("reading it crashed (signal ") + std::to_string(WTERMSIG(status)) + ", " +
-           ::strsignal(WTERMSIG(status)) + ")";
+    return {false, std::string("reading it crashed (signal ") + std::to_string(WTERMSIG(status)) +
+                       ", " + ::strsignal(WTERMSIG(status)) + ")"};
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-    return "reading it failed (exit status " + std::to_string(WEXITSTATUS(status)) + ")";
-  return answer;
+    return {false, "reading it failed (exit status " + std::to_string(WEXITSTATUS(status)) + ")"};
+  return {true, answer};
 }
 
 }  // namespace sinkscope

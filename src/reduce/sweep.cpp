@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -125,20 +126,129 @@ std::string out_of_range(const Analysis& a) {
   return "";
 }
 
-// read_analysis in a child process: HDF5 crashes on some damaged files (one flipped byte can make
-// it segfault reading a string attribute), and a sweep must survive them. Returns the reason the
-// file cannot be used, empty when it reads back whole.
-std::string read_in_child(const std::string& path,
-                          const std::function<std::string(const Analysis&)>& check) {
-  return run_isolated(
+// Resources of one file's read in a child (limits.hpp): HDF5 given a damaged file can allocate
+// tens of GB or loop without end. A valid file needs about its uncompressed size, and deflate on
+// our float datasets gains far less than 16x; reading runs at far more than 1 MiB/s.
+uint64_t read_memory_budget(const std::string& path) {
+  std::error_code error;
+  const uint64_t size = fs::file_size(path, error);
+  return (uint64_t{1} << 30) + 16 * (error ? 0 : size);
+}
+int read_seconds(const std::string& path) {
+  std::error_code error;
+  const uint64_t size = fs::file_size(path, error);
+  return kIsolatedReadSeconds + static_cast<int>(std::min<uint64_t>(error ? 0 : size >> 20, 86400));
+}
+
+// read_analysis in a child process: HDF5 crashes, aborts or runs away on some damaged files (one
+// flipped byte can make it segfault reading a string attribute), and a sweep must survive them.
+// `check` runs in the child on what was read; returns {true, its answer} or {false, the reason
+// the file cannot be used}.
+IsolatedResult read_in_child(const std::string& path,
+                             const std::function<std::string(const Analysis&)>& check) {
+  IsolatedResult result = run_isolated(
       [&]() -> std::string {
         try {
-          return check(read_analysis(path));
+          return "+" + check(read_analysis(path));
         } catch (const std::exception& e) {
-          return std::string("damaged (") + e.what() + ")";
+          return std::string("-damaged (") + e.what() + ")";
         }
       },
-      kIsolatedReadSeconds);
+      read_seconds(path), read_memory_budget(path));
+  if (!result.completed) return {false, "damaged (" + result.answer + ")"};
+  const bool ok = !result.answer.empty() && result.answer[0] == '+';
+  return {ok, result.answer.empty() ? "damaged (no answer)" : result.answer.substr(1)};
+}
+
+// What assemble_sweep needs of one analysis, sent from the child that read the file (the parent
+// never opens a file HDF5 might misbehave on). Same binary on both ends: raw bytes suffice.
+class Packer {
+ public:
+  template <typename T>
+  void put(const T& value) {
+    bytes_.append(reinterpret_cast<const char*>(&value), sizeof(T));
+  }
+  void put(const std::string& text) {
+    put<uint64_t>(text.size());
+    bytes_ += text;
+  }
+  void put(const FloatArray& array) {
+    put<uint64_t>(array.shape.size());
+    for (const size_t extent : array.shape) put<uint64_t>(extent);
+    put(array.dims);
+    put<uint64_t>(array.data.size());
+    bytes_.append(reinterpret_cast<const char*>(array.data.data()), array.data.size() * 4);
+  }
+  std::string take() { return std::move(bytes_); }
+
+ private:
+  std::string bytes_;
+};
+
+class Unpacker {
+ public:
+  explicit Unpacker(const std::string& bytes) : bytes_(bytes) {}
+  template <typename T>
+  T get() {
+    T value;
+    std::memcpy(&value, take(sizeof(T)), sizeof(T));
+    return value;
+  }
+  std::string get_text() {
+    const uint64_t n = get<uint64_t>();
+    return std::string(take(n), n);
+  }
+  FloatArray get_array() {
+    FloatArray array;
+    const uint64_t rank = get<uint64_t>();
+    if (rank > 8) throw RuntimeFailure("unpacking an analysis: bad rank");
+    for (uint64_t i = 0; i < rank; ++i) array.shape.push_back(get<uint64_t>());
+    array.dims = get_text();
+    const uint64_t count = get<uint64_t>();
+    if (count > (bytes_.size() - pos_) / 4) throw RuntimeFailure("unpacking an analysis: short");
+    array.data.resize(count);
+    std::memcpy(array.data.data(), take(count * 4), count * 4);
+    return array;
+  }
+
+ private:
+  const char* take(uint64_t n) {
+    if (n > bytes_.size() - pos_) throw RuntimeFailure("unpacking an analysis: short");
+    const char* at = bytes_.data() + pos_;
+    pos_ += n;
+    return at;
+  }
+  const std::string& bytes_;
+  size_t pos_ = 0;
+};
+
+std::string pack_for_sweep(const Analysis& a) {
+  Packer p;
+  p.put(a.meta.step);
+  p.put(a.meta.seq_len);
+  p.put(a.meta.num_layers);
+  p.put(a.meta.num_heads);
+  p.put(a.meta.tokens_sha256);
+  p.put(a.first2_share);
+  for (const FloatArray* array :
+       {&a.sink_rate, &a.sink_score, &a.h_ratio, &a.layer_share, &a.norm_gain_share})
+    p.put(*array);
+  return p.take();
+}
+
+Analysis unpack_for_sweep(const std::string& bytes) {
+  Unpacker u(bytes);
+  Analysis a;
+  a.meta.step = u.get<int64_t>();
+  a.meta.seq_len = u.get<int64_t>();
+  a.meta.num_layers = u.get<int64_t>();
+  a.meta.num_heads = u.get<int64_t>();
+  a.meta.tokens_sha256 = u.get_text();
+  a.first2_share = u.get<float>();
+  for (FloatArray* array :
+       {&a.sink_rate, &a.sink_score, &a.h_ratio, &a.layer_share, &a.norm_gain_share})
+    *array = u.get_array();
+  return a;
 }
 
 }  // namespace
@@ -149,7 +259,7 @@ bool analysis_file_matches(const std::string& path, const std::string& sha, cons
     if (why) *why = "missing";
     return false;
   }
-  const std::string reason = read_in_child(path, [&](const Analysis& a) -> std::string {
+  const IsolatedResult result = read_in_child(path, [&](const Analysis& a) -> std::string {
     const AnalysisMeta& m = a.meta;
     // A file without a checksum (an older sinkscope, another writer) cannot show it is undamaged.
     if (m.content_sha256.empty()) return "no content checksum (content_sha256): redone to be safe";
@@ -161,8 +271,9 @@ bool analysis_file_matches(const std::string& path, const std::string& sha, cons
       return "made for another model shape";
     return "";
   });
-  if (why) *why = reason.rfind("reading it", 0) == 0 ? "damaged (" + reason + ")" : reason;
-  return reason.empty();
+  const bool matches = result.completed && result.answer.empty();
+  if (why) *why = result.answer;
+  return matches;
 }
 
 Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
@@ -172,13 +283,14 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
   std::vector<Analysis> ok;
   for (const auto& c : cps) {
     const std::string path = (fs::path(outdir) / "checkpoints" / (c.name + ".h5")).string();
-    // Read first in a child: a file HDF5 would crash on is listed as failed, not fatal.
-    if (!read_in_child(path, [](const Analysis&) { return std::string(); }).empty()) {
+    // Read in a child: a file HDF5 would crash on is listed as failed, not fatal.
+    const IsolatedResult read = read_in_child(path, pack_for_sweep);
+    if (!read.completed) {
       s.failed.push_back(c.name);
       continue;
     }
     try {
-      ok.push_back(read_analysis(path));
+      ok.push_back(unpack_for_sweep(read.answer));
       s.steps.push_back(c.step >= 0 ? c.step : ok.back().meta.step);
       s.names.push_back(c.name);
     } catch (const std::exception&) {

@@ -15,7 +15,8 @@ Tolerances (why they are what they are):
   largest values; small entries next to large ones are therefore judged on the dataset's scale.
 - Integer, boolean and string datasets must be equal.
 - Floating-point attributes (eps, sink_rate, tau): relative 1e-5 of their own magnitude.
-- Attributes ignored: created_utc (a clock); tp, ep, etp, dp, world_size, layout describe the layout, which
+- Attributes ignored: created_utc (a clock) and content_sha256 (the file's checksum, which covers
+  the clock; what it covers is compared); tp, ep, etp, dp, world_size, layout describe the layout, which
   differs on purpose: --layout checks the candidate's values instead.
 """
 
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 
 REL_TOL = 1e-5
-IGNORED_ATTRS = {"created_utc"}
+IGNORED_ATTRS = {"created_utc", "content_sha256"}
 # etp follows the layout; the identity error is rounding that differs with summation order.
 LAYOUT_ATTRS = {"tp", "ep", "etp", "dp", "world_size", "layout", "circuit_identity_max_rel_err"}
 

@@ -5,7 +5,8 @@ Float datasets agree when max |a - b| <= rtol * max |a| (plus a tiny absolute fl
 arrays): differences relative to the array's scale, because summation order legitimately differs
 between parallel layouts and entries near zero have no meaningful relative error. Integer and
 string datasets must be equal. Root attributes must be equal except the ones that describe the
-run rather than the result (--ignore-attrs).
+run rather than the result (--ignore-attrs; content_sha256, the file's checksum, covers the clock
+in created_utc and is always ignored: the datasets and attributes it covers are compared).
 
 usage: compare_h5.py A.h5 B.h5 [--rtol 1e-5] [--ignore-attrs created_utc,layout,...]
 exit 0 when equal within tolerance, 1 otherwise (a line per difference).
@@ -25,7 +26,7 @@ def main():
     ap.add_argument("--ignore-attrs", default="created_utc")
     ap.add_argument("--skip", default="", help="comma-separated dataset names not compared")
     args = ap.parse_args()
-    ignore = set(filter(None, args.ignore_attrs.split(",")))
+    ignore = set(filter(None, args.ignore_attrs.split(","))) | {"content_sha256"}
     skip = set(filter(None, args.skip.split(",")))
     fa, fb = h5py.File(args.a, "r"), h5py.File(args.b, "r")
     problems = []
