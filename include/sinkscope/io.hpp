@@ -1,7 +1,7 @@
 // HDF5 files of INTERFACE.md: the analysis file and sweep.h5. Free of HDF5 types.
-// Writers commit atomically: write to a short temporary ".ss<pid>.<random>.tmp" in the folder of
-// <path>, flush + fsync, rename over <path>; on any failure the temporary is removed and nothing
-// is left at <path>.
+// Writers commit atomically: write to a hidden temporary ".<name>.<8 random>.tmp" next to <path>
+// (<name> cut so that it fits NAME_MAX), flush + fsync, rename over <path>; on any failure the
+// temporary is removed and nothing is left at <path>.
 #pragma once
 
 #include <cstdint>
@@ -55,7 +55,6 @@ void commit_atomically(const std::string& path,
 // exists and is writable, its name fits the filesystem (NAME_MAX, PATH_MAX), and nothing but a
 // regular file is there (a folder, FIFO or device node is refused, never replaced). Returns the
 // folder. For checking outputs before any work.
-std::string check_output_path(const std::string& path,
-                              const std::string& prefix = "cannot write ");
+std::string check_output_path(const std::string& path, const std::string& prefix = "cannot write ");
 
 }  // namespace sinkscope

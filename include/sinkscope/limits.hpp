@@ -12,15 +12,15 @@ inline constexpr uint64_t kMaxSafetensorsHeaderBytes = uint64_t{100} << 20;  // 
 // JSON nesting of the safetensors header, the index and config.json (valid files nest at most 3
 // levels). The parse stops at the first deeper container, so memory stays small whatever the size.
 inline constexpr int kMaxJsonDepth = 64;
-inline constexpr uint64_t kMaxConfigBytes = uint64_t{1} << 20;  // config.json: 1 MiB
-inline constexpr uint64_t kMaxIndexBytes = uint64_t{64} << 20;  // model.safetensors.index.json
+inline constexpr uint64_t kMaxConfigBytes = uint64_t{1} << 20;      // config.json: 1 MiB
+inline constexpr uint64_t kMaxIndexBytes = uint64_t{64} << 20;      // model.safetensors.index.json
 inline constexpr uint64_t kMaxNpyHeaderBytes = uint64_t{64} << 10;  // the dict of a .npy file
 
 // Probe tokens, N x T (after --prepend-bos too): 2^28 tokens, 1 GiB as int32.
 inline constexpr uint64_t kMaxTokens = uint64_t{1} << 28;
 
 // Options.
-inline constexpr int kMaxThreads = 1024;              // --threads
+inline constexpr int kMaxThreads = 1024;                // --threads
 inline constexpr int64_t kMaxBatch = int64_t{1} << 20;  // --batch (probes per micro-batch)
 inline constexpr int64_t kMaxRankTimeoutSeconds = 7 * 24 * 3600;  // --rank-timeout
 inline constexpr int64_t kDefaultRankTimeoutSeconds = 600;

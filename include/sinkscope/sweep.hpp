@@ -35,7 +35,8 @@ bool analysis_file_matches(const std::string& path, const std::string& tokens_sh
                            const ModelConfig& cfg, std::string* why);
 
 // Builds sweep.h5 contents from the analysis files that exist; missing or invalid ones (each
-// read first in a child process) are listed in `failed`. Throws InputError when files disagree on probes (length or tokens).
+// read first in a child process) are listed in `failed`. Throws InputError when files disagree on
+// probes (length or tokens).
 Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
                      double tau);
 

@@ -465,7 +465,7 @@ int main(int argc, char** argv) {
       if (e.get_exit_code() == 0) {
         if (rank == 0) app.exit(e);
       } else if (rank == 0) {
-        std::cerr << "sinkscope: error: " << e.what() << " (see sinkscope --help)\n";
+        std::cerr << "sinkscope: error: " << one_line(e.what()) << " (see sinkscope --help)\n";
       }
       finalize_mpi();
       return e.get_exit_code() == 0 ? 0 : 1;

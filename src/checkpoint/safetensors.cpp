@@ -98,10 +98,8 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
     auto dt = v.find("dtype");
     auto sh = v.find("shape");
     auto off = v.find("data_offsets");
-    if (dt == v.end() || !dt->is_string())
-      fail(file, tensor + ": missing or bad 'dtype'");
-    if (sh == v.end() || !sh->is_array())
-      fail(file, tensor + ": missing or bad 'shape'");
+    if (dt == v.end() || !dt->is_string()) fail(file, tensor + ": missing or bad 'dtype'");
+    if (sh == v.end() || !sh->is_array()) fail(file, tensor + ": missing or bad 'shape'");
     if (off == v.end() || !off->is_array() || off->size() != 2)
       fail(file, tensor + ": missing or bad 'data_offsets'");
     TensorInfo t;
@@ -147,8 +145,8 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
     if (t->begin < expected)
       fail(file, "tensor '" + excerpt(t->name, 200) + "' overlaps the previous tensor");
     if (t->begin > expected)
-      fail(file, "gap before tensor '" + excerpt(t->name, 200) + "' (offset " + std::to_string(t->begin) +
-                     ", expected " + std::to_string(expected) + ")");
+      fail(file, "gap before tensor '" + excerpt(t->name, 200) + "' (offset " +
+                     std::to_string(t->begin) + ", expected " + std::to_string(expected) + ")");
     expected = t->end;
   }
   if (expected != data_len)

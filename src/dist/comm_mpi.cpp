@@ -61,7 +61,10 @@ class MpiComm final : public Comm {
   MpiComm(const MpiComm&) = delete;
   MpiComm& operator=(const MpiComm&) = delete;
   MpiComm(MpiComm&& o) noexcept
-      : comm_(o.comm_), owned_(o.owned_), rank_(o.rank_), size_(o.size_),
+      : comm_(o.comm_),
+        owned_(o.owned_),
+        rank_(o.rank_),
+        size_(o.size_),
         wait_limit_(o.wait_limit_) {
     o.owned_ = false;
   }
@@ -195,8 +198,9 @@ class MpiComm final : public Comm {
     // ends the job, so one line reports it, not one per waiting rank.
     int world = 0;
     MPI_Comm_rank(MPI_COMM_WORLD, &world);
-    const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                      std::chrono::duration<double>(wait_limit_ + std::min(world, 10)));
+    const auto deadline =
+        start + std::chrono::duration_cast<Clock::duration>(
+                    std::chrono::duration<double>(wait_limit_ + std::min(world, 10)));
     for (uint64_t poll = 0;; ++poll) {
       int done = 0;
       SINKSCOPE_MPI_CHECK(MPI_Testall(count, requests, &done, MPI_STATUSES_IGNORE));

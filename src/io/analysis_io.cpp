@@ -599,8 +599,9 @@ Analysis read_analysis(const std::string& path) {
   if (reader.guard([&] { return file.has_attribute(kContentSha256); })) {
     m.content_sha256 = reader.string_attribute(file, kContentSha256);
     if (digest.hex() != m.content_sha256)
-      reader.fail("content does not match its checksum (content_sha256): the file was changed or "
-                  "damaged after it was written");
+      reader.fail(
+          "content does not match its checksum (content_sha256): the file was changed or "
+          "damaged after it was written");
   }
   return a;
 }

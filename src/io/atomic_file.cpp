@@ -1,12 +1,13 @@
 // commit_atomically and check_output_path (sinkscope/io.hpp): an output appears complete at its
-// final name or not at all. A killed job (Slurm time limit, a failed rank) must never leave a half-written file that
+// final name or not at all. A killed job (Slurm time limit, a failed rank) must never leave a
+// half-written file that
 // `--resume` or the report would then read as a finished one.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <climits>
 #include <cerrno>
+#include <climits>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -59,7 +60,7 @@ std::string check_output_path(const std::string& path, const std::string& prefix
     throw InputError(shown + ": folder " + folder + " does not exist");
   if (::access(folder.c_str(), W_OK | X_OK) != 0)
     throw InputError(shown + ": folder " + folder + " is not writable");
-  // The name must fit the filesystem (the temporary's is short, see commit_atomically).
+  // The name must fit the filesystem (the temporary's always does, see create_temporary).
   const long name_max = ::pathconf(folder.c_str(), _PC_NAME_MAX);
   const size_t limit = name_max > 0 ? static_cast<size_t>(name_max) : 255;
   if (name.size() > limit)
@@ -110,23 +111,30 @@ class TemporaryGuard {
   TemporaryGuard& operator=(const TemporaryGuard&) = delete;
 };
 
-// Creates an empty temporary in `folder`, named ".ss<pid>.<random>.tmp": short, so any output
-// name the filesystem allows still works (a 251-character name plus a long suffix did not),
-// hidden, and unique even among writers on several hosts of a shared filesystem (O_EXCL).
-std::string create_temporary(const std::string& folder) {
+// Creates an empty temporary for `path` in its folder, named ".<name>.<8 random letters>.tmp":
+// hidden, unique among writers on several hosts of a shared filesystem (O_EXCL), and never longer
+// than the filesystem allows: <name> is cut to fit (the temporary used to be
+// "<name>.tmp.<host>.<pid>", so a legal 251-character name failed at the very end with
+// ENAMETOOLONG). The job scripts find a checkpoint's temporaries by the uncut name
+// (jobs/sweep_array.sbatch).
+std::string create_temporary(const std::string& path, const std::string& folder) {
   static const char kLetters[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+  constexpr size_t kRandom = 8;
+  const std::string name = std::filesystem::path(path).filename().string();
+  const long name_max = ::pathconf(folder.c_str(), _PC_NAME_MAX);
+  const size_t limit = name_max > 0 ? static_cast<size_t>(name_max) : 255;
+  const size_t overhead = 1 + 1 + kRandom + 4;  // ".", ".", random, ".tmp"
+  const std::string kept = name.substr(0, limit > overhead ? limit - overhead : 0);
   std::random_device entropy;
   std::uniform_int_distribution<size_t> pick(0, sizeof(kLetters) - 2);
-  // The mode of a file created normally (0666 less the umask), as the output had before.
+  // The mode of a file created normally (0666 less the umask), as outputs had before.
   const mode_t mask = ::umask(0);
   ::umask(mask);
   for (int attempt = 0; attempt < 100; ++attempt) {
-    std::string random(8, 'x');
+    std::string random(kRandom, 'x');
     for (char& c : random) c = kLetters[pick(entropy)];
-    const std::string tmp_path =
-        folder + "/.ss" + std::to_string(::getpid()) + "." + random + ".tmp";
-    const int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
-                          0666 & ~mask);
+    const std::string tmp_path = folder + "/." + kept + "." + random + ".tmp";
+    const int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666 & ~mask);
     if (fd >= 0) {
       ::close(fd);
       return tmp_path;
@@ -143,7 +151,7 @@ std::string create_temporary(const std::string& folder) {
 void commit_atomically(const std::string& path,
                        const std::function<void(const std::string& tmp_path)>& fill) {
   const std::string folder = check_output_path(path);
-  const std::string tmp_path = create_temporary(folder);
+  const std::string tmp_path = create_temporary(path, folder);
   TemporaryGuard guard(tmp_path);
   try {
     fill(tmp_path);

@@ -78,8 +78,7 @@ IsolatedResult run_isolated(const std::function<std::string()>& check, int timeo
   // Read the answer until the child closes the pipe (it ends), or the deadline passes.
   std::string answer;
   bool timed_out = false;
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
   char buffer[4096];
   while (true) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -17,10 +17,8 @@ nlohmann::json parse_json_bounded(std::string_view text, const std::string& name
                                   const nlohmann::json::parser_callback_t& watch) {
   using nlohmann::json;
   // `depth` is the number of containers around the event: 0 for the top-level value's start.
-  const json::parser_callback_t bounded = [&](int depth, json::parse_event_t event,
-                                              json& parsed) {
-    if ((event == json::parse_event_t::object_start ||
-         event == json::parse_event_t::array_start) &&
+  const json::parser_callback_t bounded = [&](int depth, json::parse_event_t event, json& parsed) {
+    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
         depth >= max_depth)
       throw NestedTooDeep{};
     return watch ? watch(depth, event, parsed) : true;

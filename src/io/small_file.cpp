@@ -61,8 +61,7 @@ std::string read_regular_file(const std::string& path, uint64_t max_bytes,
   if (::fstat(fd.get(), &st) != 0)
     throw InputError(path + ": cannot read " + what + " (" + std::strerror(errno) + ")");
   if (!S_ISREG(st.st_mode))
-    throw InputError(path + ": " + what + " is " + file_kind(st.st_mode) +
-                     ", not a regular file");
+    throw InputError(path + ": " + what + " is " + file_kind(st.st_mode) + ", not a regular file");
   const auto too_large = [&](uint64_t size) {
     return InputError(path + ": " + what + " has " + std::to_string(size) +
                       " bytes, more than the limit of " + std::to_string(max_bytes));
@@ -94,8 +93,7 @@ void require_regular_file(const std::string& path, const std::string& what) {
   if (::stat(path.c_str(), &st) != 0)
     throw InputError(path + ": cannot open " + what + " (" + std::strerror(errno) + ")");
   if (!S_ISREG(st.st_mode))
-    throw InputError(path + ": " + what + " is " + file_kind(st.st_mode) +
-                     ", not a regular file");
+    throw InputError(path + ": " + what + " is " + file_kind(st.st_mode) + ", not a regular file");
 }
 
 }  // namespace sinkscope

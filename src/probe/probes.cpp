@@ -106,8 +106,8 @@ class NpyHeaderParser {
     return text_.substr(begin, end - begin);
   }
   bool boolean() {
-    for (const auto& [word, value] : {std::pair{std::string_view("True"), true},
-                                      std::pair{std::string_view("False"), false}}) {
+    for (const auto& [word, value] :
+         {std::pair{std::string_view("True"), true}, std::pair{std::string_view("False"), false}}) {
       if (text_.substr(pos_, word.size()) == word) {
         pos_ += word.size();
         return value;
@@ -123,8 +123,7 @@ class NpyHeaderParser {
       skip_space();
       if (peek() == ')') break;
       const size_t begin = pos_;
-      while (pos_ < text_.size() && text_[pos_] != ',' && text_[pos_] != ')' &&
-             text_[pos_] != ' ')
+      while (pos_ < text_.size() && text_[pos_] != ',' && text_[pos_] != ')' && text_[pos_] != ' ')
         ++pos_;
       const std::string_view entry = text_.substr(begin, pos_ - begin);
       uint64_t extent = 0;

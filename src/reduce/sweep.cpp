@@ -28,7 +28,9 @@ int64_t step_from_name(const std::string& folder) {
           : fs::path(folder).lexically_normal().filename().string();
   // The leftmost "step", "iter" or "checkpoint" (any case), an optional '-' or '_', then digits:
   // scanned by hand, the number checked without overflow.
-  const auto lower = [](char c) { return static_cast<char>(std::tolower(static_cast<unsigned char>(c))); };
+  const auto lower = [](char c) {
+    return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  };
   for (size_t i = 0; i < base.size(); ++i) {
     for (const std::string_view word : {"step", "iter", "checkpoint"}) {
       if (base.size() - i < word.size()) continue;
@@ -45,8 +47,9 @@ int64_t step_from_name(const std::string& folder) {
       uint64_t step = 0;
       if (!parse_decimal(std::string_view(base).substr(begin, end - begin),
                          static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), &step))
-        throw InputError(folder + ": the step in the folder name does not fit int64 (give the "
-                                  "step with --step or --steps)");
+        throw InputError(folder +
+                         ": the step in the folder name does not fit int64 (give the "
+                         "step with --step or --steps)");
       return static_cast<int64_t>(step);
     }
   }
@@ -104,9 +107,9 @@ std::string out_of_range(const Analysis& a) {
     return "";
   };
   const std::pair<const FloatArray*, const char*> fractions[] = {
-      {&a.sink_score, "attention/sink_score"},     {&a.sink_rate, "attention/sink_rate"},
-      {&a.p0_per_query, "attention/p0_per_query"}, {&a.p0_topk_freq, "routing/p0_topk_freq"},
-      {&a.rest_topk_freq, "routing/rest_topk_freq"}, {&a.layer_share, "profile/layer_share"},
+      {&a.sink_score, "attention/sink_score"},        {&a.sink_rate, "attention/sink_rate"},
+      {&a.p0_per_query, "attention/p0_per_query"},    {&a.p0_topk_freq, "routing/p0_topk_freq"},
+      {&a.rest_topk_freq, "routing/rest_topk_freq"},  {&a.layer_share, "profile/layer_share"},
       {&a.norm_gain_share, "profile/norm_gain_share"}};
   for (const auto& [values, name] : fractions)
     if (std::string why = fraction(*values, name); !why.empty()) return why;

@@ -148,7 +148,7 @@ expect_runtime_error() {  # NAME FRAGMENT OUTPUT -- command...
   "$@" >"$work/stdout" 2>"$work/stderr"
   local rc=$? lines leftovers
   lines=$(grep -c . "$work/stderr")
-  leftovers=$(find "$(dirname "$output")" -maxdepth 1 -name '.ss*.tmp' | wc -l)
+  leftovers=$(find "$(dirname "$output")" -maxdepth 1 -name '.*.tmp' | wc -l)
   if [ "$rc" = 2 ] && [ "$lines" = 1 ] && grep -qF -- "$fragment" "$work/stderr" && [ ! -e "$output" ] && [ "$leftovers" = 0 ]; then
     ok "$name"
   else
@@ -226,7 +226,7 @@ text += b" " * ((8 - len(text) % 8) % 8)
 open("bigdim/model.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + data)
 PY
 expect_input_error "dimension above INT64_MAX" "tensor 'extra': shape entry 18446744073709551615 does not fit int64" x.h5 -- $T "$bin" inspect --model bigdim
-find . -maxdepth 3 -name '.ss*.tmp' | grep -q . && bad "temporary files left behind" || ok "no temporary files left"
+find . -maxdepth 3 -name '.*.tmp' | grep -q . && bad "temporary files left behind" || ok "no temporary files left"
 
 # A sweep, interrupted (one file deleted, one truncated) and resumed, equals the uninterrupted one.
 for s in 0 100 200 400; do "$bin" synth --config "$root/tests/data/tiny_moe.json" --out "trace/step$s" --seed $((s + 3)) 2>/dev/null; done

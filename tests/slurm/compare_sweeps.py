@@ -129,7 +129,7 @@ def main():
         problems.append(f"{args.reference}/checkpoints: no analysis file")
     if ref_files != cand_files:
         problems.append(f"checkpoint files differ: reference {ref_files}, candidate {cand_files}")
-    leftovers = sorted(str(p) for p in args.candidate.rglob("*.tmp.*"))
+    leftovers = sorted(str(p) for p in args.candidate.rglob(".*.tmp"))
     if leftovers:
         problems.append(f"temporary files left behind: {leftovers}")
 

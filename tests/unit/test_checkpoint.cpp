@@ -163,7 +163,8 @@ TEST_F(CheckpointFiles, RejectsHugeAndPastEndHeaderLength) {
   uint64_t n = 200ull << 20;
   std::memcpy(bytes.data(), &n, 8);
   test::write_file(path, bytes);
-  EXPECT_NE(expect_open_error(dir.path()).find("exceeds the limit of 104857600 bytes"), std::string::npos);
+  EXPECT_NE(expect_open_error(dir.path()).find("exceeds the limit of 104857600 bytes"),
+            std::string::npos);
   n = bytes.size();
   std::memcpy(bytes.data(), &n, 8);
   test::write_file(path, bytes);
@@ -257,15 +258,14 @@ TEST(SafetensorsHeader, NestingIsBoundedAtOnce) {
 
 TEST(SafetensorsHeader, RejectsDimensionsBeyondInt64) {
   // A zero-sized tensor passed the byte count whatever its other dimensions ([0, -1] in inspect).
-  expect_reject(
-      R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0,
-      "tensor 'a': shape entry 18446744073709551615 does not fit int64");
-  expect_reject(R"({"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}})",
-                0, "does not fit int64");
-  EXPECT_EQ(parse(R"({"a":{"dtype":"F32","shape":[0,9223372036854775807],"data_offsets":[0,0]}})",
-                  0)[0]
-                .shape[1],
-            std::numeric_limits<int64_t>::max());
+  expect_reject(R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0,
+                "tensor 'a': shape entry 18446744073709551615 does not fit int64");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}})", 0,
+                "does not fit int64");
+  EXPECT_EQ(
+      parse(R"({"a":{"dtype":"F32","shape":[0,9223372036854775807],"data_offsets":[0,0]}})", 0)[0]
+          .shape[1],
+      std::numeric_limits<int64_t>::max());
 }
 
 TEST(SafetensorsHeader, QuotesLongNamesShortly) {
@@ -322,15 +322,15 @@ namespace {
 // used to block forever and /dev/zero to grow memory without end.
 std::string open_error_isolated(const std::string& dir) {
   return run_isolated(
-      [&]() -> std::string {
-        try {
-          Checkpoint::open(dir);
-        } catch (const InputError& e) {
-          return e.what();
-        }
-        return "opened";
-      },
-      20)
+             [&]() -> std::string {
+               try {
+                 Checkpoint::open(dir);
+               } catch (const InputError& e) {
+                 return e.what();
+               }
+               return "opened";
+             },
+             20)
       .answer;
 }
 
@@ -367,7 +367,8 @@ TEST_F(CheckpointFiles, RefusesFifosDevicesAndHugeSmallFiles) {
   const std::string saved = test::read_file(config);
   fs::remove(config);
   ASSERT_EQ(::mkfifo(config.c_str(), 0600), 0);
-  EXPECT_EQ(open_error_isolated(dir.path()), config + ": config file is a FIFO, not a regular file");
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            config + ": config file is a FIFO, not a regular file");
   fs::remove(config);
   fs::create_symlink("/dev/zero", config);
   EXPECT_EQ(open_error_isolated(dir.path()),

@@ -46,13 +46,12 @@ class IoTest : public ::testing::Test {
   }
   std::string path(const std::string& name) const { return (dir_ / name).string(); }
 
-  // Names in the test folder that look like a commit's temporary (".ss<pid>.<random>.tmp").
+  // Names in the test folder that look like a commit's temporary (".<name>.<random>.tmp").
   std::vector<std::string> leftover_temporaries() const {
     std::vector<std::string> found;
     for (const auto& entry : fs::directory_iterator(dir_)) {
       const std::string name = entry.path().filename().string();
-      if (name.rfind(".ss", 0) == 0 || name.find(".tmp") != std::string::npos)
-        found.push_back(name);
+      if (name.find(".tmp") != std::string::npos) found.push_back(name);
     }
     return found;
   }
@@ -491,8 +490,8 @@ TEST_F(IoTest, FailingCallbackLeavesNoTemporaryAndKeepsThePreviousFile) {
                                    throw std::runtime_error("writer died");
                                  }),
                std::runtime_error);
-  // A short hidden name in the output's folder: ".ss<pid>.<8 random characters>.tmp".
-  const std::string prefix = path(".ss" + std::to_string(::getpid()) + ".");
+  // A hidden name in the output's folder: ".out.txt.<8 random characters>.tmp".
+  const std::string prefix = path(".out.txt.");
   EXPECT_EQ(seen_tmp.rfind(prefix, 0), 0u) << seen_tmp;
   EXPECT_EQ(seen_tmp.size(), prefix.size() + 8 + 4) << seen_tmp;
   EXPECT_EQ(seen_tmp.substr(seen_tmp.size() - 4), ".tmp");
@@ -701,7 +700,8 @@ TEST_F(IoTest, LargeDatasetsAreCompressedAndReadBack) {
   EXPECT_EQ(file.read_string_attribute("dims", "big"), "a,b,c");
 }
 
-// ---- Reliability II: full disk, outputs that are not files, names, the content checksum ----------
+// ---- Reliability II: full disk, outputs that are not files, names, the content checksum
+// ----------
 
 TEST_F(IoTest, FullDiskEndsInOneErrorWithoutCrashOrLeftovers) {
   // A write that runs out of room (here: past RLIMIT_FSIZE, as on a full disk) used to end in a
@@ -752,7 +752,8 @@ TEST_F(IoTest, OutputThatIsNotARegularFileIsRefusedAndKept) {
     commit_atomically(fifo, fill);
     FAIL() << "a FIFO was replaced";
   } catch (const InputError& e) {
-    EXPECT_EQ(std::string(e.what()), "cannot write " + fifo + ": it exists and is a FIFO, not a regular file");
+    EXPECT_EQ(std::string(e.what()),
+              "cannot write " + fifo + ": it exists and is a FIFO, not a regular file");
   }
   struct stat st {};
   ASSERT_EQ(::stat(fifo.c_str(), &st), 0);
@@ -772,6 +773,13 @@ TEST_F(IoTest, EveryNameTheFilesystemAllowsCanBeWritten) {
   const long name_max = ::pathconf(dir_.c_str(), _PC_NAME_MAX);
   ASSERT_GT(name_max, 10);
   const std::string longest = path(std::string(static_cast<size_t>(name_max) - 3, 'n') + ".h5");
+  std::string seen_tmp;
+  commit_atomically(longest, [&](const std::string& tmp) {
+    seen_tmp = tmp;
+    std::ofstream(tmp) << "x";
+  });
+  // The temporary keeps as much of the name as fits.
+  EXPECT_EQ(fs::path(seen_tmp).filename().string().size(), static_cast<size_t>(name_max));
   write_analysis(longest, full_analysis());
   expect_same_analysis(full_analysis(), read_analysis(longest));
   EXPECT_TRUE(leftover_temporaries().empty());
@@ -819,9 +827,9 @@ TEST_F(IoTest, ContentChecksumNoticesAChangedByteAnywhereInTheContent) {
   EXPECT_EQ(clean.meta.content_sha256.size(), 64u);
   // One byte of each dataset's values: every one of them read back "fine" before.
   int flipped = 0;
-  for (const char* name : {"tokens", "attention/sink_score", "residual/norm_p0",
-                           "circuit/attr_head", "circuit/ablation/components", "profile/entropy",
-                           "profile/peak_layer"}) {
+  for (const char* name :
+       {"tokens", "attention/sink_score", "residual/norm_p0", "circuit/attr_head",
+        "circuit/ablation/components", "profile/entropy", "profile/peak_layer"}) {
     const haddr_t offset = data_offset(path("a.h5"), name);
     ASSERT_NE(offset, HADDR_UNDEF) << name;
     fs::copy_file(path("a.h5"), path("b.h5"), fs::copy_options::overwrite_existing);
@@ -864,15 +872,15 @@ TEST_F(IoTest, FileWithoutChecksumStillReads) {
 TEST_F(IoTest, AFifoInPlaceOfAnAnalysisFileIsRefusedWithoutBlocking) {
   ASSERT_EQ(::mkfifo(path("a.h5").c_str(), 0600), 0);
   const std::string answer = run_isolated(
-      [&]() -> std::string {
-        try {
-          read_analysis(path("a.h5"));
-        } catch (const InputError& e) {
-          return e.what();
-        }
-        return "read";
-      },
-      20)
+                                 [&]() -> std::string {
+                                   try {
+                                     read_analysis(path("a.h5"));
+                                   } catch (const InputError& e) {
+                                     return e.what();
+                                   }
+                                   return "read";
+                                 },
+                                 20)
                                  .answer;
   EXPECT_EQ(answer, "bad analysis file " + path("a.h5") + ": it is a FIFO, not a regular file");
 }

@@ -186,14 +186,17 @@ TEST(Probes, NpyHeaderIsParsedStrictly) {
 
 TEST(Probes, NumbersAreCheckedAgainstTheTokenLimit) {
   // Each was an uncaught std::stoull exception (exit 2, "stoull") or an overflow.
-  EXPECT_NE(input_error([] { make_probes("random:99999999999999999999:8:0", 64); })
-                .find("--probes 'random:99999999999999999999:8:0': N must be"),
+  EXPECT_NE(input_error([] {
+              make_probes("random:99999999999999999999:8:0", 64);
+            }).find("--probes 'random:99999999999999999999:8:0': N must be"),
             std::string::npos);
-  EXPECT_NE(input_error([] { make_probes("repeat:2:8:99999999999999999999", 64); })
-                .find("TOKEN must be a whole number"),
+  EXPECT_NE(input_error([] {
+              make_probes("repeat:2:8:99999999999999999999", 64);
+            }).find("TOKEN must be a whole number"),
             std::string::npos);
-  EXPECT_NE(input_error([] { make_probes("random:65536:65536:0", 64); })
-                .find("65536 probes x 65536 positions exceed the limit of 268435456 tokens"),
+  EXPECT_NE(input_error([] {
+              make_probes("random:65536:65536:0", 64);
+            }).find("65536 probes x 65536 positions exceed the limit of 268435456 tokens"),
             std::string::npos);
   EXPECT_NE(input_error([] { make_probes("random:2:8", 64); }).find("expected random:N:T:SEED"),
             std::string::npos);
@@ -203,8 +206,7 @@ TEST(Probes, NumbersAreCheckedAgainstTheTokenLimit) {
             std::string::npos);
   EXPECT_NE(input_error([] { make_probes("random:+2:8:1", 64); }).find("N must be"),
             std::string::npos);
-  EXPECT_EQ(make_probes("random:2:8:18446744073709551615", 64).shape,
-            (std::vector<size_t>{2, 8}));
+  EXPECT_EQ(make_probes("random:2:8:18446744073709551615", 64).shape, (std::vector<size_t>{2, 8}));
   // The limit itself, and overflowing products.
   EXPECT_NO_THROW(check_token_count(1 << 14, 1 << 14, "x"));
   EXPECT_THROW(check_token_count(1 << 14, (1 << 14) + 1, "x"), InputError);
@@ -212,25 +214,24 @@ TEST(Probes, NumbersAreCheckedAgainstTheTokenLimit) {
 
   test::TempDir dir;
   // A 23-digit shape entry, and (2^31, 2^31) whose byte count overflowed to the data's 0 bytes.
-  test::write_file(dir / "a.npy",
-                   npy_with_header("{'descr': '<i8', 'fortran_order': False, "
-                                   "'shape': (12345678901234567890123, 2), }",
-                                   ""));
-  EXPECT_NE(input_error([&] { load_tokens(dir / "a.npy"); })
-                .find("shape entry 12345678901234567890123 exceeds the limit"),
+  test::write_file(dir / "a.npy", npy_with_header("{'descr': '<i8', 'fortran_order': False, "
+                                                  "'shape': (12345678901234567890123, 2), }",
+                                                  ""));
+  EXPECT_NE(input_error([&] {
+              load_tokens(dir / "a.npy");
+            }).find("shape entry 12345678901234567890123 exceeds the limit"),
             std::string::npos);
-  test::write_file(dir / "b.npy",
-                   npy_with_header("{'descr': '<i8', 'fortran_order': False, "
-                                   "'shape': (2147483648, 2147483648), }",
-                                   ""));
+  test::write_file(dir / "b.npy", npy_with_header("{'descr': '<i8', 'fortran_order': False, "
+                                                  "'shape': (2147483648, 2147483648), }",
+                                                  ""));
   EXPECT_NE(input_error([&] { load_tokens(dir / "b.npy"); }).find("exceeds the limit"),
             std::string::npos);
-  test::write_file(dir / "c.npy",
-                   npy_with_header("{'descr': '<i4', 'fortran_order': False, "
-                                   "'shape': (16384, 16385), }",
-                                   ""));
-  EXPECT_NE(input_error([&] { load_tokens(dir / "c.npy"); })
-                .find("token array [16384, 16385] exceeds the limit of 268435456 tokens"),
+  test::write_file(dir / "c.npy", npy_with_header("{'descr': '<i4', 'fortran_order': False, "
+                                                  "'shape': (16384, 16385), }",
+                                                  ""));
+  EXPECT_NE(input_error([&] {
+              load_tokens(dir / "c.npy");
+            }).find("token array [16384, 16385] exceeds the limit of 268435456 tokens"),
             std::string::npos);
 }
 
@@ -246,15 +247,15 @@ TEST(Probes, TokenFilesMustBeRegularFiles) {
         std::pair{"zero.npy", "a character device"}, std::pair{"folder.npy", "a folder"}}) {
     const std::string path = dir / name;
     const std::string answer = run_isolated(
-        [&]() -> std::string {
-          try {
-            load_tokens(path);
-          } catch (const InputError& e) {
-            return e.what();
-          }
-          return "accepted";
-        },
-        20)
+                                   [&]() -> std::string {
+                                     try {
+                                       load_tokens(path);
+                                     } catch (const InputError& e) {
+                                       return e.what();
+                                     }
+                                     return "accepted";
+                                   },
+                                   20)
                                    .answer;
     EXPECT_EQ(answer, path + ": token file is " + kind + ", not a regular file");
   }
