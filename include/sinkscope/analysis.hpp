@@ -42,6 +42,9 @@ struct AnalysisMeta {
   int64_t batch = -1, threads = -1;     // --batch, --threads
   int64_t per_query = -1;               // --per-query (0 or 1)
   std::string checkpoint_headers_sha256;  // Checkpoint::headers_sha256()
+  // SHA-256 of the file's content (docs/schema.md), set by read_analysis after it verified it;
+  // empty for files that carry none. Writers compute their own and ignore this field.
+  std::string content_sha256;
 };
 
 // The version of the file layout that this build writes (root attribute `format_version`).

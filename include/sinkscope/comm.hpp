@@ -38,6 +38,12 @@ class Comm {
   virtual int first_failed_rank(bool ok) const = 0;
   // Ends every rank of the job now (MPI_Abort); never returns.
   [[noreturn]] virtual void abort(int status) const = 0;
+
+  // Bounds every wait of this communicator and of those split from it later (--rank-timeout): a
+  // collective or receive still incomplete after `seconds` means a rank stopped or hangs; the
+  // waiting rank prints one line naming the wait and ends the job (MPI_Abort, status 2).
+  // 0 waits forever. Communicators without waits (single process) ignore it.
+  virtual void set_wait_limit(double seconds) { (void)seconds; }
 };
 
 std::unique_ptr<Comm> make_single_comm();

@@ -1,6 +1,7 @@
 // HDF5 files of docs/schema.md: the analysis file and sweep.h5. Free of HDF5 types.
-// Writers commit atomically: write to "<path>.tmp.<pid>", flush + fsync, rename over <path>;
-// on any failure the temporary is removed and nothing is left at <path>.
+// Writers commit atomically: write to a hidden temporary ".<name>.<8 random>.tmp" next to <path>
+// (<name> cut so that it fits NAME_MAX), flush + fsync, rename over <path>; on any failure the
+// temporary is removed and nothing is left at <path>.
 #pragma once
 
 #include <cstdint>
@@ -76,9 +77,15 @@ void write_sweep(const std::string& path, const Sweep& s);
 Sweep read_sweep(const std::string& path);
 
 // Atomic commit helper used by the writers, exposed for other outputs (reports).
-// Calls `fill(tmp_path)`, then fsyncs and renames tmp_path over `path`.
-// Throws InputError when the folder of `path` is missing or not writable.
+// Checks `path` (check_output_path), calls `fill(tmp_path)`, then fsyncs and renames tmp_path
+// over `path`. Throws InputError when the output cannot be written there.
 void commit_atomically(const std::string& path,
                        const std::function<void(const std::string& tmp_path)>& fill);
+
+// Throws InputError "<prefix><path>: ..." unless a file can be committed at `path`: its folder
+// exists and is writable, its name fits the filesystem (NAME_MAX, PATH_MAX), and nothing but a
+// regular file is there (a folder, FIFO or device node is refused, never replaced). Returns the
+// folder. For checking outputs before any work.
+std::string check_output_path(const std::string& path, const std::string& prefix = "cannot write ");
 
 }  // namespace sinkscope

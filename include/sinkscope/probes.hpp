@@ -10,10 +10,12 @@
 namespace sinkscope {
 
 // --tokens FILE: .npy (int32/int64, [N, T], C order) or .h5 with dataset /tokens.
-// Throws InputError naming the file (empty, ragged, wrong dtype or rank, ...).
+// Throws InputError naming the file (empty, ragged, wrong dtype or rank, not a regular file, more
+// than kMaxTokens tokens, ...).
 IntArray load_tokens(const std::string& path);
 
-// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option. Random ids
+// --probes random:N:T:SEED | repeat:N:T:TOKEN. Throws InputError naming the option (numbers
+// checked without overflow; N x T at most kMaxTokens, sinkscope/limits.hpp). Random ids
 // are drawn uniformly from [0, vocab_size) without the ids in `excluded` (contract 1.2: the
 // special tokens of special_token_ids and the --prepend-bos id).
 IntArray make_probes(const std::string& spec, int64_t vocab_size,
@@ -23,6 +25,9 @@ IntArray make_probes(const std::string& spec, int64_t vocab_size,
 // MODEL_DIR/config.json and MODEL_DIR/generation_config.json (an id or a list of ids; null and
 // absent keys ignored), sorted, without duplicates.
 std::vector<int32_t> special_token_ids(const std::string& model_dir);
+
+// Throws InputError "<source>: ..." when n x t overflows or exceeds kMaxTokens.
+void check_token_count(uint64_t n, uint64_t t, const std::string& source);
 
 // --prepend-bos ID: a column of ID in front (T grows by one). Throws InputError (one line) when a
 // probe already starts with ID: the BOS would be doubled.

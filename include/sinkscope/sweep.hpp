@@ -18,6 +18,7 @@ struct SweepCheckpoint {
 };
 
 // Step from a folder name: step<N>, iter_<N>, checkpoint-<N> (also with separators); -1 if none.
+// Throws InputError naming the folder when the number does not fit int64.
 int64_t step_from_name(const std::string& folder);
 
 // The checkpoints of --models / --models-glob (sorted by step, then name), with --steps applied
@@ -27,7 +28,10 @@ std::vector<SweepCheckpoint> list_checkpoints(const std::vector<std::string>& mo
                                               const std::string& glob,
                                               const std::vector<int64_t>& steps);
 
-// True when `path` is a complete analysis file for these tokens and this model shape.
+// True when `path` is a complete analysis file for these tokens and this model shape: it reads back
+// whole in a child process (HDF5 may crash on a damaged file; this process never does), carries a
+// content checksum (content_sha256) that matches, and its bounded quantities lie in their ranges.
+// Otherwise false, with the reason in *why ("missing", "damaged (...)", ...).
 bool analysis_file_matches(const std::string& path, const std::string& tokens_sha256,
                            const ModelConfig& cfg, std::string* why);
 
@@ -55,8 +59,8 @@ struct SweepOptions {
   std::string convergence_profile = "causal";  // or "attribution"
 };
 
-// Builds sweep.h5 contents from the analysis files that exist; missing or invalid ones are listed
-// in `failed`. Throws InputError when files disagree on probes (length or tokens).
+// Builds sweep.h5 contents from the analysis files that exist; missing or invalid ones (each
+// read first in a child process) are listed in `failed`. Throws InputError when files disagree on probes (length or tokens).
 Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
                      const SweepOptions& opt);
 inline Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,

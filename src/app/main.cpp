@@ -5,12 +5,15 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <csignal>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <limits>
 
 #include "app/progress.hpp"
 #include "sinkscope/analyze.hpp"
@@ -20,6 +23,7 @@
 #include "sinkscope/error.hpp"
 #include "sinkscope/family.hpp"
 #include "sinkscope/io.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
 #include "sinkscope/sweep.hpp"
@@ -32,7 +36,8 @@ namespace {
 
 struct ProbeArgs {
   std::string tokens, probes;
-  int64_t prepend_bos = -1;
+  bool prepend_bos_given = false;
+  int64_t prepend_bos = 0;
   bool allow_special_tokens = false;
 };
 
@@ -45,6 +50,7 @@ struct CommonArgs {
   bool causal_profile = false;
   int64_t batch = 4;
   int threads = 1;
+  int64_t rank_timeout = kDefaultRankTimeoutSeconds;
   bool verbose = false, quiet = false;
   // Provenance for the output files: the command as run, every option with its value.
   std::string command_line, options;
@@ -60,8 +66,13 @@ void add_probe_options(CLI::App* app, ProbeArgs& p) {
       "generated probes: random:N:T:SEED or repeat:N:T:TOKEN (one of --tokens/--probes is "
       "required)");
   tok->excludes(pr);
-  app->add_option("--prepend-bos", p.prepend_bos,
-                  "put token ID in front of every probe (BOS on/off controls)");
+  app->add_option_function<int64_t>(
+      "--prepend-bos",
+      [&p](const int64_t& id) {
+        p.prepend_bos = id;
+        p.prepend_bos_given = true;
+      },
+      "put token ID in front of every probe (BOS on/off controls)");
   app->add_flag("--allow-special-tokens", p.allow_special_tokens,
                 "random probes may contain the model's bos/eos/pad ids and the --prepend-bos id");
 }
@@ -83,8 +94,14 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
           "(0,1)"));
   app->add_flag("--per-query", c.per_query, "also write attention/p0_per_query");
   app->add_option("--ablate", c.ablate, "causal ablations: layers=A-B, top=K or search[:K]");
-  app->add_option("--batch", c.batch, "probes per forward micro-batch")->check(CLI::PositiveNumber);
-  app->add_option("--threads", c.threads, "CPU threads per rank")->check(CLI::PositiveNumber);
+  app->add_option("--batch", c.batch, "probes per forward micro-batch")
+      ->check(CLI::Range(int64_t{1}, kMaxBatch));
+  app->add_option("--threads", c.threads, "CPU threads per rank")
+      ->check(CLI::Range(1, kMaxThreads));
+  app->add_option("--rank-timeout", c.rank_timeout,
+                  "end the job when a rank is silent this many seconds in a collective (0: never)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, kMaxRankTimeoutSeconds));
   app->add_flag("--verbose", c.verbose, "log the shard plan and bytes read per rank");
   app->add_flag("--quiet", c.quiet, "no progress output");
 }
@@ -93,28 +110,36 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
 IntArray load_probes(const ProbeArgs& p, const std::string& config_json, std::string* source,
                      const std::string& model_dir) {
   IntArray t;
+  if (p.tokens.empty() && p.probes.empty())
+    throw InputError("give the probes with --tokens FILE or --probes SPEC");
+  // config.json only when it is needed here (the checkpoint is checked whole later).
+  int64_t vocab_size = 0;
+  if (!p.probes.empty() || p.prepend_bos_given) {
+    vocab_size = parse_model_config(config_json).vocab_size;
+  }
+  if (p.prepend_bos_given && (p.prepend_bos < 0 || p.prepend_bos >= vocab_size))
+    throw InputError("--prepend-bos " + std::to_string(p.prepend_bos) +
+                     ": not a token id of the model (0 to vocab_size - 1 = " +
+                     std::to_string(vocab_size - 1) + ")");
   if (!p.tokens.empty()) {
     t = load_tokens(p.tokens);
     *source = p.tokens;
-  } else if (!p.probes.empty()) {
-    const ModelConfig c = parse_model_config(config_json);
+  } else {
     // Contract 1.2: random probes avoid the model's special tokens and the prepended id.
     std::vector<int32_t> excluded;
     if (!p.allow_special_tokens) {
       if (!model_dir.empty()) excluded = special_token_ids(model_dir);
-      if (p.prepend_bos >= 0) excluded.push_back(static_cast<int32_t>(p.prepend_bos));
+      if (p.prepend_bos_given && p.prepend_bos <= INT32_MAX)
+        excluded.push_back(static_cast<int32_t>(p.prepend_bos));
     }
-    t = make_probes(p.probes, c.vocab_size, excluded);
+    t = make_probes(p.probes, vocab_size, excluded);
     *source = "--probes " + p.probes;
-  } else {
-    throw InputError("give the probes with --tokens FILE or --probes SPEC");
   }
-  if (p.prepend_bos >= 0) {
-    // Blame the option that brings the id, not the probes it is put in front of.
-    const ModelConfig c = parse_model_config(config_json);
-    if (p.prepend_bos >= c.vocab_size)
-      throw InputError("--prepend-bos " + std::to_string(p.prepend_bos) + ": not below the model's vocab_size " +
-                       std::to_string(c.vocab_size) + " (" + config_json + ")");
+  if (p.prepend_bos_given) {
+    check_token_count(t.shape[0], t.shape[1] + 1, *source + " with --prepend-bos");
+    // vocab_size is an int64 of config.json: the id also has to fit the int32 token type.
+    if (p.prepend_bos > INT32_MAX)
+      throw InputError("--prepend-bos " + std::to_string(p.prepend_bos) + ": does not fit int32");
     t = prepend_bos(t, static_cast<int32_t>(p.prepend_bos));
   }
   return t;
@@ -145,14 +170,11 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   return o;
 }
 
-void check_output_folder(const std::string& path, const char* option) {
-  const fs::path parent = fs::absolute(path).parent_path();
-  if (!fs::is_directory(parent))
-    throw InputError(std::string(option) + " " + path + ": folder " + parent.string() +
-                     " does not exist");
-  if (::access(parent.c_str(), W_OK) != 0)
-    throw InputError(std::string(option) + " " + path + ": folder " + parent.string() +
-                     " is not writable");
+// Options checked before any work: the output (check_output_path) and the syntax of --ablate
+// (its layer range is checked against config.json later), so a sweep fails at once instead of
+// once per checkpoint.
+void check_common_options(const CommonArgs& c) {
+  parse_ablate(c.ablate, std::numeric_limits<int64_t>::max());
 }
 
 int cmd_analyze(const std::string& model, const std::string& model_config, int64_t synthetic_seed,
@@ -168,9 +190,10 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   o.model_config = model_config;
   o.synthetic_seed = synthetic_seed;
   o.step = step >= 0 ? step : step_from_name(model);
-  o.prepend_bos = pa.prepend_bos;
+  o.prepend_bos = pa.prepend_bos_given ? pa.prepend_bos : -1;
   run_agreed(world, [&] {
-    if (world.rank() == 0) check_output_folder(out, "--out");
+    if (world.rank() == 0) check_output_path(out, "--out ");
+    check_common_options(ca);
     tokens =
         load_probes(pa, model.empty() ? model_config : (fs::path(model) / "config.json").string(),
                     &o.tokens_source, model);
@@ -245,8 +268,14 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       std::error_code ec;
       fs::create_directories(fs::path(outdir) / "checkpoints", ec);
       if (ec) throw InputError("--out " + outdir + ": cannot create folder (" + ec.message() + ")");
-      check_output_folder((fs::path(outdir) / "sweep.h5").string(), "--out");
+      if (!sa.no_assemble) check_output_path((fs::path(outdir) / "sweep.h5").string(), "--out ");
+      if (!assemble_only)
+        for (const auto& cp : cps)
+          check_output_path((fs::path(outdir) / "checkpoints" / (cp.name + ".h5")).string(),
+                            "--out ");
+      if (!sa.failed_list.empty()) check_output_path(sa.failed_list, "--failed-list ");
     }
+    check_common_options(ca);
     if (!assemble_only)
       tokens = load_probes(pa, (fs::path(cps.front().dir) / "config.json").string(), &source,
                            cps.front().dir);
@@ -282,7 +311,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       o.model = cp.dir;
       o.step = cp.step;
       o.tokens_source = source;
-      o.prepend_bos = pa.prepend_bos;
+      o.prepend_bos = pa.prepend_bos_given ? pa.prepend_bos : -1;
       Progress progress(
           "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
           world.rank() == 0 && !ca.quiet);
@@ -456,9 +485,23 @@ std::string closest_subcommand(const CLI::App& app, const std::string& typed) {
   return best;
 }
 
+// An error message as the one line the CLI promises: line breaks (from a library, or quoted from
+// a file) become spaces, and a message longer than 2000 characters is cut.
+std::string one_line(std::string text) {
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  std::replace(text.begin(), text.end(), '\r', ' ');
+  constexpr size_t kMaxChars = 2000;
+  if (text.size() > kMaxChars)
+    text = text.substr(0, kMaxChars) + "... (" + std::to_string(text.size()) + " characters)";
+  return text;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Past a file size limit (RLIMIT_FSIZE) a write fails with EFBIG and is reported like a full
+  // disk, instead of SIGXFSZ killing the process with the temporary left behind.
+  std::signal(SIGXFSZ, SIG_IGN);
   std::unique_ptr<Comm> world;
   try {
     world = launched_under_mpi() && SINKSCOPE_HAVE_MPI ? make_mpi_world(&argc, &argv)
@@ -569,7 +612,7 @@ int main(int argc, char** argv) {
       if (e.get_exit_code() == 0) {
         if (rank == 0) app.exit(e);
       } else if (rank == 0) {
-        std::cerr << "sinkscope: error: " << e.what() << " (see sinkscope --help)\n";
+        std::cerr << "sinkscope: error: " << one_line(e.what()) << " (see sinkscope --help)\n";
       }
       finalize_mpi();
       return e.get_exit_code() == 0 ? 0 : 1;
@@ -579,6 +622,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < argc; ++i) ca.command_line += (i ? " " : "") + std::string(argv[i]);
       ca.options = command->config_to_str(true, false);
     }
+    if (*analyze || *sweep) world->set_wait_limit(static_cast<double>(ca.rank_timeout));
     if (*analyze)
       status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
     else if (*sweep)
@@ -591,16 +635,16 @@ int main(int argc, char** argv) {
       status = cmd_synth(config, out, plant, seed);
   } catch (const InputError& e) {
     if (e.agreed || world->size() == 1) {
-      if (rank == 0) std::cerr << "sinkscope: error: " << e.what() << "\n";
+      if (rank == 0) std::cerr << "sinkscope: error: " << one_line(e.what()) << "\n";
       finalize_mpi();
       return 1;
     }
-    std::cerr << "sinkscope: error on rank " << rank << " (" << host_name() << "): " << e.what()
-              << "\n";
+    std::cerr << "sinkscope: error on rank " << rank << " (" << host_name()
+              << "): " << one_line(e.what()) << "\n";
     world->abort(1);
   } catch (const std::exception& e) {
-    std::cerr << "sinkscope: failure on rank " << rank << " (" << host_name() << "): " << e.what()
-              << "\n";
+    std::cerr << "sinkscope: failure on rank " << rank << " (" << host_name()
+              << "): " << one_line(e.what()) << "\n";
     if (world->size() > 1) world->abort(2);
     return 2;
   }

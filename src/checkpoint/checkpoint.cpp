@@ -8,12 +8,12 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <unordered_map>
 
+#include "io/small_file.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/probes.hpp"
 
 namespace sinkscope {
@@ -21,18 +21,19 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the reference implementation's bound
-
 // A read-only mapping of one safetensors file.
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path) : path_(path) {
-    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO in place of the file opens at once (and is refused below) instead of
+    // blocking until a writer appears; on a regular file the flag changes nothing.
+    fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd_ < 0) throw InputError(path + ": cannot open (" + std::strerror(errno) + ")");
     struct stat st {};
     if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+      const std::string kind = file_kind(st.st_mode);
       ::close(fd_);
-      throw InputError(path + ": not a regular file");
+      throw InputError(path + ": safetensors file is " + kind + ", not a regular file");
     }
     size_ = static_cast<uint64_t>(st.st_size);
     if (size_ > 0) {
@@ -61,14 +62,6 @@ class MappedFile {
   uint64_t size_ = 0;
 };
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(path + ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 }  // namespace
 
 struct Checkpoint::Impl {
@@ -89,9 +82,10 @@ struct Checkpoint::Impl {
                        " bytes)");
     uint64_t header_len = 0;
     std::memcpy(&header_len, mf->data(), 8);  // little-endian on every supported host
-    if (header_len > kMaxHeaderBytes)
+    if (header_len > kMaxSafetensorsHeaderBytes)
       throw InputError(path + ": safetensors header length " + std::to_string(header_len) +
-                       " exceeds 100 MB");
+                       " exceeds the limit of " + std::to_string(kMaxSafetensorsHeaderBytes) +
+                       " bytes");
     if (header_len > mf->size() - 8)
       throw InputError(path + ": safetensors header length " + std::to_string(header_len) +
                        " runs past the end of the file (" + std::to_string(mf->size()) + " bytes)");
@@ -135,7 +129,8 @@ Checkpoint Checkpoint::open(const std::string& model_dir) {
   const fs::path single = fs::path(model_dir) / "model.safetensors";
   const fs::path index = fs::path(model_dir) / "model.safetensors.index.json";
   if (fs::exists(index)) {
-    const auto map = parse_safetensors_index(read_text(index.string()), index.string());
+    const auto map = parse_safetensors_index(
+        read_regular_file(index.string(), kMaxIndexBytes, "safetensors index"), index.string());
     std::vector<std::string> shards;
     for (const auto& [tensor, shard] : map)
       if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);

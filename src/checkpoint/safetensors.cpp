@@ -8,8 +8,11 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "io/bounded_text.hpp"
+#include "io/json_bounded.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/limits.hpp"
 
 namespace sinkscope {
 namespace {
@@ -71,13 +74,10 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
     }
     return true;
   };
-  json j;
-  try {
-    j = json::parse(header, header + header_len, watch);
-  } catch (const json::exception& e) {
-    fail(file, std::string("safetensors header is not valid JSON (") + e.what() + ")");
-  }
-  if (!duplicate.empty()) fail(file, "safetensors header names tensor '" + duplicate + "' twice");
+  const json j = parse_json_bounded(std::string_view(header, header_len),
+                                    file + ": safetensors header", kMaxJsonDepth, watch);
+  if (!duplicate.empty())
+    fail(file, "safetensors header names tensor '" + excerpt(duplicate, 200) + "' twice");
   if (!j.is_object()) fail(file, "safetensors header is not a JSON object");
 
   std::vector<TensorInfo> out;
@@ -89,44 +89,48 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
       if (!v.is_object()) fail(file, "__metadata__ is not an object");
       for (auto m = v.begin(); m != v.end(); ++m)
         if (!m.value().is_string())
-          fail(file, "__metadata__ value '" + m.key() + "' is not a string");
+          fail(file, "__metadata__ value '" + excerpt(m.key(), 200) + "' is not a string");
       continue;
     }
-    if (!v.is_object()) fail(file, "tensor '" + name + "': entry is not an object");
+    // Names come from the file: a message quotes at most 200 characters of one.
+    const std::string tensor = "tensor '" + excerpt(name, 200) + "'";
+    if (!v.is_object()) fail(file, tensor + ": entry is not an object");
     auto dt = v.find("dtype");
     auto sh = v.find("shape");
     auto off = v.find("data_offsets");
-    if (dt == v.end() || !dt->is_string())
-      fail(file, "tensor '" + name + "': missing or bad 'dtype'");
-    if (sh == v.end() || !sh->is_array())
-      fail(file, "tensor '" + name + "': missing or bad 'shape'");
+    if (dt == v.end() || !dt->is_string()) fail(file, tensor + ": missing or bad 'dtype'");
+    if (sh == v.end() || !sh->is_array()) fail(file, tensor + ": missing or bad 'shape'");
     if (off == v.end() || !off->is_array() || off->size() != 2)
-      fail(file, "tensor '" + name + "': missing or bad 'data_offsets'");
+      fail(file, tensor + ": missing or bad 'data_offsets'");
     TensorInfo t;
     t.name = name;
     t.dtype_str = dt->get<std::string>();
     const DTypeEntry* entry = nullptr;
     for (const auto& e : kDTypes)
       if (t.dtype_str == e.name) entry = &e;
-    if (!entry) fail(file, "tensor '" + name + "': unknown dtype '" + t.dtype_str + "'");
+    if (!entry) fail(file, tensor + ": unknown dtype '" + excerpt(t.dtype_str) + "'");
     t.dtype = entry->type;
     t.elem_size = entry->size;
     uint64_t nbytes = entry->size;
     for (const auto& d : *sh) {
       if (!d.is_number_unsigned())
-        fail(file, "tensor '" + name + "': shape has a non-integer or negative entry");
+        fail(file, tensor + ": shape has a non-integer or negative entry");
       const uint64_t dim = d.get<uint64_t>();
-      if (mul_overflows(nbytes, dim, &nbytes)) fail(file, "tensor '" + name + "': shape overflows");
+      // Shapes are int64 everywhere after this; a zero-sized tensor would otherwise let any
+      // dimension through the byte-count check below.
+      if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        fail(file, tensor + ": shape entry " + std::to_string(dim) + " does not fit int64");
+      if (mul_overflows(nbytes, dim, &nbytes)) fail(file, tensor + ": shape overflows");
       t.shape.push_back(static_cast<int64_t>(dim));
     }
     for (const auto& o : *off)
       if (!o.is_number_unsigned())
-        fail(file, "tensor '" + name + "': data_offsets are not non-negative integers");
+        fail(file, tensor + ": data_offsets are not non-negative integers");
     t.begin = (*off)[0].get<uint64_t>();
     t.end = (*off)[1].get<uint64_t>();
-    if (t.end < t.begin) fail(file, "tensor '" + name + "': data_offsets end before they begin");
+    if (t.end < t.begin) fail(file, tensor + ": data_offsets end before they begin");
     if (t.end - t.begin != nbytes)
-      fail(file, "tensor '" + name + "': byte range " + std::to_string(t.end - t.begin) +
+      fail(file, tensor + ": byte range " + std::to_string(t.end - t.begin) +
                      " does not match shape x dtype size " + std::to_string(nbytes));
     out.push_back(std::move(t));
   }
@@ -138,10 +142,11 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
   });
   uint64_t expected = 0;
   for (const TensorInfo* t : order) {
-    if (t->begin < expected) fail(file, "tensor '" + t->name + "' overlaps the previous tensor");
+    if (t->begin < expected)
+      fail(file, "tensor '" + excerpt(t->name, 200) + "' overlaps the previous tensor");
     if (t->begin > expected)
-      fail(file, "gap before tensor '" + t->name + "' (offset " + std::to_string(t->begin) +
-                     ", expected " + std::to_string(expected) + ")");
+      fail(file, "gap before tensor '" + excerpt(t->name, 200) + "' (offset " +
+                     std::to_string(t->begin) + ", expected " + std::to_string(expected) + ")");
     expected = t->end;
   }
   if (expected != data_len)
@@ -152,32 +157,36 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
 
 std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const std::string& text,
                                                                          const std::string& file) {
-  json j;
-  std::set<std::string> seen;
-  std::string duplicate;
+  // A tensor named twice inside weight_map is an error (nlohmann would keep the last entry); keys
+  // elsewhere (`metadata`) may repeat tensor names. Top-level keys must be unique too, or two
+  // weight_map objects would be merged silently.
+  std::set<std::string> top_keys, tensors;
+  std::string top_key, duplicate_key, duplicate_tensor;
   json::parser_callback_t watch = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::key && depth == 2) {
-      const auto& k = parsed.get_ref<const std::string&>();
-      if (!seen.insert(k).second && duplicate.empty()) duplicate = k;
+    if (event != json::parse_event_t::key) return true;
+    const auto& k = parsed.get_ref<const std::string&>();
+    if (depth == 1) {
+      top_key = k;
+      if (!top_keys.insert(k).second && duplicate_key.empty()) duplicate_key = k;
+    } else if (depth == 2 && top_key == "weight_map") {
+      if (!tensors.insert(k).second && duplicate_tensor.empty()) duplicate_tensor = k;
     }
     return true;
   };
-  try {
-    j = json::parse(text, watch);
-  } catch (const json::exception& e) {
-    fail(file, std::string("not valid JSON (") + e.what() + ")");
-  }
+  const json j = parse_json_bounded(text, file, kMaxJsonDepth, watch);
   if (!j.is_object()) fail(file, "top level is not a JSON object");
+  if (!duplicate_key.empty()) fail(file, "key '" + excerpt(duplicate_key, 200) + "' appears twice");
   auto wm = j.find("weight_map");
   if (wm == j.end() || !wm->is_object()) fail(file, "missing 'weight_map' object");
-  if (!duplicate.empty()) fail(file, "weight_map names tensor '" + duplicate + "' twice");
+  if (!duplicate_tensor.empty())
+    fail(file, "weight_map names tensor '" + excerpt(duplicate_tensor, 200) + "' twice");
   std::vector<std::pair<std::string, std::string>> out;
   for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it.value().is_string())
-      fail(file, "weight_map entry '" + it.key() + "' is not a file name");
+    const std::string tensor = "weight_map entry '" + excerpt(it.key(), 200) + "'";
+    if (!it.value().is_string()) fail(file, tensor + " is not a file name");
     const auto shard = it.value().get<std::string>();
     if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
-      fail(file, "weight_map entry '" + it.key() + "' names a bad shard file '" + shard + "'");
+      fail(file, tensor + " names a bad shard file '" + excerpt(shard, 200) + "'");
     out.emplace_back(it.key(), shard);
   }
   return out;

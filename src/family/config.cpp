@@ -6,19 +6,17 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "io/json_bounded.hpp"
+#include "io/small_file.hpp"
 #include "sinkscope/config.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/family.hpp"
+#include "sinkscope/limits.hpp"
 
 namespace sinkscope {
 namespace {
 
 using nlohmann::json;
-
-// Upper bounds of config.json counts (docs/reliability.md): far above any released model, low
-// enough that nothing sized by them can exhaust memory before the tensors are checked.
-constexpr int64_t kMaxLayers = 4096, kMaxHeads = 16384, kMaxExperts = 65536, kMaxHidden = 1 << 20,
-                  kMaxVocab = 1 << 24, kMaxInter = 1 << 22, kMaxHeadDim = 4096;
 
 [[noreturn]] void fail(const std::string& file, const std::string& what) {
   throw InputError(file + ": " + what);
@@ -316,11 +314,11 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
 }
 
 ModelConfig parse_model_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(path + ": cannot open config file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_model_config_text(ss.str(), path);
+  // A regular file of at most kMaxConfigBytes (a FIFO or /dev/zero is refused, never read), and
+  // nested at most kMaxJsonDepth levels: checked by a bounded parse before the full one.
+  const std::string text = read_regular_file(path, kMaxConfigBytes, "config file");
+  parse_json_bounded(text, path, kMaxJsonDepth);
+  return parse_model_config_text(text, path);
 }
 
 std::string model_config_to_json(const ModelConfig& c) {

@@ -13,16 +13,22 @@
 // open the files as they are. Both readers check shapes against the root attributes: a file that
 // reads back is a file whose numbers line up with its own description (what `sweep --resume`
 // relies on).
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <set>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <variant>
 #include <vector>
 
 #include "io/hdf5_file.hpp"
+#include "io/small_file.hpp"
+#include "probe/sha256.hpp"
 #include "sinkscope/analysis.hpp"
 #include "sinkscope/build_config.hpp"
 #include "sinkscope/error.hpp"
@@ -151,6 +157,91 @@ size_t extent(Axis axis, const Sizes& s) {
       return 2;
   }
   return 0;
+}
+
+// ---- content checksum ------------------------------------------------------------------------
+
+// Root attribute `content_sha256`: SHA-256 over every root attribute and every dataset (path,
+// dims, shape, values) in the order of the schema table. The writer hashes what it writes, the
+// reader what it reads back, so a changed byte anywhere in the file's content is noticed
+// (`sweep --resume` then redoes the checkpoint instead of trusting it).
+constexpr const char* kContentSha256 = "content_sha256";
+
+class ContentDigest {
+ public:
+  void text(std::string_view name, std::string_view value) {
+    field(name);
+    field(value);
+  }
+  void integer(std::string_view name, int64_t value) { text(name, std::to_string(value)); }
+  void real(std::string_view name, double value) {
+    char exact[64];  // hexadecimal floating point: every bit of the double
+    std::snprintf(exact, sizeof(exact), "%a", value);
+    text(name, exact);
+  }
+  template <typename T>
+  void array(std::string_view name, const std::string& dims, const std::vector<size_t>& shape,
+             const T* values, size_t count) {
+    field(name);
+    field(dims);
+    const uint64_t rank = shape.size();
+    sha_.update(&rank, sizeof(rank));
+    for (const size_t extent : shape) {
+      const uint64_t e = extent;
+      sha_.update(&e, sizeof(e));
+    }
+    sha_.update(values, count * sizeof(T));
+  }
+  std::string hex() { return sha_.hex_digest(); }
+
+ private:
+  // Length-prefixed, so no two different sequences of fields hash the same bytes.
+  void field(std::string_view bytes) {
+    const uint64_t n = bytes.size();
+    sha_.update(&n, sizeof(n));
+    sha_.update(bytes.data(), bytes.size());
+  }
+  Sha256 sha_;
+};
+
+// Every root attribute of write_meta, in its order.
+void digest_meta(ContentDigest& d, const AnalysisMeta& m) {
+  d.text("sinkscope_version", m.sinkscope_version);
+  d.text("model_type", m.model_type);
+  d.text("checkpoint", m.checkpoint);
+  d.integer("step", m.step);
+  d.integer("num_layers", m.num_layers);
+  d.integer("num_heads", m.num_heads);
+  d.integer("num_kv_heads", m.num_kv_heads);
+  d.integer("head_dim", m.head_dim);
+  d.integer("num_experts", m.num_experts);
+  d.integer("top_k", m.top_k);
+  d.integer("hidden_size", m.hidden_size);
+  d.integer("num_probes", m.num_probes);
+  d.integer("seq_len", m.seq_len);
+  d.real("eps", m.eps);
+  d.real("sink_rate", m.sink_rate);
+  d.integer("tp", m.tp);
+  d.integer("ep", m.ep);
+  d.integer("dp", m.dp);
+  d.integer("world_size", m.world_size);
+  d.text("device", m.device);
+  d.text("tokens_sha256", m.tokens_sha256);
+  d.text("created_utc", m.created_utc);
+  d.text("layout", m.layout);
+  d.integer("etp", m.etp);
+  d.real("circuit_identity_max_rel_err", m.circuit_identity_max_rel_err);
+  // Provenance of format version 2.
+  d.text("git_commit", m.git_commit);
+  d.text("command_line", m.command_line);
+  d.text("options", m.options);
+  d.text("probes", m.probes);
+  d.integer("prepend_bos", m.prepend_bos);
+  d.text("ablate", m.ablate);
+  d.integer("batch", m.batch);
+  d.integer("threads", m.threads);
+  d.integer("per_query", m.per_query);
+  d.text("checkpoint_headers_sha256", m.checkpoint_headers_sha256);
 }
 
 // ---- datasets --------------------------------------------------------------------------------
@@ -363,6 +454,7 @@ std::string shape_text(const std::vector<size_t>& shape) {
   return text + "]";
 }
 
+
 std::vector<size_t> expected_shape(const std::vector<Axis>& axes, const Sizes& sizes) {
   std::vector<size_t> shape;
   for (Axis axis : axes) shape.push_back(extent(axis, sizes));
@@ -420,6 +512,28 @@ std::string description_of(const DatasetSpec<Owner>& spec) {
   return text;
 }
 
+// Adds one dataset's value to the content checksum: its path, dims, shape and bytes (the writer
+// after writing, the reader after reading, in table order).
+template <typename Owner>
+void digest_value(ContentDigest& digest, const Owner& owner, const DatasetSpec<Owner>& spec) {
+  const std::string dims = dims_text(spec.axes);
+  std::visit(
+      [&](auto pointer) {
+        const auto& value = owner.*pointer;
+        using Value = std::decay_t<decltype(value)>;
+        if constexpr (std::is_arithmetic_v<Value>) {
+          digest.array(spec.name, dims, {}, &value, 1);
+        } else if constexpr (std::is_same_v<Value, std::vector<std::string>>) {
+          for (const std::string& text : value) digest.text(spec.name, text);
+        } else if constexpr (std::is_same_v<Value, std::vector<int64_t>>) {
+          digest.array(spec.name, dims, {value.size()}, value.data(), value.size());
+        } else {
+          digest.array(spec.name, dims, value.shape, value.ptr(), value.data.size());
+        }
+      },
+      spec.member);
+}
+
 // Writes one dataset of the table with its attributes; dimension scales are attached by the caller.
 template <typename Owner>
 void write_one(h5::File& file, const Owner& owner, const DatasetSpec<Owner>& spec,
@@ -454,7 +568,8 @@ void write_one(h5::File& file, const Owner& owner, const DatasetSpec<Owner>& spe
 // they use, and attaches them: the netCDF-4 layout.
 template <typename Owner>
 void write_datasets(h5::File& file, const Owner& owner, const std::vector<DatasetSpec<Owner>>& specs,
-                    const Sizes& sizes, const std::string& final_path, std::set<Axis>& axes_done) {
+                    const Sizes& sizes, const std::string& final_path, std::set<Axis>& axes_done,
+                    ContentDigest* digest = nullptr) {
   std::vector<const DatasetSpec<Owner>*> written;
   std::set<Axis> used;
   for (const DatasetSpec<Owner>& spec : specs) {
@@ -480,6 +595,7 @@ void write_datasets(h5::File& file, const Owner& owner, const std::vector<Datase
   }
   for (const DatasetSpec<Owner>* spec : written) {
     write_one(file, owner, *spec, sizes, final_path);
+    if (digest) digest_value(*digest, owner, *spec);
     std::string coordinates;
     for (size_t axis = 0; axis < spec->axes.size(); ++axis) {
       file.attach_dimension_scale(spec->name, axis_spec(spec->axes[axis]).name,
@@ -570,10 +686,12 @@ class Reader {
   }
 
   h5::File open() const {
-    std::error_code error;
-    if (!std::filesystem::exists(path_, error)) {
+    struct stat st {};
+    if (::stat(path_.c_str(), &st) != 0) {
       throw InputError("cannot read " + std::string(kind_) + " file " + path_ + ": no such file");
     }
+    // HDF5 opens the path itself: a FIFO there would block it forever.
+    if (!S_ISREG(st.st_mode)) fail("it is " + file_kind(st.st_mode) + ", not a regular file");
     try {
       return h5::File::open_read(path_);
     } catch (const RuntimeFailure& e) {
@@ -660,7 +778,8 @@ class Reader {
 // Reads every dataset of `specs` into `owner`; optional ones only when present.
 template <typename Owner>
 void read_datasets(const Reader& reader, const h5::File& file, Owner& owner,
-                   const std::vector<DatasetSpec<Owner>>& specs, const Sizes& sizes) {
+                   const std::vector<DatasetSpec<Owner>>& specs, const Sizes& sizes,
+                   ContentDigest* digest = nullptr) {
   for (const DatasetSpec<Owner>& spec : specs) {
     if (spec.when[0] != '\0' && !reader.guard([&] { return file.has_dataset(spec.name); })) continue;
     const std::vector<size_t> expected = expected_shape(spec.axes, sizes);
@@ -689,6 +808,7 @@ void read_datasets(const Reader& reader, const h5::File& file, Owner& owner,
           }
         },
         spec.member);
+    if (digest) digest_value(*digest, owner, spec);
   }
 }
 
@@ -801,11 +921,23 @@ void write_analysis(const std::string& path, const Analysis& a) {
     sizes.ablations = a.ablation_components.shape.empty() ? 0 : a.ablation_components.shape[0];
   }
 
+  // A producer that did not stamp a version gets this build's.
+  AnalysisMeta meta = a.meta;
+  if (meta.sinkscope_version.empty()) meta.sinkscope_version = SINKSCOPE_VERSION;
+
   commit_atomically(path, [&](const std::string& tmp_path) {
     h5::File file = h5::File::create(tmp_path);
     write_meta(file, a.meta);
+    // The digest covers the attributes as written: with this build's version and commit where
+    // the producer stamped none (write_meta does the same).
+    AnalysisMeta written = a.meta;
+    if (written.sinkscope_version.empty()) written.sinkscope_version = SINKSCOPE_VERSION;
+    if (written.git_commit.empty()) written.git_commit = SINKSCOPE_GIT_COMMIT;
+    ContentDigest digest;
+    digest_meta(digest, written);
     std::set<Axis> axes_done;
-    write_datasets(file, a, analysis_datasets(), sizes, path, axes_done);
+    write_datasets(file, a, analysis_datasets(), sizes, path, axes_done, &digest);
+    file.write_string_attribute(kContentSha256, digest.hex());
     file.close();
   });
 }
@@ -882,7 +1014,19 @@ Analysis read_analysis(const std::string& path) {
     }
     sizes.ablations = info.shape[0];
   }
-  read_datasets(reader, file, a, analysis_datasets(), sizes);
+  // The digest of what is read, in the writer's order; compared with content_sha256 below.
+  ContentDigest digest;
+  digest_meta(digest, m);
+  read_datasets(reader, file, a, analysis_datasets(), sizes, &digest);
+  // Files of other writers and of earlier sinkscope versions have no checksum: read as they are;
+  // `sweep --resume` does not trust them (analysis_file_matches).
+  if (reader.guard([&] { return file.has_attribute(kContentSha256); })) {
+    m.content_sha256 = reader.string_attribute(file, kContentSha256);
+    if (digest.hex() != m.content_sha256)
+      reader.fail(
+          "content does not match its checksum (content_sha256): the file was changed or "
+          "damaged after it was written");
+  }
   return a;
 }
 

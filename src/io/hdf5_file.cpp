@@ -233,7 +233,14 @@ void throw_call_failure(const char* call, const char* file, int line) {
 
 void silence_hdf5_errors() {
   static std::once_flag once;
-  std::call_once(once, [] { SINKSCOPE_H5_CALL(H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr)); });
+  std::call_once(once, [] {
+    // No cleanup at exit: HDF5's exit handler flushes files still open, and after a failed write
+    // (a full disk) it crashes doing so (HDF5 1.10: H5F__close_cb). Every writer here closes its
+    // file explicitly before committing it, so the handler has nothing useful left to do. Only
+    // effective before the library's first call; later it fails, which changes nothing.
+    H5dont_atexit();
+    SINKSCOPE_H5_CALL(H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr));
+  });
 }
 
 void Handle::close() {
@@ -276,6 +283,28 @@ File File::open_read(const std::string& path) {
 
 void File::close() {
   in_context("cannot close HDF5 file", path_, [&] { file_.close(); });
+}
+
+File::~File() { release(); }
+
+void File::release() noexcept {
+  if (!file_) return;
+  // A write that failed part way (a full disk) leaves objects open: a failed H5Dclose keeps its
+  // dataset. With the "semi" close degree H5Fclose then fails and the file stays open. Close
+  // whatever is left first, ignoring failures: on this path the caller reports the first error.
+  const unsigned types =
+      H5F_OBJ_DATASET | H5F_OBJ_GROUP | H5F_OBJ_DATATYPE | H5F_OBJ_ATTR | H5F_OBJ_LOCAL;
+  const ssize_t count = H5Fget_obj_count(file_.id(), types);
+  if (count > 0) {
+    std::vector<hid_t> ids(static_cast<size_t>(count));
+    const ssize_t listed = H5Fget_obj_ids(file_.id(), types, ids.size(), ids.data());
+    for (ssize_t i = 0; i < listed; ++i) {
+      // Every reference the application holds; stop when the id is gone or a close fails.
+      while (H5Iis_valid(ids[i]) > 0 && H5Idec_ref(ids[i]) >= 0) {
+      }
+    }
+  }
+  file_ = Handle();  // H5Fclose, unchecked
 }
 
 // ---- File: writing ------------------------------------------------------------------------

@@ -141,6 +141,8 @@ class File {
 
   File(File&&) noexcept = default;
   File& operator=(File&&) noexcept = default;
+  // Closes what is still open (the error path: close() was not reached); see release().
+  ~File();
 
   const std::string& path() const { return path_; }
 
@@ -211,6 +213,9 @@ class File {
 
  private:
   File(Handle file, std::string path) : file_(std::move(file)), path_(std::move(path)) {}
+
+  // Closes every object of this file that is still open, then the file, ignoring failures.
+  void release() noexcept;
 
   void write_dataset_raw(const std::string& name, hid_t mem_type, hid_t file_type,
                          size_t element_bytes, const void* data, const std::vector<size_t>& shape,

@@ -1,11 +1,15 @@
 // Token files in HDF5 (docs/schema.md "Inputs": dataset /tokens, [N, T]).
 #include "io/hdf5_file.hpp"
+#include "io/small_file.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/io.hpp"
+#include "sinkscope/probes.hpp"
 
 namespace sinkscope {
 
 IntArray read_tokens_h5(const std::string& path) {
+  // HDF5 opens the path itself and would block on a FIFO: refuse anything but a regular file.
+  require_regular_file(path, "token file");
   IntArray t;
   try {
     h5::File f = h5::File::open_read(path);
@@ -15,6 +19,8 @@ IntArray read_tokens_h5(const std::string& path) {
       throw InputError(path + ": /tokens is not an integer dataset");
     if (info.shape.size() != 2) throw InputError(path + ": /tokens must be 2-D [N, T]");
     if (info.shape[0] == 0 || info.shape[1] == 0) throw InputError(path + ": /tokens is empty");
+    // A tiny file can declare a huge chunked dataset: the shape is checked before the read.
+    check_token_count(info.shape[0], info.shape[1], path + ": /tokens");
     std::vector<size_t> shape;
     const std::vector<int64_t> v = f.read_dataset<int64_t>("tokens", &shape);
     t = IntArray(shape, "probe,position");

@@ -9,10 +9,13 @@
 #include <fstream>
 #include <iostream>
 #include <optional>
-#include <regex>
+#include <limits>
+#include <string_view>
 #include <sstream>
 
+#include "io/bounded_text.hpp"
 #include "sinkscope/build_config.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/family.hpp"
 #include "sinkscope/comm.hpp"
@@ -37,29 +40,43 @@ std::string utc_now_iso8601() {
 AblateSpec parse_ablate(const std::string& spec, int64_t num_layers) {
   AblateSpec s;
   if (spec.empty()) return s;
-  std::smatch m;
-  if (std::regex_match(spec, m, std::regex("layers=(\\d+)(?:-(\\d+))?"))) {
+  // layers=A, layers=A-B, top=K, search or search:K, parsed by hand (no regex on untrusted text);
+  // every number is checked without overflow and named in the error.
+  const std::string option = "--ablate '" + excerpt(spec) + "'";
+  const auto number = [&](std::string_view text, int64_t* value) {
+    uint64_t parsed = 0;
+    if (!parse_decimal(text, static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), &parsed))
+      throw InputError(option + ": '" + excerpt(text) + "' is not a whole number below 2^63");
+    *value = static_cast<int64_t>(parsed);
+  };
+  const std::string_view text(spec);
+  if (text.substr(0, 7) == "layers=" && text.size() > 7) {
+    const std::string_view range = text.substr(7);
+    const size_t dash = range.find('-');
     s.kind = AblateSpec::kLayers;
-    s.first = std::stoll(m[1]);
-    s.last = m[2].matched ? std::stoll(m[2]) : s.first;
+    number(range.substr(0, dash), &s.first);
+    s.last = s.first;
+    if (dash != std::string_view::npos) number(range.substr(dash + 1), &s.last);
     if (s.first > s.last || s.last >= num_layers)
-      throw InputError("--ablate '" + spec + "': layers must lie in 0-" +
-                       std::to_string(num_layers - 1));
+      throw InputError(option + ": layers must lie in 0-" + std::to_string(num_layers - 1));
     return s;
   }
-  if (std::regex_match(spec, m, std::regex("top=(\\d+)"))) {
+  if (text.substr(0, 4) == "top=" && text.size() > 4) {
     s.kind = AblateSpec::kTop;
-    s.top = std::stoll(m[1]);
-    if (s.top <= 0) throw InputError("--ablate '" + spec + "': K must be positive");
+    number(text.substr(4), &s.top);
+    if (s.top <= 0) throw InputError(option + ": K must be positive");
     return s;
   }
-  if (std::regex_match(spec, m, std::regex("search(?::(\\d+))?"))) {
+  if (text == "search" || (text.substr(0, 7) == "search:" && text.size() > 7)) {
     s.kind = AblateSpec::kSearch;
-    s.top = m[1].matched ? std::stoll(m[1]) : 0;
-    if (m[1].matched && s.top <= 0) throw InputError("--ablate '" + spec + "': K must be positive");
+    s.top = 0;
+    if (text.size() > 6) {
+      number(text.substr(7), &s.top);
+      if (s.top <= 0) throw InputError(option + ": K must be positive");
+    }
     return s;
   }
-  throw InputError("--ablate '" + spec + "': expected layers=A-B, top=K or search[:K]");
+  throw InputError(option + ": expected layers=A-B, top=K or search[:K]");
 }
 
 void run_agreed(const Comm& world, const std::function<void()>& fn) {
@@ -205,7 +222,12 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cpu" ? 0 : 1);
     plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, c, etp);
     ablate = parse_ablate(opt.ablate, c.num_layers);
-    if (opt.batch < 1) throw InputError("--batch must be at least 1");
+    if (opt.batch < 1 || opt.batch > kMaxBatch)
+      throw InputError("--batch " + std::to_string(opt.batch) + ": must lie in 1-" +
+                       std::to_string(kMaxBatch));
+    if (opt.threads < 1 || opt.threads > kMaxThreads)
+      throw InputError("--threads " + std::to_string(opt.threads) + ": must lie in 1-" +
+                       std::to_string(kMaxThreads));
     backend_entry->check(c, plan, synthetic);
   });
   const ModelConfig& cfg = ck ? ck->config() : synthetic_cfg;

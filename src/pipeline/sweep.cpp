@@ -7,10 +7,17 @@
 #include <filesystem>
 #include <map>
 #include <random>
-#include <regex>
+#include <cctype>
+#include <cstring>
+#include <limits>
+#include <string_view>
 
+#include "io/bounded_text.hpp"
+#include "io/isolated.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/probes.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/recorder.hpp"
 
 namespace sinkscope {
@@ -21,10 +28,33 @@ int64_t step_from_name(const std::string& folder) {
       fs::path(folder).lexically_normal().filename().string().empty()
           ? fs::path(folder).lexically_normal().parent_path().filename().string()
           : fs::path(folder).lexically_normal().filename().string();
-  std::smatch m;
-  if (std::regex_search(base, m,
-                        std::regex("(?:step|iter|checkpoint)[-_]?(\\d+)", std::regex::icase)))
-    return std::stoll(m[1]);
+  // The leftmost "step", "iter" or "checkpoint" (any case), an optional '-' or '_', then digits:
+  // scanned by hand, the number checked without overflow.
+  const auto lower = [](char c) {
+    return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  };
+  for (size_t i = 0; i < base.size(); ++i) {
+    for (const std::string_view word : {"step", "iter", "checkpoint"}) {
+      if (base.size() - i < word.size()) continue;
+      bool same = true;
+      for (size_t k = 0; k < word.size() && same; ++k) same = lower(base[i + k]) == word[k];
+      if (!same) continue;
+      size_t begin = i + word.size();
+      if (begin < base.size() && (base[begin] == '-' || base[begin] == '_') &&
+          begin + 1 < base.size() && std::isdigit(static_cast<unsigned char>(base[begin + 1])))
+        ++begin;
+      size_t end = begin;
+      while (end < base.size() && std::isdigit(static_cast<unsigned char>(base[end]))) ++end;
+      if (end == begin) continue;
+      uint64_t step = 0;
+      if (!parse_decimal(std::string_view(base).substr(begin, end - begin),
+                         static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), &step))
+        throw InputError(folder +
+                         ": the step in the folder name does not fit int64 (give the "
+                         "step with --step or --steps)");
+      return static_cast<int64_t>(step);
+    }
+  }
   return -1;
 }
 
@@ -68,30 +98,101 @@ std::vector<SweepCheckpoint> list_checkpoints(const std::vector<std::string>& mo
   return out;
 }
 
+namespace {
+
+// Range checks of a file that read back whole and matched its checksum (or had none): the
+// quantities docs/metrics.md bounds must lie in their ranges, and the tokens must be the ones the
+// attribute names. Returns what is wrong, empty when nothing is.
+std::string out_of_range(const Analysis& a) {
+  const AnalysisMeta& m = a.meta;
+  // float32 rounding of means and shares of values in [0, 1].
+  constexpr float kSlack = 1e-4f;
+  const auto fraction = [&](const FloatArray& values, const char* name) -> std::string {
+    for (const float v : values.data)
+      if (!(v >= -kSlack && v <= 1 + kSlack))
+        return std::string(name) + " holds " + std::to_string(v) + ", outside [0, 1]";
+    return "";
+  };
+  const std::pair<const FloatArray*, const char*> fractions[] = {
+      {&a.sink_score, "attention/sink_score"},        {&a.sink_rate, "attention/sink_rate"},
+      {&a.p0_per_query, "attention/p0_per_query"},    {&a.p0_topk_freq, "routing/p0_topk_freq"},
+      {&a.rest_topk_freq, "routing/rest_topk_freq"},  {&a.layer_share, "profile/layer_share"},
+      {&a.norm_gain_share, "profile/norm_gain_share"}};
+  for (const auto& [values, name] : fractions)
+    if (std::string why = fraction(*values, name); !why.empty()) return why;
+  if (!(a.first2_share >= -kSlack && a.first2_share <= 1 + kSlack))
+    return "profile/first2_share " + std::to_string(a.first2_share) + " is outside [0, 1]";
+  if (a.peak_layer < 0 || (m.num_layers > 0 && a.peak_layer >= m.num_layers))
+    return "profile/peak_layer " + std::to_string(a.peak_layer) + " is not a layer";
+  if (!(a.entropy >= -kSlack && std::isfinite(a.entropy)))
+    return "profile/entropy " + std::to_string(a.entropy) + " is not a finite entropy";
+  for (const int32_t count : a.massive_p0.data)
+    if (count < 0 || count > m.hidden_size)
+      return "residual/massive_p0 holds " + std::to_string(count) + ", outside [0, hidden_size]";
+  for (const int32_t id : a.tokens.data)
+    if (id < 0) return "tokens holds the negative id " + std::to_string(id);
+  if (tokens_sha256(a.tokens) != m.tokens_sha256)
+    return "the tokens do not match the tokens_sha256 attribute";
+  return "";
+}
+
+// Resources of one file's read in a child (limits.hpp): HDF5 given a damaged file can allocate
+// tens of GB or loop without end. A valid file needs about its uncompressed size, and deflate on
+// our float datasets gains far less than 16x; reading runs at far more than 1 MiB/s.
+uint64_t read_memory_budget(const std::string& path) {
+  std::error_code error;
+  const uint64_t size = fs::file_size(path, error);
+  return (uint64_t{1} << 30) + 16 * (error ? 0 : size);
+}
+int read_seconds(const std::string& path) {
+  std::error_code error;
+  const uint64_t size = fs::file_size(path, error);
+  return kIsolatedReadSeconds + static_cast<int>(std::min<uint64_t>(error ? 0 : size >> 20, 86400));
+}
+
+// read_analysis in a child process: HDF5 crashes, aborts or runs away on some damaged files (one
+// flipped byte can make it segfault reading a string attribute), and a sweep must survive them.
+// `check` runs in the child on what was read; returns {true, its answer} or {false, the reason
+// the file cannot be used}.
+IsolatedResult read_in_child(const std::string& path,
+                             const std::function<std::string(const Analysis&)>& check) {
+  IsolatedResult result = run_isolated(
+      [&]() -> std::string {
+        try {
+          return "+" + check(read_analysis(path));
+        } catch (const std::exception& e) {
+          return std::string("-damaged (") + e.what() + ")";
+        }
+      },
+      read_seconds(path), read_memory_budget(path));
+  if (!result.completed) return {false, "damaged (" + result.answer + ")"};
+  const bool ok = !result.answer.empty() && result.answer[0] == '+';
+  return {ok, result.answer.empty() ? "damaged (no answer)" : result.answer.substr(1)};
+}
+
+}  // namespace
+
 bool analysis_file_matches(const std::string& path, const std::string& sha, const ModelConfig& c,
                            std::string* why) {
   if (!fs::exists(path)) {
     if (why) *why = "missing";
     return false;
   }
-  try {
-    const Analysis a = read_analysis(path);
+  const IsolatedResult result = read_in_child(path, [&](const Analysis& a) -> std::string {
     const AnalysisMeta& m = a.meta;
-    if (m.tokens_sha256 != sha) {
-      if (why) *why = "made with other probes";
-      return false;
-    }
+    // A file without a checksum (an older sinkscope, another writer) cannot show it is undamaged.
+    if (m.content_sha256.empty()) return "no content checksum (content_sha256): redone to be safe";
+    if (std::string range = out_of_range(a); !range.empty()) return "damaged (" + range + ")";
+    if (m.tokens_sha256 != sha) return "made with other probes";
     if (m.num_layers != c.num_layers || m.num_heads != c.num_heads ||
         m.num_experts != c.num_experts || m.hidden_size != c.hidden_size ||
-        m.num_kv_heads != c.num_kv_heads || m.head_dim != c.head_dim) {
-      if (why) *why = "made for another model shape";
-      return false;
-    }
-    return true;
-  } catch (const std::exception& e) {
-    if (why) *why = std::string("damaged (") + e.what() + ")";
-    return false;
-  }
+        m.num_kv_heads != c.num_kv_heads || m.head_dim != c.head_dim)
+      return "made for another model shape";
+    return "";
+  });
+  const bool matches = result.completed && result.answer.empty();
+  if (why) *why = result.answer;
+  return matches;
 }
 
 namespace {
@@ -102,7 +203,7 @@ double tv_distance(const float* a, const float* b, size_t n) {
   return 0.5 * d;
 }
 
-// Positive parts normalised to sum 1 (all zero when nothing is positive): METRICS.md section 5's
+// Positive parts normalised to sum 1 (all zero when nothing is positive): docs/metrics.md section 5's
 // normalisation, shared by both profiles.
 void positive_shares(const std::vector<double>& v, float* out) {
   double total = 0;
@@ -193,6 +294,14 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
   std::vector<Analysis> ok;
   for (const auto& c : cps) {
     const std::string path = (fs::path(outdir) / "checkpoints" / (c.name + ".h5")).string();
+    // Read first in a child: a file HDF5 would crash or run away on, or one that fails its
+    // checksum or range checks, is listed as failed; the parent then reads only files that read
+    // back cleanly there.
+    const IsolatedResult probe = read_in_child(path, [](const Analysis& a) { return out_of_range(a); });
+    if (!probe.completed || !probe.answer.empty()) {
+      s.failed.push_back(c.name);
+      continue;
+    }
     try {
       ok.push_back(read_analysis(path));
       s.steps.push_back(c.step >= 0 ? c.step : ok.back().meta.step);

@@ -389,7 +389,7 @@ double sink_weighted_drop(const FloatArray& alpha, const float* ablated) {
 
 namespace {
 // Shares of positive parts, sum 1 (all zero when nothing is positive); first-two share and peak
-// layer of METRICS.md section 5 applied to a [L+1] profile.
+// layer of docs/metrics.md section 5 applied to a [L+1] profile.
 void positive_shares(const std::vector<double>& v, FloatArray* share, float* first2,
                      int32_t* peak) {
   const size_t n = v.size();

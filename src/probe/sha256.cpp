@@ -1,6 +1,8 @@
-// SHA-256 (FIPS 180-4) of the token bytes, for the `tokens_sha256` attribute; tested against the
-// standard's vectors in tests/unit/test_probes.cpp.
-#include <array>
+// SHA-256 (FIPS 180-4): the `tokens_sha256` attribute and the analysis files' `content_sha256`;
+// tested against the standard's vectors in tests/unit/test_probes.cpp.
+#include "probe/sha256.hpp"
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -51,26 +53,48 @@ void block(std::array<uint32_t, 8>& h, const uint8_t* p) {
 
 }  // namespace
 
-std::string sha256_hex(const void* data, size_t n) {
-  std::array<uint32_t, 8> h = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                               0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+Sha256::Sha256()
+    : state_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+             0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
+
+void Sha256::update(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
-  size_t i = 0;
-  for (; i + 64 <= n; i += 64) block(h, p + i);
+  total_ += n;
+  if (buffered_ > 0) {  // complete the partial block first
+    const size_t take = std::min(n, sizeof(buffer_) - buffered_);
+    std::memcpy(buffer_ + buffered_, p, take);
+    buffered_ += take;
+    p += take;
+    n -= take;
+    if (buffered_ < sizeof(buffer_)) return;
+    block(state_, buffer_);
+    buffered_ = 0;
+  }
+  for (; n >= 64; p += 64, n -= 64) block(state_, p);
+  std::memcpy(buffer_, p, n);
+  buffered_ = n;
+}
+
+std::string Sha256::hex_digest() {
   uint8_t tail[128] = {0};
-  const size_t rest = n - i;
-  std::memcpy(tail, p + i, rest);
-  tail[rest] = 0x80;
-  const size_t len = rest + 1 + 8 <= 64 ? 64 : 128;
-  const uint64_t bits = static_cast<uint64_t>(n) * 8;
+  std::memcpy(tail, buffer_, buffered_);
+  tail[buffered_] = 0x80;
+  const size_t len = buffered_ + 1 + 8 <= 64 ? 64 : 128;
+  const uint64_t bits = total_ * 8;
   for (int j = 0; j < 8; ++j) tail[len - 1 - j] = static_cast<uint8_t>(bits >> (8 * j));
-  block(h, tail);
-  if (len == 128) block(h, tail + 64);
+  block(state_, tail);
+  if (len == 128) block(state_, tail + 64);
   static const char* hex = "0123456789abcdef";
   std::string out;
-  for (uint32_t v : h)
+  for (uint32_t v : state_)
     for (int j = 28; j >= 0; j -= 4) out.push_back(hex[(v >> j) & 0xf]);
   return out;
+}
+
+std::string sha256_hex(const void* data, size_t n) {
+  Sha256 sha;
+  sha.update(data, n);
+  return sha.hex_digest();
 }
 
 }  // namespace sinkscope

@@ -114,7 +114,135 @@ expect_input_error "contradictory config" "does not divide hidden_size" xdir -- 
 cp -r model nanw
 "$py" "$root/tests/tools/patch_safetensors.py" nanw/model.safetensors model.layers.2.self_attn.o_proj.weight inf 7
 expect_input_error "Inf in a weight" "tensor 'model.layers.2.self_attn.o_proj.weight' holds a non-finite value" x.h5 -- "$bin" analyze --model nanw --tokens tok.npy --out x.h5
-ls ./*.tmp.* >/dev/null 2>&1 && bad "temporary files left behind" || ok "no temporary files left"
+
+# ---- Reliability II (docs/reliability.md): every case exits 1 (bad input) or 2 (runtime failure)
+# with one line, never a signal, a hang (each command runs under `timeout`) or unbounded memory.
+T="timeout 30"
+# 1. Long text fields: std::regex overflowed the stack (segfault).
+expect_input_error "--probes with 30000 digits" "--probes 'random:99999" x.h5 -- \
+  $T "$bin" analyze --model model --probes "random:$(printf '9%.0s' $(seq 30000)):8:0" --out x.h5
+"$py" - <<'PY'
+import struct
+def npy(header, data=b"", major=1):
+    fixed = 10 if major == 1 else 12
+    header += " " * ((64 - (fixed + len(header) + 1) % 64) % 64) + "\n"
+    size = struct.pack("<H", len(header)) if major == 1 else struct.pack("<I", len(header))
+    return b"\x93NUMPY" + bytes([major, 0]) + size + header.encode() + data
+open("longdescr.npy", "wb").write(npy("{'descr': '" + "x" * 40000 + "', 'fortran_order': False, 'shape': (1, 2), }", b"\0" * 8, 2))
+open("digits.npy", "wb").write(npy("{'descr': '<i4', 'fortran_order': False, 'shape': (12345678901234567890123, 2), }"))
+open("overflow.npy", "wb").write(npy("{'descr': '<i8', 'fortran_order': False, 'shape': (2147483648, 2147483648), }"))
+PY
+expect_input_error ".npy with a 40 KB descr" "longdescr.npy: token dtype 'xxxx" x.h5 -- $T "$bin" analyze --model model --tokens longdescr.npy --out x.h5
+# 2./3. FIFOs and device nodes in place of the small files: refused, never opened for blocking reads.
+mkfifo tokfifo.npy tokfifo.h5
+expect_input_error "FIFO as the .npy token file" "tokfifo.npy: token file is a FIFO" x.h5 -- $T "$bin" analyze --model model --tokens tokfifo.npy --out x.h5
+expect_input_error "FIFO as the .h5 token file" "tokfifo.h5: token file is a FIFO" x.h5 -- $T "$bin" analyze --model model --tokens tokfifo.h5 --out x.h5
+ln -s /dev/zero zero.npy
+expect_input_error "/dev/zero as the token file" "zero.npy: token file is a character device" x.h5 -- $T "$bin" analyze --model model --tokens zero.npy --out x.h5
+mkdir fifo_st fifo_idx fifo_cfg zero_idx zero_cfg
+cp model/config.json fifo_st/ && mkfifo fifo_st/model.safetensors
+expect_input_error "FIFO as model.safetensors" "fifo_st/model.safetensors: safetensors file is a FIFO" x.h5 -- $T "$bin" analyze --model fifo_st --tokens tok.npy --out x.h5
+cp model/* fifo_idx/ && mkfifo fifo_idx/model.safetensors.index.json
+expect_input_error "FIFO as the index" "model.safetensors.index.json: safetensors index is a FIFO" x.h5 -- $T "$bin" inspect --model fifo_idx
+cp model/* zero_idx/ && ln -s /dev/zero zero_idx/model.safetensors.index.json
+expect_input_error "/dev/zero as the index" "safetensors index is a character device" x.h5 -- $T "$bin" inspect --model zero_idx
+cp model/model.safetensors fifo_cfg/ && mkfifo fifo_cfg/config.json
+expect_input_error "FIFO as config.json" "fifo_cfg/config.json: config file is a FIFO" x.h5 -- $T "$bin" analyze --model fifo_cfg --probes random:2:8:1 --out x.h5
+cp model/model.safetensors zero_cfg/ && ln -s /dev/zero zero_cfg/config.json
+expect_input_error "/dev/zero as config.json" "zero_cfg/config.json: config file is a character device" x.h5 -- $T "$bin" inspect --model zero_cfg
+# 4. A 30 MB safetensors header of '[' (7.2 GB for 100 MB before): refused at once, in bounded memory.
+mkdir deep && cp model/config.json deep/
+"$py" -c "import struct; h=b'['*(30<<20); open('deep/model.safetensors','wb').write(struct.pack('<Q',len(h))+h)"
+expect_input_error "deeply nested safetensors header" "deep/model.safetensors: safetensors header: JSON nested more than 64 levels deep" x.h5 -- \
+  $T bash -c "ulimit -v 2000000; exec \"\$0\" inspect --model deep" "$bin"
+rm -rf deep
+# 6. A full disk at the output: exit 2 and one line, no segfault in HDF5's exit handler, no file.
+# A small tmpfs when this runs as root and may mount one, otherwise a file size limit (EFBIG).
+expect_runtime_error() {  # NAME FRAGMENT OUTPUT -- command...
+  local name=$1 fragment=$2 output=$3
+  shift 4
+  "$@" >"$work/stdout" 2>"$work/stderr"
+  local rc=$? lines leftovers
+  lines=$(grep -c . "$work/stderr")
+  leftovers=$(find "$(dirname "$output")" -maxdepth 1 -name '.*.tmp' | wc -l)
+  if [ "$rc" = 2 ] && [ "$lines" = 1 ] && grep -qF -- "$fragment" "$work/stderr" && [ ! -e "$output" ] && [ "$leftovers" = 0 ]; then
+    ok "$name"
+  else
+    bad "$name (exit $rc, $lines lines, $leftovers temporaries): $(head -c 600 "$work/stderr")"
+  fi
+}
+expect_runtime_error "file size limit reached while writing" "File too large" big.h5 -- \
+  bash -c "ulimit -f 200; exec \"\$0\" analyze --quiet --model model --probes random:400:64:1 --per-query --out big.h5" "$bin"
+mkdir -p small
+if [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=256k sinkscope-test small 2>/dev/null; then
+  expect_runtime_error "full disk (tmpfs)" "No space left on device" small/big.h5 -- \
+    "$bin" analyze --quiet --model model --probes random:400:64:1 --per-query --out small/big.h5
+  umount small
+else
+  echo "note: no tmpfs (not root or no mount permission); the file size limit case stands for a full disk"
+fi
+# 7. Outputs that are not regular files, or cannot be written: refused before any work.
+mkfifo outfifo.h5
+expect_input_error "FIFO at --out" "--out outfifo.h5: it exists and is a FIFO" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --out outfifo.h5
+[ -p outfifo.h5 ] && ok "the FIFO at --out is still a FIFO" || bad "the FIFO at --out was replaced"
+expect_input_error "device node at --out" "--out /dev/null: it exists and is a character device" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --out /dev/null
+mkdir outdir.h5
+expect_input_error "folder at --out" "--out outdir.h5: it is a folder" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --out outdir.h5
+mkfifo failed_fifo
+expect_input_error "FIFO at --failed-list" "--failed-list failed_fifo: it exists and is a FIFO" x.h5 -- \
+  $T "$bin" sweep --models model --tokens tok.npy --out swout --failed-list failed_fifo
+# 9. Token counts: checked (overflow-safe) before anything is allocated.
+"$py" -c "
+import h5py
+with h5py.File('huge_tokens.h5', 'w') as f:
+    f.create_dataset('tokens', shape=(2**15, 2**14), dtype='i4', chunks=(1024, 1024), compression='gzip')"
+expect_input_error "tiny .h5 declaring 2^29 tokens" "huge_tokens.h5: /tokens: 32768 probes x 16384 positions exceed the limit of 268435456 tokens" x.h5 -- \
+  $T bash -c "ulimit -v 3000000; exec \"\$0\" analyze --model model --tokens huge_tokens.h5 --out x.h5" "$bin"
+expect_input_error ".npy shape (2^31, 2^31)" "overflow.npy: shape entry 2147483648 exceeds the limit of 268435456 tokens" x.h5 -- $T "$bin" analyze --model model --tokens overflow.npy --out x.h5
+expect_input_error "random:65536:65536:0" "65536 probes x 65536 positions exceed the limit of 268435456 tokens" x.h5 -- $T "$bin" analyze --model model --probes random:65536:65536:0 --out x.h5
+# 11.-13. Numbers in options and files: checked, bounded, named.
+expect_input_error "--threads 40000" "--threads: Value 40000 not in range 1 to 1024" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --threads 40000 --out x.h5
+expect_input_error "--threads 65536" "--threads: Value 65536 not in range" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --threads 65536 --out x.h5
+expect_input_error "--prepend-bos 4294967296" "--prepend-bos 4294967296: not a token id of the model" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --prepend-bos 4294967296 --out x.h5
+expect_input_error "--prepend-bos 64 (= vocab_size)" "--prepend-bos 64: not a token id" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --prepend-bos 64 --out x.h5
+expect_input_error "--probes N past uint64" "--probes 'random:99999999999999999999:8:0': N must be a whole number" x.h5 -- $T "$bin" analyze --model model --probes random:99999999999999999999:8:0 --out x.h5
+expect_input_error "--ablate layers past int64" "--ablate 'layers=99999999999999999999'" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --ablate layers=99999999999999999999 --out x.h5
+expect_input_error "--ablate syntax in a sweep, before any checkpoint" "--ablate 'layerz=1'" x.h5 -- $T "$bin" sweep --models model --tokens tok.npy --ablate layerz=1 --out swout2
+[ ! -e swout2/checkpoints/model.h5 ] && ok "no checkpoint analysed with a bad --ablate" || bad "a checkpoint was analysed with a bad --ablate"
+expect_input_error "23-digit .npy shape entry" "digits.npy: shape entry 12345678901234567890123 exceeds the limit" x.h5 -- $T "$bin" analyze --model model --tokens digits.npy --out x.h5
+expect_input_error "--batch 9223372036854775807" "--batch: Value 9223372036854775807 not in range 1 to 1048576" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --batch 9223372036854775807 --out x.h5
+# 14. An index whose metadata has a key equal to a tensor name is valid.
+mkdir idxmeta && cp model/* idxmeta/
+"$py" - <<'PY'
+import json, struct
+raw = open("idxmeta/model.safetensors", "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+names = [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
+json.dump({"metadata": {names[0]: 1, "total_size": len(raw)},
+           "weight_map": {k: "model.safetensors" for k in names}}, open("idxmeta/model.safetensors.index.json", "w"))
+PY
+"$bin" inspect --model idxmeta | grep -q "validation: ok" && ok "index metadata may repeat a tensor name" || bad "index metadata repeating a tensor name refused"
+# 15. The longest legal output name (251 + '.h5' = 254 characters) works; one past NAME_MAX is refused first.
+long=$(printf 'n%.0s' $(seq 251)).h5
+$T "$bin" analyze --quiet --model model --tokens tok.npy --out "$long" && [ -f "$long" ] && ok "a 254-character output name" || bad "a 254-character output name"
+rm -f "$long"
+expect_input_error "a 256-character output name" "file name has 256 bytes, more than the filesystem's limit of 255" x.h5 -- \
+  $T "$bin" analyze --model model --tokens tok.npy --out "$(printf 'n%.0s' $(seq 253)).h5"
+# 16. A zero-sized tensor with a dimension above INT64_MAX (inspect printed [0, -1]).
+mkdir bigdim && cp model/config.json bigdim/
+"$py" - <<'PY'
+import json, struct
+raw = open("model/model.safetensors", "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+data = raw[8 + n:]
+header["extra"] = {"dtype": "F32", "shape": [0, 18446744073709551615], "data_offsets": [len(data), len(data)]}
+text = json.dumps(header).encode()
+text += b" " * ((8 - len(text) % 8) % 8)
+open("bigdim/model.safetensors", "wb").write(struct.pack("<Q", len(text)) + text + data)
+PY
+expect_input_error "dimension above INT64_MAX" "tensor 'extra': shape entry 18446744073709551615 does not fit int64" x.h5 -- $T "$bin" inspect --model bigdim
+find . -maxdepth 3 -name '.*.tmp' | grep -q . && bad "temporary files left behind" || ok "no temporary files left"
 
 # A sweep, interrupted (one file deleted, one truncated) and resumed, equals the uninterrupted one.
 for s in 0 100 200 400; do "$bin" synth --config "$root/tests/data/tiny_moe.json" --out "trace/step$s" --seed $((s + 3)) 2>/dev/null; done
@@ -130,6 +258,22 @@ for f in full/checkpoints/*.h5 full/sweep.h5; do
   "$py" "$root/tests/tools/compare_h5.py" "$f" "resumed/${f#full/}" --rtol 0 >/dev/null || same=0
 done
 [ "$same" = 1 ] && ok "resumed sweep is identical to the uninterrupted one" || bad "resumed sweep differs"
+# 8. One flipped byte in a dataset of a finished file passed --resume unnoticed: the content
+#    checksum (content_sha256) catches it and the checkpoint is redone.
+cp -r full flipped
+"$py" - <<'PY'
+import h5py
+path = "flipped/checkpoints/step0.h5"
+with h5py.File(path, "r") as f:
+    offset = f["attention/sink_score"].id.get_offset()
+data = bytearray(open(path, "rb").read())
+data[offset + 1] ^= 0x01
+open(path, "wb").write(data)
+PY
+"$bin" sweep --models-glob 'trace/step*' --tokens tok.npy --out flipped --resume 2>flip.log
+grep -q "redoing step0: damaged (.*content does not match its checksum" flip.log && grep -q "step100: done already" flip.log &&
+  "$py" "$root/tests/tools/compare_h5.py" full/checkpoints/step0.h5 flipped/checkpoints/step0.h5 --rtol 0 >/dev/null &&
+  ok "--resume redoes a file with a flipped byte in a dataset" || bad "--resume and a flipped byte: $(cat flip.log)"
 "$py" -c "
 import h5py; f=h5py.File('full/sweep.h5')
 assert list(f['steps'][()]) == [0, 100, 200, 400], f['steps'][()]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Failures across ranks: bad input exits 1 on every rank with one line; a fault on one rank part
-# way through, or a rank killed with SIGKILL, takes the whole job down within 30 s; no output
-# file is left behind in any case.
+# way through, a rank killed with SIGKILL, or a rank stopped with SIGSTOP (--rank-timeout) takes
+# the whole job down within 30 s; no output file is left behind in any case.
 # usage: test_failures.sh SINKSCOPE REPO_ROOT [MPIEXEC]
 set -uo pipefail
 bin=$1 root=$2 mpiexec=${3:-mpirun}
@@ -87,6 +87,41 @@ if [ -n "$victim" ] && kill -0 "$victim" 2>/dev/null; then
 else
   wait "$launcher"
   echo "FAIL: could not find a rank to kill"
+  fail=1
+fi
+
+# 7. A stalled rank (SIGSTOP: a frozen node, a hung filesystem) used to hang the job forever. With
+#    --rank-timeout 5 the ranks waiting for it give up in a collective after 5 s (plus at most 3 s
+#    of per-rank stagger), one line names the wait, MPI_Abort ends the job; no output file.
+"$mpiexec" --oversubscribe -np 4 "$bin" analyze --quiet --model "$work/slow" --probes random:20000:64:1 --batch 1 \
+  --tp 2 --ep 2 --rank-timeout 5 --out "$work/stopped.h5" 2>"$work/err7" &
+launcher=$!
+victim=""
+for _ in $(seq 100); do
+  victim=$(pgrep -P "$launcher" -f "stopped.h5" | sed -n 3p)
+  [ -n "$victim" ] && break
+  sleep 0.1
+done
+sleep 1
+if [ -n "$victim" ] && kill -STOP "$victim" 2>/dev/null; then
+  start=$(date +%s)
+  # Bounded wait for the launcher: a hang shows up as a failure here, not as a stuck test.
+  for _ in $(seq 600); do kill -0 "$launcher" 2>/dev/null || break; sleep 0.1; done
+  took=$(( $(date +%s) - start ))
+  if kill -0 "$launcher" 2>/dev/null; then
+    check "a stopped rank ends the job (still running after ${took}s)" 'false'
+    kill -KILL "$victim" "$launcher" 2>/dev/null
+  fi
+  wait "$launcher"
+  rc=$?
+  kill -KILL "$victim" 2>/dev/null
+  check "SIGSTOP of rank pid $victim ends the job within 30 s (status $rc, ${took}s)" '[ $rc != 0 ] && [ $took -le 30 ]'
+  check "one line names the wait and the limit" \
+    '[ "$(grep -c "did not complete within 5 s (--rank-timeout)" "$work/err7")" = 1 ]'
+  check "no output file after the stall" '[ ! -e "$work/stopped.h5" ]'
+else
+  wait "$launcher"
+  echo "FAIL: could not find a rank to stop"
   fail=1
 fi
 exit "$fail"

@@ -15,8 +15,9 @@ Tolerances (why they are what they are):
   largest values; small entries next to large ones are therefore judged on the dataset's scale.
 - Integer, boolean and string datasets must be equal.
 - Floating-point attributes (eps, sink_rate, tau): relative 1e-5 of their own magnitude.
-- Attributes ignored: created_utc (a clock); command_line and options (the command as run, which
-  differs between a direct sweep and array tasks); tp, ep, etp, dp, world_size, layout describe the
+- Attributes ignored: created_utc (a clock); content_sha256 (the file's checksum, which covers the
+  clock; what it covers is compared); command_line and options (the command as run, which differs
+  between a direct sweep and array tasks); tp, ep, etp, dp, world_size, layout describe the
   layout, which differs on purpose: --layout checks the candidate's values instead.
 - Dimension scales (DIMENSION_LIST, REFERENCE_LIST hold object references, which differ between
   files) are compared by the names of the scales attached to each axis.
@@ -30,7 +31,7 @@ import h5py
 import numpy as np
 
 REL_TOL = 1e-5
-IGNORED_ATTRS = {"created_utc", "command_line", "options", "DIMENSION_LIST", "REFERENCE_LIST"}
+IGNORED_ATTRS = {"created_utc", "content_sha256", "command_line", "options", "DIMENSION_LIST", "REFERENCE_LIST"}
 # etp follows the layout; the identity error is rounding that differs with summation order.
 LAYOUT_ATTRS = {"tp", "ep", "etp", "dp", "world_size", "layout", "circuit_identity_max_rel_err"}
 
@@ -134,7 +135,7 @@ def main():
         problems.append(f"{args.reference}/checkpoints: no analysis file")
     if ref_files != cand_files:
         problems.append(f"checkpoint files differ: reference {ref_files}, candidate {cand_files}")
-    leftovers = sorted(str(p) for p in args.candidate.rglob("*.tmp.*"))
+    leftovers = sorted(str(p) for p in args.candidate.rglob(".*.tmp"))
     if leftovers:
         problems.append(f"temporary files left behind: {leftovers}")
 

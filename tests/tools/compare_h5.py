@@ -6,7 +6,8 @@ arrays): differences relative to the array's scale, because summation order legi
 between parallel layouts and entries near zero have no meaningful relative error. Integer and
 string datasets must be equal. Root attributes must be equal except the ones that describe the
 run rather than the result: always created_utc, command_line and options (format version 2
-provenance), and those given with --ignore-attrs.
+provenance) and content_sha256 (the file's checksum, which covers the clock; the datasets and
+attributes it covers are compared), and those given with --ignore-attrs.
 
 usage: compare_h5.py A.h5 B.h5 [--rtol 1e-5] [--ignore-attrs created_utc,layout,...]
 exit 0 when equal within tolerance, 1 otherwise (a line per difference).
@@ -26,7 +27,7 @@ def main():
     ap.add_argument("--ignore-attrs", default="created_utc")
     ap.add_argument("--skip", default="", help="comma-separated dataset names not compared")
     args = ap.parse_args()
-    ignore = set(filter(None, args.ignore_attrs.split(","))) | {"created_utc", "command_line", "options"}
+    ignore = set(filter(None, args.ignore_attrs.split(","))) | {"created_utc", "command_line", "options", "content_sha256"}
     skip = set(filter(None, args.skip.split(",")))
     fa, fb = h5py.File(args.a, "r"), h5py.File(args.b, "r")
     problems = []

@@ -1,12 +1,18 @@
 // The reader's accept and reject cases. Bad files are generated here, not stored in the repo.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 
 #include "sinkscope/family.hpp"
+#include "io/isolated.hpp"
+#include "io/json_bounded.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/synth.hpp"
 #include "test_util.hpp"
 
@@ -157,7 +163,8 @@ TEST_F(CheckpointFiles, RejectsHugeAndPastEndHeaderLength) {
   uint64_t n = 200ull << 20;
   std::memcpy(bytes.data(), &n, 8);
   test::write_file(path, bytes);
-  EXPECT_NE(expect_open_error(dir.path()).find("exceeds 100 MB"), std::string::npos);
+  EXPECT_NE(expect_open_error(dir.path()).find("exceeds the limit of 104857600 bytes"),
+            std::string::npos);
   n = bytes.size();
   std::memcpy(bytes.data(), &n, 8);
   test::write_file(path, bytes);
@@ -227,4 +234,150 @@ TEST_F(CheckpointFiles, ShardedIndex) {
   test::write_file(dir / "model.safetensors.index.json",
                    "{\"weight_map\":{" + map + ",\"extra\":\"s3.safetensors\"}}");
   EXPECT_NE(expect_open_error(dir.path()).find("does not exist"), std::string::npos);
+}
+
+// ---- Reliability: nesting, sizes and file types of untrusted checkpoint files -------------------
+
+TEST(SafetensorsHeader, NestingIsBoundedAtOnce) {
+  // 100 MiB of '[' (the largest header allowed) took 7.2 GB and 36 s; now the parse stops at
+  // the 65th level.
+  const std::string brackets(kMaxSafetensorsHeaderBytes, '[');
+  const auto start = std::chrono::steady_clock::now();
+  expect_reject(brackets, 0, "safetensors header: JSON nested more than 64 levels deep");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 2.0);
+  // Exactly 64 levels are parsed (and then refused for what they are), 65 are not.
+  const auto nested = [](int levels) {
+    return R"({"__metadata__":)" + std::string(levels - 1, '[') + std::string(levels - 1, ']') +
+           "}";
+  };
+  expect_reject(nested(64), 0, "__metadata__ is not an object");
+  expect_reject(nested(65), 0, "nested more than 64 levels deep");
+}
+
+TEST(SafetensorsHeader, RejectsDimensionsBeyondInt64) {
+  // A zero-sized tensor passed the byte count whatever its other dimensions ([0, -1] in inspect).
+  expect_reject(R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0,
+                "tensor 'a': shape entry 18446744073709551615 does not fit int64");
+  expect_reject(R"({"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}})", 0,
+                "does not fit int64");
+  EXPECT_EQ(
+      parse(R"({"a":{"dtype":"F32","shape":[0,9223372036854775807],"data_offsets":[0,0]}})", 0)[0]
+          .shape[1],
+      std::numeric_limits<int64_t>::max());
+}
+
+TEST(SafetensorsHeader, QuotesLongNamesShortly) {
+  const std::string name(100000, 'n');
+  try {
+    parse(R"({")" + name + R"(":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}})", 4);
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_LT(std::string(e.what()).size(), 400u);
+    EXPECT_NE(std::string(e.what()).find("(100000 characters)"), std::string::npos);
+  }
+}
+
+TEST(SafetensorsIndex, DuplicatesCountOnlyInsideWeightMap) {
+  // `metadata` may hold a key equal to a tensor name ("tensor named twice" before).
+  const auto m = parse_safetensors_index(
+      R"({"metadata":{"a":1,"total_size":8},"weight_map":{"a":"s1.safetensors"}})", "i.json");
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_EQ(m[0].first, "a");
+  const auto error = [](const std::string& text) -> std::string {
+    try {
+      parse_safetensors_index(text, "i.json");
+    } catch (const InputError& e) {
+      return e.what();
+    }
+    return "accepted";
+  };
+  EXPECT_EQ(error(R"({"metadata":{"a":1},"weight_map":{"a":"s1","a":"s2"}})"),
+            "i.json: weight_map names tensor 'a' twice");
+  EXPECT_EQ(error(R"({"weight_map":{"a":"s1"},"weight_map":{"b":"s2"}})"),
+            "i.json: key 'weight_map' appears twice");
+  EXPECT_EQ(error(R"({"metadata":{"x":{"a":1,"a":2}},"weight_map":{"a":"s1"}})"), "accepted");
+  EXPECT_EQ(error(R"({"weight_map":)" + std::string(100, '[')),
+            "i.json: JSON nested more than 64 levels deep");
+}
+
+TEST(JsonBounded, DepthLimitAndMessages) {
+  EXPECT_EQ(parse_json_bounded("[[1]]", "x", 2), nlohmann::json::parse("[[1]]"));
+  EXPECT_THROW(parse_json_bounded("[[[1]]]", "x", 2), InputError);
+  EXPECT_THROW(parse_json_bounded(R"({"a":{"b":{}}})", "x", 2), InputError);
+  try {
+    parse_json_bounded("\"" + std::string(1000000, 'q'), "x.json", 64);
+    FAIL();
+  } catch (const InputError& e) {
+    // nlohmann quotes the unterminated string; the message keeps 200 characters of it.
+    EXPECT_EQ(std::string(e.what()).rfind("x.json: not valid JSON (", 0), 0u) << e.what();
+    EXPECT_LT(std::string(e.what()).size(), 400u);
+  }
+}
+
+namespace {
+
+// The InputError of Checkpoint::open, found in a child process with a deadline: reading a FIFO
+// used to block forever and /dev/zero to grow memory without end.
+std::string open_error_isolated(const std::string& dir) {
+  return run_isolated(
+             [&]() -> std::string {
+               try {
+                 Checkpoint::open(dir);
+               } catch (const InputError& e) {
+                 return e.what();
+               }
+               return "opened";
+             },
+             20)
+      .answer;
+}
+
+}  // namespace
+
+TEST_F(CheckpointFiles, RefusesFifosDevicesAndHugeSmallFiles) {
+  namespace fs = std::filesystem;
+  const std::string single = dir / "model.safetensors";
+  const std::string config = dir / "config.json";
+  const std::string index = dir / "model.safetensors.index.json";
+  fs::rename(single, dir / "weights");
+  ASSERT_EQ(::mkfifo(single.c_str(), 0600), 0);
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            single + ": safetensors file is a FIFO, not a regular file");
+  fs::remove(single);
+  fs::rename(dir / "weights", single);
+
+  ASSERT_EQ(::mkfifo(index.c_str(), 0600), 0);
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            index + ": safetensors index is a FIFO, not a regular file");
+  fs::remove(index);
+  fs::create_symlink("/dev/zero", index);
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            index + ": safetensors index is a character device, not a regular file");
+  fs::remove(index);
+  // Sparse: the size is refused before a byte is read.
+  test::write_file(index, "{}");
+  fs::resize_file(index, kMaxIndexBytes + 1);
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            index + ": safetensors index has " + std::to_string(kMaxIndexBytes + 1) +
+                " bytes, more than the limit of " + std::to_string(kMaxIndexBytes));
+  fs::remove(index);
+
+  const std::string saved = test::read_file(config);
+  fs::remove(config);
+  ASSERT_EQ(::mkfifo(config.c_str(), 0600), 0);
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            config + ": config file is a FIFO, not a regular file");
+  fs::remove(config);
+  fs::create_symlink("/dev/zero", config);
+  EXPECT_EQ(open_error_isolated(dir.path()),
+            config + ": config file is a character device, not a regular file");
+  fs::remove(config);
+  test::write_file(config, saved + std::string(kMaxConfigBytes, ' '));
+  EXPECT_NE(open_error_isolated(dir.path()).find("config file has"), std::string::npos);
+  test::write_file(config, std::string(100, '[') + std::string(100, ']'));
+  EXPECT_EQ(open_error_isolated(dir.path()), config + ": JSON nested more than 64 levels deep");
+  test::write_file(config, saved);
+  EXPECT_EQ(open_error_isolated(dir.path()), "opened");
 }

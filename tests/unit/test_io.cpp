@@ -4,9 +4,14 @@
 #include <gtest/gtest.h>
 #include <hdf5.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -15,6 +20,7 @@
 #include <vector>
 
 #include "io/hdf5_file.hpp"
+#include "io/isolated.hpp"
 #include "sinkscope/analysis.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/io.hpp"
@@ -40,12 +46,12 @@ class IoTest : public ::testing::Test {
   }
   std::string path(const std::string& name) const { return (dir_ / name).string(); }
 
-  // Names in the test folder that look like a commit's temporary.
+  // Names in the test folder that look like a commit's temporary (".<name>.<random>.tmp").
   std::vector<std::string> leftover_temporaries() const {
     std::vector<std::string> found;
     for (const auto& entry : fs::directory_iterator(dir_)) {
       const std::string name = entry.path().filename().string();
-      if (name.find(".tmp.") != std::string::npos) found.push_back(name);
+      if (name.find(".tmp") != std::string::npos) found.push_back(name);
     }
     return found;
   }
@@ -546,9 +552,11 @@ TEST_F(IoTest, FailingCallbackLeavesNoTemporaryAndKeepsThePreviousFile) {
                                    throw std::runtime_error("writer died");
                                  }),
                std::runtime_error);
-  char host[64] = {0};
-  ::gethostname(host, sizeof(host) - 1);
-  EXPECT_EQ(seen_tmp, target + ".tmp." + host + "." + std::to_string(::getpid()));
+  // A hidden name in the output's folder: ".out.txt.<8 random characters>.tmp".
+  const std::string prefix = path(".out.txt.");
+  EXPECT_EQ(seen_tmp.rfind(prefix, 0), 0u) << seen_tmp;
+  EXPECT_EQ(seen_tmp.size(), prefix.size() + 8 + 4) << seen_tmp;
+  EXPECT_EQ(seen_tmp.substr(seen_tmp.size() - 4), ".tmp");
   EXPECT_FALSE(fs::exists(seen_tmp));
   EXPECT_TRUE(leftover_temporaries().empty());
   std::string content;
@@ -752,6 +760,236 @@ TEST_F(IoTest, LargeDatasetsAreCompressedAndReadBack) {
   EXPECT_EQ(file.read_dataset<float>("big", &shape), big.data);
   EXPECT_EQ(shape, big.shape);
   EXPECT_EQ(file.read_string_attribute("dims", "big"), "a,b,c");
+}
+
+// ---- Reliability II: full disk, outputs that are not files, names, the content checksum
+// ----------
+
+TEST_F(IoTest, FullDiskEndsInOneErrorWithoutCrashOrLeftovers) {
+  // A write that runs out of room (here: past RLIMIT_FSIZE, as on a full disk) used to end in a
+  // segfault in HDF5's exit handler. The child writes, checks, then exits through exit(): every
+  // exit handler runs, as at the end of the command line tool.
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);  // what main() does: EFBIG instead of the signal
+    const rlimit limit{64 << 10, 64 << 10};
+    if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) ::_exit(10);
+    std::mt19937 rng(5);
+    const FloatArray noise = random_array<float>(rng, {512, 1024}, "a,b");  // 2 MB, incompressible
+    int code = 0;
+    try {
+      commit_atomically(path("full.h5"), [&](const std::string& tmp) {
+        h5::File file = h5::File::create(tmp);
+        file.write_dataset("noise", noise.ptr(), noise.shape, noise.dims);
+        file.close();
+      });
+      code = 11;  // the write cannot have fitted
+    } catch (const RuntimeFailure& e) {
+      const std::string message = e.what();
+      if (message.find("File too large") == std::string::npos || message.find('\n') != message.npos)
+        code = 12;
+    } catch (...) {
+      code = 13;
+    }
+    if (code == 0 && (fs::exists(path("full.h5")) || !leftover_temporaries().empty())) code = 14;
+    std::exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the writer died of signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "10 setrlimit, 11 no failure, 12 message, 13 exception "
+                                       "type, 14 output or temporary left";
+}
+
+TEST_F(IoTest, OutputThatIsNotARegularFileIsRefusedAndKept) {
+  bool filled = false;
+  const auto fill = [&](const std::string& tmp) {
+    filled = true;
+    std::ofstream(tmp) << "x";
+  };
+  const std::string fifo = path("out.h5");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  try {
+    commit_atomically(fifo, fill);
+    FAIL() << "a FIFO was replaced";
+  } catch (const InputError& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "cannot write " + fifo + ": it exists and is a FIFO, not a regular file");
+  }
+  struct stat st {};
+  ASSERT_EQ(::stat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_THROW(commit_atomically("/dev/null", fill), InputError);
+  fs::create_directory(path("folder.h5"));
+  EXPECT_THROW(commit_atomically(path("folder.h5"), fill), InputError);
+  EXPECT_THROW(commit_atomically(path("folder.h5") + "/", fill), InputError);
+  EXPECT_FALSE(filled);
+  EXPECT_THROW(check_output_path("/dev/null/x.h5", "--out "), InputError);
+}
+
+TEST_F(IoTest, EveryNameTheFilesystemAllowsCanBeWritten) {
+  // The temporary used to be "<name>.tmp.<host>.<pid>": a legal 251-character name failed at
+  // the very end with ENAMETOOLONG. Now the longest legal name works and a longer one is refused
+  // before any work.
+  const long name_max = ::pathconf(dir_.c_str(), _PC_NAME_MAX);
+  ASSERT_GT(name_max, 10);
+  const std::string longest = path(std::string(static_cast<size_t>(name_max) - 3, 'n') + ".h5");
+  std::string seen_tmp;
+  commit_atomically(longest, [&](const std::string& tmp) {
+    seen_tmp = tmp;
+    std::ofstream(tmp) << "x";
+  });
+  // The temporary keeps as much of the name as fits.
+  EXPECT_EQ(fs::path(seen_tmp).filename().string().size(), static_cast<size_t>(name_max));
+  write_analysis(longest, full_analysis());
+  expect_same_analysis(full_analysis(), read_analysis(longest));
+  EXPECT_TRUE(leftover_temporaries().empty());
+  const std::string too_long = path(std::string(static_cast<size_t>(name_max) - 2, 'n') + ".h5");
+  bool filled = false;
+  try {
+    commit_atomically(too_long, [&](const std::string&) { filled = true; });
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("more than the filesystem's limit of " +
+                                         std::to_string(name_max)),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(filled);
+}
+
+namespace {
+
+// Offset in the file of a contiguous dataset's data (HADDR_UNDEF for chunked ones).
+haddr_t data_offset(const std::string& file, const std::string& dataset) {
+  RawFile raw(file);
+  const hid_t set = H5Dopen2(raw.id, dataset.c_str(), H5P_DEFAULT);
+  const haddr_t offset = H5Dget_offset(set);
+  H5Dclose(set);
+  return offset;
+}
+
+std::string read_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void flip_byte(const std::string& file, uint64_t offset) {
+  std::string bytes = read_bytes(file);
+  bytes.at(offset) = static_cast<char>(bytes.at(offset) ^ 0x5a);
+  std::ofstream(file, std::ios::binary | std::ios::trunc).write(bytes.data(), bytes.size());
+}
+
+}  // namespace
+
+TEST_F(IoTest, ContentChecksumNoticesAChangedByteAnywhereInTheContent) {
+  write_analysis(path("a.h5"), full_analysis());
+  const Analysis clean = read_analysis(path("a.h5"));
+  EXPECT_EQ(clean.meta.content_sha256.size(), 64u);
+  // One byte of each dataset's values: every one of them read back "fine" before.
+  int flipped = 0;
+  for (const char* name :
+       {"tokens", "attention/sink_score", "residual/norm_p0", "circuit/attr_head",
+        "circuit/ablation/components", "profile/entropy", "profile/peak_layer"}) {
+    const haddr_t offset = data_offset(path("a.h5"), name);
+    ASSERT_NE(offset, HADDR_UNDEF) << name;
+    fs::copy_file(path("a.h5"), path("b.h5"), fs::copy_options::overwrite_existing);
+    flip_byte(path("b.h5"), offset + 1);
+    expect_input_error(path("b.h5"), "content does not match its checksum (content_sha256)");
+    ++flipped;
+  }
+  EXPECT_EQ(flipped, 7);
+  // A string attribute's value (variable-length strings live in the file's global heap).
+  const std::string bytes = read_bytes(path("a.h5"));
+  const size_t at = bytes.find("runs/toy/step00512");
+  ASSERT_NE(at, std::string::npos);
+  fs::copy_file(path("a.h5"), path("c.h5"), fs::copy_options::overwrite_existing);
+  flip_byte(path("c.h5"), at + 5);
+  expect_input_error(path("c.h5"), "content does not match its checksum");
+  // A number rewritten through the HDF5 API, as a tool would: the file is valid HDF5 throughout.
+  fs::copy_file(path("a.h5"), path("d.h5"), fs::copy_options::overwrite_existing);
+  {
+    RawFile raw(path("d.h5"), H5F_ACC_RDWR);
+    const hid_t attribute = H5Aopen_by_name(raw.id, "/", "sink_rate", H5P_DEFAULT, H5P_DEFAULT);
+    const double changed = 0.5;
+    ASSERT_GE(H5Awrite(attribute, H5T_NATIVE_DOUBLE, &changed), 0);
+    H5Aclose(attribute);
+  }
+  expect_input_error(path("d.h5"), "content does not match its checksum");
+}
+
+TEST_F(IoTest, FileWithoutChecksumStillReads) {
+  // Files of other writers (and earlier versions) carry no content_sha256: read as before.
+  write_analysis(path("a.h5"), full_analysis());
+  {
+    RawFile raw(path("a.h5"), H5F_ACC_RDWR);
+    ASSERT_GE(H5Adelete(raw.id, "content_sha256"), 0);
+  }
+  const Analysis a = read_analysis(path("a.h5"));
+  EXPECT_TRUE(a.meta.content_sha256.empty());
+  expect_same_analysis(full_analysis(), a);
+}
+
+TEST_F(IoTest, AFifoInPlaceOfAnAnalysisFileIsRefusedWithoutBlocking) {
+  ASSERT_EQ(::mkfifo(path("a.h5").c_str(), 0600), 0);
+  const std::string answer = run_isolated(
+                                 [&]() -> std::string {
+                                   try {
+                                     read_analysis(path("a.h5"));
+                                   } catch (const InputError& e) {
+                                     return e.what();
+                                   }
+                                   return "read";
+                                 },
+                                 20)
+                                 .answer;
+  EXPECT_EQ(answer, "bad analysis file " + path("a.h5") + ": it is a FIFO, not a regular file");
+}
+
+TEST(Isolated, ReportsAnswersCrashesTimeoutsAndMemoryBounds) {
+  const IsolatedResult fine = run_isolated([] { return std::string("fine"); }, 10);
+  EXPECT_TRUE(fine.completed);
+  EXPECT_EQ(fine.answer, "fine");
+  EXPECT_EQ(run_isolated([]() -> std::string { throw InputError("bad input"); }, 10).answer,
+            "bad input");
+  const IsolatedResult crashed = run_isolated(
+      []() -> std::string {
+        std::raise(SIGSEGV);
+        return "survived";
+      },
+      10);
+  EXPECT_FALSE(crashed.completed);
+  EXPECT_EQ(crashed.answer.rfind("reading it crashed (signal 11", 0), 0u) << crashed.answer;
+  // The child's stderr does not reach ours (glibc's abort messages would break the one line).
+  testing::internal::CaptureStderr();
+  const IsolatedResult aborted = run_isolated(
+      []() -> std::string {
+        std::fputs("free(): invalid pointer\n", stderr);
+        std::abort();
+      },
+      10);
+  EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+  EXPECT_FALSE(aborted.completed);
+  // A runaway allocation fails inside the budget instead of taking the machine's memory.
+  const IsolatedResult bounded = run_isolated(
+      []() -> std::string {
+        std::vector<char> huge(size_t{8} << 30, 1);
+        return "allocated " + std::to_string(huge.size());
+      },
+      60, uint64_t{256} << 20);
+  EXPECT_TRUE(bounded.completed);
+  EXPECT_EQ(bounded.answer, "std::bad_alloc");
+  const auto start = std::chrono::steady_clock::now();
+  const IsolatedResult slow = run_isolated(
+      []() -> std::string {
+        ::pause();
+        return "woke";
+      },
+      1);
+  EXPECT_FALSE(slow.completed);
+  EXPECT_EQ(slow.answer, "reading it did not finish within 1 s");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
 }  // namespace

@@ -1,9 +1,13 @@
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 
+#include "io/isolated.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/probes.hpp"
 #include "test_util.hpp"
 
@@ -131,5 +135,171 @@ TEST(Probes, PrependBosRefusesADoubledBos) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("probe 0 already starts with token 5"), std::string::npos)
         << e.what();
+  }
+}
+
+// ---- Reliability: bounded parsing, limits, file types (docs/reliability.md) ---------------------
+
+namespace {
+
+// A .npy v1/v2 file with `header` as its dict (padded like numpy) and `data` after it.
+std::string npy_with_header(std::string header, const std::string& data, int major = 1) {
+  const size_t fixed = major == 1 ? 10 : 12;
+  while ((fixed + header.size() + 1) % 64) header += ' ';
+  header += '\n';
+  std::string out = std::string("\x93NUMPY", 6) + static_cast<char>(major) + '\0';
+  if (major == 1) {
+    const uint16_t n = static_cast<uint16_t>(header.size());
+    out.append(reinterpret_cast<const char*>(&n), 2);
+  } else {
+    const uint32_t n = static_cast<uint32_t>(header.size());
+    out.append(reinterpret_cast<const char*>(&n), 4);
+  }
+  return out + header + data;
+}
+
+// The InputError message of `fn`, or a test failure when it throws nothing or something else.
+template <typename Fn>
+std::string input_error(Fn&& fn) {
+  try {
+    fn();
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no InputError";
+  return "";
+}
+
+}  // namespace
+
+TEST(Probes, LongFieldsGiveShortErrorsNotACrash) {
+  // 30,000 digits overflowed the stack of std::regex; now one short line naming the option.
+  const std::string digits(30000, '9');
+  std::string message = input_error([&] { make_probes("random:" + digits + ":8:0", 64); });
+  EXPECT_NE(message.find("--probes 'random:999"), std::string::npos) << message;
+  EXPECT_NE(message.find("N must be a whole number"), std::string::npos) << message;
+  EXPECT_LT(message.size(), 200u);
+  // A 40 KB descr in a .npy header (the second stack overflow).
+  test::TempDir dir;
+  test::write_file(dir / "long.npy",
+                   npy_with_header("{'descr': '" + std::string(40000, 'x') +
+                                       "', 'fortran_order': False, 'shape': (1, 2), }",
+                                   std::string(8, '\0'), 2));
+  message = input_error([&] { load_tokens(dir / "long.npy"); });
+  EXPECT_NE(message.find("long.npy: token dtype 'xxx"), std::string::npos) << message;
+  EXPECT_LT(message.size(), 300u);
+  // A header past the documented limit is refused before it is parsed.
+  test::write_file(dir / "huge.npy",
+                   npy_with_header("{'descr': '<i4', 'fortran_order': False, 'shape': (1, 2), " +
+                                       std::string(kMaxNpyHeaderBytes, ' ') + "}",
+                                   std::string(8, '\0'), 2));
+  message = input_error([&] { load_tokens(dir / "huge.npy"); });
+  EXPECT_NE(message.find("more than the limit of 65536"), std::string::npos) << message;
+}
+
+TEST(Probes, NpyHeaderIsParsedStrictly) {
+  test::TempDir dir;
+  const std::string six_ints(24, '\0');
+  auto accepts = [&](const std::string& header) {
+    test::write_file(dir / "a.npy", npy_with_header(header, six_ints));
+    const IntArray t = load_tokens(dir / "a.npy");
+    EXPECT_EQ(t.shape, (std::vector<size_t>{2, 3})) << header;
+  };
+  accepts("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }");
+  accepts("{\"shape\":(2,3),\"descr\":\"<i4\",\"fortran_order\":False}");
+  accepts("{'descr':'<i4','shape':( 2 , 3 ,)}");  // numpy requires fortran_order; we default it
+  auto rejects = [&](const std::string& header, const std::string& fragment) {
+    test::write_file(dir / "b.npy", npy_with_header(header, six_ints));
+    const std::string message = input_error([&] { load_tokens(dir / "b.npy"); });
+    EXPECT_NE(message.find(fragment), std::string::npos) << header << " -> " << message;
+    EXPECT_EQ(message.rfind(dir / "b.npy", 0), 0u) << message;
+  };
+  rejects("{'descr': '<i4', 'fortran_order': True, 'shape': (2, 3), }", "Fortran order");
+  rejects("{'descr': '<i4', 'fortran_order': False, }", "no shape");
+  rejects("{'fortran_order': False, 'shape': (2, 3), }", "no descr");
+  rejects("{'descr': '<i4', 'descr': '<i8', 'shape': (2, 3), }", "repeated key 'descr'");
+  rejects("{'descr': '<i4', 'shape': (2, 3), 'extra': 1}", "unexpected or repeated key 'extra'");
+  rejects("{'descr': [('a', '<i4')], 'shape': (2, 3), }", "not a simple dtype string");
+  rejects("{'descr': '<i4', 'shape': (2, 3)", "expected ',' or '}'");
+  rejects("{'descr': '<i4', 'shape': (2, 3)} trailing", "text after the closing");
+  rejects("{'descr': '<i4', 'shape': (2, -3), }", "bad shape entry '-3'");
+  rejects("{'descr': '<i4', 'fortran_order': Maybe, 'shape': (2, 3), }", "not True or False");
+  rejects("{'descr: '<i4', 'shape': (2, 3), }", "expected ':'");
+}
+
+TEST(Probes, NumbersAreCheckedAgainstTheTokenLimit) {
+  // Each was an uncaught std::stoull exception (exit 2, "stoull") or an overflow.
+  EXPECT_NE(input_error([] {
+              make_probes("random:99999999999999999999:8:0", 64);
+            }).find("--probes 'random:99999999999999999999:8:0': N must be"),
+            std::string::npos);
+  EXPECT_NE(input_error([] {
+              make_probes("repeat:2:8:99999999999999999999", 64);
+            }).find("TOKEN must be a whole number"),
+            std::string::npos);
+  EXPECT_NE(input_error([] {
+              make_probes("random:65536:65536:0", 64);
+            }).find("65536 probes x 65536 positions exceed the limit of 268435456 tokens"),
+            std::string::npos);
+  EXPECT_NE(input_error([] { make_probes("random:2:8", 64); }).find("expected random:N:T:SEED"),
+            std::string::npos);
+  EXPECT_NE(input_error([] { make_probes("random:2:8:1:5", 64); }).find("expected random:N:T"),
+            std::string::npos);
+  EXPECT_NE(input_error([] { make_probes("random:0:8:1", 64); }).find("N must be"),
+            std::string::npos);
+  EXPECT_NE(input_error([] { make_probes("random:+2:8:1", 64); }).find("N must be"),
+            std::string::npos);
+  EXPECT_EQ(make_probes("random:2:8:18446744073709551615", 64).shape, (std::vector<size_t>{2, 8}));
+  // The limit itself, and overflowing products.
+  EXPECT_NO_THROW(check_token_count(1 << 14, 1 << 14, "x"));
+  EXPECT_THROW(check_token_count(1 << 14, (1 << 14) + 1, "x"), InputError);
+  EXPECT_THROW(check_token_count(uint64_t{1} << 32, uint64_t{1} << 32, "x"), InputError);
+
+  test::TempDir dir;
+  // A 23-digit shape entry, and (2^31, 2^31) whose byte count overflowed to the data's 0 bytes.
+  test::write_file(dir / "a.npy", npy_with_header("{'descr': '<i8', 'fortran_order': False, "
+                                                  "'shape': (12345678901234567890123, 2), }",
+                                                  ""));
+  EXPECT_NE(input_error([&] {
+              load_tokens(dir / "a.npy");
+            }).find("shape entry 12345678901234567890123 exceeds the limit"),
+            std::string::npos);
+  test::write_file(dir / "b.npy", npy_with_header("{'descr': '<i8', 'fortran_order': False, "
+                                                  "'shape': (2147483648, 2147483648), }",
+                                                  ""));
+  EXPECT_NE(input_error([&] { load_tokens(dir / "b.npy"); }).find("exceeds the limit"),
+            std::string::npos);
+  test::write_file(dir / "c.npy", npy_with_header("{'descr': '<i4', 'fortran_order': False, "
+                                                  "'shape': (16384, 16385), }",
+                                                  ""));
+  EXPECT_NE(input_error([&] {
+              load_tokens(dir / "c.npy");
+            }).find("token array [16384, 16385] exceeds the limit of 268435456 tokens"),
+            std::string::npos);
+}
+
+TEST(Probes, TokenFilesMustBeRegularFiles) {
+  test::TempDir dir;
+  ASSERT_EQ(::mkfifo((dir / "fifo.npy").c_str(), 0600), 0);
+  ASSERT_EQ(::mkfifo((dir / "fifo.h5").c_str(), 0600), 0);
+  std::filesystem::create_symlink("/dev/zero", dir / "zero.npy");
+  std::filesystem::create_directory(dir / "folder.npy");
+  // In a child with a deadline: a FIFO used to block open() forever, /dev/zero to grow memory.
+  for (const auto& [name, kind] :
+       {std::pair{"fifo.npy", "a FIFO"}, std::pair{"fifo.h5", "a FIFO"},
+        std::pair{"zero.npy", "a character device"}, std::pair{"folder.npy", "a folder"}}) {
+    const std::string path = dir / name;
+    const std::string answer = run_isolated(
+                                   [&]() -> std::string {
+                                     try {
+                                       load_tokens(path);
+                                     } catch (const InputError& e) {
+                                       return e.what();
+                                     }
+                                     return "accepted";
+                                   },
+                                   20)
+                                   .answer;
+    EXPECT_EQ(answer, path + ": token file is " + kind + ", not a regular file");
   }
 }

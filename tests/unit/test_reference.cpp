@@ -557,7 +557,7 @@ void compare_causal(const std::string& what, const Analysis& s, const ReferenceM
           as_array(std::vector<double>(heads.begin() + 1, heads.end()), {L}), kAblationAbs, 0);
   compare(what, "causal_drop_ffn", s.causal_drop_ffn,
           as_array(std::vector<double>(ffn.begin() + 1, ffn.end()), {L}), kAblationAbs, 0);
-  // The share is METRICS.md section 5's normalisation of the reference's drops.
+  // The share is docs/metrics.md section 5's normalisation of the reference's drops.
   double total = 0;
   for (double d : both) total += std::max(0.0, d);
   for (size_t i = 0; i <= L; ++i)
