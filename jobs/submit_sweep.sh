@@ -15,10 +15,12 @@
 # Options (defaults come from the site file cluster/<site>.env, SITE_* variables):
 #   --site NAME          site settings cluster/NAME.env (default: $SINKSCOPE_SITE, else local)
 #   --site-env FILE      site settings from another file
-#   --ranks N            MPI ranks per checkpoint (SITE_RANKS; else lcm(tp, ep))
-#   --tp N / --ep N      attention heads over N ranks / experts over N ranks (default 1)
-#   --nodes N            nodes per checkpoint (SITE_NODES; else 1)
-#   --time T             time limit of each array task (SITE_TIME)
+#   --ranks N            MPI ranks per checkpoint (SITE_RANKS; else the plan's; else lcm(tp, ep))
+#   --tp N / --ep N      attention heads over N ranks / experts over N ranks (else the plan's; else 1)
+#   --nodes N            nodes per checkpoint (SITE_NODES; else the plan's; else 1)
+#   --time T             time limit of each array task (SITE_TIME; else the plan's)
+#   --mem M              memory per node of each array task (SITE_MEM; else the plan's)
+#   --no-plan            do not run `sinkscope plan` (docs/planner.md) for what is not given
 #   --partition P        partition (SITE_PARTITION); --account A (SITE_ACCOUNT); --qos Q (SITE_QOS)
 #   --assemble-time T    time limit of the assemble job (SITE_ASSEMBLE_TIME; else 00:30:00)
 #   --max-parallel N     run at most N array tasks at once
@@ -65,13 +67,13 @@ gcd() {
 # ---- arguments -------------------------------------------------------------------------------
 site="${SINKSCOPE_SITE:-local}"
 site_env=""
-ranks="" tp=1 ep=1 nodes="" time_limit="" partition="" account="" qos=""
+ranks="" tp="" ep="" nodes="" time_limit="" partition="" account="" qos="" mem="" use_plan=1
 assemble_time="" max_parallel="" missing_only=0 sinkscope="" launcher="" dry_run=0
 array_extra=() sinkscope_args=() positional=()
 while (($#)); do
   case $1 in
     -h | --help) usage 0 ;;
-    --site | --site-env | --ranks | --tp | --ep | --nodes | --time | --partition | --account | --qos | \
+    --site | --site-env | --ranks | --tp | --ep | --nodes | --time | --mem | --partition | --account | --qos | \
       --assemble-time | --max-parallel | --sinkscope | --launcher | --sbatch-arg)
       (($# >= 2)) || die "$1 needs a value"
       case $1 in
@@ -82,6 +84,7 @@ while (($#)); do
         --ep) ep=$2 ;;
         --nodes) nodes=$2 ;;
         --time) time_limit=$2 ;;
+        --mem) mem=$2 ;;
         --partition) partition=$2 ;;
         --account) account=$2 ;;
         --qos) qos=$2 ;;
@@ -94,6 +97,7 @@ while (($#)); do
       shift 2
       ;;
     --missing-only) missing_only=1 && shift ;;
+    --no-plan) use_plan=0 && shift ;;
     --dry-run) dry_run=1 && shift ;;
     --)
       shift
@@ -120,23 +124,14 @@ site_env="$(cd "$(dirname "$site_env")" && pwd)/$(basename "$site_env")"
 source "$site_env"
 
 ranks=${ranks:-${SITE_RANKS:-}}
-nodes=${nodes:-${SITE_NODES:-1}}
+nodes=${nodes:-${SITE_NODES:-}}
 time_limit=${time_limit:-${SITE_TIME:-}}
+mem=${mem:-${SITE_MEM:-}}
 partition=${partition:-${SITE_PARTITION:-}}
 account=${account:-${SITE_ACCOUNT:-}}
 qos=${qos:-${SITE_QOS:-}}
 assemble_time=${assemble_time:-${SITE_ASSEMBLE_TIME:-00:30:00}}
 launcher=${launcher:-}
-for pair in "tp:$tp" "ep:$ep" "nodes:$nodes"; do
-  is_count "${pair#*:}" || die "--${pair%%:*} must be a positive whole number (got '${pair#*:}')"
-done
-if [[ -z $ranks ]]; then
-  # The smallest world that holds both splits; the rest of the parallelism would split probes.
-  ranks=$((tp * ep / $(gcd "$tp" "$ep")))
-fi
-is_count "$ranks" || die "--ranks must be a positive whole number (got '$ranks')"
-((ranks % tp == 0 && ranks % ep == 0)) || die "--ranks $ranks is not a multiple of --tp $tp and --ep $ep"
-((nodes <= ranks)) || die "--nodes $nodes is more than --ranks $ranks"
 [[ -z $max_parallel ]] || is_count "$max_parallel" || die "--max-parallel must be a positive whole number"
 
 # ---- the binary -------------------------------------------------------------------------------
@@ -206,6 +201,66 @@ if ((missing_only)); then
 fi
 num_tasks=${#array_checkpoints[@]}
 
+# ---- the plan: layout, time and memory of what was not given (docs/planner.md) -----------------
+site_args=()
+# shellcheck disable=SC2206  # SITE_SINKSCOPE_ARGS is a list of options, split on spaces
+[[ -n ${SITE_SINKSCOPE_ARGS:-} ]] && site_args=(${SITE_SINKSCOPE_ARGS})
+if ((use_plan)) && [[ -z $ranks || -z $tp || -z $ep || -z $time_limit || -z $mem ]] && ((num_tasks)); then
+  # The options of the sweep that the plan needs (the last one given wins, as in sinkscope).
+  plan_args=()
+  all_args=("${site_args[@]}" "${sinkscope_args[@]}")
+  for ((i = 0; i + 1 < ${#all_args[@]}; ++i)); do
+    case ${all_args[i]} in
+      --device | --batch | --threads) plan_args+=("${all_args[i]}" "${all_args[i + 1]}") ;;
+    esac
+  done
+  [[ -n $tp ]] && plan_args+=(--tp "$tp")
+  [[ -n $ep ]] && plan_args+=(--ep "$ep")
+  [[ -n $nodes ]] && plan_args+=(--nodes "$nodes")
+  if [[ -z ${SITE_GPUS_PER_NODE:-} || ${SITE_GPUS_PER_NODE} == 0 ]]; then
+    # CPU site: ranks per node from --ranks / SITE_RANKS, else from the splits given, else 1.
+    plan_ranks=$ranks
+    [[ -z $plan_ranks ]] && plan_ranks=$((${tp:-1} * ${ep:-1} / $(gcd "${tp:-1}" "${ep:-1}")))
+    plan_args+=(--gpus-per-node "$((plan_ranks / ${nodes:-1} > 0 ? plan_ranks / ${nodes:-1} : 1))")
+  fi
+  [[ -n $max_parallel ]] && plan_args+=(--max-parallel "$max_parallel")
+  if [[ -x $sinkscope && ! -d $sinkscope ]]; then
+    plan_status=0
+    plan_out=$("$sinkscope" plan --model "${array_checkpoints[0]}" "${probe_args[@]}" \
+      --checkpoints "$num_tasks" --cluster "$site_env" "${plan_args[@]}" --shell) || plan_status=$?
+    ((plan_status == 0 || plan_status == 3)) || die "sinkscope plan failed (status $plan_status)"
+    plan_value() { sed -n "s/^$1=//p" <<<"$plan_out"; }
+    if [[ $(plan_value PLAN_FITS) != 1 ]]; then
+      "$sinkscope" plan --model "${array_checkpoints[0]}" "${probe_args[@]}" --checkpoints "$num_tasks" \
+        --cluster "$site_env" "${plan_args[@]}" >&2 || true
+      die "no layout fits in memory (the plan above); give more --nodes, or --no-plan to submit anyway"
+    fi
+    ranks=${ranks:-$(plan_value PLAN_RANKS)}
+    nodes=${nodes:-$(plan_value PLAN_NODES)}
+    tp=${tp:-$(plan_value PLAN_TP)}
+    ep=${ep:-$(plan_value PLAN_EP)}
+    time_limit=${time_limit:-$(plan_value PLAN_TIME)}
+    # A CPU site shares nodes: ask for the plan's memory. A GPU site with SITE_MEM=0 keeps its node.
+    mem=${mem:-$(plan_value PLAN_MEM)}
+    log "plan: $ranks ranks on $nodes node(s), tp $tp ep $ep, --time $time_limit --mem $mem ($(plan_value PLAN_CHECKPOINT_S) s predicted per checkpoint)"
+  else
+    log "note: no plan (sinkscope binary $sinkscope is not here); layout from the options and site file"
+  fi
+fi
+tp=${tp:-1}
+ep=${ep:-1}
+nodes=${nodes:-1}
+for pair in "tp:$tp" "ep:$ep" "nodes:$nodes"; do
+  is_count "${pair#*:}" || die "--${pair%%:*} must be a positive whole number (got '${pair#*:}')"
+done
+if [[ -z $ranks ]]; then
+  # The smallest world that holds both splits; the rest of the parallelism would split probes.
+  ranks=$((tp * ep / $(gcd "$tp" "$ep")))
+fi
+is_count "$ranks" || die "--ranks must be a positive whole number (got '$ranks')"
+((ranks % tp == 0 && ranks % ep == 0)) || die "--ranks $ranks is not a multiple of --tp $tp and --ep $ep"
+((nodes <= ranks)) || die "--nodes $nodes is more than --ranks $ranks"
+
 # ---- submission folder ------------------------------------------------------------------------
 # One folder per submission: a later submission into the same OUTDIR never rewrites the list that
 # running (or requeued) tasks of an earlier one still read.
@@ -214,9 +269,6 @@ quote_words() {
   (($#)) || return 0
   printf '%q ' "$@"
 }
-site_args=()
-# shellcheck disable=SC2206  # SITE_SINKSCOPE_ARGS is a list of options, split on spaces
-[[ -n ${SITE_SINKSCOPE_ARGS:-} ]] && site_args=(${SITE_SINKSCOPE_ARGS})
 job_env=$(
   cat <<EOF
 # Written by jobs/submit_sweep.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ); read by the job scripts.
@@ -250,7 +302,7 @@ if [[ -n ${SITE_GPUS_PER_NODE:-} && ${SITE_GPUS_PER_NODE} != 0 ]]; then
   array_cmd+=(--ntasks-per-node="$((ranks / nodes))" --gpus-per-node="$SITE_GPUS_PER_NODE")
 fi
 [[ -n ${SITE_CPUS_PER_TASK:-} ]] && array_cmd+=(--cpus-per-task="$SITE_CPUS_PER_TASK")
-[[ -n ${SITE_MEM:-} ]] && array_cmd+=(--mem="$SITE_MEM")
+[[ -n $mem ]] && array_cmd+=(--mem="$mem")
 # shellcheck disable=SC2206  # a list of sbatch options, split on spaces
 [[ -n ${SITE_SBATCH_ARGS:-} ]] && array_cmd+=(${SITE_SBATCH_ARGS})
 array_cmd+=("${array_extra[@]}" "$jobs_dir/sweep_array.sbatch" "$submission/job.env")

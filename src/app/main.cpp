@@ -24,6 +24,7 @@
 #include "sinkscope/family.hpp"
 #include "sinkscope/io.hpp"
 #include "sinkscope/limits.hpp"
+#include "sinkscope/plan.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
 #include "sinkscope/sweep.hpp"
@@ -454,6 +455,56 @@ int cmd_synth(const std::string& config, const std::string& out, bool plant, uin
   return 0;
 }
 
+struct PlanArgs {
+  std::string model, model_config, probes, tokens, cluster, calibrate_dir;
+  PlanRequest req;
+  bool calibrate = false, no_causal_profile = false, shell = false;
+  double margin = 2.0;
+};
+
+// `sinkscope plan`: reads the shape and the probes' size, prints the plan (docs/planner.md).
+int cmd_plan(PlanArgs& pa, const Comm& world) {
+  std::map<std::string, std::string> site;
+  if (!pa.cluster.empty()) site = read_site_file(pa.cluster);
+  PlanCoefficients k = coefficients_from(site, pa.req.device);
+  if (pa.calibrate) {
+    if (pa.req.device != "cpu")
+      throw InputError("plan --calibrate measures the CPU kernels only (--device cpu)");
+    k = calibrate_cpu(pa.req.threads, pa.calibrate_dir, world);
+    if (world.rank() == 0) {
+      for (const auto& [key, value] : coefficient_keys(k, "cpu"))
+        std::cout << key << "=" << value << "\n";
+      if (!pa.cluster.empty()) write_coefficients(pa.cluster, k, "cpu");
+      std::cerr << "sinkscope: " << k.source
+                << (pa.cluster.empty() ? "" : "; written to " + pa.cluster) << "\n";
+    }
+    if (pa.model.empty() && pa.model_config.empty()) return 0;
+  }
+  if (world.rank() != 0) return 0;
+  if (pa.model.empty() == pa.model_config.empty())
+    throw InputError("plan: give --model DIR or --model-config FILE");
+  pa.req.cfg = parse_model_config(pa.model.empty() ? pa.model_config
+                                                   : (fs::path(pa.model) / "config.json").string());
+  if (!pa.tokens.empty()) {
+    const IntArray t = load_tokens(pa.tokens);
+    pa.req.probes = static_cast<int64_t>(t.shape.at(0));
+    pa.req.seq_len = static_cast<int64_t>(t.shape.at(1));
+  } else {
+    long long n = 0, len = 0;
+    char kind[16] = {};
+    if (std::sscanf(pa.probes.c_str(), "%15[a-z]:%lld:%lld:", kind, &n, &len) != 3)
+      throw InputError("--probes " + pa.probes + ": expected random:N:T:SEED or repeat:N:T:TOKEN");
+    pa.req.probes = n;
+    pa.req.seq_len = len;
+  }
+  if (pa.no_causal_profile && pa.req.ablation_passes < 0) pa.req.ablation_passes = 0;
+  apply_site_defaults(site, &pa.req);
+  const Plan plan = make_plan(pa.req, k);
+  std::cout << (pa.shell ? format_plan_shell(plan, pa.margin) : format_plan(plan));
+  // A layout asked for that does not fit is an error before submission.
+  return plan.recommended >= 0 ? 0 : 3;
+}
+
 bool has_subcommand(const CLI::App& app, const std::string& name) {
   for (const CLI::App* sub : app.get_subcommands({}))
     if (sub->get_name() == name) return true;
@@ -597,6 +648,36 @@ int main(int argc, char** argv) {
   synth->add_flag("--plant-circuit", plant, "plant a known P0 sink circuit");
   synth->add_option("--seed", seed, "random seed");
 
+  auto* plan = app.add_subcommand(
+      "plan", "memory, time and layout of a sweep before it is submitted (docs/planner.md)");
+  PlanArgs pl;
+  auto* pl_model = plan->add_option("--model", pl.model, "checkpoint folder (its config.json)");
+  plan->add_option("--model-config", pl.model_config, "config.json of the model")->excludes(pl_model);
+  auto* pl_probes = plan->add_option("--probes", pl.probes, "random:N:T:SEED or repeat:N:T:TOKEN");
+  plan->add_option("--tokens", pl.tokens, "probe file (.npy or .h5): its N x T")->excludes(pl_probes);
+  plan->add_option("--checkpoints", pl.req.checkpoints, "checkpoints in the sweep (array size)")
+      ->check(CLI::PositiveNumber);
+  plan->add_option("--max-parallel", pl.req.max_parallel, "array tasks at once (default: all)");
+  plan->add_option("--cluster", pl.cluster, "site file cluster/<site>.env (coefficients, sizes)");
+  plan->add_option("--gpus-per-node", pl.req.ranks_per_node, "GPUs (cuda) or ranks (cpu) per node");
+  plan->add_option("--nodes", pl.req.nodes, "nodes per checkpoint");
+  plan->add_option("--gpu-mem-gib", pl.req.device_mem_gib, "memory per GPU (default 139, H200)");
+  plan->add_option("--node-mem-gib", pl.req.node_mem_gib, "host memory per node (default: here)");
+  plan->add_option("--device", pl.req.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  plan->add_option("--batch", pl.req.batch, "probes per micro-batch")->check(CLI::PositiveNumber);
+  plan->add_option("--threads", pl.req.threads, "CPU threads per rank")->check(CLI::PositiveNumber);
+  plan->add_option("--tp", pl.req.tp, "only layouts with this tp")->check(CLI::PositiveNumber);
+  plan->add_option("--ep", pl.req.ep, "only layouts with this ep")->check(CLI::PositiveNumber);
+  plan->add_option("--ablation-passes", pl.req.ablation_passes,
+                   "ablated forward passes per checkpoint (default: the causal profile's 1 + 3 L)");
+  plan->add_flag("--no-causal-profile", pl.no_causal_profile, "no ablated passes (plain analyze)");
+  plan->add_flag("--calibrate", pl.calibrate,
+                 "measure the CPU coefficients here (written to --cluster FILE when given)");
+  plan->add_option("--calibrate-dir", pl.calibrate_dir, "folder for the file-read measurement")
+      ->default_val(fs::temp_directory_path().string());
+  plan->add_flag("--shell", pl.shell, "KEY=VALUE lines of the recommendation (jobs/submit_sweep.sh)");
+  plan->add_option("--time-margin", pl.margin, "--shell: time limit = margin x predicted + 5 min");
+
   int status = 0;
   try {
     try {
@@ -633,6 +714,8 @@ int main(int argc, char** argv) {
       status = cmd_inspect(model, list_tensors);
     else if (*synth)
       status = cmd_synth(config, out, plant, seed);
+    else if (*plan)
+      status = cmd_plan(pl, *world);
   } catch (const InputError& e) {
     if (e.agreed || world->size() == 1) {
       if (rank == 0) std::cerr << "sinkscope: error: " << one_line(e.what()) << "\n";

@@ -1,0 +1,124 @@
+// The sweep planner (docs/planner.md): memory per rank, time per checkpoint and the tp/ep/dp layout
+// of a sweep before it is submitted. A cost model of the forward (FLOPs, bytes, exchange volumes)
+// with coefficients measured by `sinkscope plan --calibrate` or read from the site file.
+// No MPI, CUDA or HDF5 types here.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "sinkscope/config.hpp"
+
+namespace sinkscope {
+
+class Comm;
+
+// FLOPs per token of one forward (multiply-add = 2), the whole model (not per rank).
+struct ForwardFlops {
+  double projections = 0;  // q/k/v/o (and fused qkv)
+  double attention = 0;    // causal QK^T and AV: T-dependent ((T + 1) / 2 keys per query on average)
+  double experts = 0;      // top-k experts (and the shared expert)
+  double dense_mlp = 0;    // dense MLP layers
+  double router = 0;
+  double total() const { return projections + attention + experts + dense_mlp + router; }
+};
+ForwardFlops forward_flops(const ModelConfig& c, int64_t seq_len);
+
+// Parameters (elements) a rank of layout (tp, ep, etp) holds, from the family's tensor table
+// (required_tensors) and the slices of sinkscope/shard_plan.hpp. The embedding and lm_head are
+// counted apart: the CPU backend reads embedding rows from the mapped file, the CUDA backend holds
+// the embedding on the device.
+struct ShardParams {
+  int64_t held = 0;       // every tensor but embedding and lm_head, this rank's slices
+  int64_t embedding = 0;  // vocab x hidden
+  int64_t total_model = 0;
+};
+ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp);
+
+// Coefficients of the cost model. Keys in a site file: SINKSCOPE_PLAN_<NAME> (docs/planner.md).
+struct PlanCoefficients {
+  double gemm_gflops = 0;        // large GEMM rate per rank (GFLOP/s)
+  double gemm_half_m = 0;        // rows M at which a GEMM runs at half that rate (rate(M) = r M/(M+h))
+  double attention_gflops = 0;   // causal attention rate per rank (GFLOP/s)
+  double load_gbps = 0;          // checkpoint read + conversion rate per rank (GB/s)
+  double intra_gbps = 0;         // collective bus bandwidth within a node (GB/s)
+  double inter_gbps = 0;         // collective bus bandwidth across nodes (GB/s)
+  double record_fraction = 0;    // recording's cost as a fraction of the forward
+  double base_mib = 0;           // resident memory of a rank before the model (libraries, buffers)
+  double startup_s = 0;          // process start, MPI init, checkpoint open per checkpoint
+  std::string source;            // where the values came from
+};
+// Documented defaults: "cpu" (the development VM, docs/benchmarks.md) or "cuda" (one H200).
+PlanCoefficients default_coefficients(const std::string& device);
+// Overrides from KEY=VALUE lines (a site file); `device` picks the key set: SINKSCOPE_PLAN_* for
+// cpu, SINKSCOPE_PLAN_CUDA_* for cuda.
+PlanCoefficients coefficients_from(const std::map<std::string, std::string>& kv,
+                                   const std::string& device);
+std::map<std::string, std::string> read_site_file(const std::string& path);
+// KEY=VALUE lines of the coefficients (for a site file).
+std::vector<std::pair<std::string, std::string>> coefficient_keys(const PlanCoefficients& k,
+                                                                  const std::string& device);
+// Updates (or appends) those keys in the site file, keeping every other line.
+void write_coefficients(const std::string& site_file, const PlanCoefficients& k,
+                        const std::string& device);
+
+// Measures the CPU coefficients here: sgemm through src/cpu/kernels, an attention-sized loop, a
+// file read + bf16 conversion in `scratch_dir`, and (world of more than one rank) an allreduce.
+PlanCoefficients calibrate_cpu(int threads, const std::string& scratch_dir, const Comm& world);
+
+struct PlanRequest {
+  ModelConfig cfg;
+  std::string device = "cpu";
+  int64_t probes = 0, seq_len = 0, batch = 4;
+  int64_t checkpoints = 1, max_parallel = 0;  // array size; 0: all tasks at once
+  int ranks_per_node = 0, nodes = 0;          // GPUs (cuda) or ranks (cpu) per node; 0: site
+  int threads = 1;                            // CPU threads per rank
+  double device_mem_gib = 0;                  // per GPU (cuda)
+  double node_mem_gib = 0;                    // host memory per node
+  int64_t ablation_passes = -1;  // extra forward passes per checkpoint; -1: the causal profile's
+  int tp = 0, ep = 0;            // > 0: only this split
+};
+
+// Fills what the caller left at 0 from the site file: ranks per node (SITE_GPUS_PER_NODE, else
+// SITE_RANKS / SITE_NODES on the CPU), nodes (SITE_NODES), GPU memory (SINKSCOPE_PLAN_GPU_MEM_GIB,
+// else 139 GiB of an H200), node memory (SINKSCOPE_PLAN_NODE_MEM_GIB, else this machine's
+// MemTotal).
+void apply_site_defaults(const std::map<std::string, std::string>& site, PlanRequest* r);
+
+struct LayoutPlan {
+  int world = 1, tp = 1, ep = 1, etp = 1, dp = 1, nodes = 1;
+  double weight_gib = 0, scratch_gib = 0, device_gib = 0, host_gib = 0;  // per rank
+  double limit_gib = 0;  // what must hold device_gib (cuda) or host_gib x ranks per node (cpu)
+  bool fits = false;
+  std::string why_not;
+  double load_s = 0, forward_s = 0, record_s = 0, ablation_s = 0, exchange_s = 0;
+  double checkpoint_s = 0, sweep_s = 0;
+  double gemm_s = 0, attention_s = 0;  // parts of forward_s
+};
+
+struct Plan {
+  PlanRequest req;
+  PlanCoefficients coef;
+  ForwardFlops flops;
+  std::vector<LayoutPlan> layouts;  // every accepted layout, fitting or not
+  int recommended = -1;             // index into layouts; -1: none fits
+  int smallest_fitting = -1;        // fewest ranks that fit
+  std::string why;                  // one line on the recommendation
+  int64_t ablation_passes = 0;
+};
+
+// Predicts one layout (no fit decision beyond memory).
+LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int world, int tp,
+                          int ep);
+// Every (world, tp, ep) of at most nodes x ranks_per_node ranks that ShardPlan::make accepts.
+Plan make_plan(const PlanRequest& r, const PlanCoefficients& k);
+
+std::string format_plan(const Plan& p);
+// KEY=VALUE lines for jobs/submit_sweep.sh: PLAN_RANKS, PLAN_NODES, PLAN_TP, PLAN_EP, PLAN_TIME,
+// PLAN_MEM, PLAN_FITS.
+std::string format_plan_shell(const Plan& p, double time_margin);
+std::string slurm_time(double seconds);
+
+}  // namespace sinkscope
