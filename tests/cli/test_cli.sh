@@ -190,7 +190,7 @@ mkdir outdir.h5
 expect_input_error "folder at --out" "--out outdir.h5: it is a folder" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --out outdir.h5
 mkfifo failed_fifo
 expect_input_error "FIFO at --failed-list" "--failed-list failed_fifo: it exists and is a FIFO" x.h5 -- \
-  $T "$bin" sweep --models model --tokens tok.npy --out swout --failed-list failed_fifo
+  $T "$bin" sweep --models model --steps 0 --tokens tok.npy --out swout --failed-list failed_fifo
 # 9. Token counts: checked (overflow-safe) before anything is allocated.
 "$py" -c "
 import h5py
@@ -207,7 +207,7 @@ expect_input_error "--prepend-bos 4294967296" "--prepend-bos 4294967296: not a t
 expect_input_error "--prepend-bos 64 (= vocab_size)" "--prepend-bos 64: not a token id" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --prepend-bos 64 --out x.h5
 expect_input_error "--probes N past uint64" "--probes 'random:99999999999999999999:8:0': N must be a whole number" x.h5 -- $T "$bin" analyze --model model --probes random:99999999999999999999:8:0 --out x.h5
 expect_input_error "--ablate layers past int64" "--ablate 'layers=99999999999999999999'" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --ablate layers=99999999999999999999 --out x.h5
-expect_input_error "--ablate syntax in a sweep, before any checkpoint" "--ablate 'layerz=1'" x.h5 -- $T "$bin" sweep --models model --tokens tok.npy --ablate layerz=1 --out swout2
+expect_input_error "--ablate syntax in a sweep, before any checkpoint" "--ablate 'layerz=1'" x.h5 -- $T "$bin" sweep --models model --steps 0 --tokens tok.npy --ablate layerz=1 --out swout2
 [ ! -e swout2/checkpoints/model.h5 ] && ok "no checkpoint analysed with a bad --ablate" || bad "a checkpoint was analysed with a bad --ablate"
 expect_input_error "23-digit .npy shape entry" "digits.npy: shape entry 12345678901234567890123 exceeds the limit" x.h5 -- $T "$bin" analyze --model model --tokens digits.npy --out x.h5
 expect_input_error "--batch 9223372036854775807" "--batch: Value 9223372036854775807 not in range 1 to 1048576" x.h5 -- $T "$bin" analyze --model model --tokens tok.npy --batch 9223372036854775807 --out x.h5
@@ -319,7 +319,8 @@ expect_input_error "report on a missing input" "nothing-here" rep2/index.html --
 # ---- command-line checks of issue 18 ----
 "$bin" analyze --help >help.txt && "$bin" sweep --help >>help.txt
 grep -q -- "--eps FLOAT:(0,1)=0.3" help.txt && grep -q -- "--tau FLOAT=0.05" help.txt &&
-  grep -q -- "--batch INT:POSITIVE=4" help.txt && grep -q -- "--threads INT:POSITIVE=1" help.txt &&
+  grep -q -- "--batch INT:INT in \[1 - 1048576\]=4" help.txt &&
+  grep -q -- "--threads INT:INT in \[1 - 1024\]=1" help.txt &&
   grep -q -- "--tp INT:POSITIVE=1" help.txt && grep -q "one of --tokens/--probes is required" help.txt &&
   ok "--help shows defaults and the probe requirement" || bad "--help defaults"
 expect_input_error "misspelt subcommand suggests the right one" "did you mean 'analyze'" x.h5 -- "$bin" anlyze --out x.h5
