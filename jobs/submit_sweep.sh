@@ -16,7 +16,8 @@
 #   --site NAME          site settings cluster/NAME.env (default: $SINKSCOPE_SITE, else local)
 #   --site-env FILE      site settings from another file
 #   --ranks N            MPI ranks per checkpoint (SITE_RANKS; else the plan's; else lcm(tp, ep))
-#   --tp N / --ep N      attention heads over N ranks / experts over N ranks (else the plan's; else 1)
+#   --tp N / --ep N      attention heads over N ranks / experts over N ranks (one given: the other
+#                        is 1; neither: the plan's; else 1)
 #   --nodes N            nodes per checkpoint (SITE_NODES; else the plan's; else 1)
 #   --time T             time limit of each array task (SITE_TIME; else the plan's)
 #   --mem M              memory per node of each array task (SITE_MEM; else the plan's)
@@ -205,6 +206,11 @@ num_tasks=${#array_checkpoints[@]}
 site_args=()
 # shellcheck disable=SC2206  # SITE_SINKSCOPE_ARGS is a list of options, split on spaces
 [[ -n ${SITE_SINKSCOPE_ARGS:-} ]] && site_args=(${SITE_SINKSCOPE_ARGS})
+# A layout given in part (--tp or --ep) is completed with 1, not by the plan: the user chose it.
+if [[ -n $tp || -n $ep ]]; then
+  tp=${tp:-1}
+  ep=${ep:-1}
+fi
 if ((use_plan)) && [[ -z $ranks || -z $tp || -z $ep || -z $time_limit || -z $mem ]] && ((num_tasks)); then
   # The options of the sweep that the plan needs (the last one given wins, as in sinkscope).
   plan_args=()
