@@ -183,7 +183,15 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
                    world.rank() == 0 && !ca.quiet);
   if (loading.tty() && world.rank() == 0 && !ca.quiet)
     o.load_progress = [&](uint64_t done, uint64_t total) { loading.update_bytes(done, total); };
+  AnalyzeOptions::Timings timings;
+  o.timings = &timings;
   Analysis a = analyze_checkpoint(o, tokens, world);
+  if (ca.verbose && world.rank() == 0 && !model.empty())
+    std::cerr << std::fixed << std::setprecision(3) << "sinkscope: load " << timings.read_seconds
+              << " s (" << timings.bytes_read / 1e9 << " GB, "
+              << timings.bytes_read / 1e9 / std::max(timings.read_seconds, 1e-9)
+              << " GB/s), compute " << timings.compute_seconds << " s" << std::defaultfloat
+              << std::setprecision(6) << "\n";
   if (world.rank() == 0) {
     write_analysis(out, a);
     if (!ca.quiet) {
