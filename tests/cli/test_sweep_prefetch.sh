@@ -4,7 +4,7 @@
 # value (tests/tools/compare_h5.sh; attributes such as the creation time and the command line
 # differ by design). --verbose prints the read/compute/overlap timings.
 set -euo pipefail
-bin=$1
+bin=$(realpath "$1")
 root=$2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
