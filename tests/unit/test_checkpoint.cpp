@@ -9,6 +9,7 @@
 #include "sinkscope/family.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/probes.hpp"
 #include "sinkscope/synth.hpp"
 #include "test_util.hpp"
 
@@ -407,4 +408,16 @@ TEST_F(BigTensorFiles, StoredSlicesRejectNonFiniteValues) {
   }
   std::vector<float> out(600 * 513);
   EXPECT_THROW(ck.read_rows("big", 100, 700, out.data()), InputError);
+}
+
+// The parallel chunked writer leaves `synth` output unchanged: tests/data/tiny_moe.json, seed 7,
+// hashed with the serial writer of d96bf2e (sinkscope synth --config tests/data/tiny_moe.json
+// --seed 7) before the change.
+TEST(Writer, SynthOutputIsUnchangedForAFixedSeed) {
+  TempDir dir;
+  synthesize(parse_model_config(std::string(SINKSCOPE_TEST_SOURCE_DIR) + "/tests/data/tiny_moe.json"),
+             dir.path(), false, 7);
+  const std::string bytes = test::read_file(dir / "model.safetensors");
+  EXPECT_EQ(sha256_hex(bytes.data(), bytes.size()),
+            "361860da1ef4076993447212d52892ced178220acbe871adca034801577623a0");
 }
