@@ -43,6 +43,17 @@ struct AnalyzeOptions {
   // Called on rank 0 before each ablated component (--ablate): (index from 1, count, component
   // as "layer L head H" / "layer L expert E" / "embedding" / "layer L dense MLP").
   std::function<void(int64_t, int64_t, const std::string&)> ablation_progress;
+  // Called on every rank while its weights load: (bytes read, bytes this rank reads).
+  std::function<void(uint64_t, uint64_t)> load_progress;
+  // Called on every rank once its weights are loaded, before the first forward pass (sweeps start
+  // reading the next checkpoint here).
+  std::function<void()> on_loaded;
+  // Where given, filled with this rank's wall times: opening and loading the checkpoint (read),
+  // and everything after (compute: forward passes, ablations, reduction).
+  struct Timings {
+    double read_seconds = 0, compute_seconds = 0;
+    uint64_t bytes_read = 0;
+  }* timings = nullptr;
 };
 
 // Every rank calls this with the same tokens. Returns the complete analysis on rank 0 (other

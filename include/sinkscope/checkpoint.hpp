@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +38,18 @@ std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t head
 std::vector<std::pair<std::string, std::string>> parse_safetensors_index(
     const std::string& json_text, const std::string& file);
 
+// A slice of a tensor exactly as stored (no conversion): `rows` rows of `cols` elements, row r at
+// data + r * row_pitch. Points into the checkpoint's mapping (valid while the Checkpoint lives).
+struct StoredSlice {
+  const char* data = nullptr;
+  DType dtype = DType::F32;
+  size_t elem_size = 4;
+  int64_t rows = 0, cols = 0;
+  size_t row_pitch = 0;  // bytes from one row to the next
+  size_t bytes() const { return static_cast<size_t>(rows * cols) * elem_size; }
+  bool contiguous() const { return rows <= 1 || row_pitch == static_cast<size_t>(cols) * elem_size; }
+};
+
 class Checkpoint {
  public:
   // Opens `model_dir`: parses config.json, maps and validates every safetensors file.
@@ -61,6 +74,26 @@ class Checkpoint {
   // [prod(shape[:-1]), shape[-1]] of a tensor, converted to fp32 (row-major into out).
   void read_block(const std::string& name, int64_t row_begin, int64_t row_end, int64_t col_begin,
                   int64_t col_end, float* out) const;
+  // Rows [row_begin, row_end) of a tensor's 2-D view (1-D: elements, as rows of width 1) as stored,
+  // without conversion: rows are contiguous, so the slice is one byte range. Every value is checked
+  // to be finite and the bytes count as read (weight_bytes_read), as with read_rows.
+  StoredSlice stored_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
+  // The block rows [row_begin, row_end) x columns [col_begin, col_end) of the 2-D view as stored
+  // (row_pitch is the full row; contiguous when the block spans whole rows). Checked and counted
+  // like read_block.
+  StoredSlice stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                           int64_t col_begin, int64_t col_end) const;
+  // Tells the kernel that rows [row_begin, row_end) of `name` will be read soon and in order
+  // (madvise MADV_WILLNEED + MADV_SEQUENTIAL on their pages): the disk reads ahead of the
+  // conversion. Returns the bytes advised. Out-of-range rows are ignored (the read reports them).
+  uint64_t advise_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
+
+  // Threads converting in read_rows/read_cols/read_block/stored_* (OpenMP over rows and chunks);
+  // 0 (the default) = omp_get_max_threads(). Results do not depend on it.
+  void set_read_threads(int threads) const;
+  // Called after every read with the bytes read so far (weight_bytes_read), for load progress.
+  void set_read_observer(std::function<void(uint64_t)> observer) const;
+
   // Reads one row of a 2-D tensor (embedding lookup) without counting it as a weight load.
   void read_row(const std::string& name, int64_t row, float* out) const;
 
@@ -78,8 +111,14 @@ class Checkpoint {
   std::unique_ptr<Impl> impl_;
 };
 
-// Converts `n` stored values of dtype `t` to fp32.
+// Converts `n` stored values of dtype `t` to fp32 (one thread).
 void convert_to_f32(DType t, const void* src, size_t n, float* dst);
+// The same conversion split over `threads` OpenMP threads (0 = omp_get_max_threads()) in chunks;
+// bit for bit the same result as convert_to_f32.
+void convert_to_f32_parallel(DType t, const void* src, size_t n, float* dst, int threads = 0);
+// Index of the first non-finite stored value among n values of dtype t, or n when all are finite
+// (inspects the exponent bits; no conversion).
+size_t first_non_finite(DType t, const void* src, size_t n);
 // fp32 -> bf16 (round to nearest even), used by `synth`.
 uint16_t f32_to_bf16(float x);
 float bf16_to_f32(uint16_t x);
@@ -91,6 +130,8 @@ struct TensorToWrite {
   std::vector<int64_t> shape;
   const float* data;  // fp32 values, converted to dtype on write
 };
+// Values are converted in parallel (OpenMP) and written in large chunks; the file is the same bytes
+// whatever the thread count.
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors);
 
 }  // namespace sinkscope

@@ -31,6 +31,8 @@ struct ForwardOptions {
   int threads = 1;
   bool want_logits = false;         // final norm + lm_head (tests compare logits with golden)
   std::vector<Ablation> ablations;  // applied to every probe of the run
+  // Called while the weights load: (checkpoint bytes read so far, bytes this rank will read).
+  std::function<void(uint64_t, uint64_t)> load_progress;
 };
 
 class Backend {

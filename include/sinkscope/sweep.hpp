@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -69,5 +70,37 @@ inline Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::
   opt.tau = tau;
   return assemble_sweep(cps, outdir, opt);
 }
+
+// Reads a checkpoint folder's safetensors files into the page cache on a background thread
+// (posix_fadvise WILLNEED, then pread into a small buffer), so that the next checkpoint of a sweep
+// is read from disk while the current one is analysed. At most `budget_bytes` per folder are read
+// (0: nothing). Where several ranks share a host (OMPI/Slurm local rank variables), each reads its
+// share of the chunks, and the budget is the host's.
+class Prefetcher {
+ public:
+  explicit Prefetcher(uint64_t budget_bytes);
+  Prefetcher(const Prefetcher&) = delete;
+  Prefetcher& operator=(const Prefetcher&) = delete;
+  ~Prefetcher();  // stops the reading
+  // Stops any reading under way, then starts reading `dir`'s files.
+  void start(const std::string& dir);
+  // Waits for the reading under way (if any) to end.
+  void wait();
+  struct Stats {
+    uint64_t bytes = 0;            // read by this rank for the last folder
+    double seconds = 0;            // its reading time
+    double started = 0, ended = 0;  // steady-clock seconds
+  };
+  Stats last();  // of the last start(), after wait()
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// min(16 GiB, a quarter of MemAvailable): the default --prefetch-gb.
+uint64_t default_prefetch_bytes();
+// The safetensors files of a checkpoint folder (the index's shards, or model.safetensors).
+std::vector<std::string> safetensors_files(const std::string& dir);
 
 }  // namespace sinkscope

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <csignal>
 #include <cstdint>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -202,7 +203,19 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   Progress progress("analyze " + fs::path(model).filename().string(),
                     world.rank() == 0 && !ca.quiet);
   o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
+  Progress loading("load " + fs::path(model).filename().string(),
+                   world.rank() == 0 && !ca.quiet);
+  if (loading.tty() && world.rank() == 0 && !ca.quiet)
+    o.load_progress = [&](uint64_t done, uint64_t total) { loading.update_bytes(done, total); };
+  AnalyzeOptions::Timings timings;
+  o.timings = &timings;
   Analysis a = analyze_checkpoint(o, tokens, world);
+  if (ca.verbose && world.rank() == 0 && !model.empty())
+    std::cerr << std::fixed << std::setprecision(3) << "sinkscope: load " << timings.read_seconds
+              << " s (" << timings.bytes_read / 1e9 << " GB, "
+              << timings.bytes_read / 1e9 / std::max(timings.read_seconds, 1e-9)
+              << " GB/s), compute " << timings.compute_seconds << " s" << std::defaultfloat
+              << std::setprecision(6) << "\n";
   if (world.rank() == 0) {
     write_analysis(out, a);
     if (!ca.quiet) {
@@ -251,6 +264,7 @@ struct SweepArgs {
   bool no_causal_profile = false;
   std::vector<int64_t> steps;
   std::string failed_list;
+  double prefetch_gb = -1;  // < 0: default_prefetch_bytes()
 };
 
 int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, const ProbeArgs& pa,
@@ -284,6 +298,14 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   std::vector<std::string> failed;
   if (!assemble_only) {
     const std::string sha = tokens_sha256(tokens);
+    // While checkpoint i is analysed, checkpoint i + 1's files are read into the page cache.
+    const uint64_t prefetch_bytes =
+        sa.prefetch_gb < 0 ? default_prefetch_bytes()
+                           : static_cast<uint64_t>(sa.prefetch_gb * double(uint64_t{1} << 30));
+    Prefetcher prefetcher(prefetch_bytes);
+    const auto sweep_start = std::chrono::steady_clock::now();
+    double read_total = 0, compute_total = 0, prefetch_total = 0, overlap_total = 0;
+    uint64_t prefetched_bytes = 0;
     for (size_t i = 0; i < cps.size(); ++i) {
       const auto& cp = cps[i];
       const std::string path = (fs::path(outdir) / "checkpoints" / (cp.name + ".h5")).string();
@@ -317,15 +339,74 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
           "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
           world.rank() == 0 && !ca.quiet);
       o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
+      Progress loading("[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] load " +
+                           cp.name,
+                       world.rank() == 0 && !ca.quiet);
+      if (loading.tty() && world.rank() == 0 && !ca.quiet)
+        o.load_progress = [&](uint64_t done, uint64_t total) { loading.update_bytes(done, total); };
+      AnalyzeOptions::Timings timings;
+      o.timings = &timings;
+      const bool prefetch_next = prefetch_bytes > 0 && i + 1 < cps.size();
+      if (prefetch_next) o.on_loaded = [&] { prefetcher.start(cps[i + 1].dir); };
+      const auto cp_start = std::chrono::steady_clock::now();
+      bool analysed = false;
+      double analysis_end = 0;
+      auto report_timing = [&] {
+        const double wall = analysis_end - std::chrono::duration<double>(
+                                               cp_start.time_since_epoch()).count();
+        read_total += timings.read_seconds;
+        compute_total += timings.compute_seconds;
+        if (!ca.verbose || world.rank() != 0) return;
+        std::cerr << std::fixed << std::setprecision(2) << "sinkscope: [" << i + 1 << "/"
+                  << cps.size() << "] " << cp.name << ": wall " << wall << " s, read "
+                  << timings.read_seconds << " s (" << timings.bytes_read / 1e9 << " GB, "
+                  << timings.bytes_read / 1e9 / std::max(timings.read_seconds, 1e-9)
+                  << " GB/s), compute " << timings.compute_seconds << " s";
+        if (prefetch_next) {
+          // The next checkpoint's reading so far, and how much of it ran during this one.
+          const Prefetcher::Stats st = prefetcher.last();
+          std::cerr << "; next checkpoint read ahead: " << st.bytes / 1e9 << " GB in "
+                    << st.seconds << " s, overlap "
+                    << std::max(0.0, std::min(st.ended, analysis_end) - st.started) << " s";
+        }
+        std::cerr << std::defaultfloat << std::setprecision(6) << "\n";
+      };
       try {
+        struct End {
+          double& t;
+          ~End() {
+            t = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+                    .count();
+          }
+        } end{analysis_end};
         Analysis a = analyze_checkpoint(o, tokens, world);
         if (world.rank() == 0) write_analysis(path, a);
+        analysed = true;
       } catch (const InputError& e) {
         if (!e.agreed) throw;
         // A bad checkpoint does not stop the sweep; it is listed and the exit status says so.
         if (world.rank() == 0) std::cerr << "sinkscope: error: " << e.what() << "\n";
         failed.push_back(cp.name);
       }
+      if (prefetch_next) {
+        // Overlap: the part of the next checkpoint's read-ahead that ran while this one was being
+        // analysed (it keeps running into the next load otherwise).
+        prefetcher.wait();
+        const Prefetcher::Stats st = prefetcher.last();
+        prefetch_total += st.seconds;
+        prefetched_bytes += st.bytes;
+        overlap_total += std::max(0.0, std::min(st.ended, analysis_end) - st.started);
+      }
+      if (analysed) report_timing();
+    }
+    if (ca.verbose && world.rank() == 0) {
+      const double wall =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - sweep_start).count();
+      std::cerr << std::fixed << std::setprecision(2) << "sinkscope: sweep timing: wall " << wall
+                << " s, read " << read_total << " s, compute " << compute_total
+                << " s, read ahead " << prefetch_total << " s (" << prefetched_bytes / 1e9
+                << " GB, budget " << prefetch_bytes / 1e9 << " GB), overlap " << overlap_total
+                << " s" << std::defaultfloat << std::setprecision(6) << "\n";
     }
   }
   // Array tasks of a Slurm sweep analyse one checkpoint each and leave sweep.h5 to the assemble
@@ -626,6 +707,16 @@ int main(int argc, char** argv) {
                   "skip the causal layer profile (one forward per layer and part)");
   sweep->add_option("--steps", sa.steps,
                     "training steps, one per checkpoint (default: from folder names)");
+  sweep
+      ->add_option("--prefetch-gb", sa.prefetch_gb,
+                   "GB of the next checkpoint read ahead while one is analysed (default: min(16, a "
+                   "quarter of MemAvailable); 0 = off)")
+      ->check(CLI::Validator(
+          [](const std::string& text) {
+            const double gb = std::strtod(text.c_str(), nullptr);
+            return gb >= 0 ? std::string() : "must not be negative";
+          },
+          ">=0"));
   sweep->add_option("--failed-list", sa.failed_list,
                     "write the names of checkpoints that failed, one per line");
   add_probe_options(sweep, pa);

@@ -13,6 +13,10 @@ class Progress {
   Progress(std::string label, bool enabled, double period_s = 10.0);
   void update(int64_t done, int64_t total);
   void finish();
+  // Loading: a live line of bytes, GB/s and time left, on a terminal only (no plain lines: the
+  // load of a rank is one step of the log already).
+  void update_bytes(uint64_t done, uint64_t total);
+  bool tty() const { return tty_; }
 
  private:
   std::string label_;

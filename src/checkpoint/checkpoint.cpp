@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -73,6 +75,14 @@ struct Checkpoint::Impl {
   std::vector<TensorInfo> tensors;
   std::unordered_map<std::string, size_t> by_name;
   mutable uint64_t bytes_read = 0;
+  int threads = 0;
+  std::function<void(uint64_t)> observer;
+
+  void count(size_t n) const {
+    bytes_read += n;
+    if (observer) observer(bytes_read);
+  }
+  int nthreads() const { return threads > 0 ? threads : std::max(1, omp_get_max_threads()); }
 
   void add_file(const std::string& file_name) {
     const std::string path = (fs::path(dir) / file_name).string();
@@ -167,6 +177,11 @@ const TensorInfo* Checkpoint::find(const std::string& name) const {
 
 
 namespace {
+[[noreturn]] void non_finite(float value, size_t i, const std::string& dir,
+                             const std::string& name) {
+  throw InputError(dir + ": tensor '" + name + "' holds a non-finite value (" +
+                   std::to_string(value) + ") at element " + std::to_string(i));
+}
 void check_finite(const float* p, size_t n, const std::string& dir, const std::string& name) {
   // One pass, no per-element branch in the hot loop: accumulate p*0, which is NaN iff p is not
   // finite.
@@ -174,9 +189,7 @@ void check_finite(const float* p, size_t n, const std::string& dir, const std::s
   for (size_t i = 0; i < n; ++i) acc += p[i] * 0.f;
   if (!std::isfinite(acc)) {
     for (size_t i = 0; i < n; ++i)
-      if (!std::isfinite(p[i]))
-        throw InputError(dir + ": tensor '" + name + "' holds a non-finite value (" +
-                         std::to_string(p[i]) + ") at element " + std::to_string(i));
+      if (!std::isfinite(p[i])) non_finite(p[i], i, dir, name);
   }
 }
 int64_t row_length(const TensorInfo& t) { return t.shape.empty() ? 1 : t.shape.back(); }
@@ -184,6 +197,83 @@ int64_t row_count(const TensorInfo& t) {
   int64_t n = 1;
   for (size_t i = 0; i + 1 < t.shape.size(); ++i) n *= t.shape[i];
   return t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : n;
+}
+// The 2-D view of read_rows: 1-D tensors are rows of one element.
+int64_t view_len(const TensorInfo& t) { return t.shape.size() <= 1 ? 1 : row_length(t); }
+int64_t view_rows(const TensorInfo& t) {
+  return t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : row_count(t);
+}
+
+// True when any of n stored values is inf or NaN: the exponent bits, OR-reduced without an early
+// exit so that the loop vectorises (the fp32 `acc += p * 0` chain is latency-bound).
+bool any_non_finite(DType t, const void* src, size_t n) {
+  if (t == DType::F32) {
+    const auto* p = static_cast<const uint32_t*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
+    return hit != 0;
+  }
+  const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
+  const auto* p = static_cast<const uint16_t*>(src);
+  uint32_t hit = 0;
+  for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & mask) == mask);
+  return hit != 0;
+}
+
+constexpr int64_t kChunk = int64_t{1} << 16;     // elements per OpenMP work item
+constexpr int64_t kParallelMin = int64_t{1} << 18;  // fewer elements: one thread
+
+// Converts `rows` rows of `width` stored values (row r at src + r * pitch bytes) to fp32 rows of
+// `width` in out and checks them, in parallel over chunks of whole rows (or of one long row).
+void convert_rows(const TensorInfo& t, const char* src, int64_t rows, int64_t width, size_t pitch,
+                  float* out, int threads, const std::string& dir) {
+  const int64_t n = rows * width;
+  if (n == 0) return;
+  const bool contiguous = pitch == static_cast<size_t>(width) * t.elem_size;
+  if (threads <= 1 || n < kParallelMin) {
+    if (contiguous) {
+      convert_to_f32(t.dtype, src, static_cast<size_t>(n), out);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) convert_to_f32(t.dtype, src + r * pitch, width, out + r * width);
+    }
+    bool bad = false;
+    for (int64_t r = 0; r < (contiguous ? 1 : rows); ++r)
+      bad |= any_non_finite(t.dtype, src + r * pitch, static_cast<size_t>(contiguous ? n : width));
+    if (bad) check_finite(out, static_cast<size_t>(n), dir, t.name);  // names the first one
+    return;
+  }
+  // Work items: pieces of about kChunk elements, each within a row when rows are not contiguous.
+  const int64_t per_row = contiguous ? 1 : std::max<int64_t>(1, (width + kChunk - 1) / kChunk);
+  const int64_t items = contiguous ? (n + kChunk - 1) / kChunk : rows * per_row;
+  const int64_t piece = contiguous ? kChunk : (width + per_row - 1) / per_row;
+  bool bad = false;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(|| : bad)
+  for (int64_t it = 0; it < items; ++it) {
+    const char* from;
+    int64_t len;
+    if (contiguous) {
+      const int64_t a = it * kChunk;
+      len = std::min(n, a + kChunk) - a;
+      from = src + a * static_cast<int64_t>(t.elem_size);
+      convert_to_f32(t.dtype, from, static_cast<size_t>(len), out + a);
+    } else {
+      const int64_t r = it / per_row, a = (it % per_row) * piece;
+      len = std::max<int64_t>(0, std::min(width, a + piece) - a);
+      from = src + r * pitch + a * static_cast<int64_t>(t.elem_size);
+      convert_to_f32(t.dtype, from, static_cast<size_t>(len), out + r * width + a);
+    }
+    bad = any_non_finite(t.dtype, from, static_cast<size_t>(len)) || bad;
+  }
+  if (bad) check_finite(out, static_cast<size_t>(n), dir, t.name);  // names the first one
+}
+
+// Page-aligned madvise over [p, p + n) of a mapping.
+void advise(const char* p, size_t n, int advice) {
+  if (n == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) + n;
+  ::madvise(reinterpret_cast<void*>(a), b - a, advice);  // advice only: errors are ignored
 }
 }  // namespace
 
@@ -193,15 +283,14 @@ void Checkpoint::read_rows(const std::string& name, int64_t row_begin, int64_t r
   if (t.dtype == DType::Other)
     throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
   // 1-D tensors read elements; n-D tensors are [prod(shape[:-1]), shape[-1]].
-  const int64_t len = t.shape.size() <= 1 ? 1 : row_length(t);
-  const int64_t rows = t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : row_count(t);
+  const int64_t len = view_len(t), rows = view_rows(t);
   if (row_begin < 0 || row_end > rows || row_begin > row_end)
     throw InputError(impl_->dir + ": rows [" + std::to_string(row_begin) + ", " +
                      std::to_string(row_end) + ") out of range for tensor '" + name + "'");
   const size_t n = static_cast<size_t>((row_end - row_begin) * len);
-  convert_to_f32(t.dtype, impl_->bytes(t) + row_begin * len * t.elem_size, n, out);
-  impl_->bytes_read += n * t.elem_size;
-  check_finite(out, n, impl_->dir, name);
+  convert_rows(t, impl_->bytes(t) + row_begin * len * t.elem_size, 1, static_cast<int64_t>(n),
+               n * t.elem_size, out, impl_->nthreads(), impl_->dir);
+  impl_->count(n * t.elem_size);
 }
 
 void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t col_end,
@@ -209,6 +298,77 @@ void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t c
   const TensorInfo& t = impl_->get(name);
   if (t.shape.size() != 2) throw InputError(impl_->dir + ": tensor '" + name + "' is not 2-D");
   read_block(name, 0, t.shape[0], col_begin, col_end, out);
+}
+
+StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                                     int64_t col_begin, int64_t col_end) const {
+  const TensorInfo& t = impl_->get(name);
+  if (t.dtype == DType::Other)
+    throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
+  const int64_t rows = view_rows(t), cols = view_len(t);
+  if (row_begin < 0 || row_end > rows || row_begin > row_end || col_begin < 0 || col_end > cols ||
+      col_begin > col_end)
+    throw InputError(impl_->dir + ": block out of range for tensor '" + name + "'");
+  StoredSlice s;
+  s.dtype = t.dtype;
+  s.elem_size = t.elem_size;
+  s.rows = row_end - row_begin;
+  s.cols = col_end - col_begin;
+  s.row_pitch = static_cast<size_t>(cols) * t.elem_size;
+  s.data = impl_->bytes(t) + (row_begin * cols + col_begin) * static_cast<int64_t>(t.elem_size);
+  // Every value finite, as the converting reads require (checked on the stored bits).
+  const int64_t width = s.cols;
+  bool bad = false;
+  const int threads = s.bytes() >= static_cast<size_t>(kParallelMin) ? impl_->nthreads() : 1;
+  if (s.contiguous()) {
+    const int64_t n = s.rows * width, items = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(|| : bad)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t a = it * kChunk, len = std::min(n, a + kChunk) - a;
+      bad = any_non_finite(t.dtype, s.data + a * static_cast<int64_t>(t.elem_size),
+                           static_cast<size_t>(len)) || bad;
+    }
+  } else {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(|| : bad)
+    for (int64_t r = 0; r < s.rows; ++r)
+      bad = any_non_finite(t.dtype, s.data + r * s.row_pitch, static_cast<size_t>(width)) || bad;
+  }
+  if (bad) {
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const char* row = s.data + r * s.row_pitch;
+      const size_t i = first_non_finite(t.dtype, row, static_cast<size_t>(width));
+      if (i < static_cast<size_t>(width)) {
+        float v;
+        convert_to_f32(t.dtype, row + i * t.elem_size, 1, &v);
+        non_finite(v, static_cast<size_t>(r * width) + i, impl_->dir, name);
+      }
+    }
+  }
+  impl_->count(s.bytes());
+  return s;
+}
+
+StoredSlice Checkpoint::stored_rows(const std::string& name, int64_t row_begin,
+                                    int64_t row_end) const {
+  const TensorInfo& t = impl_->get(name);
+  return stored_block(name, row_begin, row_end, 0, view_len(t));
+}
+
+uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin, int64_t row_end) const {
+  const TensorInfo& t = impl_->get(name);
+  const int64_t len = view_len(t), rows = view_rows(t);
+  row_begin = std::clamp<int64_t>(row_begin, 0, rows);
+  row_end = std::clamp<int64_t>(row_end, row_begin, rows);
+  const size_t n = static_cast<size_t>((row_end - row_begin) * len) * t.elem_size;
+  const char* p = impl_->bytes(t) + row_begin * len * static_cast<int64_t>(t.elem_size);
+  advise(p, n, MADV_SEQUENTIAL);
+  advise(p, n, MADV_WILLNEED);
+  return n;
+}
+
+void Checkpoint::set_read_threads(int threads) const { impl_->threads = std::max(0, threads); }
+void Checkpoint::set_read_observer(std::function<void(uint64_t)> observer) const {
+  impl_->observer = std::move(observer);
 }
 
 void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t row_end,
@@ -222,13 +382,10 @@ void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t 
       col_begin > col_end)
     throw InputError(impl_->dir + ": block out of range for tensor '" + name + "'");
   const int64_t width = col_end - col_begin;
-  const char* base = impl_->bytes(t);
-  for (int64_t r = row_begin; r < row_end; ++r)
-    convert_to_f32(t.dtype, base + (r * cols + col_begin) * t.elem_size, static_cast<size_t>(width),
-                   out + (r - row_begin) * width);
-  const size_t n = static_cast<size_t>((row_end - row_begin) * width);
-  impl_->bytes_read += n * t.elem_size;
-  check_finite(out, n, impl_->dir, name);
+  convert_rows(t, impl_->bytes(t) + (row_begin * cols + col_begin) * t.elem_size,
+               row_end - row_begin, width, static_cast<size_t>(cols) * t.elem_size, out,
+               impl_->nthreads(), impl_->dir);
+  impl_->count(static_cast<size_t>((row_end - row_begin) * width) * t.elem_size);
 }
 
 void Checkpoint::read_row(const std::string& name, int64_t row, float* out) const {

@@ -1,6 +1,12 @@
 // safetensors: header validation (the reference implementation's rules), dtype conversion and a
 // writer. Everything here runs on untrusted bytes: sizes are checked before they are used.
+#include <fcntl.h>
+#include <omp.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -251,10 +257,62 @@ void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
   }
 }
 
+namespace {
+
+constexpr size_t kConvertChunk = size_t{1} << 16;   // elements per OpenMP work item
+constexpr size_t kParallelMin = size_t{1} << 18;    // below this one thread converts
+
+int resolve_threads(int threads) { return threads > 0 ? threads : std::max(1, omp_get_max_threads()); }
+
+// Writes all of buf to fd (write(2) may write less than asked).
+void write_all(int fd, const char* buf, size_t n, const std::string& path) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, buf, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
+    }
+    buf += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+}  // namespace
+
+void convert_to_f32_parallel(DType t, const void* src, size_t n, float* dst, int threads) {
+  threads = resolve_threads(threads);
+  if (threads == 1 || n < kParallelMin) return convert_to_f32(t, src, n, dst);
+  if (t == DType::Other) throw InputError("cannot convert dtype to float32");
+  const size_t es = dtype_size(t), chunks = (n + kConvertChunk - 1) / kConvertChunk;
+  const char* s = static_cast<const char*>(src);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t a = c * kConvertChunk, b = std::min(n, a + kConvertChunk);
+    convert_to_f32(t, s + a * es, b - a, dst + a);
+  }
+}
+
+size_t first_non_finite(DType t, const void* src, size_t n) {
+  if (t == DType::F32) {
+    const auto* p = static_cast<const uint32_t*>(src);
+    for (size_t i = 0; i < n; ++i)
+      if ((p[i] & 0x7f800000u) == 0x7f800000u) return i;
+    return n;
+  }
+  // bf16: 8 exponent bits at 7..14; f16: 5 exponent bits at 10..14.
+  const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
+  const auto* p = static_cast<const uint16_t*>(src);
+  for (size_t i = 0; i < n; ++i)
+    if ((p[i] & mask) == mask) return i;
+  return n;
+}
+
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
   json header = json::object();
   uint64_t offset = 0;
   for (const auto& t : tensors) {
+    if (t.dtype != DType::F32 && t.dtype != DType::BF16)
+      throw InputError("write_safetensors: only F32 and BF16 are written");
     uint64_t n = 1;
     for (auto d : t.shape) n *= static_cast<uint64_t>(d);
     const uint64_t nbytes = n * dtype_size(t.dtype);
@@ -266,27 +324,59 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   header["__metadata__"] = {{"format", "pt"}};
   std::string text = header.dump();
   while ((8 + text.size()) % 8 != 0) text.push_back(' ');  // align the data section
-  std::ofstream out(path, std::ios::binary);
-  if (!out) throw InputError("cannot write " + path);
-  const uint64_t len = text.size();
-  out.write(reinterpret_cast<const char*>(&len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  std::vector<uint16_t> half;
-  for (const auto& t : tensors) {
-    uint64_t n = 1;
-    for (auto d : t.shape) n *= static_cast<uint64_t>(d);
-    if (t.dtype == DType::F32) {
-      out.write(reinterpret_cast<const char*>(t.data), static_cast<std::streamsize>(n * 4));
-    } else if (t.dtype == DType::BF16) {
-      half.resize(n);
-      for (uint64_t i = 0; i < n; ++i) half[i] = f32_to_bf16(t.data[i]);
-      out.write(reinterpret_cast<const char*>(half.data()), static_cast<std::streamsize>(n * 2));
-    } else {
-      throw InputError("write_safetensors: only F32 and BF16 are written");
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
+  try {
+    // Values go through one 64 MiB buffer: each piece is converted by every thread, then written
+    // with one write(2) call (the page cache takes it at memory speed; the disk drains behind).
+    constexpr size_t kBuffer = size_t{64} << 20;
+    std::vector<char> buf(kBuffer);
+    size_t used = 0;
+    auto flush = [&] {
+      write_all(fd, buf.data(), used, path);
+      used = 0;
+    };
+    const uint64_t len = text.size();
+    std::memcpy(buf.data(), &len, 8);
+    used = 8;
+    for (size_t i = 0; i < text.size();) {
+      if (used == kBuffer) flush();
+      const size_t k = std::min(text.size() - i, kBuffer - used);
+      std::memcpy(buf.data() + used, text.data() + i, k);
+      used += k;
+      i += k;
     }
+    const int threads = resolve_threads(0);
+    for (const auto& t : tensors) {
+      uint64_t n = 1;
+      for (auto d : t.shape) n *= static_cast<uint64_t>(d);
+      const size_t es = dtype_size(t.dtype);
+      for (uint64_t i = 0; i < n;) {
+        if (used + es > kBuffer) flush();
+        const size_t k = std::min<uint64_t>(n - i, (kBuffer - used) / es);
+        char* dst = buf.data() + used;
+        const float* src = t.data + i;
+        if (t.dtype == DType::F32) {
+          std::memcpy(dst, src, k * 4);
+        } else {
+          auto* h = reinterpret_cast<uint16_t*>(dst);  // buf is 8-aligned; used is even
+          const size_t chunks = (k + kConvertChunk - 1) / kConvertChunk;
+#pragma omp parallel for num_threads(threads) schedule(static) if (k >= kParallelMin)
+          for (size_t c = 0; c < chunks; ++c) {
+            const size_t a = c * kConvertChunk, b = std::min<size_t>(k, a + kConvertChunk);
+            for (size_t j = a; j < b; ++j) h[j] = f32_to_bf16(src[j]);
+          }
+        }
+        used += k * es;
+        i += k;
+      }
+    }
+    flush();
+  } catch (...) {
+    ::close(fd);
+    throw;
   }
-  out.flush();
-  if (!out) throw InputError("cannot write " + path + " (disk full?)");
+  if (::close(fd) != 0) throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
 }
 
 }  // namespace sinkscope

@@ -69,7 +69,7 @@ class CpuBackend final : public Backend {
         opt_(in.options),
         layout_(c_) {
     const uint64_t before = ck_.weight_bytes_read();
-    w_ = load_weights(ck_, plan_, opt_.want_logits);
+    w_ = load_weights(ck_, plan_, opt_.want_logits, opt_.load_progress);
     bytes_loaded_ = ck_.weight_bytes_read() - before;
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     mlp_slots_ = std::max<int64_t>(c_.num_experts, 1) + (c_.has_shared_expert() ? 1 : 0);

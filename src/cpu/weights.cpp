@@ -1,22 +1,46 @@
 #include "cpu/weights.hpp"
 
+#include <algorithm>
+
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/family.hpp"
 
 namespace sinkscope {
 namespace {
 
+// Bytes ahead of the current read that the kernel is asked to fetch (madvise WILLNEED).
+constexpr uint64_t kReadAheadBytes = uint64_t{1} << 30;
+
+// One read of the load, as planned: rows [r0, r1) (and, for a block, its byte count).
+struct PlannedRead {
+  std::string name;
+  int64_t r0, r1;
+  uint64_t bytes;
+};
+
+// Runs the load twice: first to list the reads (planning: nothing is read, results are empty),
+// then to read them, advising the kernel of the next kReadAheadBytes before each read.
 class Loader {
  public:
-  explicit Loader(const Checkpoint& ck) : ck_(ck), c_(ck.config()) {}
+  Loader(const Checkpoint& ck, std::vector<PlannedRead>* plan) : ck_(ck), c_(ck.config()), plan_(plan) {}
+  Loader(const Checkpoint& ck, const std::vector<PlannedRead>& planned) : ck_(ck), c_(ck.config()), planned_(&planned) {}
 
   std::vector<float> rows(Role role, int64_t l, int64_t r0, int64_t r1, int64_t width) const {
     return rows_of(tensor_name(c_, role, l, -1, &ck_), r0, r1, width);
   }
   std::vector<float> rows_of(const std::string& name, int64_t r0, int64_t r1,
                              int64_t width) const {
+    if (note(name, r0, r1, static_cast<uint64_t>((r1 - r0) * width))) return {};
     std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
     ck_.read_rows(name, r0, r1, out.data());
+    return out;
+  }
+  // The block rows [r0, r1) x columns [c0, c1) of a tensor's 2-D view.
+  std::vector<float> block(const std::string& name, int64_t r0, int64_t r1, int64_t c0,
+                           int64_t c1) const {
+    if (note(name, r0, r1, static_cast<uint64_t>((r1 - r0) * (c1 - c0)))) return {};
+    std::vector<float> out(static_cast<size_t>((r1 - r0) * (c1 - c0)));
+    ck_.read_block(name, r0, r1, c0, c1, out.data());
     return out;
   }
   // A 1-D tensor's elements [b, e), or nothing where the family or config has no such tensor.
@@ -31,9 +55,7 @@ class Loader {
   }
   // Column block [c0, c1) of every row of a 2-D tensor (o_proj's columns of this rank's heads).
   std::vector<float> cols(Role role, int64_t l, int64_t rows, int64_t c0, int64_t c1) const {
-    std::vector<float> out(static_cast<size_t>(rows * (c1 - c0)));
-    ck_.read_cols(tensor_name(c_, role, l), c0, c1, out.data());
-    return out;
+    return block(tensor_name(c_, role, l), 0, rows, c0, c1);
   }
   MlpWeights dense_mlp(int64_t l) const {
     const int64_t D = c_.hidden_size, I = c_.intermediate_size;
@@ -49,15 +71,35 @@ class Loader {
   }
 
  private:
+  // Planning: records the read (element counts are turned into stored bytes) and returns true.
+  // Reading: advises the kernel of the planned reads up to kReadAheadBytes ahead, returns false.
+  bool note(const std::string& name, int64_t r0, int64_t r1, uint64_t elems) const {
+    if (plan_) {
+      const TensorInfo* t = ck_.find(name);
+      plan_->push_back({name, r0, r1, elems * (t ? t->elem_size : 4)});
+      return true;
+    }
+    const auto& p = *planned_;
+    while (advised_ < p.size() && advised_bytes_ < done_bytes_ + kReadAheadBytes) {
+      ck_.advise_rows(p[advised_].name, p[advised_].r0, p[advised_].r1);
+      advised_bytes_ += p[advised_].bytes;
+      ++advised_;
+    }
+    if (next_ < p.size()) done_bytes_ += p[next_++].bytes;
+    return false;
+  }
+
   const Checkpoint& ck_;
   const ModelConfig& c_;
+  std::vector<PlannedRead>* plan_ = nullptr;
+  const std::vector<PlannedRead>* planned_ = nullptr;
+  mutable size_t advised_ = 0, next_ = 0;
+  mutable uint64_t advised_bytes_ = 0, done_bytes_ = 0;
 };
 
-}  // namespace
-
-ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
+ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
+                       const Loader& ld) {
   const ModelConfig& c = ck.config();
-  const Loader ld(ck);
   const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads;
   const int64_t h0 = plan.head_begin, h1 = plan.head_end, g0 = plan.kv_begin, g1 = plan.kv_end;
   ModelWeights w;
@@ -120,8 +162,7 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
         m.inter = i1 - i0;
         m.gate = ld.rows_of(loc.gate.tensor, loc.gate.row_begin + i0, loc.gate.row_begin + i1, D);
         m.up = ld.rows_of(loc.up.tensor, loc.up.row_begin + i0, loc.up.row_begin + i1, D);
-        m.down.resize(static_cast<size_t>(D * m.inter));
-        ck.read_block(loc.down.tensor, loc.down.row_begin, loc.down.row_end, i0, i1, m.down.data());
+        m.down = ld.block(loc.down.tensor, loc.down.row_begin, loc.down.row_end, i0, i1);
         L.experts.push_back(std::move(m));
       }
       if (c.has_shared_expert()) {
@@ -141,6 +182,35 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
   if (with_lm_head)
     w.lm_head = ld.rows(c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead, -1, 0, c.vocab_size, D);
   return w;
+}
+
+std::vector<PlannedRead> plan_reads(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
+  std::vector<PlannedRead> reads;
+  load_with(ck, plan, with_lm_head, Loader(ck, &reads));
+  return reads;
+}
+
+}  // namespace
+
+uint64_t planned_load_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
+  uint64_t total = 0;
+  for (const auto& r : plan_reads(ck, plan, with_lm_head)) total += r.bytes;
+  return total;
+}
+
+ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
+                          const std::function<void(uint64_t, uint64_t)>& progress) {
+  const std::vector<PlannedRead> reads = plan_reads(ck, plan, with_lm_head);
+  uint64_t total = 0;
+  for (const auto& r : reads) total += r.bytes;
+  const uint64_t before = ck.weight_bytes_read();
+  if (progress)
+    ck.set_read_observer([&](uint64_t done) { progress(done - before, total); });
+  struct Reset {
+    const Checkpoint& ck;
+    ~Reset() { ck.set_read_observer({}); }
+  } reset{ck};
+  return load_with(ck, plan, with_lm_head, Loader(ck, reads));
 }
 
 }  // namespace sinkscope

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "sinkscope/config.hpp"
@@ -48,6 +49,13 @@ struct ModelWeights {
   std::vector<float> lm_head;  // [V, D], loaded only when logits are wanted
 };
 
-ModelWeights load_weights(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head);
+// Reads this rank's slices. The reads are listed first (their total is the progress's total), the
+// kernel is told to read ahead of them (madvise, a window of kReadAheadBytes), and each large read
+// converts on every OpenMP thread (Checkpoint::set_read_threads). `progress` (optional) gets
+// (bytes read, bytes to read).
+ModelWeights load_weights(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head,
+                          const std::function<void(uint64_t, uint64_t)>& progress = {});
+// The bytes load_weights reads for this plan (what the progress counts to).
+uint64_t planned_load_bytes(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head);
 
 }  // namespace sinkscope

@@ -159,7 +159,7 @@ class CudaBackend final : public Backend {
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
-    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s)
+    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.load_progress)
              : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
     weight_device_bytes_ = device_bytes_held() - held_before;
     near_ties_.assign(static_cast<size_t>(L_), 0);

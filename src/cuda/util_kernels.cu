@@ -1,4 +1,6 @@
 // Fills, conversions and the counter-based random weights of the synthetic (benchmark) backend.
+#include <cuda_fp16.h>
+
 #include "cuda/device_common.cuh"
 #include "cuda/util_kernels.cuh"
 
@@ -71,6 +73,13 @@ __global__ void f32_to_bf16_kernel(const float* __restrict__ src, int64_t n,
     dst[i] = f2bf(src[i]);
 }
 
+__global__ void f16_to_bf16_kernel(const uint16_t* __restrict__ src, int64_t n,
+                                   bf16_bits* __restrict__ dst) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = f2bf(__half2float(__ushort_as_half(src[i])));
+}
+
 }  // namespace
 
 void fill_random_bf16(bf16_bits* dst, int64_t rows, int64_t cols, int64_t row_offset,
@@ -115,6 +124,12 @@ void f32_to_bf16(const float* src, int64_t n, bf16_bits* dst, cudaStream_t s) {
   if (n == 0) return;
   f32_to_bf16_kernel<<<grid_for(n, 256, 65536), 256, 0, s>>>(src, n, dst);
   CUDA_CHECK_LAUNCH("f32_to_bf16_kernel");
+}
+
+void f16_to_bf16(const uint16_t* src, int64_t n, bf16_bits* dst, cudaStream_t s) {
+  if (n == 0) return;
+  f16_to_bf16_kernel<<<grid_for(n, 256, 65536), 256, 0, s>>>(src, n, dst);
+  CUDA_CHECK_LAUNCH("f16_to_bf16_kernel");
 }
 
 }  // namespace sinkscope::cuda::k

@@ -26,5 +26,8 @@ void fill(float* dst, int64_t n, float value, cudaStream_t s);
 void gram_split(const float* m, int64_t count, int d, bf16_bits* hi, bf16_bits* lo, cudaStream_t s);
 void bf16_to_f32(const bf16_bits* src, int64_t n, float* dst, cudaStream_t s);
 void f32_to_bf16(const float* src, int64_t n, bf16_bits* dst, cudaStream_t s);
+// f16 bits -> bf16 (exact f16 -> fp32, then round to nearest even: the host's f16 -> fp32 -> bf16
+// of the fp32 loading path, bit for bit). Used to load f16 checkpoints.
+void f16_to_bf16(const uint16_t* src, int64_t n, bf16_bits* dst, cudaStream_t s);
 
 }  // namespace sinkscope::cuda::k

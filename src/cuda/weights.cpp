@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 
 #include "cuda/check.hpp"
 #include "cuda/gemm.hpp"
@@ -11,13 +13,6 @@
 
 namespace sinkscope::cuda {
 namespace {
-
-// Host fp32 -> device bf16 at dst (synchronous: the host vector may go away afterwards).
-void upload_bf16(const std::vector<float>& src, bf16_bits* dst) {
-  std::vector<bf16_bits> tmp(src.size());
-  std::transform(src.begin(), src.end(), tmp.begin(), [](float v) { return f32_to_bf16(v); });
-  CUDA_CHECK(cudaMemcpy(dst, tmp.data(), tmp.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
-}
 
 void upload_f32(const std::vector<float>& src, DeviceBuffer<float>& dst) {
   dst.reserve(src.size());
@@ -31,15 +26,150 @@ std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int6
   return out;
 }
 
-// Rows [r0, r1) of a [*, width] tensor into dst, in chunks so that large tensors (lm_head) never
-// sit whole in host memory.
-void load_rows_bf16(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
-                    int64_t width, bf16_bits* dst) {
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(width, 1) / 4);
-  for (int64_t a = r0; a < r1; a += chunk) {
-    const int64_t b = std::min(r1, a + chunk);
-    upload_bf16(read_rows(ck, name, a, b, width), dst + (a - r0) * width);
+// Stored weights -> device bf16 without a host conversion: the stored bytes are copied from the
+// mapped file into one of two pinned staging buffers (every OpenMP thread copying a part, which is
+// where the file's pages are read), then cudaMemcpyAsync'd on the stream while the host fills the
+// other buffer. bf16 checkpoints land in the weights as they are (bit for bit the stored values);
+// f16 and f32 ones land in a device staging buffer and are rounded to bf16 there (k::f16_to_bf16,
+// k::f32_to_bf16: the same rounding as the host's f32_to_bf16).
+class Uploader {
+ public:
+  static constexpr size_t kStage = size_t{64} << 20;
+
+  explicit Uploader(cudaStream_t s) : s_(s) {
+    for (int i = 0; i < 2; ++i) {
+      pinned_[i].reserve(kStage);
+      CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
+    }
   }
+  Uploader(const Uploader&) = delete;
+  Uploader& operator=(const Uploader&) = delete;
+  ~Uploader() {
+    for (cudaEvent_t e : done_)
+      if (e) cudaEventDestroy(e);
+  }
+
+  // Rows [r0, r1) of a tensor's 2-D view into dst.
+  void rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, bf16_bits* dst) {
+    upload(ck.stored_rows(name, r0, r1), dst);
+  }
+  // The block rows [r0, r1) x columns [c0, c1) into dst (row-major, c1 - c0 wide).
+  void block(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, int64_t c0,
+             int64_t c1, bf16_bits* dst) {
+    upload(ck.stored_block(name, r0, r1, c0, c1), dst);
+  }
+  // Waits for every copy and conversion issued so far.
+  void finish() { CUDA_CHECK(cudaStreamSynchronize(s_)); }
+
+ private:
+  void upload(const StoredSlice& sl, bf16_bits* dst) {
+    const size_t es = sl.elem_size, row_bytes = static_cast<size_t>(sl.cols) * es;
+    if (sl.bytes() == 0) return;
+    if (sl.contiguous() || row_bytes > kStage) {
+      // One byte range per row (contiguous: the whole slice), in stage-sized pieces.
+      const int64_t ranges = sl.contiguous() ? 1 : sl.rows;
+      const size_t range_bytes = sl.contiguous() ? sl.bytes() : row_bytes;
+      for (int64_t r = 0; r < ranges; ++r) {
+        const char* src = sl.data + r * sl.row_pitch;
+        bf16_bits* out = dst + static_cast<size_t>(r) * (range_bytes / es);
+        for (size_t off = 0; off < range_bytes; off += kStage) {
+          const size_t n = std::min(kStage, range_bytes - off);
+          stage(sl.dtype, n, out + off / es, [&](char* p) {
+            const int64_t parts = static_cast<int64_t>((n + kPart - 1) / kPart);
+#pragma omp parallel for schedule(static)
+            for (int64_t i = 0; i < parts; ++i) {
+              const size_t a = static_cast<size_t>(i) * kPart;
+              std::memcpy(p + a, src + off + a, std::min(kPart, n - a));
+            }
+          });
+        }
+      }
+      return;
+    }
+    // Strided rows (a column block): as many whole rows per stage as fit.
+    const int64_t per = static_cast<int64_t>(kStage / row_bytes);
+    for (int64_t r = 0; r < sl.rows; r += per) {
+      const int64_t k = std::min(per, sl.rows - r);
+      stage(sl.dtype, static_cast<size_t>(k) * row_bytes, dst + r * sl.cols, [&](char* p) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < k; ++i)
+          std::memcpy(p + i * row_bytes, sl.data + (r + i) * sl.row_pitch, row_bytes);
+      });
+    }
+  }
+
+  // Fills the next staging buffer (once the copy that last read it is done) and sends it to dst.
+  template <class Fill>
+  void stage(DType dtype, size_t bytes, bf16_bits* dst, Fill&& fill) {
+    const int i = slot_;
+    slot_ ^= 1;
+    CUDA_CHECK(cudaEventSynchronize(done_[i]));
+    fill(pinned_[i].get());
+    if (dtype == DType::BF16) {
+      CUDA_CHECK(cudaMemcpyAsync(dst, pinned_[i].get(), bytes, cudaMemcpyHostToDevice, s_));
+    } else {
+      scratch_[i].reserve(kStage);
+      CUDA_CHECK(
+          cudaMemcpyAsync(scratch_[i].get(), pinned_[i].get(), bytes, cudaMemcpyHostToDevice, s_));
+      if (dtype == DType::F16)
+        k::f16_to_bf16(reinterpret_cast<const uint16_t*>(scratch_[i].get()),
+                       static_cast<int64_t>(bytes / 2), dst, s_);
+      else
+        k::f32_to_bf16(reinterpret_cast<const float*>(scratch_[i].get()),
+                       static_cast<int64_t>(bytes / 4), dst, s_);
+    }
+    CUDA_CHECK(cudaEventRecord(done_[i], s_));
+  }
+
+  static constexpr size_t kPart = size_t{1} << 20;  // bytes per host copy task
+  cudaStream_t s_;
+  PinnedBuffer<char> pinned_[2];
+  DeviceBuffer<char> scratch_[2];
+  cudaEvent_t done_[2] = {nullptr, nullptr};
+  int slot_ = 0;
+};
+
+// The stored bytes load_device_model reads for this plan (the total of its progress).
+uint64_t planned_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
+  const ModelConfig& c = ck.config();
+  const int64_t D = c.hidden_size, d = c.head_dim;
+  uint64_t total = 0;
+  auto add = [&](const std::string& name, int64_t elems) {
+    const TensorInfo* t = ck.find(name);
+    total += static_cast<uint64_t>(elems) * (t ? t->elem_size : 2);
+  };
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    auto name = [&](Role role) { return tensor_name(c, role, l, -1, &ck); };
+    add(name(Role::kAttnNorm), D);
+    add(name(Role::kMlpNorm), D);
+    if (c.qk_norm == QkNormKind::kPerHead) {
+      add(name(Role::kQNorm), d);
+      add(name(Role::kKNorm), d);
+    }
+    add(name(Role::kQ), plan.local_heads() * d * D);
+    add(name(Role::kK), plan.local_kv_heads() * d * D);
+    add(name(Role::kV), plan.local_kv_heads() * d * D);
+    add(name(Role::kO), D * plan.local_heads() * d);
+    if (c.is_moe_layer(l)) {
+      const int64_t I = c.moe_intermediate_size;
+      add(name(Role::kRouter), c.num_experts * D);
+      for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
+        const ExpertLocation loc = expert_location(ck, l, e);
+        add(loc.gate.tensor, I * D);
+        add(loc.up.tensor, I * D);
+        add(loc.down.tensor, D * I);
+      }
+    } else {
+      const int64_t I = c.intermediate_size;
+      add(name(Role::kMlpGate), I * D);
+      add(name(Role::kMlpUp), I * D);
+      add(name(Role::kMlpDown), D * I);
+    }
+  }
+  add(tensor_name(c, Role::kFinalNorm), D);
+  if (with_lm_head)
+    add(tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), c.vocab_size * D);
+  return total;
 }
 
 // Per local head: M_h = W_O,h^T W_O,h in fp32 (bf16 products, fp32 sums), made exactly symmetric
@@ -61,12 +191,22 @@ void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cud
 }  // namespace
 
 DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
-                              Blas& blas, cudaStream_t s) {
+                              Blas& blas, cudaStream_t s,
+                              const std::function<void(uint64_t, uint64_t)>& progress) {
   const ModelConfig& c = ck.config();
   const int64_t D = c.hidden_size, d = c.head_dim, Hl = plan.local_heads(),
                 KVl = plan.local_kv_heads();
   const int64_t qw = Hl * d, kw = KVl * d;
   const uint64_t before = ck.weight_bytes_read();
+  if (progress) {
+    const uint64_t total = planned_bytes(ck, plan, with_lm_head);
+    ck.set_read_observer([&progress, before, total](uint64_t done) { progress(done - before, total); });
+  }
+  struct Reset {
+    const Checkpoint& ck;
+    ~Reset() { ck.set_read_observer({}); }
+  } reset{ck};
+  Uploader up(s);
   DeviceModel w;
   w.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -81,18 +221,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       upload_f32(read_rows(ck, name(Role::kKNorm), 0, d, 1), L.k_norm);
     }
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
-    load_rows_bf16(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, D,
-                   L.wqkv.get());
-    load_rows_bf16(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, D,
-                   L.wqkv.get() + qw * D);
-    load_rows_bf16(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, D,
-                   L.wqkv.get() + (qw + kw) * D);
-    {
-      std::vector<float> o(static_cast<size_t>(D * qw));
-      ck.read_cols(name(Role::kO), plan.head_begin * d, plan.head_end * d, o.data());
-      L.wo.reserve(o.size());
-      upload_bf16(o, L.wo.get());
-    }
+    up.rows(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, L.wqkv.get());
+    up.rows(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + qw * D);
+    up.rows(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + (qw + kw) * D);
+    L.wo.reserve(static_cast<size_t>(D * qw));
+    up.block(ck, name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
     make_gram(L, D, Hl, d, blas, s);
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
@@ -104,27 +237,28 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
         const ExpertLocation loc = expert_location(ck, l, e);
         bf16_bits* gu = L.w_gate_up.get() + (e - plan.expert_begin) * 2 * I * D;
-        load_rows_bf16(ck, loc.gate.tensor, loc.gate.row_begin, loc.gate.row_end, D, gu);
-        load_rows_bf16(ck, loc.up.tensor, loc.up.row_begin, loc.up.row_end, D, gu + I * D);
-        load_rows_bf16(ck, loc.down.tensor, loc.down.row_begin, loc.down.row_end, I,
-                       L.w_down.get() + (e - plan.expert_begin) * D * I);
+        up.rows(ck, loc.gate.tensor, loc.gate.row_begin, loc.gate.row_end, gu);
+        up.rows(ck, loc.up.tensor, loc.up.row_begin, loc.up.row_end, gu + I * D);
+        up.rows(ck, loc.down.tensor, loc.down.row_begin, loc.down.row_end,
+                L.w_down.get() + (e - plan.expert_begin) * D * I);
       }
     } else {
       const int64_t I = c.intermediate_size;
       L.inter = I;
       L.w_gate_up.reserve(static_cast<size_t>(2 * I * D));
       L.w_down.reserve(static_cast<size_t>(D * I));
-      load_rows_bf16(ck, name(Role::kMlpGate), 0, I, D, L.w_gate_up.get());
-      load_rows_bf16(ck, name(Role::kMlpUp), 0, I, D, L.w_gate_up.get() + I * D);
-      load_rows_bf16(ck, name(Role::kMlpDown), 0, D, I, L.w_down.get());
+      up.rows(ck, name(Role::kMlpGate), 0, I, L.w_gate_up.get());
+      up.rows(ck, name(Role::kMlpUp), 0, I, L.w_gate_up.get() + I * D);
+      up.rows(ck, name(Role::kMlpDown), 0, D, L.w_down.get());
     }
   }
   upload_f32(read_rows(ck, tensor_name(c, Role::kFinalNorm), 0, D, 1), w.final_norm);
   if (with_lm_head) {
     w.lm_head.reserve(static_cast<size_t>(c.vocab_size * D));
-    load_rows_bf16(ck, tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), 0,
-                   c.vocab_size, D, w.lm_head.get());
+    up.rows(ck, tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), 0,
+            c.vocab_size, w.lm_head.get());
   }
+  up.finish();
   w.bytes_loaded = ck.weight_bytes_read() - before;
   CUDA_CHECK(cudaDeviceSynchronize());  // every upload has landed before the stream reads it
   return w;

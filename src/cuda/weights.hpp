@@ -1,11 +1,12 @@
 // One rank's shard of the model on the device: bf16 matrices (fp32 norms and router), laid out for
-// the backend's products. Loaded from a checkpoint (fp32 host rows -> bf16) or made at random on
+// the backend's products. Loaded from a checkpoint (stored bytes copied as they are; f16/f32 rounded to bf16 on the device) or made at random on
 // the device for benchmarks.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "cuda/device_buffer.hpp"
@@ -43,8 +44,12 @@ struct DeviceModel {
   uint64_t bytes_loaded = 0;        // checkpoint bytes converted (or bf16 bytes made, synthetic)
 };
 
+// Stored bf16 bytes go to the device as they are (pinned double-buffered staging, async copies on
+// s); f16/f32 checkpoints are rounded to bf16 on the device. `progress` (optional) gets (bytes
+// read, bytes to read).
 DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
-                              Blas& blas, cudaStream_t s);
+                              Blas& blas, cudaStream_t s,
+                              const std::function<void(uint64_t, uint64_t)>& progress = {});
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
                                     uint64_t seed, Blas& blas, cudaStream_t s);
 

@@ -199,6 +199,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   AblateSpec ablate;
   const BackendEntry* backend_entry = nullptr;
   const bool synthetic = opt.synthetic_seed >= 0;
+  const auto read_start = std::chrono::steady_clock::now();
   run_agreed(world, [&] {
     backend_entry = &find_backend(opt.device);
     if (synthetic) {
@@ -243,9 +244,17 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     in.plan = &par.plan();
     in.comms = par.comms();
     in.options.threads = opt.threads;
+    in.options.load_progress = opt.load_progress;
     in.synthetic_seed = opt.synthetic_seed;
     backend = backend_entry->make(in);
   });
+  const auto compute_start = std::chrono::steady_clock::now();
+  if (opt.timings) {
+    opt.timings->read_seconds =
+        std::chrono::duration<double>(compute_start - read_start).count();
+    opt.timings->bytes_read = backend->weight_bytes_loaded();
+  }
+  if (opt.on_loaded) opt.on_loaded();
   if (opt.log_layout && world.rank() == 0)
     std::cerr << "sinkscope: layout " << plan.describe() << "\n";
   if (opt.verbose) {
@@ -509,6 +518,9 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
       a.search_share = static_cast<float>(opt.search_share);
     }
   }
+  if (opt.timings)
+    opt.timings->compute_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - compute_start).count();
   return a;
 }
 

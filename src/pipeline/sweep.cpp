@@ -1,16 +1,26 @@
 #include "sinkscope/sweep.hpp"
 
+#include <fcntl.h>
 #include <glob.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <cctype>
 #include <cstring>
 #include <limits>
 #include <string_view>
+#include <set>
+#include <thread>
 
 #include "io/bounded_text.hpp"
 #include "io/isolated.hpp"
@@ -505,6 +515,139 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
   s.convergence_outcome = r.outcome;
   s.converged_step = r.step;
   return s;
+}
+
+// ---- prefetching the next checkpoint of a sweep
+
+std::vector<std::string> safetensors_files(const std::string& dir) {
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  std::vector<std::string> out;
+  if (fs::exists(index)) {
+    try {
+      std::ifstream in(index);
+      const nlohmann::json j = nlohmann::json::parse(in);
+      std::set<std::string> shards;
+      for (const auto& [tensor, shard] : j.at("weight_map").items())
+        shards.insert(shard.get<std::string>());
+      for (const auto& shard : shards) out.push_back((fs::path(dir) / shard).string());
+    } catch (const std::exception&) {
+      // A bad index is reported when the checkpoint is opened; there is nothing to read ahead.
+    }
+  } else if (fs::exists(fs::path(dir) / "model.safetensors")) {
+    out.push_back((fs::path(dir) / "model.safetensors").string());
+  }
+  return out;
+}
+
+uint64_t default_prefetch_bytes() {
+  uint64_t available_kb = 0;
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  uint64_t value = 0;
+  std::string unit;
+  while (in >> key >> value >> unit)
+    if (key == "MemAvailable:") available_kb = value;
+  const uint64_t cap = uint64_t{16} << 30;
+  return available_kb == 0 ? cap : std::min(cap, available_kb * 1024 / 4);
+}
+
+namespace {
+double steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+int env_int(std::initializer_list<const char*> names, int fallback) {
+  for (const char* n : names)
+    if (const char* v = std::getenv(n)) {
+      char* end = nullptr;
+      const long x = std::strtol(v, &end, 10);
+      if (end != v && x >= 0) return static_cast<int>(x);
+    }
+  return fallback;
+}
+}  // namespace
+
+struct Prefetcher::Impl {
+  uint64_t budget = 0;
+  std::thread worker;
+  std::atomic<bool> stop{false};
+  std::mutex m;
+  Stats stats;
+  int local_rank = 0, local_size = 1;
+
+  void run(const std::string& dir) {
+    constexpr size_t kChunk = size_t{8} << 20;
+    std::vector<char> buf(kChunk);
+    const double t0 = steady_seconds();
+    uint64_t read = 0, planned = 0;  // planned: bytes of the host's budget handed out so far
+    uint64_t chunk_index = 0;
+    for (const std::string& path : safetensors_files(dir)) {
+      if (stop || planned >= budget) break;
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) continue;
+      const off_t size = ::lseek(fd, 0, SEEK_END);
+      const uint64_t take = std::min<uint64_t>(static_cast<uint64_t>(std::max<off_t>(size, 0)),
+                                               budget - planned);
+      ::posix_fadvise(fd, 0, static_cast<off_t>(take), POSIX_FADV_SEQUENTIAL);
+      for (uint64_t off = 0; off < take && !stop; off += kChunk, ++chunk_index) {
+        if (static_cast<int>(chunk_index % static_cast<uint64_t>(local_size)) != local_rank)
+          continue;
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, take - off));
+        // Ask for the next chunk of this rank's share while this one is read.
+        ::posix_fadvise(fd, static_cast<off_t>(off + kChunk * local_size),
+                        static_cast<off_t>(kChunk), POSIX_FADV_WILLNEED);
+        size_t got = 0;
+        while (got < n) {
+          const ssize_t r = ::pread(fd, buf.data(), n - got, static_cast<off_t>(off + got));
+          if (r <= 0) break;
+          got += static_cast<size_t>(r);
+        }
+        read += got;
+        if (got < n) break;
+      }
+      planned += take;
+      ::close(fd);
+    }
+    std::lock_guard<std::mutex> lock(m);
+    stats.bytes = read;
+    stats.started = t0;
+    stats.ended = steady_seconds();
+    stats.seconds = stats.ended - t0;
+  }
+};
+
+Prefetcher::Prefetcher(uint64_t budget_bytes) : impl_(std::make_unique<Impl>()) {
+  impl_->budget = budget_bytes;
+  impl_->local_size =
+      std::max(1, env_int({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}, 1));
+  impl_->local_rank =
+      env_int({"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}, 0) %
+      impl_->local_size;
+}
+
+Prefetcher::~Prefetcher() {
+  impl_->stop = true;
+  wait();
+}
+
+void Prefetcher::start(const std::string& dir) {
+  impl_->stop = true;
+  wait();
+  impl_->stop = false;
+  {
+    std::lock_guard<std::mutex> lock(impl_->m);
+    impl_->stats = Stats{};
+  }
+  if (impl_->budget == 0) return;
+  impl_->worker = std::thread([this, dir] { impl_->run(dir); });
+}
+
+void Prefetcher::wait() {
+  if (impl_->worker.joinable()) impl_->worker.join();
+}
+
+Prefetcher::Stats Prefetcher::last() {
+  std::lock_guard<std::mutex> lock(impl_->m);
+  return impl_->stats;
 }
 
 }  // namespace sinkscope

@@ -3,7 +3,9 @@
 #include <sys/stat.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <filesystem>
 #include <limits>
 
@@ -13,6 +15,7 @@
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/limits.hpp"
+#include "sinkscope/probes.hpp"
 #include "sinkscope/synth.hpp"
 #include "test_util.hpp"
 
@@ -380,4 +383,194 @@ TEST_F(CheckpointFiles, RefusesFifosDevicesAndHugeSmallFiles) {
   EXPECT_EQ(open_error_isolated(dir.path()), config + ": JSON nested more than 64 levels deep");
   test::write_file(config, saved);
   EXPECT_EQ(open_error_isolated(dir.path()), "opened");
+}
+
+// ---- loading at disk speed (issue 16)
+
+namespace {
+// The serial writer of sinkscope 1.x (std::ofstream, one value at a time): the parallel chunked
+// writer must produce the same bytes.
+std::string reference_safetensors_bytes(const std::vector<TensorToWrite>& tensors,
+                                        const std::string& header_text) {
+  std::string out(8, '\0');
+  const uint64_t len = header_text.size();
+  std::memcpy(out.data(), &len, 8);
+  out += header_text;
+  for (const auto& t : tensors) {
+    uint64_t n = 1;
+    for (auto d : t.shape) n *= static_cast<uint64_t>(d);
+    if (t.dtype == DType::F32) {
+      out.append(reinterpret_cast<const char*>(t.data), n * 4);
+    } else {
+      for (uint64_t i = 0; i < n; ++i) {
+        const uint16_t h = f32_to_bf16(t.data[i]);
+        out.append(reinterpret_cast<const char*>(&h), 2);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<uint16_t> random_bits16(size_t n, uint32_t seed) {
+  std::vector<uint16_t> v(n);
+  uint32_t x = seed;
+  for (auto& b : v) {
+    x = x * 1664525u + 1013904223u;
+    b = static_cast<uint16_t>(x >> 16);
+  }
+  return v;
+}
+}  // namespace
+
+TEST(Conversion, ParallelEqualsSerialBitForBit) {
+  const size_t n = (size_t{1} << 20) + 12345;  // several chunks and a ragged end
+  const auto bits = random_bits16(2 * n, 11);  // every bit pattern class: NaN, inf, subnormal
+  for (DType t : {DType::BF16, DType::F16, DType::F32}) {
+    const size_t count = t == DType::F32 ? n : 2 * n - 7;
+    std::vector<float> serial(count), parallel(count);
+    convert_to_f32(t, bits.data(), count, serial.data());
+    for (int threads : {2, 3, 8}) {
+      std::fill(parallel.begin(), parallel.end(), 0.f);
+      convert_to_f32_parallel(t, bits.data(), count, parallel.data(), threads);
+      ASSERT_EQ(std::memcmp(serial.data(), parallel.data(), count * 4), 0)
+          << dtype_name(t) << " threads " << threads;
+    }
+  }
+}
+
+TEST(Conversion, FirstNonFiniteReadsTheExponentBits) {
+  const uint16_t bf[4] = {0x3f80, 0x7f7f, 0xff80, 0x7fc0};  // 1, max finite, -inf, NaN
+  EXPECT_EQ(first_non_finite(DType::BF16, bf, 2), 2u);
+  EXPECT_EQ(first_non_finite(DType::BF16, bf, 4), 2u);
+  const uint16_t h[3] = {0x3c00, 0x7bff, 0x7c00};  // 1, 65504, inf
+  EXPECT_EQ(first_non_finite(DType::F16, h, 3), 2u);
+  const float f[3] = {1.f, 3e38f, std::nanf("")};
+  EXPECT_EQ(first_non_finite(DType::F32, f, 3), 2u);
+}
+
+TEST(Writer, ParallelChunkedWriterMatchesTheSerialBytes) {
+  TempDir dir;
+  // Two tensors larger than the parallel threshold and than no buffer boundary in particular,
+  // an fp32 tensor at an odd bf16 offset, and rounding ties.
+  std::vector<float> a(700 * 513), b(5), c(300001);
+  uint32_t x = 5;
+  for (auto* v : {&a, &b, &c})
+    for (auto& f : *v) {
+      x = x * 1664525u + 1013904223u;
+      f = (static_cast<float>(x >> 8) / 16777216.f - 0.5f) * 3.f;
+    }
+  a[0] = 1.0f + 1.0f / 256;  // a tie
+  std::vector<TensorToWrite> tw = {{"a", DType::BF16, {700, 513}, a.data()},
+                                   {"b", DType::F32, {5}, b.data()},
+                                   {"c", DType::BF16, {300001}, c.data()}};
+  write_safetensors(dir / "x.safetensors", tw);
+  const std::string got = test::read_file(dir / "x.safetensors");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, got.data(), 8);
+  const std::string expected = reference_safetensors_bytes(tw, got.substr(8, header_len));
+  ASSERT_EQ(got.size(), expected.size());
+  EXPECT_TRUE(got == expected);
+}
+
+class BigTensorFiles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    synthesize(test::tiny_config(), dir.path(), false, 7);
+    // Replace the weights with tensors large enough for the parallel paths.
+    big.resize(700 * 513);
+    vec.resize(1000);
+    uint32_t x = 3;
+    for (auto& f : big) {
+      x = x * 1664525u + 1013904223u;
+      f = static_cast<float>(x >> 8) / 16777216.f - 0.5f;
+    }
+    for (size_t i = 0; i < vec.size(); ++i) vec[i] = static_cast<float>(i) * 0.25f;
+    write_safetensors(dir / "model.safetensors", {{"big", DType::BF16, {700, 513}, big.data()},
+                                                  {"vec", DType::F32, {1000}, vec.data()}});
+  }
+  TempDir dir;
+  std::vector<float> big, vec;
+};
+
+TEST_F(BigTensorFiles, ReadsAreTheSameOnAnyThreadCount) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  std::vector<float> r1(700 * 513), rn(700 * 513), b1(690 * 300), bn(690 * 300);
+  ck.set_read_threads(1);
+  ck.read_rows("big", 0, 700, r1.data());
+  ck.read_block("big", 5, 695, 100, 400, b1.data());
+  ck.set_read_threads(4);
+  ck.read_rows("big", 0, 700, rn.data());
+  ck.read_block("big", 5, 695, 100, 400, bn.data());
+  EXPECT_EQ(std::memcmp(r1.data(), rn.data(), r1.size() * 4), 0);
+  EXPECT_EQ(std::memcmp(b1.data(), bn.data(), b1.size() * 4), 0);
+  for (int64_t r = 5; r < 695; ++r)
+    for (int64_t j = 100; j < 400; ++j)
+      ASSERT_EQ(bn[(r - 5) * 300 + j - 100], bf16_to_f32(f32_to_bf16(big[r * 513 + j])));
+}
+
+TEST_F(BigTensorFiles, StoredSlicesAreTheStoredBytes) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  const std::string file = test::read_file(dir / "model.safetensors");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, file.data(), 8);
+  const TensorInfo* t = ck.find("big");
+  ASSERT_NE(t, nullptr);
+  const char* stored = file.data() + 8 + header_len + t->begin;
+
+  const uint64_t before = ck.weight_bytes_read();
+  const StoredSlice rows = ck.stored_rows("big", 10, 650);
+  EXPECT_EQ(rows.dtype, DType::BF16);
+  EXPECT_EQ(rows.rows, 640);
+  EXPECT_EQ(rows.cols, 513);
+  EXPECT_TRUE(rows.contiguous());
+  ASSERT_EQ(rows.bytes(), size_t{640} * 513 * 2);
+  EXPECT_EQ(std::memcmp(rows.data, stored + 10 * 513 * 2, rows.bytes()), 0);
+  EXPECT_EQ(ck.weight_bytes_read() - before, rows.bytes());
+  // The stored values are the writer's bf16 of the fp32 values.
+  uint16_t v;
+  std::memcpy(&v, rows.data + 2 * 7, 2);
+  EXPECT_EQ(v, f32_to_bf16(big[10 * 513 + 7]));
+
+  const StoredSlice blk = ck.stored_block("big", 3, 9, 20, 30);
+  EXPECT_FALSE(blk.contiguous());
+  EXPECT_EQ(blk.row_pitch, size_t{513} * 2);
+  for (int64_t r = 0; r < 6; ++r)
+    EXPECT_EQ(std::memcmp(blk.data + r * blk.row_pitch, stored + ((3 + r) * 513 + 20) * 2, 20), 0);
+
+  const StoredSlice f = ck.stored_rows("vec", 100, 200);  // 1-D: elements
+  EXPECT_EQ(f.dtype, DType::F32);
+  EXPECT_EQ(f.bytes(), 400u);
+  EXPECT_EQ(std::memcmp(f.data, vec.data() + 100, 400), 0);
+  EXPECT_THROW(ck.stored_rows("big", 600, 701), InputError);
+  EXPECT_GT(ck.advise_rows("big", 0, 700), 0u);
+}
+
+TEST_F(BigTensorFiles, StoredSlicesRejectNonFiniteValues) {
+  big[123 * 513 + 45] = std::numeric_limits<float>::infinity();
+  write_safetensors(dir / "model.safetensors", {{"big", DType::BF16, {700, 513}, big.data()},
+                                                {"vec", DType::F32, {1000}, vec.data()}});
+  Checkpoint ck = Checkpoint::open(dir.path());
+  EXPECT_NO_THROW(ck.stored_rows("big", 0, 123));
+  try {
+    ck.stored_rows("big", 100, 700);
+    FAIL() << "accepted an infinite weight";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("element " + std::to_string(23 * 513 + 45)),
+              std::string::npos)
+        << e.what();
+  }
+  std::vector<float> out(600 * 513);
+  EXPECT_THROW(ck.read_rows("big", 100, 700, out.data()), InputError);
+}
+
+// The parallel chunked writer leaves `synth` output unchanged: tests/data/tiny_moe.json, seed 7,
+// hashed with the serial writer of d96bf2e (sinkscope synth --config tests/data/tiny_moe.json
+// --seed 7) before the change.
+TEST(Writer, SynthOutputIsUnchangedForAFixedSeed) {
+  TempDir dir;
+  synthesize(parse_model_config(std::string(SINKSCOPE_TEST_SOURCE_DIR) + "/tests/data/tiny_moe.json"),
+             dir.path(), false, 7);
+  const std::string bytes = test::read_file(dir / "model.safetensors");
+  EXPECT_EQ(sha256_hex(bytes.data(), bytes.size()),
+            "361860da1ef4076993447212d52892ced178220acbe871adca034801577623a0");
 }
