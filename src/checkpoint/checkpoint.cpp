@@ -4,7 +4,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +21,16 @@
 #include "sinkscope/probes.hpp"
 
 namespace sinkscope {
+namespace {
+// OpenMP's thread count; 1 in builds without OpenMP (the fuzzers).
+[[maybe_unused]] int max_threads() {
+#ifdef _OPENMP
+  return std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
+}
+}  // namespace
 namespace fs = std::filesystem;
 
 namespace {
@@ -82,7 +94,7 @@ struct Checkpoint::Impl {
     bytes_read += n;
     if (observer) observer(bytes_read);
   }
-  int nthreads() const { return threads > 0 ? threads : std::max(1, omp_get_max_threads()); }
+  int nthreads() const { return threads > 0 ? threads : max_threads(); }
 
   void add_file(const std::string& file_name) {
     const std::string path = (fs::path(dir) / file_name).string();

@@ -1,7 +1,9 @@
 // safetensors: header validation (the reference implementation's rules), dtype conversion and a
 // writer. Everything here runs on untrusted bytes: sizes are checked before they are used.
 #include <fcntl.h>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +23,16 @@
 #include "sinkscope/limits.hpp"
 
 namespace sinkscope {
+namespace {
+// OpenMP's thread count; 1 in builds without OpenMP (the fuzzers).
+[[maybe_unused]] int max_threads() {
+#ifdef _OPENMP
+  return std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
+}
+}  // namespace
 namespace {
 
 using nlohmann::json;
@@ -262,7 +274,7 @@ namespace {
 constexpr size_t kConvertChunk = size_t{1} << 16;   // elements per OpenMP work item
 constexpr size_t kParallelMin = size_t{1} << 18;    // below this one thread converts
 
-int resolve_threads(int threads) { return threads > 0 ? threads : std::max(1, omp_get_max_threads()); }
+int resolve_threads(int threads) { return threads > 0 ? threads : max_threads(); }
 
 // Writes all of buf to fd (write(2) may write less than asked).
 void write_all(int fd, const char* buf, size_t n, const std::string& path) {
