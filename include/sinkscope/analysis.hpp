@@ -32,15 +32,15 @@ struct AnalysisMeta {
   double circuit_identity_max_rel_err = 0;
   // Provenance (format version 2; docs/schema.md "Provenance"). Files of format version 1 have
   // none of these: they read back empty (-1 for the numbers).
-  int64_t format_version = 0;           // the writer stamps kFormatVersion when 0
-  std::string git_commit;               // of the build that wrote the file
-  std::string command_line;             // argv joined with spaces, as run
-  std::string options;                  // every option of the subcommand with its value (TOML lines)
-  std::string probes;                   // the token file, or "--probes SPEC"
-  int64_t prepend_bos = -1;             // --prepend-bos, -1 when off
-  std::string ablate;                   // --ablate, "" when off
-  int64_t batch = -1, threads = -1;     // --batch, --threads
-  int64_t per_query = -1;               // --per-query (0 or 1)
+  int64_t format_version = 0;        // the writer stamps kFormatVersion when 0
+  std::string git_commit;            // of the build that wrote the file
+  std::string command_line;          // argv joined with spaces, as run
+  std::string options;               // every option of the subcommand with its value (TOML lines)
+  std::string probes;                // the token file, or "--probes SPEC"
+  int64_t prepend_bos = -1;          // --prepend-bos, -1 when off
+  std::string ablate;                // --ablate, "" when off
+  int64_t batch = -1, threads = -1;  // --batch, --threads
+  int64_t per_query = -1;            // --per-query (0 or 1)
   std::string checkpoint_headers_sha256;  // Checkpoint::headers_sha256()
   // SHA-256 of the file's content (docs/schema.md), set by read_analysis after it verified it;
   // empty for files that carry none. Writers compute their own and ignore this field.
@@ -57,12 +57,12 @@ struct Analysis {
   IntArray tokens;  // [N, T] "probe,position"
 
   // attention/
-  FloatArray sink_score;    // [L, H]
-  FloatArray sink_rate;     // [L]
+  FloatArray sink_score;  // [L, H]
+  FloatArray sink_rate;   // [L]
   // Contract 1.2: alpha^{l,h} of each probe (its mean over queries), what the sweep's bootstrap
   // resamples. Empty in files written before 1.2.
   FloatArray sink_score_per_probe;  // [N, L, H]
-  FloatArray p0_per_query;  // [N, L, H, T]; empty unless --per-query
+  FloatArray p0_per_query;          // [N, L, H, T]; empty unless --per-query
 
   // residual/
   FloatArray norm_p0;           // [N, L+1]

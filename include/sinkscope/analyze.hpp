@@ -29,7 +29,7 @@ struct AnalyzeOptions {
   // Contract 1.2: profile/causal_* (one forward per layer and part, docs/metrics.md).
   bool causal_profile = false;
   double search_share = 0.9;  // --ablate search: the share of the drop the reported set reaches
-  int64_t batch = 4;   // probes per micro-batch
+  int64_t batch = 4;          // probes per micro-batch
   int threads = 1;
   bool verbose = false;
   bool log_layout = false;  // rank 0 prints the shard plan's one-line description at start

@@ -47,7 +47,9 @@ struct StoredSlice {
   int64_t rows = 0, cols = 0;
   size_t row_pitch = 0;  // bytes from one row to the next
   size_t bytes() const { return static_cast<size_t>(rows * cols) * elem_size; }
-  bool contiguous() const { return rows <= 1 || row_pitch == static_cast<size_t>(cols) * elem_size; }
+  bool contiguous() const {
+    return rows <= 1 || row_pitch == static_cast<size_t>(cols) * elem_size;
+  }
 };
 
 class Checkpoint {

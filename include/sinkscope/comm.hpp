@@ -1,4 +1,4 @@
-// Communicators (ARCHITECTURE.md "Parallel layout"): one interface, a single-process
+// Communicators (docs/parallel-layout.md): one interface, a single-process
 // implementation and an MPI one (CPU buffers). No MPI types here.
 #pragma once
 

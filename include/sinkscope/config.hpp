@@ -42,7 +42,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type;             // "qwen3_moe", "olmoe", "gpt_neox", ...
+  std::string model_type;              // "qwen3_moe", "olmoe", "gpt_neox", ...
   const FamilySpec* family = nullptr;  // set by parse_model_config (never null afterwards)
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;

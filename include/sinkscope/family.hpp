@@ -67,11 +67,11 @@ struct FamilySpec {
   NormKind norm = NormKind::kRms;
   QkNormKind qk_norm = QkNormKind::kNone;
   RouterKind router = RouterKind::kSoftmaxTopK;
-  bool moe = false;                 // experts expected (num_experts > 0)
-  bool shared_expert = false;       // may have a gated shared expert
-  bool default_norm_topk = false;   // norm_topk_prob when config.json omits it
-  bool default_qkv_bias = false;    // q/k/v biases when config.json has no attention_bias key
-  bool default_tied = false;        // tie_word_embeddings when absent
+  bool moe = false;                // experts expected (num_experts > 0)
+  bool shared_expert = false;      // may have a gated shared expert
+  bool default_norm_topk = false;  // norm_topk_prob when config.json omits it
+  bool default_qkv_bias = false;   // q/k/v biases when config.json has no attention_bias key
+  bool default_tied = false;       // tie_word_embeddings when absent
   // Name patterns per role; nullptr: the family has no such tensor. A role may list alternatives
   // separated by '|' (e.g. Mixtral's block_sparse_moe. and mlp. spellings); the first one that
   // the checkpoint holds is used.

@@ -72,7 +72,6 @@ struct Sweep {
   int64_t converged_step = -1;                   // S of "converged at step S", else -1
 };
 
-
 void write_sweep(const std::string& path, const Sweep& s);
 Sweep read_sweep(const std::string& path);
 

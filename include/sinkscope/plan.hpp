@@ -18,9 +18,9 @@ class Comm;
 // FLOPs per token of one forward (multiply-add = 2), the whole model (not per rank).
 struct ForwardFlops {
   double projections = 0;  // q/k/v/o (and fused qkv)
-  double attention = 0;    // causal QK^T and AV: T-dependent ((T + 1) / 2 keys per query on average)
-  double experts = 0;      // top-k experts (and the shared expert)
-  double dense_mlp = 0;    // dense MLP layers
+  double attention = 0;  // causal QK^T and AV: T-dependent ((T + 1) / 2 keys per query on average)
+  double experts = 0;    // top-k experts (and the shared expert)
+  double dense_mlp = 0;  // dense MLP layers
   double router = 0;
   double total() const { return projections + attention + experts + dense_mlp + router; }
 };
@@ -39,16 +39,16 @@ ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp);
 
 // Coefficients of the cost model. Keys in a site file: SINKSCOPE_PLAN_<NAME> (docs/planner.md).
 struct PlanCoefficients {
-  double gemm_gflops = 0;        // large GEMM rate per rank (GFLOP/s)
-  double gemm_half_m = 0;        // rows M at which a GEMM runs at half that rate (rate(M) = r M/(M+h))
-  double attention_gflops = 0;   // causal attention rate per rank (GFLOP/s)
-  double load_gbps = 0;          // checkpoint read + conversion rate per rank (GB/s)
-  double intra_gbps = 0;         // collective bus bandwidth within a node (GB/s)
-  double inter_gbps = 0;         // collective bus bandwidth across nodes (GB/s)
-  double record_fraction = 0;    // recording's cost as a fraction of the forward
-  double base_mib = 0;           // resident memory of a rank before the model (libraries, buffers)
-  double startup_s = 0;          // process start, MPI init, checkpoint open per checkpoint
-  std::string source;            // where the values came from
+  double gemm_gflops = 0;  // large GEMM rate per rank (GFLOP/s)
+  double gemm_half_m = 0;  // rows M at which a GEMM runs at half that rate (rate(M) = r M/(M+h))
+  double attention_gflops = 0;  // causal attention rate per rank (GFLOP/s)
+  double load_gbps = 0;         // checkpoint read + conversion rate per rank (GB/s)
+  double intra_gbps = 0;        // collective bus bandwidth within a node (GB/s)
+  double inter_gbps = 0;        // collective bus bandwidth across nodes (GB/s)
+  double record_fraction = 0;   // recording's cost as a fraction of the forward
+  double base_mib = 0;          // resident memory of a rank before the model (libraries, buffers)
+  double startup_s = 0;         // process start, MPI init, checkpoint open per checkpoint
+  std::string source;           // where the values came from
 };
 // Documented defaults: "cpu" (the development VM, docs/benchmarks.md) or "cuda" (one H200).
 PlanCoefficients default_coefficients(const std::string& device);

@@ -61,7 +61,8 @@ struct SweepOptions {
 };
 
 // Builds sweep.h5 contents from the analysis files that exist; missing or invalid ones (each
-// read first in a child process) are listed in `failed`. Throws InputError when files disagree on probes (length or tokens).
+// read first in a child process) are listed in `failed`. Throws InputError when files disagree on
+// probes (length or tokens).
 Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
                      const SweepOptions& opt);
 inline Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string& outdir,
@@ -87,8 +88,8 @@ class Prefetcher {
   // Waits for the reading under way (if any) to end.
   void wait();
   struct Stats {
-    uint64_t bytes = 0;            // read by this rank for the last folder
-    double seconds = 0;            // its reading time
+    uint64_t bytes = 0;             // read by this rank for the last folder
+    double seconds = 0;             // its reading time
     double started = 0, ended = 0;  // steady-clock seconds
   };
   Stats last();  // of the last start(), after wait()

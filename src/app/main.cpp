@@ -5,16 +5,16 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
-#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
-#include <map>
 #include <limits>
+#include <map>
 
 #include "app/progress.hpp"
 #include "sinkscope/analyze.hpp"
@@ -203,8 +203,7 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
   Progress progress("analyze " + fs::path(model).filename().string(),
                     world.rank() == 0 && !ca.quiet);
   o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
-  Progress loading("load " + fs::path(model).filename().string(),
-                   world.rank() == 0 && !ca.quiet);
+  Progress loading("load " + fs::path(model).filename().string(), world.rank() == 0 && !ca.quiet);
   if (loading.tty() && world.rank() == 0 && !ca.quiet)
     o.load_progress = [&](uint64_t done, uint64_t total) { loading.update_bytes(done, total); };
   AnalyzeOptions::Timings timings;
@@ -339,9 +338,9 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
           "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] " + cp.name,
           world.rank() == 0 && !ca.quiet);
       o.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
-      Progress loading("[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] load " +
-                           cp.name,
-                       world.rank() == 0 && !ca.quiet);
+      Progress loading(
+          "[" + std::to_string(i + 1) + "/" + std::to_string(cps.size()) + "] load " + cp.name,
+          world.rank() == 0 && !ca.quiet);
       if (loading.tty() && world.rank() == 0 && !ca.quiet)
         o.load_progress = [&](uint64_t done, uint64_t total) { loading.update_bytes(done, total); };
       AnalyzeOptions::Timings timings;
@@ -352,8 +351,8 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       bool analysed = false;
       double analysis_end = 0;
       auto report_timing = [&] {
-        const double wall = analysis_end - std::chrono::duration<double>(
-                                               cp_start.time_since_epoch()).count();
+        const double wall =
+            analysis_end - std::chrono::duration<double>(cp_start.time_since_epoch()).count();
         read_total += timings.read_seconds;
         compute_total += timings.compute_seconds;
         if (!ca.verbose || world.rank() != 0) return;
@@ -365,8 +364,8 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
         if (prefetch_next) {
           // The next checkpoint's reading so far, and how much of it ran during this one.
           const Prefetcher::Stats st = prefetcher.last();
-          std::cerr << "; next checkpoint read ahead: " << st.bytes / 1e9 << " GB in "
-                    << st.seconds << " s, overlap "
+          std::cerr << "; next checkpoint read ahead: " << st.bytes / 1e9 << " GB in " << st.seconds
+                    << " s, overlap "
                     << std::max(0.0, std::min(st.ended, analysis_end) - st.started) << " s";
         }
         std::cerr << std::defaultfloat << std::setprecision(6) << "\n";
@@ -403,10 +402,10 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
       const double wall =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - sweep_start).count();
       std::cerr << std::fixed << std::setprecision(2) << "sinkscope: sweep timing: wall " << wall
-                << " s, read " << read_total << " s, compute " << compute_total
-                << " s, read ahead " << prefetch_total << " s (" << prefetched_bytes / 1e9
-                << " GB, budget " << prefetch_bytes / 1e9 << " GB), overlap " << overlap_total
-                << " s" << std::defaultfloat << std::setprecision(6) << "\n";
+                << " s, read " << read_total << " s, compute " << compute_total << " s, read ahead "
+                << prefetch_total << " s (" << prefetched_bytes / 1e9 << " GB, budget "
+                << prefetch_bytes / 1e9 << " GB), overlap " << overlap_total << " s"
+                << std::defaultfloat << std::setprecision(6) << "\n";
     }
   }
   // Array tasks of a Slurm sweep analyse one checkpoint each and leave sweep.h5 to the assemble
@@ -743,9 +742,11 @@ int main(int argc, char** argv) {
       "plan", "memory, time and layout of a sweep before it is submitted (docs/planner.md)");
   PlanArgs pl;
   auto* pl_model = plan->add_option("--model", pl.model, "checkpoint folder (its config.json)");
-  plan->add_option("--model-config", pl.model_config, "config.json of the model")->excludes(pl_model);
+  plan->add_option("--model-config", pl.model_config, "config.json of the model")
+      ->excludes(pl_model);
   auto* pl_probes = plan->add_option("--probes", pl.probes, "random:N:T:SEED or repeat:N:T:TOKEN");
-  plan->add_option("--tokens", pl.tokens, "probe file (.npy or .h5): its N x T")->excludes(pl_probes);
+  plan->add_option("--tokens", pl.tokens, "probe file (.npy or .h5): its N x T")
+      ->excludes(pl_probes);
   plan->add_option("--checkpoints", pl.req.checkpoints, "checkpoints in the sweep (array size)")
       ->check(CLI::PositiveNumber);
   plan->add_option("--max-parallel", pl.req.max_parallel, "array tasks at once (default: all)");
@@ -766,7 +767,8 @@ int main(int argc, char** argv) {
                  "measure the CPU coefficients here (written to --cluster FILE when given)");
   plan->add_option("--calibrate-dir", pl.calibrate_dir, "folder for the file-read measurement")
       ->default_val(fs::temp_directory_path().string());
-  plan->add_flag("--shell", pl.shell, "KEY=VALUE lines of the recommendation (jobs/submit_sweep.sh)");
+  plan->add_flag("--shell", pl.shell,
+                 "KEY=VALUE lines of the recommendation (jobs/submit_sweep.sh)");
   plan->add_option("--time-margin", pl.margin, "--shell: time limit = margin x predicted + 5 min");
 
   int status = 0;

@@ -51,8 +51,7 @@ void Progress::update_bytes(uint64_t done, uint64_t total) {
   const double elapsed = std::chrono::duration<double>(now - start_).count();
   const double rate = elapsed > 0 ? static_cast<double>(done) / elapsed : 0;
   const double eta = rate > 0 ? static_cast<double>(total - std::min(done, total)) / rate : 0;
-  const int width = 30,
-            fill = static_cast<int>(width * std::min(done, total) / total);
+  const int width = 30, fill = static_cast<int>(width * std::min(done, total) / total);
   std::fprintf(stderr, "\r%s [%.*s%*s] %.2f/%.2f GB  %.2f GB/s  %.0fs left ", label_.c_str(), fill,
                "##############################", width - fill, "", static_cast<double>(done) / 1e9,
                static_cast<double>(total) / 1e9, rate / 1e9, eta);

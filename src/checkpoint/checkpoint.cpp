@@ -187,7 +187,6 @@ const TensorInfo* Checkpoint::find(const std::string& name) const {
   return it == impl_->by_name.end() ? nullptr : &impl_->tensors[it->second];
 }
 
-
 namespace {
 [[noreturn]] void non_finite(float value, size_t i, const std::string& dir,
                              const std::string& name) {
@@ -222,7 +221,8 @@ bool any_non_finite(DType t, const void* src, size_t n) {
   if (t == DType::F32) {
     const auto* p = static_cast<const uint32_t*>(src);
     uint32_t hit = 0;
-    for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
+    for (size_t i = 0; i < n; ++i)
+      hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
     return hit != 0;
   }
   const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
@@ -232,7 +232,7 @@ bool any_non_finite(DType t, const void* src, size_t n) {
   return hit != 0;
 }
 
-constexpr int64_t kChunk = int64_t{1} << 16;     // elements per OpenMP work item
+constexpr int64_t kChunk = int64_t{1} << 16;        // elements per OpenMP work item
 constexpr int64_t kParallelMin = int64_t{1} << 18;  // fewer elements: one thread
 
 // Converts `rows` rows of `width` stored values (row r at src + r * pitch bytes) to fp32 rows of
@@ -246,7 +246,8 @@ void convert_rows(const TensorInfo& t, const char* src, int64_t rows, int64_t wi
     if (contiguous) {
       convert_to_f32(t.dtype, src, static_cast<size_t>(n), out);
     } else {
-      for (int64_t r = 0; r < rows; ++r) convert_to_f32(t.dtype, src + r * pitch, width, out + r * width);
+      for (int64_t r = 0; r < rows; ++r)
+        convert_to_f32(t.dtype, src + r * pitch, width, out + r * width);
     }
     bool bad = false;
     for (int64_t r = 0; r < (contiguous ? 1 : rows); ++r)
@@ -338,7 +339,8 @@ StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin,
     for (int64_t it = 0; it < items; ++it) {
       const int64_t a = it * kChunk, len = std::min(n, a + kChunk) - a;
       bad = any_non_finite(t.dtype, s.data + a * static_cast<int64_t>(t.elem_size),
-                           static_cast<size_t>(len)) || bad;
+                           static_cast<size_t>(len)) ||
+            bad;
     }
   } else {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(|| : bad)
@@ -366,7 +368,8 @@ StoredSlice Checkpoint::stored_rows(const std::string& name, int64_t row_begin,
   return stored_block(name, row_begin, row_end, 0, view_len(t));
 }
 
-uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin, int64_t row_end) const {
+uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin,
+                                 int64_t row_end) const {
   const TensorInfo& t = impl_->get(name);
   const int64_t len = view_len(t), rows = view_rows(t);
   row_begin = std::clamp<int64_t>(row_begin, 0, rows);

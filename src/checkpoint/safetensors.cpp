@@ -271,8 +271,8 @@ void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
 
 namespace {
 
-constexpr size_t kConvertChunk = size_t{1} << 16;   // elements per OpenMP work item
-constexpr size_t kParallelMin = size_t{1} << 18;    // below this one thread converts
+constexpr size_t kConvertChunk = size_t{1} << 16;  // elements per OpenMP work item
+constexpr size_t kParallelMin = size_t{1} << 18;   // below this one thread converts
 
 int resolve_threads(int threads) { return threads > 0 ? threads : max_threads(); }
 
@@ -388,7 +388,8 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     ::close(fd);
     throw;
   }
-  if (::close(fd) != 0) throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
+  if (::close(fd) != 0)
+    throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
 }
 
 }  // namespace sinkscope

@@ -218,8 +218,8 @@ void CpuBackend::full_width_sumsq(const std::vector<float>& q, const std::vector
   k_ss.assign(buf.begin() + rows, buf.end());
 }
 
-void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& a,
-                           int64_t B, int64_t T, int64_t probe0, ForwardObserver& obs) {
+void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& a, int64_t B,
+                           int64_t T, int64_t probe0, ForwardObserver& obs) {
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t D = c_.hidden_size, d = c_.head_dim, Hl = plan_.local_heads(),
                 KVl = plan_.local_kv_heads();
@@ -534,7 +534,8 @@ void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight)
       by(lr);
       const double mx = lr[order[0]];
       double sum = 0;
-      for (int64_t j = 0; j < K; ++j) sum += (p[j] = std::exp(static_cast<double>(lr[order[j]]) - mx));
+      for (int64_t j = 0; j < K; ++j)
+        sum += (p[j] = std::exp(static_cast<double>(lr[order[j]]) - mx));
       for (int64_t j = 0; j < K; ++j) {
         topk[r * K + j] = order[j];
         weight[r * K + j] = static_cast<float>(p[j] / sum);
@@ -758,7 +759,8 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& in, std::vector<float>
         if (ab) m[b * T * D + j] -= delta[j];
         p0_sum_[b * D + j] += ab ? p0[j] - delta[j] : p0[j];
       }
-      if (sk.kind == ComponentKind::kExpert) expert_p0[b * E + sk.index] = buf[off_n0 + b * S + sk.slot];
+      if (sk.kind == ComponentKind::kExpert)
+        expert_p0[b * E + sk.index] = buf[off_n0 + b * S + sk.slot];
     }
     out_p0[b] = cpu::l2_norm(m + b * T * D, D);
     double rest = 0;
@@ -835,7 +837,8 @@ FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserv
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(const BackendInputs& in) {
-  if (!in.ckpt) throw InputError("--device cpu needs a checkpoint (write one with `sinkscope synth`)");
+  if (!in.ckpt)
+    throw InputError("--device cpu needs a checkpoint (write one with `sinkscope synth`)");
   return std::make_unique<CpuBackend>(in);
 }
 

@@ -22,14 +22,15 @@ struct PlannedRead {
 // then to read them, advising the kernel of the next kReadAheadBytes before each read.
 class Loader {
  public:
-  Loader(const Checkpoint& ck, std::vector<PlannedRead>* plan) : ck_(ck), c_(ck.config()), plan_(plan) {}
-  Loader(const Checkpoint& ck, const std::vector<PlannedRead>& planned) : ck_(ck), c_(ck.config()), planned_(&planned) {}
+  Loader(const Checkpoint& ck, std::vector<PlannedRead>* plan)
+      : ck_(ck), c_(ck.config()), plan_(plan) {}
+  Loader(const Checkpoint& ck, const std::vector<PlannedRead>& planned)
+      : ck_(ck), c_(ck.config()), planned_(&planned) {}
 
   std::vector<float> rows(Role role, int64_t l, int64_t r0, int64_t r1, int64_t width) const {
     return rows_of(tensor_name(c_, role, l, -1, &ck_), r0, r1, width);
   }
-  std::vector<float> rows_of(const std::string& name, int64_t r0, int64_t r1,
-                             int64_t width) const {
+  std::vector<float> rows_of(const std::string& name, int64_t r0, int64_t r1, int64_t width) const {
     if (note(name, r0, r1, static_cast<uint64_t>((r1 - r0) * width))) return {};
     std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
     ck_.read_rows(name, r0, r1, out.data());
@@ -180,11 +181,13 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
   w.final_norm = {ld.vec(Role::kFinalNorm, -1, 0, D),
                   ld.vec(Role::kFinalNormBias, -1, 0, D, c.norm == NormKind::kLayer)};
   if (with_lm_head)
-    w.lm_head = ld.rows(c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead, -1, 0, c.vocab_size, D);
+    w.lm_head =
+        ld.rows(c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead, -1, 0, c.vocab_size, D);
   return w;
 }
 
-std::vector<PlannedRead> plan_reads(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
+std::vector<PlannedRead> plan_reads(const Checkpoint& ck, const ShardPlan& plan,
+                                    bool with_lm_head) {
   std::vector<PlannedRead> reads;
   load_with(ck, plan, with_lm_head, Loader(ck, &reads));
   return reads;
@@ -204,8 +207,7 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
   uint64_t total = 0;
   for (const auto& r : reads) total += r.bytes;
   const uint64_t before = ck.weight_bytes_read();
-  if (progress)
-    ck.set_read_observer([&](uint64_t done) { progress(done - before, total); });
+  if (progress) ck.set_read_observer([&](uint64_t done) { progress(done - before, total); });
   struct Reset {
     const Checkpoint& ck;
     ~Reset() { ck.set_read_observer({}); }

@@ -19,22 +19,22 @@ struct NormWeights {
 };
 
 struct MlpWeights {
-  std::vector<float> gate, up;  // [I, D] (gate empty for an ungated MLP)
-  std::vector<float> down;      // [D, I]
+  std::vector<float> gate, up;            // [I, D] (gate empty for an ungated MLP)
+  std::vector<float> down;                // [D, I]
   std::vector<float> gate_bias, up_bias;  // [I] where the family has them
   std::vector<float> down_bias;           // [D] (only on the rank holding intermediate slice 0)
   int64_t inter = 0;
 };
 
 struct LayerWeights {
-  NormWeights attn_norm, mlp_norm;          // pre-norm and parallel blocks
-  NormWeights attn_out_norm, mlp_out_norm;  // post-norm blocks
-  std::vector<float> q;                     // [Hl * d, D]  this rank's query heads
-  std::vector<float> k, v;                  // [KVl * d, D] the KV heads it holds
+  NormWeights attn_norm, mlp_norm;            // pre-norm and parallel blocks
+  NormWeights attn_out_norm, mlp_out_norm;    // post-norm blocks
+  std::vector<float> q;                       // [Hl * d, D]  this rank's query heads
+  std::vector<float> k, v;                    // [KVl * d, D] the KV heads it holds
   std::vector<float> q_bias, k_bias, v_bias;  // [Hl * d], [KVl * d]
-  std::vector<float> o;                     // [D, Hl * d]  its columns of o_proj
-  std::vector<float> o_bias;                // [D]
-  std::vector<float> q_norm, k_norm;        // [d] per head, or this rank's slice of the full width
+  std::vector<float> o;                       // [D, Hl * d]  its columns of o_proj
+  std::vector<float> o_bias;                  // [D]
+  std::vector<float> q_norm, k_norm;  // [d] per head, or this rank's slice of the full width
   bool moe = false;
   std::vector<float> router;        // [E, D] (replicated)
   std::vector<MlpWeights> experts;  // local experts [expert_begin, expert_end)

@@ -20,8 +20,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "cuda/device_common.cuh"
 #include "cuda/attention.cuh"
+#include "cuda/device_common.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace sinkscope::cuda::k {

@@ -32,9 +32,9 @@
 #include "cuda/kernels.cuh"
 #include "cuda/weights.hpp"
 #include "sinkscope/checkpoint.hpp"
-#include "sinkscope/family.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 
 namespace sinkscope {
 namespace cuda {
@@ -159,8 +159,9 @@ class CudaBackend final : public Backend {
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
-    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.load_progress)
-             : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
+    w_ =
+        ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.load_progress)
+            : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
     weight_device_bytes_ = device_bytes_held() - held_before;
     near_ties_.assign(static_cast<size_t>(L_), 0);
     // The expert products: the Hopper kernel (grouped_gemm.cu) unless a cuBLAS route is asked for.
@@ -576,12 +577,11 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
                    static_cast<int>(D), Lw.input_norm.get(), idrows_.get(), s());
   k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
                    static_cast<int>(kw_), D, kid_.get(), s());
-  k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T),
-                    qbar_.get(), qk_norm_ ? Lw.k_norm.get() : nullptr, static_cast<int>(Hl_),
-                    static_cast<int>(KVl_),
-                    static_cast<int>(d_), static_cast<int>(plan_.head_begin),
-                    static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
-                    k0m_.get(), k0s_.get(), qk_.get(), s());
+  k::circuit_finish(
+      kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T), qbar_.get(),
+      qk_norm_ ? Lw.k_norm.get() : nullptr, static_cast<int>(Hl_), static_cast<int>(KVl_),
+      static_cast<int>(d_), static_cast<int>(plan_.head_begin), static_cast<int>(group_),
+      static_cast<int>(plan_.kv_begin), eps_, scale_, k0m_.get(), k0s_.get(), qk_.get(), s());
   k::attr_contract(G_.get(), Ctot_ * kw_, qk_.get(), static_cast<int>(B), static_cast<int>(C),
                    static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
                    static_cast<int>(plan_.head_begin), static_cast<int>(group_),
@@ -611,8 +611,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
                   static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
                   qk_norm_ ? Lw.q_norm.get() : nullptr, qk_norm_ ? Lw.k_norm.get() : nullptr, eps_,
-                  cos_.get(), sin_.get(), Qa_.get(),
-                  Ka_.get(), Va_.get(), s());
+                  cos_.get(), sin_.get(), Qa_.get(), Ka_.get(), Va_.get(), s());
   const int64_t C = ci_.count_before(l);
   if (record_ && B > 0) {
     partial_.reserve(

@@ -4,8 +4,8 @@
 // attribution's small contractions (docs/metrics.md section 4; the math of forward.cpp).
 #include <algorithm>
 
-#include "cuda/device_common.cuh"
 #include "cuda/circuit_kernels.cuh"
+#include "cuda/device_common.cuh"
 
 namespace sinkscope::cuda::k {
 namespace {

@@ -1,5 +1,6 @@
-// Host launchers of circuit_kernels.cu (see kernels.cuh for the conventions shared by every launcher:
-// plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors throw).
+// Host launchers of circuit_kernels.cu (see kernels.cuh for the conventions shared by every
+// launcher: plain pointers, bf16 as bf16_bits, stream order, empty sizes do nothing, launch errors
+// throw).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -15,8 +15,8 @@
 // columns and writes silu(gate) * up in bf16 (from the fp32 accumulators, no bf16 round trip).
 #include <vector>
 
-#include "cuda/device_common.cuh"
 #include "cuda/attention.cuh"  // sm90a_kernels_available
+#include "cuda/device_common.cuh"
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/wgmma.cuh"
 

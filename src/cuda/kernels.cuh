@@ -7,9 +7,9 @@
 // One header per op family, beside its .cu file; this one includes them all (the backend's view).
 #pragma once
 
-#include "cuda/norm_kernels.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/circuit_kernels.cuh"
-#include "cuda/moe_kernels.cuh"
 #include "cuda/grouped_gemm.cuh"
+#include "cuda/moe_kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "cuda/util_kernels.cuh"

@@ -200,7 +200,8 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
   const uint64_t before = ck.weight_bytes_read();
   if (progress) {
     const uint64_t total = planned_bytes(ck, plan, with_lm_head);
-    ck.set_read_observer([&progress, before, total](uint64_t done) { progress(done - before, total); });
+    ck.set_read_observer(
+        [&progress, before, total](uint64_t done) { progress(done - before, total); });
   }
   struct Reset {
     const Checkpoint& ck;

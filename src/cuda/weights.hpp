@@ -1,6 +1,6 @@
 // One rank's shard of the model on the device: bf16 matrices (fp32 norms and router), laid out for
-// the backend's products. Loaded from a checkpoint (stored bytes copied as they are; f16/f32 rounded to bf16 on the device) or made at random on
-// the device for benchmarks.
+// the backend's products. Loaded from a checkpoint (stored bytes copied as they are; f16/f32
+// rounded to bf16 on the device) or made at random on the device for benchmarks.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -236,8 +236,7 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
     in_range(file, "num_experts", c.num_experts, 0, kMaxExperts);
     c.top_k = get_int(j, file, "num_experts_per_tok", c.num_experts > 0, 0);
     // OLMoE and Mixtral size their experts with intermediate_size; Qwen with its own key.
-    c.moe_intermediate_size =
-        get_int(j, file, "moe_intermediate_size", false, c.intermediate_size);
+    c.moe_intermediate_size = get_int(j, file, "moe_intermediate_size", false, c.intermediate_size);
     in_range(file, "moe_intermediate_size", c.moe_intermediate_size, 0, kMaxInter);
     c.norm_topk_prob = get_bool(j, file, "norm_topk_prob", f.default_norm_topk);
     c.decoder_sparse_step = get_int(j, file, "decoder_sparse_step", false, 1);
@@ -287,9 +286,10 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
     c.act = parse_activation(file, get_string(j, file, "hidden_act", "silu"));
   }
   if (const json* v = find_key(j, "sliding_window")) {
-    const bool use = get_bool(j, file, "use_sliding_window", f.model_type != std::string("qwen2_moe") &&
-                                                                 f.model_type != std::string("qwen3_moe") &&
-                                                                 f.model_type != std::string("qwen3"));
+    const bool use = get_bool(j, file, "use_sliding_window",
+                              f.model_type != std::string("qwen2_moe") &&
+                                  f.model_type != std::string("qwen3_moe") &&
+                                  f.model_type != std::string("qwen3"));
     if (use) {
       if (!v->is_number_integer() || v->get<int64_t>() <= 0)
         fail(file, "key 'sliding_window' must be a positive integer");
@@ -352,9 +352,9 @@ std::string model_config_to_json(const ModelConfig& c) {
   }
   if (f.block == BlockKind::kParallel) {
     j["use_parallel_residual"] = c.block == BlockKind::kParallel;
-    j["rotary_pct"] = c.rope.rotary_dim > 0 ? static_cast<double>(c.rope.rotary_dim) /
-                                                  static_cast<double>(c.head_dim)
-                                            : 0.25;
+    j["rotary_pct"] = c.rope.rotary_dim > 0
+                          ? static_cast<double>(c.rope.rotary_dim) / static_cast<double>(c.head_dim)
+                          : 0.25;
     j["hidden_act"] = c.act == Activation::kGeluTanh ? "gelu_new" : "gelu";
     j["attention_bias"] = c.qkv_bias;
   } else {

@@ -105,7 +105,8 @@ std::vector<FamilySpec> make_families() {
     f.default_norm_topk = true;
     llama_names(f);
     auto& n = f.names;
-    n[size_t(R::kRouter)] = "model.layers.{l}.block_sparse_moe.gate.weight|model.layers.{l}.mlp.gate.weight";
+    n[size_t(R::kRouter)] =
+        "model.layers.{l}.block_sparse_moe.gate.weight|model.layers.{l}.mlp.gate.weight";
     n[size_t(R::kExpertGate)] = "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight";
     n[size_t(R::kExpertUp)] = "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight";
     n[size_t(R::kExpertDown)] = "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight";
@@ -133,8 +134,9 @@ std::vector<FamilySpec> make_families() {
     out.push_back(f);
   }
   {
-    FamilySpec f{"gpt_neox", "GPTNeoXForCausalLM",
-                 "GPT-NeoX / Pythia: LayerNorm, parallel residual, partial rotary, fused qkv, GELU"};
+    FamilySpec f{
+        "gpt_neox", "GPTNeoXForCausalLM",
+        "GPT-NeoX / Pythia: LayerNorm, parallel residual, partial rotary, fused qkv, GELU"};
     f.block = BlockKind::kParallel;
     f.norm = NormKind::kLayer;
     f.default_qkv_bias = true;

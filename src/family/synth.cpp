@@ -16,15 +16,15 @@
 #include "sinkscope/synth.hpp"
 
 #include <cmath>
-#include <map>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "sinkscope/family.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 
 namespace sinkscope {
 namespace fs = std::filesystem;
@@ -50,9 +50,10 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
   PlantedCircuit pc;
   if (plant) {
     if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe)
-      throw InputError("synth --plant-circuit: needs a pre-norm MoE family with per-head or no "
-                       "q/k norms (qwen3_moe, qwen2_moe, mixtral); model_type is " +
-                       c.model_type);
+      throw InputError(
+          "synth --plant-circuit: needs a pre-norm MoE family with per-head or no "
+          "q/k norms (qwen3_moe, qwen2_moe, mixtral); model_type is " +
+          c.model_type);
     if (c.num_layers < 3) throw InputError("synth --plant-circuit: needs at least 3 layers");
     if (!c.is_moe_layer(1)) throw InputError("synth --plant-circuit: layer 1 must be an MoE layer");
     if (D < 8) throw InputError("synth --plant-circuit: hidden_size must be at least 8");

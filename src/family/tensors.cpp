@@ -50,8 +50,8 @@ std::string tensor_name(const ModelConfig& c, Role role, int64_t layer, int64_t 
   while (true) {
     const size_t bar = all.find('|', start);
     const std::string name =
-        expand(all.substr(start, bar == std::string::npos ? std::string::npos : bar - start),
-               layer, expert);
+        expand(all.substr(start, bar == std::string::npos ? std::string::npos : bar - start), layer,
+               expert);
     if (first.empty()) first = name;
     if (!ckpt || ckpt->find(name)) return name;
     if (bar == std::string::npos) break;
@@ -73,7 +73,8 @@ ExpertLocation expert_location(const Checkpoint& ckpt, int64_t layer, int64_t e)
     // gate_up_proj [E, 2I, D]: rows [e*2I, e*2I + I) are gate, the next I rows are up.
     const std::string gu = tensor_name(c, Role::kExpertsGateUp, layer),
                       dn = tensor_name(c, Role::kExpertsDown, layer);
-    return {{gu, e * 2 * I, e * 2 * I + I}, {gu, e * 2 * I + I, (e + 1) * 2 * I},
+    return {{gu, e * 2 * I, e * 2 * I + I},
+            {gu, e * 2 * I + I, (e + 1) * 2 * I},
             {dn, e * D, (e + 1) * D}};
   }
   return {{tensor_name(c, Role::kExpertGate, layer, e, &ckpt), 0, I},

@@ -254,13 +254,14 @@ using Member = std::variant<FloatArray Owner::*, IntArray Owner::*, float Owner:
 
 template <typename Owner>
 struct DatasetSpec {
-  const char* name;  // dataset path; its group is the part before the last '/'
+  const char* name;        // dataset path; its group is the part before the last '/'
   std::vector<Axis> axes;  // empty: a scalar
   const char* long_name;
   const char* units;  // "1": dimensionless; "": not a quantity (ids, indices, names)
   const char* description;
   Member<Owner> member;
-  const char* when = "";   // "": always written; else the option that adds it (written when non-empty)
+  const char* when =
+      "";  // "": always written; else the option that adds it (written when non-empty)
   bool coordinate = false;  // listed in the `coordinates` attribute of datasets on its axes
   // Optional datasets that are scalars (never "empty"): written when this says so.
   bool (*present)(const Owner&) = nullptr;
@@ -444,7 +445,8 @@ const std::vector<DatasetSpec<Sweep>>& sweep_datasets() {
 std::string dims_text(const std::vector<Axis>& axes) {
   if (axes.empty()) return kScalarDims;
   std::string text;
-  for (size_t i = 0; i < axes.size(); ++i) text += (i ? "," : "") + std::string(axis_spec(axes[i]).name);
+  for (size_t i = 0; i < axes.size(); ++i)
+    text += (i ? "," : "") + std::string(axis_spec(axes[i]).name);
   return text;
 }
 
@@ -453,7 +455,6 @@ std::string shape_text(const std::vector<size_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i) text += (i ? "," : "") + std::to_string(shape[i]);
   return text + "]";
 }
-
 
 std::vector<size_t> expected_shape(const std::vector<Axis>& axes, const Sizes& sizes) {
   std::vector<size_t> shape;
@@ -567,8 +568,9 @@ void write_one(h5::File& file, const Owner& owner, const DatasetSpec<Owner>& spe
 // Writes every dataset of `specs` that `owner` holds, the coordinate variable of every dimension
 // they use, and attaches them: the netCDF-4 layout.
 template <typename Owner>
-void write_datasets(h5::File& file, const Owner& owner, const std::vector<DatasetSpec<Owner>>& specs,
-                    const Sizes& sizes, const std::string& final_path, std::set<Axis>& axes_done,
+void write_datasets(h5::File& file, const Owner& owner,
+                    const std::vector<DatasetSpec<Owner>>& specs, const Sizes& sizes,
+                    const std::string& final_path, std::set<Axis>& axes_done,
                     ContentDigest* digest = nullptr) {
   std::vector<const DatasetSpec<Owner>*> written;
   std::set<Axis> used;
@@ -781,7 +783,8 @@ void read_datasets(const Reader& reader, const h5::File& file, Owner& owner,
                    const std::vector<DatasetSpec<Owner>>& specs, const Sizes& sizes,
                    ContentDigest* digest = nullptr) {
   for (const DatasetSpec<Owner>& spec : specs) {
-    if (spec.when[0] != '\0' && !reader.guard([&] { return file.has_dataset(spec.name); })) continue;
+    if (spec.when[0] != '\0' && !reader.guard([&] { return file.has_dataset(spec.name); }))
+      continue;
     const std::vector<size_t> expected = expected_shape(spec.axes, sizes);
     const std::string dims = dims_text(spec.axes);
     std::visit(
@@ -801,7 +804,8 @@ void read_datasets(const Reader& reader, const h5::File& file, Owner& owner,
                           shape_text(expected));
             }
           } else if constexpr (std::is_same_v<Value, std::vector<int64_t>>) {
-            value = reader.template read_array<int64_t>(file, spec.name, expected, dims.c_str()).data;
+            value =
+                reader.template read_array<int64_t>(file, spec.name, expected, dims.c_str()).data;
           } else {
             using Element = std::decay_t<decltype(value.data[0])>;
             value = reader.template read_array<Element>(file, spec.name, expected, dims.c_str());
@@ -860,18 +864,20 @@ const std::vector<BootstrapQuantity>& bootstrap_quantities() {
 std::vector<DatasetSpec<Sweep::Interval>> bootstrap_specs(const BootstrapQuantity& q,
                                                           std::vector<std::string>& names,
                                                           std::vector<std::string>& titles) {
-  names = {std::string("bootstrap/") + q.name + "/se", std::string("bootstrap/") + q.name + "/ci95"};
+  names = {std::string("bootstrap/") + q.name + "/se",
+           std::string("bootstrap/") + q.name + "/ci95"};
   titles = {std::string("standard error of ") + q.long_name,
             std::string("95% interval of ") + q.long_name};
   std::vector<Axis> se_axes{Axis::kCheckpoint};
   se_axes.insert(se_axes.end(), q.axes.begin(), q.axes.end());
   std::vector<Axis> ci_axes = se_axes;
   ci_axes.push_back(Axis::kBound);
-  return {{names[0].c_str(), se_axes, titles[0].c_str(), "1",
-           "bootstrap standard error over probes (metrics 1.2)", &Sweep::Interval::se, "--bootstrap"},
-          {names[1].c_str(), ci_axes, titles[1].c_str(), "1",
-           "2.5th and 97.5th percentiles of the bootstrap replicates (metrics 1.2)",
-           &Sweep::Interval::ci95, "--bootstrap"}};
+  return {
+      {names[0].c_str(), se_axes, titles[0].c_str(), "1",
+       "bootstrap standard error over probes (metrics 1.2)", &Sweep::Interval::se, "--bootstrap"},
+      {names[1].c_str(), ci_axes, titles[1].c_str(), "1",
+       "2.5th and 97.5th percentiles of the bootstrap replicates (metrics 1.2)",
+       &Sweep::Interval::ci95, "--bootstrap"}};
 }
 
 void write_sweep_v12(h5::File& file, const Sweep& s, const Sizes& sizes, const std::string& path,
@@ -970,15 +976,18 @@ Analysis read_analysis(const std::string& path) {
   m.tokens_sha256 = reader.string_attribute(file, "tokens_sha256");
   m.created_utc = reader.string_attribute(file, "created_utc");
   // sinkscope additions to the schema (later format versions): tolerate files without them.
-  auto has = [&](const char* name) { return reader.guard([&] { return file.has_attribute(name); }); };
+  auto has = [&](const char* name) {
+    return reader.guard([&] { return file.has_attribute(name); });
+  };
   m.format_version = has("format_version") ? reader.int_attribute(file, "format_version") : 1;
-  for (auto [name, field] : {std::pair{"layout", &AnalysisMeta::layout},
-                             {"git_commit", &AnalysisMeta::git_commit},
-                             {"command_line", &AnalysisMeta::command_line},
-                             {"options", &AnalysisMeta::options},
-                             {"probes", &AnalysisMeta::probes},
-                             {"ablate", &AnalysisMeta::ablate},
-                             {"checkpoint_headers_sha256", &AnalysisMeta::checkpoint_headers_sha256}}) {
+  for (auto [name, field] :
+       {std::pair{"layout", &AnalysisMeta::layout},
+        {"git_commit", &AnalysisMeta::git_commit},
+        {"command_line", &AnalysisMeta::command_line},
+        {"options", &AnalysisMeta::options},
+        {"probes", &AnalysisMeta::probes},
+        {"ablate", &AnalysisMeta::ablate},
+        {"checkpoint_headers_sha256", &AnalysisMeta::checkpoint_headers_sha256}}) {
     if (has(name)) m.*field = reader.string_attribute(file, name);
   }
   for (auto [name, field] : {std::pair{"etp", &AnalysisMeta::etp},
@@ -1009,8 +1018,8 @@ Analysis read_analysis(const std::string& path) {
   if (has_components) {
     const h5::DatasetInfo info = reader.guard([&] { return file.dataset_info(kComponents); });
     if (info.shape.size() != 2) {
-      reader.fail(std::string("dataset /") + kComponents + " has shape " +
-                  shape_text(info.shape) + ", expected [K,3]");
+      reader.fail(std::string("dataset /") + kComponents + " has shape " + shape_text(info.shape) +
+                  ", expected [K,3]");
     }
     sizes.ablations = info.shape[0];
   }
@@ -1070,7 +1079,9 @@ Sweep read_sweep(const std::string& path) {
   Sweep s;
   s.tau = reader.double_attribute(file, "tau");
   s.failed = split(reader.string_attribute(file, "failed"), ',');
-  auto has = [&](const char* name) { return reader.guard([&] { return file.has_attribute(name); }); };
+  auto has = [&](const char* name) {
+    return reader.guard([&] { return file.has_attribute(name); });
+  };
   s.format_version = has("format_version") ? reader.int_attribute(file, "format_version") : 1;
   for (auto [name, field] : {std::pair{"git_commit", &Sweep::git_commit},
                              {"command_line", &Sweep::command_line},

@@ -453,7 +453,8 @@ std::vector<std::string> File::attached_scales(const std::string& dataset) const
     const size_t rank = space_shape(space.id()).size();
     std::vector<std::string> names(rank);
     for (size_t axis = 0; axis < rank; ++axis) {
-      if (SINKSCOPE_H5_CALL(H5DSget_num_scales(set.id(), static_cast<unsigned>(axis))) <= 0) continue;
+      if (SINKSCOPE_H5_CALL(H5DSget_num_scales(set.id(), static_cast<unsigned>(axis))) <= 0)
+        continue;
       int index = 0;
       SINKSCOPE_H5_CALL(H5DSiterate_scales(set.id(), static_cast<unsigned>(axis), &index,
                                            first_scale_name, &names[axis]));

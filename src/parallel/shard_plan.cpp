@@ -1,5 +1,5 @@
-#include "sinkscope/parallel.hpp"
 #include "sinkscope/shard_plan.hpp"
+#include "sinkscope/parallel.hpp"
 
 #include <boost/archive/text_iarchive.hpp>
 #include <boost/archive/text_oarchive.hpp>

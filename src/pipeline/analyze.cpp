@@ -8,22 +8,22 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
-#include <optional>
 #include <limits>
-#include <string_view>
+#include <optional>
 #include <sstream>
+#include <string_view>
 
 #include "io/bounded_text.hpp"
 #include "sinkscope/build_config.hpp"
-#include "sinkscope/limits.hpp"
 #include "sinkscope/checkpoint.hpp"
-#include "sinkscope/family.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
+#include "sinkscope/limits.hpp"
 #include "sinkscope/model.hpp"
+#include "sinkscope/parallel.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/recorder.hpp"
-#include "sinkscope/parallel.hpp"
 #include "sinkscope/shard_plan.hpp"
 
 namespace sinkscope {
@@ -134,8 +134,9 @@ std::vector<Ablation> top_components(const Analysis& a, const ModelConfig& c, in
         for (size_t t = 0; t < L; ++t)
           for (size_t h = 0; h < H; ++h) {
             const size_t at = !kind.per_layer ? t * H + h
-                              : kind.indexed  ? ((t * H + h) * L + l) * width + static_cast<size_t>(i)
-                                              : (t * H + h) * L + l;
+                              : kind.indexed
+                                  ? ((t * H + h) * L + l) * width + static_cast<size_t>(i)
+                                  : (t * H + h) * L + l;
             s += a.sink_score.at(t, h) * std::max(0.f, attr.data[at]);
           }
         scored.push_back({s, {static_cast<int32_t>(l), kind.kind, static_cast<int32_t>(i)}});
@@ -250,8 +251,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   });
   const auto compute_start = std::chrono::steady_clock::now();
   if (opt.timings) {
-    opt.timings->read_seconds =
-        std::chrono::duration<double>(compute_start - read_start).count();
+    opt.timings->read_seconds = std::chrono::duration<double>(compute_start - read_start).count();
     opt.timings->bytes_read = backend->weight_bytes_loaded();
   }
   if (opt.on_loaded) opt.on_loaded();

@@ -49,8 +49,8 @@ const BackendEntry& find_backend(const std::string& name) {
   std::string hint;
   if (name == "cuda")
     hint = " (this sinkscope was built without CUDA: configure with -DSINKSCOPE_CUDA=ON)";
-  throw InputError("--device " + name + ": not a backend of this build (built in: " + names +
-                   ")" + hint);
+  throw InputError("--device " + name + ": not a backend of this build (built in: " + names + ")" +
+                   hint);
 }
 
 }  // namespace sinkscope

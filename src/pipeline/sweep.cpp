@@ -6,28 +6,28 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <cctype>
-#include <cstring>
-#include <limits>
-#include <string_view>
 #include <set>
+#include <string_view>
 #include <thread>
 
 #include "io/bounded_text.hpp"
 #include "io/isolated.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
-#include "sinkscope/probes.hpp"
 #include "sinkscope/limits.hpp"
+#include "sinkscope/probes.hpp"
 #include "sinkscope/recorder.hpp"
 
 namespace sinkscope {
@@ -213,8 +213,8 @@ double tv_distance(const float* a, const float* b, size_t n) {
   return 0.5 * d;
 }
 
-// Positive parts normalised to sum 1 (all zero when nothing is positive): docs/metrics.md section 5's
-// normalisation, shared by both profiles.
+// Positive parts normalised to sum 1 (all zero when nothing is positive): docs/metrics.md section
+// 5's normalisation, shared by both profiles.
 void positive_shares(const std::vector<double>& v, float* out) {
   double total = 0;
   for (double x : v) total += std::max(0.0, x);
@@ -307,7 +307,8 @@ Sweep assemble_sweep(const std::vector<SweepCheckpoint>& cps, const std::string&
     // Read first in a child: a file HDF5 would crash or run away on, or one that fails its
     // checksum or range checks, is listed as failed; the parent then reads only files that read
     // back cleanly there.
-    const IsolatedResult probe = read_in_child(path, [](const Analysis& a) { return out_of_range(a); });
+    const IsolatedResult probe =
+        read_in_child(path, [](const Analysis& a) { return out_of_range(a); });
     if (!probe.completed || !probe.answer.empty()) {
       s.failed.push_back(c.name);
       continue;
@@ -585,8 +586,8 @@ struct Prefetcher::Impl {
       const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
       if (fd < 0) continue;
       const off_t size = ::lseek(fd, 0, SEEK_END);
-      const uint64_t take = std::min<uint64_t>(static_cast<uint64_t>(std::max<off_t>(size, 0)),
-                                               budget - planned);
+      const uint64_t take =
+          std::min<uint64_t>(static_cast<uint64_t>(std::max<off_t>(size, 0)), budget - planned);
       ::posix_fadvise(fd, 0, static_cast<off_t>(take), POSIX_FADV_SEQUENTIAL);
       for (uint64_t off = 0; off < take && !stop; off += kChunk, ++chunk_index) {
         if (static_cast<int>(chunk_index % static_cast<uint64_t>(local_size)) != local_rank)
@@ -617,8 +618,8 @@ struct Prefetcher::Impl {
 
 Prefetcher::Prefetcher(uint64_t budget_bytes) : impl_(std::make_unique<Impl>()) {
   impl_->budget = budget_bytes;
-  impl_->local_size =
-      std::max(1, env_int({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}, 1));
+  impl_->local_size = std::max(
+      1, env_int({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"}, 1));
   impl_->local_rank =
       env_int({"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}, 0) %
       impl_->local_size;

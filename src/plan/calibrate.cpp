@@ -2,13 +2,13 @@
 // (docs/planner.md "Calibration").
 #include <omp.h>
 
+#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 #include <vector>
 
 #include "cpu/kernels.hpp"
@@ -97,7 +97,8 @@ double load_rate(const std::string& dir) {
     std::ifstream in(path, std::ios::binary);
     size_t done = 0;
     while (done < bytes) {
-      in.read(reinterpret_cast<char*>(chunk.data()), static_cast<std::streamsize>(chunk.size() * 2));
+      in.read(reinterpret_cast<char*>(chunk.data()),
+              static_cast<std::streamsize>(chunk.size() * 2));
       const size_t got = static_cast<size_t>(in.gcount()) / 2;
       if (got == 0) break;
       for (size_t i = 0; i < got; ++i) {
@@ -152,8 +153,9 @@ PlanCoefficients calibrate_cpu(int threads, const std::string& scratch_dir, cons
     k.intra_gbps = v / P;
   }
   k.base_mib = resident_mib();
-  k.source = "calibrated on " + host_name() + " with " + std::to_string(threads) + " thread(s)" +
-             (world.size() > 1 ? ", allreduce over " + std::to_string(world.size()) + " ranks" : "");
+  k.source =
+      "calibrated on " + host_name() + " with " + std::to_string(threads) + " thread(s)" +
+      (world.size() > 1 ? ", allreduce over " + std::to_string(world.size()) + " ranks" : "");
   return k;
 }
 

@@ -51,7 +51,8 @@ ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp) {
   auto add = [&](Role r, int64_t l, int64_t e) {
     if (has_role(c, r)) role_of.emplace(tensor_name(c, r, l, e), std::make_pair(r, e));
   };
-  for (Role r : {Role::kEmbed, Role::kFinalNorm, Role::kFinalNormBias, Role::kLmHead}) add(r, -1, -1);
+  for (Role r : {Role::kEmbed, Role::kFinalNorm, Role::kFinalNormBias, Role::kLmHead})
+    add(r, -1, -1);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     for (int r = static_cast<int>(Role::kAttnNorm); r < static_cast<int>(Role::kCount); ++r) {
       const Role role = static_cast<Role>(r);
@@ -73,11 +74,24 @@ ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp) {
     if (it == role_of.end()) throw RuntimeFailure("plan: tensor " + t.name + " has no role");
     const auto [role, e] = it->second;
     switch (role) {
-      case Role::kEmbed: s.embedding += n; break;
-      case Role::kLmHead: break;  // loaded only for logits (tests)
-      case Role::kQ: case Role::kQBias: case Role::kO: s.held += n / H * Hl; break;
-      case Role::kQkv: case Role::kQkvBias: s.held += n / H * Hl; break;
-      case Role::kK: case Role::kV: case Role::kKBias: case Role::kVBias:
+      case Role::kEmbed:
+        s.embedding += n;
+        break;
+      case Role::kLmHead:
+        break;  // loaded only for logits (tests)
+      case Role::kQ:
+      case Role::kQBias:
+      case Role::kO:
+        s.held += n / H * Hl;
+        break;
+      case Role::kQkv:
+      case Role::kQkvBias:
+        s.held += n / H * Hl;
+        break;
+      case Role::kK:
+      case Role::kV:
+      case Role::kKBias:
+      case Role::kVBias:
         s.held += n / KV * KVl;
         break;
       case Role::kQNorm:
@@ -86,13 +100,18 @@ ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp) {
       case Role::kKNorm:
         s.held += c.qk_norm == QkNormKind::kFullWidth ? n / KV * KVl : n;
         break;
-      case Role::kExpertGate: case Role::kExpertUp: case Role::kExpertDown:
+      case Role::kExpertGate:
+      case Role::kExpertUp:
+      case Role::kExpertDown:
         if (e >= p.expert_begin && e < p.expert_end) s.held += n / etp;
         break;
-      case Role::kExpertsGateUp: case Role::kExpertsDown:
+      case Role::kExpertsGateUp:
+      case Role::kExpertsDown:
         s.held += n / c.num_experts * p.local_experts() / etp;
         break;
-      default: s.held += n; break;  // norms, router, dense MLP, shared expert: replicated
+      default:
+        s.held += n;
+        break;  // norms, router, dense MLP, shared expert: replicated
     }
   }
   return s;
@@ -112,7 +131,8 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   o.dp = p.dp;
   const int rpn = std::min(world, r.ranks_per_node);
   o.nodes = (world + r.ranks_per_node - 1) / r.ranks_per_node;
-  const ShardParams sp = shard_params(c, tp, c.num_experts > 0 ? ep : 1, c.num_experts > 0 ? p.etp : 1);
+  const ShardParams sp =
+      shard_params(c, tp, c.num_experts > 0 ? ep : 1, c.num_experts > 0 ? p.etp : 1);
 
   const double D = static_cast<double>(c.hidden_size), T = static_cast<double>(r.seq_len);
   const double B = static_cast<double>(std::min(r.batch, (r.probes + p.dp - 1) / p.dp));
@@ -148,7 +168,8 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
     o.limit_gib = r.device_mem_gib;
     o.fits = o.device_gib <= r.device_mem_gib;
     if (!o.fits)
-      o.why_not = "device memory per GPU above " + std::to_string(static_cast<int>(r.device_mem_gib)) + " GiB";
+      o.why_not = "device memory per GPU above " +
+                  std::to_string(static_cast<int>(r.device_mem_gib)) + " GiB";
   } else {
     // fp32 copy of the shard + its mapped bf16 file pages (file-backed pages count as resident).
     o.host_gib = o.weight_gib + held * 2.0 / kGiB + o.scratch_gib + k.base_mib / 1024.0;
@@ -166,7 +187,7 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   // ---- time per checkpoint
   const ForwardFlops f = forward_flops(c, r.seq_len);
   const double N = static_cast<double>(r.probes);
-  const double dp_tokens = std::ceil(N / p.dp) * T;   // tokens through this rank's dp group
+  const double dp_tokens = std::ceil(N / p.dp) * T;  // tokens through this rank's dp group
   const double all_tokens = N * T;
   auto rate = [&](double m) { return k.gemm_gflops * 1e9 * m / (m + k.gemm_half_m); };
   const double proj_rank = L * 2.0 * D * (2 * Hl * d + 2 * KVl * d);
@@ -174,10 +195,9 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   const int G = p.ep * p.etp;  // ranks of an expert group
   const double expert_rows =
       E > 0 ? std::max(1.0, tokens_mb * std::max(1.0, static_cast<double>(G) / tp) * K / E) : 1;
-  o.gemm_s = dp_tokens * proj_rank / rate(tokens_mb) +
-             all_tokens / world * f.experts / rate(expert_rows) +
-             dp_tokens / tp * f.router / rate(tokens_mb / tp) +
-             dp_tokens * f.dense_mlp / rate(tokens_mb);
+  o.gemm_s =
+      dp_tokens * proj_rank / rate(tokens_mb) + all_tokens / world * f.experts / rate(expert_rows) +
+      dp_tokens / tp * f.router / rate(tokens_mb / tp) + dp_tokens * f.dense_mlp / rate(tokens_mb);
   o.attention_s = dp_tokens * attn_rank / (k.attention_gflops * 1e9);
   o.forward_s = o.gemm_s + o.attention_s;
   o.record_s = k.record_fraction * o.forward_s;
@@ -185,12 +205,12 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   // of the bytes), the ep all-to-all of each rank's routed pairs out and back.
   double moe_l = 0;
   for (int64_t l = 0; l < c.num_layers; ++l) moe_l += c.is_moe_layer(l) ? 1 : 0;
-  auto bw = [&](int group) { return (group > r.ranks_per_node ? k.inter_gbps : k.intra_gbps) * 1e9; };
+  auto bw = [&](int group) {
+    return (group > r.ranks_per_node ? k.inter_gbps : k.intra_gbps) * 1e9;
+  };
   double ex = 0;
-  if (tp > 1)
-    ex += (L + moe_l) * dp_tokens * D * act_bytes * 2.0 * (tp - 1) / tp / bw(tp);
-  if (G > 1)
-    ex += moe_l * 2.0 * dp_tokens / tp * K * p.etp * D * act_bytes * (G - 1) / G / bw(G);
+  if (tp > 1) ex += (L + moe_l) * dp_tokens * D * act_bytes * 2.0 * (tp - 1) / tp / bw(tp);
+  if (G > 1) ex += moe_l * 2.0 * dp_tokens / tp * K * p.etp * D * act_bytes * (G - 1) / G / bw(G);
   o.exchange_s = ex;
   const double pass = o.forward_s + o.record_s + o.exchange_s;
   // Ablated passes: the causal profile's 1 + 3 L (embedding; each layer whole, attention, MLP).
@@ -199,9 +219,10 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   // Load: this rank's shard (bf16 on disk) and, on CUDA, the embedding.
   o.load_s = (held + (cuda ? embed : 0)) * 2.0 / (k.load_gbps * 1e9);
   o.checkpoint_s = k.startup_s + o.load_s + pass + o.ablation_s;
-  const double parallel = r.max_parallel > 0 ? static_cast<double>(r.max_parallel)
-                                             : static_cast<double>(r.checkpoints);
-  o.sweep_s = std::ceil(static_cast<double>(r.checkpoints) / std::max(1.0, parallel)) * o.checkpoint_s;
+  const double parallel =
+      r.max_parallel > 0 ? static_cast<double>(r.max_parallel) : static_cast<double>(r.checkpoints);
+  o.sweep_s =
+      std::ceil(static_cast<double>(r.checkpoints) / std::max(1.0, parallel)) * o.checkpoint_s;
   return o;
 }
 

@@ -143,7 +143,8 @@ void write_coefficients(const std::string& site_file, const PlanCoefficients& k,
       if (std::none_of(lines.begin(), lines.end(), [](const std::string& l) {
             return l.find("measured by `sinkscope plan --calibrate`") != std::string::npos;
           }))
-        lines.push_back("# Planner coefficients measured by `sinkscope plan --calibrate` (docs/planner.md).");
+        lines.push_back(
+            "# Planner coefficients measured by `sinkscope plan --calibrate` (docs/planner.md).");
       lines.push_back(key + "=" + value);
     }
   }
@@ -217,12 +218,14 @@ Plan make_plan(const PlanRequest& r, const PlanCoefficients& k) {
   for (int i = 0; i < static_cast<int>(p.layouts.size()); ++i) {
     const LayoutPlan& l = p.layouts[static_cast<size_t>(i)];
     if (!l.fits) continue;
-    if (p.smallest_fitting < 0 || l.world < p.layouts[static_cast<size_t>(p.smallest_fitting)].world ||
+    if (p.smallest_fitting < 0 ||
+        l.world < p.layouts[static_cast<size_t>(p.smallest_fitting)].world ||
         (l.world == p.layouts[static_cast<size_t>(p.smallest_fitting)].world &&
          l.checkpoint_s < p.layouts[static_cast<size_t>(p.smallest_fitting)].checkpoint_s))
       p.smallest_fitting = i;
     if (l.world != total) continue;
-    if (p.recommended < 0 || l.checkpoint_s < p.layouts[static_cast<size_t>(p.recommended)].checkpoint_s)
+    if (p.recommended < 0 ||
+        l.checkpoint_s < p.layouts[static_cast<size_t>(p.recommended)].checkpoint_s)
       p.recommended = i;
   }
   if (p.recommended < 0 && p.smallest_fitting >= 0) {
@@ -243,7 +246,7 @@ Plan make_plan(const PlanRequest& r, const PlanCoefficients& k) {
     char buf[400];
     int n_fit = 0;
     for (const auto& l : p.layouts) n_fit += l.fits && l.world == b.world;
-    const char* dominant = b.exchange_s > b.forward_s    ? "exchange"
+    const char* dominant = b.exchange_s > b.forward_s ? "exchange"
                            : b.load_s > b.forward_s * (1 + static_cast<double>(p.ablation_passes))
                                ? "checkpoint load"
                                : "forward";
@@ -281,14 +284,14 @@ std::string human_s(double s) {
 }
 std::string row(const LayoutPlan& l, bool cuda) {
   char buf[400];
-  std::snprintf(buf, sizeof(buf),
-                "| %d | %d | %d | %d | %d | %d | %.2f | %.2f | %.2f | %s | %.3g | %.3g | %.3g | %.3g | "
-                "%.3g | %s | %s |",
-                l.world, l.nodes, l.tp, l.ep, l.etp, l.dp, l.weight_gib, l.scratch_gib,
-                cuda ? l.device_gib : l.host_gib,
-                l.fits ? "yes" : ("**no**: " + l.why_not).c_str(), l.load_s, l.forward_s,
-                l.record_s, l.ablation_s, l.exchange_s, human_s(l.checkpoint_s).c_str(),
-                human_s(l.sweep_s).c_str());
+  std::snprintf(
+      buf, sizeof(buf),
+      "| %d | %d | %d | %d | %d | %d | %.2f | %.2f | %.2f | %s | %.3g | %.3g | %.3g | %.3g | "
+      "%.3g | %s | %s |",
+      l.world, l.nodes, l.tp, l.ep, l.etp, l.dp, l.weight_gib, l.scratch_gib,
+      cuda ? l.device_gib : l.host_gib, l.fits ? "yes" : ("**no**: " + l.why_not).c_str(), l.load_s,
+      l.forward_s, l.record_s, l.ablation_s, l.exchange_s, human_s(l.checkpoint_s).c_str(),
+      human_s(l.sweep_s).c_str());
   return buf;
 }
 }  // namespace
@@ -300,33 +303,36 @@ std::string format_plan(const Plan& p) {
   std::ostringstream os;
   char buf[600];
   const ShardParams all = shard_params(c, 1, 1, 1);
-  std::snprintf(buf, sizeof(buf),
-                "plan: %s, %lld layers, hidden %lld, heads %lld/%lld (dim %lld), experts %lld top-%lld "
-                "(width %lld), vocab %lld: %.3g B parameters\n",
-                c.model_type.c_str(), static_cast<long long>(c.num_layers),
-                static_cast<long long>(c.hidden_size), static_cast<long long>(c.num_heads),
-                static_cast<long long>(c.num_kv_heads), static_cast<long long>(c.head_dim),
-                static_cast<long long>(c.num_experts), static_cast<long long>(c.top_k),
-                static_cast<long long>(c.moe_intermediate_size), static_cast<long long>(c.vocab_size),
-                static_cast<double>(all.total_model) / 1e9);
+  std::snprintf(
+      buf, sizeof(buf),
+      "plan: %s, %lld layers, hidden %lld, heads %lld/%lld (dim %lld), experts %lld top-%lld "
+      "(width %lld), vocab %lld: %.3g B parameters\n",
+      c.model_type.c_str(), static_cast<long long>(c.num_layers),
+      static_cast<long long>(c.hidden_size), static_cast<long long>(c.num_heads),
+      static_cast<long long>(c.num_kv_heads), static_cast<long long>(c.head_dim),
+      static_cast<long long>(c.num_experts), static_cast<long long>(c.top_k),
+      static_cast<long long>(c.moe_intermediate_size), static_cast<long long>(c.vocab_size),
+      static_cast<double>(all.total_model) / 1e9);
   os << buf;
-  std::snprintf(buf, sizeof(buf),
-                "probes %lld x %lld, micro-batch %lld, %lld checkpoint(s)%s, device %s, %d x %d %s; "
-                "%lld ablated passes per checkpoint%s\n",
-                static_cast<long long>(r.probes), static_cast<long long>(r.seq_len),
-                static_cast<long long>(r.batch), static_cast<long long>(r.checkpoints),
-                r.max_parallel > 0 ? (", at most " + std::to_string(r.max_parallel) + " at once").c_str() : " all at once",
-                r.device.c_str(), r.nodes, r.ranks_per_node, cuda ? "GPUs" : "ranks",
-                static_cast<long long>(p.ablation_passes),
-                r.ablation_passes < 0 ? " (the causal profile of a sweep: 1 + 3 x layers)" : "");
+  std::snprintf(
+      buf, sizeof(buf),
+      "probes %lld x %lld, micro-batch %lld, %lld checkpoint(s)%s, device %s, %d x %d %s; "
+      "%lld ablated passes per checkpoint%s\n",
+      static_cast<long long>(r.probes), static_cast<long long>(r.seq_len),
+      static_cast<long long>(r.batch), static_cast<long long>(r.checkpoints),
+      r.max_parallel > 0 ? (", at most " + std::to_string(r.max_parallel) + " at once").c_str()
+                         : " all at once",
+      r.device.c_str(), r.nodes, r.ranks_per_node, cuda ? "GPUs" : "ranks",
+      static_cast<long long>(p.ablation_passes),
+      r.ablation_passes < 0 ? " (the causal profile of a sweep: 1 + 3 x layers)" : "");
   os << buf;
   const ForwardFlops& f = p.flops;
-  std::snprintf(buf, sizeof(buf),
-                "forward GFLOP per token: %.4g (projections %.4g, attention %.4g at T=%lld, experts "
-                "%.4g, dense MLP %.4g, router %.4g)\n",
-                f.total() / 1e9, f.projections / 1e9, f.attention / 1e9,
-                static_cast<long long>(r.seq_len), f.experts / 1e9, f.dense_mlp / 1e9,
-                f.router / 1e9);
+  std::snprintf(
+      buf, sizeof(buf),
+      "forward GFLOP per token: %.4g (projections %.4g, attention %.4g at T=%lld, experts "
+      "%.4g, dense MLP %.4g, router %.4g)\n",
+      f.total() / 1e9, f.projections / 1e9, f.attention / 1e9, static_cast<long long>(r.seq_len),
+      f.experts / 1e9, f.dense_mlp / 1e9, f.router / 1e9);
   os << buf;
   const PlanCoefficients& k = p.coef;
   std::snprintf(buf, sizeof(buf),
@@ -336,9 +342,10 @@ std::string format_plan(const Plan& p) {
                 k.gemm_gflops, k.gemm_half_m, k.attention_gflops, k.load_gbps, k.intra_gbps,
                 k.inter_gbps, 100 * k.record_fraction, k.base_mib, k.startup_s, k.source.c_str());
   os << buf;
-  std::snprintf(buf, sizeof(buf), "limits: %s%.4g GiB host memory per node\n\n",
-                cuda ? (std::to_string(r.device_mem_gib).substr(0, 5) + " GiB per GPU, ").c_str() : "",
-                r.node_mem_gib);
+  std::snprintf(
+      buf, sizeof(buf), "limits: %s%.4g GiB host memory per node\n\n",
+      cuda ? (std::to_string(r.device_mem_gib).substr(0, 5) + " GiB per GPU, ").c_str() : "",
+      r.node_mem_gib);
   os << buf;
   os << "| ranks | nodes | tp | ep | etp | dp | weights GiB/rank | scratch GiB/rank | "
      << (cuda ? "device" : "host") << " GiB/rank | fits | load s | forward s | recording s | "
@@ -359,7 +366,10 @@ std::string format_plan(const Plan& p) {
     for (int i = 0; i < static_cast<int>(p.layouts.size()); ++i) {
       const LayoutPlan& l = p.layouts[static_cast<size_t>(i)];
       if (l.world != w) continue;
-      if (best < 0) { best = i; continue; }
+      if (best < 0) {
+        best = i;
+        continue;
+      }
       const LayoutPlan& b = p.layouts[static_cast<size_t>(best)];
       const double lm = cuda ? l.device_gib : l.host_gib, bm = cuda ? b.device_gib : b.host_gib;
       if ((l.fits && !b.fits) || (l.fits && b.fits && l.checkpoint_s < b.checkpoint_s) ||
@@ -418,9 +428,8 @@ std::string format_plan_shell(const Plan& p, double margin) {
      << "\nPLAN_EP=" << b.ep << "\nPLAN_TIME=" << slurm_time(b.checkpoint_s * margin + 300)
      << "\nPLAN_MEM=" << static_cast<long>(std::ceil(host_node_gib * 1.25 + 1)) << "G"
      << "\nPLAN_CHECKPOINT_S=" << b.checkpoint_s
-     << "\nPLAN_PASS_S=" << b.forward_s + b.record_s + b.exchange_s
-     << "\nPLAN_RANK_MIB=" << static_cast<long>((p.req.device == "cuda" ? b.device_gib : b.host_gib) * 1024)
-     << "\n";
+     << "\nPLAN_PASS_S=" << b.forward_s + b.record_s + b.exchange_s << "\nPLAN_RANK_MIB="
+     << static_cast<long>((p.req.device == "cuda" ? b.device_gib : b.host_gib) * 1024) << "\n";
   return os.str();
 }
 

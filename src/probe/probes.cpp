@@ -5,8 +5,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string_view>
 #include <utility>
@@ -273,8 +273,7 @@ IntArray make_probes(const std::string& spec, int64_t vocab, const std::vector<i
     std::sort(skip.begin(), skip.end());
     skip.erase(std::unique(skip.begin(), skip.end()), skip.end());
     const int64_t allowed = vocab - static_cast<int64_t>(skip.size());
-    if (allowed <= 0)
-      throw InputError(option + ": every id of the vocabulary is a special token");
+    if (allowed <= 0) throw InputError(option + ": every id of the vocabulary is a special token");
     std::mt19937_64 rng(arg);
     std::uniform_int_distribution<int64_t> dist(0, allowed - 1);
     for (auto& v : t.data) {

@@ -332,8 +332,9 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     if (!kind.per_layer)
       out = FloatArray({L, H}, "target_layer,target_head");
     else if (kind.indexed)
-      out = FloatArray({L, H, L, width}, std::string("target_layer,target_head,source_layer,source_") +
-                                             (kind.kind == ComponentKind::kHead ? "head" : kind.name));
+      out = FloatArray({L, H, L, width},
+                       std::string("target_layer,target_head,source_layer,source_") +
+                           (kind.kind == ComponentKind::kHead ? "head" : kind.name));
     else
       out = FloatArray({L, H, L}, "target_layer,target_head,source_layer");
     for (size_t t = 0; t < L; ++t)
@@ -346,8 +347,8 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
         for (size_t l = 0; l < t; ++l) {
           const int64_t n = component_count(cfg, kind.kind, static_cast<int64_t>(l));
           for (int64_t i = 0; i < n; ++i) {
-            const float v = static_cast<float>(
-                at[ci.slot(kind.kind, static_cast<int64_t>(l), i)] * inv_n);
+            const float v =
+                static_cast<float>(at[ci.slot(kind.kind, static_cast<int64_t>(l), i)] * inv_n);
             if (kind.indexed)
               out.data[((t * H + h) * L + l) * width + static_cast<size_t>(i)] = v;
             else

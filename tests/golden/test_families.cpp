@@ -30,8 +30,8 @@ namespace {
 
 const std::string kFamiliesDir = std::string(SINKSCOPE_GOLDEN_DIR) + "/families";
 
-using golden::Expected;
 using golden::expect_close;
+using golden::Expected;
 using golden::load_expected;
 
 // Routing frequencies implied by the reference's raw router logits, with sinkscope's tie rule
@@ -71,7 +71,8 @@ TEST_P(Family, MatchesTransformersReference) {
   ASSERT_TRUE(fs::exists(dir + "/expected.safetensors")) << "golden fixture missing: " << dir;
   const Expected e = load_expected(dir + "/expected.safetensors");
   const IntArray tokens = load_tokens(dir + "/probes.npy");
-  const int64_t N = static_cast<int64_t>(tokens.shape[0]), T = static_cast<int64_t>(tokens.shape[1]);
+  const int64_t N = static_cast<int64_t>(tokens.shape[0]),
+                T = static_cast<int64_t>(tokens.shape[1]);
   auto world = make_single_comm();
   for (int64_t batch : {1, 3}) {
     SCOPED_TRACE("batch " + std::to_string(batch));
@@ -139,7 +140,8 @@ TEST(FamilyComponents, SharedExpertIsAnAblatableComponent) {
   const size_t L = 3, H = 4;
   for (size_t i = 0; i < L * H; ++i)
     moved = std::max<double>(moved, std::fabs(a.ablation_delta_sink.data[shared_row * L * H + i]));
-  for (float v : a.attr_shared_expert.data) nonzero_attr = std::max<double>(nonzero_attr, std::fabs(v));
+  for (float v : a.attr_shared_expert.data)
+    nonzero_attr = std::max<double>(nonzero_attr, std::fabs(v));
   EXPECT_GT(moved, 1e-6);
   EXPECT_GT(nonzero_attr, 1e-6);
 }
@@ -170,7 +172,7 @@ TEST_P(Family, SynthWritesAnAnalysableCheckpoint) {
   EXPECT_EQ(a.meta.model_type, shape.model_type);
   EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-4);
   EXPECT_EQ(a.sink_score.shape, (std::vector<size_t>{static_cast<size_t>(shape.num_layers),
-                                                      static_cast<size_t>(shape.num_heads)}));
+                                                     static_cast<size_t>(shape.num_heads)}));
 }
 
 // The planted two-block circuit (docs/synth.md) in families without q/k norms: the sink head is
@@ -209,8 +211,8 @@ TEST_P(PlantedFamily, CircuitIsFoundAndCausal) {
     saw_head |= head;
     saw_expert |= expert;
     if (head || expert) {
-      std::printf("%s planted: ablating (%d, %d, %d) moves the sink by %.4f\n",
-                  GetParam().c_str(), layer, kind, index, delta);
+      std::printf("%s planted: ablating (%d, %d, %d) moves the sink by %.4f\n", GetParam().c_str(),
+                  layer, kind, index, delta);
       EXPECT_LT(delta, -0.5f * sink) << "ablating planted component " << layer << "/" << kind;
     }
   }

@@ -28,8 +28,8 @@ namespace {
 
 const std::string kGoldenDir = SINKSCOPE_GOLDEN_DIR;
 
-using golden::Expected;
 using golden::expect_close;
+using golden::Expected;
 using golden::load_expected;
 
 std::vector<float> ints_as_floats(const std::vector<int32_t>& v) { return {v.begin(), v.end()}; }

@@ -869,7 +869,6 @@ TEST(GpuFaults, OverflowNamesTheFirstComponent) {
   }
 }
 
-
 // The CUDA-run families against transformers' float64 reference (tests/golden/families): attention
 // to position 0 per query within the GPU tolerance (docs/metrics.md section 7: 2e-2 absolute), the
 // residual norms within kNormRel, and the circuit identity within 1e-3.
@@ -896,7 +895,8 @@ class GpuFamilyGolden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
   REQUIRE_GPU();
-  const std::string dir = std::string(SINKSCOPE_SOURCE_DIR) + "/tests/golden/families/" + GetParam();
+  const std::string dir =
+      std::string(SINKSCOPE_SOURCE_DIR) + "/tests/golden/families/" + GetParam();
   const IntArray tokens = load_tokens(dir + "/probes.npy");
   auto world = make_single_comm();
   AnalyzeOptions opt;
@@ -915,17 +915,20 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
   const auto hf = golden_values(dir + "/expected.safetensors", "attn_p0_hf_bf16");
   ASSERT_EQ(hf.size(), want.size());
   double hf_worst = 0;
-  for (size_t i = 0; i < want.size(); ++i) hf_worst = std::max(hf_worst, std::fabs(hf[i] - want[i]));
-  std::printf("[ family ] %s: worst |A[i,0] - transformers float64|: sinkscope cuda %.5f, "
-              "transformers bf16 eager %.5f\n",
-              GetParam().c_str(), worst, hf_worst);
+  for (size_t i = 0; i < want.size(); ++i)
+    hf_worst = std::max(hf_worst, std::fabs(hf[i] - want[i]));
+  std::printf(
+      "[ family ] %s: worst |A[i,0] - transformers float64|: sinkscope cuda %.5f, "
+      "transformers bf16 eager %.5f\n",
+      GetParam().c_str(), worst, hf_worst);
   EXPECT_LE(worst, std::max(kAttnAbs, hf_worst));
   for (const char* name : {"norm_p0", "norm_rest_median"}) {
     const auto ref = golden_values(dir + "/expected.safetensors", name);
     const FloatArray& got = std::string(name) == "norm_p0" ? a.norm_p0 : a.norm_rest_median;
     ASSERT_EQ(ref.size(), got.data.size());
     for (size_t i = 0; i < ref.size(); ++i)
-      EXPECT_NEAR(got.data[i], ref[i], kNormRel * std::fabs(ref[i]) + kNormFloor) << name << "[" << i << "]";
+      EXPECT_NEAR(got.data[i], ref[i], kNormRel * std::fabs(ref[i]) + kNormFloor)
+          << name << "[" << i << "]";
   }
   EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-3);
 }

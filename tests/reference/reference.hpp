@@ -31,8 +31,8 @@ struct Component {
 };
 
 struct ReferenceResult {
-  // Every array of docs/metrics.md sections 1-5 (p0_per_query always filled), rounded to float at the
-  // very end; the ablation arrays are empty.
+  // Every array of docs/metrics.md sections 1-5 (p0_per_query always filled), rounded to float at
+  // the very end; the ablation arrays are empty.
   Analysis analysis;
 
   // The same quantities in double where tests want them unrounded.
@@ -73,8 +73,8 @@ class ReferenceModel {
   // The clean analysis of `tokens` ([N, T], T >= 2) with sink-rate threshold `eps`.
   ReferenceResult analyze(const IntArray& tokens, double eps = 0.3) const;
 
-  // alpha [L, H] (docs/metrics.md section 1) with `ablate` mean-ablated at position 0 (all of them in
-  // the same run; empty = clean).
+  // alpha [L, H] (docs/metrics.md section 1) with `ablate` mean-ablated at position 0 (all of them
+  // in the same run; empty = clean).
   std::vector<double> sink_scores(const IntArray& tokens,
                                   const std::vector<Component>& ablate) const;
 

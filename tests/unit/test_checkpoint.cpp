@@ -5,15 +5,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <filesystem>
 #include <limits>
 
-#include "sinkscope/family.hpp"
 #include "io/isolated.hpp"
 #include "io/json_bounded.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/limits.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/synth.hpp"
@@ -568,8 +567,9 @@ TEST_F(BigTensorFiles, StoredSlicesRejectNonFiniteValues) {
 // --seed 7) before the change.
 TEST(Writer, SynthOutputIsUnchangedForAFixedSeed) {
   TempDir dir;
-  synthesize(parse_model_config(std::string(SINKSCOPE_TEST_SOURCE_DIR) + "/tests/data/tiny_moe.json"),
-             dir.path(), false, 7);
+  synthesize(
+      parse_model_config(std::string(SINKSCOPE_TEST_SOURCE_DIR) + "/tests/data/tiny_moe.json"),
+      dir.path(), false, 7);
   const std::string bytes = test::read_file(dir / "model.safetensors");
   EXPECT_EQ(sha256_hex(bytes.data(), bytes.size()),
             "361860da1ef4076993447212d52892ced178220acbe871adca034801577623a0");

@@ -295,7 +295,7 @@ TEST_F(IoTest, OptionalDatasetsAreWrittenOnlyWhenPresent) {
 
 TEST_F(IoTest, EveryDatasetCarriesItsDimsAndDimensionScales) {
   Analysis written = full_analysis();
-  written.h_ratio.dims = "";  // no names of its own: the schema's are written
+  written.h_ratio.dims = "";                     // no names of its own: the schema's are written
   written.sink_score.dims = "layer,query_head";  // the schema's names win: they are the scales'
   write_analysis(path("a.h5"), written);
 
@@ -347,7 +347,8 @@ TEST_F(IoTest, EveryDatasetCarriesItsDimsAndDimensionScales) {
   ASSERT_EQ(layer_input.size(), kLayers + 1);
   EXPECT_EQ(layer_input.back(), static_cast<int64_t>(kLayers));
   EXPECT_EQ(file.read_dataset<int64_t>("layer").size(), kLayers);
-  EXPECT_EQ(file.read_strings("field"), (std::vector<std::string>{"source_layer", "kind", "index"}));
+  EXPECT_EQ(file.read_strings("field"),
+            (std::vector<std::string>{"source_layer", "kind", "index"}));
   EXPECT_EQ(file.read_string_attribute("units", "attention/sink_score"), "1");
   EXPECT_NE(file.read_string_attribute("long_name", "circuit/attr_head"), "");
   EXPECT_NE(file.read_string_attribute("description", "attention/p0_per_query").find("--per-query"),

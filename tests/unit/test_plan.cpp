@@ -49,8 +49,8 @@ int64_t held_by_hand(int tp, int ep, int etp) {
 
 TEST(PlanCostModel, ParametersPerRankAreTheSumOfSliceSizes) {
   const ModelConfig c = tiny();
-  for (auto [tp, ep, etp] : {std::tuple{1, 1, 1}, {2, 1, 1}, {2, 2, 1}, {2, 2, 2}, {4, 2, 1},
-                             {1, 4, 1}, {4, 4, 1}}) {
+  for (auto [tp, ep, etp] :
+       {std::tuple{1, 1, 1}, {2, 1, 1}, {2, 2, 1}, {2, 2, 2}, {4, 2, 1}, {1, 4, 1}, {4, 4, 1}}) {
     const ShardParams s = shard_params(c, tp, ep, etp);
     EXPECT_EQ(s.held, held_by_hand(tp, ep, etp)) << "tp " << tp << " ep " << ep << " etp " << etp;
     EXPECT_EQ(s.embedding, 32 * 16);
@@ -125,7 +125,7 @@ TEST(PlanCostModel, ALayoutThatCannotFitIsReportedWithTheSmallestThatDoes) {
   EXPECT_TRUE(p.layouts[static_cast<size_t>(p.recommended)].fits);
   ASSERT_GE(p.smallest_fitting, 0);
   EXPECT_EQ(p.layouts[static_cast<size_t>(p.smallest_fitting)].world, 1);  // one rank: 1 x memory
-  r.node_mem_gib = split.host_gib / 2;  // nothing fits
+  r.node_mem_gib = split.host_gib / 2;                                     // nothing fits
   const Plan none = make_plan(r, k);
   EXPECT_EQ(none.recommended, -1);
   EXPECT_NE(format_plan(none).find("none within 4 rank(s)"), std::string::npos);
@@ -133,10 +133,12 @@ TEST(PlanCostModel, ALayoutThatCannotFitIsReportedWithTheSmallestThatDoes) {
 }
 
 TEST(PlanCostModel, SiteFileCoefficientsRoundTrip) {
-  const std::string path = (std::filesystem::temp_directory_path() / "sinkscope_plan_test.env").string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "sinkscope_plan_test.env").string();
   {
     std::ofstream out(path);
-    out << "# a site\nSITE_NODES=2\nSITE_GPUS_PER_NODE=4  # per node\nSINKSCOPE_PLAN_GEMM_GFLOPS=1\n";
+    out << "# a site\nSITE_NODES=2\nSITE_GPUS_PER_NODE=4  # per "
+           "node\nSINKSCOPE_PLAN_GEMM_GFLOPS=1\n";
   }
   PlanCoefficients k = default_coefficients("cpu");
   k.gemm_gflops = 123.5;

@@ -171,8 +171,8 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 // `synth` writes every RMSNorm weight as 1, which would leave a misuse of gamma_in, gamma_post,
-// gamma_q or gamma_k (e.g. in K(v) of docs/metrics.md section 4) unseen: rewrite them as 1 + 0.3 N(0,
-// 1).
+// gamma_q or gamma_k (e.g. in K(v) of docs/metrics.md section 4) unseen: rewrite them as 1 + 0.3
+// N(0, 1).
 void randomize_norm_weights(const std::string& dir, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -420,8 +420,9 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {  // exact router ties (experts 0 and 1 share a router row): the lower index must win. This
-     // checks the tie rule sinkscope documents (forward.cpp), beyond docs/metrics.md section 7, which
-     // exempts exact ties; it relies on identical router rows giving bit-identical fp32 logits.
+     // checks the tie rule sinkscope documents (forward.cpp), beyond docs/metrics.md section 7,
+     // which exempts exact ties; it relies on identical router rows giving bit-identical fp32
+     // logits.
     Case c{"router_ties", {}, 4, 16, 3, 61, ""};
     c.tie_router = true;
     v.push_back(c);
