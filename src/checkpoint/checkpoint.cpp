@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <unordered_map>
 
+#include "checkpoint/omp_threads.hpp"
 #include "io/small_file.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
@@ -21,16 +22,6 @@
 #include "sinkscope/probes.hpp"
 
 namespace sinkscope {
-namespace {
-// OpenMP's thread count; 1 in builds without OpenMP (the fuzzers).
-[[maybe_unused]] int max_threads() {
-#ifdef _OPENMP
-  return std::max(1, omp_get_max_threads());
-#else
-  return 1;
-#endif
-}
-}  // namespace
 namespace fs = std::filesystem;
 
 namespace {

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "checkpoint/omp_threads.hpp"
 #include "io/bounded_text.hpp"
 #include "io/json_bounded.hpp"
 #include "sinkscope/checkpoint.hpp"
@@ -23,16 +24,6 @@
 #include "sinkscope/limits.hpp"
 
 namespace sinkscope {
-namespace {
-// OpenMP's thread count; 1 in builds without OpenMP (the fuzzers).
-[[maybe_unused]] int max_threads() {
-#ifdef _OPENMP
-  return std::max(1, omp_get_max_threads());
-#else
-  return 1;
-#endif
-}
-}  // namespace
 namespace {
 
 using nlohmann::json;

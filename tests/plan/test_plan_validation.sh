@@ -14,14 +14,8 @@ command -v mpirun >/dev/null || layouts=(1:1:1)  # no MPI here: the one-rank lay
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# Weights dominate: 208 M parameters (the model of bench/bench_memory.sh).
-cat >"$work/config.json" <<'JSON'
-{"model_type": "qwen3_moe", "vocab_size": 8192, "hidden_size": 512, "num_hidden_layers": 8,
- "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "moe_intermediate_size": 512,
- "num_experts": 32, "num_experts_per_tok": 4, "norm_topk_prob": true, "rms_norm_eps": 1e-6,
- "rope_theta": 10000.0, "intermediate_size": 1024}
-JSON
-"$bin" synth --config "$work/config.json" --out "$work/model" --seed 1 2>/dev/null
+# Weights dominate: 208 M parameters (bench/moe_208m.json, also bench/bench_memory.sh's).
+"$bin" synth --config "$(cd "$(dirname "$0")/../.." && pwd)/bench/moe_208m.json" --out "$work/model" --seed 1 2>/dev/null
 probes=random:8:256:1
 batch=2
 : >"$work/site.env"
