@@ -1,6 +1,6 @@
-// CUDA backend: the instrumented Qwen3-MoE forward pass of forward.cpp on the device
-// (docs/gpu-backend.md). Same hook points, same taps, same bookkeeping; what differs is where the
-// work happens:
+// CUDA backend: the instrumented forward pass of the CPU backend (src/cpu/backend.cpp) on the
+// device (docs/gpu-backend.md). Same hook points, same taps, same bookkeeping; what differs is
+// where the work happens:
 //   - the residual stream x stays on the device in fp32; every matrix product is bf16 x bf16 with
 //     fp32 accumulation (cuBLAS), except the router (fp32, so routing matches the CPU reference
 //     up to near-ties) and the circuit's G = delta W_K^T (TF32) and identity rows (fp32);
@@ -491,11 +491,11 @@ void CudaBackend::embed(const IntArray& tokens) {
     tokens_.reserve(static_cast<size_t>(BT));
     to_device(tokens_.get(), tokens.data.data(), static_cast<size_t>(BT));
     k::embed_gather(w_.embed.get(), tokens_.get(), BT, static_cast<int>(D), x_.get(), s());
-  } else {  // as forward.cpp: the checkpoint's rows in fp32, read on the host
+  } else {  // as the CPU backend: the checkpoint's rows in fp32, read on the host
     hx_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
+    const std::string embed = tensor_name(c_, Role::kEmbed);
     for (int64_t i = 0; i < BT; ++i)
-      ck_->read_row(tensor_name(c_, Role::kEmbed), tokens.data[static_cast<size_t>(i)],
-                    hx_.get() + i * D);
+      ck_->read_row(embed, tokens.data[static_cast<size_t>(i)], hx_.get() + i * D);
     to_device(x_.get(), hx_.get(), static_cast<size_t>(BT * D));
   }
   delta_.reserve(static_cast<size_t>(std::max<int64_t>(B * Ctot_ * D, 1)));
@@ -669,7 +669,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
     return;
   }
   // Heads' deltas for later targets, mean-ablation at position 0, p0_sum (after the attributions
-  // above read the upstream state, as in forward.cpp).
+  // above read the upstream state, as in src/cpu/backend.cpp).
   k::finish_components({hp + D, H_ * 2 * D, 2 * D, hp, H_ * 2 * D, 2 * D, false}, Bi,
                        static_cast<int>(H_), Di, Ti, abl_heads_.get() + l * H_,
                        delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D, p0_sum_.get(),
@@ -845,8 +845,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
   const int tp = coll_.tp_size(), tr = coll_.tp_rank();
   const int64_t s0 = BT * tr / tp, s1 = BT * (tr + 1) / tp, n = s1 - s0;
 
-  // One buffer summed over the tp group, laid out as forward.cpp's: m [BT, D], p0 writes and rest
-  // sums [B, S, D] each, p0 norms [B, S], p0 routing [B, E], rest routing counts [E].
+  // One buffer summed over the tp group, laid out as src/cpu/backend.cpp's: m [BT, D], p0 writes
+  // and rest sums [B, S, D] each, p0 norms [B, S], p0 routing [B, E], rest routing counts [E].
   const int64_t off_p0 = BT * D, off_rest = off_p0 + B * S * D, off_n0 = off_rest + B * S * D,
                 off_r0 = off_n0 + B * S, off_rc = off_r0 + B * E1, total = off_rc + E1;
   mbuf_.reserve(static_cast<size_t>(total));

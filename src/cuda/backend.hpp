@@ -1,6 +1,6 @@
 // The CUDA backend (`--device cuda`, docs/gpu-backend.md): the instrumented Qwen3-MoE forward pass
-// of forward.cpp on one GPU per rank, with the position-zero recording done on the device and only
-// the small tap arrays copied back to the host. No CUDA types in this header.
+// of src/cpu/backend.cpp on one GPU per rank, with the position-zero recording done on the device
+// and only the small tap arrays copied back to the host. No CUDA types in this header.
 #pragma once
 
 #include <array>

@@ -1,7 +1,7 @@
 // The position-zero recording of the attention block: head write norms (through the per-head Gram
 // matrices), the heads' position-0 and delta vectors, the component bookkeeping shared with the
 // MoE block (deltas, mean-ablation, the running sum of position-0 writes), and the circuit
-// attribution's small contractions (docs/metrics.md section 4; the math of forward.cpp).
+// attribution's small contractions (docs/metrics.md section 4; the math of src/cpu/backend.cpp).
 #include <algorithm>
 
 #include "cuda/circuit_kernels.cuh"

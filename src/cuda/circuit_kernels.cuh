@@ -31,7 +31,7 @@ void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D
                int head_begin, float* hp, cudaStream_t s);
 
 // Stores the position-0 deltas of S component slots per probe, applies the mean-ablations and adds
-// the (ablated) position-0 writes to p0_sum, in slot order (as forward.cpp does):
+// the (ablated) position-0 writes to p0_sum, in slot order (as src/cpu/backend.cpp does):
 //   p = p0(b, s); delta = rest_is_sum ? p - second(b, s) / (T - 1) : second(b, s)
 //   delta_store[b * delta_bstride + s * D] = delta
 //   if ablated[s]: target[b * target_bstride] -= delta;  p0_sum[b] += ablated[s] ? p - delta : p

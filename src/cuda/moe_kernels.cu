@@ -13,7 +13,8 @@ namespace {
 
 constexpr int kMaxTopK = 32;
 
-// Warp per token row; lane holds experts e = lane + 32 t. Probabilities in double as forward.cpp.
+// Warp per token row; lane holds experts e = lane + 32 t. Probabilities in double as
+// src/cpu/backend.cpp.
 template <int EPL>
 __global__ void router_topk_kernel(const float* __restrict__ logits, int64_t n, int E, int K,
                                    bool norm_topk, int32_t* __restrict__ ids,
