@@ -148,11 +148,19 @@ class CudaBackend final : public Backend {
     qkv_ld_ = qw_ + 2 * kw_;
     E_ = c_.num_experts;
     K_ = c_.top_k;
-    S_ = std::max<int64_t>(E_, 1);
+    shared_ = c_.has_shared_expert();
+    S_ = std::max<int64_t>(E_, 1) + (shared_ ? 1 : 0);
     group_ = c_.kv_group_size();
     L_ = c_.num_layers;
     ci_ = ComponentLayout(c_);
     qk_norm_ = c_.qk_norm == QkNormKind::kPerHead;
+    full_width_ = c_.qk_norm == QkNormKind::kFullWidth;
+    post_norm_ = c_.block == BlockKind::kPostNorm;
+    parallel_ = c_.block == BlockKind::kParallel;
+    norm_mode_ = post_norm_                    ? k::NormMode::kNone
+                 : c_.norm == NormKind::kLayer ? k::NormMode::kLayer
+                                               : k::NormMode::kRms;
+    rot_ = c_.rope.rotated(c_.head_dim);
     renormalise_topk_ = c_.norm_topk_prob || c_.router == RouterKind::kTopKSoftmax;
     Ctot_ = ci_.count_before(L_);
     eps_ = static_cast<float>(c_.rms_norm_eps);
@@ -163,6 +171,21 @@ class CudaBackend final : public Backend {
         ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.load_progress)
             : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
     weight_device_bytes_ = device_bytes_held() - held_before;
+    if (full_width_) {
+      // A KV head held by several tp ranks (tp > num_kv_heads) enters the key's full-width RMS
+      // once: on the rank that owns its first query head (as src/cpu/backend.cpp).
+      std::vector<uint8_t> counts(static_cast<size_t>(KVl_));
+      for (int64_t g = 0; g < KVl_; ++g)
+        counts[static_cast<size_t>(g)] =
+            ((plan_.kv_begin + g) * group_) / (H_ / plan_.tp) == coll_.tp_rank() ? 1 : 0;
+      count_kv_.reserve(counts.size());
+      CUDA_CHECK(cudaMemcpy(count_kv_.get(), counts.data(), counts.size(), cudaMemcpyHostToDevice));
+    }
+    if (post_norm_) {  // unit gains for the circuit's G (a post-norm block has no input norm)
+      ones_.reserve(static_cast<size_t>(D_));
+      k::fill(ones_.get(), D_, 1.f, s());
+      CUDA_CHECK(cudaStreamSynchronize(s()));
+    }
     near_ties_.assign(static_cast<size_t>(L_), 0);
     // The expert products: the Hopper kernel (grouped_gemm.cu) unless a cuBLAS route is asked for.
     const int I = static_cast<int>(c_.moe_intermediate_size), Dw = static_cast<int>(D_);
@@ -224,6 +247,10 @@ class CudaBackend final : public Backend {
   void attention(int64_t l, ForwardObserver& obs);
   void circuit(int64_t l, int64_t C);
   void mlp(int64_t l, ForwardObserver& obs);
+  // The shared expert of an MoE layer (Qwen2-MoE) on the slice rows [s0, s1): its gated output is
+  // added to m and, when recording, its position-0 write and rest sum go to slot E of p0 / rest.
+  void shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, int64_t s1, float* m, float* p0,
+                     float* n0, float* rest);
   // Runs the experts on the slice's n * k (token, expert) pairs and returns their outputs (not yet
   // weighted) on the device, in source order: pairs sorted by expert, then by pair index.
   const bf16_bits* moe_experts(const DeviceLayer& Lw, int64_t n);
@@ -297,8 +324,12 @@ class CudaBackend final : public Backend {
   int64_t group_ = 1, L_ = 0, Ctot_ = 0;
   float eps_ = 1e-6f, scale_ = 1.f;
   ComponentLayout ci_;
-  // Per-head q/k RMSNorm (Qwen3) or none (Llama, Mixtral).
-  bool qk_norm_ = true;
+  // Per-head q/k RMSNorm (Qwen3), full-width (OLMoE, OLMo-2) or none (Llama, Mixtral, ...).
+  bool qk_norm_ = true, full_width_ = false;
+  // The block wiring (docs/families.md): post-norm (OLMo-2), parallel residual (GPT-NeoX).
+  bool post_norm_ = false, parallel_ = false, shared_ = false;
+  k::NormMode norm_mode_ = k::NormMode::kRms;  // of the attention and MLP inputs
+  int64_t rot_ = 0;                            // rotated dims per head (partial rotary)
   // Top-k weights renormalised to sum 1: norm_topk_prob, or Mixtral's softmax over the selected
   // logits (the same weights).
   bool renormalise_topk_ = true;
@@ -334,6 +365,13 @@ class CudaBackend final : public Backend {
   DeviceBuffer<int32_t> gemm_gu_dev_, gemm_dn_dev_;
   DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
   DeviceBuffer<float> a0_mean_, median_;
+  // The other families' state (family_kernels.cuh): the residual the MLP of a parallel block reads,
+  // the full-width q/k norm's sums and key factors, post-norm output scales, fp32 MLP
+  // pre-activations, the shared expert's output.
+  DeviceBuffer<float> xpar_, fw_sums_, inv_rk_rows_, out_scale_, hf_, shared_out_, ones_;
+  DeviceBuffer<bf16_bits> zs_;
+  DeviceBuffer<uint8_t> count_kv_;
+  DeviceBuffer<int32_t> shared_pack_;
   DeviceBuffer<uint8_t> median_scratch_;
   // Pinned host copies of the taps; each tap kind has its own, since up to three taps (MoE tap of
   // layer l, residual tap l + 1, attention tap l + 1) wait for their host side at once.
@@ -390,7 +428,7 @@ void CudaBackend::collect_profile() {
 
 void CudaBackend::ensure_rope(int64_t T) {
   if (T <= rope_T_) return;
-  const int64_t half = d_ / 2;
+  const int64_t half = rot_ / 2;
   std::vector<float> c(static_cast<size_t>(T * half)), sn(static_cast<size_t>(T * half));
   for (int64_t p = 0; p < T; ++p)
     for (int64_t j = 0; j < half; ++j) {  // double angles, as cpu::rope
@@ -417,6 +455,8 @@ void CudaBackend::upload_ablations() {
     for (int64_t e = 0; e < (moe ? E_ : 1); ++e)
       slots[static_cast<size_t>(l * S_ + e)] =
           ablated(l, moe ? Ablation::kExpert : Ablation::kMlp, e) ? 1 : 0;
+    if (moe && shared_)
+      slots[static_cast<size_t>(l * S_ + E_)] = ablated(l, ComponentKind::kSharedExpert, 0) ? 1 : 0;
   }
   ablate_embed_ = ablated(0, Ablation::kEmbedding, 0);
   abl_heads_.reserve(heads.size());
@@ -471,8 +511,9 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
     const int64_t V = c_.vocab_size;
     u_.reserve(static_cast<size_t>(BT_ * D_));
     logits_.reserve(static_cast<size_t>(BT_ * V));
-    k::rms_norm(x_.get(), BT_, static_cast<int>(D_), w_.final_norm.get(), eps_, u_.get(), nullptr,
-                nullptr, s());
+    k::norm_rows(c_.norm == NormKind::kLayer ? k::NormMode::kLayer : k::NormMode::kRms, x_.get(),
+                 BT_, static_cast<int>(D_), w_.final_norm.get(), w_.final_norm_bias.get(), eps_,
+                 u_.get(), nullptr, nullptr, s());
     blas_.nt(BT_, V, D_, {u_.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_},
              {logits_.get(), Dt::kF32, V});
     logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
@@ -569,19 +610,28 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   attr_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl_ * Ctot_, 1)));
   // G = (delta (.) gamma_in) W_K^T for the C upstream slots: gamma folded into an fp32 copy of W_K,
   // TF32 products (the attributions' tolerance is 5e-2 of the largest; TF32 keeps ~5e-4).
-  k::scale_columns(Wk, kw_, static_cast<int>(D), Lw.input_norm.get(), wkg_.get(), s());
+  // Post-norm blocks: no input norm (unit gains); LayerNorm: the centring folded into W_K's rows.
+  k::scale_columns(Wk, kw_, static_cast<int>(D), post_norm_ ? ones_.get() : Lw.input_norm.get(),
+                   wkg_.get(), s());
+  if (norm_mode_ == k::NormMode::kLayer) k::centre_rows(wkg_.get(), kw_, static_cast<int>(D), s());
   blas_.nt(C, kw_, D, {delta_.get(), Dt::kF32, D, Ctot_ * D}, {wkg_.get(), Dt::kF32, D, 0},
            {G_.get(), Dt::kF32, kw_, Ctot_ * kw_}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
   // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
   k::identity_rows(p0_sum_.get(), x_.get(), static_cast<int>(B), static_cast<int>(T),
-                   static_cast<int>(D), Lw.input_norm.get(), idrows_.get(), s());
+                   static_cast<int>(D), post_norm_ ? nullptr : Lw.input_norm.get(),
+                   norm_mode_ == k::NormMode::kLayer, idrows_.get(), s());
   k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
                    static_cast<int>(kw_), D, kid_.get(), s());
-  k::circuit_finish(
-      kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T), qbar_.get(),
-      qk_norm_ ? Lw.k_norm.get() : nullptr, static_cast<int>(Hl_), static_cast<int>(KVl_),
-      static_cast<int>(d_), static_cast<int>(plan_.head_begin), static_cast<int>(group_),
-      static_cast<int>(plan_.kv_begin), eps_, scale_, k0m_.get(), k0s_.get(), qk_.get(), s());
+  k::KeyNorm kn;
+  kn.gain = qk_norm_ || full_width_ ? Lw.k_norm.get() : nullptr;
+  kn.gain_stride = full_width_ ? d_ : 0;
+  kn.inv_rk_rows = full_width_ ? inv_rk_rows_.get() : nullptr;
+  kn.kconst = Lw.kconst.get();
+  k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T),
+                    qbar_.get(), kn, static_cast<int>(Hl_), static_cast<int>(KVl_),
+                    static_cast<int>(d_), static_cast<int>(plan_.head_begin),
+                    static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
+                    k0m_.get(), k0s_.get(), qk_.get(), s());
   k::attr_contract(G_.get(), Ctot_ * kw_, qk_.get(), static_cast<int>(B), static_cast<int>(C),
                    static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
                    static_cast<int>(plan_.head_begin), static_cast<int>(group_),
@@ -605,13 +655,33 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
   a0_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl * T, 1)));
   tp_pack_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D + B * H_ * 2 * D, 1)));
 
-  k::rms_norm(x_.get(), BT, Di, Lw.input_norm.get(), eps_, u_.get(), nullptr, inv_rx_.get(), s());
+  if (parallel_) {  // the MLP of a parallel block reads the residual before this attention's write
+    xpar_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
+    CUDA_CHECK(cudaMemcpyAsync(xpar_.get(), x_.get(), static_cast<size_t>(BT * D) * sizeof(float),
+                               cudaMemcpyDeviceToDevice, s()));
+  }
+  k::norm_rows(norm_mode_, x_.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
+               u_.get(), nullptr, inv_rx_.get(), s());
   blas_.nt(BT, qkv_ld_, D, {u_.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D},
            {qkv_.get(), Dt::kF32, qkv_ld_});
+  k::add_row_bias(qkv_.get(), BT, static_cast<int>(qkv_ld_), qkv_ld_, Lw.qkv_bias.get(), s());
+  if (full_width_) {
+    // One RMS over every head of q (and every KV head of k): partial sums here, summed over tp.
+    fw_sums_.reserve(static_cast<size_t>(std::max<int64_t>(2 * BT, 1)));
+    inv_rk_rows_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+    k::full_width_sumsq(qkv_.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(KVl_),
+                        static_cast<int>(d), count_kv_.get(), fw_sums_.get(), s());
+    coll_.tp_allreduce_sum(fw_sums_.get(), static_cast<size_t>(2 * BT));
+    k::full_width_apply(qkv_.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(kw_),
+                        fw_sums_.get(), static_cast<float>(H_ * d),
+                        static_cast<float>(c_.num_kv_heads * d), eps_, Lw.q_norm.get(),
+                        Lw.k_norm.get(), inv_rk_rows_.get(), s());
+  }
   k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
                   static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
-                  qk_norm_ ? Lw.q_norm.get() : nullptr, qk_norm_ ? Lw.k_norm.get() : nullptr, eps_,
-                  cos_.get(), sin_.get(), Qa_.get(), Ka_.get(), Va_.get(), s());
+                  static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
+                  qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), Qa_.get(),
+                  Ka_.get(), Va_.get(), s());
   const int64_t C = ci_.count_before(l);
   if (record_ && B > 0) {
     partial_.reserve(
@@ -634,35 +704,56 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
 
   float* a = tp_pack_.get();
   float* hp = a + BT * D;  // [B, H, {delta, p0}, D]
+  // The z and W_O whose products are the head writes as the block adds them: post-norm blocks
+  // scale them per position by 1 / rms(a) and per dimension by the output norm's gain.
+  const bf16_bits* zrec = z_.get();
+  const bf16_bits* wrec = Lw.wo.get();
+  if (post_norm_) {
+    // a = z W_O^T (+ b_O), complete over the tp group, then a * gain / rms(a) per position.
+    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {a, Dt::kF32, D});
+    coll_.tp_allreduce_sum(a, static_cast<size_t>(BT * D));
+    k::add_row_bias(a, BT, Di, D, Lw.o_bias.get(), s());
+    out_scale_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
+    k::post_norm_rows(a, BT, Di, Lw.attn_out_norm.get(), eps_, out_scale_.get(), s());
+    if (record_ && B > 0) {
+      zs_.reserve(static_cast<size_t>(BT * qw));
+      k::scale_rows_bf16(z_.get(), BT, static_cast<int>(qw), out_scale_.get(), zs_.get(), s());
+      zrec = zs_.get();
+    }
+    wrec = Lw.wo_scaled.get();
+  }
   if (record_ && B > 0) {
     // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i], fused on the tensor cores.
     wp0_.reserve(static_cast<size_t>(B * Hl));
     wrest_.reserve(static_cast<size_t>(B * Hl));
     norm_partial_.reserve(
         static_cast<size_t>(k::head_write_norms_scratch(Bi, static_cast<int>(Hl))));
-    k::head_write_norms(z_.get(), Lw.gram_hi.get(), Lw.gram_lo.get(), Bi, Ti, static_cast<int>(Hl),
+    k::head_write_norms(zrec, Lw.gram_hi.get(), Lw.gram_lo.get(), Bi, Ti, static_cast<int>(Hl),
                         static_cast<int>(d), static_cast<int>(dp_), norm_partial_.get(), wp0_.get(),
                         wrest_.get(), s());
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
     zbar_.reserve(static_cast<size_t>(B * qw));
-    k::column_mean_rest(z_.get(), Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(),
-                        s());
+    k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(), s());
     zr_.reserve(static_cast<size_t>(Hl * B * 2 * d));
-    k::z_rows(z_.get(), zbar_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), zr_.get(),
-              s());
+    k::z_rows(zrec, zbar_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), zr_.get(), s());
     CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
-    k::head_pack(zr_.get(), Lw.wo.get(), Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
+    k::head_pack(zr_.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
                  static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
   mark(l, kHeadRecDone);
-  // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
-  if (coll_.tp_size() == 1) {
+  if (post_norm_) {
+    if (record_) coll_.tp_allreduce_sum(hp, static_cast<size_t>(B * H_ * 2 * D));
+    k::add_inplace(x_.get(), a, BT * D, s());
+  } else if (coll_.tp_size() == 1) {
+    // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
     blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
              {x_.get(), Dt::kF32, D}, 1.f, 1.f);
+    k::add_row_bias(x_.get(), BT, Di, D, Lw.o_bias.get(), s());
   } else {
     blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {a, Dt::kF32, D});
     coll_.tp_allreduce_sum(a, static_cast<size_t>(record_ ? BT * D + B * H_ * 2 * D : BT * D));
     k::add_inplace(x_.get(), a, BT * D, s());
+    k::add_row_bias(x_.get(), BT, Di, D, Lw.o_bias.get(), s());
   }
   if (!record_) {
     mark(l, kAttnDone);
@@ -674,6 +765,11 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
                        static_cast<int>(H_), Di, Ti, abl_heads_.get() + l * H_,
                        delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D, p0_sum_.get(),
                        s());
+  // The part of the block's position-0 write that is no head's (its output bias) joins p0_sum.
+  if (post_norm_)
+    k::add_p0_remainder(a, Bi, Ti, Di, hp, static_cast<int>(H_), p0_sum_.get(), s());
+  else
+    k::add_row_bias(p0_sum_.get(), B, Di, D, Lw.o_bias.get(), s());
   mark(l, kAttnDone);
 
   const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
@@ -836,11 +932,50 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   return out_.get();
 }
 
+void CudaBackend::shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, int64_t s1, float* m,
+                                float* p0, float* n0, float* rest) {
+  const int64_t D = D_, T = T_, B = B_, S = S_, I = Lw.shared_inter;
+  const int Di = static_cast<int>(D);
+  if (n > 0) {
+    h_.reserve(static_cast<size_t>(n * 2 * I));
+    act_.reserve(static_cast<size_t>(n * I));
+    shared_out_.reserve(static_cast<size_t>(n * D));
+    blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.shared_gate_up.get(), Dt::kBF16, D},
+             {h_.get(), Dt::kBF16, 2 * I});
+    k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
+    blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.shared_down.get(), Dt::kBF16, I},
+             {shared_out_.get(), Dt::kF32, D});
+    k::sigmoid_gate_rows(shared_out_.get(), u32_.get(), n, Di, Lw.shared_gate.get(), s());
+    k::add_inplace(m + s0 * D, shared_out_.get(), n * D, s());
+  }
+  if (!record_) return;
+  // Its slot is E: segments (begin, end, out) of the slice's rows per probe, then (row, out) items.
+  std::vector<int32_t> segs, items;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t out = static_cast<int32_t>(b * S + E_);
+    const int64_t r0 = std::max(s0, b * T + 1), r1 = std::min(s1, (b + 1) * T);
+    if (r0 < r1)
+      segs.insert(segs.end(), {static_cast<int32_t>(r0 - s0), static_cast<int32_t>(r1 - s0), out});
+    if (b * T >= s0 && b * T < s1)
+      items.insert(items.end(), {static_cast<int32_t>(b * T - s0), out});
+  }
+  std::vector<int32_t> pack(segs);
+  pack.insert(pack.end(), items.begin(), items.end());
+  shared_pack_.reserve(std::max<size_t>(pack.size(), 1));
+  to_device(shared_pack_.get(), pack.data(), pack.size());
+  k::segment_sums(shared_out_.get(), nullptr, nullptr, s0, shared_pack_.get(),
+                  static_cast<int>(segs.size() / 3), Di, static_cast<int>(T), rest, s());
+  k::p0_rows(shared_out_.get(), nullptr, shared_pack_.get() + segs.size(),
+             static_cast<int>(items.size() / 2), Di, p0, n0, s());
+}
+
 void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, BT = BT_, D = D_, K = K_, S = S_;
   const bool moe = Lw.moe;
-  const int64_t E = moe ? E_ : 0, E1 = std::max<int64_t>(E_, 1), nslots = moe ? E_ : 1;
+  const bool shared = moe && shared_;
+  const int64_t E = moe ? E_ : 0, E1 = std::max<int64_t>(E_, 1),
+                nslots = moe ? E_ + (shared ? 1 : 0) : 1;
   const int Di = static_cast<int>(D), Ti = static_cast<int>(T);
   const int tp = coll_.tp_size(), tr = coll_.tp_rank();
   const int64_t s0 = BT * tr / tp, s1 = BT * (tr + 1) / tp, n = s1 - s0;
@@ -858,8 +993,10 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
 
   u_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
   if (moe) u32_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
-  k::rms_norm(x_.get() + s0 * D, n, Di, Lw.post_norm.get(), eps_, u_.get(),
-              moe ? u32_.get() : nullptr, nullptr, s());
+  // The MLP reads the residual after this layer's attention, or before it (parallel residual).
+  const float* in = parallel_ ? xpar_.get() : x_.get();
+  k::norm_rows(norm_mode_, in + s0 * D, n, Di, Lw.post_norm.get(), Lw.post_norm_bias.get(), eps_,
+               u_.get(), moe ? u32_.get() : nullptr, nullptr, s());
 
   if (moe) {
     const int64_t npairs = n * K;
@@ -926,18 +1063,32 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
                               static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0,
                               s1, static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());
     }
+    if (shared) shared_expert(Lw, n, s0, s1, m, p0, n0, rest);
   } else {
     const int64_t I = Lw.inter;
     flush_deferred(1);
     mark(l, kRouted);
     if (n > 0) {
-      h_.reserve(static_cast<size_t>(n * 2 * I));
       act_.reserve(static_cast<size_t>(n * I));
-      blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
-               {h_.get(), Dt::kBF16, 2 * I});
-      k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
+      if (c_.gated_mlp && c_.act == Activation::kSilu && !Lw.mlp_bias.get()) {
+        h_.reserve(static_cast<size_t>(n * 2 * I));
+        blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
+                 {h_.get(), Dt::kBF16, 2 * I});
+        k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
+      } else {  // biases or another activation: fp32 pre-activations
+        const int64_t width = (c_.gated_mlp ? 2 : 1) * I;
+        hf_.reserve(static_cast<size_t>(n * width));
+        blas_.nt(n, width, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
+                 {hf_.get(), Dt::kF32, width});
+        k::bias_activation(hf_.get(), n, static_cast<int>(I), c_.gated_mlp, c_.act,
+                           Lw.mlp_bias.get(), act_.get(), s());
+      }
       blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I},
                {m + s0 * D, Dt::kF32, D});
+      k::add_row_bias(m + s0 * D, n, Di, D, Lw.down_bias.get(), s());
+      // Post-norm blocks write the MLP output normed: m * gain / rms(m) per position.
+      if (post_norm_)
+        k::post_norm_rows(m + s0 * D, n, Di, Lw.mlp_out_norm.get(), eps_, nullptr, s());
     }
     mark(l, kExpertsDone);
     mark(l, kCombineDone);
@@ -1053,13 +1204,12 @@ void check_cuda_supports(const ModelConfig& c) {
   auto need = [&](bool ok, const char* what) {
     if (!ok) missing += (missing.empty() ? "" : ", ") + std::string(what);
   };
-  need(c.block == BlockKind::kPreNorm, "post-norm or parallel-residual blocks");
-  need(c.norm == NormKind::kRms, "LayerNorm");
-  need(c.qk_norm != QkNormKind::kFullWidth, "full-width q/k norms");
-  need(!c.qkv_bias && !c.o_bias && !c.mlp_bias, "projection biases");
-  need(c.gated_mlp && c.act == Activation::kSilu, "MLPs other than SwiGLU");
-  need(!c.has_shared_expert(), "shared experts");
-  need(c.rope.rotated(c.head_dim) == c.head_dim, "partial rotary embeddings");
+  // Every family of docs/families.md runs; what is refused here is what no family has yet.
+  need(!(c.block == BlockKind::kPostNorm && c.num_experts > 0), "post-norm MoE blocks");
+  need(c.act == Activation::kSilu || !c.gated_mlp, "gated MLPs with an activation other than SiLU");
+  need(!(c.num_experts > 0 && c.act != Activation::kSilu),
+       "experts with an activation other than SiLU");
+  need(!(c.num_experts > 0 && c.mlp_bias), "expert biases");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

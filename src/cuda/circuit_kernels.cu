@@ -216,15 +216,30 @@ __global__ void scale_columns_kernel(const bf16_bits* __restrict__ W, int64_t n,
     out[i] = bf2f(W[i]) * col_scale[i % cols];
 }
 
+// Block per (probe, row kind); LayerNorm inputs are centred first (docs/metrics.md: the
+// attribution through a LayerNorm sees P c, P the centring).
 __global__ void identity_rows_kernel(const float* __restrict__ p0_sum, const float* __restrict__ x,
-                                     int T, int D, const float* __restrict__ gamma,
+                                     int T, int D, const float* __restrict__ gamma, bool centre,
                                      float* __restrict__ rows) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  const int b = blockIdx.y;
-  if (c >= D) return;
-  rows[(static_cast<int64_t>(b) * 2) * D + c] = p0_sum[static_cast<int64_t>(b) * D + c] * gamma[c];
-  rows[(static_cast<int64_t>(b) * 2 + 1) * D + c] =
-      x[static_cast<int64_t>(b) * T * D + c] * gamma[c];
+  const int64_t b = blockIdx.x / 2, which = blockIdx.x % 2;
+  const float* src = which == 0 ? p0_sum + b * D : x + b * T * D;
+  float mean = 0.f;
+  if (centre) {
+    double sum = 0.0;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) sum += src[c];
+    mean = static_cast<float>(block_sum(sum) / static_cast<double>(D));
+  }
+  for (int c = threadIdx.x; c < D; c += blockDim.x)
+    rows[(b * 2 + which) * D + c] = (src[c] - mean) * (gamma ? gamma[c] : 1.f);
+}
+
+// Subtracts each row's mean (double sums): W P for the centring P of a LayerNorm.
+__global__ void centre_rows_kernel(float* __restrict__ W, int cols) {
+  float* row = W + static_cast<int64_t>(blockIdx.x) * cols;
+  double sum = 0.0;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += row[c];
+  const float mean = static_cast<float>(block_sum(sum) / static_cast<double>(cols));
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] -= mean;
 }
 
 constexpr int kRowChunk = 8;
@@ -257,9 +272,8 @@ __global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K,
 
 __global__ void circuit_finish_kernel(const float* __restrict__ kid,
                                       const float* __restrict__ inv_rx, int T,
-                                      const float* __restrict__ qbar,
-                                      const float* __restrict__ k_norm, int Hl, int KVl, int d,
-                                      int head_begin, int group, int kv_begin, float eps,
+                                      const float* __restrict__ qbar, KeyNorm kn, int Hl, int KVl,
+                                      int d, int head_begin, int group, int kv_begin, float eps,
                                       float scale, float* __restrict__ k0_model,
                                       float* __restrict__ k0_sum, float* __restrict__ qk) {
   extern __shared__ float inv_rk[];  // [KVl]
@@ -269,21 +283,31 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
   const float ix = inv_rx[static_cast<int64_t>(b) * T];
   const float* sum_row = kid + (static_cast<int64_t>(b) * 2) * kw;
   const float* x0_row = sum_row + kw;
+  auto gain = [&](int g, int j) {
+    return kn.gain ? kn.gain[static_cast<int64_t>(g) * kn.gain_stride + j] : 1.f;
+  };
+  auto kconst = [&](int g, int j) {
+    return kn.kconst ? kn.kconst[static_cast<int64_t>(g) * d + j] : 0.f;
+  };
   for (int g = warp; g < KVl; g += warps) {
-    float ss = 0.f;
-    for (int j = lane; j < d; j += 32) {
-      const float v = x0_row[static_cast<int64_t>(g) * d + j] * ix;
-      ss += v * v;
+    float irk = 1.f;  // no key norm: r_k = 1 and unit gains (docs/metrics.md, "Model families")
+    if (kn.inv_rk_rows) {
+      irk = kn.inv_rk_rows[static_cast<int64_t>(b) * T];  // full width: over every KV head
+    } else if (kn.gain) {
+      float ss = 0.f;
+      for (int j = lane; j < d; j += 32) {
+        const float v = x0_row[static_cast<int64_t>(g) * d + j] * ix + kconst(g, j);
+        ss += v * v;
+      }
+      ss = warp_sum(ss);
+      irk = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
     }
-    ss = warp_sum(ss);
-    // No key norm (k_norm null): r_k = 1 and unit gains (docs/metrics.md, "Model families").
-    const float irk = k_norm ? 1.f / sqrtf(ss / static_cast<float>(d) + eps) : 1.f;
     if (lane == 0) inv_rk[g] = irk;
     for (int j = lane; j < d; j += 32) {
       const int64_t o = (static_cast<int64_t>(b) * KVl + g) * d + j;
-      const float gain = k_norm ? k_norm[j] : 1.f;
-      k0_model[o] = x0_row[static_cast<int64_t>(g) * d + j] * ix * irk * gain;
-      k0_sum[o] = sum_row[static_cast<int64_t>(g) * d + j] * ix * irk * gain;
+      const float f = irk * gain(g, j);
+      k0_model[o] = (x0_row[static_cast<int64_t>(g) * d + j] * ix + kconst(g, j)) * f;
+      k0_sum[o] = (sum_row[static_cast<int64_t>(g) * d + j] * ix + kconst(g, j)) * f;
     }
   }
   __syncthreads();
@@ -292,7 +316,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
     const float f = ix * inv_rk[g] * scale;
     for (int j = lane; j < d; j += 32) {
       const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
-      qk[o] = qbar[o] * (k_norm ? k_norm[j] : 1.f) * f;
+      qk[o] = qbar[o] * gain(g, j) * f;
     }
   }
 }
@@ -392,10 +416,16 @@ void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_
 }
 
 void identity_rows(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma,
-                   float* rows, cudaStream_t s) {
+                   bool centre, float* rows, cudaStream_t s) {
   if (B == 0) return;
-  identity_rows_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(p0_sum, x, T, D, gamma, rows);
+  identity_rows_kernel<<<2 * B, 256, 0, s>>>(p0_sum, x, T, D, gamma, centre, rows);
   CUDA_CHECK_LAUNCH("identity_rows_kernel");
+}
+
+void centre_rows(float* W, int64_t rows, int cols, cudaStream_t s) {
+  if (rows == 0) return;
+  centre_rows_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(W, cols);
+  CUDA_CHECK_LAUNCH("centre_rows_kernel");
 }
 
 void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out,
@@ -406,7 +436,7 @@ void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int6
 }
 
 void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar,
-                    const float* k_norm, int Hl, int KVl, int d, int head_begin, int group,
+                    const KeyNorm& k_norm, int Hl, int KVl, int d, int head_begin, int group,
                     int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
                     cudaStream_t s) {
   if (B == 0) return;

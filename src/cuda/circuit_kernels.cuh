@@ -50,20 +50,36 @@ void finish_components(const ComponentRows& rows, int B, int S, int D, int T,
 void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_scale, float* out,
                    cudaStream_t s);
 
-// rows [B, 2, D]: (p0_sum[b] * gamma, x[b*T] * gamma).
+// rows [B, 2, D]: (P p0_sum[b] * gamma, P x[b*T] * gamma), P the centring when `centre` (LayerNorm)
+// and the identity otherwise; gamma null: unit gains (post-norm blocks have no input norm).
 void identity_rows(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma,
-                   float* rows, cudaStream_t s);
+                   bool centre, float* rows, cudaStream_t s);
+
+// W[r, :] -= mean(W[r, :]) for rows x cols (fp32, in place).
+void centre_rows(float* W, int64_t rows, int cols, cudaStream_t s);
 
 // out[r, n] = sum_k A[r, k] * W[n, k] in fp32 (A fp32 [R, K], W bf16 [N, K] with row stride ldw).
 void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out,
                    cudaStream_t s);
 
+// The key's normalisation as the attribution sees it (docs/metrics.md section 4, "Model families"):
+// gain of held KV head g, dimension j = gain[g * gain_stride + j] (per-head norm: stride 0; full
+// width: d; none: gain null, unit gains); 1 / r_k from the key of x[0] itself (per-head norm), from
+// inv_rk_rows[b * T] (the full-width norm's factor, computed over every KV head), or 1 (no norm);
+// kconst [KVl*d] = W_K beta_in + b_K, the part of the key no component writes (null: zero).
+struct KeyNorm {
+  const float* gain = nullptr;
+  int64_t gain_stride = 0;
+  const float* inv_rk_rows = nullptr;
+  const float* kconst = nullptr;
+};
+
 // Per probe b and held KV head g, from kid [B, 2, KVl*d] = (K-rows of p0_sum*gamma, x[0]*gamma)
 // without the 1/r_x factor: r_k, k0_model [B, KVl, d] (the key at position 0 after k_norm, in
-// fp32), k0_sum [B, KVl, d] = sum over components of K(c[0]), and qk [B, Hl, d] = qbar * k_norm /
-// (r_x r_k) / sqrt(d) (what the attribution contracts G with).
+// fp32), k0_sum [B, KVl, d] = sum over components of K(c[0]) plus kconst, and qk [B, Hl, d] = qbar
+// * gain / (r_x r_k) / sqrt(d) (what the attribution contracts G with).
 void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar,
-                    const float* k_norm, int Hl, int KVl, int d, int head_begin, int group,
+                    const KeyNorm& k_norm, int Hl, int KVl, int d, int head_begin, int group,
                     int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
                     cudaStream_t s);
 

@@ -9,6 +9,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/circuit_kernels.cuh"
+#include "cuda/family_kernels.cuh"
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/moe_kernels.cuh"
 #include "cuda/norm_kernels.cuh"

@@ -26,17 +26,22 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, int D, const float*
   }
 }
 
-// One warp per (row, head slot); lane handles the RoPE pairs (j, j + d/2) for j = lane + 32 t.
-constexpr int kMaxPairsPerLane = 2;  // d <= 128
+// One warp per (row, head slot). The slot's d values go through shared memory (the RoPE partner of
+// dimension j is j +- rot/2, usually in another lane); dims [rot, d) pass through unrotated
+// (partial rotary, GPT-NeoX).
+constexpr int kRopeWarps = 4;
+constexpr int kMaxHeadDim = 128;
 
 __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T, int ld, int Hl,
-                                    int KVl, int d, int dp, const float* __restrict__ q_gamma,
+                                    int KVl, int d, int dp, int rot,
+                                    const float* __restrict__ q_gamma,
                                     const float* __restrict__ k_gamma, float eps,
                                     const float* __restrict__ cos_tab,
                                     const float* __restrict__ sin_tab, bf16_bits* __restrict__ Qa,
                                     bf16_bits* __restrict__ Ka, bf16_bits* __restrict__ Va) {
-  const int lane = threadIdx.x & 31;
-  const int slot = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  __shared__ float buf[kRopeWarps][kMaxHeadDim];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slot = blockIdx.y * kRopeWarps + warp;
   const int64_t r = blockIdx.x;
   if (slot >= Hl + 2 * KVl || r >= rows) return;
   float* src = qkv + r * ld + static_cast<int64_t>(slot) * d;
@@ -52,35 +57,31 @@ __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T
     for (int j = lane; j < d; j += 32) dst[j] = f2bf(src[j]);
     return;
   }
-  const int half = d / 2;
   const float* gamma = slot < Hl ? q_gamma : k_gamma;
-  float a[kMaxPairsPerLane], b[kMaxPairsPerLane];
   float ss = 0.f;
-#pragma unroll
-  for (int t = 0; t < kMaxPairsPerLane; ++t) {
-    const int j = lane + 32 * t;
-    a[t] = j < half ? src[j] : 0.f;
-    b[t] = j < half ? src[j + half] : 0.f;
-    ss += a[t] * a[t] + b[t] * b[t];
+  for (int j = lane; j < d; j += 32) {
+    const float v = src[j];
+    buf[warp][j] = v;
+    ss += v * v;
   }
   ss = warp_sum(ss);
-  // No q/k norm (gamma null): plain RoPE.
+  // No per-head q/k norm (gamma null): plain RoPE.
   const float inv = gamma ? 1.f / sqrtf(ss / static_cast<float>(d) + eps) : 1.f;
+  for (int j = lane; j < d; j += 32) buf[warp][j] *= gamma ? inv * gamma[j] : 1.f;
+  __syncwarp();
+  const int half = rot / 2;
   const int64_t pos = r % T;
-#pragma unroll
-  for (int t = 0; t < kMaxPairsPerLane; ++t) {
-    const int j = lane + 32 * t;
-    if (j >= half) continue;
-    const float g1 = gamma ? gamma[j] : 1.f, g2 = gamma ? gamma[j + half] : 1.f;
-    const float x1 = a[t] * inv * g1, x2 = b[t] * inv * g2;
-    const float c = cos_tab[pos * half + j], sn = sin_tab[pos * half + j];
-    const float o1 = x1 * c - x2 * sn, o2 = x2 * c + x1 * sn;
-    dst[j] = f2bf(o1);
-    dst[j + half] = f2bf(o2);
-    if (slot < Hl) {  // the normed, rotated query in fp32 (qbar)
-      src[j] = o1;
-      src[j + half] = o2;
+  for (int j = lane; j < d; j += 32) {
+    float o = buf[warp][j];
+    if (j < half) {
+      const float c = cos_tab[pos * half + j], sn = sin_tab[pos * half + j];
+      o = o * c - buf[warp][j + half] * sn;
+    } else if (j < rot) {
+      const float c = cos_tab[pos * half + j - half], sn = sin_tab[pos * half + j - half];
+      o = o * c + buf[warp][j - half] * sn;
     }
+    dst[j] = f2bf(o);
+    if (slot < Hl) src[j] = o;  // the normed, rotated query in fp32 (qbar)
   }
 }
 
@@ -350,16 +351,15 @@ void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps
   CUDA_CHECK_LAUNCH("rms_norm_kernel");
 }
 
-void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp,
+void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
                   const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
                   const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
                   cudaStream_t s) {
   if (rows == 0) return;
-  constexpr int warps = 4;
   const int slots = Hl + 2 * KVl;
-  const dim3 grid(static_cast<unsigned>(rows), (slots + warps - 1) / warps);
-  qk_norm_rope_kernel<<<grid, warps * 32, 0, s>>>(qkv, rows, T, ld, Hl, KVl, d, dp, q_gamma,
-                                                  k_gamma, eps, cos_tab, sin_tab, Qa, Ka, Va);
+  const dim3 grid(static_cast<unsigned>(rows), (slots + kRopeWarps - 1) / kRopeWarps);
+  qk_norm_rope_kernel<<<grid, kRopeWarps * 32, 0, s>>>(
+      qkv, rows, T, ld, Hl, KVl, d, dp, rot, q_gamma, k_gamma, eps, cos_tab, sin_tab, Qa, Ka, Va);
   CUDA_CHECK_LAUNCH("qk_norm_rope_kernel");
 }
 

@@ -4,11 +4,13 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <tuple>
 
 #include "cuda/check.hpp"
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
 #include "sinkscope/checkpoint.hpp"
+#include "sinkscope/error.hpp"
 #include "sinkscope/family.hpp"
 
 namespace sinkscope::cuda {
@@ -129,7 +131,8 @@ class Uploader {
   int slot_ = 0;
 };
 
-// The stored bytes load_device_model reads for this plan (the total of its progress).
+// The stored bytes load_device_model reads for this plan (the total of its progress): every matrix
+// of the shard (norm gains and biases are too small to count).
 uint64_t planned_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head) {
   const ModelConfig& c = ck.config();
   const int64_t D = c.hidden_size, d = c.head_dim;
@@ -138,17 +141,10 @@ uint64_t planned_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
     const TensorInfo* t = ck.find(name);
     total += static_cast<uint64_t>(elems) * (t ? t->elem_size : 2);
   };
+  const int64_t qkv_rows = (plan.local_heads() + 2 * plan.local_kv_heads()) * d;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     auto name = [&](Role role) { return tensor_name(c, role, l, -1, &ck); };
-    add(name(Role::kAttnNorm), D);
-    add(name(Role::kMlpNorm), D);
-    if (c.qk_norm == QkNormKind::kPerHead) {
-      add(name(Role::kQNorm), d);
-      add(name(Role::kKNorm), d);
-    }
-    add(name(Role::kQ), plan.local_heads() * d * D);
-    add(name(Role::kK), plan.local_kv_heads() * d * D);
-    add(name(Role::kV), plan.local_kv_heads() * d * D);
+    add(name(has_role(c, Role::kQkv) ? Role::kQkv : Role::kQ), qkv_rows * D);
     add(name(Role::kO), D * plan.local_heads() * d);
     if (c.is_moe_layer(l)) {
       const int64_t I = c.moe_intermediate_size;
@@ -159,14 +155,12 @@ uint64_t planned_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
         add(loc.up.tensor, I * D);
         add(loc.down.tensor, D * I);
       }
+      if (c.has_shared_expert())
+        add(name(Role::kSharedUp), 3 * c.shared_expert_intermediate_size * D);
     } else {
-      const int64_t I = c.intermediate_size;
-      add(name(Role::kMlpGate), I * D);
-      add(name(Role::kMlpUp), I * D);
-      add(name(Role::kMlpDown), D * I);
+      add(name(Role::kMlpUp), (c.gated_mlp ? 3 : 2) * c.intermediate_size * D);
     }
   }
-  add(tensor_name(c, Role::kFinalNorm), D);
   if (with_lm_head)
     add(tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), c.vocab_size * D);
   return total;
@@ -174,7 +168,8 @@ uint64_t planned_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
 
 // Per local head: M_h = W_O,h^T W_O,h in fp32 (bf16 products, fp32 sums), made exactly symmetric
 // and split into hi + lo bf16 (the head write norm kernel reads rows of M as its columns).
-void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cudaStream_t s) {
+void make_gram(DeviceLayer& L, const bf16_bits* wo, int64_t D, int64_t Hl, int64_t d, Blas& blas,
+               cudaStream_t s) {
   const int64_t qw = Hl * d;
   // cudaMemcpy from pageable memory may return before its DMA lands, and the backend's stream does
   // not wait for the legacy stream: finish every upload before the Gram product reads W_O.
@@ -182,8 +177,8 @@ void make_gram(DeviceLayer& L, int64_t D, int64_t Hl, int64_t d, Blas& blas, cud
   DeviceBuffer<float> m(static_cast<size_t>(Hl * d * d));
   L.gram_hi.reserve(static_cast<size_t>(Hl * d * d));
   L.gram_lo.reserve(static_cast<size_t>(Hl * d * d));
-  blas.tn(d, d, D, {L.wo.get(), Dt::kBF16, qw, d}, {L.wo.get(), Dt::kBF16, qw, d},
-          {m.get(), Dt::kF32, d, d * d}, 1.f, 0.f, static_cast<int>(Hl));
+  blas.tn(d, d, D, {wo, Dt::kBF16, qw, d}, {wo, Dt::kBF16, qw, d}, {m.get(), Dt::kF32, d, d * d},
+          1.f, 0.f, static_cast<int>(Hl));
   k::gram_split(m.get(), Hl, static_cast<int>(d), L.gram_hi.get(), L.gram_lo.get(), s);
   CUDA_CHECK(cudaStreamSynchronize(s));  // m is freed on return
 }
@@ -210,24 +205,90 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
   Uploader up(s);
   DeviceModel w;
   w.layers.resize(static_cast<size_t>(c.num_layers));
+  // A 1-D tensor's elements [b, e) as fp32 on the device, or nothing where the family or config has
+  // no such tensor.
+  auto vec = [&](Role role, int64_t l, int64_t b, int64_t e, DeviceBuffer<float>& dst,
+                 bool present = true) {
+    if (present && has_role(c, role))
+      upload_f32(read_rows(ck, tensor_name(c, role, l, -1, &ck), b, e, 1), dst);
+  };
+  const bool layer_norm = c.norm == NormKind::kLayer;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     DeviceLayer& L = w.layers[static_cast<size_t>(l)];
-    // The family table names every tensor (the cuda backend runs the pre-norm RMSNorm families
-    // without biases, with per-head or no q/k norm: check_cuda_supports).
+    // The family table names every tensor (check_cuda_supports refuses what the kernels do not
+    // run).
     auto name = [&](Role role) { return tensor_name(c, role, l, -1, &ck); };
-    upload_f32(read_rows(ck, name(Role::kAttnNorm), 0, D, 1), L.input_norm);
-    upload_f32(read_rows(ck, name(Role::kMlpNorm), 0, D, 1), L.post_norm);
+    vec(Role::kAttnNorm, l, 0, D, L.input_norm);
+    vec(Role::kAttnNormBias, l, 0, D, L.input_norm_bias, layer_norm);
+    vec(Role::kMlpNorm, l, 0, D, L.post_norm);
+    vec(Role::kMlpNormBias, l, 0, D, L.post_norm_bias, layer_norm);
+    vec(Role::kAttnOutNorm, l, 0, D, L.attn_out_norm);
+    vec(Role::kMlpOutNorm, l, 0, D, L.mlp_out_norm);
     if (c.qk_norm == QkNormKind::kPerHead) {
-      upload_f32(read_rows(ck, name(Role::kQNorm), 0, d, 1), L.q_norm);
-      upload_f32(read_rows(ck, name(Role::kKNorm), 0, d, 1), L.k_norm);
+      vec(Role::kQNorm, l, 0, d, L.q_norm);
+      vec(Role::kKNorm, l, 0, d, L.k_norm);
+    } else if (c.qk_norm == QkNormKind::kFullWidth) {
+      vec(Role::kQNorm, l, plan.head_begin * d, plan.head_end * d, L.q_norm);
+      vec(Role::kKNorm, l, plan.kv_begin * d, plan.kv_end * d, L.k_norm);
     }
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
-    up.rows(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, L.wqkv.get());
-    up.rows(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + qw * D);
-    up.rows(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + (qw + kw) * D);
+    std::vector<float> qkv_bias;
+    if (has_role(c, Role::kQkv)) {
+      // GPT-NeoX: rows of query_key_value are [H, 3, d] (per head: q, k, v); no GQA.
+      const std::string fused = name(Role::kQkv);
+      for (int64_t h = plan.head_begin; h < plan.head_end; ++h)
+        for (int64_t which = 0; which < 3; ++which)
+          up.rows(ck, fused, (3 * h + which) * d, (3 * h + which + 1) * d,
+                  L.wqkv.get() + (which * qw + (h - plan.head_begin) * d) * D);
+      if (c.qkv_bias) {
+        const std::vector<float> all =
+            read_rows(ck, name(Role::kQkvBias), 0, 3 * c.num_heads * d, 1);
+        qkv_bias.resize(static_cast<size_t>(qw + 2 * kw));
+        for (int64_t h = plan.head_begin; h < plan.head_end; ++h)
+          for (int64_t which = 0; which < 3; ++which)
+            std::copy_n(all.begin() + (3 * h + which) * d, d,
+                        qkv_bias.begin() + which * qw + (h - plan.head_begin) * d);
+      }
+    } else {
+      up.rows(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, L.wqkv.get());
+      up.rows(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + qw * D);
+      up.rows(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + (qw + kw) * D);
+      if (c.qkv_bias) {
+        for (auto [role, b, e] : {std::tuple{Role::kQBias, plan.head_begin, plan.head_end},
+                                  std::tuple{Role::kKBias, plan.kv_begin, plan.kv_end},
+                                  std::tuple{Role::kVBias, plan.kv_begin, plan.kv_end}}) {
+          const std::vector<float> part = read_rows(ck, name(role), b * d, e * d, 1);
+          qkv_bias.insert(qkv_bias.end(), part.begin(), part.end());
+        }
+      }
+    }
+    if (!qkv_bias.empty()) upload_f32(qkv_bias, L.qkv_bias);
     L.wo.reserve(static_cast<size_t>(D * qw));
     up.block(ck, name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
-    make_gram(L, D, Hl, d, blas, s);
+    vec(Role::kOBias, l, 0, D, L.o_bias, c.o_bias);
+    up.finish();  // the products below read W_K and W_O
+    // kconst = W_K beta_in + b_K: the part of the key at position 0 that no component writes.
+    if (L.input_norm_bias.get() || !qkv_bias.empty()) {
+      std::vector<float> kc(static_cast<size_t>(kw), 0.f);
+      if (!qkv_bias.empty()) std::copy_n(qkv_bias.begin() + qw, kw, kc.begin());
+      upload_f32(kc, L.kconst);
+      if (L.input_norm_bias.get()) {
+        DeviceBuffer<float> kb(static_cast<size_t>(kw));
+        k::rows_times_wt(L.input_norm_bias.get(), 1, static_cast<int>(D), L.wqkv.get() + qw * D,
+                         static_cast<int>(kw), D, kb.get(), s);
+        k::add_inplace(L.kconst.get(), kb.get(), kw, s);
+        CUDA_CHECK(cudaStreamSynchronize(s));  // kb is freed on return
+      }
+    }
+    if (L.attn_out_norm.get()) {
+      // Post-norm: the head writes as the block adds them are diag(gain) W_O z (times 1 / rms).
+      L.wo_scaled.reserve(static_cast<size_t>(D * qw));
+      k::scale_rows_bf16(L.wo.get(), D, static_cast<int>(qw), L.attn_out_norm.get(),
+                         L.wo_scaled.get(), s);
+      make_gram(L, L.wo_scaled.get(), D, Hl, d, blas, s);
+    } else {
+      make_gram(L, L.wo.get(), D, Hl, d, blas, s);
+    }
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
       const int64_t I = c.moe_intermediate_size, El = plan.local_experts();
@@ -243,17 +304,37 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
         up.rows(ck, loc.down.tensor, loc.down.row_begin, loc.down.row_end,
                 L.w_down.get() + (e - plan.expert_begin) * D * I);
       }
+      if (c.has_shared_expert()) {
+        const int64_t S = c.shared_expert_intermediate_size;
+        L.shared_inter = S;
+        L.shared_gate_up.reserve(static_cast<size_t>(2 * S * D));
+        L.shared_down.reserve(static_cast<size_t>(D * S));
+        up.rows(ck, name(Role::kSharedGate), 0, S, L.shared_gate_up.get());
+        up.rows(ck, name(Role::kSharedUp), 0, S, L.shared_gate_up.get() + S * D);
+        up.rows(ck, name(Role::kSharedDown), 0, D, L.shared_down.get());
+        upload_f32(read_rows(ck, name(Role::kSharedExpertGate), 0, 1, D), L.shared_gate);
+      }
     } else {
       const int64_t I = c.intermediate_size;
       L.inter = I;
-      L.w_gate_up.reserve(static_cast<size_t>(2 * I * D));
+      const int64_t gates = c.gated_mlp ? 1 : 0;
+      L.w_gate_up.reserve(static_cast<size_t>((1 + gates) * I * D));
       L.w_down.reserve(static_cast<size_t>(D * I));
-      up.rows(ck, name(Role::kMlpGate), 0, I, L.w_gate_up.get());
-      up.rows(ck, name(Role::kMlpUp), 0, I, L.w_gate_up.get() + I * D);
+      if (gates) up.rows(ck, name(Role::kMlpGate), 0, I, L.w_gate_up.get());
+      up.rows(ck, name(Role::kMlpUp), 0, I, L.w_gate_up.get() + gates * I * D);
       up.rows(ck, name(Role::kMlpDown), 0, D, L.w_down.get());
+      if (c.mlp_bias) {
+        std::vector<float> b;
+        if (gates) b = read_rows(ck, name(Role::kMlpGateBias), 0, I, 1);
+        const std::vector<float> ub = read_rows(ck, name(Role::kMlpUpBias), 0, I, 1);
+        b.insert(b.end(), ub.begin(), ub.end());
+        upload_f32(b, L.mlp_bias);
+        vec(Role::kMlpDownBias, l, 0, D, L.down_bias);
+      }
     }
   }
-  upload_f32(read_rows(ck, tensor_name(c, Role::kFinalNorm), 0, D, 1), w.final_norm);
+  vec(Role::kFinalNorm, -1, 0, D, w.final_norm);
+  vec(Role::kFinalNormBias, -1, 0, D, w.final_norm_bias, layer_norm);
   if (with_lm_head) {
     w.lm_head.reserve(static_cast<size_t>(c.vocab_size * D));
     up.rows(ck, tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), 0,
@@ -267,6 +348,14 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
 
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
                                     uint64_t seed, Blas& blas, cudaStream_t s) {
+  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama and Mixtral.
+  if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms ||
+      c.qk_norm == QkNormKind::kFullWidth || c.has_shared_expert() || c.qkv_bias || c.o_bias ||
+      c.mlp_bias || !c.gated_mlp || c.rope.rotated(c.head_dim) != c.head_dim)
+    throw InputError(
+        "--synthetic-weights: " + c.model_type +
+        " blocks are not synthesised on the device; write a checkpoint with `sinkscope "
+        "synth` and analyze that");
   const int64_t D = c.hidden_size, d = c.head_dim, H = c.num_heads;
   const int64_t Hl = plan.local_heads(), KVl = plan.local_kv_heads(), qw = Hl * d, kw = KVl * d;
   DeviceModel w;
@@ -299,7 +388,7 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
                 D);
     L.wo.reserve(static_cast<size_t>(D * qw));
     random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
-    make_gram(L, D, Hl, d, blas, s);
+    make_gram(L, L.wo.get(), D, Hl, d, blas, s);
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
       const int64_t I = c.moe_intermediate_size, E = c.num_experts, El = plan.local_experts();

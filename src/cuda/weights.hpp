@@ -22,26 +22,44 @@ namespace sinkscope::cuda {
 class Blas;
 
 struct DeviceLayer {
-  DeviceBuffer<float> input_norm, post_norm;  // [D]
-  DeviceBuffer<float> q_norm, k_norm;         // [d]
+  DeviceBuffer<float> input_norm, post_norm;            // [D] (absent in post-norm blocks)
+  DeviceBuffer<float> input_norm_bias, post_norm_bias;  // [D] LayerNorm only
+  DeviceBuffer<float> attn_out_norm, mlp_out_norm;      // [D] post-norm blocks only
+  // Per-head q/k RMSNorm: [d]; full-width: this rank's slices [Hl*d] and [KVl*d].
+  DeviceBuffer<float> q_norm, k_norm;
   DeviceBuffer<bf16_bits> wqkv;  // [Hl*d + 2*KVl*d, D]: this rank's q rows, then k, then v
+  DeviceBuffer<float> qkv_bias;  // [Hl*d + 2*KVl*d] where the family has q/k/v biases
+  DeviceBuffer<float> kconst;    // [KVl*d] W_K beta_in + b_K where either exists
   DeviceBuffer<bf16_bits> wo;    // [D, Hl*d]: its columns of o_proj
+  DeviceBuffer<float> o_bias;    // [D] where the family has an output bias
+  // Post-norm blocks: diag(attn_out_norm) W_O, the head writes as the block adds them (before the
+  // per-position 1 / rms); the Gram matrices below are of this one then.
+  DeviceBuffer<bf16_bits> wo_scaled;
   // Per local head h the Gram matrix W_O,h^T W_O,h [d, d] split into bf16 hi + lo parts: the head
   // write norms come from z^T M z without forming the per-head writes.
   DeviceBuffer<bf16_bits> gram_hi, gram_lo;  // [Hl, d, d]
   bool moe = false;
   DeviceBuffer<float> router;         // [E, D] fp32 (routing is decided in fp32)
   DeviceBuffer<bf16_bits> w_gate_up;  // [El, 2I, D] (gate rows, then up rows); dense: [1, 2I, D]
+                                      // (ungated MLPs: [1, I, D], the up rows only)
   DeviceBuffer<bf16_bits> w_down;     // [El, D, I]; dense: [1, D, I]
+  DeviceBuffer<float> mlp_bias;       // dense MLP: [2I] (gate | up) or [I] (ungated)
+  DeviceBuffer<float> down_bias;      // dense MLP: [D]
   int64_t inter = 0;
+  // The shared expert (Qwen2-MoE): a SwiGLU MLP of width shared_inter on every token, scaled by
+  // sigmoid(u . shared_gate).
+  DeviceBuffer<bf16_bits> shared_gate_up, shared_down;  // [2S, D], [D, S]
+  DeviceBuffer<float> shared_gate;                      // [D]
+  int64_t shared_inter = 0;
 };
 
 struct DeviceModel {
   std::vector<DeviceLayer> layers;
-  DeviceBuffer<float> final_norm;   // [D]
-  DeviceBuffer<bf16_bits> lm_head;  // [V, D], only when logits are wanted
-  DeviceBuffer<bf16_bits> embed;    // [V, D], synthetic models only (checkpoints embed on the host)
-  uint64_t bytes_loaded = 0;        // checkpoint bytes converted (or bf16 bytes made, synthetic)
+  DeviceBuffer<float> final_norm;       // [D]
+  DeviceBuffer<float> final_norm_bias;  // [D] LayerNorm only
+  DeviceBuffer<bf16_bits> lm_head;      // [V, D], only when logits are wanted
+  DeviceBuffer<bf16_bits> embed;  // [V, D], synthetic models only (checkpoints embed on the host)
+  uint64_t bytes_loaded = 0;      // checkpoint bytes converted (or bf16 bytes made, synthetic)
 };
 
 // Stored bf16 bytes go to the device as they are (pinned double-buffered staging, async copies on

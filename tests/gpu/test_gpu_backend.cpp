@@ -162,6 +162,21 @@ std::vector<Case> cases() {
   llama.rope.high_freq_factor = 4;
   llama.rope.original_max_position = 32;
   out.push_back({"llama3_d64_random", llama, false, 2, 100, 2, seed++});
+  // The families with the block variants of family_kernels.cu, at their golden fixtures' shapes
+  // (tests/golden/families/*/config.json) with synth's weights: the shared expert and q/k/v biases
+  // (qwen2_moe, also with a planted circuit), the full-width q/k norm without renormalised top-k
+  // (olmoe), post-norm blocks (olmo2), LayerNorm with biases, a parallel residual, partial rotary
+  // and GELU (gpt_neox).
+  for (const char* fam : {"qwen2_moe", "olmoe", "olmo2", "gpt_neox"}) {
+    const ModelConfig cfg = parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) +
+                                               "/tests/golden/families/" + fam + "/config.json");
+    out.push_back({std::string(fam) + "_random", cfg, false, 3, 41, 2, seed++});
+  }
+  // The planted circuit needs layer 1 to be an MoE layer (the fixture keeps it dense).
+  ModelConfig qwen2_moe = parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) +
+                                             "/tests/golden/families/qwen2_moe/config.json");
+  qwen2_moe.mlp_only_layers.clear();
+  out.push_back({"qwen2_moe_planted", qwen2_moe, true, 3, 41, 2, seed++});
   return out;
 }
 
@@ -417,8 +432,20 @@ void compare_analyses(const Analysis& cpu, const Analysis& gpu, const std::strin
           kAttnAbs);
   if (!cpu.p0_per_query.empty()) {
     ASSERT_TRUE(same_shape(cpu.p0_per_query, gpu.p0_per_query));
+    // A near-tie token routed to another expert (bf16 against fp32 router inputs) moves the
+    // per-query attention of later layers by more than the tolerance, and only there: with
+    // routing that differs, that one array is reported, not failed (TapsMatchCpu checks every
+    // layer strictly up to the first routing difference). Everything below stays strict.
+    const bool same_routing = cpu.p0_topk_freq.data == gpu.p0_topk_freq.data &&
+                              cpu.rest_topk_freq.data == gpu.rest_topk_freq.data;
+    if (!same_routing)
+      std::cout << "[ routing ] " << title
+                << ": a near-tie token was routed differently; per-query attention reported "
+                   "without failing\n";
+    chk.set_strict(same_routing);
     chk.abs("attention/p0_per_query", gpu.p0_per_query.ptr(), cpu.p0_per_query.ptr(),
             cpu.p0_per_query.size(), kAttnAbs);
+    chk.set_strict(true);
   }
   chk.rel("residual/norm_p0", gpu.norm_p0.ptr(), cpu.norm_p0.ptr(), cpu.norm_p0.size(), kNormRel);
   chk.rel("residual/norm_rest_median", gpu.norm_rest_median.ptr(), cpu.norm_rest_median.ptr(),
@@ -487,11 +514,16 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) { return info.
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuBackendTest, ::testing::ValuesIn(cases()), case_name);
 
 // tp/ep layouts: world = 4 ranks as threads (all on this GPU), CUDA backend, against one CPU rank.
+// family: a golden fixture's config (tests/golden/families) with synth's weights, or null for a
+// Qwen3-MoE shape with a planted circuit.
 struct Layout {
   int tp, ep;
+  const char* family = nullptr;
 };
 
-void PrintTo(const Layout& l, std::ostream* os) { *os << "tp" << l.tp << " ep" << l.ep; }
+void PrintTo(const Layout& l, std::ostream* os) {
+  *os << (l.family ? l.family : "qwen3_moe") << " tp" << l.tp << " ep" << l.ep;
+}
 
 class GpuLayoutTest : public ::testing::TestWithParam<Layout> {};
 
@@ -500,6 +532,15 @@ TEST_P(GpuLayoutTest, MatchesOneCpuRank) {
   const Layout lay = GetParam();
   const int world_size = 4;
   Case c{"layout", shape(64, 4, 4, 2, 16, 8, 2, 32, {3}), true, 3, 33, 2, 99};
+  if (lay.family)
+    c = Case{lay.family,
+             parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) + "/tests/golden/families/" +
+                                lay.family + "/config.json"),
+             false,
+             3,
+             33,
+             2,
+             98};
   TempDir dir;
   const PlantedCircuit pc = synthesize(c.cfg, dir.path(), c.plant, c.seed);
   const IntArray tokens = probes_for(c, pc);
@@ -539,12 +580,16 @@ TEST_P(GpuLayoutTest, MatchesOneCpuRank) {
 }
 
 std::string layout_name(const ::testing::TestParamInfo<Layout>& info) {
-  return "tp" + std::to_string(info.param.tp) + "_ep" + std::to_string(info.param.ep);
+  return std::string(info.param.family ? info.param.family : "qwen3_moe") + "_tp" +
+         std::to_string(info.param.tp) + "_ep" + std::to_string(info.param.ep);
 }
 
 // tp 2 x ep 2; tp 4 (> 2 KV heads: replicated); ep 4 with dp 4 (a rank with no probes left).
 INSTANTIATE_TEST_SUITE_P(World4, GpuLayoutTest,
-                         ::testing::Values(Layout{2, 2}, Layout{4, 4}, Layout{1, 4}), layout_name);
+                         ::testing::Values(Layout{2, 2}, Layout{4, 4}, Layout{1, 4},
+                                           Layout{2, 2, "qwen2_moe"}, Layout{4, 4, "olmoe"},
+                                           Layout{2, 1, "olmo2"}, Layout{2, 1, "gpt_neox"}),
+                         layout_name);
 
 // The synthetic (benchmark) backend runs a forward with and without recording, with finite taps.
 TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
@@ -935,14 +980,16 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
 
 // Measured on the H200 (2026-12-01), worst |A[i,0] - float64| over every probe, layer, head and
 // query, sinkscope cuda / transformers bf16 eager: qwen3 0.0072 / 0.0132, llama 0.0156 / 0.0306,
-// qwen3_moe_fused 0.0083 / 0.0821. The Mixtral fixture is NOT in this list because it fails the
-// yardstick: 0.0378 against transformers bf16's 0.0356 (tolerance max(0.02, 0.0356)): its tiny
-// random weights without q/k norms give large logits, and bf16 q and k lose as much as
-// transformers' all-bf16 forward. The CUDA backend matches the CPU on a Mixtral shape with
+// qwen3_moe_fused 0.0083 / 0.0821, qwen2_moe 0.0239 / 0.0505, olmoe 0.0034 / 0.0192, olmo2
+// 0.0095 / 0.0075 (within 2e-2), gpt_neox 0.0091 / 0.0242. The Mixtral fixture is NOT in this list
+// because it fails the yardstick: 0.0378 against transformers bf16's 0.0356 (tolerance max(0.02,
+// 0.0356)): its tiny random weights without q/k norms give large logits, and bf16 q and k lose as
+// much as transformers' all-bf16 forward. The CUDA backend matches the CPU on a Mixtral shape with
 // 1/sqrt(fan_in) weights (Shapes/GpuBackendTest.*/mixtral_d32_random); docs/gpu-backend.md and
 // docs/families.md say this.
 INSTANTIATE_TEST_SUITE_P(Families, GpuFamilyGolden,
-                         ::testing::Values("qwen3", "llama", "qwen3_moe_fused"));
+                         ::testing::Values("qwen3", "llama", "qwen3_moe_fused", "qwen2_moe",
+                                           "olmoe", "olmo2", "gpt_neox"));
 
 }  // namespace
 }  // namespace sinkscope

@@ -1,0 +1,242 @@
+// The block variants of the families beyond Qwen3-MoE (family_kernels.cuh): LayerNorm, biases, the
+// full-width q/k norm, post-norm scaling, MLP activations, the shared expert's gate. The arithmetic
+// follows src/cpu/kernels.cpp and src/cpu/backend.cpp (fp32, double where the CPU sums in double).
+#include "cuda/device_common.cuh"
+#include "cuda/family_kernels.cuh"
+
+namespace sinkscope::cuda::k {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <NormMode mode>
+__global__ void norm_rows_kernel(const float* __restrict__ x, int D,
+                                 const float* __restrict__ gamma, const float* __restrict__ beta,
+                                 float eps, bf16_bits* __restrict__ out_bf,
+                                 float* __restrict__ out_f32, float* __restrict__ inv_scale) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * D;
+  float mean = 0.f, inv = 1.f;
+  if constexpr (mode == NormMode::kRms) {
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) ss += xr[c] * xr[c];
+    ss = block_sum(ss);
+    inv = 1.f / sqrtf(ss / static_cast<float>(D) + eps);
+  } else if constexpr (mode == NormMode::kLayer) {
+    double sum = 0.0;  // two passes in double, as cpu::layer_norm
+    for (int c = threadIdx.x; c < D; c += blockDim.x) sum += xr[c];
+    const double m = block_sum(sum) / static_cast<double>(D);
+    double var = 0.0;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) var += (xr[c] - m) * (xr[c] - m);
+    var = block_sum(var);
+    mean = static_cast<float>(m);
+    inv = static_cast<float>(1.0 / sqrt(var / static_cast<double>(D) + eps));
+  }
+  if (inv_scale && threadIdx.x == 0) inv_scale[r] = inv;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float v = xr[c];
+    if constexpr (mode == NormMode::kRms) v = v * inv * gamma[c];
+    if constexpr (mode == NormMode::kLayer)
+      v = (v - mean) * inv * gamma[c] + (beta ? beta[c] : 0.f);
+    out_bf[r * D + c] = f2bf(v);
+    if (out_f32) out_f32[r * D + c] = v;
+  }
+}
+
+__global__ void add_row_bias_kernel(float* __restrict__ x, int64_t rows, int n, int64_t ld,
+                                    const float* __restrict__ bias) {
+  const int64_t total = rows * n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[(i / n) * ld + i % n] += bias[i % n];
+}
+
+__global__ void full_width_sumsq_kernel(const float* __restrict__ qkv, int64_t rows, int64_t ld,
+                                        int qw, int KVl, int d,
+                                        const uint8_t* __restrict__ count_kv,
+                                        float* __restrict__ sums) {
+  const int64_t r = blockIdx.x;
+  const float* row = qkv + r * ld;
+  double sq = 0.0, sk = 0.0;
+  for (int j = threadIdx.x; j < qw; j += blockDim.x) sq += static_cast<double>(row[j]) * row[j];
+  for (int j = threadIdx.x; j < KVl * d; j += blockDim.x)
+    if (count_kv[j / d]) sk += static_cast<double>(row[qw + j]) * row[qw + j];
+  sq = block_sum(sq);
+  sk = block_sum(sk);
+  if (threadIdx.x == 0) {
+    sums[r] = static_cast<float>(sq);
+    sums[rows + r] = static_cast<float>(sk);
+  }
+}
+
+__global__ void full_width_apply_kernel(float* __restrict__ qkv, int64_t rows, int64_t ld, int qw,
+                                        int kw, const float* __restrict__ sums, float qn, float kn,
+                                        float eps, const float* __restrict__ gain_q,
+                                        const float* __restrict__ gain_k,
+                                        float* __restrict__ inv_rk) {
+  const int64_t r = blockIdx.x;
+  float* row = qkv + r * ld;
+  const float iq = 1.f / sqrtf(sums[r] / qn + eps);
+  const float ik = 1.f / sqrtf(sums[rows + r] / kn + eps);
+  if (threadIdx.x == 0) inv_rk[r] = ik;
+  for (int j = threadIdx.x; j < qw; j += blockDim.x) row[j] = row[j] * iq * gain_q[j];
+  for (int j = threadIdx.x; j < kw; j += blockDim.x) row[qw + j] = row[qw + j] * ik * gain_k[j];
+}
+
+__global__ void post_norm_rows_kernel(float* __restrict__ a, int D, const float* __restrict__ gain,
+                                      float eps, float* __restrict__ scale) {
+  const int64_t r = blockIdx.x;
+  float* ar = a + r * D;
+  double ss = 0.0;  // double, as src/cpu/backend.cpp
+  for (int c = threadIdx.x; c < D; c += blockDim.x) ss += static_cast<double>(ar[c]) * ar[c];
+  ss = block_sum(ss);
+  const float sc = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(D) + eps));
+  if (scale && threadIdx.x == 0) scale[r] = sc;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) ar[c] = ar[c] * sc * gain[c];
+}
+
+__global__ void scale_rows_bf16_kernel(const bf16_bits* __restrict__ z, int64_t rows, int cols,
+                                       const float* __restrict__ scale,
+                                       bf16_bits* __restrict__ out) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = f2bf(bf2f(z[i]) * scale[i / cols]);
+}
+
+__device__ __forceinline__ float activate(Activation act, float v) {
+  switch (act) {
+    case Activation::kSilu:
+      return v / (1.f + expf(-v));
+    case Activation::kGeluErf:
+      return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+  }
+  return v;
+}
+
+__global__ void bias_activation_kernel(const float* __restrict__ h, int64_t n, int I, bool gated,
+                                       Activation act, const float* __restrict__ bias,
+                                       bf16_bits* __restrict__ out) {
+  const int64_t total = n * I;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / I;
+    const int j = static_cast<int>(i % I);
+    if (gated) {
+      const float g = h[r * 2 * I + j] + (bias ? bias[j] : 0.f);
+      const float u = h[r * 2 * I + I + j] + (bias ? bias[I + j] : 0.f);
+      out[i] = f2bf(activate(act, g) * u);
+    } else {
+      out[i] = f2bf(activate(act, h[i] + (bias ? bias[j] : 0.f)));
+    }
+  }
+}
+
+__global__ void sigmoid_gate_rows_kernel(float* __restrict__ y, const float* __restrict__ x, int D,
+                                         const float* __restrict__ w) {
+  const int64_t r = blockIdx.x;
+  float dot = 0.f;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) dot += x[r * D + c] * w[c];
+  dot = block_sum(dot);
+  const float g = 1.f / (1.f + expf(-dot));
+  for (int c = threadIdx.x; c < D; c += blockDim.x) y[r * D + c] *= g;
+}
+
+__global__ void add_p0_remainder_kernel(const float* __restrict__ a, int T, int D,
+                                        const float* __restrict__ hp, int H,
+                                        float* __restrict__ out) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.y;
+  if (c >= D) return;
+  double rest = a[b * T * D + c];
+  for (int h = 0; h < H; ++h) rest -= hp[((b * H + h) * 2 + 1) * D + c];
+  out[b * D + c] += static_cast<float>(rest);
+}
+
+}  // namespace
+
+void norm_rows(NormMode mode, const float* x, int64_t rows, int D, const float* gamma,
+               const float* beta, float eps, bf16_bits* out_bf, float* out_f32, float* inv_scale,
+               cudaStream_t s) {
+  if (rows == 0) return;
+  const unsigned grid = static_cast<unsigned>(rows);
+  switch (mode) {
+    case NormMode::kRms:
+      norm_rows_kernel<NormMode::kRms>
+          <<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, inv_scale);
+      break;
+    case NormMode::kLayer:
+      norm_rows_kernel<NormMode::kLayer>
+          <<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, inv_scale);
+      break;
+    case NormMode::kNone:
+      norm_rows_kernel<NormMode::kNone>
+          <<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, inv_scale);
+      break;
+  }
+  CUDA_CHECK_LAUNCH("norm_rows_kernel");
+}
+
+void add_row_bias(float* x, int64_t rows, int n, int64_t ld, const float* bias, cudaStream_t s) {
+  if (rows == 0 || n == 0 || !bias) return;
+  add_row_bias_kernel<<<grid_for(rows * n, kThreads, 8192), kThreads, 0, s>>>(x, rows, n, ld, bias);
+  CUDA_CHECK_LAUNCH("add_row_bias_kernel");
+}
+
+void full_width_sumsq(const float* qkv, int64_t rows, int64_t ld, int qw, int KVl, int d,
+                      const uint8_t* count_kv, float* sums, cudaStream_t s) {
+  if (rows == 0) return;
+  full_width_sumsq_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(qkv, rows, ld, qw, KVl,
+                                                                           d, count_kv, sums);
+  CUDA_CHECK_LAUNCH("full_width_sumsq_kernel");
+}
+
+void full_width_apply(float* qkv, int64_t rows, int64_t ld, int qw, int kw, const float* sums,
+                      float qn, float kn, float eps, const float* gain_q, const float* gain_k,
+                      float* inv_rk, cudaStream_t s) {
+  if (rows == 0) return;
+  full_width_apply_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+      qkv, rows, ld, qw, kw, sums, qn, kn, eps, gain_q, gain_k, inv_rk);
+  CUDA_CHECK_LAUNCH("full_width_apply_kernel");
+}
+
+void post_norm_rows(float* a, int64_t rows, int D, const float* gain, float eps, float* scale,
+                    cudaStream_t s) {
+  if (rows == 0) return;
+  post_norm_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(a, D, gain, eps, scale);
+  CUDA_CHECK_LAUNCH("post_norm_rows_kernel");
+}
+
+void scale_rows_bf16(const bf16_bits* z, int64_t rows, int cols, const float* scale, bf16_bits* out,
+                     cudaStream_t s) {
+  if (rows == 0 || cols == 0) return;
+  scale_rows_bf16_kernel<<<grid_for(rows * cols, kThreads, 8192), kThreads, 0, s>>>(z, rows, cols,
+                                                                                    scale, out);
+  CUDA_CHECK_LAUNCH("scale_rows_bf16_kernel");
+}
+
+void bias_activation(const float* h, int64_t n, int I, bool gated, Activation act,
+                     const float* bias, bf16_bits* out, cudaStream_t s) {
+  if (n == 0 || I == 0) return;
+  bias_activation_kernel<<<grid_for(n * I, kThreads, 8192), kThreads, 0, s>>>(h, n, I, gated, act,
+                                                                              bias, out);
+  CUDA_CHECK_LAUNCH("bias_activation_kernel");
+}
+
+void sigmoid_gate_rows(float* y, const float* x, int64_t n, int D, const float* w, cudaStream_t s) {
+  if (n == 0) return;
+  sigmoid_gate_rows_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(y, x, D, w);
+  CUDA_CHECK_LAUNCH("sigmoid_gate_rows_kernel");
+}
+
+void add_p0_remainder(const float* a, int B, int T, int D, const float* hp, int H, float* out,
+                      cudaStream_t s) {
+  if (B == 0) return;
+  add_p0_remainder_kernel<<<dim3((D + kThreads - 1) / kThreads, B), kThreads, 0, s>>>(a, T, D, hp,
+                                                                                      H, out);
+  CUDA_CHECK_LAUNCH("add_p0_remainder_kernel");
+}
+
+}  // namespace sinkscope::cuda::k
