@@ -25,6 +25,7 @@
 
 #include "cpu/kernels.hpp"
 #include "cpu/weights.hpp"
+#include "model/layer_plan.hpp"
 #include "model/median.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
@@ -59,28 +60,16 @@ void add_bias(float* x, int64_t rows, int64_t n, int64_t ld, const std::vector<f
     for (int64_t j = 0; j < n; ++j) x[r * ld + j] += bias[static_cast<size_t>(j)];
 }
 
-class CpuBackend final : public Backend {
+class CpuBackend final : public Backend, private LayerOps {
  public:
   explicit CpuBackend(const BackendInputs& in)
-      : ck_(*in.ckpt),
-        c_(in.ckpt->config()),
-        plan_(*in.plan),
-        comms_(in.comms),
-        opt_(in.options),
-        layout_(c_) {
+      : ck_(*in.ckpt), c_(in.ckpt->config()), plan_(*in.plan), comms_(in.comms), opt_(in.options) {
     const uint64_t before = ck_.weight_bytes_read();
     w_ = load_weights(ck_, plan_, opt_.want_logits, opt_.load_progress);
     bytes_loaded_ = ck_.weight_bytes_read() - before;
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
-    mlp_slots_ = std::max<int64_t>(c_.num_experts, 1) + (c_.has_shared_expert() ? 1 : 0);
     embed_name_ = tensor_name(c_, Role::kEmbed);
-    // Test hook (docs/reliability.md): SINKSCOPE_INJECT_FAULT=RANK:LAYER makes that world rank
-    // throw when it reaches that layer, so the failure tests can stop one rank part way.
-    if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
-      int rank = -1, layer = -1;
-      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank())
-        fault_layer_ = layer;
-    }
+    layers_ = make_layer_plan(c_, opt_.ablations, comms_.world->rank());
   }
 
   std::string name() const override { return "cpu"; }
@@ -88,24 +77,26 @@ class CpuBackend final : public Backend {
   double communication_seconds() const override { return comm_seconds_; }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);
+    layers_ = make_layer_plan(c_, opt_.ablations, comms_.world->rank());
   }
 
   FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) override;
 
  private:
-  void embed(const IntArray& tokens, std::vector<float>& x) const;
+  // The operations at the layer plan's hook points (model/layer_plan.hpp), on the micro-batch in
+  // x_ [B, T, D]. embed: x_ = the embeddings, with the embedding's position-0 bookkeeping.
+  void embed(const IntArray& tokens) override;
+  void residual(int64_t index) override;
+  // The attention block reading x_; a_ = its write (ablations applied), complete for the dp group,
+  // added to x_ unless the block is parallel (then the MLP adds it).
+  void attention(const PlannedLayer& layer) override;
+  // The MLP / MoE block reading x_ (the layer's input in a parallel block); m = its write, added to
+  // x_ (with a_ in a parallel block).
+  void mlp(const PlannedLayer& layer) override;
   // u = norm(x) per row; inv_scale[r] = 1 / rms (RMSNorm) or 1 / std (LayerNorm).
   void normalize(const NormWeights& n, const float* x, int64_t rows, float* u,
                  float* inv_scale) const;
-  void residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T,
-                    int64_t probe0, ForwardObserver& obs) const;
-  // The attention block of layer l reading x; a = its write to the residual stream (ablations
-  // applied), complete for the dp group.
-  void attention(int64_t l, const std::vector<float>& x, std::vector<float>& a, int64_t B,
-                 int64_t T, int64_t probe0, ForwardObserver& obs);
-  // The MLP / MoE block of layer l reading `in`; m = its write to the residual stream.
-  void mlp(int64_t l, const std::vector<float>& in, std::vector<float>& m, int64_t B, int64_t T,
-           int64_t probe0, ForwardObserver& obs);
+  TapSource tap_source() const { return {B_, T_, c_.hidden_size, probe0_, ck_.dir(), ""}; }
   // Expert-parallel MoE on this rank's token slice: returns per (slice row, k) expert ids and
   // the weighted expert outputs [n * K, D].
   void moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
@@ -116,25 +107,22 @@ class CpuBackend final : public Backend {
   // group), for the full-width q/k norm: [rows] each.
   void full_width_sumsq(const std::vector<float>& q, const std::vector<float>& k, int64_t rows,
                         std::vector<double>& q_ss, std::vector<double>& k_ss);
-  bool ablated(int64_t layer, ComponentKind kind, int64_t index) const {
-    return has_ablation(opt_.ablations, layer, kind, index);
-  }
-  [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
-    throw RuntimeFailure(non_finite_message(layer, component, probe, ck_.dir()));
-  }
 
   const Checkpoint& ck_;
   const ModelConfig& c_;
   ShardPlan plan_;
   ForwardComms comms_;
   ForwardOptions opt_;
-  ComponentLayout layout_;
   ModelWeights w_;
   uint64_t bytes_loaded_ = 0;
   std::vector<double> inv_freq_;
-  int64_t mlp_slots_ = 1;  // MLP-side slots per layer: max(E, 1) (+ 1 shared expert)
   std::string embed_name_;
-  int64_t fault_layer_ = -1;
+  LayerPlan layers_;
+  // The micro-batch of the current run: its shape, the observer, the residual stream and the
+  // attention's write.
+  int64_t B_ = 0, T_ = 0, probe0_ = 0;
+  ForwardObserver* obs_ = nullptr;
+  std::vector<float> x_, a_;
   mutable double comm_seconds_ = 0;  // time inside collectives (all-reduces, the expert exchange)
   // Per micro-batch circuit state: position-0 delta (c[0] - cbar) of every component slot, and
   // the running sum of the residual's position-0 writes (for the identity check).
@@ -142,10 +130,24 @@ class CpuBackend final : public Backend {
   std::vector<float> p0_sum_;  // [B, D]
 };
 
-void CpuBackend::embed(const IntArray& tokens, std::vector<float>& x) const {
-  const int64_t D = c_.hidden_size;
+void CpuBackend::embed(const IntArray& tokens) {
+  const int64_t B = B_, T = T_, D = c_.hidden_size, Ctot = layers_.components;
+  x_.assign(static_cast<size_t>(B * T * D), 0.f);
   for (size_t i = 0; i < tokens.data.size(); ++i)
-    ck_.read_row(embed_name_, tokens.data[i], x.data() + static_cast<int64_t>(i) * D);
+    ck_.read_row(embed_name_, tokens.data[i], x_.data() + static_cast<int64_t>(i) * D);
+  delta_.assign(static_cast<size_t>(B * Ctot * D), 0.f);
+  p0_sum_.assign(static_cast<size_t>(B * D), 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x_.data() + b * T * D;
+    float* delta = delta_.data() + (b * Ctot + layers_.embed_component) * D;
+    for (int64_t i = 1; i < T; ++i)
+      for (int64_t j = 0; j < D; ++j) delta[j] += xb[i * D + j];
+    for (int64_t j = 0; j < D; ++j) {
+      delta[j] = xb[j] - delta[j] / static_cast<float>(T - 1);
+      if (layers_.embed_ablated) xb[j] -= delta[j];
+      p0_sum_[b * D + j] = xb[j];
+    }
+  }
 }
 
 void CpuBackend::normalize(const NormWeights& n, const float* x, int64_t rows, float* u,
@@ -158,32 +160,21 @@ void CpuBackend::normalize(const NormWeights& n, const float* x, int64_t rows, f
     cpu::rms_norm(x, rows, D, n.gain.data(), c_.rms_norm_eps, u, inv_scale);
 }
 
-void CpuBackend::residual_tap(int64_t index, const std::vector<float>& x, int64_t B, int64_t T,
-                              int64_t probe0, ForwardObserver& obs) const {
-  const int64_t D = c_.hidden_size;
-  std::vector<float> x0(static_cast<size_t>(B * D)), norm_p0(B), rest_median(B),
-      abs_median(B, std::nanf(""));
-  std::vector<float> norms;
+void CpuBackend::residual(int64_t index) {
+  const int64_t B = B_, T = T_, D = c_.hidden_size;
+  std::vector<float> x0(static_cast<size_t>(B * D)), norms(static_cast<size_t>(B * T));
+  float abs_median = std::nanf("");
   for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x.data() + b * T * D;
+    const float* xb = x_.data() + b * T * D;
     std::copy(xb, xb + D, x0.begin() + b * D);
-    norm_p0[b] = cpu::l2_norm(xb, D);
-    norms.resize(static_cast<size_t>(T - 1));
-    for (int64_t i = 1; i < T; ++i) norms[i - 1] = cpu::l2_norm(xb + i * D, D);
-    double sum = 0;
-    for (float v : norms) sum += v;
-    if (!std::isfinite(sum) || !std::isfinite(norm_p0[b]))
-      non_finite(index - 1, index == 0 ? "embedding" : "residual", probe0 + b);
-    rest_median[b] = static_cast<float>(median_of(norms));
-    if (probe0 + b == 0) {  // Sun et al.'s criterion is counted on probe 0 only
+    for (int64_t i = 0; i < T; ++i) norms[b * T + i] = cpu::l2_norm(xb + i * D, D);
+    if (probe0_ + b == 0) {  // Sun et al.'s criterion is counted on probe 0 only
       std::vector<float> mags(xb, xb + T * D);
       for (auto& m : mags) m = std::fabs(m);
-      abs_median[b] = static_cast<float>(median_of(mags));
+      abs_median = static_cast<float>(median_of(mags));
     }
   }
-  ResidualTap tap{
-      index, B, T, D, probe0, x0.data(), norm_p0.data(), rest_median.data(), abs_median.data()};
-  obs.on_residual(tap);
+  emit_residual_tap(*obs_, tap_source(), index, x0.data(), norms.data(), abs_median);
 }
 
 void CpuBackend::full_width_sumsq(const std::vector<float>& q, const std::vector<float>& k,
@@ -218,8 +209,10 @@ void CpuBackend::full_width_sumsq(const std::vector<float>& q, const std::vector
   k_ss.assign(buf.begin() + rows, buf.end());
 }
 
-void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<float>& a, int64_t B,
-                           int64_t T, int64_t probe0, ForwardObserver& obs) {
+void CpuBackend::attention(const PlannedLayer& layer) {
+  const int64_t l = layer.layer, B = B_, T = T_;
+  const std::vector<float>& x = x_;
+  std::vector<float>& a = a_;
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t D = c_.hidden_size, d = c_.head_dim, Hl = plan_.local_heads(),
                 KVl = plan_.local_kv_heads();
@@ -406,7 +399,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   // Circuit attribution for this layer's (target) heads from the sources of layers < l:
   // K(c) = kgain (.) W_K (gamma_in (.) P c) / (s_x r_k), P the LayerNorm centring (identity for
   // RMSNorm); the constant kconst = W_K beta_in + b_K enters the identity only.
-  const int64_t C = layout_.count_before(l), Ctot = layout_.count_before(c_.num_layers);
+  const int64_t C = layer.sources, Ctot = layers_.components;
   std::vector<float> kconst(static_cast<size_t>(kw), 0.f);
   if (layer_norm && !L.attn_norm.bias.empty())
     gemm_nt(1, kw, D, L.attn_norm.bias.data(), D, L.k.data(), D, kconst.data(), kw);
@@ -455,7 +448,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
                    T,
                    D,
                    d,
-                   probe0,
+                   probe0_,
                    plan_.head_begin,
                    Hl,
                    a0_mean.data(),
@@ -468,7 +461,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
                    k0_sum.data(),
                    plan_.kv_begin,
                    KVl};
-  obs.on_attention(tap);
+  emit_attention_tap(*obs_, tap_source(), tap);
 
   // Store the heads' deltas for later targets; the part of a[0] that is no head's (the output
   // bias) joins the running position-0 sum; ablate.
@@ -477,8 +470,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     for (int64_t h = 0; h < H; ++h) {
       const float* delta = head_pack.data() + ((b * H + h) * 2) * D;
       const float* p0 = delta + D;
-      std::copy_n(delta, D, delta_.data() + (b * Ctot + layout_.head(l, h)) * D);
-      const bool ab = ablated(l, ComponentKind::kHead, h);
+      std::copy_n(delta, D, delta_.data() + (b * Ctot + layer.head_component0 + h) * D);
+      const bool ab = layer.head_ablated[static_cast<size_t>(h)] != 0;
       for (int64_t j = 0; j < D; ++j) {
         rest0[j] -= p0[j];
         if (ab) a[b * T * D + j] -= delta[j];  // position 0 gets the head's mean write
@@ -487,11 +480,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     }
     for (int64_t j = 0; j < D; ++j) p0_sum_[b * D + j] += static_cast<float>(rest0[j]);
   }
-  for (int64_t b = 0; b < B; ++b) {
-    double s = 0;
-    for (int64_t h = 0; h < Hl; ++h) s += wp0_norm[b * Hl + h] + wrest_norm[b * Hl + h];
-    if (!std::isfinite(s)) non_finite(l, "attention", probe0 + b);
-  }
+  if (!layers_.parallel_residual)
+    for (size_t i = 0; i < x_.size(); ++i) x_[i] += a[i];
 }
 
 void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const {
@@ -633,15 +623,17 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
     for (int64_t j = 0; j < D; ++j) outs[pr * D + j] *= weight[pr];
 }
 
-void CpuBackend::mlp(int64_t l, const std::vector<float>& in, std::vector<float>& mout, int64_t B,
-                     int64_t T, int64_t probe0, ForwardObserver& obs) {
+void CpuBackend::mlp(const PlannedLayer& layer) {
+  const int64_t l = layer.layer, B = B_, T = T_;
+  const std::vector<float>& in =
+      x_;  // after the attention's write, or the layer's input (parallel)
   const LayerWeights& L = w_.layers[static_cast<size_t>(l)];
   const int64_t D = c_.hidden_size, BT = B * T, E = L.moe ? c_.num_experts : 0, K = c_.top_k,
-                S = mlp_slots_;
+                S = layers_.slots_per_layer;
   const int64_t shared_slot = std::max<int64_t>(c_.num_experts, 1);
-  const bool shared = L.moe && c_.has_shared_expert();
-  const bool post_norm = c_.block == BlockKind::kPostNorm;
-  const int64_t Ctot = layout_.count_before(c_.num_layers);
+  const bool shared = layer.shared_expert;
+  const bool post_norm = layers_.post_norm;
+  const int64_t Ctot = layers_.components;
   std::vector<float> u(static_cast<size_t>(BT * D));
   if (post_norm)
     std::copy(in.begin(), in.end(), u.begin());
@@ -734,102 +726,40 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& in, std::vector<float>
   }
 
   // Per-component deltas for the circuit map, ablation, the tap.
-  struct SlotKind {
-    int64_t slot;
-    ComponentKind kind;
-    int64_t index;
-  };
-  std::vector<SlotKind> slots;
-  if (L.moe) {
-    for (int64_t e = 0; e < E; ++e) slots.push_back({e, ComponentKind::kExpert, e});
-    if (shared) slots.push_back({shared_slot, ComponentKind::kSharedExpert, 0});
-  } else {
-    slots.push_back({0, ComponentKind::kMlp, 0});
-  }
-  std::vector<float> out_p0(B), out_rest(B),
-      expert_p0(static_cast<size_t>(B * std::max<int64_t>(E, 1)), 0.f);
-  for (int64_t b = 0; b < B; ++b) {
-    for (const SlotKind& sk : slots) {
-      const float* p0 = buf.data() + off_p0 + (b * S + sk.slot) * D;
-      const float* rest = buf.data() + off_rest + (b * S + sk.slot) * D;
-      float* delta = delta_.data() + (b * Ctot + layout_.slot(sk.kind, l, sk.index)) * D;
+  for (int64_t b = 0; b < B; ++b)
+    for (size_t s = 0; s < layer.slots.size(); ++s) {
+      const PlannedSlot& sk = layer.slots[s];
+      const float* p0 = buf.data() + off_p0 + (b * S + static_cast<int64_t>(s)) * D;
+      const float* rest = buf.data() + off_rest + (b * S + static_cast<int64_t>(s)) * D;
+      float* delta = delta_.data() + (b * Ctot + sk.component) * D;
       for (int64_t j = 0; j < D; ++j) delta[j] = p0[j] - rest[j] / static_cast<float>(T - 1);
-      const bool ab = ablated(l, sk.kind, sk.index);
       for (int64_t j = 0; j < D; ++j) {
-        if (ab) m[b * T * D + j] -= delta[j];
-        p0_sum_[b * D + j] += ab ? p0[j] - delta[j] : p0[j];
+        if (sk.ablated) m[b * T * D + j] -= delta[j];
+        p0_sum_[b * D + j] += sk.ablated ? p0[j] - delta[j] : p0[j];
       }
-      if (sk.kind == ComponentKind::kExpert)
-        expert_p0[b * E + sk.index] = buf[off_n0 + b * S + sk.slot];
     }
-    out_p0[b] = cpu::l2_norm(m + b * T * D, D);
-    double rest = 0;
-    for (int64_t i = 1; i < T; ++i) rest += cpu::l2_norm(m + (b * T + i) * D, D);
-    out_rest[b] = static_cast<float>(rest / static_cast<double>(T - 1));
-    if (!std::isfinite(out_p0[b] + out_rest[b])) non_finite(l, L.moe ? "moe" : "mlp", probe0 + b);
-  }
-  MlpTap tap{l,
-             B,
-             T,
-             D,
-             probe0,
-             L.moe,
-             E,
-             out_p0.data(),
-             out_rest.data(),
-             expert_p0.data(),
-             buf.data() + off_r0,
-             buf.data() + off_rc};
-  obs.on_mlp(tap);
-  mout.assign(m, m + BT * D);
+  std::vector<float> norms(static_cast<size_t>(BT));
+  for (int64_t r = 0; r < BT; ++r) norms[r] = cpu::l2_norm(m + r * D, D);
+  emit_mlp_tap(*obs_, tap_source(), layers_, layer, norms.data(), buf.data() + off_n0,
+               buf.data() + off_r0, buf.data() + off_rc);
+  for (size_t i = 0; i < x_.size(); ++i) x_[i] += layers_.parallel_residual ? a_[i] + m[i] : m[i];
 }
 
 FloatArray CpuBackend::run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) {
-  const int64_t B = static_cast<int64_t>(tokens.shape.at(0)),
-                T = static_cast<int64_t>(tokens.shape.at(1));
-  const int64_t D = c_.hidden_size, Ctot = layout_.count_before(c_.num_layers);
-  if (T < 2) throw InputError("probes need at least 2 positions (position 0 and the rest)");
+  B_ = static_cast<int64_t>(tokens.shape.at(0));
+  T_ = static_cast<int64_t>(tokens.shape.at(1));
+  probe0_ = probe0;
+  obs_ = &obs;
   cpu::set_threads(opt_.threads);
-  std::vector<float> x(static_cast<size_t>(B * T * D)), a, m;
-  embed(tokens, x);
-  delta_.assign(static_cast<size_t>(B * Ctot * D), 0.f);
-  p0_sum_.assign(static_cast<size_t>(B * D), 0.f);
-  const bool ablate_embed = ablated(0, ComponentKind::kEmbedding, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    float* xb = x.data() + b * T * D;
-    float* delta = delta_.data() + (b * Ctot + layout_.embed()) * D;
-    for (int64_t i = 1; i < T; ++i)
-      for (int64_t j = 0; j < D; ++j) delta[j] += xb[i * D + j];
-    for (int64_t j = 0; j < D; ++j) {
-      delta[j] = xb[j] - delta[j] / static_cast<float>(T - 1);
-      if (ablate_embed) xb[j] -= delta[j];
-      p0_sum_[b * D + j] = xb[j];
-    }
-  }
-  residual_tap(0, x, B, T, probe0, obs);
-  for (int64_t l = 0; l < c_.num_layers; ++l) {
-    if (l == fault_layer_)
-      throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
-    attention(l, x, a, B, T, probe0, obs);
-    if (c_.block == BlockKind::kParallel) {
-      // x' = x + attn(norm1(x)) + mlp(norm2(x)): the MLP reads x, not x + a.
-      mlp(l, x, m, B, T, probe0, obs);
-      for (size_t i = 0; i < x.size(); ++i) x[i] += a[i] + m[i];
-    } else {
-      for (size_t i = 0; i < x.size(); ++i) x[i] += a[i];
-      mlp(l, x, m, B, T, probe0, obs);
-      for (size_t i = 0; i < x.size(); ++i) x[i] += m[i];
-    }
-    residual_tap(l + 1, x, B, T, probe0, obs);
-  }
+  run_layers(layers_, *this, tokens);
   FloatArray logits;
   if (opt_.want_logits) {
-    const int64_t V = c_.vocab_size;
-    std::vector<float> u(x.size());
-    normalize(w_.final_norm, x.data(), B * T, u.data(), nullptr);
-    logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
+    const int64_t V = c_.vocab_size, D = c_.hidden_size;
+    std::vector<float> u(x_.size());
+    normalize(w_.final_norm, x_.data(), B_ * T_, u.data(), nullptr);
+    logits = FloatArray({static_cast<size_t>(B_), static_cast<size_t>(T_), static_cast<size_t>(V)},
                         "probe,position,vocab");
-    gemm_nt(B * T, V, D, u.data(), D, w_.lm_head.data(), D, logits.ptr(), V);
+    gemm_nt(B_ * T_, V, D, u.data(), D, w_.lm_head.data(), D, logits.ptr(), V);
   }
   return logits;
 }

@@ -13,7 +13,6 @@
 //     and the answers come back the same way (only the per-expert counts touch the host).
 // Communication goes through DeviceCollectives (NCCL, or host staging with SINKSCOPE_NCCL=0).
 #include "cuda/backend.hpp"
-#include "model/median.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -31,6 +30,7 @@
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
 #include "cuda/weights.hpp"
+#include "model/layer_plan.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
@@ -109,7 +109,7 @@ enum Mark : int {
   kMarks
 };
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public Backend, private LayerOps {
  public:
   CudaBackend(const Checkpoint* ck, const ModelConfig& cfg, const ShardPlan& plan,
               ForwardComms comms, ForwardOptions opt, std::optional<uint64_t> seed)
@@ -130,13 +130,6 @@ class CudaBackend final : public Backend {
     if (plan_.etp != 1)
       throw InputError("--etp " + std::to_string(plan_.etp) +
                        ": the cuda backend keeps whole experts (etp=1)");
-    // Test hook shared with the CPU backend (docs/reliability.md):
-    // SINKSCOPE_INJECT_FAULT=RANK:LAYER makes that world rank throw when it reaches that layer.
-    if (const char* f = std::getenv("SINKSCOPE_INJECT_FAULT")) {
-      int rank = -1, layer = -1;
-      if (std::sscanf(f, "%d:%d", &rank, &layer) == 2 && rank == comms_.world->rank())
-        fault_layer_ = layer;
-    }
     D_ = c_.hidden_size;
     d_ = c_.head_dim;
     dp_ = (d_ + 15) / 16 * 16;
@@ -163,6 +156,7 @@ class CudaBackend final : public Backend {
     rot_ = c_.rope.rotated(c_.head_dim);
     renormalise_topk_ = c_.norm_topk_prob || c_.router == RouterKind::kTopKSoftmax;
     Ctot_ = ci_.count_before(L_);
+    layers_ = make_layer_plan(c_, opt_.ablations, comms_.world->rank());
     eps_ = static_cast<float>(c_.rms_norm_eps);
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
@@ -215,6 +209,7 @@ class CudaBackend final : public Backend {
   double communication_seconds() const override { return coll_.seconds(); }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);
+    layers_ = make_layer_plan(c_, opt_.ablations, comms_.world->rank());
     ablations_dirty_ = true;
   }
   FloatArray run(const IntArray& tokens, int64_t probe0, ForwardObserver& obs) override;
@@ -242,11 +237,29 @@ class CudaBackend final : public Backend {
 
  private:
   cudaStream_t s() const { return stream_.s; }
-  void embed(const IntArray& tokens);
-  void residual_tap(int64_t index, ForwardObserver& obs);
-  void attention(int64_t l, ForwardObserver& obs);
+  // The operations at the layer plan's hook points (model/layer_plan.hpp); the phase marks of
+  // RunProfile sit between them.
+  void embed(const IntArray& tokens) override;
+  void residual(int64_t index) override {
+    residual_tap(index);
+    if (index > 0) mark(index - 1, kResTapDone);
+  }
+  void begin_layer(const PlannedLayer& layer) override {
+    join_copies();
+    mark(layer.layer, kLayerStart);
+  }
+  void attention(const PlannedLayer& layer) override {
+    attention_block(layer);
+    mark(layer.layer, kAttnTapDone);
+  }
+  void mlp(const PlannedLayer& layer) override {
+    mlp_block(layer);
+    mark(layer.layer, kMlpTapDone);
+  }
+  void residual_tap(int64_t index);
+  void attention_block(const PlannedLayer& layer);
   void circuit(int64_t l, int64_t C);
-  void mlp(int64_t l, ForwardObserver& obs);
+  void mlp_block(const PlannedLayer& layer);
   // The shared expert of an MoE layer (Qwen2-MoE) on the slice rows [s0, s1): its gated output is
   // added to m and, when recording, its position-0 write and rest sum go to slot E of p0 / rest.
   void shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, int64_t s1, float* m, float* p0,
@@ -294,8 +307,8 @@ class CudaBackend final : public Backend {
   void to_device(T* dst, const T* src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s()));
   }
-  bool ablated(int64_t layer, ComponentKind kind, int64_t index) const {
-    return has_ablation(opt_.ablations, layer, kind, index);
+  TapSource tap_source() const {
+    return {B_, T_, D_, probe0_, ck_ ? ck_->dir() : "a synthetic model", " (cuda)"};
   }
   [[noreturn]] void non_finite(int64_t layer, const char* component, int64_t probe) const {
     throw RuntimeFailure(non_finite_message(layer, component, probe,
@@ -339,7 +352,9 @@ class CudaBackend final : public Backend {
   bool x_norms_ready_ = false;            // rnorms_ holds ||x|| per row (the MoE block's fused add)
   bool sm90_experts_ = false;             // the expert products run on grouped_gemm.cu's kernel
   k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // its tile lists for gate|up and down
-  int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1, fault_layer_ = -1;
+  int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1;
+  LayerPlan layers_;
+  ForwardObserver* obs_ = nullptr;  // of the current run
   RunProfile profile_;
   std::vector<cudaEvent_t> events_;
   struct Deferred {
@@ -446,19 +461,12 @@ void CudaBackend::ensure_rope(int64_t T) {
 
 void CudaBackend::upload_ablations() {
   if (!ablations_dirty_) return;
-  std::vector<uint8_t> heads(static_cast<size_t>(L_ * H_), 0),
-      slots(static_cast<size_t>(L_ * S_), 0);
-  for (int64_t l = 0; l < L_; ++l) {
-    for (int64_t h = 0; h < H_; ++h)
-      heads[static_cast<size_t>(l * H_ + h)] = ablated(l, Ablation::kHead, h) ? 1 : 0;
-    const bool moe = c_.is_moe_layer(l);
-    for (int64_t e = 0; e < (moe ? E_ : 1); ++e)
-      slots[static_cast<size_t>(l * S_ + e)] =
-          ablated(l, moe ? Ablation::kExpert : Ablation::kMlp, e) ? 1 : 0;
-    if (moe && shared_)
-      slots[static_cast<size_t>(l * S_ + E_)] = ablated(l, ComponentKind::kSharedExpert, 0) ? 1 : 0;
+  std::vector<uint8_t> heads, slots;
+  for (const PlannedLayer& layer : layers_.layers) {
+    heads.insert(heads.end(), layer.head_ablated.begin(), layer.head_ablated.end());
+    slots.insert(slots.end(), layer.slot_ablated.begin(), layer.slot_ablated.end());
   }
-  ablate_embed_ = ablated(0, Ablation::kEmbedding, 0);
+  ablate_embed_ = layers_.embed_ablated;
   abl_heads_.reserve(heads.size());
   abl_slots_.reserve(slots.size());
   to_device(abl_heads_.get(), heads.data(), heads.size());
@@ -491,20 +499,8 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
   }
 
   deferred_.clear();  // left over only when an earlier run threw
-  embed(tokens);
-  residual_tap(0, obs);
-  for (int64_t l = 0; l < L_; ++l) {
-    if (l == fault_layer_)
-      throw RuntimeFailure("injected fault (SINKSCOPE_INJECT_FAULT) in layer " + std::to_string(l));
-    join_copies();
-    mark(l, kLayerStart);
-    attention(l, obs);
-    mark(l, kAttnTapDone);
-    mlp(l, obs);
-    mark(l, kMlpTapDone);
-    residual_tap(l + 1, obs);
-    mark(l, kResTapDone);
-  }
+  obs_ = &obs;
+  run_layers(layers_, *this, tokens);
   flush_deferred(0);
   FloatArray logits;
   if (opt_.want_logits) {
@@ -554,7 +550,7 @@ void CudaBackend::embed(const IntArray& tokens) {
               p0_sum_.get(), s());
 }
 
-void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
+void CudaBackend::residual_tap(int64_t index) {
   if (!record_) return;
   const int64_t B = B_, T = T_, BT = BT_, D = D_, probe0 = probe0_;
   rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
@@ -577,22 +573,9 @@ void CudaBackend::residual_tap(int64_t index, ForwardObserver& obs) {
     k::abs_median(x_.get(), T * D, median_scratch_.get(), median_.get(), s());
     tap_to_host(h_x0_.get() + B * D, median_.get(), 1);
   }
-  defer([this, &obs, index, B, T, D, probe0, median] {
-    std::vector<float> abs_median(static_cast<size_t>(B), std::nanf(""));
-    if (median) abs_median[0] = h_x0_[static_cast<size_t>(B * D)];
-    std::vector<float> norm_p0(static_cast<size_t>(B)), rest_median(static_cast<size_t>(B)), rest;
-    for (int64_t b = 0; b < B; ++b) {
-      norm_p0[static_cast<size_t>(b)] = h_rnorms_[static_cast<size_t>(b * T)];
-      rest.assign(h_rnorms_.get() + b * T + 1, h_rnorms_.get() + (b + 1) * T);
-      double sum = 0;
-      for (float v : rest) sum += v;
-      if (!std::isfinite(sum) || !std::isfinite(norm_p0[static_cast<size_t>(b)]))
-        non_finite(index - 1, index == 0 ? "embedding" : "residual", probe0 + b);
-      rest_median[static_cast<size_t>(b)] = static_cast<float>(median_of(rest));
-    }
-    ResidualTap tap{
-        index, B, T, D, probe0, h_x0_.get(), norm_p0.data(), rest_median.data(), abs_median.data()};
-    obs.on_residual(tap);
+  defer([this, index, B, D, median] {
+    emit_residual_tap(*obs_, tap_source(), index, h_x0_.get(), h_rnorms_.get(),
+                      median ? h_x0_[static_cast<size_t>(B * D)] : std::nanf(""));
   });
 }
 
@@ -638,7 +621,8 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
                    static_cast<int>(plan_.kv_begin), attr_.get(), s());
 }
 
-void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
+void CudaBackend::attention_block(const PlannedLayer& layer) {
+  const int64_t l = layer.layer;
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, BT = BT_, D = D_, d = d_, Hl = Hl_, qw = qw_;
   const int Bi = static_cast<int>(B), Ti = static_cast<int>(T), Di = static_cast<int>(D);
@@ -794,12 +778,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
     tap_to_host(h_k0s, k0s_.get(), n_k);
   }
   const int64_t probe0 = probe0_;
-  defer([this, &obs, l, B, T, D, d, Hl, C, probe0, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s] {
-    for (int64_t b = 0; b < B; ++b) {
-      double sum = 0;
-      for (int64_t h = 0; h < Hl; ++h) sum += h_wp0[b * Hl + h] + h_wrest[b * Hl + h];
-      if (!std::isfinite(sum)) non_finite(l, "attention", probe0 + b);
-    }
+  defer([this, l, B, T, D, d, Hl, C, probe0, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s] {
     AttentionTap tap{l,
                      B,
                      T,
@@ -818,7 +797,7 @@ void CudaBackend::attention(int64_t l, ForwardObserver& obs) {
                      h_k0s,
                      plan_.kv_begin,
                      KVl_};
-    obs.on_attention(tap);
+    emit_attention_tap(*obs_, tap_source(), tap);
   });
 }
 
@@ -969,7 +948,8 @@ void CudaBackend::shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, in
              static_cast<int>(items.size() / 2), Di, p0, n0, s());
 }
 
-void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
+void CudaBackend::mlp_block(const PlannedLayer& layer) {
+  const int64_t l = layer.layer;
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, BT = BT_, D = D_, K = K_, S = S_;
   const bool moe = Lw.moe;
@@ -1140,23 +1120,8 @@ void CudaBackend::mlp(int64_t l, ForwardObserver& obs) {
   float* h_rc = h_r0 + B * E1;
   tap_to_host(h_mnorms_.get(), norms_.get(), static_cast<size_t>(BT));
   tap_to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
-  const int64_t probe0 = probe0_;
-  defer([this, &obs, l, B, T, D, E, E1, S, moe, probe0, h_n0, h_r0, h_rc] {
-    std::vector<float> out_p0(static_cast<size_t>(B)), out_rest(static_cast<size_t>(B)),
-        expert_p0(static_cast<size_t>(B * E1), 0.f);
-    for (int64_t b = 0; b < B; ++b) {
-      out_p0[static_cast<size_t>(b)] = h_mnorms_[static_cast<size_t>(b * T)];
-      double r = 0;
-      for (int64_t i = 1; i < T; ++i) r += h_mnorms_[static_cast<size_t>(b * T + i)];
-      out_rest[static_cast<size_t>(b)] = static_cast<float>(r / static_cast<double>(T - 1));
-      if (moe)
-        for (int64_t e = 0; e < E; ++e) expert_p0[static_cast<size_t>(b * E + e)] = h_n0[b * S + e];
-      if (!std::isfinite(out_p0[static_cast<size_t>(b)] + out_rest[static_cast<size_t>(b)]))
-        non_finite(l, moe ? "moe" : "mlp", probe0 + b);
-    }
-    MlpTap tap{l,    B,   T, D, probe0, moe, E, out_p0.data(), out_rest.data(), expert_p0.data(),
-               h_r0, h_rc};
-    obs.on_mlp(tap);
+  defer([this, &layer, h_n0, h_r0, h_rc] {
+    emit_mlp_tap(*obs_, tap_source(), layers_, layer, h_mnorms_.get(), h_n0, h_r0, h_rc);
   });
 }
 
