@@ -12,6 +12,7 @@
 #include "sinkscope/hooks.hpp"
 #include "sinkscope/ndarray.hpp"
 #include "sinkscope/parallel.hpp"
+#include "sinkscope/plan.hpp"
 #include "sinkscope/shard_plan.hpp"
 
 namespace sinkscope {
@@ -74,6 +75,10 @@ struct BackendEntry {
   // (checked up front, before any weight is read).
   std::function<void(const ModelConfig&, const ShardPlan&, bool synthetic)> check;
   std::function<std::unique_ptr<Backend>(const BackendInputs&)> make;
+  // `sinkscope plan --calibrate`: the cost model's coefficients measured with this backend's
+  // kernels (threads per rank, a folder for scratch files, the ranks taking part).
+  std::function<PlanCoefficients(int threads, const std::string& scratch_dir, const Comm& world)>
+      calibrate;
 };
 void register_backend(BackendEntry entry);
 // The entry named `name`; throws InputError naming `--device` and the built-in backends.

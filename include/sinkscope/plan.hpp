@@ -67,6 +67,10 @@ void write_coefficients(const std::string& site_file, const PlanCoefficients& k,
 // Measures the CPU coefficients here: sgemm through src/cpu/kernels, an attention-sized loop, a
 // file read + bf16 conversion in `scratch_dir`, and (world of more than one rank) an allreduce.
 PlanCoefficients calibrate_cpu(int threads, const std::string& scratch_dir, const Comm& world);
+// The CUDA coefficients measured on this rank's GPU (src/cuda/calibrate.cpp; builds with
+// -DSINKSCOPE_CUDA=ON): cuBLAS bf16 GEMM rates, the fused attention, the backend's checkpoint load
+// of a small synth model in `scratch_dir`, recording's share of its forward, the context's memory.
+PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& world);
 
 struct PlanRequest {
   ModelConfig cfg;

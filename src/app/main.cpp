@@ -25,6 +25,7 @@
 #include "sinkscope/family.hpp"
 #include "sinkscope/io.hpp"
 #include "sinkscope/limits.hpp"
+#include "sinkscope/model.hpp"
 #include "sinkscope/plan.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
@@ -548,13 +549,14 @@ int cmd_plan(PlanArgs& pa, const Comm& world) {
   if (!pa.cluster.empty()) site = read_site_file(pa.cluster);
   PlanCoefficients k = coefficients_from(site, pa.req.device);
   if (pa.calibrate) {
-    if (pa.req.device != "cpu")
-      throw InputError("plan --calibrate measures the CPU kernels only (--device cpu)");
-    k = calibrate_cpu(pa.req.threads, pa.calibrate_dir, world);
+    const BackendEntry& backend = find_backend(pa.req.device);
+    if (!backend.calibrate)
+      throw InputError("plan --calibrate: the " + backend.name + " backend has no calibration");
+    k = backend.calibrate(pa.req.threads, pa.calibrate_dir, world);
     if (world.rank() == 0) {
-      for (const auto& [key, value] : coefficient_keys(k, "cpu"))
+      for (const auto& [key, value] : coefficient_keys(k, pa.req.device))
         std::cout << key << "=" << value << "\n";
-      if (!pa.cluster.empty()) write_coefficients(pa.cluster, k, "cpu");
+      if (!pa.cluster.empty()) write_coefficients(pa.cluster, k, pa.req.device);
       std::cerr << "sinkscope: " << k.source
                 << (pa.cluster.empty() ? "" : "; written to " + pa.cluster) << "\n";
     }

@@ -32,6 +32,7 @@
 #include "sinkscope/error.hpp"
 #include "sinkscope/family.hpp"
 #include "sinkscope/model.hpp"
+#include "sinkscope/plan.hpp"
 
 namespace sinkscope {
 namespace {
@@ -794,6 +795,9 @@ BackendEntry cpu_backend_entry() {
           "`sinkscope synth`)");
   };
   e.make = [](const BackendInputs& in) { return make_cpu_backend(in); };
+  e.calibrate = [](int threads, const std::string& dir, const Comm& world) {
+    return calibrate_cpu(threads, dir, world);
+  };
   return e;
 }
 

@@ -1195,6 +1195,9 @@ BackendEntry cuda_backend_entry() {
     return make_cuda_backend_synthetic(*in.cfg, *in.plan, in.comms, in.options,
                                        static_cast<uint64_t>(in.synthetic_seed));
   };
+  e.calibrate = [](int, const std::string& dir, const Comm& world) {
+    return calibrate_cuda(dir, world);
+  };
   return e;
 }
 
