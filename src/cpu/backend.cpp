@@ -24,6 +24,7 @@
 #include <numeric>
 
 #include "cpu/kernels.hpp"
+#include "cpu/mla.hpp"
 #include "cpu/weights.hpp"
 #include "model/median.hpp"
 #include "sinkscope/checkpoint.hpp"
@@ -110,7 +111,8 @@ class CpuBackend final : public Backend {
   // the weighted expert outputs [n * K, D].
   void moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
                  std::vector<float>& outs) const;
-  void route(const float* logits, int64_t n, int32_t* topk, float* weight) const;
+  void route(const float* logits, int64_t n, int32_t* topk, float* weight,
+             const std::vector<float>& bias) const;
   void run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const;
   // Sums of squares of a query/key row over the full projection width (all heads of the dp
   // group), for the full-width q/k norm: [rows] each.
@@ -225,8 +227,12 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
                 KVl = plan_.local_kv_heads();
   const int64_t BT = B * T, qw = Hl * d, kw = KVl * d, H = c_.num_heads;
   const int64_t group = c_.kv_group_size(), rot = c_.rope.rotated(c_.head_dim);
+  // Value width (v_head_dim under multi-head latent attention, else head_dim).
+  const int64_t dv = c_.value_dim(), vw = KVl * dv, zw = Hl * dv;
+  const bool mla = c_.mla();
   const double eps = c_.rms_norm_eps;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  const float scale = static_cast<float>(
+      c_.softmax_scale > 0 ? c_.softmax_scale : 1.0 / std::sqrt(static_cast<double>(d)));
   const bool post_norm = c_.block == BlockKind::kPostNorm;
   const bool layer_norm = c_.norm == NormKind::kLayer;
   const int tp = comms_.tp_group->size();
@@ -238,7 +244,16 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   else
     normalize(L.attn_norm, x.data(), BT, u.data(), inv_rx.data());
   std::vector<float> q(static_cast<size_t>(BT * qw)), k(static_cast<size_t>(BT * kw)),
-      v(static_cast<size_t>(BT * kw));
+      v(static_cast<size_t>(BT * vw));
+  std::vector<float> inv_rl;  // multi-head latent attention: 1 / rms of the latent at position 0
+  std::vector<float> k0_model(static_cast<size_t>(B * kw));
+  std::vector<float> inv_rk(static_cast<size_t>(B * KVl), 1.f);
+  std::vector<float> unit_gain(static_cast<size_t>(kw), 1.f);
+  const float* kgain = unit_gain.data();  // [KVl * d]: the gain of each held key dimension
+  std::vector<float> kgain_tiled;
+  if (mla) {
+    cpu::mla_project(c_, L, u.data(), B, T, Hl, inv_freq_.data(), q, k, v, inv_rl, k0_model);
+  } else {
   gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
   gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
   gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
@@ -248,10 +263,6 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
 
   // q/k norms. inv_rk: 1 / r_k, the scale of head g's key at position 0 (docs/metrics.md
   // section 4); kgain(g, j): the k norm's gain of dimension j of held KV head g.
-  std::vector<float> inv_rk(static_cast<size_t>(B * KVl), 1.f);
-  std::vector<float> unit_gain(static_cast<size_t>(kw), 1.f);
-  const float* kgain = unit_gain.data();  // [KVl * d]: the gain of each held key dimension
-  std::vector<float> kgain_tiled;
   if (c_.qk_norm == QkNormKind::kPerHead) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < KVl; ++g) {
@@ -280,7 +291,6 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     }
     kgain = L.k_norm.data();
   }
-  std::vector<float> k0_model(static_cast<size_t>(B * kw));
   for (int64_t b = 0; b < B; ++b) std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < Hl; ++h)
@@ -288,6 +298,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     for (int64_t g = 0; g < KVl; ++g)
       cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
   }
+  }  // not mla
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).
   auto kv_of = [&](int64_t h_local) {
     return (plan_.head_begin + h_local) / group - plan_.kv_begin;
@@ -305,7 +316,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   // [i0, i1) needs keys [0, i1) only, so the causal upper triangle is never computed and the
   // score buffer is kQueryBlock x T (O(T) memory per thread, not T x T).
   constexpr int64_t kQueryBlock = 64;
-  std::vector<float> z(static_cast<size_t>(BT * qw)), a0(static_cast<size_t>(B * Hl * T)),
+  std::vector<float> z(static_cast<size_t>(BT * zw)), a0(static_cast<size_t>(B * Hl * T)),
       a0_mean(B * Hl);
 #pragma omp parallel num_threads(opt_.threads)
   {
@@ -315,7 +326,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
       const int64_t b = bh / Hl, h = bh % Hl, g = kv_of(h);
       const float* qh = q.data() + b * T * qw + h * d;
       const float* kh = k.data() + b * T * kw + g * d;
-      const float* vh = v.data() + b * T * kw + g * d;
+      const float* vh = v.data() + b * T * vw + g * dv;
       double sum = 0;
       for (int64_t i0 = 0; i0 < T; i0 += kQueryBlock) {
         const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0;
@@ -325,7 +336,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
           a0[bh * T + i0 + r] = s[r * i1];
           sum += s[r * i1];
         }
-        gemm_nn(rows, d, i1, s.data(), i1, vh, kw, z.data() + (b * T + i0) * qw + h * d, qw);
+        gemm_nn(rows, dv, i1, s.data(), i1, vh, vw, z.data() + (b * T + i0) * zw + h * dv, zw);
       }
       a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
     }
@@ -338,7 +349,7 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   std::vector<float> out_scale;  // [BT] 1 / rms(a) of post-norm blocks
   const bool bias_here = comms_.tp_group->rank() == 0 && !L.o_bias.empty();
   if (post_norm) {
-    gemm_nt(BT, D, qw, z.data(), qw, L.o.data(), qw, a.data(), D);
+    gemm_nt(BT, D, zw, z.data(), zw, L.o.data(), zw, a.data(), D);
     if (bias_here) add_bias(a.data(), BT, D, D, L.o_bias);
     if (tp > 1) {
       ScopedSeconds timed(&comm_seconds_);
@@ -364,7 +375,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < Hl; ++h) {
-        gemm_nt(T, D, d, z.data() + b * T * qw + h * d, qw, L.o.data() + h * d, qw, wbuf.data(), D);
+        gemm_nt(T, D, dv, z.data() + b * T * zw + h * dv, zw, L.o.data() + h * dv, zw, wbuf.data(),
+                D);
         if (post_norm) {
           for (int64_t i = 0; i < T; ++i)
             for (int64_t j = 0; j < D; ++j)
@@ -414,7 +426,8 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
     for (int64_t j = 0; j < kw; ++j) kconst[j] += L.k_bias[j];
   std::vector<float> attr(static_cast<size_t>(B * Hl * C)), k0_sum(static_cast<size_t>(B * kw));
   {
-    std::vector<float> src(static_cast<size_t>((C + 1) * D)), G(static_cast<size_t>((C + 1) * kw));
+    std::vector<float> src(static_cast<size_t>((C + 1) * D)),
+        G(mla ? 0 : static_cast<size_t>((C + 1) * kw));
     for (int64_t b = 0; b < B; ++b) {
       const float* db = delta_.data() + b * Ctot * D;
       auto put = [&](int64_t row, const float* vsrc) {
@@ -429,8 +442,13 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
       };
       for (int64_t c = 0; c < C; ++c) put(c, db + c * D);
       put(C, p0_sum_.data() + b * D);
-      gemm_nt(C + 1, kw, D, src.data(), D, L.k.data(), D, G.data(), kw);
       const float ix = inv_rx[b * T];
+      if (mla) {  // through the latent and the shared rope key (docs/metrics.md, DeepSeek-V3)
+        cpu::mla_attribute(c_, L, src.data(), C, Hl, ix, inv_rl[b], qbar.data() + b * qw, scale,
+                           attr.data() + b * Hl * C, k0_sum.data() + b * kw);
+        continue;
+      }
+      gemm_nt(C + 1, kw, D, src.data(), D, L.k.data(), D, G.data(), kw);
       for (int64_t h = 0; h < Hl; ++h) {
         const int64_t g = kv_of(h);
         const float f = ix * inv_rk[b * KVl + g] * scale;
@@ -517,8 +535,13 @@ void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* 
   add_bias(out, n, D, D, m.down_bias);
 }
 
-void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight) const {
+void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight,
+                       const std::vector<float>& bias) const {
   const int64_t E = c_.num_experts, K = c_.top_k;
+  if (c_.router == RouterKind::kSigmoidGroupTopK) {
+    cpu::route_sigmoid_groups(c_, lr, n, bias.data(), topk, weight);
+    return;
+  }
   std::vector<double> p(static_cast<size_t>(E));
   std::vector<int32_t> order(static_cast<size_t>(E));
   for (int64_t r = 0; r < n; ++r, lr += E) {
@@ -563,7 +586,7 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
   gemm_nt(n, E, D, u, D, L.router.data(), D, logits.data(), E);
   topk.assign(static_cast<size_t>(n * K), 0);
   std::vector<float> weight(static_cast<size_t>(n * K));
-  route(logits.data(), n, topk.data(), weight.data());
+  route(logits.data(), n, topk.data(), weight.data(), L.router_bias);
 
   // Dispatch (token, expert) pairs to the ranks of the expert group holding that expert (one per
   // intermediate slice when etp > 1): [expert id, u] per pair and destination.
@@ -679,8 +702,9 @@ void CpuBackend::mlp(int64_t l, const std::vector<float>& in, std::vector<float>
       shared_out.resize(static_cast<size_t>(n * D));
       run_mlp(L.shared, u.data() + s0 * D, n, shared_out.data());
       std::vector<float> gate(static_cast<size_t>(n));
-      gemm_nt(n, 1, D, u.data() + s0 * D, D, L.shared_gate.data(), D, gate.data(), 1);
-      for (int64_t r = 0; r < n; ++r) {
+      if (!L.shared_gate.empty())  // DeepSeek's shared experts have no gate
+        gemm_nt(n, 1, D, u.data() + s0 * D, D, L.shared_gate.data(), D, gate.data(), 1);
+      for (int64_t r = 0; r < n && !L.shared_gate.empty(); ++r) {
         const float sg = 1.f / (1.f + std::exp(-gate[r]));
         for (int64_t j = 0; j < D; ++j) shared_out[r * D + j] *= sg;
       }

@@ -1060,6 +1060,10 @@ void check_cuda_supports(const ModelConfig& c) {
   need(c.gated_mlp && c.act == Activation::kSilu, "MLPs other than SwiGLU");
   need(!c.has_shared_expert(), "shared experts");
   need(c.rope.rotated(c.head_dim) == c.head_dim, "partial rotary embeddings");
+  need(!c.mla(), "multi-head latent attention");
+  need(c.router != RouterKind::kSigmoidGroupTopK, "sigmoid group-limited routing");
+  need(c.fp8_block_rows == 0, "FP8 block-scaled weights");
+  need(c.rope.kind != RopeKind::kYarn, "yarn rope scaling");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");
