@@ -130,11 +130,13 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
         fail(file, where + "llama3 needs 0 < low_freq_factor < high_freq_factor");
       if (r.original_max_position <= 0)
         fail(file, where + "original_max_position_embeddings must be positive");
-    } else if (type == "yarn") {
+    } else if (type == "yarn" && c.family->mla) {
       read_yarn(b, file, where, j, r);
     } else {
+      // yarn's attention factor scales the rotated q and k: only the MLA path applies it.
       fail(file, where + "rope_type '" + type +
-                     "' is not supported (supported: default, linear, llama3, yarn)");
+                     "' is not supported (supported: default, linear, llama3; yarn for "
+                     "deepseek_v3)");
     }
     if (r.kind != RopeKind::kDefault && !(r.factor >= 1.0 && std::isfinite(r.factor)))
       fail(file, where + "factor must be a number >= 1");
