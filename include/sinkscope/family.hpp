@@ -56,12 +56,12 @@ enum class Role : int32_t {
   kSharedDown,
   kSharedExpertGate,  // [1, D]: the shared expert's sigmoid gate
   // Multi-head latent attention (DeepSeek-V3) and its router's selection bias.
-  kQA,        // q_a_proj [q_lora_rank, D]
-  kQANorm,    // q_a_layernorm [q_lora_rank]
-  kQB,        // q_b_proj [H * (nope + rope), q_lora_rank]
-  kKvA,       // kv_a_proj_with_mqa [kv_lora_rank + rope, D]
-  kKvANorm,   // kv_a_layernorm [kv_lora_rank]
-  kKvB,       // kv_b_proj [H * (nope + v), kv_lora_rank]
+  kQA,          // q_a_proj [q_lora_rank, D]
+  kQANorm,      // q_a_layernorm [q_lora_rank]
+  kQB,          // q_b_proj [H * (nope + rope), q_lora_rank]
+  kKvA,         // kv_a_proj_with_mqa [kv_lora_rank + rope, D]
+  kKvANorm,     // kv_a_layernorm [kv_lora_rank]
+  kKvB,         // kv_b_proj [H * (nope + v), kv_lora_rank]
   kRouterBias,  // e_score_correction_bias [E]
   kCount
 };

@@ -170,7 +170,8 @@ const TensorInfo& fp8_scale_of(const std::string& dir, const ModelConfig& c,
 }  // namespace
 
 void check_fp8_scale(const Checkpoint& ckpt, const TensorInfo& t) {
-  fp8_scale_of(ckpt.dir(), ckpt.config(), [&](const std::string& n) { return ckpt.find(n); }, t);
+  fp8_scale_of(
+      ckpt.dir(), ckpt.config(), [&](const std::string& n) { return ckpt.find(n); }, t);
 }
 
 void Checkpoint::Impl::scale_fp8(const TensorInfo& t, int64_t r0, int64_t r1, int64_t c0,

@@ -41,10 +41,10 @@ struct DTypeEntry {
 // Every dtype the safetensors format defines; sizes in bytes (sub-byte types are not supported
 // by the format version sinkscope reads and are rejected as unknown).
 constexpr DTypeEntry kDTypes[] = {
-    {"F32", 4, DType::F32},    {"F16", 2, DType::F16},       {"BF16", 2, DType::BF16},
-    {"F64", 8, DType::Other},  {"I64", 8, DType::Other},     {"U64", 8, DType::Other},
-    {"I32", 4, DType::Other},  {"U32", 4, DType::Other},     {"I16", 2, DType::Other},
-    {"U16", 2, DType::Other},  {"I8", 1, DType::Other},      {"U8", 1, DType::Other},
+    {"F32", 4, DType::F32},    {"F16", 2, DType::F16},        {"BF16", 2, DType::BF16},
+    {"F64", 8, DType::Other},  {"I64", 8, DType::Other},      {"U64", 8, DType::Other},
+    {"I32", 4, DType::Other},  {"U32", 4, DType::Other},      {"I16", 2, DType::Other},
+    {"U16", 2, DType::Other},  {"I8", 1, DType::Other},       {"U8", 1, DType::Other},
     {"BOOL", 1, DType::Other}, {"F8_E4M3", 1, DType::F8E4M3}, {"F8_E5M2", 1, DType::Other},
 };
 
@@ -295,7 +295,8 @@ void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
     case DType::F8E4M3: {  // the raw values; Checkpoint's reads apply the block scales
       static const std::array<float, 256> table = [] {
         std::array<float, 256> t{};
-        for (int i = 0; i < 256; ++i) t[static_cast<size_t>(i)] = e4m3_to_f32(static_cast<uint8_t>(i));
+        for (int i = 0; i < 256; ++i)
+          t[static_cast<size_t>(i)] = e4m3_to_f32(static_cast<uint8_t>(i));
         return t;
       }();
       const auto* s = static_cast<const uint8_t*>(src);

@@ -254,50 +254,51 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
   if (mla) {
     cpu::mla_project(c_, L, u.data(), B, T, Hl, inv_freq_.data(), q, k, v, inv_rl, k0_model);
   } else {
-  gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
-  gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
-  gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
-  add_bias(q.data(), BT, qw, qw, L.q_bias);
-  add_bias(k.data(), BT, kw, kw, L.k_bias);
-  add_bias(v.data(), BT, kw, kw, L.v_bias);
+    gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
+    gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
+    gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
+    add_bias(q.data(), BT, qw, qw, L.q_bias);
+    add_bias(k.data(), BT, kw, kw, L.k_bias);
+    add_bias(v.data(), BT, kw, kw, L.v_bias);
 
-  // q/k norms. inv_rk: 1 / r_k, the scale of head g's key at position 0 (docs/metrics.md
-  // section 4); kgain(g, j): the k norm's gain of dimension j of held KV head g.
-  if (c_.qk_norm == QkNormKind::kPerHead) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t g = 0; g < KVl; ++g) {
-        float tmp[1];
-        std::vector<float> scratch(static_cast<size_t>(d));
-        cpu::rms_norm(k.data() + b * T * kw + g * d, 1, d, L.k_norm.data(), eps, scratch.data(),
-                      tmp);
-        inv_rk[b * KVl + g] = tmp[0];
+    // q/k norms. inv_rk: 1 / r_k, the scale of head g's key at position 0 (docs/metrics.md
+    // section 4); kgain(g, j): the k norm's gain of dimension j of held KV head g.
+    if (c_.qk_norm == QkNormKind::kPerHead) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t g = 0; g < KVl; ++g) {
+          float tmp[1];
+          std::vector<float> scratch(static_cast<size_t>(d));
+          cpu::rms_norm(k.data() + b * T * kw + g * d, 1, d, L.k_norm.data(), eps, scratch.data(),
+                        tmp);
+          inv_rk[b * KVl + g] = tmp[0];
+        }
+      cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
+      cpu::rms_norm(k.data(), BT * KVl, d, L.k_norm.data(), eps, k.data());
+      kgain_tiled.resize(static_cast<size_t>(kw));
+      for (int64_t g = 0; g < KVl; ++g) std::copy_n(L.k_norm.data(), d, kgain_tiled.data() + g * d);
+      kgain = kgain_tiled.data();
+    } else if (c_.qk_norm == QkNormKind::kFullWidth) {
+      std::vector<double> q_ss, k_ss;
+      full_width_sumsq(q, k, BT, q_ss, k_ss);
+      const double qn = static_cast<double>(H * d), kn = static_cast<double>(c_.num_kv_heads * d);
+      for (int64_t r = 0; r < BT; ++r) {
+        const float iq = static_cast<float>(1.0 / std::sqrt(q_ss[r] / qn + eps));
+        const float ik = static_cast<float>(1.0 / std::sqrt(k_ss[r] / kn + eps));
+        for (int64_t j = 0; j < qw; ++j) q[r * qw + j] = q[r * qw + j] * iq * L.q_norm[j];
+        for (int64_t j = 0; j < kw; ++j) k[r * kw + j] = k[r * kw + j] * ik * L.k_norm[j];
+        if (r % T == 0)
+          for (int64_t g = 0; g < KVl; ++g) inv_rk[(r / T) * KVl + g] = ik;
       }
-    cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
-    cpu::rms_norm(k.data(), BT * KVl, d, L.k_norm.data(), eps, k.data());
-    kgain_tiled.resize(static_cast<size_t>(kw));
-    for (int64_t g = 0; g < KVl; ++g) std::copy_n(L.k_norm.data(), d, kgain_tiled.data() + g * d);
-    kgain = kgain_tiled.data();
-  } else if (c_.qk_norm == QkNormKind::kFullWidth) {
-    std::vector<double> q_ss, k_ss;
-    full_width_sumsq(q, k, BT, q_ss, k_ss);
-    const double qn = static_cast<double>(H * d), kn = static_cast<double>(c_.num_kv_heads * d);
-    for (int64_t r = 0; r < BT; ++r) {
-      const float iq = static_cast<float>(1.0 / std::sqrt(q_ss[r] / qn + eps));
-      const float ik = static_cast<float>(1.0 / std::sqrt(k_ss[r] / kn + eps));
-      for (int64_t j = 0; j < qw; ++j) q[r * qw + j] = q[r * qw + j] * iq * L.q_norm[j];
-      for (int64_t j = 0; j < kw; ++j) k[r * kw + j] = k[r * kw + j] * ik * L.k_norm[j];
-      if (r % T == 0)
-        for (int64_t g = 0; g < KVl; ++g) inv_rk[(r / T) * KVl + g] = ik;
+      kgain = L.k_norm.data();
     }
-    kgain = L.k_norm.data();
-  }
-  for (int64_t b = 0; b < B; ++b) std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < Hl; ++h)
-      cpu::rope(q.data() + b * T * qw + h * d, T, rot, qw, 0, inv_freq_.data());
-    for (int64_t g = 0; g < KVl; ++g)
-      cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
-  }
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < Hl; ++h)
+        cpu::rope(q.data() + b * T * qw + h * d, T, rot, qw, 0, inv_freq_.data());
+      for (int64_t g = 0; g < KVl; ++g)
+        cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
+    }
   }  // not mla
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).
   auto kv_of = [&](int64_t h_local) {

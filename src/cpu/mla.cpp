@@ -55,7 +55,8 @@ void mla_project(const ModelConfig& c, const LayerWeights& L, const float* u, in
   }
   for (int64_t b = 0; b < B; ++b) {
     rope(kr.data() + b * T * dr, T, dr, dr, 0, inv_freq);
-    for (int64_t h = 0; h < Hl; ++h) rope(q.data() + b * T * qw + h * dqk + dn, T, dr, qw, 0, inv_freq);
+    for (int64_t h = 0; h < Hl; ++h)
+      rope(q.data() + b * T * qw + h * dqk + dn, T, dr, qw, 0, inv_freq);
   }
   if (af != 1.f) {
     for (auto& x : kr) x *= af;
@@ -166,8 +167,9 @@ void route_sigmoid_groups(const ModelConfig& c, const float* logits, int64_t n, 
       group[g] = static_cast<double>(b1 + b2);
     }
     std::iota(order.begin(), order.begin() + G, 0);
-    std::partial_sort(order.begin(), order.begin() + TG, order.begin() + G,
-                      [&](int32_t a, int32_t b) { return group[a] != group[b] ? group[a] > group[b] : a < b; });
+    std::partial_sort(
+        order.begin(), order.begin() + TG, order.begin() + G,
+        [&](int32_t a, int32_t b) { return group[a] != group[b] ? group[a] > group[b] : a < b; });
     std::vector<char> keep(static_cast<size_t>(G), 0);
     for (int64_t g = 0; g < TG; ++g) keep[order[g]] = 1;
     for (int64_t e = 0; e < E; ++e)

@@ -70,7 +70,9 @@ void in_range(const std::string& file, const char* key, int64_t v, int64_t lo, i
 // yarn as transformers' _compute_yarn_parameters: the correction range from
 // original_max_position_embeddings, `truncate` (default true) flooring/ceiling its ends, and the
 // attention factor mscale / mscale_all_dim (DeepSeek) or 0.1 ln(factor) + 1.
-double yarn_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; }
+double yarn_mscale(double scale, double m) {
+  return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0;
+}
 
 void read_yarn(const json& b, const std::string& file, const std::string& where, const json& top,
                RopeConfig& r) {
@@ -87,6 +89,9 @@ void read_yarn(const json& b, const std::string& file, const std::string& where,
   r.beta_slow = get_double(b, file, "beta_slow", 1);
   if (r.beta_fast == 0) r.beta_fast = 32;  // transformers: `or 32`, `or 1`
   if (r.beta_slow == 0) r.beta_slow = 1;
+  if (!(r.beta_fast > 0) || !(r.beta_slow > 0) || !std::isfinite(r.beta_fast) ||
+      !std::isfinite(r.beta_slow))
+    fail(file, where + "beta_fast and beta_slow must be positive");
   r.truncate = get_bool(b, file, "truncate", true);
   const double mscale = get_double(b, file, "mscale", 0);
   r.mscale_all_dim = get_double(b, file, "mscale_all_dim", 0);
@@ -577,9 +582,9 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["n_group"] = c.n_group;
     j["topk_group"] = c.topk_group;
     j["routed_scaling_factor"] = c.routed_scaling_factor;
-    j["n_shared_experts"] =
-        c.moe_intermediate_size > 0 ? c.shared_expert_intermediate_size / c.moe_intermediate_size
-                                    : 0;
+    j["n_shared_experts"] = c.moe_intermediate_size > 0
+                                ? c.shared_expert_intermediate_size / c.moe_intermediate_size
+                                : 0;
     j["first_k_dense_replace"] = static_cast<int64_t>(c.mlp_only_layers.size());
     j["scoring_func"] = "sigmoid";
     j["topk_method"] = "noaux_tc";

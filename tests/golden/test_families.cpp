@@ -111,9 +111,9 @@ bool fixture_pending(const std::string& family) {
   return (family == "deepseek_v3" || family == "deepseek_v3_fp8") &&
          !fs::exists(kFamiliesDir + "/" + family + "/expected.safetensors");
 }
-#define SKIP_IF_FIXTURE_PENDING()                                                        \
-  if (fixture_pending(GetParam()))                                                        \
-  GTEST_SKIP() << "fixture missing: " << kFamiliesDir << "/" << GetParam()               \
+#define SKIP_IF_FIXTURE_PENDING()                                                       \
+  if (fixture_pending(GetParam()))                                                      \
+  GTEST_SKIP() << "fixture missing: " << kFamiliesDir << "/" << GetParam()              \
                << " (python3 tools/make_family_goldens.py --out tests/golden/families " \
                   "--families deepseek_v3 deepseek_v3_fp8)"
 
@@ -279,7 +279,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, PlantedFamily, ::testing::Values("mixtral", "
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Family,
                          ::testing::Values("olmoe", "mixtral", "qwen2_moe", "llama", "qwen3",
-                                           "olmo2", "gpt_neox", "qwen3_moe_fused",
-                                           "deepseek_v3", "deepseek_v3_fp8"));
+                                           "olmo2", "gpt_neox", "qwen3_moe_fused", "deepseek_v3",
+                                           "deepseek_v3_fp8"));
 
 }  // namespace

@@ -40,7 +40,7 @@ TEST(Fp8E4M3, DecodesEveryCodeAsTheFormatDefines) {
     const double mag = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
     EXPECT_EQ(static_cast<double>(got), s ? -mag : mag) << "code " << code;
   }
-  EXPECT_EQ(e4m3_to_f32(0x7e), 448.f);            // the largest finite value
+  EXPECT_EQ(e4m3_to_f32(0x7e), 448.f);                // the largest finite value
   EXPECT_EQ(e4m3_to_f32(0x01), std::ldexp(1.f, -9));  // the smallest subnormal
   EXPECT_EQ(e4m3_to_f32(0x08), std::ldexp(1.f, -6));  // the smallest normal
   EXPECT_EQ(e4m3_to_f32(0x38), 1.f);
@@ -75,7 +75,8 @@ void write_raw_safetensors(const std::string& path, const std::vector<RawTensor>
   nlohmann::json h = nlohmann::json::object();
   uint64_t off = 0;
   for (const auto& t : ts) {
-    h[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {off, off + t.bytes.size()}}};
+    h[t.name] = {
+        {"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {off, off + t.bytes.size()}}};
     off += t.bytes.size();
   }
   std::string text = h.dump();
@@ -138,8 +139,8 @@ void to_fp8(const std::string& dir, const std::string& dequant_dir, int64_t bloc
   write_raw_safetensors(dequant_dir + "/model.safetensors", plain);
   std::filesystem::copy_file(dir + "/config.json", dequant_dir + "/config.json");
   auto j = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
-  j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"},
-                              {"weight_block_size", {block, block}}};
+  j["quantization_config"] = {
+      {"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {block, block}}};
   sinkscope::test::write_file(dir + "/config.json", j.dump(2));
 }
 
