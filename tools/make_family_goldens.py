@@ -63,6 +63,17 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention
               max_position_embeddings=128, bos_token_id=BOS_ID, eos_token_id=2, pad_token_id=0)
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
+DEEPSEEK_V3 = dict(
+    hidden_size=160, intermediate_size=288, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+    n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+    norm_topk_prob=True, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+    num_key_value_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_interleave=True,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8})
+ROUTER_BIAS_STD = 0.1  # DeepSeek's e_score_correction_bias (a buffer: redrawn explicitly)
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+
 # name: (config class, model class, config kwargs, saved dtype, is MoE)
 FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
@@ -95,6 +106,14 @@ FAMILIES = {
         attention_bias=True, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
         "float32", False),
+    # Multi-head latent attention with a low-rank query, yarn rope (attention factor != 1, softmax
+    # mscale), interleaved rope, sigmoid group-limited routing with a selection bias, a dense first
+    # layer and an ungated shared expert. hidden 160 and intermediate 288 leave partial 128-blocks
+    # for the FP8 variant.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK_V3, "float32", True),
+    # The same model with its layers' linear weights quantised to FP8 e4m3 with 128 x 128 block
+    # scales (weight_scale_inv), as DeepSeek ships them; the reference runs on the dequantised weights.
+    "deepseek_v3_fp8": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK_V3, "float32", True),
     "qwen3_moe_fused": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_key_value_heads=2,
@@ -165,6 +184,11 @@ def build_model(family, seed):
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(torch.float32)
     redraw_weights(model, seed)
+    generator = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # DeepSeek's selection bias is a buffer in some versions: set it here
+        for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * ROUTER_BIAS_STD)
     return model.eval()
 
 
@@ -224,6 +248,46 @@ def fuse_experts(model_path, num_layers):
             "gate_up_proj [E, 2I, D] = cat(gate_proj.weight, up_proj.weight, dim 0) per expert, down_proj [E, D, I]")
 
 
+def quantize_fp8(model_path):
+    """DeepSeek's FP8 format: every 2-D linear weight of the decoder layers (not the router, norms,
+    embedding or lm_head) as float8_e4m3fn with a float32 `<name>_scale_inv` [ceil(out/128), ceil(in/128)]:
+    per 128 x 128 block (partial at the edges) scale = max |w| / 448, q = e4m3(w / scale), dequantised
+    w' = q * scale. Rewrites model_path with the dequantised float32 weights (the reference's input) and
+    returns the FP8 tensors to store afterwards."""
+    tensors = load_torch_file(model_path)
+    weight = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
+    stored, dequantised, names, partial = {}, {}, [], 0
+    for key, w in tensors.items():
+        if not (weight.match(key) and w.dim() == 2):
+            stored[key] = w
+            dequantised[key] = w
+            continue
+        rows, cols = w.shape
+        nbr, nbc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+        scale = torch.ones(nbr, nbc, dtype=torch.float32)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        for i in range(nbr):
+            for j in range(nbc):
+                block = w[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK].float()
+                partial += int(block.shape != (FP8_BLOCK, FP8_BLOCK))
+                amax = float(block.abs().max())
+                s = amax / FP8_MAX if amax > 0 else 1.0
+                scale[i, j] = s
+                q[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK] = (
+                    block / scale[i, j]).to(torch.float8_e4m3fn)
+        expanded = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+        dequantised[key] = (q.float() * expanded).to(w.dtype).contiguous()
+        stored[key] = q.contiguous()
+        stored[key + "_scale_inv"] = scale.contiguous()
+        names.append(key)
+    save_torch_file(dequantised, model_path, metadata={"format": "pt"})
+    return {"stored": stored, "facts": {
+        "quantised_tensors": len(names), "partial_blocks": partial, "block": [FP8_BLOCK, FP8_BLOCK],
+        "rule": "scale = max|w| / 448 per block (1 where the block is 0); q = (w / scale).to(float8_e4m3fn); "
+                "reference computed from q.float() * scale",
+        "examples": names[:6]}}
+
+
 # ----------------------------------------------------------------------------------------------
 # The reference forward pass
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +302,7 @@ def _np(tensor):
 
 
 def num_experts_of(config):
-    for key in ("num_experts", "num_local_experts"):
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         value = getattr(config, key, None)
         if value:
             return int(value)
@@ -395,6 +459,8 @@ def run_model(family, model, probes, device):
             facts.setdefault("router_module_returns", type(out).__name__ + (
                 f" of {len(out)}: shapes {[list(t.shape) if isinstance(t, torch.Tensor) else None for t in out]}"
                 if isinstance(out, (tuple, list)) else f" shape {list(out.shape)}"))
+            if not isinstance(first, torch.Tensor) or first.numel() != n_probes * seq_len * num_experts:
+                continue  # e.g. DeepSeek's router returns (top-k indices, weights): nothing to compare
             first = _np(first).reshape(n_probes, seq_len, num_experts)
             raw_np = logits_by_layer[-1]
             probs = np.exp(raw_np - raw_np.max(-1, keepdims=True))
@@ -523,7 +589,18 @@ def build_family(family, out_root, seed, device):
 
     probes = make_probes(config["vocab_size"], seed)
     np.save(os.path.join(model_dir, "probes.npy"), probes)
+    fp8 = None
+    if family.endswith("_fp8"):  # the reference runs on the dequantised weights
+        fp8 = quantize_fp8(model_path)
     result, facts = reference(family, model_dir, probes, device)
+    if fp8 is not None:  # now the checkpoint becomes the FP8 one
+        save_torch_file(fp8["stored"], model_path, metadata={"format": "pt"})
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        facts["fp8"] = fp8["facts"]
 
     built_diff = float(np.max(np.abs(built_logits - result["logits"]))) if built_logits is not None else -1.0
     facts["built_model_float32_logits_minus_reference_max_abs"] = built_diff

@@ -15,7 +15,11 @@ namespace sinkscope {
 
 // Computable dtypes; `Other` is a valid safetensors dtype that sinkscope cannot compute with
 // (the header still parses; reading such a tensor is refused by name).
-enum class DType { F32, F16, BF16, Other };
+// F8E4M3 (OCP FP8 E4M3 "fn": no infinities, S.1111.111 is NaN, max 448) is read with its block
+// scales: a 2-D tensor `X` of that dtype needs `X_scale_inv` (F32 [ceil(rows / block),
+// ceil(cols / block)], the config's quantization_config.weight_block_size, 128 x 128 by default),
+// and every converting read returns value x scale of its block (dequantised at load).
+enum class DType { F32, F16, BF16, Other, F8E4M3 };
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);
 
@@ -121,6 +125,15 @@ void convert_to_f32_parallel(DType t, const void* src, size_t n, float* dst, int
 // Index of the first non-finite stored value among n values of dtype t, or n when all are finite
 // (inspects the exponent bits; no conversion).
 size_t first_non_finite(DType t, const void* src, size_t n);
+// One FP8 E4M3 (fn) byte as fp32, exactly (the format is a subset of fp32).
+float e4m3_to_f32(uint8_t x);
+// fp32 -> FP8 E4M3 (fn), round to nearest even, saturating at +-448 (NaN stays NaN).
+uint8_t f32_to_e4m3(float x);
+// The block-scale tensor of an FP8 weight: `name` + "_scale_inv".
+std::string fp8_scale_name(const std::string& weight_name);
+// Checks that FP8 tensor `t` of `ckpt` is 2-D and has its scale tensor, F32 with the block grid's
+// shape; throws InputError naming the tensor otherwise.
+void check_fp8_scale(const Checkpoint& ckpt, const TensorInfo& t);
 // fp32 -> bf16 (round to nearest even), used by `synth`.
 uint16_t f32_to_bf16(float x);
 float bf16_to_f32(uint16_t x);

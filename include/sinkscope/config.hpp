@@ -25,8 +25,10 @@ enum class QkNormKind : int32_t { kNone = 0, kPerHead = 1, kFullWidth = 2 };
 enum class Activation : int32_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
 // Router: softmax over all experts then top-k (Qwen, OLMoE), or top-k of the logits then a
 // softmax over the selected (Mixtral).
-enum class RouterKind : int32_t { kSoftmaxTopK = 0, kTopKSoftmax = 1 };
-enum class RopeKind : int32_t { kDefault = 0, kLinear = 1, kLlama3 = 2 };
+// DeepSeek-V3: sigmoid scores, group-limited top-k of the scores plus a selection-only bias,
+// weights from the uncorrected scores (docs/metrics.md "DeepSeek-V3").
+enum class RouterKind : int32_t { kSoftmaxTopK = 0, kTopKSoftmax = 1, kSigmoidGroupTopK = 2 };
+enum class RopeKind : int32_t { kDefault = 0, kLinear = 1, kLlama3 = 2, kYarn = 3 };
 
 struct RopeConfig {
   RopeKind kind = RopeKind::kDefault;
@@ -34,7 +36,12 @@ struct RopeConfig {
   int64_t rotary_dim = 0;  // dims of each head that rotate (partial rotary); 0: all of head_dim
   double factor = 1.0;     // linear and llama3
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
-  int64_t original_max_position = 8192;                  // llama3
+  int64_t original_max_position = 8192;                  // llama3, yarn
+  // yarn: beta_fast / beta_slow bound the interpolation ramp; attention_factor scales cos and sin
+  // (so position 0's rotation is a scaling by it); mscale_all_dim > 0 scales the softmax.
+  double beta_fast = 32, beta_slow = 1, attention_factor = 1.0, mscale_all_dim = 0;
+  bool truncate = true;
+  bool interleave = false;  // rotate pairs (2j, 2j+1) instead of halves (DeepSeek rope_interleave)
   int64_t rotated(int64_t head_dim) const { return rotary_dim > 0 ? rotary_dim : head_dim; }
   // The inverse frequencies of the rotated pairs, [rotated(head_dim) / 2], as transformers builds
   // them.
@@ -76,12 +83,28 @@ struct ModelConfig {
   double clip_qkv = 0;    // > 0: q, k, v clamped to [-clip, clip] after the projections (OLMoE)
   int64_t sliding_window = 0;  // > 0: the model attends within a window (probes must fit in it)
 
+  // Multi-head latent attention (DeepSeek-V3; mla_kv_rank > 0). head_dim is then the query/key
+  // width qk_nope + qk_rope, num_kv_heads = num_heads, and rope.rotary_dim = qk_rope (the last
+  // dims of each head).
+  int64_t mla_q_rank = 0;   // q_lora_rank; 0: a plain q_proj
+  int64_t mla_kv_rank = 0;  // kv_lora_rank
+  int64_t qk_nope_dim = 0, qk_rope_dim = 0, v_head_dim = 0;
+  double softmax_scale = 0;  // > 0: the attention's scale (else 1 / sqrt(head_dim))
+  // DeepSeek routing (router == kSigmoidGroupTopK) and its ungated shared experts.
+  int64_t n_group = 1, topk_group = 1;
+  double routed_scaling_factor = 1.0;
+  bool shared_expert_gated = true;  // false: the shared expert has no sigmoid gate
+  // FP8 checkpoints (quantization_config quant_method fp8): weight_scale_inv block shape.
+  int64_t fp8_block_rows = 0, fp8_block_cols = 0;  // 0: no FP8 quantization declared
+
   // Layer l is MoE when the model has experts, l is not in mlp_only_layers and
   // (l+1) % decoder_sparse_step == 0.
   bool is_moe_layer(int64_t layer) const;
   bool any_dense_layer() const;
   bool has_shared_expert() const { return shared_expert_intermediate_size > 0; }
   int64_t kv_group_size() const { return num_heads / num_kv_heads; }
+  bool mla() const { return mla_kv_rank > 0; }
+  int64_t value_dim() const { return mla() ? v_head_dim : head_dim; }
 };
 
 // Parses and validates config.json. Throws InputError naming the file and the key that is

@@ -55,6 +55,14 @@ enum class Role : int32_t {
   kSharedUp,
   kSharedDown,
   kSharedExpertGate,  // [1, D]: the shared expert's sigmoid gate
+  // Multi-head latent attention (DeepSeek-V3) and its router's selection bias.
+  kQA,          // q_a_proj [q_lora_rank, D]
+  kQANorm,      // q_a_layernorm [q_lora_rank]
+  kQB,          // q_b_proj [H * (nope + rope), q_lora_rank]
+  kKvA,         // kv_a_proj_with_mqa [kv_lora_rank + rope, D]
+  kKvANorm,     // kv_a_layernorm [kv_lora_rank]
+  kKvB,         // kv_b_proj [H * (nope + v), kv_lora_rank]
+  kRouterBias,  // e_score_correction_bias [E]
   kCount
 };
 
@@ -72,6 +80,7 @@ struct FamilySpec {
   bool default_norm_topk = false;  // norm_topk_prob when config.json omits it
   bool default_qkv_bias = false;   // q/k/v biases when config.json has no attention_bias key
   bool default_tied = false;       // tie_word_embeddings when absent
+  bool mla = false;                // multi-head latent attention (DeepSeek-V3)
   // Name patterns per role; nullptr: the family has no such tensor. A role may list alternatives
   // separated by '|' (e.g. Mixtral's block_sparse_moe. and mlp. spellings); the first one that
   // the checkpoint holds is used.

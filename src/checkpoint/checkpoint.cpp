@@ -127,7 +127,77 @@ struct Checkpoint::Impl {
   const char* bytes(const TensorInfo& t) const {
     return files[t.file]->data() + data_start[t.file] + t.begin;
   }
+
+  // Multiplies out (rows [r0, r1) x columns [c0, c1) of FP8 tensor t, converted) by the block
+  // scales of weight_scale_inv: element (r, c) by scale[r / block_rows, c / block_cols].
+  void scale_fp8(const TensorInfo& t, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                 float* out) const;
 };
+
+namespace {
+std::pair<int64_t, int64_t> fp8_block(const ModelConfig& c) {
+  return {c.fp8_block_rows > 0 ? c.fp8_block_rows : 128,
+          c.fp8_block_cols > 0 ? c.fp8_block_cols : 128};
+}
+std::string dims(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+// The FP8 checks shared by validation and the reads; returns the scale tensor.
+const TensorInfo& fp8_scale_of(const std::string& dir, const ModelConfig& c,
+                               const std::function<const TensorInfo*(const std::string&)>& find,
+                               const TensorInfo& t) {
+  if (t.shape.size() != 2)
+    throw InputError(dir + ": tensor '" + t.name + "' is F8_E4M3 with shape " + dims(t.shape) +
+                     "; FP8 block scales need a 2-D weight");
+  const std::string sname = fp8_scale_name(t.name);
+  const TensorInfo* s = find(sname);
+  if (!s)
+    throw InputError(dir + ": tensor '" + t.name + "' is F8_E4M3 but its scale '" + sname +
+                     "' is missing");
+  const auto [br, bc] = fp8_block(c);
+  const std::vector<int64_t> want = {(t.shape[0] + br - 1) / br, (t.shape[1] + bc - 1) / bc};
+  if (s->dtype != DType::F32)
+    throw InputError(dir + ": tensor '" + sname + "' has dtype " + s->dtype_str +
+                     ", FP8 block scales must be F32");
+  if (s->shape != want)
+    throw InputError(dir + ": tensor '" + sname + "' has shape " + dims(s->shape) + ", the " +
+                     std::to_string(br) + " x " + std::to_string(bc) + " blocks of '" + t.name +
+                     "' " + dims(t.shape) + " need " + dims(want));
+  return *s;
+}
+}  // namespace
+
+void check_fp8_scale(const Checkpoint& ckpt, const TensorInfo& t) {
+  fp8_scale_of(
+      ckpt.dir(), ckpt.config(), [&](const std::string& n) { return ckpt.find(n); }, t);
+}
+
+void Checkpoint::Impl::scale_fp8(const TensorInfo& t, int64_t r0, int64_t r1, int64_t c0,
+                                 int64_t c1, float* out) const {
+  const TensorInfo& s = fp8_scale_of(
+      dir, config,
+      [&](const std::string& n) -> const TensorInfo* {
+        auto it = by_name.find(n);
+        return it == by_name.end() ? nullptr : &tensors[it->second];
+      },
+      t);
+  const auto [br, bc] = fp8_block(config);
+  const int64_t scols = s.shape[1], w = c1 - c0;
+  const char* base = bytes(s);
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = out + (r - r0) * w;
+    for (int64_t c = c0; c < c1;) {
+      const int64_t blk = c / bc, end = std::min(c1, (blk + 1) * bc);
+      float sc;
+      std::memcpy(&sc, base + ((r / br) * scols + blk) * 4, 4);
+      if (!std::isfinite(sc))
+        throw InputError(dir + ": tensor '" + s.name + "' holds a non-finite scale");
+      for (; c < end; ++c) row[c - c0] *= sc;
+    }
+  }
+}
 
 Checkpoint::Checkpoint(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
@@ -216,6 +286,12 @@ bool any_non_finite(DType t, const void* src, size_t n) {
       hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
     return hit != 0;
   }
+  if (t == DType::F8E4M3) {
+    const auto* p = static_cast<const uint8_t*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & 0x7fu) == 0x7fu);
+    return hit != 0;
+  }
   const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
   const auto* p = static_cast<const uint16_t*>(src);
   uint32_t hit = 0;
@@ -294,6 +370,7 @@ void Checkpoint::read_rows(const std::string& name, int64_t row_begin, int64_t r
   const size_t n = static_cast<size_t>((row_end - row_begin) * len);
   convert_rows(t, impl_->bytes(t) + row_begin * len * t.elem_size, 1, static_cast<int64_t>(n),
                n * t.elem_size, out, impl_->nthreads(), impl_->dir);
+  if (t.dtype == DType::F8E4M3) impl_->scale_fp8(t, row_begin, row_end, 0, len, out);
   impl_->count(n * t.elem_size);
 }
 
@@ -309,6 +386,10 @@ StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin,
   const TensorInfo& t = impl_->get(name);
   if (t.dtype == DType::Other)
     throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
+  if (t.dtype == DType::F8E4M3)
+    throw InputError(impl_->dir + ": tensor '" + name +
+                     "' is F8_E4M3: FP8 checkpoints are dequantised by the CPU loader only "
+                     "(use --device cpu)");
   const int64_t rows = view_rows(t), cols = view_len(t);
   if (row_begin < 0 || row_end > rows || row_begin > row_end || col_begin < 0 || col_end > cols ||
       col_begin > col_end)
@@ -391,6 +472,7 @@ void Checkpoint::read_block(const std::string& name, int64_t row_begin, int64_t 
   convert_rows(t, impl_->bytes(t) + (row_begin * cols + col_begin) * t.elem_size,
                row_end - row_begin, width, static_cast<size_t>(cols) * t.elem_size, out,
                impl_->nthreads(), impl_->dir);
+  if (t.dtype == DType::F8E4M3) impl_->scale_fp8(t, row_begin, row_end, col_begin, col_end, out);
   impl_->count(static_cast<size_t>((row_end - row_begin) * width) * t.elem_size);
 }
 
@@ -399,8 +481,11 @@ void Checkpoint::read_row(const std::string& name, int64_t row, float* out) cons
   if (t.shape.size() != 2 || row < 0 || row >= t.shape[0])
     throw InputError(impl_->dir + ": row " + std::to_string(row) + " out of range for tensor '" +
                      name + "'");
+  if (t.dtype == DType::Other)
+    throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
   convert_to_f32(t.dtype, impl_->bytes(t) + row * t.shape[1] * t.elem_size,
                  static_cast<size_t>(t.shape[1]), out);
+  if (t.dtype == DType::F8E4M3) impl_->scale_fp8(t, row, row + 1, 0, t.shape[1], out);
   check_finite(out, static_cast<size_t>(t.shape[1]), impl_->dir, name);
 }
 

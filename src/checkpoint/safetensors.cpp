@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -40,11 +41,11 @@ struct DTypeEntry {
 // Every dtype the safetensors format defines; sizes in bytes (sub-byte types are not supported
 // by the format version sinkscope reads and are rejected as unknown).
 constexpr DTypeEntry kDTypes[] = {
-    {"F32", 4, DType::F32},    {"F16", 2, DType::F16},       {"BF16", 2, DType::BF16},
-    {"F64", 8, DType::Other},  {"I64", 8, DType::Other},     {"U64", 8, DType::Other},
-    {"I32", 4, DType::Other},  {"U32", 4, DType::Other},     {"I16", 2, DType::Other},
-    {"U16", 2, DType::Other},  {"I8", 1, DType::Other},      {"U8", 1, DType::Other},
-    {"BOOL", 1, DType::Other}, {"F8_E4M3", 1, DType::Other}, {"F8_E5M2", 1, DType::Other},
+    {"F32", 4, DType::F32},    {"F16", 2, DType::F16},        {"BF16", 2, DType::BF16},
+    {"F64", 8, DType::Other},  {"I64", 8, DType::Other},      {"U64", 8, DType::Other},
+    {"I32", 4, DType::Other},  {"U32", 4, DType::Other},      {"I16", 2, DType::Other},
+    {"U16", 2, DType::Other},  {"I8", 1, DType::Other},       {"U8", 1, DType::Other},
+    {"BOOL", 1, DType::Other}, {"F8_E4M3", 1, DType::F8E4M3}, {"F8_E5M2", 1, DType::Other},
 };
 
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
@@ -63,12 +64,48 @@ const char* dtype_name(DType t) {
       return "F16";
     case DType::BF16:
       return "BF16";
+    case DType::F8E4M3:
+      return "F8_E4M3";
     default:
       return "other";
   }
 }
 
-size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+size_t dtype_size(DType t) { return t == DType::F32 ? 4 : t == DType::F8E4M3 ? 1 : 2; }
+
+float e4m3_to_f32(uint8_t x) {
+  // S EEEE MMM, exponent bias 7; E = 0: subnormal M/8 * 2^-6; E = 15, M = 7: NaN (no infinity).
+  const float sign = (x & 0x80u) ? -1.f : 1.f;
+  const int e = (x >> 3) & 0xf, m = x & 0x7;
+  if (e == 15 && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);
+  return sign * std::ldexp(static_cast<float>(8 + m), e - 10);
+}
+
+uint8_t f32_to_e4m3(float x) {
+  if (std::isnan(x)) return 0x7f;
+  const uint8_t sign = std::signbit(x) ? 0x80 : 0;
+  const float a = std::fabs(x);
+  if (a >= 448.f) return sign | 0x7e;  // saturate at the largest finite value
+  // Codes 0..126 are the finite magnitudes in increasing order: the last code not above a, or the
+  // next one when it is nearer (a tie goes to the even code, i.e. the even mantissa).
+  int lo = 0, hi = 126;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (e4m3_to_f32(static_cast<uint8_t>(mid)) <= a)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  if (lo < 126) {
+    const float below = a - e4m3_to_f32(static_cast<uint8_t>(lo)),
+                above = e4m3_to_f32(static_cast<uint8_t>(lo + 1)) - a;
+    if (above < below || (above == below && (lo & 1))) ++lo;
+  }
+  return sign | static_cast<uint8_t>(lo);
+}
+
+std::string fp8_scale_name(const std::string& weight_name) { return weight_name + "_scale_inv"; }
 
 std::vector<TensorInfo> parse_safetensors_header(const char* header, size_t header_len,
                                                  uint64_t data_len, const std::string& file) {
@@ -255,6 +292,17 @@ void convert_to_f32(DType t, const void* src, size_t n, float* dst) {
       for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
       return;
     }
+    case DType::F8E4M3: {  // the raw values; Checkpoint's reads apply the block scales
+      static const std::array<float, 256> table = [] {
+        std::array<float, 256> t{};
+        for (int i = 0; i < 256; ++i)
+          t[static_cast<size_t>(i)] = e4m3_to_f32(static_cast<uint8_t>(i));
+        return t;
+      }();
+      const auto* s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = table[s[i]];
+      return;
+    }
     default:
       throw InputError("cannot convert dtype to float32");
   }
@@ -300,6 +348,12 @@ size_t first_non_finite(DType t, const void* src, size_t n) {
     const auto* p = static_cast<const uint32_t*>(src);
     for (size_t i = 0; i < n; ++i)
       if ((p[i] & 0x7f800000u) == 0x7f800000u) return i;
+    return n;
+  }
+  if (t == DType::F8E4M3) {  // NaN is the only non-finite value: S.1111.111
+    const auto* p = static_cast<const uint8_t*>(src);
+    for (size_t i = 0; i < n; ++i)
+      if ((p[i] & 0x7fu) == 0x7fu) return i;
     return n;
   }
   // bf16: 8 exponent bits at 7..14; f16: 5 exponent bits at 10..14.

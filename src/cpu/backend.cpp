@@ -24,6 +24,7 @@
 #include <numeric>
 
 #include "cpu/kernels.hpp"
+#include "cpu/mla.hpp"
 #include "cpu/weights.hpp"
 #include "model/layer_plan.hpp"
 #include "model/median.hpp"
@@ -102,7 +103,8 @@ class CpuBackend final : public Backend, private LayerOps {
   // the weighted expert outputs [n * K, D].
   void moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
                  std::vector<float>& outs) const;
-  void route(const float* logits, int64_t n, int32_t* topk, float* weight) const;
+  void route(const float* logits, int64_t n, int32_t* topk, float* weight,
+             const std::vector<float>& bias) const;
   void run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const;
   // Sums of squares of a query/key row over the full projection width (all heads of the dp
   // group), for the full-width q/k norm: [rows] each.
@@ -219,8 +221,12 @@ void CpuBackend::attention(const PlannedLayer& layer) {
                 KVl = plan_.local_kv_heads();
   const int64_t BT = B * T, qw = Hl * d, kw = KVl * d, H = c_.num_heads;
   const int64_t group = c_.kv_group_size(), rot = c_.rope.rotated(c_.head_dim);
+  // Value width (v_head_dim under multi-head latent attention, else head_dim).
+  const int64_t dv = c_.value_dim(), vw = KVl * dv, zw = Hl * dv;
+  const bool mla = c_.mla();
   const double eps = c_.rms_norm_eps;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  const float scale = static_cast<float>(
+      c_.softmax_scale > 0 ? c_.softmax_scale : 1.0 / std::sqrt(static_cast<double>(d)));
   const bool post_norm = c_.block == BlockKind::kPostNorm;
   const bool layer_norm = c_.norm == NormKind::kLayer;
   const int tp = comms_.tp_group->size();
@@ -232,56 +238,62 @@ void CpuBackend::attention(const PlannedLayer& layer) {
   else
     normalize(L.attn_norm, x.data(), BT, u.data(), inv_rx.data());
   std::vector<float> q(static_cast<size_t>(BT * qw)), k(static_cast<size_t>(BT * kw)),
-      v(static_cast<size_t>(BT * kw));
-  gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
-  gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
-  gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
-  add_bias(q.data(), BT, qw, qw, L.q_bias);
-  add_bias(k.data(), BT, kw, kw, L.k_bias);
-  add_bias(v.data(), BT, kw, kw, L.v_bias);
-
-  // q/k norms. inv_rk: 1 / r_k, the scale of head g's key at position 0 (docs/metrics.md
-  // section 4); kgain(g, j): the k norm's gain of dimension j of held KV head g.
+      v(static_cast<size_t>(BT * vw));
+  std::vector<float> inv_rl;  // multi-head latent attention: 1 / rms of the latent at position 0
+  std::vector<float> k0_model(static_cast<size_t>(B * kw));
   std::vector<float> inv_rk(static_cast<size_t>(B * KVl), 1.f);
   std::vector<float> unit_gain(static_cast<size_t>(kw), 1.f);
   const float* kgain = unit_gain.data();  // [KVl * d]: the gain of each held key dimension
   std::vector<float> kgain_tiled;
-  if (c_.qk_norm == QkNormKind::kPerHead) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t g = 0; g < KVl; ++g) {
-        float tmp[1];
-        std::vector<float> scratch(static_cast<size_t>(d));
-        cpu::rms_norm(k.data() + b * T * kw + g * d, 1, d, L.k_norm.data(), eps, scratch.data(),
-                      tmp);
-        inv_rk[b * KVl + g] = tmp[0];
+  if (mla) {
+    cpu::mla_project(c_, L, u.data(), B, T, Hl, inv_freq_.data(), q, k, v, inv_rl, k0_model);
+  } else {
+    gemm_nt(BT, qw, D, u.data(), D, L.q.data(), D, q.data(), qw);
+    gemm_nt(BT, kw, D, u.data(), D, L.k.data(), D, k.data(), kw);
+    gemm_nt(BT, kw, D, u.data(), D, L.v.data(), D, v.data(), kw);
+    add_bias(q.data(), BT, qw, qw, L.q_bias);
+    add_bias(k.data(), BT, kw, kw, L.k_bias);
+    add_bias(v.data(), BT, kw, kw, L.v_bias);
+
+    // q/k norms. inv_rk: 1 / r_k, the scale of head g's key at position 0 (docs/metrics.md
+    // section 4); kgain(g, j): the k norm's gain of dimension j of held KV head g.
+    if (c_.qk_norm == QkNormKind::kPerHead) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t g = 0; g < KVl; ++g) {
+          float tmp[1];
+          std::vector<float> scratch(static_cast<size_t>(d));
+          cpu::rms_norm(k.data() + b * T * kw + g * d, 1, d, L.k_norm.data(), eps, scratch.data(),
+                        tmp);
+          inv_rk[b * KVl + g] = tmp[0];
+        }
+      cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
+      cpu::rms_norm(k.data(), BT * KVl, d, L.k_norm.data(), eps, k.data());
+      kgain_tiled.resize(static_cast<size_t>(kw));
+      for (int64_t g = 0; g < KVl; ++g) std::copy_n(L.k_norm.data(), d, kgain_tiled.data() + g * d);
+      kgain = kgain_tiled.data();
+    } else if (c_.qk_norm == QkNormKind::kFullWidth) {
+      std::vector<double> q_ss, k_ss;
+      full_width_sumsq(q, k, BT, q_ss, k_ss);
+      const double qn = static_cast<double>(H * d), kn = static_cast<double>(c_.num_kv_heads * d);
+      for (int64_t r = 0; r < BT; ++r) {
+        const float iq = static_cast<float>(1.0 / std::sqrt(q_ss[r] / qn + eps));
+        const float ik = static_cast<float>(1.0 / std::sqrt(k_ss[r] / kn + eps));
+        for (int64_t j = 0; j < qw; ++j) q[r * qw + j] = q[r * qw + j] * iq * L.q_norm[j];
+        for (int64_t j = 0; j < kw; ++j) k[r * kw + j] = k[r * kw + j] * ik * L.k_norm[j];
+        if (r % T == 0)
+          for (int64_t g = 0; g < KVl; ++g) inv_rk[(r / T) * KVl + g] = ik;
       }
-    cpu::rms_norm(q.data(), BT * Hl, d, L.q_norm.data(), eps, q.data());
-    cpu::rms_norm(k.data(), BT * KVl, d, L.k_norm.data(), eps, k.data());
-    kgain_tiled.resize(static_cast<size_t>(kw));
-    for (int64_t g = 0; g < KVl; ++g) std::copy_n(L.k_norm.data(), d, kgain_tiled.data() + g * d);
-    kgain = kgain_tiled.data();
-  } else if (c_.qk_norm == QkNormKind::kFullWidth) {
-    std::vector<double> q_ss, k_ss;
-    full_width_sumsq(q, k, BT, q_ss, k_ss);
-    const double qn = static_cast<double>(H * d), kn = static_cast<double>(c_.num_kv_heads * d);
-    for (int64_t r = 0; r < BT; ++r) {
-      const float iq = static_cast<float>(1.0 / std::sqrt(q_ss[r] / qn + eps));
-      const float ik = static_cast<float>(1.0 / std::sqrt(k_ss[r] / kn + eps));
-      for (int64_t j = 0; j < qw; ++j) q[r * qw + j] = q[r * qw + j] * iq * L.q_norm[j];
-      for (int64_t j = 0; j < kw; ++j) k[r * kw + j] = k[r * kw + j] * ik * L.k_norm[j];
-      if (r % T == 0)
-        for (int64_t g = 0; g < KVl; ++g) inv_rk[(r / T) * KVl + g] = ik;
+      kgain = L.k_norm.data();
     }
-    kgain = L.k_norm.data();
-  }
-  std::vector<float> k0_model(static_cast<size_t>(B * kw));
-  for (int64_t b = 0; b < B; ++b) std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < Hl; ++h)
-      cpu::rope(q.data() + b * T * qw + h * d, T, rot, qw, 0, inv_freq_.data());
-    for (int64_t g = 0; g < KVl; ++g)
-      cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
-  }
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(k.data() + b * T * kw, kw, k0_model.begin() + b * kw);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < Hl; ++h)
+        cpu::rope(q.data() + b * T * qw + h * d, T, rot, qw, 0, inv_freq_.data());
+      for (int64_t g = 0; g < KVl; ++g)
+        cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
+    }
+  }  // not mla
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).
   auto kv_of = [&](int64_t h_local) {
     return (plan_.head_begin + h_local) / group - plan_.kv_begin;
@@ -299,7 +311,7 @@ void CpuBackend::attention(const PlannedLayer& layer) {
   // [i0, i1) needs keys [0, i1) only, so the causal upper triangle is never computed and the
   // score buffer is kQueryBlock x T (O(T) memory per thread, not T x T).
   constexpr int64_t kQueryBlock = 64;
-  std::vector<float> z(static_cast<size_t>(BT * qw)), a0(static_cast<size_t>(B * Hl * T)),
+  std::vector<float> z(static_cast<size_t>(BT * zw)), a0(static_cast<size_t>(B * Hl * T)),
       a0_mean(B * Hl);
 #pragma omp parallel num_threads(opt_.threads)
   {
@@ -309,7 +321,7 @@ void CpuBackend::attention(const PlannedLayer& layer) {
       const int64_t b = bh / Hl, h = bh % Hl, g = kv_of(h);
       const float* qh = q.data() + b * T * qw + h * d;
       const float* kh = k.data() + b * T * kw + g * d;
-      const float* vh = v.data() + b * T * kw + g * d;
+      const float* vh = v.data() + b * T * vw + g * dv;
       double sum = 0;
       for (int64_t i0 = 0; i0 < T; i0 += kQueryBlock) {
         const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0;
@@ -319,7 +331,7 @@ void CpuBackend::attention(const PlannedLayer& layer) {
           a0[bh * T + i0 + r] = s[r * i1];
           sum += s[r * i1];
         }
-        gemm_nn(rows, d, i1, s.data(), i1, vh, kw, z.data() + (b * T + i0) * qw + h * d, qw);
+        gemm_nn(rows, dv, i1, s.data(), i1, vh, vw, z.data() + (b * T + i0) * zw + h * dv, zw);
       }
       a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
     }
@@ -332,7 +344,7 @@ void CpuBackend::attention(const PlannedLayer& layer) {
   std::vector<float> out_scale;  // [BT] 1 / rms(a) of post-norm blocks
   const bool bias_here = comms_.tp_group->rank() == 0 && !L.o_bias.empty();
   if (post_norm) {
-    gemm_nt(BT, D, qw, z.data(), qw, L.o.data(), qw, a.data(), D);
+    gemm_nt(BT, D, zw, z.data(), zw, L.o.data(), zw, a.data(), D);
     if (bias_here) add_bias(a.data(), BT, D, D, L.o_bias);
     if (tp > 1) {
       ScopedSeconds timed(&comm_seconds_);
@@ -358,7 +370,8 @@ void CpuBackend::attention(const PlannedLayer& layer) {
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < Hl; ++h) {
-        gemm_nt(T, D, d, z.data() + b * T * qw + h * d, qw, L.o.data() + h * d, qw, wbuf.data(), D);
+        gemm_nt(T, D, dv, z.data() + b * T * zw + h * dv, zw, L.o.data() + h * dv, zw, wbuf.data(),
+                D);
         if (post_norm) {
           for (int64_t i = 0; i < T; ++i)
             for (int64_t j = 0; j < D; ++j)
@@ -408,7 +421,8 @@ void CpuBackend::attention(const PlannedLayer& layer) {
     for (int64_t j = 0; j < kw; ++j) kconst[j] += L.k_bias[j];
   std::vector<float> attr(static_cast<size_t>(B * Hl * C)), k0_sum(static_cast<size_t>(B * kw));
   {
-    std::vector<float> src(static_cast<size_t>((C + 1) * D)), G(static_cast<size_t>((C + 1) * kw));
+    std::vector<float> src(static_cast<size_t>((C + 1) * D)),
+        G(mla ? 0 : static_cast<size_t>((C + 1) * kw));
     for (int64_t b = 0; b < B; ++b) {
       const float* db = delta_.data() + b * Ctot * D;
       auto put = [&](int64_t row, const float* vsrc) {
@@ -423,8 +437,13 @@ void CpuBackend::attention(const PlannedLayer& layer) {
       };
       for (int64_t c = 0; c < C; ++c) put(c, db + c * D);
       put(C, p0_sum_.data() + b * D);
-      gemm_nt(C + 1, kw, D, src.data(), D, L.k.data(), D, G.data(), kw);
       const float ix = inv_rx[b * T];
+      if (mla) {  // through the latent and the shared rope key (docs/metrics.md, DeepSeek-V3)
+        cpu::mla_attribute(c_, L, src.data(), C, Hl, ix, inv_rl[b], qbar.data() + b * qw, scale,
+                           attr.data() + b * Hl * C, k0_sum.data() + b * kw);
+        continue;
+      }
+      gemm_nt(C + 1, kw, D, src.data(), D, L.k.data(), D, G.data(), kw);
       for (int64_t h = 0; h < Hl; ++h) {
         const int64_t g = kv_of(h);
         const float f = ix * inv_rk[b * KVl + g] * scale;
@@ -508,8 +527,13 @@ void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* 
   add_bias(out, n, D, D, m.down_bias);
 }
 
-void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight) const {
+void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight,
+                       const std::vector<float>& bias) const {
   const int64_t E = c_.num_experts, K = c_.top_k;
+  if (c_.router == RouterKind::kSigmoidGroupTopK) {
+    cpu::route_sigmoid_groups(c_, lr, n, bias.data(), topk, weight);
+    return;
+  }
   std::vector<double> p(static_cast<size_t>(E));
   std::vector<int32_t> order(static_cast<size_t>(E));
   for (int64_t r = 0; r < n; ++r, lr += E) {
@@ -554,7 +578,7 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
   gemm_nt(n, E, D, u, D, L.router.data(), D, logits.data(), E);
   topk.assign(static_cast<size_t>(n * K), 0);
   std::vector<float> weight(static_cast<size_t>(n * K));
-  route(logits.data(), n, topk.data(), weight.data());
+  route(logits.data(), n, topk.data(), weight.data(), L.router_bias);
 
   // Dispatch (token, expert) pairs to the ranks of the expert group holding that expert (one per
   // intermediate slice when etp > 1): [expert id, u] per pair and destination.
@@ -672,8 +696,9 @@ void CpuBackend::mlp(const PlannedLayer& layer) {
       shared_out.resize(static_cast<size_t>(n * D));
       run_mlp(L.shared, u.data() + s0 * D, n, shared_out.data());
       std::vector<float> gate(static_cast<size_t>(n));
-      gemm_nt(n, 1, D, u.data() + s0 * D, D, L.shared_gate.data(), D, gate.data(), 1);
-      for (int64_t r = 0; r < n; ++r) {
+      if (!L.shared_gate.empty())  // DeepSeek's shared experts have no gate
+        gemm_nt(n, 1, D, u.data() + s0 * D, D, L.shared_gate.data(), D, gate.data(), 1);
+      for (int64_t r = 0; r < n && !L.shared_gate.empty(); ++r) {
         const float sg = 1.f / (1.f + std::exp(-gate[r]));
         for (int64_t j = 0; j < D; ++j) shared_out[r * D + j] *= sg;
       }

@@ -111,7 +111,19 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
     L.mlp_norm = ld.norm(Role::kMlpNorm, Role::kMlpNormBias, l);
     L.attn_out_norm = ld.norm(Role::kAttnOutNorm, Role::kCount, l);
     L.mlp_out_norm = ld.norm(Role::kMlpOutNorm, Role::kCount, l);
-    if (has_role(c, Role::kQkv)) {
+    if (c.mla()) {
+      const int64_t Rq = c.mla_q_rank, Rkv = c.mla_kv_rank, dkv = c.qk_nope_dim + c.v_head_dim;
+      if (Rq > 0) {
+        L.mla.q_a = ld.rows(Role::kQA, l, 0, Rq, D);
+        L.mla.q_a_norm = ld.vec(Role::kQANorm, l, 0, Rq);
+        L.mla.q_b = ld.rows(Role::kQB, l, h0 * d, h1 * d, Rq);
+      } else {
+        L.q = ld.rows(Role::kQ, l, h0 * d, h1 * d, D);
+      }
+      L.mla.kv_a = ld.rows(Role::kKvA, l, 0, Rkv + c.qk_rope_dim, D);
+      L.mla.kv_a_norm = ld.vec(Role::kKvANorm, l, 0, Rkv);
+      L.mla.kv_b = ld.rows(Role::kKvB, l, h0 * dkv, h1 * dkv, Rkv);
+    } else if (has_role(c, Role::kQkv)) {
       // GPT-NeoX: rows of query_key_value are [H, 3, d] (per head: q, k, v); no GQA.
       const std::string name = tensor_name(c, Role::kQkv, l);
       for (int64_t h = h0; h < h1; ++h) {
@@ -141,7 +153,7 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
       L.k_bias = ld.vec(Role::kKBias, l, g0 * d, g1 * d, c.qkv_bias);
       L.v_bias = ld.vec(Role::kVBias, l, g0 * d, g1 * d, c.qkv_bias);
     }
-    L.o = ld.cols(Role::kO, l, D, h0 * d, h1 * d);
+    L.o = ld.cols(Role::kO, l, D, h0 * c.value_dim(), h1 * c.value_dim());
     L.o_bias = ld.vec(Role::kOBias, l, 0, D, c.o_bias);
     if (c.qk_norm == QkNormKind::kPerHead) {
       L.q_norm = ld.vec(Role::kQNorm, l, 0, d);
@@ -154,6 +166,8 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
       L.router = ld.rows(Role::kRouter, l, 0, c.num_experts, D);
+      if (c.router == RouterKind::kSigmoidGroupTopK)
+        L.router_bias = ld.vec(Role::kRouterBias, l, 0, c.num_experts);
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
         // Expert tensor parallelism: this rank's rows [inter_begin, inter_end) of gate/up and the
         // same columns of down (the SwiGLU is element-wise over the intermediate dimension).
@@ -172,7 +186,7 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
         L.shared.gate = ld.rows(Role::kSharedGate, l, 0, S, D);
         L.shared.up = ld.rows(Role::kSharedUp, l, 0, S, D);
         L.shared.down = ld.rows(Role::kSharedDown, l, 0, D, S);
-        L.shared_gate = ld.rows(Role::kSharedExpertGate, l, 0, 1, D);
+        if (c.shared_expert_gated) L.shared_gate = ld.rows(Role::kSharedExpertGate, l, 0, 1, D);
       }
     } else {
       L.dense = ld.dense_mlp(l);

@@ -26,6 +26,16 @@ struct MlpWeights {
   int64_t inter = 0;
 };
 
+// Multi-head latent attention (DeepSeek-V3): the latent projections are replicated, kv_b_proj and
+// q_b_proj (or q_proj) are sharded by head like any query projection.
+struct MlaWeights {
+  std::vector<float> q_a, q_a_norm;  // [Rq, D], [Rq] (empty without q_lora_rank)
+  std::vector<float> q_b;            // [Hl * (nope + rope), Rq] this rank's heads
+  std::vector<float> kv_a;           // [Rkv + rope, D]
+  std::vector<float> kv_a_norm;      // [Rkv]
+  std::vector<float> kv_b;           // [Hl * (nope + v), Rkv] this rank's heads
+};
+
 struct LayerWeights {
   NormWeights attn_norm, mlp_norm;            // pre-norm and parallel blocks
   NormWeights attn_out_norm, mlp_out_norm;    // post-norm blocks
@@ -40,7 +50,9 @@ struct LayerWeights {
   std::vector<MlpWeights> experts;  // local experts [expert_begin, expert_end)
   MlpWeights dense;                 // dense MLP layers (replicated)
   MlpWeights shared;                // the shared expert (replicated)
-  std::vector<float> shared_gate;   // [D]
+  std::vector<float> shared_gate;   // [D] (empty: an ungated shared expert)
+  std::vector<float> router_bias;   // [E] DeepSeek's e_score_correction_bias (selection only)
+  MlaWeights mla;                   // multi-head latent attention; L.q holds a plain q_proj
 };
 
 struct ModelWeights {

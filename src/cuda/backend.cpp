@@ -1169,12 +1169,17 @@ void check_cuda_supports(const ModelConfig& c) {
   auto need = [&](bool ok, const char* what) {
     if (!ok) missing += (missing.empty() ? "" : ", ") + std::string(what);
   };
-  // Every family of docs/families.md runs; what is refused here is what no family has yet.
+  // Every family of docs/families.md but DeepSeek-V3 runs; what is refused here is what the
+  // kernels do not have yet.
   need(!(c.block == BlockKind::kPostNorm && c.num_experts > 0), "post-norm MoE blocks");
   need(c.act == Activation::kSilu || !c.gated_mlp, "gated MLPs with an activation other than SiLU");
   need(!(c.num_experts > 0 && c.act != Activation::kSilu),
        "experts with an activation other than SiLU");
   need(!(c.num_experts > 0 && c.mlp_bias), "expert biases");
+  need(!c.mla(), "multi-head latent attention");
+  need(c.router != RouterKind::kSigmoidGroupTopK, "sigmoid group-limited routing");
+  need(c.fp8_block_rows == 0, "FP8 block-scaled weights");
+  need(c.rope.kind != RopeKind::kYarn, "yarn rope scaling");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

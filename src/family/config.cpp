@@ -67,6 +67,46 @@ void in_range(const std::string& file, const char* key, int64_t v, int64_t lo, i
                    std::to_string(hi) + "], got " + std::to_string(v));
 }
 
+// yarn as transformers' _compute_yarn_parameters: the correction range from
+// original_max_position_embeddings, `truncate` (default true) flooring/ceiling its ends, and the
+// attention factor mscale / mscale_all_dim (DeepSeek) or 0.1 ln(factor) + 1.
+double yarn_mscale(double scale, double m) {
+  return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0;
+}
+
+void read_yarn(const json& b, const std::string& file, const std::string& where, const json& top,
+               RopeConfig& r) {
+  r.kind = RopeKind::kYarn;
+  r.original_max_position = get_int(b, file, "original_max_position_embeddings", true);
+  if (r.original_max_position <= 0)
+    fail(file, where + "original_max_position_embeddings must be positive");
+  r.factor = get_double(b, file, "factor", 0);
+  if (!find_key(b, "factor")) {
+    const int64_t max_pos = get_int(top, file, "max_position_embeddings", true);
+    r.factor = static_cast<double>(max_pos) / static_cast<double>(r.original_max_position);
+  }
+  r.beta_fast = get_double(b, file, "beta_fast", 32);
+  r.beta_slow = get_double(b, file, "beta_slow", 1);
+  if (r.beta_fast == 0) r.beta_fast = 32;  // transformers: `or 32`, `or 1`
+  if (r.beta_slow == 0) r.beta_slow = 1;
+  if (!(r.beta_fast > 0) || !(r.beta_slow > 0) || !std::isfinite(r.beta_fast) ||
+      !std::isfinite(r.beta_slow))
+    fail(file, where + "beta_fast and beta_slow must be positive");
+  r.truncate = get_bool(b, file, "truncate", true);
+  const double mscale = get_double(b, file, "mscale", 0);
+  r.mscale_all_dim = get_double(b, file, "mscale_all_dim", 0);
+  if (!(r.factor >= 1.0 && std::isfinite(r.factor)))
+    fail(file, where + "factor must be a number >= 1");
+  if (find_key(b, "attention_factor"))
+    r.attention_factor = get_double(b, file, "attention_factor", 1.0);
+  else if (mscale != 0 && r.mscale_all_dim != 0)
+    r.attention_factor = yarn_mscale(r.factor, mscale) / yarn_mscale(r.factor, r.mscale_all_dim);
+  else
+    r.attention_factor = yarn_mscale(r.factor, 1.0);
+  if (!(r.attention_factor > 0) || !std::isfinite(r.attention_factor))
+    fail(file, where + "attention_factor must be positive");
+}
+
 // Rope: rope_theta (transformers 4), rope_parameters (transformers 5) and rope_scaling (4) are
 // all read; every scaling type other than the supported ones is refused by name, never ignored.
 void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
@@ -95,9 +135,13 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
         fail(file, where + "llama3 needs 0 < low_freq_factor < high_freq_factor");
       if (r.original_max_position <= 0)
         fail(file, where + "original_max_position_embeddings must be positive");
+    } else if (type == "yarn" && c.family->mla) {
+      read_yarn(b, file, where, j, r);
     } else {
+      // yarn's attention factor scales the rotated q and k: only the MLA path applies it.
       fail(file, where + "rope_type '" + type +
-                     "' is not supported (supported: default, linear, llama3)");
+                     "' is not supported (supported: default, linear, llama3; yarn for "
+                     "deepseek_v3)");
     }
     if (r.kind != RopeKind::kDefault && !(r.factor >= 1.0 && std::isfinite(r.factor)))
       fail(file, where + "factor must be a number >= 1");
@@ -123,6 +167,92 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
   if (r.rotary_dim <= 0 || r.rotary_dim > c.head_dim || r.rotary_dim % 2 != 0)
     fail(file, "the rotary dimension (" + std::to_string(r.rotary_dim) +
                    ") must be even and lie in [2, head_dim = " + std::to_string(c.head_dim) + "]");
+}
+
+// Multi-head latent attention (DeepSeek-V3): the key width is qk_nope + qk_rope, the value width
+// v_head_dim; every head has its own key and value (num_key_value_heads = num_attention_heads).
+void parse_mla(const json& j, const std::string& file, ModelConfig& c) {
+  if (const json* q = find_key(j, "q_lora_rank")) {
+    if (!q->is_number_integer()) fail(file, "key 'q_lora_rank' is not an integer");
+    c.mla_q_rank = q->get<int64_t>();
+    in_range(file, "q_lora_rank", c.mla_q_rank, 1, kMaxHidden);
+  }
+  c.mla_kv_rank = get_int(j, file, "kv_lora_rank", true);
+  in_range(file, "kv_lora_rank", c.mla_kv_rank, 1, kMaxHidden);
+  c.qk_nope_dim = get_int(j, file, "qk_nope_head_dim", true);
+  c.qk_rope_dim = get_int(j, file, "qk_rope_head_dim", true);
+  c.v_head_dim = get_int(j, file, "v_head_dim", true);
+  in_range(file, "qk_nope_head_dim", c.qk_nope_dim, 1, kMaxHeadDim);
+  in_range(file, "qk_rope_head_dim", c.qk_rope_dim, 2, kMaxHeadDim);
+  in_range(file, "v_head_dim", c.v_head_dim, 1, kMaxHeadDim);
+  if (c.qk_rope_dim % 2 != 0)
+    fail(file, "qk_rope_head_dim must be even for RoPE, got " + std::to_string(c.qk_rope_dim));
+  c.head_dim = c.qk_nope_dim + c.qk_rope_dim;
+  in_range(file, "qk_nope_head_dim + qk_rope_head_dim", c.head_dim, 2, kMaxHeadDim);
+  if (c.num_kv_heads != c.num_heads)
+    fail(file, "key 'num_key_value_heads' (" + std::to_string(c.num_kv_heads) +
+                   ") must equal num_attention_heads under multi-head latent attention");
+  c.rope.rotary_dim = c.qk_rope_dim;
+}
+
+// DeepSeek routing and expert layout: sigmoid scores, n_group / topk_group, the routed scaling
+// factor, n_shared_experts ungated shared experts, the first first_k_dense_replace layers dense.
+void parse_deepseek_moe(const json& j, const std::string& file, ModelConfig& c) {
+  const std::string scoring = get_string(j, file, "scoring_func", "sigmoid");
+  if (scoring != "sigmoid")
+    fail(file, "scoring_func '" + scoring + "' is not supported (supported: sigmoid)");
+  const std::string method = get_string(j, file, "topk_method", "noaux_tc");
+  if (method != "noaux_tc")
+    fail(file, "topk_method '" + method + "' is not supported (supported: noaux_tc)");
+  c.n_group = get_int(j, file, "n_group", false, 1);
+  c.topk_group = get_int(j, file, "topk_group", false, 1);
+  in_range(file, "n_group", c.n_group, 1, std::max<int64_t>(c.num_experts, 1));
+  in_range(file, "topk_group", c.topk_group, 1, c.n_group);
+  if (c.num_experts % c.n_group != 0)
+    fail(file, "key 'n_group' (" + std::to_string(c.n_group) +
+                   ") does not divide the number of experts (" + std::to_string(c.num_experts) +
+                   ")");
+  if (c.num_experts > 0 && c.num_experts / c.n_group < 2)
+    fail(file, "key 'n_group': groups need at least 2 experts (groups are scored by their top 2)");
+  if (c.num_experts > 0 && c.top_k > c.topk_group * (c.num_experts / c.n_group))
+    fail(file, "key 'num_experts_per_tok' (" + std::to_string(c.top_k) +
+                   ") exceeds the experts of topk_group groups");
+  c.routed_scaling_factor = get_double(j, file, "routed_scaling_factor", 1.0);
+  if (!(c.routed_scaling_factor > 0) || !std::isfinite(c.routed_scaling_factor))
+    fail(file, "key 'routed_scaling_factor' must be positive");
+  const int64_t shared = get_int(j, file, "n_shared_experts", false, 0);
+  in_range(file, "n_shared_experts", shared, 0, kMaxExperts);
+  c.shared_expert_intermediate_size = shared * c.moe_intermediate_size;
+  c.shared_expert_gated = false;
+  const int64_t dense = get_int(j, file, "first_k_dense_replace", false, 0);
+  in_range(file, "first_k_dense_replace", dense, 0, c.num_layers);
+  c.mlp_only_layers.clear();
+  for (int64_t l = 0; l < dense; ++l) c.mlp_only_layers.push_back(l);
+}
+
+// quantization_config: only FP8 (e4m3) with block scales (`weight_scale_inv`) is read; any other
+// method is refused by name, never ignored.
+void parse_quantization(const json& j, const std::string& file, ModelConfig& c) {
+  const json* q = find_key(j, "quantization_config");
+  if (!q) return;
+  if (!q->is_object()) fail(file, "key 'quantization_config' is not an object");
+  const std::string method = get_string(*q, file, "quant_method", "");
+  if (method != "fp8")
+    fail(file, "quantization_config.quant_method '" + method +
+                   "' is not supported (supported: fp8 with block scales)");
+  const std::string fmt = get_string(*q, file, "fmt", "e4m3");
+  if (fmt != "e4m3")
+    fail(file, "quantization_config.fmt '" + fmt + "' is not supported (supported: e4m3)");
+  c.fp8_block_rows = c.fp8_block_cols = 128;
+  if (const json* b = find_key(*q, "weight_block_size")) {
+    if (!b->is_array() || b->size() != 2 || !(*b)[0].is_number_integer() ||
+        !(*b)[1].is_number_integer() || (*b)[0].get<int64_t>() <= 0 ||
+        (*b)[1].get<int64_t>() <= 0 || (*b)[0].get<int64_t>() > (int64_t{1} << 20) ||
+        (*b)[1].get<int64_t>() > (int64_t{1} << 20))
+      fail(file, "quantization_config.weight_block_size must be two positive integers");
+    c.fp8_block_rows = (*b)[0].get<int64_t>();
+    c.fp8_block_cols = (*b)[1].get<int64_t>();
+  }
 }
 
 Activation parse_activation(const std::string& file, const std::string& act) {
@@ -158,6 +288,31 @@ std::vector<double> RopeConfig::inv_freq(int64_t head_dim) const {
         out = (1 - smooth) * out / factor + smooth * out;
       }
       v = out;
+    }
+  }
+  if (kind == RopeKind::kYarn) {
+    // transformers' _compute_yarn_parameters: interpolated (/ factor) below the ramp's low end,
+    // extrapolated (unchanged) above its high end, linear in between (the ramp in float32).
+    const double dim = static_cast<double>(rd), base = theta;
+    auto correction_dim = [&](double rotations) {
+      return dim * std::log(static_cast<double>(original_max_position) / (rotations * 2 * M_PI)) /
+             (2 * std::log(base));
+    };
+    double low = correction_dim(beta_fast), high = correction_dim(beta_slow);
+    if (truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, dim - 1);
+    if (low == high) high += 0.001;
+    for (int64_t j = 0; j < n; ++j) {
+      const float ramp = std::clamp(
+          (static_cast<float>(j) - static_cast<float>(low)) / static_cast<float>(high - low), 0.f,
+          1.f);
+      const double extrapolation = 1.0 - static_cast<double>(ramp);
+      const double v = f[static_cast<size_t>(j)];
+      f[static_cast<size_t>(j)] = v / factor * (1 - extrapolation) + v * extrapolation;
     }
   }
   return f;
@@ -209,7 +364,9 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
   in_range(file, "num_attention_heads", c.num_heads, 1, kMaxHeads);
   c.num_kv_heads = get_int(j, file, "num_key_value_heads", false, c.num_heads);
   in_range(file, "num_key_value_heads", c.num_kv_heads, 1, c.num_heads);
-  if (find_key(j, "head_dim")) {
+  if (f.mla) {
+    parse_mla(j, file, c);
+  } else if (find_key(j, "head_dim")) {
     c.head_dim = get_int(j, file, "head_dim", true);
     in_range(file, "head_dim", c.head_dim, 2, kMaxHeadDim);
   } else {
@@ -231,8 +388,10 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
   if (f.moe) {
     if (find_key(j, "num_experts"))
       c.num_experts = get_int(j, file, "num_experts", true);
-    else
+    else if (find_key(j, "num_local_experts"))
       c.num_experts = get_int(j, file, "num_local_experts", false, 0);
+    else
+      c.num_experts = get_int(j, file, "n_routed_experts", false, 0);
     in_range(file, "num_experts", c.num_experts, 0, kMaxExperts);
     c.top_k = get_int(j, file, "num_experts_per_tok", c.num_experts > 0, 0);
     // OLMoE and Mixtral size their experts with intermediate_size; Qwen with its own key.
@@ -259,6 +418,7 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
       in_range(file, "shared_expert_intermediate_size", c.shared_expert_intermediate_size, 0,
                kMaxInter);
     }
+    if (f.mla) parse_deepseek_moe(j, file, c);
     if (const json* v = find_key(j, "clip_qkv"))
       fail(file, "key 'clip_qkv' (" + v->dump() +
                      ") is not supported: the key attribution needs linear projections");
@@ -296,7 +456,22 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
       c.sliding_window = v->get<int64_t>();
     }
   }
+  if (f.mla) {
+    if (c.qkv_bias || c.o_bias)
+      fail(file, "key 'attention_bias' = true is not supported for " + c.model_type +
+                     " (the latent projections' biases; no released model has them)");
+    c.rope.interleave = get_bool(j, file, "rope_interleave", true);
+  }
   parse_rope(j, file, c);
+  if (f.mla) {
+    // transformers: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under yarn.
+    c.softmax_scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+    if (c.rope.kind == RopeKind::kYarn && c.rope.mscale_all_dim != 0) {
+      const double m = yarn_mscale(c.rope.factor, c.rope.mscale_all_dim);
+      c.softmax_scale *= m * m;
+    }
+  }
+  parse_quantization(j, file, c);
   c.dtype = get_string(j, file, "torch_dtype", get_string(j, file, "dtype", ""));
 
   // Consistency: every contradiction is reported by name.
@@ -345,6 +520,19 @@ std::string model_config_to_json(const ModelConfig& c) {
                          {"low_freq_factor", c.rope.low_freq_factor},
                          {"high_freq_factor", c.rope.high_freq_factor},
                          {"original_max_position_embeddings", c.rope.original_max_position}};
+  if (c.rope.kind == RopeKind::kYarn)
+    j["rope_scaling"] = {{"rope_type", "yarn"},
+                         {"factor", c.rope.factor},
+                         {"original_max_position_embeddings", c.rope.original_max_position},
+                         {"beta_fast", c.rope.beta_fast},
+                         {"beta_slow", c.rope.beta_slow},
+                         {"attention_factor", c.rope.attention_factor},
+                         {"mscale_all_dim", c.rope.mscale_all_dim}};
+  if (c.fp8_block_rows > 0)
+    j["quantization_config"] = {{"quant_method", "fp8"},
+                                {"fmt", "e4m3"},
+                                {"activation_scheme", "dynamic"},
+                                {"weight_block_size", {c.fp8_block_rows, c.fp8_block_cols}}};
   if (c.norm == NormKind::kLayer) {
     j["layer_norm_eps"] = c.rms_norm_eps;
   } else {
@@ -374,7 +562,32 @@ std::string model_config_to_json(const ModelConfig& c) {
     j["mlp_only_layers"] = c.mlp_only_layers;
     j["output_router_logits"] = false;
     j["router_aux_loss_coef"] = 0.001;
-    if (f.shared_expert) j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+    if (f.shared_expert && !f.mla)
+      j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+  }
+  if (f.mla) {
+    // DeepseekV3Config's keys (transformers writes head_dim = qk_rope_head_dim).
+    j.erase("num_experts");
+    j.erase("num_local_experts");
+    j.erase("decoder_sparse_step");
+    j.erase("mlp_only_layers");
+    j["n_routed_experts"] = c.num_experts;
+    j["head_dim"] = c.qk_rope_dim;
+    j["q_lora_rank"] = c.mla_q_rank > 0 ? json(c.mla_q_rank) : json(nullptr);
+    j["kv_lora_rank"] = c.mla_kv_rank;
+    j["qk_nope_head_dim"] = c.qk_nope_dim;
+    j["qk_rope_head_dim"] = c.qk_rope_dim;
+    j["v_head_dim"] = c.v_head_dim;
+    j["rope_interleave"] = c.rope.interleave;
+    j["n_group"] = c.n_group;
+    j["topk_group"] = c.topk_group;
+    j["routed_scaling_factor"] = c.routed_scaling_factor;
+    j["n_shared_experts"] = c.moe_intermediate_size > 0
+                                ? c.shared_expert_intermediate_size / c.moe_intermediate_size
+                                : 0;
+    j["first_k_dense_replace"] = static_cast<int64_t>(c.mlp_only_layers.size());
+    j["scoring_func"] = "sigmoid";
+    j["topk_method"] = "noaux_tc";
   }
   return j.dump(2) + "\n";
 }

@@ -134,6 +134,32 @@ std::vector<FamilySpec> make_families() {
     out.push_back(f);
   }
   {
+    FamilySpec f{"deepseek_v3", "DeepseekV3ForCausalLM",
+                 "DeepSeek-V3: multi-head latent attention, sigmoid group-limited router with a "
+                 "selection bias, ungated shared experts, FP8 block-scaled weights"};
+    f.moe = true;
+    f.mla = true;
+    f.shared_expert = true;
+    f.router = RouterKind::kSigmoidGroupTopK;
+    f.default_norm_topk = true;
+    llama_names(f);
+    moe_names(f);
+    auto& n = f.names;
+    n[size_t(R::kK)] = nullptr;
+    n[size_t(R::kV)] = nullptr;
+    n[size_t(R::kQA)] = "model.layers.{l}.self_attn.q_a_proj.weight";
+    n[size_t(R::kQANorm)] = "model.layers.{l}.self_attn.q_a_layernorm.weight";
+    n[size_t(R::kQB)] = "model.layers.{l}.self_attn.q_b_proj.weight";
+    n[size_t(R::kKvA)] = "model.layers.{l}.self_attn.kv_a_proj_with_mqa.weight";
+    n[size_t(R::kKvANorm)] = "model.layers.{l}.self_attn.kv_a_layernorm.weight";
+    n[size_t(R::kKvB)] = "model.layers.{l}.self_attn.kv_b_proj.weight";
+    n[size_t(R::kRouterBias)] = "model.layers.{l}.mlp.gate.e_score_correction_bias";
+    n[size_t(R::kSharedGate)] = "model.layers.{l}.mlp.shared_experts.gate_proj.weight";
+    n[size_t(R::kSharedUp)] = "model.layers.{l}.mlp.shared_experts.up_proj.weight";
+    n[size_t(R::kSharedDown)] = "model.layers.{l}.mlp.shared_experts.down_proj.weight";
+    out.push_back(f);
+  }
+  {
     FamilySpec f{
         "gpt_neox", "GPTNeoXForCausalLM",
         "GPT-NeoX / Pythia: LayerNorm, parallel residual, partial rotary, fused qkv, GELU"};

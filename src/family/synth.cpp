@@ -49,7 +49,8 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
                 V = c.vocab_size;
   PlantedCircuit pc;
   if (plant) {
-    if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe)
+    if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe ||
+        c.mla())
       throw InputError(
           "synth --plant-circuit: needs a pre-norm MoE family with per-head or no "
           "q/k norms (qwen3_moe, qwen2_moe, mixtral); model_type is " +
@@ -89,8 +90,13 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     for (auto dim : t.shape) n *= dim;
     std::vector<float> v(static_cast<size_t>(n), 0.f);
     const bool is_bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
+    const bool is_router_bias =
+        t.name.size() > 23 &&
+        t.name.compare(t.name.size() - 23, 23, "e_score_correction_bias") == 0;
     if (t.name == embed_name)
       randn(v, 1.f);
+    else if (is_router_bias)
+      randn(v, 0.05f);  // DeepSeek's selection bias: small, so that it changes some selections
     else if (t.shape.size() == 1 && !is_bias)
       std::fill(v.begin(), v.end(), 1.f);
     else if (t.shape.size() >= 2)

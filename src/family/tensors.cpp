@@ -112,7 +112,19 @@ std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpo
       need_if(layer_norm, Role::kAttnNormBias, {D}, l);
       need_if(layer_norm, Role::kMlpNormBias, {D}, l);
     }
-    if (has_role(c, Role::kQkv)) {
+    if (c.mla()) {
+      const int64_t Rq = c.mla_q_rank, Rkv = c.mla_kv_rank;
+      if (Rq > 0) {
+        need(Role::kQA, {Rq, D}, l);
+        need(Role::kQANorm, {Rq}, l);
+        need(Role::kQB, {H * d, Rq}, l);
+      } else {
+        need(Role::kQ, {H * d, D}, l);
+      }
+      need(Role::kKvA, {Rkv + c.qk_rope_dim, D}, l);
+      need(Role::kKvANorm, {Rkv}, l);
+      need(Role::kKvB, {H * (c.qk_nope_dim + c.v_head_dim), Rkv}, l);
+    } else if (has_role(c, Role::kQkv)) {
       need(Role::kQkv, {3 * H * d, D}, l);
       need_if(c.qkv_bias, Role::kQkvBias, {3 * H * d}, l);
     } else {
@@ -123,7 +135,7 @@ std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpo
       need_if(c.qkv_bias, Role::kKBias, {KV * d}, l);
       need_if(c.qkv_bias, Role::kVBias, {KV * d}, l);
     }
-    need(Role::kO, {D, H * d}, l);
+    need(Role::kO, {D, H * c.value_dim()}, l);
     need_if(c.o_bias, Role::kOBias, {D}, l);
     if (c.qk_norm == QkNormKind::kPerHead) {
       need(Role::kQNorm, {d}, l);
@@ -135,6 +147,7 @@ std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpo
     if (c.is_moe_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
       need(Role::kRouter, {E, D}, l);
+      if (c.router == RouterKind::kSigmoidGroupTopK) need(Role::kRouterBias, {E}, l);
       if (ckpt ? experts_fused(*ckpt, l) : fused_experts) {
         need(Role::kExpertsGateUp, {E, 2 * I, D}, l);
         need(Role::kExpertsDown, {E, D, I}, l);
@@ -150,7 +163,7 @@ std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpo
         need(Role::kSharedGate, {S, D}, l);
         need(Role::kSharedUp, {S, D}, l);
         need(Role::kSharedDown, {D, S}, l);
-        need(Role::kSharedExpertGate, {1, D}, l);
+        if (c.shared_expert_gated) need(Role::kSharedExpertGate, {1, D}, l);
       }
     } else {
       const int64_t I = c.intermediate_size;
@@ -175,7 +188,8 @@ void validate_checkpoint(const Checkpoint& ckpt) {
                        ", config.json implies " + shape_str(need.shape));
     if (t->dtype == DType::Other)
       throw InputError(ckpt.dir() + ": tensor '" + t->name + "' has dtype " + t->dtype_str +
-                       " (supported: BF16, F16, F32)");
+                       " (supported: BF16, F16, F32, F8_E4M3 with a weight_scale_inv)");
+    if (t->dtype == DType::F8E4M3) check_fp8_scale(ckpt, *t);
   }
 }
 

@@ -17,6 +17,8 @@ printf '\x00{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"__metadata
 printf '\x01{"metadata":{"total_size":8},"weight_map":{"a":"model-00001-of-00002.safetensors"}}' > "$corpus/index"
 printf '\x01{"metadata":{"a":8},"weight_map":{"a":"s1.safetensors"}}' > "$corpus/index-metadata"
 printf '\x02' > "$corpus/config"; cat "$root/tests/data/tiny_moe.json" >> "$corpus/config"
+printf '\x02' > "$corpus/config-deepseek"; cat "$root/tests/data/tiny_deepseek_v3.json" >> "$corpus/config-deepseek"
+printf '\x00{"w":{"dtype":"F8_E4M3","shape":[2,3],"data_offsets":[0,6]},"w_scale_inv":{"dtype":"F32","shape":[1,1],"data_offsets":[6,10]}}' > "$corpus/header-fp8"
 /usr/bin/python3 - "$corpus" <<'PY'
 import io, struct, sys, numpy as np
 corpus = sys.argv[1]

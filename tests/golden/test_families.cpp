@@ -34,15 +34,52 @@ using golden::expect_close;
 using golden::Expected;
 using golden::load_expected;
 
+// DeepSeek-V3's routing from the reference's raw router logits, written independently of the
+// backend: sigmoid scores (float32, as transformers computes the router), selection on score + bias
+// restricted to the topk_group groups with the largest sum of their two best corrected scores
+// (other groups' corrected scores become 0), ties to the lower index.
+std::vector<int64_t> deepseek_selection(const double* lr, const std::vector<float>& bias,
+                                        const ModelConfig& c) {
+  const int64_t E = c.num_experts, G = c.n_group, per = E / G;
+  std::vector<float> choice(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e)
+    choice[e] = 1.f / (1.f + std::exp(-static_cast<float>(lr[e]))) + bias[e];
+  std::vector<std::pair<float, int64_t>> groups;
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<float> v(choice.begin() + g * per, choice.begin() + (g + 1) * per);
+    std::sort(v.rbegin(), v.rend());
+    groups.push_back({v[0] + v[1], g});
+  }
+  std::stable_sort(groups.begin(), groups.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (int64_t g = c.topk_group; g < G; ++g)
+    for (int64_t e = 0; e < per; ++e) choice[groups[g].second * per + e] = 0.f;
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return choice[a] > choice[b]; });
+  order.resize(static_cast<size_t>(c.top_k));
+  return order;
+}
+
 // Routing frequencies implied by the reference's raw router logits, with sinkscope's tie rule
 // (the lower expert index first). Softmax is monotonic, so both router kinds select the top-k
 // logits.
-void expected_routing(const Expected& e, const ModelConfig& c, int64_t N, int64_t T,
+void expected_routing(const Expected& e, const Checkpoint& ck, int64_t N, int64_t T,
                       std::vector<double>* p0, std::vector<double>* rest) {
+  const ModelConfig& c = ck.config();
   const auto& logits = e.values.at("router_logits");
   const auto& layers = e.values.at("moe_layers");
   const int64_t Lm = static_cast<int64_t>(layers.size()), E = c.num_experts, K = c.top_k,
                 L = c.num_layers;
+  std::vector<std::vector<float>> bias(static_cast<size_t>(L));
+  if (c.router == RouterKind::kSigmoidGroupTopK) {
+    for (int64_t l = 0; l < L; ++l)
+      if (c.is_moe_layer(l)) {
+        bias[l].resize(static_cast<size_t>(E));
+        ck.read_rows(tensor_name(c, Role::kRouterBias, l), 0, E, bias[l].data());
+      }
+  }
   p0->assign(static_cast<size_t>(L * E), 0.0);
   rest->assign(static_cast<size_t>(L * E), 0.0);
   std::vector<int64_t> order(static_cast<size_t>(E));
@@ -50,10 +87,14 @@ void expected_routing(const Expected& e, const ModelConfig& c, int64_t N, int64_
     for (int64_t m = 0; m < Lm; ++m)
       for (int64_t i = 0; i < T; ++i) {
         const double* lr = logits.data() + ((n * Lm + m) * T + i) * E;
+        const int64_t l = static_cast<int64_t>(layers[static_cast<size_t>(m)]);
         std::iota(order.begin(), order.end(), 0);
         std::stable_sort(order.begin(), order.end(),
                          [&](int64_t a, int64_t b) { return lr[a] > lr[b]; });
-        const int64_t l = static_cast<int64_t>(layers[static_cast<size_t>(m)]);
+        if (c.router == RouterKind::kSigmoidGroupTopK) {
+          const auto sel = deepseek_selection(lr, bias[l], c);
+          std::copy(sel.begin(), sel.end(), order.begin());
+        }
         for (int64_t k = 0; k < K; ++k) {
           const size_t at = static_cast<size_t>(l * E + order[static_cast<size_t>(k)]);
           if (i == 0)
@@ -64,9 +105,22 @@ void expected_routing(const Expected& e, const ModelConfig& c, int64_t N, int64_
       }
 }
 
+// Fixtures that tools/make_family_goldens.py makes but that are not in the tree yet (they need
+// torch + transformers): their tests skip with "fixture missing" until the folder is added.
+bool fixture_pending(const std::string& family) {
+  return (family == "deepseek_v3" || family == "deepseek_v3_fp8") &&
+         !fs::exists(kFamiliesDir + "/" + family + "/expected.safetensors");
+}
+#define SKIP_IF_FIXTURE_PENDING()                                                       \
+  if (fixture_pending(GetParam()))                                                      \
+  GTEST_SKIP() << "fixture missing: " << kFamiliesDir << "/" << GetParam()              \
+               << " (python3 tools/make_family_goldens.py --out tests/golden/families " \
+                  "--families deepseek_v3 deepseek_v3_fp8)"
+
 class Family : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Family, MatchesTransformersReference) {
+  SKIP_IF_FIXTURE_PENDING();
   const std::string dir = kFamiliesDir + "/" + GetParam();
   ASSERT_TRUE(fs::exists(dir + "/expected.safetensors")) << "golden fixture missing: " << dir;
   const Expected e = load_expected(dir + "/expected.safetensors");
@@ -90,7 +144,7 @@ TEST_P(Family, MatchesTransformersReference) {
     const Checkpoint ck = Checkpoint::open(dir);
     if (e.values.count("router_logits")) {
       std::vector<double> p0, rest;
-      expected_routing(e, ck.config(), N, T, &p0, &rest);
+      expected_routing(e, ck, N, T, &p0, &rest);
       expect_close("p0_topk_freq", a.p0_topk_freq.data, p0, 1e-6, 0, 0);
       expect_close("rest_topk_freq", a.rest_topk_freq.data, rest, 1e-6, 0, 0);
     }
@@ -102,6 +156,7 @@ TEST_P(Family, MatchesTransformersReference) {
 }
 
 TEST_P(Family, LogitsMatch) {
+  SKIP_IF_FIXTURE_PENDING();
   const std::string dir = kFamiliesDir + "/" + GetParam();
   const Expected e = load_expected(dir + "/expected.safetensors");
   const IntArray tokens = load_tokens(dir + "/probes.npy");
@@ -159,6 +214,7 @@ struct TempDir {
 // `synth` writes a checkpoint of every family that validates and analyses, with the circuit
 // identity holding (the family table drives both the writer and the reader).
 TEST_P(Family, SynthWritesAnAnalysableCheckpoint) {
+  SKIP_IF_FIXTURE_PENDING();
   const ModelConfig shape = parse_model_config(kFamiliesDir + "/" + GetParam() + "/config.json");
   TempDir tmp;
   synthesize(shape, tmp.path, false, 3);
@@ -223,6 +279,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, PlantedFamily, ::testing::Values("mixtral", "
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Family,
                          ::testing::Values("olmoe", "mixtral", "qwen2_moe", "llama", "qwen3",
-                                           "olmo2", "gpt_neox", "qwen3_moe_fused"));
+                                           "olmo2", "gpt_neox", "qwen3_moe_fused", "deepseek_v3",
+                                           "deepseek_v3_fp8"));
 
 }  // namespace

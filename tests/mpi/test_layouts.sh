@@ -17,9 +17,13 @@ for g in "$root"/tests/golden/*/; do
 done
 # Other families, on the layouts that exercise what they change: full-width q/k norms over tp
 # ranks (olmoe, olmo2; tp 4 replicates their KV heads), a shared expert under ep (qwen2_moe),
-# top-k-then-softmax routing under ep (mixtral), LayerNorm and the parallel residual (gpt_neox).
-family_models=()
-for f in olmoe qwen2_moe mixtral olmo2 gpt_neox; do
+# top-k-then-softmax routing under ep (mixtral), LayerNorm and the parallel residual (gpt_neox),
+# multi-head latent attention sharded by head with the latent projections replicated, sigmoid
+# group routing and the ungated shared expert (deepseek_v3: a synthetic one always, the golden
+# fixtures when present).
+"$bin" synth --config "$root/tests/data/tiny_deepseek_v3.json" --out "$work/deepseek_v3_synth" --seed 4 2>/dev/null
+family_models=("$work/deepseek_v3_synth:--probes random:5:20:6")
+for f in olmoe qwen2_moe mixtral olmo2 gpt_neox deepseek_v3 deepseek_v3_fp8; do
   g="$root/tests/golden/families/$f"
   [ -f "$g/config.json" ] && family_models+=("$g:--tokens $g/probes.npy")
 done
@@ -65,7 +69,7 @@ for entry in "${family_models[@]}"; do
   name=family_$(basename "$model")
   # shellcheck disable=SC2086
   "$bin" analyze --quiet --model "$model" $probes --per-query --batch 2 --ablate layers=0-0 --out "$work/$name.ref.h5"
-  experts=$("$py" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("num_experts") or c.get("num_local_experts") or 0)' "$model/config.json")
+  experts=$("$py" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts") or 0)' "$model/config.json")
   for layout in "${family_layouts[@]}"; do
     np=${layout%%:*} opts=${layout#*:}
     [[ "$experts" == 0 && "$opts" == *"--ep"* ]] && opts=${opts/--ep 2/}  # dense: the ranks split probes
