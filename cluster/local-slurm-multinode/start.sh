@@ -51,8 +51,21 @@ readonly num_nodes=${2:-2}
   echo "multinode-slurm: error: NODES must be 2 or 3 (got '$num_nodes')" >&2
   exit 1
 }
-[[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces, slurmd)"
 export PATH="$PATH:/usr/sbin:/sbin"
+for cmd in ip unshare nsenter mount; do
+  command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found (iproute2 / util-linux)"
+done
+# First of all: does the kernel let us make a network namespace (not as a user without
+# CAP_SYS_ADMIN, not in many containers)? Exit 3 says so, and nothing else is touched.
+probe_ns="sinkscope-mnprobe-$$"
+if ! err=$(ip netns add "$probe_ns" 2>&1); then
+  refused "ip netns add (network namespaces; running as uid $(id -u)): $err"
+fi
+ip netns del "$probe_ns" 2>/dev/null || true
+if ! err=$(unshare --uts true 2>&1); then
+  refused "unshare --uts (UTS namespaces, for the nodes' own host names): $err"
+fi
+[[ $(id -u) -eq 0 ]] || die "must run as root (slurmd and munged are started as root)"
 
 mkdir -p "$1"
 run_dir="$(cd "$1" && pwd)"
@@ -63,9 +76,6 @@ readonly slurmd_port=$((ctld_port + 1))
 readonly wait_s=${MULTINODE_SLURM_WAIT:-60}
 
 # ---- packages ----------------------------------------------------------------------------------
-for cmd in ip unshare nsenter mount; do
-  command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found (iproute2 / util-linux)"
-done
 need_install=()
 for cmd in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
   command -v "${cmd%%:*}" >/dev/null 2>&1 || need_install+=("${cmd#*:}")
