@@ -14,8 +14,9 @@ packages=(
   python3-xarray python3-h5netcdf python3-pandas python3-pip python3-setuptools
   procps
 )
-# The test suite also needs Slurm (end-to-end Slurm test) and clang with libFuzzer (fuzz run).
-if [ "${SINKSCOPE_TEST_DEPS:-0}" = 1 ]; then packages+=(slurm-wlm munge clang libclang-rt-14-dev bc); fi
+# The test suite also needs Slurm (end-to-end Slurm test), iproute2 (network namespaces of the
+# multi-node test; unshare/nsenter come with util-linux) and clang with libFuzzer (fuzz run).
+if [ "${SINKSCOPE_TEST_DEPS:-0}" = 1 ]; then packages+=(slurm-wlm munge iproute2 clang libclang-rt-14-dev bc); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

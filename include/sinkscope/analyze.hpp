@@ -12,6 +12,7 @@
 namespace sinkscope {
 
 class Comm;
+struct NodeMap;
 
 struct AnalyzeOptions {
   std::string model;  // checkpoint folder
@@ -22,6 +23,12 @@ struct AnalyzeOptions {
   std::string tokens_source = "tokens";  // the token file or --probes spec, named in errors
   int tp = 1, ep = 1;
   int etp = 0;  // expert tensor parallelism; 0 = default (tp where it fits, cpu)
+  // Placement over nodes (include/sinkscope/placement.hpp): "any", "inside" or "across", and
+  // whether a tp group may span nodes. `nodes`: the job's node map when the caller already has
+  // it (a sweep discovers it once); null: analyze_checkpoint discovers it.
+  std::string ep_placement = "any";
+  bool allow_tp_across_nodes = false;
+  const NodeMap* nodes = nullptr;
   std::string device = "cpu";
   double eps = 0.3;
   bool per_query = false;

@@ -9,6 +9,8 @@
 
 namespace sinkscope {
 
+std::string host_name();
+
 class Comm {
  public:
   virtual ~Comm() = default;
@@ -44,6 +46,11 @@ class Comm {
   // waiting rank prints one line naming the wait and ends the job (MPI_Abort, status 2).
   // 0 waits forever. Communicators without waits (single process) ignore it.
   virtual void set_wait_limit(double seconds) { (void)seconds; }
+
+  // A string that is equal on exactly the ranks of one node (include/sinkscope/placement.hpp).
+  // Every rank calls it together. MPI: the lowest world rank of the shared-memory split
+  // (MPI_COMM_TYPE_SHARED) with its host name; otherwise the host name.
+  virtual std::string node_key() const { return host_name(); }
 };
 
 std::unique_ptr<Comm> make_single_comm();
@@ -55,7 +62,5 @@ std::unique_ptr<Comm> make_mpi_world(int* argc, char*** argv);
 bool launched_under_mpi();
 // Calls MPI_Finalize when MPI was initialised (idempotent).
 void finalize_mpi();
-
-std::string host_name();
 
 }  // namespace sinkscope

@@ -29,6 +29,11 @@ struct ShardPlan {
   int64_t expert_begin = 0, expert_end = 0;  // experts [begin, end)
   int64_t moe_inter = 0;                     // moe_intermediate_size of the model
   int64_t inter_begin = 0, inter_end = 0;    // this rank's slice of each expert's intermediate dim
+  // Where the rank runs (include/sinkscope/placement.hpp; set after make()): its node, how many
+  // nodes the job has, its index among its node's ranks (the CUDA backend's GPU), and the
+  // placement's one-line summary, which describe() appends.
+  int node = 0, num_nodes = 1, local_rank = 0;
+  std::string placement;
 
   // Throws InputError with a one-line reason when the sizes do not fit. etp = 0 picks the
   // default: tp when the world holds tp x ep ranks per expert group and tp divides the expert
@@ -52,11 +57,12 @@ struct ShardPlan {
   bool operator==(const ShardPlan&) const = default;
 
   template <class Archive>
-  void serialize(Archive& ar, const unsigned int /*version*/) {
+  void serialize(Archive& ar, const unsigned int version) {
     ar& world_size& rank& tp& ep& dp& tp_rank& dp_rank& ep_rank& ep_group;
     ar& etp& etp_rank& moe_inter& inter_begin& inter_end;
     ar& num_heads& num_kv_heads& num_experts;
     ar& head_begin& head_end& kv_begin& kv_end& expert_begin& expert_end;
+    if (version >= 2) ar& node& num_nodes& local_rank& placement;
   }
 };
 

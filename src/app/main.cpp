@@ -26,6 +26,7 @@
 #include "sinkscope/io.hpp"
 #include "sinkscope/limits.hpp"
 #include "sinkscope/model.hpp"
+#include "sinkscope/placement.hpp"
 #include "sinkscope/plan.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
@@ -46,6 +47,8 @@ struct ProbeArgs {
 
 struct CommonArgs {
   int tp = 1, ep = 1, etp = 0;
+  std::string ep_placement = "any";  // placement over nodes (include/sinkscope/placement.hpp)
+  bool allow_tp_across_nodes = false;
   std::string device = "cpu";
   double eps = 0.3;
   bool per_query = false;
@@ -87,6 +90,11 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
   app->add_option("--etp", c.etp,
                   "expert tensor-parallel ranks (slices of each expert; default: tp where it fits)")
       ->check(CLI::PositiveNumber);
+  app->add_option("--ep-placement", c.ep_placement,
+                  "expert groups inside one node, across nodes, or any (multi-node jobs)")
+      ->capture_default_str();
+  app->add_flag("--allow-tp-across-nodes", c.allow_tp_across_nodes,
+                "run even when a tp group would span nodes (slow: tp all-reduces every layer)");
   app->add_option("--device", c.device, "cpu or cuda");
   app->add_option("--eps", c.eps, "sink threshold on the sink score, in (0, 1)")
       ->check(CLI::Validator(
@@ -153,6 +161,8 @@ AnalyzeOptions analyze_options(const CommonArgs& c) {
   o.tp = c.tp;
   o.ep = c.ep;
   o.etp = c.etp;
+  o.ep_placement = c.ep_placement;
+  o.allow_tp_across_nodes = c.allow_tp_across_nodes;
   o.device = c.device;
   o.eps = c.eps;
   o.per_query = c.per_query;
@@ -238,7 +248,7 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
 // config.json reads, all checkpoints have one model shape (naming the first two that differ), and
 // the parallel layout fits the world.
 void check_sweep_up_front(const std::vector<SweepCheckpoint>& cps, const CommonArgs& ca,
-                          const Comm& world) {
+                          const Comm& world, const NodeMap& nodes) {
   std::vector<ModelConfig> configs;
   for (const SweepCheckpoint& cp : cps)
     configs.push_back(parse_model_config((fs::path(cp.dir) / "config.json").string()));
@@ -253,7 +263,10 @@ void check_sweep_up_front(const std::vector<SweepCheckpoint>& cps, const CommonA
       throw InputError("checkpoints of different model shapes in one sweep: " + cps[0].dir + " (" +
                        shape(configs[0]) + ") and " + cps[i].dir + " (" + shape(configs[i]) + ")");
   const int etp = ca.etp > 0 ? ca.etp : (ca.device == "cuda" ? 1 : 0);
-  ShardPlan::make(world.size(), world.rank(), ca.tp, ca.ep, configs.front(), etp);
+  PlacementOptions placing;
+  placing.ep = parse_ep_placement(ca.ep_placement);
+  placing.allow_tp_across_nodes = ca.allow_tp_across_nodes;
+  make_placed_plan(nodes, world.rank(), ca.tp, ca.ep, configs.front(), etp, placing);
 }
 
 struct SweepArgs {
@@ -276,9 +289,11 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
   std::vector<SweepCheckpoint> cps;
   IntArray tokens;
   std::string source;
+  // The job's nodes, once for every checkpoint (collective: before the checks).
+  const NodeMap nodes = discover_nodes(world);
   run_agreed(world, [&] {
     cps = list_checkpoints(models, glob, steps);
-    if (!assemble_only) check_sweep_up_front(cps, ca, world);
+    if (!assemble_only) check_sweep_up_front(cps, ca, world, nodes);
     if (world.rank() == 0) {
       std::error_code ec;
       fs::create_directories(fs::path(outdir) / "checkpoints", ec);
@@ -330,6 +345,7 @@ int cmd_sweep(const std::vector<std::string>& models, const std::string& glob, c
         continue;
       }
       AnalyzeOptions o = analyze_options(ca);
+      o.nodes = &nodes;
       o.causal_profile = !sa.no_causal_profile;  // on in sweeps (contract 1.2)
       o.model = cp.dir;
       o.step = cp.step;

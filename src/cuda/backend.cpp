@@ -51,6 +51,8 @@ int visible_device_count() {
 namespace {
 
 int local_rank_hint(const ShardPlan& plan) {
+  // A placed plan knows the rank's index among its node's ranks (MPI's shared-memory split).
+  if (!plan.placement.empty()) return plan.local_rank;
   for (const char* v :
        {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"})
     if (const char* s = std::getenv(v); s && *s) return std::atoi(s);

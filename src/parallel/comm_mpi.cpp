@@ -85,6 +85,20 @@ class MpiComm final : public Comm {
     SINKSCOPE_MPI_CHECK(MPI_Comm_split(comm_, color, key, &out));
     return std::make_unique<MpiComm>(out, true, wait_limit_);
   }
+  std::string node_key() const override {
+    // The ranks that can share memory are one node, as the launcher placed them (PMIx locality
+    // under srun or mpirun); the key is that group's lowest world rank, with its host name.
+    MPI_Comm node;
+    SINKSCOPE_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+    int world = 0, lowest = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world);
+    MPI_Request request;
+    const int rc = MPI_Iallreduce(&world, &lowest, 1, MPI_INT, MPI_MIN, node, &request);
+    if (rc == MPI_SUCCESS) wait(&request, 1, "MPI_Iallreduce (node discovery)");
+    MPI_Comm_free(&node);
+    SINKSCOPE_MPI_CHECK(rc);
+    return std::to_string(lowest) + "@" + host_name();
+  }
   void barrier() const override {
     MPI_Request request;
     SINKSCOPE_MPI_CHECK(MPI_Ibarrier(comm_, &request));

@@ -3,13 +3,14 @@
 
 #include <boost/archive/text_iarchive.hpp>
 #include <boost/archive/text_oarchive.hpp>
+#include <boost/serialization/string.hpp>
 #include <boost/serialization/version.hpp>
 #include <sstream>
 
 #include "sinkscope/config.hpp"
 #include "sinkscope/error.hpp"
 
-BOOST_CLASS_VERSION(sinkscope::ShardPlan, 1)
+BOOST_CLASS_VERSION(sinkscope::ShardPlan, 2)
 
 namespace sinkscope {
 
@@ -102,6 +103,7 @@ std::string ShardPlan::describe() const {
      << ", kv heads/rank=" << (kv_end - kv_begin) << (tp > num_kv_heads ? " replicated" : "")
      << ", experts/rank=" << (num_experts ? num_experts / ep : 0)
      << (etp > 1 ? " x 1/" + std::to_string(etp) + " of their width" : "") << ")";
+  if (!placement.empty()) os << "; " << placement;
   return os.str();
 }
 

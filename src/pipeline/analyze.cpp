@@ -22,6 +22,7 @@
 #include "sinkscope/limits.hpp"
 #include "sinkscope/model.hpp"
 #include "sinkscope/parallel.hpp"
+#include "sinkscope/placement.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/recorder.hpp"
 #include "sinkscope/shard_plan.hpp"
@@ -201,6 +202,10 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   const BackendEntry* backend_entry = nullptr;
   const bool synthetic = opt.synthetic_seed >= 0;
   const auto read_start = std::chrono::steady_clock::now();
+  // Collective, so outside the checks below (a rank that failed one would not join it).
+  std::optional<NodeMap> discovered;
+  if (!opt.nodes) discovered = discover_nodes(world);
+  const NodeMap& nodes = opt.nodes ? *opt.nodes : *discovered;
   run_agreed(world, [&] {
     backend_entry = &find_backend(opt.device);
     if (synthetic) {
@@ -222,7 +227,10 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     // The CUDA backend keeps whole experts (etp = 1) for now; the CPU default follows
     // Megatron-Core.
     const int etp = opt.etp > 0 ? opt.etp : (opt.device == "cpu" ? 0 : 1);
-    plan = ShardPlan::make(world.size(), world.rank(), opt.tp, opt.ep, c, etp);
+    PlacementOptions placing;
+    placing.ep = parse_ep_placement(opt.ep_placement);
+    placing.allow_tp_across_nodes = opt.allow_tp_across_nodes;
+    plan = make_placed_plan(nodes, world.rank(), opt.tp, opt.ep, c, etp, placing);
     ablate = parse_ablate(opt.ablate, c.num_layers);
     if (opt.batch < 1 || opt.batch > kMaxBatch)
       throw InputError("--batch " + std::to_string(opt.batch) + ": must lie in 1-" +
@@ -259,9 +267,10 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     std::cerr << "sinkscope: layout " << plan.describe() << "\n";
   if (opt.verbose) {
     const std::string line =
-        "rank " + std::to_string(world.rank()) + " (" + host_name() + "): " + plan.describe() +
-        "; heads [" + std::to_string(plan.head_begin) + ", " + std::to_string(plan.head_end) +
-        "), experts [" + std::to_string(plan.expert_begin) + ", " +
+        "rank " + std::to_string(world.rank()) + " (" + host_name() + ", layout rank " +
+        std::to_string(plan.rank) + ", local rank " + std::to_string(plan.local_rank) +
+        "): " + plan.describe() + "; heads [" + std::to_string(plan.head_begin) + ", " +
+        std::to_string(plan.head_end) + "), experts [" + std::to_string(plan.expert_begin) + ", " +
         std::to_string(plan.expert_end) + "); weight bytes read " +
         std::to_string(backend->weight_bytes_loaded());
     auto lines = world.gather_bytes(line, 0);

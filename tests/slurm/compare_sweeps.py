@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare two sinkscope sweep folders file by file, dataset by dataset.
 
-    compare_sweeps.py REFERENCE_DIR CANDIDATE_DIR [--layout tp=2,ep=1,dp=1,world_size=2]
+    compare_sweeps.py REFERENCE_DIR CANDIDATE_DIR [--layout tp=2,ep=1,dp=1,world_size=2] [--exact]
 
 Used by tests/slurm/test_slurm_sweep.sh: REFERENCE_DIR comes from a direct one-process
 `sinkscope sweep`, CANDIDATE_DIR from the same sweep run as Slurm array tasks over MPI ranks.
@@ -19,6 +19,9 @@ Tolerances (why they are what they are):
   clock; what it covers is compared); command_line and options (the command as run, which differs
   between a direct sweep and array tasks); tp, ep, etp, dp, world_size, layout describe the
   layout, which differs on purpose: --layout checks the candidate's values instead.
+- --exact (both folders from the same layout, e.g. an interrupted and requeued sweep against an
+  uninterrupted one): floating-point values must be bitwise equal and the layout attributes equal
+  too; only the clock, the checksum and the command line may differ.
 - Dimension scales (DIMENSION_LIST, REFERENCE_LIST hold object references, which differ between
   files) are compared by the names of the scales attached to each axis.
 """
@@ -79,9 +82,9 @@ def compare_dataset(where, ref, cand, problems, worst):
         finite = ~np.isnan(a64)
         scale = float(np.max(np.abs(a64[finite]), initial=0.0))
         diff = float(np.max(np.abs(a64[finite] - b64[finite]), initial=0.0))
-        allowed = REL_TOL * max(scale, np.finfo(np.float32).tiny)
+        allowed = REL_TOL * max(scale, np.finfo(np.float32).tiny) if REL_TOL else 0.0
         if diff > allowed:
-            problems.append(f"{where}: max |difference| {diff:.3g} > {allowed:.3g} (1e-5 of max |value| {scale:.3g})")
+            problems.append(f"{where}: max |difference| {diff:.3g} > {allowed:.3g} ({REL_TOL:g} of max |value| {scale:.3g})")
         if scale > 0:
             worst[0] = max(worst[0], diff / scale)
     else:
@@ -122,7 +125,12 @@ def main():
     parser.add_argument("reference", type=pathlib.Path)
     parser.add_argument("candidate", type=pathlib.Path)
     parser.add_argument("--layout", default="", help="expected layout attributes of the candidate, e.g. tp=2,ep=1")
+    parser.add_argument("--exact", action="store_true", help="bitwise equal values, equal layout attributes")
     args = parser.parse_args()
+    if args.exact:
+        global REL_TOL, LAYOUT_ATTRS
+        REL_TOL = 0.0
+        LAYOUT_ATTRS = set()
     layout = {}
     for item in filter(None, args.layout.split(",")):
         key, _, value = item.partition("=")
