@@ -254,9 +254,11 @@ TEST_P(PlantedFamily, CircuitIsFoundAndCausal) {
   const float sink = a.sink_score.at(pc.sink_layer, pc.sink_head);
   std::printf("%s planted: sink score %.4f\n", GetParam().c_str(), sink);
   EXPECT_GT(sink, 0.6f);
-  for (size_t i = 0; i < a.sink_score.size(); ++i)
-    if (i != static_cast<size_t>(pc.sink_layer) * H + static_cast<size_t>(pc.sink_head))
+  for (size_t i = 0; i < a.sink_score.size(); ++i) {
+    if (i != static_cast<size_t>(pc.sink_layer) * H + static_cast<size_t>(pc.sink_head)) {
       EXPECT_LT(a.sink_score.data[i], sink) << "sink_score[" << i / H << ", " << i % H << "]";
+    }
+  }
   bool saw_head = false, saw_expert = false;
   for (size_t k = 0; k < a.ablation_components.shape[0]; ++k) {
     const int32_t layer = a.ablation_components.at(k, 0), kind = a.ablation_components.at(k, 1),

@@ -55,9 +55,11 @@ TEST(Fp8E4M3, DecodesEveryCodeAsTheFormatDefines) {
 }
 
 TEST(Fp8E4M3, EncodesToNearestEvenAndSaturates) {
-  for (int code = 0; code < 256; ++code)
-    if ((code & 0x7f) != 0x7f)
+  for (int code = 0; code < 256; ++code) {
+    if ((code & 0x7f) != 0x7f) {
       EXPECT_EQ(f32_to_e4m3(e4m3_to_f32(static_cast<uint8_t>(code))), code) << code;
+    }
+  }
   EXPECT_EQ(f32_to_e4m3(1.0625f), 0x38);  // halfway between 1 and 1.125: the even mantissa
   EXPECT_EQ(f32_to_e4m3(1.1875f), 0x3a);  // halfway between 1.125 and 1.25
   EXPECT_EQ(f32_to_e4m3(1000.f), 0x7e);
