@@ -348,9 +348,10 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
 
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
                                     uint64_t seed, Blas& blas, cudaStream_t s) {
-  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama and Mixtral.
-  if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms ||
-      c.qk_norm == QkNormKind::kFullWidth || c.has_shared_expert() || c.qkv_bias || c.o_bias ||
+  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama, Mixtral and
+  // OLMoE (unit norm gains, no biases).
+  if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms || c.has_shared_expert() ||
+      c.qkv_bias || c.o_bias ||
       c.mlp_bias || !c.gated_mlp || c.rope.rotated(c.head_dim) != c.head_dim)
     throw InputError(
         "--synthetic-weights: " + c.model_type +
@@ -379,8 +380,9 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     DeviceLayer& L = w.layers[static_cast<size_t>(l)];
     ones(L.input_norm, D);
     ones(L.post_norm, D);
-    ones(L.q_norm, d);
-    ones(L.k_norm, d);
+    const bool full_width = c.qk_norm == QkNormKind::kFullWidth;
+    ones(L.q_norm, full_width ? qw : d);
+    ones(L.k_norm, full_width ? kw : d);
     L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
     random_bf16(L.wqkv.get(), qw, D, plan.head_begin * d, 0, D, tensor_id(l, 0, 0), D);
     random_bf16(L.wqkv.get() + qw * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 1, 0), D);
