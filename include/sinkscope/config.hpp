@@ -22,11 +22,13 @@ enum class NormKind : int32_t { kRms = 0, kLayer = 1 };  // RMSNorm | LayerNorm 
 // q/k normalisation after the projections: none, per head over head_dim (Qwen3), or over the full
 // projection width spanning all heads (OLMoE, OLMo-2).
 enum class QkNormKind : int32_t { kNone = 0, kPerHead = 1, kFullWidth = 2 };
-enum class Activation : int32_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+// kSwigluClamped (gpt-oss): gate' = min(gate, limit), up' = clamp(up, -limit, limit),
+// h = (up' + 1) * gate' * sigmoid(1.702 gate') (ModelConfig::swiglu_limit).
+enum class Activation : int32_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kSwigluClamped = 3 };
 // Router: softmax over all experts then top-k (Qwen, OLMoE), or top-k of the logits then a
 // softmax over the selected (Mixtral).
 enum class RouterKind : int32_t { kSoftmaxTopK = 0, kTopKSoftmax = 1 };
-enum class RopeKind : int32_t { kDefault = 0, kLinear = 1, kLlama3 = 2 };
+enum class RopeKind : int32_t { kDefault = 0, kLinear = 1, kLlama3 = 2, kYarn = 3 };
 
 struct RopeConfig {
   RopeKind kind = RopeKind::kDefault;
@@ -34,7 +36,13 @@ struct RopeConfig {
   int64_t rotary_dim = 0;  // dims of each head that rotate (partial rotary); 0: all of head_dim
   double factor = 1.0;     // linear and llama3
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
-  int64_t original_max_position = 8192;                  // llama3
+  int64_t original_max_position = 8192;                  // llama3, yarn
+  // yarn (transformers' _compute_yarn_parameters): the correction range of beta_fast/beta_slow
+  // rotations (floor/ceil when truncate), and the factor that scales cos and sin (attention_factor,
+  // or from mscale / mscale_all_dim, or 0.1 ln(factor) + 1).
+  double beta_fast = 32, beta_slow = 1;
+  bool truncate = true;
+  double attention_factor = 1.0;  // resolved at parse time (1 for the other kinds)
   int64_t rotated(int64_t head_dim) const { return rotary_dim > 0 ? rotary_dim : head_dim; }
   // The inverse frequencies of the rotated pairs, [rotated(head_dim) / 2], as transformers builds
   // them.
@@ -75,6 +83,13 @@ struct ModelConfig {
   bool mlp_bias = false;  // biases on the MLP's projections
   double clip_qkv = 0;    // > 0: q, k, v clamped to [-clip, clip] after the projections (OLMoE)
   int64_t sliding_window = 0;  // > 0: the model attends within a window (probes must fit in it)
+  // Per-layer attention types (gpt-oss `layer_types`): 1 = sliding_attention, 0 = full. Empty: every
+  // layer uses sliding_window (when > 0), and longer probes are refused (contract 1.1).
+  std::vector<uint8_t> sliding_layers;
+  bool learned_sinks = false;  // a learned sink logit per head (`self_attn.sinks`, gpt-oss)
+  bool router_bias = false;    // the router's logits have a bias
+  bool expert_bias = false;    // the experts' projections have biases
+  double swiglu_limit = 7.0, swiglu_alpha = 1.702;  // Activation::kSwigluClamped
 
   // Layer l is MoE when the model has experts, l is not in mlp_only_layers and
   // (l+1) % decoder_sparse_step == 0.
@@ -82,6 +97,11 @@ struct ModelConfig {
   bool any_dense_layer() const;
   bool has_shared_expert() const { return shared_expert_intermediate_size > 0; }
   int64_t kv_group_size() const { return num_heads / num_kv_heads; }
+  // The attention window of layer l: query i sees keys j with i - window < j <= i; 0 = all j <= i.
+  int64_t window(int64_t layer) const {
+    if (sliding_layers.empty()) return sliding_window;
+    return sliding_layers.at(static_cast<size_t>(layer)) ? sliding_window : 0;
+  }
 };
 
 // Parses and validates config.json. Throws InputError naming the file and the key that is

@@ -1060,6 +1060,13 @@ void check_cuda_supports(const ModelConfig& c) {
   need(c.gated_mlp && c.act == Activation::kSilu, "MLPs other than SwiGLU");
   need(!c.has_shared_expert(), "shared experts");
   need(c.rope.rotated(c.head_dim) == c.head_dim, "partial rotary embeddings");
+  // gpt-oss (metrics 1.3): learned sinks, per-layer sliding windows, yarn, the interleaved
+  // MXFP4 / bf16 expert layout with biases and the clamped SwiGLU.
+  need(!c.learned_sinks, "learned attention sinks");
+  need(c.sliding_layers.empty(), "per-layer sliding windows");
+  need(c.rope.kind != RopeKind::kYarn, "yarn rope");
+  need(!c.family || !c.family->gpt_oss_layout, "MXFP4 or interleaved gate/up experts");
+  need(!c.router_bias && !c.expert_bias, "router and expert biases");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

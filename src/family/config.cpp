@@ -67,6 +67,37 @@ void in_range(const std::string& file, const char* key, int64_t v, int64_t lo, i
                    std::to_string(hi) + "], got " + std::to_string(v));
 }
 
+// YaRN as transformers' _compute_yarn_parameters reads it.
+void parse_yarn(const json& b, const std::string& file, const std::string& where, RopeConfig& r) {
+  r.kind = RopeKind::kYarn;
+  r.factor = get_double(b, file, "factor", 0);
+  r.original_max_position = get_int(b, file, "original_max_position_embeddings", true);
+  if (r.original_max_position <= 0)
+    fail(file, where + "original_max_position_embeddings must be positive");
+  // `beta_fast or 32`, `beta_slow or 1`: an explicit 0 also takes the default.
+  r.beta_fast = get_double(b, file, "beta_fast", 0);
+  r.beta_slow = get_double(b, file, "beta_slow", 0);
+  if (r.beta_fast == 0) r.beta_fast = 32;
+  if (r.beta_slow == 0) r.beta_slow = 1;
+  if (!(r.beta_fast > 0) || !(r.beta_slow > 0) || !std::isfinite(r.beta_fast) ||
+      !std::isfinite(r.beta_slow))
+    fail(file, where + "beta_fast and beta_slow must be positive");
+  r.truncate = get_bool(b, file, "truncate", true);
+  auto mscale_of = [](double scale, double m) {
+    return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0;
+  };
+  const double af = get_double(b, file, "attention_factor", 0);
+  const double ms = get_double(b, file, "mscale", 0), ms_all = get_double(b, file, "mscale_all_dim", 0);
+  if (af != 0)
+    r.attention_factor = af;
+  else if (ms != 0 && ms_all != 0)
+    r.attention_factor = mscale_of(r.factor, ms) / mscale_of(r.factor, ms_all);
+  else
+    r.attention_factor = mscale_of(r.factor, 1.0);
+  if (!(r.attention_factor > 0) || !std::isfinite(r.attention_factor))
+    fail(file, where + "attention_factor must be positive");
+}
+
 // Rope: rope_theta (transformers 4), rope_parameters (transformers 5) and rope_scaling (4) are
 // all read; every scaling type other than the supported ones is refused by name, never ignored.
 void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
@@ -95,9 +126,11 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
         fail(file, where + "llama3 needs 0 < low_freq_factor < high_freq_factor");
       if (r.original_max_position <= 0)
         fail(file, where + "original_max_position_embeddings must be positive");
+    } else if (type == "yarn") {
+      parse_yarn(b, file, where, r);
     } else {
       fail(file, where + "rope_type '" + type +
-                     "' is not supported (supported: default, linear, llama3)");
+                     "' is not supported (supported: default, linear, llama3, yarn)");
     }
     if (r.kind != RopeKind::kDefault && !(r.factor >= 1.0 && std::isfinite(r.factor)))
       fail(file, where + "factor must be a number >= 1");
@@ -106,8 +139,20 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
       r.rotary_dim = static_cast<int64_t>(p->get<double>() * static_cast<double>(c.head_dim));
     }
   };
+  bool any_block = false;
   for (const char* key : {"rope_parameters", "rope_scaling"})
-    if (const json* b = find_key(j, key)) read_block(*b, key);
+    if (const json* b = find_key(j, key)) {
+      read_block(*b, key);
+      any_block = true;
+    }
+  if (!any_block && c.family->gpt_oss_layout) {
+    // GptOssConfig's defaults when config.json names no rope parameters.
+    if (!find_key(j, "rope_theta")) r.theta = 150000.0;
+    const json yarn = {{"rope_type", "yarn"},   {"factor", 32.0},    {"beta_fast", 32.0},
+                       {"beta_slow", 1.0},      {"truncate", false},
+                       {"original_max_position_embeddings", 4096}};
+    parse_yarn(yarn, file, "rope_parameters (GptOssConfig default).", r);
+  }
   if (!(r.theta > 0) || !std::isfinite(r.theta)) fail(file, "rope_theta must be positive");
   if (const json* p = find_key(j, "rotary_pct")) {
     if (!p->is_number()) fail(file, "key 'rotary_pct' is not a number");
@@ -123,6 +168,37 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
   if (r.rotary_dim <= 0 || r.rotary_dim > c.head_dim || r.rotary_dim % 2 != 0)
     fail(file, "the rotary dimension (" + std::to_string(r.rotary_dim) +
                    ") must be even and lie in [2, head_dim = " + std::to_string(c.head_dim) + "]");
+}
+
+// gpt-oss: learned sinks, biases everywhere (attention_bias, default true), the clamped SwiGLU,
+// and `layer_types` (sliding_attention / full_attention per layer; GptOssConfig's default
+// alternates, starting with a sliding layer).
+void parse_gpt_oss(const json& j, const std::string& file, ModelConfig& c) {
+  c.learned_sinks = true;
+  c.router_bias = c.expert_bias = true;
+  c.qkv_bias = c.o_bias = get_bool(j, file, "attention_bias", true);
+  c.act = Activation::kSwigluClamped;
+  c.swiglu_limit = get_double(j, file, "swiglu_limit", 7.0);
+  c.swiglu_alpha = get_double(j, file, "swiglu_alpha", 1.702);
+  if (!(c.swiglu_limit > 0) || !std::isfinite(c.swiglu_limit))
+    fail(file, "key 'swiglu_limit' must be positive");
+  if (!std::isfinite(c.swiglu_alpha)) fail(file, "key 'swiglu_alpha' must be finite");
+  c.sliding_layers.assign(static_cast<size_t>(c.num_layers), 0);
+  if (const json* v = find_key(j, "layer_types")) {
+    if (!v->is_array() || v->size() != static_cast<size_t>(c.num_layers))
+      fail(file, "key 'layer_types' must list one type per layer (" +
+                     std::to_string(c.num_layers) + ")");
+    for (size_t l = 0; l < v->size(); ++l) {
+      const json& t = (*v)[l];
+      const std::string s = t.is_string() ? t.get<std::string>() : "";
+      if (s != "sliding_attention" && s != "full_attention")
+        fail(file, "key 'layer_types' entry " + std::to_string(l) +
+                       " must be \"sliding_attention\" or \"full_attention\"");
+      c.sliding_layers[l] = s == "sliding_attention";
+    }
+  } else {
+    for (int64_t l = 0; l < c.num_layers; ++l) c.sliding_layers[static_cast<size_t>(l)] = l % 2 == 0;
+  }
 }
 
 Activation parse_activation(const std::string& file, const std::string& act) {
@@ -158,6 +234,28 @@ std::vector<double> RopeConfig::inv_freq(int64_t head_dim) const {
         out = (1 - smooth) * out / factor + smooth * out;
       }
       v = out;
+    }
+  } else if (kind == RopeKind::kYarn) {
+    // transformers' _compute_yarn_parameters: the interpolated (/ factor) and the extrapolated
+    // frequencies blended by a linear ramp over the correction range of dimensions.
+    const double dim = static_cast<double>(rd), mp = static_cast<double>(original_max_position);
+    auto correction_dim = [&](double rotations) {
+      return dim * std::log(mp / (rotations * 2 * M_PI)) / (2 * std::log(theta));
+    };
+    double low = correction_dim(beta_fast), high = correction_dim(beta_slow);
+    if (truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, dim - 1);
+    if (low == high) high += 0.001;
+    for (int64_t j = 0; j < n; ++j) {
+      const double ramp =
+          std::clamp((static_cast<double>(j) - low) / (high - low), 0.0, 1.0);
+      const double extrapolation = 1 - ramp;  // weight of the unscaled frequency
+      const double v = f[static_cast<size_t>(j)];
+      f[static_cast<size_t>(j)] = v / factor * (1 - extrapolation) + v * extrapolation;
     }
   }
   return f;
@@ -285,6 +383,7 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
     c.mlp_bias = get_bool(j, file, "mlp_bias", false);
     c.act = parse_activation(file, get_string(j, file, "hidden_act", "silu"));
   }
+  if (f.gpt_oss_layout) parse_gpt_oss(j, file, c);
   if (const json* v = find_key(j, "sliding_window")) {
     const bool use = get_bool(j, file, "use_sliding_window",
                               f.model_type != std::string("qwen2_moe") &&
@@ -345,6 +444,27 @@ std::string model_config_to_json(const ModelConfig& c) {
                          {"low_freq_factor", c.rope.low_freq_factor},
                          {"high_freq_factor", c.rope.high_freq_factor},
                          {"original_max_position_embeddings", c.rope.original_max_position}};
+  if (c.rope.kind == RopeKind::kYarn)
+    j["rope_scaling"] = {{"rope_type", "yarn"},
+                         {"factor", c.rope.factor},
+                         {"beta_fast", c.rope.beta_fast},
+                         {"beta_slow", c.rope.beta_slow},
+                         {"truncate", c.rope.truncate},
+                         {"attention_factor", c.rope.attention_factor},
+                         {"original_max_position_embeddings", c.rope.original_max_position}};
+  if (f.gpt_oss_layout) {
+    j["intermediate_size"] = c.moe_intermediate_size;
+    j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+    std::vector<std::string> types;
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      types.push_back(static_cast<size_t>(l) < c.sliding_layers.size() &&
+                              c.sliding_layers[static_cast<size_t>(l)]
+                          ? "sliding_attention"
+                          : "full_attention");
+    j["layer_types"] = types;
+    j["swiglu_limit"] = c.swiglu_limit;
+    j["swiglu_alpha"] = c.swiglu_alpha;
+  }
   if (c.norm == NormKind::kLayer) {
     j["layer_norm_eps"] = c.rms_norm_eps;
   } else {
@@ -360,7 +480,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   } else {
     j["head_dim"] = c.head_dim;
     j["hidden_act"] = "silu";
-    j["attention_bias"] = c.o_bias;
+    j["attention_bias"] = c.o_bias || (f.gpt_oss_layout && c.qkv_bias);
     if (f.default_qkv_bias) j["qkv_bias"] = c.qkv_bias;
     j["mlp_bias"] = c.mlp_bias;
   }

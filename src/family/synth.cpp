@@ -49,7 +49,8 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
                 V = c.vocab_size;
   PlantedCircuit pc;
   if (plant) {
-    if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe)
+    if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe ||
+        c.family->gpt_oss_layout)
       throw InputError(
           "synth --plant-circuit: needs a pre-norm MoE family with per-head or no "
           "q/k norms (qwen3_moe, qwen2_moe, mixtral); model_type is " +
@@ -89,7 +90,8 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     for (auto dim : t.shape) n *= dim;
     std::vector<float> v(static_cast<size_t>(n), 0.f);
     const bool is_bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
-    if (t.name == embed_name)
+    const bool is_sink = t.name.size() > 6 && t.name.compare(t.name.size() - 6, 6, ".sinks") == 0;
+    if (t.name == embed_name || is_sink)  // learned sink logits (gpt-oss) ~ N(0, 1)
       randn(v, 1.f);
     else if (t.shape.size() == 1 && !is_bias)
       std::fill(v.begin(), v.end(), 1.f);
