@@ -65,8 +65,8 @@ struct Analysis {
   FloatArray p0_per_query;          // [N, L, H, T]; empty unless --per-query
   // Contract 1.3, models with learned sinks (gpt-oss): the softmax mass on each head's sink logit,
   // averaged like sink_score; per query with --per-query. Empty otherwise.
-  FloatArray learned_sink_mass;              // [L, H]
-  FloatArray learned_sink_mass_per_query;    // [N, L, H, T]
+  FloatArray learned_sink_mass;            // [L, H]
+  FloatArray learned_sink_mass_per_query;  // [N, L, H, T]
 
   // residual/
   FloatArray norm_p0;           // [N, L+1]

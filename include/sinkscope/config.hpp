@@ -83,8 +83,8 @@ struct ModelConfig {
   bool mlp_bias = false;  // biases on the MLP's projections
   double clip_qkv = 0;    // > 0: q, k, v clamped to [-clip, clip] after the projections (OLMoE)
   int64_t sliding_window = 0;  // > 0: the model attends within a window (probes must fit in it)
-  // Per-layer attention types (gpt-oss `layer_types`): 1 = sliding_attention, 0 = full. Empty: every
-  // layer uses sliding_window (when > 0), and longer probes are refused (contract 1.1).
+  // Per-layer attention types (gpt-oss `layer_types`): 1 = sliding_attention, 0 = full. Empty:
+  // every layer uses sliding_window (when > 0), and longer probes are refused (contract 1.1).
   std::vector<uint8_t> sliding_layers;
   bool learned_sinks = false;  // a learned sink logit per head (`self_attn.sinks`, gpt-oss)
   bool router_bias = false;    // the router's logits have a bias

@@ -1,13 +1,13 @@
 #include "cpu/kernels.hpp"
 
-#include "sinkscope/error.hpp"
-
 #include <cblas.h>
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+
+#include "sinkscope/error.hpp"
 
 namespace sinkscope::cpu {
 namespace {

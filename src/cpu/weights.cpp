@@ -71,11 +71,13 @@ class Loader {
     if (planning) return {};
     const StoredSlice b = ck_.raw_rows(blocks, r0 * G, r1 * G), s = ck_.raw_rows(scales, r0, r1);
     std::vector<float> out(static_cast<size_t>((r1 - r0) * G * 32));
-    const int64_t bad = decode_mxfp4(reinterpret_cast<const uint8_t*>(b.data),
-                                     reinterpret_cast<const uint8_t*>(s.data), r1 - r0, G, out.data());
+    const int64_t bad =
+        decode_mxfp4(reinterpret_cast<const uint8_t*>(b.data),
+                     reinterpret_cast<const uint8_t*>(s.data), r1 - r0, G, out.data());
     if (bad < (r1 - r0) * G)
-      throw InputError(ck_.dir() + ": tensor '" + scales + "' holds the e8m0 NaN scale (255) at row " +
-                       std::to_string(r0 + bad / G) + ", block " + std::to_string(bad % G));
+      throw InputError(ck_.dir() + ": tensor '" + scales +
+                       "' holds the e8m0 NaN scale (255) at row " + std::to_string(r0 + bad / G) +
+                       ", block " + std::to_string(bad % G));
     return out;
   }
   // A gpt-oss expert's slice [i0, i1) of the intermediate dimension (docs/families.md): gate and

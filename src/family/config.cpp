@@ -87,7 +87,8 @@ void parse_yarn(const json& b, const std::string& file, const std::string& where
     return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0;
   };
   const double af = get_double(b, file, "attention_factor", 0);
-  const double ms = get_double(b, file, "mscale", 0), ms_all = get_double(b, file, "mscale_all_dim", 0);
+  const double ms = get_double(b, file, "mscale", 0),
+               ms_all = get_double(b, file, "mscale_all_dim", 0);
   if (af != 0)
     r.attention_factor = af;
   else if (ms != 0 && ms_all != 0)
@@ -148,9 +149,9 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
   if (!any_block && c.family->gpt_oss_layout) {
     // GptOssConfig's defaults when config.json names no rope parameters.
     if (!find_key(j, "rope_theta")) r.theta = 150000.0;
-    const json yarn = {{"rope_type", "yarn"},   {"factor", 32.0},    {"beta_fast", 32.0},
-                       {"beta_slow", 1.0},      {"truncate", false},
-                       {"original_max_position_embeddings", 4096}};
+    const json yarn = {{"rope_type", "yarn"}, {"factor", 32.0},
+                       {"beta_fast", 32.0},   {"beta_slow", 1.0},
+                       {"truncate", false},   {"original_max_position_embeddings", 4096}};
     parse_yarn(yarn, file, "rope_parameters (GptOssConfig default).", r);
   }
   if (!(r.theta > 0) || !std::isfinite(r.theta)) fail(file, "rope_theta must be positive");
@@ -186,8 +187,8 @@ void parse_gpt_oss(const json& j, const std::string& file, ModelConfig& c) {
   c.sliding_layers.assign(static_cast<size_t>(c.num_layers), 0);
   if (const json* v = find_key(j, "layer_types")) {
     if (!v->is_array() || v->size() != static_cast<size_t>(c.num_layers))
-      fail(file, "key 'layer_types' must list one type per layer (" +
-                     std::to_string(c.num_layers) + ")");
+      fail(file,
+           "key 'layer_types' must list one type per layer (" + std::to_string(c.num_layers) + ")");
     for (size_t l = 0; l < v->size(); ++l) {
       const json& t = (*v)[l];
       const std::string s = t.is_string() ? t.get<std::string>() : "";
@@ -197,7 +198,8 @@ void parse_gpt_oss(const json& j, const std::string& file, ModelConfig& c) {
       c.sliding_layers[l] = s == "sliding_attention";
     }
   } else {
-    for (int64_t l = 0; l < c.num_layers; ++l) c.sliding_layers[static_cast<size_t>(l)] = l % 2 == 0;
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      c.sliding_layers[static_cast<size_t>(l)] = l % 2 == 0;
   }
 }
 
@@ -251,8 +253,7 @@ std::vector<double> RopeConfig::inv_freq(int64_t head_dim) const {
     high = std::min(high, dim - 1);
     if (low == high) high += 0.001;
     for (int64_t j = 0; j < n; ++j) {
-      const double ramp =
-          std::clamp((static_cast<double>(j) - low) / (high - low), 0.0, 1.0);
+      const double ramp = std::clamp((static_cast<double>(j) - low) / (high - low), 0.0, 1.0);
       const double extrapolation = 1 - ramp;  // weight of the unscaled frequency
       const double v = f[static_cast<size_t>(j)];
       f[static_cast<size_t>(j)] = v / factor * (1 - extrapolation) + v * extrapolation;

@@ -174,7 +174,8 @@ std::vector<FamilySpec> make_families() {
     n[size_t(R::kRouter)] = "model.layers.{l}.mlp.router.weight";
     n[size_t(R::kRouterBias)] = "model.layers.{l}.mlp.router.bias";
     n[size_t(R::kExpertsGateUp)] =
-        "model.layers.{l}.mlp.experts.gate_up_proj|model.layers.{l}.mlp.experts.gate_up_proj_blocks";
+        "model.layers.{l}.mlp.experts.gate_up_proj|model.layers.{l}.mlp.experts.gate_up_proj_"
+        "blocks";
     n[size_t(R::kExpertsDown)] =
         "model.layers.{l}.mlp.experts.down_proj|model.layers.{l}.mlp.experts.down_proj_blocks";
     n[size_t(R::kExpertsGateUpBias)] = "model.layers.{l}.mlp.experts.gate_up_proj_bias";

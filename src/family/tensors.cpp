@@ -53,7 +53,8 @@ void gpt_oss_expert_tensors(const ModelConfig& c, const Checkpoint* ckpt, int64_
     // MXFP4 blocks of 32 values along the input dimension.
     const int64_t groups = in / 32;
     if (in % 32 != 0 && ckpt)
-      throw InputError(ckpt->dir() + ": tensor '" + n + "' is MXFP4, which needs a multiple of 32 " +
+      throw InputError(ckpt->dir() + ": tensor '" + n +
+                       "' is MXFP4, which needs a multiple of 32 " +
                        "inputs; config.json implies " + std::to_string(in));
     r.push_back({n, {E, out, groups, 16}, "U8"});
     r.push_back({mxfp4_scales_name(n), {E, out, groups}, "U8"});

@@ -374,7 +374,8 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
 // Contract 1.3: the learned sink mass of every head (gpt-oss), averaged over probes and the sink
 // queries like the sink score, and per query with --per-query.
 void reduce_learned_sinks(const std::vector<RankRecord>& records, bool per_query, Analysis& a) {
-  const size_t N = static_cast<size_t>(a.meta.num_probes), L = static_cast<size_t>(a.meta.num_layers),
+  const size_t N = static_cast<size_t>(a.meta.num_probes),
+               L = static_cast<size_t>(a.meta.num_layers),
                H = static_cast<size_t>(a.meta.num_heads), T = static_cast<size_t>(a.meta.seq_len);
   std::vector<double> sum(L * H, 0);
   for (const auto& r : records)
