@@ -308,7 +308,15 @@ def write_mxfp4(family, model_dir, packed, reference_logits, probes, device):
         tensors[name + "_blocks"] = blocks
         tensors[name + "_scales"] = scales
         if convert_moe_packed_tensors is not None:  # transformers' decoder gives [E, in, out], the param layout
-            decoded = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).cpu().double()
+            try:
+                decoded = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).cpu().double()
+            except Exception:  # noqa: BLE001 - an API change is recorded, not fatal
+                facts["transformers_decoder"] = {"error": traceback.format_exc()[-1500:]}
+                convert_moe_packed_tensors = None
+                continue
+            if tuple(decoded.shape) != tuple(saved.shape):
+                raise RuntimeError(f"{name}: transformers decodes the blocks to {tuple(decoded.shape)}, "
+                                   f"the parameter is {tuple(saved.shape)}")
             worst = max(worst, float((decoded - saved.double()).abs().max()))
     if convert_moe_packed_tensors is not None:
         facts["transformers_decoder_minus_saved_bf16_max_abs"] = worst
