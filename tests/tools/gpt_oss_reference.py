@@ -5,6 +5,9 @@ come from tools/make_family_goldens.py).
 
     gpt_oss_reference.py check MODEL_DIR ANALYSIS_H5      # compares analyze --per-query's output
     gpt_oss_reference.py to-mxfp4 SRC_DIR DST_DIR          # experts re-stored as MXFP4 blocks/scales
+    gpt_oss_reference.py expected MODEL_DIR PROBES.npy     # writes MODEL_DIR/expected.safetensors in the
+                                                           # layout of tools/make_family_goldens.py (a
+                                                           # stand-in fixture to try the golden test on)
 
 The forward follows transformers' modeling_gpt_oss.py as documented in docs/families.md: RMSNorm,
 q/k/v/o with biases, RoPE (rotate-half) with yarn's inv_freq and attention factor on cos/sin,
@@ -49,6 +52,8 @@ def read_safetensors(path):
             a = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         elif dt == "U8":
             a = np.frombuffer(raw, np.uint8).copy()
+        elif dt == "I32":
+            a = np.frombuffer(raw, np.int32).copy()
         else:
             raise SystemExit(f"{path}: {name}: dtype {dt} not handled")
         out[name] = (a.reshape(t["shape"]), dt)
@@ -67,6 +72,8 @@ def write_safetensors(path, tensors):
             raw = np.ascontiguousarray(a, dtype=np.float32).tobytes()
         elif dt == "U8":
             raw = np.ascontiguousarray(a, dtype=np.uint8).tobytes()
+        elif dt == "I32":
+            raw = np.ascontiguousarray(a, dtype=np.int32).tobytes()
         else:
             raise SystemExit(f"write {dt}")
         header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
@@ -183,6 +190,9 @@ def forward(model_dir, tokens):
            "norm_p0": np.zeros((N, L + 1)), "p0_routed": np.zeros((L, E)), "sink_score": np.zeros((L, H)),
            "learned_sink_mass": np.zeros((L, H))}
     out["norm_p0"][:, 0] = np.linalg.norm(x[:, 0], axis=-1)
+    out["norm_rest_median"] = np.zeros((N, L + 1))
+    out["norm_rest_median"][:, 0] = np.median(np.linalg.norm(x[:, 1:], axis=-1), axis=-1)
+    out["router_logits"] = np.zeros((N, L, T, E))
     i_idx, j_idx = np.arange(T)[:, None], np.arange(T)[None, :]
     for l in range(L):
         u = rms(x, p("input_layernorm.weight", l), eps)
@@ -213,6 +223,7 @@ def forward(model_dir, tokens):
         x = x + z @ p("self_attn.o_proj.weight", l).T + p("self_attn.o_proj.bias", l)
         u = rms(x, p("post_attention_layernorm.weight", l), eps)
         logits = u @ p("mlp.router.weight", l).T + p("mlp.router.bias", l)
+        out["router_logits"][:, l] = logits
         order = np.argsort(-logits, axis=-1, kind="stable")[..., :K]
         top = np.take_along_axis(logits, order, -1)
         wts = np.exp(top - top.max(-1, keepdims=True))
@@ -238,7 +249,19 @@ def forward(model_dir, tokens):
         out["p0_routed"][l] = np.array([(order[:, 0] == e).any(-1).mean() for e in range(E)])
         x = x + m
         out["norm_p0"][:, l + 1] = np.linalg.norm(x[:, 0], axis=-1)
+        out["norm_rest_median"][:, l + 1] = np.median(np.linalg.norm(x[:, 1:], axis=-1), axis=-1)
+    out["logits"] = rms(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
     return out
+
+
+def expected(model_dir, probes_path):
+    tokens = np.load(probes_path).astype(np.int64)
+    ref = forward(model_dir, tokens)
+    L = ref["norm_p0"].shape[1] - 1
+    out = {"tokens": (tokens.astype(np.int32), "I32"), "moe_layers": (np.arange(L, dtype=np.int32), "I32")}
+    for key in ("attn_p0", "sink_mass", "norm_p0", "norm_rest_median", "router_logits", "logits"):
+        out[key] = (ref[key], "F32")
+    write_safetensors(os.path.join(model_dir, "expected.safetensors"), out)
 
 
 def check(model_dir, h5_path):
@@ -274,6 +297,8 @@ def main():
         check(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 4 and sys.argv[1] == "to-mxfp4":
         to_mxfp4(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "expected":
+        expected(sys.argv[2], sys.argv[3])
     else:
         sys.exit(__doc__)
 
