@@ -334,22 +334,25 @@ void CpuBackend::attention(int64_t l, const std::vector<float>& x, std::vector<f
       const float* vh = v.data() + b * T * kw + g * d;
       double sum = 0, sink_sum = 0;
       for (int64_t i0 = 0; i0 < T; i0 += kQueryBlock) {
-        const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0;
-        gemm_nt(rows, i1, d, qh + i0 * qw, qw, kh, kw, s.data(), i1, scale);
+        // Keys [k0, i1): a sliding window skips the keys no query of the block sees.
+        const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0,
+                      k0 = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0, nk = i1 - k0;
+        gemm_nt(rows, nk, d, qh + i0 * qw, qw, kh + k0 * kw, kw, s.data(), nk, scale);
         if (window > 0 || sinks)
-          cpu::window_sink_softmax_rows(s.data(), rows, i1, i0, window,
+          cpu::window_sink_softmax_rows(s.data(), rows, nk, i0, window,
                                         sinks ? &L.sinks[static_cast<size_t>(h)] : nullptr,
-                                        sinks ? sink_mass.data() + bh * T + i0 : nullptr);
+                                        sinks ? sink_mass.data() + bh * T + i0 : nullptr, k0);
         else
-          cpu::causal_softmax_rows(s.data(), rows, i1, i0);
+          cpu::causal_softmax_rows(s.data(), rows, nk, i0);
         for (int64_t r = 0; r < rows; ++r) {
-          a0[bh * T + i0 + r] = s[r * i1];
+          a0[bh * T + i0 + r] = k0 == 0 ? s[r * nk] : 0.f;
           if (i0 + r < nq) {
-            sum += s[r * i1];
+            sum += s[r * nk];
             if (sinks) sink_sum += sink_mass[bh * T + i0 + r];
           }
         }
-        gemm_nn(rows, d, i1, s.data(), i1, vh, kw, z.data() + (b * T + i0) * qw + h * d, qw);
+        gemm_nn(rows, d, nk, s.data(), nk, vh + k0 * kw, kw, z.data() + (b * T + i0) * qw + h * d,
+                qw);
       }
       a0_mean[bh] = static_cast<float>(sum / static_cast<double>(nq));
       if (sinks) sink_mass_mean[bh] = static_cast<float>(sink_sum / static_cast<double>(nq));

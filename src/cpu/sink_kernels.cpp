@@ -6,9 +6,11 @@
 namespace sinkscope::cpu {
 
 void window_sink_softmax_rows(float* s, int64_t rows, int64_t ld, int64_t first, int64_t window,
-                              const float* sink_logit, float* sink_mass) {
+                              const float* sink_logit, float* sink_mass, int64_t key0) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = first + r, j0 = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+    // Columns: j0..i of this row, in column coordinates (key - key0).
+    const int64_t i = first + r - key0,
+                  j0 = std::max<int64_t>(0, window > 0 ? first + r - window + 1 - key0 : -key0);
     float* row = s + r * ld;
     float m = row[j0];
     for (int64_t j = j0 + 1; j <= i; ++j) m = std::max(m, row[j]);

@@ -18,6 +18,10 @@ for m in bf16 mxfp4; do
   "$bin" analyze --quiet --model "$work/$m" --probes random:3:20:1 --per-query --batch 2 --out "$work/$m.h5"
   "$py" "$ref" check "$work/$m" "$work/$m.h5"
 done
+# Probes longer than a block of 64 queries plus the window: the sliding layers skip the keys before
+# the window of the second block.
+"$bin" analyze --quiet --model "$work/bf16" --probes random:2:150:2 --per-query --out "$work/long.h5"
+"$py" "$ref" check "$work/bf16" "$work/long.h5"
 
 # expect_refusal NAME PYTHON: a copy of the MXFP4 model changed by PYTHON (t: name -> (array,
 # dtype)) must be refused by `inspect` with exit 1 and one line naming the tensor.

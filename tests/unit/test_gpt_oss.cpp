@@ -121,6 +121,11 @@ TEST(SinkKernels, WindowAndSinkSoftmax) {
   for (size_t i = 0; i < s.size(); ++i) EXPECT_NEAR(s[i], want[i], 1e-7) << i;
   EXPECT_NEAR(mass[0], 0.5f, 1e-7);
   EXPECT_NEAR(mass[1], 0.5f, 1e-7);
+  // The same rows with the columns starting at key 1 (the keys before the window skipped).
+  std::vector<float> o(2 * 3, 0.f);
+  cpu::window_sink_softmax_rows(o.data(), 2, 3, 2, 2, &sink, nullptr, 1);
+  const std::vector<float> want_o = {0.25f, 0.25f, 0, 0, 0.25f, 0.25f};
+  for (size_t i = 0; i < o.size(); ++i) EXPECT_NEAR(o[i], want_o[i], 1e-7) << i;
   // No window, no sink: the causal softmax.
   std::vector<float> c = {1.f, 5.f, 0.f, 0.f};
   cpu::window_sink_softmax_rows(c.data(), 1, 4, 1, 0, nullptr, nullptr);
