@@ -26,8 +26,15 @@ Folder tests/golden/families/<family>/:
     norm_rest_median [N, L+1] (numpy median over i >= 1 of ||x_l[i]||);
     residual [N, L+1, T, D] (the x_l themselves, for debugging);
     router_logits [N, L_moe, T, E] and moe_layers int32 [L_moe] (MoE families only: raw router
-    logits = gate.weight @ (input of the router), before any softmax, MoE layers in order);
+    logits = gate.weight @ (input of the router) (+ its bias), before any softmax, MoE layers in order);
+    sink_mass [N, L, H, T] (gpt_oss only: the learned sink's softmax mass per query, 1 - the row sum of
+    transformers' eager attention weights, which drop the sink column);
     logits [N, T, V].
+- gpt_oss_mxfp4: the gpt_oss model with every expert matrix replaced by its MXFP4 round trip; the
+  reference runs on those (dequantised) weights saved in bf16, then model.safetensors is rewritten with
+  `*_blocks` / `*_scales` in the released layout in their place (checked against transformers'
+  convert_moe_packed_tensors, which must decode them to the saved bf16 values exactly) and config.json
+  gets a quantization_config; meta.json["mxfp4"] holds the checks.
 - meta.json: family, versions, seed, date, command, checkpoint tensor names / shapes / dtypes, the
   config, and the facts found while building (hidden_states semantics, router output semantics,
   RoPE inv_freq, float32-vs-float64 differences).
@@ -73,6 +80,12 @@ DEEPSEEK_V3 = dict(
 ROUTER_BIAS_STD = 0.1  # DeepSeek's e_score_correction_bias (a buffer: redrawn explicitly)
 FP8_BLOCK = 128
 FP8_MAX = 448.0
+GPT_OSS = dict(head_dim=16, intermediate_size=32, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+               sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+               attention_bias=True, rms_norm_eps=1e-5, tie_word_embeddings=False, swiglu_limit=7.0,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
+SINK_LOGIT = (0.5, 1.0)  # learned sink logits N(0.5, 1): some heads put most of their mass on the sink
 
 # name: (config class, model class, config kwargs, saved dtype, is MoE)
 FAMILIES = {
@@ -114,6 +127,10 @@ FAMILIES = {
     # The same model with its layers' linear weights quantised to FP8 e4m3 with 128 x 128 block
     # scales (weight_scale_inv), as DeepSeek ships them; the reference runs on the dequantised weights.
     "deepseek_v3_fp8": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK_V3, "float32", True),
+    # gpt-oss: a sliding window (8) shorter than the probes (20) on alternating layers, yarn, learned
+    # sinks; the _mxfp4 variant stores its experts as MXFP4 blocks/scales (see build_family).
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(GPT_OSS), "bfloat16", True),
+    "gpt_oss_mxfp4": ("GptOssConfig", "GptOssForCausalLM", dict(GPT_OSS), "bfloat16", True),
     "qwen3_moe_fused": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_key_value_heads=2,
@@ -172,6 +189,8 @@ def redraw_weights(model, seed):
         for name, param in model.named_parameters():  # tied parameters appear once
             if id(param) in norm_params and not name.endswith("bias"):
                 param.uniform_(*GAIN_RANGE, generator=generator)
+            elif name.endswith("self_attn.sinks"):
+                param.normal_(*SINK_LOGIT, generator=generator)
             elif name.endswith("bias"):
                 param.normal_(0.0, BIAS_STD, generator=generator)
             else:
@@ -289,6 +308,107 @@ def quantize_fp8(model_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# MXFP4 (gpt_oss_mxfp4): the experts of the released gpt-oss checkpoints
+# ----------------------------------------------------------------------------------------------
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # fp4 e2m1 codes 0-7; bit 3 is the sign
+
+
+def mxfp4_quantise(w):
+    """w [..., K] (K a multiple of 32), blocks of 32 along K -> (blocks uint8 [..., K/32, 16] with the even
+    element in the low nibble, scales uint8 [..., K/32] e8m0 = exponent + 127, dequantised values [..., K]).
+    Scale: the smallest power of two that brings the block's largest magnitude to <= 6; values rounded to
+    the nearest e2m1 magnitude."""
+    *prefix, k = w.shape
+    g = w.detach().to(torch.float64).cpu().reshape(*prefix, k // 32, 32)
+    amax = g.abs().amax(dim=-1)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax.clamp_min(1e-300) / 6.0)),
+                      torch.full_like(amax, -127.0)).clamp(-127, 127)
+    scaled = g / torch.pow(2.0, exp)[..., None]
+    table = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float64)
+    index = (scaled.abs()[..., None] - table).abs().argmin(dim=-1)
+    negative = scaled < 0
+    nibble = (index + 8 * negative.long()).to(torch.uint8)
+    blocks = (nibble[..., 0::2] | (nibble[..., 1::2] << 4)).to(torch.uint8).contiguous()
+    scales = (exp + 127).to(torch.uint8).contiguous()
+    values = torch.where(negative, -table[index], table[index]) * torch.pow(2.0, exp)[..., None]
+    return blocks, scales, values.reshape(*prefix, k)
+
+
+def quantise_experts(model):
+    """Replaces every gpt-oss expert matrix by its MXFP4 round trip (so the reference runs on the
+    dequantised weights) and returns {checkpoint name: (blocks, scales)} in the released layout:
+    gate_up_proj [E, D, 2I] -> gate_up_proj_blocks [E, 2I, D/32, 16], _scales [E, 2I, D/32];
+    down_proj [E, I, D] -> down_proj_blocks [E, D, I/32, 16], _scales [E, D, I/32] (rows out x in)."""
+    packed = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not (name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj")):
+                continue
+            blocks, scales, values = mxfp4_quantise(param.transpose(1, 2))  # [E, out, in]
+            param.copy_(values.transpose(1, 2).to(param.dtype))
+            packed[name] = (blocks, scales)
+    if not packed:
+        raise RuntimeError("no mlp.experts.gate_up_proj / down_proj parameters to quantise")
+    return packed
+
+
+def write_mxfp4(family, model_dir, packed, reference_logits, probes, device):
+    """Rewrites model.safetensors with the MXFP4 blocks/scales in place of the (dequantised) bf16 expert
+    matrices, checks them against transformers' own decoder, and tries transformers' MXFP4 loader."""
+    model_path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_torch_file(model_path)
+    facts = {"layout": "blocks [E, out, in/32, 16] uint8 (low nibble = even element), scales [E, out, in/32] "
+                       "uint8 e8m0; out x in = 2I x D (gate_up, rows interleaved gate/up) and D x I (down)"}
+    worst = 0.0
+    try:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    except Exception:  # noqa: BLE001
+        convert_moe_packed_tensors = None
+        facts["transformers_decoder"] = "transformers.integrations.mxfp4.convert_moe_packed_tensors not importable"
+    for name, (blocks, scales) in packed.items():
+        saved = tensors.pop(name)
+        tensors[name + "_blocks"] = blocks
+        tensors[name + "_scales"] = scales
+        if convert_moe_packed_tensors is not None:  # transformers' decoder gives [E, in, out], the param layout
+            try:
+                decoded = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).cpu().double()
+            except Exception:  # noqa: BLE001 - an API change is recorded, not fatal
+                facts["transformers_decoder"] = {"error": traceback.format_exc()[-1500:]}
+                convert_moe_packed_tensors = None
+                continue
+            if tuple(decoded.shape) != tuple(saved.shape):
+                raise RuntimeError(f"{name}: transformers decodes the blocks to {tuple(decoded.shape)}, "
+                                   f"the parameter is {tuple(saved.shape)}")
+            worst = max(worst, float((decoded - saved.double()).abs().max()))
+    if convert_moe_packed_tensors is not None:
+        facts["transformers_decoder_minus_saved_bf16_max_abs"] = worst
+        if worst != 0.0:
+            raise RuntimeError(f"transformers' convert_moe_packed_tensors disagrees with the written MXFP4 ({worst})")
+    save_torch_file(tensors, model_path, metadata={"format": "pt"})
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    try:  # transformers' own MXFP4 load (dequantised), to the same logits?
+        model = transformers.GptOssForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float64, attn_implementation="eager",
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).to(device).eval()
+        logits = run_model(family, model, probes, device)[0]["logits"]
+        facts["transformers_mxfp4_reload_logits_minus_reference_max_abs"] = float(
+            np.max(np.abs(logits - reference_logits)))
+        del model
+    except Exception:  # noqa: BLE001 - a cross-check only
+        facts["transformers_mxfp4_reload"] = {"error": traceback.format_exc()[-2000:]}
+    log(family, f"mxfp4: {json.dumps(facts)[:400]}")
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------
 # The reference forward pass
 # ----------------------------------------------------------------------------------------------
 
@@ -381,7 +501,7 @@ def run_model(family, model, probes, device):
             if leaf in ("self_attn", "attention") and name.count(".") == 0:
                 handles.append(module.register_forward_hook(keep_attn(index)))
             weight = getattr(module, "weight", None)
-            if (leaf == "gate" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            if (leaf in ("gate", "router") and isinstance(weight, torch.Tensor) and weight.dim() == 2
                     and tuple(weight.shape) == (num_experts, hidden)):
                 routers[index] = (name, module)
                 handles.append(module.register_forward_pre_hook(keep_router_in(index), with_kwargs=True))
@@ -390,7 +510,7 @@ def run_model(family, model, probes, device):
                     parent = layer.get_submodule(name.rsplit(".", 1)[0])
                     handles.append(parent.register_forward_pre_hook(keep_block_in(index), with_kwargs=True))
     if is_moe and not routers:
-        raise RuntimeError("no router module (.gate with weight [E, D]) found")
+        raise RuntimeError("no router module (.gate or .router with weight [E, D]) found")
 
     ids = torch.from_numpy(probes.astype(np.int64)).to(device)
     kwargs = dict(input_ids=ids, output_attentions=True, output_hidden_states=True, use_cache=False)
@@ -437,6 +557,13 @@ def run_model(family, model, probes, device):
     facts["attention_causal_max_above_diagonal"] = float(np.max(np.triu(np.ones((seq_len, seq_len)), 1) * attn))
 
     result = {"residual": residual, "attn_p0": attn[..., 0], "logits": _np(output.logits)}
+    if getattr(layers[0].self_attn, "sinks", None) is not None:
+        # gpt-oss: transformers' eager attention softmaxes [scores, sink] and drops the sink
+        # column, so the learned sink's mass per query is 1 - the row sum.
+        result["sink_mass"] = 1.0 - attn.sum(-1)  # [N, L, H, T]
+        facts["sink_mass_range"] = [float(result["sink_mass"].min()), float(result["sink_mass"].max())]
+        facts["sink_logits"] = {str(i): [float(v) for v in _np(layer.self_attn.sinks)]
+                                for i, layer in enumerate(layers)}
     if routers:
         moe_layers = sorted(routers)
         logits_by_layer = []
@@ -569,6 +696,7 @@ def build_family(family, out_root, seed, device):
     with torch.no_grad():  # round the weights to the saved dtype; buffers (RoPE inv_freq) stay float32
         for param in model.parameters():
             param.copy_(param.to(DTYPES[save_dtype]).to(torch.float32))
+    mxfp4 = quantise_experts(model) if family.endswith("_mxfp4") else None
     copy.deepcopy(model).to(DTYPES[save_dtype]).save_pretrained(model_dir)
     try:  # the built model, to check the reload against
         with torch.no_grad():
@@ -607,6 +735,9 @@ def build_family(family, out_root, seed, device):
     if built_diff > 1e-3 * max(1.0, float(np.max(np.abs(result["logits"])))):
         log(family, f"WARNING: the reloaded checkpoint differs from the built model (logits {built_diff:.3e})")
     meta_extra = {}
+    if mxfp4 is not None:
+        meta_extra["mxfp4"] = write_mxfp4(family, model_dir, mxfp4, result["logits"], probes, device)
+        meta_extra["save_pretrained_tensors"] = tensor_patterns(saved_table)
     if family == "qwen3_moe_fused":
         meta_extra["fused_rewrite"] = fuse_experts(model_path, config["num_hidden_layers"])
         meta_extra["save_pretrained_tensors"] = tensor_patterns(saved_table)
@@ -622,7 +753,8 @@ def build_family(family, out_root, seed, device):
         log(family, f"fused: {json.dumps(meta_extra['fused_reload_by_transformers'])[:400]}")
 
     expected = {"tokens": probes.astype(np.int32)}
-    for key in ("attn_p0", "norm_p0", "norm_rest_median", "residual", "router_logits", "moe_layers", "logits"):
+    for key in ("attn_p0", "sink_mass", "norm_p0", "norm_rest_median", "residual", "router_logits", "moe_layers",
+                "logits"):
         if key in result:
             value = result[key]
             dtype = np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32

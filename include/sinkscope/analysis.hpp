@@ -63,6 +63,10 @@ struct Analysis {
   // resamples. Empty in files written before 1.2.
   FloatArray sink_score_per_probe;  // [N, L, H]
   FloatArray p0_per_query;          // [N, L, H, T]; empty unless --per-query
+  // Contract 1.3, models with learned sinks (gpt-oss): the softmax mass on each head's sink logit,
+  // averaged like sink_score; per query with --per-query. Empty otherwise.
+  FloatArray learned_sink_mass;            // [L, H]
+  FloatArray learned_sink_mass_per_query;  // [N, L, H, T]
 
   // residual/
   FloatArray norm_p0;           // [N, L+1]

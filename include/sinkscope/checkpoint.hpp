@@ -89,6 +89,10 @@ class Checkpoint {
   // like read_block.
   StoredSlice stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
                            int64_t col_begin, int64_t col_end) const;
+  // Rows [row_begin, row_end) of a tensor's 2-D view exactly as stored, of any dtype (packed
+  // formats that the caller decodes, e.g. MXFP4's uint8 blocks and scales): not checked, counted
+  // as read like stored_rows.
+  StoredSlice raw_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
   // Tells the kernel that rows [row_begin, row_end) of `name` will be read soon and in order
   // (madvise MADV_WILLNEED + MADV_SEQUENTIAL on their pages): the disk reads ahead of the
   // conversion. Returns the bytes advised. Out-of-range rows are ignored (the read reports them).

@@ -22,7 +22,9 @@ enum class NormKind : int32_t { kRms = 0, kLayer = 1 };  // RMSNorm | LayerNorm 
 // q/k normalisation after the projections: none, per head over head_dim (Qwen3), or over the full
 // projection width spanning all heads (OLMoE, OLMo-2).
 enum class QkNormKind : int32_t { kNone = 0, kPerHead = 1, kFullWidth = 2 };
-enum class Activation : int32_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+// kSwigluClamped (gpt-oss): gate' = min(gate, limit), up' = clamp(up, -limit, limit),
+// h = (up' + 1) * gate' * sigmoid(1.702 gate') (ModelConfig::swiglu_limit).
+enum class Activation : int32_t { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kSwigluClamped = 3 };
 // Router: softmax over all experts then top-k (Qwen, OLMoE), or top-k of the logits then a
 // softmax over the selected (Mixtral).
 // DeepSeek-V3: sigmoid scores, group-limited top-k of the scores plus a selection-only bias,
@@ -37,8 +39,10 @@ struct RopeConfig {
   double factor = 1.0;     // linear and llama3
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
   int64_t original_max_position = 8192;                  // llama3, yarn
-  // yarn: beta_fast / beta_slow bound the interpolation ramp; attention_factor scales cos and sin
-  // (so position 0's rotation is a scaling by it); mscale_all_dim > 0 scales the softmax.
+  // yarn (transformers' _compute_yarn_parameters): the correction range of beta_fast/beta_slow
+  // rotations (floor/ceil when truncate); attention_factor scales cos and sin (so position 0's
+  // rotation is a scaling by it), from attention_factor, or mscale / mscale_all_dim, or
+  // 0.1 ln(factor) + 1; mscale_all_dim > 0 also scales the softmax (DeepSeek-V3).
   double beta_fast = 32, beta_slow = 1, attention_factor = 1.0, mscale_all_dim = 0;
   bool truncate = true;
   bool interleave = false;  // rotate pairs (2j, 2j+1) instead of halves (DeepSeek rope_interleave)
@@ -82,6 +86,13 @@ struct ModelConfig {
   bool mlp_bias = false;  // biases on the MLP's projections
   double clip_qkv = 0;    // > 0: q, k, v clamped to [-clip, clip] after the projections (OLMoE)
   int64_t sliding_window = 0;  // > 0: the model attends within a window (probes must fit in it)
+  // Per-layer attention types (gpt-oss `layer_types`): 1 = sliding_attention, 0 = full. Empty:
+  // every layer uses sliding_window (when > 0), and longer probes are refused (contract 1.1).
+  std::vector<uint8_t> sliding_layers;
+  bool learned_sinks = false;  // a learned sink logit per head (`self_attn.sinks`, gpt-oss)
+  bool router_bias = false;    // the router's logits have a bias
+  bool expert_bias = false;    // the experts' projections have biases
+  double swiglu_limit = 7.0, swiglu_alpha = 1.702;  // Activation::kSwigluClamped
 
   // Multi-head latent attention (DeepSeek-V3; mla_kv_rank > 0). head_dim is then the query/key
   // width qk_nope + qk_rope, num_kv_heads = num_heads, and rope.rotary_dim = qk_rope (the last
@@ -105,6 +116,11 @@ struct ModelConfig {
   int64_t kv_group_size() const { return num_heads / num_kv_heads; }
   bool mla() const { return mla_kv_rank > 0; }
   int64_t value_dim() const { return mla() ? v_head_dim : head_dim; }
+  // The attention window of layer l: query i sees keys j with i - window < j <= i; 0 = all j <= i.
+  int64_t window(int64_t layer) const {
+    if (sliding_layers.empty()) return sliding_window;
+    return sliding_layers.at(static_cast<size_t>(layer)) ? sliding_window : 0;
+  }
 };
 
 // Parses and validates config.json. Throws InputError naming the file and the key that is

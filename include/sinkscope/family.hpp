@@ -56,13 +56,20 @@ enum class Role : int32_t {
   kSharedDown,
   kSharedExpertGate,  // [1, D]: the shared expert's sigmoid gate
   // Multi-head latent attention (DeepSeek-V3) and its router's selection bias.
-  kQA,          // q_a_proj [q_lora_rank, D]
-  kQANorm,      // q_a_layernorm [q_lora_rank]
-  kQB,          // q_b_proj [H * (nope + rope), q_lora_rank]
-  kKvA,         // kv_a_proj_with_mqa [kv_lora_rank + rope, D]
-  kKvANorm,     // kv_a_layernorm [kv_lora_rank]
-  kKvB,         // kv_b_proj [H * (nope + v), kv_lora_rank]
-  kRouterBias,  // e_score_correction_bias [E]
+  kQA,               // q_a_proj [q_lora_rank, D]
+  kQANorm,           // q_a_layernorm [q_lora_rank]
+  kQB,               // q_b_proj [H * (nope + rope), q_lora_rank]
+  kKvA,              // kv_a_proj_with_mqa [kv_lora_rank + rope, D]
+  kKvANorm,          // kv_a_layernorm [kv_lora_rank]
+  kKvB,              // kv_b_proj [H * (nope + v), kv_lora_rank]
+  kRouterScoreBias,  // e_score_correction_bias [E] (selection only)
+  // gpt-oss: learned sink logits [H]; router bias [E]; expert biases [E, 2I] (interleaved like
+  // gate_up) and [E, D]. Its kExpertsGateUp / kExpertsDown are [E, D, 2I] (columns: gate, up,
+  // gate, ...) and [E, I, D], or their MXFP4 form (`*_blocks` + `*_scales`, docs/families.md).
+  kSinks,
+  kRouterBias,
+  kExpertsGateUpBias,
+  kExpertsDownBias,
   kCount
 };
 
@@ -81,6 +88,9 @@ struct FamilySpec {
   bool default_qkv_bias = false;   // q/k/v biases when config.json has no attention_bias key
   bool default_tied = false;       // tie_word_embeddings when absent
   bool mla = false;                // multi-head latent attention (DeepSeek-V3)
+  // gpt-oss: learned sinks, per-layer sliding windows, fused experts with interleaved gate/up
+  // columns ([E, D, 2I], in x out) and biases, stored in bf16 or MXFP4, the clamped SwiGLU, yarn.
+  bool gpt_oss_layout = false;
   // Name patterns per role; nullptr: the family has no such tensor. A role may list alternatives
   // separated by '|' (e.g. Mixtral's block_sparse_moe. and mlp. spellings); the first one that
   // the checkpoint holds is used.
@@ -101,7 +111,13 @@ bool has_role(const ModelConfig& c, Role role);
 struct RequiredTensor {
   std::string name;
   std::vector<int64_t> shape;
+  const char* stored_dtype = nullptr;  // a packed format's dtype as stored ("U8"); null: computable
 };
+
+// MXFP4 (gpt-oss): a tensor `X_blocks` [..., G, 16] uint8 (two e2m1 values per byte, the low
+// nibble first) with `X_scales` [..., G] uint8 (e8m0: 2^(s - 127)) holds [..., 32 G] values.
+bool is_mxfp4_blocks(const std::string& name);
+std::string mxfp4_scales_name(const std::string& blocks_name);
 
 // True when layer l stores its experts as fused 3-D tensors.
 bool experts_fused(const Checkpoint& ckpt, int64_t layer);

@@ -23,7 +23,7 @@ struct ResidualTap {
 struct AttentionTap {
   int64_t layer, B, T, D, head_dim, probe0;
   int64_t head_begin, local_heads;  // global ids [head_begin, head_begin + local_heads)
-  const float* a0_mean;             // [B, Hl]  mean over all queries i of A[i, 0]
+  const float* a0_mean;             // [B, Hl]  mean over the sink queries i of A[i, 0]
   const float* a0;                  // [B, Hl, T] A[i, 0] for every query (always provided)
   const float* write_p0_norm;       // [B, Hl]  ||w^{l,h}[0]||
   const float* write_rest_norm;     // [B, Hl]  mean over i >= 1 of ||w^{l,h}[i]||
@@ -38,6 +38,14 @@ struct AttentionTap {
   const float* k0_model;
   const float* k0_from_components;
   int64_t kv_begin, local_kv_heads;
+  // Contract 1.3 (docs/metrics.md "Model families II"). The sink queries: i = 0..sink_queries-1,
+  // those that can see position 0 (T, or the sliding window of this layer when shorter); a0_mean
+  // and sink_mass_mean average over them. Learned sinks (gpt-oss): the softmax mass of each
+  // head's sink logit per query, [B, Hl, T], and its mean over the sink queries, [B, Hl]; null
+  // without learned sinks.
+  int64_t sink_queries = 0;
+  const float* sink_mass = nullptr;
+  const float* sink_mass_mean = nullptr;
 };
 
 // One layer's MoE block (or dense MLP) for the probes of the micro-batch, complete for the dp

@@ -42,6 +42,11 @@ struct RankRecord {
   // (0 embedding, 1 + l layer l) the sum of the components' attributions.
   std::vector<int64_t> own_probe_ids;
   std::vector<float> sink_rows, attr_layer_rows;
+  // Contract 1.3, learned sinks (gpt-oss): sums over probes of the sink mass of owned heads [L, H],
+  // and with per-query records its value per query [rows, L, H, T] (zeros elsewhere). Empty for
+  // models without learned sinks.
+  std::vector<double> learned_sink_sum;
+  std::vector<float> sink_mass_per_query;
 
   template <class Archive>
   void serialize(Archive& ar, const unsigned int /*version*/) {
@@ -52,6 +57,7 @@ struct RankRecord {
     ar& has_rows;
     ar& moe_p0_sum& moe_rest_sum& expert_p0_sum& p0_routed& rest_routed& p0_per_query;
     ar& own_probe_ids& sink_rows& attr_layer_rows;
+    ar& learned_sink_sum& sink_mass_per_query;
   }
 };
 

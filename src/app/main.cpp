@@ -482,7 +482,9 @@ int cmd_inspect(const std::string& model, bool list_tensors) {
             << c.moe_intermediate_size << ", vocab " << c.vocab_size << ", rope_theta "
             << c.rope.theta << "\n  family: " << c.family->description << "\n  layers:";
   for (int64_t l = 0; l < c.num_layers; ++l)
-    std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense");
+    std::cout << " " << l << (c.is_moe_layer(l) ? ":moe" : ":dense")
+              << (c.window(l) > 0 ? "/window" + std::to_string(c.window(l)) : "");
+  if (c.learned_sinks) std::cout << "\n  attention: learned sinks (attention/learned_sink_mass)";
   std::cout << "\n  files:";
   for (const auto& f : ck.files()) std::cout << " " << f;
   // A 30B MoE has tens of thousands of tensors: a summary by default, the list with --tensors.

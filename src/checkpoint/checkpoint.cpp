@@ -440,6 +440,24 @@ StoredSlice Checkpoint::stored_rows(const std::string& name, int64_t row_begin,
   return stored_block(name, row_begin, row_end, 0, view_len(t));
 }
 
+StoredSlice Checkpoint::raw_rows(const std::string& name, int64_t row_begin,
+                                 int64_t row_end) const {
+  const TensorInfo& t = impl_->get(name);
+  const int64_t rows = view_rows(t), cols = view_len(t);
+  if (row_begin < 0 || row_end > rows || row_begin > row_end)
+    throw InputError(impl_->dir + ": rows [" + std::to_string(row_begin) + ", " +
+                     std::to_string(row_end) + ") out of range for tensor '" + name + "'");
+  StoredSlice s;
+  s.dtype = t.dtype;
+  s.elem_size = t.elem_size;
+  s.rows = row_end - row_begin;
+  s.cols = cols;
+  s.row_pitch = static_cast<size_t>(cols) * t.elem_size;
+  s.data = impl_->bytes(t) + row_begin * cols * static_cast<int64_t>(t.elem_size);
+  impl_->count(s.bytes());
+  return s;
+}
+
 uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin,
                                  int64_t row_end) const {
   const TensorInfo& t = impl_->get(name);

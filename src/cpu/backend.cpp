@@ -25,6 +25,7 @@
 
 #include "cpu/kernels.hpp"
 #include "cpu/mla.hpp"
+#include "cpu/sink_kernels.hpp"
 #include "cpu/weights.hpp"
 #include "model/layer_plan.hpp"
 #include "model/median.hpp"
@@ -103,8 +104,9 @@ class CpuBackend final : public Backend, private LayerOps {
   // the weighted expert outputs [n * K, D].
   void moe_slice(const LayerWeights& L, const float* u, int64_t n, std::vector<int32_t>& topk,
                  std::vector<float>& outs) const;
+  // score_bias: DeepSeek's selection-only bias (sigmoid group routing; empty otherwise).
   void route(const float* logits, int64_t n, int32_t* topk, float* weight,
-             const std::vector<float>& bias) const;
+             const std::vector<float>& score_bias) const;
   void run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const;
   // Sums of squares of a query/key row over the full projection width (all heads of the dp
   // group), for the full-width q/k norm: [rows] each.
@@ -294,17 +296,31 @@ void CpuBackend::attention(const PlannedLayer& layer) {
         cpu::rope(k.data() + b * T * kw + g * d, T, rot, kw, 0, inv_freq_.data());
     }
   }  // not mla
+  // YaRN scales cos and sin (the rotated dimensions of q and k) by its attention factor; multi-head
+  // latent attention applies it in cpu::mla_project and in its attribution.
+  const float rope_af = mla ? 1.f : static_cast<float>(c_.rope.attention_factor);
+  if (rope_af != 1.f) {
+    for (int64_t r = 0; r < BT * Hl; ++r)
+      for (int64_t j = 0; j < rot; ++j) q[r * d + j] *= rope_af;
+    for (int64_t r = 0; r < BT * KVl; ++r)
+      for (int64_t j = 0; j < rot; ++j) k[r * d + j] *= rope_af;
+  }
+  // The sink queries of this layer: those that can see position 0 (docs/metrics.md 1.3).
+  const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
+  const bool sinks = !L.sinks.empty();
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).
   auto kv_of = [&](int64_t h_local) {
     return (plan_.head_begin + h_local) / group - plan_.kv_begin;
   };
 
-  // qbar: mean over i >= 1 of the rotated, normed queries.
+  // qbar: mean over the sink queries i >= 1 of the rotated, normed queries. The key at position 0
+  // is K(c) times YaRN's attention factor in the rotated dimensions: folded into qbar here.
   std::vector<float> qbar(static_cast<size_t>(B * qw), 0.f);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 1; i < T; ++i)
+  for (int64_t b = 0; b < B && nq > 1; ++b) {
+    for (int64_t i = 1; i < nq; ++i)
       for (int64_t j = 0; j < qw; ++j) qbar[b * qw + j] += q[(b * T + i) * qw + j];
-    for (int64_t j = 0; j < qw; ++j) qbar[b * qw + j] /= static_cast<float>(T - 1);
+    for (int64_t j = 0; j < qw; ++j)
+      qbar[b * qw + j] *= (j % d < rot ? rope_af : 1.f) / static_cast<float>(nq - 1);
   }
 
   // Attention, parallel over (probe, head), in blocks of query rows: a block of queries
@@ -313,6 +329,8 @@ void CpuBackend::attention(const PlannedLayer& layer) {
   constexpr int64_t kQueryBlock = 64;
   std::vector<float> z(static_cast<size_t>(BT * zw)), a0(static_cast<size_t>(B * Hl * T)),
       a0_mean(B * Hl);
+  std::vector<float> sink_mass(sinks ? static_cast<size_t>(B * Hl * T) : 0),
+      sink_mass_mean(sinks ? static_cast<size_t>(B * Hl) : 0);
 #pragma omp parallel num_threads(opt_.threads)
   {
     std::vector<float> s(static_cast<size_t>(std::min(kQueryBlock, T) * T));
@@ -322,18 +340,30 @@ void CpuBackend::attention(const PlannedLayer& layer) {
       const float* qh = q.data() + b * T * qw + h * d;
       const float* kh = k.data() + b * T * kw + g * d;
       const float* vh = v.data() + b * T * vw + g * dv;
-      double sum = 0;
+      double sum = 0, sink_sum = 0;
       for (int64_t i0 = 0; i0 < T; i0 += kQueryBlock) {
-        const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0;
-        gemm_nt(rows, i1, d, qh + i0 * qw, qw, kh, kw, s.data(), i1, scale);
-        cpu::causal_softmax_rows(s.data(), rows, i1, i0);
+        // Keys [k0, i1): a sliding window skips the keys no query of the block sees.
+        const int64_t i1 = std::min(T, i0 + kQueryBlock), rows = i1 - i0,
+                      k0 = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0, nk = i1 - k0;
+        gemm_nt(rows, nk, d, qh + i0 * qw, qw, kh + k0 * kw, kw, s.data(), nk, scale);
+        if (window > 0 || sinks)
+          cpu::window_sink_softmax_rows(s.data(), rows, nk, i0, window,
+                                        sinks ? &L.sinks[static_cast<size_t>(h)] : nullptr,
+                                        sinks ? sink_mass.data() + bh * T + i0 : nullptr, k0);
+        else
+          cpu::causal_softmax_rows(s.data(), rows, nk, i0);
         for (int64_t r = 0; r < rows; ++r) {
-          a0[bh * T + i0 + r] = s[r * i1];
-          sum += s[r * i1];
+          a0[bh * T + i0 + r] = k0 == 0 ? s[r * nk] : 0.f;
+          if (i0 + r < nq) {
+            sum += s[r * nk];
+            if (sinks) sink_sum += sink_mass[bh * T + i0 + r];
+          }
         }
-        gemm_nn(rows, dv, i1, s.data(), i1, vh, vw, z.data() + (b * T + i0) * zw + h * dv, zw);
+        gemm_nn(rows, dv, nk, s.data(), nk, vh + k0 * vw, vw, z.data() + (b * T + i0) * zw + h * dv,
+                zw);
       }
-      a0_mean[bh] = static_cast<float>(sum / static_cast<double>(T));
+      a0_mean[bh] = static_cast<float>(sum / static_cast<double>(nq));
+      if (sinks) sink_mass_mean[bh] = static_cast<float>(sink_sum / static_cast<double>(nq));
     }
   }
 
@@ -481,6 +511,9 @@ void CpuBackend::attention(const PlannedLayer& layer) {
                    k0_sum.data(),
                    plan_.kv_begin,
                    KVl};
+  tap.sink_queries = nq;
+  tap.sink_mass = sinks ? sink_mass.data() : nullptr;
+  tap.sink_mass_mean = sinks ? sink_mass_mean.data() : nullptr;
   emit_attention_tap(*obs_, tap_source(), tap);
 
   // Store the heads' deltas for later targets; the part of a[0] that is no head's (the output
@@ -514,7 +547,10 @@ void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* 
     std::vector<float> g(static_cast<size_t>(n * I));
     gemm_nt(n, I, D, u, D, m.gate.data(), D, g.data(), I);
     add_bias(g.data(), n, I, I, m.gate_bias);
-    if (c_.act == Activation::kSilu) {
+    if (c_.act == Activation::kSwigluClamped) {
+      cpu::swiglu_clamped(g.data(), h.data(), h.data(), n * I, static_cast<float>(c_.swiglu_limit),
+                          static_cast<float>(c_.swiglu_alpha));
+    } else if (c_.act == Activation::kSilu) {
       cpu::swiglu(g.data(), h.data(), h.data(), n * I);
     } else {
       cpu::activation(c_.act, g.data(), n * I);
@@ -576,9 +612,10 @@ void CpuBackend::moe_slice(const LayerWeights& L, const float* u, int64_t n,
   const int64_t D = c_.hidden_size, E = c_.num_experts, K = c_.top_k;
   std::vector<float> logits(static_cast<size_t>(n * E));
   gemm_nt(n, E, D, u, D, L.router.data(), D, logits.data(), E);
+  add_bias(logits.data(), n, E, E, L.router_bias);
   topk.assign(static_cast<size_t>(n * K), 0);
   std::vector<float> weight(static_cast<size_t>(n * K));
-  route(logits.data(), n, topk.data(), weight.data(), L.router_bias);
+  route(logits.data(), n, topk.data(), weight.data(), L.score_bias);
 
   // Dispatch (token, expert) pairs to the ranks of the expert group holding that expert (one per
   // intermediate slice when etp > 1): [expert id, u] per pair and destination.

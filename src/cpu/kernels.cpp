@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "sinkscope/error.hpp"
+
 namespace sinkscope::cpu {
 namespace {
 
@@ -110,6 +112,8 @@ void activation(Activation act, float* x, int64_t n) {
             0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v))));
       }
       return;
+    case Activation::kSwigluClamped:  // two inputs: cpu::swiglu_clamped (sink_kernels.hpp)
+      throw RuntimeFailure("the clamped SwiGLU is not an element-wise activation");
   }
 }
 

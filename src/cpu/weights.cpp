@@ -2,7 +2,9 @@
 
 #include <algorithm>
 
+#include "checkpoint/mxfp4.hpp"
 #include "sinkscope/checkpoint.hpp"
+#include "sinkscope/error.hpp"
 #include "sinkscope/family.hpp"
 
 namespace sinkscope {
@@ -57,6 +59,76 @@ class Loader {
   // Column block [c0, c1) of every row of a 2-D tensor (o_proj's columns of this rank's heads).
   std::vector<float> cols(Role role, int64_t l, int64_t rows, int64_t c0, int64_t c1) const {
     return block(tensor_name(c_, role, l), 0, rows, c0, c1);
+  }
+  // Rows [r0, r1) of an MXFP4 tensor `X_blocks` decoded with its `X_scales`: [r1 - r0, 32 G],
+  // a row being one output of the [..., out, G, 16] blocks.
+  std::vector<float> mxfp4_rows(const std::string& blocks, int64_t r0, int64_t r1) const {
+    const std::string scales = mxfp4_scales_name(blocks);
+    const TensorInfo* st = ck_.find(scales);
+    const int64_t G = st ? st->shape.back() : 0;
+    const bool planning = note(blocks, r0 * G, r1 * G, static_cast<uint64_t>((r1 - r0) * G * 16));
+    note(scales, r0, r1, static_cast<uint64_t>((r1 - r0) * G));
+    if (planning) return {};
+    const StoredSlice b = ck_.raw_rows(blocks, r0 * G, r1 * G), s = ck_.raw_rows(scales, r0, r1);
+    std::vector<float> out(static_cast<size_t>((r1 - r0) * G * 32));
+    const int64_t bad =
+        decode_mxfp4(reinterpret_cast<const uint8_t*>(b.data),
+                     reinterpret_cast<const uint8_t*>(s.data), r1 - r0, G, out.data());
+    if (bad < (r1 - r0) * G)
+      throw InputError(ck_.dir() + ": tensor '" + scales +
+                       "' holds the e8m0 NaN scale (255) at row " + std::to_string(r0 + bad / G) +
+                       ", block " + std::to_string(bad % G));
+    return out;
+  }
+  // A gpt-oss expert's slice [i0, i1) of the intermediate dimension (docs/families.md): gate and
+  // up de-interleaved from the columns (bf16: [E, D, 2I]) or rows (MXFP4: [E, 2I, D]) of gate_up,
+  // down [D, i1 - i0] from [E, I, D] (bf16) or [E, D, I] (MXFP4), biases; down's bias on the
+  // rank of slice 0 only.
+  MlpWeights gpt_oss_expert(int64_t l, int64_t e, int64_t i0, int64_t i1) const {
+    const int64_t D = c_.hidden_size, I = c_.moe_intermediate_size, n = i1 - i0;
+    const std::string gu = tensor_name(c_, Role::kExpertsGateUp, l, -1, &ck_),
+                      dn = tensor_name(c_, Role::kExpertsDown, l, -1, &ck_);
+    MlpWeights m;
+    m.inter = n;
+    if (!plan_) {  // planning lists the reads only
+      m.gate.resize(static_cast<size_t>(n * D));
+      m.up.resize(static_cast<size_t>(n * D));
+      m.down.resize(static_cast<size_t>(D * n));
+    }
+    if (is_mxfp4_blocks(gu)) {
+      const auto rows = mxfp4_rows(gu, e * 2 * I + 2 * i0, e * 2 * I + 2 * i1);  // [2n, D]
+      for (int64_t j = 0; !rows.empty() && j < n; ++j) {
+        std::copy_n(rows.data() + (2 * j) * D, D, m.gate.data() + j * D);
+        std::copy_n(rows.data() + (2 * j + 1) * D, D, m.up.data() + j * D);
+      }
+    } else {
+      const auto cols = block(gu, e * D, (e + 1) * D, 2 * i0, 2 * i1);  // [D, 2n]
+      for (int64_t r = 0; !cols.empty() && r < D; ++r)
+        for (int64_t j = 0; j < n; ++j) {
+          m.gate[j * D + r] = cols[r * 2 * n + 2 * j];
+          m.up[j * D + r] = cols[r * 2 * n + 2 * j + 1];
+        }
+    }
+    if (is_mxfp4_blocks(dn)) {
+      const auto rows = mxfp4_rows(dn, e * D, (e + 1) * D);  // [D, I]
+      for (int64_t r = 0; !rows.empty() && r < D; ++r)
+        std::copy_n(rows.data() + r * I + i0, n, m.down.data() + r * n);
+    } else {
+      const auto rows = rows_of(dn, e * I + i0, e * I + i1, D);  // [n, D]
+      for (int64_t j = 0; !rows.empty() && j < n; ++j)
+        for (int64_t r = 0; r < D; ++r) m.down[r * n + j] = rows[j * D + r];
+    }
+    if (c_.expert_bias) {
+      const auto b = block(tensor_name(c_, Role::kExpertsGateUpBias, l), e, e + 1, 2 * i0, 2 * i1);
+      m.gate_bias.resize(b.empty() ? 0 : static_cast<size_t>(n));
+      m.up_bias.resize(b.empty() ? 0 : static_cast<size_t>(n));
+      for (int64_t j = 0; !b.empty() && j < n; ++j) {
+        m.gate_bias[j] = b[2 * j];
+        m.up_bias[j] = b[2 * j + 1];
+      }
+      if (i0 == 0) m.down_bias = rows(Role::kExpertsDownBias, l, e, e + 1, D);
+    }
+    return m;
   }
   MlpWeights dense_mlp(int64_t l) const {
     const int64_t D = c_.hidden_size, I = c_.intermediate_size;
@@ -163,11 +235,17 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
       L.k_norm = ld.vec(Role::kKNorm, l, g0 * d, g1 * d);
     }
     (void)H;
+    if (c.learned_sinks) L.sinks = ld.vec(Role::kSinks, l, h0, h1);
     L.moe = c.is_moe_layer(l);
-    if (L.moe) {
+    if (L.moe && c.family->gpt_oss_layout) {
+      L.router = ld.rows(Role::kRouter, l, 0, c.num_experts, D);
+      L.router_bias = ld.vec(Role::kRouterBias, l, 0, c.num_experts, c.router_bias);
+      for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e)
+        L.experts.push_back(ld.gpt_oss_expert(l, e, plan.inter_begin, plan.inter_end));
+    } else if (L.moe) {
       L.router = ld.rows(Role::kRouter, l, 0, c.num_experts, D);
       if (c.router == RouterKind::kSigmoidGroupTopK)
-        L.router_bias = ld.vec(Role::kRouterBias, l, 0, c.num_experts);
+        L.score_bias = ld.vec(Role::kRouterScoreBias, l, 0, c.num_experts);
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
         // Expert tensor parallelism: this rank's rows [inter_begin, inter_end) of gate/up and the
         // same columns of down (the SwiGLU is element-wise over the intermediate dimension).

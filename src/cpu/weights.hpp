@@ -45,13 +45,15 @@ struct LayerWeights {
   std::vector<float> o;                       // [D, Hl * d]  its columns of o_proj
   std::vector<float> o_bias;                  // [D]
   std::vector<float> q_norm, k_norm;  // [d] per head, or this rank's slice of the full width
+  std::vector<float> sinks;           // [Hl] learned sink logits of this rank's heads (gpt-oss)
   bool moe = false;
   std::vector<float> router;        // [E, D] (replicated)
+  std::vector<float> router_bias;   // [E] (gpt-oss)
   std::vector<MlpWeights> experts;  // local experts [expert_begin, expert_end)
   MlpWeights dense;                 // dense MLP layers (replicated)
   MlpWeights shared;                // the shared expert (replicated)
   std::vector<float> shared_gate;   // [D] (empty: an ungated shared expert)
-  std::vector<float> router_bias;   // [E] DeepSeek's e_score_correction_bias (selection only)
+  std::vector<float> score_bias;    // [E] DeepSeek's e_score_correction_bias (selection only)
   MlaWeights mla;                   // multi-head latent attention; L.q holds a plain q_proj
 };
 

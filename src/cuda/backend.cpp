@@ -1171,8 +1171,8 @@ void check_cuda_supports(const ModelConfig& c) {
   auto need = [&](bool ok, const char* what) {
     if (!ok) missing += (missing.empty() ? "" : ", ") + std::string(what);
   };
-  // Every family of docs/families.md but DeepSeek-V3 runs; what is refused here is what the
-  // kernels do not have yet.
+  // Every family of docs/families.md but DeepSeek-V3 and gpt-oss runs; what is refused here is what
+  // the kernels do not have yet.
   need(!(c.block == BlockKind::kPostNorm && c.num_experts > 0), "post-norm MoE blocks");
   need(c.act == Activation::kSilu || !c.gated_mlp, "gated MLPs with an activation other than SiLU");
   need(!(c.num_experts > 0 && c.act != Activation::kSilu),
@@ -1182,6 +1182,12 @@ void check_cuda_supports(const ModelConfig& c) {
   need(c.router != RouterKind::kSigmoidGroupTopK, "sigmoid group-limited routing");
   need(c.fp8_block_rows == 0, "FP8 block-scaled weights");
   need(c.rope.kind != RopeKind::kYarn, "yarn rope scaling");
+  // gpt-oss (metrics 1.3): learned sinks, per-layer sliding windows, the interleaved MXFP4 / bf16
+  // expert layout with biases and the clamped SwiGLU.
+  need(!c.learned_sinks, "learned attention sinks");
+  need(c.sliding_layers.empty(), "per-layer sliding windows");
+  need(!c.family || !c.family->gpt_oss_layout, "MXFP4 or interleaved gate/up experts");
+  need(!c.router_bias && !c.expert_bias, "router and expert biases");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

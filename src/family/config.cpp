@@ -135,13 +135,12 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
         fail(file, where + "llama3 needs 0 < low_freq_factor < high_freq_factor");
       if (r.original_max_position <= 0)
         fail(file, where + "original_max_position_embeddings must be positive");
-    } else if (type == "yarn" && c.family->mla) {
+    } else if (type == "yarn") {
       read_yarn(b, file, where, j, r);
     } else {
       // yarn's attention factor scales the rotated q and k: only the MLA path applies it.
       fail(file, where + "rope_type '" + type +
-                     "' is not supported (supported: default, linear, llama3; yarn for "
-                     "deepseek_v3)");
+                     "' is not supported (supported: default, linear, llama3, yarn)");
     }
     if (r.kind != RopeKind::kDefault && !(r.factor >= 1.0 && std::isfinite(r.factor)))
       fail(file, where + "factor must be a number >= 1");
@@ -150,8 +149,20 @@ void parse_rope(const json& j, const std::string& file, ModelConfig& c) {
       r.rotary_dim = static_cast<int64_t>(p->get<double>() * static_cast<double>(c.head_dim));
     }
   };
+  bool any_block = false;
   for (const char* key : {"rope_parameters", "rope_scaling"})
-    if (const json* b = find_key(j, key)) read_block(*b, key);
+    if (const json* b = find_key(j, key)) {
+      read_block(*b, key);
+      any_block = true;
+    }
+  if (!any_block && c.family->gpt_oss_layout) {
+    // GptOssConfig's defaults when config.json names no rope parameters.
+    if (!find_key(j, "rope_theta")) r.theta = 150000.0;
+    const json yarn = {{"rope_type", "yarn"}, {"factor", 32.0},
+                       {"beta_fast", 32.0},   {"beta_slow", 1.0},
+                       {"truncate", false},   {"original_max_position_embeddings", 4096}};
+    read_yarn(yarn, file, "rope_parameters (GptOssConfig default).", j, r);
+  }
   if (!(r.theta > 0) || !std::isfinite(r.theta)) fail(file, "rope_theta must be positive");
   if (const json* p = find_key(j, "rotary_pct")) {
     if (!p->is_number()) fail(file, "key 'rotary_pct' is not a number");
@@ -237,9 +248,11 @@ void parse_quantization(const json& j, const std::string& file, ModelConfig& c) 
   if (!q) return;
   if (!q->is_object()) fail(file, "key 'quantization_config' is not an object");
   const std::string method = get_string(*q, file, "quant_method", "");
+  // gpt-oss: MXFP4 experts (`*_blocks` + `*_scales`), found by name in the checkpoint.
+  if (method == "mxfp4" && c.family->gpt_oss_layout) return;
   if (method != "fp8")
     fail(file, "quantization_config.quant_method '" + method +
-                   "' is not supported (supported: fp8 with block scales)");
+                   "' is not supported (supported: fp8 with block scales; mxfp4 for gpt_oss)");
   const std::string fmt = get_string(*q, file, "fmt", "e4m3");
   if (fmt != "e4m3")
     fail(file, "quantization_config.fmt '" + fmt + "' is not supported (supported: e4m3)");
@@ -252,6 +265,38 @@ void parse_quantization(const json& j, const std::string& file, ModelConfig& c) 
       fail(file, "quantization_config.weight_block_size must be two positive integers");
     c.fp8_block_rows = (*b)[0].get<int64_t>();
     c.fp8_block_cols = (*b)[1].get<int64_t>();
+  }
+}
+
+// gpt-oss: learned sinks, biases everywhere (attention_bias, default true), the clamped SwiGLU,
+// and `layer_types` (sliding_attention / full_attention per layer; GptOssConfig's default
+// alternates, starting with a sliding layer).
+void parse_gpt_oss(const json& j, const std::string& file, ModelConfig& c) {
+  c.learned_sinks = true;
+  c.router_bias = c.expert_bias = true;
+  c.qkv_bias = c.o_bias = get_bool(j, file, "attention_bias", true);
+  c.act = Activation::kSwigluClamped;
+  c.swiglu_limit = get_double(j, file, "swiglu_limit", 7.0);
+  c.swiglu_alpha = get_double(j, file, "swiglu_alpha", 1.702);
+  if (!(c.swiglu_limit > 0) || !std::isfinite(c.swiglu_limit))
+    fail(file, "key 'swiglu_limit' must be positive");
+  if (!std::isfinite(c.swiglu_alpha)) fail(file, "key 'swiglu_alpha' must be finite");
+  c.sliding_layers.assign(static_cast<size_t>(c.num_layers), 0);
+  if (const json* v = find_key(j, "layer_types")) {
+    if (!v->is_array() || v->size() != static_cast<size_t>(c.num_layers))
+      fail(file,
+           "key 'layer_types' must list one type per layer (" + std::to_string(c.num_layers) + ")");
+    for (size_t l = 0; l < v->size(); ++l) {
+      const json& t = (*v)[l];
+      const std::string s = t.is_string() ? t.get<std::string>() : "";
+      if (s != "sliding_attention" && s != "full_attention")
+        fail(file, "key 'layer_types' entry " + std::to_string(l) +
+                       " must be \"sliding_attention\" or \"full_attention\"");
+      c.sliding_layers[l] = s == "sliding_attention";
+    }
+  } else {
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      c.sliding_layers[static_cast<size_t>(l)] = l % 2 == 0;
   }
 }
 
@@ -445,6 +490,7 @@ ModelConfig parse_model_config_text(const std::string& text, const std::string& 
     c.mlp_bias = get_bool(j, file, "mlp_bias", false);
     c.act = parse_activation(file, get_string(j, file, "hidden_act", "silu"));
   }
+  if (f.gpt_oss_layout) parse_gpt_oss(j, file, c);
   if (const json* v = find_key(j, "sliding_window")) {
     const bool use = get_bool(j, file, "use_sliding_window",
                               f.model_type != std::string("qwen2_moe") &&
@@ -527,12 +573,26 @@ std::string model_config_to_json(const ModelConfig& c) {
                          {"beta_fast", c.rope.beta_fast},
                          {"beta_slow", c.rope.beta_slow},
                          {"attention_factor", c.rope.attention_factor},
+                         {"truncate", c.rope.truncate},
                          {"mscale_all_dim", c.rope.mscale_all_dim}};
   if (c.fp8_block_rows > 0)
     j["quantization_config"] = {{"quant_method", "fp8"},
                                 {"fmt", "e4m3"},
                                 {"activation_scheme", "dynamic"},
                                 {"weight_block_size", {c.fp8_block_rows, c.fp8_block_cols}}};
+  if (f.gpt_oss_layout) {
+    j["intermediate_size"] = c.moe_intermediate_size;
+    j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+    std::vector<std::string> types;
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      types.push_back(static_cast<size_t>(l) < c.sliding_layers.size() &&
+                              c.sliding_layers[static_cast<size_t>(l)]
+                          ? "sliding_attention"
+                          : "full_attention");
+    j["layer_types"] = types;
+    j["swiglu_limit"] = c.swiglu_limit;
+    j["swiglu_alpha"] = c.swiglu_alpha;
+  }
   if (c.norm == NormKind::kLayer) {
     j["layer_norm_eps"] = c.rms_norm_eps;
   } else {
@@ -548,7 +608,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   } else {
     j["head_dim"] = c.head_dim;
     j["hidden_act"] = "silu";
-    j["attention_bias"] = c.o_bias;
+    j["attention_bias"] = c.o_bias || (f.gpt_oss_layout && c.qkv_bias);
     if (f.default_qkv_bias) j["qkv_bias"] = c.qkv_bias;
     j["mlp_bias"] = c.mlp_bias;
   }

@@ -153,7 +153,7 @@ std::vector<FamilySpec> make_families() {
     n[size_t(R::kKvA)] = "model.layers.{l}.self_attn.kv_a_proj_with_mqa.weight";
     n[size_t(R::kKvANorm)] = "model.layers.{l}.self_attn.kv_a_layernorm.weight";
     n[size_t(R::kKvB)] = "model.layers.{l}.self_attn.kv_b_proj.weight";
-    n[size_t(R::kRouterBias)] = "model.layers.{l}.mlp.gate.e_score_correction_bias";
+    n[size_t(R::kRouterScoreBias)] = "model.layers.{l}.mlp.gate.e_score_correction_bias";
     n[size_t(R::kSharedGate)] = "model.layers.{l}.mlp.shared_experts.gate_proj.weight";
     n[size_t(R::kSharedUp)] = "model.layers.{l}.mlp.shared_experts.up_proj.weight";
     n[size_t(R::kSharedDown)] = "model.layers.{l}.mlp.shared_experts.down_proj.weight";
@@ -183,6 +183,29 @@ std::vector<FamilySpec> make_families() {
     n[size_t(R::kMlpUpBias)] = "gpt_neox.layers.{l}.mlp.dense_h_to_4h.bias";
     n[size_t(R::kMlpDown)] = "gpt_neox.layers.{l}.mlp.dense_4h_to_h.weight";
     n[size_t(R::kMlpDownBias)] = "gpt_neox.layers.{l}.mlp.dense_4h_to_h.bias";
+    out.push_back(f);
+  }
+  {
+    FamilySpec f{"gpt_oss", "GptOssForCausalLM",
+                 "gpt-oss: learned attention sinks, alternating sliding/full layers, yarn, "
+                 "biased experts with a clamped SwiGLU (bf16 or MXFP4)"};
+    f.moe = true;
+    f.gpt_oss_layout = true;
+    f.router = RouterKind::kTopKSoftmax;
+    f.default_norm_topk = true;
+    f.default_qkv_bias = true;
+    llama_names(f);
+    auto& n = f.names;
+    n[size_t(R::kSinks)] = "model.layers.{l}.self_attn.sinks";
+    n[size_t(R::kRouter)] = "model.layers.{l}.mlp.router.weight";
+    n[size_t(R::kRouterBias)] = "model.layers.{l}.mlp.router.bias";
+    n[size_t(R::kExpertsGateUp)] =
+        "model.layers.{l}.mlp.experts.gate_up_proj|model.layers.{l}.mlp.experts.gate_up_proj_"
+        "blocks";
+    n[size_t(R::kExpertsDown)] =
+        "model.layers.{l}.mlp.experts.down_proj|model.layers.{l}.mlp.experts.down_proj_blocks";
+    n[size_t(R::kExpertsGateUpBias)] = "model.layers.{l}.mlp.experts.gate_up_proj_bias";
+    n[size_t(R::kExpertsDownBias)] = "model.layers.{l}.mlp.experts.down_proj_bias";
     out.push_back(f);
   }
   return out;

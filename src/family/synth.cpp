@@ -50,7 +50,7 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
   PlantedCircuit pc;
   if (plant) {
     if (c.qk_norm == QkNormKind::kFullWidth || c.block != BlockKind::kPreNorm || !c.family->moe ||
-        c.mla())
+        c.mla() || c.family->gpt_oss_layout)
       throw InputError(
           "synth --plant-circuit: needs a pre-norm MoE family with per-head or no "
           "q/k norms (qwen3_moe, qwen2_moe, mixtral); model_type is " +
@@ -93,7 +93,8 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     const bool is_router_bias =
         t.name.size() > 23 &&
         t.name.compare(t.name.size() - 23, 23, "e_score_correction_bias") == 0;
-    if (t.name == embed_name)
+    const bool is_sink = t.name.size() > 6 && t.name.compare(t.name.size() - 6, 6, ".sinks") == 0;
+    if (t.name == embed_name || is_sink)  // learned sink logits (gpt-oss) ~ N(0, 1)
       randn(v, 1.f);
     else if (is_router_bias)
       randn(v, 0.05f);  // DeepSeek's selection bias: small, so that it changes some selections

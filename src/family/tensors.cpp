@@ -35,6 +35,38 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return r + "]";
 }
 
+// gpt-oss experts: bf16 [E, D, 2I] / [E, I, D] (in x out), or the MXFP4 form of the released
+// checkpoints, rows out x in: gate_up_proj_blocks [E, 2I, D/32, 16] + _scales [E, 2I, D/32],
+// down_proj_blocks [E, D, I/32, 16] + _scales [E, D, I/32] (uint8).
+void gpt_oss_expert_tensors(const ModelConfig& c, const Checkpoint* ckpt, int64_t l,
+                            std::vector<RequiredTensor>& r) {
+  const int64_t E = c.num_experts, I = c.moe_intermediate_size, D = c.hidden_size;
+  auto name = [&](Role role) { return tensor_name(c, role, l, -1, ckpt); };
+  r.push_back({name(Role::kRouter), {E, D}});
+  if (c.router_bias) r.push_back({name(Role::kRouterBias), {E}});
+  auto matrix = [&](Role role, int64_t in, int64_t out) {
+    const std::string n = name(role);
+    if (!is_mxfp4_blocks(n)) {
+      r.push_back({n, {E, in, out}});
+      return;
+    }
+    // MXFP4 blocks of 32 values along the input dimension.
+    const int64_t groups = in / 32;
+    if (in % 32 != 0 && ckpt)
+      throw InputError(ckpt->dir() + ": tensor '" + n +
+                       "' is MXFP4, which needs a multiple of 32 " +
+                       "inputs; config.json implies " + std::to_string(in));
+    r.push_back({n, {E, out, groups, 16}, "U8"});
+    r.push_back({mxfp4_scales_name(n), {E, out, groups}, "U8"});
+  };
+  matrix(Role::kExpertsGateUp, D, 2 * I);
+  matrix(Role::kExpertsDown, I, D);
+  if (c.expert_bias) {
+    r.push_back({name(Role::kExpertsGateUpBias), {E, 2 * I}});
+    r.push_back({name(Role::kExpertsDownBias), {E, D}});
+  }
+}
+
 }  // namespace
 
 bool has_role(const ModelConfig& c, Role role) { return pattern_of(c, role) != nullptr; }
@@ -60,10 +92,18 @@ std::string tensor_name(const ModelConfig& c, Role role, int64_t layer, int64_t 
   return first;
 }
 
+bool is_mxfp4_blocks(const std::string& name) {
+  return name.size() > 7 && name.compare(name.size() - 7, 7, "_blocks") == 0;
+}
+
+std::string mxfp4_scales_name(const std::string& blocks_name) {
+  return blocks_name.substr(0, blocks_name.size() - 7) + "_scales";
+}
+
 bool experts_fused(const Checkpoint& ckpt, int64_t layer) {
   const ModelConfig& c = ckpt.config();
   return has_role(c, Role::kExpertsGateUp) &&
-         ckpt.find(tensor_name(c, Role::kExpertsGateUp, layer)) != nullptr;
+         ckpt.find(tensor_name(c, Role::kExpertsGateUp, layer, -1, &ckpt)) != nullptr;
 }
 
 ExpertLocation expert_location(const Checkpoint& ckpt, int64_t layer, int64_t e) {
@@ -144,10 +184,13 @@ std::vector<RequiredTensor> required_tensors(const ModelConfig& c, const Checkpo
       need(Role::kQNorm, {H * d}, l);
       need(Role::kKNorm, {KV * d}, l);
     }
-    if (c.is_moe_layer(l)) {
+    need_if(c.learned_sinks, Role::kSinks, {H}, l);
+    if (c.is_moe_layer(l) && c.family->gpt_oss_layout) {
+      gpt_oss_expert_tensors(c, ckpt, l, r);
+    } else if (c.is_moe_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
       need(Role::kRouter, {E, D}, l);
-      if (c.router == RouterKind::kSigmoidGroupTopK) need(Role::kRouterBias, {E}, l);
+      if (c.router == RouterKind::kSigmoidGroupTopK) need(Role::kRouterScoreBias, {E}, l);
       if (ckpt ? experts_fused(*ckpt, l) : fused_experts) {
         need(Role::kExpertsGateUp, {E, 2 * I, D}, l);
         need(Role::kExpertsDown, {E, D, I}, l);
@@ -186,9 +229,14 @@ void validate_checkpoint(const Checkpoint& ckpt) {
     if (t->shape != need.shape)
       throw InputError(ckpt.dir() + ": tensor '" + t->name + "' has shape " + shape_str(t->shape) +
                        ", config.json implies " + shape_str(need.shape));
-    if (t->dtype == DType::Other)
+    if (need.stored_dtype) {
+      if (t->dtype_str != need.stored_dtype)
+        throw InputError(ckpt.dir() + ": tensor '" + t->name + "' has dtype " + t->dtype_str +
+                         ", MXFP4 stores " + need.stored_dtype);
+    } else if (t->dtype == DType::Other) {
       throw InputError(ckpt.dir() + ": tensor '" + t->name + "' has dtype " + t->dtype_str +
                        " (supported: BF16, F16, F32, F8_E4M3 with a weight_scale_inv)");
+    }
     if (t->dtype == DType::F8E4M3) check_fp8_scale(ckpt, *t);
   }
 }

@@ -124,10 +124,14 @@ std::string out_of_range(const Analysis& a) {
     return "";
   };
   const std::pair<const FloatArray*, const char*> fractions[] = {
-      {&a.sink_score, "attention/sink_score"},        {&a.sink_rate, "attention/sink_rate"},
-      {&a.p0_per_query, "attention/p0_per_query"},    {&a.p0_topk_freq, "routing/p0_topk_freq"},
-      {&a.rest_topk_freq, "routing/rest_topk_freq"},  {&a.layer_share, "profile/layer_share"},
-      {&a.norm_gain_share, "profile/norm_gain_share"}};
+      {&a.sink_score, "attention/sink_score"},
+      {&a.sink_rate, "attention/sink_rate"},
+      {&a.p0_per_query, "attention/p0_per_query"},
+      {&a.p0_topk_freq, "routing/p0_topk_freq"},
+      {&a.rest_topk_freq, "routing/rest_topk_freq"},
+      {&a.layer_share, "profile/layer_share"},
+      {&a.norm_gain_share, "profile/norm_gain_share"},
+      {&a.learned_sink_mass, "attention/learned_sink_mass"}};
   for (const auto& [values, name] : fractions)
     if (std::string why = fraction(*values, name); !why.empty()) return why;
   if (!(a.first2_share >= -kSlack && a.first2_share <= 1 + kSlack))

@@ -26,10 +26,10 @@ ForwardFlops forward_flops(const ModelConfig& c, int64_t T) {
   ForwardFlops f;
   const double D = static_cast<double>(c.hidden_size), d = static_cast<double>(c.head_dim),
                H = static_cast<double>(c.num_heads), KV = static_cast<double>(c.num_kv_heads);
-  const double keys = c.sliding_window > 0 ? std::min<double>(static_cast<double>(c.sliding_window),
-                                                              (static_cast<double>(T) + 1) / 2)
-                                           : (static_cast<double>(T) + 1) / 2;
   for (int64_t l = 0; l < c.num_layers; ++l) {
+    const double keys = c.window(l) > 0 ? std::min<double>(static_cast<double>(c.window(l)),
+                                                           (static_cast<double>(T) + 1) / 2)
+                                        : (static_cast<double>(T) + 1) / 2;
     f.projections += 2.0 * D * (2 * H * d + 2 * KV * d);  // q, o; k, v
     f.attention += 2.0 * 2.0 * H * d * keys;              // QK^T and AV
     if (c.is_moe_layer(l)) {
@@ -107,7 +107,14 @@ ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp) {
         break;
       case Role::kExpertsGateUp:
       case Role::kExpertsDown:
+      case Role::kExpertsGateUpBias:
         s.held += n / c.num_experts * p.local_experts() / etp;
+        break;
+      case Role::kExpertsDownBias:
+        s.held += n / c.num_experts * p.local_experts();
+        break;
+      case Role::kSinks:
+        s.held += n / H * Hl;
         break;
       default:
         s.held += n;

@@ -11,7 +11,7 @@
 
 #include "sinkscope/error.hpp"
 
-BOOST_CLASS_VERSION(sinkscope::RankRecord, 3)
+BOOST_CLASS_VERSION(sinkscope::RankRecord, 4)
 
 namespace sinkscope {
 
@@ -60,6 +60,7 @@ Recorder::Recorder(const ModelConfig& cfg, const ShardPlan& plan, int64_t seq_le
   rec_.expert_p0_sum.assign(L * E, 0);
   rec_.p0_routed.assign(L * E, 0);
   rec_.rest_routed.assign(L * E, 0);
+  if (cfg.learned_sinks) rec_.learned_sink_sum.assign(L * H, 0);
 }
 
 int64_t Recorder::row_of(int64_t probe) {
@@ -70,6 +71,8 @@ int64_t Recorder::row_of(int64_t probe) {
   rec_.norm_p0.resize(rec_.probe_ids.size() * L1, 0.f);
   rec_.norm_rest_median.resize(rec_.probe_ids.size() * L1, 0.f);
   if (per_query_) rec_.p0_per_query.resize(rec_.probe_ids.size() * rec_.L * rec_.H * rec_.T, 0.f);
+  if (per_query_ && cfg_.learned_sinks)
+    rec_.sink_mass_per_query.resize(rec_.p0_per_query.size(), 0.f);
   return static_cast<int64_t>(rec_.probe_ids.size()) - 1;
 }
 
@@ -128,6 +131,12 @@ void Recorder::on_attention(const AttentionTap& t) {
       if (per_query_)
         std::copy_n(t.a0 + bh * t.T, t.T,
                     rec_.p0_per_query.data() + ((row * rec_.L + l) * H + gh) * rec_.T);
+      if (t.sink_mass_mean && !rec_.learned_sink_sum.empty()) {
+        rec_.learned_sink_sum[l * H + gh] += t.sink_mass_mean[bh];
+        if (per_query_)
+          std::copy_n(t.sink_mass + bh * t.T, t.T,
+                      rec_.sink_mass_per_query.data() + ((row * rec_.L + l) * H + gh) * rec_.T);
+      }
     }
     for (int64_t g = 0; g < t.local_kv_heads; ++g) {
       const float* km = t.k0_model + (b * t.local_kv_heads + g) * t.head_dim;
@@ -178,6 +187,8 @@ FloatArray& Analysis::attr_of(ComponentKind kind) {
 const FloatArray& Analysis::attr_of(ComponentKind kind) const {
   return const_cast<Analysis*>(this)->attr_of(kind);
 }
+
+void reduce_learned_sinks(const std::vector<RankRecord>& records, bool per_query, Analysis& a);
 
 void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& cfg, double eps,
                     bool per_query, Analysis& a, double* identity_max_rel_err) {
@@ -265,6 +276,7 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
     rate_sum += a.sink_rate.data[l];
   }
   a.meta.sink_rate = rate_sum / static_cast<double>(L);
+  if (cfg.learned_sinks) reduce_learned_sinks(records, per_query, a);
 
   a.h_ratio = FloatArray({L + 1}, "layer");
   a.p0_cosine = FloatArray({L + 1}, "layer");
@@ -357,6 +369,32 @@ void reduce_records(const std::vector<RankRecord>& records, const ModelConfig& c
         }
       }
   }
+}
+
+// Contract 1.3: the learned sink mass of every head (gpt-oss), averaged over probes and the sink
+// queries like the sink score, and per query with --per-query.
+void reduce_learned_sinks(const std::vector<RankRecord>& records, bool per_query, Analysis& a) {
+  const size_t N = static_cast<size_t>(a.meta.num_probes),
+               L = static_cast<size_t>(a.meta.num_layers),
+               H = static_cast<size_t>(a.meta.num_heads), T = static_cast<size_t>(a.meta.seq_len);
+  std::vector<double> sum(L * H, 0);
+  for (const auto& r : records)
+    for (size_t i = 0; i < r.learned_sink_sum.size() && i < sum.size(); ++i)
+      sum[i] += r.learned_sink_sum[i];
+  a.learned_sink_mass = FloatArray({L, H}, "layer,head");
+  for (size_t i = 0; i < L * H; ++i)
+    a.learned_sink_mass.data[i] = static_cast<float>(sum[i] / static_cast<double>(N));
+  if (!per_query) return;
+  a.learned_sink_mass_per_query = FloatArray({N, L, H, T}, "probe,layer,head,query");
+  for (const auto& r : records)
+    for (size_t row = 0; row < r.probe_ids.size(); ++row) {
+      if (r.sink_mass_per_query.size() < (row + 1) * L * H * T) continue;
+      const size_t n = static_cast<size_t>(r.probe_ids[row]);
+      for (size_t i = 0; i < L * H * T; ++i)
+        if (r.sink_mass_per_query[row * L * H * T + i] != 0.f)
+          a.learned_sink_mass_per_query.data[n * L * H * T + i] =
+              r.sink_mass_per_query[row * L * H * T + i];
+    }
 }
 
 FloatArray per_probe_sink(const std::vector<RankRecord>& records, int64_t num_probes) {

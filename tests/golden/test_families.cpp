@@ -77,7 +77,7 @@ void expected_routing(const Expected& e, const Checkpoint& ck, int64_t N, int64_
     for (int64_t l = 0; l < L; ++l)
       if (c.is_moe_layer(l)) {
         bias[l].resize(static_cast<size_t>(E));
-        ck.read_rows(tensor_name(c, Role::kRouterBias, l), 0, E, bias[l].data());
+        ck.read_rows(tensor_name(c, Role::kRouterScoreBias, l), 0, E, bias[l].data());
       }
   }
   p0->assign(static_cast<size_t>(L * E), 0.0);
@@ -105,24 +105,9 @@ void expected_routing(const Expected& e, const Checkpoint& ck, int64_t N, int64_
       }
 }
 
-// Fixtures that tools/make_family_goldens.py makes but that are not in the tree yet (they need
-// torch + transformers): their tests skip with "fixture missing" until the folder is added.
-bool fixture_pending(const std::string& family) {
-  return (family == "deepseek_v3" || family == "deepseek_v3_fp8") &&
-         !fs::exists(kFamiliesDir + "/" + family + "/expected.safetensors");
-}
-#define SKIP_IF_FIXTURE_PENDING()                                                       \
-  if (fixture_pending(GetParam()))                                                      \
-  GTEST_SKIP() << "fixture missing: " << kFamiliesDir << "/" << GetParam()              \
-               << " (python3 tools/make_family_goldens.py --out tests/golden/families " \
-                  "--families deepseek_v3 deepseek_v3_fp8)"
-
-class Family : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(Family, MatchesTransformersReference) {
-  SKIP_IF_FIXTURE_PENDING();
-  const std::string dir = kFamiliesDir + "/" + GetParam();
-  ASSERT_TRUE(fs::exists(dir + "/expected.safetensors")) << "golden fixture missing: " << dir;
+// The family's analysis against its transformers reference: attention to P0 per query, norms,
+// routing, the circuit identity, the profile; and (learned sinks) the sink mass per query.
+void check_reference(const std::string& dir) {
   const Expected e = load_expected(dir + "/expected.safetensors");
   const IntArray tokens = load_tokens(dir + "/probes.npy");
   const int64_t N = static_cast<int64_t>(tokens.shape[0]),
@@ -148,6 +133,28 @@ TEST_P(Family, MatchesTransformersReference) {
       expect_close("p0_topk_freq", a.p0_topk_freq.data, p0, 1e-6, 0, 0);
       expect_close("rest_topk_freq", a.rest_topk_freq.data, rest, 1e-6, 0, 0);
     }
+    if (e.values.count("sink_mass")) {
+      // Learned sinks (metrics 1.3): the mass per query, and sink_score / learned_sink_mass as
+      // the mean over probes and the queries that see position 0 (i < window on sliding layers).
+      const ModelConfig& c = ck.config();
+      const auto& mass = e.values.at("sink_mass");
+      const auto& p0 = e.values.at("attn_p0");
+      expect_close("sink_mass", a.learned_sink_mass_per_query.data, mass, 1e-4, 0, 0);
+      const int64_t L = c.num_layers, H = c.num_heads;
+      std::vector<double> score(static_cast<size_t>(L * H), 0.0), sm(score.size(), 0.0);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t nq = c.window(l) > 0 ? std::min(T, c.window(l)) : T;
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t i = 0; i < nq; ++i) {
+              const size_t at = static_cast<size_t>(((n * L + l) * H + h) * T + i);
+              score[static_cast<size_t>(l * H + h)] += p0[at] / static_cast<double>(N * nq);
+              sm[static_cast<size_t>(l * H + h)] += mass[at] / static_cast<double>(N * nq);
+            }
+      }
+      expect_close("sink_score", a.sink_score.data, score, 1e-4, 0, 0);
+      expect_close("learned_sink_mass", a.learned_sink_mass.data, sm, 1e-4, 0, 0);
+    }
     // The profile is a distribution over the embedding and the layers.
     double total = 0;
     for (float s : a.layer_share.data) total += s;
@@ -155,9 +162,7 @@ TEST_P(Family, MatchesTransformersReference) {
   }
 }
 
-TEST_P(Family, LogitsMatch) {
-  SKIP_IF_FIXTURE_PENDING();
-  const std::string dir = kFamiliesDir + "/" + GetParam();
+void check_logits(const std::string& dir) {
   const Expected e = load_expected(dir + "/expected.safetensors");
   const IntArray tokens = load_tokens(dir + "/probes.npy");
   Checkpoint ck = Checkpoint::open(dir);
@@ -171,6 +176,16 @@ TEST_P(Family, LogitsMatch) {
   const FloatArray logits = backend->run(tokens, 0, none);
   expect_close("logits", logits.data, e.values.at("logits"), 0, 0, 1e-3);
 }
+
+class Family : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Family, MatchesTransformersReference) {
+  const std::string dir = kFamiliesDir + "/" + GetParam();
+  ASSERT_TRUE(fs::exists(dir + "/expected.safetensors")) << "golden fixture missing: " << dir;
+  check_reference(dir);
+}
+
+TEST_P(Family, LogitsMatch) { check_logits(kFamiliesDir + "/" + GetParam()); }
 
 // Mean-ablating every component of layer 0 at position 0 moves layer 1's keys, and the
 // shared expert (Qwen2-MoE) is a component of its own: ablating it alone changes sink scores.
@@ -214,7 +229,6 @@ struct TempDir {
 // `synth` writes a checkpoint of every family that validates and analyses, with the circuit
 // identity holding (the family table drives both the writer and the reader).
 TEST_P(Family, SynthWritesAnAnalysableCheckpoint) {
-  SKIP_IF_FIXTURE_PENDING();
   const ModelConfig shape = parse_model_config(kFamiliesDir + "/" + GetParam() + "/config.json");
   TempDir tmp;
   synthesize(shape, tmp.path, false, 3);
@@ -229,6 +243,40 @@ TEST_P(Family, SynthWritesAnAnalysableCheckpoint) {
   EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-4);
   EXPECT_EQ(a.sink_score.shape, (std::vector<size_t>{static_cast<size_t>(shape.num_layers),
                                                      static_cast<size_t>(shape.num_heads)}));
+}
+
+// `synth` writes gpt_oss checkpoints (bf16 experts) that validate and analyse with probes longer
+// than the sliding window; the learned sink mass is recorded and sink mass plus A[i, 0] stay <= 1.
+TEST(FamilySynth, GptOss) {
+  const ModelConfig shape =
+      parse_model_config(std::string(SINKSCOPE_GOLDEN_DIR) + "/../data/tiny_gpt_oss.json");
+  TempDir tmp;
+  synthesize(shape, tmp.path, false, 3);
+  const Checkpoint ck = Checkpoint::open(tmp.path);
+  validate_checkpoint(ck);
+  EXPECT_EQ(ck.config().window(0), 8);
+  EXPECT_EQ(ck.config().window(1), 0);
+  auto world = make_single_comm();
+  AnalyzeOptions o;
+  o.model = tmp.path;
+  o.per_query = true;
+  const Analysis a = analyze_checkpoint(o, make_probes("random:2:20:5", shape.vocab_size), *world);
+  EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-4);
+  ASSERT_EQ(a.learned_sink_mass.shape, (std::vector<size_t>{3, 4}));
+  ASSERT_EQ(a.learned_sink_mass_per_query.shape, (std::vector<size_t>{2, 3, 4, 20}));
+  double lo = 1, hi = 0;
+  for (size_t i = 0; i < a.p0_per_query.size(); ++i) {
+    const float m = a.learned_sink_mass_per_query.data[i], p = a.p0_per_query.data[i];
+    lo = std::min<double>(lo, m);
+    hi = std::max<double>(hi, m + p);
+  }
+  EXPECT_GT(lo, 0.0);
+  EXPECT_LE(hi, 1.0 + 1e-6);
+  // Sliding layers 0 and 2: queries i >= 8 cannot see position 0; the full layer 1 can.
+  EXPECT_EQ(a.p0_per_query.at(0, 0, 0, 8), 0.f);
+  EXPECT_EQ(a.p0_per_query.at(1, 2, 3, 19), 0.f);
+  EXPECT_GT(a.p0_per_query.at(0, 1, 0, 19), 0.f);
+  EXPECT_GT(a.p0_per_query.at(0, 0, 0, 7), 0.f);
 }
 
 // The planted two-block circuit (docs/synth.md) in families without q/k norms: the sink head is
@@ -282,6 +330,6 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, PlantedFamily, ::testing::Values("mixtral", "
 INSTANTIATE_TEST_SUITE_P(Fixtures, Family,
                          ::testing::Values("olmoe", "mixtral", "qwen2_moe", "llama", "qwen3",
                                            "olmo2", "gpt_neox", "qwen3_moe_fused", "deepseek_v3",
-                                           "deepseek_v3_fp8"));
+                                           "deepseek_v3_fp8", "gpt_oss", "gpt_oss_mxfp4"));
 
 }  // namespace

@@ -27,7 +27,17 @@ for f in olmoe qwen2_moe mixtral olmo2 gpt_neox deepseek_v3 deepseek_v3_fp8; do
   g="$root/tests/golden/families/$f"
   [ -f "$g/config.json" ] && family_models+=("$g:--tokens $g/probes.npy")
 done
-family_layouts=("2:--tp 2" "2:--ep 2" "4:--tp 4" "4:--tp 2 --ep 2")
+# gpt-oss (metrics 1.3): learned sinks sharded with their heads, per-layer sliding windows (probes
+# of 20 against a window of 8), biased experts with interleaved gate/up split by etp, in bf16 and
+# in MXFP4 (tests/tools/gpt_oss_reference.py writes that form); the transformers fixtures too.
+"$bin" synth --config "$root/tests/data/tiny_gpt_oss.json" --out "$work/gpt_oss" --seed 4 2>/dev/null
+"$py" "$root/tests/tools/gpt_oss_reference.py" to-mxfp4 "$work/gpt_oss" "$work/gpt_oss_mxfp4"
+family_models+=("$work/gpt_oss:--probes random:4:20:2" "$work/gpt_oss_mxfp4:--probes random:4:20:2")
+for f in gpt_oss gpt_oss_mxfp4; do
+  g="$root/tests/golden/families/$f"
+  [ -f "$g/config.json" ] && family_models+=("$g:--tokens $g/probes.npy")
+done
+family_layouts=("2:--tp 2" "2:--ep 2" "4:--tp 4" "4:--tp 2 --ep 2" "4:--ep 2 --etp 2")
 
 layouts=("1:" "2:--tp 2" "2:--ep 2" "2:" "4:--tp 2 --ep 2" "4:--tp 2 --ep 2 --etp 1" "4:--tp 4" "4:--ep 4" "4:--ep 2" "4:--ep 2 --etp 2")
 fail=0
@@ -73,6 +83,7 @@ for entry in "${family_models[@]}"; do
   for layout in "${family_layouts[@]}"; do
     np=${layout%%:*} opts=${layout#*:}
     [[ "$experts" == 0 && "$opts" == *"--ep"* ]] && opts=${opts/--ep 2/}  # dense: the ranks split probes
+    [[ "$opts" == *"--etp"* && "$name" != *gpt_oss* ]] && continue  # etp: gpt-oss's expert layout only
     # shellcheck disable=SC2086
     run_layout "$model" "$name" "$np" "$opts" "$work/$name.np$np.$(echo "$opts" | tr -d ' -').h5" $probes
   done

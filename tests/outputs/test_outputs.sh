@@ -10,6 +10,6 @@ trap 'rm -rf "$work"' EXIT
 bash "$root/tests/outputs/make_outputs.sh" "$bin" "$root" "$work"
 case "$what" in
   xarray) /usr/bin/python3 "$root/tests/tools/check_xarray.py" "$work/a.h5" "$work/sweep" ;;
-  schema_doc) /usr/bin/python3 "$root/tests/tools/schema_doc.py" --check "$root/docs/schema.md" "$work/a.h5" "$work/sweep/sweep.h5" ;;
+  schema_doc) /usr/bin/python3 "$root/tests/tools/schema_doc.py" --check "$root/docs/schema.md" "$work/a.h5,$work/g.h5" "$work/sweep/sweep.h5" ;;
   *) echo "unknown check $what"; exit 2 ;;
 esac

@@ -6,8 +6,9 @@ its long_name, units and description attributes. This script reads those back fr
 `sinkscope analyze` / `sinkscope sweep` wrote and either rewrites the tables in docs/schema.md
 (--write) or fails when the document and the files disagree (--check, the ctest `schema_doc`).
 
-usage: schema_doc.py (--check | --write) DOC.md ANALYSIS.h5 SWEEP.h5
-The analysis file must be written with every optional dataset (--per-query, --ablate).
+usage: schema_doc.py (--check | --write) DOC.md ANALYSIS.h5[,ANALYSIS2.h5...] SWEEP.h5
+The analysis files together must hold every optional dataset (--per-query, --ablate; a model with
+learned sinks for attention/learned_sink_mass*): their rows are merged by dataset.
 """
 import sys
 
@@ -69,6 +70,19 @@ def rows_from_file(path):
     return rows
 
 
+def merged_rows(paths):
+    """The rows of several files, each dataset once (the same row in every file that has it)."""
+    by_name = {}
+    for path in paths:
+        for row in rows_from_file(path):
+            seen = by_name.setdefault(row["dataset"], row)
+            if seen != row:
+                raise SystemExit(f"{path}: {row['dataset']} differs from the same dataset in {paths[0]}")
+    rows = list(by_name.values())
+    rows.sort(key=lambda r: (r["units"] != "(coordinate)", r["dataset"]))
+    return rows
+
+
 def escape(cell):
     return cell.replace("|", "\\|")
 
@@ -103,10 +117,10 @@ def main(argv):
     with open(doc_path, encoding="utf-8") as f:
         doc = f.read()
     failures = []
-    for kind, path in (("analysis", analysis), ("sweep", sweep)):
+    for kind, paths in (("analysis", analysis), ("sweep", sweep)):
         head, body, tail = split_doc(doc, kind)
         begin, end = markers(kind)
-        wanted = "\n" + table(rows_from_file(path)) + "\n"
+        wanted = "\n" + table(merged_rows(paths.split(","))) + "\n"
         if mode == "--write":
             doc = head + begin + wanted + end + tail
         elif body.strip() != wanted.strip():

@@ -70,7 +70,10 @@ TEST(Config, RejectsContradictions) {
   expect_error(R"({"model_type":"gpt2","vocab_size":10})", "not supported");
   expect_error("{not json", "not valid JSON");
   expect_error(R"({"model_type":"qwen3_moe","hidden_size":64})", "vocab_size");
-  expect_error(with(R"(,"rope_parameters":{"rope_type":"yarn","rope_theta":1e4})"), "yarn");
+  expect_error(with(R"(,"rope_parameters":{"rope_type":"longrope","rope_theta":1e4})"), "longrope");
+  // yarn (contract 1.3) needs the length it was trained at.
+  expect_error(with(R"(,"rope_parameters":{"rope_type":"yarn","rope_theta":1e4,"factor":4})"),
+               "original_max_position_embeddings");
 }
 
 TEST(Config, TopKAboveExpertsNamed) {
@@ -92,8 +95,8 @@ TEST(Config, RoundTripThroughJson) {
 // Rope settings are honoured or refused, never ignored (a top-level rope_theta does not hide a
 // rope_parameters block), and malformed ones are refused by name.
 TEST(Config, RopeSettingsHonouredOrRefused) {
-  expect_error(with(R"(,"rope_theta":1e4,"rope_parameters":{"rope_type":"yarn","factor":4})"),
-               "yarn");
+  expect_error(with(R"(,"rope_theta":1e4,"rope_parameters":{"rope_type":"dynamic","factor":4})"),
+               "dynamic");
   expect_error(with(R"(,"rope_scaling":"linear")"), "rope_scaling");
   expect_error(with(R"(,"rope_scaling":[1,2])"), "rope_scaling");
   expect_error(with(R"(,"rope_scaling":4)"), "rope_scaling");
