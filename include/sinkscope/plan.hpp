@@ -46,6 +46,10 @@ struct PlanCoefficients {
   double intra_gbps = 0;        // collective bus bandwidth within a node (GB/s)
   double inter_gbps = 0;        // collective bus bandwidth across nodes (GB/s)
   double record_fraction = 0;   // recording's cost as a fraction of the forward
+  // ns per token, layer and 1024 hidden dims of the forward's work between the products (norms,
+  // RoPE, routing and its host round trip, combine, residual adds): the backend's measured forward
+  // minus what the GEMM and attention rates predict for it (calibration), else a default.
+  double elementwise_ns = 0;
   double base_mib = 0;          // resident memory of a rank before the model (libraries, buffers)
   double startup_s = 0;         // process start, MPI init, checkpoint open per checkpoint
   std::string source;           // where the values came from
@@ -71,6 +75,11 @@ PlanCoefficients calibrate_cpu(int threads, const std::string& scratch_dir, cons
 // -DSINKSCOPE_CUDA=ON): cuBLAS bf16 GEMM rates, the fused attention, the backend's checkpoint load
 // of a small synth model in `scratch_dir`, recording's share of its forward, the context's memory.
 PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& world);
+// The elementwise coefficient from one measured forward (seconds, recording off) of `cfg` on one
+// rank with `probes` x `seq_len` tokens: (measured - predicted products and attention) per token,
+// layer and 1024 hidden dims, in ns (0 when the products alone take longer).
+double elementwise_ns_from(const ModelConfig& cfg, const std::string& device, int64_t probes,
+                           int64_t seq_len, double measured_s, PlanCoefficients k);
 
 struct PlanRequest {
   ModelConfig cfg;
@@ -99,7 +108,7 @@ struct LayoutPlan {
   std::string why_not;
   double load_s = 0, forward_s = 0, record_s = 0, ablation_s = 0, exchange_s = 0;
   double checkpoint_s = 0, sweep_s = 0;
-  double gemm_s = 0, attention_s = 0;  // parts of forward_s
+  double gemm_s = 0, attention_s = 0, elementwise_s = 0;  // parts of forward_s
 };
 
 struct Plan {

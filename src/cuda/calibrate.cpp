@@ -2,8 +2,9 @@
 // measured on this rank's GPU (docs/planner.md "Calibration"): the bf16 GEMM rate of the backend's
 // products (cuBLAS) at a large and a small row count, the fused attention's causal rate, the
 // checkpoint load rate through the backend's own loader (a small model written by `synth` into the
-// scratch folder, warm in the page cache), recording's share of a forward (the same model with and
-// without recording), and the device memory the context and libraries take.
+// scratch folder, warm in the page cache), recording's share and the elementwise cost of a forward
+// (two Qwen3-30B-A3B layers made on the device, run with and without recording), and the device
+// memory the context and libraries take.
 #include <cuda_runtime_api.h>
 #include <unistd.h>
 
@@ -120,7 +121,7 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
   }
 
   // A small MoE model written by synth (about 0.5 GB of bf16), loaded through the backend's own
-  // path twice (the second load is the warm, page-cache rate), then run with and without recording.
+  // path twice: the second load is the warm, page-cache rate.
   const ModelConfig c = parse_model_config_text(
       R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 4096,
           "hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 16,
@@ -152,7 +153,22 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
     load_s = std::chrono::duration<double>(Clock::now() - t).count();
   }
   k.load_gbps = static_cast<double>(be->weight_bytes_loaded()) / load_s / 1e9;
-  const IntArray tokens = make_probes("random:4:2048:1", c.vocab_size);
+  be.reset();
+  // The forward of two Qwen3-30B-A3B layers with weights made on the device (8 x 2048 tokens),
+  // with and without recording: recording's share, and what the work between the products costs
+  // beyond the GEMM and attention rates above (the elementwise coefficient).
+  const ModelConfig shape = parse_model_config_text(
+      R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936,
+          "hidden_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 32,
+          "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+          "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+          "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"})",
+      "the calibration shape");
+  const int64_t N = 8, T = 2048;
+  be = make_cuda_backend_synthetic(shape, ShardPlan::make(1, 0, 1, 1, shape, 1), comms,
+                                   ForwardOptions{}, 11);
+  const IntArray tokens = make_probes("random:" + std::to_string(N) + ":" + std::to_string(T) + ":1",
+                                      shape.vocab_size);
   Discard none;
   auto timed = [&](bool record) {
     cuda::set_recording(*be, record);
@@ -167,6 +183,7 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
   };
   const double plain = timed(false), record = timed(true);
   k.record_fraction = std::max(0.0, record / plain - 1.0);
+  k.elementwise_ns = elementwise_ns_from(shape, "cuda", N, T, plain, k);
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   k.source = "calibrated on " + host_name() + " (" + prop.name + ")";

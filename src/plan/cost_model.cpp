@@ -206,7 +206,9 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
       dp_tokens * proj_rank / rate(tokens_mb) + all_tokens / world * f.experts / rate(expert_rows) +
       dp_tokens / tp * f.router / rate(tokens_mb / tp) + dp_tokens * f.dense_mlp / rate(tokens_mb);
   o.attention_s = dp_tokens * attn_rank / (k.attention_gflops * 1e9);
-  o.forward_s = o.gemm_s + o.attention_s;
+  // Between the products: every rank normalises, rotates and adds over its dp group's tokens.
+  o.elementwise_s = k.elementwise_ns * 1e-9 * dp_tokens * L * D / 1024.0;
+  o.forward_s = o.gemm_s + o.attention_s + o.elementwise_s;
   o.record_s = k.record_fraction * o.forward_s;
   // Exchange: the tp all-reduces of each layer's attention output and MoE output (ring: 2 (n-1)/n
   // of the bytes), the ep all-to-all of each rank's routed pairs out and back.
@@ -231,6 +233,28 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   o.sweep_s =
       std::ceil(static_cast<double>(r.checkpoints) / std::max(1.0, parallel)) * o.checkpoint_s;
   return o;
+}
+
+}  // namespace sinkscope
+
+namespace sinkscope {
+
+double elementwise_ns_from(const ModelConfig& cfg, const std::string& device, int64_t probes,
+                           int64_t seq_len, double measured_s, PlanCoefficients k) {
+  PlanRequest r;
+  r.cfg = cfg;
+  r.device = device;
+  r.probes = probes;
+  r.seq_len = seq_len;
+  r.batch = probes;
+  r.ranks_per_node = 1;
+  r.nodes = 1;
+  r.device_mem_gib = 1e9;
+  k.elementwise_ns = 0;
+  const LayoutPlan p = predict_layout(r, k, 1, 1, 1);
+  const double units = static_cast<double>(probes * seq_len * cfg.num_layers) *
+                       static_cast<double>(cfg.hidden_size) / 1024.0;
+  return std::max(0.0, measured_s - p.gemm_s - p.attention_s) / units * 1e9;
 }
 
 }  // namespace sinkscope

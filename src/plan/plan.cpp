@@ -15,19 +15,23 @@ namespace sinkscope {
 PlanCoefficients default_coefficients(const std::string& device) {
   PlanCoefficients k;
   if (device == "cuda") {
-    // One H200 (docs/planner.md "Defaults"): dense bf16 GEMMs at ~40% of the 989 TFLOP/s peak,
-    // expert GEMMs half as fast at 128 rows, attention 250 TFLOP/s, recording 11.6% (measured at
-    // 8 x 4096, docs/benchmarks.md), NVLink and InfiniBand bus bandwidths of NCCL collectives.
-    k.gemm_gflops = 400e3;
-    k.gemm_half_m = 128;
-    k.attention_gflops = 250e3;
-    k.load_gbps = 2.0;
+    // One H200, measured by `sinkscope plan --calibrate --device cuda` (2026-12-01,
+    // docs/results/2026-12-01-plan-validation-h200.md): cuBLAS bf16 GEMM 745 TFLOP/s at 32768 rows
+    // (half rate at 612), the fused attention 296 TFLOP/s, the backend's warm load 3.4 GB/s,
+    // recording +19% and the elementwise work 33.8 ns per token-layer-1024 dims of two
+    // Qwen3-30B-A3B layers; NVLink and InfiniBand bus bandwidths of NCCL collectives (not measured:
+    // one GPU).
+    k.gemm_gflops = 744.8e3;
+    k.gemm_half_m = 612;
+    k.attention_gflops = 296.4e3;
+    k.load_gbps = 3.41;
     k.intra_gbps = 150;
     k.inter_gbps = 20;
-    k.record_fraction = 0.116;
-    k.base_mib = 2048;
+    k.record_fraction = 0.19;
+    k.elementwise_ns = 33.8;
+    k.base_mib = 853;
     k.startup_s = 20;
-    k.source = "documented H200 defaults (not calibrated)";
+    k.source = "H200 defaults (calibrated 2026-12-01)";
   } else {
     // The development VM of docs/benchmarks.md, one thread: OpenBLAS sgemm 98.8 GFLOP/s at
     // 512 x 1024 x 1024 and 67.2 at 64 rows (half rate at 30 rows).
@@ -57,6 +61,7 @@ const Key kKeys[] = {{"GEMM_GFLOPS", &PlanCoefficients::gemm_gflops},
                      {"INTRA_GBPS", &PlanCoefficients::intra_gbps},
                      {"INTER_GBPS", &PlanCoefficients::inter_gbps},
                      {"RECORD_FRACTION", &PlanCoefficients::record_fraction},
+                     {"ELEMENTWISE_NS", &PlanCoefficients::elementwise_ns},
                      {"BASE_MIB", &PlanCoefficients::base_mib},
                      {"STARTUP_S", &PlanCoefficients::startup_s}};
 std::string prefix(const std::string& device) {
@@ -337,10 +342,11 @@ std::string format_plan(const Plan& p) {
   const PlanCoefficients& k = p.coef;
   std::snprintf(buf, sizeof(buf),
                 "coefficients: GEMM %.4g GFLOP/s (half rate at %.3g rows), attention %.4g GFLOP/s, "
-                "load %.3g GB/s, bus %.3g GB/s in a node / %.3g across, recording +%.0f%%, base "
-                "%.0f MiB, startup %.3g s; %s\n",
-                k.gemm_gflops, k.gemm_half_m, k.attention_gflops, k.load_gbps, k.intra_gbps,
-                k.inter_gbps, 100 * k.record_fraction, k.base_mib, k.startup_s, k.source.c_str());
+                "elementwise %.3g ns per token-layer-1024 dims, load %.3g GB/s, bus %.3g GB/s in a "
+                "node / %.3g across, recording +%.0f%%, base %.0f MiB, startup %.3g s; %s\n",
+                k.gemm_gflops, k.gemm_half_m, k.attention_gflops, k.elementwise_ns, k.load_gbps,
+                k.intra_gbps, k.inter_gbps, 100 * k.record_fraction, k.base_mib, k.startup_s,
+                k.source.c_str());
   os << buf;
   std::snprintf(
       buf, sizeof(buf), "limits: %s%.4g GiB host memory per node\n\n",

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Multi-GPU checks on a machine with 2+ GPUs (one MPI rank per GPU, NCCL between them):
-#   1. every layout (tp=2, ep=2, and dp=2) on 2 GPUs writes an analysis file for the golden models
-#      and a synthetic 16-expert model; the files are collected under OUTDIR for comparison with
-#      one GPU (tests/tools/compare_h5.py, bf16 tolerance) by the caller;
+#   1. every layout (tp=2, ep=2, and dp=2) on 2 GPUs writes an analysis file for the golden models,
+#      the family fixtures (FAMILIES) and a synthetic 16-expert model; the files are collected under
+#      OUTDIR for comparison with one GPU (tests/tools/compare_h5.py, bf16 tolerance) by the caller;
 #   2. kill -9 of one rank: the other exits within 30 s (NCCL abort on the bounded wait);
 #   3. transformers loads a checkpoint written by `sinkscope synth`.
-# usage: [NP=2] [LAYOUTS="--tp 2;--ep 2;--tp 1"] [KILL_LAYOUT="--tp 2"] [SKIP_EXTRAS=1]
+# usage: [NP=2] [LAYOUTS="--tp 2;--ep 2;--tp 1"] [KILL_LAYOUT="--tp 2"] [SKIP_EXTRAS=1] [FAMILIES=...]
 #        multi_gpu_run.sh SINKSCOPE REPO_ROOT OUTDIR
 set -u
 bin=$1 root=$2 out=$3
@@ -17,6 +17,10 @@ work=$(mktemp -d)
 models=("$work/m16:--probes random:6:64:2" "$work/planted:--probes random:6:32:4 --prepend-bos 1"
         "$root/tests/golden/tiny_random:--tokens $root/tests/golden/tiny_random/probes.npy"
         "$root/tests/golden/tiny_trained:--tokens $root/tests/golden/tiny_trained/probes.npy")
+# The transformers fixtures of the other families the CUDA backend runs (FAMILIES="" for none).
+for fam in ${FAMILIES-olmoe mixtral qwen2_moe qwen3_moe_fused olmo2 gpt_neox}; do
+  models+=("$root/tests/golden/families/$fam:--tokens $root/tests/golden/families/$fam/probes.npy")
+done
 for entry in "${models[@]}"; do
   model=${entry%%:*} probes=${entry#*:} name=$(basename "${entry%%:*}")
   # shellcheck disable=SC2086
