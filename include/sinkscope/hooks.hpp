@@ -38,11 +38,11 @@ struct AttentionTap {
   const float* k0_model;
   const float* k0_from_components;
   int64_t kv_begin, local_kv_heads;
-  // Contract 1.3 (docs/metrics.md "Model families II"). The sink queries: i = 0..sink_queries-1,
-  // those that can see position 0 (T, or the sliding window of this layer when shorter); a0_mean
-  // and sink_mass_mean average over them. Learned sinks (gpt-oss): the softmax mass of each
-  // head's sink logit per query, [B, Hl, T], and its mean over the sink queries, [B, Hl]; null
-  // without learned sinks.
+  // Contract 1.4 (docs/metrics.md "Model families II: gpt-oss"). The sink queries: i =
+  // 0..sink_queries-1, those that can see position 0 (T, or the sliding window of this layer when
+  // shorter); a0_mean and sink_mass_mean average over them. Learned sinks (gpt-oss): the softmax
+  // mass of each head's sink logit per query, [B, Hl, T], and its mean over the sink queries, [B,
+  // Hl]; null without learned sinks.
   int64_t sink_queries = 0;
   const float* sink_mass = nullptr;
   const float* sink_mass_mean = nullptr;

@@ -50,9 +50,9 @@ struct PlanCoefficients {
   // RoPE, routing and its host round trip, combine, residual adds): the backend's measured forward
   // minus what the GEMM and attention rates predict for it (calibration), else a default.
   double elementwise_ns = 0;
-  double base_mib = 0;          // resident memory of a rank before the model (libraries, buffers)
-  double startup_s = 0;         // process start, MPI init, checkpoint open per checkpoint
-  std::string source;           // where the values came from
+  double base_mib = 0;   // resident memory of a rank before the model (libraries, buffers)
+  double startup_s = 0;  // process start, MPI init, checkpoint open per checkpoint
+  std::string source;    // where the values came from
 };
 // Documented defaults: "cpu" (the development VM, docs/benchmarks.md) or "cuda" (one H200).
 PlanCoefficients default_coefficients(const std::string& device);

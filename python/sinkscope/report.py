@@ -127,6 +127,9 @@ class Analysis:
             self.sink_score = dataset(f, "attention/sink_score", 2).astype(float)
             self.sink_rate = dataset(f, "attention/sink_rate", 1).astype(float)
             self.h_ratio = dataset(f, "residual/h_ratio", 1).astype(float)
+            # Contract 1.4 (gpt-oss): the softmax mass each head puts on its learned sink logit.
+            self.learned_sink_mass = (dataset(f, "attention/learned_sink_mass", 2).astype(float)
+                                      if "attention/learned_sink_mass" in f else None)
             self.layer_share = dataset(f, "profile/layer_share", 1).astype(float)
             # Contract 1.2 (--causal-profile); None in files without it.
             self.causal_layer_share = (dataset(f, "profile/causal_layer_share", 1).astype(float)
@@ -604,6 +607,36 @@ def plot_single_heatmap(a, out_dir):
     return save(fig, out_dir, "sink_score.png")
 
 
+def plot_learned_sinks(a, out_dir):
+    """The learned sink next to the position-0 sink, per head (models with learned sinks)."""
+    layers, heads = a.sink_score.shape
+    height = min(max(3.8, 0.22 * layers + 1.6), 11)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, height), layout="constrained",
+                                              gridspec_kw={"width_ratios": [3, 3, 2.4]})
+    for ax, values, title in ((left, a.sink_score, "(a) attention to position 0, α"),
+                              (middle, a.learned_sink_mass, "(b) mass on the learned sink, σ")):
+        image = ax.imshow(values, origin="lower", aspect="auto", cmap=SCORE_CMAP, vmin=0, vmax=1,
+                          interpolation="nearest")
+        layer_ticks(ax, "x", heads)
+        layer_ticks(ax, "y", layers)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+    fig.colorbar(image, ax=middle, pad=0.02).set_label("mean softmax weight")
+    right.scatter(a.learned_sink_mass.ravel(), a.sink_score.ravel(), s=14, color="tab:blue",
+                  edgecolors="black", linewidths=0.3)
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1)
+    right.axhline(a.eps, color="grey", linewidth=0.8, linestyle=":")
+    right.text(0.99, a.eps, " ε", ha="right", va="bottom", color="grey")
+    right.set_xlabel("learned sink mass σ")
+    right.set_ylabel("sink score α (position 0)")
+    right.set_title("(c) one dot per head")
+    right.grid(True)
+    fig.suptitle(f"Learned sinks and the position-0 sink — {checkpoint_title(a)}")
+    return save(fig, out_dir, "learned_sink.png")
+
+
 def plot_single_h_ratio(a, out_dir):
     layers = len(a.h_ratio) - 1
     fig, ax = plt.subplots(figsize=(8, 4.3), layout="constrained")
@@ -993,6 +1026,15 @@ def report_analysis(a, out_dir, top):
                 + ("dots mark α > ε. " if dots_readable(a.sink_score.shape) else
                    "ε is marked on the colour bar. ") +
                 "(b) Fraction of each layer's heads above ε (sink rate).")
+    if a.learned_sink_mass is not None:
+        page.heading("Learned sinks")
+        both = int(np.sum((a.sink_score > a.eps) & (a.learned_sink_mass > a.eps)))
+        page.figure(plot_learned_sinks(a, out_dir),
+                    "Every head of this model has a learned sink logit in its softmax "
+                    "(docs/metrics.md, contract 1.4). (a) Attention to position 0 with the sink "
+                    "in the denominator, (b) the mass on the learned sink itself, both averaged "
+                    "over the queries that can see position 0; (c) the two per head: "
+                    f"{both} of {a.sink_score.size} heads put more than ε on both.")
     page.heading("Position-0 residual")
     page.figure(plot_single_h_ratio(a, out_dir),
                 "Norm of the position-0 residual over the median norm of the other positions, "

@@ -305,7 +305,7 @@ void CpuBackend::attention(const PlannedLayer& layer) {
     for (int64_t r = 0; r < BT * KVl; ++r)
       for (int64_t j = 0; j < rot; ++j) k[r * d + j] *= rope_af;
   }
-  // The sink queries of this layer: those that can see position 0 (docs/metrics.md 1.3).
+  // The sink queries of this layer: those that can see position 0 (docs/metrics.md 1.4).
   const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
   const bool sinks = !L.sinks.empty();
   // The held KV head of local query head h (KV heads are replicated when tp > num_kv_heads).

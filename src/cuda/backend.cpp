@@ -1182,7 +1182,7 @@ void check_cuda_supports(const ModelConfig& c) {
   need(c.router != RouterKind::kSigmoidGroupTopK, "sigmoid group-limited routing");
   need(c.fp8_block_rows == 0, "FP8 block-scaled weights");
   need(c.rope.kind != RopeKind::kYarn, "yarn rope scaling");
-  // gpt-oss (metrics 1.3): learned sinks, per-layer sliding windows, the interleaved MXFP4 / bf16
+  // gpt-oss (metrics 1.4): learned sinks, per-layer sliding windows, the interleaved MXFP4 / bf16
   // expert layout with biases and the clamped SwiGLU.
   need(!c.learned_sinks, "learned attention sinks");
   need(c.sliding_layers.empty(), "per-layer sliding windows");

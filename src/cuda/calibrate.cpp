@@ -6,12 +6,10 @@
 // (two Qwen3-30B-A3B layers made on the device, run with and without recording), and the device
 // memory the context and libraries take.
 #include <cuda_runtime_api.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <vector>
 
 #include "cuda/backend.hpp"
@@ -19,6 +17,7 @@
 #include "cuda/device_buffer.hpp"
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
+#include "plan/scratch_model.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
@@ -26,7 +25,6 @@
 #include "sinkscope/plan.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
-#include "sinkscope/synth.hpp"
 
 namespace sinkscope {
 namespace {
@@ -122,27 +120,16 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
 
   // A small MoE model written by synth (about 0.5 GB of bf16), loaded through the backend's own
   // path twice: the second load is the warm, page-cache rate.
-  const ModelConfig c = parse_model_config_text(
+  const ScratchModel model(
+      scratch_dir,
       R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 4096,
           "hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 16,
           "num_key_value_heads": 4, "head_dim": 64, "intermediate_size": 2048,
           "moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 4,
           "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"})",
-      "the calibration model");
-  const std::string dir = scratch_dir + "/sinkscope-calibrate-" + std::to_string(::getpid()) + "-" +
-                          std::to_string(world.rank());
-  struct DirGuard {
-    std::string d;
-    ~DirGuard() {
-      std::error_code ec;
-      std::filesystem::remove_all(d, ec);
-    }
-  } dir_guard{dir};
-  synthesize(c, dir, false, 7);
-  const Checkpoint ck = Checkpoint::open(dir);
-  auto single = make_single_comm();
-  auto tp = single->split(0, 0), ep = single->split(0, 0);
-  const ForwardComms comms{single.get(), tp.get(), ep.get()};
+      7);
+  const Checkpoint& ck = model.checkpoint();
+  const ForwardComms comms = model.comms();
   const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, ck.config(), 1);
   std::unique_ptr<Backend> be;
   double load_s = 0;
@@ -167,8 +154,8 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
   const int64_t N = 8, T = 2048;
   be = make_cuda_backend_synthetic(shape, ShardPlan::make(1, 0, 1, 1, shape, 1), comms,
                                    ForwardOptions{}, 11);
-  const IntArray tokens = make_probes("random:" + std::to_string(N) + ":" + std::to_string(T) + ":1",
-                                      shape.vocab_size);
+  const IntArray tokens =
+      make_probes("random:" + std::to_string(N) + ":" + std::to_string(T) + ":1", shape.vocab_size);
   Discard none;
   auto timed = [&](bool record) {
     cuda::set_recording(*be, record);

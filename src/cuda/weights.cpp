@@ -351,8 +351,8 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
   // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama, Mixtral and
   // OLMoE (unit norm gains, no biases).
   if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms || c.has_shared_expert() ||
-      c.qkv_bias || c.o_bias ||
-      c.mlp_bias || !c.gated_mlp || c.rope.rotated(c.head_dim) != c.head_dim)
+      c.qkv_bias || c.o_bias || c.mlp_bias || !c.gated_mlp ||
+      c.rope.rotated(c.head_dim) != c.head_dim)
     throw InputError(
         "--synthetic-weights: " + c.model_type +
         " blocks are not synthesised on the device; write a checkpoint with `sinkscope "

@@ -278,18 +278,18 @@ const std::vector<DatasetSpec<Analysis>>& analysis_datasets() {
        "the probes as run (after --prepend-bos)", &An::tokens},
       {"attention/sink_score", {A::kLayer, A::kHead}, "sink score alpha", "1",
        "mean over probes and all queries of the attention to position 0; on a sliding-window layer "
-       "the queries i < window that can see position 0 (metrics 1, 1.3)", &An::sink_score},
+       "the queries i < window that can see position 0 (metrics 1, 1.4)", &An::sink_score},
       {"attention/sink_rate", {A::kLayer}, "sink rate", "1",
        "fraction of the layer's heads with sink_score > eps (metrics 1)", &An::sink_rate},
       {"attention/p0_per_query", {A::kProbe, A::kLayer, A::kHead, A::kQuery}, "attention to position 0", "1",
        "A[i, 0] for every probe, layer, head and query (metrics 1)", &An::p0_per_query, "--per-query"},
-      // Contract 1.3 (docs/metrics.md "Model families II"): learned sinks (gpt-oss).
+      // Contract 1.4 (docs/metrics.md "Model families II: gpt-oss"): learned sinks (gpt-oss).
       {"attention/learned_sink_mass", {A::kLayer, A::kHead}, "learned sink mass", "1",
        "softmax weight of the head's learned sink logit, mean over probes and the queries sink_score "
-       "averages over (metrics 1.3)", &An::learned_sink_mass, "a model with learned sinks (gpt_oss)"},
+       "averages over (metrics 1.4)", &An::learned_sink_mass, "a model with learned sinks (gpt_oss)"},
       {"attention/learned_sink_mass_per_query", {A::kProbe, A::kLayer, A::kHead, A::kQuery},
        "learned sink mass per query", "1",
-       "softmax weight of the learned sink logit for every probe, layer, head and query (metrics 1.3)",
+       "softmax weight of the learned sink logit for every probe, layer, head and query (metrics 1.4)",
        &An::learned_sink_mass_per_query, "--per-query on a model with learned sinks"},
       {"residual/norm_p0", {A::kProbe, A::kLayerInput}, "residual norm at position 0", "residual units",
        "||x_l[0]|| (metrics 2)", &An::norm_p0},

@@ -219,7 +219,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     check_token_ids(tokens, c.vocab_size, opt.tokens_source);
     if (tokens.shape.at(1) < 2)
       throw InputError(opt.tokens_source + ": probes need at least 2 positions");
-    // Per-layer windows (gpt-oss `layer_types`) are honoured (metrics 1.3); a window on every layer
+    // Per-layer windows (gpt-oss `layer_types`) are honoured (metrics 1.4); a window on every layer
     // (Mixtral, Qwen) keeps contract 1.1: probes must fit in it.
     if (c.sliding_window > 0 && c.sliding_layers.empty() &&
         static_cast<int64_t>(tokens.shape.at(1)) > c.sliding_window)

@@ -12,14 +12,15 @@
 #include <vector>
 
 #include "cpu/kernels.hpp"
+#include "plan/scratch_model.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
+#include "sinkscope/error.hpp"
 #include "sinkscope/model.hpp"
+#include "sinkscope/plan.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
 #include "sinkscope/synth.hpp"
-#include "sinkscope/error.hpp"
-#include "sinkscope/plan.hpp"
 
 namespace sinkscope {
 
@@ -135,29 +136,19 @@ double resident_mib() {
 // recording included as always on the CPU: what it costs beyond the products and attention
 // (elementwise_ns_from, the recording share taken out with k.record_fraction).
 double elementwise_rate(int threads, const std::string& dir, const PlanCoefficients& k) {
-  const ModelConfig c = parse_model_config_text(
+  const ScratchModel model(
+      dir,
       R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512,
           "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512,
           "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
           "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"})",
-      "the calibration model");
-  const std::string path = dir + "/sinkscope-plan-calibrate-model-" + std::to_string(::getpid());
-  struct Remove {
-    std::string p;
-    ~Remove() {
-      std::error_code ec;
-      std::filesystem::remove_all(p, ec);
-    }
-  } remove{path};
-  synthesize(c, path, false, 5);
-  const Checkpoint ck = Checkpoint::open(path);
-  auto single = make_single_comm();
-  auto tp = single->split(0, 0), ep = single->split(0, 0);
+      5);
+  const Checkpoint& ck = model.checkpoint();
+  const ModelConfig& c = ck.config();
   ForwardOptions fo;
   fo.threads = threads;
-  auto be = make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, ck.config()),
-                             {single.get(), tp.get(), ep.get()}, fo);
+  auto be = make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, ck.config()), model.comms(), fo);
   const int64_t N = 2, T = 256;
   const IntArray tokens = make_probes("random:2:256:1", c.vocab_size);
   ForwardObserver none;

@@ -134,7 +134,7 @@ void check_reference(const std::string& dir) {
       expect_close("rest_topk_freq", a.rest_topk_freq.data, rest, 1e-6, 0, 0);
     }
     if (e.values.count("sink_mass")) {
-      // Learned sinks (metrics 1.3): the mass per query, and sink_score / learned_sink_mass as
+      // Learned sinks (metrics 1.4): the mass per query, and sink_score / learned_sink_mass as
       // the mean over probes and the queries that see position 0 (i < window on sliding layers).
       const ModelConfig& c = ck.config();
       const auto& mass = e.values.at("sink_mass");

@@ -51,3 +51,14 @@ PYTHONPATH="$work/site" "$py" -m sinkscope.report "$work/out/a.h5" --out "$work/
 grep -q "<h2>Ablations" "$work/report-a/index.html" && test -s "$work/report-a/ablations.png" &&
   grep -q '<a href="edges.csv">edges.csv</a>' "$work/report-a/index.html" && test -s "$work/report-a/edges.csv" &&
   echo "ok: report shows the ablations and links edges.csv"
+# A model with learned sinks (gpt-oss fixture): the report shows the learned sink next to the
+# position-0 sink.
+"$bin" analyze --quiet --model "$root/tests/golden/families/gpt_oss" \
+  --tokens "$root/tests/golden/families/gpt_oss/probes.npy" --out "$work/gpt_oss.h5"
+PYTHONPATH="$work/site" "$py" -m sinkscope.report "$work/gpt_oss.h5" --out "$work/report-g" >/dev/null
+grep -q "<h2>Learned sinks" "$work/report-g/index.html" && test -s "$work/report-g/learned_sink.png" ||
+  { echo "FAIL: the report of a gpt_oss analysis shows no learned sinks"; exit 1; }
+echo "ok: report shows the learned sinks"
+grep -q "<h2>Learned sinks" "$work/report-a/index.html" &&
+  { echo "FAIL: learned sinks shown for a model without them"; exit 1; }
+echo "ok: no learned-sink section without learned sinks"
