@@ -30,6 +30,7 @@
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
 #include "cuda/weights.hpp"
+#include "cuda/workspace.hpp"
 #include "model/layer_plan.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
@@ -351,8 +352,8 @@ class CudaBackend final : public Backend, private LayerOps {
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
-  bool x_norms_ready_ = false;            // rnorms_ holds ||x|| per row (the MoE block's fused add)
-  bool sm90_experts_ = false;             // the expert products run on grouped_gemm.cu's kernel
+  bool x_norms_ready_ = false;  // ws_.rnorms holds ||x|| per row (the MoE block's fused add)
+  bool sm90_experts_ = false;   // the expert products run on grouped_gemm.cu's kernel
   k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // its tile lists for gate|up and down
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1;
   LayerPlan layers_;
@@ -369,27 +370,13 @@ class CudaBackend final : public Backend, private LayerOps {
   std::vector<int64_t> near_ties_;
   int64_t routed_ = 0;
 
-  // Device state and scratch (grow-only).
-  DeviceBuffer<float> cos_, sin_;
+  // Device state: the RoPE tables, the ablation masks, the full-width norm's KV-head counts and the
+  // post-norm blocks' unit gains.
+  DeviceBuffer<float> cos_, sin_, ones_;
   DeviceBuffer<uint8_t> abl_heads_, abl_slots_;  // [L, H], [L, S]
-  DeviceBuffer<int32_t> tokens_;
-  DeviceBuffer<float> x_, inv_rx_, qkv_, a0_, partial_, qbar_, zbar_, colmean_, zr_, tp_pack_, wp0_,
-      wrest_;
-  DeviceBuffer<float> delta_, p0_sum_, wkg_, G_, idrows_, kid_, k0m_, k0s_, qk_, attr_;
-  DeviceBuffer<float> norm_partial_, rest_scratch_;
-  DeviceBuffer<float> mbuf_, u32_, router_logits_, tw_, gap_, pos_w_, norms_, rnorms_, logits_;
-  DeviceBuffer<bf16_bits> u_, Qa_, Ka_, Va_, Vt_, z_, xg_, xr_, h_, act_, out_, out2_;
-  DeviceBuffer<int32_t> gemm_gu_dev_, gemm_dn_dev_;
-  DeviceBuffer<int32_t> ids_, pos_tok_, ipack_, cnt_dev_, off_dev_, sort_scratch_;
-  DeviceBuffer<float> a0_mean_, median_;
-  // The other families' state (family_kernels.cuh): the residual the MLP of a parallel block reads,
-  // the full-width q/k norm's sums and key factors, post-norm output scales, fp32 MLP
-  // pre-activations, the shared expert's output.
-  DeviceBuffer<float> xpar_, fw_sums_, inv_rk_rows_, out_scale_, hf_, shared_out_, ones_;
-  DeviceBuffer<bf16_bits> zs_;
   DeviceBuffer<uint8_t> count_kv_;
-  DeviceBuffer<int32_t> shared_pack_;
-  DeviceBuffer<uint8_t> median_scratch_;
+  // Every scratch buffer, planned per micro-batch shape (workspace.hpp).
+  Workspace ws_;
   // Pinned host copies of the taps; each tap kind has its own, since up to three taps (MoE tap of
   // layer l, residual tap l + 1, attention tap l + 1) wait for their host side at once.
   PinnedBuffer<float> hx_, h_a0_, h_small_, h_attr_, h_mnorms_, h_rnorms_, h_x0_, h_mlp_;
@@ -492,6 +479,7 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
   probe0_ = probe0;
   ensure_rope(T);
   upload_ablations();
+  ws_.plan(c_, plan_, coll_.tp_size(), B, T, record_, opt_.want_logits);
   if (timing_ && events_.size() < static_cast<size_t>(L_ * kMarks)) {
     while (events_.size() < static_cast<size_t>(L_ * kMarks)) {
       cudaEvent_t e;
@@ -507,16 +495,14 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
   FloatArray logits;
   if (opt_.want_logits) {
     const int64_t V = c_.vocab_size;
-    u_.reserve(static_cast<size_t>(BT_ * D_));
-    logits_.reserve(static_cast<size_t>(BT_ * V));
-    k::norm_rows(c_.norm == NormKind::kLayer ? k::NormMode::kLayer : k::NormMode::kRms, x_.get(),
+    k::norm_rows(c_.norm == NormKind::kLayer ? k::NormMode::kLayer : k::NormMode::kRms, ws_.x.get(),
                  BT_, static_cast<int>(D_), w_.final_norm.get(), w_.final_norm_bias.get(), eps_,
-                 u_.get(), nullptr, nullptr, s());
-    blas_.nt(BT_, V, D_, {u_.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_},
-             {logits_.get(), Dt::kF32, V});
+                 ws_.u.get(), nullptr, nullptr, s());
+    blas_.nt(BT_, V, D_, {ws_.u.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_},
+             {ws_.logits.get(), Dt::kF32, V});
     logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
                         "probe,position,vocab");
-    to_host(logits.ptr(), logits_.get(), logits.size());
+    to_host(logits.ptr(), ws_.logits.get(), logits.size());
   }
   sync();
   collect_profile();
@@ -525,55 +511,45 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
 
 void CudaBackend::embed(const IntArray& tokens) {
   const int64_t B = B_, T = T_, BT = BT_, D = D_;
-  x_.reserve(static_cast<size_t>(BT * D));
   if (w_.embed.get()) {
-    tokens_.reserve(static_cast<size_t>(BT));
-    to_device(tokens_.get(), tokens.data.data(), static_cast<size_t>(BT));
-    k::embed_gather(w_.embed.get(), tokens_.get(), BT, static_cast<int>(D), x_.get(), s());
+    to_device(ws_.tokens.get(), tokens.data.data(), static_cast<size_t>(BT));
+    k::embed_gather(w_.embed.get(), ws_.tokens.get(), BT, static_cast<int>(D), ws_.x.get(), s());
   } else {  // as the CPU backend: the checkpoint's rows in fp32, read on the host
     hx_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
     const std::string embed = tensor_name(c_, Role::kEmbed);
     for (int64_t i = 0; i < BT; ++i)
       ck_->read_row(embed, tokens.data[static_cast<size_t>(i)], hx_.get() + i * D);
-    to_device(x_.get(), hx_.get(), static_cast<size_t>(BT * D));
+    to_device(ws_.x.get(), hx_.get(), static_cast<size_t>(BT * D));
   }
-  delta_.reserve(static_cast<size_t>(std::max<int64_t>(B * Ctot_ * D, 1)));
-  p0_sum_.reserve(static_cast<size_t>(std::max<int64_t>(B * D, 1)));
   if (!record_ || B == 0) return;
   CUDA_CHECK(
-      cudaMemsetAsync(delta_.get(), 0, static_cast<size_t>(B * Ctot_ * D) * sizeof(float), s()));
-  partial_.reserve(static_cast<size_t>(
-      k::column_mean_scratch(static_cast<int>(B), static_cast<int>(T), static_cast<int>(D))));
-  colmean_.reserve(static_cast<size_t>(B * D));
-  k::column_mean_rest(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), D,
-                      partial_.get(), colmean_.get(), s());
-  k::embed_p0(x_.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D),
-              colmean_.get(), ablate_embed_, delta_.get() + ci_.embed() * D, Ctot_ * D,
-              p0_sum_.get(), s());
+      cudaMemsetAsync(ws_.delta.get(), 0, static_cast<size_t>(B * Ctot_ * D) * sizeof(float), s()));
+  k::column_mean_rest(ws_.x.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D), D,
+                      ws_.partial.get(), ws_.colmean.get(), s());
+  k::embed_p0(ws_.x.get(), static_cast<int>(B), static_cast<int>(T), static_cast<int>(D),
+              ws_.colmean.get(), ablate_embed_, ws_.delta.get() + ci_.embed() * D, Ctot_ * D,
+              ws_.p0_sum.get(), s());
 }
 
 void CudaBackend::residual_tap(int64_t index) {
   if (!record_) return;
   const int64_t B = B_, T = T_, BT = BT_, D = D_, probe0 = probe0_;
-  rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
   h_rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
   h_x0_.reserve(static_cast<size_t>(B * D + 1));
-  if (!x_norms_ready_) k::row_norms(x_.get(), BT, static_cast<int>(D), D, rnorms_.get(), s());
+  if (!x_norms_ready_) k::row_norms(ws_.x.get(), BT, static_cast<int>(D), D, ws_.rnorms.get(), s());
   x_norms_ready_ = false;
-  tap_to_host(h_rnorms_.get(), rnorms_.get(), static_cast<size_t>(BT));
+  tap_to_host(h_rnorms_.get(), ws_.rnorms.get(), static_cast<size_t>(BT));
   if (B > 0) {
     fork_copies();
-    CUDA_CHECK(cudaMemcpy2DAsync(h_x0_.get(), static_cast<size_t>(D) * sizeof(float), x_.get(),
+    CUDA_CHECK(cudaMemcpy2DAsync(h_x0_.get(), static_cast<size_t>(D) * sizeof(float), ws_.x.get(),
                                  static_cast<size_t>(T * D) * sizeof(float),
                                  static_cast<size_t>(D) * sizeof(float), static_cast<size_t>(B),
                                  cudaMemcpyDeviceToHost, copy_.s));
   }
   const bool median = probe0 == 0 && B > 0;  // Sun et al.'s |x| median: probe 0 only
   if (median) {
-    median_scratch_.reserve(k::abs_median_scratch_bytes());
-    median_.reserve(1);
-    k::abs_median(x_.get(), T * D, median_scratch_.get(), median_.get(), s());
-    tap_to_host(h_x0_.get() + B * D, median_.get(), 1);
+    k::abs_median(ws_.x.get(), T * D, ws_.median_scratch.get(), ws_.median.get(), s());
+    tap_to_host(h_x0_.get() + B * D, ws_.median.get(), 1);
   }
   defer([this, index, B, D, median] {
     emit_residual_tap(*obs_, tap_source(), index, h_x0_.get(), h_rnorms_.get(),
@@ -585,42 +561,35 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, D = D_;
   const bf16_bits* Wk = Lw.wqkv.get() + qw_ * D;
-  wkg_.reserve(static_cast<size_t>(kw_ * D));
-  G_.reserve(static_cast<size_t>(std::max<int64_t>(B * Ctot_ * kw_, 1)));
-  idrows_.reserve(static_cast<size_t>(std::max<int64_t>(B * 2 * D, 1)));
-  kid_.reserve(static_cast<size_t>(std::max<int64_t>(B * 2 * kw_, 1)));
-  k0m_.reserve(static_cast<size_t>(std::max<int64_t>(B * kw_, 1)));
-  k0s_.reserve(static_cast<size_t>(std::max<int64_t>(B * kw_, 1)));
-  qk_.reserve(static_cast<size_t>(std::max<int64_t>(B * qw_, 1)));
-  attr_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl_ * Ctot_, 1)));
   // G = (delta (.) gamma_in) W_K^T for the C upstream slots: gamma folded into an fp32 copy of W_K,
   // TF32 products (the attributions' tolerance is 5e-2 of the largest; TF32 keeps ~5e-4).
   // Post-norm blocks: no input norm (unit gains); LayerNorm: the centring folded into W_K's rows.
   k::scale_columns(Wk, kw_, static_cast<int>(D), post_norm_ ? ones_.get() : Lw.input_norm.get(),
-                   wkg_.get(), s());
-  if (norm_mode_ == k::NormMode::kLayer) k::centre_rows(wkg_.get(), kw_, static_cast<int>(D), s());
-  blas_.nt(C, kw_, D, {delta_.get(), Dt::kF32, D, Ctot_ * D}, {wkg_.get(), Dt::kF32, D, 0},
-           {G_.get(), Dt::kF32, kw_, Ctot_ * kw_}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
+                   ws_.wkg.get(), s());
+  if (norm_mode_ == k::NormMode::kLayer)
+    k::centre_rows(ws_.wkg.get(), kw_, static_cast<int>(D), s());
+  blas_.nt(C, kw_, D, {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.wkg.get(), Dt::kF32, D, 0},
+           {ws_.G.get(), Dt::kF32, kw_, Ctot_ * kw_}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
   // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
-  k::identity_rows(p0_sum_.get(), x_.get(), static_cast<int>(B), static_cast<int>(T),
+  k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
                    static_cast<int>(D), post_norm_ ? nullptr : Lw.input_norm.get(),
-                   norm_mode_ == k::NormMode::kLayer, idrows_.get(), s());
-  k::rows_times_wt(idrows_.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
-                   static_cast<int>(kw_), D, kid_.get(), s());
+                   norm_mode_ == k::NormMode::kLayer, ws_.idrows.get(), s());
+  k::rows_times_wt(ws_.idrows.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
+                   static_cast<int>(kw_), D, ws_.kid.get(), s());
   k::KeyNorm kn;
   kn.gain = qk_norm_ || full_width_ ? Lw.k_norm.get() : nullptr;
   kn.gain_stride = full_width_ ? d_ : 0;
-  kn.inv_rk_rows = full_width_ ? inv_rk_rows_.get() : nullptr;
+  kn.inv_rk_rows = full_width_ ? ws_.inv_rk_rows.get() : nullptr;
   kn.kconst = Lw.kconst.get();
-  k::circuit_finish(kid_.get(), inv_rx_.get(), static_cast<int>(B), static_cast<int>(T),
-                    qbar_.get(), kn, static_cast<int>(Hl_), static_cast<int>(KVl_),
+  k::circuit_finish(ws_.kid.get(), ws_.inv_rx.get(), static_cast<int>(B), static_cast<int>(T),
+                    ws_.qbar.get(), kn, static_cast<int>(Hl_), static_cast<int>(KVl_),
                     static_cast<int>(d_), static_cast<int>(plan_.head_begin),
                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
-                    k0m_.get(), k0s_.get(), qk_.get(), s());
-  k::attr_contract(G_.get(), Ctot_ * kw_, qk_.get(), static_cast<int>(B), static_cast<int>(C),
+                    ws_.k0m.get(), ws_.k0s.get(), ws_.qk.get(), s());
+  k::attr_contract(ws_.G.get(), Ctot_ * kw_, ws_.qk.get(), static_cast<int>(B), static_cast<int>(C),
                    static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
                    static_cast<int>(plan_.head_begin), static_cast<int>(group_),
-                   static_cast<int>(plan_.kv_begin), attr_.get(), s());
+                   static_cast<int>(plan_.kv_begin), ws_.attr.get(), s());
 }
 
 void CudaBackend::attention_block(const PlannedLayer& layer) {
@@ -628,118 +597,100 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, BT = BT_, D = D_, d = d_, Hl = Hl_, qw = qw_;
   const int Bi = static_cast<int>(B), Ti = static_cast<int>(T), Di = static_cast<int>(D);
-  u_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
-  inv_rx_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-  qkv_.reserve(static_cast<size_t>(std::max<int64_t>(BT * qkv_ld_, 1)));
-  Qa_.reserve(static_cast<size_t>(std::max<int64_t>(BT * Hl * dp_, 1)));
-  Ka_.reserve(static_cast<size_t>(std::max<int64_t>(BT * KVl_ * dp_, 1)));
-  Va_.reserve(static_cast<size_t>(std::max<int64_t>(BT * KVl_ * dp_, 1)));
   const int64_t vt_elems =
       k::flash_attention_scratch(Bi, Ti, static_cast<int>(KVl_), static_cast<int>(dp_));
-  if (vt_elems > 0) Vt_.reserve(static_cast<size_t>(vt_elems));
-  z_.reserve(static_cast<size_t>(std::max<int64_t>(BT * qw, 1)));
-  a0_.reserve(static_cast<size_t>(std::max<int64_t>(B * Hl * T, 1)));
-  tp_pack_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D + B * H_ * 2 * D, 1)));
 
   if (parallel_) {  // the MLP of a parallel block reads the residual before this attention's write
-    xpar_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
-    CUDA_CHECK(cudaMemcpyAsync(xpar_.get(), x_.get(), static_cast<size_t>(BT * D) * sizeof(float),
+    CUDA_CHECK(cudaMemcpyAsync(ws_.xpar.get(), ws_.x.get(),
+                               static_cast<size_t>(BT * D) * sizeof(float),
                                cudaMemcpyDeviceToDevice, s()));
   }
-  k::norm_rows(norm_mode_, x_.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
-               u_.get(), nullptr, inv_rx_.get(), s());
-  blas_.nt(BT, qkv_ld_, D, {u_.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D},
-           {qkv_.get(), Dt::kF32, qkv_ld_});
-  k::add_row_bias(qkv_.get(), BT, static_cast<int>(qkv_ld_), qkv_ld_, Lw.qkv_bias.get(), s());
+  k::norm_rows(norm_mode_, ws_.x.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
+               ws_.u.get(), nullptr, ws_.inv_rx.get(), s());
+  blas_.nt(BT, qkv_ld_, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D},
+           {ws_.qkv.get(), Dt::kF32, qkv_ld_});
+  k::add_row_bias(ws_.qkv.get(), BT, static_cast<int>(qkv_ld_), qkv_ld_, Lw.qkv_bias.get(), s());
   if (full_width_) {
     // One RMS over every head of q (and every KV head of k): partial sums here, summed over tp.
-    fw_sums_.reserve(static_cast<size_t>(std::max<int64_t>(2 * BT, 1)));
-    inv_rk_rows_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-    k::full_width_sumsq(qkv_.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(KVl_),
-                        static_cast<int>(d), count_kv_.get(), fw_sums_.get(), s());
-    coll_.tp_allreduce_sum(fw_sums_.get(), static_cast<size_t>(2 * BT));
-    k::full_width_apply(qkv_.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(kw_),
-                        fw_sums_.get(), static_cast<float>(H_ * d),
+    k::full_width_sumsq(ws_.qkv.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(KVl_),
+                        static_cast<int>(d), count_kv_.get(), ws_.fw_sums.get(), s());
+    coll_.tp_allreduce_sum(ws_.fw_sums.get(), static_cast<size_t>(2 * BT));
+    k::full_width_apply(ws_.qkv.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(kw_),
+                        ws_.fw_sums.get(), static_cast<float>(H_ * d),
                         static_cast<float>(c_.num_kv_heads * d), eps_, Lw.q_norm.get(),
-                        Lw.k_norm.get(), inv_rk_rows_.get(), s());
+                        Lw.k_norm.get(), ws_.inv_rk_rows.get(), s());
   }
-  k::qk_norm_rope(qkv_.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
+  k::qk_norm_rope(ws_.qkv.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
                   static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
                   static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
-                  qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), Qa_.get(),
-                  Ka_.get(), Va_.get(), s());
+                  qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), ws_.Qa.get(),
+                  ws_.Ka.get(), ws_.Va.get(), s());
   const int64_t C = ci_.count_before(l);
   if (record_ && B > 0) {
-    partial_.reserve(
-        static_cast<size_t>(k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
-    qbar_.reserve(static_cast<size_t>(B * qw));
-    k::column_mean_rest(qkv_.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, partial_.get(),
-                        qbar_.get(), s());
+    k::column_mean_rest(ws_.qkv.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, ws_.partial.get(),
+                        ws_.qbar.get(), s());
     mark(l, kQkvDone);
     circuit(l, C);
   } else {
     mark(l, kQkvDone);
   }
   mark(l, kCircuitDone);
-  k::flash_attention(Qa_.get(), Ka_.get(), Va_.get(), z_.get(), a0_.get(), Bi, Ti,
+  k::flash_attention(ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(), ws_.z.get(), ws_.a0.get(), Bi, Ti,
                      static_cast<int>(Hl), static_cast<int>(KVl_), static_cast<int>(d),
                      static_cast<int>(dp_), static_cast<int>(plan_.head_begin),
                      static_cast<int>(group_), static_cast<int>(plan_.kv_begin), scale_,
-                     vt_elems > 0 ? Vt_.get() : nullptr, s());
+                     vt_elems > 0 ? ws_.Vt.get() : nullptr, s());
   mark(l, kFlashDone);
 
-  float* a = tp_pack_.get();
+  float* a = ws_.tp_pack.get();
   float* hp = a + BT * D;  // [B, H, {delta, p0}, D]
   // The z and W_O whose products are the head writes as the block adds them: post-norm blocks
   // scale them per position by 1 / rms(a) and per dimension by the output norm's gain.
-  const bf16_bits* zrec = z_.get();
+  const bf16_bits* zrec = ws_.z.get();
   const bf16_bits* wrec = Lw.wo.get();
   if (post_norm_) {
     // a = z W_O^T (+ b_O), complete over the tp group, then a * gain / rms(a) per position.
-    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {a, Dt::kF32, D});
+    blas_.nt(BT, D, qw, {ws_.z.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+             {a, Dt::kF32, D});
     coll_.tp_allreduce_sum(a, static_cast<size_t>(BT * D));
     k::add_row_bias(a, BT, Di, D, Lw.o_bias.get(), s());
-    out_scale_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-    k::post_norm_rows(a, BT, Di, Lw.attn_out_norm.get(), eps_, out_scale_.get(), s());
+    k::post_norm_rows(a, BT, Di, Lw.attn_out_norm.get(), eps_, ws_.out_scale.get(), s());
     if (record_ && B > 0) {
-      zs_.reserve(static_cast<size_t>(BT * qw));
-      k::scale_rows_bf16(z_.get(), BT, static_cast<int>(qw), out_scale_.get(), zs_.get(), s());
-      zrec = zs_.get();
+      k::scale_rows_bf16(ws_.z.get(), BT, static_cast<int>(qw), ws_.out_scale.get(), ws_.zs.get(),
+                         s());
+      zrec = ws_.zs.get();
     }
     wrec = Lw.wo_scaled.get();
   }
   if (record_ && B > 0) {
     // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i], fused on the tensor cores.
-    wp0_.reserve(static_cast<size_t>(B * Hl));
-    wrest_.reserve(static_cast<size_t>(B * Hl));
-    norm_partial_.reserve(
-        static_cast<size_t>(k::head_write_norms_scratch(Bi, static_cast<int>(Hl))));
     k::head_write_norms(zrec, Lw.gram_hi.get(), Lw.gram_lo.get(), Bi, Ti, static_cast<int>(Hl),
-                        static_cast<int>(d), static_cast<int>(dp_), norm_partial_.get(), wp0_.get(),
-                        wrest_.get(), s());
+                        static_cast<int>(d), static_cast<int>(dp_), ws_.norm_partial.get(),
+                        ws_.wp0.get(), ws_.wrest.get(), s());
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
-    zbar_.reserve(static_cast<size_t>(B * qw));
-    k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(qw), qw, partial_.get(), zbar_.get(), s());
-    zr_.reserve(static_cast<size_t>(Hl * B * 2 * d));
-    k::z_rows(zrec, zbar_.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), zr_.get(), s());
+    k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(qw), qw, ws_.partial.get(), ws_.zbar.get(),
+                        s());
+    k::z_rows(zrec, ws_.zbar.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), ws_.zr.get(),
+              s());
     CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
-    k::head_pack(zr_.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
+    k::head_pack(ws_.zr.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
                  static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
   mark(l, kHeadRecDone);
   if (post_norm_) {
     if (record_) coll_.tp_allreduce_sum(hp, static_cast<size_t>(B * H_ * 2 * D));
-    k::add_inplace(x_.get(), a, BT * D, s());
+    k::add_inplace(ws_.x.get(), a, BT * D, s());
   } else if (coll_.tp_size() == 1) {
     // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
-    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
-             {x_.get(), Dt::kF32, D}, 1.f, 1.f);
-    k::add_row_bias(x_.get(), BT, Di, D, Lw.o_bias.get(), s());
+    blas_.nt(BT, D, qw, {ws_.z.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+             {ws_.x.get(), Dt::kF32, D}, 1.f, 1.f);
+    k::add_row_bias(ws_.x.get(), BT, Di, D, Lw.o_bias.get(), s());
   } else {
-    blas_.nt(BT, D, qw, {z_.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw}, {a, Dt::kF32, D});
+    blas_.nt(BT, D, qw, {ws_.z.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+             {a, Dt::kF32, D});
     coll_.tp_allreduce_sum(a, static_cast<size_t>(record_ ? BT * D + B * H_ * 2 * D : BT * D));
-    k::add_inplace(x_.get(), a, BT * D, s());
-    k::add_row_bias(x_.get(), BT, Di, D, Lw.o_bias.get(), s());
+    k::add_inplace(ws_.x.get(), a, BT * D, s());
+    k::add_row_bias(ws_.x.get(), BT, Di, D, Lw.o_bias.get(), s());
   }
   if (!record_) {
     mark(l, kAttnDone);
@@ -749,13 +700,13 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   // above read the upstream state, as in src/cpu/backend.cpp).
   k::finish_components({hp + D, H_ * 2 * D, 2 * D, hp, H_ * 2 * D, 2 * D, false}, Bi,
                        static_cast<int>(H_), Di, Ti, abl_heads_.get() + l * H_,
-                       delta_.get() + ci_.head(l, 0) * D, Ctot_ * D, x_.get(), T * D, p0_sum_.get(),
-                       s());
+                       ws_.delta.get() + ci_.head(l, 0) * D, Ctot_ * D, ws_.x.get(), T * D,
+                       ws_.p0_sum.get(), s());
   // The part of the block's position-0 write that is no head's (its output bias) joins p0_sum.
   if (post_norm_)
-    k::add_p0_remainder(a, Bi, Ti, Di, hp, static_cast<int>(H_), p0_sum_.get(), s());
+    k::add_p0_remainder(a, Bi, Ti, Di, hp, static_cast<int>(H_), ws_.p0_sum.get(), s());
   else
-    k::add_row_bias(p0_sum_.get(), B, Di, D, Lw.o_bias.get(), s());
+    k::add_row_bias(ws_.p0_sum.get(), B, Di, D, Lw.o_bias.get(), s());
   mark(l, kAttnDone);
 
   const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
@@ -763,21 +714,20 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   h_a0_.reserve(std::max<size_t>(n_a0, 1));
   h_small_.reserve(std::max<size_t>(3 * n_bh + 2 * n_k, 1));
   h_attr_.reserve(std::max<size_t>(n_attr, 1));
-  a0_mean_.reserve(std::max<size_t>(n_bh, 1));
   float* h_wp0 = h_small_.get();
   float* h_wrest = h_wp0 + n_bh;
   float* h_a0m = h_wrest + n_bh;
   float* h_k0m = h_a0m + n_bh;
   float* h_k0s = h_k0m + n_k;
   if (B > 0) {
-    k::row_means(a0_.get(), B * Hl, static_cast<int>(T), a0_mean_.get(), s());
-    tap_to_host(h_a0_.get(), a0_.get(), n_a0);
-    tap_to_host(h_wp0, wp0_.get(), n_bh);
-    tap_to_host(h_wrest, wrest_.get(), n_bh);
-    tap_to_host(h_a0m, a0_mean_.get(), n_bh);
-    tap_to_host(h_attr_.get(), attr_.get(), n_attr);
-    tap_to_host(h_k0m, k0m_.get(), n_k);
-    tap_to_host(h_k0s, k0s_.get(), n_k);
+    k::row_means(ws_.a0.get(), B * Hl, static_cast<int>(T), ws_.a0_mean.get(), s());
+    tap_to_host(h_a0_.get(), ws_.a0.get(), n_a0);
+    tap_to_host(h_wp0, ws_.wp0.get(), n_bh);
+    tap_to_host(h_wrest, ws_.wrest.get(), n_bh);
+    tap_to_host(h_a0m, ws_.a0_mean.get(), n_bh);
+    tap_to_host(h_attr_.get(), ws_.attr.get(), n_attr);
+    tap_to_host(h_k0m, ws_.k0m.get(), n_k);
+    tap_to_host(h_k0s, ws_.k0s.get(), n_k);
   }
   const int64_t probe0 = probe0_;
   defer([this, l, B, T, D, d, Hl, C, probe0, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s] {
@@ -809,43 +759,42 @@ void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const in
                              const std::vector<int64_t>& expert, int64_t total, bf16_bits* out) {
   if (total == 0) return;
   const int64_t I = Lw.inter, D = D_;
-  act_.reserve(static_cast<size_t>(total * I));
+  ws_.act.reserve(static_cast<size_t>(total * I));
   if (sm90_experts_) {  // gather (x_rows), gate|up and SwiGLU in one product; down in another
     gemm_gu_.build(rows, offsets, expert, static_cast<int>(I), true);
     gemm_dn_.build(rows, offsets, expert, static_cast<int>(D), false);
-    gemm_gu_dev_.reserve(gemm_gu_.ints());
-    gemm_dn_dev_.reserve(gemm_dn_.ints());
-    k::grouped_gemm_sm90(X, x_rows, x_div, Lw.w_gate_up.get(), act_.get(), static_cast<int>(D),
-                         static_cast<int>(I), true, gemm_gu_, gemm_gu_dev_.get(), s());
-    k::grouped_gemm_sm90(act_.get(), nullptr, 1, Lw.w_down.get(), out, static_cast<int>(I),
-                         static_cast<int>(D), false, gemm_dn_, gemm_dn_dev_.get(), s());
+    ws_.gemm_gu_dev.reserve(gemm_gu_.ints());
+    ws_.gemm_dn_dev.reserve(gemm_dn_.ints());
+    k::grouped_gemm_sm90(X, x_rows, x_div, Lw.w_gate_up.get(), ws_.act.get(), static_cast<int>(D),
+                         static_cast<int>(I), true, gemm_gu_, ws_.gemm_gu_dev.get(), s());
+    k::grouped_gemm_sm90(ws_.act.get(), nullptr, 1, Lw.w_down.get(), out, static_cast<int>(I),
+                         static_cast<int>(D), false, gemm_dn_, ws_.gemm_dn_dev.get(), s());
     return;
   }
   if (x_rows) {  // the cuBLAS route reads packed rows
-    xg_.reserve(static_cast<size_t>(total * D));
-    k::gather_rows(X, x_rows, x_div, total, static_cast<int>(D), xg_.get(), s());
-    X = xg_.get();
+    ws_.xg.reserve(static_cast<size_t>(total * D));
+    k::gather_rows(X, x_rows, x_div, total, static_cast<int>(D), ws_.xg.get(), s());
+    X = ws_.xg.get();
   }
-  h_.reserve(static_cast<size_t>(total * 2 * I));
-  blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), h_.get(), Dt::kBF16);
-  k::swiglu(h_.get(), total, static_cast<int>(I), act_.get(), s());
-  blas_.grouped_nt(rows, offsets, expert, D, I, act_.get(), Lw.w_down.get(), out, Dt::kBF16);
+  ws_.h.reserve(static_cast<size_t>(total * 2 * I));
+  blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), ws_.h.get(), Dt::kBF16);
+  k::swiglu(ws_.h.get(), total, static_cast<int>(I), ws_.act.get(), s());
+  blas_.grouped_nt(rows, offsets, expert, D, I, ws_.act.get(), Lw.w_down.get(), out, Dt::kBF16);
 }
 
 const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   const int64_t D = D_, K = K_, E = E_, npairs = n * K;
   const int P = coll_.ep_size();
-  out_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
   if (P == 1) {  // every expert is here: the products read the routed rows straight from u
     std::vector<int64_t> widx(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) widx[static_cast<size_t>(e)] = e;
-    expert_ffn(Lw, u_.get(), ipack_.get(), static_cast<int>(K), counts_, offsets_, widx, npairs,
-               out_.get());
-    return out_.get();
+    expert_ffn(Lw, ws_.u.get(), ws_.ipack.get(), static_cast<int>(K), counts_, offsets_, widx,
+               npairs, ws_.out.get());
+    return ws_.out.get();
   }
-  xg_.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
-  k::gather_rows(u_.get(), ipack_.get(), static_cast<int>(K), npairs, static_cast<int>(D),
-                 xg_.get(), s());
+  ws_.xg.reserve(static_cast<size_t>(std::max<int64_t>(npairs * D, 1)));
+  k::gather_rows(ws_.u.get(), ws_.ipack.get(), static_cast<int>(K), npairs, static_cast<int>(D),
+                 ws_.xg.get(), s());
   // Expert parallel, device to device. The gathered rows are expert-major and every ep rank owns a
   // contiguous range of experts, so each owner's rows are one contiguous block. The per-expert
   // counts of every source travel first (MPI, E ints per rank), so both sides know every size; the
@@ -878,8 +827,8 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
     for (size_t r = 0; r < rows.size(); ++r) b[r] = rows[r] * static_cast<size_t>(D) * elem;
     return b;
   };
-  xr_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
-  out2_.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
+  ws_.xr.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
+  ws_.out2.reserve(static_cast<size_t>(std::max<int64_t>(npr * D, 1)));
   // While the rows travel, this rank's own rows for its own experts (its block of the send buffer,
   // in the order they also arrive in) run from the send buffer into their place among the answers;
   // the copy of them that arrives is not read. The other sources' groups run after the exchange.
@@ -902,15 +851,16 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
       other_exp.push_back(gexp[g]);
     }
   }
-  coll_.ep_exchange_begin(xg_.get(), bytes(send_rows, sizeof(bf16_bits)), xr_.get(),
+  coll_.ep_exchange_begin(ws_.xg.get(), bytes(send_rows, sizeof(bf16_bits)), ws_.xr.get(),
                           bytes(recv_rows, sizeof(bf16_bits)));
-  expert_ffn(Lw, xg_.get() + send_me * D, nullptr, 1, own_rows, own_off, own_exp,
-             static_cast<int64_t>(recv_rows[static_cast<size_t>(me)]), out2_.get() + recv_me * D);
+  expert_ffn(Lw, ws_.xg.get() + send_me * D, nullptr, 1, own_rows, own_off, own_exp,
+             static_cast<int64_t>(recv_rows[static_cast<size_t>(me)]),
+             ws_.out2.get() + recv_me * D);
   coll_.ep_exchange_end();
-  expert_ffn(Lw, xr_.get(), nullptr, 1, other_rows, other_off, other_exp, npr, out2_.get());
-  coll_.ep_alltoallv(out2_.get(), bytes(recv_rows, sizeof(bf16_bits)), out_.get(),
+  expert_ffn(Lw, ws_.xr.get(), nullptr, 1, other_rows, other_off, other_exp, npr, ws_.out2.get());
+  coll_.ep_alltoallv(ws_.out2.get(), bytes(recv_rows, sizeof(bf16_bits)), ws_.out.get(),
                      bytes(send_rows, sizeof(bf16_bits)));
-  return out_.get();
+  return ws_.out.get();
 }
 
 void CudaBackend::shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, int64_t s1, float* m,
@@ -918,16 +868,15 @@ void CudaBackend::shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, in
   const int64_t D = D_, T = T_, B = B_, S = S_, I = Lw.shared_inter;
   const int Di = static_cast<int>(D);
   if (n > 0) {
-    h_.reserve(static_cast<size_t>(n * 2 * I));
-    act_.reserve(static_cast<size_t>(n * I));
-    shared_out_.reserve(static_cast<size_t>(n * D));
-    blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.shared_gate_up.get(), Dt::kBF16, D},
-             {h_.get(), Dt::kBF16, 2 * I});
-    k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
-    blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.shared_down.get(), Dt::kBF16, I},
-             {shared_out_.get(), Dt::kF32, D});
-    k::sigmoid_gate_rows(shared_out_.get(), u32_.get(), n, Di, Lw.shared_gate.get(), s());
-    k::add_inplace(m + s0 * D, shared_out_.get(), n * D, s());
+    ws_.h.reserve(static_cast<size_t>(n * 2 * I));
+    ws_.act.reserve(static_cast<size_t>(n * I));
+    blas_.nt(n, 2 * I, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.shared_gate_up.get(), Dt::kBF16, D},
+             {ws_.h.get(), Dt::kBF16, 2 * I});
+    k::swiglu(ws_.h.get(), n, static_cast<int>(I), ws_.act.get(), s());
+    blas_.nt(n, D, I, {ws_.act.get(), Dt::kBF16, I}, {Lw.shared_down.get(), Dt::kBF16, I},
+             {ws_.shared_out.get(), Dt::kF32, D});
+    k::sigmoid_gate_rows(ws_.shared_out.get(), ws_.u32.get(), n, Di, Lw.shared_gate.get(), s());
+    k::add_inplace(m + s0 * D, ws_.shared_out.get(), n * D, s());
   }
   if (!record_) return;
   // Its slot is E: segments (begin, end, out) of the slice's rows per probe, then (row, out) items.
@@ -942,11 +891,10 @@ void CudaBackend::shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, in
   }
   std::vector<int32_t> pack(segs);
   pack.insert(pack.end(), items.begin(), items.end());
-  shared_pack_.reserve(std::max<size_t>(pack.size(), 1));
-  to_device(shared_pack_.get(), pack.data(), pack.size());
-  k::segment_sums(shared_out_.get(), nullptr, nullptr, s0, shared_pack_.get(),
+  to_device(ws_.shared_pack.get(), pack.data(), pack.size());
+  k::segment_sums(ws_.shared_out.get(), nullptr, nullptr, s0, ws_.shared_pack.get(),
                   static_cast<int>(segs.size() / 3), Di, static_cast<int>(T), rest, s());
-  k::p0_rows(shared_out_.get(), nullptr, shared_pack_.get() + segs.size(),
+  k::p0_rows(ws_.shared_out.get(), nullptr, ws_.shared_pack.get() + segs.size(),
              static_cast<int>(items.size() / 2), Di, p0, n0, s());
 }
 
@@ -966,39 +914,30 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
   // and rest sums [B, S, D] each, p0 norms [B, S], p0 routing [B, E], rest routing counts [E].
   const int64_t off_p0 = BT * D, off_rest = off_p0 + B * S * D, off_n0 = off_rest + B * S * D,
                 off_r0 = off_n0 + B * S, off_rc = off_r0 + B * E1, total = off_rc + E1;
-  mbuf_.reserve(static_cast<size_t>(total));
-  CUDA_CHECK(cudaMemsetAsync(mbuf_.get(), 0, static_cast<size_t>(total) * sizeof(float), s()));
-  float* m = mbuf_.get();
+  CUDA_CHECK(cudaMemsetAsync(ws_.mbuf.get(), 0, static_cast<size_t>(total) * sizeof(float), s()));
+  float* m = ws_.mbuf.get();
   float* p0 = m + off_p0;
   float* rest = m + off_rest;
   float* n0 = m + off_n0;
 
-  u_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
-  if (moe) u32_.reserve(static_cast<size_t>(std::max<int64_t>(BT * D, 1)));
   // The MLP reads the residual after this layer's attention, or before it (parallel residual).
-  const float* in = parallel_ ? xpar_.get() : x_.get();
+  const float* in = parallel_ ? ws_.xpar.get() : ws_.x.get();
   k::norm_rows(norm_mode_, in + s0 * D, n, Di, Lw.post_norm.get(), Lw.post_norm_bias.get(), eps_,
-               u_.get(), moe ? u32_.get() : nullptr, nullptr, s());
+               ws_.u.get(), moe ? ws_.u32.get() : nullptr, nullptr, s());
 
   if (moe) {
     const int64_t npairs = n * K;
-    router_logits_.reserve(static_cast<size_t>(std::max<int64_t>(n * E, 1)));
-    ids_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
-    tw_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
-    gap_.reserve(static_cast<size_t>(std::max<int64_t>(n, 1)));
-    blas_.nt(n, E, D, {u32_.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
-             {router_logits_.get(), Dt::kF32, E});
-    k::router_topk(router_logits_.get(), n, static_cast<int>(E), static_cast<int>(K),
-                   renormalise_topk_, ids_.get(), tw_.get(), gap_.get(), s());
+    blas_.nt(n, E, D, {ws_.u32.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
+             {ws_.router_logits.get(), Dt::kF32, E});
+    k::router_topk(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
+                   renormalise_topk_, ws_.ids.get(), ws_.tw.get(), ws_.gap.get(), s());
     // The routing bookkeeping on the device: a histogram, its E counts to the host (the grouped
     // product takes host sizes, and the ep exchange its block sizes), a stable counting sort that
     // puts the pairs in source order: by expert, then by token.
-    cnt_dev_.reserve(static_cast<size_t>(E + 1));
-    off_dev_.reserve(static_cast<size_t>(E));
     h_cnt_.reserve(static_cast<size_t>(E + 1));
-    k::expert_histogram(ids_.get(), npairs, static_cast<int>(E), gap_.get(), n, cnt_dev_.get(),
-                        s());
-    to_host(h_cnt_.get(), cnt_dev_.get(), static_cast<size_t>(E + 1));
+    k::expert_histogram(ws_.ids.get(), npairs, static_cast<int>(E), ws_.gap.get(), n,
+                        ws_.cnt_dev.get(), s());
+    to_host(h_cnt_.get(), ws_.cnt_dev.get(), static_cast<size_t>(E + 1));
     flush_deferred(1);  // the taps before this layer's attention, while the device routes
     sync();
     int64_t assigned = 0;
@@ -1017,33 +956,26 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
     }
     near_ties_[static_cast<size_t>(l)] += h_cnt_[static_cast<size_t>(E)];
     routed_ += n;
-    to_device(off_dev_.get(), off32.data(), off32.size());
-    ipack_.reserve(static_cast<size_t>(std::max<int64_t>(2 * npairs, 1)));
-    sort_scratch_.reserve(static_cast<size_t>(
-        std::max<int64_t>(k::expert_rank_scratch(npairs, static_cast<int>(E)), 1)));
-    k::expert_rank(ids_.get(), npairs, static_cast<int>(E), off_dev_.get(), sort_scratch_.get(),
-                   ipack_.get(), ipack_.get() + npairs, s());
-    pos_w_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
-    pos_tok_.reserve(static_cast<size_t>(std::max<int64_t>(npairs, 1)));
-    k::pair_info(ipack_.get(), tw_.get(), npairs, static_cast<int>(K), s0, pos_w_.get(),
-                 pos_tok_.get(), s());
+    to_device(ws_.off_dev.get(), off32.data(), off32.size());
+    k::expert_rank(ws_.ids.get(), npairs, static_cast<int>(E), ws_.off_dev.get(),
+                   ws_.sort_scratch.get(), ws_.ipack.get(), ws_.ipack.get() + npairs, s());
+    k::pair_info(ws_.ipack.get(), ws_.tw.get(), npairs, static_cast<int>(K), s0, ws_.pos_w.get(),
+                 ws_.pos_tok.get(), s());
     mark(l, kRouted);
 
     const bf16_bits* back = moe_experts(Lw, n);
     mark(l, kExpertsDone);
-    k::combine(back, ipack_.get() + npairs, tw_.get(), n, static_cast<int>(K), Di, m + s0 * D, s());
+    k::combine(back, ws_.ipack.get() + npairs, ws_.tw.get(), n, static_cast<int>(K), Di, m + s0 * D,
+               s());
     mark(l, kCombineDone);
     if (record_) {
-      rest_scratch_.reserve(static_cast<size_t>(
-          std::max<int64_t>(k::expert_rest_sums_scratch(static_cast<int>(E), static_cast<int>(B),
-                                                        static_cast<int>(S), Di, npairs),
-                            1)));
-      k::expert_rest_sums(back, pos_w_.get(), pos_tok_.get(), off_dev_.get(), cnt_dev_.get(),
-                          static_cast<int>(E), static_cast<int>(B), Ti, static_cast<int>(S), Di,
-                          npairs, rest_scratch_.get(), rest, s());
-      k::expert_p0_and_counts(back, pos_w_.get(), ids_.get(), ipack_.get() + npairs, cnt_dev_.get(),
-                              static_cast<int>(B), Ti, static_cast<int>(K), static_cast<int>(E), s0,
-                              s1, static_cast<int>(S), Di, p0, n0, m + off_r0, m + off_rc, s());
+      k::expert_rest_sums(back, ws_.pos_w.get(), ws_.pos_tok.get(), ws_.off_dev.get(),
+                          ws_.cnt_dev.get(), static_cast<int>(E), static_cast<int>(B), Ti,
+                          static_cast<int>(S), Di, npairs, ws_.rest_scratch.get(), rest, s());
+      k::expert_p0_and_counts(back, ws_.pos_w.get(), ws_.ids.get(), ws_.ipack.get() + npairs,
+                              ws_.cnt_dev.get(), static_cast<int>(B), Ti, static_cast<int>(K),
+                              static_cast<int>(E), s0, s1, static_cast<int>(S), Di, p0, n0,
+                              m + off_r0, m + off_rc, s());
     }
     if (shared) shared_expert(Lw, n, s0, s1, m, p0, n0, rest);
   } else {
@@ -1051,21 +983,20 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
     flush_deferred(1);
     mark(l, kRouted);
     if (n > 0) {
-      act_.reserve(static_cast<size_t>(n * I));
+      ws_.act.reserve(static_cast<size_t>(n * I));
       if (c_.gated_mlp && c_.act == Activation::kSilu && !Lw.mlp_bias.get()) {
-        h_.reserve(static_cast<size_t>(n * 2 * I));
-        blas_.nt(n, 2 * I, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
-                 {h_.get(), Dt::kBF16, 2 * I});
-        k::swiglu(h_.get(), n, static_cast<int>(I), act_.get(), s());
+        ws_.h.reserve(static_cast<size_t>(n * 2 * I));
+        blas_.nt(n, 2 * I, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
+                 {ws_.h.get(), Dt::kBF16, 2 * I});
+        k::swiglu(ws_.h.get(), n, static_cast<int>(I), ws_.act.get(), s());
       } else {  // biases or another activation: fp32 pre-activations
         const int64_t width = (c_.gated_mlp ? 2 : 1) * I;
-        hf_.reserve(static_cast<size_t>(n * width));
-        blas_.nt(n, width, D, {u_.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
-                 {hf_.get(), Dt::kF32, width});
-        k::bias_activation(hf_.get(), n, static_cast<int>(I), c_.gated_mlp, c_.act,
-                           Lw.mlp_bias.get(), act_.get(), s());
+        blas_.nt(n, width, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.w_gate_up.get(), Dt::kBF16, D},
+                 {ws_.hf.get(), Dt::kF32, width});
+        k::bias_activation(ws_.hf.get(), n, static_cast<int>(I), c_.gated_mlp, c_.act,
+                           Lw.mlp_bias.get(), ws_.act.get(), s());
       }
-      blas_.nt(n, D, I, {act_.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I},
+      blas_.nt(n, D, I, {ws_.act.get(), Dt::kBF16, I}, {Lw.w_down.get(), Dt::kBF16, I},
                {m + s0 * D, Dt::kF32, D});
       k::add_row_bias(m + s0 * D, n, Di, D, Lw.down_bias.get(), s());
       // Post-norm blocks write the MLP output normed: m * gain / rms(m) per position.
@@ -1087,30 +1018,27 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
       }
       std::vector<int32_t> pack(segs);
       pack.insert(pack.end(), items.begin(), items.end());
-      ipack_.reserve(std::max<size_t>(pack.size(), 1));
-      to_device(ipack_.get(), pack.data(), pack.size());
-      k::segment_sums(m + s0 * D, nullptr, nullptr, s0, ipack_.get(),
+      to_device(ws_.ipack.get(), pack.data(), pack.size());
+      k::segment_sums(m + s0 * D, nullptr, nullptr, s0, ws_.ipack.get(),
                       static_cast<int>(segs.size() / 3), Di, Ti, rest, s());
-      k::p0_rows(m + s0 * D, nullptr, ipack_.get() + segs.size(),
+      k::p0_rows(m + s0 * D, nullptr, ws_.ipack.get() + segs.size(),
                  static_cast<int>(items.size() / 2), Di, p0, n0, s());
     }
   }
   mark(l, kMoeRecDone);
   flush_deferred(0);  // this layer's attention tap, while the device runs the experts
-  coll_.tp_allreduce_sum(mbuf_.get(), static_cast<size_t>(record_ ? total : BT * D));
+  coll_.tp_allreduce_sum(ws_.mbuf.get(), static_cast<size_t>(record_ ? total : BT * D));
 
   if (record_) {
     k::finish_components({p0, S * D, D, rest, S * D, D, true}, static_cast<int>(B),
                          static_cast<int>(nslots), Di, Ti, abl_slots_.get() + l * S,
-                         delta_.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D, p0_sum_.get(),
-                         s());
+                         ws_.delta.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D,
+                         ws_.p0_sum.get(), s());
     // x += m with ||m|| (this tap) and ||x|| (the residual tap that follows) in one pass.
-    norms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-    rnorms_.reserve(static_cast<size_t>(std::max<int64_t>(BT, 1)));
-    k::add_rows_norms(x_.get(), m, BT, Di, norms_.get(), rnorms_.get(), s());
+    k::add_rows_norms(ws_.x.get(), m, BT, Di, ws_.norms.get(), ws_.rnorms.get(), s());
     x_norms_ready_ = true;
   } else {
-    k::add_inplace(x_.get(), m, BT * D, s());
+    k::add_inplace(ws_.x.get(), m, BT * D, s());
   }
   mark(l, kMoeDone);
   if (!record_) return;
@@ -1120,7 +1048,7 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
   float* h_n0 = h_mlp_.get();
   float* h_r0 = h_n0 + B * S;
   float* h_rc = h_r0 + B * E1;
-  tap_to_host(h_mnorms_.get(), norms_.get(), static_cast<size_t>(BT));
+  tap_to_host(h_mnorms_.get(), ws_.norms.get(), static_cast<size_t>(BT));
   tap_to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
   defer([this, &layer, h_n0, h_r0, h_rc] {
     emit_mlp_tap(*obs_, tap_source(), layers_, layer, h_mnorms_.get(), h_n0, h_r0, h_rc);
