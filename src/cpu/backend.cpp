@@ -15,6 +15,9 @@
 //              expert outputs back per pair, and the slices are summed over the tp group.
 // The block wiring (pre-norm, post-norm, parallel residual) follows the family.
 #include <omp.h>
+#if __has_include(<malloc.h>)
+#include <malloc.h>
+#endif
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -57,6 +60,22 @@ class ScopedSeconds {
   std::chrono::steady_clock::time_point start_;
 };
 
+// The forward's per-layer temporaries are tens of MB each. glibc serves blocks that large with mmap
+// and gives them back on free, so every layer paid a page fault per 4 KiB page it touched again
+// (bench/bench_cpu.cpp: 7.5 s against 3.4 s, 26% against 58% of the sgemm rate). Keeping freed
+// memory in the heap makes the next layer's temporaries reuse it; the process's peak is unchanged
+// (it holds the same blocks at once), only not returned between layers.
+void keep_freed_memory() {
+#ifdef M_MMAP_THRESHOLD
+  static const bool done = [] {
+    mallopt(M_MMAP_THRESHOLD, 512 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    return true;
+  }();
+  (void)done;
+#endif
+}
+
 void add_bias(float* x, int64_t rows, int64_t n, int64_t ld, const std::vector<float>& bias) {
   if (bias.empty()) return;
   for (int64_t r = 0; r < rows; ++r)
@@ -67,6 +86,7 @@ class CpuBackend final : public Backend, private LayerOps {
  public:
   explicit CpuBackend(const BackendInputs& in)
       : ck_(*in.ckpt), c_(in.ckpt->config()), plan_(*in.plan), comms_(in.comms), opt_(in.options) {
+    keep_freed_memory();
     const uint64_t before = ck_.weight_bytes_read();
     w_ = load_weights(ck_, plan_, opt_.want_logits, opt_.load_progress);
     bytes_loaded_ = ck_.weight_bytes_read() - before;
