@@ -784,8 +784,10 @@ int main(int argc, char** argv) {
                    "ablated forward passes per checkpoint (default: the causal profile's 1 + 3 L)");
   plan->add_flag("--no-causal-profile", pl.no_causal_profile, "no ablated passes (plain analyze)");
   plan->add_flag("--calibrate", pl.calibrate,
-                 "measure the CPU coefficients here (written to --cluster FILE when given)");
-  plan->add_option("--calibrate-dir", pl.calibrate_dir, "folder for the file-read measurement")
+                 "measure the coefficients with --device's kernels here (written to --cluster FILE "
+                 "when given)");
+  plan->add_option("--calibrate-dir", pl.calibrate_dir,
+                   "folder for the calibration's scratch files (a file read, a small model)")
       ->default_val(fs::temp_directory_path().string());
   plan->add_flag("--shell", pl.shell,
                  "KEY=VALUE lines of the recommendation (jobs/submit_sweep.sh)");

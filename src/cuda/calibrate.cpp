@@ -120,14 +120,7 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
 
   // A small MoE model written by synth (about 0.5 GB of bf16), loaded through the backend's own
   // path twice: the second load is the warm, page-cache rate.
-  const ScratchModel model(
-      scratch_dir,
-      R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 4096,
-          "hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 16,
-          "num_key_value_heads": 4, "head_dim": 64, "intermediate_size": 2048,
-          "moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 4,
-          "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"})",
-      7);
+  const ScratchModel model(scratch_dir, moe_config_json({4096, 1024, 4, 16, 4, 64, 32, 4, 512}), 7);
   const Checkpoint& ck = model.checkpoint();
   const ForwardComms comms = model.comms();
   const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, ck.config(), 1);
@@ -145,12 +138,7 @@ PlanCoefficients calibrate_cuda(const std::string& scratch_dir, const Comm& worl
   // with and without recording: recording's share, and what the work between the products costs
   // beyond the GEMM and attention rates above (the elementwise coefficient).
   const ModelConfig shape = parse_model_config_text(
-      R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936,
-          "hidden_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 32,
-          "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
-          "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
-          "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"})",
-      "the calibration shape");
+      moe_config_json({151936, 2048, 2, 32, 4, 128, 128, 8, 768}), "the calibration shape");
   const int64_t N = 8, T = 2048;
   be = make_cuda_backend_synthetic(shape, ShardPlan::make(1, 0, 1, 1, shape, 1), comms,
                                    ForwardOptions{}, 11);

@@ -136,14 +136,7 @@ double resident_mib() {
 // recording included as always on the CPU: what it costs beyond the products and attention
 // (elementwise_ns_from, the recording share taken out with k.record_fraction).
 double elementwise_rate(int threads, const std::string& dir, const PlanCoefficients& k) {
-  const ScratchModel model(
-      dir,
-      R"({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512,
-          "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512,
-          "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
-          "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"})",
-      5);
+  const ScratchModel model(dir, moe_config_json({512, 256, 2, 4, 2, 64, 8, 2, 128}), 5);
   const Checkpoint& ck = model.checkpoint();
   const ModelConfig& c = ck.config();
   ForwardOptions fo;

@@ -3,6 +3,7 @@
 // this object; with a one-rank communicator set to run it.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -12,6 +13,12 @@
 #include "sinkscope/parallel.hpp"
 
 namespace sinkscope {
+
+// The config.json text of a Qwen3-MoE shape with every layer MoE (the calibrations' models).
+struct MoeShape {
+  int64_t vocab, hidden, layers, heads, kv_heads, head_dim, experts, top_k, expert_width;
+};
+std::string moe_config_json(const MoeShape& s);
 
 class ScratchModel {
  public:
