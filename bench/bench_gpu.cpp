@@ -125,6 +125,7 @@ int main(int argc, char** argv) {
     if (layers > 0) {
       cfg.num_layers = layers;
       std::erase_if(cfg.mlp_only_layers, [&](int64_t l) { return l >= layers; });
+      if (!cfg.sliding_layers.empty()) cfg.sliding_layers.resize(static_cast<size_t>(layers));
     }
     if (cuda::visible_device_count() == 0) throw RuntimeFailure("no CUDA device visible");
     auto world = make_single_comm();

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Reference timings of Hugging Face transformers on the GPU, for bench/run_gpu_bench.sh.
 
-Builds Qwen3MoeForCausalLM from a config.json with random bf16 weights on the device (speed only:
-the numbers it computes mean nothing) and times forwards with CUDA events after warm-up:
+Builds the config.json's model (its model_type through transformers' Auto classes: Qwen3-MoE,
+gpt-oss, ...) with random bf16 weights on the device (speed only: the numbers it computes mean
+nothing; a quantization_config such as gpt-oss's MXFP4 is dropped, so the experts are bf16 as in
+sinkscope's synthetic weights) and times forwards with CUDA events after warm-up:
   eager: attn_implementation="eager" with output_attentions=True (what people use to get
          attention maps today; it materialises B x H x T x T per layer);
   sdpa:  attn_implementation="sdpa", a plain forward without attention output.
@@ -25,14 +27,18 @@ def build(config_path, attn, layers):
         raw = json.load(f)
     if layers:
         raw["num_hidden_layers"] = layers
-    cfg = transformers.Qwen3MoeConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    if "layer_types" in raw:
+        raw["layer_types"] = raw["layer_types"][: raw["num_hidden_layers"]]
+    keep = {k: v for k, v in raw.items()
+            if k not in ("architectures", "quantization_config", "_comment", "model_type")}
+    cfg = transformers.AutoConfig.for_model(raw["model_type"], **keep)
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 copy would not fit
     try:
         with torch.device("cuda"):
-            model = transformers.Qwen3MoeForCausalLM(cfg)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     finally:
         torch.set_default_dtype(previous)
     model.eval()
@@ -82,7 +88,12 @@ def main():
             models.clear()
             torch.cuda.empty_cache()
             t0 = time.time()
-            models[attn] = build(args.config, attn, args.layers)
+            try:
+                models[attn] = build(args.config, attn, args.layers)
+            except (ValueError, NotImplementedError) as e:  # e.g. a family without sdpa
+                print(f"| HF {attn} | {b} x {t} | not available: {str(e).splitlines()[0][:120]} | | |",
+                      flush=True)
+                continue
             print(f"<!-- built the {attn} model in {time.time() - t0:.0f} s -->", flush=True)
         model, cfg = models[attn]
         label = "HF eager + output_attentions" if mode == "eager" else "HF sdpa (plain forward)"

@@ -307,4 +307,9 @@ ModelWeights load_weights(const Checkpoint& ck, const ShardPlan& plan, bool with
   return load_with(ck, plan, with_lm_head, Loader(ck, reads));
 }
 
+MlpWeights load_gpt_oss_expert(const Checkpoint& ck, int64_t layer, int64_t expert) {
+  const std::vector<PlannedRead> none;  // no read-ahead plan: the reads happen as they come
+  return Loader(ck, none).gpt_oss_expert(layer, expert, 0, ck.config().moe_intermediate_size);
+}
+
 }  // namespace sinkscope

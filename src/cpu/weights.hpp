@@ -69,6 +69,10 @@ struct ModelWeights {
 // (bytes read, bytes to read).
 ModelWeights load_weights(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head,
                           const std::function<void(uint64_t, uint64_t)>& progress = {});
+// One whole gpt-oss expert as load_weights holds it (docs/families.md): gate and up [I, D]
+// de-interleaved from the fused bf16 or MXFP4 gate_up tensor, down [D, I], and their biases. The
+// CUDA loader reads gpt-oss experts through this (MXFP4 decoded here, on the host).
+MlpWeights load_gpt_oss_expert(const Checkpoint& ckpt, int64_t layer, int64_t expert);
 // The bytes load_weights reads for this plan (what the progress counts to).
 uint64_t planned_load_bytes(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head);
 

@@ -28,6 +28,7 @@ namespace sinkscope::cuda::k {
 namespace {
 
 constexpr int kBlockN = 64;  // keys per tile; a block holds BM queries, 16 per warp
+constexpr float kLog2e = 1.4426950408889634f;  // scores are kept in the log2 domain
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                                   uint32_t& r3, const void* smem) {
@@ -61,13 +62,16 @@ __device__ __forceinline__ void online_max(const float (&s)[NT * 4], float (&m_r
 }
 
 // The end of a pass for one thread's rows row0 and row0 + 8 of one (probe, head), o in the m16n8
-// accumulator layout over NT column tiles of 8: l summed over the quad, z = O / l in bf16 (d is
-// even: column pairs), A[i, 0] = exp2(s_i0 - m_i) / l_i.
+// accumulator layout over NT column tiles of 8: l summed over the quad, the learned sink logit
+// sink_l2 (log2 domain; -inf without one) joins the denominator, z = O / l in bf16 (d is even:
+// column pairs), A[i, 0] = exp2(s_i0 - m_i) / l_i and, where sink_head is given, the sink's mass
+// exp2(sink - m_i) / l_i.
 template <int NT>
 __device__ __forceinline__ void finish_rows(const float (&o)[NT * 4], float (&l_run)[2],
                                             const float (&m_run)[2], const float (&s_key0)[2],
-                                            int row0, int T, int tq, bf16_bits* z_head, int64_t ldz,
-                                            int d, float* a0_head) {
+                                            float sink_l2, int row0, int T, int tq,
+                                            bf16_bits* z_head, int64_t ldz, int d, float* a0_head,
+                                            float* sink_head) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
@@ -77,16 +81,22 @@ __device__ __forceinline__ void finish_rows(const float (&o)[NT * 4], float (&l_
   for (int i = 0; i < 2; ++i) {
     const int row = row0 + 8 * i;
     if (row >= T) continue;
-    const float inv_l = 1.f / l_run[i];
+    // With a sink the running max becomes max(m, sink): O and l were summed relative to m.
+    const float m = fmaxf(m_run[i], sink_l2), f = exp2f(m_run[i] - m);
+    const float l = l_run[i] * f + exp2f(sink_l2 - m);
+    const float inv_l = 1.f / l, o_scale = f * inv_l;
     bf16_bits* zr = z_head + row * ldz;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int col = j * 8 + tq * 2;
       if (col < d)
         *reinterpret_cast<uint32_t*>(zr + col) =
-            pack_bf16(o[4 * j + 2 * i] * inv_l, o[4 * j + 2 * i + 1] * inv_l);
+            pack_bf16(o[4 * j + 2 * i] * o_scale, o[4 * j + 2 * i + 1] * o_scale);
     }
-    if (tq == 0) a0_head[row] = exp2f(s_key0[i] - m_run[i]) * inv_l;
+    if (tq == 0) {
+      a0_head[row] = exp2f(s_key0[i] - m) * inv_l;
+      if (sink_head) sink_head[row] = exp2f(sink_l2 - m) * inv_l;
+    }
   }
 }
 
@@ -100,7 +110,7 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     flash_attention_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
                            const bf16_bits* __restrict__ V, bf16_bits* __restrict__ z,
                            float* __restrict__ a0, int T, int Hl, int KVl, int d, int head_begin,
-                           int group, int kv_begin, float scale_log2) {
+                           int group, int kv_begin, float scale_log2, AttnSinks ex) {
   constexpr int STR = DP + 8;  // padded smem row (bf16): conflict-free fragment loads and ldmatrix
   constexpr int KS = DP / 16, NT = kBlockN / 8, DT = DP / 8, CH = DP / 8, kWarps = BM / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -148,14 +158,19 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   float o[DT][4];
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, s_key0[2] = {0.f, 0.f};
+  // s_key0 stays -inf where key 0 is outside a row's window (A[i, 0] = 0 there).
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f},
+        s_key0[2] = {-INFINITY, -INFINITY};
 
-  // Key tiles up to the block's last row; a warp skips the compute of tiles wholly above its rows
-  // (all masked: they would change nothing) but not the block's barriers.
+  // Key tiles from the block's first row's window (0 without one) up to the block's last row; a
+  // warp skips the compute of tiles wholly outside its rows' windows (all masked: they would change
+  // nothing) but not the block's barriers.
   const int block_last_row = min((mb + 1) * BM, T) - 1;
   const int n_tiles = block_last_row / kBlockN + 1;
-  load_tile(0, 0);
-  for (int kt = 0; kt < n_tiles; ++kt) {
+  const int warp_first_row = mb * BM + warp * 16;
+  const int kt0 = ex.window > 0 ? max(0, mb * BM - ex.window + 1) / kBlockN : 0;
+  load_tile(kt0, kt0 & 1);
+  for (int kt = kt0; kt < n_tiles; ++kt) {
     if (kt + 1 < n_tiles) {
       load_tile(kt + 1, (kt + 1) & 1);
       cp_async_wait<1>();
@@ -163,7 +178,9 @@ __global__ void __launch_bounds__(BM / 16 * 32)
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (kt * kBlockN <= warp_last_row) {  // else every key of the tile is above the warp's rows
+    // Else every key of the tile is above the warp's rows, or before all of their windows.
+    if (kt * kBlockN <= warp_last_row &&
+        (ex.window == 0 || (kt + 1) * kBlockN - 1 > warp_first_row - ex.window)) {
       const bf16_bits* Kb = Ks + (kt & 1) * kBlockN * STR;
       const bf16_bits* Vb = Vs + (kt & 1) * kBlockN * STR;
 
@@ -184,7 +201,8 @@ __global__ void __launch_bounds__(BM / 16 * 32)
           const int row = e < 2 ? row0 : row1;
           const int key = kt * kBlockN + nt * 8 + tq * 2 + (e & 1);
           float v = sc[nt][e] * scale_log2;
-          if ((diagonal && key > row) || key >= T) v = -INFINITY;
+          if ((diagonal && key > row) || key >= T || (ex.window > 0 && key <= row - ex.window))
+            v = -INFINITY;
           sc[nt][e] = v;
         }
       if (kt == 0 && tq == 0) {  // key 0 is column 0 of the first n-tile
@@ -231,23 +249,24 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     __syncthreads();  // the next iteration's prefetch overwrites this buffer
   }
 
-  finish_rows<DT>(reinterpret_cast<const float(&)[DT * 4]>(o), l_run, m_run, s_key0, row0, T, tq,
+  const int64_t bh = static_cast<int64_t>(b) * Hl + h;
+  finish_rows<DT>(reinterpret_cast<const float(&)[DT * 4]>(o), l_run, m_run, s_key0,
+                  ex.sinks ? ex.sinks[h] * kLog2e : -INFINITY, row0, T, tq,
                   z + tok0 * Hl * d + static_cast<int64_t>(h) * d, static_cast<int64_t>(Hl) * d, d,
-                  a0 + (static_cast<int64_t>(b) * Hl + h) * T);
+                  a0 + bh * T, ex.sink_mass ? ex.sink_mass + bh * T : nullptr);
 }
 
 template <int DP, int BM>
 void launch_bm(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z, float* a0,
                int B, int T, int Hl, int KVl, int d, int head_begin, int group, int kv_begin,
-               float scale, cudaStream_t s) {
+               float scale, const AttnSinks& ex, cudaStream_t s) {
   constexpr int bytes = smem_bytes<DP>();
   // Per launch: the attribute belongs to the current device, and a host call costs microseconds.
   CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<DP, BM>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid((T + BM - 1) / BM, Hl, B);
-  const float scale_log2 = scale * 1.4426950408889634f;
   flash_attention_kernel<DP, BM><<<grid, BM / 16 * 32, bytes, s>>>(
-      Q, K, V, z, a0, T, Hl, KVl, d, head_begin, group, kv_begin, scale_log2);
+      Q, K, V, z, a0, T, Hl, KVl, d, head_begin, group, kv_begin, scale * kLog2e, ex);
   CUDA_CHECK_LAUNCH("flash_attention_kernel");
 }
 
@@ -264,11 +283,12 @@ int block_m() {
 template <int DP>
 void launch(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z, float* a0,
             int B, int T, int Hl, int KVl, int d, int head_begin, int group, int kv_begin,
-            float scale, cudaStream_t s) {
+            float scale, const AttnSinks& ex, cudaStream_t s) {
   if (block_m() == 64)
-    launch_bm<DP, 64>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, s);
+    launch_bm<DP, 64>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex, s);
   else
-    launch_bm<DP, 128>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, s);
+    launch_bm<DP, 128>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex,
+                       s);
 }
 
 // ---- Hopper: warpgroup products -------------------------------------------------------------
@@ -331,7 +351,8 @@ __global__ void __launch_bounds__(256, 1)
     flash_attention_wgmma_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
                                  const bf16_bits* __restrict__ Vt, bf16_bits* __restrict__ z,
                                  float* __restrict__ a0, int T, int Tp, int Hl, int KVl, int d,
-                                 int head_begin, int group, int kv_begin, float scale_log2) {
+                                 int head_begin, int group, int kv_begin, float scale_log2,
+                                 AttnSinks ex) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   constexpr int BN = kWgRows;
@@ -393,12 +414,15 @@ __global__ void __launch_bounds__(256, 1)
   uint32_t pf[BN / 16][4];
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) pf[kk][0] = pf[kk][1] = pf[kk][2] = pf[kk][3] = 0u;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, s_key0[2] = {0.f, 0.f};
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f},
+        s_key0[2] = {-INFINITY, -INFINITY};
 
+  // Key tiles from the block's first row's window (0 without one) up to its last row.
   const int n_tiles = (min(q0 + kWgRows, T) - 1) / BN + 1;
-  load_k(0);
-  cp_async_commit();  // Q and K_0
-  for (int kt = 0; kt < n_tiles; ++kt) {
+  const int kt0 = ex.window > 0 ? max(0, q0 - ex.window + 1) / BN : 0;
+  load_k(kt0);
+  cp_async_commit();  // Q and K_kt0
+  for (int kt = kt0; kt < n_tiles; ++kt) {
     if (kt + 1 < n_tiles) load_k(kt + 1);
     load_v(kt);
     cp_async_commit();
@@ -417,7 +441,7 @@ __global__ void __launch_bounds__(256, 1)
         Wgmma<BN>::ss(s, smem_desc(qs + (ks / 4) * (kWgRows * 128) + (ks % 4) * 32),
                       smem_desc(kb + (ks / 4) * (BN * 128) + (ks % 4) * 32), ks > 0);
       commit();
-      if (kt > 0) {
+      if (kt > kt0) {
         pv(o, pf, kt - 1);
         wait<1>();  // S_kt; P_{kt-1} V_{kt-1} may still run
       } else {
@@ -425,14 +449,17 @@ __global__ void __launch_bounds__(256, 1)
       }
       pin(s);
 
-      if (kt == n_tiles - 1 || (kt + 1) * BN > T) {  // the diagonal tile, or keys reaching T
+      // The diagonal tile, keys reaching T, or a window.
+      if (kt == n_tiles - 1 || (kt + 1) * BN > T || ex.window > 0) {
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = e < 2 ? row0 : row1;
             const int key = kt * BN + j * 8 + tq * 2 + (e & 1);
-            s[4 * j + e] = key > row || key >= T ? -INFINITY : s[4 * j + e] * scale_log2;
+            s[4 * j + e] = key > row || key >= T || (ex.window > 0 && key <= row - ex.window)
+                               ? -INFINITY
+                               : s[4 * j + e] * scale_log2;
           }
       } else {
 #pragma unroll
@@ -482,9 +509,11 @@ __global__ void __launch_bounds__(256, 1)
     wait<0>();
     pin(o);
   }
-  finish_rows<DP / 8>(o, l_run, m_run, s_key0, row0, T, tq,
-                      z + tok0 * Hl * d + static_cast<int64_t>(h) * d, static_cast<int64_t>(Hl) * d,
-                      d, a0 + (static_cast<int64_t>(b) * Hl + h) * T);
+  const int64_t bh = static_cast<int64_t>(b) * Hl + h;
+  finish_rows<DP / 8>(o, l_run, m_run, s_key0, ex.sinks ? ex.sinks[h] * kLog2e : -INFINITY, row0,
+                      T, tq, z + tok0 * Hl * d + static_cast<int64_t>(h) * d,
+                      static_cast<int64_t>(Hl) * d, d, a0 + bh * T,
+                      ex.sink_mass ? ex.sink_mass + bh * T : nullptr);
 #endif
 }
 
@@ -493,7 +522,7 @@ int tp_of(int T) { return (T + kVtPad - 1) / kVtPad * kVtPad; }
 template <int DP>
 void launch_wgmma(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* vt,
                   bf16_bits* z, float* a0, int B, int T, int Hl, int KVl, int d, int head_begin,
-                  int group, int kv_begin, float scale, cudaStream_t s) {
+                  int group, int kv_begin, float scale, const AttnSinks& ex, cudaStream_t s) {
   const int Tp = tp_of(T);
   transpose_v_kernel<<<dim3(Tp / 64, KVl, B), 256, 0, s>>>(V, vt, T, Tp, KVl, DP);
   CUDA_CHECK_LAUNCH("transpose_v_kernel");
@@ -502,7 +531,7 @@ void launch_wgmma(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid((T + kWgRows - 1) / kWgRows, Hl, B);
   flash_attention_wgmma_kernel<DP><<<grid, 256, bytes, s>>>(
-      Q, K, vt, z, a0, T, Tp, Hl, KVl, d, head_begin, group, kv_begin, scale * 1.4426950408889634f);
+      Q, K, vt, z, a0, T, Tp, Hl, KVl, d, head_begin, group, kv_begin, scale * kLog2e, ex);
   CUDA_CHECK_LAUNCH("flash_attention_wgmma_kernel");
 }
 
@@ -542,7 +571,7 @@ int64_t flash_attention_scratch(int B, int T, int KVl, int dp) {
 void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
                      float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,
                      int group, int kv_begin, float scale, bf16_bits* vt_scratch, cudaStream_t s,
-                     AttnKernel kernel) {
+                     AttnKernel kernel, const AttnSinks& ex) {
   if (B == 0 || T == 0 || Hl == 0) return;
   if (kernel == AttnKernel::kAuto) {
     static const bool off = [] {
@@ -561,13 +590,13 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
                         "flash_attention", __FILE__, __LINE__);
     if (dp == 64)
       return launch_wgmma<64>(Q, K, V, vt_scratch, z, a0, B, T, Hl, KVl, d, head_begin, group,
-                              kv_begin, scale, s);
+                              kv_begin, scale, ex, s);
     return launch_wgmma<128>(Q, K, V, vt_scratch, z, a0, B, T, Hl, KVl, d, head_begin, group,
-                             kv_begin, scale, s);
+                             kv_begin, scale, ex, s);
   }
 #define SINKSCOPE_ATTN_CASE(N) \
   case N:                      \
-    return launch<N>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, s)
+    return launch<N>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex, s)
   switch (dp) {
     SINKSCOPE_ATTN_CASE(16);
     SINKSCOPE_ATTN_CASE(32);

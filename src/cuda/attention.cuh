@@ -24,11 +24,20 @@ bool sm90a_kernels_available();
 // need vt_scratch of flash_attention_scratch() elements. kAuto takes wgmma where it can run and
 // vt_scratch is given, unless SINKSCOPE_ATTN_WGMMA=0; asking for kWgmma where it cannot run throws.
 enum class AttnKernel { kAuto, kMmaSync, kWgmma };
+// gpt-oss (docs/metrics.md 1.4): a sliding window (query i sees keys j with i - window < j <= i;
+// 0: every j <= i; A[i, 0] = 0 where key 0 is outside) and a learned sink logit per local head
+// (sinks [Hl], in the units of the scaled scores; null: none) that joins every query's softmax
+// denominator and is then dropped; sink_mass [B, Hl, T] (optional, with sinks) receives its weight.
+struct AttnSinks {
+  int window = 0;
+  const float* sinks = nullptr;
+  float* sink_mass = nullptr;
+};
 bool flash_attention_wgmma_available(int dp);
 int64_t flash_attention_scratch(int B, int T, int KVl, int dp);
 void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
                      float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,
                      int group, int kv_begin, float scale, bf16_bits* vt_scratch, cudaStream_t s,
-                     AttnKernel kernel = AttnKernel::kAuto);
+                     AttnKernel kernel = AttnKernel::kAuto, const AttnSinks& extras = {});
 
 }  // namespace sinkscope::cuda::k

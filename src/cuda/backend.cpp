@@ -186,12 +186,15 @@ class CudaBackend final : public Backend, private LayerOps {
     near_ties_.assign(static_cast<size_t>(L_), 0);
     // The expert products: the Hopper kernel (grouped_gemm.cu) unless a cuBLAS route is asked for.
     const int I = static_cast<int>(c_.moe_intermediate_size), Dw = static_cast<int>(D_);
-    sm90_experts_ = blas_.allows_wgmma() && E_ > 0 && k::grouped_gemm_sm90_supported(Dw, I) &&
-                    k::grouped_gemm_sm90_supported(I, Dw);
+    // Experts with biases or another activation (gpt-oss) take the cuBLAS route with fp32
+    // pre-activations: the Hopper kernel's epilogue is the plain SwiGLU.
+    plain_experts_ = c_.act == Activation::kSilu && !c_.expert_bias;
+    sm90_experts_ = blas_.allows_wgmma() && E_ > 0 && plain_experts_ &&
+                    k::grouped_gemm_sm90_supported(Dw, I) && k::grouped_gemm_sm90_supported(I, Dw);
     if (blas_.requires_wgmma() && !sm90_experts_)
       throw InputError(
           "SINKSCOPE_CUDA_EXPERT_GEMM=wgmma: needs an sm_90a build on a compute capability 9.0 "
-          "device and hidden and expert widths that are multiples of 8");
+          "device, hidden and expert widths that are multiples of 8, and bias-free SwiGLU experts");
   }
 
   ~CudaBackend() override {
@@ -354,6 +357,7 @@ class CudaBackend final : public Backend, private LayerOps {
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
   bool x_norms_ready_ = false;  // ws_.rnorms holds ||x|| per row (the MoE block's fused add)
   bool sm90_experts_ = false;   // the expert products run on grouped_gemm.cu's kernel
+  bool plain_experts_ = true;   // SwiGLU experts without biases (else fp32 pre-activations)
   k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // its tile lists for gate|up and down
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1;
   LayerPlan layers_;
@@ -433,12 +437,14 @@ void CudaBackend::collect_profile() {
 void CudaBackend::ensure_rope(int64_t T) {
   if (T <= rope_T_) return;
   const int64_t half = rot_ / 2;
+  // YaRN's attention factor scales cos and sin, as the CPU backend scales the rotated dims.
+  const double af = c_.rope.attention_factor;
   std::vector<float> c(static_cast<size_t>(T * half)), sn(static_cast<size_t>(T * half));
   for (int64_t p = 0; p < T; ++p)
     for (int64_t j = 0; j < half; ++j) {  // double angles, as cpu::rope
       const double angle = static_cast<double>(p) * inv_freq_[static_cast<size_t>(j)];
-      c[static_cast<size_t>(p * half + j)] = static_cast<float>(std::cos(angle));
-      sn[static_cast<size_t>(p * half + j)] = static_cast<float>(std::sin(angle));
+      c[static_cast<size_t>(p * half + j)] = static_cast<float>(std::cos(angle) * af);
+      sn[static_cast<size_t>(p * half + j)] = static_cast<float>(std::sin(angle) * af);
     }
   cos_.reserve(c.size());
   sin_.reserve(sn.size());
@@ -581,6 +587,8 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   kn.gain_stride = full_width_ ? d_ : 0;
   kn.inv_rk_rows = full_width_ ? ws_.inv_rk_rows.get() : nullptr;
   kn.kconst = Lw.kconst.get();
+  kn.rot = static_cast<int>(rot_);
+  kn.rope_factor = static_cast<float>(c_.rope.attention_factor);
   k::circuit_finish(ws_.kid.get(), ws_.inv_rx.get(), static_cast<int>(B), static_cast<int>(T),
                     ws_.qbar.get(), kn, static_cast<int>(Hl_), static_cast<int>(KVl_),
                     static_cast<int>(d_), static_cast<int>(plan_.head_begin),
@@ -626,9 +634,11 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                   qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), ws_.Qa.get(),
                   ws_.Ka.get(), ws_.Va.get(), s());
   const int64_t C = ci_.count_before(l);
+  // The sink queries (docs/metrics.md 1.4): those that can see position 0.
+  const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
   if (record_ && B > 0) {
     k::column_mean_rest(ws_.qkv.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, ws_.partial.get(),
-                        ws_.qbar.get(), s());
+                        ws_.qbar.get(), s(), static_cast<int>(nq));
     mark(l, kQkvDone);
     circuit(l, C);
   } else {
@@ -639,7 +649,9 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                      static_cast<int>(Hl), static_cast<int>(KVl_), static_cast<int>(d),
                      static_cast<int>(dp_), static_cast<int>(plan_.head_begin),
                      static_cast<int>(group_), static_cast<int>(plan_.kv_begin), scale_,
-                     vt_elems > 0 ? ws_.Vt.get() : nullptr, s());
+                     vt_elems > 0 ? ws_.Vt.get() : nullptr, s(), k::AttnKernel::kAuto,
+                     {static_cast<int>(window), Lw.sinks.get(),
+                      record_ && Lw.sinks.get() ? ws_.sink_mass.get() : nullptr});
   mark(l, kFlashDone);
 
   float* a = ws_.tp_pack.get();
@@ -709,19 +721,27 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
     k::add_row_bias(ws_.p0_sum.get(), B, Di, D, Lw.o_bias.get(), s());
   mark(l, kAttnDone);
 
+  const bool sinks = Lw.sinks.get() != nullptr;
   const size_t n_a0 = static_cast<size_t>(B * Hl * T), n_bh = static_cast<size_t>(B * Hl),
                n_attr = static_cast<size_t>(B * Hl * C), n_k = static_cast<size_t>(B * kw_);
-  h_a0_.reserve(std::max<size_t>(n_a0, 1));
-  h_small_.reserve(std::max<size_t>(3 * n_bh + 2 * n_k, 1));
+  h_a0_.reserve(std::max<size_t>(n_a0 * (sinks ? 2 : 1), 1));
+  h_small_.reserve(std::max<size_t>(4 * n_bh + 2 * n_k, 1));
   h_attr_.reserve(std::max<size_t>(n_attr, 1));
   float* h_wp0 = h_small_.get();
   float* h_wrest = h_wp0 + n_bh;
   float* h_a0m = h_wrest + n_bh;
   float* h_k0m = h_a0m + n_bh;
   float* h_k0s = h_k0m + n_k;
+  float* h_sink_mean = sinks ? h_k0s + n_k : nullptr;
+  float* h_sink = sinks ? h_a0_.get() + n_a0 : nullptr;
   if (B > 0) {
-    k::row_means(ws_.a0.get(), B * Hl, static_cast<int>(T), ws_.a0_mean.get(), s());
+    k::row_means(ws_.a0.get(), B * Hl, static_cast<int>(nq), T, ws_.a0_mean.get(), s());
     tap_to_host(h_a0_.get(), ws_.a0.get(), n_a0);
+    if (sinks) {
+      k::row_means(ws_.sink_mass.get(), B * Hl, static_cast<int>(nq), T, ws_.sink_mean.get(), s());
+      tap_to_host(h_sink, ws_.sink_mass.get(), n_a0);
+      tap_to_host(h_sink_mean, ws_.sink_mean.get(), n_bh);
+    }
     tap_to_host(h_wp0, ws_.wp0.get(), n_bh);
     tap_to_host(h_wrest, ws_.wrest.get(), n_bh);
     tap_to_host(h_a0m, ws_.a0_mean.get(), n_bh);
@@ -730,7 +750,8 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
     tap_to_host(h_k0s, ws_.k0s.get(), n_k);
   }
   const int64_t probe0 = probe0_;
-  defer([this, l, B, T, D, d, Hl, C, probe0, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s] {
+  defer([this, l, B, T, D, d, Hl, C, probe0, nq, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s, h_sink,
+         h_sink_mean] {
     AttentionTap tap{l,
                      B,
                      T,
@@ -749,6 +770,9 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                      h_k0s,
                      plan_.kv_begin,
                      KVl_};
+    tap.sink_queries = nq;
+    tap.sink_mass = h_sink;
+    tap.sink_mass_mean = h_sink_mean;
     emit_attention_tap(*obs_, tap_source(), tap);
   });
 }
@@ -775,6 +799,33 @@ void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const in
     ws_.xg.reserve(static_cast<size_t>(total * D));
     k::gather_rows(X, x_rows, x_div, total, static_cast<int>(D), ws_.xg.get(), s());
     X = ws_.xg.get();
+  }
+  if (!plain_experts_) {
+    // Biases or another activation (gpt-oss): fp32 pre-activations and products, the biases of
+    // each row's expert added on the device (the groups' first rows and experts go there first).
+    std::vector<int32_t> table(2 * rows.size() + 1);
+    for (size_t g = 0; g < rows.size(); ++g) {
+      table[g] = static_cast<int32_t>(offsets[g]);
+      table[rows.size() + 1 + g] = static_cast<int32_t>(expert[g]);
+    }
+    table[rows.size()] = static_cast<int32_t>(total);
+    ws_.expert_groups.reserve(table.size());
+    to_device(ws_.expert_groups.get(), table.data(), table.size());
+    const k::ExpertGroups groups{ws_.expert_groups.get(),
+                                 ws_.expert_groups.get() + rows.size() + 1,
+                                 static_cast<int>(rows.size())};
+    ws_.hf_experts.reserve(static_cast<size_t>(total * std::max<int64_t>(2 * I, D)));
+    blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), ws_.hf_experts.get(),
+                     Dt::kF32);
+    k::expert_bias_activation(ws_.hf_experts.get(), total, static_cast<int>(I), groups, c_.act,
+                              static_cast<float>(c_.swiglu_limit),
+                              static_cast<float>(c_.swiglu_alpha),
+                              Lw.expert_gate_up_bias.get(), ws_.act.get(), s());
+    blas_.grouped_nt(rows, offsets, expert, D, I, ws_.act.get(), Lw.w_down.get(),
+                     ws_.hf_experts.get(), Dt::kF32);
+    k::expert_add_bias(ws_.hf_experts.get(), total, static_cast<int>(D), groups,
+                       Lw.expert_down_bias.get(), out, s());
+    return;
   }
   ws_.h.reserve(static_cast<size_t>(total * 2 * I));
   blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), ws_.h.get(), Dt::kBF16);
@@ -929,6 +980,7 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
     const int64_t npairs = n * K;
     blas_.nt(n, E, D, {ws_.u32.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
              {ws_.router_logits.get(), Dt::kF32, E});
+    k::add_row_bias(ws_.router_logits.get(), n, static_cast<int>(E), E, Lw.router_bias.get(), s());
     k::router_topk(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
                    renormalise_topk_, ws_.ids.get(), ws_.tw.get(), ws_.gap.get(), s());
     // The routing bookkeeping on the device: a histogram, its E counts to the host (the grouped
@@ -1099,23 +1151,17 @@ void check_cuda_supports(const ModelConfig& c) {
   auto need = [&](bool ok, const char* what) {
     if (!ok) missing += (missing.empty() ? "" : ", ") + std::string(what);
   };
-  // Every family of docs/families.md but DeepSeek-V3 and gpt-oss runs; what is refused here is what
+  // Every family of docs/families.md but DeepSeek-V3 runs; what is refused here is what
   // the kernels do not have yet.
   need(!(c.block == BlockKind::kPostNorm && c.num_experts > 0), "post-norm MoE blocks");
-  need(c.act == Activation::kSilu || !c.gated_mlp, "gated MLPs with an activation other than SiLU");
-  need(!(c.num_experts > 0 && c.act != Activation::kSilu),
-       "experts with an activation other than SiLU");
-  need(!(c.num_experts > 0 && c.mlp_bias), "expert biases");
+  need(c.act == Activation::kSilu || c.act == Activation::kSwigluClamped || !c.gated_mlp,
+       "gated MLPs with an activation other than SiLU");
+  need(c.act != Activation::kSwigluClamped || !c.any_dense_layer(),
+       "the clamped SwiGLU in dense MLPs");
+  need(!(c.num_experts > 0 && c.mlp_bias), "expert biases outside gpt-oss's layout");
   need(!c.mla(), "multi-head latent attention");
   need(c.router != RouterKind::kSigmoidGroupTopK, "sigmoid group-limited routing");
   need(c.fp8_block_rows == 0, "FP8 block-scaled weights");
-  need(c.rope.kind != RopeKind::kYarn, "yarn rope scaling");
-  // gpt-oss (metrics 1.4): learned sinks, per-layer sliding windows, the interleaved MXFP4 / bf16
-  // expert layout with biases and the clamped SwiGLU.
-  need(!c.learned_sinks, "learned attention sinks");
-  need(c.sliding_layers.empty(), "per-layer sliding windows");
-  need(!c.family || !c.family->gpt_oss_layout, "MXFP4 or interleaved gate/up experts");
-  need(!c.router_bias && !c.expert_bias, "router and expert biases");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

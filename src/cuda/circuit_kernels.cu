@@ -316,7 +316,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
     const float f = ix * inv_rk[g] * scale;
     for (int j = lane; j < d; j += 32) {
       const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
-      qk[o] = qbar[o] * gain(g, j) * f;
+      qk[o] = qbar[o] * gain(g, j) * f * (j < kn.rot ? kn.rope_factor : 1.f);
     }
   }
 }

@@ -67,11 +67,15 @@ void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int6
 // width: d; none: gain null, unit gains); 1 / r_k from the key of x[0] itself (per-head norm), from
 // inv_rk_rows[b * T] (the full-width norm's factor, computed over every KV head), or 1 (no norm);
 // kconst [KVl*d] = W_K beta_in + b_K, the part of the key no component writes (null: zero).
+// YaRN's attention factor multiplies the rotated dims j < rot of every key, also the one at
+// position 0 (RoPE at position 0 is the identity otherwise): qk's dims j < rot carry rope_factor.
 struct KeyNorm {
   const float* gain = nullptr;
   int64_t gain_stride = 0;
   const float* inv_rk_rows = nullptr;
   const float* kconst = nullptr;
+  int rot = 0;
+  float rope_factor = 1.f;
 };
 
 // Per probe b and held KV head g, from kid [B, 2, KVl*d] = (K-rows of p0_sum*gamma, x[0]*gamma)

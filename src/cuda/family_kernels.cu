@@ -134,6 +134,50 @@ __global__ void bias_activation_kernel(const float* __restrict__ h, int64_t n, i
   }
 }
 
+// The local expert of packed row r: the last group starting at or before r (empty groups share
+// their start with the next group, so the last one is the non-empty group holding r).
+__device__ __forceinline__ int expert_of_row(const ExpertGroups& g, int64_t r) {
+  int lo = 0, hi = g.count;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (g.start[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return g.expert[lo];
+}
+
+// Block per packed row.
+__global__ void expert_bias_activation_kernel(const float* __restrict__ h, int I, ExpertGroups g,
+                                              Activation act, float limit, float alpha,
+                                              const float* __restrict__ bias,
+                                              bf16_bits* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  const float* b = bias ? bias + static_cast<int64_t>(expert_of_row(g, r)) * 2 * I : nullptr;
+  const float* hr = h + r * 2 * I;
+  for (int j = threadIdx.x; j < I; j += blockDim.x) {
+    const float gate = hr[j] + (b ? b[j] : 0.f), up = hr[I + j] + (b ? b[I + j] : 0.f);
+    float v;
+    if (act == Activation::kSwigluClamped) {
+      const float gc = fminf(gate, limit), uc = fminf(fmaxf(up, -limit), limit);
+      v = (uc + 1.f) * (gc / (1.f + expf(-alpha * gc)));
+    } else {
+      v = activate(act, gate) * up;
+    }
+    out[r * I + j] = f2bf(v);
+  }
+}
+
+__global__ void expert_add_bias_kernel(const float* __restrict__ y, int D, ExpertGroups g,
+                                       const float* __restrict__ bias,
+                                       bf16_bits* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  const float* b = bias ? bias + static_cast<int64_t>(expert_of_row(g, r)) * D : nullptr;
+  for (int c = threadIdx.x; c < D; c += blockDim.x)
+    out[r * D + c] = f2bf(y[r * D + c] + (b ? b[c] : 0.f));
+}
+
 __global__ void sigmoid_gate_rows_kernel(float* __restrict__ y, const float* __restrict__ x, int D,
                                          const float* __restrict__ w) {
   const int64_t r = blockIdx.x;
@@ -223,6 +267,23 @@ void bias_activation(const float* h, int64_t n, int I, bool gated, Activation ac
   bias_activation_kernel<<<grid_for(n * I, kThreads, 8192), kThreads, 0, s>>>(h, n, I, gated, act,
                                                                               bias, out);
   CUDA_CHECK_LAUNCH("bias_activation_kernel");
+}
+
+void expert_bias_activation(const float* h, int64_t total, int I, const ExpertGroups& groups,
+                            Activation act, float limit, float alpha, const float* bias,
+                            bf16_bits* out, cudaStream_t s) {
+  if (total == 0) return;
+  expert_bias_activation_kernel<<<static_cast<unsigned>(total), kThreads, 0, s>>>(
+      h, I, groups, act, limit, alpha, bias, out);
+  CUDA_CHECK_LAUNCH("expert_bias_activation_kernel");
+}
+
+void expert_add_bias(const float* y, int64_t total, int D, const ExpertGroups& groups,
+                     const float* bias, bf16_bits* out, cudaStream_t s) {
+  if (total == 0) return;
+  expert_add_bias_kernel<<<static_cast<unsigned>(total), kThreads, 0, s>>>(y, D, groups, bias,
+                                                                           out);
+  CUDA_CHECK_LAUNCH("expert_add_bias_kernel");
 }
 
 void sigmoid_gate_rows(float* y, const float* x, int64_t n, int D, const float* w, cudaStream_t s) {

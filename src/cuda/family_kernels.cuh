@@ -55,6 +55,27 @@ void scale_rows_bf16(const bf16_bits* z, int64_t rows, int cols, const float* sc
 void bias_activation(const float* h, int64_t n, int I, bool gated, Activation act,
                      const float* bias, bf16_bits* out, cudaStream_t s);
 
+// Expert rows in groups, as the expert products pack them: packed rows [start[g], start[g + 1]) run
+// on local expert expert[g], for g < count (start has count + 1 entries, device memory).
+struct ExpertGroups {
+  const int32_t* start = nullptr;
+  const int32_t* expert = nullptr;
+  int count = 0;
+};
+
+// Experts with biases (gpt-oss): h fp32 [total, 2I] = (gate | up) pre-activations of the packed
+// rows, bias [El, 2I] (gate | up) per local expert (null: none); out bf16 [total, I] = act(gate + b) * (up + b),
+// or for Activation::kSwigluClamped (up' + 1) * gate' * sigmoid(alpha gate') with gate' =
+// min(gate, limit), up' = clamp(up, -limit, limit).
+void expert_bias_activation(const float* h, int64_t total, int I, const ExpertGroups& groups,
+                            Activation act, float limit, float alpha, const float* bias,
+                            bf16_bits* out, cudaStream_t s);
+
+// out[r, :] = bf16(y[r, :] + bias[e(r), :]) for the packed rows (y fp32 [total, D], bias [El, D] or
+// null).
+void expert_add_bias(const float* y, int64_t total, int D, const ExpertGroups& groups,
+                     const float* bias, bf16_bits* out, cudaStream_t s);
+
 // The shared expert's gate (Qwen2-MoE): y[r, :] *= sigmoid(x[r, :] . w) for rows r (x fp32 [n, D]).
 void sigmoid_gate_rows(float* y, const float* x, int64_t n, int D, const float* w, cudaStream_t s);
 

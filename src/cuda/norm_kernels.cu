@@ -113,14 +113,15 @@ __device__ __forceinline__ float load_as_float<bf16_bits>(const bf16_bits* p) {
   return bf2f(*p);
 }
 
-// partial[b, chunk, c] = sum of rows i in the chunk's share of 1..T-1.
+// partial[b, chunk, c] = sum of rows i in the chunk's share of 1..count-1 (probe b's rows start at
+// b * T).
 template <typename In>
-__global__ void column_partial_kernel(const In* __restrict__ x, int T, int ncols, int64_t ld,
-                                      int chunks, float* __restrict__ partial) {
+__global__ void column_partial_kernel(const In* __restrict__ x, int T, int count, int ncols,
+                                      int64_t ld, int chunks, float* __restrict__ partial) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y, chunk = blockIdx.z;
   if (c >= ncols) return;
-  const int64_t n = T - 1;
+  const int64_t n = count - 1;
   const int64_t i0 = 1 + n * chunk / chunks, i1 = 1 + n * (chunk + 1) / chunks;
   const In* base = x + static_cast<int64_t>(b) * T * ld + c;
   float acc = 0.f;
@@ -128,7 +129,7 @@ __global__ void column_partial_kernel(const In* __restrict__ x, int T, int ncols
   partial[(static_cast<int64_t>(b) * chunks + chunk) * ncols + c] = acc;
 }
 
-__global__ void column_finish_kernel(const float* __restrict__ partial, int T, int ncols,
+__global__ void column_finish_kernel(const float* __restrict__ partial, int count, int ncols,
                                      int chunks, float* __restrict__ out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = blockIdx.y;
@@ -136,18 +137,23 @@ __global__ void column_finish_kernel(const float* __restrict__ partial, int T, i
   float acc = 0.f;
   for (int k = 0; k < chunks; ++k)
     acc += partial[(static_cast<int64_t>(b) * chunks + k) * ncols + c];
-  out[static_cast<int64_t>(b) * ncols + c] = acc / static_cast<float>(T - 1);
+  out[static_cast<int64_t>(b) * ncols + c] = acc / static_cast<float>(count - 1);
 }
 
 template <typename In>
 void column_mean_rest_impl(const In* x, int B, int T, int ncols, int64_t ld, float* partial,
-                           float* out, cudaStream_t s) {
-  if (B == 0 || ncols == 0 || T < 2) return;
-  const int chunks = chunks_for(T);
+                           float* out, cudaStream_t s, int count) {
+  if (count <= 0 || count > T) count = T;
+  if (B == 0 || ncols == 0) return;
+  if (count < 2) {  // no rows to average (a window of one position): zeros, as the CPU backend
+    CUDA_CHECK(cudaMemsetAsync(out, 0, static_cast<size_t>(B) * ncols * sizeof(float), s));
+    return;
+  }
+  const int chunks = chunks_for(count);
   const dim3 grid((ncols + kColThreads - 1) / kColThreads, B, chunks);
-  column_partial_kernel<In><<<grid, kColThreads, 0, s>>>(x, T, ncols, ld, chunks, partial);
+  column_partial_kernel<In><<<grid, kColThreads, 0, s>>>(x, T, count, ncols, ld, chunks, partial);
   CUDA_CHECK_LAUNCH("column_partial_kernel");
-  column_finish_kernel<<<dim3(grid.x, B), kColThreads, 0, s>>>(partial, T, ncols, chunks, out);
+  column_finish_kernel<<<dim3(grid.x, B), kColThreads, 0, s>>>(partial, count, ncols, chunks, out);
   CUDA_CHECK_LAUNCH("column_finish_kernel");
 }
 
@@ -295,13 +301,13 @@ __global__ void radix_median_kernel(const RadixState* st, bool odd, float* out) 
 }
 
 // Warp per row: mean of the row in double.
-__global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int cols,
+__global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int cols, int64_t ld,
                                  float* __restrict__ out) {
   const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
   double sum = 0;
-  for (int i = lane; i < cols; i += 32) sum += a[r * cols + i];
+  for (int i = lane; i < cols; i += 32) sum += a[r * ld + i];
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) out[r] = static_cast<float>(sum / static_cast<double>(cols));
 }
@@ -337,9 +343,9 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
   CUDA_CHECK_LAUNCH("radix_median_kernel");
 }
 
-void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t s) {
+void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s) {
   if (rows == 0) return;
-  row_means_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(a, rows, cols, out);
+  row_means_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(a, rows, cols, ld, out);
   CUDA_CHECK_LAUNCH("row_means_kernel");
 }
 
@@ -374,13 +380,13 @@ int64_t column_mean_scratch(int B, int T, int ncols) {
 }
 
 void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float* partial,
-                      float* out, cudaStream_t s) {
-  column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
+                      float* out, cudaStream_t s, int count) {
+  column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s, count);
 }
 
 void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial,
-                      float* out, cudaStream_t s) {
-  column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s);
+                      float* out, cudaStream_t s, int count) {
+  column_mean_rest_impl(x, B, T, ncols, ld, partial, out, s, count);
 }
 
 void add_rows_norms(float* x, const float* m, int64_t rows, int D, float* m_norms, float* x_norms,

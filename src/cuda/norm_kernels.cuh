@@ -30,14 +30,14 @@ void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int 
 // norms[r] = ||x[r, 0:D]|| for rows r (row stride ld).
 void row_norms(const float* x, int64_t rows, int D, int64_t ld, float* norms, cudaStream_t s);
 
-// out[b, c] = mean over i = 1..T-1 of x[b*T + i, c] (row stride ld), for B probes and ncols
-// columns. `partial` is scratch of column_mean_scratch(B, T, ncols) floats. Deterministic (no
-// atomics).
+// out[b, c] = mean over i = 1..count-1 of x[b*T + i, c] (row stride ld), for B probes and ncols
+// columns; count 0 means T (a sliding window's sink queries are fewer). `partial` is scratch of
+// column_mean_scratch(B, T, ncols) floats. Deterministic (no atomics).
 int64_t column_mean_scratch(int B, int T, int ncols);
 void column_mean_rest(const float* x, int B, int T, int ncols, int64_t ld, float* partial,
-                      float* out, cudaStream_t s);
+                      float* out, cudaStream_t s, int count = 0);
 void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, float* partial,
-                      float* out, cudaStream_t s);
+                      float* out, cudaStream_t s, int count = 0);
 
 // x[i] += a[i]
 void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s);
@@ -62,7 +62,7 @@ void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate
 size_t abs_median_scratch_bytes();
 void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s);
 
-// out[r] = mean of a[r, 0..cols) (double sums), rows x cols row-major.
-void row_means(const float* a, int64_t rows, int cols, float* out, cudaStream_t s);
+// out[r] = mean of a[r, 0..cols) (double sums), rows with row stride ld >= cols.
+void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s);
 
 }  // namespace sinkscope::cuda::k

@@ -6,6 +6,7 @@
 #include <functional>
 #include <tuple>
 
+#include "cpu/weights.hpp"
 #include "cuda/check.hpp"
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
@@ -19,6 +20,47 @@ namespace {
 void upload_f32(const std::vector<float>& src, DeviceBuffer<float>& dst) {
   dst.reserve(src.size());
   CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+// fp32 host values rounded to bf16 (to nearest even) at dst on the device.
+void upload_as_bf16(const std::vector<float>& src, bf16_bits* dst) {
+  std::vector<bf16_bits> b(src.size());
+  for (size_t i = 0; i < src.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], sizeof(u));
+    b[i] = static_cast<bf16_bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  CUDA_CHECK(cudaMemcpy(dst, b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
+}
+
+// The local experts of a gpt-oss layer (docs/families.md: fused, interleaved gate/up columns, bf16
+// or MXFP4, with biases), de-interleaved and decoded on the host by the CPU loader, then laid out
+// as every other family's: gate rows, then up rows, then down [D, I]; biases [El, 2I] and [El, D].
+void load_gpt_oss_experts(const Checkpoint& ck, const ShardPlan& plan, int64_t l,
+                          DeviceLayer& L) {
+  const ModelConfig& c = ck.config();
+  const int64_t D = c.hidden_size, I = c.moe_intermediate_size, El = plan.local_experts();
+  std::vector<float> gu_bias, dn_bias;
+  for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
+    const MlpWeights m = load_gpt_oss_expert(ck, l, e);
+    bf16_bits* gu = L.w_gate_up.get() + (e - plan.expert_begin) * 2 * I * D;
+    upload_as_bf16(m.gate, gu);
+    upload_as_bf16(m.up, gu + I * D);
+    upload_as_bf16(m.down, L.w_down.get() + (e - plan.expert_begin) * D * I);
+    if (c.expert_bias) {
+      gu_bias.insert(gu_bias.end(), m.gate_bias.begin(), m.gate_bias.end());
+      gu_bias.insert(gu_bias.end(), m.up_bias.begin(), m.up_bias.end());
+      dn_bias.insert(dn_bias.end(), m.down_bias.begin(), m.down_bias.end());
+    }
+  }
+  if (c.expert_bias) {
+    if (gu_bias.size() != static_cast<size_t>(El * 2 * I) ||
+        dn_bias.size() != static_cast<size_t>(El * D))
+      throw RuntimeFailure("gpt-oss expert biases of layer " + std::to_string(l) +
+                           " have unexpected sizes");
+    upload_f32(gu_bias, L.expert_gate_up_bias);
+    upload_f32(dn_bias, L.expert_down_bias);
+  }
 }
 
 std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
@@ -150,6 +192,17 @@ uint64_t planned_bytes(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
       const int64_t I = c.moe_intermediate_size;
       add(name(Role::kRouter), c.num_experts * D);
       for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
+        if (c.family->gpt_oss_layout) {  // MXFP4: 16 bytes of blocks and 1 of scales per 32
+          for (Role role : {Role::kExpertsGateUp, Role::kExpertsDown}) {
+            const std::string t = tensor_name(c, role, l, -1, &ck);
+            const int64_t n = (role == Role::kExpertsGateUp ? 2 : 1) * I * D;
+            if (is_mxfp4_blocks(t))
+              total += static_cast<uint64_t>(n / 32 * 17);
+            else
+              add(t, n);
+          }
+          continue;
+        }
         const ExpertLocation loc = expert_location(ck, l, e);
         add(loc.gate.tensor, I * D);
         add(loc.up.tensor, I * D);
@@ -266,6 +319,7 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     L.wo.reserve(static_cast<size_t>(D * qw));
     up.block(ck, name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
     vec(Role::kOBias, l, 0, D, L.o_bias, c.o_bias);
+    vec(Role::kSinks, l, plan.head_begin, plan.head_end, L.sinks, c.learned_sinks);
     up.finish();  // the products below read W_K and W_O
     // kconst = W_K beta_in + b_K: the part of the key at position 0 that no component writes.
     if (L.input_norm_bias.get() || !qkv_bias.empty()) {
@@ -294,9 +348,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       const int64_t I = c.moe_intermediate_size, El = plan.local_experts();
       L.inter = I;
       upload_f32(read_rows(ck, name(Role::kRouter), 0, c.num_experts, D), L.router);
+      vec(Role::kRouterBias, l, 0, c.num_experts, L.router_bias, c.router_bias);
       L.w_gate_up.reserve(static_cast<size_t>(El * 2 * I * D));
       L.w_down.reserve(static_cast<size_t>(El * D * I));
-      for (int64_t e = plan.expert_begin; e < plan.expert_end; ++e) {
+      if (c.family->gpt_oss_layout) load_gpt_oss_experts(ck, plan, l, L);
+      for (int64_t e = plan.expert_begin; e < plan.expert_end && !c.family->gpt_oss_layout; ++e) {
         const ExpertLocation loc = expert_location(ck, l, e);
         bf16_bits* gu = L.w_gate_up.get() + (e - plan.expert_begin) * 2 * I * D;
         up.rows(ck, loc.gate.tensor, loc.gate.row_begin, loc.gate.row_end, gu);
@@ -348,11 +404,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
 
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
                                     uint64_t seed, Blas& blas, cudaStream_t s) {
-  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama, Mixtral and
-  // OLMoE (unit norm gains, no biases).
+  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama, Mixtral, OLMoE
+  // and gpt-oss (unit norm gains; attention, router and expert biases zero; learned sinks ~ N(0,
+  // 1)).
   if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms || c.has_shared_expert() ||
-      c.qkv_bias || c.o_bias || c.mlp_bias || !c.gated_mlp ||
-      c.rope.rotated(c.head_dim) != c.head_dim)
+      c.mlp_bias || !c.gated_mlp || c.rope.rotated(c.head_dim) != c.head_dim)
     throw InputError(
         "--synthetic-weights: " + c.model_type +
         " blocks are not synthesised on the device; write a checkpoint with `sinkscope "
@@ -375,6 +431,10 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     b.reserve(static_cast<size_t>(n));
     k::fill(b.get(), n, 1.f, s);
   };
+  auto zeros = [&](DeviceBuffer<float>& b, int64_t n) {
+    b.reserve(static_cast<size_t>(n));
+    k::fill(b.get(), n, 0.f, s);
+  };
   w.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     DeviceLayer& L = w.layers[static_cast<size_t>(l)];
@@ -391,6 +451,13 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     L.wo.reserve(static_cast<size_t>(D * qw));
     random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
     make_gram(L, L.wo.get(), D, Hl, d, blas, s);
+    if (c.qkv_bias) zeros(L.qkv_bias, qw + 2 * kw);
+    if (c.o_bias) zeros(L.o_bias, D);
+    if (c.learned_sinks) {
+      L.sinks.reserve(static_cast<size_t>(Hl));
+      k::fill_random_f32(L.sinks.get(), 1, Hl, 0, plan.head_begin, H, seed, tensor_id(l, 11, 0),
+                         1.f, s);
+    }
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
       const int64_t I = c.moe_intermediate_size, E = c.num_experts, El = plan.local_experts();
@@ -398,6 +465,11 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
       L.router.reserve(static_cast<size_t>(E * D));
       k::fill_random_f32(L.router.get(), E, D, 0, 0, D, seed, tensor_id(l, 4, 0),
                          1.f / std::sqrt(static_cast<float>(D)), s);
+      if (c.router_bias) zeros(L.router_bias, E);
+      if (c.expert_bias) {
+        zeros(L.expert_gate_up_bias, El * 2 * I);
+        zeros(L.expert_down_bias, El * D);
+      }
       L.w_gate_up.reserve(static_cast<size_t>(El * 2 * I * D));
       L.w_down.reserve(static_cast<size_t>(El * D * I));
       for (int64_t e = 0; e < El; ++e) {

@@ -32,6 +32,7 @@ struct DeviceLayer {
   DeviceBuffer<float> kconst;    // [KVl*d] W_K beta_in + b_K where either exists
   DeviceBuffer<bf16_bits> wo;    // [D, Hl*d]: its columns of o_proj
   DeviceBuffer<float> o_bias;    // [D] where the family has an output bias
+  DeviceBuffer<float> sinks;     // [Hl] learned sink logits of the local heads (gpt-oss)
   // Post-norm blocks: diag(attn_out_norm) W_O, the head writes as the block adds them (before the
   // per-position 1 / rms); the Gram matrices below are of this one then.
   DeviceBuffer<bf16_bits> wo_scaled;
@@ -40,6 +41,9 @@ struct DeviceLayer {
   DeviceBuffer<bf16_bits> gram_hi, gram_lo;  // [Hl, d, d]
   bool moe = false;
   DeviceBuffer<float> router;         // [E, D] fp32 (routing is decided in fp32)
+  DeviceBuffer<float> router_bias;    // [E] (gpt-oss)
+  // Expert biases (gpt-oss): [El, 2I] (gate | up) and [El, D].
+  DeviceBuffer<float> expert_gate_up_bias, expert_down_bias;
   DeviceBuffer<bf16_bits> w_gate_up;  // [El, 2I, D] (gate rows, then up rows); dense: [1, 2I, D]
                                       // (ungated MLPs: [1, I, D], the up rows only)
   DeviceBuffer<bf16_bits> w_down;     // [El, D, I]; dense: [1, D, I]

@@ -64,6 +64,10 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
     r(qk, B * qw);
     r(attr, B * Hl * Ctot);
     r(median, 1);
+    if (c.learned_sinks) {
+      r(sink_mass, B * Hl * T);
+      r(sink_mean, B * Hl);
+    }
     r(median_scratch, static_cast<int64_t>(k::abs_median_scratch_bytes()));
   }
   r(mbuf, BT * D + 2 * B * S * D + B * S + B * E1 + E1);

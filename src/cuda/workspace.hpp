@@ -28,6 +28,7 @@ struct Workspace {
   DeviceBuffer<bf16_bits> Qa, Ka, Va, Vt;  // attention operands (Vt: the wgmma kernel's V^T)
   DeviceBuffer<bf16_bits> z, zs;           // [BT, Hl d] attention output (zs: post-norm scaled)
   DeviceBuffer<float> a0, a0_mean;         // [B, Hl, T] A[i, 0]; [B, Hl] its mean
+  DeviceBuffer<float> sink_mass, sink_mean;  // the same for a learned sink's mass (gpt-oss)
   DeviceBuffer<float> tp_pack;             // [BT D + B H 2 D] o_proj output + head rows
   DeviceBuffer<float> fw_sums, inv_rk_rows, out_scale;  // full-width q/k norm; post-norm scales
   // Recording and the circuit attribution.
@@ -44,6 +45,8 @@ struct Workspace {
   // Routing: sized where the routing is known (grow-only).
   DeviceBuffer<bf16_bits> xg, xr, out2, h, act;
   DeviceBuffer<int32_t> gemm_gu_dev, gemm_dn_dev;
+  DeviceBuffer<int32_t> expert_groups;  // experts with biases: the groups' first rows, experts
+  DeviceBuffer<float> hf_experts;       // ... and their fp32 products [rows, max(2I, D)]
   // Logits (tests): [BT, V].
   DeviceBuffer<float> logits;
 

@@ -167,7 +167,9 @@ std::vector<Case> cases() {
   // (qwen2_moe, also with a planted circuit), the full-width q/k norm without renormalised top-k
   // (olmoe), post-norm blocks (olmo2), LayerNorm with biases, a parallel residual, partial rotary
   // and GELU (gpt_neox).
-  for (const char* fam : {"qwen2_moe", "olmoe", "olmo2", "gpt_neox"}) {
+  // gpt-oss (learned sinks, a sliding window of 8 on layers 0 and 2, yarn, biased clamped-SwiGLU
+  // experts): T = 41 puts most queries outside the window. MXFP4 is GpuFamilyGolden's fixture.
+  for (const char* fam : {"qwen2_moe", "olmoe", "olmo2", "gpt_neox", "gpt_oss"}) {
     const ModelConfig cfg = parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) +
                                                "/tests/golden/families/" + fam + "/config.json");
     out.push_back({std::string(fam) + "_random", cfg, false, 3, 41, 2, seed++});
@@ -281,6 +283,8 @@ struct Capture final : ForwardObserver {
   struct Att {
     int64_t layer, B, probe0, C, kvl, hd;
     std::vector<float> a0_mean, a0, wp0, wrest, attr, k0m, k0s;
+    int64_t sink_queries;
+    std::vector<float> sink_mass, sink_mass_mean;  // learned sinks (gpt-oss); empty without
   };
   struct Mlp {
     int64_t layer, B, probe0, E;
@@ -304,7 +308,9 @@ struct Capture final : ForwardObserver {
     att.push_back({t.layer, t.B, t.probe0, t.num_sources, t.local_kv_heads, t.head_dim,
                    copy(t.a0_mean, bh), copy(t.a0, bh * t.T), copy(t.write_p0_norm, bh),
                    copy(t.write_rest_norm, bh), copy(t.attr, bh * t.num_sources),
-                   copy(t.k0_model, bk), copy(t.k0_from_components, bk)});
+                   copy(t.k0_model, bk), copy(t.k0_from_components, bk), t.sink_queries,
+                   t.sink_mass ? copy(t.sink_mass, bh * t.T) : std::vector<float>{},
+                   t.sink_mass_mean ? copy(t.sink_mass_mean, bh) : std::vector<float>{}});
   }
   void on_mlp(const MlpTap& t) override {
     const int64_t E1 = std::max<int64_t>(t.num_experts, 1);
@@ -402,6 +408,13 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
     chk.set_strict(a.layer <= first_diff_layer);
     chk.abs("attention a0[i] (per query)", b.a0.data(), a.a0.data(), a.a0.size(), kAttnAbs);
     chk.abs("attention a0_mean", b.a0_mean.data(), a.a0_mean.data(), a.a0_mean.size(), kAttnAbs);
+    EXPECT_EQ(a.sink_queries, b.sink_queries) << "layer " << a.layer;
+    ASSERT_EQ(a.sink_mass.size(), b.sink_mass.size()) << "learned sinks on one backend only";
+    ASSERT_EQ(a.sink_mass_mean.size(), b.sink_mass_mean.size());
+    chk.abs("learned sink mass (per query)", b.sink_mass.data(), a.sink_mass.data(),
+            a.sink_mass.size(), kAttnAbs);
+    chk.abs("learned sink mass mean", b.sink_mass_mean.data(), a.sink_mass_mean.data(),
+            a.sink_mass_mean.size(), kAttnAbs);
     chk.rel("head write_p0_norm", b.wp0.data(), a.wp0.data(), a.wp0.size(), kNormRel);
     chk.rel("head write_rest_norm", b.wrest.data(), a.wrest.data(), a.wrest.size(), kNormRel);
     chk.of_max("attr (layer " + std::to_string(a.layer) + ")", b.attr.data(), a.attr.data(),
@@ -588,7 +601,8 @@ std::string layout_name(const ::testing::TestParamInfo<Layout>& info) {
 INSTANTIATE_TEST_SUITE_P(World4, GpuLayoutTest,
                          ::testing::Values(Layout{2, 2}, Layout{4, 4}, Layout{1, 4},
                                            Layout{2, 2, "qwen2_moe"}, Layout{4, 4, "olmoe"},
-                                           Layout{2, 1, "olmo2"}, Layout{2, 1, "gpt_neox"}),
+                                           Layout{2, 1, "olmo2"}, Layout{2, 1, "gpt_neox"},
+                                           Layout{2, 2, "gpt_oss"}, Layout{1, 4, "gpt_oss"}),
                          layout_name);
 
 // The synthetic (benchmark) backend runs a forward with and without recording, with finite taps.
@@ -617,6 +631,44 @@ TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
   be->run(tokens, 0, none);
   EXPECT_TRUE(none.att.empty() && none.mlp.empty() && none.res.empty());
   EXPECT_GT(cuda::memory_report(*be).weight_bytes, 0u);
+}
+
+// gpt-oss's synthetic (benchmark) blocks: learned sinks, sliding windows of 8 on layers 0 and 2,
+// biased clamped-SwiGLU experts. A[0, 0] and the sink's mass at position 0 add up to 1, queries
+// beyond a sliding layer's window see no key 0, and the sink queries are the window's.
+TEST(GpuSyntheticBackend, GptOssSinksAndWindows) {
+  REQUIRE_GPU();
+  const ModelConfig cfg = parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) +
+                                             "/tests/golden/families/gpt_oss/config.json");
+  const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, cfg);
+  auto world = make_single_comm();
+  auto tp = world->split(0, 0), ep = world->split(0, 0);
+  auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()},
+                                        ForwardOptions{}, 7);
+  const int64_t T = 40, H = cfg.num_heads;
+  IntArray tokens = make_probes("random:2:40:3", cfg.vocab_size);
+  Capture cap;
+  be->run(tokens, 0, cap);
+  ASSERT_EQ(cap.att.size(), 3u);
+  for (const auto& a : cap.att) {
+    const int64_t window = cfg.window(a.layer);
+    EXPECT_EQ(a.sink_queries, window > 0 ? window : T) << "layer " << a.layer;
+    ASSERT_EQ(a.sink_mass.size(), a.a0.size());
+    for (int64_t bh = 0; bh < 2 * H; ++bh) {
+      EXPECT_NEAR(a.a0[static_cast<size_t>(bh * T)] + a.sink_mass[static_cast<size_t>(bh * T)], 1.f,
+                  1e-5);
+      for (int64_t i = 0; i < T; ++i) {
+        const float m = a.sink_mass[static_cast<size_t>(bh * T + i)];
+        EXPECT_TRUE(std::isfinite(m) && m > 0.f && m < 1.f);
+        if (window > 0 && i >= window) {
+          EXPECT_EQ(a.a0[static_cast<size_t>(bh * T + i)], 0.f);
+        }
+      }
+    }
+  }
+  ASSERT_FALSE(cap.mlp.empty());
+  for (const auto& m : cap.mlp)
+    for (float v : m.out_p0) EXPECT_TRUE(std::isfinite(v) && v > 0.f);
 }
 
 // Sets every element of one tensor of a safetensors file to `value` (F32 or BF16, truncated).
@@ -775,25 +827,32 @@ TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
 // width takes the Hopper kernel (64, 128) and one padded inside it (120 -> 128), GQA, several
 // probes, T below, at and across the 128-query blocks and key tiles. A planted key 0 makes some
 // heads sink-like (A[i, 0] near 1), others stay diffuse.
+// window > 0: query i sees keys i - window < j <= i; sinks: a learned sink logit per head (gpt-oss).
 struct AttnCase {
   int B, T, Hl, KVl, d, dp;
+  int window = 0;
+  std::vector<float> sinks = {};
 };
 
 void attention_reference(const AttnCase& c, const std::vector<uint16_t>& Q,
                          const std::vector<uint16_t>& K, const std::vector<uint16_t>& V,
-                         std::vector<double>& z, std::vector<double>& a0) {
+                         std::vector<double>& z, std::vector<double>& a0,
+                         std::vector<double>& sink_mass) {
   const int group = c.Hl / c.KVl;
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
   z.assign(static_cast<size_t>(c.B) * c.T * c.Hl * c.d, 0.0);
   a0.assign(static_cast<size_t>(c.B) * c.Hl * c.T, 0.0);
+  sink_mass.assign(a0.size(), 0.0);
   std::vector<double> p(static_cast<size_t>(c.T));
   for (int b = 0; b < c.B; ++b)
     for (int h = 0; h < c.Hl; ++h) {
       const int g = h / group;
       for (int i = 0; i < c.T; ++i) {
         const size_t qi = ((static_cast<size_t>(b) * c.T + i) * c.Hl + h) * c.dp;
-        double mx = -INFINITY;
-        for (int j = 0; j <= i; ++j) {
+        const int j0 = c.window > 0 ? std::max(0, i - c.window + 1) : 0;
+        const double sink = c.sinks.empty() ? -INFINITY : c.sinks[static_cast<size_t>(h)];
+        double mx = sink;
+        for (int j = j0; j <= i; ++j) {
           const size_t kj = ((static_cast<size_t>(b) * c.T + j) * c.KVl + g) * c.dp;
           double dot = 0;
           for (int e = 0; e < c.d; ++e)
@@ -801,14 +860,16 @@ void attention_reference(const AttnCase& c, const std::vector<uint16_t>& Q,
           p[j] = dot * scale;
           mx = std::max(mx, p[j]);
         }
-        double sum = 0;
-        for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        double sum = std::exp(sink - mx);
+        for (int j = j0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
         double* zr = &z[((static_cast<size_t>(b) * c.T + i) * c.Hl + h) * c.d];
-        for (int j = 0; j <= i; ++j) {
+        for (int j = j0; j <= i; ++j) {
           const size_t vj = ((static_cast<size_t>(b) * c.T + j) * c.KVl + g) * c.dp;
           for (int e = 0; e < c.d; ++e) zr[e] += p[j] / sum * bf16_to_f32(V[vj + e]);
         }
-        a0[(static_cast<size_t>(b) * c.Hl + h) * c.T + i] = p[0] / sum;
+        const size_t at = (static_cast<size_t>(b) * c.Hl + h) * c.T + i;
+        a0[at] = j0 == 0 ? p[0] / sum : 0.0;
+        sink_mass[at] = std::exp(sink - mx) / sum;
       }
     }
 }
@@ -822,7 +883,14 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
   const std::vector<AttnCase> cases = {{2, 1, 2, 1, 64, 64},      {2, 77, 4, 2, 64, 64},
                                        {1, 300, 4, 1, 128, 128},  {2, 129, 2, 2, 128, 128},
                                        {1, 1100, 2, 1, 128, 128}, {1, 260, 4, 2, 120, 128},
-                                       {1, 515, 2, 1, 64, 64}};
+                                       {1, 515, 2, 1, 64, 64},
+                                       // gpt-oss: windows (inside one tile, across tiles, wider
+                                       // than T) and learned sinks (strong, weak, mixed)
+                                       {2, 300, 4, 2, 64, 64, 128, {2.f, -1.f, 0.5f, 4.f}},
+                                       {1, 517, 2, 1, 64, 64, 37, {}},
+                                       {1, 200, 2, 2, 128, 128, 0, {6.f, -3.f}},
+                                       {2, 150, 2, 1, 32, 32, 9, {1.f, 0.f}},
+                                       {1, 90, 2, 1, 64, 64, 1000, {0.f, 3.f}}};
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
   for (const AttnCase& c : cases) {
@@ -847,8 +915,17 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
         V[r * c.dp + e] = f32_to_bf16(nd(rng));
       }
     }
-    std::vector<double> zr, ar;
-    attention_reference(c, Q, K, V, zr, ar);
+    std::vector<double> zr, ar, sr;
+    attention_reference(c, Q, K, V, zr, ar, sr);
+    SCOPED_TRACE("window " + std::to_string(c.window) + (c.sinks.empty() ? "" : ", sinks"));
+    cuda::DeviceBuffer<float> dsinks(std::max<size_t>(c.sinks.size(), 1)),
+        dmass(static_cast<size_t>(c.B) * c.Hl * c.T);
+    if (!c.sinks.empty()) {
+      ASSERT_EQ(cudaMemcpy(dsinks.get(), c.sinks.data(), c.sinks.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+    }
+    const cuda::k::AttnSinks extras{c.window, c.sinks.empty() ? nullptr : dsinks.get(),
+                                    c.sinks.empty() ? nullptr : dmass.get()};
 
     cuda::DeviceBuffer<uint16_t> dQ(nq), dK(nk), dV(nk), dz(qrows * c.d);
     cuda::DeviceBuffer<float> da0(static_cast<size_t>(c.B) * c.Hl * c.T);
@@ -867,7 +944,8 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
                 cudaSuccess);
       cuda::k::flash_attention(dQ.get(), dK.get(), dV.get(), dz.get(), da0.get(), c.B, c.T, c.Hl,
                                c.KVl, c.d, c.dp, 0, c.Hl / c.KVl, 0,
-                               1.f / std::sqrt(static_cast<float>(c.d)), dvt.get(), nullptr, kern);
+                               1.f / std::sqrt(static_cast<float>(c.d)), dvt.get(), nullptr, kern,
+                               extras);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       std::vector<uint16_t> z(qrows * c.d);
       std::vector<float> a0(static_cast<size_t>(c.B) * c.Hl * c.T);
@@ -887,6 +965,15 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
       EXPECT_LT(aerr, 1e-3);
       if (c.T > 1) {
         EXPECT_GT(amax, 0.5) << "the planted key 0 should draw a sink";
+      }
+      if (!c.sinks.empty()) {
+        std::vector<float> mass(a0.size());
+        ASSERT_EQ(cudaMemcpy(mass.data(), dmass.get(), mass.size() * 4, cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        double merr = 0;
+        for (size_t i = 0; i < mass.size(); ++i)
+          merr = std::isfinite(mass[i]) ? std::max(merr, std::abs(mass[i] - sr[i])) : INFINITY;
+        EXPECT_LT(merr, 1e-3) << "learned sink mass";
       }
     }
   }
@@ -976,6 +1063,17 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
           << name << "[" << i << "]";
   }
   EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-3);
+  // Learned sinks (gpt-oss, metrics 1.4): the sink's mass per query within the GPU tolerance.
+  if (a.learned_sink_mass_per_query.data.empty()) return;
+  const auto mass = golden_values(dir + "/expected.safetensors", "sink_mass");
+  ASSERT_EQ(mass.size(), a.learned_sink_mass_per_query.data.size());
+  double mass_worst = 0;
+  for (size_t i = 0; i < mass.size(); ++i)
+    mass_worst =
+        std::max(mass_worst, std::fabs(a.learned_sink_mass_per_query.data[i] - mass[i]));
+  std::printf("[ family ] %s: worst |sink mass - transformers float64|: %.5f\n",
+              GetParam().c_str(), mass_worst);
+  EXPECT_LE(mass_worst, std::max(kAttnAbs, hf_worst));
 }
 
 // Measured on the H200 (2026-12-01), worst |A[i,0] - float64| over every probe, layer, head and
@@ -989,7 +1087,8 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
 // docs/families.md say this.
 INSTANTIATE_TEST_SUITE_P(Families, GpuFamilyGolden,
                          ::testing::Values("qwen3", "llama", "qwen3_moe_fused", "qwen2_moe",
-                                           "olmoe", "olmo2", "gpt_neox"));
+                                           "olmoe", "olmo2", "gpt_neox", "gpt_oss",
+                                           "gpt_oss_mxfp4"));
 
 }  // namespace
 }  // namespace sinkscope
