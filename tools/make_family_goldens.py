@@ -801,9 +801,10 @@ def build_family(family, out_root, seed, device):
 
 
 def add_hf_bf16(family, out_root, device):
-    """Adds `attn_p0_hf_bf16` to an existing fixture: transformers' own bf16 eager attention to
-    position 0 on the same checkpoint and probes (device: the GPU), the yardstick for bf16 GPU
-    backends (docs/metrics.md section 7: closer to float64 than transformers' bf16)."""
+    """Adds `attn_p0_hf_bf16` (and for gpt_oss `sink_mass_hf_bf16`) to an existing fixture:
+    transformers' own bf16 eager attention to position 0 (and to the learned sink) on the same
+    checkpoint and probes (device: the GPU), the yardstick for bf16 GPU backends (docs/metrics.md
+    section 7: closer to float64 than transformers' bf16)."""
     from safetensors.numpy import load_file
     model_dir = os.path.join(out_root, family)
     expected = load_file(os.path.join(model_dir, "expected.safetensors"))
@@ -811,6 +812,8 @@ def add_hf_bf16(family, out_root, device):
     model, _ = load_model(family, model_dir, torch.bfloat16, device)
     result, _ = run_model(family, model, probes, device)
     expected["attn_p0_hf_bf16"] = np.ascontiguousarray(result["attn_p0"].astype(np.float32))
+    if "sink_mass" in result:  # gpt_oss: the learned sink's mass, the same yardstick
+        expected["sink_mass_hf_bf16"] = np.ascontiguousarray(result["sink_mass"].astype(np.float32))
     save_numpy_file(expected, os.path.join(model_dir, "expected.safetensors"))
     worst = float(np.max(np.abs(result["attn_p0"] - expected["attn_p0"])))
     log(family, f"transformers bf16 eager on {device}: worst |A[i,0] - float64| = {worst:.5f}")

@@ -802,18 +802,19 @@ void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const in
   }
   if (!plain_experts_) {
     // Biases or another activation (gpt-oss): fp32 pre-activations and products, the biases of
-    // each row's expert added on the device (the groups' first rows and experts go there first).
-    std::vector<int32_t> table(2 * rows.size() + 1);
-    for (size_t g = 0; g < rows.size(); ++g) {
+    // each row's expert added on the device (the groups' first rows, sizes and experts go there
+    // first). With several ep ranks the rows of another call lie between the groups: untouched.
+    const size_t G = rows.size();
+    std::vector<int32_t> table(3 * G);
+    for (size_t g = 0; g < G; ++g) {
       table[g] = static_cast<int32_t>(offsets[g]);
-      table[rows.size() + 1 + g] = static_cast<int32_t>(expert[g]);
+      table[G + g] = rows[g];
+      table[2 * G + g] = static_cast<int32_t>(expert[g]);
     }
-    table[rows.size()] = static_cast<int32_t>(total);
-    ws_.expert_groups.reserve(table.size());
+    ws_.expert_groups.reserve(std::max<size_t>(table.size(), 1));
     to_device(ws_.expert_groups.get(), table.data(), table.size());
-    const k::ExpertGroups groups{ws_.expert_groups.get(),
-                                 ws_.expert_groups.get() + rows.size() + 1,
-                                 static_cast<int>(rows.size())};
+    const k::ExpertGroups groups{ws_.expert_groups.get(), ws_.expert_groups.get() + G,
+                                 ws_.expert_groups.get() + 2 * G, static_cast<int>(G)};
     ws_.hf_experts.reserve(static_cast<size_t>(total * std::max<int64_t>(2 * I, D)));
     blas_.grouped_nt(rows, offsets, expert, 2 * I, D, X, Lw.w_gate_up.get(), ws_.hf_experts.get(),
                      Dt::kF32);

@@ -134,8 +134,8 @@ __global__ void bias_activation_kernel(const float* __restrict__ h, int64_t n, i
   }
 }
 
-// The local expert of packed row r: the last group starting at or before r (empty groups share
-// their start with the next group, so the last one is the non-empty group holding r).
+// The local expert of packed row r, or -1 where r is in no group: the last group starting at or
+// before r holds it if any does (an empty group shares its start with the next one).
 __device__ __forceinline__ int expert_of_row(const ExpertGroups& g, int64_t r) {
   int lo = 0, hi = g.count;
   while (hi - lo > 1) {
@@ -145,7 +145,7 @@ __device__ __forceinline__ int expert_of_row(const ExpertGroups& g, int64_t r) {
     else
       hi = mid;
   }
-  return g.expert[lo];
+  return g.count > 0 && r >= g.start[lo] && r < g.start[lo] + g.rows[lo] ? g.expert[lo] : -1;
 }
 
 // Block per packed row.
@@ -154,7 +154,9 @@ __global__ void expert_bias_activation_kernel(const float* __restrict__ h, int I
                                               const float* __restrict__ bias,
                                               bf16_bits* __restrict__ out) {
   const int64_t r = blockIdx.x;
-  const float* b = bias ? bias + static_cast<int64_t>(expert_of_row(g, r)) * 2 * I : nullptr;
+  const int e = expert_of_row(g, r);
+  if (e < 0) return;
+  const float* b = bias ? bias + static_cast<int64_t>(e) * 2 * I : nullptr;
   const float* hr = h + r * 2 * I;
   for (int j = threadIdx.x; j < I; j += blockDim.x) {
     const float gate = hr[j] + (b ? b[j] : 0.f), up = hr[I + j] + (b ? b[I + j] : 0.f);
@@ -173,7 +175,9 @@ __global__ void expert_add_bias_kernel(const float* __restrict__ y, int D, Exper
                                        const float* __restrict__ bias,
                                        bf16_bits* __restrict__ out) {
   const int64_t r = blockIdx.x;
-  const float* b = bias ? bias + static_cast<int64_t>(expert_of_row(g, r)) * D : nullptr;
+  const int e = expert_of_row(g, r);
+  if (e < 0) return;
+  const float* b = bias ? bias + static_cast<int64_t>(e) * D : nullptr;
   for (int c = threadIdx.x; c < D; c += blockDim.x)
     out[r * D + c] = f2bf(y[r * D + c] + (b ? b[c] : 0.f));
 }

@@ -55,10 +55,12 @@ void scale_rows_bf16(const bf16_bits* z, int64_t rows, int cols, const float* sc
 void bias_activation(const float* h, int64_t n, int I, bool gated, Activation act,
                      const float* bias, bf16_bits* out, cudaStream_t s);
 
-// Expert rows in groups, as the expert products pack them: packed rows [start[g], start[g + 1]) run
-// on local expert expert[g], for g < count (start has count + 1 entries, device memory).
+// Expert rows in groups, as the expert products pack them: packed rows [start[g], start[g] +
+// rows[g]) run on local expert expert[g], for g < count, starts non-decreasing (device memory).
+// Rows in no group (another call's rows between the groups) are left alone.
 struct ExpertGroups {
   const int32_t* start = nullptr;
+  const int32_t* rows = nullptr;
   const int32_t* expert = nullptr;
   int count = 0;
 };

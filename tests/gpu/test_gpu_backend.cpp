@@ -1053,6 +1053,25 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
       "[ family ] %s: worst |A[i,0] - transformers float64|: sinkscope cuda %.5f, "
       "transformers bf16 eager %.5f\n",
       GetParam().c_str(), worst, hf_worst);
+  {  // by layer (p0_per_query is [N, L, H, T]): where the differences start
+    const auto& shp = a.p0_per_query.shape;
+    const size_t L = shp.at(1), per = shp.at(2) * shp.at(3);
+    std::string line;
+    for (size_t l = 0; l < L; ++l) {
+      double ours = 0, theirs = 0;
+      for (size_t n = 0; n < shp.at(0); ++n)
+        for (size_t j = 0; j < per; ++j) {
+          const size_t i = (n * L + l) * per + j;
+          ours = std::max(ours, std::fabs(a.p0_per_query.data[i] - want[i]));
+          theirs = std::max(theirs, std::fabs(hf[i] - want[i]));
+        }
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %zu: %.4f/%.4f", l, ours, theirs);
+      line += buf;
+    }
+    std::printf("[ family ] %s: by layer (cuda/transformers bf16):%s\n", GetParam().c_str(),
+                line.c_str());
+  }
   EXPECT_LE(worst, std::max(kAttnAbs, hf_worst));
   for (const char* name : {"norm_p0", "norm_rest_median"}) {
     const auto ref = golden_values(dir + "/expected.safetensors", name);
@@ -1063,17 +1082,23 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
           << name << "[" << i << "]";
   }
   EXPECT_LT(a.meta.circuit_identity_max_rel_err, 1e-3);
-  // Learned sinks (gpt-oss, metrics 1.4): the sink's mass per query within the GPU tolerance.
+  // Learned sinks (gpt-oss, metrics 1.4): the sink's mass per query, with the same yardstick.
   if (a.learned_sink_mass_per_query.data.empty()) return;
   const auto mass = golden_values(dir + "/expected.safetensors", "sink_mass");
+  const auto hf_mass = golden_values(dir + "/expected.safetensors", "sink_mass_hf_bf16");
   ASSERT_EQ(mass.size(), a.learned_sink_mass_per_query.data.size());
-  double mass_worst = 0;
-  for (size_t i = 0; i < mass.size(); ++i)
+  ASSERT_EQ(hf_mass.size(), mass.size());
+  double mass_worst = 0, hf_mass_worst = 0;
+  for (size_t i = 0; i < mass.size(); ++i) {
     mass_worst =
         std::max(mass_worst, std::fabs(a.learned_sink_mass_per_query.data[i] - mass[i]));
-  std::printf("[ family ] %s: worst |sink mass - transformers float64|: %.5f\n",
-              GetParam().c_str(), mass_worst);
-  EXPECT_LE(mass_worst, std::max(kAttnAbs, hf_worst));
+    hf_mass_worst = std::max(hf_mass_worst, std::fabs(hf_mass[i] - mass[i]));
+  }
+  std::printf(
+      "[ family ] %s: worst |sink mass - transformers float64|: sinkscope cuda %.5f, "
+      "transformers bf16 eager %.5f\n",
+      GetParam().c_str(), mass_worst, hf_mass_worst);
+  EXPECT_LE(mass_worst, std::max(kAttnAbs, hf_mass_worst));
 }
 
 // Measured on the H200 (2026-12-01), worst |A[i,0] - float64| over every probe, layer, head and
