@@ -47,6 +47,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import traceback
 
 import numpy as np
@@ -107,6 +108,10 @@ FAMILIES = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
         "bfloat16", False),
+    # Llama with biases on the attention and the gated MLP (`mlp_bias`), default rope.
+    "llama_mlp_bias": ("LlamaConfig", "LlamaForCausalLM", dict(
+        intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attention_bias=True, mlp_bias=True, rope_parameters=dict(DEFAULT_ROPE)), "float32", False),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         head_dim=16, intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-6,
         use_sliding_window=False, tie_word_embeddings=False, rope_parameters=dict(DEFAULT_ROPE)),
@@ -800,6 +805,28 @@ def build_family(family, out_root, seed, device):
     return size
 
 
+def dequantise_fp8_copy(model_dir, out_dir):
+    """Copies a fixture with its FP8 tensors dequantised (q.float() * scale per 128 x 128 block, as
+    quantize_fp8 made them) to float32, the `_scale_inv` tensors and the quantization_config dropped."""
+    tensors = load_torch_file(os.path.join(model_dir, "model.safetensors"))
+    plain = {}
+    for key, w in tensors.items():
+        if key.endswith("_scale_inv"):
+            continue
+        if w.dtype == torch.float8_e4m3fn:
+            scale = tensors[key + "_scale_inv"]
+            rows, cols = w.shape
+            expanded = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+            w = (w.float() * expanded).contiguous()
+        plain[key] = w
+    save_torch_file(plain, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
 def add_hf_bf16(family, out_root, device):
     """Adds `attn_p0_hf_bf16` (and for gpt_oss `sink_mass_hf_bf16`) to an existing fixture:
     transformers' own bf16 eager attention to position 0 (and to the learned sink) on the same
@@ -809,7 +836,14 @@ def add_hf_bf16(family, out_root, device):
     model_dir = os.path.join(out_root, family)
     expected = load_file(os.path.join(model_dir, "expected.safetensors"))
     probes = expected["tokens"].astype(np.int64)
-    model, _ = load_model(family, model_dir, torch.bfloat16, device)
+    if family.endswith("_fp8"):
+        # The reference ran on the dequantised weights: the same weights in bf16, from a copy of
+        # the fixture with every FP8 tensor times its block scales and no quantization_config.
+        with tempfile.TemporaryDirectory() as plain:
+            dequantise_fp8_copy(model_dir, plain)
+            model, _ = load_model(family, plain, torch.bfloat16, device)
+    else:
+        model, _ = load_model(family, model_dir, torch.bfloat16, device)
     result, _ = run_model(family, model, probes, device)
     expected["attn_p0_hf_bf16"] = np.ascontiguousarray(result["attn_p0"].astype(np.float32))
     if "sink_mass" in result:  # gpt_oss: the learned sink's mass, the same yardstick

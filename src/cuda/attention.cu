@@ -606,6 +606,7 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
     SINKSCOPE_ATTN_CASE(96);
     SINKSCOPE_ATTN_CASE(112);
     SINKSCOPE_ATTN_CASE(128);
+    SINKSCOPE_ATTN_CASE(192);  // multi-head latent attention (DeepSeek-V3: 128 + 64)
     default:
       throw_api_failure("CUDA", "unsupported padded head dim " + std::to_string(dp),
                         "flash_attention", __FILE__, __LINE__);

@@ -18,7 +18,8 @@ bool sm90a_kernels_available();
 // Causal attention of B probes x Hl local heads over T positions, flash style (online softmax in
 // fp32, bf16 tensor-core products, T x T never stored). Q [B*T, Hl, dp], K/V [B*T, KVl, dp] bf16;
 // local head h reads held KV head (head_begin + h) / group - kv_begin. Writes z [B*T, Hl * d] bf16
-// (dims < d) and a0 [B, Hl, T] = exp(q_i . k_0 * scale - lse_i). dp is a multiple of 16, <= 128.
+// (dims < d: d is the value width, which may be below the query/key width) and a0 [B, Hl, T] =
+// exp(q_i . k_0 * scale - lse_i). dp is a multiple of 16, <= 128, or 192.
 // Two kernels keep this contract: mma.sync (any dp; every GPU this build targets) and, for dp 64
 // and 128 on an sm_90a build running on compute capability 9.0, warpgroup products (wgmma), which
 // need vt_scratch of flash_attention_scratch() elements. kAuto takes wgmma where it can run and

@@ -24,6 +24,7 @@
 #include <functional>
 #include <optional>
 
+#include "cpu/mla.hpp"
 #include "cuda/check.hpp"
 #include "cuda/collectives.hpp"
 #include "cuda/device_buffer.hpp"
@@ -125,9 +126,14 @@ class CudaBackend final : public Backend, private LayerOps {
         blas_(stream_.s),
         coll_(comms, stream_.s) {
     set_error_context("rank " + std::to_string(plan.rank) + " on " + host_name());
-    if (c_.head_dim > 128 || c_.head_dim % 2 != 0 || c_.head_dim < 2)
+    // The attention kernels take even head dims up to 128 and, for latent attention's query/key
+    // (DeepSeek-V3: 128 + 64), padded widths of 192.
+    const int64_t padded = (c_.head_dim + 15) / 16 * 16;
+    if (c_.head_dim % 2 != 0 || c_.head_dim < 2 ||
+        (c_.head_dim > 128 && !(c_.mla() && padded == 192)) || c_.value_dim() > 128)
       throw InputError("--device cuda: head_dim " + std::to_string(c_.head_dim) +
-                       " is not supported (the CUDA attention takes even head dims up to 128)");
+                       " is not supported (the CUDA attention takes even head dims up to 128, and "
+                       "latent attention's query/key widths up to 192 with values up to 128)");
     if (c_.num_experts > 1024 || c_.top_k > 32)
       throw InputError("--device cuda: at most 1024 experts and top-32 routing are supported");
     if (plan_.etp != 1)
@@ -135,9 +141,19 @@ class CudaBackend final : public Backend, private LayerOps {
                        ": the cuda backend keeps whole experts (etp=1)");
     D_ = c_.hidden_size;
     d_ = c_.head_dim;
+    dv_ = c_.value_dim();
+    mla_ = c_.mla();
+    if (mla_) {
+      mla_shape_.nope = static_cast<int>(c_.qk_nope_dim);
+      mla_shape_.rope = static_cast<int>(c_.qk_rope_dim);
+      mla_shape_.dv = static_cast<int>(c_.v_head_dim);
+      mla_shape_.Rkv = static_cast<int>(c_.mla_kv_rank);
+      mla_shape_.interleave = c_.rope.interleave;
+    }
     dp_ = (d_ + 15) / 16 * 16;
     H_ = c_.num_heads;
     Hl_ = plan_.local_heads();
+    mla_shape_.Hl = static_cast<int>(Hl_);
     KVl_ = plan_.local_kv_heads();
     qw_ = Hl_ * d_;
     kw_ = KVl_ * d_;
@@ -161,7 +177,8 @@ class CudaBackend final : public Backend, private LayerOps {
     Ctot_ = ci_.count_before(L_);
     layers_ = make_layer_plan(c_, opt_.ablations, comms_.world->rank());
     eps_ = static_cast<float>(c_.rms_norm_eps);
-    scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_)));
+    scale_ = static_cast<float>(c_.softmax_scale > 0 ? c_.softmax_scale
+                                                     : 1.0 / std::sqrt(static_cast<double>(d_)));
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
     w_ =
@@ -265,6 +282,10 @@ class CudaBackend final : public Backend, private LayerOps {
   void residual_tap(int64_t index);
   void attention_block(const PlannedLayer& layer);
   void circuit(int64_t l, int64_t C);
+  // Latent attention (DeepSeek-V3): the projections into Qa / Ka / Va and q (for qbar), and the key
+  // attribution through the latent (docs/metrics.md, DeepSeek-V3).
+  void mla_project(const DeviceLayer& Lw);
+  void mla_circuit(int64_t l, int64_t C);
   void mlp_block(const PlannedLayer& layer);
   // The shared expert of an MoE layer (Qwen2-MoE) on the slice rows [s0, s1): its gated output is
   // added to m and, when recording, its position-0 write and rest sum go to slot E of p0 / rest.
@@ -338,7 +359,7 @@ class CudaBackend final : public Backend, private LayerOps {
   DeviceModel w_;
   uint64_t weight_device_bytes_ = 0;
 
-  int64_t D_ = 0, d_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0, qkv_ld_ = 0, E_ = 0,
+  int64_t D_ = 0, d_ = 0, dv_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0, qkv_ld_ = 0, E_ = 0,
           K_ = 0, S_ = 1;
   int64_t group_ = 1, L_ = 0, Ctot_ = 0;
   float eps_ = 1e-6f, scale_ = 1.f;
@@ -349,6 +370,8 @@ class CudaBackend final : public Backend, private LayerOps {
   bool post_norm_ = false, parallel_ = false, shared_ = false;
   k::NormMode norm_mode_ = k::NormMode::kRms;  // of the attention and MLP inputs
   int64_t rot_ = 0;                            // rotated dims per head (partial rotary)
+  bool mla_ = false;                           // multi-head latent attention (DeepSeek-V3)
+  k::MlaShape mla_shape_;
   // Top-k weights renormalised to sum 1: norm_topk_prob, or Mixtral's softmax over the selected
   // logits (the same weights).
   bool renormalise_topk_ = true;
@@ -563,7 +586,59 @@ void CudaBackend::residual_tap(int64_t index) {
   });
 }
 
+void CudaBackend::mla_project(const DeviceLayer& Lw) {
+  const int64_t BT = BT_, D = D_, Rq = c_.mla_q_rank, Rkv = c_.mla_kv_rank,
+                aw = Rq + Rkv + c_.qk_rope_dim, kvw = Hl_ * mla_shape_.dkv();
+  const float eps = static_cast<float>(cpu::kMlaLatentEps);
+  // [q_a | kv_a] in one product; the latent query's norm and up-projection; the latent's norm
+  // (its 1 / rms per row: position 0's is the attribution's r_l) and kv_b.
+  blas_.nt(BT, aw, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.mla_a.get(), Dt::kBF16, D},
+           {ws_.mla_a32.get(), Dt::kF32, aw});
+  if (Rq > 0) {
+    k::rms_norm_strided(ws_.mla_a32.get(), BT, static_cast<int>(Rq), aw, Lw.mla_q_a_norm.get(), eps,
+                        ws_.mla_q16.get(), nullptr, s());
+    blas_.nt(BT, qw_, Rq, {ws_.mla_q16.get(), Dt::kBF16, Rq}, {Lw.mla_q.get(), Dt::kBF16, Rq},
+             {ws_.qkv.get(), Dt::kF32, qkv_ld_});
+  } else {
+    blas_.nt(BT, qw_, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.mla_q.get(), Dt::kBF16, D},
+             {ws_.qkv.get(), Dt::kF32, qkv_ld_});
+  }
+  k::rms_norm_strided(ws_.mla_a32.get() + Rq, BT, static_cast<int>(Rkv), aw,
+                      Lw.mla_kv_a_norm.get(), eps, ws_.mla_lat16.get(), ws_.inv_rl.get(), s());
+  blas_.nt(BT, kvw, Rkv, {ws_.mla_lat16.get(), Dt::kBF16, Rkv}, {Lw.mla_kv_b.get(), Dt::kBF16, Rkv},
+           {ws_.mla_kv.get(), Dt::kF32, kvw});
+  k::mla_pack(ws_.qkv.get(), qkv_ld_, ws_.mla_kv.get(), ws_.mla_a32.get(), aw,
+              static_cast<int>(Rq + Rkv), BT, static_cast<int>(T_), mla_shape_,
+              static_cast<int>(dp_), cos_.get(), sin_.get(), ws_.Qa.get(), ws_.Ka.get(),
+              ws_.Va.get(), s());
+}
+
+void CudaBackend::mla_circuit(int64_t l, int64_t C) {
+  const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
+  const int64_t B = B_, T = T_, D = D_, ra = c_.mla_kv_rank + c_.qk_rope_dim;
+  const bf16_bits* Wkva = Lw.mla_a.get() + c_.mla_q_rank * D;  // [Rkv + rope, D]
+  // G = (delta (.) gamma_in) W_kva^T for the C upstream slots (TF32), as circuit() does with W_K.
+  k::scale_columns(Wkva, ra, static_cast<int>(D), Lw.input_norm.get(), ws_.wkg.get(), s());
+  blas_.nt(C, ra, D, {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.wkg.get(), Dt::kF32, D, 0},
+           {ws_.G.get(), Dt::kF32, ra, Ctot_ * ra}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
+  k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
+                   static_cast<int>(D), Lw.input_norm.get(), false, ws_.idrows.get(), s());
+  k::rows_times_wt(ws_.idrows.get(), static_cast<int>(2 * B), static_cast<int>(D), Wkva,
+                   static_cast<int>(ra), D, ws_.kid.get(), s());
+  k::mla_circuit_finish(ws_.kid.get(), ws_.inv_rx.get(), ws_.inv_rl.get(), static_cast<int>(B),
+                        static_cast<int>(T), ws_.qbar.get(), Lw.mla_kv_b.get(),
+                        Lw.mla_kv_a_norm.get(), mla_shape_,
+                        static_cast<float>(c_.rope.attention_factor), scale_, ws_.k0m.get(),
+                        ws_.k0s.get(), ws_.qk.get(), s());
+  // Every local head contracts the same latent-and-rope rows: one "KV head" of width ra.
+  k::attr_contract(ws_.G.get(), Ctot_ * ra, ws_.qk.get(), static_cast<int>(B), static_cast<int>(C),
+                   static_cast<int>(Hl_), 1, static_cast<int>(ra),
+                   static_cast<int>(plan_.head_begin), static_cast<int>(H_), 0, ws_.attr.get(),
+                   s());
+}
+
 void CudaBackend::circuit(int64_t l, int64_t C) {
+  if (mla_) return mla_circuit(l, C);
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, D = D_;
   const bf16_bits* Wk = Lw.wqkv.get() + qw_ * D;
@@ -604,6 +679,9 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   const int64_t l = layer.layer;
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, BT = BT_, D = D_, d = d_, Hl = Hl_, qw = qw_;
+  // The attention output z holds each head's value dims (dv; the query/key width d under latent
+  // attention): its width zw, and the head-write recording, follow dv.
+  const int64_t dv = dv_, dvp = (dv + 15) / 16 * 16, zw = Hl * dv;
   const int Bi = static_cast<int>(B), Ti = static_cast<int>(T), Di = static_cast<int>(D);
   const int64_t vt_elems =
       k::flash_attention_scratch(Bi, Ti, static_cast<int>(KVl_), static_cast<int>(dp_));
@@ -615,24 +693,28 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   }
   k::norm_rows(norm_mode_, ws_.x.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
                ws_.u.get(), nullptr, ws_.inv_rx.get(), s());
-  blas_.nt(BT, qkv_ld_, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D},
-           {ws_.qkv.get(), Dt::kF32, qkv_ld_});
-  k::add_row_bias(ws_.qkv.get(), BT, static_cast<int>(qkv_ld_), qkv_ld_, Lw.qkv_bias.get(), s());
-  if (full_width_) {
-    // One RMS over every head of q (and every KV head of k): partial sums here, summed over tp.
-    k::full_width_sumsq(ws_.qkv.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(KVl_),
-                        static_cast<int>(d), count_kv_.get(), ws_.fw_sums.get(), s());
-    coll_.tp_allreduce_sum(ws_.fw_sums.get(), static_cast<size_t>(2 * BT));
-    k::full_width_apply(ws_.qkv.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(kw_),
-                        ws_.fw_sums.get(), static_cast<float>(H_ * d),
-                        static_cast<float>(c_.num_kv_heads * d), eps_, Lw.q_norm.get(),
-                        Lw.k_norm.get(), ws_.inv_rk_rows.get(), s());
+  if (mla_) {
+    mla_project(Lw);
+  } else {
+    blas_.nt(BT, qkv_ld_, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.wqkv.get(), Dt::kBF16, D},
+             {ws_.qkv.get(), Dt::kF32, qkv_ld_});
+    k::add_row_bias(ws_.qkv.get(), BT, static_cast<int>(qkv_ld_), qkv_ld_, Lw.qkv_bias.get(), s());
+    if (full_width_) {
+      // One RMS over every head of q (and every KV head of k): partial sums here, summed over tp.
+      k::full_width_sumsq(ws_.qkv.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(KVl_),
+                          static_cast<int>(d), count_kv_.get(), ws_.fw_sums.get(), s());
+      coll_.tp_allreduce_sum(ws_.fw_sums.get(), static_cast<size_t>(2 * BT));
+      k::full_width_apply(ws_.qkv.get(), BT, qkv_ld_, static_cast<int>(qw), static_cast<int>(kw_),
+                          ws_.fw_sums.get(), static_cast<float>(H_ * d),
+                          static_cast<float>(c_.num_kv_heads * d), eps_, Lw.q_norm.get(),
+                          Lw.k_norm.get(), ws_.inv_rk_rows.get(), s());
+    }
+    k::qk_norm_rope(ws_.qkv.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
+                    static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
+                    static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
+                    qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), ws_.Qa.get(),
+                    ws_.Ka.get(), ws_.Va.get(), s());
   }
-  k::qk_norm_rope(ws_.qkv.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
-                  static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
-                  static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
-                  qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), ws_.Qa.get(),
-                  ws_.Ka.get(), ws_.Va.get(), s());
   const int64_t C = ci_.count_before(l);
   // The sink queries (docs/metrics.md 1.4): those that can see position 0.
   const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
@@ -646,7 +728,7 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   }
   mark(l, kCircuitDone);
   k::flash_attention(ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(), ws_.z.get(), ws_.a0.get(), Bi, Ti,
-                     static_cast<int>(Hl), static_cast<int>(KVl_), static_cast<int>(d),
+                     static_cast<int>(Hl), static_cast<int>(KVl_), static_cast<int>(dv),
                      static_cast<int>(dp_), static_cast<int>(plan_.head_begin),
                      static_cast<int>(group_), static_cast<int>(plan_.kv_begin), scale_,
                      vt_elems > 0 ? ws_.Vt.get() : nullptr, s(), k::AttnKernel::kAuto,
@@ -662,13 +744,13 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   const bf16_bits* wrec = Lw.wo.get();
   if (post_norm_) {
     // a = z W_O^T (+ b_O), complete over the tp group, then a * gain / rms(a) per position.
-    blas_.nt(BT, D, qw, {ws_.z.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+    blas_.nt(BT, D, zw, {ws_.z.get(), Dt::kBF16, zw}, {Lw.wo.get(), Dt::kBF16, zw},
              {a, Dt::kF32, D});
     coll_.tp_allreduce_sum(a, static_cast<size_t>(BT * D));
     k::add_row_bias(a, BT, Di, D, Lw.o_bias.get(), s());
     k::post_norm_rows(a, BT, Di, Lw.attn_out_norm.get(), eps_, ws_.out_scale.get(), s());
     if (record_ && B > 0) {
-      k::scale_rows_bf16(ws_.z.get(), BT, static_cast<int>(qw), ws_.out_scale.get(), ws_.zs.get(),
+      k::scale_rows_bf16(ws_.z.get(), BT, static_cast<int>(zw), ws_.out_scale.get(), ws_.zs.get(),
                          s());
       zrec = ws_.zs.get();
     }
@@ -677,15 +759,15 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   if (record_ && B > 0) {
     // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i], fused on the tensor cores.
     k::head_write_norms(zrec, Lw.gram_hi.get(), Lw.gram_lo.get(), Bi, Ti, static_cast<int>(Hl),
-                        static_cast<int>(d), static_cast<int>(dp_), ws_.norm_partial.get(),
+                        static_cast<int>(dv), static_cast<int>(dvp), ws_.norm_partial.get(),
                         ws_.wp0.get(), ws_.wrest.get(), s());
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
-    k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(qw), qw, ws_.partial.get(), ws_.zbar.get(),
+    k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(zw), zw, ws_.partial.get(), ws_.zbar.get(),
                         s());
-    k::z_rows(zrec, ws_.zbar.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(d), ws_.zr.get(),
+    k::z_rows(zrec, ws_.zbar.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(dv), ws_.zr.get(),
               s());
     CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
-    k::head_pack(ws_.zr.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(d), Di,
+    k::head_pack(ws_.zr.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(dv), Di,
                  static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
   mark(l, kHeadRecDone);
@@ -694,11 +776,11 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
     k::add_inplace(ws_.x.get(), a, BT * D, s());
   } else if (coll_.tp_size() == 1) {
     // o_proj: row-parallel over tp; one tp rank adds straight into the residual.
-    blas_.nt(BT, D, qw, {ws_.z.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+    blas_.nt(BT, D, zw, {ws_.z.get(), Dt::kBF16, zw}, {Lw.wo.get(), Dt::kBF16, zw},
              {ws_.x.get(), Dt::kF32, D}, 1.f, 1.f);
     k::add_row_bias(ws_.x.get(), BT, Di, D, Lw.o_bias.get(), s());
   } else {
-    blas_.nt(BT, D, qw, {ws_.z.get(), Dt::kBF16, qw}, {Lw.wo.get(), Dt::kBF16, qw},
+    blas_.nt(BT, D, zw, {ws_.z.get(), Dt::kBF16, zw}, {Lw.wo.get(), Dt::kBF16, zw},
              {a, Dt::kF32, D});
     coll_.tp_allreduce_sum(a, static_cast<size_t>(record_ ? BT * D + B * H_ * 2 * D : BT * D));
     k::add_inplace(ws_.x.get(), a, BT * D, s());
@@ -927,7 +1009,8 @@ void CudaBackend::shared_expert(const DeviceLayer& Lw, int64_t n, int64_t s0, in
     k::swiglu(ws_.h.get(), n, static_cast<int>(I), ws_.act.get(), s());
     blas_.nt(n, D, I, {ws_.act.get(), Dt::kBF16, I}, {Lw.shared_down.get(), Dt::kBF16, I},
              {ws_.shared_out.get(), Dt::kF32, D});
-    k::sigmoid_gate_rows(ws_.shared_out.get(), ws_.u32.get(), n, Di, Lw.shared_gate.get(), s());
+    if (Lw.shared_gate.get())  // Qwen2-MoE's sigmoid gate; DeepSeek's shared experts have none
+      k::sigmoid_gate_rows(ws_.shared_out.get(), ws_.u32.get(), n, Di, Lw.shared_gate.get(), s());
     k::add_inplace(m + s0 * D, ws_.shared_out.get(), n * D, s());
   }
   if (!record_) return;
@@ -982,8 +1065,15 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
     blas_.nt(n, E, D, {ws_.u32.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
              {ws_.router_logits.get(), Dt::kF32, E});
     k::add_row_bias(ws_.router_logits.get(), n, static_cast<int>(E), E, Lw.router_bias.get(), s());
-    k::router_topk(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
-                   renormalise_topk_, ws_.ids.get(), ws_.tw.get(), ws_.gap.get(), s());
+    if (c_.router == RouterKind::kSigmoidGroupTopK)
+      k::router_sigmoid_groups(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
+                               static_cast<int>(c_.n_group), static_cast<int>(c_.topk_group),
+                               Lw.router_score_bias.get(), c_.norm_topk_prob,
+                               static_cast<float>(c_.routed_scaling_factor), ws_.ids.get(),
+                               ws_.tw.get(), ws_.gap.get(), s());
+    else
+      k::router_topk(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
+                     renormalise_topk_, ws_.ids.get(), ws_.tw.get(), ws_.gap.get(), s());
     // The routing bookkeeping on the device: a histogram, its E counts to the host (the grouped
     // product takes host sizes, and the ep exchange its block sizes), a stable counting sort that
     // puts the pairs in source order: by expert, then by token.
@@ -1152,17 +1242,14 @@ void check_cuda_supports(const ModelConfig& c) {
   auto need = [&](bool ok, const char* what) {
     if (!ok) missing += (missing.empty() ? "" : ", ") + std::string(what);
   };
-  // Every family of docs/families.md but DeepSeek-V3 runs; what is refused here is what
-  // the kernels do not have yet.
+  // Every family of docs/families.md runs; what is refused here is what the kernels do not have.
   need(!(c.block == BlockKind::kPostNorm && c.num_experts > 0), "post-norm MoE blocks");
   need(c.act == Activation::kSilu || c.act == Activation::kSwigluClamped || !c.gated_mlp,
        "gated MLPs with an activation other than SiLU");
   need(c.act != Activation::kSwigluClamped || !c.any_dense_layer(),
        "the clamped SwiGLU in dense MLPs");
   need(!(c.num_experts > 0 && c.mlp_bias), "expert biases outside gpt-oss's layout");
-  need(!c.mla(), "multi-head latent attention");
-  need(c.router != RouterKind::kSigmoidGroupTopK, "sigmoid group-limited routing");
-  need(c.fp8_block_rows == 0, "FP8 block-scaled weights");
+  need(!c.mla() || c.mla_kv_rank + c.qk_rope_dim <= 4096, "a latent wider than 4096");
   if (!missing.empty())
     throw InputError("--device cuda: the cuda backend does not run " + c.model_type +
                      " models yet (" + missing + "); use --device cpu");

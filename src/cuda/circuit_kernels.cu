@@ -325,12 +325,15 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
 __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstride,
                                      const float* __restrict__ qk, int C, int Hl, int KVl, int d,
                                      int head_begin, int group, int kv_begin,
-                                     float* __restrict__ attr) {
-  extern __shared__ float qk_s[];  // [Hl * d]
+                                     float* __restrict__ attr, bool staged) {
+  extern __shared__ float qk_sh[];  // [Hl * d] when staged (it fits), else qk is read in place
   const int b = blockIdx.y;
-  for (int i = threadIdx.x; i < Hl * d; i += blockDim.x)
-    qk_s[i] = qk[static_cast<int64_t>(b) * Hl * d + i];
-  __syncthreads();
+  const float* qk_s = qk + static_cast<int64_t>(b) * Hl * d;
+  if (staged) {
+    for (int i = threadIdx.x; i < Hl * d; i += blockDim.x) qk_sh[i] = qk_s[i];
+    __syncthreads();
+    qk_s = qk_sh;
+  }
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (c >= C) return;
@@ -450,12 +453,16 @@ void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, in
                    int KVl, int d, int head_begin, int group, int kv_begin, float* attr,
                    cudaStream_t s) {
   if (B == 0 || C == 0 || Hl == 0) return;
-  const size_t smem = static_cast<size_t>(Hl) * d * sizeof(float);
+  // qk is staged in shared memory where it fits (every head's row: up to 160 KiB), else read in
+  // place (latent attention: Hl x (Rkv + rope)).
+  const size_t bytes = static_cast<size_t>(Hl) * d * sizeof(float);
+  const bool staged = bytes <= 160 * 1024;
+  const size_t smem = staged ? bytes : 0;
   if (smem > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(
         attr_contract_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  attr_contract_kernel<<<dim3((C + 7) / 8, B), 256, smem, s>>>(G, g_bstride, qk, C, Hl, KVl, d,
-                                                               head_begin, group, kv_begin, attr);
+  attr_contract_kernel<<<dim3((C + 7) / 8, B), 256, smem, s>>>(
+      G, g_bstride, qk, C, Hl, KVl, d, head_begin, group, kv_begin, attr, staged);
   CUDA_CHECK_LAUNCH("attr_contract_kernel");
 }
 

@@ -11,6 +11,7 @@
 #include "cuda/circuit_kernels.cuh"
 #include "cuda/family_kernels.cuh"
 #include "cuda/grouped_gemm.cuh"
+#include "cuda/mla_kernels.cuh"
 #include "cuda/moe_kernels.cuh"
 #include "cuda/norm_kernels.cuh"
 #include "cuda/util_kernels.cuh"

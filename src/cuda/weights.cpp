@@ -22,6 +22,13 @@ void upload_f32(const std::vector<float>& src, DeviceBuffer<float>& dst) {
   CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
 }
 
+std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
+                             int64_t width) {
+  std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
+  ck.read_rows(name, r0, r1, out.data());
+  return out;
+}
+
 // fp32 host values rounded to bf16 (to nearest even) at dst on the device.
 void upload_as_bf16(const std::vector<float>& src, bf16_bits* dst) {
   std::vector<bf16_bits> b(src.size());
@@ -31,6 +38,50 @@ void upload_as_bf16(const std::vector<float>& src, bf16_bits* dst) {
     b[i] = static_cast<bf16_bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
   CUDA_CHECK(cudaMemcpy(dst, b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
+}
+
+// Rows [r0, r1) of a matrix as bf16 at dst: the stored bytes through the uploader, or, for FP8
+// block-scaled tensors (DeepSeek-V3), dequantised on the host by the checkpoint reader.
+template <typename Up>
+void matrix_rows(const Checkpoint& ck, Up& up, const std::string& name, int64_t r0, int64_t r1,
+                 bf16_bits* dst) {
+  const TensorInfo* t = ck.find(name);
+  if (t && t->dtype == DType::F8E4M3) {
+    upload_as_bf16(read_rows(ck, name, r0, r1, t->shape.back()), dst);
+    return;
+  }
+  up.rows(ck, name, r0, r1, dst);
+}
+
+// A layer's multi-head latent attention (docs/metrics.md, DeepSeek-V3) on this rank: read on the
+// host (FP8 dequantised there), uploaded as bf16.
+void load_mla(const Checkpoint& ck, const ShardPlan& plan, int64_t l, DeviceLayer& L) {
+  const ModelConfig& c = ck.config();
+  const int64_t D = c.hidden_size, dqk = c.head_dim, dv = c.v_head_dim, dkv = c.qk_nope_dim + dv,
+                Rq = c.mla_q_rank, Rkv = c.mla_kv_rank, ra = Rkv + c.qk_rope_dim;
+  const int64_t h0 = plan.head_begin, h1 = plan.head_end, Hl = h1 - h0;
+  auto name = [&](Role role) { return tensor_name(c, role, l, -1, &ck); };
+  std::vector<float> a;
+  if (Rq > 0) {
+    a = read_rows(ck, name(Role::kQA), 0, Rq, D);
+    upload_f32(read_rows(ck, name(Role::kQANorm), 0, Rq, 1), L.mla_q_a_norm);
+    L.mla_q.reserve(static_cast<size_t>(Hl * dqk * Rq));
+    upload_as_bf16(read_rows(ck, name(Role::kQB), h0 * dqk, h1 * dqk, Rq), L.mla_q.get());
+  } else {
+    L.mla_q.reserve(static_cast<size_t>(Hl * dqk * D));
+    upload_as_bf16(read_rows(ck, name(Role::kQ), h0 * dqk, h1 * dqk, D), L.mla_q.get());
+  }
+  const std::vector<float> kva = read_rows(ck, name(Role::kKvA), 0, ra, D);
+  a.insert(a.end(), kva.begin(), kva.end());
+  L.mla_a.reserve(a.size());
+  upload_as_bf16(a, L.mla_a.get());
+  upload_f32(read_rows(ck, name(Role::kKvANorm), 0, Rkv, 1), L.mla_kv_a_norm);
+  L.mla_kv_b.reserve(static_cast<size_t>(Hl * dkv * Rkv));
+  upload_as_bf16(read_rows(ck, name(Role::kKvB), h0 * dkv, h1 * dkv, Rkv), L.mla_kv_b.get());
+  std::vector<float> o(static_cast<size_t>(D * Hl * dv));
+  ck.read_block(name(Role::kO), 0, D, h0 * dv, h1 * dv, o.data());
+  L.wo.reserve(o.size());
+  upload_as_bf16(o, L.wo.get());
 }
 
 // The local experts of a gpt-oss layer (docs/families.md: fused, interleaved gate/up columns, bf16
@@ -61,13 +112,6 @@ void load_gpt_oss_experts(const Checkpoint& ck, const ShardPlan& plan, int64_t l
     upload_f32(gu_bias, L.expert_gate_up_bias);
     upload_f32(dn_bias, L.expert_down_bias);
   }
-}
-
-std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1,
-                             int64_t width) {
-  std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
-  ck.read_rows(name, r0, r1, out.data());
-  return out;
 }
 
 // Stored weights -> device bf16 without a host conversion: the stored bytes are copied from the
@@ -284,9 +328,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       vec(Role::kQNorm, l, plan.head_begin * d, plan.head_end * d, L.q_norm);
       vec(Role::kKNorm, l, plan.kv_begin * d, plan.kv_end * d, L.k_norm);
     }
-    L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
     std::vector<float> qkv_bias;
-    if (has_role(c, Role::kQkv)) {
+    if (c.mla()) {
+      load_mla(ck, plan, l, L);
+    } else if (has_role(c, Role::kQkv)) {
+      L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
       // GPT-NeoX: rows of query_key_value are [H, 3, d] (per head: q, k, v); no GQA.
       const std::string fused = name(Role::kQkv);
       for (int64_t h = plan.head_begin; h < plan.head_end; ++h)
@@ -303,6 +349,7 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
                         qkv_bias.begin() + which * qw + (h - plan.head_begin) * d);
       }
     } else {
+      L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
       up.rows(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, L.wqkv.get());
       up.rows(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + qw * D);
       up.rows(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + (qw + kw) * D);
@@ -316,8 +363,10 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       }
     }
     if (!qkv_bias.empty()) upload_f32(qkv_bias, L.qkv_bias);
-    L.wo.reserve(static_cast<size_t>(D * qw));
-    up.block(ck, name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
+    if (!c.mla()) {
+      L.wo.reserve(static_cast<size_t>(D * qw));
+      up.block(ck, name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
+    }
     vec(Role::kOBias, l, 0, D, L.o_bias, c.o_bias);
     vec(Role::kSinks, l, plan.head_begin, plan.head_end, L.sinks, c.learned_sinks);
     up.finish();  // the products below read W_K and W_O
@@ -341,7 +390,7 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
                          L.wo_scaled.get(), s);
       make_gram(L, L.wo_scaled.get(), D, Hl, d, blas, s);
     } else {
-      make_gram(L, L.wo.get(), D, Hl, d, blas, s);
+      make_gram(L, L.wo.get(), D, Hl, c.value_dim(), blas, s);
     }
     L.moe = c.is_moe_layer(l);
     if (L.moe) {
@@ -349,26 +398,29 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       L.inter = I;
       upload_f32(read_rows(ck, name(Role::kRouter), 0, c.num_experts, D), L.router);
       vec(Role::kRouterBias, l, 0, c.num_experts, L.router_bias, c.router_bias);
+      if (c.router == RouterKind::kSigmoidGroupTopK)
+        vec(Role::kRouterScoreBias, l, 0, c.num_experts, L.router_score_bias);
       L.w_gate_up.reserve(static_cast<size_t>(El * 2 * I * D));
       L.w_down.reserve(static_cast<size_t>(El * D * I));
       if (c.family->gpt_oss_layout) load_gpt_oss_experts(ck, plan, l, L);
       for (int64_t e = plan.expert_begin; e < plan.expert_end && !c.family->gpt_oss_layout; ++e) {
         const ExpertLocation loc = expert_location(ck, l, e);
         bf16_bits* gu = L.w_gate_up.get() + (e - plan.expert_begin) * 2 * I * D;
-        up.rows(ck, loc.gate.tensor, loc.gate.row_begin, loc.gate.row_end, gu);
-        up.rows(ck, loc.up.tensor, loc.up.row_begin, loc.up.row_end, gu + I * D);
-        up.rows(ck, loc.down.tensor, loc.down.row_begin, loc.down.row_end,
-                L.w_down.get() + (e - plan.expert_begin) * D * I);
+        matrix_rows(ck, up, loc.gate.tensor, loc.gate.row_begin, loc.gate.row_end, gu);
+        matrix_rows(ck, up, loc.up.tensor, loc.up.row_begin, loc.up.row_end, gu + I * D);
+        matrix_rows(ck, up, loc.down.tensor, loc.down.row_begin, loc.down.row_end,
+                    L.w_down.get() + (e - plan.expert_begin) * D * I);
       }
       if (c.has_shared_expert()) {
         const int64_t S = c.shared_expert_intermediate_size;
         L.shared_inter = S;
         L.shared_gate_up.reserve(static_cast<size_t>(2 * S * D));
         L.shared_down.reserve(static_cast<size_t>(D * S));
-        up.rows(ck, name(Role::kSharedGate), 0, S, L.shared_gate_up.get());
-        up.rows(ck, name(Role::kSharedUp), 0, S, L.shared_gate_up.get() + S * D);
-        up.rows(ck, name(Role::kSharedDown), 0, D, L.shared_down.get());
-        upload_f32(read_rows(ck, name(Role::kSharedExpertGate), 0, 1, D), L.shared_gate);
+        matrix_rows(ck, up, name(Role::kSharedGate), 0, S, L.shared_gate_up.get());
+        matrix_rows(ck, up, name(Role::kSharedUp), 0, S, L.shared_gate_up.get() + S * D);
+        matrix_rows(ck, up, name(Role::kSharedDown), 0, D, L.shared_down.get());
+        if (has_role(c, Role::kSharedExpertGate))  // DeepSeek's shared experts have no gate
+          upload_f32(read_rows(ck, name(Role::kSharedExpertGate), 0, 1, D), L.shared_gate);
       }
     } else {
       const int64_t I = c.intermediate_size;
@@ -376,9 +428,9 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       const int64_t gates = c.gated_mlp ? 1 : 0;
       L.w_gate_up.reserve(static_cast<size_t>((1 + gates) * I * D));
       L.w_down.reserve(static_cast<size_t>(D * I));
-      if (gates) up.rows(ck, name(Role::kMlpGate), 0, I, L.w_gate_up.get());
-      up.rows(ck, name(Role::kMlpUp), 0, I, L.w_gate_up.get() + gates * I * D);
-      up.rows(ck, name(Role::kMlpDown), 0, D, L.w_down.get());
+      if (gates) matrix_rows(ck, up, name(Role::kMlpGate), 0, I, L.w_gate_up.get());
+      matrix_rows(ck, up, name(Role::kMlpUp), 0, I, L.w_gate_up.get() + gates * I * D);
+      matrix_rows(ck, up, name(Role::kMlpDown), 0, D, L.w_down.get());
       if (c.mlp_bias) {
         std::vector<float> b;
         if (gates) b = read_rows(ck, name(Role::kMlpGateBias), 0, I, 1);
@@ -404,11 +456,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
 
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
                                     uint64_t seed, Blas& blas, cudaStream_t s) {
-  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama, Mixtral, OLMoE
-  // and gpt-oss (unit norm gains; attention, router and expert biases zero; learned sinks ~ N(0,
-  // 1)).
-  if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms || c.has_shared_expert() ||
-      c.mlp_bias || !c.gated_mlp || c.rope.rotated(c.head_dim) != c.head_dim)
+  // Benchmarks only: the pre-norm RMSNorm SwiGLU block of Qwen3-MoE, Qwen3, Llama, Mixtral, OLMoE,
+  // Qwen2-MoE, gpt-oss and DeepSeek-V3 (unit norm gains; attention, router and expert biases and
+  // DeepSeek's selection bias zero; learned sinks ~ N(0, 1)).
+  if (c.block != BlockKind::kPreNorm || c.norm != NormKind::kRms || c.mlp_bias || !c.gated_mlp ||
+      (!c.mla() && c.rope.rotated(c.head_dim) != c.head_dim))
     throw InputError(
         "--synthetic-weights: " + c.model_type +
         " blocks are not synthesised on the device; write a checkpoint with `sinkscope "
@@ -441,16 +493,35 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     ones(L.input_norm, D);
     ones(L.post_norm, D);
     const bool full_width = c.qk_norm == QkNormKind::kFullWidth;
-    ones(L.q_norm, full_width ? qw : d);
-    ones(L.k_norm, full_width ? kw : d);
-    L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
-    random_bf16(L.wqkv.get(), qw, D, plan.head_begin * d, 0, D, tensor_id(l, 0, 0), D);
-    random_bf16(L.wqkv.get() + qw * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 1, 0), D);
-    random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 2, 0),
-                D);
-    L.wo.reserve(static_cast<size_t>(D * qw));
-    random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
-    make_gram(L, L.wo.get(), D, Hl, d, blas, s);
+    if (c.mla()) {  // latent attention: [q_a ; kv_a], q_b (or q_proj), kv_b, the latent norms
+      const int64_t Rq = c.mla_q_rank, Rkv = c.mla_kv_rank, ra = Rkv + c.qk_rope_dim,
+                    dkv = c.qk_nope_dim + c.v_head_dim, dv = c.v_head_dim;
+      L.mla_a.reserve(static_cast<size_t>((Rq + ra) * D));
+      random_bf16(L.mla_a.get(), Rq + ra, D, 0, 0, D, tensor_id(l, 12, 0), D);
+      if (Rq > 0) ones(L.mla_q_a_norm, Rq);
+      ones(L.mla_kv_a_norm, Rkv);
+      const int64_t qin = Rq > 0 ? Rq : D;
+      L.mla_q.reserve(static_cast<size_t>(qw * qin));
+      random_bf16(L.mla_q.get(), qw, qin, plan.head_begin * d, 0, qin, tensor_id(l, 13, 0), qin);
+      L.mla_kv_b.reserve(static_cast<size_t>(Hl * dkv * Rkv));
+      random_bf16(L.mla_kv_b.get(), Hl * dkv, Rkv, plan.head_begin * dkv, 0, Rkv,
+                  tensor_id(l, 14, 0), Rkv);
+      L.wo.reserve(static_cast<size_t>(D * Hl * dv));
+      random_bf16(L.wo.get(), D, Hl * dv, 0, plan.head_begin * dv, H * dv, tensor_id(l, 3, 0),
+                  H * dv);
+      make_gram(L, L.wo.get(), D, Hl, dv, blas, s);
+    } else {
+      ones(L.q_norm, full_width ? qw : d);
+      ones(L.k_norm, full_width ? kw : d);
+      L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
+      random_bf16(L.wqkv.get(), qw, D, plan.head_begin * d, 0, D, tensor_id(l, 0, 0), D);
+      random_bf16(L.wqkv.get() + qw * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 1, 0), D);
+      random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D,
+                  tensor_id(l, 2, 0), D);
+      L.wo.reserve(static_cast<size_t>(D * qw));
+      random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
+      make_gram(L, L.wo.get(), D, Hl, d, blas, s);
+    }
     if (c.qkv_bias) zeros(L.qkv_bias, qw + 2 * kw);
     if (c.o_bias) zeros(L.o_bias, D);
     if (c.learned_sinks) {
@@ -466,6 +537,20 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
       k::fill_random_f32(L.router.get(), E, D, 0, 0, D, seed, tensor_id(l, 4, 0),
                          1.f / std::sqrt(static_cast<float>(D)), s);
       if (c.router_bias) zeros(L.router_bias, E);
+      if (c.router == RouterKind::kSigmoidGroupTopK) zeros(L.router_score_bias, E);
+      if (c.has_shared_expert()) {
+        const int64_t S = c.shared_expert_intermediate_size;
+        L.shared_inter = S;
+        L.shared_gate_up.reserve(static_cast<size_t>(2 * S * D));
+        L.shared_down.reserve(static_cast<size_t>(D * S));
+        random_bf16(L.shared_gate_up.get(), 2 * S, D, 0, 0, D, tensor_id(l, 15, 0), D);
+        random_bf16(L.shared_down.get(), D, S, 0, 0, S, tensor_id(l, 15, 1), S);
+        if (has_role(c, Role::kSharedExpertGate)) {
+          L.shared_gate.reserve(static_cast<size_t>(D));
+          k::fill_random_f32(L.shared_gate.get(), 1, D, 0, 0, D, seed, tensor_id(l, 15, 2),
+                             1.f / std::sqrt(static_cast<float>(D)), s);
+        }
+      }
       if (c.expert_bias) {
         zeros(L.expert_gate_up_bias, El * 2 * I);
         zeros(L.expert_down_bias, El * D);

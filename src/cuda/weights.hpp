@@ -30,18 +30,25 @@ struct DeviceLayer {
   DeviceBuffer<bf16_bits> wqkv;  // [Hl*d + 2*KVl*d, D]: this rank's q rows, then k, then v
   DeviceBuffer<float> qkv_bias;  // [Hl*d + 2*KVl*d] where the family has q/k/v biases
   DeviceBuffer<float> kconst;    // [KVl*d] W_K beta_in + b_K where either exists
-  DeviceBuffer<bf16_bits> wo;    // [D, Hl*d]: its columns of o_proj
+  DeviceBuffer<bf16_bits> wo;    // [D, Hl*dv]: its columns of o_proj (dv: the value width)
   DeviceBuffer<float> o_bias;    // [D] where the family has an output bias
   DeviceBuffer<float> sinks;     // [Hl] learned sink logits of the local heads (gpt-oss)
   // Post-norm blocks: diag(attn_out_norm) W_O, the head writes as the block adds them (before the
   // per-position 1 / rms); the Gram matrices below are of this one then.
   DeviceBuffer<bf16_bits> wo_scaled;
-  // Per local head h the Gram matrix W_O,h^T W_O,h [d, d] split into bf16 hi + lo parts: the head
-  // write norms come from z^T M z without forming the per-head writes.
-  DeviceBuffer<bf16_bits> gram_hi, gram_lo;  // [Hl, d, d]
+  // Per local head h the Gram matrix W_O,h^T W_O,h [dv, dv] split into bf16 hi + lo parts: the
+  // head write norms come from z^T M z without forming the per-head writes.
+  DeviceBuffer<bf16_bits> gram_hi, gram_lo;  // [Hl, dv, dv]
+  // Multi-head latent attention (DeepSeek-V3; wqkv unused): mla_a = [q_a (Rq rows, with a low-rank
+  // query) ; kv_a (Rkv + rope rows)] x D, replicated; mla_q = q_b [Hl*dqk, Rq] of this rank's
+  // heads (q_proj [Hl*dqk, D] without a low-rank query); mla_kv_b [Hl*(nope + dv), Rkv]; the latent
+  // norms' gains.
+  DeviceBuffer<bf16_bits> mla_a, mla_q, mla_kv_b;
+  DeviceBuffer<float> mla_q_a_norm, mla_kv_a_norm;
   bool moe = false;
   DeviceBuffer<float> router;         // [E, D] fp32 (routing is decided in fp32)
   DeviceBuffer<float> router_bias;    // [E] (gpt-oss)
+  DeviceBuffer<float> router_score_bias;  // [E] DeepSeek's e_score_correction_bias (selection)
   // Expert biases (gpt-oss): [El, 2I] (gate | up) and [El, D].
   DeviceBuffer<float> expert_gate_up_bias, expert_down_bias;
   DeviceBuffer<bf16_bits> w_gate_up;  // [El, 2I, D] (gate rows, then up rows); dense: [1, 2I, D]

@@ -14,6 +14,10 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
   };
   const int64_t D = c.hidden_size, d = c.head_dim, dp = (d + 15) / 16 * 16, H = c.num_heads;
   const int64_t Hl = p.local_heads(), KVl = p.local_kv_heads(), qw = Hl * d, kw = KVl * d;
+  // The attention output's width (value dims; below qw under latent attention), and the width of
+  // the rows the key attribution contracts (the latent and the rope key under latent attention).
+  const int64_t zw = Hl * c.value_dim(), ra = c.mla() ? c.mla_kv_rank + c.qk_rope_dim : 0,
+                gw = std::max(kw, ra);
   const int64_t E = c.num_experts, K = c.top_k, E1 = std::max<int64_t>(E, 1);
   const int64_t S = E1 + (c.has_shared_expert() ? 1 : 0);
   const int64_t Ctot = ComponentLayout(c).count_before(c.num_layers);
@@ -33,7 +37,15 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
   r(Ka, BT * KVl * dp);
   r(Va, BT * KVl * dp);
   r(Vt, k::flash_attention_scratch(Bi, Ti, static_cast<int>(KVl), static_cast<int>(dp)));
-  r(z, BT * qw);
+  r(z, BT * zw);
+  if (c.mla()) {
+    const int64_t Rq = c.mla_q_rank, Rkv = c.mla_kv_rank;
+    r(mla_a32, BT * (Rq + Rkv + c.qk_rope_dim));
+    r(mla_kv, BT * Hl * (c.qk_nope_dim + c.value_dim()));
+    r(inv_rl, BT);
+    r(mla_q16, BT * Rq);
+    r(mla_lat16, BT * Rkv);
+  }
   r(a0, B * Hl * T);
   r(a0_mean, B * Hl);
   r(tp_pack, BT * D + B * H * 2 * D);
@@ -45,23 +57,23 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
   r(delta, B * Ctot * D);
   r(p0_sum, B * D);
   if (record) {
-    if (post_norm) r(zs, BT * qw);
+    if (post_norm) r(zs, BT * zw);
     r(partial, std::max(k::column_mean_scratch(Bi, Ti, static_cast<int>(D)),
                         k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
     r(colmean, B * D);
     r(qbar, B * qw);
-    r(zbar, B * qw);
-    r(zr, Hl * B * 2 * d);
+    r(zbar, B * zw);
+    r(zr, Hl * B * 2 * c.value_dim());
     r(wp0, B * Hl);
     r(wrest, B * Hl);
     r(norm_partial, k::head_write_norms_scratch(Bi, static_cast<int>(Hl)));
-    r(wkg, kw * D);
-    r(G, B * Ctot * kw);
+    r(wkg, gw * D);
+    r(G, B * Ctot * gw);
     r(idrows, B * 2 * D);
-    r(kid, B * 2 * kw);
+    r(kid, B * 2 * gw);
     r(k0m, B * kw);
     r(k0s, B * kw);
-    r(qk, B * qw);
+    r(qk, B * std::max(qw, Hl * ra));
     r(attr, B * Hl * Ctot);
     r(median, 1);
     if (c.learned_sinks) {

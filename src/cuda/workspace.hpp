@@ -31,6 +31,10 @@ struct Workspace {
   DeviceBuffer<float> sink_mass, sink_mean;  // the same for a learned sink's mass (gpt-oss)
   DeviceBuffer<float> tp_pack;             // [BT D + B H 2 D] o_proj output + head rows
   DeviceBuffer<float> fw_sums, inv_rk_rows, out_scale;  // full-width q/k norm; post-norm scales
+  // Latent attention: [q_a | kv_a] [BT, Rq + Rkv + rope], kv_b's output [BT, Hl (nope + dv)] in
+  // fp32, the normed latent query and latent in bf16, the latent's 1 / rms per row.
+  DeviceBuffer<float> mla_a32, mla_kv, inv_rl;
+  DeviceBuffer<bf16_bits> mla_q16, mla_lat16;
   // Recording and the circuit attribution.
   DeviceBuffer<float> delta, p0_sum;  // [B, Ctot, D] component deltas; [B, D] position-0 sum
   DeviceBuffer<float> partial, colmean, qbar, zbar, zr, wp0, wrest, norm_partial;

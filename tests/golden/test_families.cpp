@@ -330,6 +330,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, PlantedFamily, ::testing::Values("mixtral", "
 INSTANTIATE_TEST_SUITE_P(Fixtures, Family,
                          ::testing::Values("olmoe", "mixtral", "qwen2_moe", "llama", "qwen3",
                                            "olmo2", "gpt_neox", "qwen3_moe_fused", "deepseek_v3",
-                                           "deepseek_v3_fp8", "gpt_oss", "gpt_oss_mxfp4"));
+                                           "deepseek_v3_fp8", "gpt_oss", "gpt_oss_mxfp4",
+                                           "llama_mlp_bias"));
 
 }  // namespace
