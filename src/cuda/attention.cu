@@ -287,8 +287,7 @@ void launch(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bit
   if (block_m() == 64)
     launch_bm<DP, 64>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex, s);
   else
-    launch_bm<DP, 128>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex,
-                       s);
+    launch_bm<DP, 128>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex, s);
 }
 
 // ---- Hopper: warpgroup products -------------------------------------------------------------
@@ -510,8 +509,8 @@ __global__ void __launch_bounds__(256, 1)
     pin(o);
   }
   const int64_t bh = static_cast<int64_t>(b) * Hl + h;
-  finish_rows<DP / 8>(o, l_run, m_run, s_key0, ex.sinks ? ex.sinks[h] * kLog2e : -INFINITY, row0,
-                      T, tq, z + tok0 * Hl * d + static_cast<int64_t>(h) * d,
+  finish_rows<DP / 8>(o, l_run, m_run, s_key0, ex.sinks ? ex.sinks[h] * kLog2e : -INFINITY, row0, T,
+                      tq, z + tok0 * Hl * d + static_cast<int64_t>(h) * d,
                       static_cast<int64_t>(Hl) * d, d, a0 + bh * T,
                       ex.sink_mass ? ex.sink_mass + bh * T : nullptr);
 #endif

@@ -359,8 +359,8 @@ class CudaBackend final : public Backend, private LayerOps {
   DeviceModel w_;
   uint64_t weight_device_bytes_ = 0;
 
-  int64_t D_ = 0, d_ = 0, dv_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0, qkv_ld_ = 0, E_ = 0,
-          K_ = 0, S_ = 1;
+  int64_t D_ = 0, d_ = 0, dv_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0,
+          qkv_ld_ = 0, E_ = 0, K_ = 0, S_ = 1;
   int64_t group_ = 1, L_ = 0, Ctot_ = 0;
   float eps_ = 1e-6f, scale_ = 1.f;
   ComponentLayout ci_;
@@ -603,8 +603,8 @@ void CudaBackend::mla_project(const DeviceLayer& Lw) {
     blas_.nt(BT, qw_, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.mla_q.get(), Dt::kBF16, D},
              {ws_.qkv.get(), Dt::kF32, qkv_ld_});
   }
-  k::rms_norm_strided(ws_.mla_a32.get() + Rq, BT, static_cast<int>(Rkv), aw,
-                      Lw.mla_kv_a_norm.get(), eps, ws_.mla_lat16.get(), ws_.inv_rl.get(), s());
+  k::rms_norm_strided(ws_.mla_a32.get() + Rq, BT, static_cast<int>(Rkv), aw, Lw.mla_kv_a_norm.get(),
+                      eps, ws_.mla_lat16.get(), ws_.inv_rl.get(), s());
   blas_.nt(BT, kvw, Rkv, {ws_.mla_lat16.get(), Dt::kBF16, Rkv}, {Lw.mla_kv_b.get(), Dt::kBF16, Rkv},
            {ws_.mla_kv.get(), Dt::kF32, kvw});
   k::mla_pack(ws_.qkv.get(), qkv_ld_, ws_.mla_kv.get(), ws_.mla_a32.get(), aw,
@@ -712,8 +712,8 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
     k::qk_norm_rope(ws_.qkv.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
                     static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
                     static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
-                    qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(), ws_.Qa.get(),
-                    ws_.Ka.get(), ws_.Va.get(), s());
+                    qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(),
+                    ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(), s());
   }
   const int64_t C = ci_.count_before(l);
   // The sink queries (docs/metrics.md 1.4): those that can see position 0.
@@ -764,8 +764,8 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
     // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
     k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(zw), zw, ws_.partial.get(), ws_.zbar.get(),
                         s());
-    k::z_rows(zrec, ws_.zbar.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(dv), ws_.zr.get(),
-              s());
+    k::z_rows(zrec, ws_.zbar.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(dv),
+              ws_.zr.get(), s());
     CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
     k::head_pack(ws_.zr.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(dv), Di,
                  static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
@@ -902,8 +902,8 @@ void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const in
                      Dt::kF32);
     k::expert_bias_activation(ws_.hf_experts.get(), total, static_cast<int>(I), groups, c_.act,
                               static_cast<float>(c_.swiglu_limit),
-                              static_cast<float>(c_.swiglu_alpha),
-                              Lw.expert_gate_up_bias.get(), ws_.act.get(), s());
+                              static_cast<float>(c_.swiglu_alpha), Lw.expert_gate_up_bias.get(),
+                              ws_.act.get(), s());
     blas_.grouped_nt(rows, offsets, expert, D, I, ws_.act.get(), Lw.w_down.get(),
                      ws_.hf_experts.get(), Dt::kF32);
     k::expert_add_bias(ws_.hf_experts.get(), total, static_cast<int>(D), groups,

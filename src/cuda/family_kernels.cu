@@ -285,8 +285,7 @@ void expert_bias_activation(const float* h, int64_t total, int I, const ExpertGr
 void expert_add_bias(const float* y, int64_t total, int D, const ExpertGroups& groups,
                      const float* bias, bf16_bits* out, cudaStream_t s) {
   if (total == 0) return;
-  expert_add_bias_kernel<<<static_cast<unsigned>(total), kThreads, 0, s>>>(y, D, groups, bias,
-                                                                           out);
+  expert_add_bias_kernel<<<static_cast<unsigned>(total), kThreads, 0, s>>>(y, D, groups, bias, out);
   CUDA_CHECK_LAUNCH("expert_add_bias_kernel");
 }
 

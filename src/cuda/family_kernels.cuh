@@ -66,9 +66,9 @@ struct ExpertGroups {
 };
 
 // Experts with biases (gpt-oss): h fp32 [total, 2I] = (gate | up) pre-activations of the packed
-// rows, bias [El, 2I] (gate | up) per local expert (null: none); out bf16 [total, I] = act(gate + b) * (up + b),
-// or for Activation::kSwigluClamped (up' + 1) * gate' * sigmoid(alpha gate') with gate' =
-// min(gate, limit), up' = clamp(up, -limit, limit).
+// rows, bias [El, 2I] (gate | up) per local expert (null: none); out bf16 [total, I] = act(gate +
+// b) * (up + b), or for Activation::kSwigluClamped (up' + 1) * gate' * sigmoid(alpha gate') with
+// gate' = min(gate, limit), up' = clamp(up, -limit, limit).
 void expert_bias_activation(const float* h, int64_t total, int I, const ExpertGroups& groups,
                             Activation act, float limit, float alpha, const float* bias,
                             bf16_bits* out, cudaStream_t s);

@@ -85,19 +85,16 @@ __global__ void mla_pack_kernel(float* __restrict__ q, int64_t ldq, const float*
 }
 
 // Block per probe; dynamic shared memory 2 (Rkv + rope) floats.
-__global__ void mla_circuit_finish_kernel(const float* __restrict__ kid,
-                                          const float* __restrict__ inv_rx,
-                                          const float* __restrict__ inv_rl, int T,
-                                          const float* __restrict__ qbar,
-                                          const bf16_bits* __restrict__ kv_b,
-                                          const float* __restrict__ gain, MlaShape m, float af,
-                                          float scale, float* __restrict__ k0_model,
-                                          float* __restrict__ k0_sum, float* __restrict__ qk) {
+__global__ void mla_circuit_finish_kernel(
+    const float* __restrict__ kid, const float* __restrict__ inv_rx,
+    const float* __restrict__ inv_rl, int T, const float* __restrict__ qbar,
+    const bf16_bits* __restrict__ kv_b, const float* __restrict__ gain, MlaShape m, float af,
+    float scale, float* __restrict__ k0_model, float* __restrict__ k0_sum, float* __restrict__ qk) {
   extern __shared__ float sh[];
   const int b = blockIdx.x;
   const int R = m.Rkv, ra = R + m.rope, dqk = m.dqk(), dkv = m.dkv();
-  float* lat_sum = sh;              // [R] then rope [m.rope]: the components' sum
-  float* lat_x = sh + ra;           // the same for x[b T]
+  float* lat_sum = sh;     // [R] then rope [m.rope]: the components' sum
+  float* lat_x = sh + ra;  // the same for x[b T]
   const float ix = inv_rx[static_cast<int64_t>(b) * T], il = inv_rl[static_cast<int64_t>(b) * T];
   const float* row_sum = kid + static_cast<int64_t>(b) * 2 * ra;
   const float* row_x = row_sum + ra;
@@ -156,8 +153,7 @@ __global__ void mla_circuit_finish_kernel(const float* __restrict__ kid,
 __global__ void router_sigmoid_groups_kernel(const float* __restrict__ logits, int64_t n, int E,
                                              int K, int G, int TG, const float* __restrict__ bias,
                                              bool norm_topk, float scaling,
-                                             int32_t* __restrict__ ids,
-                                             float* __restrict__ weights,
+                                             int32_t* __restrict__ ids, float* __restrict__ weights,
                                              float* __restrict__ gap) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= n) return;
@@ -232,8 +228,8 @@ __global__ void router_sigmoid_groups_kernel(const float* __restrict__ logits, i
 void rms_norm_strided(const float* x, int64_t rows, int width, int64_t ld, const float* gamma,
                       float eps, bf16_bits* out, float* inv_rms, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_strided_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, width, ld, gamma, eps,
-                                                                     out, inv_rms);
+  rms_norm_strided_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, width, ld, gamma, eps, out,
+                                                                      inv_rms);
   CUDA_CHECK_LAUNCH("rms_norm_strided_kernel");
 }
 

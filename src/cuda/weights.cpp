@@ -87,8 +87,7 @@ void load_mla(const Checkpoint& ck, const ShardPlan& plan, int64_t l, DeviceLaye
 // The local experts of a gpt-oss layer (docs/families.md: fused, interleaved gate/up columns, bf16
 // or MXFP4, with biases), de-interleaved and decoded on the host by the CPU loader, then laid out
 // as every other family's: gate rows, then up rows, then down [D, I]; biases [El, 2I] and [El, D].
-void load_gpt_oss_experts(const Checkpoint& ck, const ShardPlan& plan, int64_t l,
-                          DeviceLayer& L) {
+void load_gpt_oss_experts(const Checkpoint& ck, const ShardPlan& plan, int64_t l, DeviceLayer& L) {
   const ModelConfig& c = ck.config();
   const int64_t D = c.hidden_size, I = c.moe_intermediate_size, El = plan.local_experts();
   std::vector<float> gu_bias, dn_bias;
@@ -516,8 +515,8 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
       L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
       random_bf16(L.wqkv.get(), qw, D, plan.head_begin * d, 0, D, tensor_id(l, 0, 0), D);
       random_bf16(L.wqkv.get() + qw * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 1, 0), D);
-      random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D,
-                  tensor_id(l, 2, 0), D);
+      random_bf16(L.wqkv.get() + (qw + kw) * D, kw, D, plan.kv_begin * d, 0, D, tensor_id(l, 2, 0),
+                  D);
       L.wo.reserve(static_cast<size_t>(D * qw));
       random_bf16(L.wo.get(), D, qw, 0, plan.head_begin * d, H * d, tensor_id(l, 3, 0), H * d);
       make_gram(L, L.wo.get(), D, Hl, d, blas, s);

@@ -46,8 +46,8 @@ struct DeviceLayer {
   DeviceBuffer<bf16_bits> mla_a, mla_q, mla_kv_b;
   DeviceBuffer<float> mla_q_a_norm, mla_kv_a_norm;
   bool moe = false;
-  DeviceBuffer<float> router;         // [E, D] fp32 (routing is decided in fp32)
-  DeviceBuffer<float> router_bias;    // [E] (gpt-oss)
+  DeviceBuffer<float> router;             // [E, D] fp32 (routing is decided in fp32)
+  DeviceBuffer<float> router_bias;        // [E] (gpt-oss)
   DeviceBuffer<float> router_score_bias;  // [E] DeepSeek's e_score_correction_bias (selection)
   // Expert biases (gpt-oss): [El, 2I] (gate | up) and [El, D].
   DeviceBuffer<float> expert_gate_up_bias, expert_down_bias;

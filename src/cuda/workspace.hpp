@@ -24,12 +24,12 @@ struct Workspace {
   DeviceBuffer<float> inv_rx;         // [BT] 1 / the input norm's scale
   DeviceBuffer<float> rnorms, norms;  // [BT] ||x|| and ||m|| per row
   // Attention.
-  DeviceBuffer<float> qkv;                 // [BT, q | k | v] fp32
-  DeviceBuffer<bf16_bits> Qa, Ka, Va, Vt;  // attention operands (Vt: the wgmma kernel's V^T)
-  DeviceBuffer<bf16_bits> z, zs;           // [BT, Hl d] attention output (zs: post-norm scaled)
-  DeviceBuffer<float> a0, a0_mean;         // [B, Hl, T] A[i, 0]; [B, Hl] its mean
+  DeviceBuffer<float> qkv;                   // [BT, q | k | v] fp32
+  DeviceBuffer<bf16_bits> Qa, Ka, Va, Vt;    // attention operands (Vt: the wgmma kernel's V^T)
+  DeviceBuffer<bf16_bits> z, zs;             // [BT, Hl d] attention output (zs: post-norm scaled)
+  DeviceBuffer<float> a0, a0_mean;           // [B, Hl, T] A[i, 0]; [B, Hl] its mean
   DeviceBuffer<float> sink_mass, sink_mean;  // the same for a learned sink's mass (gpt-oss)
-  DeviceBuffer<float> tp_pack;             // [BT D + B H 2 D] o_proj output + head rows
+  DeviceBuffer<float> tp_pack;               // [BT D + B H 2 D] o_proj output + head rows
   DeviceBuffer<float> fw_sums, inv_rk_rows, out_scale;  // full-width q/k norm; post-norm scales
   // Latent attention: [q_a | kv_a] [BT, Rq + Rkv + rope], kv_b's output [BT, Hl (nope + dv)] in
   // fp32, the normed latent query and latent in bf16, the latent's 1 / rms per row.

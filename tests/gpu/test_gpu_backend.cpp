@@ -609,7 +609,8 @@ INSTANTIATE_TEST_SUITE_P(World4, GpuLayoutTest,
                                            Layout{2, 2, "qwen2_moe"}, Layout{4, 4, "olmoe"},
                                            Layout{2, 1, "olmo2"}, Layout{2, 1, "gpt_neox"},
                                            Layout{2, 2, "gpt_oss"}, Layout{1, 4, "gpt_oss"},
-                                           Layout{2, 2, "deepseek_v3"}, Layout{4, 1, "deepseek_v3"}),
+                                           Layout{2, 2, "deepseek_v3"},
+                                           Layout{4, 1, "deepseek_v3"}),
                          layout_name);
 
 // The synthetic (benchmark) backend runs a forward with and without recording, with finite taps.
@@ -870,7 +871,8 @@ TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
 // width takes the Hopper kernel (64, 128) and one padded inside it (120 -> 128), GQA, several
 // probes, T below, at and across the 128-query blocks and key tiles. A planted key 0 makes some
 // heads sink-like (A[i, 0] near 1), others stay diffuse.
-// window > 0: query i sees keys i - window < j <= i; sinks: a learned sink logit per head (gpt-oss).
+// window > 0: query i sees keys i - window < j <= i; sinks: a learned sink logit per head
+// (gpt-oss).
 struct AttnCase {
   int B, T, Hl, KVl, d, dp;
   int window = 0;
@@ -923,9 +925,12 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
     ASSERT_TRUE(cuda::k::flash_attention_wgmma_available(128))
         << "an sm_90a build on a compute capability 9.0 device must run the wgmma kernel";
   }
-  const std::vector<AttnCase> cases = {{2, 1, 2, 1, 64, 64},      {2, 77, 4, 2, 64, 64},
-                                       {1, 300, 4, 1, 128, 128},  {2, 129, 2, 2, 128, 128},
-                                       {1, 1100, 2, 1, 128, 128}, {1, 260, 4, 2, 120, 128},
+  const std::vector<AttnCase> cases = {{2, 1, 2, 1, 64, 64},
+                                       {2, 77, 4, 2, 64, 64},
+                                       {1, 300, 4, 1, 128, 128},
+                                       {2, 129, 2, 2, 128, 128},
+                                       {1, 1100, 2, 1, 128, 128},
+                                       {1, 260, 4, 2, 120, 128},
                                        {1, 515, 2, 1, 64, 64},
                                        // gpt-oss: windows (inside one tile, across tiles, wider
                                        // than T) and learned sinks (strong, weak, mixed)
@@ -966,8 +971,9 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
     cuda::DeviceBuffer<float> dsinks(std::max<size_t>(c.sinks.size(), 1)),
         dmass(static_cast<size_t>(c.B) * c.Hl * c.T);
     if (!c.sinks.empty()) {
-      ASSERT_EQ(cudaMemcpy(dsinks.get(), c.sinks.data(), c.sinks.size() * 4, cudaMemcpyHostToDevice),
-                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpy(dsinks.get(), c.sinks.data(), c.sinks.size() * 4, cudaMemcpyHostToDevice),
+          cudaSuccess);
     }
     const cuda::k::AttnSinks extras{c.window, c.sinks.empty() ? nullptr : dsinks.get(),
                                     c.sinks.empty() ? nullptr : dmass.get()};
@@ -1081,7 +1087,8 @@ ErrorStats error_stats(const std::vector<double>& got, const std::vector<double>
     st.worst = std::max(st.worst, e[i]);
   }
   if (e.empty()) return st;
-  const size_t k = std::min(e.size() - 1, static_cast<size_t>(0.99 * static_cast<double>(e.size())));
+  const size_t k =
+      std::min(e.size() - 1, static_cast<size_t>(0.99 * static_cast<double>(e.size())));
   std::nth_element(e.begin(), e.begin() + static_cast<long>(k), e.end());
   st.p99 = e[k];
   return st;
@@ -1100,8 +1107,7 @@ void yardstick(const char* what, const std::vector<float>& ours, const std::stri
   std::printf(
       "[ family ] %s: |%s - transformers float64| mean / p99 / worst: sinkscope cuda %.5f / "
       "%.5f / %.5f, transformers bf16 eager %.5f / %.5f / %.5f\n",
-      dir.substr(dir.rfind('/') + 1).c_str(), what, o.mean, o.p99, o.worst, t.mean, t.p99,
-      t.worst);
+      dir.substr(dir.rfind('/') + 1).c_str(), what, o.mean, o.p99, o.worst, t.mean, t.p99, t.worst);
   // A quantile of a few hundred queries moves by a few 1e-4 with one query: 1e-3 of slack (the
   // mean: 1e-4).
   EXPECT_LE(o.mean, t.mean + 1e-4) << what << ": mean error";
@@ -1125,10 +1131,10 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
   // The yardstick of docs/metrics.md section 7 for bf16 backends, against transformers' own bf16
   // eager attention on the same model and probes: the per-query errors from float64 no larger
   // than transformers' in mean and at the 99th percentile (up to 1e-4 / 1e-3), and the worst
-  // within the GPU tolerance or twice transformers' worst. Tiny random models without q/k norms have large logits, where a
-  // few sensitive queries dominate the worst for both (on gpt_oss the worst sink mass query is
-  // off by +0.047 here and +0.032 in transformers, in the same direction, while every quantile of
-  // ours is below transformers'), so the worst alone would compare noise.
+  // within the GPU tolerance or twice transformers' worst. Tiny random models without q/k norms
+  // have large logits, where a few sensitive queries dominate the worst for both (on gpt_oss the
+  // worst sink mass query is off by +0.047 here and +0.032 in transformers, in the same direction,
+  // while every quantile of ours is below transformers'), so the worst alone would compare noise.
   yardstick("A[i,0]", a.p0_per_query.data, dir, "attn_p0", "attn_p0_hf_bf16");
   {  // by layer (p0_per_query is [N, L, H, T]): where the differences start
     const auto want = golden_values(dir + "/expected.safetensors", "attn_p0");
@@ -1150,8 +1156,8 @@ TEST_P(GpuFamilyGolden, MatchesTransformersReference) {
       std::snprintf(buf, sizeof buf, " %zu: %.4f/%.4f", l, ours, theirs);
       line += buf;
     }
-    std::printf("[ family ] %s: worst by layer (cuda/transformers bf16):%s\n",
-                GetParam().c_str(), line.c_str());
+    std::printf("[ family ] %s: worst by layer (cuda/transformers bf16):%s\n", GetParam().c_str(),
+                line.c_str());
   }
   // Learned sinks (gpt-oss, metrics 1.4): the sink's mass per query, with the same yardstick.
   if (!a.learned_sink_mass_per_query.data.empty())
