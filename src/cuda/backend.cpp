@@ -595,16 +595,16 @@ void CudaBackend::mla_project(const DeviceLayer& Lw) {
   blas_.nt(BT, aw, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.mla_a.get(), Dt::kBF16, D},
            {ws_.mla_a32.get(), Dt::kF32, aw});
   if (Rq > 0) {
-    k::rms_norm_strided(ws_.mla_a32.get(), BT, static_cast<int>(Rq), aw, Lw.mla_q_a_norm.get(), eps,
-                        ws_.mla_q16.get(), nullptr, s());
+    k::rms_norm(ws_.mla_a32.get(), BT, static_cast<int>(Rq), Lw.mla_q_a_norm.get(), eps,
+                ws_.mla_q16.get(), nullptr, nullptr, s(), aw);
     blas_.nt(BT, qw_, Rq, {ws_.mla_q16.get(), Dt::kBF16, Rq}, {Lw.mla_q.get(), Dt::kBF16, Rq},
              {ws_.qkv.get(), Dt::kF32, qkv_ld_});
   } else {
     blas_.nt(BT, qw_, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.mla_q.get(), Dt::kBF16, D},
              {ws_.qkv.get(), Dt::kF32, qkv_ld_});
   }
-  k::rms_norm_strided(ws_.mla_a32.get() + Rq, BT, static_cast<int>(Rkv), aw, Lw.mla_kv_a_norm.get(),
-                      eps, ws_.mla_lat16.get(), ws_.inv_rl.get(), s());
+  k::rms_norm(ws_.mla_a32.get() + Rq, BT, static_cast<int>(Rkv), Lw.mla_kv_a_norm.get(), eps,
+              ws_.mla_lat16.get(), nullptr, ws_.inv_rl.get(), s(), aw);
   blas_.nt(BT, kvw, Rkv, {ws_.mla_lat16.get(), Dt::kBF16, Rkv}, {Lw.mla_kv_b.get(), Dt::kBF16, Rkv},
            {ws_.mla_kv.get(), Dt::kF32, kvw});
   k::mla_pack(ws_.qkv.get(), qkv_ld_, ws_.mla_kv.get(), ws_.mla_a32.get(), aw,

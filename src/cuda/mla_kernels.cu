@@ -1,6 +1,6 @@
-// DeepSeek-V3 on the device: the latent norms, the attention operands of multi-head latent
-// attention, the key attribution through the latent, and the sigmoid group-limited routing. Each
-// kernel mirrors the CPU reference (src/cpu/mla.cpp) step for step, in fp32.
+// DeepSeek-V3 on the device: the attention operands of multi-head latent attention, the key
+// attribution through the latent, and the sigmoid group-limited routing. Each kernel mirrors the
+// CPU reference (src/cpu/mla.cpp) step for step, in fp32.
 #include <climits>
 
 #include "cuda/device_common.cuh"
@@ -20,20 +20,6 @@ __device__ __forceinline__ int rope_source(int j, int rope, bool interleave) {
   if (!interleave) return j;
   const int half = rope / 2;
   return j < half ? 2 * j : 2 * (j - half) + 1;
-}
-
-__global__ void rms_norm_strided_kernel(const float* __restrict__ x, int width, int64_t ld,
-                                        const float* __restrict__ gamma, float eps,
-                                        bf16_bits* __restrict__ out, float* __restrict__ inv_rms) {
-  const int64_t r = blockIdx.x;
-  const float* xr = x + r * ld;
-  float ss = 0.f;
-  for (int c = threadIdx.x; c < width; c += blockDim.x) ss += xr[c] * xr[c];
-  ss = block_sum(ss);
-  const float inv = 1.f / sqrtf(ss / static_cast<float>(width) + eps);
-  for (int c = threadIdx.x; c < width; c += blockDim.x)
-    out[r * width + c] = f2bf(xr[c] * inv * gamma[c]);
-  if (inv_rms && threadIdx.x == 0) inv_rms[r] = inv;
 }
 
 // Block per (row, local head).
@@ -224,14 +210,6 @@ __global__ void router_sigmoid_groups_kernel(const float* __restrict__ logits, i
 }
 
 }  // namespace
-
-void rms_norm_strided(const float* x, int64_t rows, int width, int64_t ld, const float* gamma,
-                      float eps, bf16_bits* out, float* inv_rms, cudaStream_t s) {
-  if (rows == 0) return;
-  rms_norm_strided_kernel<<<static_cast<unsigned>(rows), 256, 0, s>>>(x, width, ld, gamma, eps, out,
-                                                                      inv_rms);
-  CUDA_CHECK_LAUNCH("rms_norm_strided_kernel");
-}
 
 void mla_pack(float* q, int64_t ldq, const float* kv, const float* a, int64_t lda, int rope_col,
               int64_t rows, int T, const MlaShape& m, int dp, const float* cos_tab,

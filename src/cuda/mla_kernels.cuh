@@ -23,11 +23,6 @@ struct MlaShape {
   constexpr int dkv() const { return nope + dv; }
 };
 
-// out[r, 0:width) = bf16(x[r, 0:width) * gamma / rms) with x rows of stride ld (fp32), inv_rms[r]
-// = 1 / rms where not null: the latent norms (q_a_layernorm, kv_a_layernorm).
-void rms_norm_strided(const float* x, int64_t rows, int width, int64_t ld, const float* gamma,
-                      float eps, bf16_bits* out, float* inv_rms, cudaStream_t s);
-
 // The attention operands of rows r = b * T + i: q [rows, ldq] fp32 holds every local head's
 // [nope ; rope] query, kv [rows, Hl * dkv] each head's [k_nope ; v], a [rows, lda] the shared rope
 // key at column rope_col. The rope dims of q and k are de-interleaved where asked and rotated at

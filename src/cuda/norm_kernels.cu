@@ -9,11 +9,12 @@ namespace {
 
 constexpr int kNormThreads = 256;
 
-__global__ void rms_norm_kernel(const float* __restrict__ x, int D, const float* __restrict__ gamma,
-                                float eps, bf16_bits* __restrict__ out_bf,
-                                float* __restrict__ out_f32, float* __restrict__ inv_rms) {
+__global__ void rms_norm_kernel(const float* __restrict__ x, int D, int64_t ld,
+                                const float* __restrict__ gamma, float eps,
+                                bf16_bits* __restrict__ out_bf, float* __restrict__ out_f32,
+                                float* __restrict__ inv_rms) {
   const int64_t r = blockIdx.x;
-  const float* xr = x + r * D;
+  const float* xr = x + r * ld;
   float ss = 0.f;
   for (int c = threadIdx.x; c < D; c += blockDim.x) ss += xr[c] * xr[c];
   ss = block_sum(ss);
@@ -350,10 +351,10 @@ void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, c
 }
 
 void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
-              float* out_f32, float* inv_rms, cudaStream_t s) {
+              float* out_f32, float* inv_rms, cudaStream_t s, int64_t ld) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, D, gamma, eps, out_bf,
-                                                                       out_f32, inv_rms);
+  rms_norm_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(
+      x, D, ld > 0 ? ld : D, gamma, eps, out_bf, out_f32, inv_rms);
   CUDA_CHECK_LAUNCH("rms_norm_kernel");
 }
 

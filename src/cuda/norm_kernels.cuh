@@ -12,9 +12,10 @@
 namespace sinkscope::cuda::k {
 
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * gamma in fp32, stored as bf16 (out_bf) and,
-// where not null, fp32 (out_f32); inv_rms[r] = that 1 / sqrt(...) where not null.
+// where not null, fp32 (out_f32), packed rows of D; inv_rms[r] = that 1 / sqrt(...) where not
+// null. x's rows are ld apart (0: D; latent attention normalises column ranges of wider rows).
 void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
-              float* out_f32, float* inv_rms, cudaStream_t s);
+              float* out_f32, float* inv_rms, cudaStream_t s, int64_t ld = 0);
 
 // The fused per-head step after the qkv product. qkv [rows, ld] holds q (Hl heads), k (KVl), v
 // (KVl) of width d each, fp32. q and k get their per-head RMSNorm (q_gamma / k_gamma; none where

@@ -486,6 +486,14 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     b.reserve(static_cast<size_t>(n));
     k::fill(b.get(), n, 0.f, s);
   };
+  // One replicated SwiGLU MLP of width I: gate | up [2I, D], down [D, I].
+  auto random_mlp = [&](DeviceBuffer<bf16_bits>& gate_up, DeviceBuffer<bf16_bits>& down, int64_t I,
+                        uint64_t id_gate_up, uint64_t id_down) {
+    gate_up.reserve(static_cast<size_t>(2 * I * D));
+    down.reserve(static_cast<size_t>(D * I));
+    random_bf16(gate_up.get(), 2 * I, D, 0, 0, D, id_gate_up, D);
+    random_bf16(down.get(), D, I, 0, 0, I, id_down, I);
+  };
   w.layers.resize(static_cast<size_t>(c.num_layers));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     DeviceLayer& L = w.layers[static_cast<size_t>(l)];
@@ -538,12 +546,9 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
       if (c.router_bias) zeros(L.router_bias, E);
       if (c.router == RouterKind::kSigmoidGroupTopK) zeros(L.router_score_bias, E);
       if (c.has_shared_expert()) {
-        const int64_t S = c.shared_expert_intermediate_size;
-        L.shared_inter = S;
-        L.shared_gate_up.reserve(static_cast<size_t>(2 * S * D));
-        L.shared_down.reserve(static_cast<size_t>(D * S));
-        random_bf16(L.shared_gate_up.get(), 2 * S, D, 0, 0, D, tensor_id(l, 15, 0), D);
-        random_bf16(L.shared_down.get(), D, S, 0, 0, S, tensor_id(l, 15, 1), S);
+        L.shared_inter = c.shared_expert_intermediate_size;
+        random_mlp(L.shared_gate_up, L.shared_down, L.shared_inter, tensor_id(l, 15, 0),
+                   tensor_id(l, 15, 1));
         if (has_role(c, Role::kSharedExpertGate)) {
           L.shared_gate.reserve(static_cast<size_t>(D));
           k::fill_random_f32(L.shared_gate.get(), 1, D, 0, 0, D, seed, tensor_id(l, 15, 2),
@@ -562,12 +567,8 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
         random_bf16(L.w_down.get() + e * D * I, D, I, 0, 0, I, tensor_id(l, 6, ge), I);
       }
     } else {
-      const int64_t I = c.intermediate_size;
-      L.inter = I;
-      L.w_gate_up.reserve(static_cast<size_t>(2 * I * D));
-      L.w_down.reserve(static_cast<size_t>(D * I));
-      random_bf16(L.w_gate_up.get(), 2 * I, D, 0, 0, D, tensor_id(l, 7, 0), D);
-      random_bf16(L.w_down.get(), D, I, 0, 0, I, tensor_id(l, 8, 0), I);
+      L.inter = c.intermediate_size;
+      random_mlp(L.w_gate_up, L.w_down, L.inter, tensor_id(l, 7, 0), tensor_id(l, 8, 0));
     }
   }
   ones(w.final_norm, D);

@@ -641,22 +641,31 @@ TEST(GpuSyntheticBackend, RunsWithAndWithoutRecording) {
   EXPECT_GT(cuda::memory_report(*be).weight_bytes, 0u);
 }
 
+ModelConfig fixture_config(const std::string& family) {
+  return parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) + "/tests/golden/families/" + family +
+                            "/config.json");
+}
+
+// The taps of one recorded forward of cfg's synthetic (benchmark) backend on one rank.
+Capture synthetic_run(const ModelConfig& cfg, uint64_t seed, const std::string& probes) {
+  const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, cfg);
+  auto world = make_single_comm();
+  auto tp = world->split(0, 0), ep = world->split(0, 0);
+  auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()},
+                                        ForwardOptions{}, seed);
+  Capture cap;
+  be->run(make_probes(probes, cfg.vocab_size), 0, cap);
+  return cap;
+}
+
 // gpt-oss's synthetic (benchmark) blocks: learned sinks, sliding windows of 8 on layers 0 and 2,
 // biased clamped-SwiGLU experts. A[0, 0] and the sink's mass at position 0 add up to 1, queries
 // beyond a sliding layer's window see no key 0, and the sink queries are the window's.
 TEST(GpuSyntheticBackend, GptOssSinksAndWindows) {
   REQUIRE_GPU();
-  const ModelConfig cfg = parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) +
-                                             "/tests/golden/families/gpt_oss/config.json");
-  const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, cfg);
-  auto world = make_single_comm();
-  auto tp = world->split(0, 0), ep = world->split(0, 0);
-  auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()},
-                                        ForwardOptions{}, 7);
+  const ModelConfig cfg = fixture_config("gpt_oss");
   const int64_t T = 40, H = cfg.num_heads;
-  IntArray tokens = make_probes("random:2:40:3", cfg.vocab_size);
-  Capture cap;
-  be->run(tokens, 0, cap);
+  const Capture cap = synthetic_run(cfg, 7, "random:2:40:3");
   ASSERT_EQ(cap.att.size(), 3u);
   for (const auto& a : cap.att) {
     const int64_t window = cfg.window(a.layer);
@@ -684,17 +693,9 @@ TEST(GpuSyntheticBackend, GptOssSinksAndWindows) {
 // from the components' writes equals the model's (the identity of docs/metrics.md section 4).
 TEST(GpuSyntheticBackend, DeepSeekLatentAttention) {
   REQUIRE_GPU();
-  const ModelConfig cfg = parse_model_config(std::string(SINKSCOPE_SOURCE_DIR) +
-                                             "/tests/golden/families/deepseek_v3/config.json");
-  const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, cfg);
-  auto world = make_single_comm();
-  auto tp = world->split(0, 0), ep = world->split(0, 0);
-  auto be = make_cuda_backend_synthetic(cfg, plan, {world.get(), tp.get(), ep.get()},
-                                        ForwardOptions{}, 5);
+  const ModelConfig cfg = fixture_config("deepseek_v3");
   const int64_t T = 40, H = cfg.num_heads;
-  IntArray tokens = make_probes("random:2:40:3", cfg.vocab_size);
-  Capture cap;
-  be->run(tokens, 0, cap);
+  const Capture cap = synthetic_run(cfg, 5, "random:2:40:3");
   ASSERT_EQ(cap.att.size(), static_cast<size_t>(cfg.num_layers));
   for (const auto& a : cap.att) {
     for (float v : a.a0) ASSERT_TRUE(std::isfinite(v) && v >= 0.f && v <= 1.0001f);
