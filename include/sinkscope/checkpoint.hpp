@@ -3,8 +3,11 @@
 // Every header is validated before anything is trusted (docs/reliability.md lists the rules).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -138,11 +141,53 @@ std::string fp8_scale_name(const std::string& weight_name);
 // Checks that FP8 tensor `t` of `ckpt` is 2-D and has its scale tensor, F32 with the block grid's
 // shape; throws InputError naming the tensor otherwise.
 void check_fp8_scale(const Checkpoint& ckpt, const TensorInfo& t);
-// fp32 -> bf16 (round to nearest even), used by `synth`.
-uint16_t f32_to_bf16(float x);
+// fp32 -> bf16 (round to nearest even; NaN stays a quiet NaN), used by `synth` and the writer.
+// Inline so that loops over it vectorise.
+inline uint16_t f32_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 float bf16_to_f32(uint16_t x);
 
-// Writes a single-file safetensors checkpoint (used by `synth` and the tests).
+// A safetensors file written in pieces: the header (names, dtypes, shapes, data offsets, and
+// `metadata` beside "format": "pt") is written when the file is created, then every tensor's bytes
+// at their offsets, in any order and from any number of threads (pwrite). The data section follows
+// the tensors' order. A file that was not finish()ed is removed by the destructor.
+class SafetensorsFileWriter {
+ public:
+  struct Tensor {
+    std::string name;
+    DType dtype;  // F32 or BF16
+    std::vector<int64_t> shape;
+  };
+  SafetensorsFileWriter(std::string path, const std::vector<Tensor>& tensors,
+                        const std::map<std::string, std::string>& metadata = {});
+  SafetensorsFileWriter(const SafetensorsFileWriter&) = delete;
+  SafetensorsFileWriter& operator=(const SafetensorsFileWriter&) = delete;
+  ~SafetensorsFileWriter();
+
+  // Bytes of tensor i's data.
+  uint64_t tensor_bytes(size_t i) const { return end_[i] - begin_[i]; }
+  // Writes n bytes at byte `offset` of tensor i's data; thread-safe. Throws InputError (the path
+  // and the system's reason) when the write fails, e.g. on a full disk.
+  void write(size_t i, uint64_t offset, const void* bytes, size_t n) const;
+  // Closes the file. Throws InputError when fewer bytes were written than the data section holds
+  // or the close fails (the file is removed then).
+  void finish();
+
+ private:
+  void write_at(const char* p, size_t n, uint64_t pos) const;  // all n bytes, or InputError
+  std::string path_;
+  int fd_ = -1;
+  uint64_t data_start_ = 0;            // 8 + header length
+  std::vector<uint64_t> begin_, end_;  // byte ranges in the data section
+  mutable std::atomic<uint64_t> written_{0};
+};
+
+// Writes a single-file safetensors checkpoint (used by the tests).
 struct TensorToWrite {
   std::string name;
   DType dtype;
