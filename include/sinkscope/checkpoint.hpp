@@ -102,8 +102,11 @@ class Checkpoint {
   uint64_t advise_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
 
   // Threads converting in read_rows/read_cols/read_block/stored_* (OpenMP over rows and chunks);
-  // 0 (the default) = omp_get_max_threads(). Results do not depend on it.
+  // 0 (the default) = omp_get_max_threads(). Results do not depend on it. The backends set it to
+  // --threads before they load.
   void set_read_threads(int threads) const;
+  // The threads the reads use now (set_read_threads, or OpenMP's count).
+  int read_threads() const;
   // Called after every read with the bytes read so far (weight_bytes_read), for load progress.
   void set_read_observer(std::function<void(uint64_t)> observer) const;
 

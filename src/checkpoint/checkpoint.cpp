@@ -472,6 +472,7 @@ uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin,
 }
 
 void Checkpoint::set_read_threads(int threads) const { impl_->threads = std::max(0, threads); }
+int Checkpoint::read_threads() const { return impl_->nthreads(); }
 void Checkpoint::set_read_observer(std::function<void(uint64_t)> observer) const {
   impl_->observer = std::move(observer);
 }

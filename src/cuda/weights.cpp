@@ -30,15 +30,15 @@ std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int6
 
 // Stored weights -> device bf16 without a host conversion: the stored bytes are copied from the
 // mapped file into one of two pinned staging buffers (every OpenMP thread copying a part, which is
-// where the file's pages are read), then cudaMemcpyAsync'd on the stream while the host fills the
-// other buffer. bf16 checkpoints land in the weights as they are (bit for bit the stored values);
-// f16 and f32 ones land in a device staging buffer and are rounded to bf16 there (k::f16_to_bf16,
-// k::f32_to_bf16: the same rounding as the host's f32_to_bf16).
+// where the file's pages are read; `threads` of them, --threads), then cudaMemcpyAsync'd on the
+// stream while the host fills the other buffer. bf16 checkpoints land in the weights as they are
+// (bit for bit the stored values); f16 and f32 ones land in a device staging buffer and are rounded
+// to bf16 there (k::f16_to_bf16, k::f32_to_bf16: the same rounding as the host's f32_to_bf16).
 class Uploader {
  public:
   static constexpr size_t kStage = size_t{64} << 20;
 
-  explicit Uploader(cudaStream_t s) : s_(s) {
+  Uploader(cudaStream_t s, int threads) : s_(s), threads_(std::max(1, threads)) {
     for (int i = 0; i < 2; ++i) {
       pinned_[i].reserve(kStage);
       CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
@@ -78,7 +78,7 @@ class Uploader {
           const size_t n = std::min(kStage, range_bytes - off);
           stage(sl.dtype, n, out + off / es, [&](char* p) {
             const int64_t parts = static_cast<int64_t>((n + kPart - 1) / kPart);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(threads_) schedule(static)
             for (int64_t i = 0; i < parts; ++i) {
               const size_t a = static_cast<size_t>(i) * kPart;
               std::memcpy(p + a, src + off + a, std::min(kPart, n - a));
@@ -93,7 +93,7 @@ class Uploader {
     for (int64_t r = 0; r < sl.rows; r += per) {
       const int64_t k = std::min(per, sl.rows - r);
       stage(sl.dtype, static_cast<size_t>(k) * row_bytes, dst + r * sl.cols, [&](char* p) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(threads_) schedule(static)
         for (int64_t i = 0; i < k; ++i)
           std::memcpy(p + i * row_bytes, sl.data + (r + i) * sl.row_pitch, row_bytes);
       });
@@ -125,6 +125,7 @@ class Uploader {
 
   static constexpr size_t kPart = size_t{1} << 20;  // bytes per host copy task
   cudaStream_t s_;
+  int threads_;
   PinnedBuffer<char> pinned_[2];
   DeviceBuffer<char> scratch_[2];
   cudaEvent_t done_[2] = {nullptr, nullptr};
@@ -186,7 +187,7 @@ void make_gram(DeviceLayer& L, const bf16_bits* wo, int64_t D, int64_t Hl, int64
 }  // namespace
 
 DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
-                              Blas& blas, cudaStream_t s,
+                              Blas& blas, cudaStream_t s, int threads,
                               const std::function<void(uint64_t, uint64_t)>& progress) {
   const ModelConfig& c = ck.config();
   const int64_t D = c.hidden_size, d = c.head_dim, Hl = plan.local_heads(),
@@ -202,7 +203,8 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     const Checkpoint& ck;
     ~Reset() { ck.set_read_observer({}); }
   } reset{ck};
-  Uploader up(s);
+  ck.set_read_threads(threads);  // the reads' finite checks and the fp32 reads
+  Uploader up(s, threads);
   DeviceModel w;
   w.layers.resize(static_cast<size_t>(c.num_layers));
   // A 1-D tensor's elements [b, e) as fp32 on the device, or nothing where the family or config has
