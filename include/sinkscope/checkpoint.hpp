@@ -92,6 +92,17 @@ class Checkpoint {
   // like read_block.
   StoredSlice stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
                            int64_t col_begin, int64_t col_end) const;
+  // stored_block without the finite check, for a caller that checks the values as it copies them
+  // (any_non_finite) and reports the first non-finite one with throw_non_finite: the CUDA loader
+  // checks its staged pieces, so the mapped bytes are read once. Validated and counted as read
+  // like stored_block.
+  StoredSlice unchecked_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                              int64_t col_begin, int64_t col_end) const;
+  // The rows of stored_rows, unchecked like unchecked_block.
+  StoredSlice unchecked_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
+  // The InputError of a read that met the non-finite `value` at `element` of its slice of tensor
+  // `name` (the message of stored_block and read_rows).
+  [[noreturn]] void throw_non_finite(const std::string& name, float value, size_t element) const;
   // Rows [row_begin, row_end) of a tensor's 2-D view exactly as stored, of any dtype (packed
   // formats that the caller decodes, e.g. MXFP4's uint8 blocks and scales): not checked, counted
   // as read like stored_rows.
@@ -135,6 +146,9 @@ void convert_to_f32_parallel(DType t, const void* src, size_t n, float* dst, int
 // Index of the first non-finite stored value among n values of dtype t, or n when all are finite
 // (inspects the exponent bits; no conversion).
 size_t first_non_finite(DType t, const void* src, size_t n);
+// Whether any of n stored values of dtype t is inf or NaN: the exponent bits, OR-reduced without
+// an early exit so that the loop vectorises (first_non_finite then finds the first one).
+bool any_non_finite(DType t, const void* src, size_t n);
 // One FP8 E4M3 (fn) byte as fp32, exactly (the format is a subset of fp32).
 float e4m3_to_f32(uint8_t x);
 // fp32 -> FP8 E4M3 (fn), round to nearest even, saturating at +-448 (NaN stays NaN).

@@ -343,6 +343,27 @@ size_t first_non_finite(DType t, const void* src, size_t n) {
   return n;
 }
 
+bool any_non_finite(DType t, const void* src, size_t n) {
+  if (t == DType::F32) {
+    const auto* p = static_cast<const uint32_t*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i)
+      hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
+    return hit != 0;
+  }
+  if (t == DType::F8E4M3) {
+    const auto* p = static_cast<const uint8_t*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & 0x7fu) == 0x7fu);
+    return hit != 0;
+  }
+  const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
+  const auto* p = static_cast<const uint16_t*>(src);
+  uint32_t hit = 0;
+  for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & mask) == mask);
+  return hit != 0;
+}
+
 SafetensorsFileWriter::SafetensorsFileWriter(std::string path, const std::vector<Tensor>& tensors,
                                              const std::map<std::string, std::string>& metadata)
     : path_(std::move(path)) {

@@ -562,6 +562,63 @@ TEST_F(BigTensorFiles, StoredSlicesRejectNonFiniteValues) {
   EXPECT_THROW(ck.read_rows("big", 100, 700, out.data()), InputError);
 }
 
+// The CUDA loader's path: unchecked slices (checked by the caller as it copies) and the error it
+// raises must be stored_block's.
+TEST_F(BigTensorFiles, UncheckedSlicesAreStoredSlicesWithoutTheCheck) {
+  big[123 * 513 + 45] = std::numeric_limits<float>::infinity();
+  write_safetensors(dir / "model.safetensors", {{"big", DType::BF16, {700, 513}, big.data()},
+                                                {"vec", DType::F32, {1000}, vec.data()}});
+  Checkpoint ck = Checkpoint::open(dir.path());
+  std::string checked_error;
+  try {
+    ck.stored_block("big", 100, 700, 40, 60);
+  } catch (const InputError& e) {
+    checked_error = e.what();
+  }
+  ASSERT_NE(checked_error.find("non-finite"), std::string::npos) << checked_error;
+  const uint64_t before = ck.weight_bytes_read();
+  const StoredSlice s = ck.unchecked_block("big", 100, 700, 40, 60);
+  EXPECT_EQ(ck.weight_bytes_read() - before, s.bytes());
+  EXPECT_EQ(s.rows, 600);
+  EXPECT_EQ(s.cols, 20);
+  EXPECT_EQ(s.row_pitch, size_t{513} * 2);
+  // The caller's check finds the value stored_block found, and reports it the same way.
+  size_t element = 0;
+  bool found = false;
+  for (int64_t r = 0; r < s.rows && !found; ++r) {
+    const char* row = s.data + r * s.row_pitch;
+    if (any_non_finite(s.dtype, row, 20)) {
+      element = static_cast<size_t>(r) * 20 + first_non_finite(s.dtype, row, 20);
+      found = true;
+    }
+  }
+  ASSERT_TRUE(found);
+  EXPECT_EQ(element, size_t{23} * 20 + 5);
+  try {
+    ck.throw_non_finite("big", std::numeric_limits<float>::infinity(), element);
+  } catch (const InputError& e) {
+    EXPECT_EQ(std::string(e.what()), checked_error);
+  }
+  const StoredSlice rows = ck.unchecked_rows("vec", 10, 20);  // 1-D: elements
+  EXPECT_EQ(rows.bytes(), 40u);
+  EXPECT_EQ(std::memcmp(rows.data, vec.data() + 10, 40), 0);
+  EXPECT_THROW(ck.unchecked_block("big", 0, 701, 0, 1), InputError);
+}
+
+TEST(Conversion, AnyNonFiniteAgreesWithFirstNonFinite) {
+  const auto bits = random_bits16(1 << 16, 23);  // every exponent pattern, NaN and inf included
+  for (DType t : {DType::BF16, DType::F16, DType::F32, DType::F8E4M3}) {
+    const size_t es = dtype_size(t), total = bits.size() * 2 / es;
+    for (size_t n : {size_t{1}, size_t{7}, size_t{100}, size_t{1000}, total}) {
+      for (size_t start = 0; start + n <= total; start += std::max<size_t>(n, total / 64)) {
+        const char* p = reinterpret_cast<const char*>(bits.data()) + start * es;
+        ASSERT_EQ(any_non_finite(t, p, n), first_non_finite(t, p, n) < n)
+            << dtype_name(t) << " n " << n << " start " << start;
+      }
+    }
+  }
+}
+
 // synth's generator (version 2, counter-based): tests/data/tiny_moe.json, seed 7 gives these bytes.
 // The hash changes only with a new kSynthGeneratorVersion (docs/synth.md); it was taken from
 // `sinkscope synth --config tests/data/tiny_moe.json --seed 7` when version 2 was made.
