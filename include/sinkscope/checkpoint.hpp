@@ -3,8 +3,11 @@
 // Every header is validated before anything is trusted (docs/reliability.md lists the rules).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -89,6 +92,17 @@ class Checkpoint {
   // like read_block.
   StoredSlice stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
                            int64_t col_begin, int64_t col_end) const;
+  // stored_block without the finite check, for a caller that checks the values as it copies them
+  // (any_non_finite) and reports the first non-finite one with throw_non_finite: the CUDA loader
+  // checks its staged pieces, so the mapped bytes are read once. Validated and counted as read
+  // like stored_block.
+  StoredSlice unchecked_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                              int64_t col_begin, int64_t col_end) const;
+  // The rows of stored_rows, unchecked like unchecked_block.
+  StoredSlice unchecked_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
+  // The InputError of a read that met the non-finite `value` at `element` of its slice of tensor
+  // `name` (the message of stored_block and read_rows).
+  [[noreturn]] void throw_non_finite(const std::string& name, float value, size_t element) const;
   // Rows [row_begin, row_end) of a tensor's 2-D view exactly as stored, of any dtype (packed
   // formats that the caller decodes, e.g. MXFP4's uint8 blocks and scales): not checked, counted
   // as read like stored_rows.
@@ -99,8 +113,11 @@ class Checkpoint {
   uint64_t advise_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
 
   // Threads converting in read_rows/read_cols/read_block/stored_* (OpenMP over rows and chunks);
-  // 0 (the default) = omp_get_max_threads(). Results do not depend on it.
+  // 0 (the default) = omp_get_max_threads(). Results do not depend on it. The backends set it to
+  // --threads before they load.
   void set_read_threads(int threads) const;
+  // The threads the reads use now (set_read_threads, or OpenMP's count).
+  int read_threads() const;
   // Called after every read with the bytes read so far (weight_bytes_read), for load progress.
   void set_read_observer(std::function<void(uint64_t)> observer) const;
 
@@ -129,6 +146,9 @@ void convert_to_f32_parallel(DType t, const void* src, size_t n, float* dst, int
 // Index of the first non-finite stored value among n values of dtype t, or n when all are finite
 // (inspects the exponent bits; no conversion).
 size_t first_non_finite(DType t, const void* src, size_t n);
+// Whether any of n stored values of dtype t is inf or NaN: the exponent bits, OR-reduced without
+// an early exit so that the loop vectorises (first_non_finite then finds the first one).
+bool any_non_finite(DType t, const void* src, size_t n);
 // One FP8 E4M3 (fn) byte as fp32, exactly (the format is a subset of fp32).
 float e4m3_to_f32(uint8_t x);
 // fp32 -> FP8 E4M3 (fn), round to nearest even, saturating at +-448 (NaN stays NaN).
@@ -138,11 +158,53 @@ std::string fp8_scale_name(const std::string& weight_name);
 // Checks that FP8 tensor `t` of `ckpt` is 2-D and has its scale tensor, F32 with the block grid's
 // shape; throws InputError naming the tensor otherwise.
 void check_fp8_scale(const Checkpoint& ckpt, const TensorInfo& t);
-// fp32 -> bf16 (round to nearest even), used by `synth`.
-uint16_t f32_to_bf16(float x);
+// fp32 -> bf16 (round to nearest even; NaN stays a quiet NaN), used by `synth` and the writer.
+// Inline so that loops over it vectorise.
+inline uint16_t f32_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 float bf16_to_f32(uint16_t x);
 
-// Writes a single-file safetensors checkpoint (used by `synth` and the tests).
+// A safetensors file written in pieces: the header (names, dtypes, shapes, data offsets, and
+// `metadata` beside "format": "pt") is written when the file is created, then every tensor's bytes
+// at their offsets, in any order and from any number of threads (pwrite). The data section follows
+// the tensors' order. A file that was not finish()ed is removed by the destructor.
+class SafetensorsFileWriter {
+ public:
+  struct Tensor {
+    std::string name;
+    DType dtype;  // F32 or BF16
+    std::vector<int64_t> shape;
+  };
+  SafetensorsFileWriter(std::string path, const std::vector<Tensor>& tensors,
+                        const std::map<std::string, std::string>& metadata = {});
+  SafetensorsFileWriter(const SafetensorsFileWriter&) = delete;
+  SafetensorsFileWriter& operator=(const SafetensorsFileWriter&) = delete;
+  ~SafetensorsFileWriter();
+
+  // Bytes of tensor i's data.
+  uint64_t tensor_bytes(size_t i) const { return end_[i] - begin_[i]; }
+  // Writes n bytes at byte `offset` of tensor i's data; thread-safe. Throws InputError (the path
+  // and the system's reason) when the write fails, e.g. on a full disk.
+  void write(size_t i, uint64_t offset, const void* bytes, size_t n) const;
+  // Closes the file. Throws InputError when fewer bytes were written than the data section holds
+  // or the close fails (the file is removed then).
+  void finish();
+
+ private:
+  void write_at(const char* p, size_t n, uint64_t pos) const;  // all n bytes, or InputError
+  std::string path_;
+  int fd_ = -1;
+  uint64_t data_start_ = 0;            // 8 + header length
+  std::vector<uint64_t> begin_, end_;  // byte ranges in the data section
+  mutable std::atomic<uint64_t> written_{0};
+};
+
+// Writes a single-file safetensors checkpoint (used by the tests).
 struct TensorToWrite {
   std::string name;
   DType dtype;

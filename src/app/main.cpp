@@ -107,7 +107,9 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
   app->add_option("--ablate", c.ablate, "causal ablations: layers=A-B, top=K or search[:K]");
   app->add_option("--batch", c.batch, "probes per forward micro-batch")
       ->check(CLI::Range(int64_t{1}, kMaxBatch));
-  app->add_option("--threads", c.threads, "CPU threads per rank")
+  app->add_option("--threads", c.threads,
+                  "CPU threads per rank: the CPU forward and the checkpoint load on either device "
+                  "(the CUDA load stages on up to 8)")
       ->check(CLI::Range(1, kMaxThreads));
   app->add_option("--rank-timeout", c.rank_timeout,
                   "end the job when a rank is silent this many seconds in a collective (0: never)")

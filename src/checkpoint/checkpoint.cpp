@@ -276,29 +276,6 @@ int64_t view_rows(const TensorInfo& t) {
   return t.shape.size() <= 1 ? (t.shape.empty() ? 1 : t.shape[0]) : row_count(t);
 }
 
-// True when any of n stored values is inf or NaN: the exponent bits, OR-reduced without an early
-// exit so that the loop vectorises (the fp32 `acc += p * 0` chain is latency-bound).
-bool any_non_finite(DType t, const void* src, size_t n) {
-  if (t == DType::F32) {
-    const auto* p = static_cast<const uint32_t*>(src);
-    uint32_t hit = 0;
-    for (size_t i = 0; i < n; ++i)
-      hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
-    return hit != 0;
-  }
-  if (t == DType::F8E4M3) {
-    const auto* p = static_cast<const uint8_t*>(src);
-    uint32_t hit = 0;
-    for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & 0x7fu) == 0x7fu);
-    return hit != 0;
-  }
-  const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
-  const auto* p = static_cast<const uint16_t*>(src);
-  uint32_t hit = 0;
-  for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & mask) == mask);
-  return hit != 0;
-}
-
 constexpr int64_t kChunk = int64_t{1} << 16;        // elements per OpenMP work item
 constexpr int64_t kParallelMin = int64_t{1} << 18;  // fewer elements: one thread
 
@@ -381,8 +358,8 @@ void Checkpoint::read_cols(const std::string& name, int64_t col_begin, int64_t c
   read_block(name, 0, t.shape[0], col_begin, col_end, out);
 }
 
-StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
-                                     int64_t col_begin, int64_t col_end) const {
+StoredSlice Checkpoint::unchecked_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                                        int64_t col_begin, int64_t col_end) const {
   const TensorInfo& t = impl_->get(name);
   if (t.dtype == DType::Other)
     throw InputError(impl_->dir + ": tensor '" + name + "' has unsupported dtype " + t.dtype_str);
@@ -401,8 +378,25 @@ StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin,
   s.cols = col_end - col_begin;
   s.row_pitch = static_cast<size_t>(cols) * t.elem_size;
   s.data = impl_->bytes(t) + (row_begin * cols + col_begin) * static_cast<int64_t>(t.elem_size);
+  impl_->count(s.bytes());
+  return s;
+}
+
+StoredSlice Checkpoint::unchecked_rows(const std::string& name, int64_t row_begin,
+                                       int64_t row_end) const {
+  return unchecked_block(name, row_begin, row_end, 0, view_len(impl_->get(name)));
+}
+
+void Checkpoint::throw_non_finite(const std::string& name, float value, size_t element) const {
+  non_finite(value, element, impl_->dir, name);
+}
+
+StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin, int64_t row_end,
+                                     int64_t col_begin, int64_t col_end) const {
+  const StoredSlice s = unchecked_block(name, row_begin, row_end, col_begin, col_end);
   // Every value finite, as the converting reads require (checked on the stored bits).
-  const int64_t width = s.cols;
+  const DType dtype = s.dtype;
+  const int64_t width = s.cols, es = static_cast<int64_t>(s.elem_size);
   bool bad = false;
   const int threads = s.bytes() >= static_cast<size_t>(kParallelMin) ? impl_->nthreads() : 1;
   if (s.contiguous()) {
@@ -410,27 +404,24 @@ StoredSlice Checkpoint::stored_block(const std::string& name, int64_t row_begin,
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(|| : bad)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t a = it * kChunk, len = std::min(n, a + kChunk) - a;
-      bad = any_non_finite(t.dtype, s.data + a * static_cast<int64_t>(t.elem_size),
-                           static_cast<size_t>(len)) ||
-            bad;
+      bad = any_non_finite(dtype, s.data + a * es, static_cast<size_t>(len)) || bad;
     }
   } else {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(|| : bad)
     for (int64_t r = 0; r < s.rows; ++r)
-      bad = any_non_finite(t.dtype, s.data + r * s.row_pitch, static_cast<size_t>(width)) || bad;
+      bad = any_non_finite(dtype, s.data + r * s.row_pitch, static_cast<size_t>(width)) || bad;
   }
   if (bad) {
     for (int64_t r = 0; r < s.rows; ++r) {
       const char* row = s.data + r * s.row_pitch;
-      const size_t i = first_non_finite(t.dtype, row, static_cast<size_t>(width));
+      const size_t i = first_non_finite(dtype, row, static_cast<size_t>(width));
       if (i < static_cast<size_t>(width)) {
         float v;
-        convert_to_f32(t.dtype, row + i * t.elem_size, 1, &v);
+        convert_to_f32(dtype, row + i * s.elem_size, 1, &v);
         non_finite(v, static_cast<size_t>(r * width) + i, impl_->dir, name);
       }
     }
   }
-  impl_->count(s.bytes());
   return s;
 }
 
@@ -472,6 +463,7 @@ uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin,
 }
 
 void Checkpoint::set_read_threads(int threads) const { impl_->threads = std::max(0, threads); }
+int Checkpoint::read_threads() const { return impl_->nthreads(); }
 void Checkpoint::set_read_observer(std::function<void(uint64_t)> observer) const {
   impl_->observer = std::move(observer);
 }

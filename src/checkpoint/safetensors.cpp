@@ -238,14 +238,6 @@ std::vector<std::pair<std::string, std::string>> parse_safetensors_index(const s
   return out;
 }
 
-uint16_t f32_to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
-
 float bf16_to_f32(uint16_t x) {
   uint32_t u = static_cast<uint32_t>(x) << 16;
   float f;
@@ -315,19 +307,6 @@ constexpr size_t kParallelMin = size_t{1} << 18;   // below this one thread conv
 
 int resolve_threads(int threads) { return threads > 0 ? threads : max_threads(); }
 
-// Writes all of buf to fd (write(2) may write less than asked).
-void write_all(int fd, const char* buf, size_t n, const std::string& path) {
-  while (n > 0) {
-    const ssize_t w = ::write(fd, buf, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
-    }
-    buf += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
 }  // namespace
 
 void convert_to_f32_parallel(DType t, const void* src, size_t n, float* dst, int threads) {
@@ -364,7 +343,30 @@ size_t first_non_finite(DType t, const void* src, size_t n) {
   return n;
 }
 
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+bool any_non_finite(DType t, const void* src, size_t n) {
+  if (t == DType::F32) {
+    const auto* p = static_cast<const uint32_t*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i)
+      hit |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
+    return hit != 0;
+  }
+  if (t == DType::F8E4M3) {
+    const auto* p = static_cast<const uint8_t*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & 0x7fu) == 0x7fu);
+    return hit != 0;
+  }
+  const uint16_t mask = t == DType::BF16 ? 0x7f80u : 0x7c00u;
+  const auto* p = static_cast<const uint16_t*>(src);
+  uint32_t hit = 0;
+  for (size_t i = 0; i < n; ++i) hit |= static_cast<uint32_t>((p[i] & mask) == mask);
+  return hit != 0;
+}
+
+SafetensorsFileWriter::SafetensorsFileWriter(std::string path, const std::vector<Tensor>& tensors,
+                                             const std::map<std::string, std::string>& metadata)
+    : path_(std::move(path)) {
   json header = json::object();
   uint64_t offset = 0;
   for (const auto& t : tensors) {
@@ -376,65 +378,106 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     header[t.name] = {{"dtype", dtype_name(t.dtype)},
                       {"shape", t.shape},
                       {"data_offsets", {offset, offset + nbytes}}};
+    begin_.push_back(offset);
+    end_.push_back(offset + nbytes);
     offset += nbytes;
   }
-  header["__metadata__"] = {{"format", "pt"}};
+  json meta = {{"format", "pt"}};
+  for (const auto& [key, value] : metadata) meta[key] = value;
+  header["__metadata__"] = meta;
   std::string text = header.dump();
   while ((8 + text.size()) % 8 != 0) text.push_back(' ');  // align the data section
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
+  data_start_ = 8 + text.size();
+  fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw InputError("cannot write " + path_ + " (" + std::strerror(errno) + ")");
+  std::string head(8, '\0');
+  const uint64_t len = text.size();
+  std::memcpy(head.data(), &len, 8);
+  head += text;
   try {
-    // Values go through one 64 MiB buffer: each piece is converted by every thread, then written
-    // with one write(2) call (the page cache takes it at memory speed; the disk drains behind).
-    constexpr size_t kBuffer = size_t{64} << 20;
-    std::vector<char> buf(kBuffer);
-    size_t used = 0;
-    auto flush = [&] {
-      write_all(fd, buf.data(), used, path);
-      used = 0;
-    };
-    const uint64_t len = text.size();
-    std::memcpy(buf.data(), &len, 8);
-    used = 8;
-    for (size_t i = 0; i < text.size();) {
-      if (used == kBuffer) flush();
-      const size_t k = std::min(text.size() - i, kBuffer - used);
-      std::memcpy(buf.data() + used, text.data() + i, k);
-      used += k;
-      i += k;
-    }
-    const int threads = resolve_threads(0);
-    for (const auto& t : tensors) {
-      uint64_t n = 1;
-      for (auto d : t.shape) n *= static_cast<uint64_t>(d);
-      const size_t es = dtype_size(t.dtype);
-      for (uint64_t i = 0; i < n;) {
-        if (used + es > kBuffer) flush();
-        const size_t k = std::min<uint64_t>(n - i, (kBuffer - used) / es);
-        char* dst = buf.data() + used;
-        const float* src = t.data + i;
-        if (t.dtype == DType::F32) {
-          std::memcpy(dst, src, k * 4);
-        } else {
-          auto* h = reinterpret_cast<uint16_t*>(dst);  // buf is 8-aligned; used is even
-          const size_t chunks = (k + kConvertChunk - 1) / kConvertChunk;
-#pragma omp parallel for num_threads(threads) schedule(static) if (k >= kParallelMin)
-          for (size_t c = 0; c < chunks; ++c) {
-            const size_t a = c * kConvertChunk, b = std::min<size_t>(k, a + kConvertChunk);
-            for (size_t j = a; j < b; ++j) h[j] = f32_to_bf16(src[j]);
-          }
-        }
-        used += k * es;
-        i += k;
-      }
-    }
-    flush();
+    write_at(head.data(), head.size(), 0);
   } catch (...) {
-    ::close(fd);
+    ::close(fd_);
+    ::unlink(path_.c_str());
     throw;
   }
-  if (::close(fd) != 0)
-    throw InputError("cannot write " + path + " (" + std::strerror(errno) + ")");
+}
+
+SafetensorsFileWriter::~SafetensorsFileWriter() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(path_.c_str());
+  }
+}
+
+void SafetensorsFileWriter::write_at(const char* p, size_t n, uint64_t pos) const {
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(pos));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw InputError("cannot write " + path_ + " (" + std::strerror(errno) + ")");
+    }
+    if (w == 0) throw InputError("cannot write " + path_ + " (no progress)");
+    p += w;
+    pos += static_cast<uint64_t>(w);
+    n -= static_cast<size_t>(w);
+  }
+}
+
+void SafetensorsFileWriter::write(size_t i, uint64_t offset, const void* bytes, size_t n) const {
+  if (i >= begin_.size() || offset > end_[i] - begin_[i] || n > end_[i] - begin_[i] - offset)
+    throw InputError("write_safetensors: a write past the end of tensor " + std::to_string(i) +
+                     " of " + path_);
+  write_at(static_cast<const char*>(bytes), n, data_start_ + begin_[i] + offset);
+  written_ += n;
+}
+
+void SafetensorsFileWriter::finish() {
+  const uint64_t expected = end_.empty() ? 0 : end_.back();
+  const int fd = fd_;
+  fd_ = -1;
+  const bool closed = ::close(fd) == 0;
+  const int err = errno;
+  if (!closed || written_ != expected) {
+    ::unlink(path_.c_str());
+    if (!closed) throw InputError("cannot write " + path_ + " (" + std::strerror(err) + ")");
+    throw InputError("write_safetensors: " + path_ + " got " + std::to_string(written_.load()) +
+                     " of " + std::to_string(expected) + " data bytes");
+  }
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+  std::vector<SafetensorsFileWriter::Tensor> layout;
+  for (const auto& t : tensors) layout.push_back({t.name, t.dtype, t.shape});
+  SafetensorsFileWriter file(path, layout);
+  // Values go through one 64 MiB buffer: each piece is converted by every thread, then written
+  // with one call (the page cache takes it at memory speed; the disk drains behind).
+  constexpr size_t kBuffer = size_t{64} << 20;
+  std::vector<char> buf(kBuffer);
+  const int threads = resolve_threads(0);
+  for (size_t ti = 0; ti < tensors.size(); ++ti) {
+    const TensorToWrite& t = tensors[ti];
+    const size_t es = dtype_size(t.dtype);
+    const uint64_t n = file.tensor_bytes(ti) / es;
+    for (uint64_t i = 0; i < n;) {
+      const size_t k = std::min<uint64_t>(n - i, kBuffer / es);
+      const float* src = t.data + i;
+      if (t.dtype == DType::F32) {
+        std::memcpy(buf.data(), src, k * 4);
+      } else {
+        auto* h = reinterpret_cast<uint16_t*>(buf.data());
+        const size_t chunks = (k + kConvertChunk - 1) / kConvertChunk;
+#pragma omp parallel for num_threads(threads) schedule(static) if (k >= kParallelMin)
+        for (size_t c = 0; c < chunks; ++c) {
+          const size_t a = c * kConvertChunk, b = std::min<size_t>(k, a + kConvertChunk);
+          for (size_t j = a; j < b; ++j) h[j] = f32_to_bf16(src[j]);
+        }
+      }
+      file.write(ti, i * es, buf.data(), k * es);
+      i += k;
+    }
+  }
+  file.finish();
 }
 
 }  // namespace sinkscope

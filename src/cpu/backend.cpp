@@ -87,6 +87,7 @@ class CpuBackend final : public Backend, private LayerOps {
   explicit CpuBackend(const BackendInputs& in)
       : ck_(*in.ckpt), c_(in.ckpt->config()), plan_(*in.plan), comms_(in.comms), opt_(in.options) {
     keep_freed_memory();
+    ck_.set_read_threads(opt_.threads);  // the load converts on --threads threads
     const uint64_t before = ck_.weight_bytes_read();
     w_ = load_weights(ck_, plan_, opt_.want_logits, opt_.load_progress);
     bytes_loaded_ = ck_.weight_bytes_read() - before;

@@ -65,8 +65,8 @@ struct ModelWeights {
 
 // Reads this rank's slices. The reads are listed first (their total is the progress's total), the
 // kernel is told to read ahead of them (madvise, a window of kReadAheadBytes), and each large read
-// converts on every OpenMP thread (Checkpoint::set_read_threads). `progress` (optional) gets
-// (bytes read, bytes to read).
+// converts on the checkpoint's read threads (Checkpoint::set_read_threads: the CPU backend sets
+// --threads). `progress` (optional) gets (bytes read, bytes to read).
 ModelWeights load_weights(const Checkpoint& ckpt, const ShardPlan& plan, bool with_lm_head,
                           const std::function<void(uint64_t, uint64_t)>& progress = {});
 // One whole gpt-oss expert as load_weights holds it (docs/families.md): gate and up [I, D]

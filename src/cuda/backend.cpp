@@ -181,9 +181,9 @@ class CudaBackend final : public Backend, private LayerOps {
                                                      : 1.0 / std::sqrt(static_cast<double>(d_)));
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
-    w_ =
-        ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.load_progress)
-            : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
+    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.threads,
+                                 opt_.load_progress)
+             : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
     weight_device_bytes_ = device_bytes_held() - held_before;
     if (full_width_) {
       // A KV head held by several tp ranks (tp > num_kv_heads) enters the key's full-width RMS

@@ -14,6 +14,7 @@ std::string& context() {
 }  // namespace
 
 void set_error_context(std::string c) { context() = std::move(c); }
+std::string error_context() { return context(); }
 
 void throw_api_failure(const char* api, const std::string& status, const char* call,
                        const char* file, int line) {

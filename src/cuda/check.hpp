@@ -12,6 +12,8 @@ namespace sinkscope::cuda {
 
 // "rank R on HOST": set once by the backend so every message names where it happened.
 void set_error_context(std::string context);
+// This thread's context (a helper thread copies its creator's).
+std::string error_context();
 
 [[noreturn]] void throw_api_failure(const char* api, const std::string& status, const char* call,
                                     const char* file, int line);

@@ -2,8 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <exception>
 #include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <tuple>
 
 #include "cpu/weights.hpp"
@@ -50,7 +57,7 @@ void matrix_rows(const Checkpoint& ck, Up& up, const std::string& name, int64_t 
     upload_as_bf16(read_rows(ck, name, r0, r1, t->shape.back()), dst);
     return;
   }
-  up.rows(ck, name, r0, r1, dst);
+  up.rows(name, r0, r1, dst);
 }
 
 // A layer's multi-head latent attention (docs/metrics.md, DeepSeek-V3) on this rank: read on the
@@ -113,107 +120,250 @@ void load_gpt_oss_experts(const Checkpoint& ck, const ShardPlan& plan, int64_t l
   }
 }
 
-// Stored weights -> device bf16 without a host conversion: the stored bytes are copied from the
-// mapped file into one of two pinned staging buffers (every OpenMP thread copying a part, which is
-// where the file's pages are read), then cudaMemcpyAsync'd on the stream while the host fills the
-// other buffer. bf16 checkpoints land in the weights as they are (bit for bit the stored values);
-// f16 and f32 ones land in a device staging buffer and are rounded to bf16 there (k::f16_to_bf16,
-// k::f32_to_bf16: the same rounding as the host's f32_to_bf16).
+// Stored weights -> device bf16 without a host conversion. `threads` host threads (--threads, at
+// most kMaxWorkers) each own two pinned staging buffers of kStage bytes and a stream of their own.
+// The loader cuts every slice into pieces of at most kStage bytes and queues them; a free worker
+// copies a piece from the mapped file into one of its buffers (this is where the file's pages are
+// read, so several pieces are read at once), checks its values are finite on the way, and sends
+// the buffer with cudaMemcpyAsync on its stream; it reuses a buffer once the event recorded after
+// that buffer's last copy has completed. Page-cache reads, pinned copies and DMA of different
+// pieces therefore overlap. bf16 checkpoints land in the weights as they are (bit for bit the
+// stored values); f16 and f32 pieces land in the worker's device scratch and are rounded to bf16
+// there by a kernel on the same stream (k::f16_to_bf16, k::f32_to_bf16: the same rounding as the
+// host's f32_to_bf16). finish() waits until every queued piece has been sent, then makes the
+// backend's stream wait for every worker's stream (events) and synchronises it. A non-finite value
+// fails the load with the message of Checkpoint::stored_block (tensor name and element).
 class Uploader {
  public:
-  static constexpr size_t kStage = size_t{64} << 20;
+  static constexpr size_t kStage = size_t{16} << 20;
+  static constexpr int kMaxWorkers = 8;
 
-  explicit Uploader(cudaStream_t s) : s_(s) {
-    for (int i = 0; i < 2; ++i) {
-      pinned_[i].reserve(kStage);
-      CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
+  Uploader(const Checkpoint& ck, cudaStream_t s, int threads) : ck_(ck), s_(s) {
+    CUDA_CHECK(cudaGetDevice(&device_));
+    context_ = error_context();
+    const int n = std::clamp(threads, 1, kMaxWorkers);
+    try {
+      for (int i = 0; i < n; ++i) {
+        auto w = std::make_unique<Worker>();
+        CUDA_CHECK(cudaStreamCreateWithFlags(&w->stream, cudaStreamNonBlocking));
+        for (cudaEvent_t& e : w->done)
+          CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&w->joined, cudaEventDisableTiming));
+        workers_.push_back(std::move(w));
+      }
+      for (auto& w : workers_) w->thread = std::thread([this, p = w.get()] { run(*p); });
+    } catch (...) {
+      shut_down();
+      throw;
     }
   }
   Uploader(const Uploader&) = delete;
   Uploader& operator=(const Uploader&) = delete;
-  ~Uploader() {
-    for (cudaEvent_t e : done_)
-      if (e) cudaEventDestroy(e);
-  }
+  // Drops what is still queued (the load failed) and joins the workers; each Worker then waits for
+  // its stream before its buffers are freed.
+  ~Uploader() { shut_down(); }
 
   // Rows [r0, r1) of a tensor's 2-D view into dst.
-  void rows(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, bf16_bits* dst) {
-    upload(ck.stored_rows(name, r0, r1), dst);
+  void rows(const std::string& name, int64_t r0, int64_t r1, bf16_bits* dst) {
+    upload(name, ck_.unchecked_rows(name, r0, r1), dst);
   }
   // The block rows [r0, r1) x columns [c0, c1) into dst (row-major, c1 - c0 wide).
-  void block(const Checkpoint& ck, const std::string& name, int64_t r0, int64_t r1, int64_t c0,
-             int64_t c1, bf16_bits* dst) {
-    upload(ck.stored_block(name, r0, r1, c0, c1), dst);
+  void block(const std::string& name, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+             bf16_bits* dst) {
+    upload(name, ck_.unchecked_block(name, r0, r1, c0, c1), dst);
   }
-  // Waits for every copy and conversion issued so far.
-  void finish() { CUDA_CHECK(cudaStreamSynchronize(s_)); }
+  // Waits until every piece queued so far is on the device; the backend's stream is ordered after
+  // all of them. Rethrows the first error of a worker.
+  void finish() {
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      idle_cv_.wait(lock, [&] { return busy_ == 0; });
+      if (error_) std::rethrow_exception(error_);
+    }
+    for (auto& w : workers_) {
+      CUDA_CHECK(cudaEventRecord(w->joined, w->stream));
+      CUDA_CHECK(cudaStreamWaitEvent(s_, w->joined, 0));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(s_));
+  }
 
  private:
-  void upload(const StoredSlice& sl, bf16_bits* dst) {
-    const size_t es = sl.elem_size, row_bytes = static_cast<size_t>(sl.cols) * es;
+  // `rows` rows of `row_bytes` stored bytes (row r at src + r * pitch), packed into dst.
+  struct Piece {
+    std::string tensor;
+    const char* src = nullptr;
+    size_t pitch = 0, row_bytes = 0;
+    int64_t rows = 0;
+    DType dtype = DType::BF16;
+    size_t elem_size = 2;
+    bf16_bits* dst = nullptr;
+    int64_t first_element = 0;  // in the slice, of the piece's first value (for the error)
+    int64_t slice_cols = 0;     // values per row of the slice
+  };
+  struct Worker {
+    std::thread thread;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t done[2] = {nullptr, nullptr};  // after the last copy (and rounding) of each buffer
+    cudaEvent_t joined = nullptr;              // recorded by finish()
+    PinnedBuffer<char> pinned[2];              // allocated by the worker when it first needs them
+    DeviceBuffer<char> scratch[2];             // f16/f32 pieces only
+    int next = 0;
+    ~Worker() {  // the thread has been joined; no throw from here
+      if (stream) {
+        cudaStreamSynchronize(stream);
+        cudaStreamDestroy(stream);
+      }
+      for (cudaEvent_t e : {done[0], done[1], joined})
+        if (e) cudaEventDestroy(e);
+    }
+  };
+
+  // Host bytes copied and checked at a time: stays in the cache between the copy and the check.
+  static constexpr size_t kCheckBlock = size_t{256} << 10;
+
+  void upload(const std::string& name, const StoredSlice& sl, bf16_bits* dst) {
     if (sl.bytes() == 0) return;
+    const size_t es = sl.elem_size, row_bytes = static_cast<size_t>(sl.cols) * es;
+    Piece p;
+    p.tensor = name;
+    p.dtype = sl.dtype;
+    p.elem_size = es;
+    p.slice_cols = sl.cols;
     if (sl.contiguous() || row_bytes > kStage) {
       // One byte range per row (contiguous: the whole slice), in stage-sized pieces.
       const int64_t ranges = sl.contiguous() ? 1 : sl.rows;
       const size_t range_bytes = sl.contiguous() ? sl.bytes() : row_bytes;
       for (int64_t r = 0; r < ranges; ++r) {
-        const char* src = sl.data + r * sl.row_pitch;
-        bf16_bits* out = dst + static_cast<size_t>(r) * (range_bytes / es);
         for (size_t off = 0; off < range_bytes; off += kStage) {
-          const size_t n = std::min(kStage, range_bytes - off);
-          stage(sl.dtype, n, out + off / es, [&](char* p) {
-            const int64_t parts = static_cast<int64_t>((n + kPart - 1) / kPart);
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < parts; ++i) {
-              const size_t a = static_cast<size_t>(i) * kPart;
-              std::memcpy(p + a, src + off + a, std::min(kPart, n - a));
-            }
-          });
+          const size_t n = std::min(kStage, range_bytes - off), at = r * range_bytes + off;
+          p.src = sl.data + r * sl.row_pitch + off;
+          p.pitch = p.row_bytes = n;
+          p.rows = 1;
+          p.dst = dst + at / es;
+          p.first_element = static_cast<int64_t>(at / es);
+          enqueue(p);
         }
       }
       return;
     }
-    // Strided rows (a column block): as many whole rows per stage as fit.
+    // Strided rows (a column block): as many whole rows per piece as fit.
     const int64_t per = static_cast<int64_t>(kStage / row_bytes);
     for (int64_t r = 0; r < sl.rows; r += per) {
-      const int64_t k = std::min(per, sl.rows - r);
-      stage(sl.dtype, static_cast<size_t>(k) * row_bytes, dst + r * sl.cols, [&](char* p) {
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < k; ++i)
-          std::memcpy(p + i * row_bytes, sl.data + (r + i) * sl.row_pitch, row_bytes);
-      });
+      p.src = sl.data + r * sl.row_pitch;
+      p.pitch = sl.row_pitch;
+      p.row_bytes = row_bytes;
+      p.rows = std::min(per, sl.rows - r);
+      p.dst = dst + r * sl.cols;
+      p.first_element = r * sl.cols;
+      enqueue(p);
     }
   }
 
-  // Fills the next staging buffer (once the copy that last read it is done) and sends it to dst.
-  template <class Fill>
-  void stage(DType dtype, size_t bytes, bf16_bits* dst, Fill&& fill) {
-    const int i = slot_;
-    slot_ ^= 1;
-    CUDA_CHECK(cudaEventSynchronize(done_[i]));
-    fill(pinned_[i].get());
-    if (dtype == DType::BF16) {
-      CUDA_CHECK(cudaMemcpyAsync(dst, pinned_[i].get(), bytes, cudaMemcpyHostToDevice, s_));
+  void enqueue(const Piece& p) {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      if (error_) std::rethrow_exception(error_);
+      queue_.push_back(p);
+      ++busy_;
+    }
+    work_cv_.notify_one();
+  }
+
+  // A worker thread: takes pieces until shut_down. After an error it only drains the queue.
+  void run(Worker& w) {
+    set_error_context(context_);
+    bool device_set = false;
+    for (;;) {
+      Piece p;
+      bool skip = false;
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        work_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping
+        p = std::move(queue_.front());
+        queue_.pop_front();
+        skip = error_ != nullptr;
+      }
+      try {
+        if (!skip) {
+          if (!device_set) {
+            CUDA_CHECK(cudaSetDevice(device_));  // a new thread starts on device 0
+            device_set = true;
+          }
+          stage(w, p);
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(m_);
+        if (!error_) error_ = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(m_);
+      if (--busy_ == 0) idle_cv_.notify_all();
+    }
+  }
+
+  // Copies (and checks) a piece into the worker's next buffer and sends it on the worker's stream.
+  void stage(Worker& w, const Piece& p) {
+    const int b = w.next;
+    w.next ^= 1;
+    w.pinned[b].reserve(kStage);
+    CUDA_CHECK(cudaEventSynchronize(w.done[b]));  // the buffer's last copy has been read
+    char* buf = w.pinned[b].get();
+    const size_t es = p.elem_size;
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const char* src = p.src + r * p.pitch;
+      char* out = buf + r * p.row_bytes;
+      for (size_t off = 0; off < p.row_bytes; off += kCheckBlock) {
+        const size_t n = std::min(kCheckBlock, p.row_bytes - off);
+        std::memcpy(out + off, src + off, n);
+        if (any_non_finite(p.dtype, out + off, n / es)) {
+          const size_t i = first_non_finite(p.dtype, out + off, n / es);
+          float value;
+          convert_to_f32(p.dtype, out + off + i * es, 1, &value);
+          ck_.throw_non_finite(
+              p.tensor, value,
+              static_cast<size_t>(p.first_element + r * p.slice_cols) + off / es + i);
+        }
+      }
+    }
+    const size_t bytes = p.row_bytes * static_cast<size_t>(p.rows);
+    if (p.dtype == DType::BF16) {
+      CUDA_CHECK(cudaMemcpyAsync(p.dst, buf, bytes, cudaMemcpyHostToDevice, w.stream));
     } else {
-      scratch_[i].reserve(kStage);
-      CUDA_CHECK(
-          cudaMemcpyAsync(scratch_[i].get(), pinned_[i].get(), bytes, cudaMemcpyHostToDevice, s_));
-      if (dtype == DType::F16)
-        k::f16_to_bf16(reinterpret_cast<const uint16_t*>(scratch_[i].get()),
-                       static_cast<int64_t>(bytes / 2), dst, s_);
+      w.scratch[b].reserve(kStage);
+      CUDA_CHECK(cudaMemcpyAsync(w.scratch[b].get(), buf, bytes, cudaMemcpyHostToDevice, w.stream));
+      if (p.dtype == DType::F16)
+        k::f16_to_bf16(reinterpret_cast<const uint16_t*>(w.scratch[b].get()),
+                       static_cast<int64_t>(bytes / 2), p.dst, w.stream);
       else
-        k::f32_to_bf16(reinterpret_cast<const float*>(scratch_[i].get()),
-                       static_cast<int64_t>(bytes / 4), dst, s_);
+        k::f32_to_bf16(reinterpret_cast<const float*>(w.scratch[b].get()),
+                       static_cast<int64_t>(bytes / 4), p.dst, w.stream);
     }
-    CUDA_CHECK(cudaEventRecord(done_[i], s_));
+    CUDA_CHECK(cudaEventRecord(w.done[b], w.stream));
   }
 
-  static constexpr size_t kPart = size_t{1} << 20;  // bytes per host copy task
+  void shut_down() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      busy_ -= static_cast<int64_t>(queue_.size());
+      queue_.clear();
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    for (auto& w : workers_)
+      if (w->thread.joinable()) w->thread.join();
+  }
+
+  const Checkpoint& ck_;
   cudaStream_t s_;
-  PinnedBuffer<char> pinned_[2];
-  DeviceBuffer<char> scratch_[2];
-  cudaEvent_t done_[2] = {nullptr, nullptr};
-  int slot_ = 0;
+  int device_ = 0;
+  std::string context_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::mutex m_;
+  std::condition_variable work_cv_, idle_cv_;
+  std::deque<Piece> queue_;
+  int64_t busy_ = 0;  // pieces queued or being staged
+  bool stop_ = false;
+  std::exception_ptr error_;
 };
 
 // The stored bytes load_device_model reads for this plan (the total of its progress): every matrix
@@ -282,7 +432,7 @@ void make_gram(DeviceLayer& L, const bf16_bits* wo, int64_t D, int64_t Hl, int64
 }  // namespace
 
 DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
-                              Blas& blas, cudaStream_t s,
+                              Blas& blas, cudaStream_t s, int threads,
                               const std::function<void(uint64_t, uint64_t)>& progress) {
   const ModelConfig& c = ck.config();
   const int64_t D = c.hidden_size, d = c.head_dim, Hl = plan.local_heads(),
@@ -298,8 +448,11 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     const Checkpoint& ck;
     ~Reset() { ck.set_read_observer({}); }
   } reset{ck};
-  Uploader up(s);
+  ck.set_read_threads(threads);  // the fp32 reads (norms, biases, routers)
+  // The model before the uploader: an error unwinds the uploader first, which stops its threads
+  // before the buffers they copy into are freed.
   DeviceModel w;
+  Uploader up(ck, s, threads);
   w.layers.resize(static_cast<size_t>(c.num_layers));
   // A 1-D tensor's elements [b, e) as fp32 on the device, or nothing where the family or config has
   // no such tensor.
@@ -336,7 +489,7 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       const std::string fused = name(Role::kQkv);
       for (int64_t h = plan.head_begin; h < plan.head_end; ++h)
         for (int64_t which = 0; which < 3; ++which)
-          up.rows(ck, fused, (3 * h + which) * d, (3 * h + which + 1) * d,
+          up.rows(fused, (3 * h + which) * d, (3 * h + which + 1) * d,
                   L.wqkv.get() + (which * qw + (h - plan.head_begin) * d) * D);
       if (c.qkv_bias) {
         const std::vector<float> all =
@@ -349,9 +502,9 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
       }
     } else {
       L.wqkv.reserve(static_cast<size_t>((qw + 2 * kw) * D));
-      up.rows(ck, name(Role::kQ), plan.head_begin * d, plan.head_end * d, L.wqkv.get());
-      up.rows(ck, name(Role::kK), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + qw * D);
-      up.rows(ck, name(Role::kV), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + (qw + kw) * D);
+      up.rows(name(Role::kQ), plan.head_begin * d, plan.head_end * d, L.wqkv.get());
+      up.rows(name(Role::kK), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + qw * D);
+      up.rows(name(Role::kV), plan.kv_begin * d, plan.kv_end * d, L.wqkv.get() + (qw + kw) * D);
       if (c.qkv_bias) {
         for (auto [role, b, e] : {std::tuple{Role::kQBias, plan.head_begin, plan.head_end},
                                   std::tuple{Role::kKBias, plan.kv_begin, plan.kv_end},
@@ -364,7 +517,7 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     if (!qkv_bias.empty()) upload_f32(qkv_bias, L.qkv_bias);
     if (!c.mla()) {
       L.wo.reserve(static_cast<size_t>(D * qw));
-      up.block(ck, name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
+      up.block(name(Role::kO), 0, D, plan.head_begin * d, plan.head_end * d, L.wo.get());
     }
     vec(Role::kOBias, l, 0, D, L.o_bias, c.o_bias);
     vec(Role::kSinks, l, plan.head_begin, plan.head_end, L.sinks, c.learned_sinks);
@@ -444,8 +597,8 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
   vec(Role::kFinalNormBias, -1, 0, D, w.final_norm_bias, layer_norm);
   if (with_lm_head) {
     w.lm_head.reserve(static_cast<size_t>(c.vocab_size * D));
-    up.rows(ck, tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), 0,
-            c.vocab_size, w.lm_head.get());
+    up.rows(tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead), 0, c.vocab_size,
+            w.lm_head.get());
   }
   up.finish();
   w.bytes_loaded = ck.weight_bytes_read() - before;

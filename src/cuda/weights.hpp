@@ -73,11 +73,12 @@ struct DeviceModel {
   uint64_t bytes_loaded = 0;      // checkpoint bytes converted (or bf16 bytes made, synthetic)
 };
 
-// Stored bf16 bytes go to the device as they are (pinned double-buffered staging, async copies on
-// s); f16/f32 checkpoints are rounded to bf16 on the device. `progress` (optional) gets (bytes
-// read, bytes to read).
+// Stored bf16 bytes go to the device as they are: `threads` host threads (--threads, at most 8)
+// each fill their own pinned staging buffers from the mapped file and copy them asynchronously on
+// their own streams; s waits for every copy before the function returns. f16/f32 checkpoints are
+// rounded to bf16 on the device. `progress` (optional) gets (bytes read, bytes to read).
 DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool with_lm_head,
-                              Blas& blas, cudaStream_t s,
+                              Blas& blas, cudaStream_t s, int threads,
                               const std::function<void(uint64_t, uint64_t)>& progress = {});
 DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan, bool with_lm_head,
                                     uint64_t seed, Blas& blas, cudaStream_t s);

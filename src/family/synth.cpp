@@ -13,15 +13,26 @@
 //                     along j* and every query attends to position 0.
 // A acts on B only through the expert (a two-block circuit): the direct attribution goes to the
 // expert; ablating A or the expert at position 0 removes the sink.
+//
+// Weights come from a counter-based generator (generator version 2): the value of element i of a
+// tensor is a function of (seed, the tensor's name, i) alone, so any chunk of any tensor is drawn
+// on any thread and the file is the same bytes whatever the thread count. The model is never held
+// whole: every thread draws a chunk of at most kChunk elements, applies the planted circuit's edits
+// that fall into it, rounds it to bf16 and writes it at its offset (the header, whose offsets the
+// shapes fix, is written first).
 #include "sinkscope/synth.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
-#include <random>
 
+#include "checkpoint/omp_threads.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/error.hpp"
 #include "sinkscope/family.hpp"
@@ -31,17 +42,147 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Every tensor of the model by name, fp32 until written.
-struct Store {
-  std::vector<RequiredTensor> tensors;
-  std::map<std::string, std::vector<float>> data;
-  std::vector<float>& at(const std::string& name) { return data.at(name); }
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;  // splitmix64's increment
+constexpr int64_t kChunk = int64_t{1} << 22;         // elements per work item (8 MiB of bf16)
+
+// splitmix64's finaliser: a bijection of 64-bit words whose every output bit depends on every
+// input bit.
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+inline uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// FNV-1a of a tensor name.
+uint64_t name_hash(const std::string& name) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char ch : name) {
+    h ^= ch;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+// Two N(0, 1) draws from one 64-bit word (Box-Muller): the low word's top 23 bits give
+// u1 = (2k + 1) / 2^24 in (0, 1), the high word's top 2 bits a quadrant and its next 23 bits the
+// angle inside it. Float arithmetic only (no libm call), compiled without FMA contraction
+// (src/CMakeLists.txt): the same bits on every IEEE-754 machine, and the loop vectorises. The
+// polynomials are accurate to a few float ulps, far below bf16's rounding; |z| <= 5.77.
+inline void box_muller(uint32_t lo, uint32_t hi, float& z0, float& z1) {
+  // Branch-free (selects are bit masks) so that the loop over words vectorises.
+  const int32_t k = static_cast<int32_t>(lo >> 9);
+  const float u1 = static_cast<float>(2 * k + 1) * 0x1p-24f;
+  // ln u1 = e ln 2 + ln m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m - 1) / (m + 1):
+  // a mantissa above sqrt(2)'s (0x3504f3) moves m to [sqrt(1/2), 1) and e up by one.
+  const uint32_t bits = float_bits(u1), mant = bits & 0x7fffffu;
+  const uint32_t high = mant > 0x3504f3u ? 1u : 0u;
+  const int32_t e = static_cast<int32_t>(bits >> 23) - 127 + static_cast<int32_t>(high);
+  const float m = bits_float(mant | (0x3f800000u - (high << 23)));
+  const float s = (m - 1.f) / (m + 1.f), s2 = s * s;
+  const float atanh_s =
+      s * (1.f + s2 * (1.f / 3 + s2 * (1.f / 5 + s2 * (1.f / 7 + s2 * (1.f / 9 + s2 / 11)))));
+  const float ln_u1 = static_cast<float>(e) * 0.693147181f + 2.f * atanh_s;
+  const float r = std::sqrt(-2.f * ln_u1);
+  // The angle: quadrant q, phi in [0, pi/2); Taylor series of sin and cos on it.
+  const uint32_t q = hi >> 30;
+  const float phi =
+      static_cast<float>(static_cast<int32_t>((hi >> 7) & 0x7fffffu)) * (1.57079633f * 0x1p-23f);
+  const float x2 = phi * phi;
+  const float sn =
+      phi * (1.f - x2 / 6 * (1.f - x2 / 20 * (1.f - x2 / 42 * (1.f - x2 / 72 * (1.f - x2 / 110)))));
+  const float cs =
+      1.f -
+      x2 / 2 *
+          (1.f - x2 / 12 * (1.f - x2 / 30 * (1.f - x2 / 56 * (1.f - x2 / 90 * (1.f - x2 / 132)))));
+  // (cos, sin) of q pi/2 + phi: q = 1: (-sin, cos), 2: (-cos, -sin), 3: (sin, -cos).
+  const uint32_t swap = 0u - (q & 1u);  // all ones for q = 1, 3
+  const uint32_t c = (float_bits(sn) & swap) | (float_bits(cs) & ~swap);
+  const uint32_t sv = (float_bits(cs) & swap) | (float_bits(sn) & ~swap);
+  const uint32_t neg_c = ((q + 1u) >> 1 & 1u) << 31, neg_s = (q >> 1) << 31;
+  z0 = r * bits_float(c ^ neg_c);
+  z1 = r * bits_float(sv ^ neg_s);
+}
+
+// Elements [e0, e0 + n) of the N(0, 1) stream `key`, times `scale`; e0 is even. Element 2p and
+// 2p + 1 are the two draws of word p = mix64(key + p kGolden). out holds n rounded up to even.
+void normal_range(uint64_t key, int64_t e0, int64_t n, float scale, float* out) {
+  constexpr int64_t kBlock = 512;
+  uint32_t lo[kBlock], hi[kBlock];
+  float a[kBlock], b[kBlock];
+  const int64_t pairs = (n + 1) / 2, p0 = e0 / 2;
+  for (int64_t base = 0; base < pairs; base += kBlock) {
+    const int64_t m = std::min(kBlock, pairs - base);
+    for (int64_t j = 0; j < m; ++j) {
+      const uint64_t h = mix64(key + static_cast<uint64_t>(p0 + base + j) * kGolden);
+      lo[j] = static_cast<uint32_t>(h);
+      hi[j] = static_cast<uint32_t>(h >> 32);
+    }
+    for (int64_t j = 0; j < m; ++j) box_muller(lo[j], hi[j], a[j], b[j]);
+    float* o = out + 2 * base;
+    for (int64_t j = 0; j < m; ++j) {
+      o[2 * j] = a[j] * scale;
+      o[2 * j + 1] = b[j] * scale;
+    }
+  }
+}
+
+// How a tensor's values are made.
+enum class Fill { kNormal, kOnes, kZeros };
+
+// A planted-circuit edit: set the block rows [r0, r1) x columns [c0, c1) of a tensor's 2-D view
+// ([prod(shape[:-1]), shape[-1]]; 1-D: one row) to `value`. Edits of a tensor apply in the order
+// they were made.
+struct Edit {
+  int64_t r0, r1, c0, c1;
+  float value;
 };
+
+struct TensorPlan {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t elements = 1, cols = 1;
+  Fill fill = Fill::kZeros;
+  float stddev = 0.f;
+  uint64_t key = 0;
+  std::vector<Edit> edits;
+};
+
+// Chunk [e0, e0 + n) of tensor t with its edits, as fp32.
+void draw_chunk(const TensorPlan& t, int64_t e0, int64_t n, float* v) {
+  if (t.fill == Fill::kNormal)
+    normal_range(t.key, e0, n, t.stddev, v);
+  else
+    std::fill(v, v + n, t.fill == Fill::kOnes ? 1.f : 0.f);
+  const int64_t e1 = e0 + n;
+  for (const Edit& ed : t.edits) {
+    const int64_t ra = std::max(ed.r0, e0 / t.cols), rb = std::min(ed.r1, (e1 - 1) / t.cols + 1);
+    for (int64_t r = ra; r < rb; ++r) {
+      const int64_t a = std::max(r * t.cols + ed.c0, e0), b = std::min(r * t.cols + ed.c1, e1);
+      for (int64_t i = a; i < b; ++i) v[i - e0] = ed.value;
+    }
+  }
+}
+
+bool ends_with(const std::string& s, const char* suffix) {
+  const size_t n = std::char_traits<char>::length(suffix);
+  return s.size() > n && s.compare(s.size() - n, n, suffix) == 0;
+}
 
 }  // namespace
 
 PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool plant,
-                          uint64_t seed) {
+                          uint64_t seed, int threads) {
   // Round trip through config.json: what is written is exactly what a reader will see (family,
   // defaults of the family, rotary dims).
   const ModelConfig c = parse_model_config_text(model_config_to_json(shape), "synth config");
@@ -71,139 +212,159 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     if (ec)
       throw InputError("synth --out " + out + ": cannot create folder (" + ec.message() + ")");
   }
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  auto randn = [&](std::vector<float>& v, float stddev) {
-    for (auto& x : v) x = normal(rng) * stddev;
-  };
   const int64_t CONST = 0, BOS = 1, S = 2, U = 3;  // reserved channels when planting
 
   // Every tensor the family asks for: matrices ~ N(0, 1/fan_in), norm gains 1, biases 0; the
-  // embedding ~ N(0, 1). Drawn in a fixed order (the embedding, then layer by layer, then the
-  // output head), so a seed gives the same checkpoint from one version to the next.
-  Store st;
-  st.tensors = required_tensors(c, nullptr, false);
-  const std::string embed_name = tensor_name(c, Role::kEmbed),
-                    head_name = c.tie_word_embeddings ? "" : tensor_name(c, Role::kLmHead);
-  auto draw = [&](const RequiredTensor& t) {
-    int64_t n = 1;
-    for (auto dim : t.shape) n *= dim;
-    std::vector<float> v(static_cast<size_t>(n), 0.f);
-    const bool is_bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
-    const bool is_router_bias =
-        t.name.size() > 23 &&
-        t.name.compare(t.name.size() - 23, 23, "e_score_correction_bias") == 0;
-    const bool is_sink = t.name.size() > 6 && t.name.compare(t.name.size() - 6, 6, ".sinks") == 0;
-    if (t.name == embed_name || is_sink)  // learned sink logits (gpt-oss) ~ N(0, 1)
-      randn(v, 1.f);
-    else if (is_router_bias)
-      randn(v, 0.05f);  // DeepSeek's selection bias: small, so that it changes some selections
-    else if (t.shape.size() == 1 && !is_bias)
-      std::fill(v.begin(), v.end(), 1.f);
-    else if (t.shape.size() >= 2)
-      randn(v, 1.f / std::sqrt(static_cast<float>(t.shape.back())));
-    st.data.emplace(t.name, std::move(v));
-  };
-  for (const auto& t : st.tensors)
-    if (t.name == embed_name) draw(t);
-  for (const auto& t : st.tensors)
-    if (t.name != embed_name && t.name != head_name) draw(t);
-  for (const auto& t : st.tensors)
-    if (t.name == head_name) draw(t);
-  auto W = [&](Role role, int64_t l = -1, int64_t e = -1) -> std::vector<float>& {
-    return st.at(tensor_name(c, role, l, e));
-  };
-  auto& emb = W(Role::kEmbed);
-  if (plant) {
-    for (int64_t t = 0; t < V; ++t) {
-      emb[t * D + CONST] = 3.f;
-      emb[t * D + BOS] = t == pc.bos_token_id ? 8.f : 0.f;
-      emb[t * D + S] = 0.f;
-      emb[t * D + U] = 0.f;
+  // embedding ~ N(0, 1). Each tensor draws from its own stream, keyed by the seed and its name.
+  std::vector<TensorPlan> tensors;
+  std::map<std::string, size_t> index;
+  const std::string embed_name = tensor_name(c, Role::kEmbed);
+  const uint64_t seed_key = mix64(seed + kGolden);
+  for (const RequiredTensor& rt : required_tensors(c, nullptr, false)) {
+    TensorPlan t;
+    t.name = rt.name;
+    t.shape = rt.shape;
+    for (auto dim : rt.shape) t.elements *= dim;
+    t.cols = rt.shape.empty() ? 1 : rt.shape.back();
+    t.key = mix64(seed_key ^ name_hash(rt.name));
+    const bool is_bias = ends_with(rt.name, ".bias");
+    if (rt.name == embed_name || ends_with(rt.name, ".sinks")) {  // gpt-oss sink logits ~ N(0, 1)
+      t.fill = Fill::kNormal;
+      t.stddev = 1.f;
+    } else if (ends_with(rt.name, "e_score_correction_bias")) {
+      t.fill = Fill::kNormal;  // DeepSeek's selection bias: small, so that it changes some choices
+      t.stddev = 0.05f;
+    } else if (rt.shape.size() == 1 && !is_bias) {
+      t.fill = Fill::kOnes;
+    } else if (rt.shape.size() >= 2) {
+      t.fill = Fill::kNormal;
+      t.stddev = 1.f / std::sqrt(static_cast<float>(rt.shape.back()));
     }
+    index.emplace(t.name, tensors.size());
+    tensors.push_back(std::move(t));
+  }
+
+  // The planted circuit, as edits of the drawn tensors (docs/synth.md).
+  auto set = [&](Role role, int64_t l, int64_t e, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                 float value) {
+    const std::string name = tensor_name(c, role, l, e);
+    const auto it = index.find(name);
+    if (it == index.end())
+      throw InputError("synth --plant-circuit: " + c.model_type + " has no tensor " + name);
+    tensors[it->second].edits.push_back({r0, r1, c0, c1, value});
+  };
+  if (plant) {
+    set(Role::kEmbed, -1, -1, 0, V, CONST, CONST + 1, 3.f);
+    set(Role::kEmbed, -1, -1, 0, V, BOS, U + 1, 0.f);  // BOS, S and U
+    set(Role::kEmbed, -1, -1, pc.bos_token_id, pc.bos_token_id + 1, BOS, BOS + 1, 8.f);
   }
   const int64_t jstar = d / 2 - 1;  // the most slowly rotating RoPE dimension
   // Without q/k norms the planted dimension j* gets its gain of 2 from the projections instead.
   const bool qk_norm = c.qk_norm == QkNormKind::kPerHead;
-  std::vector<float> no_gain(static_cast<size_t>(d), 1.f);
   const float w_gain = qk_norm ? 1.f : 2.f;
+  const int64_t qw = H * d;  // o_proj's columns
   for (int64_t l = 0; plant && l < c.num_layers; ++l) {
-    auto& q = W(Role::kQ, l);
-    auto& k = W(Role::kK, l);
-    auto& v = W(Role::kV, l);
-    auto& o = W(Role::kO, l);
-    auto& qn = qk_norm ? W(Role::kQNorm, l) : no_gain;
-    auto& kn = qk_norm ? W(Role::kKNorm, l) : no_gain;
     // Keep the reserved channels clean of other components' writes.
-    for (int64_t r : {S, U})
-      for (int64_t j = 0; j < H * d; ++j) o[r * H * d + j] = 0.f;
+    set(Role::kO, l, -1, S, U + 1, 0, qw, 0.f);
     if (l == pc.head_layer) {
       // Head A: its query reads CONST and its key reads -BOS in dimension j*, so every query
       // i >= 1 avoids the BOS position; position 0 can only attend to itself. Its value reads
       // BOS, so z[0] carries the BOS feature and z[i >= 1] almost none.
-      const int64_t g = pc.head / (H / KV);
-      for (int64_t j = 0; j < d * D; ++j) q[pc.head * d * D + j] = 0.f;
-      q[(pc.head * d + jstar) * D + CONST] = w_gain;
-      for (int64_t j = 0; j < D; ++j) k[(g * d + jstar) * D + j] = 0.f;
-      k[(g * d + jstar) * D + BOS] = -w_gain;
-      qn[jstar] = 2.f;
-      kn[jstar] = 2.f;
-      for (int64_t j = 0; j < D; ++j) v[(g * d) * D + j] = 0.f;
-      v[(g * d) * D + BOS] = 1.f;
+      const int64_t g = pc.head / (H / KV), qr = pc.head * d + jstar, kr = g * d + jstar;
+      set(Role::kQ, l, -1, pc.head * d, pc.head * d + d, 0, D, 0.f);
+      set(Role::kQ, l, -1, qr, qr + 1, CONST, CONST + 1, w_gain);
+      set(Role::kK, l, -1, kr, kr + 1, 0, D, 0.f);
+      set(Role::kK, l, -1, kr, kr + 1, BOS, BOS + 1, -w_gain);
+      if (qk_norm) {
+        set(Role::kQNorm, l, -1, 0, 1, jstar, jstar + 1, 2.f);
+        set(Role::kKNorm, l, -1, 0, 1, jstar, jstar + 1, 2.f);
+      }
+      set(Role::kV, l, -1, g * d, g * d + 1, 0, D, 0.f);
+      set(Role::kV, l, -1, g * d, g * d + 1, BOS, BOS + 1, 1.f);
       for (int64_t h = 0; h < H; ++h)  // only head A passes value dim 0 on, into channel S
-        if (h / (H / KV) == g)
-          for (int64_t r = 0; r < D; ++r) o[r * H * d + h * d] = 0.f;
-      o[S * H * d + pc.head * d] = 1.f;
+        if (h / (H / KV) == g) set(Role::kO, l, -1, 0, D, h * d, h * d + 1, 0.f);
+      set(Role::kO, l, -1, S, S + 1, pc.head * d, pc.head * d + 1, 1.f);
     }
     if (l == pc.sink_layer) {
-      const int64_t g = pc.sink_head / (H / KV);
-      for (int64_t j = 0; j < d * D; ++j) q[pc.sink_head * d * D + j] = 0.f;
-      q[(pc.sink_head * d + jstar) * D + CONST] = w_gain;
-      for (int64_t j = 0; j < D; ++j) k[(g * d + jstar) * D + j] = 0.f;
-      k[(g * d + jstar) * D + U] = w_gain;
-      qn[jstar] = 2.f;
-      kn[jstar] = 2.f;
+      const int64_t g = pc.sink_head / (H / KV), qr = pc.sink_head * d + jstar, kr = g * d + jstar;
+      set(Role::kQ, l, -1, pc.sink_head * d, pc.sink_head * d + d, 0, D, 0.f);
+      set(Role::kQ, l, -1, qr, qr + 1, CONST, CONST + 1, w_gain);
+      set(Role::kK, l, -1, kr, kr + 1, 0, D, 0.f);
+      set(Role::kK, l, -1, kr, kr + 1, U, U + 1, w_gain);
+      if (qk_norm) {
+        set(Role::kQNorm, l, -1, 0, 1, jstar, jstar + 1, 2.f);
+        set(Role::kKNorm, l, -1, 0, 1, jstar, jstar + 1, 2.f);
+      }
     }
     if (c.is_moe_layer(l)) {
       const int64_t E = c.num_experts, I = c.moe_intermediate_size;
-      if (c.has_shared_expert()) {  // the shared expert stays out of the reserved channels
-        const int64_t SI = c.shared_expert_intermediate_size;
-        auto& sd = W(Role::kSharedDown, l);
-        for (int64_t j = 0; j < SI; ++j) sd[S * SI + j] = sd[U * SI + j] = 0.f;
-      }
-      auto& router = W(Role::kRouter, l);
-      for (int64_t e = 0; e < E; ++e) router[e * D + CONST] = 0.f;
-      if (l == pc.expert_layer) router[pc.expert * D + CONST] = 8.f;
+      if (c.has_shared_expert())  // the shared expert stays out of the reserved channels
+        set(Role::kSharedDown, l, -1, S, U + 1, 0, c.shared_expert_intermediate_size, 0.f);
+      set(Role::kRouter, l, -1, 0, E, CONST, CONST + 1, 0.f);
+      if (l == pc.expert_layer)
+        set(Role::kRouter, l, -1, pc.expert, pc.expert + 1, CONST, CONST + 1, 8.f);
       for (int64_t e = 0; e < E; ++e) {
-        auto& gw = W(Role::kExpertGate, l, e);
-        auto& uw = W(Role::kExpertUp, l, e);
-        auto& dw = W(Role::kExpertDown, l, e);
-        for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
+        set(Role::kExpertDown, l, e, S, U + 1, 0, I, 0.f);
         if (l == pc.expert_layer && e == pc.expert) {
           const int64_t units = std::min<int64_t>(I, 8);
-          for (int64_t j = 0; j < units; ++j) {
-            for (int64_t r = 0; r < D; ++r) gw[j * D + r] = uw[j * D + r] = 0.f;
-            gw[j * D + S] = 2.f;
-            uw[j * D + S] = 2.f;
-            for (int64_t r = 0; r < D; ++r) dw[r * I + j] = 0.f;
-            dw[U * I + j] = 4.f;
+          for (Role role : {Role::kExpertGate, Role::kExpertUp}) {
+            set(role, l, e, 0, units, 0, D, 0.f);
+            set(role, l, e, 0, units, S, S + 1, 2.f);
           }
+          set(Role::kExpertDown, l, e, 0, D, 0, units, 0.f);
+          set(Role::kExpertDown, l, e, U, U + 1, 0, units, 4.f);
         }
       }
     } else {
-      const int64_t I = c.intermediate_size;
-      auto& dw = W(Role::kMlpDown, l);
-      for (int64_t j = 0; j < I; ++j) dw[S * I + j] = dw[U * I + j] = 0.f;
+      set(Role::kMlpDown, l, -1, S, U + 1, 0, c.intermediate_size, 0.f);
     }
   }
 
-  std::vector<TensorToWrite> tw;
-  for (const auto& t : st.tensors)
-    tw.push_back({t.name, DType::BF16, t.shape, st.at(t.name).data()});
+  // Draw and write, chunk by chunk on every thread; the header first.
+  std::vector<SafetensorsFileWriter::Tensor> layout;
+  for (const auto& t : tensors) layout.push_back({t.name, DType::BF16, t.shape});
+  const fs::path dir(out);
+  SafetensorsFileWriter file(
+      (dir / "model.safetensors").string(), layout,
+      {{"sinkscope_synth_generator", std::to_string(kSynthGeneratorVersion)}});
+  struct Item {
+    size_t tensor;
+    int64_t begin, count;
+  };
+  std::vector<Item> items;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    for (int64_t e = 0; e < tensors[i].elements; e += kChunk)
+      items.push_back({i, e, std::min(kChunk, tensors[i].elements - e)});
+  const int nthreads = threads > 0 ? threads : max_threads();
+  std::exception_ptr error;
+  std::mutex error_mutex;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> values(static_cast<size_t>(kChunk) + 2);
+    std::vector<uint16_t> bf16(static_cast<size_t>(kChunk));
+#pragma omp for schedule(dynamic, 1)
+    for (size_t it = 0; it < items.size(); ++it) {
+      {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (error) continue;
+      }
+      try {
+        const Item& item = items[it];
+        draw_chunk(tensors[item.tensor], item.begin, item.count, values.data());
+        for (int64_t i = 0; i < item.count; ++i) bf16[i] = f32_to_bf16(values[i]);
+        file.write(item.tensor, static_cast<uint64_t>(item.begin) * 2, bf16.data(),
+                   static_cast<size_t>(item.count) * 2);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  file.finish();
+
   ModelConfig written = c;
   written.dtype = "bfloat16";
-  const fs::path dir(out);
-  write_safetensors((dir / "model.safetensors").string(), tw);
   {
     nlohmann::json j = nlohmann::json::parse(model_config_to_json(written));
     if (plant) j["bos_token_id"] = pc.bos_token_id;
@@ -212,10 +373,11 @@ PlantedCircuit synthesize(const ModelConfig& shape, const std::string& out, bool
     if (!f) throw InputError("synth: cannot write " + (dir / "config.json").string());
   }
   if (plant) {
-    nlohmann::json j = {{"head_layer", pc.head_layer},     {"head", pc.head},
-                        {"expert_layer", pc.expert_layer}, {"expert", pc.expert},
-                        {"sink_layer", pc.sink_layer},     {"sink_head", pc.sink_head},
-                        {"bos_token_id", pc.bos_token_id}, {"seed", seed}};
+    nlohmann::json j = {{"head_layer", pc.head_layer},        {"head", pc.head},
+                        {"expert_layer", pc.expert_layer},    {"expert", pc.expert},
+                        {"sink_layer", pc.sink_layer},        {"sink_head", pc.sink_head},
+                        {"bos_token_id", pc.bos_token_id},    {"seed", seed},
+                        {"generator", kSynthGeneratorVersion}};
     std::ofstream f(dir / "planted_circuit.json");
     f << j.dump(2) << "\n";
   }

@@ -168,10 +168,12 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   if (cuda) {
     // Device: bf16 shard, the embedding (bf16), activations, context and workspaces (base).
     o.device_gib = o.weight_gib + embed * 2.0 / kGiB + o.scratch_gib + k.base_mib / 1024.0;
-    // Host: the records, the loader's pinned staging (2 x 64 MiB) and the process. The shard's
-    // mapped file pages are page cache, read once on their way to the device and reclaimable:
-    // they are not counted against the node (a GPU node need not hold the model in RAM).
-    o.host_gib = record_bytes / kGiB + 0.125 + 0.5;
+    // Host: the records, the loader's pinned staging (two 16 MiB buffers per staging thread:
+    // --threads, at most 8; src/cuda/weights.cpp) and the process. The shard's mapped file pages
+    // are page cache, read once on their way to the device and reclaimable: they are not counted
+    // against the node (a GPU node need not hold the model in RAM).
+    const double staging_gib = std::clamp(r.threads, 1, 8) * 32.0 / 1024.0;
+    o.host_gib = record_bytes / kGiB + staging_gib + 0.5;
     o.limit_gib = r.device_mem_gib;
     o.fits = o.device_gib <= r.device_mem_gib;
     if (!o.fits)

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <random>
 #include <sstream>
@@ -38,11 +39,14 @@
 
 #include "cuda/backend.hpp"
 #include "cuda/device_buffer.hpp"
+#include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
+#include "cuda/weights.hpp"
 #include "sinkscope/analyze.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/model.hpp"
 #include "sinkscope/probes.hpp"
 #include "sinkscope/shard_plan.hpp"
@@ -738,6 +742,155 @@ void fill_tensor(const std::string& file, const std::string& name, float value) 
   f.seekp(static_cast<std::streamoff>(8 + n + begin));
   for (uint64_t at = begin; at < end; at += elem.size()) f.write(elem.data(), elem.size());
   ASSERT_TRUE(f.good()) << file;
+}
+
+// Sets element `index` of one BF16 tensor of a safetensors file to `value` (truncated to bf16).
+void set_bf16_element(const std::string& file, const std::string& name, uint64_t index,
+                      float value) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  uint64_t n = 0;
+  f.read(reinterpret_cast<char*>(&n), 8);
+  std::string header(n, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(n));
+  const auto t = nlohmann::json::parse(header).at(name);
+  ASSERT_EQ(t.at("dtype"), "BF16");
+  const uint64_t begin = t.at("data_offsets")[0];
+  uint32_t bits = 0;
+  std::memcpy(&bits, &value, 4);
+  const uint16_t hi = static_cast<uint16_t>(bits >> 16);
+  f.seekp(static_cast<std::streamoff>(8 + n + begin + 2 * index));
+  f.write(reinterpret_cast<const char*>(&hi), 2);
+  ASSERT_TRUE(f.good()) << file;
+}
+
+template <typename T>
+std::vector<T> to_host(const cuda::DeviceBuffer<T>& b, size_t n) {
+  std::vector<T> v(n);
+  if (n > 0) {
+    EXPECT_EQ(cudaMemcpy(v.data(), b.get(), n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  return v;
+}
+
+// The device bf16 of a slice as the loader must make it: the stored bf16 bits, or f32 rounded as
+// the host's f32_to_bf16.
+std::vector<uint16_t> expected_bf16(const StoredSlice& s) {
+  std::vector<uint16_t> v;
+  for (int64_t r = 0; r < s.rows; ++r)
+    for (int64_t j = 0; j < s.cols; ++j) {
+      const char* p = s.data + r * s.row_pitch + j * static_cast<int64_t>(s.elem_size);
+      if (s.dtype == DType::BF16) {
+        uint16_t b;
+        std::memcpy(&b, p, 2);
+        v.push_back(b);
+      } else {
+        float f;
+        std::memcpy(&f, p, 4);
+        v.push_back(f32_to_bf16(f));
+      }
+    }
+  return v;
+}
+
+// The loader's staging threads (load_device_model's `threads`): 1, 3 or 8 threads give the same
+// device weights, and they are the stored bits (bf16) or the host's rounding of them (f32), for a
+// tp rank's column block of o_proj (strided rows), its q/k/v rows, the experts and an output head
+// larger than one 16 MiB staging piece (40000 x 256 bf16 = 20.5 MB, f32 41 MB).
+TEST(GpuLoad, DeviceWeightsAreTheStoredValuesOnAnyThreadCount) {
+  REQUIRE_GPU();
+  TempDir bf16_dir, f32_dir;
+  const ModelConfig cfg = shape(256, 2, 4, 2, 64, 4, 2, 64, {}, 40000);
+  synthesize(cfg, bf16_dir.path(), false, 3);
+  {
+    // The same tensors as f32 values between bf16 neighbours (so the device must round them).
+    Checkpoint ck = Checkpoint::open(bf16_dir.path());
+    std::vector<std::vector<float>> data;
+    std::vector<TensorToWrite> tw;
+    data.reserve(ck.tensors().size());
+    for (const auto& t : ck.tensors()) {
+      int64_t n = 1;
+      for (auto d : t.shape) n *= d;
+      data.emplace_back(static_cast<size_t>(n));
+      ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
+      for (size_t i = 0; i < data.back().size(); ++i)
+        data.back()[i] *= 1.f + 0.0013f * static_cast<float>(static_cast<int>(i % 7) - 3);
+      tw.push_back({t.name, DType::F32, t.shape, data.back().data()});
+    }
+    write_safetensors(f32_dir.path() + "/model.safetensors", tw);
+    fs::copy_file(bf16_dir.path() + "/config.json", f32_dir.path() + "/config.json");
+  }
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
+  {
+    cuda::Blas blas(s);
+    for (const std::string& dir : {bf16_dir.path(), f32_dir.path()}) {
+      Checkpoint ck = Checkpoint::open(dir);
+      const ModelConfig& c = ck.config();
+      const ShardPlan plan = ShardPlan::make(2, 1, 2, 1, c);  // tp rank 1: heads 2-3
+      const int64_t D = c.hidden_size, d = c.head_dim, qw = plan.local_heads() * d,
+                    kw = plan.local_kv_heads() * d, I = c.moe_intermediate_size, E = c.num_experts,
+                    V = c.vocab_size;
+      std::vector<uint16_t> first_wo, first_gate_up, first_head;
+      for (int threads : {1, 3, 8}) {
+        SCOPED_TRACE(dir + ", threads " + std::to_string(threads));
+        const cuda::DeviceModel w = cuda::load_device_model(ck, plan, true, blas, s, threads);
+        const auto& L = w.layers[1];
+        const auto wo = to_host(L.wo, static_cast<size_t>(D * qw));
+        const auto wqkv = to_host(L.wqkv, static_cast<size_t>((qw + 2 * kw) * D));
+        const auto gate_up = to_host(L.w_gate_up, static_cast<size_t>(E * 2 * I * D));
+        const auto head = to_host(w.lm_head, static_cast<size_t>(V * D));
+        EXPECT_EQ(wo, expected_bf16(ck.stored_block(tensor_name(c, Role::kO, 1), 0, D,
+                                                    plan.head_begin * d, plan.head_end * d)));
+        const auto q = expected_bf16(
+            ck.stored_rows(tensor_name(c, Role::kQ, 1), plan.head_begin * d, plan.head_end * d));
+        EXPECT_TRUE(std::equal(q.begin(), q.end(), wqkv.begin()));
+        const auto up3 = expected_bf16(ck.stored_rows(tensor_name(c, Role::kExpertUp, 1, 3), 0, I));
+        EXPECT_TRUE(std::equal(up3.begin(), up3.end(), gate_up.begin() + (3 * 2 * I + I) * D));
+        const Role head_role = c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead;
+        EXPECT_EQ(head, expected_bf16(ck.stored_rows(tensor_name(c, head_role), 0, V)));
+        if (threads == 1) {
+          first_wo = wo;
+          first_gate_up = gate_up;
+          first_head = head;
+        } else {
+          EXPECT_EQ(wo, first_wo);
+          EXPECT_EQ(gate_up, first_gate_up);
+          EXPECT_EQ(head, first_head);
+        }
+      }
+    }
+  }
+  cudaStreamDestroy(s);
+}
+
+// A non-finite weight ends the CUDA load with the tensor's name and the element, as on the CPU,
+// whichever staging thread met it.
+TEST(GpuLoad, NonFiniteWeightNamesTensorAndElement) {
+  REQUIRE_GPU();
+  TempDir dir;
+  const ModelConfig cfg = shape(64, 3, 4, 2, 16, 8, 2, 32, {});
+  synthesize(cfg, dir.path(), false, 11);
+  const std::string name = tensor_name(cfg, Role::kExpertDown, 1, 2);  // [64, 32]
+  set_bf16_element(dir.path() + "/model.safetensors", name, 37 * 32 + 5,
+                   std::numeric_limits<float>::infinity());
+  auto world = make_single_comm();
+  const IntArray tokens = make_probes("random:2:16:2", cfg.vocab_size);
+  for (int threads : {1, 4}) {
+    AnalyzeOptions opt;
+    opt.model = dir.path();
+    opt.device = "cuda";
+    opt.threads = threads;
+    try {
+      analyze_checkpoint(opt, tokens, *world);
+      ADD_FAILURE() << "an infinite weight was loaded (threads " << threads << ")";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("tensor '" + name +
+                                           "' holds a non-finite value (inf) at element " +
+                                           std::to_string(37 * 32 + 5)),
+                std::string::npos)
+          << e.what();
+    }
+  }
 }
 
 // Whether the Hopper (wgmma) kernels must run here: an sm_90a build (CMake defines

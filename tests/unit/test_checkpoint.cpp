@@ -562,9 +562,66 @@ TEST_F(BigTensorFiles, StoredSlicesRejectNonFiniteValues) {
   EXPECT_THROW(ck.read_rows("big", 100, 700, out.data()), InputError);
 }
 
-// The parallel chunked writer leaves `synth` output unchanged: tests/data/tiny_moe.json, seed 7,
-// hashed with the serial writer of d96bf2e (sinkscope synth --config tests/data/tiny_moe.json
-// --seed 7) before the change.
+// The CUDA loader's path: unchecked slices (checked by the caller as it copies) and the error it
+// raises must be stored_block's.
+TEST_F(BigTensorFiles, UncheckedSlicesAreStoredSlicesWithoutTheCheck) {
+  big[123 * 513 + 45] = std::numeric_limits<float>::infinity();
+  write_safetensors(dir / "model.safetensors", {{"big", DType::BF16, {700, 513}, big.data()},
+                                                {"vec", DType::F32, {1000}, vec.data()}});
+  Checkpoint ck = Checkpoint::open(dir.path());
+  std::string checked_error;
+  try {
+    ck.stored_block("big", 100, 700, 40, 60);
+  } catch (const InputError& e) {
+    checked_error = e.what();
+  }
+  ASSERT_NE(checked_error.find("non-finite"), std::string::npos) << checked_error;
+  const uint64_t before = ck.weight_bytes_read();
+  const StoredSlice s = ck.unchecked_block("big", 100, 700, 40, 60);
+  EXPECT_EQ(ck.weight_bytes_read() - before, s.bytes());
+  EXPECT_EQ(s.rows, 600);
+  EXPECT_EQ(s.cols, 20);
+  EXPECT_EQ(s.row_pitch, size_t{513} * 2);
+  // The caller's check finds the value stored_block found, and reports it the same way.
+  size_t element = 0;
+  bool found = false;
+  for (int64_t r = 0; r < s.rows && !found; ++r) {
+    const char* row = s.data + r * s.row_pitch;
+    if (any_non_finite(s.dtype, row, 20)) {
+      element = static_cast<size_t>(r) * 20 + first_non_finite(s.dtype, row, 20);
+      found = true;
+    }
+  }
+  ASSERT_TRUE(found);
+  EXPECT_EQ(element, size_t{23} * 20 + 5);
+  try {
+    ck.throw_non_finite("big", std::numeric_limits<float>::infinity(), element);
+  } catch (const InputError& e) {
+    EXPECT_EQ(std::string(e.what()), checked_error);
+  }
+  const StoredSlice rows = ck.unchecked_rows("vec", 10, 20);  // 1-D: elements
+  EXPECT_EQ(rows.bytes(), 40u);
+  EXPECT_EQ(std::memcmp(rows.data, vec.data() + 10, 40), 0);
+  EXPECT_THROW(ck.unchecked_block("big", 0, 701, 0, 1), InputError);
+}
+
+TEST(Conversion, AnyNonFiniteAgreesWithFirstNonFinite) {
+  const auto bits = random_bits16(1 << 16, 23);  // every exponent pattern, NaN and inf included
+  for (DType t : {DType::BF16, DType::F16, DType::F32, DType::F8E4M3}) {
+    const size_t es = dtype_size(t), total = bits.size() * 2 / es;
+    for (size_t n : {size_t{1}, size_t{7}, size_t{100}, size_t{1000}, total}) {
+      for (size_t start = 0; start + n <= total; start += std::max<size_t>(n, total / 64)) {
+        const char* p = reinterpret_cast<const char*>(bits.data()) + start * es;
+        ASSERT_EQ(any_non_finite(t, p, n), first_non_finite(t, p, n) < n)
+            << dtype_name(t) << " n " << n << " start " << start;
+      }
+    }
+  }
+}
+
+// synth's generator (version 2, counter-based): tests/data/tiny_moe.json, seed 7 gives these bytes.
+// The hash changes only with a new kSynthGeneratorVersion (docs/synth.md); it was taken from
+// `sinkscope synth --config tests/data/tiny_moe.json --seed 7` when version 2 was made.
 TEST(Writer, SynthOutputIsUnchangedForAFixedSeed) {
   TempDir dir;
   synthesize(
@@ -572,5 +629,108 @@ TEST(Writer, SynthOutputIsUnchangedForAFixedSeed) {
       dir.path(), false, 7);
   const std::string bytes = test::read_file(dir / "model.safetensors");
   EXPECT_EQ(sha256_hex(bytes.data(), bytes.size()),
-            "361860da1ef4076993447212d52892ced178220acbe871adca034801577623a0");
+            "9f9882af9f1b29a31d22184fbf70410a953734c0cf54fcf804f75d155254aa60");
+  EXPECT_NE(bytes.find("\"sinkscope_synth_generator\":\"2\""), std::string::npos);
+}
+
+namespace {
+// A planted qwen3_moe whose embedding and output head (50000 x 98 = 4.9 M values) span two of
+// synth's 4 Mi-value chunks, the boundary falling inside row 42799 between its reserved columns
+// BOS (1) and S (2): 42799 * 98 + 2 = 2^22.
+ModelConfig two_chunk_config() {
+  ModelConfig c =
+      parse_model_config(std::string(SINKSCOPE_TEST_SOURCE_DIR) + "/tests/data/tiny_moe.json");
+  c.vocab_size = 50000;
+  c.hidden_size = 98;
+  return parse_model_config_text(model_config_to_json(c), "two_chunk_config");
+}
+}  // namespace
+
+TEST(Writer, SynthBytesDoNotDependOnTheThreadCount) {
+  TempDir dir;
+  const ModelConfig c = two_chunk_config();
+  for (bool plant : {false, true}) {
+    synthesize(c, dir / "t1", plant, 5, 1);
+    synthesize(c, dir / "t3", plant, 5, 3);
+    const std::string one = test::read_file(dir / "t1/model.safetensors");
+    const std::string three = test::read_file(dir / "t3/model.safetensors");
+    ASSERT_GT(one.size(), size_t{2} * 50000 * 98 * 2) << "plant " << plant;
+    EXPECT_TRUE(one == three) << "plant " << plant;
+  }
+  // Another seed gives other weights.
+  synthesize(c, dir / "s6", true, 6, 2);
+  EXPECT_FALSE(test::read_file(dir / "t1/model.safetensors") ==
+               test::read_file(dir / "s6/model.safetensors"));
+}
+
+TEST(Writer, SynthPlantsItsEditsAcrossChunkBoundaries) {
+  TempDir dir;
+  const ModelConfig c = two_chunk_config();
+  synthesize(c, dir.path(), true, 5, 2);
+  Checkpoint ck = Checkpoint::open(dir.path());
+  const int64_t V = c.vocab_size, D = c.hidden_size;
+  std::vector<float> emb(static_cast<size_t>(V * D));
+  ck.read_rows(tensor_name(ck.config(), Role::kEmbed), 0, V, emb.data());
+  int64_t random_nonzero = 0;
+  for (int64_t t = 0; t < V; ++t) {
+    const float* row = emb.data() + t * D;
+    ASSERT_EQ(row[0], 3.f) << "row " << t;                 // CONST
+    ASSERT_EQ(row[1], t == 1 ? 8.f : 0.f) << "row " << t;  // BOS
+    ASSERT_EQ(row[2], 0.f) << "row " << t;                 // S
+    ASSERT_EQ(row[3], 0.f) << "row " << t;                 // U
+    for (int64_t j = 4; j < D; ++j) random_nonzero += row[j] != 0.f;
+  }
+  EXPECT_GT(random_nonzero, V * (D - 4) * 99 / 100);
+  // The planted expert's down projection: rows S and U of every expert are 0 but the first 8
+  // columns of row U of expert 2 (4).
+  const int64_t I = c.moe_intermediate_size;
+  std::vector<float> down(static_cast<size_t>(D * I));
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    ck.read_rows(tensor_name(ck.config(), Role::kExpertDown, 1, e), 0, D, down.data());
+    for (int64_t j = 0; j < I; ++j) {
+      EXPECT_EQ(down[2 * I + j], 0.f);
+      EXPECT_EQ(down[3 * I + j], e == 2 && j < 8 ? 4.f : 0.f);
+    }
+  }
+}
+
+// The generator's values are N(0, 1) (times 1/sqrt(fan_in)): moments and tail shares of the 4.9 M
+// values of the output head, which the planted circuit leaves alone.
+TEST(Writer, SynthDrawsStandardNormals) {
+  TempDir dir;
+  const ModelConfig c = two_chunk_config();
+  synthesize(c, dir.path(), false, 9, 2);
+  Checkpoint ck = Checkpoint::open(dir.path());
+  const int64_t V = c.vocab_size, D = c.hidden_size;
+  std::vector<float> w(static_cast<size_t>(V * D));
+  ck.read_rows(tensor_name(ck.config(), Role::kLmHead), 0, V, w.data());
+  const double scale = std::sqrt(static_cast<double>(D)), n = static_cast<double>(w.size());
+  double sum = 0, sum2 = 0, sum4 = 0, beyond2 = 0, beyond4 = 0, max_abs = 0;
+  for (float v : w) {
+    const double z = v * scale;
+    sum += z;
+    sum2 += z * z;
+    sum4 += z * z * z * z;
+    beyond2 += std::abs(z) > 2;
+    beyond4 += std::abs(z) > 4;
+    max_abs = std::max(max_abs, std::abs(z));
+  }
+  EXPECT_NEAR(sum / n, 0.0, 0.003);
+  EXPECT_NEAR(sum2 / n, 1.0, 0.005);
+  EXPECT_NEAR(sum4 / n, 3.0, 0.03);           // kurtosis of a normal
+  EXPECT_NEAR(beyond2 / n, 0.0455, 0.002);    // P(|z| > 2)
+  EXPECT_NEAR(beyond4 / n * 1e5, 6.33, 1.5);  // P(|z| > 4) = 6.33e-5: ~310 of 4.9 M
+  EXPECT_LT(max_abs, 5.8);                    // u1 >= 2^-24 bounds |z| by 5.77
+  // The two draws of one word (elements 2p, 2p + 1) are independent: neither they nor their
+  // squares correlate (2.45 M pairs: the standard error of a correlation is 6.4e-4).
+  double xy = 0, x2y2 = 0, x4 = 0;
+  for (size_t i = 0; i + 1 < w.size(); i += 2) {
+    const double x = w[i] * scale, y = w[i + 1] * scale;
+    xy += x * y;
+    x2y2 += x * x * y * y;
+    x4 += x * x * x * x;
+  }
+  const double pairs = n / 2, var = sum2 / n;
+  EXPECT_NEAR(xy / pairs / var, 0.0, 0.004);
+  EXPECT_NEAR((x2y2 / pairs - var * var) / (x4 / pairs - var * var), 0.0, 0.006);
 }

@@ -122,3 +122,21 @@ TEST(ShardPlan, ShardedLoadReadsItsShare) {
       make_cpu_backend(etp_ck, ShardPlan::make(4, 3, 2, 2, c, 2), comms, {})->weight_bytes_loaded();
   EXPECT_NEAR(static_cast<double>(quarter), replicated + attn / 2 + experts / 4, 1.0);
 }
+
+// Loading follows --threads (ForwardOptions::threads), not OpenMP's default: the CPU backend sets
+// the checkpoint's read threads before it loads.
+TEST(ShardPlan, CpuLoadUsesTheBackendsThreads) {
+  const ModelConfig c = test::tiny_config(3);
+  test::TempDir dir;
+  synthesize(c, dir.path(), false, 1);
+  auto single = make_single_comm();
+  ForwardComms comms{single.get(), single.get(), single.get()};
+  for (int threads : {1, 3}) {
+    Checkpoint ck = Checkpoint::open(dir.path());
+    ck.set_read_threads(threads == 1 ? 4 : 1);  // what OMP_NUM_THREADS would have given
+    ForwardOptions options;
+    options.threads = threads;
+    make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, c), comms, options);
+    EXPECT_EQ(ck.read_threads(), threads);
+  }
+}
