@@ -11,8 +11,11 @@ src=$2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 other=${SINKSCOPE_SWEEP_DEVICE:-cuda}  # the backend compared with the CPU (cuda; cpu checks the script)
-python=/usr/bin/python3
-[ -x "$python" ] || python=python3
+python=
+for p in python3 /usr/bin/python3; do
+  if "$p" -c "import h5py, numpy" 2>/dev/null; then python=$p; break; fi
+done
+[ -n "$python" ] || { echo "test_sweep_families: no python3 with h5py and numpy" >&2; exit 1; }
 for fam in qwen3_moe_fused mixtral qwen2_moe olmoe olmo2 gpt_neox llama qwen3 gpt_oss deepseek_v3; do
   for step in 100 200 400; do
     "$bin" synth --config "$src/tests/golden/families/$fam/config.json" \
