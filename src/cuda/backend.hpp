@@ -103,7 +103,7 @@ void set_phase_timing(Backend& backend, bool on);
 RunProfile last_run_profile(const Backend& backend);
 MemoryReport memory_report(const Backend& backend);
 // Per layer: router near-ties seen so far (tokens whose k-th and (k+1)-th probabilities differ by
-// less than 1e-3), the tokens routed, and how the expert products run.
+// less than 1e-2), the tokens routed, and how the expert products run.
 std::vector<int64_t> near_tie_counts(const Backend& backend);
 int64_t routed_tokens(const Backend& backend);
 std::string expert_gemm_strategy(const Backend& backend);

@@ -11,6 +11,13 @@
 namespace sinkscope::cuda::k {
 namespace {
 
+// A near-tie: the k-th and (k+1)-th routing scores (probabilities, or DeepSeek's corrected
+// sigmoid scores) closer than this. The router's input differs from the CPU's by the bf16 rounding
+// of the products before it (a few 1e-3 relative, growing over layers), which moves logits of
+// order 1 by ~1e-2 and top probabilities or sigmoid scores by a few 1e-3: a gap below 1e-2 can
+// flip between the backends.
+constexpr float kNearTieGap = 1e-2f;
+
 constexpr int kMaxTopK = 32;
 
 // Warp per token row; lane holds experts e = lane + 32 t. Probabilities in double as
@@ -171,7 +178,7 @@ __global__ void p0_rows_kernel(const float* __restrict__ rows, const float* __re
   if (threadIdx.x == 0) n0_out[out] = static_cast<float>(sqrt(ss));
 }
 
-// counts[e] += pairs routed to e; ties[0] += rows whose k-th / (k+1)-th gap is < 1e-3. Ids
+// counts[e] += pairs routed to e; ties[0] += rows whose k-th / (k+1)-th gap is < kNearTieGap. Ids
 // outside [0, E) (NaN logits) are not counted: the caller sees fewer pairs than it routed.
 __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t npairs, int E,
                                         const float* __restrict__ gap, int64_t n,
@@ -187,7 +194,7 @@ __global__ void expert_histogram_kernel(const int32_t* __restrict__ ids, int64_t
     if (e >= 0 && e < E) atomicAdd(&local[e], 1);  // NaN logits pick no expert (id INT_MAX)
   }
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < n; r += stride)
-    my_ties += gap[r] < 1e-3f ? 1 : 0;
+    my_ties += gap[r] < kNearTieGap ? 1 : 0;
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x)
     if (local[e]) atomicAdd(&counts[e], local[e]);

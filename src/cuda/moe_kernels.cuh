@@ -21,7 +21,8 @@ void gather_rows(const bf16_bits* src, const int32_t* rows, int div, int64_t n, 
                  bf16_bits* dst, cudaStream_t s);
 
 // Routing bookkeeping on the device (single expert-parallel rank):
-// counts_and_ties [E + 1]: pairs per expert, then the rows whose gap is < 1e-3 (zeroed here).
+// counts_and_ties [E + 1]: pairs per expert, then the rows whose gap is < 1e-2 (near-ties; zeroed
+// here).
 void expert_histogram(const int32_t* ids, int64_t npairs, int E, const float* gap, int64_t n,
                       int32_t* counts_and_ties, cudaStream_t s);
 // Stable counting sort by expert: src_pair[pos] = pair, pos_of_pair[pair] = pos, with expert e's

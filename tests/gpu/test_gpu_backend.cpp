@@ -14,7 +14,7 @@
 //                         deltas carry the upstream bf16 error.
 //   k_0 identity          1e-3 relative on the GPU itself (analyze_checkpoint enforces it).
 //   routing               identical, except tokens whose k-th and (k+1)-th router probabilities
-//                         differ by < 1e-3 (near-ties, counted by the backend and reported). Taps
+//                         differ by < 1e-2 (near-ties, counted by the backend and reported). Taps
 //                         from the first layer with a routing difference on are reported, not
 //                         asserted.
 #include <cuda_runtime_api.h>
@@ -392,7 +392,7 @@ TEST_P(GpuBackendTest, TapsMatchCpu) {
     if (mismatch[static_cast<size_t>(l)] > 0 && first_diff_layer == L) first_diff_layer = l;
   }
   std::cout << "[ routing  ] " << c.name << ": " << total_ties
-            << " near-ties (|p_k - p_k+1| < 1e-3) in " << cuda::routed_tokens(*cuda_be)
+            << " near-ties (|p_k - p_k+1| < 1e-2) in " << cuda::routed_tokens(*cuda_be)
             << " routed tokens; " << total_mismatch << " token choices differ from the CPU"
             << (first_diff_layer < L ? " (from layer " + std::to_string(first_diff_layer) + ")"
                                      : "")
@@ -868,9 +868,9 @@ TEST(GpuLoad, DeviceWeightsAreTheStoredValuesOnAnyThreadCount) {
 TEST(GpuLoad, NonFiniteWeightNamesTensorAndElement) {
   REQUIRE_GPU();
   TempDir dir;
-  const ModelConfig cfg = shape(64, 3, 4, 2, 16, 8, 2, 32, {});
-  synthesize(cfg, dir.path(), false, 11);
-  const std::string name = tensor_name(cfg, Role::kExpertDown, 1, 2);  // [64, 32]
+  synthesize(shape(64, 3, 4, 2, 16, 8, 2, 32, {}), dir.path(), false, 11);
+  const ModelConfig cfg = parse_model_config(dir.path() + "/config.json");  // with its family
+  const std::string name = tensor_name(cfg, Role::kExpertDown, 1, 2);       // [64, 32]
   set_bf16_element(dir.path() + "/model.safetensors", name, 37 * 32 + 5,
                    std::numeric_limits<float>::infinity());
   auto world = make_single_comm();
