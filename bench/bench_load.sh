@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Loading benchmark (issue 16): warm and cold load GB/s of the CPU backend (and CUDA where built and
-# a GPU is present), the `cat` rate of the same files in the same run, transformers'
-# from_pretrained where torch + transformers are installed, a sweep of 4 checkpoints with and
-# without read-ahead (wall/read/compute/overlap), and `synth` MB/s. Prints a Markdown table.
+# Loading benchmark (issue 16), every row from one run: `synth` MB/s; the `cat` rate of the
+# checkpoint, cold and warm; warm and cold load GB/s of the CPU backend and (where built and a GPU
+# is present) the CUDA backend, end to end and the weight load alone; transformers'
+# from_pretrained, cold and warm, where torch + transformers import (to the GPU when torch sees
+# one); a sweep of 4 checkpoints with and without read-ahead (wall/read/compute/overlap). Prints a
+# Markdown table; the issue's targets are computed under it.
 #
 #   bench/bench_load.sh [BIN] [CONFIG] [LAYERS] [WORKDIR]
 #     BIN      sinkscope binary (default build/src/sinkscope)
 #     CONFIG   shape (default bench/qwen3_30b_a3b.json), cut to LAYERS layers (default 1)
 #     WORKDIR  where the checkpoints go (default a temporary folder, removed at the end)
 #   DEVICES="cpu cuda" (default: cpu, plus cuda when nvidia-smi sees a GPU and BIN has it)
-#   PROBES (default random:4:32:1) THREADS (default nproc)
+#   PROBES (default random:4:32:1) THREADS (default nproc: --threads of every command, and
+#   OMP_NUM_THREADS of synth) SWEEP=0 skips the sweeps, SWEEP_DEVICE (default: the last of
+#   DEVICES, so cuda where there is one)
+#   Cold rows need root (echo 3 > /proc/sys/vm/drop_caches); without it they are skipped.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${1:-$root/build/src/sinkscope}
@@ -18,6 +23,7 @@ layers=${3:-1}
 work=${4:-}
 probes=${PROBES:-random:4:32:1}
 threads=${THREADS:-$(nproc)}
+sweep=${SWEEP:-1}
 if [ -z "$work" ]; then work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
 mkdir -p "$work"
 devices=${DEVICES:-cpu}
@@ -26,9 +32,10 @@ if [ -z "${DEVICES:-}" ] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/
   devices="cpu cuda"
 fi
 now() { date +%s.%N; }
-rate() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.2f", b / 1e9 / t }'; }
+calc() { awk "BEGIN { printf \"$1\", $2 }"; }
 rows=()
 row() { rows+=("| $1 | $2 | $3 |"); }
+targets=()
 
 python3 - "$config" "$layers" "$work/config.json" <<'PY'
 import json, sys
@@ -37,74 +44,142 @@ json.dump(c, open(sys.argv[3], "w"), indent=1)
 PY
 
 # ---- synth: the first checkpoint timed, three more for the sweep.
+rm -rf "$work/run"
 t0=$(now)
-"$bin" synth --config "$work/config.json" --out "$work/run/step0" --seed 1 || exit 1
+OMP_NUM_THREADS=$threads "$bin" synth --config "$work/config.json" --out "$work/run/step0" --seed 1 2>/dev/null || exit 1
 t1=$(now)
-bytes=$(stat -c %s "$work"/run/step0/*.safetensors | awk '{ s += $1 } END { print s }')
-synth_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
-row "synth (whole command: random draws + write)" "$(awk -v b="$bytes" -v t="$synth_s" 'BEGIN { printf "%.0f MB/s", b / 1e6 / t }')" "$(printf '%.1f s for %.2f GB' "$synth_s" "$(awk -v b="$bytes" 'BEGIN{print b/1e9}')")"
-for s in 100 200 400; do "$bin" synth --config "$work/config.json" --out "$work/run/step$s" --seed $((s + 1)) || exit 1; done
 files=("$work"/run/step0/*.safetensors)
+bytes=$(stat -c %s "${files[@]}" | awk '{ s += $1 } END { print s }')
+synth_s=$(calc "%.3f" "$t1 - $t0")
+synth_mbs=$(calc "%.0f" "$bytes / 1e6 / $synth_s")
+row "synth (whole command, $threads threads)" "$synth_mbs MB/s" "$synth_s s for $(calc "%.2f" "$bytes / 1e9") GB"
+targets+=("synth: $synth_mbs MB/s (target >= 1000 MB/s)")
+if [ "$sweep" = 1 ]; then
+  for s in 100 200 400; do
+    OMP_NUM_THREADS=$threads "$bin" synth --config "$work/config.json" --out "$work/run/step$s" --seed $((s + 1)) 2>/dev/null || exit 1
+  done
+fi
 
 drop_caches() {
   sync
-  if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then return 0; fi
-  return 1
+  echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
 }
 cold_ok=1
 if ! drop_caches; then cold_ok=0; cold_why="cannot write /proc/sys/vm/drop_caches (not root or read-only /proc)"; fi
 
-load_rate() {  # device, label
-  local out
-  out=$("$bin" analyze --model "$work/run/step0" --probes "$probes" --device "$1" --threads "$threads" \
-        --verbose --quiet --out "$work/a.h5" 2>&1 | grep "sinkscope: load ")
-  echo "$out" | sed -E 's/.*load ([0-9.]+) s \(([0-9.]+) GB, ([0-9.]+) GB\/s\).*/\3 GB\/s (\2 GB in \1 s)/'
-}
-cat_rate() {
+cat_rate() {  # GB/s of reading the checkpoint's files with cat
   local a b
   a=$(now); cat "${files[@]}" > /dev/null; b=$(now)
-  echo "$(rate "$bytes" "$(awk -v a="$a" -v b="$b" 'BEGIN { print b - a }')") GB/s"
+  calc "%.2f" "$bytes / 1e9 / ($b - $a)"
+}
+# Fills load_total, load_weights (seconds), load_gb from analyze --verbose's load line:
+#   sinkscope: load T s (B GB, R GB/s; weights alone W s, R2 GB/s), compute C s
+load_run() {  # device
+  local line
+  line=$("$bin" analyze --model "$work/run/step0" --probes "$probes" --device "$1" --threads "$threads" \
+         --verbose --quiet --out "$work/a.h5" 2>&1 | grep "sinkscope: load ")
+  load_total=$(echo "$line" | sed -E 's/.*load ([0-9.]+) s .*/\1/')
+  load_gb=$(echo "$line" | sed -E 's/.*load [0-9.]+ s \(([0-9.]+) GB.*/\1/')
+  load_weights=$(echo "$line" | sed -E 's/.*weights alone ([0-9.]+) s.*/\1/')
+}
+load_row() {  # device, label
+  load_run "$1"
+  row "load --device $1, $2" "$(calc "%.2f" "$load_gb / $load_weights") GB/s weights alone" \
+      "$load_gb GB: weights $load_weights s; whole load $load_total s ($(calc "%.2f" "$load_gb / $load_total") GB/s: checkpoint open + backend setup + weights)"
 }
 
+declare -A warm_weights warm_rate
+cat_cold=""
 for dev in $devices; do
   if [ "$cold_ok" = 1 ]; then
-    drop_caches; row "cat, cold" "$(cat_rate)" "same files"
-    drop_caches; row "load --device $dev, cold" "$(load_rate "$dev")" "checkpoint open + this rank's weights"
+    drop_caches; cat_cold=$(cat_rate); row "cat, cold" "$cat_cold GB/s" "the $(calc "%.2f" "$bytes / 1e9") GB of safetensors"
+    drop_caches; load_row "$dev" cold
+    targets+=("$dev cold load: $(calc "%.0f" "100 * $load_gb / $load_weights / $cat_cold")% of the cold cat rate (target >= 90% of the disk's sequential rate)")
   else
     row "load --device $dev, cold" "skipped" "$cold_why"
   fi
   cat "${files[@]}" > /dev/null
-  row "cat, warm" "$(cat_rate)" "page cache"
-  row "load --device $dev, warm" "$(load_rate "$dev")" "checkpoint open + this rank's weights"
+  cat_warm=$(cat_rate)
+  row "cat, warm" "$cat_warm GB/s" "page cache"
+  load_row "$dev" warm
+  warm_weights[$dev]=$load_weights
+  warm_rate[$dev]=$(calc "%.2f" "$load_gb / $load_weights")
+  targets+=("$dev warm load: $(calc "%.0f" "100 * ${warm_rate[$dev]} / $cat_warm")% of the warm cat rate (target >= 80%)")
 done
 
-# ---- transformers' from_pretrained (weights only, CPU, bf16)
+# ---- transformers' from_pretrained, cold then warm, in one process (imports and CUDA set up
+# before the clock starts; to the GPU when torch sees one, as device_map="cuda").
 if python3 -c "import torch, transformers" 2>/dev/null; then
-  [ "$cold_ok" = 1 ] && drop_caches
-  hf=$(python3 - "$work/run/step0" <<'PY'
-import sys, time, torch, transformers
-t = time.time()
-m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16)
-print(f"{time.time() - t:.2f}")
+  hf=$(python3 - "$work/run/step0" "$cold_ok" 2>/dev/null <<'PY'
+import gc, os, sys, time, torch, transformers
+path, cold = sys.argv[1], sys.argv[2] == "1"
+cuda = torch.cuda.is_available()
+if cuda:
+    torch.zeros(1, device="cuda")
+def load():
+    kw = {"device_map": "cuda"} if cuda else {}
+    t = time.time()
+    try:
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw)
+    except TypeError:  # transformers before the dtype= keyword
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, **kw)
+    if cuda:
+        torch.cuda.synchronize()
+    s = time.time() - t
+    del m
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return s
+times = []
+if cold:
+    os.system("sync; echo 3 > /proc/sys/vm/drop_caches")
+    times.append(load())
+else:
+    times.append(-1)
+load()  # the page cache warm
+times.append(load())
+print(f"{'cuda' if cuda else 'cpu'} {times[0]:.3f} {times[1]:.3f} {transformers.__version__}")
 PY
   )
-  row "transformers from_pretrained$([ "$cold_ok" = 1 ] && echo ', cold')" "$(rate "$bytes" "$hf") GB/s" "$hf s"
+  if [ -n "$hf" ]; then
+    read -r hf_dev hf_cold hf_warm hf_ver <<<"$hf"
+    [ "$cold_ok" = 1 ] && row "transformers $hf_ver from_pretrained to $hf_dev, cold" "$(calc "%.2f" "$bytes / 1e9 / $hf_cold") GB/s" "$hf_cold s for the whole $(calc "%.2f" "$bytes / 1e9") GB"
+    row "transformers $hf_ver from_pretrained to $hf_dev, warm" "$(calc "%.2f" "$bytes / 1e9 / $hf_warm") GB/s" "$hf_warm s for the whole $(calc "%.2f" "$bytes / 1e9") GB"
+    dev=$([ "$hf_dev" = cuda ] && echo cuda || echo cpu)
+    if [ -n "${warm_rate[$dev]:-}" ]; then
+      targets+=("$dev warm load vs transformers warm: $(calc "%.2f" "${warm_rate[$dev]} / ($bytes / 1e9 / $hf_warm)")x its rate (target >= 2x)")
+    fi
+  else
+    row "transformers from_pretrained" "failed" "the python script failed (run it by hand to see why)"
+  fi
 else
   row "transformers from_pretrained" "skipped" "python3 has no torch + transformers"
 fi
 
 # ---- a sweep of 4 checkpoints, with and without read-ahead
-for pf in 0 default; do
-  [ "$cold_ok" = 1 ] && drop_caches
-  opt=(); [ "$pf" = 0 ] && opt=(--prefetch-gb 0)
-  line=$("$bin" sweep --models-glob "$work/run/step*" --probes "$probes" --threads "$threads" \
-         --bootstrap 20 --verbose --quiet --out "$work/sweep_$pf" "${opt[@]}" 2>&1 | grep "sweep timing")
-  row "sweep of 4, --prefetch-gb $pf$([ "$cold_ok" = 1 ] && echo ', cold start')" "${line#sinkscope: sweep timing: }" ""
-done
+if [ "$sweep" = 1 ]; then
+  dev=${SWEEP_DEVICE:-${devices##* }}
+  for pf in 0 default; do
+    [ "$cold_ok" = 1 ] && drop_caches
+    opt=(); [ "$pf" = 0 ] && opt=(--prefetch-gb 0)
+    line=$("$bin" sweep --models-glob "$work/run/step*" --probes "$probes" --device "$dev" --threads "$threads" \
+           --bootstrap 20 --verbose --quiet --out "$work/sweep_$pf" "${opt[@]}" 2>&1 | grep "sweep timing")
+    line=${line#sinkscope: sweep timing: }
+    row "sweep of 4 on $dev, --prefetch-gb $pf$([ "$cold_ok" = 1 ] && echo ', cold start')" "$line" ""
+    wall=$(echo "$line" | sed -E 's/^wall ([0-9.]+) s.*/\1/')
+    read_s=$(echo "$line" | sed -E 's/.* read ([0-9.]+) s, compute.*/\1/')
+    compute=$(echo "$line" | sed -E 's/.* compute ([0-9.]+) s.*/\1/')
+    targets+=("sweep --prefetch-gb $pf: wall / max(read, compute) = $(calc "%.2f" "$wall / ($read_s > $compute ? $read_s : $compute)") (target <= 1.15; read and compute as the sweep line counts them)")
+  done
+fi
 
 echo
-echo "shape: $config cut to $layers layer(s); $(awk -v b="$bytes" 'BEGIN{printf "%.2f", b/1e9}') GB per checkpoint; probes $probes; threads $threads; $(nproc) cores; $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
+echo "shape: $config cut to $layers layer(s); $(calc "%.2f" "$bytes / 1e9") GB per checkpoint; probes $probes; threads $threads; $(nproc) cores; $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| measure | rate | notes |"
 echo "|---|---|---|"
 printf '%s\n' "${rows[@]}"
+echo
+echo "Against the targets of issue 16:"
+printf -- '- %s\n' "${targets[@]}"

@@ -60,6 +60,7 @@ struct AnalyzeOptions {
   struct Timings {
     double read_seconds = 0, compute_seconds = 0;
     uint64_t bytes_read = 0;
+    double weight_load_seconds = 0;  // the backend's weight load alone (part of read_seconds)
   }* timings = nullptr;
 };
 

@@ -51,6 +51,9 @@ class Backend {
   virtual double communication_seconds() const = 0;
   // Bytes of checkpoint data this rank converted when loading its shard.
   virtual uint64_t weight_bytes_loaded() const = 0;
+  // Seconds that load took: reading, converting and (CUDA) uploading the shard, without the
+  // backend's setup (device context, libraries, scratch): the loader's own rate (--verbose).
+  virtual double weight_load_seconds() const = 0;
   // Device memory in use, for --verbose ("; GPU memory: ..."); empty for host backends.
   virtual std::string memory_summary() const { return {}; }
 };

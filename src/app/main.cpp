@@ -226,6 +226,8 @@ int cmd_analyze(const std::string& model, const std::string& model_config, int64
     std::cerr << std::fixed << std::setprecision(3) << "sinkscope: load " << timings.read_seconds
               << " s (" << timings.bytes_read / 1e9 << " GB, "
               << timings.bytes_read / 1e9 / std::max(timings.read_seconds, 1e-9)
+              << " GB/s; weights alone " << timings.weight_load_seconds << " s, "
+              << timings.bytes_read / 1e9 / std::max(timings.weight_load_seconds, 1e-9)
               << " GB/s), compute " << timings.compute_seconds << " s" << std::defaultfloat
               << std::setprecision(6) << "\n";
   if (world.rank() == 0) {

@@ -89,7 +89,10 @@ class CpuBackend final : public Backend, private LayerOps {
     keep_freed_memory();
     ck_.set_read_threads(opt_.threads);  // the load converts on --threads threads
     const uint64_t before = ck_.weight_bytes_read();
+    const auto load_start = std::chrono::steady_clock::now();
     w_ = load_weights(ck_, plan_, opt_.want_logits, opt_.load_progress);
+    load_seconds_ =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
     bytes_loaded_ = ck_.weight_bytes_read() - before;
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     embed_name_ = tensor_name(c_, Role::kEmbed);
@@ -98,6 +101,7 @@ class CpuBackend final : public Backend, private LayerOps {
 
   std::string name() const override { return "cpu"; }
   uint64_t weight_bytes_loaded() const override { return bytes_loaded_; }
+  double weight_load_seconds() const override { return load_seconds_; }
   double communication_seconds() const override { return comm_seconds_; }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);
@@ -141,6 +145,7 @@ class CpuBackend final : public Backend, private LayerOps {
   ForwardOptions opt_;
   ModelWeights w_;
   uint64_t bytes_loaded_ = 0;
+  double load_seconds_ = 0;
   std::vector<double> inv_freq_;
   std::string embed_name_;
   LayerPlan layers_;

@@ -181,9 +181,12 @@ class CudaBackend final : public Backend, private LayerOps {
                                                      : 1.0 / std::sqrt(static_cast<double>(d_)));
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
+    const auto load_start = std::chrono::steady_clock::now();
     w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.threads,
                                  opt_.load_progress)
              : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
+    load_seconds_ =  // both return after a device synchronisation
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
     weight_device_bytes_ = device_bytes_held() - held_before;
     if (full_width_) {
       // A KV head held by several tp ranks (tp > num_kv_heads) enters the key's full-width RMS
@@ -222,6 +225,7 @@ class CudaBackend final : public Backend, private LayerOps {
 
   std::string name() const override { return "cuda"; }
   uint64_t weight_bytes_loaded() const override { return w_.bytes_loaded; }
+  double weight_load_seconds() const override { return load_seconds_; }
   std::string memory_summary() const override {
     const MemoryReport m = memory();
     return "; GPU memory: weights " + std::to_string(m.weight_bytes >> 20) +
@@ -358,6 +362,7 @@ class CudaBackend final : public Backend, private LayerOps {
   DeviceCollectives coll_;
   DeviceModel w_;
   uint64_t weight_device_bytes_ = 0;
+  double load_seconds_ = 0;
 
   int64_t D_ = 0, d_ = 0, dv_ = 0, dp_ = 0, H_ = 0, Hl_ = 0, KVl_ = 0, qw_ = 0, kw_ = 0,
           qkv_ld_ = 0, E_ = 0, K_ = 0, S_ = 1;

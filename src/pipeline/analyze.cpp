@@ -264,6 +264,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   if (opt.timings) {
     opt.timings->read_seconds = std::chrono::duration<double>(compute_start - read_start).count();
     opt.timings->bytes_read = backend->weight_bytes_loaded();
+    opt.timings->weight_load_seconds = backend->weight_load_seconds();
   }
   if (opt.on_loaded) opt.on_loaded();
   if (opt.log_layout && world.rank() == 0)
