@@ -108,8 +108,9 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
   app->add_option("--batch", c.batch, "probes per forward micro-batch")
       ->check(CLI::Range(int64_t{1}, kMaxBatch));
   app->add_option("--threads", c.threads,
-                  "CPU threads per rank: the CPU forward and the checkpoint load on either device "
-                  "(the CUDA load stages on up to 8)")
+                  "CPU threads per rank for the CPU forward; the checkpoint load on either device "
+                  "uses this or OpenMP's thread count (OMP_NUM_THREADS), whichever is more (the "
+                  "CUDA load stages on up to 8)")
       ->check(CLI::Range(1, kMaxThreads));
   app->add_option("--rank-timeout", c.rank_timeout,
                   "end the job when a rank is silent this many seconds in a collective (0: never)")

@@ -17,4 +17,9 @@ inline int max_threads() {
 #endif
 }
 
+// Threads that load a checkpoint: --threads, or every thread OpenMP gives this rank
+// (OMP_NUM_THREADS, by default the cores), whichever is more. Loading is conversion and copying at
+// memory bandwidth, which one thread (the default --threads of a rank per core) cannot reach.
+inline int load_threads(int requested) { return std::max(requested, max_threads()); }
+
 }  // namespace sinkscope

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "checkpoint/omp_threads.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/mla.hpp"
 #include "cpu/sink_kernels.hpp"
@@ -87,7 +88,7 @@ class CpuBackend final : public Backend, private LayerOps {
   explicit CpuBackend(const BackendInputs& in)
       : ck_(*in.ckpt), c_(in.ckpt->config()), plan_(*in.plan), comms_(in.comms), opt_(in.options) {
     keep_freed_memory();
-    ck_.set_read_threads(opt_.threads);  // the load converts on --threads threads
+    ck_.set_read_threads(load_threads(opt_.threads));  // the load converts on every thread
     const uint64_t before = ck_.weight_bytes_read();
     const auto load_start = std::chrono::steady_clock::now();
     w_ = load_weights(ck_, plan_, opt_.want_logits, opt_.load_progress);

@@ -24,6 +24,7 @@
 #include <functional>
 #include <optional>
 
+#include "checkpoint/omp_threads.hpp"
 #include "cpu/mla.hpp"
 #include "cuda/check.hpp"
 #include "cuda/collectives.hpp"
@@ -182,8 +183,8 @@ class CudaBackend final : public Backend, private LayerOps {
     inv_freq_ = c_.rope.inv_freq(c_.head_dim);
     const uint64_t held_before = device_bytes_held();
     const auto load_start = std::chrono::steady_clock::now();
-    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s, opt_.threads,
-                                 opt_.load_progress)
+    w_ = ck_ ? load_device_model(*ck_, plan_, opt_.want_logits, blas_, stream_.s,
+                                 load_threads(opt_.threads), opt_.load_progress)
              : synthesize_device_model(c_, plan_, opt_.want_logits, *seed, blas_, stream_.s);
     load_seconds_ =  // both return after a device synchronisation
         std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include "checkpoint/omp_threads.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/error.hpp"
@@ -123,20 +124,20 @@ TEST(ShardPlan, ShardedLoadReadsItsShare) {
   EXPECT_NEAR(static_cast<double>(quarter), replicated + attn / 2 + experts / 4, 1.0);
 }
 
-// Loading follows --threads (ForwardOptions::threads), not OpenMP's default: the CPU backend sets
-// the checkpoint's read threads before it loads.
+// Loading uses --threads (ForwardOptions::threads) or OpenMP's thread count, whichever is more:
+// the CPU backend sets the checkpoint's read threads before it loads.
 TEST(ShardPlan, CpuLoadUsesTheBackendsThreads) {
   const ModelConfig c = test::tiny_config(3);
   test::TempDir dir;
   synthesize(c, dir.path(), false, 1);
   auto single = make_single_comm();
   ForwardComms comms{single.get(), single.get(), single.get()};
-  for (int threads : {1, 3}) {
+  for (int threads : {1, 3, 64}) {
     Checkpoint ck = Checkpoint::open(dir.path());
-    ck.set_read_threads(threads == 1 ? 4 : 1);  // what OMP_NUM_THREADS would have given
+    ck.set_read_threads(7);  // whatever was set before
     ForwardOptions options;
     options.threads = threads;
     make_cpu_backend(ck, ShardPlan::make(1, 0, 1, 1, c), comms, options);
-    EXPECT_EQ(ck.read_threads(), threads);
+    EXPECT_EQ(ck.read_threads(), std::max(threads, max_threads()));
   }
 }
