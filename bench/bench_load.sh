@@ -170,7 +170,11 @@ if [ "$sweep" = 1 ]; then
     wall=$(echo "$line" | sed -E 's/^wall ([0-9.]+) s.*/\1/')
     read_s=$(echo "$line" | sed -E 's/.* read ([0-9.]+) s, compute.*/\1/')
     compute=$(echo "$line" | sed -E 's/.* compute ([0-9.]+) s.*/\1/')
-    targets+=("sweep --prefetch-gb $pf: wall / max(read, compute) = $(calc "%.2f" "$wall / ($read_s > $compute ? $read_s : $compute)") (target <= 1.15; read and compute as the sweep line counts them)")
+    ahead=$(echo "$line" | sed -E 's/.* read ahead ([0-9.]+) s.*/\1/')
+    # The issue's measure: the total read time (on the critical path plus read ahead beside the
+    # forwards) against the total compute time.
+    total_read=$(calc "%.3f" "$read_s + $ahead")
+    targets+=("sweep --prefetch-gb $pf: wall / max(total read, compute) = $(calc "%.2f" "$wall / ($total_read > $compute ? $total_read : $compute)") (target <= 1.15; total read = read $read_s s + read ahead $ahead s)")
   done
 fi
 
