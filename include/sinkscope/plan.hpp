@@ -19,12 +19,22 @@ class Comm;
 struct ForwardFlops {
   double projections = 0;  // q/k/v/o (and fused qkv)
   double attention = 0;  // causal QK^T and AV: T-dependent ((T + 1) / 2 keys per query on average)
-  double experts = 0;    // top-k experts (and the shared expert)
-  double dense_mlp = 0;  // dense MLP layers
+  double experts = 0;    // the top-k routed experts
+  double shared_experts = 0;  // shared experts (and their sigmoid gate)
+  double dense_mlp = 0;       // dense MLP layers
   double router = 0;
-  double total() const { return projections + attention + experts + dense_mlp + router; }
+  double total() const {
+    return projections + attention + experts + shared_experts + dense_mlp + router;
+  }
 };
+// Family-aware: multi-head latent attention (DeepSeek-V3: q/kv down- and up-projections, query/key
+// width nope + rope, value width v_head_dim), per-layer sliding windows (gpt-oss), dense first
+// layers and shared experts.
 ForwardFlops forward_flops(const ModelConfig& c, int64_t seq_len);
+// Keys a query attends to on average in a layer with window `window` (0: causal, all earlier
+// keys) over T positions: (T + 1) / 2 without a window or when T <= window, else
+// (W (W + 1) / 2 + (T - W) W) / T.
+double mean_keys(int64_t window, int64_t seq_len);
 
 // Parameters (elements) a rank of layout (tp, ep, etp) holds, from the family's tensor table
 // (required_tensors) and the slices of sinkscope/shard_plan.hpp. The embedding and lm_head are
@@ -34,6 +44,10 @@ struct ShardParams {
   int64_t held = 0;       // every tensor but embedding and lm_head, this rank's slices
   int64_t embedding = 0;  // vocab x hidden
   int64_t total_model = 0;
+  // Bytes of `held` as the checkpoint stores them: 2 per bf16 parameter; MXFP4 experts (gpt-oss,
+  // quantization_config mxfp4) 17 bytes per 32 weights (16 bytes of e2m1 pairs + one e8m0 scale);
+  // FP8 projections (quantization_config fp8) 1 byte per weight + a float32 scale per block.
+  double held_stored_bytes = 0;
 };
 ShardParams shard_params(const ModelConfig& c, int tp, int ep, int etp);
 

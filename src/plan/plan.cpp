@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/plan.hpp"
 #include "sinkscope/shard_plan.hpp"
 
@@ -335,9 +336,9 @@ std::string format_plan(const Plan& p) {
   std::snprintf(
       buf, sizeof(buf),
       "forward GFLOP per token: %.4g (projections %.4g, attention %.4g at T=%lld, experts "
-      "%.4g, dense MLP %.4g, router %.4g)\n",
+      "%.4g, shared experts %.4g, dense MLP %.4g, router %.4g)\n",
       f.total() / 1e9, f.projections / 1e9, f.attention / 1e9, static_cast<long long>(r.seq_len),
-      f.experts / 1e9, f.dense_mlp / 1e9, f.router / 1e9);
+      f.experts / 1e9, f.shared_experts / 1e9, f.dense_mlp / 1e9, f.router / 1e9);
   os << buf;
   const PlanCoefficients& k = p.coef;
   std::snprintf(buf, sizeof(buf),
@@ -348,6 +349,10 @@ std::string format_plan(const Plan& p) {
                 k.intra_gbps, k.inter_gbps, 100 * k.record_fraction, k.base_mib, k.startup_s,
                 k.source.c_str());
   os << buf;
+  if (cuda && (c.mla() || c.family->gpt_oss_layout))
+    os << "note: the CUDA backend does not run " << c.model_type
+       << " yet (the CPU backend does): this plan prices its shape with the CUDA coefficients, the "
+          "weights bf16 on the device after dequantisation on load\n";
   std::snprintf(
       buf, sizeof(buf), "limits: %s%.4g GiB host memory per node\n\n",
       cuda ? (std::to_string(r.device_mem_gib).substr(0, 5) + " GiB per GPU, ").c_str() : "",
