@@ -57,9 +57,24 @@ struct PlanCoefficients {
   double gemm_half_m = 0;  // rows M at which a GEMM runs at half that rate (rate(M) = r M/(M+h))
   double attention_gflops = 0;  // causal attention rate per rank (GFLOP/s)
   double load_gbps = 0;         // checkpoint read + conversion rate per rank (GB/s)
-  double intra_gbps = 0;        // collective bus bandwidth within a node (GB/s)
-  double inter_gbps = 0;        // collective bus bandwidth across nodes (GB/s)
-  double record_fraction = 0;   // recording's cost as a fraction of the forward
+  // Rate at which a rank streams its weights from memory (GB/s): every micro-batch reads the whole
+  // shard once (OpenBLAS packs each product's weights before computing; the GEMM rates above are
+  // measured with them in cache). 0: not modelled (CUDA: a pass reads its weights in a few ms).
+  double mem_gbps = 0;
+  // Collectives cost alpha per step + bytes / beta: an all-reduce over n ranks is a ring of
+  // 2 (n - 1) steps moving 2 (n - 1) / n of its bytes, an all-to-all exchanges its counts and then
+  // its rows (2 (n - 1) steps) moving the (n - 1) / n of a rank's rows that leave it.
+  double intra_gbps = 0;        // all-reduce bus bandwidth within a node (GB/s)
+  double intra_latency_us = 0;  // all-reduce latency per step within a node
+  double a2a_gbps = 0;          // all-to-all bus bandwidth within a node (GB/s)
+  double a2a_latency_us = 0;    // all-to-all latency per step within a node
+  double inter_gbps = 0;        // bus bandwidth of either collective across nodes (GB/s)
+  double inter_latency_us = 0;  // latency per step across nodes
+  // CPU: cores of a node that its ranks' threads share (ranks x threads above it slow every rank
+  // by cores / (ranks x threads)); 0: not limited. `plan` fills 0 with this machine's online
+  // CPUs; a calibration under mpirun measures the cores the ranks actually get.
+  double cores = 0;
+  double record_fraction = 0;  // recording's cost as a fraction of the forward
   // ns per token, layer and 1024 hidden dims of the forward's work between the products (norms,
   // RoPE, routing and its host round trip, combine, residual adds): the backend's measured forward
   // minus what the GEMM and attention rates predict for it (calibration), else a default.
@@ -83,7 +98,9 @@ void write_coefficients(const std::string& site_file, const PlanCoefficients& k,
                         const std::string& device);
 
 // Measures the CPU coefficients here: sgemm through src/cpu/kernels, an attention-sized loop, a
-// file read + bf16 conversion in `scratch_dir`, and (world of more than one rank) an allreduce.
+// file read + bf16 conversion in `scratch_dir`, the CPU backend's forward of a small model (rank 0
+// alone), and with more than one rank on a node the all-reduce and the all-to-all at two sizes
+// (alpha and beta) and the cores the node's ranks get when all compute at once.
 PlanCoefficients calibrate_cpu(int threads, const std::string& scratch_dir, const Comm& world);
 // The CUDA coefficients measured on this rank's GPU (src/cuda/calibrate.cpp; builds with
 // -DSINKSCOPE_CUDA=ON): cuBLAS bf16 GEMM rates, the fused attention, the backend's checkpoint load
@@ -113,6 +130,8 @@ struct PlanRequest {
 // else 139 GiB of an H200), node memory (SINKSCOPE_PLAN_NODE_MEM_GIB, else this machine's
 // MemTotal).
 void apply_site_defaults(const std::map<std::string, std::string>& site, PlanRequest* r);
+// The CPUs this process may run on (its affinity mask): the default of PlanCoefficients::cores.
+double this_machine_cores();
 
 struct LayoutPlan {
   int world = 1, tp = 1, ep = 1, etp = 1, dp = 1, nodes = 1;
@@ -122,7 +141,8 @@ struct LayoutPlan {
   std::string why_not;
   double load_s = 0, forward_s = 0, record_s = 0, ablation_s = 0, exchange_s = 0;
   double checkpoint_s = 0, sweep_s = 0;
-  double gemm_s = 0, attention_s = 0, elementwise_s = 0;  // parts of forward_s
+  double gemm_s = 0, attention_s = 0, elementwise_s = 0, weights_s = 0;  // parts of forward_s
+  double cpu_share = 1;  // CPU: cores / (ranks x threads) of the node when below 1
 };
 
 struct Plan {

@@ -268,8 +268,13 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   const double N = static_cast<double>(r.probes);
   const double dp_probes = std::ceil(N / p.dp);
   const double dp_tokens = dp_probes * T;  // tokens through this rank's dp group
+  const double micro = std::ceil(dp_probes / static_cast<double>(std::max<int64_t>(1, r.batch)));
   const double all_tokens = N * T;
-  auto rate = [&](double m) { return k.gemm_gflops * 1e9 * m / (m + k.gemm_half_m); };
+  // CPU: the node's ranks x threads beyond its cores share them (every rank slows alike).
+  const double share =
+      !cuda && k.cores > 0 ? std::min(1.0, k.cores / (rpn * static_cast<double>(r.threads))) : 1.0;
+  o.cpu_share = share;
+  auto rate = [&](double m) { return share * k.gemm_gflops * 1e9 * m / (m + k.gemm_half_m); };
   const ProjFlops pf = projection_flops(c);
   const double proj_rank = L * (pf.replicated + Hl * pf.per_head + KVl * pf.per_kv_head);
   const double attn_rank = f.attention * Hl / H;
@@ -282,22 +287,51 @@ LayoutPlan predict_layout(const PlanRequest& r, const PlanCoefficients& k, int w
   o.gemm_s = dp_tokens * proj_rank / rate(tokens_mb) +
              all_tokens / world * f.experts / rate(expert_rows) +
              dp_tokens / tp * (f.router + f.shared_experts + f.dense_mlp) / rate(tokens_mb / tp);
-  o.attention_s = dp_tokens * attn_rank / (k.attention_gflops * 1e9);
+  o.attention_s = dp_tokens * attn_rank / (share * k.attention_gflops * 1e9);
   // Between the products: every rank normalises, rotates and adds over its dp group's tokens.
-  o.elementwise_s = k.elementwise_ns * 1e-9 * dp_tokens * L * D / 1024.0;
-  o.forward_s = o.gemm_s + o.attention_s + o.elementwise_s;
+  o.elementwise_s = k.elementwise_ns * 1e-9 * dp_tokens * L * D / 1024.0 / share;
+  // Every micro-batch streams the rank's shard from memory once (as held: fp32 on the CPU).
+  if (k.mem_gbps > 0) o.weights_s = micro * held * (cuda ? 2.0 : 4.0) / (share * k.mem_gbps * 1e9);
+  o.forward_s = o.gemm_s + o.attention_s + o.elementwise_s + o.weights_s;
   o.record_s = k.record_fraction * o.forward_s;
 
-  // Exchange: the tp all-reduces of each layer's attention output and MoE output (ring: 2 (n-1)/n
-  // of the bytes), the ep all-to-all of each rank's routed pairs out and back.
-  double moe_l = 0;
-  for (int64_t l = 0; l < c.num_layers; ++l) moe_l += c.is_moe_layer(l) ? 1 : 0;
-  auto bw = [&](int group) {
-    return (group > r.ranks_per_node ? k.inter_gbps : k.intra_gbps) * 1e9;
+  // Exchange, per collective steps x latency + bus bytes / bandwidth (the ring all-reduce over n
+  // ranks: 2 (n - 1) steps moving 2 (n - 1) / n of the bytes; the all-to-all: its counts, then
+  // n - 1 steps moving the (n - 1) / n of the rows that leave the rank). A group larger than a
+  // node runs at the across-node rates.
+  auto collective = [&](int n, bool a2a, double bytes, double count) {
+    if (n <= 1) return 0.0;
+    const double m = static_cast<double>(n);
+    const bool across = n > r.ranks_per_node;
+    const double gbps = across ? k.inter_gbps : a2a ? k.a2a_gbps : k.intra_gbps;
+    const double us = across ? k.inter_latency_us : a2a ? k.a2a_latency_us : k.intra_latency_us;
+    const double moved = a2a ? (m - 1) / m : 2 * (m - 1) / m;
+    return count * 2 * (m - 1) * us * 1e-6 + bytes * moved / (gbps * 1e9);
   };
+  // Per layer and micro-batch, both backends all-reduce in fp32 over the tp group: the attention
+  // output with the heads' position-0 vectors (post-norm blocks: two collectives), the full-width
+  // q/k norms' sums of squares, and the MLP block's output with every slot's position-0 and rest
+  // sums and the routing counts. The all-to-all sends each (token, expert) pair of the rank's
+  // 1/tp slice to the etp ranks holding the expert and back: fp32 rows with the expert id (CPU),
+  // bf16 rows (CUDA).
+  const bool post_norm = c.block == BlockKind::kPostNorm;
+  const double row_bytes = cuda ? 2.0 * D : 4.0 * (D + 1);
   double ex = 0;
-  if (tp > 1) ex += (L + moe_l) * dp_tokens * D * act_bytes * 2.0 * (tp - 1) / tp / bw(tp);
-  if (G > 1) ex += moe_l * 2.0 * dp_tokens / tp * K * p.etp * D * act_bytes * (G - 1) / G / bw(G);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const bool moe = c.is_moe_layer(l);
+    const double S = moe ? E + (c.has_shared_expert() ? 1 : 0) : 1;
+    double attn_bytes = 4.0 * (dp_tokens * D + dp_probes * H * 2 * D);
+    double attn_count = post_norm ? 2 : 1;
+    if (c.qk_norm == QkNormKind::kFullWidth) {
+      attn_bytes += (cuda ? 4.0 : 8.0) * 2 * dp_tokens;
+      attn_count += 1;
+    }
+    ex += collective(tp, false, attn_bytes, micro * attn_count);
+    const double mlp_bytes =
+        4.0 * (dp_tokens * D + dp_probes * (2 * S * D + S + (moe ? E : 0)) + micro * (moe ? E : 0));
+    ex += collective(tp, false, mlp_bytes, micro);
+    if (moe) ex += collective(G, true, 2.0 * dp_tokens / tp * K * p.etp * row_bytes, 2.0 * micro);
+  }
   o.exchange_s = ex;
   const double pass = o.forward_s + o.record_s + o.exchange_s;
   // Ablated passes: the causal profile's 1 + 3 L (embedding; each layer whole, attention, MLP).
@@ -329,10 +363,11 @@ double elementwise_ns_from(const ModelConfig& cfg, const std::string& device, in
   r.nodes = 1;
   r.device_mem_gib = 1e9;
   k.elementwise_ns = 0;
+  k.cores = 0;  // the rates were measured as this forward ran
   const LayoutPlan p = predict_layout(r, k, 1, 1, 1);
   const double units = static_cast<double>(probes * seq_len * cfg.num_layers) *
                        static_cast<double>(cfg.hidden_size) / 1024.0;
-  return std::max(0.0, measured_s - p.gemm_s - p.attention_s) / units * 1e9;
+  return std::max(0.0, measured_s - p.gemm_s - p.attention_s - p.weights_s) / units * 1e9;
 }
 
 }  // namespace sinkscope

@@ -12,6 +12,7 @@
 #include "cpu/weights.hpp"
 #include "sinkscope/checkpoint.hpp"
 #include "sinkscope/config.hpp"
+#include "sinkscope/error.hpp"
 #include "sinkscope/plan.hpp"
 #include "sinkscope/shard_plan.hpp"
 
@@ -89,7 +90,10 @@ TEST(PlanCostModel, MemoryAndTimeOfALayout) {
   EXPECT_NEAR(one.host_gib, one.weight_gib * 1.5 + one.scratch_gib + k.base_mib / 1024, 1e-12);
   const ForwardFlops f = forward_flops(r.cfg, 9);
   const double tokens = 8 * 9;
-  EXPECT_NEAR(one.forward_s, tokens * (f.total() - f.attention) / 2e9 + tokens * f.attention / 1e9,
+  // Products, attention, and the shard (fp32) streamed from memory once per micro-batch (4).
+  EXPECT_NEAR(one.weights_s, 4 * held_by_hand(1, 1, 1) * 4.0 / (k.mem_gbps * 1e9), 1e-15);
+  EXPECT_NEAR(one.forward_s,
+              tokens * (f.total() - f.attention) / 2e9 + tokens * f.attention / 1e9 + one.weights_s,
               1e-15);
   EXPECT_DOUBLE_EQ(one.record_s, 0.5 * one.forward_s);
   EXPECT_DOUBLE_EQ(one.exchange_s, 0.0);
@@ -164,6 +168,25 @@ TEST(PlanCostModel, SiteFileCoefficientsRoundTrip) {
   EXPECT_EQ(r.nodes, 2);
   EXPECT_EQ(r.ranks_per_node, 4);
   std::filesystem::remove(path);
+  // The collectives' keys; a zero rate or a word is refused by name, a zero latency is not.
+  const PlanCoefficients c = coefficients_from({{"SINKSCOPE_PLAN_A2A_GBPS", "2.5"},
+                                                {"SINKSCOPE_PLAN_INTRA_LATENCY_US", "0"},
+                                                {"SINKSCOPE_PLAN_CORES", "6"}},
+                                               "cpu");
+  EXPECT_DOUBLE_EQ(c.a2a_gbps, 2.5);
+  EXPECT_DOUBLE_EQ(c.intra_latency_us, 0.0);
+  EXPECT_DOUBLE_EQ(c.cores, 6.0);
+  for (const char* bad : {"SINKSCOPE_PLAN_INTRA_GBPS", "SINKSCOPE_PLAN_GEMM_GFLOPS"}) {
+    try {
+      coefficients_from({{bad, "0"}}, "cpu");
+      ADD_FAILURE() << bad << "=0 accepted";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string(bad) + "=0: a rate must be positive"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_THROW(coefficients_from({{"SINKSCOPE_PLAN_CORES", "many"}}, "cpu"), InputError);
 }
 
 namespace {
@@ -375,4 +398,72 @@ TEST(PlanCostModel, StoredBytesAreWhatTheCpuLoaderReads) {
           << fixture << " tp " << tp << " ep " << ep;
     }
   }
+}
+
+// The exchange of the tiny model on 2 ranks (tp 2, ep 1: etp 2, so the expert group is both
+// ranks) by hand: per layer and micro-batch an fp32 all-reduce of the attention output with the
+// heads' position-0 vectors, one of the MLP block's output with the slots' sums and routing
+// counts, and the all-to-all of the routed pairs out and back; each collective 2 (n - 1) steps of
+// latency, the all-reduce moving 2 (n - 1) / n of its bytes, the all-to-all (n - 1) / n.
+TEST(PlanCostModel, ExchangeIsLatencyPerStepPlusBytesOverBandwidth) {
+  PlanRequest r;
+  r.cfg = tiny();
+  r.probes = 8;
+  r.seq_len = 9;
+  r.batch = 2;
+  r.ranks_per_node = 2;
+  r.nodes = 1;
+  r.node_mem_gib = 100;
+  PlanCoefficients k = default_coefficients("cpu");
+  k.intra_gbps = 1;
+  k.intra_latency_us = 1;
+  k.a2a_gbps = 2;
+  k.a2a_latency_us = 3;
+  const LayoutPlan l = predict_layout(r, k, 2, 2, 1);
+  ASSERT_EQ(l.etp, 2);
+  const double micro = 4, tokens = 8 * 9, D = 16, H = 4, E = 4;
+  const double attention = 4 * (tokens * D + 8 * H * 2 * D);
+  const double mlp = 4 * (tokens * D + 8 * (2 * E * D + E + E) + micro * E);
+  const double pairs = 2 * tokens / 2 * 2 * 2 * 4 * (D + 1);  // out and back, top-2, etp 2
+  const double per_layer = (attention + mlp) / 1e9 + 2 * micro * 2 * 1e-6 +  // ring of 2
+                           pairs / 2 / 2e9 + 2 * micro * 2 * 3e-6;           // all-to-all
+  EXPECT_NEAR(l.exchange_s, 2 * per_layer, 1e-12);
+  // The same group across nodes (one rank per node) runs at the across-node rates.
+  r.ranks_per_node = 1;
+  r.nodes = 2;
+  k.inter_gbps = 0.5;
+  k.inter_latency_us = 10;
+  const LayoutPlan across = predict_layout(r, k, 2, 2, 1);
+  EXPECT_NEAR(across.exchange_s,
+              2 * ((attention + mlp + pairs / 2) / 0.5e9 + (2 * micro * 2 + 2 * micro * 2) * 10e-6),
+              1e-12);
+}
+
+TEST(PlanCostModel, OversubscribedRanksShareTheCores) {
+  PlanRequest r;
+  r.cfg = tiny();
+  r.probes = 8;
+  r.seq_len = 9;
+  r.ranks_per_node = 4;
+  r.nodes = 1;
+  r.node_mem_gib = 100;
+  r.threads = 2;
+  PlanCoefficients k = default_coefficients("cpu");
+  k.elementwise_ns = 10;
+  k.cores = 8;  // 4 ranks x 2 threads: every rank has its cores
+  const LayoutPlan fits = predict_layout(r, k, 4, 1, 1);
+  EXPECT_DOUBLE_EQ(fits.cpu_share, 1.0);
+  k.cores = 2;  // a quarter of what they ask for
+  const LayoutPlan shared = predict_layout(r, k, 4, 1, 1);
+  EXPECT_DOUBLE_EQ(shared.cpu_share, 0.25);
+  EXPECT_NEAR(shared.gemm_s, 4 * fits.gemm_s, 1e-15);
+  EXPECT_NEAR(shared.attention_s, 4 * fits.attention_s, 1e-15);
+  EXPECT_NEAR(shared.elementwise_s, 4 * fits.elementwise_s, 1e-15);
+  EXPECT_NEAR(shared.weights_s, 4 * fits.weights_s, 1e-15);
+  EXPECT_GT(fits.weights_s, 0.0);
+  // One rank of the same node asks for 2 threads of the 2 cores.
+  EXPECT_DOUBLE_EQ(predict_layout(r, k, 1, 1, 1).cpu_share, 1.0);
+  // CUDA ranks are not limited by the host's cores.
+  r.device = "cuda";
+  EXPECT_DOUBLE_EQ(predict_layout(r, k, 4, 1, 1).cpu_share, 1.0);
 }
