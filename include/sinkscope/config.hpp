@@ -107,6 +107,10 @@ struct ModelConfig {
   bool shared_expert_gated = true;  // false: the shared expert has no sigmoid gate
   // FP8 checkpoints (quantization_config quant_method fp8): weight_scale_inv block shape.
   int64_t fp8_block_rows = 0, fp8_block_cols = 0;  // 0: no FP8 quantization declared
+  // gpt-oss: quantization_config quant_method mxfp4 (the released checkpoints' experts as
+  // `*_blocks` + `*_scales`). Informational for the planner's bytes on disk: the loader finds the
+  // stored form by name, and model_config_to_json does not write it (synth writes bf16 experts).
+  bool mxfp4_experts = false;
 
   // Layer l is MoE when the model has experts, l is not in mlp_only_layers and
   // (l+1) % decoder_sparse_step == 0.

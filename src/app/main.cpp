@@ -604,6 +604,7 @@ int cmd_plan(PlanArgs& pa, const Comm& world) {
   }
   if (pa.no_causal_profile && pa.req.ablation_passes < 0) pa.req.ablation_passes = 0;
   apply_site_defaults(site, &pa.req);
+  if (k.cores <= 0) k.cores = this_machine_cores();
   const Plan plan = make_plan(pa.req, k);
   std::cout << (pa.shell ? format_plan_shell(plan, pa.margin) : format_plan(plan));
   // A layout asked for that does not fit is an error before submission.
@@ -823,7 +824,9 @@ int main(int argc, char** argv) {
       for (int i = 0; i < argc; ++i) ca.command_line += (i ? " " : "") + std::string(argv[i]);
       ca.options = command->config_to_str(true, false);
     }
-    if (*analyze || *sweep) world->set_wait_limit(static_cast<double>(ca.rank_timeout));
+    // The calibration's collectives wait as the forward's do (sinkscope/comm.hpp).
+    if (*analyze || *sweep || (*plan && pl.calibrate))
+      world->set_wait_limit(static_cast<double>(ca.rank_timeout));
     if (*analyze)
       status = cmd_analyze(model, model_config, synthetic_seed, pa, ca, out, step, *world);
     else if (*sweep)

@@ -249,7 +249,10 @@ void parse_quantization(const json& j, const std::string& file, ModelConfig& c) 
   if (!q->is_object()) fail(file, "key 'quantization_config' is not an object");
   const std::string method = get_string(*q, file, "quant_method", "");
   // gpt-oss: MXFP4 experts (`*_blocks` + `*_scales`), found by name in the checkpoint.
-  if (method == "mxfp4" && c.family->gpt_oss_layout) return;
+  if (method == "mxfp4" && c.family->gpt_oss_layout) {
+    c.mxfp4_experts = true;
+    return;
+  }
   if (method != "fp8")
     fail(file, "quantization_config.quant_method '" + method +
                    "' is not supported (supported: fp8 with block scales; mxfp4 for gpt_oss)");

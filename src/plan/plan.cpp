@@ -1,5 +1,8 @@
 // The planner: coefficients (defaults, site file), layout enumeration, the printed plan
 // (docs/planner.md).
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -7,6 +10,7 @@
 #include <sstream>
 
 #include "sinkscope/error.hpp"
+#include "sinkscope/family.hpp"
 #include "sinkscope/plan.hpp"
 #include "sinkscope/shard_plan.hpp"
 
@@ -19,14 +23,18 @@ PlanCoefficients default_coefficients(const std::string& device) {
     // docs/results/2026-12-01-plan-validation-h200.md): cuBLAS bf16 GEMM 745 TFLOP/s at 32768 rows
     // (half rate at 612), the fused attention 296 TFLOP/s, the backend's warm load 3.4 GB/s,
     // recording +19% and the elementwise work 33.8 ns per token-layer-1024 dims of two
-    // Qwen3-30B-A3B layers; NVLink and InfiniBand bus bandwidths of NCCL collectives (not measured:
-    // one GPU).
+    // Qwen3-30B-A3B layers; NVLink and InfiniBand bus bandwidths and per-step latencies of NCCL
+    // collectives (not measured: one GPU).
     k.gemm_gflops = 744.8e3;
     k.gemm_half_m = 612;
     k.attention_gflops = 296.4e3;
     k.load_gbps = 3.41;
     k.intra_gbps = 150;
+    k.intra_latency_us = 5;
+    k.a2a_gbps = 150;
+    k.a2a_latency_us = 5;
     k.inter_gbps = 20;
+    k.inter_latency_us = 10;
     k.record_fraction = 0.19;
     k.elementwise_ns = 33.8;
     k.base_mib = 853;
@@ -34,13 +42,21 @@ PlanCoefficients default_coefficients(const std::string& device) {
     k.source = "H200 defaults (calibrated 2026-12-01)";
   } else {
     // The development VM of docs/benchmarks.md, one thread: OpenBLAS sgemm 98.8 GFLOP/s at
-    // 512 x 1024 x 1024 and 67.2 at 64 rows (half rate at 30 rows).
+    // 512 x 1024 x 1024 and 67.2 at 64 rows (half rate at 30 rows); weights streamed from memory
+    // at 21 GB/s (the calibration's 512 MB copy, idle, 2026-12-01); Open MPI 4.1's shared-memory
+    // collectives between its 2 ranks as the CPU calibration measured them idle (2026-12-01):
+    // all-reduce 3 GB/s + 7 us per step, all-to-all 5 GB/s + 2 us. Across nodes: not measured.
     k.gemm_gflops = 98.8;
     k.gemm_half_m = 30;
     k.attention_gflops = 25;
     k.load_gbps = 1.0;
-    k.intra_gbps = 5;
+    k.mem_gbps = 21;
+    k.intra_gbps = 3.0;
+    k.intra_latency_us = 7;
+    k.a2a_gbps = 5.0;
+    k.a2a_latency_us = 2;
     k.inter_gbps = 1;
+    k.inter_latency_us = 20;
     k.record_fraction = 0.15;
     k.base_mib = 60;
     k.startup_s = 0.3;
@@ -58,12 +74,24 @@ const Key kKeys[] = {{"GEMM_GFLOPS", &PlanCoefficients::gemm_gflops},
                      {"GEMM_HALF_M", &PlanCoefficients::gemm_half_m},
                      {"ATTENTION_GFLOPS", &PlanCoefficients::attention_gflops},
                      {"LOAD_GBPS", &PlanCoefficients::load_gbps},
+                     {"MEM_GBPS", &PlanCoefficients::mem_gbps},
                      {"INTRA_GBPS", &PlanCoefficients::intra_gbps},
+                     {"INTRA_LATENCY_US", &PlanCoefficients::intra_latency_us},
+                     {"A2A_GBPS", &PlanCoefficients::a2a_gbps},
+                     {"A2A_LATENCY_US", &PlanCoefficients::a2a_latency_us},
                      {"INTER_GBPS", &PlanCoefficients::inter_gbps},
+                     {"INTER_LATENCY_US", &PlanCoefficients::inter_latency_us},
+                     {"CORES", &PlanCoefficients::cores},
                      {"RECORD_FRACTION", &PlanCoefficients::record_fraction},
                      {"ELEMENTWISE_NS", &PlanCoefficients::elementwise_ns},
                      {"BASE_MIB", &PlanCoefficients::base_mib},
                      {"STARTUP_S", &PlanCoefficients::startup_s}};
+// Coefficients that divide (a zero would make every time infinite).
+bool is_rate(double PlanCoefficients::*field) {
+  return field == &PlanCoefficients::gemm_gflops || field == &PlanCoefficients::attention_gflops ||
+         field == &PlanCoefficients::load_gbps || field == &PlanCoefficients::intra_gbps ||
+         field == &PlanCoefficients::a2a_gbps || field == &PlanCoefficients::inter_gbps;
+}
 std::string prefix(const std::string& device) {
   return device == "cuda" ? "SINKSCOPE_PLAN_CUDA_" : "SINKSCOPE_PLAN_";
 }
@@ -106,8 +134,10 @@ PlanCoefficients coefficients_from(const std::map<std::string, std::string>& kv,
     if (it == kv.end() || it->second.empty()) continue;
     char* end = nullptr;
     const double v = std::strtod(it->second.c_str(), &end);
-    if (end == it->second.c_str() || *end != '\0' || !(v >= 0))
+    if (end == it->second.c_str() || *end != '\0' || !(v >= 0) || !std::isfinite(v))
       throw InputError(it->first + "=" + it->second + ": not a non-negative number");
+    if (v == 0 && is_rate(key.field))
+      throw InputError(it->first + "=" + it->second + ": a rate must be positive");
     k.*key.field = v;
     ++found;
   }
@@ -191,6 +221,14 @@ void apply_site_defaults(const std::map<std::string, std::string>& site, PlanReq
     }
     r->node_mem_gib = kb / 1024.0 / 1024.0;
   }
+}
+
+double this_machine_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  const long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<double>(n) : 1.0;
 }
 
 Plan make_plan(const PlanRequest& r, const PlanCoefficients& k) {
@@ -306,7 +344,7 @@ std::string format_plan(const Plan& p) {
   const ModelConfig& c = r.cfg;
   const bool cuda = r.device == "cuda";
   std::ostringstream os;
-  char buf[600];
+  char buf[1000];
   const ShardParams all = shard_params(c, 1, 1, 1);
   std::snprintf(
       buf, sizeof(buf),
@@ -335,19 +373,33 @@ std::string format_plan(const Plan& p) {
   std::snprintf(
       buf, sizeof(buf),
       "forward GFLOP per token: %.4g (projections %.4g, attention %.4g at T=%lld, experts "
-      "%.4g, dense MLP %.4g, router %.4g)\n",
+      "%.4g, shared experts %.4g, dense MLP %.4g, router %.4g)\n",
       f.total() / 1e9, f.projections / 1e9, f.attention / 1e9, static_cast<long long>(r.seq_len),
-      f.experts / 1e9, f.dense_mlp / 1e9, f.router / 1e9);
+      f.experts / 1e9, f.shared_experts / 1e9, f.dense_mlp / 1e9, f.router / 1e9);
   os << buf;
   const PlanCoefficients& k = p.coef;
   std::snprintf(buf, sizeof(buf),
                 "coefficients: GEMM %.4g GFLOP/s (half rate at %.3g rows), attention %.4g GFLOP/s, "
-                "elementwise %.3g ns per token-layer-1024 dims, load %.3g GB/s, bus %.3g GB/s in a "
-                "node / %.3g across, recording +%.0f%%, base %.0f MiB, startup %.3g s; %s\n",
+                "elementwise %.3g ns per token-layer-1024 dims, load %.3g GB/s, all-reduce %.3g "
+                "GB/s + %.3g us per step and all-to-all %.3g GB/s + %.3g us in a node, %.3g GB/s + "
+                "%.3g us across, recording +%.0f%%, base %.0f MiB, startup %.3g s",
                 k.gemm_gflops, k.gemm_half_m, k.attention_gflops, k.elementwise_ns, k.load_gbps,
-                k.intra_gbps, k.inter_gbps, 100 * k.record_fraction, k.base_mib, k.startup_s,
-                k.source.c_str());
+                k.intra_gbps, k.intra_latency_us, k.a2a_gbps, k.a2a_latency_us, k.inter_gbps,
+                k.inter_latency_us, 100 * k.record_fraction, k.base_mib, k.startup_s);
   os << buf;
+  if (k.mem_gbps > 0) {
+    std::snprintf(buf, sizeof(buf), ", weights streamed at %.3g GB/s", k.mem_gbps);
+    os << buf;
+  }
+  if (!cuda && k.cores > 0) {
+    std::snprintf(buf, sizeof(buf), ", %.3g cores per node", k.cores);
+    os << buf;
+  }
+  os << "; " << k.source << "\n";
+  if (cuda && (c.mla() || c.family->gpt_oss_layout))
+    os << "note: the CUDA backend does not run " << c.model_type
+       << " yet (the CPU backend does): this plan prices its shape with the CUDA coefficients, the "
+          "weights bf16 on the device after dequantisation on load\n";
   std::snprintf(
       buf, sizeof(buf), "limits: %s%.4g GiB host memory per node\n\n",
       cuda ? (std::to_string(r.device_mem_gib).substr(0, 5) + " GiB per GPU, ").c_str() : "",
@@ -391,6 +443,15 @@ std::string format_plan(const Plan& p) {
   }
   if (p.layouts.empty()) os << "(no layout of these ranks is accepted by the shard plan)\n";
   os << "\n";
+  if (std::any_of(shown.begin(), shown.end(),
+                  [&](int i) { return p.layouts[static_cast<size_t>(i)].cpu_share < 1; })) {
+    std::snprintf(
+        buf, sizeof(buf),
+        "oversubscribed: where a node's ranks x %d thread(s) exceed its %.3g cores, every "
+        "rank computes at cores / (ranks x threads) of the calibrated rates\n",
+        r.threads, k.cores);
+    os << buf;
+  }
   if (p.recommended >= 0) {
     const LayoutPlan& b = p.layouts[static_cast<size_t>(p.recommended)];
     std::snprintf(buf, sizeof(buf),
