@@ -397,9 +397,9 @@ std::string format_plan(const Plan& p) {
   }
   os << "; " << k.source << "\n";
   if (cuda && (c.mla() || c.family->gpt_oss_layout))
-    os << "note: the CUDA backend does not run " << c.model_type
-       << " yet (the CPU backend does): this plan prices its shape with the CUDA coefficients, the "
-          "weights bf16 on the device after dequantisation on load\n";
+    os << "note: the CUDA backend holds " << c.model_type
+       << "'s weights in bf16 on the device, dequantised on load from "
+       << (c.mla() ? "FP8" : "MXFP4") << "\n";
   std::snprintf(
       buf, sizeof(buf), "limits: %s%.4g GiB host memory per node\n\n",
       cuda ? (std::to_string(r.device_mem_gib).substr(0, 5) + " GiB per GPU, ").c_str() : "",
