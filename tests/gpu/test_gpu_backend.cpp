@@ -720,47 +720,49 @@ TEST(GpuSyntheticBackend, DeepSeekLatentAttention) {
     for (float v : m.out_p0) EXPECT_TRUE(std::isfinite(v) && v > 0.f);
 }
 
-// Sets every element of one tensor of a safetensors file to `value` (F32 or BF16, truncated).
-void fill_tensor(const std::string& file, const std::string& name, float value) {
-  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+// Where a tensor's bytes start in a single-file safetensors checkpoint, and its dtype.
+struct StoredTensor {
+  uint64_t offset, end;  // file offsets of its first byte and one past its last
+  std::string dtype;
+};
+StoredTensor stored_tensor(const std::string& file, const std::string& name) {
+  std::ifstream f(file, std::ios::binary);
   uint64_t n = 0;
   f.read(reinterpret_cast<char*>(&n), 8);
   std::string header(n, '\0');
   f.read(header.data(), static_cast<std::streamsize>(n));
   const auto t = nlohmann::json::parse(header).at(name);
   const uint64_t begin = t.at("data_offsets")[0], end = t.at("data_offsets")[1];
-  const std::string dtype = t.at("dtype");
+  return {8 + n + begin, 8 + n + end, t.at("dtype").get<std::string>()};
+}
+
+// Writes `value` over elements [first, last) of one F32 or BF16 tensor (bf16: truncated).
+void write_elements(const std::string& file, const std::string& name, uint64_t first, uint64_t last,
+                    float value) {
+  const StoredTensor t = stored_tensor(file, name);
+  ASSERT_TRUE(t.dtype == "BF16" || t.dtype == "F32") << name << " is " << t.dtype;
   uint32_t bits = 0;
   std::memcpy(&bits, &value, 4);
-  std::string elem(reinterpret_cast<const char*>(&bits), 4);
-  if (dtype == "BF16") {
-    const uint16_t hi = static_cast<uint16_t>(bits >> 16);
-    elem.assign(reinterpret_cast<const char*>(&hi), 2);
-  } else {
-    ASSERT_EQ(dtype, "F32");
-  }
-  f.seekp(static_cast<std::streamoff>(8 + n + begin));
-  for (uint64_t at = begin; at < end; at += elem.size()) f.write(elem.data(), elem.size());
+  const uint16_t hi = static_cast<uint16_t>(bits >> 16);
+  const size_t size = t.dtype == "BF16" ? 2 : 4;
+  const char* elem =
+      size == 2 ? reinterpret_cast<const char*>(&hi) : reinterpret_cast<const char*>(&bits);
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(t.offset + first * size));
+  for (uint64_t i = first; i < last && t.offset + (i + 1) * size <= t.end; ++i) f.write(elem, size);
   ASSERT_TRUE(f.good()) << file;
+}
+
+// Sets every element of one tensor of a safetensors file to `value` (F32 or BF16, truncated).
+void fill_tensor(const std::string& file, const std::string& name, float value) {
+  write_elements(file, name, 0, UINT64_MAX, value);
 }
 
 // Sets element `index` of one BF16 tensor of a safetensors file to `value` (truncated to bf16).
 void set_bf16_element(const std::string& file, const std::string& name, uint64_t index,
                       float value) {
-  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
-  uint64_t n = 0;
-  f.read(reinterpret_cast<char*>(&n), 8);
-  std::string header(n, '\0');
-  f.read(header.data(), static_cast<std::streamsize>(n));
-  const auto t = nlohmann::json::parse(header).at(name);
-  ASSERT_EQ(t.at("dtype"), "BF16");
-  const uint64_t begin = t.at("data_offsets")[0];
-  uint32_t bits = 0;
-  std::memcpy(&bits, &value, 4);
-  const uint16_t hi = static_cast<uint16_t>(bits >> 16);
-  f.seekp(static_cast<std::streamoff>(8 + n + begin + 2 * index));
-  f.write(reinterpret_cast<const char*>(&hi), 2);
-  ASSERT_TRUE(f.good()) << file;
+  ASSERT_EQ(stored_tensor(file, name).dtype, "BF16");
+  write_elements(file, name, index, index + 1, value);
 }
 
 template <typename T>

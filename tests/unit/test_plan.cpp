@@ -67,14 +67,20 @@ TEST(PlanCostModel, ParametersPerRankAreTheSumOfSliceSizes) {
   EXPECT_EQ(one.total_model, held_by_hand(1, 1, 1) + 2 * 32 * 16);
 }
 
-TEST(PlanCostModel, MemoryAndTimeOfALayout) {
+// The tiny model, 8 probes of 9 tokens, on one node of `ranks` ranks.
+PlanRequest tiny_request(int ranks) {
   PlanRequest r;
   r.cfg = tiny();
   r.probes = 8;
   r.seq_len = 9;
-  r.batch = 2;
-  r.ranks_per_node = 4;
+  r.ranks_per_node = ranks;
   r.nodes = 1;
+  return r;
+}
+
+TEST(PlanCostModel, MemoryAndTimeOfALayout) {
+  PlanRequest r = tiny_request(4);
+  r.batch = 2;
   r.node_mem_gib = 100;
   r.ablation_passes = 3;
   PlanCoefficients k = default_coefficients("cpu");
@@ -110,12 +116,7 @@ TEST(PlanCostModel, MemoryAndTimeOfALayout) {
 }
 
 TEST(PlanCostModel, ALayoutThatCannotFitIsReportedWithTheSmallestThatDoes) {
-  PlanRequest r;
-  r.cfg = tiny();
-  r.probes = 8;
-  r.seq_len = 9;
-  r.ranks_per_node = 4;
-  r.nodes = 1;
+  PlanRequest r = tiny_request(4);
   PlanCoefficients k = default_coefficients("cpu");
   k.base_mib = 0;
   // Node memory between what 4 ranks of tp 1 need and what 4 ranks of tp 4 ep 4 need.
@@ -406,13 +407,8 @@ TEST(PlanCostModel, StoredBytesAreWhatTheCpuLoaderReads) {
 // counts, and the all-to-all of the routed pairs out and back; each collective 2 (n - 1) steps of
 // latency, the all-reduce moving 2 (n - 1) / n of its bytes, the all-to-all (n - 1) / n.
 TEST(PlanCostModel, ExchangeIsLatencyPerStepPlusBytesOverBandwidth) {
-  PlanRequest r;
-  r.cfg = tiny();
-  r.probes = 8;
-  r.seq_len = 9;
+  PlanRequest r = tiny_request(2);
   r.batch = 2;
-  r.ranks_per_node = 2;
-  r.nodes = 1;
   r.node_mem_gib = 100;
   PlanCoefficients k = default_coefficients("cpu");
   k.intra_gbps = 1;
@@ -440,12 +436,7 @@ TEST(PlanCostModel, ExchangeIsLatencyPerStepPlusBytesOverBandwidth) {
 }
 
 TEST(PlanCostModel, OversubscribedRanksShareTheCores) {
-  PlanRequest r;
-  r.cfg = tiny();
-  r.probes = 8;
-  r.seq_len = 9;
-  r.ranks_per_node = 4;
-  r.nodes = 1;
+  PlanRequest r = tiny_request(4);
   r.node_mem_gib = 100;
   r.threads = 2;
   PlanCoefficients k = default_coefficients("cpu");
