@@ -39,11 +39,7 @@ std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int6
 // fp32 host values rounded to bf16 (to nearest even) at dst on the device.
 void upload_as_bf16(const std::vector<float>& src, bf16_bits* dst) {
   std::vector<bf16_bits> b(src.size());
-  for (size_t i = 0; i < src.size(); ++i) {
-    uint32_t u;
-    std::memcpy(&u, &src[i], sizeof(u));
-    b[i] = static_cast<bf16_bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
+  std::transform(src.begin(), src.end(), b.begin(), f32_to_bf16);
   CUDA_CHECK(cudaMemcpy(dst, b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
 }
 
