@@ -21,6 +21,7 @@
 #include <string>
 
 #include "cuda/attention.cuh"
+#include "cuda/cudnn_attention.hpp"
 #include "cuda/device_common.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -516,6 +517,72 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
+// A[i, 0] from cuDNN's log-sum-exp, in place: a0 [B, Hl, T] holds lse_i on entry and
+// exp(scale q_i . k_0 - lse_i) on return, q and k in fp32 from their bf16 values as the attention's
+// own product has them. One thread per query; key 0 of the block's (probe, KV head) in shared
+// memory.
+__global__ void a0_from_lse_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
+                                   float* __restrict__ a0, int T, int Hl, int KVl, int dp,
+                                   int head_begin, int group, int kv_begin, float scale) {
+  extern __shared__ float k0[];
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int g = (head_begin + h) / group - kv_begin;
+  const int64_t tok0 = static_cast<int64_t>(b) * T;
+  for (int e = threadIdx.x; e < dp; e += blockDim.x) k0[e] = bf2f(K[(tok0 * KVl + g) * dp + e]);
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= T) return;
+  const bf16_bits* q = Q + ((tok0 + i) * Hl + h) * dp;
+  float dot = 0.f;
+  for (int e = 0; e < dp; e += 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(q + e);
+    const bf16_bits* qe = reinterpret_cast<const bf16_bits*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dot = fmaf(bf2f(qe[j]), k0[e + j], dot);
+  }
+  float& a = a0[(static_cast<int64_t>(b) * Hl + h) * T + i];
+  a = expf(dot * scale - a);
+}
+
+// The cuDNN route (cudnn_attention.hpp) where it applies: plain causal attention (no window, no
+// learned sinks), local heads mapping onto a contiguous run of held KV heads, and a shape cuDNN
+// has an engine for. Returns false where it does not apply (the caller takes a hand-written
+// kernel), or runs it and returns true.
+bool try_cudnn(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z, float* a0,
+               int B, int T, int Hl, int KVl, int d, int dp, int head_begin, int group,
+               int kv_begin, float scale, const AttnSinks& ex, cudaStream_t s, bool required) {
+  auto refuse = [&](const std::string& why) {
+    if (required)
+      throw_api_failure("cuDNN", "the cuDNN attention does not apply: " + why, "flash_attention",
+                        __FILE__, __LINE__);
+    return false;
+  };
+  if (!cudnn_attention_built()) return refuse("this build has no cuDNN");
+  if (ex.window > 0 || ex.sinks) return refuse("sliding windows and learned sinks stay on ours");
+  const int kv0 = head_begin / group - kv_begin;
+  if (head_begin % group != 0 || Hl % group != 0 || kv0 < 0 || kv0 + Hl / group > KVl)
+    return refuse("the local heads do not map onto a run of held KV heads");
+  CudnnAttnShape sh;
+  sh.B = B;
+  sh.T = T;
+  sh.Hq = Hl;
+  sh.Hk = Hl / group;
+  sh.dqk = dp;
+  sh.dv = d;
+  sh.q_ld = static_cast<int64_t>(Hl) * dp;
+  sh.kv_ld = static_cast<int64_t>(KVl) * dp;
+  sh.z_ld = static_cast<int64_t>(Hl) * d;
+  if (!cudnn_attention_supported(sh)) return refuse(cudnn_attention_last_refusal());
+  const int64_t kv_off = static_cast<int64_t>(kv0) * dp;
+  cudnn_attention(sh, Q, K + kv_off, V + kv_off, z, a0, scale, s);
+  constexpr int kThreads = 128;
+  a0_from_lse_kernel<<<dim3((T + kThreads - 1) / kThreads, Hl, B), kThreads,
+                       static_cast<size_t>(dp) * sizeof(float), s>>>(
+      Q, K, a0, T, Hl, KVl, dp, head_begin, group, kv_begin, scale);
+  CUDA_CHECK_LAUNCH("a0_from_lse_kernel");
+  return true;
+}
+
 int tp_of(int T) { return (T + kVtPad - 1) / kVtPad * kVtPad; }
 
 template <int DP>
@@ -572,7 +639,19 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
                      int group, int kv_begin, float scale, bf16_bits* vt_scratch, cudaStream_t s,
                      AttnKernel kernel, const AttnSinks& ex) {
   if (B == 0 || T == 0 || Hl == 0) return;
+  if (kernel == AttnKernel::kCudnn) {
+    try_cudnn(Q, K, V, z, a0, B, T, Hl, KVl, d, dp, head_begin, group, kv_begin, scale, ex, s,
+              true);
+    return;
+  }
   if (kernel == AttnKernel::kAuto) {
+    static const bool cudnn_off = [] {
+      const char* v = std::getenv("SINKSCOPE_ATTN_CUDNN");
+      return v && std::string(v) == "0";
+    }();
+    if (!cudnn_off && try_cudnn(Q, K, V, z, a0, B, T, Hl, KVl, d, dp, head_begin, group, kv_begin,
+                                scale, ex, s, false))
+      return;
     static const bool off = [] {
       const char* v = std::getenv("SINKSCOPE_ATTN_WGMMA");
       return v && std::string(v) == "0";

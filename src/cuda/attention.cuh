@@ -24,7 +24,11 @@ bool sm90a_kernels_available();
 // and 128 on an sm_90a build running on compute capability 9.0, warpgroup products (wgmma), which
 // need vt_scratch of flash_attention_scratch() elements. kAuto takes wgmma where it can run and
 // vt_scratch is given, unless SINKSCOPE_ATTN_WGMMA=0; asking for kWgmma where it cannot run throws.
-enum class AttnKernel { kAuto, kMmaSync, kWgmma };
+// A third route, kCudnn, runs cuDNN's fused attention (cudnn_attention.hpp) where the build has
+// cuDNN and the call is plain causal attention (no window, no learned sinks) of a shape cuDNN has
+// an engine for; kAuto tries it first unless SINKSCOPE_ATTN_CUDNN=0, and asking for kCudnn where it
+// does not apply throws.
+enum class AttnKernel { kAuto, kMmaSync, kWgmma, kCudnn };
 // gpt-oss (docs/metrics.md 1.4): a sliding window (query i sees keys j with i - window < j <= i;
 // 0: every j <= i; A[i, 0] = 0 where key 0 is outside) and a learned sink logit per local head
 // (sinks [Hl], in the units of the scaled scores; null: none) that joins every query's softmax

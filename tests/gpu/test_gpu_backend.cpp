@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cuda/backend.hpp"
+#include "cuda/cudnn_attention.hpp"
 #include "cuda/device_buffer.hpp"
 #include "cuda/gemm.hpp"
 #include "cuda/kernels.cuh"
@@ -1144,8 +1145,30 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
     std::vector<cuda::k::AttnKernel> kernels = {cuda::k::AttnKernel::kMmaSync};
     if (cuda::k::flash_attention_wgmma_available(c.dp))
       kernels.push_back(cuda::k::AttnKernel::kWgmma);
+    // cuDNN's fused attention, where the build has it, for plain causal attention; at the usual
+    // head widths an engine must exist (a build that found cuDNN and cannot use it is a failure).
+    if (cuda::k::cudnn_attention_built() && c.window == 0 && c.sinks.empty()) {
+      cuda::k::CudnnAttnShape sh;
+      sh.B = c.B;
+      sh.T = c.T;
+      sh.Hq = c.Hl;
+      sh.Hk = c.KVl;
+      sh.dqk = c.dp;
+      sh.dv = c.d;
+      sh.q_ld = static_cast<int64_t>(c.Hl) * c.dp;
+      sh.kv_ld = static_cast<int64_t>(c.KVl) * c.dp;
+      sh.z_ld = static_cast<int64_t>(c.Hl) * c.d;
+      const bool ok = cuda::k::cudnn_attention_supported(sh);
+      if (c.dp == 128 && c.d == 128) {
+        EXPECT_TRUE(ok) << "cuDNN " << cuda::k::cudnn_version()
+                        << " refused: " << cuda::k::cudnn_attention_last_refusal();
+      }
+      if (ok) kernels.push_back(cuda::k::AttnKernel::kCudnn);
+    }
     for (cuda::k::AttnKernel kern : kernels) {
-      SCOPED_TRACE(kern == cuda::k::AttnKernel::kWgmma ? "wgmma" : "mma.sync");
+      SCOPED_TRACE(kern == cuda::k::AttnKernel::kWgmma   ? "wgmma"
+                   : kern == cuda::k::AttnKernel::kCudnn ? "cudnn"
+                                                         : "mma.sync");
       ASSERT_EQ(cudaMemset(dz.get(), 0xff, qrows * c.d * 2), cudaSuccess);  // NaN patterns
       ASSERT_EQ(cudaMemset(da0.get(), 0xff, static_cast<size_t>(c.B) * c.Hl * c.T * 4),
                 cudaSuccess);
