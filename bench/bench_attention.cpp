@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     cs.kv_ld = static_cast<int64_t>(KV) * d;
     cs.z_ld = static_cast<int64_t>(H) * d;
     const bool cudnn_ok =
-        cuda::k::cudnn_attention_built() && cuda::k::cudnn_attention_supported(cs);
+        cuda::k::cudnn_attention_built() && cuda::k::cudnn_attention_supported(cs, s);
     // kAuto stands for "cuDNN's attention alone" below (the route list's last entry).
     const Route routes[] = {
         {"mma.sync", AttnKernel::kMmaSync, true},

@@ -572,7 +572,7 @@ bool try_cudnn(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_
   sh.q_ld = static_cast<int64_t>(Hl) * dp;
   sh.kv_ld = static_cast<int64_t>(KVl) * dp;
   sh.z_ld = static_cast<int64_t>(Hl) * d;
-  if (!cudnn_attention_supported(sh)) return refuse(cudnn_attention_last_refusal());
+  if (!cudnn_attention_supported(sh, s)) return refuse(cudnn_attention_last_refusal());
   const int64_t kv_off = static_cast<int64_t>(kv0) * dp;
   cudnn_attention(sh, Q, K + kv_off, V + kv_off, z, a0, scale, s);
   constexpr int kThreads = 128;

@@ -278,34 +278,41 @@ std::unique_ptr<Desc> make_plan(const Desc& graph, cudnnHandle_t handle, std::st
   return nullptr;
 }
 
-using Key = std::tuple<int, int, int, int, int, int, int, int64_t, int64_t, int64_t>;
+using Shape = std::tuple<int, int, int, int, int, int, int64_t, int64_t, int64_t>;
 
-// Per process: a handle per device and the plans of the shapes seen, under one lock (plans are
-// built once per shape; a call after that only sets the stream and executes).
+// One stream's cuDNN state: its own handle and the plans (with their workspaces) of the shapes it
+// has run. Every backend (rank) has its own stream, so ranks sharing a device in one process never
+// share a workspace or a handle's internal scratch between concurrent streams.
+struct StreamContext {
+  cudnnHandle_t handle = nullptr;
+  std::map<Shape, Plan> plans;
+};
+
+// Per process: the stream contexts under one lock (a plan is built once per stream and shape; a
+// call after that sets the handle's stream and executes).
 struct State {
   std::mutex mu;
-  std::map<int, cudnnHandle_t> handles;
-  std::map<Key, Plan> plans;
+  std::map<std::pair<int, cudaStream_t>, StreamContext> contexts;
   std::string last_refusal;
 
-  cudnnHandle_t handle(int device) {
-    auto it = handles.find(device);
-    if (it != handles.end()) return it->second;
-    cudnnHandle_t h = nullptr;
-    SINKSCOPE_CUDNN(cudnnCreate(&h));
-    return handles[device] = h;
+  StreamContext& context(int device, cudaStream_t s) {
+    StreamContext& c = contexts[{device, s}];
+    if (!c.handle) {
+      SINKSCOPE_CUDNN(cudnnCreate(&c.handle));
+      SINKSCOPE_CUDNN(cudnnSetStream(c.handle, s));
+    }
+    return c;
   }
-  Plan& plan(const CudnnAttnShape& sh, int device) {
-    const Key key{device, sh.B, sh.T, sh.Hq, sh.Hk, sh.dqk, sh.dv, sh.q_ld, sh.kv_ld, sh.z_ld};
-    auto it = plans.find(key);
-    if (it != plans.end()) return it->second;
+  Plan& plan(StreamContext& c, const CudnnAttnShape& sh) {
+    const Shape key{sh.B, sh.T, sh.Hq, sh.Hk, sh.dqk, sh.dv, sh.q_ld, sh.kv_ld, sh.z_ld};
+    auto it = c.plans.find(key);
+    if (it != c.plans.end()) return it->second;
     Plan p;
     std::string why;
     try {
-      cudnnHandle_t h = handle(device);
       GraphBuilder g;
-      const Desc graph = build_graph(g, sh, h);
-      p.plan = make_plan(graph, h, why);
+      const Desc graph = build_graph(g, sh, c.handle);
+      p.plan = make_plan(graph, c.handle, why);
       if (p.plan) {
         SINKSCOPE_CUDNN(cudnnBackendGetAttribute(p.plan->get(),
                                                  CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
@@ -317,7 +324,7 @@ struct State {
       why = std::string(e.call) + ": " + describe(e.status);
     }
     if (!p.plan) last_refusal = why.empty() ? "no engine" : why;
-    return plans.emplace(key, std::move(p)).first->second;
+    return c.plans.emplace(key, std::move(p)).first->second;
   }
 };
 
@@ -338,23 +345,23 @@ bool cudnn_attention_built() { return true; }
 
 int cudnn_version() { return static_cast<int>(cudnnGetVersion()); }
 
-bool cudnn_attention_supported(const CudnnAttnShape& sh) {
+bool cudnn_attention_supported(const CudnnAttnShape& sh, cudaStream_t s) {
   if (sh.B <= 0 || sh.T <= 0 || sh.Hq <= 0 || sh.Hk <= 0 || sh.Hq % sh.Hk != 0) return false;
   if (sh.dqk % 8 != 0 || sh.dv % 8 != 0 || sh.dqk > 256 || sh.dv > 256) return false;
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  return st.plan(sh, current_device()).plan != nullptr;
+  try {
+    return st.plan(st.context(current_device(), s), sh).plan != nullptr;
+  } catch (const CudnnError& e) {  // no handle: cuDNN cannot run here at all
+    st.last_refusal = std::string(e.call) + ": " + describe(e.status);
+    return false;
+  }
 }
 
 void cudnn_attention(const CudnnAttnShape& sh, const bf16_bits* Q, const bf16_bits* K,
                      const bf16_bits* V, bf16_bits* z, float* lse, float scale, cudaStream_t s) {
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);
-  const int device = current_device();
-  Plan& p = st.plan(sh, device);
-  if (!p.plan)
-    throw_api_failure("cuDNN", "no engine for this attention shape: " + st.last_refusal,
-                      "cudnn_attention", __FILE__, __LINE__);
   float neg_inf = -std::numeric_limits<float>::infinity();
   if (cudnnGetVersion() < 91000) neg_inf = std::numeric_limits<float>::lowest();
   int64_t uids[] = {kQ, kK, kV, kO, kLse, kScale, kNegInf};
@@ -366,15 +373,19 @@ void cudnn_attention(const CudnnAttnShape& sh, const bf16_bits* Q, const bf16_bi
                   &scale,
                   &neg_inf};
   try {
-    cudnnHandle_t h = st.handle(device);
-    SINKSCOPE_CUDNN(cudnnSetStream(h, s));
+    StreamContext& c = st.context(current_device(), s);
+    Plan& p = st.plan(c, sh);
+    if (!p.plan)
+      throw_api_failure("cuDNN", "no engine for this attention shape: " + st.last_refusal,
+                        "cudnn_attention", __FILE__, __LINE__);
+    SINKSCOPE_CUDNN(cudnnSetStream(c.handle, s));  // a stream made later at a freed one's address
     Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
     void* ws = p.workspace_bytes > 0 ? p.workspace.get() : nullptr;
     pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, uids, 7)
         .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, ptrs, 7)
         .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, &ws)
         .finalize();
-    SINKSCOPE_CUDNN(cudnnBackendExecute(h, p.plan->get(), pack.get()));
+    SINKSCOPE_CUDNN(cudnnBackendExecute(c.handle, p.plan->get(), pack.get()));
   } catch (const CudnnError& e) {
     throw_api_failure("cuDNN", describe(e.status), e.call, __FILE__, __LINE__);
   }
@@ -394,7 +405,7 @@ namespace sinkscope::cuda::k {
 
 bool cudnn_attention_built() { return false; }
 int cudnn_version() { return 0; }
-bool cudnn_attention_supported(const CudnnAttnShape&) { return false; }
+bool cudnn_attention_supported(const CudnnAttnShape&, cudaStream_t) { return false; }
 void cudnn_attention(const CudnnAttnShape&, const bf16_bits*, const bf16_bits*, const bf16_bits*,
                      bf16_bits*, float*, float, cudaStream_t) {
   throw_api_failure("cuDNN", "this build has no cuDNN (configure with SINKSCOPE_CUDNN)",

@@ -28,9 +28,10 @@ struct CudnnAttnShape {
 bool cudnn_attention_built();
 // The cuDNN library's version (e.g. 91300), 0 without it.
 int cudnn_version();
-// Whether cuDNN has an engine for this shape on the current device: the plan is built (and kept)
-// on the first call for a shape; a shape without one is remembered and answered false at once.
-bool cudnn_attention_supported(const CudnnAttnShape& shape);
+// Whether cuDNN has an engine for this shape on the current device: the plan is built (and kept,
+// per stream: each stream has its own handle and workspaces) on the first call for a shape; a
+// shape without one is remembered and answered false at once.
+bool cudnn_attention_supported(const CudnnAttnShape& shape, cudaStream_t s);
 // Runs cuDNN's SDPA forward: z, and lse [B, Hq, T] (natural log of each query's softmax
 // denominator of scale * q . k, the running max included). Throws where cuDNN fails at run time;
 // call only for a shape cudnn_attention_supported() accepted.

@@ -1158,7 +1158,7 @@ TEST(GpuAttentionKernels, MatchFloat64Reference) {
       sh.q_ld = static_cast<int64_t>(c.Hl) * c.dp;
       sh.kv_ld = static_cast<int64_t>(c.KVl) * c.dp;
       sh.z_ld = static_cast<int64_t>(c.Hl) * c.d;
-      const bool ok = cuda::k::cudnn_attention_supported(sh);
+      const bool ok = cuda::k::cudnn_attention_supported(sh, nullptr);
       if (c.dp == 128 && c.d == 128) {
         EXPECT_TRUE(ok) << "cuDNN " << cuda::k::cudnn_version()
                         << " refused: " << cuda::k::cudnn_attention_last_refusal();
