@@ -28,3 +28,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# cuDNN 9 for the CUDA backend's attention (optional, docs/gpu-backend.md "Attention"): on a machine
+# with an NVIDIA GPU, CUDA 13 at /usr/local/cuda and NVIDIA's CUDA apt repository configured (where
+# CUDA 13 comes from), install its cuDNN; elsewhere the build uses its own attention kernels.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 &&
+  [ -x /usr/local/cuda/bin/nvcc ] && [ "${SINKSCOPE_CUDNN:-AUTO}" != OFF ]; then
+  cudnn=libcudnn9-dev-cuda-13
+  if dpkg-query -W -f='${Status}' "$cudnn" 2>/dev/null | grep -q "install ok installed"; then
+    :
+  elif apt-cache show "$cudnn" >/dev/null 2>&1; then
+    echo "sinkscope: installing $cudnn (cuDNN's fused attention for the CUDA backend)"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$cudnn" >/dev/null
+  else
+    echo "sinkscope: $cudnn is not in the configured apt sources: the CUDA backend uses its own attention kernels"
+  fi
+fi
