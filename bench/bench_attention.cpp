@@ -4,9 +4,9 @@
 //   wgmma      the Hopper warpgroup kernel (sm_90a builds on compute capability 9.0)
 //   cudnn      cuDNN's fused attention + the A[i, 0] pass (builds that found cuDNN)
 //   cudnn O    cuDNN's attention without the A[i, 0] pass (what A[i, 0] costs on that route)
-// TFLOP/s counts the causal products only (4 B H d T (T + 1) / 2). The last column is the largest
-// difference of A[i, 0] from the mma.sync kernel's, a guard that every route computes the same
-// thing. bench/bench_attention.sh prints PyTorch's sdpa backends beside it.
+// TFLOP/s counts the causal products only (2 B H (d + dv) T (T + 1) / 2). The last column is the
+// largest difference of A[i, 0] from the mma.sync kernel's, a guard that every route computes the
+// same thing. bench/bench_attention.sh prints PyTorch's sdpa backends beside it.
 //
 //   bench_attention --shapes 8x4096,1x32768 --heads 32 --kv-heads 4 --head-dim 128 --iters 5
 #include <cuda_runtime_api.h>
@@ -56,11 +56,20 @@ int main(int argc, char** argv) {
   app.add_option("--shapes", shapes_text, "comma-separated probes x positions, e.g. 8x4096");
   app.add_option("--heads", H, "query heads")->check(CLI::PositiveNumber);
   app.add_option("--kv-heads", KV, "key/value heads")->check(CLI::PositiveNumber);
-  app.add_option("--head-dim", d, "head dim (a multiple of 16, at most 128, or 192)")
+  app.add_option("--head-dim", d, "query/key head dim (a multiple of 16, at most 128, or 192)")
       ->check(CLI::PositiveNumber);
+  int dv = 0;
+  app.add_option("--value-dim", dv,
+                 "value head dim (default: the head dim; DeepSeek-V3: 128 of 192)");
   app.add_option("--iters", iters, "timed runs per kernel (the median is printed)")
       ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
+  if (dv <= 0) dv = d;
+  if (dv > d || dv % 8 != 0) {
+    std::fprintf(stderr,
+                 "bench_attention: --value-dim must be a multiple of 8 and at most --head-dim\n");
+    return 1;
+  }
   if (H % KV != 0) {
     std::fprintf(stderr, "bench_attention: --heads must be a multiple of --kv-heads\n");
     return 1;
@@ -75,11 +84,12 @@ int main(int argc, char** argv) {
 
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
-  std::printf("device: %s; cuDNN %s; heads %d, kv heads %d, head dim %d; median of %d\n\n",
-              prop.name,
-              cuda::k::cudnn_attention_built() ? std::to_string(cuda::k::cudnn_version()).c_str()
-                                               : "not in this build",
-              H, KV, d, iters);
+  std::printf(
+      "device: %s; cuDNN %s; heads %d, kv heads %d, head dim %d (values %d); median of %d\n\n",
+      prop.name,
+      cuda::k::cudnn_attention_built() ? std::to_string(cuda::k::cudnn_version()).c_str()
+                                       : "not in this build",
+      H, KV, d, dv, iters);
   std::printf("| shape | kernel | ms | TFLOP/s | max abs diff of A[i,0] from mma.sync |\n");
   std::printf("|---|---|---|---|---|\n");
   cudaStream_t s = nullptr;
@@ -89,7 +99,7 @@ int main(int argc, char** argv) {
     const int64_t rows = static_cast<int64_t>(sh.B) * sh.T;
     cuda::DeviceBuffer<cuda::bf16_bits> Q(static_cast<size_t>(rows * H * d)),
         K(static_cast<size_t>(rows * KV * d)), V(static_cast<size_t>(rows * KV * d)),
-        z(static_cast<size_t>(rows * H * d));
+        z(static_cast<size_t>(rows * H * dv));
     const size_t na0 = static_cast<size_t>(sh.B) * H * sh.T;
     cuda::DeviceBuffer<float> a0(na0);
     const int64_t vt = cuda::k::flash_attention_scratch(sh.B, sh.T, KV, d);
@@ -97,8 +107,8 @@ int main(int argc, char** argv) {
     cuda::k::fill_random_bf16(Q.get(), rows * H, d, 0, 0, d, 2, 1, 1.f, s);
     cuda::k::fill_random_bf16(K.get(), rows * KV, d, 0, 0, d, 2, 2, 1.f, s);
     cuda::k::fill_random_bf16(V.get(), rows * KV, d, 0, 0, d, 2, 3, 1.f, s);
-    const double flops = static_cast<double>(sh.B) * 4.0 * H * d * static_cast<double>(sh.T) *
-                         (static_cast<double>(sh.T) + 1) / 2;
+    const double flops = static_cast<double>(sh.B) * 2.0 * H * (d + dv) *
+                         static_cast<double>(sh.T) * (static_cast<double>(sh.T) + 1) / 2;
     std::vector<float> ref(na0), got(na0);
 
     struct Route {
@@ -112,10 +122,10 @@ int main(int argc, char** argv) {
     cs.Hq = H;
     cs.Hk = KV;
     cs.dqk = d;
-    cs.dv = d;
+    cs.dv = dv;
     cs.q_ld = static_cast<int64_t>(H) * d;
     cs.kv_ld = static_cast<int64_t>(KV) * d;
-    cs.z_ld = static_cast<int64_t>(H) * d;
+    cs.z_ld = static_cast<int64_t>(H) * dv;
     const bool cudnn_ok =
         cuda::k::cudnn_attention_built() && cuda::k::cudnn_attention_supported(cs, s);
     // kAuto stands for "cuDNN's attention alone" below (the route list's last entry).
@@ -138,8 +148,9 @@ int main(int argc, char** argv) {
         if (r.kernel == AttnKernel::kAuto)
           return cuda::k::cudnn_attention(cs, Q.get(), K.get(), V.get(), z.get(), a0.get(), scale,
                                           s);
-        cuda::k::flash_attention(Q.get(), K.get(), V.get(), z.get(), a0.get(), sh.B, sh.T, H, KV, d,
-                                 d, 0, H / KV, 0, scale, vt > 0 ? Vt.get() : nullptr, s, r.kernel);
+        cuda::k::flash_attention(Q.get(), K.get(), V.get(), z.get(), a0.get(), sh.B, sh.T, H, KV,
+                                 dv, d, 0, H / KV, 0, scale, vt > 0 ? Vt.get() : nullptr, s,
+                                 r.kernel);
       };
       run();  // warm-up (and the cuDNN plan)
       cudaStreamSynchronize(s);
