@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -24,7 +25,7 @@
 namespace sinkscope::cuda {
 namespace {
 
-void upload_f32(const std::vector<float>& src, DeviceBuffer<float>& dst) {
+void upload_f32(std::span<const float> src, DeviceBuffer<float>& dst) {
   dst.reserve(src.size());
   CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
 }
@@ -37,7 +38,7 @@ std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int6
 }
 
 // fp32 host values rounded to bf16 (to nearest even) at dst on the device.
-void upload_as_bf16(const std::vector<float>& src, bf16_bits* dst) {
+void upload_as_bf16(std::span<const float> src, bf16_bits* dst) {
   std::vector<bf16_bits> b(src.size());
   std::transform(src.begin(), src.end(), b.begin(), f32_to_bf16);
   CUDA_CHECK(cudaMemcpy(dst, b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));

@@ -1,0 +1,74 @@
+// Host memory for buffers that are written in full before they are read (the CPU backend's fp32
+// weights): std::vector with an allocator that leaves new elements uninitialised, so that a resize
+// does not zero memory that the conversion overwrites anyway, and whose large blocks are 2 MiB
+// aligned and advised as transparent huge pages, so that the threads that write them first (the
+// converting threads, each its own chunks) fault them in 2 MiB at a time instead of 4 KiB.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <cstddef>
+#include <new>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace sinkscope {
+
+// Blocks of at least this many bytes are aligned to kHugePageBytes and advised MADV_HUGEPAGE.
+inline constexpr size_t kHugeAllocMin = size_t{4} << 20;
+inline constexpr size_t kHugePageBytes = size_t{2} << 20;
+
+// Default-initialises in place of value-initialising: `resize(n)` and `vector(n)` leave trivial
+// elements (float, int) with indeterminate values. Construction with arguments (`vector(n, 0.f)`,
+// `assign`, `push_back`) is as usual.
+template <class T>
+class UninitAllocator {
+ public:
+  using value_type = T;
+
+  UninitAllocator() noexcept = default;
+  template <class U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}
+
+  T* allocate(size_t n) {
+    if (n > max_size()) throw std::bad_array_new_length();
+    const size_t bytes = n * sizeof(T);
+    if (bytes < kHugeAllocMin) return static_cast<T*>(::operator new(bytes, align()));
+    void* p = ::operator new (bytes, std::align_val_t{kHugePageBytes});
+    ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    const size_t bytes = n * sizeof(T);
+    if (bytes < kHugeAllocMin)
+      ::operator delete(p, bytes, align());
+    else
+      ::operator delete (p, bytes, std::align_val_t{kHugePageBytes});
+  }
+  static constexpr size_t max_size() noexcept { return size_t(-1) / sizeof(T); }
+
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;  // default-initialisation: no zeroing
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+
+  friend bool operator==(const UninitAllocator&, const UninitAllocator&) noexcept { return true; }
+
+ private:
+  static constexpr std::align_val_t align() noexcept {
+    return std::align_val_t{alignof(T) > __STDCPP_DEFAULT_NEW_ALIGNMENT__
+                                ? alignof(T)
+                                : __STDCPP_DEFAULT_NEW_ALIGNMENT__};
+  }
+};
+
+// A vector whose resize does not initialise its trivial elements (see UninitAllocator).
+template <class T>
+using UninitVector = std::vector<T, UninitAllocator<T>>;
+
+}  // namespace sinkscope
