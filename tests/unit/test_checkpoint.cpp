@@ -607,6 +607,32 @@ TEST_F(BigTensorFiles, UncheckedSlicesAreStoredSlicesWithoutTheCheck) {
   EXPECT_THROW(ck.unchecked_block("big", 0, 701, 0, 1), InputError);
 }
 
+// The CUDA loader reads pieces with pread (read_stored) rather than through the mapping: the same
+// bytes, for whole slices, single rows of a block and pieces that end at the file's end.
+TEST_F(BigTensorFiles, ReadStoredCopiesTheMappedBytes) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  const StoredSlice rows = ck.unchecked_rows("big", 0, 700);
+  std::vector<char> got(rows.bytes(), 'x');
+  ck.prefetch_stored(rows.data, rows.bytes());
+  ck.read_stored(rows.data, rows.bytes(), got.data());
+  EXPECT_EQ(std::memcmp(got.data(), rows.data, rows.bytes()), 0);
+  const StoredSlice blk = ck.unchecked_block("big", 3, 9, 20, 31);  // odd width, strided
+  for (int64_t r = 0; r < blk.rows; ++r) {
+    char row[22];
+    ck.read_stored(blk.data + r * blk.row_pitch, sizeof row, row);
+    EXPECT_EQ(std::memcmp(row, blk.data + r * blk.row_pitch, sizeof row), 0) << "row " << r;
+  }
+  const StoredSlice last = ck.unchecked_rows("vec", 999, 1000);  // the file's last bytes
+  float v = 0;
+  ck.read_stored(last.data, 4, &v);
+  EXPECT_EQ(v, vec[999]);
+  // Past the end of the file, or outside every file: refused, nothing read.
+  EXPECT_THROW(ck.read_stored(last.data, 8, got.data()), InputError);
+  const char outside[4] = {};
+  EXPECT_THROW(ck.read_stored(outside, 4, got.data()), InputError);
+  ck.read_stored(outside, 0, got.data());  // nothing to read
+}
+
 // The CPU backend converts into buffers that are not zeroed first: the reads write every element,
 // on any thread count, bit for bit as a serial conversion into zeroed memory does, for odd sizes
 // that end inside a chunk and blocks whose rows are not contiguous.
