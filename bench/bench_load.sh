@@ -175,7 +175,7 @@ PY
       # (the embedding rows of the probes are read apart and not counted, the output head only
       # for logits), and its whole load, in a fresh process, includes creating the CUDA context
       # and the cuBLAS handles.
-      targets+=("$dev warm load vs transformers warm, whole load: transformers $hf_warm s / sinkscope ${warm_total[$dev]} s = $(calc "%.2f" "$hf_warm / ${warm_total[$dev]}")x (target >= 2x; sinkscope's whole load in a fresh process: open, backend setup incl. CUDA context, weights)")
+      targets+=("$dev warm load vs transformers warm, whole load: transformers $hf_warm s / sinkscope ${warm_total[$dev]} s = $(calc "%.2f" "$hf_warm / ${warm_total[$dev]}")x (target >= 2x; sinkscope's whole load in a fresh process: checkpoint open, backend setup$([ "$dev" = cuda ] && echo " with the CUDA context and cuBLAS"), weights)")
       targets+=("$dev warm load vs transformers warm, weights alone: transformers $hf_warm s / sinkscope ${warm_weights[$dev]} s = $(calc "%.2f" "$hf_warm / ${warm_weights[$dev]}")x (sinkscope reads ${warm_gb[$dev]} GB of the folder's $(calc "%.2f" "$bytes / 1e9") GB, transformers all of it; by rate $(calc "%.2f" "${warm_rate[$dev]} / ($bytes / 1e9 / $hf_warm)")x)")
     fi
   else
