@@ -7,6 +7,7 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstddef>
 #include <new>
 #include <type_traits>
@@ -18,6 +19,20 @@ namespace sinkscope {
 // Blocks of at least this many bytes are aligned to kHugePageBytes and advised MADV_HUGEPAGE.
 inline constexpr size_t kHugeAllocMin = size_t{4} << 20;
 inline constexpr size_t kHugePageBytes = size_t{2} << 20;
+// The kernel keeps the huge-page advice of a range in a mapping (VMA) of its own, so each advised
+// block inside the heap can add two mappings, and a process may hold vm.max_map_count of them
+// (65530 by default; past it even malloc fails). The first kMaxAdvisedBlocks blocks of the process
+// are advised (at most about a quarter of that default); later ones stay on 4 KiB pages. Blocks
+// freed and allocated again mostly land in ranges advised already, which adds no mapping.
+inline constexpr int kMaxAdvisedBlocks = 8192;
+
+// Advises [p, p + bytes) MADV_HUGEPAGE while fewer than kMaxAdvisedBlocks blocks have been.
+inline void advise_huge_pages(void* p, size_t bytes) noexcept {
+  static std::atomic<int> advised{0};
+  if (advised.load(std::memory_order_relaxed) >= kMaxAdvisedBlocks) return;
+  advised.fetch_add(1, std::memory_order_relaxed);
+  ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+}
 
 // Default-initialises in place of value-initialising: `resize(n)` and `vector(n)` leave trivial
 // elements (float, int) with indeterminate values. Construction with arguments (`vector(n, 0.f)`,
@@ -36,7 +51,7 @@ class UninitAllocator {
     const size_t bytes = n * sizeof(T);
     if (bytes < kHugeAllocMin) return static_cast<T*>(::operator new(bytes, align()));
     void* p = ::operator new (bytes, std::align_val_t{kHugePageBytes});
-    ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+    advise_huge_pages(p, bytes);
     return static_cast<T*>(p);
   }
   void deallocate(T* p, size_t n) noexcept {
