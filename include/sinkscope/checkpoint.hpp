@@ -112,6 +112,15 @@ class Checkpoint {
   // conversion. Returns the bytes advised. Out-of-range rows are ignored (the read reports them).
   uint64_t advise_rows(const std::string& name, int64_t row_begin, int64_t row_end) const;
 
+  // Copies the n stored bytes at `at` (inside a StoredSlice of this checkpoint, e.g.
+  // unchecked_block's data + r * row_pitch) into out with pread(2), not through the mapping: the
+  // kernel copies from the page cache in large reads and the mapping is not faulted in page by
+  // page. Thread-safe. Throws InputError on a read error or a file that ends early.
+  void read_stored(const char* at, size_t n, void* out) const;
+  // Asks the kernel to start reading the file bytes behind [at, at + n) (posix_fadvise WILLNEED),
+  // for a read_stored that follows. Advice only.
+  void prefetch_stored(const char* at, size_t n) const;
+
   // Threads converting in read_rows/read_cols/read_block/stored_* (OpenMP over rows and chunks);
   // 0 (the default) = omp_get_max_threads(). Results do not depend on it. The backends set it to
   // --threads before they load.

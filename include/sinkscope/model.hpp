@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -78,6 +79,11 @@ struct BackendEntry {
   // (checked up front, before any weight is read).
   std::function<void(const ModelConfig&, const ShardPlan&, bool synthetic)> check;
   std::function<std::unique_ptr<Backend>(const BackendInputs&)> make;
+  // Optional: starts, on a thread of its own, the setup that needs no model (CUDA: creating the
+  // context of the device that the rank with index `local_rank` among its node's ranks will use),
+  // so that it overlaps opening the checkpoint and planning. make() is called after the returned
+  // future is ready; errors are left to make() to report.
+  std::function<std::future<void>(int local_rank)> prepare;
   // `sinkscope plan --calibrate`: the cost model's coefficients measured with this backend's
   // kernels (threads per rank, a folder for scratch files, the ranks taking part).
   std::function<PlanCoefficients(int threads, const std::string& scratch_dir, const Comm& world)>

@@ -49,6 +49,9 @@ class MappedFile {
       }
       data_ = static_cast<const char*>(p);
     }
+    // The pread readers (the CUDA loader) go through the data front to back: a larger read-ahead
+    // window for this file description. The mapping's own read-ahead is unaffected.
+    ::posix_fadvise(fd_, 0, 0, POSIX_FADV_SEQUENTIAL);
   }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -59,6 +62,30 @@ class MappedFile {
   const char* data() const { return data_; }
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  bool holds(const char* p) const { return data_ && p >= data_ && p < data_ + size_; }
+
+  // n bytes at `offset` of the file into out, with pread(2): the page cache copies them, and no
+  // page of the mapping is faulted in.
+  void read(uint64_t offset, size_t n, void* out) const {
+    char* to = static_cast<char*>(out);
+    while (n > 0) {
+      const ssize_t got = ::pread(fd_, to, n, static_cast<off_t>(offset));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0)
+        throw InputError(path_ + ": read failed at byte " + std::to_string(offset) + " (" +
+                         std::strerror(errno) + ")");
+      if (got == 0)
+        throw InputError(path_ + ": file ended at byte " + std::to_string(offset) +
+                         " while reading (was it truncated?)");
+      to += got;
+      offset += static_cast<uint64_t>(got);
+      n -= static_cast<size_t>(got);
+    }
+  }
+  // Starts reading [offset, offset + n) into the page cache (advice only: errors are ignored).
+  void prefetch(uint64_t offset, size_t n) const {
+    ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(n), POSIX_FADV_WILLNEED);
+  }
 
  private:
   std::string path_;
@@ -122,6 +149,14 @@ struct Checkpoint::Impl {
     if (it == by_name.end())
       throw InputError(dir + ": tensor '" + name + "' is missing from the checkpoint");
     return tensors[it->second];
+  }
+
+  // The file whose mapping holds [p, p + n); InputError when none does (a caller's mistake).
+  const MappedFile& file_of(const char* p, size_t n) const {
+    for (const auto& f : files)
+      if (f->holds(p) && n <= static_cast<size_t>(f->data() + f->size() - p)) return *f;
+    throw InputError(dir + ": a stored read of " + std::to_string(n) +
+                     " bytes lies outside every safetensors file of the checkpoint");
   }
 
   const char* bytes(const TensorInfo& t) const {
@@ -460,6 +495,18 @@ uint64_t Checkpoint::advise_rows(const std::string& name, int64_t row_begin,
   advise(p, n, MADV_SEQUENTIAL);
   advise(p, n, MADV_WILLNEED);
   return n;
+}
+
+void Checkpoint::read_stored(const char* at, size_t n, void* out) const {
+  if (n == 0) return;
+  const MappedFile& f = impl_->file_of(at, n);
+  f.read(static_cast<uint64_t>(at - f.data()), n, out);
+}
+
+void Checkpoint::prefetch_stored(const char* at, size_t n) const {
+  if (n == 0) return;
+  const MappedFile& f = impl_->file_of(at, n);
+  f.prefetch(static_cast<uint64_t>(at - f.data()), n);
 }
 
 void Checkpoint::set_read_threads(int threads) const { impl_->threads = std::max(0, threads); }

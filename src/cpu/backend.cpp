@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <span>
 
 #include "checkpoint/omp_threads.hpp"
 #include "cpu/kernels.hpp"
@@ -77,7 +78,7 @@ void keep_freed_memory() {
 #endif
 }
 
-void add_bias(float* x, int64_t rows, int64_t n, int64_t ld, const std::vector<float>& bias) {
+void add_bias(float* x, int64_t rows, int64_t n, int64_t ld, std::span<const float> bias) {
   if (bias.empty()) return;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) x[r * ld + j] += bias[static_cast<size_t>(j)];
@@ -132,7 +133,7 @@ class CpuBackend final : public Backend, private LayerOps {
                  std::vector<float>& outs) const;
   // score_bias: DeepSeek's selection-only bias (sigmoid group routing; empty otherwise).
   void route(const float* logits, int64_t n, int32_t* topk, float* weight,
-             const std::vector<float>& score_bias) const;
+             std::span<const float> score_bias) const;
   void run_mlp(const MlpWeights& m, const float* u, int64_t n, float* out) const;
   // Sums of squares of a query/key row over the full projection width (all heads of the dp
   // group), for the full-width q/k norm: [rows] each.
@@ -591,7 +592,7 @@ void CpuBackend::run_mlp(const MlpWeights& m, const float* u, int64_t n, float* 
 }
 
 void CpuBackend::route(const float* lr, int64_t n, int32_t* topk, float* weight,
-                       const std::vector<float>& bias) const {
+                       std::span<const float> bias) const {
   const int64_t E = c_.num_experts, K = c_.top_k;
   if (c_.router == RouterKind::kSigmoidGroupTopK) {
     cpu::route_sigmoid_groups(c_, lr, n, bias.data(), topk, weight);

@@ -29,25 +29,25 @@ class Loader {
   Loader(const Checkpoint& ck, const std::vector<PlannedRead>& planned)
       : ck_(ck), c_(ck.config()), planned_(&planned) {}
 
-  std::vector<float> rows(Role role, int64_t l, int64_t r0, int64_t r1, int64_t width) const {
+  WeightVector rows(Role role, int64_t l, int64_t r0, int64_t r1, int64_t width) const {
     return rows_of(tensor_name(c_, role, l, -1, &ck_), r0, r1, width);
   }
-  std::vector<float> rows_of(const std::string& name, int64_t r0, int64_t r1, int64_t width) const {
+  WeightVector rows_of(const std::string& name, int64_t r0, int64_t r1, int64_t width) const {
     if (note(name, r0, r1, static_cast<uint64_t>((r1 - r0) * width))) return {};
-    std::vector<float> out(static_cast<size_t>((r1 - r0) * width));
+    WeightVector out(static_cast<size_t>((r1 - r0) * width));
     ck_.read_rows(name, r0, r1, out.data());
     return out;
   }
   // The block rows [r0, r1) x columns [c0, c1) of a tensor's 2-D view.
-  std::vector<float> block(const std::string& name, int64_t r0, int64_t r1, int64_t c0,
-                           int64_t c1) const {
+  WeightVector block(const std::string& name, int64_t r0, int64_t r1, int64_t c0,
+                     int64_t c1) const {
     if (note(name, r0, r1, static_cast<uint64_t>((r1 - r0) * (c1 - c0)))) return {};
-    std::vector<float> out(static_cast<size_t>((r1 - r0) * (c1 - c0)));
+    WeightVector out(static_cast<size_t>((r1 - r0) * (c1 - c0)));
     ck_.read_block(name, r0, r1, c0, c1, out.data());
     return out;
   }
   // A 1-D tensor's elements [b, e), or nothing where the family or config has no such tensor.
-  std::vector<float> vec(Role role, int64_t l, int64_t b, int64_t e, bool present = true) const {
+  WeightVector vec(Role role, int64_t l, int64_t b, int64_t e, bool present = true) const {
     if (!present || !has_role(c_, role)) return {};
     return rows(role, l, b, e, 1);
   }
@@ -57,12 +57,12 @@ class Loader {
     return {vec(gain, l, 0, D), vec(bias, l, 0, D, c_.norm == NormKind::kLayer)};
   }
   // Column block [c0, c1) of every row of a 2-D tensor (o_proj's columns of this rank's heads).
-  std::vector<float> cols(Role role, int64_t l, int64_t rows, int64_t c0, int64_t c1) const {
+  WeightVector cols(Role role, int64_t l, int64_t rows, int64_t c0, int64_t c1) const {
     return block(tensor_name(c_, role, l), 0, rows, c0, c1);
   }
   // Rows [r0, r1) of an MXFP4 tensor `X_blocks` decoded with its `X_scales`: [r1 - r0, 32 G],
   // a row being one output of the [..., out, G, 16] blocks.
-  std::vector<float> mxfp4_rows(const std::string& blocks, int64_t r0, int64_t r1) const {
+  WeightVector mxfp4_rows(const std::string& blocks, int64_t r0, int64_t r1) const {
     const std::string scales = mxfp4_scales_name(blocks);
     const TensorInfo* st = ck_.find(scales);
     const int64_t G = st ? st->shape.back() : 0;
@@ -70,7 +70,7 @@ class Loader {
     note(scales, r0, r1, static_cast<uint64_t>((r1 - r0) * G));
     if (planning) return {};
     const StoredSlice b = ck_.raw_rows(blocks, r0 * G, r1 * G), s = ck_.raw_rows(scales, r0, r1);
-    std::vector<float> out(static_cast<size_t>((r1 - r0) * G * 32));
+    WeightVector out(static_cast<size_t>((r1 - r0) * G * 32));
     const int64_t bad =
         decode_mxfp4(reinterpret_cast<const uint8_t*>(b.data),
                      reinterpret_cast<const uint8_t*>(s.data), r1 - r0, G, out.data());
@@ -199,7 +199,7 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
       // GPT-NeoX: rows of query_key_value are [H, 3, d] (per head: q, k, v); no GQA.
       const std::string name = tensor_name(c, Role::kQkv, l);
       for (int64_t h = h0; h < h1; ++h) {
-        auto part = [&](int64_t which, std::vector<float>& dst) {
+        auto part = [&](int64_t which, WeightVector& dst) {
           auto r = ld.rows_of(name, (3 * h + which) * d, (3 * h + which + 1) * d, D);
           dst.insert(dst.end(), r.begin(), r.end());
         };
@@ -208,7 +208,7 @@ ModelWeights load_with(const Checkpoint& ck, const ShardPlan& plan, bool with_lm
         part(2, L.v);
         if (c.qkv_bias) {
           const std::string bname = tensor_name(c, Role::kQkvBias, l);
-          auto bias = [&](int64_t which, std::vector<float>& dst) {
+          auto bias = [&](int64_t which, WeightVector& dst) {
             auto r = ld.rows_of(bname, (3 * h + which) * d, (3 * h + which + 1) * d, 1);
             dst.insert(dst.end(), r.begin(), r.end());
           };

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <future>
 #include <optional>
 
 #include "checkpoint/omp_threads.hpp"
@@ -60,6 +61,18 @@ int local_rank_hint(const ShardPlan& plan) {
        {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"})
     if (const char* s = std::getenv(v); s && *s) return std::atoi(s);
   return plan.rank;
+}
+
+// BackendEntry::prepare: creates the primary context of the device that select_device will pick
+// for a placed plan (local rank modulo the visible devices) on a thread of its own. A failure is
+// left for select_device and the backend's first checked call to report.
+std::future<void> prepare_device(int local_rank) {
+  return std::async(std::launch::async, [local_rank] {
+    const int count = visible_device_count();
+    if (count == 0) return;
+    if (cudaSetDevice(local_rank % count) != cudaSuccess || cudaFree(nullptr) != cudaSuccess)
+      (void)cudaGetLastError();  // this thread's error state only
+  });
 }
 
 int select_device(const ShardPlan& plan) {
@@ -1279,6 +1292,7 @@ BackendEntry cuda_backend_entry() {
   e.calibrate = [](int, const std::string& dir, const Comm& world) {
     return calibrate_cuda(dir, world);
   };
+  e.prepare = [](int local_rank) { return cuda::prepare_device(local_rank); };
   return e;
 }
 

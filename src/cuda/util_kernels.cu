@@ -80,7 +80,36 @@ __global__ void f16_to_bf16_kernel(const uint16_t* __restrict__ src, int64_t n,
     dst[i] = f2bf(__half2float(__ushort_as_half(src[i])));
 }
 
+// Exponent bits all ones (inf or NaN) for each stored width; each thread keeps its first hit and
+// only threads with one touch the slot, so a finite piece costs one read of its values.
+template <typename Bits>
+__global__ void find_non_finite_kernel(const Bits* __restrict__ v, int64_t n, Bits exponent,
+                                       uint64_t tag, unsigned long long* first) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += stride) {
+    if ((v[i] & exponent) == exponent) {
+      atomicMin(first, static_cast<unsigned long long>(tag + static_cast<uint64_t>(i)));
+      return;  // this thread's later elements come after i
+    }
+  }
+}
+
 }  // namespace
+
+void find_non_finite(const void* values, int64_t n, int elem_size, bool f16, uint64_t tag,
+                     unsigned long long* first, cudaStream_t s) {
+  if (n == 0) return;
+  if (elem_size == 4) {
+    find_non_finite_kernel<uint32_t><<<grid_for(n, 256, 4096), 256, 0, s>>>(
+        static_cast<const uint32_t*>(values), n, 0x7f800000u, tag, first);
+  } else {
+    find_non_finite_kernel<uint16_t><<<grid_for(n, 256, 4096), 256, 0, s>>>(
+        static_cast<const uint16_t*>(values), n, static_cast<uint16_t>(f16 ? 0x7c00u : 0x7f80u),
+        tag, first);
+  }
+  CUDA_CHECK_LAUNCH("find_non_finite_kernel");
+}
 
 void fill_random_bf16(bf16_bits* dst, int64_t rows, int64_t cols, int64_t row_offset,
                       int64_t col_offset, int64_t global_cols, uint64_t seed, uint64_t tensor_id,

@@ -29,5 +29,12 @@ void f32_to_bf16(const float* src, int64_t n, bf16_bits* dst, cudaStream_t s);
 // f16 bits -> bf16 (exact f16 -> fp32, then round to nearest even: the host's f16 -> fp32 -> bf16
 // of the fp32 loading path, bit for bit). Used to load f16 checkpoints.
 void f16_to_bf16(const uint16_t* src, int64_t n, bf16_bits* dst, cudaStream_t s);
+// Finds the first inf or NaN among n stored values of `elem_size` bytes (2: bf16 when `f16` is
+// false, f16 when true; 4: f32) by their exponent bits, and lowers *first to tag + its index
+// (atomicMin) when there is one. The caller keeps one slot, initialised to ~0, for many calls:
+// with tag = piece number << 32 it then names the first non-finite value of the first piece that
+// has one. n < 2^32.
+void find_non_finite(const void* values, int64_t n, int elem_size, bool f16, uint64_t tag,
+                     unsigned long long* first, cudaStream_t s);
 
 }  // namespace sinkscope::cuda::k

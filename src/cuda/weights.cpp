@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -24,7 +25,7 @@
 namespace sinkscope::cuda {
 namespace {
 
-void upload_f32(const std::vector<float>& src, DeviceBuffer<float>& dst) {
+void upload_f32(std::span<const float> src, DeviceBuffer<float>& dst) {
   dst.reserve(src.size());
   CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
 }
@@ -37,7 +38,7 @@ std::vector<float> read_rows(const Checkpoint& ck, const std::string& name, int6
 }
 
 // fp32 host values rounded to bf16 (to nearest even) at dst on the device.
-void upload_as_bf16(const std::vector<float>& src, bf16_bits* dst) {
+void upload_as_bf16(std::span<const float> src, bf16_bits* dst) {
   std::vector<bf16_bits> b(src.size());
   std::transform(src.begin(), src.end(), b.begin(), f32_to_bf16);
   CUDA_CHECK(cudaMemcpy(dst, b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
@@ -118,27 +119,37 @@ void load_gpt_oss_experts(const Checkpoint& ck, const ShardPlan& plan, int64_t l
 
 // Stored weights -> device bf16 without a host conversion. `threads` host threads (--threads, at
 // most kMaxWorkers) each own two pinned staging buffers of kStage bytes and a stream of their own.
-// The loader cuts every slice into pieces of at most kStage bytes and queues them; a free worker
-// copies a piece from the mapped file into one of its buffers (this is where the file's pages are
-// read, so several pieces are read at once), checks its values are finite on the way, and sends
-// the buffer with cudaMemcpyAsync on its stream; it reuses a buffer once the event recorded after
-// that buffer's last copy has completed. Page-cache reads, pinned copies and DMA of different
-// pieces therefore overlap. bf16 checkpoints land in the weights as they are (bit for bit the
-// stored values); f16 and f32 pieces land in the worker's device scratch and are rounded to bf16
-// there by a kernel on the same stream (k::f16_to_bf16, k::f32_to_bf16: the same rounding as the
-// host's f32_to_bf16). finish() waits until every queued piece has been sent, then makes the
-// backend's stream wait for every worker's stream (events) and synchronises it. A non-finite value
-// fails the load with the message of Checkpoint::stored_block (tensor name and element).
+// The loader cuts every slice into pieces of at most kStage bytes and queues them, asking the
+// kernel to start reading each piece's file bytes as it is queued (posix_fadvise WILLNEED). A free
+// worker reads a piece into one of its buffers with pread (Checkpoint::read_stored: the kernel
+// copies from the page cache in large reads, so no page of the mapping is faulted in; strided rows
+// shorter than kPreadRowMin are copied from the mapping instead, one pread per short row costing
+// more than it saves), and sends the buffer with cudaMemcpyAsync on its stream; it reuses a buffer
+// once the event recorded after that buffer's last copy has completed. Disk and page-cache reads
+// and DMA of different pieces therefore overlap. bf16 checkpoints land in the weights as they are
+// (bit for bit the stored values); f16 and f32 pieces land in the worker's device scratch and are
+// rounded to bf16 there by a kernel on the same stream (k::f16_to_bf16, k::f32_to_bf16: the same
+// rounding as the host's f32_to_bf16). The values are checked on the device: a kernel after each
+// copy looks for inf/NaN in the stored bits (k::find_non_finite) and keeps the first (piece number,
+// element) in one device word. finish() waits until every queued piece has been sent, makes the
+// backend's stream wait for every worker's stream (events), synchronises it and reads that word
+// once: a non-finite value fails the load with the message of Checkpoint::stored_block (tensor name
+// and element, the value read back from the file), as the host check did.
 class Uploader {
  public:
   static constexpr size_t kStage = size_t{16} << 20;
   static constexpr int kMaxWorkers = 8;
+  // Strided rows (column blocks) at least this long are read with one pread each.
+  static constexpr size_t kPreadRowMin = size_t{64} << 10;
 
   Uploader(const Checkpoint& ck, cudaStream_t s, int threads) : ck_(ck), s_(s) {
     CUDA_CHECK(cudaGetDevice(&device_));
     context_ = error_context();
     const int n = std::clamp(threads, 1, kMaxWorkers);
     try {
+      first_bad_.reserve(1);
+      CUDA_CHECK(cudaMemsetAsync(first_bad_.get(), 0xff, sizeof(unsigned long long), s_));
+      CUDA_CHECK(cudaStreamSynchronize(s_));  // before any worker's stream lowers it
       for (int i = 0; i < n; ++i) {
         auto w = std::make_unique<Worker>();
         CUDA_CHECK(cudaStreamCreateWithFlags(&w->stream, cudaStreamNonBlocking));
@@ -169,7 +180,8 @@ class Uploader {
     upload(name, ck_.unchecked_block(name, r0, r1, c0, c1), dst);
   }
   // Waits until every piece queued so far is on the device; the backend's stream is ordered after
-  // all of them. Rethrows the first error of a worker.
+  // all of them. Rethrows the first error of a worker, then fails on the first non-finite value
+  // of the pieces sent since the last finish().
   void finish() {
     {
       std::unique_lock<std::mutex> lock(m_);
@@ -180,7 +192,12 @@ class Uploader {
       CUDA_CHECK(cudaEventRecord(w->joined, w->stream));
       CUDA_CHECK(cudaStreamWaitEvent(s_, w->joined, 0));
     }
+    unsigned long long first_bad = 0;
+    CUDA_CHECK(cudaMemcpyAsync(&first_bad, first_bad_.get(), sizeof first_bad,
+                               cudaMemcpyDeviceToHost, s_));
     CUDA_CHECK(cudaStreamSynchronize(s_));
+    if (first_bad != ~0ull) report_non_finite(first_bad);
+    sent_.clear();  // piece numbers start again at 0; the device word is still ~0
   }
 
  private:
@@ -194,7 +211,7 @@ class Uploader {
     size_t elem_size = 2;
     bf16_bits* dst = nullptr;
     int64_t first_element = 0;  // in the slice, of the piece's first value (for the error)
-    int64_t slice_cols = 0;     // values per row of the slice
+    uint64_t number = 0;        // in sent_
   };
   struct Worker {
     std::thread thread;
@@ -214,9 +231,6 @@ class Uploader {
     }
   };
 
-  // Host bytes copied and checked at a time: stays in the cache between the copy and the check.
-  static constexpr size_t kCheckBlock = size_t{256} << 10;
-
   void upload(const std::string& name, const StoredSlice& sl, bf16_bits* dst) {
     if (sl.bytes() == 0) return;
     const size_t es = sl.elem_size, row_bytes = static_cast<size_t>(sl.cols) * es;
@@ -224,7 +238,6 @@ class Uploader {
     p.tensor = name;
     p.dtype = sl.dtype;
     p.elem_size = es;
-    p.slice_cols = sl.cols;
     if (sl.contiguous() || row_bytes > kStage) {
       // One byte range per row (contiguous: the whole slice), in stage-sized pieces.
       const int64_t ranges = sl.contiguous() ? 1 : sl.rows;
@@ -255,14 +268,32 @@ class Uploader {
     }
   }
 
-  void enqueue(const Piece& p) {
+  void enqueue(Piece p) {
+    ck_.prefetch_stored(p.src, static_cast<size_t>(p.rows - 1) * p.pitch + p.row_bytes);
     {
       std::lock_guard<std::mutex> lock(m_);
       if (error_) std::rethrow_exception(error_);
-      queue_.push_back(p);
+      p.number = sent_.size();
+      sent_.push_back(p);
+      queue_.push_back(std::move(p));
       ++busy_;
     }
     work_cv_.notify_one();
+  }
+
+  // The InputError of the non-finite value that k::find_non_finite found: piece number in the high
+  // 32 bits, element of the piece in the low 32. The value is read back from the mapped file.
+  [[noreturn]] void report_non_finite(unsigned long long first_bad) const {
+    const size_t number = static_cast<size_t>(first_bad >> 32);
+    const int64_t i = static_cast<int64_t>(first_bad & 0xffffffffull);
+    if (number >= sent_.size())
+      throw RuntimeFailure("the device finite check reported piece " + std::to_string(number) +
+                           " of " + std::to_string(sent_.size()));
+    const Piece& p = sent_[number];
+    const int64_t cols = static_cast<int64_t>(p.row_bytes / p.elem_size);
+    float value;
+    convert_to_f32(p.dtype, p.src + (i / cols) * p.pitch + (i % cols) * p.elem_size, 1, &value);
+    ck_.throw_non_finite(p.tensor, value, static_cast<size_t>(p.first_element + i));
   }
 
   // A worker thread: takes pieces until shut_down. After an error it only drains the queue.
@@ -297,36 +328,33 @@ class Uploader {
     }
   }
 
-  // Copies (and checks) a piece into the worker's next buffer and sends it on the worker's stream.
+  // Reads a piece into the worker's next buffer, sends it on the worker's stream and checks the
+  // sent values there.
   void stage(Worker& w, const Piece& p) {
     const int b = w.next;
     w.next ^= 1;
     w.pinned[b].reserve(kStage);
     CUDA_CHECK(cudaEventSynchronize(w.done[b]));  // the buffer's last copy has been read
     char* buf = w.pinned[b].get();
-    const size_t es = p.elem_size;
     for (int64_t r = 0; r < p.rows; ++r) {
       const char* src = p.src + r * p.pitch;
       char* out = buf + r * p.row_bytes;
-      for (size_t off = 0; off < p.row_bytes; off += kCheckBlock) {
-        const size_t n = std::min(kCheckBlock, p.row_bytes - off);
-        std::memcpy(out + off, src + off, n);
-        if (any_non_finite(p.dtype, out + off, n / es)) {
-          const size_t i = first_non_finite(p.dtype, out + off, n / es);
-          float value;
-          convert_to_f32(p.dtype, out + off + i * es, 1, &value);
-          ck_.throw_non_finite(
-              p.tensor, value,
-              static_cast<size_t>(p.first_element + r * p.slice_cols) + off / es + i);
-        }
-      }
+      if (p.rows == 1 || p.row_bytes >= kPreadRowMin)
+        ck_.read_stored(src, p.row_bytes, out);
+      else
+        std::memcpy(out, src, p.row_bytes);
     }
     const size_t bytes = p.row_bytes * static_cast<size_t>(p.rows);
+    const int64_t n = static_cast<int64_t>(bytes / p.elem_size);
+    const uint64_t tag = static_cast<uint64_t>(p.number) << 32;
     if (p.dtype == DType::BF16) {
       CUDA_CHECK(cudaMemcpyAsync(p.dst, buf, bytes, cudaMemcpyHostToDevice, w.stream));
+      k::find_non_finite(p.dst, n, 2, false, tag, first_bad_.get(), w.stream);
     } else {
       w.scratch[b].reserve(kStage);
       CUDA_CHECK(cudaMemcpyAsync(w.scratch[b].get(), buf, bytes, cudaMemcpyHostToDevice, w.stream));
+      k::find_non_finite(w.scratch[b].get(), n, static_cast<int>(p.elem_size),
+                         p.dtype == DType::F16, tag, first_bad_.get(), w.stream);
       if (p.dtype == DType::F16)
         k::f16_to_bf16(reinterpret_cast<const uint16_t*>(w.scratch[b].get()),
                        static_cast<int64_t>(bytes / 2), p.dst, w.stream);
@@ -353,11 +381,15 @@ class Uploader {
   cudaStream_t s_;
   int device_ = 0;
   std::string context_;
+  // (piece number << 32) + element of the first non-finite value, or ~0 (see finish()). Before the
+  // workers: freed after their streams have finished.
+  DeviceBuffer<unsigned long long> first_bad_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::mutex m_;
   std::condition_variable work_cv_, idle_cv_;
   std::deque<Piece> queue_;
-  int64_t busy_ = 0;  // pieces queued or being staged
+  std::vector<Piece> sent_;  // every piece queued since the last finish(), by number
+  int64_t busy_ = 0;         // pieces queued or being staged
   bool stop_ = false;
   std::exception_ptr error_;
 };

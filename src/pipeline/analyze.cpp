@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <ctime>
 #include <fstream>
+#include <future>
 #include <iostream>
 #include <limits>
 #include <optional>
@@ -192,6 +193,19 @@ int64_t smallest_leading_set(const std::vector<double>& values, double share) {
   return static_cast<int64_t>(values.size());
 }
 
+// Starts the setup of backend `device` that needs no model (BackendEntry::prepare) for this rank;
+// an invalid future where the backend has none or `device` is unknown (reported later).
+std::future<void> prepare_backend(const std::string& device, const NodeMap& nodes, int rank) {
+  const std::vector<std::string> names = backend_names();
+  if (std::find(names.begin(), names.end(), device) == names.end()) return {};
+  const BackendEntry& entry = find_backend(device);
+  if (!entry.prepare || rank >= static_cast<int>(nodes.node_of_rank.size())) return {};
+  int local_rank = 0;  // the rank's index among its node's ranks, as the placement numbers them
+  for (int r = 0; r < rank; ++r)
+    local_rank += nodes.node_of_rank[r] == nodes.node_of_rank[rank] ? 1 : 0;
+  return entry.prepare(local_rank);
+}
+
 }  // namespace
 
 Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, const Comm& world) {
@@ -206,6 +220,8 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
   std::optional<NodeMap> discovered;
   if (!opt.nodes) discovered = discover_nodes(world);
   const NodeMap& nodes = opt.nodes ? *opt.nodes : *discovered;
+  // The CUDA context is created beside the checkpoint's open and the planning.
+  std::future<void> prepared = prepare_backend(opt.device, nodes, world.rank());
   run_agreed(world, [&] {
     backend_entry = &find_backend(opt.device);
     if (synthetic) {
@@ -258,6 +274,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     in.options.threads = opt.threads;
     in.options.load_progress = opt.load_progress;
     in.synthetic_seed = opt.synthetic_seed;
+    if (prepared.valid()) prepared.wait();
     backend = backend_entry->make(in);
   });
   const auto compute_start = std::chrono::steady_clock::now();

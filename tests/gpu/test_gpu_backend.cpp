@@ -896,6 +896,142 @@ TEST(GpuLoad, NonFiniteWeightNamesTensorAndElement) {
   }
 }
 
+// The loader's device finite check (k::find_non_finite): the slot keeps the lowest tag + index,
+// so the first non-finite value of the lowest-numbered piece, for each stored width, whichever
+// thread of the grid meets it (n spans several grid strides) and whatever the order of the calls.
+TEST(GpuKernels, FindNonFiniteKeepsTheFirstValueOfTheFirstPiece) {
+  REQUIRE_GPU();
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
+  {
+    cuda::DeviceBuffer<unsigned long long> slot(1);
+    auto reset = [&] { ASSERT_EQ(cudaMemset(slot.get(), 0xff, 8), cudaSuccess); };
+    auto slot_value = [&] {
+      unsigned long long v = 0;
+      EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+      EXPECT_EQ(cudaMemcpy(&v, slot.get(), 8, cudaMemcpyDeviceToHost), cudaSuccess);
+      return v;
+    };
+    const int64_t n = 3000017;  // more than the 4096 x 256 threads of the grid: several strides
+    struct Width {
+      int elem_size;
+      bool f16;
+      uint32_t finite_max, inf, nan;
+    };
+    for (const Width w : {Width{2, false, 0x7f7fu, 0xff80u, 0x7fc1u},                 // bf16
+                          Width{2, true, 0x7bffu, 0x7c00u, 0xfe01u},                  // f16
+                          Width{4, false, 0x7f7fffffu, 0xff800000u, 0x7fc00000u}}) {  // f32
+      SCOPED_TRACE("elem_size " + std::to_string(w.elem_size) + (w.f16 ? " f16" : ""));
+      // Finite values of every exponent below the all-ones one, subnormals and zeros included.
+      std::vector<uint32_t> values(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i)
+        values[static_cast<size_t>(i)] =
+            i % 3 == 0 ? w.finite_max : static_cast<uint32_t>(i * 2654435761u) % (w.finite_max + 1);
+      auto upload = [&](const std::vector<uint32_t>& v, cuda::DeviceBuffer<char>& dst) {
+        std::vector<char> bytes(v.size() * static_cast<size_t>(w.elem_size));
+        for (size_t i = 0; i < v.size(); ++i) {
+          if (w.elem_size == 2) {
+            const uint16_t b = static_cast<uint16_t>(v[i]);
+            std::memcpy(bytes.data() + 2 * i, &b, 2);
+          } else {
+            std::memcpy(bytes.data() + 4 * i, &v[i], 4);
+          }
+        }
+        dst.reserve(bytes.size());
+        ASSERT_EQ(cudaMemcpy(dst.get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice),
+                  cudaSuccess);
+      };
+      cuda::DeviceBuffer<char> finite, late, early;
+      upload(values, finite);
+      std::vector<uint32_t> v = values;
+      v[2999999] = w.nan;
+      v[1234567] = w.inf;
+      v[2000000] = w.inf;
+      upload(v, late);
+      v = values;
+      v[0] = w.nan;
+      upload(v, early);
+
+      reset();
+      cuda::k::find_non_finite(finite.get(), n, w.elem_size, w.f16, 0, slot.get(), s);
+      EXPECT_EQ(slot_value(), ~0ull);
+      // Piece 5 (first bad element 1234567), then piece 9 (element 0): piece 5 is kept.
+      cuda::k::find_non_finite(late.get(), n, w.elem_size, w.f16, 5ull << 32, slot.get(), s);
+      EXPECT_EQ(slot_value(), (5ull << 32) + 1234567);
+      cuda::k::find_non_finite(early.get(), n, w.elem_size, w.f16, 9ull << 32, slot.get(), s);
+      EXPECT_EQ(slot_value(), (5ull << 32) + 1234567);
+      // A lower piece number wins over a smaller element, and within it the smaller element.
+      cuda::k::find_non_finite(late.get() + 1500000 * w.elem_size, n - 1500000, w.elem_size, w.f16,
+                               3ull << 32, slot.get(), s);
+      EXPECT_EQ(slot_value(), (3ull << 32) + 2000000 - 1500000);
+      cuda::k::find_non_finite(early.get(), 1, w.elem_size, w.f16, 3ull << 32, slot.get(), s);
+      EXPECT_EQ(slot_value(), 3ull << 32);
+    }
+  }
+  cudaStreamDestroy(s);
+}
+
+// The device finite check names what the host check named: a value in the second 16 MiB piece of
+// a tensor (the element counted from the slice's start), an f32 checkpoint's value (checked before
+// the rounding to bf16), and of two bad tensors the one the loader reads first, on any thread
+// count (the check keeps the lowest piece number, not the first staging thread to finish).
+TEST(GpuLoad, DeviceFiniteCheckNamesTheFirstBadValueOfAnyPiece) {
+  REQUIRE_GPU();
+  TempDir bf16_dir, f32_dir;
+  const ModelConfig cfg = shape(256, 2, 4, 2, 64, 4, 2, 64, {}, 40000);
+  synthesize(cfg, bf16_dir.path(), false, 5);
+  {
+    Checkpoint ck = Checkpoint::open(bf16_dir.path());
+    std::vector<std::vector<float>> data;
+    std::vector<TensorToWrite> tw;
+    data.reserve(ck.tensors().size());
+    for (const auto& t : ck.tensors()) {
+      int64_t n = 1;
+      for (auto d : t.shape) n *= d;
+      data.emplace_back(static_cast<size_t>(n));
+      ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
+      tw.push_back({t.name, DType::F32, t.shape, data.back().data()});
+    }
+    write_safetensors(f32_dir.path() + "/model.safetensors", tw);
+    fs::copy_file(bf16_dir.path() + "/config.json", f32_dir.path() + "/config.json");
+  }
+  const ModelConfig c = parse_model_config(bf16_dir.path() + "/config.json");
+  const std::string head =
+      tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead);  // [40000, 256]
+  const std::string up1 = tensor_name(c, Role::kExpertUp, 1, 1),
+                    up3 = tensor_name(c, Role::kExpertUp, 1, 3);  // [64, 256]
+  const std::string bf16_file = bf16_dir.path() + "/model.safetensors",
+                    f32_file = f32_dir.path() + "/model.safetensors";
+  // bf16: 8388608 values per piece; element 9000001 of the head lies in its second piece.
+  set_bf16_element(bf16_file, head, 9000001, std::numeric_limits<float>::quiet_NaN());
+  write_elements(f32_file, up3, 1000, 1001, -std::numeric_limits<float>::infinity());
+  write_elements(f32_file, up1, 40 * 256 + 7, 40 * 256 + 8, std::numeric_limits<float>::infinity());
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
+  {
+    cuda::Blas blas(s);
+    const std::pair<std::string, std::string> cases[] = {
+        {bf16_dir.path(),
+         "tensor '" + head + "' holds a non-finite value (nan) at element 9000001"},
+        {f32_dir.path(), "tensor '" + up1 + "' holds a non-finite value (inf) at element " +
+                             std::to_string(40 * 256 + 7)}};
+    for (const auto& [dir, expected] : cases) {
+      Checkpoint ck = Checkpoint::open(dir);
+      const ShardPlan plan = ShardPlan::make(1, 0, 1, 1, ck.config());
+      for (int threads : {1, 3, 8}) {
+        SCOPED_TRACE(dir + ", threads " + std::to_string(threads));
+        try {
+          cuda::load_device_model(ck, plan, true, blas, s, threads);
+          ADD_FAILURE() << "a non-finite weight was loaded";
+        } catch (const InputError& e) {
+          EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+        }
+      }
+    }
+  }
+  cudaStreamDestroy(s);
+}
+
 // Whether the Hopper (wgmma) kernels must run here: an sm_90a build (CMake defines
 // SINKSCOPE_EXPECT_WGMMA) on a compute capability 9.0 device.
 bool hopper_kernels_expected() {

@@ -7,7 +7,9 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <tuple>
 
+#include "cpu/uninit_allocator.hpp"
 #include "io/isolated.hpp"
 #include "io/json_bounded.hpp"
 #include "sinkscope/checkpoint.hpp"
@@ -603,6 +605,82 @@ TEST_F(BigTensorFiles, UncheckedSlicesAreStoredSlicesWithoutTheCheck) {
   EXPECT_EQ(rows.bytes(), 40u);
   EXPECT_EQ(std::memcmp(rows.data, vec.data() + 10, 40), 0);
   EXPECT_THROW(ck.unchecked_block("big", 0, 701, 0, 1), InputError);
+}
+
+// The CUDA loader reads pieces with pread (read_stored) rather than through the mapping: the same
+// bytes, for whole slices, single rows of a block and pieces that end at the file's end.
+TEST_F(BigTensorFiles, ReadStoredCopiesTheMappedBytes) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  const StoredSlice rows = ck.unchecked_rows("big", 0, 700);
+  std::vector<char> got(rows.bytes(), 'x');
+  ck.prefetch_stored(rows.data, rows.bytes());
+  ck.read_stored(rows.data, rows.bytes(), got.data());
+  EXPECT_EQ(std::memcmp(got.data(), rows.data, rows.bytes()), 0);
+  const StoredSlice blk = ck.unchecked_block("big", 3, 9, 20, 31);  // odd width, strided
+  for (int64_t r = 0; r < blk.rows; ++r) {
+    char row[22];
+    ck.read_stored(blk.data + r * blk.row_pitch, sizeof row, row);
+    EXPECT_EQ(std::memcmp(row, blk.data + r * blk.row_pitch, sizeof row), 0) << "row " << r;
+  }
+  const StoredSlice last = ck.unchecked_rows("vec", 999, 1000);  // the file's last bytes
+  float v = 0;
+  ck.read_stored(last.data, 4, &v);
+  EXPECT_EQ(v, vec[999]);
+  // Past the end of the file, or outside every file: refused, nothing read.
+  EXPECT_THROW(ck.read_stored(last.data, 8, got.data()), InputError);
+  const char outside[4] = {};
+  EXPECT_THROW(ck.read_stored(outside, 4, got.data()), InputError);
+  ck.read_stored(outside, 0, got.data());  // nothing to read
+}
+
+// The CPU backend converts into buffers that are not zeroed first: the reads write every element,
+// on any thread count, bit for bit as a serial conversion into zeroed memory does, for odd sizes
+// that end inside a chunk and blocks whose rows are not contiguous.
+TEST_F(BigTensorFiles, ReadsFillUninitialisedBuffersAsSerialReadsFillZeroedOnes) {
+  Checkpoint ck = Checkpoint::open(dir.path());
+  for (auto [r0, r1, c0, c1] : {std::tuple{0, 700, 0, 513}, std::tuple{1, 698, 0, 513},
+                                std::tuple{5, 694, 3, 510}, std::tuple{0, 1, 0, 513}}) {
+    const size_t n = static_cast<size_t>((r1 - r0) * (c1 - c0));
+    std::vector<float> serial(n, 0.f);
+    ck.set_read_threads(1);
+    ck.read_block("big", r0, r1, c0, c1, serial.data());
+    for (int threads : {2, 3, 8}) {
+      UninitVector<float> out(n, std::numeric_limits<float>::quiet_NaN());  // poisoned
+      out.clear();
+      out.resize(n);  // not initialised: still the poison where the read would miss an element
+      ck.set_read_threads(threads);
+      ck.read_block("big", r0, r1, c0, c1, out.data());
+      ASSERT_EQ(std::memcmp(out.data(), serial.data(), n * 4), 0)
+          << "rows [" << r0 << ", " << r1 << ") cols [" << c0 << ", " << c1 << ") threads "
+          << threads;
+    }
+  }
+}
+
+TEST(UninitAllocator, AlignsLargeBlocksToHugePagesAndKeepsValues) {
+  for (size_t n : {size_t{1}, size_t{1000}, kHugeAllocMin / 4 - 1, kHugeAllocMin / 4,
+                   kHugeAllocMin / 4 * 3 + 5}) {
+    UninitVector<float> v(n, 1.5f);  // with a value: initialised as usual
+    ASSERT_EQ(v.size(), n);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(v.data()) % alignof(std::max_align_t), 0u) << n;
+    if (n * sizeof(float) >= kHugeAllocMin) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(v.data()) % kHugePageBytes, 0u) << n;
+    }
+    EXPECT_EQ(v.front(), 1.5f);
+    EXPECT_EQ(v.back(), 1.5f);
+    // Growth moves the values (the allocator's construct with an argument), and a copy compares
+    // equal.
+    v.resize(n + 3);
+    v[n] = 2.f;
+    EXPECT_EQ(v.front(), 1.5f);
+    UninitVector<float> w = v;
+    EXPECT_TRUE(std::equal(v.begin(), v.begin() + static_cast<ptrdiff_t>(n + 1), w.begin()));
+  }
+  UninitVector<double> d(kHugeAllocMin / 8);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(d.data()) % kHugePageBytes, 0u);
+  UninitVector<float> empty;
+  empty.resize(0);
+  EXPECT_TRUE(empty.empty());
 }
 
 TEST(Conversion, AnyNonFiniteAgreesWithFirstNonFinite) {
