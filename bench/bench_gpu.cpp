@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/attention.cuh"
 #include "cuda/backend.hpp"
 #include "sinkscope/comm.hpp"
 #include "sinkscope/config.hpp"
@@ -206,6 +207,7 @@ int main(int argc, char** argv) {
         "(cudaMemGetInfo, all allocations)\n",
         gib(m.weight_bytes), gib(m.held_bytes), gib(m.device_used), gib(m.device_total));
     std::printf("expert products: %s\n", cuda::expert_gemm_strategy(*be).c_str());
+    std::printf("attention: %s\n", cuda::k::attention_kernels_used().c_str());
     std::printf(
         "per-layer times are CUDA-event device time summed over micro-batches / layers; 'attn' "
         "includes the\n"

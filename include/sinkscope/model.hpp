@@ -57,6 +57,9 @@ class Backend {
   virtual double weight_load_seconds() const = 0;
   // Device memory in use, for --verbose ("; GPU memory: ..."); empty for host backends.
   virtual std::string memory_summary() const { return {}; }
+  // The kernels the runs so far took where a backend chooses among several, for --verbose
+  // ("; kernels: ..."); empty where there is no choice.
+  virtual std::string kernel_summary() const { return {}; }
 };
 
 // What a backend is made from. `ckpt` is null for synthetic weights (benchmarks: random weights

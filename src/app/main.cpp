@@ -117,8 +117,8 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, kMaxRankTimeoutSeconds));
   app->add_flag("--verbose", c.verbose,
-                "log the shard plan, bytes read and load time (whole and weights alone) per rank; "
-                "sweeps: read, compute and read-ahead times per checkpoint");
+                "log the shard plan, bytes read and load time (whole and weights alone) per rank, "
+                "the CUDA kernels taken; sweeps: read, compute and read-ahead times per checkpoint");
   app->add_flag("--quiet", c.quiet, "no progress output");
 }
 

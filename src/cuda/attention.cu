@@ -583,6 +583,9 @@ bool try_cudnn(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_
   return true;
 }
 
+// Which routes have run (bits: 1 mma.sync, 2 wgmma, 4 cuDNN), for --verbose.
+std::atomic<unsigned> g_routes_used{0};
+
 int tp_of(int T) { return (T + kVtPad - 1) / kVtPad * kVtPad; }
 
 template <int DP>
@@ -629,6 +632,20 @@ bool flash_attention_wgmma_available(int dp) {
   return (dp == 64 || dp == 128) && sm90a_kernels_available();
 }
 
+std::string attention_kernels_used() {
+  const unsigned used = g_routes_used.load();
+  std::string out;
+  auto add = [&](const std::string& name) { out += (out.empty() ? "" : ", ") + name; };
+  if (used & 4u) {
+    const int v = cudnn_version();
+    add("cuDNN " + std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) + "." +
+        std::to_string(v % 100) + " (fused)");
+  }
+  if (used & 2u) add("wgmma");
+  if (used & 1u) add("mma.sync");
+  return out.empty() ? "none yet" : out;
+}
+
 int64_t flash_attention_scratch(int B, int T, int KVl, int dp) {
   if (dp != 64 && dp != 128) return 0;
   return static_cast<int64_t>(B) * KVl * dp * tp_of(T);
@@ -642,6 +659,7 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
   if (kernel == AttnKernel::kCudnn) {
     try_cudnn(Q, K, V, z, a0, B, T, Hl, KVl, d, dp, head_begin, group, kv_begin, scale, ex, s,
               true);
+    g_routes_used |= 4u;
     return;
   }
   if (kernel == AttnKernel::kAuto) {
@@ -650,8 +668,10 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
       return v && std::string(v) == "0";
     }();
     if (!cudnn_off && try_cudnn(Q, K, V, z, a0, B, T, Hl, KVl, d, dp, head_begin, group, kv_begin,
-                                scale, ex, s, false))
+                                scale, ex, s, false)) {
+      g_routes_used |= 4u;
       return;
+    }
     static const bool off = [] {
       const char* v = std::getenv("SINKSCOPE_ATTN_WGMMA");
       return v && std::string(v) == "0";
@@ -666,12 +686,14 @@ void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V,
                         "device, head dim 64 or 128 and V^T scratch (padded head dim " +
                             std::to_string(dp) + ")",
                         "flash_attention", __FILE__, __LINE__);
+    g_routes_used |= 2u;
     if (dp == 64)
       return launch_wgmma<64>(Q, K, V, vt_scratch, z, a0, B, T, Hl, KVl, d, head_begin, group,
                               kv_begin, scale, ex, s);
     return launch_wgmma<128>(Q, K, V, vt_scratch, z, a0, B, T, Hl, KVl, d, head_begin, group,
                              kv_begin, scale, ex, s);
   }
+  g_routes_used |= 1u;
 #define SINKSCOPE_ATTN_CASE(N) \
   case N:                      \
     return launch<N>(Q, K, V, z, a0, B, T, Hl, KVl, d, head_begin, group, kv_begin, scale, ex, s)

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cuda/device_buffer.hpp"
@@ -39,6 +40,9 @@ struct AttnSinks {
   float* sink_mass = nullptr;
 };
 bool flash_attention_wgmma_available(int dp);
+// The routes flash_attention() has taken in this process so far, e.g. "cuDNN 9.14.0 (fused), wgmma"
+// ("none yet" before the first call).
+std::string attention_kernels_used();
 int64_t flash_attention_scratch(int B, int T, int KVl, int dp);
 void flash_attention(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_bits* z,
                      float* a0, int B, int T, int Hl, int KVl, int d, int dp, int head_begin,

@@ -247,6 +247,10 @@ class CudaBackend final : public Backend, private LayerOps {
            " MiB, device in use " + std::to_string(m.device_used >> 20) + " of " +
            std::to_string(m.device_total >> 20) + " MiB";
   }
+  std::string kernel_summary() const override {
+    return "; kernels: attention on " + k::attention_kernels_used() +
+           "; expert products: " + expert_strategy();
+  }
   double communication_seconds() const override { return coll_.seconds(); }
   void set_ablations(std::vector<Ablation> ablations) override {
     opt_.ablations = std::move(ablations);

@@ -406,7 +406,7 @@ Analysis analyze_checkpoint(const AnalyzeOptions& opt, const IntArray& tokens, c
     const std::string device_memory = backend->memory_summary();
     const std::string line = "rank " + std::to_string(world.rank()) + " (" + host_name() +
                              "): peak resident memory " + std::to_string(peak_rss_bytes() >> 20) +
-                             " MiB" + timing + device_memory;
+                             " MiB" + timing + device_memory + backend->kernel_summary();
     for (const auto& l : world.gather_bytes(line, 0)) std::cerr << "sinkscope: " << l << "\n";
   }
 
