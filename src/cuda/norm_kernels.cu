@@ -1,6 +1,10 @@
 // RMSNorm, the fused q/k norm + RoPE, row norms, column means, residual adds, the embedding and its
-// position-0 bookkeeping, and the radix histogram behind the exact median of |x| (probe 0).
+// position-0 bookkeeping, and the two-pass radix select behind the exact median of |x| (probe 0).
 #include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <atomic>
+
 #include "cuda/device_common.cuh"
 #include "cuda/norm_kernels.cuh"
 
@@ -221,84 +225,319 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
   p0_sum[static_cast<int64_t>(b) * D + c] = x0[c];
 }
 
-constexpr int kMaxBins = 2048;
+// The exact median of |x| in two reads of x. Clearing the sign leaves a 31-bit pattern that orders
+// like |x| itself (zeros, denormals and normals alike, -0 as +0), so the k-th smallest |x| is the
+// k-th smallest pattern, found digit by digit: the top 15 bits (the exponent and 7 mantissa bits)
+// first, then the low 16 bits among the elements whose top 15 bits matched. Both middle ranks
+// (k0 = n/2 - 1 and k1 = n/2; k1 alone for odd n) are selected in the same two reads.
+//
+// Pass 1 (abs_median_hi_kernel) histograms the top 15 bits: a block per SM keeps its own 32768
+// counters in 128 KB of dynamic shared memory, streams x with 16-byte loads (four in flight per
+// thread; the unaligned head and the tail of at most three elements each are read one by one) and
+// adds its nonzero counters to the global histogram at the end. The last block to finish (a
+// counter behind a fence) scans the global histogram and stores, per rank, the bin holding it and
+// the rank left inside the bin.
+//
+// Pass 2 (abs_median_lo_kernel) reads x again and looks only at the elements of those bins. When
+// the two ranks fell in different bins, k0 is the largest element of its bin and k1 the smallest
+// of its own (consecutive ranks with nothing between the bins), so a maximum and a minimum of the
+// low 16 bits settle them: warp reductions, one global atomicMax each per warp (the minimum as the
+// maximum of 0xffff - bits). Otherwise both ranks (or the one) sit in one bin and a histogram of
+// its low 16 bits decides: 65536 counters of 16 bits, two to a 32-bit shared word (128 KB), added
+// to the global histogram before any could overflow (the block counts the elements it added and
+// empties its histogram whenever one more chunk could take a counter past 65535, which happens
+// only for heavily tied inputs), then the last block scans the global histogram. Either way the
+// last block of pass 2 writes the median (the mean of the two middle values in double for even n).
+//
+// Ties are why four equal patterns in one thread's 16-byte load count as one shared atomic of 4;
+// wide ties still serialise the shared atomics of a warp, which costs time, never exactness. The
+// counts and the selections do not depend on the order of the atomics: the result is exact and
+// deterministic. Launches: one memset of the scratch and the two kernels, all on the stream.
+constexpr int kMedThreads = 1024, kMedUnroll = 4;
+constexpr int kMedChunk = kMedThreads * kMedUnroll * 4;  // elements per block iteration
+constexpr int kHiBins = 1 << 15, kLoBins = 1 << 16;
+constexpr int kMedSmemBytes = kHiBins * static_cast<int>(sizeof(unsigned));  // both passes
+// Pass 2 empties its 16-bit counters once this many were added since the last time: one more chunk
+// then keeps every counter <= 65535 (the <= 6 scalar elements come before the first chunk).
+constexpr unsigned kLoFlushAt = 65535u - kMedChunk;
 
-// The state of one k-th-smallest selection: the rank left inside the current prefix, and the
-// prefix bits chosen so far.
-struct RadixState {
-  unsigned long long k;
-  uint32_t prefix, hi_mask;
+struct MedianState {
+  unsigned done[2];             // blocks finished in pass 1 and in pass 2
+  unsigned bin[2];              // the top-15-bit bins holding ranks k0 and k1
+  unsigned long long rank[2];   // the ranks left inside those bins
+  unsigned lo_max, lo_inv_min;  // split bins: max low bits in bin[0], max of 0xffff - low in bin[1]
 };
+constexpr size_t kMedStateBytes = 256;  // the histograms start 256 bytes in
+static_assert(sizeof(MedianState) <= kMedStateBytes, "MedianState outgrew its slot");
 
-__global__ void radix_init_kernel(RadixState* st, unsigned long long k0, unsigned long long k1) {
-  st[0] = RadixState{k0, 0u, 0u};
-  st[1] = RadixState{k1, 0u, 0u};
+// Visits |x|'s bit patterns: visit(u, count) with count 4 (one 16-byte load) or 1 (u[0] only, the
+// head before the first 16-byte boundary and the tail, block 0); chunk_end() after every chunk of
+// kMedChunk elements, the same number of times in every thread of a block.
+template <bool kStream, typename Visit, typename ChunkEnd>
+__device__ __forceinline__ void for_each_abs_bits(const float* __restrict__ x, int64_t n,
+                                                  Visit&& visit, ChunkEnd&& chunk_end) {
+  const int64_t head =
+      min(n, static_cast<int64_t>(((16u - (reinterpret_cast<uintptr_t>(x) & 15u)) & 15u) / 4u));
+  const int64_t nvec = (n - head) / 4, tail = head + nvec * 4;
+  if (blockIdx.x == 0 && threadIdx.x < head + (n - tail)) {
+    const int64_t i = threadIdx.x < head ? threadIdx.x : tail + (threadIdx.x - head);
+    const uint32_t u[4] = {__float_as_uint(x[i]) & 0x7fffffffu, 0u, 0u, 0u};
+    visit(u, 1);
+  }
+  const float4* v4 = reinterpret_cast<const float4*>(x + head);
+  const int64_t per_chunk = kMedThreads * kMedUnroll;
+  const int64_t chunks = (nvec + per_chunk - 1) / per_chunk;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    const int64_t base = c * per_chunk + threadIdx.x;
+    float4 v[kMedUnroll];
+#pragma unroll
+    for (int j = 0; j < kMedUnroll; ++j) {
+      const int64_t i = base + j * kMedThreads;
+      if (i < nvec) v[j] = kStream ? __ldcs(v4 + i) : __ldg(v4 + i);
+    }
+#pragma unroll
+    for (int j = 0; j < kMedUnroll; ++j) {
+      if (base + j * kMedThreads >= nvec) break;
+      const uint32_t u[4] = {
+          __float_as_uint(v[j].x) & 0x7fffffffu, __float_as_uint(v[j].y) & 0x7fffffffu,
+          __float_as_uint(v[j].z) & 0x7fffffffu, __float_as_uint(v[j].w) & 0x7fffffffu};
+      visit(u, 4);
+    }
+    chunk_end();
+  }
 }
 
-// One pass of the selection for both middle ranks at once (nsel = 1 or 2): histograms of the
-// next `bits` bits of |x| among the elements matching each rank's prefix so far. While the two
-// ranks share their prefix (always in the first pass, and usually after) one histogram serves
-// both: one read of x and one shared-memory atomic per element.
-__global__ void abs_radix_hist_state_kernel(const float* __restrict__ x, int64_t n,
-                                            const RadixState* __restrict__ st, int nsel, int shift,
-                                            int bits, unsigned* __restrict__ hist) {
-  __shared__ unsigned local[2][kMaxBins];
-  const int nbins = 1 << bits;
-  for (int i = threadIdx.x; i < 2 * kMaxBins; i += blockDim.x)
-    local[i / kMaxBins][i % kMaxBins] = 0;
+// True in the block that finished last (counter zeroed before the kernel); its later reads of what
+// the other blocks added (through L2: __ldcg) see all of it.
+__device__ __forceinline__ bool last_block_done(unsigned* counter) {
+  __shared__ bool last;
+  __threadfence();
   __syncthreads();
-  const uint32_t mask = static_cast<uint32_t>(nbins - 1);
-  const uint32_t prefix[2] = {st[0].prefix, nsel > 1 ? st[1].prefix : 0u};
-  const uint32_t hi_mask[2] = {st[0].hi_mask, nsel > 1 ? st[1].hi_mask : 0u};
-  const bool same = nsel == 1 || (prefix[0] == prefix[1] && hi_mask[0] == hi_mask[1]);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t u = __float_as_uint(x[i]) & 0x7fffffffu;
-    const uint32_t bin = (u >> shift) & mask;
-    if ((u & hi_mask[0]) == prefix[0]) atomicAdd(&local[0][bin], 1u);
-    if (!same && (u & hi_mask[1]) == prefix[1]) atomicAdd(&local[1][bin], 1u);
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// For the nk (1 or 2) ranks k[q] < total count, the bin of hist (kBins global counters, 16-byte
+// aligned) holding rank k[q] and the rank left inside it, in bin[q] / rank[q] (shared, valid after
+// the call in every thread). Each thread sums kBins / 1024 consecutive counters for a block-wide
+// scan; then warp q rescans the segment holding rank q, one or two counters a lane.
+template <int kBins>
+__device__ void find_ranks(const unsigned* __restrict__ hist, int nk, const unsigned long long* k,
+                           unsigned* bin, unsigned long long* rank) {
+  constexpr int kPer = kBins / kMedThreads, kPerLane = kPer / 32;
+  static_assert(kPer % 32 == 0, "segments are split over the 32 lanes of a warp");
+  using Scan = cub::BlockScan<unsigned long long, kMedThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int seg[2];
+  __shared__ unsigned long long seg_below[2];
+  const uint4* mine = reinterpret_cast<const uint4*>(hist) + threadIdx.x * (kPer / 4);
+  unsigned long long sum = 0, before = 0;
+#pragma unroll 4
+  for (int j = 0; j < kPer / 4; ++j) {
+    const uint4 c = __ldcg(mine + j);
+    sum += static_cast<unsigned long long>(c.x) + c.y + static_cast<unsigned long long>(c.z) + c.w;
+  }
+  Scan(scan_tmp).ExclusiveSum(sum, before);
+  for (int q = 0; q < nk; ++q)
+    if (before <= k[q] && k[q] < before + sum) {
+      seg[q] = threadIdx.x;
+      seg_below[q] = before;
+    }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < nk) {
+    const int first = seg[warp] * kPer + lane * kPerLane;
+    unsigned c[kPerLane];
+    unsigned long long incl = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      c[j] = __ldcg(hist + first + j);
+      incl += c[j];
+    }
+    const unsigned long long own = incl;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned long long up = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += up;
+    }
+    const unsigned long long kk = k[warp] - seg_below[warp];
+    unsigned long long below = incl - own;
+    if (below <= kk && kk < incl) {
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (kk < below + c[j]) {
+          bin[warp] = static_cast<unsigned>(first + j);
+          rank[warp] = kk - below;
+          break;
+        }
+        below += c[j];
+      }
+    }
   }
   __syncthreads();
-  for (int q = 0; q < nsel; ++q) {
-    const unsigned* src = local[same ? 0 : q];
-    for (int i = threadIdx.x; i < nbins; i += blockDim.x)
-      if (src[i]) atomicAdd(&hist[q * kMaxBins + i], src[i]);
+}
+
+__global__ void __launch_bounds__(kMedThreads, 1)
+    abs_median_hi_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
+                         unsigned* __restrict__ hist) {
+  extern __shared__ uint4 med_smem[];
+  unsigned* local = reinterpret_cast<unsigned*>(med_smem);
+  for (int i = threadIdx.x; i < kHiBins / 4; i += kMedThreads) med_smem[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+  for_each_abs_bits<false>(
+      x, n,
+      [&](const uint32_t(&u)[4], int count) {
+        const uint32_t b = u[0] >> 16;
+        const bool same4 =
+            count == 4 && (u[1] >> 16) == b && (u[2] >> 16) == b && (u[3] >> 16) == b;
+        if (count == 4) {  // the converged lanes all at one bin: one atomic for the warp
+          const unsigned m = __activemask();
+          const int leader = __ffs(m) - 1;
+          const uint32_t lead_b = __shfl_sync(m, b, leader);  // every lane of m: no && before it
+          if (__all_sync(m, same4 && b == lead_b)) {
+            if ((threadIdx.x & 31) == leader) atomicAdd(&local[b], 4u * __popc(m));
+            return;
+          }
+        }
+        if (same4) {
+          atomicAdd(&local[b], 4u);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (j < count) atomicAdd(&local[u[j] >> 16], 1u);
+        }
+      },
+      [] {});
+  __syncthreads();
+  for (int i = threadIdx.x; i < kHiBins; i += kMedThreads) {
+    const unsigned c = local[i];
+    if (c) atomicAdd(&hist[i], c);
+  }
+  if (!last_block_done(&st->done[0])) return;
+  __shared__ unsigned bin[2];
+  __shared__ unsigned long long rank[2];
+  const unsigned long long mid = static_cast<unsigned long long>(n / 2);
+  const unsigned long long k[2] = {mid > 0 ? mid - 1 : 0, mid};
+  find_ranks<kHiBins>(hist, 2, k, bin, rank);
+  if (threadIdx.x == 0) {
+    st->bin[0] = bin[0];
+    st->bin[1] = bin[1];
+    st->rank[0] = rank[0];
+    st->rank[1] = rank[1];
   }
 }
 
-// The bin holding the k-th element: one block, two bins per thread, a block-wide exclusive scan
-// of the counts; the one thread whose bin straddles rank k updates the state.
-constexpr int kPickThreads = kMaxBins / 2;
-__global__ void __launch_bounds__(kPickThreads)
-    radix_pick_kernel(const unsigned* __restrict__ hist, int bits, int shift, RadixState* st) {
-  using Scan = cub::BlockScan<unsigned long long, kPickThreads>;
-  __shared__ typename Scan::TempStorage scratch;
-  const int nb = 1 << bits, i0 = 2 * threadIdx.x, i1 = i0 + 1;
-  const unsigned long long h0 = i0 < nb ? hist[i0] : 0, h1 = i1 < nb ? hist[i1] : 0;
-  unsigned long long before = 0;  // elements in the bins below i0
-  Scan(scratch).ExclusiveSum(h0 + h1, before);
-  const unsigned long long k = st->k;
-  __syncthreads();  // every thread has read st->k before the winner writes it
-  int bin = -1;
-  unsigned long long below = 0;
-  if (i0 < nb && before <= k && k < before + h0) {
-    bin = i0;
-    below = before;
-  } else if (i1 < nb && before + h0 <= k && (k < before + h0 + h1 || i1 == nb - 1)) {
-    bin = i1;  // the last bin also takes k >= n, which cannot happen for k < n
-    below = before + h0;
+__global__ void __launch_bounds__(kMedThreads, 1)
+    abs_median_lo_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
+                         unsigned* __restrict__ hist, float* __restrict__ out) {
+  const bool odd = n % 2 == 1;
+  const uint32_t b1 = st->bin[1], b0 = odd ? b1 : st->bin[0];
+  const int lane = threadIdx.x & 31;
+  if (b0 != b1) {  // k0 is the largest of bin b0, k1 the smallest of bin b1
+    unsigned lo_max = 0, lo_inv_min = 0;
+    for_each_abs_bits<true>(
+        x, n,
+        [&](const uint32_t(&u)[4], int count) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (j >= count) break;
+            const uint32_t hi = u[j] >> 16, lo = u[j] & 0xffffu;
+            if (hi == b0) lo_max = max(lo_max, lo);
+            if (hi == b1) lo_inv_min = max(lo_inv_min, 0xffffu - lo);
+          }
+        },
+        [] {});
+    lo_max = __reduce_max_sync(0xffffffffu, lo_max);
+    lo_inv_min = __reduce_max_sync(0xffffffffu, lo_inv_min);
+    if (lane == 0 && lo_max) atomicMax(&st->lo_max, lo_max);
+    if (lane == 0 && lo_inv_min) atomicMax(&st->lo_inv_min, lo_inv_min);
+    if (!last_block_done(&st->done[1])) return;
+    if (threadIdx.x == 0) {
+      const float lo = __uint_as_float((b0 << 16) | __ldcg(&st->lo_max));
+      const float hi = __uint_as_float((b1 << 16) | (0xffffu - __ldcg(&st->lo_inv_min)));
+      *out = static_cast<float>(0.5 * (static_cast<double>(lo) + static_cast<double>(hi)));
+    }
+    return;
   }
-  if (bin >= 0) {
-    st->k = k - below;
-    st->prefix |= static_cast<uint32_t>(bin) << shift;
-    st->hi_mask |= static_cast<uint32_t>(nb - 1) << shift;
+  // One bin: a histogram of its low 16 bits, two 16-bit counters per shared word.
+  extern __shared__ uint4 med_smem[];
+  unsigned* local = reinterpret_cast<unsigned*>(med_smem);
+  __shared__ unsigned added;  // elements counted since the shared histogram was last emptied
+  for (int i = threadIdx.x; i < kLoBins / 8; i += kMedThreads) med_smem[i] = make_uint4(0, 0, 0, 0);
+  if (threadIdx.x == 0) added = 0;
+  __syncthreads();
+  auto empty_local = [&] {  // after a __syncthreads
+    for (int i = threadIdx.x; i < kLoBins / 2; i += kMedThreads) {
+      const unsigned w = local[i];
+      if (w == 0) continue;
+      local[i] = 0;
+      if (w & 0xffffu) atomicAdd(&hist[2 * i], w & 0xffffu);
+      if (w >> 16) atomicAdd(&hist[2 * i + 1], w >> 16);
+    }
+  };
+  unsigned mine = 0;
+  for_each_abs_bits<true>(
+      x, n,
+      [&](const uint32_t(&u)[4], int count) {
+        // Four values of the bin in one shared word (two neighbouring patterns): one atomic.
+        const uint32_t word = (u[0] & 0xffffu) >> 1;
+        bool one_word = count == 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          one_word = one_word && (u[j] >> 16) == b1 && ((u[j] & 0xffffu) >> 1) == word;
+        const uint32_t inc = (1u << ((u[0] & 1u) << 4)) + (1u << ((u[1] & 1u) << 4)) +
+                             (1u << ((u[2] & 1u) << 4)) + (1u << ((u[3] & 1u) << 4));
+        if (count == 4) {  // the converged lanes all at one word: one atomic for the warp
+          const unsigned m = __activemask();
+          const int leader = __ffs(m) - 1;
+          const uint32_t lead_word = __shfl_sync(m, word, leader);  // every lane of m
+          if (__all_sync(m, one_word && word == lead_word)) {
+            const unsigned total = __reduce_add_sync(m, inc);  // <= 128 per half
+            if (lane == leader) atomicAdd(&local[word], total);
+            mine += 4;
+            return;
+          }
+        }
+        if (one_word) {
+          atomicAdd(&local[word], inc);
+          mine += 4;
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (j < count && (u[j] >> 16) == b1) {
+              atomicAdd(&local[(u[j] & 0xffffu) >> 1], 1u << ((u[j] & 1u) << 4));
+              ++mine;
+            }
+        }
+      },
+      [&] {
+        const unsigned w = __reduce_add_sync(0xffffffffu, mine);
+        mine = 0;
+        if (lane == 0 && w) atomicAdd(&added, w);
+        __syncthreads();
+        const bool full = added > kLoFlushAt;
+        __syncthreads();  // every thread has read `added`
+        if (full) {
+          empty_local();
+          if (threadIdx.x == 0) added = 0;
+          __syncthreads();
+        }
+      });
+  __syncthreads();
+  empty_local();
+  if (!last_block_done(&st->done[1])) return;
+  __shared__ unsigned bin[2];
+  __shared__ unsigned long long rank[2];
+  const unsigned long long k[2] = {odd ? st->rank[1] : st->rank[0], st->rank[1]};
+  find_ranks<kLoBins>(hist, odd ? 1 : 2, k, bin, rank);
+  if (threadIdx.x == 0) {
+    const double hi = static_cast<double>(__uint_as_float((b1 << 16) | bin[odd ? 0 : 1]));
+    *out = odd ? static_cast<float>(hi)
+               : static_cast<float>(
+                     0.5 * (static_cast<double>(__uint_as_float((b1 << 16) | bin[0])) + hi));
   }
-}
-
-__global__ void radix_median_kernel(const RadixState* st, bool odd, float* out) {
-  const double hi = static_cast<double>(__uint_as_float(st[1].prefix));
-  *out = odd ? static_cast<float>(hi)
-             : static_cast<float>(0.5 * (static_cast<double>(__uint_as_float(st[0].prefix)) + hi));
 }
 
 // Warp per row: mean of the row in double.
@@ -316,32 +555,36 @@ __global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int 
 }  // namespace
 
 size_t abs_median_scratch_bytes() {
-  return 2 * sizeof(RadixState) + 2 * kMaxBins * sizeof(unsigned);
+  return kMedStateBytes + static_cast<size_t>(kHiBins + kLoBins) * sizeof(unsigned);
 }
 
 void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s) {
   if (n == 0) return;
-  auto* st = static_cast<RadixState*>(scratch);
-  auto* hist = reinterpret_cast<unsigned*>(st + 2);
-  const unsigned long long mid = static_cast<unsigned long long>(n / 2);
-  radix_init_kernel<<<1, 1, 0, s>>>(st, mid > 0 ? mid - 1 : 0, mid);
-  CUDA_CHECK_LAUNCH("radix_init_kernel");
-  // Both middle ranks (one for odd n) select in the same three passes over x.
-  const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
-  const int first = n % 2 == 1 ? 1 : 0, nsel = 2 - first;
-  for (int pass = 0; pass < 3; ++pass) {
-    CUDA_CHECK(cudaMemsetAsync(hist, 0, 2 * kMaxBins * sizeof(unsigned), s));
-    abs_radix_hist_state_kernel<<<grid_for(n, 256, 1024), 256, 0, s>>>(
-        x, n, st + first, nsel, shifts[pass], bits[pass], hist);
-    CUDA_CHECK_LAUNCH("abs_radix_hist_state_kernel");
-    for (int q = 0; q < nsel; ++q) {
-      radix_pick_kernel<<<1, kPickThreads, 0, s>>>(hist + q * kMaxBins, bits[pass], shifts[pass],
-                                                   st + first + q);
-      CUDA_CHECK_LAUNCH("radix_pick_kernel");
-    }
+  // Per device, once: the kernels' 128 KB of dynamic shared memory, and the SM count (a block per
+  // SM: the shared histograms allow one, and each block then empties its histogram once).
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sm_count[kMaxDevices];
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  int sms = dev < kMaxDevices ? sm_count[dev].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    CUDA_CHECK(cudaFuncSetAttribute(abs_median_hi_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
+    CUDA_CHECK(cudaFuncSetAttribute(abs_median_lo_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (dev < kMaxDevices) sm_count[dev].store(sms, std::memory_order_relaxed);
   }
-  radix_median_kernel<<<1, 1, 0, s>>>(st, n % 2 == 1, out);
-  CUDA_CHECK_LAUNCH("radix_median_kernel");
+  const int64_t chunks = (n / 4 + kMedThreads * kMedUnroll - 1) / (kMedThreads * kMedUnroll);
+  const unsigned blocks =
+      static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(chunks, sms)));
+  CUDA_CHECK(cudaMemsetAsync(scratch, 0, abs_median_scratch_bytes(), s));
+  auto* st = static_cast<MedianState*>(scratch);
+  auto* hist_hi = reinterpret_cast<unsigned*>(static_cast<char*>(scratch) + kMedStateBytes);
+  abs_median_hi_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi);
+  CUDA_CHECK_LAUNCH("abs_median_hi_kernel");
+  abs_median_lo_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi + kHiBins, out);
+  CUDA_CHECK_LAUNCH("abs_median_lo_kernel");
 }
 
 void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s) {

@@ -57,9 +57,11 @@ void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate
               int64_t delta_bstride, float* p0_sum, cudaStream_t s);
 
 // The median of |x| over n fp32 values (the mean of the two middle ones for even n), exactly, on
-// the device: a three-pass radix select on the bit patterns (11 + 11 + 10 bits) per middle rank;
-// the bins are picked on the device, so nothing waits for the host. scratch holds
-// abs_median_scratch_bytes(); *out (device) receives the median.
+// the device: a two-pass radix select on the bit patterns (the top 15 bits, then the low 16 among
+// the elements of the chosen bins) for both middle ranks at once, in two reads of x and three
+// stream operations (a memset and two kernels); the bins are picked on the device, so nothing
+// waits for the host. scratch holds abs_median_scratch_bytes() (384 KB); *out (device) receives
+// the median.
 size_t abs_median_scratch_bytes();
 void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s);
 

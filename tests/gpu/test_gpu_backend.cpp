@@ -1047,19 +1047,21 @@ bool hopper_kernels_expected() {
 }
 
 // The |x| median on the device is exact: the mean of the two middle |x| for even n, the middle
-// one for odd n, against std::nth_element; with ties, signs, zeros and values spanning exponents.
+// one for odd n, against std::nth_element; with ties, signs, zeros and values spanning exponents;
+// at sizes where many blocks share the work, with every value equal, with ties straddling the
+// middle (in one top-15-bit bin, which fills the 16-bit shared counters, and in two bins), with
+// denormals, and from pointers off the 16-byte boundary. One scratch serves every call.
 TEST(GpuKernels, AbsMedianIsExact) {
   REQUIRE_GPU();
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (int64_t n : {1, 2, 7, 1000, 4097, 300000, 1 << 20}) {
-    std::vector<float> x(static_cast<size_t>(n));
-    for (auto& v : x) {
-      v = nd(rng) * std::exp2(static_cast<float>(static_cast<int>(rng() % 24) - 12));
-      if (rng() % 10 == 0) v = static_cast<float>(static_cast<int>(rng() % 5) - 2);  // ties
-    }
-    std::vector<float> a(x.size());
-    for (size_t i = 0; i < x.size(); ++i) a[i] = std::abs(x[i]);
+  cuda::DeviceBuffer<unsigned char> scratch(cuda::k::abs_median_scratch_bytes());
+  cuda::DeviceBuffer<float> dout(1);
+  // The median of |x[offset:]|.
+  auto check = [&](const std::vector<float>& x, int64_t offset, const std::string& what) {
+    const int64_t n = static_cast<int64_t>(x.size()) - offset;
+    std::vector<float> a(static_cast<size_t>(n));
+    for (size_t i = 0; i < a.size(); ++i) a[i] = std::abs(x[i + static_cast<size_t>(offset)]);
     const size_t mid = a.size() / 2;
     std::nth_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid), a.end());
     const float hi = a[mid];
@@ -1068,13 +1070,52 @@ TEST(GpuKernels, AbsMedianIsExact) {
       const float lo = *std::max_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid));
       expect = static_cast<float>(0.5 * (static_cast<double>(lo) + hi));
     }
-    cuda::DeviceBuffer<float> dx(x.size()), dout(1);
-    cuda::DeviceBuffer<unsigned char> scratch(cuda::k::abs_median_scratch_bytes());
+    cuda::DeviceBuffer<float> dx(x.size());
     ASSERT_EQ(cudaMemcpy(dx.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-    cuda::k::abs_median(dx.get(), n, scratch.get(), dout.get(), nullptr);
+    cuda::k::abs_median(dx.get() + offset, n, scratch.get(), dout.get(), nullptr);
     float got = 0;
     ASSERT_EQ(cudaMemcpy(&got, dout.get(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    EXPECT_EQ(got, expect) << "n = " << n;
+    EXPECT_EQ(got, expect) << what << ", n = " << n << ", offset " << offset;
+  };
+  auto random_values = [&](int64_t n) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (auto& v : x) {
+      v = nd(rng) * std::exp2(static_cast<float>(static_cast<int>(rng() % 24) - 12));
+      if (rng() % 10 == 0) v = static_cast<float>(static_cast<int>(rng() % 5) - 2);  // ties
+    }
+    return x;
+  };
+  for (int64_t n : {1, 2, 7, 1000, 4097, 300000, 1 << 20, 5000001, 1 << 23})
+    check(random_values(n), 0, "random");
+  for (int64_t offset : {1, 2, 3}) check(random_values(300007), offset, "random, unaligned");
+  auto sign = [&](float v) { return rng() % 2 ? v : -v; };
+  {  // every |x| equal
+    std::vector<float> x(size_t{1} << 23);
+    for (auto& v : x) v = sign(1.375f);
+    check(x, 0, "all equal");
+    check(x, 1, "all equal, odd");
+  }
+  {  // +-0 and denormals only
+    std::vector<float> x(100003);
+    for (auto& v : x)
+      v = sign(rng() % 3 == 0 ? 0.f : std::ldexp(static_cast<float>(rng() % 7), -149));
+    check(x, 0, "zeros and denormals");
+    check(x, 1, "zeros and denormals, even");
+  }
+  // Half the values a, half b (in shuffled order) with a little spread elsewhere: the middle ranks
+  // straddle a | b. a and b one ulp apart share their top 15 bits; 1 and 2 do not.
+  for (const auto& ab :
+       {std::pair<float, float>{1.f, std::nextafter(1.f, 2.f)}, std::pair<float, float>{1.f, 2.f},
+        std::pair<float, float>{0.f, std::ldexp(1.f, -149)}}) {
+    std::vector<float> x(size_t{1} << 23);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = sign(i < x.size() / 2 ? ab.first : ab.second);
+    for (size_t i = 0; i < 1000; ++i) {
+      x[i] = sign(ab.first * 0.5f);                       // below a
+      x[x.size() - 1 - i] = sign(ab.second * 4.f + 1.f);  // above b
+    }
+    std::shuffle(x.begin(), x.end(), rng);
+    check(x, 0, "ties straddling the middle");
+    check(x, 1, "ties straddling the middle, odd");
   }
 }
 
