@@ -795,6 +795,27 @@ std::vector<uint16_t> expected_bf16(const StoredSlice& s) {
   return v;
 }
 
+// The checkpoint of `from` rewritten as f32 into `to` (config.json copied): the stored values, or
+// with `off_grid` each moved off the bf16 grid by a small factor, so that the loader must round.
+void write_f32_copy(const std::string& from, const std::string& to, bool off_grid) {
+  Checkpoint ck = Checkpoint::open(from);
+  std::vector<std::vector<float>> data;
+  std::vector<TensorToWrite> tw;
+  data.reserve(ck.tensors().size());
+  for (const auto& t : ck.tensors()) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    data.emplace_back(static_cast<size_t>(n));
+    ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
+    if (off_grid)
+      for (size_t i = 0; i < data.back().size(); ++i)
+        data.back()[i] *= 1.f + 0.0013f * static_cast<float>(static_cast<int>(i % 7) - 3);
+    tw.push_back({t.name, DType::F32, t.shape, data.back().data()});
+  }
+  write_safetensors(to + "/model.safetensors", tw);
+  fs::copy_file(from + "/config.json", to + "/config.json");
+}
+
 // The loader's staging threads (load_device_model's `threads`): 1, 3 or 8 threads give the same
 // device weights, and they are the stored bits (bf16) or the host's rounding of them (f32), for a
 // tp rank's column block of o_proj (strided rows), its q/k/v rows, the experts and an output head
@@ -804,24 +825,8 @@ TEST(GpuLoad, DeviceWeightsAreTheStoredValuesOnAnyThreadCount) {
   TempDir bf16_dir, f32_dir;
   const ModelConfig cfg = shape(256, 2, 4, 2, 64, 4, 2, 64, {}, 40000);
   synthesize(cfg, bf16_dir.path(), false, 3);
-  {
-    // The same tensors as f32 values between bf16 neighbours (so the device must round them).
-    Checkpoint ck = Checkpoint::open(bf16_dir.path());
-    std::vector<std::vector<float>> data;
-    std::vector<TensorToWrite> tw;
-    data.reserve(ck.tensors().size());
-    for (const auto& t : ck.tensors()) {
-      int64_t n = 1;
-      for (auto d : t.shape) n *= d;
-      data.emplace_back(static_cast<size_t>(n));
-      ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
-      for (size_t i = 0; i < data.back().size(); ++i)
-        data.back()[i] *= 1.f + 0.0013f * static_cast<float>(static_cast<int>(i % 7) - 3);
-      tw.push_back({t.name, DType::F32, t.shape, data.back().data()});
-    }
-    write_safetensors(f32_dir.path() + "/model.safetensors", tw);
-    fs::copy_file(bf16_dir.path() + "/config.json", f32_dir.path() + "/config.json");
-  }
+  // The same tensors as f32 values between bf16 neighbours (so the device must round them).
+  write_f32_copy(bf16_dir.path(), f32_dir.path(), true);
   cudaStream_t s = nullptr;
   ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
   {
@@ -980,21 +985,7 @@ TEST(GpuLoad, DeviceFiniteCheckNamesTheFirstBadValueOfAnyPiece) {
   TempDir bf16_dir, f32_dir;
   const ModelConfig cfg = shape(256, 2, 4, 2, 64, 4, 2, 64, {}, 40000);
   synthesize(cfg, bf16_dir.path(), false, 5);
-  {
-    Checkpoint ck = Checkpoint::open(bf16_dir.path());
-    std::vector<std::vector<float>> data;
-    std::vector<TensorToWrite> tw;
-    data.reserve(ck.tensors().size());
-    for (const auto& t : ck.tensors()) {
-      int64_t n = 1;
-      for (auto d : t.shape) n *= d;
-      data.emplace_back(static_cast<size_t>(n));
-      ck.read_rows(t.name, 0, t.shape.size() <= 1 ? n : n / t.shape.back(), data.back().data());
-      tw.push_back({t.name, DType::F32, t.shape, data.back().data()});
-    }
-    write_safetensors(f32_dir.path() + "/model.safetensors", tw);
-    fs::copy_file(bf16_dir.path() + "/config.json", f32_dir.path() + "/config.json");
-  }
+  write_f32_copy(bf16_dir.path(), f32_dir.path(), false);
   const ModelConfig c = parse_model_config(bf16_dir.path() + "/config.json");
   const std::string head =
       tensor_name(c, c.tie_word_embeddings ? Role::kEmbed : Role::kLmHead);  // [40000, 256]
