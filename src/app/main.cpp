@@ -116,9 +116,10 @@ void add_common_options(CLI::App* app, CommonArgs& c) {
                   "end the job when a rank is silent this many seconds in a collective (0: never)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, kMaxRankTimeoutSeconds));
-  app->add_flag("--verbose", c.verbose,
-                "log the shard plan, bytes read and load time (whole and weights alone) per rank, "
-                "the CUDA kernels taken; sweeps: read, compute and read-ahead times per checkpoint");
+  app->add_flag(
+      "--verbose", c.verbose,
+      "log the shard plan, bytes read and load time (whole and weights alone) per rank, "
+      "the CUDA kernels taken; sweeps: read, compute and read-ahead times per checkpoint");
   app->add_flag("--quiet", c.quiet, "no progress output");
 }
 
