@@ -29,6 +29,12 @@ struct NodeMap {
   std::vector<int> node_of_rank;
   std::vector<std::string> node_names;
   int num_nodes() const { return static_cast<int>(node_names.size()); }
+  // The index of world rank `rank` among the ranks of its node, in rank order.
+  int local_rank(int rank) const {
+    int index = 0;
+    for (int r = 0; r < rank; ++r) index += node_of_rank[r] == node_of_rank[rank] ? 1 : 0;
+    return index;
+  }
 };
 
 // Every rank of `world` calls it together. Nodes come from the communicator's node_key(): MPI's

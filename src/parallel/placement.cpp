@@ -86,12 +86,11 @@ Placement place_ranks(const NodeMap& nodes, int tp, int ep, int etp, const Place
   p.local_rank.assign(static_cast<size_t>(world), 0);
   p.node_of_layout_rank.assign(static_cast<size_t>(world), 0);
   // Node blocks in node order (nodes are numbered by their lowest rank, so rank 0 stays 0).
-  std::vector<int> first(static_cast<size_t>(num_nodes), 0),
-      seen(static_cast<size_t>(num_nodes), 0);
+  std::vector<int> first(static_cast<size_t>(num_nodes), 0);
   for (int n = 1; n < num_nodes; ++n) first[n] = first[n - 1] + count[n - 1];
   for (int r = 0; r < world; ++r) {
     const int n = nodes.node_of_rank[r];
-    p.local_rank[r] = seen[n]++;
+    p.local_rank[r] = nodes.local_rank(r);
     p.layout_rank[r] = first[n] + p.local_rank[r];
     p.node_of_layout_rank[p.layout_rank[r]] = n;
   }

@@ -200,10 +200,7 @@ std::future<void> prepare_backend(const std::string& device, const NodeMap& node
   if (std::find(names.begin(), names.end(), device) == names.end()) return {};
   const BackendEntry& entry = find_backend(device);
   if (!entry.prepare || rank >= static_cast<int>(nodes.node_of_rank.size())) return {};
-  int local_rank = 0;  // the rank's index among its node's ranks, as the placement numbers them
-  for (int r = 0; r < rank; ++r)
-    local_rank += nodes.node_of_rank[r] == nodes.node_of_rank[rank] ? 1 : 0;
-  return entry.prepare(local_rank);
+  return entry.prepare(nodes.local_rank(rank));  // as the placement numbers the node's ranks
 }
 
 }  // namespace
