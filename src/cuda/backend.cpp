@@ -401,9 +401,10 @@ class CudaBackend final : public Backend, private LayerOps {
   std::vector<double> inv_freq_;
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
-  bool x_norms_ready_ = false;  // ws_.rnorms holds ||x|| per row (the MoE block's fused add)
-  bool sm90_experts_ = false;   // the expert products run on grouped_gemm.cu's kernel
-  bool plain_experts_ = true;   // SwiGLU experts without biases (else fp32 pre-activations)
+  bool x_norms_ready_ = false;   // ws_.rnorms holds ||x|| per row (the MoE block's fused add)
+  bool sm90_experts_ = false;    // the expert products run on grouped_gemm.cu's kernel
+  bool plain_experts_ = true;    // SwiGLU experts without biases (else fp32 pre-activations)
+  bool device_routing_ = false;  // this layer's expert tile lists were built on the device
   k::GroupedGemmPlan gemm_gu_, gemm_dn_;  // its tile lists for gate|up and down
   int64_t B_ = 0, T_ = 0, BT_ = 0, probe0_ = 0, rope_T_ = -1;
   LayerPlan layers_;
@@ -549,7 +550,7 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
     const int64_t V = c_.vocab_size;
     k::norm_rows(c_.norm == NormKind::kLayer ? k::NormMode::kLayer : k::NormMode::kRms, ws_.x.get(),
                  BT_, static_cast<int>(D_), w_.final_norm.get(), w_.final_norm_bias.get(), eps_,
-                 ws_.u.get(), nullptr, nullptr, s());
+                 ws_.u.get(), nullptr, nullptr, nullptr, s());
     blas_.nt(BT_, V, D_, {ws_.u.get(), Dt::kBF16, D_}, {w_.lm_head.get(), Dt::kBF16, D_},
              {ws_.logits.get(), Dt::kF32, V});
     logits = FloatArray({static_cast<size_t>(B), static_cast<size_t>(T), static_cast<size_t>(V)},
@@ -715,7 +716,7 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                                cudaMemcpyDeviceToDevice, s()));
   }
   k::norm_rows(norm_mode_, ws_.x.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
-               ws_.u.get(), nullptr, ws_.inv_rx.get(), s());
+               ws_.u.get(), nullptr, nullptr, ws_.inv_rx.get(), s());
   if (mla_) {
     mla_project(Lw);
   } else {
@@ -736,7 +737,7 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                     static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
                     static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
                     qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(),
-                    ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(), s());
+                    record_ && B > 0, ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(), s());
   }
   const int64_t C = ci_.count_before(l);
   // The sink queries (docs/metrics.md 1.4): those that can see position 0.
@@ -942,6 +943,16 @@ void CudaBackend::expert_ffn(const DeviceLayer& Lw, const bf16_bits* X, const in
 const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   const int64_t D = D_, K = K_, E = E_, npairs = n * K;
   const int P = coll_.ep_size();
+  if (device_routing_) {  // every expert is here, the tile lists already on the device
+    const int I = static_cast<int>(Lw.inter), Di = static_cast<int>(D);
+    ws_.act.reserve(static_cast<size_t>(npairs * I));
+    k::grouped_gemm_sm90_device_plan(ws_.u.get(), ws_.ipack.get(), static_cast<int>(K),
+                                     Lw.w_gate_up.get(), ws_.act.get(), Di, I, true,
+                                     ws_.gemm_gu_dev.get(), static_cast<int>(E), s());
+    k::grouped_gemm_sm90_device_plan(ws_.act.get(), nullptr, 1, Lw.w_down.get(), ws_.out.get(), I,
+                                     Di, false, ws_.gemm_dn_dev.get(), static_cast<int>(E), s());
+    return ws_.out.get();
+  }
   if (P == 1) {  // every expert is here: the products read the routed rows straight from u
     std::vector<int64_t> widx(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) widx[static_cast<size_t>(e)] = e;
@@ -1080,13 +1091,27 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
 
   // The MLP reads the residual after this layer's attention, or before it (parallel residual).
   const float* in = parallel_ ? ws_.xpar.get() : ws_.x.get();
+  // A bf16 router (router_split) takes u's fp32 value as u + [mid | lo]: the fp32 product on the
+  // tensor cores (exact bf16 products, fp32 sums); else u32 on the CUDA cores. The shared expert's
+  // gate reads u32.
+  const bool split_router = moe && Lw.router_split.get() != nullptr;
+  const bool want_u32 = moe && (!split_router || (shared && Lw.shared_gate.get()));
   k::norm_rows(norm_mode_, in + s0 * D, n, Di, Lw.post_norm.get(), Lw.post_norm_bias.get(), eps_,
-               ws_.u.get(), moe ? ws_.u32.get() : nullptr, nullptr, s());
+               ws_.u.get(), want_u32 ? ws_.u32.get() : nullptr,
+               split_router ? ws_.u_split.get() : nullptr, nullptr, s());
 
   if (moe) {
     const int64_t npairs = n * K;
-    blas_.nt(n, E, D, {ws_.u32.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
-             {ws_.router_logits.get(), Dt::kF32, E});
+    if (split_router) {
+      blas_.nt(n, E, D, {ws_.u.get(), Dt::kBF16, D}, {Lw.router_split.get(), Dt::kBF16, 2 * D},
+               {ws_.router_logits.get(), Dt::kF32, E});
+      blas_.nt(n, E, 2 * D, {ws_.u_split.get(), Dt::kBF16, 2 * D},
+               {Lw.router_split.get(), Dt::kBF16, 2 * D}, {ws_.router_logits.get(), Dt::kF32, E},
+               1.f, 1.f);
+    } else {
+      blas_.nt(n, E, D, {ws_.u32.get(), Dt::kF32, D}, {Lw.router.get(), Dt::kF32, D},
+               {ws_.router_logits.get(), Dt::kF32, E});
+    }
     k::add_row_bias(ws_.router_logits.get(), n, static_cast<int>(E), E, Lw.router_bias.get(), s());
     if (c_.router == RouterKind::kSigmoidGroupTopK)
       k::router_sigmoid_groups(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
@@ -1097,32 +1122,61 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
     else
       k::router_topk(ws_.router_logits.get(), n, static_cast<int>(E), static_cast<int>(K),
                      renormalise_topk_, ws_.ids.get(), ws_.tw.get(), ws_.gap.get(), s());
-    // The routing bookkeeping on the device: a histogram, its E counts to the host (the grouped
-    // product takes host sizes, and the ep exchange its block sizes), a stable counting sort that
-    // puts the pairs in source order: by expert, then by token.
-    h_cnt_.reserve(static_cast<size_t>(E + 1));
+    // The routing bookkeeping on the device: a histogram of the pairs per expert and a stable
+    // counting sort that puts the pairs in source order: by expert, then by token. The Hopper
+    // expert kernel on one ep rank takes its tile lists built on the device from the counts, so
+    // the host only checks them (every pair routed: NaN logits pick no expert; the near-ties)
+    // when they arrive, behind the device. The cuBLAS route's grouped product takes host sizes,
+    // and the ep exchange its block sizes: there the host waits for the counts.
     k::expert_histogram(ws_.ids.get(), npairs, static_cast<int>(E), ws_.gap.get(), n,
                         ws_.cnt_dev.get(), s());
-    to_host(h_cnt_.get(), ws_.cnt_dev.get(), static_cast<size_t>(E + 1));
-    flush_deferred(1);  // the taps before this layer's attention, while the device routes
-    sync();
-    int64_t assigned = 0;
-    counts_.assign(static_cast<size_t>(E), 0);
-    offsets_.assign(static_cast<size_t>(E), 0);
-    std::vector<int32_t> off32(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) {
-      counts_[static_cast<size_t>(e)] = h_cnt_[static_cast<size_t>(e)];
-      offsets_[static_cast<size_t>(e)] = assigned;
-      off32[static_cast<size_t>(e)] = static_cast<int32_t>(assigned);
-      assigned += h_cnt_[static_cast<size_t>(e)];
+    device_routing_ = sm90_experts_ && coll_.ep_size() == 1;
+    if (device_routing_) {
+      const int Ii = static_cast<int>(Lw.inter);
+      ws_.gemm_gu_dev.reserve(static_cast<size_t>(
+          k::grouped_gemm_device_plan_ints(npairs, static_cast<int>(E), Ii, true)));
+      ws_.gemm_dn_dev.reserve(static_cast<size_t>(
+          k::grouped_gemm_device_plan_ints(npairs, static_cast<int>(E), Di, false)));
+      k::grouped_gemm_device_plan(ws_.cnt_dev.get(), static_cast<int>(E), Ii, true,
+                                  ws_.off_dev.get(), ws_.gemm_gu_dev.get(), s());
+      k::grouped_gemm_device_plan(ws_.cnt_dev.get(), static_cast<int>(E), Di, false, nullptr,
+                                  ws_.gemm_dn_dev.get(), s());
+      // Pairs that NaN logits leave unplaced read row 0 until the host reports the router.
+      CUDA_CHECK(cudaMemsetAsync(ws_.ipack.get(), 0,
+                                 static_cast<size_t>(2 * npairs) * sizeof(int32_t), s()));
+      h_cnt_.reserve(static_cast<size_t>(L_ * (E + 1)));
+      int32_t* hc = h_cnt_.get() + l * (E + 1);
+      tap_to_host(hc, ws_.cnt_dev.get(), static_cast<size_t>(E + 1));
+      flush_deferred(1);  // the taps before this layer's attention, while the device routes
+      defer([this, l, hc, E, npairs] {
+        int64_t assigned = 0;
+        for (int64_t e = 0; e < E; ++e) assigned += hc[e];
+        if (assigned != npairs) non_finite(l, "router", probe0_);  // earlier taps ran first
+        near_ties_[static_cast<size_t>(l)] += hc[E];
+      });
+    } else {
+      h_cnt_.reserve(static_cast<size_t>(E + 1));
+      to_host(h_cnt_.get(), ws_.cnt_dev.get(), static_cast<size_t>(E + 1));
+      flush_deferred(1);  // the taps before this layer's attention, while the device routes
+      sync();
+      int64_t assigned = 0;
+      counts_.assign(static_cast<size_t>(E), 0);
+      offsets_.assign(static_cast<size_t>(E), 0);
+      std::vector<int32_t> off32(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) {
+        counts_[static_cast<size_t>(e)] = h_cnt_[static_cast<size_t>(e)];
+        offsets_[static_cast<size_t>(e)] = assigned;
+        off32[static_cast<size_t>(e)] = static_cast<int32_t>(assigned);
+        assigned += h_cnt_[static_cast<size_t>(e)];
+      }
+      if (assigned != npairs) {  // NaN logits pick no expert
+        flush_deferred(0);       // an earlier tap may name the first non-finite component
+        non_finite(l, "router", probe0_);
+      }
+      near_ties_[static_cast<size_t>(l)] += h_cnt_[static_cast<size_t>(E)];
+      to_device(ws_.off_dev.get(), off32.data(), off32.size());
     }
-    if (assigned != npairs) {  // NaN logits pick no expert
-      flush_deferred(0);       // an earlier tap may name the first non-finite component
-      non_finite(l, "router", probe0_);
-    }
-    near_ties_[static_cast<size_t>(l)] += h_cnt_[static_cast<size_t>(E)];
     routed_ += n;
-    to_device(ws_.off_dev.get(), off32.data(), off32.size());
     k::expert_rank(ws_.ids.get(), npairs, static_cast<int>(E), ws_.off_dev.get(),
                    ws_.sort_scratch.get(), ws_.ipack.get(), ws_.ipack.get() + npairs, s());
     k::pair_info(ws_.ipack.get(), ws_.tw.get(), npairs, static_cast<int>(K), s0, ws_.pos_w.get(),

@@ -62,54 +62,75 @@ __global__ void __launch_bounds__(kNormWarps * 32)
   const int i0 = static_cast<int>(static_cast<int64_t>(T) * chunk / chunks);
   const int i1 = static_cast<int>(static_cast<int64_t>(T) * (chunk + 1) / chunks);
   const int64_t ld = static_cast<int64_t>(Hl) * d;
+  // A warp takes 32 rows per step as two 16-row tiles, so each fragment of M read from shared
+  // memory feeds two products.
   float rest = 0.f;
-  for (int t0 = i0 + warp * 16; t0 < i1; t0 += kNormWarps * 16) {
-    const int r0 = t0 + gq, r1 = r0 + 8;
-    const bool v0 = r0 < i1, v1 = r1 < i1;
-    const bf16_bits* z0 = z + (static_cast<int64_t>(b) * T + (v0 ? r0 : i0)) * ld + h * d;
-    const bf16_bits* z1 = z + (static_cast<int64_t>(b) * T + (v1 ? r1 : i0)) * ld + h * d;
-    uint32_t a[KS][4];
+  for (int t0 = i0 + warp * 32; t0 < i1; t0 += kNormWarps * 32) {
+    int rr[2][2];
+    bool vv[2][2];
+    uint32_t a[2][KS][4];
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      const int c = ks * 16 + tq * 2;  // d is even: c < d implies c + 1 < d
-      a[ks][0] = v0 && c < d ? ld32(z0 + c) : 0u;
-      a[ks][1] = v1 && c < d ? ld32(z1 + c) : 0u;
-      a[ks][2] = v0 && c + 8 < d ? ld32(z0 + c + 8) : 0u;
-      a[ks][3] = v1 && c + 8 < d ? ld32(z1 + c + 8) : 0u;
+    for (int u = 0; u < 2; ++u) {
+      rr[u][0] = t0 + 16 * u + gq;
+      rr[u][1] = rr[u][0] + 8;
+      vv[u][0] = rr[u][0] < i1;
+      vv[u][1] = rr[u][1] < i1;
+      const bf16_bits* z0 =
+          z + (static_cast<int64_t>(b) * T + (vv[u][0] ? rr[u][0] : i0)) * ld + h * d;
+      const bf16_bits* z1 =
+          z + (static_cast<int64_t>(b) * T + (vv[u][1] ? rr[u][1] : i0)) * ld + h * d;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const int c = ks * 16 + tq * 2;  // d is even: c < d implies c + 1 < d
+        a[u][ks][0] = vv[u][0] && c < d ? ld32(z0 + c) : 0u;
+        a[u][ks][1] = vv[u][1] && c < d ? ld32(z1 + c) : 0u;
+        a[u][ks][2] = vv[u][0] && c + 8 < d ? ld32(z0 + c + 8) : 0u;
+        a[u][ks][3] = vv[u][1] && c + 8 < d ? ld32(z1 + c + 8) : 0u;
+      }
     }
-    float ss0 = 0.f, ss1 = 0.f;
+    float ss[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      float y[4] = {0.f, 0.f, 0.f, 0.f};
+      float y[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       const bf16_bits* mh = Ms + (nt * 8 + gq) * STR + tq * 2;
       const bf16_bits* ml = mh + DP * STR;
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks)
-        mma_bf16(y, a[ks], ld32(mh + ks * 16), ld32(mh + ks * 16 + 8));
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t b0 = ld32(mh + ks * 16), b1 = ld32(mh + ks * 16 + 8);
+        mma_bf16(y[0], a[0][ks], b0, b1);
+        mma_bf16(y[1], a[1][ks], b0, b1);
+      }
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks)
-        mma_bf16(y, a[ks], ld32(ml + ks * 16), ld32(ml + ks * 16 + 8));
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t b0 = ld32(ml + ks * 16), b1 = ld32(ml + ks * 16 + 8);
+        mma_bf16(y[0], a[0][ks], b0, b1);
+        mma_bf16(y[1], a[1][ks], b0, b1);
+      }
       // y holds Y at rows gq (y0, y1) and gq + 8 (y2, y3), columns nt * 8 + 2 tq + {0, 1}: the
       // same positions as the A fragment of k-step nt / 2, half nt % 2.
-      const uint32_t za = a[nt / 2][(nt & 1) * 2], zb = a[nt / 2][(nt & 1) * 2 + 1];
-      ss0 += y[0] * bf16_lo(za) + y[1] * bf16_hi(za);
-      ss1 += y[2] * bf16_lo(zb) + y[3] * bf16_hi(zb);
-    }
-    ss0 += __shfl_xor_sync(0xffffffffu, ss0, 1);
-    ss0 += __shfl_xor_sync(0xffffffffu, ss0, 2);
-    ss1 += __shfl_xor_sync(0xffffffffu, ss1, 1);
-    ss1 += __shfl_xor_sync(0xffffffffu, ss1, 2);
-    if (tq == 0) {
-      // Rounding can leave a tiny negative; a NaN stays NaN (fmaxf would hide it).
-      const float n0 = sqrtf(ss0 < 0.f ? 0.f : ss0), n1 = sqrtf(ss1 < 0.f ? 0.f : ss1);
-      if (v0) {
-        if (r0 == 0)
-          wp0[static_cast<int64_t>(b) * Hl + h] = n0;
-        else
-          rest += n0;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const uint32_t za = a[u][nt / 2][(nt & 1) * 2], zb = a[u][nt / 2][(nt & 1) * 2 + 1];
+        ss[u][0] += y[u][0] * bf16_lo(za) + y[u][1] * bf16_hi(za);
+        ss[u][1] += y[u][2] * bf16_lo(zb) + y[u][3] * bf16_hi(zb);
       }
-      if (v1) rest += n1;  // r1 >= 8
     }
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float v = ss[u][hf];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (tq == 0 && vv[u][hf]) {
+          // Rounding can leave a tiny negative; a NaN stays NaN (fmaxf would hide it).
+          const float nrm = sqrtf(v < 0.f ? 0.f : v);
+          if (rr[u][hf] == 0)
+            wp0[static_cast<int64_t>(b) * Hl + h] = nrm;
+          else
+            rest += nrm;
+        }
+      }
   }
   rest = block_sum(rest);
   if (threadIdx.x == 0) partial[(static_cast<int64_t>(b) * Hl + h) * chunks + chunk] = rest;
@@ -184,29 +205,44 @@ __global__ void head_pack_kernel(const float* __restrict__ zr, const bf16_bits* 
   }
 }
 
-__global__ void finish_components_kernel(ComponentRows rows, int S, int D, int T,
-                                         const uint8_t* __restrict__ ablated,
-                                         float* __restrict__ delta_store, int64_t delta_bstride,
-                                         float* __restrict__ target, int64_t target_bstride,
-                                         float* __restrict__ p0_sum) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+// Block of kFinCols columns x kFinLanes slot lanes: lane y takes slots y, y + kFinLanes, ...
+// (their deltas stored as they come); the lanes' sums then join in lane order (deterministic).
+constexpr int kFinCols = 32, kFinLanes = 8;
+
+__global__ void __launch_bounds__(kFinCols* kFinLanes)
+    finish_components_kernel(ComponentRows rows, int S, int D, int T,
+                             const uint8_t* __restrict__ ablated, float* __restrict__ delta_store,
+                             int64_t delta_bstride, float* __restrict__ target,
+                             int64_t target_bstride, float* __restrict__ p0_sum) {
+  __shared__ float part_t[kFinLanes][kFinCols], part_p[kFinLanes][kFinCols];
+  const int cx = threadIdx.x % kFinCols, ly = threadIdx.x / kFinCols;
+  const int c = blockIdx.x * kFinCols + cx;
   const int b = blockIdx.y;
-  if (c >= D) return;
   const float inv_rest = 1.f / static_cast<float>(T - 1);
-  float* tgt = target + b * target_bstride + c;
-  float t = *tgt;
-  float ps = p0_sum[static_cast<int64_t>(b) * D + c];
-  for (int s = 0; s < S; ++s) {
-    const float p = rows.p0[b * rows.p0_bstride + s * rows.p0_sstride + c];
-    const float second = rows.second[b * rows.second_bstride + s * rows.second_sstride + c];
-    const float dl = rows.second_is_rest_sum ? p - second * inv_rest : second;
-    delta_store[b * delta_bstride + static_cast<int64_t>(s) * D + c] = dl;
-    const bool ab = ablated != nullptr && ablated[s] != 0;
-    if (ab) t -= dl;
-    ps += ab ? p - dl : p;
+  float dt = 0.f, dp = 0.f;
+  if (c < D) {
+    for (int s = ly; s < S; s += kFinLanes) {
+      const float p = rows.p0[b * rows.p0_bstride + s * rows.p0_sstride + c];
+      const float second = rows.second[b * rows.second_bstride + s * rows.second_sstride + c];
+      const float dl = rows.second_is_rest_sum ? p - second * inv_rest : second;
+      delta_store[b * delta_bstride + static_cast<int64_t>(s) * D + c] = dl;
+      const bool ab = ablated != nullptr && ablated[s] != 0;
+      if (ab) dt -= dl;
+      dp += ab ? p - dl : p;
+    }
   }
-  *tgt = t;
-  p0_sum[static_cast<int64_t>(b) * D + c] = ps;
+  part_t[ly][cx] = dt;
+  part_p[ly][cx] = dp;
+  __syncthreads();
+  if (ly != 0 || c >= D) return;
+  float t = 0.f, ps = 0.f;
+#pragma unroll
+  for (int y = 0; y < kFinLanes; ++y) {
+    t += part_t[y][cx];
+    ps += part_p[y][cx];
+  }
+  target[b * target_bstride + c] += t;
+  p0_sum[static_cast<int64_t>(b) * D + c] += ps;
 }
 
 __global__ void scale_columns_kernel(const bf16_bits* __restrict__ W, int64_t n, int cols,
@@ -267,6 +303,45 @@ __global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K,
       const float v = warp_sum(acc[i]);
       if (lane == 0 && r0 + i < R) out[static_cast<int64_t>(r0 + i) * N + n] = v;
     }
+  }
+}
+
+// The same with 16-byte loads (K, ldw multiples of 8; W and A 16-byte aligned): warp per (column
+// n, chunk of kRowChunk rows), each lane 8 consecutive K per step.
+__global__ void rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
+                                      const bf16_bits* __restrict__ W, int N, int64_t ldw,
+                                      float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int r0 = blockIdx.y * kRowChunk;
+  if (n >= N) return;
+  const bf16_bits* wr = W + n * ldw;
+  float acc[kRowChunk];
+#pragma unroll
+  for (int i = 0; i < kRowChunk; ++i) acc[i] = 0.f;
+  for (int kk = lane * 8; kk < K; kk += 32 * 8) {
+    const uint4 u = *reinterpret_cast<const uint4*>(wr + kk);
+    const uint32_t wv[4] = {u.x, u.y, u.z, u.w};
+    float w[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      w[2 * j] = __uint_as_float(wv[j] << 16);
+      w[2 * j + 1] = __uint_as_float(wv[j] & 0xffff0000u);
+    }
+#pragma unroll
+    for (int i = 0; i < kRowChunk; ++i) {
+      if (r0 + i >= R) break;
+      const float* a = A + static_cast<int64_t>(r0 + i) * K + kk;
+      const float4 a0 = *reinterpret_cast<const float4*>(a);
+      const float4 a1 = *reinterpret_cast<const float4*>(a + 4);
+      acc[i] += a0.x * w[0] + a0.y * w[1] + a0.z * w[2] + a0.w * w[3] + a1.x * w[4] + a1.y * w[5] +
+                a1.z * w[6] + a1.w * w[7];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowChunk; ++i) {
+    const float v = warp_sum(acc[i]);
+    if (lane == 0 && r0 + i < R) out[static_cast<int64_t>(r0 + i) * N + n] = v;
   }
 }
 
@@ -405,7 +480,7 @@ void finish_components(const ComponentRows& rows, int B, int S, int D, int T,
                        const uint8_t* ablated, float* delta_store, int64_t delta_bstride,
                        float* target, int64_t target_bstride, float* p0_sum, cudaStream_t s) {
   if (B == 0 || S == 0) return;
-  finish_components_kernel<<<dim3((D + 255) / 256, B), 256, 0, s>>>(
+  finish_components_kernel<<<dim3((D + kFinCols - 1) / kFinCols, B), kFinCols * kFinLanes, 0, s>>>(
       rows, S, D, T, ablated, delta_store, delta_bstride, target, target_bstride, p0_sum);
   CUDA_CHECK_LAUNCH("finish_components_kernel");
 }
@@ -434,6 +509,13 @@ void centre_rows(float* W, int64_t rows, int cols, cudaStream_t s) {
 void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out,
                    cudaStream_t s) {
   if (R == 0 || N == 0) return;
+  if (K % 8 == 0 && ldw % 8 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(A) % 16 == 0) {
+    rows_times_wt8_kernel<<<dim3((N + 7) / 8, (R + kRowChunk - 1) / kRowChunk), 256, 0, s>>>(
+        A, R, K, W, N, ldw, out);
+    CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
+    return;
+  }
   rows_times_wt_kernel<<<(N + 7) / 8, 256, 0, s>>>(A, R, K, W, N, ldw, out);
   CUDA_CHECK_LAUNCH("rows_times_wt_kernel");
 }

@@ -9,17 +9,34 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <NormMode mode>
-__global__ void norm_rows_kernel(const float* __restrict__ x, int D,
-                                 const float* __restrict__ gamma, const float* __restrict__ beta,
-                                 float eps, bf16_bits* __restrict__ out_bf,
-                                 float* __restrict__ out_f32, float* __restrict__ inv_scale) {
+// One row per block. V = 4: 16-byte loads and stores (D % 4 == 0; rows are then 16-byte aligned).
+// out_split, where not null, gets the fp32 value's two lower bf16 parts [mid | lo] per row (width
+// 2D): v = out_bf + mid + lo exactly (bf16 keeps fp32's exponent range).
+template <NormMode mode, int V>
+__global__ void __launch_bounds__(kThreads)
+    norm_rows_kernel(const float* __restrict__ x, int D, const float* __restrict__ gamma,
+                     const float* __restrict__ beta, float eps, bf16_bits* __restrict__ out_bf,
+                     float* __restrict__ out_f32, bf16_bits* __restrict__ out_split,
+                     float* __restrict__ inv_scale) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * D;
+  auto load = [&](int c, float(&v)[V]) {
+    if constexpr (V == 4) {
+      const float4 q = *reinterpret_cast<const float4*>(xr + c);
+      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    } else {
+      v[0] = xr[c];
+    }
+  };
   float mean = 0.f, inv = 1.f;
   if constexpr (mode == NormMode::kRms) {
     float ss = 0.f;
-    for (int c = threadIdx.x; c < D; c += blockDim.x) ss += xr[c] * xr[c];
+    for (int c = threadIdx.x * V; c < D; c += blockDim.x * V) {
+      float v[V];
+      load(c, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) ss += v[i] * v[i];
+    }
     ss = block_sum(ss);
     inv = 1.f / sqrtf(ss / static_cast<float>(D) + eps);
   } else if constexpr (mode == NormMode::kLayer) {
@@ -33,13 +50,40 @@ __global__ void norm_rows_kernel(const float* __restrict__ x, int D,
     inv = static_cast<float>(1.0 / sqrt(var / static_cast<double>(D) + eps));
   }
   if (inv_scale && threadIdx.x == 0) inv_scale[r] = inv;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    float v = xr[c];
-    if constexpr (mode == NormMode::kRms) v = v * inv * gamma[c];
-    if constexpr (mode == NormMode::kLayer)
-      v = (v - mean) * inv * gamma[c] + (beta ? beta[c] : 0.f);
-    out_bf[r * D + c] = f2bf(v);
-    if (out_f32) out_f32[r * D + c] = v;
+  for (int c = threadIdx.x * V; c < D; c += blockDim.x * V) {
+    float v[V];
+    load(c, v);
+    bf16_bits hi[V], mid[V], lo[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if constexpr (mode == NormMode::kRms) v[i] = v[i] * inv * gamma[c + i];
+      if constexpr (mode == NormMode::kLayer)
+        v[i] = (v[i] - mean) * inv * gamma[c + i] + (beta ? beta[c + i] : 0.f);
+      hi[i] = f2bf(v[i]);
+      const float rest = v[i] - bf2f(hi[i]);
+      mid[i] = f2bf(rest);
+      lo[i] = f2bf(rest - bf2f(mid[i]));
+    }
+    if constexpr (V == 4) {
+      auto pack4 = [](const bf16_bits(&h)[4]) {
+        return make_uint2(static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16),
+                          static_cast<uint32_t>(h[2]) | (static_cast<uint32_t>(h[3]) << 16));
+      };
+      *reinterpret_cast<uint2*>(out_bf + r * D + c) = pack4(hi);
+      if (out_f32)
+        *reinterpret_cast<float4*>(out_f32 + r * D + c) = make_float4(v[0], v[1], v[2], v[3]);
+      if (out_split) {
+        *reinterpret_cast<uint2*>(out_split + r * 2 * D + c) = pack4(mid);
+        *reinterpret_cast<uint2*>(out_split + r * 2 * D + D + c) = pack4(lo);
+      }
+    } else {
+      out_bf[r * D + c] = hi[0];
+      if (out_f32) out_f32[r * D + c] = v[0];
+      if (out_split) {
+        out_split[r * 2 * D + c] = mid[0];
+        out_split[r * 2 * D + D + c] = lo[0];
+      }
+    }
   }
 }
 
@@ -206,22 +250,26 @@ __global__ void add_p0_remainder_kernel(const float* __restrict__ a, int T, int 
 }  // namespace
 
 void norm_rows(NormMode mode, const float* x, int64_t rows, int D, const float* gamma,
-               const float* beta, float eps, bf16_bits* out_bf, float* out_f32, float* inv_scale,
-               cudaStream_t s) {
+               const float* beta, float eps, bf16_bits* out_bf, float* out_f32,
+               bf16_bits* out_split, float* inv_scale, cudaStream_t s) {
   if (rows == 0) return;
   const unsigned grid = static_cast<unsigned>(rows);
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, out_split, inv_scale);
+  };
+  const bool v4 = D % 4 == 0;
   switch (mode) {
     case NormMode::kRms:
-      norm_rows_kernel<NormMode::kRms>
-          <<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, inv_scale);
+      v4 ? launch(norm_rows_kernel<NormMode::kRms, 4>)
+         : launch(norm_rows_kernel<NormMode::kRms, 1>);
       break;
     case NormMode::kLayer:
-      norm_rows_kernel<NormMode::kLayer>
-          <<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, inv_scale);
+      v4 ? launch(norm_rows_kernel<NormMode::kLayer, 4>)
+         : launch(norm_rows_kernel<NormMode::kLayer, 1>);
       break;
     case NormMode::kNone:
-      norm_rows_kernel<NormMode::kNone>
-          <<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, inv_scale);
+      v4 ? launch(norm_rows_kernel<NormMode::kNone, 4>)
+         : launch(norm_rows_kernel<NormMode::kNone, 1>);
       break;
   }
   CUDA_CHECK_LAUNCH("norm_rows_kernel");

@@ -128,19 +128,64 @@ __global__ void pair_info_kernel(const int32_t* __restrict__ src_pair,
   }
 }
 
-__global__ void combine_kernel(const bf16_bits* __restrict__ back,
-                               const int32_t* __restrict__ pos_of_pair,
-                               const float* __restrict__ weights, int K, int D,
-                               float* __restrict__ m) {
-  const int64_t r = blockIdx.x;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j < K; ++j) {
-      const float o =
-          weights[r * K + j] * bf2f(back[static_cast<int64_t>(pos_of_pair[r * K + j]) * D + c]);
-      acc += o;
+// W consecutive bf16 as floats: one 2-, 8- or 16-byte load.
+template <int W>
+__device__ __forceinline__ void load_bf16(const bf16_bits* p, float (&v)[W]) {
+  if constexpr (W == 1) {
+    v[0] = bf2f(*p);
+  } else if constexpr (W == 4) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
-    m[r * D + c] = acc;
+  } else {
+    static_assert(W == 8, "1, 4 or 8 bf16 per load");
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+}
+
+// Block per token: its K weights and pair positions staged once; each thread sums W consecutive
+// columns (16-byte loads of the bf16 expert outputs where D allows), the pairs in k order.
+template <int W>
+__global__ void __launch_bounds__(256)
+    combine_kernel(const bf16_bits* __restrict__ back, const int32_t* __restrict__ pos_of_pair,
+                   const float* __restrict__ weights, int K, int D, float* __restrict__ m) {
+  __shared__ float w_s[32];
+  __shared__ int64_t row_s[32];
+  const int64_t r = blockIdx.x;
+  if (threadIdx.x < K) {
+    w_s[threadIdx.x] = weights[r * K + threadIdx.x];
+    row_s[threadIdx.x] = static_cast<int64_t>(pos_of_pair[r * K + threadIdx.x]) * D;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x * W; c < D; c += blockDim.x * W) {
+    float acc[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) acc[i] = 0.f;
+    for (int j = 0; j < K; ++j) {
+      float v[W];
+      load_bf16<W>(back + row_s[j] + c, v);
+#pragma unroll
+      for (int i = 0; i < W; ++i) acc[i] += w_s[j] * v[i];
+    }
+    float* out = m + r * D + c;
+    if constexpr (W == 1) {
+      out[0] = acc[0];
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; i += 4)
+        *reinterpret_cast<float4*>(out + i) =
+            make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+    }
   }
 }
 
@@ -308,31 +353,6 @@ __device__ __forceinline__ void rest_rows(const int32_t* __restrict__ pos_tok,
   end = first + static_cast<int>(n * (blockIdx.z + 1) / gridDim.z);
 }
 
-// W consecutive bf16 as floats: one 2-, 8- or 16-byte load.
-template <int W>
-__device__ __forceinline__ void load_bf16(const bf16_bits* p, float (&v)[W]) {
-  if constexpr (W == 1) {
-    v[0] = bf2f(*p);
-  } else if constexpr (W == 4) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    const uint32_t w[2] = {u.x, u.y};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      v[2 * i] = __uint_as_float(w[i] << 16);
-      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  } else {
-    static_assert(W == 8, "1, 4 or 8 bf16 per load");
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __uint_as_float(w[i] << 16);
-      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  }
-}
-
 // Block (e, b, split) sums w * row over its rows into out_rows[(split * B + b) * S + e] (the splits
 // are summed in order by rest_splits_sum_kernel). Each thread owns W consecutive columns (W > 1
 // needs D % W == 0: aligned loads and stores) and keeps 4 rows in flight: the pass is memory
@@ -412,6 +432,9 @@ __global__ void p0_pairs_kernel(const bf16_bits* __restrict__ rows, const float*
   if (token < s0 || token >= s1) return;
   const int64_t p = (token - s0) * K + k;
   const int pos = pos_of_pair[p], e = ids[p];
+  // A NaN-routed pair (no expert) is left out; the backend reports the router once the counts
+  // reach the host.
+  if (e < 0 || e >= E1) return;
   const float w = pos_w[pos];
   float* out = p0_out + (static_cast<int64_t>(b) * S + e) * D;
   double ss = 0;
@@ -487,7 +510,12 @@ void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, in
 void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
              int K, int D, float* m, cudaStream_t s) {
   if (n == 0) return;
-  combine_kernel<<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
+  // Rows of back and m are D elements apart from cudaMalloc'd bases: 16-byte aligned when D % 8 ==
+  // 0.
+  if (D % 8 == 0)
+    combine_kernel<8><<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
+  else
+    combine_kernel<1><<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
   CUDA_CHECK_LAUNCH("combine_kernel");
 }
 

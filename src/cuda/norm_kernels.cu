@@ -90,6 +90,64 @@ __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T
   }
 }
 
+// The same for the common shape, head dim 128 with no padding and full or no rotation: a warp
+// per (row, slot) of a flattened index, each lane four consecutive dims (16-byte loads, 8-byte
+// stores); the rotation partner j +- 64 of lane l's dims sits in lane l ^ 16.
+constexpr int kRope128Warps = 8;
+
+__global__ void __launch_bounds__(kRope128Warps * 32)
+    qk_norm_rope128_kernel(float* __restrict__ qkv, int64_t rows, int T, int ld, int Hl, int KVl,
+                           bool rotate, const float* __restrict__ q_gamma,
+                           const float* __restrict__ k_gamma, float eps,
+                           const float* __restrict__ cos_tab, const float* __restrict__ sin_tab,
+                           bool keep_q, bf16_bits* __restrict__ Qa, bf16_bits* __restrict__ Ka,
+                           bf16_bits* __restrict__ Va) {
+  constexpr int d = 128, half = 64;
+  const int lane = threadIdx.x & 31;
+  const int slots = Hl + 2 * KVl;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kRope128Warps + (threadIdx.x >> 5);
+  if (w >= rows * slots) return;
+  const int64_t r = w / slots;
+  const int slot = static_cast<int>(w - r * slots);
+  float* src = qkv + r * ld + static_cast<int64_t>(slot) * d + 4 * lane;
+  bf16_bits* dst;
+  if (slot < Hl)
+    dst = Qa + (r * Hl + slot) * d;
+  else if (slot < Hl + KVl)
+    dst = Ka + (r * KVl + (slot - Hl)) * d;
+  else
+    dst = Va + (r * KVl + (slot - Hl - KVl)) * d;
+  dst += 4 * lane;
+  float4 v = *reinterpret_cast<const float4*>(src);
+  if (slot < Hl + KVl) {
+    const float* gamma = slot < Hl ? q_gamma : k_gamma;
+    if (gamma) {
+      const float ss = warp_sum(v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w);
+      const float inv = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
+      const float4 g = *reinterpret_cast<const float4*>(gamma + 4 * lane);
+      v = make_float4(v.x * (inv * g.x), v.y * (inv * g.y), v.z * (inv * g.z), v.w * (inv * g.w));
+    }
+    if (rotate) {
+      const float4 o =
+          make_float4(__shfl_xor_sync(0xffffffffu, v.x, 16), __shfl_xor_sync(0xffffffffu, v.y, 16),
+                      __shfl_xor_sync(0xffffffffu, v.z, 16), __shfl_xor_sync(0xffffffffu, v.w, 16));
+      const int64_t t = (r % T) * half + 4 * (lane & 15);
+      const float4 c = *reinterpret_cast<const float4*>(cos_tab + t);
+      const float4 sn = *reinterpret_cast<const float4*>(sin_tab + t);
+      if (lane < 16)  // dims j < 64: x_j cos - x_{j+64} sin
+        v = make_float4(v.x * c.x - o.x * sn.x, v.y * c.y - o.y * sn.y, v.z * c.z - o.z * sn.z,
+                        v.w * c.w - o.w * sn.w);
+      else  // dims j >= 64: x_j cos + x_{j-64} sin
+        v = make_float4(v.x * c.x + o.x * sn.x, v.y * c.y + o.y * sn.y, v.z * c.z + o.z * sn.z,
+                        v.w * c.w + o.w * sn.w);
+    }
+    if (slot < Hl && keep_q) *reinterpret_cast<float4*>(src) = v;
+  }
+  *reinterpret_cast<uint2*>(dst) =
+      make_uint2(static_cast<uint32_t>(f2bf(v.x)) | (static_cast<uint32_t>(f2bf(v.y)) << 16),
+                 static_cast<uint32_t>(f2bf(v.z)) | (static_cast<uint32_t>(f2bf(v.w)) << 16));
+}
+
 __global__ void row_norms_kernel(const float* __restrict__ x, int D, int64_t ld,
                                  float* __restrict__ norms) {
   const int64_t r = blockIdx.x;
@@ -603,10 +661,19 @@ void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps
 
 void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
                   const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
-                  const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
+                  const float* sin_tab, bool keep_q, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
                   cudaStream_t s) {
   if (rows == 0) return;
   const int slots = Hl + 2 * KVl;
+  if (d == 128 && dp == 128 && (rot == 128 || rot == 0) && ld % 4 == 0) {
+    const int64_t warps = rows * slots;
+    qk_norm_rope128_kernel<<<static_cast<unsigned>((warps + kRope128Warps - 1) / kRope128Warps),
+                             kRope128Warps * 32, 0, s>>>(qkv, rows, T, ld, Hl, KVl, rot == 128,
+                                                         q_gamma, k_gamma, eps, cos_tab, sin_tab,
+                                                         keep_q, Qa, Ka, Va);
+    CUDA_CHECK_LAUNCH("qk_norm_rope128_kernel");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(rows), (slots + kRopeWarps - 1) / kRopeWarps);
   qk_norm_rope_kernel<<<grid, kRopeWarps * 32, 0, s>>>(
       qkv, rows, T, ld, Hl, KVl, d, dp, rot, q_gamma, k_gamma, eps, cos_tab, sin_tab, Qa, Ka, Va);

@@ -20,12 +20,12 @@ void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps
 // The fused per-head step after the qkv product. qkv [rows, ld] holds q (Hl heads), k (KVl), v
 // (KVl) of width d each, fp32. q and k get their per-head RMSNorm (q_gamma / k_gamma; none where
 // null) then RoPE at position r % T on their first rot dims (rotate_half over those, cos/sin tables
-// [T, rot/2]; dims rot..d-1 unrotated); the normed rotated q is written back into qkv (for qbar)
-// and q, k, v go to the attention operands Qa [rows, Hl, dp], Ka/Va [rows, KVl, dp] in bf16 with
-// dims d..dp-1 zero. d <= 128.
+// [T, rot/2]; dims rot..d-1 unrotated); q, k, v go to the attention operands Qa [rows, Hl, dp],
+// Ka/Va [rows, KVl, dp] in bf16 with dims d..dp-1 zero, and the normed rotated q goes back into
+// qkv in fp32 (for qbar) when keep_q (the general kernel, d != 128, always writes it). d <= 128.
 void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
                   const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
-                  const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
+                  const float* sin_tab, bool keep_q, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
                   cudaStream_t s);
 
 // norms[r] = ||x[r, 0:D]|| for rows r (row stride ld).

@@ -44,6 +44,23 @@ void upload_as_bf16(std::span<const float> src, bf16_bits* dst) {
   CUDA_CHECK(cudaMemcpy(dst, b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
 }
 
+// The router's [W | W] in bf16 (weights.hpp, router_split) when every weight is a finite bf16
+// value.
+void upload_router_split(std::span<const float> w, int64_t E, int64_t D,
+                         DeviceBuffer<bf16_bits>& dst) {
+  std::vector<bf16_bits> b(static_cast<size_t>(E * 2 * D));
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t j = 0; j < D; ++j) {
+      const float v = w[static_cast<size_t>(e * D + j)];
+      const bf16_bits h = f32_to_bf16(v);
+      if (!std::isfinite(v) || bf16_to_f32(h) != v) return;  // not bf16: the fp32 product
+      b[static_cast<size_t>(e * 2 * D + j)] = h;
+      b[static_cast<size_t>(e * 2 * D + D + j)] = h;
+    }
+  dst.reserve(b.size());
+  CUDA_CHECK(cudaMemcpy(dst.get(), b.data(), b.size() * sizeof(bf16_bits), cudaMemcpyHostToDevice));
+}
+
 // Rows [r0, r1) of a matrix as bf16 at dst: the stored bytes through the uploader, or, for FP8
 // block-scaled tensors (DeepSeek-V3), dequantised on the host by the checkpoint reader.
 template <typename Up>
@@ -576,7 +593,9 @@ DeviceModel load_device_model(const Checkpoint& ck, const ShardPlan& plan, bool 
     if (L.moe) {
       const int64_t I = c.moe_intermediate_size, El = plan.local_experts();
       L.inter = I;
-      upload_f32(read_rows(ck, name(Role::kRouter), 0, c.num_experts, D), L.router);
+      const std::vector<float> wr = read_rows(ck, name(Role::kRouter), 0, c.num_experts, D);
+      upload_f32(wr, L.router);
+      upload_router_split(wr, c.num_experts, D, L.router_split);
       vec(Role::kRouterBias, l, 0, c.num_experts, L.router_bias, c.router_bias);
       if (c.router == RouterKind::kSigmoidGroupTopK)
         vec(Role::kRouterScoreBias, l, 0, c.num_experts, L.router_score_bias);
@@ -721,9 +740,18 @@ DeviceModel synthesize_device_model(const ModelConfig& c, const ShardPlan& plan,
     if (L.moe) {
       const int64_t I = c.moe_intermediate_size, E = c.num_experts, El = plan.local_experts();
       L.inter = I;
+      // bf16 values, as checkpoints store routers: the product takes the tensor-core route.
+      DeviceBuffer<bf16_bits> wr(static_cast<size_t>(E * D));
+      k::fill_random_bf16(wr.get(), E, D, 0, 0, D, seed, tensor_id(l, 4, 0),
+                          1.f / std::sqrt(static_cast<float>(D)), s);
       L.router.reserve(static_cast<size_t>(E * D));
-      k::fill_random_f32(L.router.get(), E, D, 0, 0, D, seed, tensor_id(l, 4, 0),
-                         1.f / std::sqrt(static_cast<float>(D)), s);
+      k::bf16_to_f32(wr.get(), E * D, L.router.get(), s);
+      L.router_split.reserve(static_cast<size_t>(E * 2 * D));
+      for (int64_t half = 0; half < 2; ++half)
+        CUDA_CHECK(cudaMemcpy2DAsync(L.router_split.get() + half * D, 2 * D * sizeof(bf16_bits),
+                                     wr.get(), D * sizeof(bf16_bits), D * sizeof(bf16_bits), E,
+                                     cudaMemcpyDeviceToDevice, s));
+      CUDA_CHECK(cudaStreamSynchronize(s));  // wr is freed here
       if (c.router_bias) zeros(L.router_bias, E);
       if (c.router == RouterKind::kSigmoidGroupTopK) zeros(L.router_score_bias, E);
       if (c.has_shared_expert()) {

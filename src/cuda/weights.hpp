@@ -46,7 +46,12 @@ struct DeviceLayer {
   DeviceBuffer<bf16_bits> mla_a, mla_q, mla_kv_b;
   DeviceBuffer<float> mla_q_a_norm, mla_kv_a_norm;
   bool moe = false;
-  DeviceBuffer<float> router;             // [E, D] fp32 (routing is decided in fp32)
+  DeviceBuffer<float> router;  // [E, D] fp32 (routing is decided in fp32)
+  // [E, 2D] = [W_r | W_r] in bf16 when every router weight is a bf16 value (as checkpoints store
+  // them): the fp32 router product then runs on the tensor cores as u_hi W_r^T + [u_mid | u_lo]
+  // [W_r | W_r]^T, the fp32 input split into three bf16 parts (exact products, fp32 sums). Empty
+  // otherwise (the fp32 product on the CUDA cores).
+  DeviceBuffer<bf16_bits> router_split;
   DeviceBuffer<float> router_bias;        // [E] (gpt-oss)
   DeviceBuffer<float> router_score_bias;  // [E] DeepSeek's e_score_correction_bias (selection)
   // Expert biases (gpt-oss): [El, 2I] (gate | up) and [El, D].

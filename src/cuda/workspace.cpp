@@ -88,6 +88,7 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
   r(ipack, std::max(2 * npairs, 5 * B));
   if (E > 0) {
     r(u32, BT * D);
+    r(u_split, 2 * BT * D);
     r(router_logits, n * E);
     r(ids, npairs);
     r(tw, npairs);

@@ -21,6 +21,7 @@ struct Workspace {
   DeviceBuffer<int32_t> tokens;       // [BT]
   DeviceBuffer<bf16_bits> u;          // [BT, D] a block's normed input
   DeviceBuffer<float> u32;            // [BT, D] the same in fp32 (router, shared-expert gate)
+  DeviceBuffer<bf16_bits> u_split;    // [BT, 2D] its lower bf16 parts (the tensor-core router)
   DeviceBuffer<float> inv_rx;         // [BT] 1 / the input norm's scale
   DeviceBuffer<float> rnorms, norms;  // [BT] ||x|| and ||m|| per row
   // Attention.
