@@ -1083,7 +1083,11 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
   // and rest sums [B, S, D] each, p0 norms [B, S], p0 routing [B, E], rest routing counts [E].
   const int64_t off_p0 = BT * D, off_rest = off_p0 + B * S * D, off_n0 = off_rest + B * S * D,
                 off_r0 = off_n0 + B * S, off_rc = off_r0 + B * E1, total = off_rc + E1;
-  CUDA_CHECK(cudaMemsetAsync(ws_.mbuf.get(), 0, static_cast<size_t>(total) * sizeof(float), s()));
+  // On one tp rank the products below write every row of m; several sum rows they do not own.
+  const int64_t zero_from = tp == 1 ? off_p0 : 0, zero_to = record_ ? total : off_p0;
+  if (zero_to > zero_from)
+    CUDA_CHECK(cudaMemsetAsync(ws_.mbuf.get() + zero_from, 0,
+                               static_cast<size_t>(zero_to - zero_from) * sizeof(float), s()));
   float* m = ws_.mbuf.get();
   float* p0 = m + off_p0;
   float* rest = m + off_rest;

@@ -1,16 +1,15 @@
 // The expert products on Hopper (wgmma, sm_90a): one launch covers every expert of a layer.
 //
-// A block computes 128 x 256 tiles of the groups' C = A W^T: two warpgroups of 64 rows, each a
-// m64n256k16 warpgroup product per 16 of K, with A and W tiles of 64 K-columns streaming through
-// four shared-memory stages (cp.async, 128-byte swizzle; k-tile k + 2 is copied while the product
-// of k-tile k runs and k-tile k - 1's may still be in flight). The blocks are persistent, one per
-// SM, each taking every gridDim-th tile of the list; the copies run ahead across a block's tiles,
-// so the next tile's first k-tiles land while the last products and the epilogue of the current
-// one run (the down product's K = I is only 12 k-tiles: a pipeline filled afresh per tile idled
-// the tensor cores for a good part of each). The tile list is built on the host, which
-// knows every group's rows (the routing counts come to the host anyway): for each group, its
-// column tiles, and inside each its row tiles next to each other, so blocks that share a weight
-// tile run together and read it once from memory.
+// A block computes 128 x 256 tiles of the groups' C = A W^T, warp-specialised: one warpgroup
+// copies A and W tiles of 64 K-columns into four shared-memory stages (cp.async, 128-byte
+// swizzle), two warpgroups multiply, 64 rows each, a m64n256k16 warpgroup product per 16 of K,
+// and hand each stage back once its product is done (mbarriers; the copies never wait for the
+// products of other stages, the products never wait for copies already in flight). The blocks
+// are persistent, one per SM, each taking every gridDim-th tile of the list; the copies run on
+// across a block's tiles, so the next tile's first k-tiles land while the current one's last
+// products and epilogue run. The tile list is built on the host or on the device from the routing
+// counts: for each group, its column tiles, and inside each its row tiles next to each other, so
+// blocks that share a weight tile run together and read it once from memory.
 
 // Two things the cuBLAS route does in separate passes happen here in the product itself: A's rows
 // may be gathered by index (a_rows[p] / a_div, the routed pairs' tokens), so the gathered copy of
@@ -31,13 +30,40 @@
 namespace sinkscope::cuda::k {
 namespace {
 
-constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 256;
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 384;
 constexpr int kAStage = kBM * kBK * 2, kBStage = kBN * kBK * 2;
 constexpr int kSmem = 1024 + kStages * (kAStage + kBStage);
+
+// mbarrier helpers (shared::cta).
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// The arrival is made once this thread's earlier cp.async copies have landed (counted in the
+// barrier's expected arrivals: .noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits for the completion of the barrier's phase of parity `parity`.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
 
 // plan: {ntiles, 0, 0, 0}, then ngroups groups, then the tiles, 4 ints each:
 // groups[g] = {row offset of the group in the packed A / C rows, rows, weight index, 0};
 // tiles[t] = {group, first row, first column, 0} (columns of C; of act for SwiGLU).
+// Warpgroup 0 copies (the producer), warpgroups 1 and 2 multiply 64 rows each (the consumers).
+// Stage s is handed over through two barriers: full[s] completes when the producer's 128 threads'
+// copies into it have landed, empty[s] when the consumers' 256 threads are past their products
+// reading it.
 template <bool kSwiGLU>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const bf16_bits* __restrict__ A, const int32_t* __restrict__ a_rows,
@@ -45,113 +71,115 @@ __global__ void __launch_bounds__(kThreads, 1)
                         int K, int N, int w_rows, const int32_t* __restrict__ plan, int ngroups) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
-  constexpr int kAhead = kStages - 2;  // k-tiles copied ahead of the one being multiplied
   extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + 1023u) & ~1023u;
   const uint32_t a_base = base, b_base = base + kStages * kAStage;
+  const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(full_bar));
+  const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty_bar));
 
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int gq = lane >> 2, tq = lane & 3;
-  const int chunk = tid & 7;  // the 16-byte chunk of each 128-byte row this thread copies
+  const int tid = threadIdx.x, wg = tid >> 7;
   const int n_k = (K + kBK - 1) / kBK;
   const int ntiles = plan[0];
   const int4* groups = reinterpret_cast<const int4*>(plan + 4);
   const int4* tiles = groups + ngroups;
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(full0 + 8 * st, 128);
+      mbar_init(empty0 + 8 * st, 256);
+    }
+  }
+  __syncthreads();
 
-  // The copy cursor: k-tile load_kt of tile load_t, the count-th k-tile this block copies (its
-  // stage: count % kStages). Every thread copies the same chunk of 4 A rows and 8 W rows of each
-  // k-tile: their sources are set once per tile.
-  int load_t = blockIdx.x, load_kt = 0, load_count = 0;
-  const bf16_bits* a_src[4];
-  bool a_ok[4];
-  const bf16_bits* w_src[8];
-  bool w_ok[8];
-  auto set_sources = [&](int t) {
-    const int4 tile = tiles[t];
-    const int4 grp = groups[tile.x];
-    const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = (tid >> 3) + 32 * j;
-      a_ok[j] = m0 + r < rows;
-      const int64_t p = off + m0 + (a_ok[j] ? r : 0);
-      const int64_t src = a_rows ? a_rows[p] / a_div : p;
-      a_src[j] = A + src * K + chunk * 8;
-    }
-    const bf16_bits* Wg = W + static_cast<int64_t>(grp.z) * w_rows * K;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int r = (tid >> 3) + 32 * j;  // tile row 0..255
-      int wr;
-      if (kSwiGLU) {  // rows 0..127: gate columns n0 + r; 128..255: up columns n0 + r - 128
-        const int c = n0 + (r & 127);
-        w_ok[j] = c < N;
-        wr = (r < 128 ? 0 : N) + (w_ok[j] ? c : 0);
-      } else {
-        w_ok[j] = n0 + r < N;
-        wr = w_ok[j] ? n0 + r : 0;
-      }
-      w_src[j] = Wg + static_cast<int64_t>(wr) * K + chunk * 8;
-    }
-  };
-  // Copies the next k-tile of the block's tiles, if any is left; one commit group either way.
-  auto load_next = [&]() {
-    if (load_t < ntiles) {
-      if (load_kt == 0) set_sources(load_t);
-      const int st = load_count % kStages, k0 = load_kt * kBK;
-      const bool k_ok = k0 + chunk * 8 < K;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int r = (tid >> 3) + 32 * j;
-        cp_async16(a_base + st * kAStage + swizzle128(r, chunk), a_src[j] + k0, a_ok[j] && k_ok);
-      }
+  if (wg == 0) {
+    // The producer: thread p copies 16-byte chunk p % 8 of A rows p / 8 + 16 j (8 of them) and of
+    // W rows p / 8 + 16 j (16) for every k-tile of the block's tiles, in order; the k-tile count
+    // lands in stage count % kStages once the consumers have released the fill before it.
+    const int chunk = tid & 7, row0 = tid >> 3;
+    const bf16_bits* a_src[8];
+    bool a_ok[8];
+    const bf16_bits* w_src[16];
+    bool w_ok[16];
+    int count = 0;
+    for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+      const int4 tile = tiles[t];
+      const int4 grp = groups[tile.x];
+      const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int r = (tid >> 3) + 32 * j;
-        cp_async16(b_base + st * kBStage + swizzle128(r, chunk), w_src[j] + k0, w_ok[j] && k_ok);
+        const int r = row0 + 16 * j;
+        a_ok[j] = m0 + r < rows;
+        const int64_t p = off + m0 + (a_ok[j] ? r : 0);
+        const int64_t src = a_rows ? a_rows[p] / a_div : p;
+        a_src[j] = A + src * K + chunk * 8;
       }
-      ++load_count;
-      if (++load_kt == n_k) {
-        load_kt = 0;
-        load_t += gridDim.x;
+      const bf16_bits* Wg = W + static_cast<int64_t>(grp.z) * w_rows * K;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int r = row0 + 16 * j;  // tile row 0..255
+        int wr;
+        if (kSwiGLU) {  // rows 0..127: gate columns n0 + r; 128..255: up columns n0 + r - 128
+          const int c = n0 + (r & 127);
+          w_ok[j] = c < N;
+          wr = (r < 128 ? 0 : N) + (w_ok[j] ? c : 0);
+        } else {
+          w_ok[j] = n0 + r < N;
+          wr = w_ok[j] ? n0 + r : 0;
+        }
+        w_src[j] = Wg + static_cast<int64_t>(wr) * K + chunk * 8;
+      }
+      for (int kt = 0; kt < n_k; ++kt, ++count) {
+        const int st = count % kStages;
+        if (count >= kStages) mbar_wait(empty0 + 8 * st, ((count / kStages) & 1) ^ 1);
+        const int k0 = kt * kBK;
+        const bool k_ok = k0 + chunk * 8 < K;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          cp_async16(a_base + st * kAStage + swizzle128(row0 + 16 * j, chunk), a_src[j] + k0,
+                     a_ok[j] && k_ok);
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          cp_async16(b_base + st * kBStage + swizzle128(row0 + 16 * j, chunk), w_src[j] + k0,
+                     w_ok[j] && k_ok);
+        mbar_arrive_cp_async(full0 + 8 * st);
       }
     }
-    cp_async_commit();
-  };
+    cp_async_wait<0>();
+    return;
+  }
 
-#pragma unroll
-  for (int j = 0; j < kAhead; ++j) load_next();
-  int count = 0;  // k-tiles multiplied so far (the stage of the next: count % kStages)
+  // The consumers: warpgroup 1 rows 0..63 of each tile, warpgroup 2 rows 64..127.
+  const int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  int count = 0;
   float acc[kBN / 2];
   for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
 #pragma unroll
     for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.f;
     for (int kt = 0; kt < n_k; ++kt, ++count) {
-      cp_async_wait<kAhead - 1>();  // k-tile count has landed (count + 1 may still fly)
-      fence_proxy_async();
-      // ... and every warpgroup is past the product of k-tile count - 2, whose stage the copy of
-      // k-tile count + 2 takes.
-      __syncthreads();
-      load_next();
       const int st = count % kStages;
-      const uint32_t a_tile = a_base + st * kAStage + wg * 64 * 128, b_tile = b_base + st * kBStage;
+      mbar_wait(full0 + 8 * st, (count / kStages) & 1);
+      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+      const uint32_t a_tile = a_base + st * kAStage + cw * 64 * 128, b_tile = b_base + st * kBStage;
       fence();
 #pragma unroll
       for (int ks = 0; ks < kBK / 16; ++ks)
         Wgmma<kBN>::ss(acc, smem_desc(a_tile + ks * 32), smem_desc(b_tile + ks * 32), 1);
       commit();
-      wait<1>();  // k-tile count - 1's product is done
+      wait<1>();  // the product of k-tile count - 1 is done: its stage goes back to the producer
+      if (kt > 0) mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
     }
     wait<0>();
     pin(acc);
+    mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
 
     const int4 tile = tiles[t];
     const int4 grp = groups[tile.x];
     const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = wg * 64 + warp * 16 + gq + 8 * half;
+      const int r = cw * 64 + warp * 16 + gq + 8 * half;
       if (m0 + r >= rows) continue;
       bf16_bits* crow = C + static_cast<int64_t>(off + m0 + r) * N;
       if (kSwiGLU) {
@@ -176,7 +204,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  cp_async_wait<0>();
 #endif
 }
 
