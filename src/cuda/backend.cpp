@@ -946,11 +946,12 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
   if (device_routing_) {  // every expert is here, the tile lists already on the device
     const int I = static_cast<int>(Lw.inter), Di = static_cast<int>(D);
     ws_.act.reserve(static_cast<size_t>(npairs * I));
-    k::grouped_gemm_sm90_device_plan(ws_.u.get(), ws_.ipack.get(), static_cast<int>(K),
+    k::grouped_gemm_sm90_device_plan(ws_.u.get(), ws_.ipack.get(), static_cast<int>(K), npairs,
                                      Lw.w_gate_up.get(), ws_.act.get(), Di, I, true,
                                      ws_.gemm_gu_dev.get(), static_cast<int>(E), s());
-    k::grouped_gemm_sm90_device_plan(ws_.act.get(), nullptr, 1, Lw.w_down.get(), ws_.out.get(), I,
-                                     Di, false, ws_.gemm_dn_dev.get(), static_cast<int>(E), s());
+    k::grouped_gemm_sm90_device_plan(ws_.act.get(), nullptr, 1, npairs, Lw.w_down.get(),
+                                     ws_.out.get(), I, Di, false, ws_.gemm_dn_dev.get(),
+                                     static_cast<int>(E), s());
     return ws_.out.get();
   }
   if (P == 1) {  // every expert is here: the products read the routed rows straight from u

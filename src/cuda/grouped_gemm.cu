@@ -16,9 +16,12 @@
 // the inputs is never written; and the gate|up product may finish with SwiGLU: its 256 weight rows
 // are 128 gate rows and the 128 matching up rows, so each thread holds gate and up of the same
 // columns and writes silu(gate) * up in bf16 (from the fp32 accumulators, no bf16 round trip).
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "cuda/attention.cuh"  // sm90a_kernels_available
@@ -57,18 +60,36 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
+// One arrival that also expects `bytes` more of asynchronous (TMA) copies in this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// A box of a tensor map (64 K-columns x 128 rows at (k0, row)) into dst, `bar` counting its bytes.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int k0, int row,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row), "r"(bar)
+      : "memory");
+}
+
 // plan: {ntiles, 0, 0, 0}, then ngroups groups, then the tiles, 4 ints each:
 // groups[g] = {row offset of the group in the packed A / C rows, rows, weight index, 0};
 // tiles[t] = {group, first row, first column, 0} (columns of C; of act for SwiGLU).
-// Warpgroup 0 copies (the producer), warpgroups 1 and 2 multiply 64 rows each (the consumers).
-// Stage s is handed over through two barriers: full[s] completes when the producer's 128 threads'
-// copies into it have landed, empty[s] when the consumers' 256 threads are past their products
-// reading it.
-template <bool kSwiGLU>
+// W's rows are those of wmap; with kTmaA (A's rows not gathered) A's rows those of amap (both
+// [rows, K] bf16 maps of 64 x 128 boxes in the 128-byte swizzle). Warpgroup 0 copies (the
+// producer), warpgroups 1 and 2 multiply 64 rows each (the consumers). Stage s is handed over
+// through two barriers: full[s] completes when its copies have landed (the TMA bytes, and with
+// gathered A rows the cp.async copies of the producer's 128 threads), empty[s] when the consumers'
+// 256 threads are past their products reading it.
+template <bool kSwiGLU, bool kTmaA>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const bf16_bits* __restrict__ A, const int32_t* __restrict__ a_rows,
-                        int a_div, const bf16_bits* __restrict__ W, bf16_bits* __restrict__ C,
-                        int K, int N, int w_rows, const int32_t* __restrict__ plan, int ngroups) {
+                        int a_div, const __grid_constant__ CUtensorMap amap,
+                        const __grid_constant__ CUtensorMap wmap, bf16_bits* __restrict__ C, int K,
+                        int N, int w_rows, const int32_t* __restrict__ plan, int ngroups) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   extern __shared__ unsigned char smem_raw[];
@@ -86,66 +107,62 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int4* tiles = groups + ngroups;
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(full0 + 8 * st, 128);
+      // The expect_tx arrival of thread 0, and the A copies of the 128 producer threads.
+      mbar_init(full0 + 8 * st, kTmaA ? 1 : 1 + 128);
       mbar_init(empty0 + 8 * st, 256);
     }
   }
   __syncthreads();
 
   if (wg == 0) {
-    // The producer: thread p copies 16-byte chunk p % 8 of A rows p / 8 + 16 j (8 of them) and of
-    // W rows p / 8 + 16 j (16) for every k-tile of the block's tiles, in order; the k-tile count
-    // lands in stage count % kStages once the consumers have released the fill before it.
+    // The producer, for every k-tile of the block's tiles in order (k-tile count lands in stage
+    // count % kStages once the consumers have released the fill before it): thread 0 copies the
+    // W tile as two TMA boxes of 128 rows (gate and up rows for SwiGLU; rows past N read the next
+    // rows or the map's zero fill and reach only columns the epilogue does not store), and A's
+    // tile as one box when its rows are not gathered; else thread p copies 16-byte chunk p % 8
+    // of A rows p / 8 + 16 j (8 of them) with cp.async.
+    if (kTmaA && tid != 0) return;
     const int chunk = tid & 7, row0 = tid >> 3;
     const bf16_bits* a_src[8];
     bool a_ok[8];
-    const bf16_bits* w_src[16];
-    bool w_ok[16];
     int count = 0;
     for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
       const int4 tile = tiles[t];
       const int4 grp = groups[tile.x];
       const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
+      if (!kTmaA) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int r = row0 + 16 * j;
-        a_ok[j] = m0 + r < rows;
-        const int64_t p = off + m0 + (a_ok[j] ? r : 0);
-        const int64_t src = a_rows ? a_rows[p] / a_div : p;
-        a_src[j] = A + src * K + chunk * 8;
-      }
-      const bf16_bits* Wg = W + static_cast<int64_t>(grp.z) * w_rows * K;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int r = row0 + 16 * j;  // tile row 0..255
-        int wr;
-        if (kSwiGLU) {  // rows 0..127: gate columns n0 + r; 128..255: up columns n0 + r - 128
-          const int c = n0 + (r & 127);
-          w_ok[j] = c < N;
-          wr = (r < 128 ? 0 : N) + (w_ok[j] ? c : 0);
-        } else {
-          w_ok[j] = n0 + r < N;
-          wr = w_ok[j] ? n0 + r : 0;
+        for (int j = 0; j < 8; ++j) {
+          const int r = row0 + 16 * j;
+          a_ok[j] = m0 + r < rows;
+          const int64_t p = off + m0 + (a_ok[j] ? r : 0);
+          const int64_t src = a_rows ? a_rows[p] / a_div : p;
+          a_src[j] = A + src * K + chunk * 8;
         }
-        w_src[j] = Wg + static_cast<int64_t>(wr) * K + chunk * 8;
       }
+      const int w0 = grp.z * w_rows + n0, w1 = w0 + (kSwiGLU ? N : 128);
       for (int kt = 0; kt < n_k; ++kt, ++count) {
         const int st = count % kStages;
         if (count >= kStages) mbar_wait(empty0 + 8 * st, ((count / kStages) & 1) ^ 1);
         const int k0 = kt * kBK;
-        const bool k_ok = k0 + chunk * 8 < K;
+        const uint32_t full = full0 + 8 * st;
+        if (tid == 0) {
+          mbar_arrive_expect_tx(full, kBStage + (kTmaA ? kAStage : 0));
+          tma_load(b_base + st * kBStage, &wmap, k0, w0, full);
+          tma_load(b_base + st * kBStage + kBStage / 2, &wmap, k0, w1, full);
+          if (kTmaA) tma_load(a_base + st * kAStage, &amap, k0, off + m0, full);
+        }
+        if (!kTmaA) {
+          const bool k_ok = k0 + chunk * 8 < K;
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          cp_async16(a_base + st * kAStage + swizzle128(row0 + 16 * j, chunk), a_src[j] + k0,
-                     a_ok[j] && k_ok);
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-          cp_async16(b_base + st * kBStage + swizzle128(row0 + 16 * j, chunk), w_src[j] + k0,
-                     w_ok[j] && k_ok);
-        mbar_arrive_cp_async(full0 + 8 * st);
+          for (int j = 0; j < 8; ++j)
+            cp_async16(a_base + st * kAStage + swizzle128(row0 + 16 * j, chunk), a_src[j] + k0,
+                       a_ok[j] && k_ok);
+          mbar_arrive_cp_async(full);
+        }
       }
     }
-    cp_async_wait<0>();
+    if (!kTmaA) cp_async_wait<0>();
     return;
   }
 
@@ -237,14 +254,50 @@ __global__ void __launch_bounds__(kPlanThreads)
     for (int i = 0; i < mt; ++i) tiles[j * mt + i] = make_int4(e, i * kBM, j * cols, 0);
 }
 
-void launch(const bf16_bits* A, const int32_t* a_rows, int a_div, const bf16_bits* W, bf16_bits* C,
-            int K, int N, bool swiglu, const int32_t* plan, int ngroups, int grid, cudaStream_t s) {
+// A [rows, K] bf16 operand as a TMA map of 64 x 128 boxes in the 128-byte swizzle (the layout the
+// products read; out-of-range boxes are zero-filled); cuTensorMapEncodeTiled is a host-only call,
+// fetched from the driver once (the runtime links no driver library).
+CUtensorMap tensor_map(const bf16_bits* X, int64_t rows, int K) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || !fn)
+      throw RuntimeFailure("the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * sizeof(bf16_bits)};
+  const cuuint32_t box[2] = {kBK, 128}, elem[2] = {1, 1};
+  const CUresult r =
+      encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16_bits*>(X), dims, strides,
+             box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw RuntimeFailure("cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) +
+                         ") for a " + std::to_string(rows) + " x " + std::to_string(K) +
+                         " expert operand");
+  return map;
+}
+
+// One persistent block per SM at most, `grid` blocks. A's rows are gathered (a_rows) or, when
+// not, read through a tensor map of its a_total rows.
+void launch(const bf16_bits* A, const int32_t* a_rows, int a_div, int64_t a_total,
+            const bf16_bits* W, int64_t w_total, bf16_bits* C, int K, int N, bool swiglu,
+            const int32_t* plan, int ngroups, int grid, cudaStream_t s) {
+  const CUtensorMap wmap = tensor_map(W, w_total, K);
+  const CUtensorMap amap = a_rows ? CUtensorMap{} : tensor_map(A, a_total, K);
   auto go = [&](auto kernel) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    kernel<<<grid, kThreads, kSmem, s>>>(A, a_rows, a_div, W, C, K, N, swiglu ? 2 * N : N, plan,
-                                         ngroups);
+    kernel<<<grid, kThreads, kSmem, s>>>(A, a_rows, a_div, amap, wmap, C, K, N, swiglu ? 2 * N : N,
+                                         plan, ngroups);
   };
-  swiglu ? go(grouped_gemm_kernel<true>) : go(grouped_gemm_kernel<false>);
+  if (a_rows)
+    swiglu ? go(grouped_gemm_kernel<true, false>) : go(grouped_gemm_kernel<false, false>);
+  else
+    swiglu ? go(grouped_gemm_kernel<true, true>) : go(grouped_gemm_kernel<false, true>);
   CUDA_CHECK_LAUNCH("grouped_gemm_kernel");
 }
 
@@ -287,8 +340,15 @@ void grouped_gemm_sm90(const bf16_bits* A, const int32_t* a_rows, int a_div, con
   all.insert(all.end(), plan.tiles.begin(), plan.tiles.end());
   CUDA_CHECK(cudaMemcpyAsync(dev_plan, all.data(), all.size() * sizeof(int32_t),
                              cudaMemcpyHostToDevice, s));
-  launch(A, a_rows, a_div, W, C, K, N, swiglu, dev_plan, static_cast<int>(plan.groups.size() / 4),
-         std::min(ntiles, sm_count()), s);  // one persistent block per SM
+  int weights = 0;  // the weight matrices the tensor map covers
+  for (size_t g = 2; g < plan.groups.size(); g += 4)
+    weights = std::max(weights, plan.groups[g] + 1);
+  int64_t a_total = 0;  // the packed rows (A's rows when not gathered)
+  for (size_t g = 0; g + 1 < plan.groups.size(); g += 4)
+    a_total = std::max<int64_t>(a_total, int64_t{plan.groups[g]} + plan.groups[g + 1]);
+  launch(A, a_rows, a_div, a_total, W, static_cast<int64_t>(weights) * (swiglu ? 2 * N : N), C, K,
+         N, swiglu, dev_plan, static_cast<int>(plan.groups.size() / 4),
+         std::min(ntiles, sm_count()), s);
 }
 
 int64_t grouped_gemm_device_plan_ints(int64_t npairs, int E, int N, bool swiglu) {
@@ -306,9 +366,10 @@ void grouped_gemm_device_plan(const int32_t* counts, int E, int N, bool swiglu, 
 }
 
 void grouped_gemm_sm90_device_plan(const bf16_bits* A, const int32_t* a_rows, int a_div,
-                                   const bf16_bits* W, bf16_bits* C, int K, int N, bool swiglu,
-                                   const int32_t* dev_plan, int E, cudaStream_t s) {
-  launch(A, a_rows, a_div, W, C, K, N, swiglu, dev_plan, E, sm_count(), s);
+                                   int64_t rows, const bf16_bits* W, bf16_bits* C, int K, int N,
+                                   bool swiglu, const int32_t* dev_plan, int E, cudaStream_t s) {
+  launch(A, a_rows, a_div, rows, W, static_cast<int64_t>(E) * (swiglu ? 2 * N : N), C, K, N, swiglu,
+         dev_plan, E, sm_count(), s);
 }
 
 }  // namespace sinkscope::cuda::k

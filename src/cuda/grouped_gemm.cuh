@@ -39,8 +39,9 @@ void grouped_gemm_sm90(const bf16_bits* A, const int32_t* a_rows, int a_div, con
 int64_t grouped_gemm_device_plan_ints(int64_t npairs, int E, int N, bool swiglu);
 void grouped_gemm_device_plan(const int32_t* counts, int E, int N, bool swiglu, int32_t* offsets,
                               int32_t* dev_plan, cudaStream_t s);
+// rows: the packed rows A holds when a_rows is null (at least the counts' sum).
 void grouped_gemm_sm90_device_plan(const bf16_bits* A, const int32_t* a_rows, int a_div,
-                                   const bf16_bits* W, bf16_bits* C, int K, int N, bool swiglu,
-                                   const int32_t* dev_plan, int E, cudaStream_t s);
+                                   int64_t rows, const bf16_bits* W, bf16_bits* C, int K, int N,
+                                   bool swiglu, const int32_t* dev_plan, int E, cudaStream_t s);
 
 }  // namespace sinkscope::cuda::k

@@ -1112,7 +1112,8 @@ TEST(GpuKernels, AbsMedianIsExact) {
 
 // The Hopper expert-product kernel against a float64 reference from the same bf16 operands:
 // ragged groups (empty, 1 row, around the 128-row tile), weights picked by index, rows gathered
-// by index, K and N that are not multiples of the tiles, both the plain and the SwiGLU epilogue.
+// by index (or read in place: the tensor-map route), K and N that are not multiples of the tiles,
+// both the plain and the SwiGLU epilogue.
 TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
   REQUIRE_GPU();
   if (!cuda::k::grouped_gemm_sm90_supported(64, 64)) {
@@ -1126,69 +1127,71 @@ TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
     int K, N;
     bool swiglu;
   };
-  for (const Shape sh : {Shape{200, 200, false}, Shape{256, 72, true}, Shape{2048, 768, true},
-                         Shape{768, 512, false}}) {
-    SCOPED_TRACE("K " + std::to_string(sh.K) + " N " + std::to_string(sh.N) +
-                 (sh.swiglu ? " swiglu" : " store"));
-    const std::vector<int> rows = {0, 1, 127, 128, 129, 300, 5};
-    const int G = static_cast<int>(rows.size()), E = G + 2;
-    std::vector<int64_t> off(rows.size()), widx(rows.size());
-    int64_t total = 0;
-    for (int g = 0; g < G; ++g) {
-      off[static_cast<size_t>(g)] = total;
-      total += rows[static_cast<size_t>(g)];
-      widx[static_cast<size_t>(g)] = (g * 3 + 1) % E;
-    }
-    const int a_div = 2;  // gathered: packed row p reads source row a_rows[p] / 2
-    const int64_t src_rows = total + 17;
-    const int wr = sh.swiglu ? 2 * sh.N : sh.N;
-    std::vector<uint16_t> A(static_cast<size_t>(src_rows * sh.K)),
-        W(static_cast<size_t>(int64_t{E} * wr * sh.K));
-    const float sa = 1.f / std::sqrt(static_cast<float>(sh.K));
-    for (auto& v : A) v = f32_to_bf16(nd(rng) * sa * 2.f);
-    for (auto& v : W) v = f32_to_bf16(nd(rng));
-    std::vector<int32_t> a_rows(static_cast<size_t>(total));
-    for (auto& r : a_rows) r = static_cast<int32_t>(rng() % src_rows) * a_div + 1;
-    cuda::DeviceBuffer<uint16_t> dA(A.size()), dW(W.size()),
-        dC(static_cast<size_t>(std::max<int64_t>(total * sh.N, 1)));
-    cuda::DeviceBuffer<int32_t> drows(a_rows.size());
-    ASSERT_EQ(cudaMemcpy(dA.get(), A.data(), A.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(dW.get(), W.data(), W.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(drows.get(), a_rows.data(), a_rows.size() * 4, cudaMemcpyHostToDevice),
-              cudaSuccess);
-    ASSERT_EQ(cudaMemset(dC.get(), 0xff, static_cast<size_t>(total * sh.N) * 2), cudaSuccess);
-    cuda::k::GroupedGemmPlan plan;
-    plan.build(rows, off, widx, sh.N, sh.swiglu);
-    cuda::DeviceBuffer<int32_t> dplan(plan.ints());
-    cuda::k::grouped_gemm_sm90(dA.get(), drows.get(), a_div, dW.get(), dC.get(), sh.K, sh.N,
-                               sh.swiglu, plan, dplan.get(), nullptr);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<uint16_t> C(static_cast<size_t>(total * sh.N));
-    ASSERT_EQ(cudaMemcpy(C.data(), dC.get(), C.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-    double worst = 0;
-    for (int g = 0; g < G; ++g)
-      for (int r = 0; r < rows[static_cast<size_t>(g)]; ++r) {
-        const int64_t p = off[static_cast<size_t>(g)] + r;
-        const uint16_t* a = &A[static_cast<size_t>(a_rows[static_cast<size_t>(p)] / a_div) * sh.K];
-        const uint16_t* w = &W[static_cast<size_t>(widx[static_cast<size_t>(g)] * wr * sh.K)];
-        for (int n = 0; n < sh.N; ++n) {
-          auto dot = [&](int wrow) {
-            double acc = 0;
-            for (int k = 0; k < sh.K; ++k)
-              acc +=
-                  double(bf16_to_f32(a[k])) * bf16_to_f32(w[static_cast<size_t>(wrow) * sh.K + k]);
-            return acc;
-          };
-          double ref = dot(n);
-          if (sh.swiglu) ref = ref / (1.0 + std::exp(-ref)) * dot(sh.N + n);
-          const double got = bf16_to_f32(C[static_cast<size_t>(p * sh.N + n)]);
-          const double err =
-              std::isfinite(got) ? std::abs(got - ref) / std::max(1.0, std::abs(ref)) : INFINITY;
-          worst = std::max(worst, err);
-        }
+  for (const bool gathered : {true, false})
+    for (const Shape sh : {Shape{200, 200, false}, Shape{256, 72, true}, Shape{2048, 768, true},
+                           Shape{768, 512, false}}) {
+      SCOPED_TRACE("K " + std::to_string(sh.K) + " N " + std::to_string(sh.N) +
+                   (sh.swiglu ? " swiglu" : " store") + (gathered ? ", rows gathered" : ""));
+      const std::vector<int> rows = {0, 1, 127, 128, 129, 300, 5};
+      const int G = static_cast<int>(rows.size()), E = G + 2;
+      std::vector<int64_t> off(rows.size()), widx(rows.size());
+      int64_t total = 0;
+      for (int g = 0; g < G; ++g) {
+        off[static_cast<size_t>(g)] = total;
+        total += rows[static_cast<size_t>(g)];
+        widx[static_cast<size_t>(g)] = (g * 3 + 1) % E;
       }
-    EXPECT_LT(worst, 1e-2);  // bf16 output rounding is 2^-9 relative
-  }
+      const int a_div = 2;  // gathered: packed row p reads source row a_rows[p] / 2
+      const int64_t src_rows = total + 17;
+      const int wr = sh.swiglu ? 2 * sh.N : sh.N;
+      std::vector<uint16_t> A(static_cast<size_t>(src_rows * sh.K)),
+          W(static_cast<size_t>(int64_t{E} * wr * sh.K));
+      const float sa = 1.f / std::sqrt(static_cast<float>(sh.K));
+      for (auto& v : A) v = f32_to_bf16(nd(rng) * sa * 2.f);
+      for (auto& v : W) v = f32_to_bf16(nd(rng));
+      std::vector<int32_t> a_rows(static_cast<size_t>(total));
+      for (auto& r : a_rows) r = static_cast<int32_t>(rng() % src_rows) * a_div + 1;
+      cuda::DeviceBuffer<uint16_t> dA(A.size()), dW(W.size()),
+          dC(static_cast<size_t>(std::max<int64_t>(total * sh.N, 1)));
+      cuda::DeviceBuffer<int32_t> drows(a_rows.size());
+      ASSERT_EQ(cudaMemcpy(dA.get(), A.data(), A.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(dW.get(), W.data(), W.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(drows.get(), a_rows.data(), a_rows.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemset(dC.get(), 0xff, static_cast<size_t>(total * sh.N) * 2), cudaSuccess);
+      cuda::k::GroupedGemmPlan plan;
+      plan.build(rows, off, widx, sh.N, sh.swiglu);
+      cuda::DeviceBuffer<int32_t> dplan(plan.ints());
+      cuda::k::grouped_gemm_sm90(dA.get(), gathered ? drows.get() : nullptr, a_div, dW.get(),
+                                 dC.get(), sh.K, sh.N, sh.swiglu, plan, dplan.get(), nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<uint16_t> C(static_cast<size_t>(total * sh.N));
+      ASSERT_EQ(cudaMemcpy(C.data(), dC.get(), C.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+      double worst = 0;
+      for (int g = 0; g < G; ++g)
+        for (int r = 0; r < rows[static_cast<size_t>(g)]; ++r) {
+          const int64_t p = off[static_cast<size_t>(g)] + r;
+          const int64_t src = gathered ? a_rows[static_cast<size_t>(p)] / a_div : p;
+          const uint16_t* a = &A[static_cast<size_t>(src) * sh.K];
+          const uint16_t* w = &W[static_cast<size_t>(widx[static_cast<size_t>(g)] * wr * sh.K)];
+          for (int n = 0; n < sh.N; ++n) {
+            auto dot = [&](int wrow) {
+              double acc = 0;
+              for (int k = 0; k < sh.K; ++k)
+                acc += double(bf16_to_f32(a[k])) *
+                       bf16_to_f32(w[static_cast<size_t>(wrow) * sh.K + k]);
+              return acc;
+            };
+            double ref = dot(n);
+            if (sh.swiglu) ref = ref / (1.0 + std::exp(-ref)) * dot(sh.N + n);
+            const double got = bf16_to_f32(C[static_cast<size_t>(p * sh.N + n)]);
+            const double err =
+                std::isfinite(got) ? std::abs(got - ref) / std::max(1.0, std::abs(ref)) : INFINITY;
+            worst = std::max(worst, err);
+          }
+        }
+      EXPECT_LT(worst, 1e-2);  // bf16 output rounding is 2^-9 relative
+    }
 }
 
 // The attention kernels on their own against a float64 reference computed from the same bf16
