@@ -717,6 +717,8 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   }
   k::norm_rows(norm_mode_, ws_.x.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
                ws_.u.get(), nullptr, nullptr, ws_.inv_rx.get(), s());
+  // The sink queries (docs/metrics.md 1.4): those that can see position 0.
+  const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
   if (mla_) {
     mla_project(Lw);
   } else {
@@ -733,18 +735,20 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                           static_cast<float>(c_.num_kv_heads * d), eps_, Lw.q_norm.get(),
                           Lw.k_norm.get(), ws_.inv_rk_rows.get(), s());
     }
-    k::qk_norm_rope(ws_.qkv.get(), BT, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
-                    static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_),
-                    static_cast<int>(rot_), qk_norm_ ? Lw.q_norm.get() : nullptr,
-                    qk_norm_ ? Lw.k_norm.get() : nullptr, eps_, cos_.get(), sin_.get(),
-                    record_ && B > 0, ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(), s());
+    // Recording: qbar, the mean of the normed rotated q over the sink queries past position 0,
+    // from the same pass.
+    k::qk_norm_rope(
+        ws_.qkv.get(), Bi, Ti, static_cast<int>(qkv_ld_), static_cast<int>(Hl),
+        static_cast<int>(KVl_), static_cast<int>(d), static_cast<int>(dp_), static_cast<int>(rot_),
+        qk_norm_ ? Lw.q_norm.get() : nullptr, qk_norm_ ? Lw.k_norm.get() : nullptr, eps_,
+        cos_.get(), sin_.get(), ws_.Qa.get(), ws_.Ka.get(), ws_.Va.get(),
+        record_ && B > 0 ? ws_.qbar.get() : nullptr, static_cast<int>(nq), ws_.partial.get(), s());
   }
   const int64_t C = ci_.count_before(l);
-  // The sink queries (docs/metrics.md 1.4): those that can see position 0.
-  const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
   if (record_ && B > 0) {
-    k::column_mean_rest(ws_.qkv.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, ws_.partial.get(),
-                        ws_.qbar.get(), s(), static_cast<int>(nq));
+    if (mla_)  // mla_pack left the rotated queries in qkv's q columns
+      k::column_mean_rest(ws_.qkv.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, ws_.partial.get(),
+                          ws_.qbar.get(), s(), static_cast<int>(nq));
     mark(l, kQkvDone);
     circuit(l, C);
   } else {

@@ -90,62 +90,145 @@ __global__ void qk_norm_rope_kernel(float* __restrict__ qkv, int64_t rows, int T
   }
 }
 
-// The same for the common shape, head dim 128 with no padding and full or no rotation: a warp
-// per (row, slot) of a flattened index, each lane four consecutive dims (16-byte loads, 8-byte
-// stores); the rotation partner j +- 64 of lane l's dims sits in lane l ^ 16.
+// The same for the common shape, head dim 128 with no padding and full or no rotation: each lane
+// takes four consecutive dims (16-byte loads, 8-byte stores); the rotation partner j +- 64 of lane
+// l's dims sits in lane l ^ 16. A block takes one slot over a run of `run` consecutive positions
+// of one probe (the last run of a probe may be shorter), its warps interleaved over the run's rows
+// (warp w: positions i0 + w, i0 + w + 8, ...). Blocks are numbered (probe, run, slot), slot
+// fastest, so a block's neighbours read the rest of the same rows.
+//
+// qbar without writing q back (partial not null): a q slot's lanes also sum the normed rotated q
+// over their rows at positions 1..nq-1, the block adds its warps' float4 sums in warp order and
+// stores them at partial[b, chunk, slot * 128 + dims], chunk being the run's index in its probe,
+// for the runs that start before nq (ceil(nq / run) per probe); qbar_finish_kernel adds those in
+// a fixed order. No atomics: the same inputs give the same qbar, bit for bit.
 constexpr int kRope128Warps = 8;
 
 __global__ void __launch_bounds__(kRope128Warps * 32)
-    qk_norm_rope128_kernel(float* __restrict__ qkv, int64_t rows, int T, int ld, int Hl, int KVl,
-                           bool rotate, const float* __restrict__ q_gamma,
+    qk_norm_rope128_kernel(const float* __restrict__ qkv, int T, int run, int runs, int ld, int Hl,
+                           int KVl, bool rotate, const float* __restrict__ q_gamma,
                            const float* __restrict__ k_gamma, float eps,
                            const float* __restrict__ cos_tab, const float* __restrict__ sin_tab,
-                           bool keep_q, bf16_bits* __restrict__ Qa, bf16_bits* __restrict__ Ka,
-                           bf16_bits* __restrict__ Va) {
+                           int nq, float* __restrict__ partial, bf16_bits* __restrict__ Qa,
+                           bf16_bits* __restrict__ Ka, bf16_bits* __restrict__ Va) {
   constexpr int d = 128, half = 64;
-  const int lane = threadIdx.x & 31;
+  __shared__ float4 sums[kRope128Warps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slots = Hl + 2 * KVl;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * kRope128Warps + (threadIdx.x >> 5);
-  if (w >= rows * slots) return;
-  const int64_t r = w / slots;
-  const int slot = static_cast<int>(w - r * slots);
-  float* src = qkv + r * ld + static_cast<int64_t>(slot) * d + 4 * lane;
-  bf16_bits* dst;
-  if (slot < Hl)
-    dst = Qa + (r * Hl + slot) * d;
-  else if (slot < Hl + KVl)
-    dst = Ka + (r * KVl + (slot - Hl)) * d;
-  else
-    dst = Va + (r * KVl + (slot - Hl - KVl)) * d;
-  dst += 4 * lane;
-  float4 v = *reinterpret_cast<const float4*>(src);
-  if (slot < Hl + KVl) {
-    const float* gamma = slot < Hl ? q_gamma : k_gamma;
-    if (gamma) {
-      const float ss = warp_sum(v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w);
-      const float inv = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
-      const float4 g = *reinterpret_cast<const float4*>(gamma + 4 * lane);
-      v = make_float4(v.x * (inv * g.x), v.y * (inv * g.y), v.z * (inv * g.z), v.w * (inv * g.w));
-    }
-    if (rotate) {
-      const float4 o =
-          make_float4(__shfl_xor_sync(0xffffffffu, v.x, 16), __shfl_xor_sync(0xffffffffu, v.y, 16),
-                      __shfl_xor_sync(0xffffffffu, v.z, 16), __shfl_xor_sync(0xffffffffu, v.w, 16));
-      const int64_t t = (r % T) * half + 4 * (lane & 15);
-      const float4 c = *reinterpret_cast<const float4*>(cos_tab + t);
-      const float4 sn = *reinterpret_cast<const float4*>(sin_tab + t);
-      if (lane < 16)  // dims j < 64: x_j cos - x_{j+64} sin
-        v = make_float4(v.x * c.x - o.x * sn.x, v.y * c.y - o.y * sn.y, v.z * c.z - o.z * sn.z,
-                        v.w * c.w - o.w * sn.w);
-      else  // dims j >= 64: x_j cos + x_{j-64} sin
-        v = make_float4(v.x * c.x + o.x * sn.x, v.y * c.y + o.y * sn.y, v.z * c.z + o.z * sn.z,
-                        v.w * c.w + o.w * sn.w);
-    }
-    if (slot < Hl && keep_q) *reinterpret_cast<float4*>(src) = v;
+  const int64_t probe_run = blockIdx.x / slots;
+  const int slot = static_cast<int>(blockIdx.x - probe_run * slots);
+  const int b = static_cast<int>(probe_run / runs);
+  const int chunk = static_cast<int>(probe_run - static_cast<int64_t>(b) * runs);
+  const int i0 = chunk * run, i1 = min(T, i0 + run);
+  // The slot's operand: head `head` of `heads` per row.
+  bf16_bits* out = Va;
+  int heads = KVl, head = slot - Hl - KVl;
+  if (slot < Hl) {
+    out = Qa;
+    heads = Hl;
+    head = slot;
+  } else if (slot < Hl + KVl) {
+    out = Ka;
+    head = slot - Hl;
   }
-  *reinterpret_cast<uint2*>(dst) =
-      make_uint2(static_cast<uint32_t>(f2bf(v.x)) | (static_cast<uint32_t>(f2bf(v.y)) << 16),
-                 static_cast<uint32_t>(f2bf(v.z)) | (static_cast<uint32_t>(f2bf(v.w)) << 16));
+  const float* src =
+      qkv + static_cast<int64_t>(b) * T * ld + static_cast<int64_t>(slot) * d + 4 * lane;
+  auto load = [&](int i) {
+    return *reinterpret_cast<const float4*>(src + static_cast<int64_t>(i) * ld);
+  };
+  // A warp loads its next row before working on this one: two loads in flight per lane.
+  float4 next = i0 + warp < i1 ? load(i0 + warp) : make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int i = i0 + warp; i < i1; i += kRope128Warps) {
+    const int64_t r = static_cast<int64_t>(b) * T + i;
+    float4 v = next;
+    if (i + kRope128Warps < i1) next = load(i + kRope128Warps);
+    if (slot < Hl + KVl) {
+      const float* gamma = slot < Hl ? q_gamma : k_gamma;
+      if (gamma) {
+        const float ss = warp_sum(v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w);
+        const float inv = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
+        const float4 g = *reinterpret_cast<const float4*>(gamma + 4 * lane);
+        v = make_float4(v.x * (inv * g.x), v.y * (inv * g.y), v.z * (inv * g.z), v.w * (inv * g.w));
+      }
+      if (rotate) {
+        const float4 o = make_float4(
+            __shfl_xor_sync(0xffffffffu, v.x, 16), __shfl_xor_sync(0xffffffffu, v.y, 16),
+            __shfl_xor_sync(0xffffffffu, v.z, 16), __shfl_xor_sync(0xffffffffu, v.w, 16));
+        const int64_t t = static_cast<int64_t>(i) * half + 4 * (lane & 15);
+        const float4 c = *reinterpret_cast<const float4*>(cos_tab + t);
+        const float4 sn = *reinterpret_cast<const float4*>(sin_tab + t);
+        if (lane < 16)  // dims j < 64: x_j cos - x_{j+64} sin
+          v = make_float4(v.x * c.x - o.x * sn.x, v.y * c.y - o.y * sn.y, v.z * c.z - o.z * sn.z,
+                          v.w * c.w - o.w * sn.w);
+        else  // dims j >= 64: x_j cos + x_{j-64} sin
+          v = make_float4(v.x * c.x + o.x * sn.x, v.y * c.y + o.y * sn.y, v.z * c.z + o.z * sn.z,
+                          v.w * c.w + o.w * sn.w);
+      }
+      if (slot < Hl && i >= 1 && i < nq) {
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+      }
+    }
+    *reinterpret_cast<uint2*>(out + (r * heads + head) * d + 4 * lane) =
+        make_uint2(static_cast<uint32_t>(f2bf(v.x)) | (static_cast<uint32_t>(f2bf(v.y)) << 16),
+                   static_cast<uint32_t>(f2bf(v.z)) | (static_cast<uint32_t>(f2bf(v.w)) << 16));
+  }
+  if (!partial || slot >= Hl || i0 >= nq) return;  // the whole block alike
+  sums[warp][lane] = acc;
+  __syncthreads();
+  if (warp != 0) return;
+  float4 t = sums[0][lane];
+  for (int w = 1; w < kRope128Warps; ++w) {
+    const float4 u = sums[w][lane];
+    t.x += u.x;
+    t.y += u.y;
+    t.z += u.z;
+    t.w += u.w;
+  }
+  const int used = (nq + run - 1) / run;
+  *reinterpret_cast<float4*>(partial + (static_cast<int64_t>(b) * used + chunk) * Hl * d +
+                             slot * d + 4 * lane) = t;
+}
+
+// Positions per run of qk_norm_rope128_kernel: the longest power of two from kRope128Warps (a row
+// per warp) to kRope128MaxRun (64 rows per warp) that still leaves kRope128MinBlocks blocks, eight
+// waves or more on an H200 (132 SMs of at most 8 blocks), so that the last wave's idle SMs cost
+// little. Long runs keep the partial sums few: B ceil(T / run) chunks of Hl * 128 floats, at most
+// max(B ceil(T / 512), 2 kRope128MinBlocks / slots) chunks (run halves only while too few blocks).
+constexpr int kRope128MaxRun = 512;
+constexpr int64_t kRope128MinBlocks = 8192;
+
+int rope128_run(int B, int T, int slots) {
+  int run = kRope128MaxRun;
+  while (run > kRope128Warps &&
+         static_cast<int64_t>(B) * ((T + run - 1) / run) * slots < kRope128MinBlocks)
+    run /= 2;
+  return run;
+}
+
+// qbar[b, c] = the sum of partial[b, 0..chunks-1, c] / (nq - 1). A block per (32 columns, probe):
+// warp w adds chunks w, w + 32, ..., then warp 0 adds the 32 warps' sums in order (a long prompt's
+// single probe has hundreds of chunks, too few columns to spread them over threads one by one).
+constexpr int kQbarFinishWarps = 32;
+
+__global__ void __launch_bounds__(kQbarFinishWarps * 32)
+    qbar_finish_kernel(const float* __restrict__ partial, int chunks, int ncols, int nq,
+                       float* __restrict__ qbar) {
+  __shared__ float sums[kQbarFinishWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c = blockIdx.x * 32 + lane, b = blockIdx.y;  // ncols: a multiple of 128
+  const float* p = partial + static_cast<int64_t>(b) * chunks * ncols + c;
+  float acc = 0.f;
+  for (int k = warp; k < chunks; k += kQbarFinishWarps) acc += p[static_cast<int64_t>(k) * ncols];
+  sums[warp][lane] = acc;
+  __syncthreads();
+  if (warp != 0) return;
+  float t = 0.f;
+  for (int w = 0; w < kQbarFinishWarps; ++w) t += sums[w][lane];
+  qbar[static_cast<int64_t>(b) * ncols + c] = t / static_cast<float>(nq - 1);
 }
 
 __global__ void row_norms_kernel(const float* __restrict__ x, int D, int64_t ld,
@@ -659,25 +742,46 @@ void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps
   CUDA_CHECK_LAUNCH("rms_norm_kernel");
 }
 
-void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
+void qk_norm_rope(float* qkv, int B, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
                   const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
-                  const float* sin_tab, bool keep_q, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
-                  cudaStream_t s) {
-  if (rows == 0) return;
-  const int slots = Hl + 2 * KVl;
+                  const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va, float* qbar,
+                  int nq, float* scratch, cudaStream_t s) {
+  if (B == 0 || T == 0) return;
+  if (nq <= 0 || nq > T) nq = T;
+  const int slots = Hl + 2 * KVl, qw = Hl * d;
+  const bool want_qbar = qbar && qw > 0;
   if (d == 128 && dp == 128 && (rot == 128 || rot == 0) && ld % 4 == 0) {
-    const int64_t warps = rows * slots;
-    qk_norm_rope128_kernel<<<static_cast<unsigned>((warps + kRope128Warps - 1) / kRope128Warps),
-                             kRope128Warps * 32, 0, s>>>(qkv, rows, T, ld, Hl, KVl, rot == 128,
+    const int run = rope128_run(B, T, slots), runs = (T + run - 1) / run;
+    const bool sums = want_qbar && nq >= 2;
+    qk_norm_rope128_kernel<<<static_cast<unsigned>(static_cast<int64_t>(B) * runs * slots),
+                             kRope128Warps * 32, 0, s>>>(qkv, T, run, runs, ld, Hl, KVl, rot == 128,
                                                          q_gamma, k_gamma, eps, cos_tab, sin_tab,
-                                                         keep_q, Qa, Ka, Va);
+                                                         nq, sums ? scratch : nullptr, Qa, Ka, Va);
     CUDA_CHECK_LAUNCH("qk_norm_rope128_kernel");
+    if (!want_qbar) return;
+    if (!sums) {  // no rows to average (a window of one position): zeros, as column_mean_rest
+      CUDA_CHECK(cudaMemsetAsync(qbar, 0, static_cast<size_t>(B) * qw * sizeof(float), s));
+      return;
+    }
+    qbar_finish_kernel<<<dim3(qw / 32, B), kQbarFinishWarps * 32, 0, s>>>(
+        scratch, (nq + run - 1) / run, qw, nq, qbar);
+    CUDA_CHECK_LAUNCH("qbar_finish_kernel");
     return;
   }
-  const dim3 grid(static_cast<unsigned>(rows), (slots + kRopeWarps - 1) / kRopeWarps);
-  qk_norm_rope_kernel<<<grid, kRopeWarps * 32, 0, s>>>(
-      qkv, rows, T, ld, Hl, KVl, d, dp, rot, q_gamma, k_gamma, eps, cos_tab, sin_tab, Qa, Ka, Va);
+  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(B) * T),
+                  (slots + kRopeWarps - 1) / kRopeWarps);
+  qk_norm_rope_kernel<<<grid, kRopeWarps * 32, 0, s>>>(qkv, static_cast<int64_t>(B) * T, T, ld, Hl,
+                                                       KVl, d, dp, rot, q_gamma, k_gamma, eps,
+                                                       cos_tab, sin_tab, Qa, Ka, Va);
   CUDA_CHECK_LAUNCH("qk_norm_rope_kernel");
+  if (want_qbar) column_mean_rest_impl(qkv, B, T, qw, ld, scratch, qbar, s, nq);
+}
+
+int64_t qk_norm_rope_scratch(int B, int T, int Hl, int KVl, int d) {
+  const int64_t general = column_mean_scratch(B, T, Hl * d);
+  if (d != 128) return general;
+  const int run = rope128_run(B, T, Hl + 2 * KVl);
+  return std::max(general, static_cast<int64_t>(B) * ((T + run - 1) / run) * Hl * d);
 }
 
 void row_norms(const float* x, int64_t rows, int D, int64_t ld, float* norms, cudaStream_t s) {

@@ -17,16 +17,23 @@ namespace sinkscope::cuda::k {
 void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
               float* out_f32, float* inv_rms, cudaStream_t s, int64_t ld = 0);
 
-// The fused per-head step after the qkv product. qkv [rows, ld] holds q (Hl heads), k (KVl), v
-// (KVl) of width d each, fp32. q and k get their per-head RMSNorm (q_gamma / k_gamma; none where
-// null) then RoPE at position r % T on their first rot dims (rotate_half over those, cos/sin tables
-// [T, rot/2]; dims rot..d-1 unrotated); q, k, v go to the attention operands Qa [rows, Hl, dp],
-// Ka/Va [rows, KVl, dp] in bf16 with dims d..dp-1 zero, and the normed rotated q goes back into
-// qkv in fp32 (for qbar) when keep_q (the general kernel, d != 128, always writes it). d <= 128.
-void qk_norm_rope(float* qkv, int64_t rows, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
+// The fused per-head step after the qkv product. qkv [B T, ld] (B probes of T positions) holds q
+// (Hl heads), k (KVl), v (KVl) of width d each, fp32. q and k get their per-head RMSNorm (q_gamma
+// / k_gamma; none where null) then RoPE at position r % T on their first rot dims (rotate_half over
+// those, cos/sin tables [T, rot/2]; dims rot..d-1 unrotated); q, k, v go to the attention operands
+// Qa [B T, Hl, dp], Ka/Va [B T, KVl, dp] in bf16 with dims d..dp-1 zero. d <= 128.
+//
+// Where qbar is not null, qbar [B, Hl d] = the mean over positions i = 1..nq-1 of each probe's
+// normed rotated q in fp32 (nq 0 or above T means T; zeros when nq < 2), deterministic. Head dim
+// 128 without padding and with full or no rotation (the common shape) sums q as it goes and leaves
+// qkv as it was; the general kernel writes the normed rotated q back into qkv's q columns (qbar
+// or not) and averages them there (column_mean_rest). `scratch` holds qk_norm_rope_scratch(B, T,
+// Hl, KVl, d) floats (either kernel).
+void qk_norm_rope(float* qkv, int B, int T, int ld, int Hl, int KVl, int d, int dp, int rot,
                   const float* q_gamma, const float* k_gamma, float eps, const float* cos_tab,
-                  const float* sin_tab, bool keep_q, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va,
-                  cudaStream_t s);
+                  const float* sin_tab, bf16_bits* Qa, bf16_bits* Ka, bf16_bits* Va, float* qbar,
+                  int nq, float* scratch, cudaStream_t s);
+int64_t qk_norm_rope_scratch(int B, int T, int Hl, int KVl, int d);
 
 // norms[r] = ||x[r, 0:D]|| for rows r (row stride ld).
 void row_norms(const float* x, int64_t rows, int D, int64_t ld, float* norms, cudaStream_t s);

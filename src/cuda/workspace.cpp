@@ -58,8 +58,12 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
   r(p0_sum, B * D);
   if (record) {
     if (post_norm) r(zs, BT * zw);
-    r(partial, std::max(k::column_mean_scratch(Bi, Ti, static_cast<int>(D)),
-                        k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D)))));
+    // One scratch for the column means' partial sums (the residual, z) and qbar's (qk_norm_rope);
+    // the steps that use it run one after the other on the stream.
+    r(partial, std::max({k::column_mean_scratch(Bi, Ti, static_cast<int>(D)),
+                         k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D))),
+                         k::qk_norm_rope_scratch(Bi, Ti, static_cast<int>(Hl),
+                                                 static_cast<int>(KVl), static_cast<int>(d))}));
     r(colmean, B * D);
     r(qbar, B * qw);
     r(zbar, B * zw);

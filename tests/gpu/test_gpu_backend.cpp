@@ -1110,6 +1110,195 @@ TEST(GpuKernels, AbsMedianIsExact) {
   }
 }
 
+// qk_norm_rope against a float64 reference: the operands Qa/Ka/Va within bf16 rounding (v exactly)
+// and qbar, the mean of the normed rotated q over positions 1..nq-1, within fp32 summation error.
+// Head dim 128 takes the kernel that sums q as it goes (runs of 8 to 64 positions per block,
+// probes that end mid-run, windows, nq < 2, with and without the q/k norm and the rotation) and
+// must leave qkv as it was; head dim 64 and partial rotation take the general kernel and
+// column_mean_rest. A second call gives the same qbar bit for bit, and a call without qbar the same
+// operands; the scratch starts as NaN (qbar reads only what the call wrote) and nothing is written
+// past qk_norm_rope_scratch floats.
+TEST(GpuKernels, QkNormRopeQbarMatchesFloat64Reference) {
+  REQUIRE_GPU();
+  struct Case {
+    int B, T, Hl, KVl, d, rot, nq;
+    bool norm;
+  };
+  const Case cases[] = {
+      {1, 2, 2, 1, 128, 128, 0, true},        // the shortest probe: one row averaged
+      {1, 2, 2, 1, 128, 128, 1, true},        // a window of one position: zeros
+      {3, 37, 3, 1, 128, 128, 0, true},       // runs of 8 rows, the last one short
+      {3, 37, 3, 1, 128, 128, 10, true},      // a window ending mid-run
+      {2, 1000, 4, 2, 128, 0, 0, false},      // no norm, no rotation
+      {8, 4100, 4, 1, 128, 128, 0, true},     // runs of 16, the last of 4 rows
+      {2, 20001, 3, 1, 128, 128, 0, true},    // 1251 runs per probe, the last of one row
+      {2, 20001, 3, 1, 128, 128, 777, true},  // a window over 49 of them
+      {4, 9000, 16, 2, 128, 128, 0, true},    // runs of 64, the last of 40 rows
+      {1, 12000, 32, 4, 128, 128, 0, true},   // runs of 32: 32 q heads, 4 KV heads
+      {3, 37, 3, 1, 64, 64, 10, true},        // the general kernel
+      {2, 50, 2, 1, 128, 64, 0, true}};       // partial rotation: the general kernel at 128
+  const float eps = 1e-6f;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(0.5f, 1.5f);
+  for (const Case& cs : cases) {
+    const int B = cs.B, T = cs.T, Hl = cs.Hl, KVl = cs.KVl, d = cs.d, rot = cs.rot, half = rot / 2;
+    const int slots = Hl + 2 * KVl, ld = slots * d, qw = Hl * d;
+    const int nq = cs.nq > 0 ? cs.nq : T;
+    const int64_t rows = static_cast<int64_t>(B) * T;
+    SCOPED_TRACE("B " + std::to_string(B) + ", T " + std::to_string(T) + ", Hl " +
+                 std::to_string(Hl) + ", KVl " + std::to_string(KVl) + ", d " + std::to_string(d) +
+                 ", rot " + std::to_string(rot) + ", nq " + std::to_string(nq));
+    // Inputs: q, k, v with an offset per column (so that qbar is not noise around zero), gains,
+    // and rope tables [T, rot / 2].
+    std::vector<float> qkv(static_cast<size_t>(rows * ld)), qg(static_cast<size_t>(d)),
+        kg(static_cast<size_t>(d)), offset(static_cast<size_t>(ld));
+    for (auto& v : offset) v = nd(rng);
+    for (int64_t i = 0; i < rows * ld; ++i)
+      qkv[static_cast<size_t>(i)] = offset[static_cast<size_t>(i % ld)] + nd(rng);
+    for (auto& v : qg) v = ud(rng);
+    for (auto& v : kg) v = ud(rng);
+    std::vector<float> cosv(static_cast<size_t>(std::max(T * half, 1))),
+        sinv(static_cast<size_t>(std::max(T * half, 1)));
+    for (int i = 0; i < T; ++i)
+      for (int j = 0; j < half; ++j) {
+        const double a = i * std::pow(10000.0, -2.0 * j / rot);
+        cosv[static_cast<size_t>(i * half + j)] = static_cast<float>(std::cos(a));
+        sinv[static_cast<size_t>(i * half + j)] = static_cast<float>(std::sin(a));
+      }
+
+    cuda::DeviceBuffer<float> dqkv(qkv.size()), dqg(qg.size()), dkg(kg.size()), dcos(cosv.size()),
+        dsin(sinv.size()), dqbar(static_cast<size_t>(B) * qw);
+    const size_t scratch = static_cast<size_t>(cuda::k::qk_norm_rope_scratch(B, T, Hl, KVl, d)),
+                 guard = 1024;
+    cuda::DeviceBuffer<float> dscratch(scratch + guard);
+    cuda::DeviceBuffer<cuda::bf16_bits> dQa(static_cast<size_t>(rows) * Hl * d),
+        dKa(static_cast<size_t>(rows) * KVl * d), dVa(static_cast<size_t>(rows) * KVl * d);
+    auto up = [](auto& dst, const auto& src) {
+      ASSERT_EQ(
+          cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(src[0]), cudaMemcpyHostToDevice),
+          cudaSuccess);
+    };
+    auto down = [](auto& dst, const auto* src) {
+      ASSERT_EQ(cudaMemcpy(dst.data(), src, dst.size() * sizeof(dst[0]), cudaMemcpyDeviceToHost),
+                cudaSuccess);
+    };
+    up(dqg, qg);
+    up(dkg, kg);
+    up(dcos, cosv);
+    up(dsin, sinv);
+    struct Out {
+      std::vector<float> qbar, guard, qkv;
+      std::vector<cuda::bf16_bits> Qa, Ka, Va;
+    };
+    auto call = [&](bool with_qbar) {
+      up(dqkv, qkv);
+      EXPECT_EQ(cudaMemset(dscratch.get(), 0xff, (scratch + guard) * sizeof(float)), cudaSuccess);
+      EXPECT_EQ(cudaMemset(dqbar.get(), 0xff, static_cast<size_t>(B) * qw * sizeof(float)),
+                cudaSuccess);
+      cuda::k::qk_norm_rope(dqkv.get(), B, T, ld, Hl, KVl, d, d, rot, cs.norm ? dqg.get() : nullptr,
+                            cs.norm ? dkg.get() : nullptr, eps, dcos.get(), dsin.get(), dQa.get(),
+                            dKa.get(), dVa.get(), with_qbar ? dqbar.get() : nullptr, cs.nq,
+                            dscratch.get(), nullptr);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      Out o;
+      o.qbar.resize(static_cast<size_t>(B) * qw);
+      o.guard.resize(guard);
+      o.qkv.resize(qkv.size());
+      o.Qa.resize(static_cast<size_t>(rows) * Hl * d);
+      o.Ka.resize(static_cast<size_t>(rows) * KVl * d);
+      o.Va.resize(o.Ka.size());
+      down(o.qbar, dqbar.get());
+      down(o.guard, dscratch.get() + scratch);
+      down(o.qkv, dqkv.get());
+      down(o.Qa, dQa.get());
+      down(o.Ka, dKa.get());
+      down(o.Va, dVa.get());
+      return o;
+    };
+    const Out first = call(true);
+
+    // The reference, row by row: q and k normed and rotated in float64, v as it is; qbar's sums,
+    // and a tolerance per column for fp32 sums (relative to the mean |q|).
+    std::vector<double> qbar_ref(static_cast<size_t>(B) * qw, 0.0),
+        qbar_tol(static_cast<size_t>(B) * qw, 1e-7);
+    std::vector<double> y(static_cast<size_t>(d)), o(static_cast<size_t>(d));
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int b = static_cast<int>(r / T), pos = static_cast<int>(r % T);
+      for (int slot = 0; slot < slots; ++slot) {
+        const float* x = qkv.data() + r * ld + slot * d;
+        const bool is_q = slot < Hl, is_k = !is_q && slot < Hl + KVl;
+        if (is_q || is_k) {
+          const std::vector<float>& g = is_q ? qg : kg;
+          double ss = 0;
+          for (int j = 0; j < d; ++j) ss += static_cast<double>(x[j]) * x[j];
+          const double inv = 1.0 / std::sqrt(ss / d + eps);
+          for (int j = 0; j < d; ++j)
+            y[static_cast<size_t>(j)] = cs.norm ? x[j] * inv * g[static_cast<size_t>(j)] : x[j];
+          for (int j = 0; j < d; ++j) {
+            const size_t t = static_cast<size_t>(pos * half + (j < half ? j : j - half));
+            const double yj = y[static_cast<size_t>(j)];
+            if (j < half)
+              o[static_cast<size_t>(j)] = yj * cosv[t] - y[static_cast<size_t>(j + half)] * sinv[t];
+            else if (j < rot)
+              o[static_cast<size_t>(j)] = yj * cosv[t] + y[static_cast<size_t>(j - half)] * sinv[t];
+            else
+              o[static_cast<size_t>(j)] = yj;
+          }
+        }
+        for (int j = 0; j < d; ++j) {
+          bool ok = false;
+          float got = 0;
+          double want = x[j];
+          if (is_q || is_k) {
+            want = o[static_cast<size_t>(j)];
+            got = bf16_to_f32(is_q ? first.Qa[static_cast<size_t>((r * Hl + slot) * d + j)]
+                                   : first.Ka[static_cast<size_t>((r * KVl + slot - Hl) * d + j)]);
+            ok = std::abs(got - want) <= 4.5e-3 * std::abs(want) + 1e-5;
+          } else {
+            const cuda::bf16_bits v =
+                first.Va[static_cast<size_t>((r * KVl + slot - Hl - KVl) * d + j)];
+            got = bf16_to_f32(v);
+            ok = v == f32_to_bf16(x[j]);
+          }
+          if (!ok && bad++ < 5)
+            ADD_FAILURE() << "row " << r << ", slot " << slot << ", dim " << j << ": " << got
+                          << ", expected " << want;
+          if (is_q && pos >= 1 && pos < nq) {
+            const size_t k = static_cast<size_t>(b) * qw + slot * d + j;
+            qbar_ref[k] += want / (nq - 1);
+            qbar_tol[k] += 2e-5 * std::abs(want) / (nq - 1);
+          }
+        }
+      }
+    }
+    for (size_t k = 0; k < qbar_ref.size(); ++k) {
+      if (nq < 2) {
+        ASSERT_EQ(first.qbar[k], 0.f) << "probe " << k / qw << ", column " << k % qw;
+      } else {
+        ASSERT_NEAR(first.qbar[k], qbar_ref[k], qbar_tol[k])
+            << "probe " << k / qw << ", column " << k % qw;
+      }
+    }
+    for (const float g : first.guard) {
+      uint32_t u = 0;
+      std::memcpy(&u, &g, 4);
+      ASSERT_EQ(u, 0xffffffffu) << "qk_norm_rope wrote past its scratch";
+    }
+    if (d == 128 && (rot == 128 || rot == 0)) {
+      EXPECT_TRUE(first.qkv == qkv) << "the head-dim-128 kernel wrote qkv";
+    }
+    // Run to run, and without qbar.
+    const Out again = call(true);
+    EXPECT_EQ(std::memcmp(again.qbar.data(), first.qbar.data(), first.qbar.size() * 4), 0)
+        << "qbar differs between two calls";
+    const Out plain = call(false);
+    EXPECT_TRUE(plain.Qa == first.Qa && plain.Ka == first.Ka && plain.Va == first.Va)
+        << "the operands depend on whether qbar is wanted";
+  }
+}
+
 // The Hopper expert-product kernel against a float64 reference from the same bf16 operands:
 // ragged groups (empty, 1 row, around the 128-row tile), weights picked by index, rows gathered
 // by index (or read in place: the tensor-map route), K and N that are not multiples of the tiles,
