@@ -666,15 +666,12 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, D = D_;
   const bf16_bits* Wk = Lw.wqkv.get() + qw_ * D;
-  // G = (delta (.) gamma_in) W_K^T for the C upstream slots: gamma folded into an fp32 copy of W_K,
-  // TF32 products (the attributions' tolerance is 5e-2 of the largest; TF32 keeps ~5e-4).
-  // Post-norm blocks: no input norm (unit gains); LayerNorm: the centring folded into W_K's rows.
+  // The key side in fp32: gamma folded into an fp32 copy of W_K (post-norm blocks: no input norm,
+  // unit gains; LayerNorm: the centring folded into W_K's rows).
   k::scale_columns(Wk, kw_, static_cast<int>(D), post_norm_ ? ones_.get() : Lw.input_norm.get(),
                    ws_.wkg.get(), s());
   if (norm_mode_ == k::NormMode::kLayer)
     k::centre_rows(ws_.wkg.get(), kw_, static_cast<int>(D), s());
-  blas_.nt(C, kw_, D, {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.wkg.get(), Dt::kF32, D, 0},
-           {ws_.G.get(), Dt::kF32, kw_, Ctot_ * kw_}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
   // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
   k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
                    static_cast<int>(D), post_norm_ ? nullptr : Lw.input_norm.get(),
@@ -693,10 +690,15 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
                     static_cast<int>(d_), static_cast<int>(plan_.head_begin),
                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
                     ws_.k0m.get(), ws_.k0s.get(), ws_.qk.get(), s());
-  k::attr_contract(ws_.G.get(), Ctot_ * kw_, ws_.qk.get(), static_cast<int>(B), static_cast<int>(C),
-                   static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
-                   static_cast<int>(plan_.head_begin), static_cast<int>(group_),
-                   static_cast<int>(plan_.kv_begin), ws_.attr.get(), s());
+  // attr[b, h, c] = delta_c (.) gamma W_K,g(h)^T qk_h: the heads' key directions in the residual's
+  // coordinates, then one fp32 product with the C upstream deltas per probe.
+  k::key_directions(ws_.wkg.get(), ws_.qk.get(), static_cast<int>(B), static_cast<int>(Hl_),
+                    static_cast<int>(d_), static_cast<int>(D), static_cast<int>(plan_.head_begin),
+                    static_cast<int>(group_), static_cast<int>(plan_.kv_begin), ws_.G.get(), s());
+  if (C > 0)
+    blas_.nt(Hl_, C, D, {ws_.G.get(), Dt::kF32, D, Hl_ * D},
+             {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.attr.get(), Dt::kF32, C, Hl_ * C}, 1.f,
+             0.f, static_cast<int>(B));
 }
 
 void CudaBackend::attention_block(const PlannedLayer& layer) {

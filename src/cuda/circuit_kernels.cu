@@ -424,7 +424,30 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
   }
 }
 
+// Thread per (column, head, probe): a dot product of length d down a column of wkg.
+__global__ void key_directions_kernel(const float* __restrict__ wkg, const float* __restrict__ qk,
+                                      int Hl, int d, int D, int head_begin, int group, int kv_begin,
+                                      float* __restrict__ dir) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (col >= D) return;
+  const int g = (head_begin + h) / group - kv_begin;
+  const float* q = qk + (static_cast<int64_t>(b) * Hl + h) * d;
+  const float* w = wkg + static_cast<int64_t>(g) * d * D + col;
+  float acc = 0.f;
+  for (int j = 0; j < d; ++j) acc += q[j] * w[static_cast<int64_t>(j) * D];
+  dir[(static_cast<int64_t>(b) * Hl + h) * D + col] = acc;
+}
+
 }  // namespace
+
+void key_directions(const float* wkg, const float* qk, int B, int Hl, int d, int D, int head_begin,
+                    int group, int kv_begin, float* dir, cudaStream_t s) {
+  if (B == 0 || Hl == 0 || D == 0) return;
+  key_directions_kernel<<<dim3((D + 255) / 256, Hl, B), 256, 0, s>>>(wkg, qk, Hl, d, D, head_begin,
+                                                                     group, kv_begin, dir);
+  CUDA_CHECK_LAUNCH("key_directions_kernel");
+}
 
 int64_t head_write_norms_scratch(int B, int Hl) {
   return static_cast<int64_t>(B) * Hl * kNormChunks;

@@ -87,6 +87,13 @@ void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const f
                     int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
                     cudaStream_t s);
 
+// dir[b, h, :] = sum_j qk[b, h, j] wkg[g(h)*d + j, :] ([B, Hl, D]; wkg [KVl*d, D], g(h) the held
+// KV head of local head h): the key attribution of every upstream component c of head h is then
+// attr[b, h, c] = delta[b, c, :] . dir[b, h, :], the same sums as contracting G = delta wkg^T with
+// qk (attr_contract) in Hl / (KVl d) of its products.
+void key_directions(const float* wkg, const float* qk, int B, int Hl, int d, int D, int head_begin,
+                    int group, int kv_begin, float* dir, cudaStream_t s);
+
 // attr[b, h, c] = sum_j G[b, c, g(h)*d + j] * qk[b, h, j] for c < C; G rows have width KVl*d and
 // probe stride g_bstride.
 void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, int C, int Hl,

@@ -72,7 +72,9 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
     r(wrest, B * Hl);
     r(norm_partial, k::head_write_norms_scratch(Bi, static_cast<int>(Hl)));
     r(wkg, gw * D);
-    r(G, B * Ctot * gw);
+    // Latent attention contracts G = delta W^T [B, Ctot, Rkv + rope] with qk; otherwise G holds
+    // the heads' key directions [B, Hl, D] (circuit_kernels.cuh, key_directions).
+    r(G, c.mla() ? B * Ctot * gw : B * Hl * D);
     r(idrows, B * 2 * D);
     r(kid, B * 2 * gw);
     r(k0m, B * kw);
