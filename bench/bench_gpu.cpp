@@ -211,7 +211,8 @@ int main(int argc, char** argv) {
     std::printf(
         "per-layer times are CUDA-event device time summed over micro-batches / layers; 'attn' "
         "includes the\n"
-        "circuit attribution when recording; 'moe' includes the routing round trip to the host.\n");
+        "circuit attribution when recording; 'moe' includes the routing (with a wait for the\n"
+        "host only on the cuBLAS expert routes or ep > 1).\n");
   } catch (const InputError& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());
     return 1;

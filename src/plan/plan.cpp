@@ -19,15 +19,18 @@ namespace sinkscope {
 PlanCoefficients default_coefficients(const std::string& device) {
   PlanCoefficients k;
   if (device == "cuda") {
-    // One H200, measured by `sinkscope plan --calibrate --device cuda` (2026-12-01,
-    // docs/results/2026-12-01-plan-validation-h200.md): cuBLAS bf16 GEMM 745 TFLOP/s at 32768 rows
-    // (half rate at 612), the fused attention 296 TFLOP/s, the backend's warm load 3.4 GB/s,
-    // recording +19% and the elementwise work 33.8 ns per token-layer-1024 dims of two
-    // Qwen3-30B-A3B layers; NVLink and InfiniBand bus bandwidths and per-step latencies of NCCL
-    // collectives (not measured: one GPU).
-    k.gemm_gflops = 744.8e3;
-    k.gemm_half_m = 612;
-    k.attention_gflops = 296.4e3;
+    // One H200, measured by `sinkscope plan --calibrate --device cuda` in
+    // bench/plan_validation_gpu.sh (2026-12-01, docs/results/2026-12-01-forward-h200.md, with
+    // cuDNN's attention and the warp-specialised expert kernel): cuBLAS bf16 GEMM 734 TFLOP/s at
+    // 32768 rows (half rate at 685), the fused attention 539 TFLOP/s, recording +19% and the
+    // elementwise work 4.7 ns per token-layer-1024 dims of two Qwen3-30B-A3B layers; every pass of
+    // the validation's six shapes within 0.84-1.42 of the measurement. The load rate is the earlier
+    // calibration's warm load (3.4 GB/s; this one measured 2.3 on a freshly started machine): set
+    // the filesystem's rate on a cluster. NVLink and InfiniBand bus bandwidths and per-step
+    // latencies of NCCL collectives are not measured (one GPU).
+    k.gemm_gflops = 734.0e3;
+    k.gemm_half_m = 685.4;
+    k.attention_gflops = 539.1e3;
     k.load_gbps = 3.41;
     k.intra_gbps = 150;
     k.intra_latency_us = 5;
@@ -36,7 +39,7 @@ PlanCoefficients default_coefficients(const std::string& device) {
     k.inter_gbps = 20;
     k.inter_latency_us = 10;
     k.record_fraction = 0.19;
-    k.elementwise_ns = 33.8;
+    k.elementwise_ns = 4.686;
     k.base_mib = 853;
     k.startup_s = 20;
     k.source = "H200 defaults (calibrated 2026-12-01)";
