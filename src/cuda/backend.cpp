@@ -955,9 +955,18 @@ const bf16_bits* CudaBackend::moe_experts(const DeviceLayer& Lw, int64_t n) {
     k::grouped_gemm_sm90_device_plan(ws_.u.get(), ws_.ipack.get(), static_cast<int>(K), npairs,
                                      Lw.w_gate_up.get(), ws_.act.get(), Di, I, true,
                                      ws_.gemm_gu_dev.get(), static_cast<int>(E), s());
+    // Recording: the per-expert rest sums from the down product's epilogue (RestTap), so the
+    // expert outputs are not read a second time.
+    k::RestTap tap;
+    if (record_ && B_ > 0) {
+      ws_.rest_tiles.reserve(static_cast<size_t>(
+          k::rest_tap_floats(npairs, static_cast<int>(E), static_cast<int>(B_), Di)));
+      tap = {ws_.pos_w.get(), ws_.pos_tok.get(), static_cast<int>(T_), static_cast<int>(B_),
+             ws_.rest_tiles.get()};
+    }
     k::grouped_gemm_sm90_device_plan(ws_.act.get(), nullptr, 1, npairs, Lw.w_down.get(),
                                      ws_.out.get(), I, Di, false, ws_.gemm_dn_dev.get(),
-                                     static_cast<int>(E), s());
+                                     static_cast<int>(E), s(), tap);
     return ws_.out.get();
   }
   if (P == 1) {  // every expert is here: the products read the routed rows straight from u
@@ -1148,10 +1157,11 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
           k::grouped_gemm_device_plan_ints(npairs, static_cast<int>(E), Ii, true)));
       ws_.gemm_dn_dev.reserve(static_cast<size_t>(
           k::grouped_gemm_device_plan_ints(npairs, static_cast<int>(E), Di, false)));
+      ws_.tile_base.reserve(static_cast<size_t>(E));
       k::grouped_gemm_device_plan(ws_.cnt_dev.get(), static_cast<int>(E), Ii, true,
-                                  ws_.off_dev.get(), ws_.gemm_gu_dev.get(), s());
+                                  ws_.off_dev.get(), nullptr, ws_.gemm_gu_dev.get(), s());
       k::grouped_gemm_device_plan(ws_.cnt_dev.get(), static_cast<int>(E), Di, false, nullptr,
-                                  ws_.gemm_dn_dev.get(), s());
+                                  ws_.tile_base.get(), ws_.gemm_dn_dev.get(), s());
       // Pairs that NaN logits leave unplaced read row 0 until the host reports the router.
       CUDA_CHECK(cudaMemsetAsync(ws_.ipack.get(), 0,
                                  static_cast<size_t>(2 * npairs) * sizeof(int32_t), s()));
@@ -1200,9 +1210,14 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
                s());
     mark(l, kCombineDone);
     if (record_) {
-      k::expert_rest_sums(back, ws_.pos_w.get(), ws_.pos_tok.get(), ws_.off_dev.get(),
-                          ws_.cnt_dev.get(), static_cast<int>(E), static_cast<int>(B), Ti,
-                          static_cast<int>(S), Di, npairs, ws_.rest_scratch.get(), rest, s());
+      if (device_routing_)
+        k::expert_rest_sums_from_tiles(ws_.rest_tiles.get(), ws_.pos_tok.get(), ws_.off_dev.get(),
+                                       ws_.cnt_dev.get(), ws_.tile_base.get(), static_cast<int>(E),
+                                       static_cast<int>(B), Ti, static_cast<int>(S), Di, rest, s());
+      else
+        k::expert_rest_sums(back, ws_.pos_w.get(), ws_.pos_tok.get(), ws_.off_dev.get(),
+                            ws_.cnt_dev.get(), static_cast<int>(E), static_cast<int>(B), Ti,
+                            static_cast<int>(S), Di, npairs, ws_.rest_scratch.get(), rest, s());
       k::expert_p0_and_counts(back, ws_.pos_w.get(), ws_.ids.get(), ws_.ipack.get() + npairs,
                               ws_.cnt_dev.get(), static_cast<int>(B), Ti, static_cast<int>(K),
                               static_cast<int>(E), s0, s1, static_cast<int>(S), Di, p0, n0,

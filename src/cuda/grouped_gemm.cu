@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/attention.cuh"  // sm90a_kernels_available
@@ -36,9 +37,11 @@
 namespace sinkscope::cuda::k {
 namespace {
 
-constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kThreads = 384;
+constexpr int kBM = kGroupedTileRows, kBN = 256, kBK = 64, kStages = 4, kThreads = 384;
 constexpr int kAStage = kBM * kBK * 2, kBStage = kBN * kBK * 2;
-constexpr int kSmem = 1024 + kStages * (kAStage + kBStage);
+// The rest sums' cross-warp step: the 8 consumer warps' column sums of a tile, 256 floats each.
+constexpr int kRedBytes = 8 * kBN * 4;
+constexpr int kSmem = 1024 + kStages * (kAStage + kBStage) + kRedBytes;
 
 // mbarrier helpers (shared::cta).
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -78,8 +81,90 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       : "memory");
 }
 
+// The 256 consumer threads only (the producer warpgroup has left or is copying).
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+// The rest sums of one tile (RestTap, grouped_gemm.cuh), after its C rows are stored: for each
+// probe b among the tile's rows, each thread weighs its two rows' stored (bf16) values by row_w, or
+// 0 where the row is not b's position 1..T-1 or past the group; the warp's 16 rows are summed by a
+// transposing butterfly over the 8 lanes that share columns (each step hands half of the values to
+// the partner lane: 32 + 16 + 8 shuffles, after which a lane holds 8 columns' sums), then the 8
+// consumer warps' sums meet in shared memory and thread t adds column t's in warp order. No
+// atomics: the same inputs give the same sums.
+__device__ __forceinline__ void rest_tap_tile(const RestTap& tap, const float (&acc)[kBN / 2],
+                                              int off, int rows, int tile_base, int m0, int n0,
+                                              int N, int cw, int warp, int lane, float* red) {
+  const int gq = lane >> 2, tq = lane & 3, tc = (cw * 4 + warp) * 32 + lane;  // 0..255
+  const int last = min(rows, m0 + kBM) - 1;
+  const int b_lo = tap.pos_tok[off + m0] / tap.T, b_hi = tap.pos_tok[off + last] / tap.T;
+  int tok[2];
+  float rw[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = m0 + cw * 64 + warp * 16 + gq + 8 * half;
+    tok[half] = r < rows ? tap.pos_tok[off + r] : -1;
+    rw[half] = r < rows ? tap.row_w[off + r] : 0.f;
+  }
+  // The tile's row tile: the group's first row tile (its 4th plan int) + m0 / kBM.
+  const int64_t g = tile_base + m0 / kBM;
+  for (int b = b_lo; b <= b_hi; ++b) {
+    float w[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const bool in = tok[half] >= 0 && tok[half] / tap.T == b && tok[half] % tap.T != 0;
+      w[half] = in ? rw[half] : 0.f;
+    }
+    // Value i (i < 64): column (i / 2) * 8 + 2 tq + i % 2, both rows weighed by w; taken in two
+    // halves of 32 (registers: acc stays live across the probes).
+    auto value = [&](int i) {
+      const int j = i >> 1, c = i & 1;
+      return w[0] * bf2f(f2bf(acc[4 * j + c])) + w[1] * bf2f(f2bf(acc[4 * j + 2 + c]));
+    };
+    float* mine = red + (cw * 4 + warp) * kBN;
+#pragma unroll
+    for (int hc = 0; hc < 2; ++hc) {
+      float v[16];
+      {  // lane bit 4, formed from acc as it goes
+        const int bit = (lane >> 4) & 1;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const float lo = value(32 * hc + i), hi = value(32 * hc + i + 16);
+          v[i] = (bit ? hi : lo) + __shfl_xor_sync(0xffffffffu, bit ? lo : hi, 16);
+        }
+      }
+      // Then lane bits 3 and 2: keep the half named by the bit, add the partner's other half.
+      auto fold = [&](auto width_c, int bit_pos) {
+        constexpr int width = decltype(width_c)::value;
+        const int bit = (lane >> bit_pos) & 1;
+#pragma unroll
+        for (int i = 0; i < width; ++i) {
+          const float keep = bit ? v[i + width] : v[i], give = bit ? v[i] : v[i + width];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, give, 1 << bit_pos);
+        }
+      };
+      fold(std::integral_constant<int, 8>{}, 3);
+      fold(std::integral_constant<int, 4>{}, 2);
+      // v[i], i < 4: value 32 hc + 16 b4 + 8 b3 + 4 b2 + i, i.e. column (that / 2) * 8 + 2 tq + i
+      // % 2.
+      const int first =
+          16 * hc + ((lane >> 4) & 1) * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mine[(first + i / 2) * 8 + 2 * tq + (i & 1)] = v[i];
+    }
+    consumers_sync();
+    float sum = 0.f;
+#pragma unroll
+    for (int wq = 0; wq < 8; ++wq) sum += red[wq * kBN + tc];
+    if (n0 + tc < N) tap.part[(g * tap.B + b) * N + n0 + tc] = sum;
+    consumers_sync();  // red is written again by the next probe or tile
+  }
+}
+
 // plan: {ntiles, 0, 0, 0}, then ngroups groups, then the tiles, 4 ints each:
-// groups[g] = {row offset of the group in the packed A / C rows, rows, weight index, 0};
+// groups[g] = {row offset of the group in the packed A / C rows, rows, weight index, first row
+// tile} (the row tiles of the groups before it: the rest tap's index of the group's tiles);
 // tiles[t] = {group, first row, first column, 0} (columns of C; of act for SwiGLU).
 // W's rows are those of wmap; with kTmaA (A's rows not gathered) A's rows those of amap (both
 // [rows, K] bf16 maps of 64 x 128 boxes in the 128-byte swizzle). Warpgroup 0 copies (the
@@ -92,7 +177,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const bf16_bits* __restrict__ A, const int32_t* __restrict__ a_rows,
                         int a_div, const __grid_constant__ CUtensorMap amap,
                         const __grid_constant__ CUtensorMap wmap, bf16_bits* __restrict__ C, int K,
-                        int N, int w_rows, const int32_t* __restrict__ plan, int ngroups) {
+                        int N, int w_rows, const int32_t* __restrict__ plan, int ngroups,
+                        RestTap tap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   extern __shared__ unsigned char smem_raw[];
@@ -100,6 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t base = (raw + 1023u) & ~1023u;
   const uint32_t a_base = base, b_base = base + kStages * kAStage;
+  float* red = reinterpret_cast<float*>(smem_raw + (base - raw) + kStages * (kAStage + kBStage));
   const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(full_bar));
   const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty_bar));
 
@@ -124,6 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // rows or the map's zero fill and reach only columns the epilogue does not store), and A's
     // tile as one box when its rows are not gathered; else thread p copies 16-byte chunk p % 8
     // of A rows p / 8 + 16 j (8 of them) with cp.async.
+    // The copies need few registers: hand most of them to the consumers (setmaxnreg below).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     if (kTmaA && tid != 0) return;
     const int chunk = tid & 7, row0 = tid >> 3;
     const bf16_bits* a_src[8];
@@ -170,6 +259,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // The consumers: warpgroup 1 rows 0..63 of each tile, warpgroup 2 rows 64..127.
+  // 224 registers a thread (128 x 56 + 256 x 224 <= 64K): the accumulators and the rest tap.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
   const int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
   const int gq = lane >> 2, tq = lane & 3;
   int count = 0;
@@ -223,6 +314,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    if constexpr (!kSwiGLU) {
+      if (tap.part) rest_tap_tile(tap, acc, off, rows, grp.w, m0, n0, N, cw, warp, lane, red);
+    }
   }
 #endif
 }
@@ -234,14 +328,17 @@ constexpr int kPlanThreads = 1024;
 
 __global__ void __launch_bounds__(kPlanThreads)
     device_plan_kernel(const int32_t* __restrict__ counts, int E, int N, int cols,
-                       int32_t* __restrict__ offsets, int32_t* __restrict__ plan) {
+                       int32_t* __restrict__ offsets, int32_t* __restrict__ tile_base,
+                       int32_t* __restrict__ plan) {
   using Scan = cub::BlockScan<int32_t, kPlanThreads>;
   __shared__ typename Scan::TempStorage scratch;
   const int e = threadIdx.x;
   const int32_t c = e < E ? counts[e] : 0;
   const int mt = (c + kBM - 1) / kBM, nct = (N + cols - 1) / cols;
-  int32_t off = 0, first = 0, total = 0;
+  int32_t off = 0, first = 0, total = 0, row_tile = 0;
   Scan(scratch).ExclusiveSum(c, off);
+  __syncthreads();
+  Scan(scratch).ExclusiveSum(mt, row_tile);
   __syncthreads();
   Scan(scratch).ExclusiveSum(mt * nct, first, total);
   if (e == 0) {
@@ -250,8 +347,9 @@ __global__ void __launch_bounds__(kPlanThreads)
   }
   if (e >= E) return;
   if (offsets) offsets[e] = off;
+  if (tile_base) tile_base[e] = row_tile;
   int4* groups = reinterpret_cast<int4*>(plan + 4);
-  groups[e] = make_int4(off, c, e, 0);
+  groups[e] = make_int4(off, c, e, row_tile);
   int4* tiles = groups + E + first;
   for (int j = 0; j < nct; ++j)
     for (int i = 0; i < mt; ++i) tiles[j * mt + i] = make_int4(e, i * kBM, j * cols, 0);
@@ -289,13 +387,13 @@ CUtensorMap tensor_map(const bf16_bits* X, int64_t rows, int K) {
 // not, read through a tensor map of its a_total rows.
 void launch(const bf16_bits* A, const int32_t* a_rows, int a_div, int64_t a_total,
             const bf16_bits* W, int64_t w_total, bf16_bits* C, int K, int N, bool swiglu,
-            const int32_t* plan, int ngroups, int grid, cudaStream_t s) {
+            const int32_t* plan, int ngroups, int grid, const RestTap& tap, cudaStream_t s) {
   const CUtensorMap wmap = tensor_map(W, w_total, K);
   const CUtensorMap amap = a_rows ? CUtensorMap{} : tensor_map(A, a_total, K);
   auto go = [&](auto kernel) {
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     kernel<<<grid, kThreads, kSmem, s>>>(A, a_rows, a_div, amap, wmap, C, K, N, swiglu ? 2 * N : N,
-                                         plan, ngroups);
+                                         plan, ngroups, tap);
   };
   if (a_rows)
     swiglu ? go(grouped_gemm_kernel<true, false>) : go(grouped_gemm_kernel<false, false>);
@@ -322,11 +420,13 @@ void GroupedGemmPlan::build(const std::vector<int>& rows, const std::vector<int6
   groups.clear();
   tiles.clear();
   const int cols = swiglu ? kBN / 2 : kBN;
+  int32_t row_tiles = 0;
   for (size_t g = 0; g < rows.size(); ++g) {
     if (rows[g] <= 0) continue;
     const int gi = static_cast<int>(groups.size() / 4);
     groups.insert(groups.end(), {static_cast<int32_t>(row_offset[g]), rows[g],
-                                 static_cast<int32_t>(weight_index[g]), 0});
+                                 static_cast<int32_t>(weight_index[g]), row_tiles});
+    row_tiles += (rows[g] + kBM - 1) / kBM;
     for (int n0 = 0; n0 < N; n0 += cols)
       for (int m0 = 0; m0 < rows[g]; m0 += kBM) tiles.insert(tiles.end(), {gi, m0, n0, 0});
   }
@@ -351,7 +451,7 @@ void grouped_gemm_sm90(const bf16_bits* A, const int32_t* a_rows, int a_div, con
     a_total = std::max<int64_t>(a_total, int64_t{plan.groups[g]} + plan.groups[g + 1]);
   launch(A, a_rows, a_div, a_total, W, static_cast<int64_t>(weights) * (swiglu ? 2 * N : N), C, K,
          N, swiglu, dev_plan, static_cast<int>(plan.groups.size() / 4),
-         std::min(ntiles, sm_count()), s);
+         std::min(ntiles, sm_count()), RestTap{}, s);
 }
 
 int64_t grouped_gemm_device_plan_ints(int64_t npairs, int E, int N, bool swiglu) {
@@ -361,18 +461,27 @@ int64_t grouped_gemm_device_plan_ints(int64_t npairs, int E, int N, bool swiglu)
 }
 
 void grouped_gemm_device_plan(const int32_t* counts, int E, int N, bool swiglu, int32_t* offsets,
-                              int32_t* dev_plan, cudaStream_t s) {
+                              int32_t* tile_base, int32_t* dev_plan, cudaStream_t s) {
   if (E > kPlanThreads) throw RuntimeFailure("grouped_gemm_device_plan: more than 1024 experts");
   device_plan_kernel<<<1, kPlanThreads, 0, s>>>(counts, E, N, swiglu ? kBN / 2 : kBN, offsets,
-                                                dev_plan);
+                                                tile_base, dev_plan);
   CUDA_CHECK_LAUNCH("device_plan_kernel");
 }
 
 void grouped_gemm_sm90_device_plan(const bf16_bits* A, const int32_t* a_rows, int a_div,
                                    int64_t rows, const bf16_bits* W, bf16_bits* C, int K, int N,
-                                   bool swiglu, const int32_t* dev_plan, int E, cudaStream_t s) {
+                                   bool swiglu, const int32_t* dev_plan, int E, cudaStream_t s,
+                                   const RestTap& tap) {
+  if (tap.part && (swiglu || !tap.row_w || !tap.pos_tok || tap.T < 1 || tap.B < 1))
+    throw RuntimeFailure(
+        "grouped_gemm_sm90_device_plan: a rest tap needs the down product, row "
+        "weights, tokens, T and B");
   launch(A, a_rows, a_div, rows, W, static_cast<int64_t>(E) * (swiglu ? 2 * N : N), C, K, N, swiglu,
-         dev_plan, E, sm_count(), s);
+         dev_plan, E, sm_count(), tap, s);
+}
+
+int64_t rest_tap_floats(int64_t npairs, int E, int B, int N) {
+  return ((npairs + kBM - 1) / kBM + E) * B * N;  // sum of ceil(c_e / kBM) <= npairs / kBM + E
 }
 
 }  // namespace sinkscope::cuda::k

@@ -6,6 +6,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/device_common.cuh"
+#include "cuda/grouped_gemm.cuh"
 #include "cuda/moe_kernels.cuh"
 
 namespace sinkscope::cuda::k {
@@ -403,6 +404,47 @@ __global__ void __launch_bounds__(kRestThreads)
   }
 }
 
+// Block (e, b) x columns: expert e's rest sum over probe b from the down product's tile sums
+// (RestTap, grouped_gemm.cuh): its rows [begin, end) lie in the expert's row tiles
+// (begin - offset) / kGroupedTileRows .. (end - 1 - offset) / kGroupedTileRows, added in order.
+constexpr int kTileSumThreads = 128;
+
+template <int W>
+__global__ void __launch_bounds__(kTileSumThreads)
+    rest_from_tiles_kernel(const float* __restrict__ part, const int32_t* __restrict__ pos_tok,
+                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts,
+                           const int32_t* __restrict__ tile_base, int B, int T, int S, int D,
+                           float* __restrict__ out_rows) {
+  const int e = blockIdx.x / B, b = blockIdx.x % B;
+  int begin = 0, end = 0;
+  rest_rows(pos_tok, offsets, counts, e, b, T, begin, end);  // gridDim.z == 1: the whole range
+  const int c = (blockIdx.y * kTileSumThreads + threadIdx.x) * W;
+  if (c >= D) return;
+  float acc[W];
+#pragma unroll
+  for (int i = 0; i < W; ++i) acc[i] = 0.f;
+  if (begin < end) {
+    const int off = offsets[e], i1 = (end - 1 - off) / kGroupedTileRows;
+    for (int i = (begin - off) / kGroupedTileRows; i <= i1; ++i) {
+      const float* src = part + (static_cast<int64_t>(tile_base[e] + i) * B + b) * D + c;
+      if constexpr (W == 4) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(src));
+        acc[0] += v.x;
+        acc[1] += v.y;
+        acc[2] += v.z;
+        acc[3] += v.w;
+      } else {
+        acc[0] += __ldg(src);
+      }
+    }
+  }
+  float* out = out_rows + (static_cast<int64_t>(b) * S + e) * D + c;
+  if constexpr (W == 4)
+    *reinterpret_cast<float4*>(out) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  else
+    out[0] = acc[0];
+}
+
 // out[i] = sum over the splits, in split order, of parts[split * n + i].
 __global__ void rest_splits_sum_kernel(const float* __restrict__ parts, int64_t n, int splits,
                                        float* __restrict__ out) {
@@ -617,6 +659,22 @@ void expert_rest_sums(const bf16_bits* rows, const float* row_w, const int32_t* 
     rest_splits_sum_kernel<<<grid_for(n, 256, 8192), 256, 0, s>>>(scratch, n, splits, out_rows);
     CUDA_CHECK_LAUNCH("rest_splits_sum_kernel");
   }
+}
+
+void expert_rest_sums_from_tiles(const float* part, const int32_t* pos_tok, const int32_t* offsets,
+                                 const int32_t* counts, const int32_t* tile_base, int E, int B,
+                                 int T, int S, int D, float* out_rows, cudaStream_t s) {
+  if (E == 0 || B == 0) return;
+  const int W = D % 4 == 0 ? 4 : 1, cols = kTileSumThreads * W;
+  const dim3 grid(static_cast<unsigned>(E * B), static_cast<unsigned>((D + cols - 1) / cols));
+  // part and out_rows: cudaMalloc'd bases, rows D floats apart: 16-byte aligned for W == 4.
+  if (W == 4)
+    rest_from_tiles_kernel<4><<<grid, kTileSumThreads, 0, s>>>(part, pos_tok, offsets, counts,
+                                                               tile_base, B, T, S, D, out_rows);
+  else
+    rest_from_tiles_kernel<1><<<grid, kTileSumThreads, 0, s>>>(part, pos_tok, offsets, counts,
+                                                               tile_base, B, T, S, D, out_rows);
+  CUDA_CHECK_LAUNCH("rest_from_tiles_kernel");
 }
 
 void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32_t* ids,

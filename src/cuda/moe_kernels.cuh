@@ -38,6 +38,11 @@ int64_t expert_rest_sums_scratch(int E, int B, int S, int D, int64_t npairs);
 void expert_rest_sums(const bf16_bits* rows, const float* row_w, const int32_t* pos_tok,
                       const int32_t* offsets, const int32_t* counts, int E, int B, int T, int S,
                       int D, int64_t npairs, float* scratch, float* out_rows, cudaStream_t s);
+// The same sums from the down product's tile sums (grouped_gemm.cuh's RestTap; tile_base from
+// grouped_gemm_device_plan): every (e, b) of out_rows written, zeros included.
+void expert_rest_sums_from_tiles(const float* part, const int32_t* pos_tok, const int32_t* offsets,
+                                 const int32_t* counts, const int32_t* tile_base, int E, int B,
+                                 int T, int S, int D, float* out_rows, cudaStream_t s);
 // Position-0 pairs of the slice [s0, s1): p0_out[b * S + e, :] = w * row, n0_out = its norm,
 // r0_out[b * E + e] = 1; rc_out[e] = counts[e] minus those position-0 pairs.
 void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32_t* ids,

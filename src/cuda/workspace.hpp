@@ -49,7 +49,8 @@ struct Workspace {
   DeviceBuffer<bf16_bits> out;  // [n K, D] the expert outputs in source order
   // Routing: sized where the routing is known (grow-only).
   DeviceBuffer<bf16_bits> xg, xr, out2, h, act;
-  DeviceBuffer<int32_t> gemm_gu_dev, gemm_dn_dev;
+  DeviceBuffer<int32_t> gemm_gu_dev, gemm_dn_dev, tile_base;
+  DeviceBuffer<float> rest_tiles;  // recording: the down product's per-tile rest sums (RestTap)
   DeviceBuffer<int32_t> expert_groups;  // experts with biases: the groups' first rows, experts
   DeviceBuffer<float> hf_experts;       // ... and their fp32 products [rows, max(2I, D)]
   // Logits (tests): [BT, V].

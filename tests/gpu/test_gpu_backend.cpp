@@ -1383,6 +1383,105 @@ TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
     }
 }
 
+// The rest tap of the down product (the per-expert sums of the recording, formed in the
+// product's epilogue and added per expert and probe by expert_rest_sums_from_tiles) against a
+// float64 sum of the stored outputs: tile lists built on the device, experts with no rows, one
+// row, and rows spanning several probes inside one 128-row tile (probes of T = 50 tokens), each
+// probe's position 0 left out, N past the last full column tile. The tile sums start as NaN, so
+// a tile sum read but never written shows; the slot after the experts is never written.
+TEST(GpuKernels, GroupedGemmRestTapMatchesFloat64Sums) {
+  REQUIRE_GPU();
+  if (!cuda::k::grouped_gemm_sm90_supported(64, 64)) {
+    ASSERT_FALSE(hopper_kernels_expected())
+        << "an sm_90a build on a compute capability 9.0 device must run the wgmma expert kernel";
+    GTEST_SKIP() << "this build has no sm_90a code for this device: the cuBLAS routes serve it";
+  }
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> uw(0.05f, 1.f);
+  const int B = 4, T = 50, K = 256, N = 264;
+  // Expert e takes each token with probability keep[e] (sorted: token order, as the routing's).
+  const std::vector<double> keep = {0.0, 0.006, 0.7, 1.0, 0.2, 0.9};
+  const int E = static_cast<int>(keep.size()), Sl = E + 1;
+  std::vector<int32_t> counts(static_cast<size_t>(E + 1), 0), pos_tok;
+  for (int e = 0; e < E; ++e)
+    for (int t = 0; t < B * T; ++t)
+      if (std::uniform_real_distribution<double>(0, 1)(rng) < keep[static_cast<size_t>(e)] ||
+          (e == 1 && t == 77)) {  // expert 1: at least its one row
+        pos_tok.push_back(t);
+        ++counts[static_cast<size_t>(e)];
+      }
+  const int64_t npairs = static_cast<int64_t>(pos_tok.size());
+  std::vector<float> row_w(static_cast<size_t>(npairs));
+  for (auto& w : row_w) w = uw(rng);
+  std::vector<uint16_t> A(static_cast<size_t>(npairs * K)), W(static_cast<size_t>(E) * N * K);
+  for (auto& v : A) v = f32_to_bf16(nd(rng) * 0.0625f);
+  for (auto& v : W) v = f32_to_bf16(nd(rng));
+  cuda::DeviceBuffer<uint16_t> dA(A.size()), dW(W.size()), dC(static_cast<size_t>(npairs * N));
+  cuda::DeviceBuffer<int32_t> dcounts(counts.size()), dtok(pos_tok.size()), doff(E), dbase(E),
+      dplan(static_cast<size_t>(cuda::k::grouped_gemm_device_plan_ints(npairs, E, N, false)));
+  const size_t part_floats = static_cast<size_t>(cuda::k::rest_tap_floats(npairs, E, B, N));
+  cuda::DeviceBuffer<float> dw(row_w.size()), dpart(part_floats),
+      drest(static_cast<size_t>(B) * Sl * N);
+  auto up = [](void* dst, const void* src, size_t bytes) {
+    ASSERT_EQ(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  };
+  up(dA.get(), A.data(), A.size() * 2);
+  up(dW.get(), W.data(), W.size() * 2);
+  up(dcounts.get(), counts.data(), counts.size() * 4);
+  up(dtok.get(), pos_tok.data(), pos_tok.size() * 4);
+  up(dw.get(), row_w.data(), row_w.size() * 4);
+  ASSERT_EQ(cudaMemset(dpart.get(), 0xff, part_floats * 4), cudaSuccess);  // NaN
+  const float sentinel = 12345.f;
+  std::vector<float> rest(static_cast<size_t>(B) * Sl * N, sentinel);
+  up(drest.get(), rest.data(), rest.size() * 4);
+
+  cuda::k::grouped_gemm_device_plan(dcounts.get(), E, N, false, doff.get(), dbase.get(),
+                                    dplan.get(), nullptr);
+  cuda::k::RestTap tap{dw.get(), dtok.get(), T, B, dpart.get()};
+  cuda::k::grouped_gemm_sm90_device_plan(dA.get(), nullptr, 1, npairs, dW.get(), dC.get(), K, N,
+                                         false, dplan.get(), E, nullptr, tap);
+  cuda::k::expert_rest_sums_from_tiles(dpart.get(), dtok.get(), doff.get(), dcounts.get(),
+                                       dbase.get(), E, B, T, Sl, N, drest.get(), nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint16_t> C(static_cast<size_t>(npairs * N));
+  ASSERT_EQ(cudaMemcpy(C.data(), dC.get(), C.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(rest.data(), drest.get(), rest.size() * 4, cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  int64_t off = 0, multi_probe_tiles = 0;
+  for (int e = 0; e < E; ++e) {
+    const int c = counts[static_cast<size_t>(e)];
+    for (int m0 = 0; m0 < c; m0 += 128)
+      if (pos_tok[static_cast<size_t>(off + m0)] / T !=
+          pos_tok[static_cast<size_t>(off + std::min(c, m0 + 128) - 1)] / T)
+        ++multi_probe_tiles;
+    for (int b = 0; b < B; ++b)
+      for (int n = 0; n < N; ++n) {
+        double ref = 0, mag = 0;
+        for (int r = 0; r < c; ++r) {
+          const int64_t p = off + r;
+          const int t = pos_tok[static_cast<size_t>(p)];
+          if (t / T != b || t % T == 0) continue;
+          const double v = double(row_w[static_cast<size_t>(p)]) *
+                           bf16_to_f32(C[static_cast<size_t>(p * N + n)]);
+          ref += v;
+          mag += std::abs(v);
+        }
+        const float got = rest[(static_cast<size_t>(b) * Sl + e) * N + static_cast<size_t>(n)];
+        ASSERT_TRUE(std::isfinite(got)) << "expert " << e << " probe " << b << " column " << n;
+        // fp32: each product rounded once, the sum over at most c + 8 partial sums.
+        EXPECT_LE(std::abs(got - ref), (c + 10) * 0x1p-24 * mag + 1e-30)
+            << "expert " << e << " probe " << b << " column " << n;
+      }
+    off += c;
+  }
+  EXPECT_GT(multi_probe_tiles, 0) << "the case must have tiles spanning several probes";
+  for (int b = 0; b < B; ++b)
+    for (int n = 0; n < N; ++n)
+      EXPECT_EQ(rest[(static_cast<size_t>(b) * Sl + E) * N + static_cast<size_t>(n)], sentinel)
+          << "the slot after the experts was written";
+}
+
 // The attention kernels on their own against a float64 reference computed from the same bf16
 // operands: causal softmax, z = sum_j p_ij v_j and A[i, 0] = p_i0, for head dims whose padded
 // width takes the Hopper kernel (64, 128) and one padded inside it (120 -> 128), GQA, several
