@@ -666,12 +666,6 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, D = D_;
   const bf16_bits* Wk = Lw.wqkv.get() + qw_ * D;
-  // The key side in fp32: gamma folded into an fp32 copy of W_K (post-norm blocks: no input norm,
-  // unit gains; LayerNorm: the centring folded into W_K's rows).
-  k::scale_columns(Wk, kw_, static_cast<int>(D), post_norm_ ? ones_.get() : Lw.input_norm.get(),
-                   ws_.wkg.get(), s());
-  if (norm_mode_ == k::NormMode::kLayer)
-    k::centre_rows(ws_.wkg.get(), kw_, static_cast<int>(D), s());
   // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
   k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
                    static_cast<int>(D), post_norm_ ? nullptr : Lw.input_norm.get(),
@@ -692,8 +686,11 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
                     ws_.k0m.get(), ws_.k0s.get(), ws_.qk.get(), s());
   // attr[b, h, c] = delta_c (.) gamma W_K,g(h)^T qk_h: the heads' key directions in the residual's
   // coordinates, then one fp32 product with the C upstream deltas per probe.
-  k::key_directions(ws_.wkg.get(), ws_.qk.get(), static_cast<int>(B), static_cast<int>(Hl_),
-                    static_cast<int>(d_), static_cast<int>(D), static_cast<int>(plan_.head_begin),
+  // (post-norm blocks: no input norm, unit gains; LayerNorm: the centring folded in).
+  k::key_directions(Wk, post_norm_ ? nullptr : Lw.input_norm.get(),
+                    norm_mode_ == k::NormMode::kLayer, ws_.qk.get(), static_cast<int>(B),
+                    static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
+                    static_cast<int>(D), static_cast<int>(plan_.head_begin),
                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), ws_.G.get(), s());
   if (C > 0)
     blas_.nt(Hl_, C, D, {ws_.G.get(), Dt::kF32, D, Hl_ * D},

@@ -424,29 +424,49 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
   }
 }
 
-// Thread per (column, head, probe): a dot product of length d down a column of wkg.
-__global__ void key_directions_kernel(const float* __restrict__ wkg, const float* __restrict__ qk,
-                                      int Hl, int d, int D, int head_begin, int group, int kv_begin,
-                                      float* __restrict__ dir) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+// Block (column chunk, held KV head g, probe b): the local heads of KV head g (at most
+// kDirHeads a pass) times W_K's rows g d .. g d + d - 1 read once as bf16, the column gain applied
+// to the sums (sum_j q_j W[j, c] gamma[c] = gamma[c] sum_j q_j W[j, c]).
+constexpr int kDirCols = 64, kDirHeads = 8;
+
+__global__ void __launch_bounds__(kDirCols)
+    key_directions_kernel(const bf16_bits* __restrict__ Wk, const float* __restrict__ gamma,
+                          const float* __restrict__ qk, int Hl, int d, int D, int head_begin,
+                          int group, int kv_begin, float* __restrict__ dir) {
+  const int col = blockIdx.x * kDirCols + threadIdx.x;
+  const int g = blockIdx.y, b = blockIdx.z;
   if (col >= D) return;
-  const int g = (head_begin + h) / group - kv_begin;
-  const float* q = qk + (static_cast<int64_t>(b) * Hl + h) * d;
-  const float* w = wkg + static_cast<int64_t>(g) * d * D + col;
-  float acc = 0.f;
-  for (int j = 0; j < d; ++j) acc += q[j] * w[static_cast<int64_t>(j) * D];
-  dir[(static_cast<int64_t>(b) * Hl + h) * D + col] = acc;
+  const int h_lo = max(0, (g + kv_begin) * group - head_begin);
+  const int h_hi = min(Hl, (g + kv_begin + 1) * group - head_begin);
+  const float gain = gamma ? gamma[col] : 1.f;
+  const bf16_bits* w = Wk + static_cast<int64_t>(g) * d * D + col;
+  for (int h0 = h_lo; h0 < h_hi; h0 += kDirHeads) {
+    const int nh = min(kDirHeads, h_hi - h0);
+    const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;  // the same for every thread
+    float acc[kDirHeads];
+#pragma unroll
+    for (int u = 0; u < kDirHeads; ++u) acc[u] = 0.f;
+    for (int j = 0; j < d; ++j) {
+      const float wj = bf2f(w[static_cast<int64_t>(j) * D]);
+#pragma unroll
+      for (int u = 0; u < kDirHeads; ++u)
+        if (u < nh) acc[u] += __ldg(q + u * d + j) * wj;
+    }
+    for (int u = 0; u < nh; ++u)
+      dir[(static_cast<int64_t>(b) * Hl + h0 + u) * D + col] = acc[u] * gain;
+  }
 }
 
 }  // namespace
 
-void key_directions(const float* wkg, const float* qk, int B, int Hl, int d, int D, int head_begin,
-                    int group, int kv_begin, float* dir, cudaStream_t s) {
+void key_directions(const bf16_bits* Wk, const float* gamma, bool centre, const float* qk, int B,
+                    int Hl, int KVl, int d, int D, int head_begin, int group, int kv_begin,
+                    float* dir, cudaStream_t s) {
   if (B == 0 || Hl == 0 || D == 0) return;
-  key_directions_kernel<<<dim3((D + 255) / 256, Hl, B), 256, 0, s>>>(wkg, qk, Hl, d, D, head_begin,
-                                                                     group, kv_begin, dir);
+  key_directions_kernel<<<dim3((D + kDirCols - 1) / kDirCols, KVl, B), kDirCols, 0, s>>>(
+      Wk, gamma, qk, Hl, d, D, head_begin, group, kv_begin, dir);
   CUDA_CHECK_LAUNCH("key_directions_kernel");
+  if (centre) centre_rows(dir, static_cast<int64_t>(B) * Hl, D, s);
 }
 
 int64_t head_write_norms_scratch(int B, int Hl) {

@@ -87,12 +87,15 @@ void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const f
                     int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
                     cudaStream_t s);
 
-// dir[b, h, :] = sum_j qk[b, h, j] wkg[g(h)*d + j, :] ([B, Hl, D]; wkg [KVl*d, D], g(h) the held
-// KV head of local head h): the key attribution of every upstream component c of head h is then
-// attr[b, h, c] = delta[b, c, :] . dir[b, h, :], the same sums as contracting G = delta wkg^T with
-// qk (attr_contract) in Hl / (KVl d) of its products.
-void key_directions(const float* wkg, const float* qk, int B, int Hl, int d, int D, int head_begin,
-                    int group, int kv_begin, float* dir, cudaStream_t s);
+// dir[b, h, :] = sum_j qk[b, h, j] W_K,g[g(h)*d + j, :] ([B, Hl, D]; W_K,g = Wk [KVl*d, D] with
+// its columns scaled by gamma (null: 1) and, with centre, its rows centred (LayerNorm: applied to
+// dir, the same by linearity); g(h) the held KV head of local head h): the key attribution of
+// every upstream component c of head h is then attr[b, h, c] = delta[b, c, :] . dir[b, h, :], the
+// same sums as contracting G = delta W_K,g^T with qk (attr_contract) in Hl / (KVl d) of its
+// products.
+void key_directions(const bf16_bits* Wk, const float* gamma, bool centre, const float* qk, int B,
+                    int Hl, int KVl, int d, int D, int head_begin, int group, int kv_begin,
+                    float* dir, cudaStream_t s);
 
 // attr[b, h, c] = sum_j G[b, c, g(h)*d + j] * qk[b, h, j] for c < C; G rows have width KVl*d and
 // probe stride g_bstride.

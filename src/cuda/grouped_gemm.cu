@@ -93,34 +93,48 @@ __device__ __forceinline__ void consumers_sync() {
 // the partner lane: 32 + 16 + 8 shuffles, after which a lane holds 8 columns' sums), then the 8
 // consumer warps' sums meet in shared memory and thread t adds column t's in warp order. No
 // atomics: the same inputs give the same sums.
-__device__ __forceinline__ void rest_tap_tile(const RestTap& tap, const float (&acc)[kBN / 2],
-                                              int off, int rows, int tile_base, int m0, int n0,
-                                              int N, int cw, int warp, int lane, float* red) {
-  const int gq = lane >> 2, tq = lane & 3, tc = (cw * 4 + warp) * 32 + lane;  // 0..255
-  const int last = min(rows, m0 + kBM) - 1;
-  const int b_lo = tap.pos_tok[off + m0] / tap.T, b_hi = tap.pos_tok[off + last] / tap.T;
-  int tok[2];
+// What the rest tap needs of a tile's rows, read when the tile starts so the loads are in flight
+// during its products: the tokens and weights of this thread's two rows (token -1 past the group)
+// and the probes of the tile's first and last rows.
+struct TapRows {
+  int tok[2], b_lo, b_hi;
   float rw[2];
+};
+__device__ __forceinline__ TapRows tap_rows(const RestTap& tap, int off, int rows, int m0, int cw,
+                                            int warp, int lane) {
+  TapRows tr;
+  const int last = min(rows, m0 + kBM) - 1;
+  tr.b_lo = tap.pos_tok[off + m0] / tap.T;
+  tr.b_hi = tap.pos_tok[off + last] / tap.T;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int r = m0 + cw * 64 + warp * 16 + gq + 8 * half;
-    tok[half] = r < rows ? tap.pos_tok[off + r] : -1;
-    rw[half] = r < rows ? tap.row_w[off + r] : 0.f;
+    const int r = m0 + cw * 64 + warp * 16 + (lane >> 2) + 8 * half;
+    tr.tok[half] = r < rows ? tap.pos_tok[off + r] : -1;
+    tr.rw[half] = r < rows ? tap.row_w[off + r] : 0.f;
   }
+  return tr;
+}
+
+// acc holds the tile's values already rounded to bf16 (the stored values).
+__device__ __forceinline__ void rest_tap_tile(const RestTap& tap, const TapRows& tr,
+                                              const float (&acc)[kBN / 2], int tile_base, int m0,
+                                              int n0, int N, int cw, int warp, int lane,
+                                              float* red) {
+  const int tq = lane & 3, tc = (cw * 4 + warp) * 32 + lane;  // 0..255
   // The tile's row tile: the group's first row tile (its 4th plan int) + m0 / kBM.
   const int64_t g = tile_base + m0 / kBM;
-  for (int b = b_lo; b <= b_hi; ++b) {
+  for (int b = tr.b_lo; b <= tr.b_hi; ++b) {
     float w[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const bool in = tok[half] >= 0 && tok[half] / tap.T == b && tok[half] % tap.T != 0;
-      w[half] = in ? rw[half] : 0.f;
+      const int t = tr.tok[half];
+      w[half] = t >= 0 && t / tap.T == b && t % tap.T != 0 ? tr.rw[half] : 0.f;
     }
     // Value i (i < 64): column (i / 2) * 8 + 2 tq + i % 2, both rows weighed by w; taken in two
     // halves of 32 (registers: acc stays live across the probes).
     auto value = [&](int i) {
       const int j = i >> 1, c = i & 1;
-      return w[0] * bf2f(f2bf(acc[4 * j + c])) + w[1] * bf2f(f2bf(acc[4 * j + 2 + c]));
+      return w[0] * acc[4 * j + c] + w[1] * acc[4 * j + 2 + c];
     };
     float* mine = red + (cw * 4 + warp) * kBN;
 #pragma unroll
@@ -266,6 +280,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   int count = 0;
   float acc[kBN / 2];
   for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    // The tile's description (and the rest tap's rows) load while its products run.
+    const int4 tile = tiles[t];
+    const int4 grp = groups[tile.x];
+    const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
+    const bool tapped = !kSwiGLU && tap.part != nullptr;
+    TapRows tr{};
+    if (tapped) tr = tap_rows(tap, off, rows, m0, cw, warp, lane);
 #pragma unroll
     for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.f;
     for (int kt = 0; kt < n_k; ++kt, ++count) {
@@ -284,10 +305,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     wait<0>();
     pin(acc);
     mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
-
-    const int4 tile = tiles[t];
-    const int4 grp = groups[tile.x];
-    const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
+    if (tapped) {  // round once: the stores and the tap read the same bf16 values
+#pragma unroll
+      for (int i = 0; i < kBN / 2; ++i) acc[i] = bf2f(f2bf(acc[i]));
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = cw * 64 + warp * 16 + gq + 8 * half;
@@ -314,9 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    if constexpr (!kSwiGLU) {
-      if (tap.part) rest_tap_tile(tap, acc, off, rows, grp.w, m0, n0, N, cw, warp, lane, red);
-    }
+    if (tapped) rest_tap_tile(tap, tr, acc, grp.w, m0, n0, N, cw, warp, lane, red);
   }
 #endif
 }

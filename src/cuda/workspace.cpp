@@ -71,7 +71,7 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
     r(wp0, B * Hl);
     r(wrest, B * Hl);
     r(norm_partial, k::head_write_norms_scratch(Bi, static_cast<int>(Hl)));
-    r(wkg, gw * D);
+    if (c.mla()) r(wkg, gw * D);  // latent attention: gamma W_kva^T in fp32
     // Latent attention contracts G = delta W^T [B, Ctot, Rkv + rope] with qk; otherwise G holds
     // the heads' key directions [B, Hl, D] (circuit_kernels.cuh, key_directions).
     r(G, c.mla() ? B * Ctot * gw : B * Hl * D);
