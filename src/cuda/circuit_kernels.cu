@@ -3,6 +3,7 @@
 // MoE block (deltas, mean-ablation, the running sum of position-0 writes), and the circuit
 // attribution's small contractions (docs/metrics.md section 4; the math of src/cpu/backend.cpp).
 #include <algorithm>
+#include <string>
 
 #include "cuda/circuit_kernels.cuh"
 #include "cuda/device_common.cuh"
@@ -425,35 +426,54 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
 }
 
 // Block (column chunk, held KV head g, probe b): the local heads of KV head g (at most
-// kDirHeads a pass) times W_K's rows g d .. g d + d - 1 read once as bf16, the column gain applied
-// to the sums (sum_j q_j W[j, c] gamma[c] = gamma[c] sum_j q_j W[j, c]).
-constexpr int kDirCols = 64, kDirHeads = 8;
+// kDirHeads a pass) times W_K's rows g d .. g d + d - 1, read once as bf16 pairs: kDirSlices warps
+// take every kDirSlices-th row for the chunk's 64 columns (two a lane), their partial sums meet in
+// shared memory in warp order; the column gain is applied to the sums
+// (sum_j q_j W[j, c] gamma[c] = gamma[c] sum_j q_j W[j, c]).
+constexpr int kDirHeads = 8, kDirSlices = 8, kDirCols = 64;
 
-__global__ void __launch_bounds__(kDirCols)
+__global__ void __launch_bounds__(kDirSlices * 32)
     key_directions_kernel(const bf16_bits* __restrict__ Wk, const float* __restrict__ gamma,
                           const float* __restrict__ qk, int Hl, int d, int D, int head_begin,
                           int group, int kv_begin, float* __restrict__ dir) {
-  const int col = blockIdx.x * kDirCols + threadIdx.x;
+  __shared__ float red[kDirSlices][kDirHeads][kDirCols];
+  const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+  const int c0 = blockIdx.x * kDirCols + 2 * lane;  // this lane's two columns (D even)
   const int g = blockIdx.y, b = blockIdx.z;
-  if (col >= D) return;
   const int h_lo = max(0, (g + kv_begin) * group - head_begin);
   const int h_hi = min(Hl, (g + kv_begin + 1) * group - head_begin);
-  const float gain = gamma ? gamma[col] : 1.f;
-  const bf16_bits* w = Wk + static_cast<int64_t>(g) * d * D + col;
+  const bf16_bits* w = Wk + static_cast<int64_t>(g) * d * D + c0;
   for (int h0 = h_lo; h0 < h_hi; h0 += kDirHeads) {
     const int nh = min(kDirHeads, h_hi - h0);
-    const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;  // the same for every thread
-    float acc[kDirHeads];
+    const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;  // the same for every lane
+    float acc[kDirHeads][2] = {};
+    if (c0 < D) {
+      for (int j = slice; j < d; j += kDirSlices) {
+        const uint32_t pair = ld32(w + static_cast<int64_t>(j) * D);
+        const float w0 = __uint_as_float(pair << 16), w1 = __uint_as_float(pair & 0xffff0000u);
 #pragma unroll
-    for (int u = 0; u < kDirHeads; ++u) acc[u] = 0.f;
-    for (int j = 0; j < d; ++j) {
-      const float wj = bf2f(w[static_cast<int64_t>(j) * D]);
-#pragma unroll
-      for (int u = 0; u < kDirHeads; ++u)
-        if (u < nh) acc[u] += __ldg(q + u * d + j) * wj;
+        for (int u = 0; u < kDirHeads; ++u) {
+          const float qj = u < nh ? __ldg(q + u * d + j) : 0.f;
+          acc[u][0] += qj * w0;
+          acc[u][1] += qj * w1;
+        }
+      }
     }
-    for (int u = 0; u < nh; ++u)
-      dir[(static_cast<int64_t>(b) * Hl + h0 + u) * D + col] = acc[u] * gain;
+    __syncthreads();  // red of the previous pass is read
+#pragma unroll
+    for (int u = 0; u < kDirHeads; ++u) {
+      red[slice][u][2 * lane] = acc[u][0];
+      red[slice][u][2 * lane + 1] = acc[u][1];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nh * kDirCols; i += blockDim.x) {
+      const int u = i / kDirCols, cc = i % kDirCols, col = blockIdx.x * kDirCols + cc;
+      if (col >= D) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int sl = 0; sl < kDirSlices; ++sl) sum += red[sl][u][cc];
+      dir[(static_cast<int64_t>(b) * Hl + h0 + u) * D + col] = sum * (gamma ? gamma[col] : 1.f);
+    }
   }
 }
 
@@ -463,7 +483,10 @@ void key_directions(const bf16_bits* Wk, const float* gamma, bool centre, const 
                     int Hl, int KVl, int d, int D, int head_begin, int group, int kv_begin,
                     float* dir, cudaStream_t s) {
   if (B == 0 || Hl == 0 || D == 0) return;
-  key_directions_kernel<<<dim3((D + kDirCols - 1) / kDirCols, KVl, B), kDirCols, 0, s>>>(
+  if (D % 2 != 0)
+    throw_api_failure("CUDA", "odd hidden size " + std::to_string(D), "key_directions", __FILE__,
+                      __LINE__);
+  key_directions_kernel<<<dim3((D + kDirCols - 1) / kDirCols, KVl, B), kDirSlices * 32, 0, s>>>(
       Wk, gamma, qk, Hl, d, D, head_begin, group, kv_begin, dir);
   CUDA_CHECK_LAUNCH("key_directions_kernel");
   if (centre) centre_rows(dir, static_cast<int64_t>(B) * Hl, D, s);

@@ -279,14 +279,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int gq = lane >> 2, tq = lane & 3;
   int count = 0;
   float acc[kBN / 2];
+  // Each tile's description is read a tile ahead (the tile during the products before it, its
+  // group before that tile's epilogue), and the rest tap's rows when the tile starts: the loads
+  // are in flight while products run, never waited for between tiles.
+  const bool tapped = !kSwiGLU && tap.part != nullptr;
+  int4 tile_next = make_int4(0, 0, 0, 0), grp_next = make_int4(0, 0, 0, 0);
+  if (blockIdx.x < ntiles) {
+    tile_next = tiles[blockIdx.x];
+    grp_next = groups[tile_next.x];
+  }
   for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-    // The tile's description (and the rest tap's rows) load while its products run.
-    const int4 tile = tiles[t];
-    const int4 grp = groups[tile.x];
+    const int4 tile = tile_next, grp = grp_next;
     const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
-    const bool tapped = !kSwiGLU && tap.part != nullptr;
     TapRows tr{};
     if (tapped) tr = tap_rows(tap, off, rows, m0, cw, warp, lane);
+    const bool more = t + static_cast<int>(gridDim.x) < ntiles;
+    if (more) tile_next = tiles[t + gridDim.x];
 #pragma unroll
     for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.f;
     for (int kt = 0; kt < n_k; ++kt, ++count) {
@@ -305,6 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wait<0>();
     pin(acc);
     mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
+    if (more) grp_next = groups[tile_next.x];
     if (tapped) {  // round once: the stores and the tap read the same bf16 values
 #pragma unroll
       for (int i = 0; i < kBN / 2; ++i) acc[i] = bf2f(f2bf(acc[i]));
