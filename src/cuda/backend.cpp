@@ -784,18 +784,15 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
     wrec = Lw.wo_scaled.get();
   }
   if (record_ && B > 0) {
-    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i], fused on the tensor cores.
+    // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i], fused on the tensor cores, and zbar (the
+    // mean of z over i >= 1) from the same read of z.
     k::head_write_norms(zrec, Lw.gram_hi.get(), Lw.gram_lo.get(), Bi, Ti, static_cast<int>(Hl),
                         static_cast<int>(dv), static_cast<int>(dvp), ws_.norm_partial.get(),
-                        ws_.wp0.get(), ws_.wrest.get(), s());
-    // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h).
-    k::column_mean_rest(zrec, Bi, Ti, static_cast<int>(zw), zw, ws_.partial.get(), ws_.zbar.get(),
-                        s());
-    k::z_rows(zrec, ws_.zbar.get(), Bi, Ti, static_cast<int>(Hl), static_cast<int>(dv),
-              ws_.zr.get(), s());
-    CUDA_CHECK(cudaMemsetAsync(hp, 0, static_cast<size_t>(B * H_ * 2 * D) * sizeof(float), s()));
-    k::head_pack(ws_.zr.get(), wrec, Bi, static_cast<int>(Hl), static_cast<int>(dv), Di,
-                 static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
+                        ws_.wp0.get(), ws_.wrest.get(), ws_.zbar.get(), s());
+    // Position-0 vector and delta of each head write: linear in z, so W_O,h (z_h[0] - zbar_h);
+    // every head slot of hp is written (zeros for the other tp ranks' heads).
+    k::head_vectors(zrec, ws_.zbar.get(), wrec, Bi, Ti, static_cast<int>(Hl), static_cast<int>(dv),
+                    Di, static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
   mark(l, kHeadRecDone);
   if (post_norm_) {

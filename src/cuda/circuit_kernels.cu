@@ -11,14 +11,27 @@
 namespace sinkscope::cuda::k {
 namespace {
 
-constexpr int kMaxLaneElems = 4;  // d <= 128 over 32 lanes
-
 // ||w_h[i]||^2 = z_h[i]^T (W_O,h^T W_O,h) z_h[i] with M = W_O,h^T W_O,h as two bf16 parts
-// (hi + lo carry ~16 bits), fused: Y = Z (M_hi + M_lo) is formed on the tensor cores 16 rows x 8
-// columns at a time and contracted with z in registers, so Y never reaches memory. Block (chunk,
-// h, b) takes rows [i0, i1) of probe b, head h; M_hi and M_lo of the head sit in shared memory
-// (zero padded to DP). partial[(b * Hl + h) * chunks + chunk] = sum of ||w|| over its rows i >= 1.
-constexpr int kNormChunks = 32, kNormWarps = 8, kNormMinRows = 128, kNormTargetBlocks = 528;
+// (hi + lo carry ~16 bits), fused: Y = Z (M_hi + M_lo) is formed on the tensor cores, a warp 32
+// rows x 16 columns at a time, and contracted with z in registers, so Y never reaches memory. M is
+// exactly symmetric (gram_split), so with z cut into blocks z_K of 16 dims
+//   z^T M z = sum_K z_K^T M_KK z_K + 2 sum_{K<N} z_K^T M_KN z_N,
+// and only the blocks M_KN with K <= N are copied and multiplied (36 of the 64 at d = 128).
+//
+// Block (chunk, h, b) takes rows [i0, i1) of probe b, head h. The launcher picks the chunks so that
+// the grid is about one wave of the device, so each block copies M_hi and M_lo of its head (to
+// shared memory, zero padded to DP, with cp.async while its warps load their first rows) once for
+// many rows. The same pass sums z's columns over the rows i >= 1, from the A fragments that
+// already hold each row (so z is read once for the norms and zbar):
+//   partial[(b * Hl + h) * chunks + chunk] = sum of ||w[i]|| over the block's rows i >= 1,
+//   zpart[(b * chunks + chunk) * Hl d + h d + j] = sum of z_h[i, j] over them.
+constexpr int kNormChunks = 32, kNormWarps = 8, kNormMinRows = 128;
+// The launcher's choice of chunks: a wave is kNormWaveBlocks blocks (two blocks of 8 warps per SM,
+// as the kernel's 128 registers and 70 KB of shared memory at d = 128 allow, on the 132 SMs of an
+// H100 / H200; a constant, so the chunks, and with them the order of the sums, do not depend on
+// the device), and a block's fixed cost (copying M, the reductions at its end) counts as
+// kNormBlockRows rows of z.
+constexpr int kNormWaveBlocks = 2 * 132, kNormBlockRows = 96;
 
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
@@ -28,15 +41,95 @@ constexpr int gram_smem_bytes() {
   return 2 * DP * (DP + 8) * static_cast<int>(sizeof(bf16_bits));
 }
 
+// A warp's 32 rows from t0 as two 16-row A tiles (rows past i1 are zeros). Lane (gq, tq) holds
+// rows rr[u][0] = t0 + 16 u + gq and rr[u][1] = rr[u][0] + 8 at columns c = 16 ks + 2 tq, c + 1
+// (a[u][ks][0], [1]) and c + 8, c + 9 ([2], [3]).
+//
+// The rows' column sums (row 0 left out where kMayHoldRow0: zbar is the mean over i >= 1) are
+// added to cs: the lane's 4 KS values per row are summed over its rows, then over the 8 lanes gq
+// of its tq by three halving butterflies (each lane keeps half of what it holds and receives the
+// partner's half of the same columns), which leave lane (gq, tq) with the warp's sums of columns
+// 16 gq + 2 tq + {0, 1, 8, 9} (zero for gq >= KS); those add to cs[0..3]. A fixed order, 4
+// accumulators per lane.
+template <int KS, bool kMayHoldRow0>
+__device__ __forceinline__ void load_norm_rows(const bf16_bits* __restrict__ zb, int64_t ld, int t0,
+                                               int i0, int i1, int d, int lane,
+                                               uint32_t (&a)[2][KS][4], float (&cs)[4]) {
+  const int gq = lane >> 2, tq = lane & 3;
+  int rr[2][2];
+  bool vv[2][2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    rr[u][0] = t0 + 16 * u + gq;
+    rr[u][1] = rr[u][0] + 8;
+    vv[u][0] = rr[u][0] < i1;
+    vv[u][1] = rr[u][1] < i1;
+    const bf16_bits* z0 = zb + static_cast<int64_t>(vv[u][0] ? rr[u][0] : i0) * ld;
+    const bf16_bits* z1 = zb + static_cast<int64_t>(vv[u][1] ? rr[u][1] : i0) * ld;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int c = ks * 16 + tq * 2;  // d is even: c < d implies c + 1 < d
+      a[u][ks][0] = vv[u][0] && c < d ? ld32(z0 + c) : 0u;
+      a[u][ks][1] = vv[u][1] && c < d ? ld32(z1 + c) : 0u;
+      a[u][ks][2] = vv[u][0] && c + 8 < d ? ld32(z0 + c + 8) : 0u;
+      a[u][ks][3] = vv[u][1] && c + 8 < d ? ld32(z1 + c + 8) : 0u;
+    }
+  }
+  // Sums of columns c, c + 1, c + 8, c + 9 of k-step ks over the lane's four rows (zeros for
+  // ks >= KS).
+  auto col_sums = [&](int ks, float(&s4)[4]) {
+    s4[0] = s4[1] = s4[2] = s4[3] = 0.f;
+    if (ks >= KS) return;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      uint32_t r0a = a[u][ks][0], r0b = a[u][ks][2];
+      if (kMayHoldRow0 && rr[u][0] == 0) r0a = r0b = 0u;  // rr[u][1] >= 8
+      s4[0] += bf16_lo(r0a) + bf16_lo(a[u][ks][1]);
+      s4[1] += bf16_hi(r0a) + bf16_hi(a[u][ks][1]);
+      s4[2] += bf16_lo(r0b) + bf16_lo(a[u][ks][3]);
+      s4[3] += bf16_hi(r0b) + bf16_hi(a[u][ks][3]);
+    }
+  };
+  // Lane bit 4 (gq bit 2) keeps k-steps 4..7 or 0..3, bit 3 the upper or lower two of those, bit
+  // 2 the upper or lower one: k-step 4 (gq >> 2) + 2 ((gq >> 1) & 1) + (gq & 1) = gq.
+  float v[16];
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    float lo[4], hi[4];
+    col_sums(ks, lo);
+    col_sums(ks + 4, hi);
+    const bool up = lane & 16;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float send = up ? lo[e] : hi[e], keep = up ? hi[e] : lo[e];
+      v[4 * ks + e] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const bool up = lane & 8;
+    const float send = up ? v[j] : v[8 + j], keep = up ? v[8 + j] : v[j];
+    v[j] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const bool up = lane & 4;
+    const float send = up ? v[j] : v[4 + j], keep = up ? v[4 + j] : v[j];
+    cs[j] += keep + __shfl_xor_sync(0xffffffffu, send, 4);
+  }
+}
+
 template <int DP>
-__global__ void __launch_bounds__(kNormWarps * 32)
+__global__ void __launch_bounds__(kNormWarps * 32, 2)
     head_write_norms_kernel(const bf16_bits* __restrict__ z, const bf16_bits* __restrict__ Mhi,
                             const bf16_bits* __restrict__ Mlo, int T, int Hl, int d, int chunks,
-                            float* __restrict__ wp0, float* __restrict__ partial) {
-  constexpr int STR = DP + 8, KS = DP / 16, NT = DP / 8;
+                            float* __restrict__ wp0, float* __restrict__ partial,
+                            float* __restrict__ zpart) {
+  constexpr int STR = DP + 8, KS = DP / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Ms[part][n][k] = M_part[n][k] = M_part[k][n] (exactly symmetric, see gram_split): the B
-  // fragments (column n of M) are contiguous in k. Rows copied 16 bytes at a time where d allows.
+  // fragments (column n of M) are contiguous in k. Column n in block N = n / 16 is read at
+  // k < 16 (N + 1) only; that part is copied, 16 bytes at a time with cp.async where d allows.
   bf16_bits* Ms = reinterpret_cast<bf16_bits*>(smem_raw);
   const int chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
@@ -45,76 +138,78 @@ __global__ void __launch_bounds__(kNormWarps * 32)
   if (d % 8 == 0) {
     for (int i = threadIdx.x; i < 2 * DP * CH; i += blockDim.x) {
       const int part = i / (DP * CH), n = (i / CH) % DP, k = (i % CH) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (n < d && k < d)
-        v = *reinterpret_cast<const uint4*>((part ? Mlo : Mhi) + h * dd +
-                                            static_cast<int64_t>(n) * d + k);
-      *reinterpret_cast<uint4*>(Ms + (part * DP + n) * STR + k) = v;
+      if (k >= (n / 16 + 1) * 16) continue;
+      const bool ok = n < d && k < d;  // else zeros, nothing read
+      const bf16_bits* src =
+          (part ? Mlo : Mhi) + (ok ? h * dd + static_cast<int64_t>(n) * d + k : 0);
+      cp_async16(Ms + (part * DP + n) * STR + k, src, ok);
     }
   } else {
     for (int i = threadIdx.x; i < 2 * DP * DP; i += blockDim.x) {
       const int part = i / (DP * DP), n = (i / DP) % DP, k = i % DP;
+      if (k >= (n / 16 + 1) * 16) continue;
       Ms[(part * DP + n) * STR + k] =
           n < d && k < d ? (part ? Mlo : Mhi)[h * dd + static_cast<int64_t>(n) * d + k]
                          : static_cast<bf16_bits>(0);
     }
   }
-  __syncthreads();
+  cp_async_commit();
   const int i0 = static_cast<int>(static_cast<int64_t>(T) * chunk / chunks);
   const int i1 = static_cast<int>(static_cast<int64_t>(T) * (chunk + 1) / chunks);
   const int64_t ld = static_cast<int64_t>(Hl) * d;
+  const bf16_bits* zb = z + static_cast<int64_t>(b) * T * ld + static_cast<int64_t>(h) * d;
   // A warp takes 32 rows per step as two 16-row tiles, so each fragment of M read from shared
-  // memory feeds two products.
+  // memory feeds two products. The first step's rows load while M is copied.
   float rest = 0.f;
-  for (int t0 = i0 + warp * 32; t0 < i1; t0 += kNormWarps * 32) {
-    int rr[2][2];
-    bool vv[2][2];
-    uint32_t a[2][KS][4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      rr[u][0] = t0 + 16 * u + gq;
-      rr[u][1] = rr[u][0] + 8;
-      vv[u][0] = rr[u][0] < i1;
-      vv[u][1] = rr[u][1] < i1;
-      const bf16_bits* z0 =
-          z + (static_cast<int64_t>(b) * T + (vv[u][0] ? rr[u][0] : i0)) * ld + h * d;
-      const bf16_bits* z1 =
-          z + (static_cast<int64_t>(b) * T + (vv[u][1] ? rr[u][1] : i0)) * ld + h * d;
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const int c = ks * 16 + tq * 2;  // d is even: c < d implies c + 1 < d
-        a[u][ks][0] = vv[u][0] && c < d ? ld32(z0 + c) : 0u;
-        a[u][ks][1] = vv[u][1] && c < d ? ld32(z1 + c) : 0u;
-        a[u][ks][2] = vv[u][0] && c + 8 < d ? ld32(z0 + c + 8) : 0u;
-        a[u][ks][3] = vv[u][1] && c + 8 < d ? ld32(z1 + c + 8) : 0u;
-      }
-    }
+  float cs[4] = {0.f, 0.f, 0.f, 0.f};
+  uint32_t a[2][KS][4];
+  int t0 = i0 + warp * 32;
+  load_norm_rows<KS, true>(zb, ld, t0, i0, i1, d, lane, a, cs);
+  cp_async_wait<0>();
+  __syncthreads();
+  for (; t0 < i1; t0 += kNormWarps * 32) {
     float ss[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    // Column block N (columns 16 N + 8 hf + gq, the n-tiles 2 N + hf): the blocks K < N count
+    // twice (M_NK = M_KN^T), the diagonal one once. Both n-tiles and both row tiles go together:
+    // four independent accumulator chains.
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      float y[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      const bf16_bits* mh = Ms + (nt * 8 + gq) * STR + tq * 2;
-      const bf16_bits* ml = mh + DP * STR;
+    for (int N = 0; N < KS; ++N) {
+      float y[2][2][4];  // [hf][u][fragment]
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t b0 = ld32(mh + ks * 16), b1 = ld32(mh + ks * 16 + 8);
-        mma_bf16(y[0], a[0][ks], b0, b1);
-        mma_bf16(y[1], a[1][ks], b0, b1);
-      }
+      for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t b0 = ld32(ml + ks * 16), b1 = ld32(ml + ks * 16 + 8);
-        mma_bf16(y[0], a[0][ks], b0, b1);
-        mma_bf16(y[1], a[1][ks], b0, b1);
-      }
-      // y holds Y at rows gq (y0, y1) and gq + 8 (y2, y3), columns nt * 8 + 2 tq + {0, 1}: the
-      // same positions as the A fragment of k-step nt / 2, half nt % 2.
+        for (int u = 0; u < 2; ++u) y[hf][u][0] = y[hf][u][1] = y[hf][u][2] = y[hf][u][3] = 0.f;
+      const bf16_bits* m0 = Ms + (N * 16 + gq) * STR + tq * 2;
+      auto products = [&](const bf16_bits* m, int ks) {
+        const uint32_t b0 = ld32(m + ks * 16), b1 = ld32(m + ks * 16 + 8);
+        const uint32_t c0 = ld32(m + 8 * STR + ks * 16), c1 = ld32(m + 8 * STR + ks * 16 + 8);
+        mma_bf16(y[0][0], a[0][ks], b0, b1);
+        mma_bf16(y[0][1], a[1][ks], b0, b1);
+        mma_bf16(y[1][0], a[0][ks], c0, c1);
+        mma_bf16(y[1][1], a[1][ks], c0, c1);
+      };
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const uint32_t za = a[u][nt / 2][(nt & 1) * 2], zb = a[u][nt / 2][(nt & 1) * 2 + 1];
-        ss[u][0] += y[u][0] * bf16_lo(za) + y[u][1] * bf16_hi(za);
-        ss[u][1] += y[u][2] * bf16_lo(zb) + y[u][3] * bf16_hi(zb);
-      }
+      for (int ks = 0; ks < N; ++ks) products(m0, ks);  // M_hi
+#pragma unroll
+      for (int ks = 0; ks < N; ++ks) products(m0 + DP * STR, ks);  // M_lo
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) y[hf][u][e] += y[hf][u][e];  // exact
+      products(m0, N);
+      products(m0 + DP * STR, N);
+      // y[hf] holds Y at rows gq (y0, y1) and gq + 8 (y2, y3), columns 16 N + 8 hf + 2 tq + {0, 1}:
+      // the same positions as the A fragment of k-step N, half hf.
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const uint32_t za = a[u][N][hf * 2], zc = a[u][N][hf * 2 + 1];
+          ss[u][0] += y[hf][u][0] * bf16_lo(za) + y[hf][u][1] * bf16_hi(za);
+          ss[u][1] += y[hf][u][2] * bf16_lo(zc) + y[hf][u][3] * bf16_hi(zc);
+        }
     }
 #pragma unroll
     for (int u = 0; u < 2; ++u)
@@ -123,85 +218,188 @@ __global__ void __launch_bounds__(kNormWarps * 32)
         float v = ss[u][hf];
         v += __shfl_xor_sync(0xffffffffu, v, 1);
         v += __shfl_xor_sync(0xffffffffu, v, 2);
-        if (tq == 0 && vv[u][hf]) {
+        const int row = t0 + 16 * u + 8 * hf + gq;
+        if (tq == 0 && row < i1) {
           // Rounding can leave a tiny negative; a NaN stays NaN (fmaxf would hide it).
           const float nrm = sqrtf(v < 0.f ? 0.f : v);
-          if (rr[u][hf] == 0)
+          if (row == 0)
             wp0[static_cast<int64_t>(b) * Hl + h] = nrm;
           else
             rest += nrm;
         }
       }
+    // The next step's rows (past the first step, never row 0).
+    if (t0 + kNormWarps * 32 < i1)
+      load_norm_rows<KS, false>(zb, ld, t0 + kNormWarps * 32, i0, i1, d, lane, a, cs);
   }
-  rest = block_sum(rest);
-  if (threadIdx.x == 0) partial[(static_cast<int64_t>(b) * Hl + h) * chunks + chunk] = rest;
+  // The column sums over the warps, in warp order, through shared memory (M is no longer read).
+  __syncthreads();
+  float* colsum = reinterpret_cast<float*>(smem_raw);  // [kNormWarps][DP]
+  if (gq < KS) {
+    float* row = colsum + warp * DP + gq * 16 + tq * 2;
+    row[0] = cs[0];
+    row[1] = cs[1];
+    row[8] = cs[2];
+    row[9] = cs[3];
+  }
+  __syncthreads();
+  float* zout =
+      zpart + (static_cast<int64_t>(b) * chunks + chunk) * ld + static_cast<int64_t>(h) * d;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNormWarps; ++w) sum += colsum[w * DP + j];
+    zout[j] = sum;
+  }
+  const double total = block_sum(static_cast<double>(rest));
+  if (threadIdx.x == 0)
+    partial[(static_cast<int64_t>(b) * Hl + h) * chunks + chunk] = static_cast<float>(total);
+}
+
+// Row chunks per (probe, head): the fewest waves of kNormWaveBlocks blocks times the rows of a
+// block plus its fixed cost, over 1..kNormChunks chunks of at least kNormMinRows rows (one chunk
+// for short probes). Qwen3-30B-A3B's 32 heads at T = 4096: 8 chunks at B = 1, one at B = 8.
+int head_write_norms_chunks(int B, int Hl, int T) {
+  const int64_t slots = kNormWaveBlocks;
+  const int64_t heads = static_cast<int64_t>(B) * Hl;
+  const int most = std::max(1, std::min(kNormChunks, T / kNormMinRows));
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int c = 1; c <= most; ++c) {
+    const int64_t waves = (heads * c + slots - 1) / slots;
+    const int64_t cost = waves * ((T + c - 1) / c + kNormBlockRows);
+    if (best_cost < 0 || cost < best_cost) {
+      best = c;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 template <int DP>
 void launch_head_write_norms(const bf16_bits* z, const bf16_bits* Mhi, const bf16_bits* Mlo, int B,
-                             int T, int Hl, int d, int chunks, float* wp0, float* partial,
-                             cudaStream_t s) {
+                             int T, int Hl, int d, float* wp0, float* partial, float* zpart,
+                             int* chunks_out, cudaStream_t s) {
   constexpr int bytes = gram_smem_bytes<DP>();
   CUDA_CHECK(cudaFuncSetAttribute(head_write_norms_kernel<DP>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const int chunks = head_write_norms_chunks(B, Hl, T);
   head_write_norms_kernel<DP><<<dim3(chunks, Hl, B), kNormWarps * 32, bytes, s>>>(
-      z, Mhi, Mlo, T, Hl, d, chunks, wp0, partial);
+      z, Mhi, Mlo, T, Hl, d, chunks, wp0, partial, zpart);
   CUDA_CHECK_LAUNCH("head_write_norms_kernel");
+  *chunks_out = chunks;
 }
 
-__global__ void head_write_norms_finish_kernel(const float* __restrict__ partial, int n, int chunks,
-                                               int T, float* __restrict__ wrest) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  double acc = 0;
-  for (int c = 0; c < chunks; ++c) acc += partial[static_cast<int64_t>(i) * chunks + c];
-  wrest[i] = static_cast<float>(acc / (T - 1));
-}
-
-__global__ void z_rows_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar,
-                              int B, int T, int Hl, int d, float* __restrict__ zr) {
-  const int64_t n = static_cast<int64_t>(Hl) * B * d;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int j = static_cast<int>(idx % d);
-    const int b = static_cast<int>((idx / d) % B);
-    const int h = static_cast<int>(idx / (static_cast<int64_t>(d) * B));
-    const int64_t col = static_cast<int64_t>(h) * d + j;
-    const float z0 = bf2f(z[static_cast<int64_t>(b) * T * Hl * d + col]);
-    const float zb = zbar[static_cast<int64_t>(b) * Hl * d + col];
-    float* out = zr + ((static_cast<int64_t>(h) * B + b) * 2) * d;
-    out[j] = z0 - zb;
-    out[d + j] = z0;
+// Thread per (probe, column) of zbar: the chunks' column sums in chunk order, over T - 1 (zeros
+// when T < 2, as column_mean_rest); the first B Hl threads also sum the chunks' norm sums (double)
+// into wrest.
+__global__ void head_write_norms_finish_kernel(const float* __restrict__ partial,
+                                               const float* __restrict__ zpart, int B, int Hl,
+                                               int64_t zw, int chunks, int T,
+                                               float* __restrict__ wrest,
+                                               float* __restrict__ zbar) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < static_cast<int64_t>(B) * Hl) {
+    double acc = 0;
+    for (int c = 0; c < chunks; ++c) acc += partial[i * chunks + c];
+    wrest[i] = static_cast<float>(acc / (T - 1));
   }
+  if (i >= B * zw) return;
+  const int64_t b = i / zw, col = i % zw;
+  float acc = 0.f;
+  for (int c = 0; c < chunks; ++c) acc += zpart[(b * chunks + c) * zw + col];
+  zbar[i] = T < 2 ? 0.f : acc / static_cast<float>(T - 1);
 }
 
-// Warp per (output channel c, local head h).
-__global__ void head_pack_kernel(const float* __restrict__ zr, const bf16_bits* __restrict__ Wo,
-                                 int B, int Hl, int d, int D, int H, int head_begin,
-                                 float* __restrict__ hp) {
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int h = blockIdx.y;
-  if (c >= D) return;
-  const int64_t qw = static_cast<int64_t>(Hl) * d;
-  float w[kMaxLaneElems];
-#pragma unroll
-  for (int t = 0; t < kMaxLaneElems; ++t) {
-    const int j = lane + 32 * t;
-    w[t] = j < d ? bf2f(Wo[c * qw + static_cast<int64_t>(h) * d + j]) : 0.f;
+// The heads' position-0 vectors: hp[b, head_begin + h, 0] = W_O,h (z_h[b, 0] - zbar[b, h]) and
+// hp[b, head_begin + h, 1] = W_O,h z_h[b, 0], zeros for the heads of other tp ranks. Block
+// (channel tile, y): y < Hl is local head y, whose kVecChans rows of W_O (d each) are copied to
+// shared memory once (cp.async; rows padded to keep the 16-byte reads free of bank conflicts) and
+// serve every probe; y >= Hl writes the zeros of one other head. A thread owns one output channel
+// and RG rows (probe, kind) per pass: the rows' vectors z_h[b, 0] - zbar[b, h] and z_h[b, 0] sit in
+// shared memory (fp32, formed by the block) and are read as broadcasts; fp32 sums in dimension
+// order.
+constexpr int kVecChans = 128, kVecMaxRows = 16;
+
+template <int RG>
+__global__ void __launch_bounds__(kVecChans)
+    head_vectors_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar,
+                        const bf16_bits* __restrict__ Wo, int B, int T, int Hl, int d, int D, int H,
+                        int head_begin, bool vec, float* __restrict__ hp) {
+  const int t = threadIdx.x, c = blockIdx.x * kVecChans + t;
+  if (static_cast<int>(blockIdx.y) >= Hl) {  // a head of another tp rank
+    const int k = static_cast<int>(blockIdx.y) - Hl, g = k < head_begin ? k : k + Hl;
+    if (c >= D) return;
+    for (int b = 0; b < B; ++b)
+      for (int s = 0; s < 2; ++s) hp[((static_cast<int64_t>(b) * H + g) * 2 + s) * D + c] = 0.f;
+    return;
   }
-  for (int r = 0; r < 2 * B; ++r) {
-    const float* zrow = zr + (static_cast<int64_t>(h) * 2 * B + r) * d;
-    float acc = 0.f;
-#pragma unroll
-    for (int t = 0; t < kMaxLaneElems; ++t) {
-      const int j = lane + 32 * t;
-      if (j < d) acc += zrow[j] * w[t];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int h = blockIdx.y, c0 = blockIdx.x * kVecChans;
+  const int dr = (d + 7) / 8 * 8, ws = (d + 15) / 16 * 16 + 8;  // ws / 2 words = 4 mod 8
+  bf16_bits* Ws = reinterpret_cast<bf16_bits*>(smem_raw);  // [kVecChans][ws], dims d..dr-1 zero
+  float* zs = reinterpret_cast<float*>(smem_raw + kVecChans * ws * sizeof(bf16_bits));  // [RG][dr]
+  const int64_t ld = static_cast<int64_t>(Hl) * d;
+  const bf16_bits* wsrc = Wo + static_cast<int64_t>(h) * d;
+  // W_O,h's rows c0.. (d % 8 == 0 and 16-byte aligned: 16-byte pieces, a row's on adjacent
+  // threads).
+  if (vec) {
+    const int pieces = d / 8;
+    for (int i = t; i < kVecChans * pieces; i += kVecChans) {
+      const int r = i / pieces, p = i % pieces;
+      const bool ok = c0 + r < D;
+      cp_async16(Ws + r * ws + p * 8, wsrc + (ok ? (c0 + r) * ld + p * 8 : 0), ok);
     }
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      const int b = r / 2, s = r % 2;
-      hp[((static_cast<int64_t>(b) * H + head_begin + h) * 2 + s) * D + c] = acc;
+    cp_async_commit();
+  } else {
+    for (int i = t; i < kVecChans * dr; i += kVecChans) {
+      const int r = i / dr, j = i % dr;
+      Ws[r * ws + j] = c0 + r < D && j < d ? wsrc[(c0 + r) * ld + j] : static_cast<bf16_bits>(0);
+    }
+  }
+  for (int b0 = 0; b0 < B; b0 += RG / 2) {
+    __syncthreads();  // the previous pass is done with zs
+    for (int i = t; i < RG * dr; i += kVecChans) {
+      const int r = i / dr, j = i % dr, b = b0 + r / 2;
+      float v = 0.f;
+      if (b < B && j < d) {
+        const int64_t col = static_cast<int64_t>(h) * d + j;
+        const float z0 = bf2f(z[static_cast<int64_t>(b) * T * ld + col]);
+        v = r % 2 == 0 ? z0 - zbar[static_cast<int64_t>(b) * ld + col] : z0;
+      }
+      zs[r * dr + j] = v;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (c >= D) continue;
+    float acc[RG];
+#pragma unroll
+    for (int r = 0; r < RG; ++r) acc[r] = 0.f;
+    const bf16_bits* wrow = Ws + t * ws;
+    for (int j = 0; j < dr; j += 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(wrow + j);
+      const float w[8] = {bf16_lo(u.x), bf16_hi(u.x), bf16_lo(u.y), bf16_hi(u.y),
+                          bf16_lo(u.z), bf16_hi(u.z), bf16_lo(u.w), bf16_hi(u.w)};
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {
+        const float4 za = *reinterpret_cast<const float4*>(zs + r * dr + j);
+        const float4 zc = *reinterpret_cast<const float4*>(zs + r * dr + j + 4);
+        float v = acc[r];
+        v = fmaf(w[0], za.x, v);
+        v = fmaf(w[1], za.y, v);
+        v = fmaf(w[2], za.z, v);
+        v = fmaf(w[3], za.w, v);
+        v = fmaf(w[4], zc.x, v);
+        v = fmaf(w[5], zc.y, v);
+        v = fmaf(w[6], zc.z, v);
+        v = fmaf(w[7], zc.w, v);
+        acc[r] = v;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      const int b = b0 + r / 2;
+      if (b < B) hp[((static_cast<int64_t>(b) * H + head_begin + h) * 2 + r % 2) * D + c] = acc[r];
     }
   }
 }
@@ -492,21 +690,21 @@ void key_directions(const bf16_bits* Wk, const float* gamma, bool centre, const 
   if (centre) centre_rows(dir, static_cast<int64_t>(B) * Hl, D, s);
 }
 
-int64_t head_write_norms_scratch(int B, int Hl) {
-  return static_cast<int64_t>(B) * Hl * kNormChunks;
+int64_t head_write_norms_scratch(int B, int Hl, int d) {
+  return static_cast<int64_t>(B) * kNormChunks * Hl * (1 + static_cast<int64_t>(d));
 }
 
 void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_bits* gram_lo, int B,
-                      int T, int Hl, int d, int dp, float* partial, float* wp0, float* wrest,
-                      cudaStream_t s) {
+                      int T, int Hl, int d, int dp, float* scratch, float* wp0, float* wrest,
+                      float* zbar, cudaStream_t s) {
   if (B == 0 || Hl == 0) return;
-  // Enough blocks to fill the device (~4 per SM of an H100/H200), each with enough rows to repay
-  // its copy of M.
-  const int want = (kNormTargetBlocks + B * Hl - 1) / (B * Hl);
-  const int chunks = std::max(1, std::min({kNormChunks, want, T / kNormMinRows}));
-#define SINKSCOPE_GRAM_CASE(N)                                                             \
-  case N:                                                                                  \
-    launch_head_write_norms<N>(z, gram_hi, gram_lo, B, T, Hl, d, chunks, wp0, partial, s); \
+  // The norms' partial sums, then the column sums of z ([B, chunks, Hl d]).
+  float* partial = scratch;
+  float* zpart = scratch + static_cast<int64_t>(B) * Hl * kNormChunks;
+  int chunks = 1;
+#define SINKSCOPE_GRAM_CASE(N)                                                                     \
+  case N:                                                                                          \
+    launch_head_write_norms<N>(z, gram_hi, gram_lo, B, T, Hl, d, wp0, partial, zpart, &chunks, s); \
     break
   switch (dp) {
     SINKSCOPE_GRAM_CASE(16);
@@ -522,24 +720,37 @@ void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_b
                         "head_write_norms", __FILE__, __LINE__);
   }
 #undef SINKSCOPE_GRAM_CASE
-  head_write_norms_finish_kernel<<<(B * Hl + 127) / 128, 128, 0, s>>>(partial, B * Hl, chunks, T,
-                                                                      wrest);
+  const int64_t zw = static_cast<int64_t>(Hl) * d;
+  const unsigned blocks = static_cast<unsigned>((B * zw + 255) / 256);
+  head_write_norms_finish_kernel<<<blocks, 256, 0, s>>>(partial, zpart, B, Hl, zw, chunks, T, wrest,
+                                                        zbar);
   CUDA_CHECK_LAUNCH("head_write_norms_finish_kernel");
 }
 
-void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr,
-            cudaStream_t s) {
-  const int64_t n = static_cast<int64_t>(Hl) * B * d;
-  if (n == 0) return;
-  z_rows_kernel<<<grid_for(n, 256, 4096), 256, 0, s>>>(z, zbar, B, T, Hl, d, zr);
-  CUDA_CHECK_LAUNCH("z_rows_kernel");
-}
-
-void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D, int H,
-               int head_begin, float* hp, cudaStream_t s) {
-  if (B == 0 || Hl == 0) return;
-  head_pack_kernel<<<dim3((D + 7) / 8, Hl), 256, 0, s>>>(zr, Wo, B, Hl, d, D, H, head_begin, hp);
-  CUDA_CHECK_LAUNCH("head_pack_kernel");
+void head_vectors(const bf16_bits* z, const float* zbar, const bf16_bits* Wo, int B, int T, int Hl,
+                  int d, int D, int H, int head_begin, float* hp, cudaStream_t s) {
+  if (B == 0 || D == 0 || H == 0) return;
+  if (d > 128 || d % 2 != 0)
+    throw_api_failure("CUDA", "unsupported head dim " + std::to_string(d), "head_vectors", __FILE__,
+                      __LINE__);
+  const bool vec = d % 8 == 0 && reinterpret_cast<uintptr_t>(Wo) % 16 == 0;
+  const int rows = 2 * std::min(B, kVecMaxRows / 2);
+  const int dr = (d + 7) / 8 * 8, ws = (d + 15) / 16 * 16 + 8;
+  const dim3 grid((D + kVecChans - 1) / kVecChans, H);
+  auto go = [&](auto kernel, int rg) {
+    const size_t smem = static_cast<size_t>(kVecChans) * ws * sizeof(bf16_bits) +
+                        static_cast<size_t>(rg) * dr * sizeof(float);  // <= 43008 bytes
+    kernel<<<grid, kVecChans, smem, s>>>(z, zbar, Wo, B, T, Hl, d, D, H, head_begin, vec, hp);
+  };
+  if (rows <= 2)
+    go(head_vectors_kernel<2>, 2);
+  else if (rows <= 4)
+    go(head_vectors_kernel<4>, 4);
+  else if (rows <= 8)
+    go(head_vectors_kernel<8>, 8);
+  else
+    go(head_vectors_kernel<kVecMaxRows>, kVecMaxRows);
+  CUDA_CHECK_LAUNCH("head_vectors_kernel");
 }
 
 void finish_components(const ComponentRows& rows, int B, int S, int D, int T,

@@ -13,22 +13,23 @@
 namespace sinkscope::cuda::k {
 
 // Head write norms ||w_h[i]||^2 = z_h[i]^T M_h z_h[i] (M_h = W_O,h^T W_O,h = gram_hi + gram_lo,
-// [Hl, d, d] bf16 each), fused (z M never stored). z [B*T, Hl*d] bf16 -> wp0 [B, Hl] = ||w[0]||,
-// wrest [B, Hl] = mean_{i>=1} ||w[i]||. dp: d padded to a multiple of 16 (<= 128). `partial` is
-// scratch of head_write_norms_scratch(B, Hl) floats.
-int64_t head_write_norms_scratch(int B, int Hl);
+// [Hl, d, d] bf16 each, exactly symmetric), fused (z M never stored), and in the same read of z
+// its column means past position 0. z [B*T, Hl*d] bf16 -> wp0 [B, Hl] = ||w[0]||, wrest [B, Hl] =
+// mean_{i>=1} ||w[i]||, zbar [B, Hl*d] = mean over i = 1..T-1 of z[b*T + i] (zeros when T < 2, as
+// column_mean_rest). dp: d padded to a multiple of 16 (<= 128). `scratch` holds
+// head_write_norms_scratch(B, Hl, d) floats. Deterministic (no atomics).
+int64_t head_write_norms_scratch(int B, int Hl, int d);
 void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_bits* gram_lo, int B,
-                      int T, int Hl, int d, int dp, float* partial, float* wp0, float* wrest,
-                      cudaStream_t s);
+                      int T, int Hl, int d, int dp, float* scratch, float* wp0, float* wrest,
+                      float* zbar, cudaStream_t s);
 
-// zr [Hl, B, 2, d]: (z_h[b, 0] - zbar[b, h], z_h[b, 0]) for the head writes' position-0 vectors.
-void z_rows(const bf16_bits* z, const float* zbar, int B, int T, int Hl, int d, float* zr,
-            cudaStream_t s);
-
-// hp [B, H, 2, D] (global head slots; zero elsewhere): hp[b, head_begin + h, s] = W_O,h zr[h, b,
-// s], W_O [D, Hl*d] bf16, fp32 arithmetic.
-void head_pack(const float* zr, const bf16_bits* Wo, int B, int Hl, int d, int D, int H,
-               int head_begin, float* hp, cudaStream_t s);
+// The heads' position-0 vectors, hp [B, H, 2, D] (global head slots; zeros for the heads outside
+// [head_begin, head_begin + Hl)): hp[b, head_begin + h, 0] = W_O,h (z_h[b, 0] - zbar[b, h]) and
+// hp[b, head_begin + h, 1] = W_O,h z_h[b, 0], with z [B*T, Hl*d] bf16 (row 0 of each probe read),
+// zbar [B, Hl*d] (head_write_norms), W_O [D, Hl*d] bf16; fp32 arithmetic, W_O read once for
+// every probe. Even d <= 128.
+void head_vectors(const bf16_bits* z, const float* zbar, const bf16_bits* Wo, int B, int T, int Hl,
+                  int d, int D, int H, int head_begin, float* hp, cudaStream_t s);
 
 // Stores the position-0 deltas of S component slots per probe, applies the mean-ablations and adds
 // the (ablated) position-0 writes to p0_sum, in slot order (as src/cpu/backend.cpp does):

@@ -58,8 +58,9 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
   r(p0_sum, B * D);
   if (record) {
     if (post_norm) r(zs, BT * zw);
-    // One scratch for the column means' partial sums (the residual, z) and qbar's (qk_norm_rope);
-    // the steps that use it run one after the other on the stream.
+    // One scratch for the column means' partial sums (the residual, latent attention's queries) and
+    // qbar's (qk_norm_rope); the steps that use it run one after the other on the stream. z's
+    // column means come from the head write norms' pass (norm_partial).
     r(partial, std::max({k::column_mean_scratch(Bi, Ti, static_cast<int>(D)),
                          k::column_mean_scratch(Bi, Ti, static_cast<int>(std::max(qw, D))),
                          k::qk_norm_rope_scratch(Bi, Ti, static_cast<int>(Hl),
@@ -67,10 +68,10 @@ void Workspace::plan(const ModelConfig& c, const ShardPlan& p, int tp_size, int6
     r(colmean, B * D);
     r(qbar, B * qw);
     r(zbar, B * zw);
-    r(zr, Hl * B * 2 * c.value_dim());
     r(wp0, B * Hl);
     r(wrest, B * Hl);
-    r(norm_partial, k::head_write_norms_scratch(Bi, static_cast<int>(Hl)));
+    r(norm_partial,
+      k::head_write_norms_scratch(Bi, static_cast<int>(Hl), static_cast<int>(c.value_dim())));
     if (c.mla()) r(wkg, gw * D);  // latent attention: gamma W_kva^T in fp32
     // Latent attention contracts G = delta W^T [B, Ctot, Rkv + rope] with qk; otherwise G holds
     // the heads' key directions [B, Hl, D] (circuit_kernels.cuh, key_directions).

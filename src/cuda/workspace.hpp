@@ -38,7 +38,7 @@ struct Workspace {
   DeviceBuffer<bf16_bits> mla_q16, mla_lat16;
   // Recording and the circuit attribution.
   DeviceBuffer<float> delta, p0_sum;  // [B, Ctot, D] component deltas; [B, D] position-0 sum
-  DeviceBuffer<float> partial, colmean, qbar, zbar, zr, wp0, wrest, norm_partial;
+  DeviceBuffer<float> partial, colmean, qbar, zbar, wp0, wrest, norm_partial;
   DeviceBuffer<float> wkg, G, idrows, kid, k0m, k0s, qk, attr;
   DeviceBuffer<float> median;
   DeviceBuffer<uint8_t> median_scratch;

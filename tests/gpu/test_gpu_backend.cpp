@@ -1299,6 +1299,193 @@ TEST(GpuKernels, QkNormRopeQbarMatchesFloat64Reference) {
   }
 }
 
+// The attention block's head-write recording on its own (head_write_norms, then head_vectors)
+// against float64 references from the same bf16 z and W_O: wp0 / wrest (||W_O,h z_h[i]|| at i = 0
+// and its mean over i >= 1, through M = W_O,h^T W_O,h split by gram_split), zbar (the mean of z
+// over i >= 1: row 0 is made 30 times larger than the rest, so counting it would show), and hp
+// [B, H, {delta, p0}, D] (W_O,h (z_h[0] - zbar), W_O,h z_h[0]; exactly zero for the heads of other
+// tp ranks, hp starting as NaN). Shapes: one probe of 4096 rows over many row chunks, probes that
+// need two passes of head_vectors (B > 8), head dims 128, 64, 24 (padded to 32) and 6 (the
+// element-wise copies), D off the 128-channel tiles, T of 1 (zbar zero, wrest 0 / 0 as the CPU
+// backend) and 2. A second call gives the same bits, and nothing is written past the scratch.
+TEST(GpuKernels, HeadWriteRecordingMatchesFloat64Reference) {
+  REQUIRE_GPU();
+  struct Case {
+    int B, T, Hl, H, head_begin, d, D;
+  };
+  const Case cases[] = {
+      {1, 4096, 8, 8, 0, 128, 256},   // one probe, many row chunks
+      {8, 256, 16, 16, 0, 128, 200},  // eight probes: one head_vectors pass of 16 rows
+      {9, 300, 3, 5, 1, 64, 300},     // two passes (8 + 1 probes), heads 0 and 4 elsewhere
+      {3, 37, 2, 4, 2, 24, 72},       // d = 24 in a 32-wide Gram, 6 of 8 rows in the pass
+      {2, 130, 3, 3, 0, 6, 40},       // d = 6: the element-wise copies
+      {2, 2, 2, 2, 0, 128, 128},      // one row averaged
+      {1, 1, 1, 2, 1, 128, 64}};      // no rows to average
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const Case& cs : cases) {
+    const int B = cs.B, T = cs.T, Hl = cs.Hl, H = cs.H, hb = cs.head_begin, d = cs.d, D = cs.D;
+    const int dp = (d + 15) / 16 * 16, zw = Hl * d;
+    SCOPED_TRACE("B " + std::to_string(B) + ", T " + std::to_string(T) + ", Hl " +
+                 std::to_string(Hl) + " of " + std::to_string(H) + " from " + std::to_string(hb) +
+                 ", d " + std::to_string(d) + ", D " + std::to_string(D));
+    // z with an offset per column (zbar is not noise around zero) and a large row 0; W_O [D, zw].
+    std::vector<uint16_t> z(static_cast<size_t>(B) * T * zw), W(static_cast<size_t>(D) * zw);
+    std::vector<float> offset(static_cast<size_t>(zw));
+    for (auto& v : offset) v = nd(rng);
+    for (size_t i = 0; i < z.size(); ++i) {
+      const bool row0 = (i / zw) % T == 0;
+      z[i] = f32_to_bf16(row0 ? 30.f * nd(rng) : offset[i % zw] + nd(rng));
+    }
+    for (auto& v : W) v = f32_to_bf16(0.1f * nd(rng));
+    std::vector<float> zv(z.size()), wv(W.size());
+    for (size_t i = 0; i < z.size(); ++i) zv[i] = bf16_to_f32(z[i]);
+    for (size_t i = 0; i < W.size(); ++i) wv[i] = bf16_to_f32(W[i]);
+    auto zf = [&](int b, int i, int col) {
+      return static_cast<double>(zv[(static_cast<size_t>(b) * T + i) * zw + col]);
+    };
+    auto wf = [&](int c, int col) {
+      return static_cast<double>(wv[static_cast<size_t>(c) * zw + col]);
+    };
+    // M_h = W_O,h^T W_O,h in float64 (exactly symmetric), uploaded as fp32 for gram_split.
+    std::vector<double> M(static_cast<size_t>(Hl) * d * d, 0.0);
+    for (int h = 0; h < Hl; ++h)
+      for (int r = 0; r < d; ++r)
+        for (int c2 = 0; c2 < d; ++c2) {
+          double acc = 0;
+          for (int c = 0; c < D; ++c) acc += wf(c, h * d + r) * wf(c, h * d + c2);
+          M[(static_cast<size_t>(h) * d + r) * d + c2] = acc;
+        }
+    std::vector<float> Mf(M.begin(), M.end());
+
+    const size_t scratch = static_cast<size_t>(cuda::k::head_write_norms_scratch(B, Hl, d)),
+                 guard = 1024, nhp = static_cast<size_t>(B) * H * 2 * D;
+    cuda::DeviceBuffer<uint16_t> dz(z.size()), dW(W.size()), dhi(Mf.size()), dlo(Mf.size());
+    cuda::DeviceBuffer<float> dM(Mf.size()), dscratch(scratch + guard),
+        dwp0(static_cast<size_t>(B) * Hl), dwrest(static_cast<size_t>(B) * Hl),
+        dzbar(static_cast<size_t>(B) * zw), dhp(nhp);
+    ASSERT_EQ(cudaMemcpy(dz.get(), z.data(), z.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dW.get(), W.data(), W.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dM.get(), Mf.data(), Mf.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    cuda::k::gram_split(dM.get(), Hl, d, dhi.get(), dlo.get(), nullptr);
+    struct Out {
+      std::vector<float> wp0, wrest, zbar, hp, guard;
+    };
+    auto call = [&]() {
+      Out o;
+      EXPECT_EQ(cudaMemset(dscratch.get(), 0xff, (scratch + guard) * sizeof(float)), cudaSuccess);
+      EXPECT_EQ(cudaMemset(dhp.get(), 0xff, nhp * sizeof(float)), cudaSuccess);
+      EXPECT_EQ(cudaMemset(dzbar.get(), 0xff, static_cast<size_t>(B) * zw * sizeof(float)),
+                cudaSuccess);
+      cuda::k::head_write_norms(dz.get(), dhi.get(), dlo.get(), B, T, Hl, d, dp, dscratch.get(),
+                                dwp0.get(), dwrest.get(), dzbar.get(), nullptr);
+      cuda::k::head_vectors(dz.get(), dzbar.get(), dW.get(), B, T, Hl, d, D, H, hb, dhp.get(),
+                            nullptr);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      auto down = [](std::vector<float>& dst, const float* src, size_t n) {
+        dst.resize(n);
+        EXPECT_EQ(cudaMemcpy(dst.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+      };
+      down(o.wp0, dwp0.get(), static_cast<size_t>(B) * Hl);
+      down(o.wrest, dwrest.get(), static_cast<size_t>(B) * Hl);
+      down(o.zbar, dzbar.get(), static_cast<size_t>(B) * zw);
+      down(o.hp, dhp.get(), nhp);
+      down(o.guard, dscratch.get() + scratch, guard);
+      return o;
+    };
+    const Out got = call();
+
+    int bad = 0;
+    auto check = [&](bool ok, const std::string& what, double g, double want) {
+      if (!ok && bad++ < 8) ADD_FAILURE() << what << ": " << g << ", expected " << want;
+    };
+    std::vector<double> zr(static_cast<size_t>(d)), colabs(static_cast<size_t>(d));
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hl; ++h) {
+        const std::string at = "probe " + std::to_string(b) + ", head " + std::to_string(h);
+        const double* Mh = &M[static_cast<size_t>(h) * d * d];
+        auto norm = [&](int i) {
+          double q = 0;
+          for (int r = 0; r < d; ++r) {
+            double y = 0;
+            for (int c2 = 0; c2 < d; ++c2) y += Mh[r * d + c2] * zf(b, i, h * d + c2);
+            q += zf(b, i, h * d + r) * y;
+          }
+          return std::sqrt(q);
+        };
+        // Norms: M_hi + M_lo carries ~16 bits of M; fp32 sums.
+        const double p0 = norm(0);
+        const float gp0 = got.wp0[static_cast<size_t>(b) * Hl + h];
+        check(std::abs(gp0 - p0) <= 1e-3 * p0, at + ", wp0", gp0, p0);
+        double rest = 0;
+        for (int i = 1; i < T; ++i) rest += norm(i);
+        const float grest = got.wrest[static_cast<size_t>(b) * Hl + h];
+        if (T < 2) {
+          check(std::isnan(grest), at + ", wrest of no rows (0 / 0)", grest, NAN);
+        } else {
+          rest /= T - 1;
+          check(std::abs(grest - rest) <= 1e-3 * rest, at + ", wrest", grest, rest);
+        }
+        // zbar, within fp32 sums of |z| (zeros without rows), and the vectors from it.
+        for (int j = 0; j < d; ++j) {
+          double sum = 0, abs_sum = 0;
+          for (int i = 1; i < T; ++i) {
+            sum += zf(b, i, h * d + j);
+            abs_sum += std::abs(zf(b, i, h * d + j));
+          }
+          const double mean = T < 2 ? 0.0 : sum / (T - 1);
+          colabs[static_cast<size_t>(j)] = T < 2 ? 0.0 : abs_sum / (T - 1);
+          const float gz = got.zbar[static_cast<size_t>(b) * zw + h * d + j];
+          if (T < 2)
+            check(gz == 0.f, at + ", zbar (no rows), dim " + std::to_string(j), gz, 0.0);
+          else
+            check(std::abs(gz - mean) <= 2e-5 * colabs[static_cast<size_t>(j)],
+                  at + ", zbar, dim " + std::to_string(j), gz, mean);
+          zr[static_cast<size_t>(j)] = mean;
+        }
+        for (int c = 0; c < D; ++c) {
+          double want_d = 0, want_p = 0, scale_d = 0, scale_p = 0;
+          for (int j = 0; j < d; ++j) {
+            const double w = wf(c, h * d + j), z0 = zf(b, 0, h * d + j);
+            want_d += w * (z0 - zr[static_cast<size_t>(j)]);
+            want_p += w * z0;
+            scale_d += std::abs(w) * (std::abs(z0) + std::abs(zr[static_cast<size_t>(j)]) +
+                                      colabs[static_cast<size_t>(j)]);
+            scale_p += std::abs(w * z0);
+          }
+          const size_t o = ((static_cast<size_t>(b) * H + hb + h) * 2) * D + c;
+          check(std::abs(got.hp[o] - want_d) <= 2e-5 * scale_d + 1e-30,
+                at + ", delta, channel " + std::to_string(c), got.hp[o], want_d);
+          check(std::abs(got.hp[o + D] - want_p) <= 2e-5 * scale_p + 1e-30,
+                at + ", p0, channel " + std::to_string(c), got.hp[o + D], want_p);
+        }
+      }
+    for (int b = 0; b < B; ++b)
+      for (int g = 0; g < H; ++g) {
+        if (g >= hb && g < hb + Hl) continue;
+        for (int k = 0; k < 2 * D; ++k) {
+          const float v = got.hp[(static_cast<size_t>(b) * H + g) * 2 * D + k];
+          check(v == 0.f, "probe " + std::to_string(b) + ", other rank's head " + std::to_string(g),
+                v, 0.0);
+        }
+      }
+    EXPECT_EQ(bad, 0);
+    for (const float g : got.guard) {
+      uint32_t u = 0;
+      std::memcpy(&u, &g, 4);
+      ASSERT_EQ(u, 0xffffffffu) << "head_write_norms wrote past its scratch";
+    }
+    const Out again = call();
+    auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+      return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * 4) == 0;
+    };
+    EXPECT_TRUE(same(got.wp0, again.wp0) && same(got.wrest, again.wrest) &&
+                same(got.zbar, again.zbar) && same(got.hp, again.hp))
+        << "a second call gives other bits";
+  }
+}
+
 // The Hopper expert-product kernel against a float64 reference from the same bf16 operands:
 // ragged groups (empty, 1 row, around the 128-row tile), weights picked by index, rows gathered
 // by index (or read in place: the tensor-map route), K and N that are not multiples of the tiles,
