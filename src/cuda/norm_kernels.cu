@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 
 #include "cuda/device_common.cuh"
 #include "cuda/norm_kernels.cuh"
@@ -366,18 +367,50 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
   p0_sum[static_cast<int64_t>(b) * D + c] = x0[c];
 }
 
-// The exact median of |x| in two reads of x. Clearing the sign leaves a 31-bit pattern that orders
-// like |x| itself (zeros, denormals and normals alike, -0 as +0), so the k-th smallest |x| is the
-// k-th smallest pattern, found digit by digit: the top 15 bits (the exponent and 7 mantissa bits)
-// first, then the low 16 bits among the elements whose top 15 bits matched. Both middle ranks
-// (k0 = n/2 - 1 and k1 = n/2; k1 alone for odd n) are selected in the same two reads.
+// The exact median of |x|. Clearing the sign leaves a 31-bit pattern that orders like |x| itself
+// (zeros, denormals and normals alike, -0 as +0, NaN patterns above infinity), so the middle ranks
+// k0 = n/2 - 1 and k1 = n/2 (k1 alone for odd n) are ranks of patterns, selected on the device
+// with nothing waiting for the host. Two routes: one read of x near a sampled middle, and the
+// two-pass radix select it falls back to.
 //
-// Pass 1 (abs_median_hi_kernel) histograms the top 15 bits: a block per SM keeps its own 32768
-// counters in 128 KB of dynamic shared memory, streams x with 16-byte loads (four in flight per
-// thread; the unaligned head and the tail of at most three elements each are read one by one) and
-// adds its nonzero counters to the global histogram at the end. The last block to finish (a
-// counter behind a fence) scans the global histogram and stores, per rank, the bin holding it and
-// the rank left inside the bin.
+// One read (n from 2^18 up to what the candidate buffer takes, about 120M elements):
+//
+// abs_median_sample_kernel: G blocks (1 to 128, more for larger n) each take 16384 elements in runs
+// of 8 (one 32-byte sector each), one run in each of 2048 equal strata of x at an offset hashed
+// from the stratum and the block (a stratified sample of all of x per block, with no stride that a
+// period of the data, such as a row length, could line up with), and select two ranks of their
+// sample exactly (a radix select of 13, 9 and 9 bits in shared memory): a margin below k0's share
+// of the sample and a margin above k1's. Block 0 also zeroes the counters the later kernels add to.
+//
+// abs_median_bracket_kernel: the bracket [lo, hi] is the lower median of the blocks' low ends and
+// the upper median of their high ends. A median of G estimates is nearly as sharp as one estimate
+// from the G samples together, and more than half of them must miss for it to miss: the margins
+// (kSampleMargin) put the chance that a random sample misses a middle rank below 1e-9 a side, with
+// 0.5% (G = 128) to 4.7% (G = 1) of x inside. One read of x counts the elements below lo, equal to
+// lo, strictly inside and equal to hi, appends the inside patterns to a candidate buffer (each warp
+// stages them in shared memory and reserves buffer space once per 512 or more) and counts them in
+// 1024 bins by their first digit (the offset from lo + 1, shifted so that 1024 bins cover the
+// bracket; shared counters per block, added to global ones at the end). The last block to finish
+// places k0 and k1: at lo or at hi (equal elements are counted, never staged, so a middle inside a
+// tie finishes here) or among the candidates, in a bin of the 1024 and at a rank inside it.
+//
+// abs_median_hi_kernel, on that route: reads the candidates (about 1% of x, just written, so from
+// L2) and settles the second digit (the shift's low bits) of the elements of those bins: a maximum
+// and a minimum when the two ranks fell in different bins, else a histogram; its last block writes
+// the median.
+//
+// The fallback: the bracket kernel leaves a route in the state, and the two kernels after it read
+// it and either return at once or run the two-pass select below. It runs when the bracket missed a
+// middle rank, when the candidates needed overflow the buffer, when lo and hi are more than 2^25
+// patterns apart (more than the two digits cover: a wide gap at the middle), and for n outside the
+// one-read range. A wrong guess costs time, never exactness.
+//
+// Two passes. Pass 1 (abs_median_hi_kernel) histograms the top 15 bits: a block per SM keeps its
+// own 32768 counters in 128 KB of dynamic shared memory, streams x with 16-byte loads (four in
+// flight per thread; the unaligned head and the tail of at most three elements each are read one
+// by one) and adds its nonzero counters to the global histogram at the end. The last block to
+// finish (a counter behind a fence) scans the global histogram and stores, per rank, the bin
+// holding it and the rank left inside the bin.
 //
 // Pass 2 (abs_median_lo_kernel) reads x again and looks only at the elements of those bins. When
 // the two ranks fell in different bins, k0 is the largest element of its bin and k1 the smallest
@@ -392,24 +425,78 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
 //
 // Ties are why four equal patterns in one thread's 16-byte load count as one shared atomic of 4;
 // wide ties still serialise the shared atomics of a warp, which costs time, never exactness. The
-// counts and the selections do not depend on the order of the atomics: the result is exact and
-// deterministic. Launches: one memset of the scratch and the two kernels, all on the stream.
+// counts and the selections do not depend on the order of the atomics (nor on the order of the
+// candidates in their buffer), and the route depends on exact counts only: the result is exact and
+// deterministic. Launches: the sample and bracket kernels (or, for the two passes alone, a memset
+// of the state) and the two kernels, all on the stream.
 constexpr int kMedThreads = 1024, kMedUnroll = 4;
 constexpr int kMedChunk = kMedThreads * kMedUnroll * 4;  // elements per block iteration
 constexpr int kHiBins = 1 << 15, kLoBins = 1 << 16;
-constexpr int kMedSmemBytes = kHiBins * static_cast<int>(sizeof(unsigned));  // both passes
+constexpr int kMedSmemBytes = kHiBins * static_cast<int>(sizeof(unsigned));  // every pass
 // Pass 2 empties its 16-bit counters once this many were added since the last time: one more chunk
 // then keeps every counter <= 65535 (the <= 6 scalar elements come before the first chunk).
 constexpr unsigned kLoFlushAt = 65535u - kMedChunk;
 
+// The sample: kSampleKeys elements per thread, in runs of kSampleRun, kSampleRuns strata a block.
+constexpr int kSampleKeys = 16, kSampleRun = 8;
+constexpr int kSampleSize = kMedThreads * kSampleKeys, kSampleRuns = kSampleSize / kSampleRun;
+constexpr int kMaxSampleBlocks = 128;
+// By log2 G: the margin (in ranks of a block's sample) that puts the lower median of G low ends
+// above the true rank, or the upper median of the high ends below it, at a chance < 1e-9 for a
+// random sample (ceil(64 z), z: the normal quantile at which the binomial tail of G blocks, more
+// than half of them past the rank, reaches 1e-9).
+constexpr int kSampleMargin[8] = {384, 257, 207, 158, 116, 84, 60, 43};
+constexpr int64_t kOneReadMinN = int64_t{1} << 18;
+// Inside patterns: a first digit of kInBits bits, the second of at most kInShiftMax bits (its
+// histogram fits kHiBins counters).
+constexpr int kInBits = 10, kInBins = 1 << kInBits, kInShiftMax = 15;
+static_assert(kInBins == kMedThreads, "the bracket's last block loads a first-digit bin a thread");
+constexpr uint32_t kMaxSpan = uint32_t{kInBins} << kInShiftMax;
+constexpr unsigned long long kCandCap = 1ull << 20;  // the candidate buffer, 4 MB
+// A warp stages up to kStage candidates and reserves buffer space when more than kStage - 512 are
+// waiting: a chunk adds at most 512 (32 lanes x 4 loads x 4).
+constexpr int kStage = 1024, kWarpChunk = 32 * kMedUnroll * 4;
+static_assert((kMedThreads / 32) * kStage * 4 == kMedSmemBytes, "the stages fill the shared pool");
+
+// Routes (AbsMedianRoute) and how a middle rank resolved in the bracket.
+constexpr unsigned kRouteEnds = static_cast<unsigned>(AbsMedianRoute::kEnds),
+                   kRouteCandidates = static_cast<unsigned>(AbsMedianRoute::kCandidates),
+                   kRouteWide = static_cast<unsigned>(AbsMedianRoute::kFallbackWide),
+                   kRouteMissed = static_cast<unsigned>(AbsMedianRoute::kFallbackMissed),
+                   kRouteOverflow = static_cast<unsigned>(AbsMedianRoute::kFallbackOverflow);
+__device__ __forceinline__ bool two_pass_route(unsigned route) {
+  return route != kRouteEnds && route != kRouteCandidates;
+}
+constexpr unsigned kRankAtEnd = 0, kRankInside = 1;
+
 struct MedianState {
-  unsigned done[2];             // blocks finished in pass 1 and in pass 2
+  // The two-pass select.
+  unsigned done[4];             // blocks finished: passes 1 and 2, the bracket pass, the select
   unsigned bin[2];              // the top-15-bit bins holding ranks k0 and k1
   unsigned long long rank[2];   // the ranks left inside those bins
   unsigned lo_max, lo_inv_min;  // split bins: max low bits in bin[0], max of 0xffff - low in bin[1]
+  // The one-read route (lo_max / lo_inv_min serve its split bins too).
+  unsigned route;
+  uint32_t base;                  // lo + 1: inside patterns are base + d, 0 <= d < span
+  unsigned shift;                 // d's first digit d >> shift (of kInBins), its second the rest
+  unsigned kind[2];               // rank k0 / k1: kRankAtEnd (pattern end[q]) or kRankInside
+  uint32_t end[2];                // lo or hi
+  unsigned in_bin[2];             // kRankInside: the first-digit bin holding the rank
+  unsigned long long in_rank[2];  // and the rank left inside it
+  unsigned long long tally[4];    // elements below lo, equal to lo, inside, equal to hi
+  unsigned long long ncand;       // candidates appended (past kCandCap: overflowed)
+  // Written by the sample kernel, never zeroed.
+  uint32_t sample_lo[kMaxSampleBlocks], sample_hi[kMaxSampleBlocks];
 };
-constexpr size_t kMedStateBytes = 256;  // the histograms start 256 bytes in
+constexpr size_t kMedStateBytes = 2048;  // the histograms start 2048 bytes in
 static_assert(sizeof(MedianState) <= kMedStateBytes, "MedianState outgrew its slot");
+constexpr int kMedZeroWords = static_cast<int>(offsetof(MedianState, sample_lo) / sizeof(unsigned));
+// The scratch: the state, the first-digit counters, the two-pass histograms (pass 1's also the
+// candidates' second digit), the candidate buffer.
+constexpr size_t kMedInOffset = kMedStateBytes;
+constexpr size_t kMedHiOffset = kMedInOffset + kInBins * sizeof(unsigned);
+constexpr size_t kMedCandOffset = kMedHiOffset + (kHiBins + kLoBins) * sizeof(unsigned);
+static_assert(kMedCandOffset % 256 == 0, "the candidate buffer is 256-byte aligned");
 
 // Visits |x|'s bit patterns: visit(u, count) with count 4 (one 16-byte load) or 1 (u[0] only, the
 // head before the first 16-byte boundary and the tail, block 0); chunk_end() after every chunk of
@@ -520,9 +607,373 @@ __device__ void find_ranks(const unsigned* __restrict__ hist, int nk, const unsi
   __syncthreads();
 }
 
+// find_ranks over bins (a power of two <= 32768) counters in shared memory: thread t sums bins
+// [t per, (t + 1) per) for a block-wide scan, then walks its own bins for the ranks inside them.
+__device__ void find_ranks_shared(const unsigned* hist, int bins, int nk,
+                                  const unsigned long long* k, unsigned* bin,
+                                  unsigned long long* rank) {
+  using Scan = cub::BlockScan<unsigned long long, kMedThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  const int per = bins > kMedThreads ? bins / kMedThreads : 1, first = threadIdx.x * per;
+  unsigned long long sum = 0, before = 0;
+  if (first < bins)
+    for (int j = 0; j < per; ++j) sum += hist[first + j];
+  Scan(scan_tmp).ExclusiveSum(sum, before);
+  for (int q = 0; q < nk; ++q) {
+    if (k[q] < before || k[q] >= before + sum) continue;
+    unsigned long long below = before;
+    for (int j = 0; j < per; ++j) {
+      const unsigned c = hist[first + j];
+      if (k[q] < below + c) {
+        bin[q] = static_cast<unsigned>(first + j);
+        rank[q] = k[q] - below;
+        break;
+      }
+      below += c;
+    }
+  }
+  __syncthreads();
+}
+
+// The median from the patterns at ranks k0 and k1, as the two-pass kernels write it.
+__device__ __forceinline__ float median_of_patterns(uint32_t p0, uint32_t p1, bool odd) {
+  const double hi = static_cast<double>(__uint_as_float(p1));
+  return odd ? static_cast<float>(hi)
+             : static_cast<float>(0.5 * (static_cast<double>(__uint_as_float(p0)) + hi));
+}
+
+__device__ __forceinline__ uint32_t mix32(uint32_t h) {  // murmur3's finaliser
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Sample block b of G: a run of kSampleRun elements in each of kSampleRuns strata of x, stratum j
+// starting at element floor(j * step_fp / 2^16) (step_fp = n * 2^16 / kSampleRuns), the run a
+// hashed offset (of j and b) below `room` into it (room = floor(n / kSampleRuns) - 7), moved down
+// to a 32-byte boundary. Every block samples all of x, each at its own offsets (strata interleaved
+// over the blocks would hand block b the same columns of a matrix whose row length divides the
+// strata's spacing). Lane l of a warp reads element l % 8 of run 4 * (the warp's load) + l / 8: a
+// warp load takes four whole sectors. Then the ranks r_lo <= r_hi of the block's kSampleSize
+// patterns, exactly, into st->sample_lo[b] / sample_hi[b].
+__global__ void __launch_bounds__(kMedThreads, 1)
+    abs_median_sample_kernel(const float* __restrict__ x, uint64_t step_fp, uint32_t room,
+                             unsigned r_lo, unsigned r_hi, MedianState* st,
+                             unsigned* __restrict__ in_hist) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t align = static_cast<int64_t>((reinterpret_cast<uintptr_t>(x) >> 2) & 7u);
+  uint32_t key[kSampleKeys];
+#pragma unroll
+  for (int j = 0; j < kSampleKeys; ++j) {
+    const uint32_t run = static_cast<uint32_t>((warp * kSampleKeys + j) * 4 + (lane >> 3));
+    const uint32_t h = mix32((run * gridDim.x + blockIdx.x) * 0x9e3779b9u + 0x7f4a7c15u);
+    int64_t s = static_cast<int64_t>((run * step_fp) >> 16) +
+                static_cast<int64_t>((static_cast<uint64_t>(h) * room) >> 32);
+    s -= (align + s) & 7;
+    if (s < 0) s += 8;
+    key[j] = __float_as_uint(__ldg(x + s + (lane & 7))) & 0x7fffffffu;
+  }
+  if (blockIdx.x == 0) {  // the counters of the kernels after this one
+    unsigned* words = reinterpret_cast<unsigned*>(st);
+    for (int i = threadIdx.x; i < kMedZeroWords; i += kMedThreads) words[i] = 0;
+    for (int i = threadIdx.x; i < kInBins; i += kMedThreads) in_hist[i] = 0;
+  }
+  // Three rounds of a radix select for both ranks at once: the two histograms (of the keys whose
+  // higher bits match each rank's prefix) share a word, the counts (<= 16384) in its halves.
+  __shared__ unsigned hist[1 << 13];
+  __shared__ unsigned sel_bin[2], sel_rank[2];
+  using Scan = cub::BlockScan<unsigned, kMedThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  constexpr int kShift[3] = {18, 9, 0}, kBits[3] = {13, 9, 9};
+  unsigned rk[2] = {r_lo, r_hi};
+  uint32_t pre[2] = {0u, 0u}, fixed = 0u;
+#pragma unroll
+  for (int round = 0; round < 3; ++round) {
+    const int shift = kShift[round], nb = 1 << kBits[round];
+    for (int i = threadIdx.x; i < nb; i += kMedThreads) hist[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kSampleKeys; ++j) {
+      const uint32_t top = key[j] & fixed;
+      const unsigned inc = (top == pre[0] ? 1u : 0u) + (top == pre[1] ? 0x10000u : 0u);
+      if (inc) atomicAdd(&hist[(key[j] >> shift) & (nb - 1)], inc);
+    }
+    __syncthreads();
+    const int per = nb > kMedThreads ? nb / kMedThreads : 1, first = threadIdx.x * per;
+    unsigned sum = 0, before = 0;
+    if (first < nb)
+      for (int j = 0; j < per; ++j) sum += hist[first + j];
+    Scan(scan_tmp).ExclusiveSum(sum, before);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int h = 16 * q;
+      unsigned below = (before >> h) & 0xffffu;
+      if (rk[q] < below || rk[q] >= below + ((sum >> h) & 0xffffu)) continue;
+      for (int j = 0; j < per; ++j) {
+        const unsigned c = (hist[first + j] >> h) & 0xffffu;
+        if (rk[q] < below + c) {
+          sel_bin[q] = static_cast<unsigned>(first + j);
+          sel_rank[q] = rk[q] - below;
+          break;
+        }
+        below += c;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      pre[q] |= sel_bin[q] << shift;
+      rk[q] = sel_rank[q];
+    }
+    fixed |= static_cast<uint32_t>(nb - 1) << shift;
+    __syncthreads();  // sel_bin, sel_rank and hist are the next round's
+  }
+  if (threadIdx.x == 0) {
+    st->sample_lo[blockIdx.x] = pre[0];
+    st->sample_hi[blockIdx.x] = pre[1];
+  }
+}
+
+// The bracket from the G sample blocks, then one read of x (see the comment above kMedThreads).
+// Zeroes the two-pass histograms (two_pass_hist, vecs uint4) first, for a fallback. collapse (a
+// test hook) takes hi = lo, a bracket that misses unless the middle is a tie.
+__global__ void __launch_bounds__(kMedThreads, 1)
+    abs_median_bracket_kernel(const float* __restrict__ x, int64_t n, int G, MedianState* st,
+                              unsigned* __restrict__ in_hist, uint4* __restrict__ two_pass_hist,
+                              int vecs, uint32_t* __restrict__ cand, unsigned long long cap,
+                              bool collapse, float* __restrict__ out) {
+  for (int i = blockIdx.x * kMedThreads + threadIdx.x; i < vecs; i += gridDim.x * kMedThreads)
+    two_pass_hist[i] = make_uint4(0, 0, 0, 0);
+  // lo: the lower median of the low ends (rank (G - 1) / 2), hi: the upper median of the high ends
+  // (rank G / 2); ties ranked by block.
+  __shared__ uint32_t ends[2][kMaxSampleBlocks], bounds[2];
+  const int q = threadIdx.x / kMaxSampleBlocks, i = threadIdx.x % kMaxSampleBlocks;
+  if (q < 2 && i < G) ends[q][i] = q ? st->sample_hi[i] : st->sample_lo[i];
+  __syncthreads();
+  if (q < 2 && i < G) {
+    const uint32_t v = ends[q][i];
+    int r = 0;
+    for (int j = 0; j < G; ++j) {
+      const uint32_t w = ends[q][j];
+      r += w < v || (w == v && j < i);
+    }
+    if (r == (q ? G / 2 : (G - 1) / 2)) bounds[q] = v;
+  }
+  __syncthreads();
+  const uint32_t lo = bounds[0], hi = collapse ? lo : bounds[1];
+  const uint32_t base = lo + 1, span = hi > lo ? hi - base : 0;
+  if (span > kMaxSpan) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) st->route = kRouteWide;
+    return;
+  }
+  const int shift = span > kInBins ? 32 - __clz(span - 1) - kInBits : 0;
+  const uint32_t hi_eq = hi != lo ? hi : 0xffffffffu;  // no pattern: lo was counted
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  extern __shared__ uint4 med_smem[];
+  uint32_t* stage = reinterpret_cast<uint32_t*>(med_smem) + warp * kStage;
+  __shared__ unsigned fill[kMedThreads / 32], warp_at[kMedThreads / 32], in_local[kInBins];
+  __shared__ unsigned long long tally[4], block_at;
+  if (threadIdx.x < kMedThreads / 32) fill[threadIdx.x] = 0;
+  if (threadIdx.x < 4) tally[threadIdx.x] = 0;
+  in_local[threadIdx.x] = 0;  // kInBins == kMedThreads
+  __syncthreads();
+  unsigned below = 0, eq_lo = 0, inside = 0, eq_hi = 0;
+  bool full = false;  // the buffer overflowed (warp-uniform): stop staging
+  for_each_abs_bits<false>(
+      x, n,
+      [&](const uint32_t(&u)[4], int count) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (j >= count) break;
+          const uint32_t p = u[j], d = p - base;
+          below += p < lo;
+          eq_lo += p == lo;
+          eq_hi += p == hi_eq;
+          if (d < span) {
+            ++inside;
+            if (!full) {
+              stage[atomicAdd(&fill[warp], 1u)] = p;
+              atomicAdd(&in_local[d >> shift], 1u);
+            }
+          }
+        }
+      },
+      [&] {  // the warp's staged candidates to the buffer once a chunk more might not fit
+        __syncwarp();
+        const unsigned f = fill[warp];
+        if (f <= kStage - kWarpChunk) return;
+        unsigned long long at = 0;
+        if (lane == 0) at = atomicAdd(&st->ncand, static_cast<unsigned long long>(f));
+        at = __shfl_sync(0xffffffffu, at, 0);
+        for (unsigned k = lane; k < f; k += 32)
+          if (at + k < cap) cand[at + k] = stage[k];
+        full = at + f > cap;
+        __syncwarp();
+        if (lane == 0) fill[warp] = 0;
+        __syncwarp();
+      });
+  // The rest of the block's candidates in one reservation, and its counts (the first-digit counts
+  // are the block's own until here: ties inside the bracket would queue on few global counters).
+  __syncthreads();
+  if (in_local[threadIdx.x]) atomicAdd(&in_hist[threadIdx.x], in_local[threadIdx.x]);
+  if (threadIdx.x == 0) {
+    unsigned total = 0;
+    for (int w = 0; w < kMedThreads / 32; ++w) {
+      warp_at[w] = total;
+      total += fill[w];
+    }
+    block_at = total ? atomicAdd(&st->ncand, static_cast<unsigned long long>(total)) : 0;
+  }
+  below = __reduce_add_sync(0xffffffffu, below);
+  eq_lo = __reduce_add_sync(0xffffffffu, eq_lo);
+  inside = __reduce_add_sync(0xffffffffu, inside);
+  eq_hi = __reduce_add_sync(0xffffffffu, eq_hi);
+  if (lane == 0) {
+    atomicAdd(&tally[0], static_cast<unsigned long long>(below));
+    atomicAdd(&tally[1], static_cast<unsigned long long>(eq_lo));
+    atomicAdd(&tally[2], static_cast<unsigned long long>(inside));
+    atomicAdd(&tally[3], static_cast<unsigned long long>(eq_hi));
+  }
+  __syncthreads();
+  {
+    const unsigned f = fill[warp];
+    const unsigned long long at = block_at + warp_at[warp];
+    for (unsigned k = lane; k < f; k += 32)
+      if (at + k < cap) cand[at + k] = stage[k];
+  }
+  if (threadIdx.x < 4) atomicAdd(&st->tally[threadIdx.x], tally[threadIdx.x]);
+  if (!last_block_done(&st->done[2])) return;
+
+  // The last block: where k0 and k1 fall.
+  __shared__ unsigned route, nk, in_bin[2];
+  __shared__ unsigned long long in_k[2], in_rank[2];
+  const bool odd = n % 2 == 1;
+  if (threadIdx.x == 0) {
+    unsigned long long t[4];
+    for (int j = 0; j < 4; ++j) t[j] = __ldcg(&st->tally[j]);
+    const unsigned long long mid = static_cast<unsigned long long>(n / 2);
+    const unsigned long long k[2] = {odd ? mid : mid - 1, mid};
+    route = kRouteEnds;
+    nk = 0;
+    for (int r = 0; r < 2 && route == kRouteEnds; ++r) {
+      unsigned long long kk = k[r];
+      unsigned kind = kRankAtEnd;
+      uint32_t end = 0;
+      if (kk < t[0]) {
+        route = kRouteMissed;
+      } else if ((kk -= t[0]) < t[1]) {
+        end = lo;
+      } else if ((kk -= t[1]) < t[2]) {
+        kind = kRankInside;
+        in_k[nk++] = kk;
+      } else if ((kk -= t[2]) < t[3]) {
+        end = hi;
+      } else {
+        route = kRouteMissed;
+      }
+      st->kind[r] = kind;
+      st->end[r] = end;
+    }
+    if (route == kRouteEnds && nk > 0)
+      route = __ldcg(&st->ncand) > cap ? kRouteOverflow : kRouteCandidates;
+    if (route == kRouteEnds) *out = median_of_patterns(st->end[0], st->end[1], odd);
+    if (route != kRouteCandidates) st->route = route;
+  }
+  __syncthreads();
+  if (route != kRouteCandidates) return;
+  // The candidates' first-digit bins holding the ranks (the stages are done with: reuse them).
+  unsigned* h = reinterpret_cast<unsigned*>(med_smem);
+  h[threadIdx.x] = __ldcg(&in_hist[threadIdx.x]);
+  __syncthreads();
+  find_ranks_shared(h, kInBins, static_cast<int>(nk), in_k, in_bin, in_rank);
+  if (threadIdx.x == 0) {
+    int j = 0;
+    for (int r = 0; r < 2; ++r)
+      if (st->kind[r] == kRankInside) {
+        st->in_bin[r] = in_bin[j];
+        st->in_rank[r] = in_rank[j];
+        ++j;
+      }
+    st->base = base;
+    st->shift = static_cast<unsigned>(shift);
+    st->route = kRouteCandidates;
+  }
+}
+
+// The candidates' second digit (abs_median_hi_kernel on the one-read route; see the comment above
+// kMedThreads): the block's share of the buffer, then its last block writes the median. hist: the
+// (zeroed) two-pass histogram of pass 1, 2^shift counters of it.
+__device__ void select_candidates(MedianState* st, int64_t n, const uint32_t* __restrict__ cand,
+                                  unsigned* __restrict__ hist, float* __restrict__ out) {
+  const bool odd = n % 2 == 1;
+  const int64_t count = static_cast<int64_t>(st->ncand);  // <= kCandCap on this route
+  const uint32_t base = st->base;
+  const int shift = static_cast<int>(st->shift), bins = 1 << shift;
+  const uint32_t mask = static_cast<uint32_t>(bins - 1);
+  const bool in0 = st->kind[0] == kRankInside, in1 = st->kind[1] == kRankInside;
+  const uint32_t b0 = st->in_bin[0], b1 = st->in_bin[1];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kMedThreads + threadIdx.x,
+                stride = static_cast<int64_t>(gridDim.x) * kMedThreads;
+  if (in0 && in1 && b0 != b1) {  // k0 the largest of bin b0, k1 the smallest of bin b1
+    unsigned lo_max = 0, lo_inv_min = 0;
+    for (int64_t i = first; i < count; i += stride) {
+      const uint32_t d = cand[i] - base, bin = d >> shift, low = d & mask;
+      if (bin == b0) lo_max = max(lo_max, low);
+      if (bin == b1) lo_inv_min = max(lo_inv_min, mask - low);
+    }
+    lo_max = __reduce_max_sync(0xffffffffu, lo_max);
+    lo_inv_min = __reduce_max_sync(0xffffffffu, lo_inv_min);
+    if ((threadIdx.x & 31) == 0 && lo_max) atomicMax(&st->lo_max, lo_max);
+    if ((threadIdx.x & 31) == 0 && lo_inv_min) atomicMax(&st->lo_inv_min, lo_inv_min);
+    if (!last_block_done(&st->done[3])) return;
+    if (threadIdx.x == 0)
+      *out = median_of_patterns(base + ((b0 << shift) | __ldcg(&st->lo_max)),
+                                base + ((b1 << shift) | (mask - __ldcg(&st->lo_inv_min))), false);
+    return;
+  }
+  // The rank(s) inside one bin: a histogram of its second digit.
+  const uint32_t b = in0 ? b0 : b1;
+  extern __shared__ uint4 med_smem[];
+  unsigned* local = reinterpret_cast<unsigned*>(med_smem);
+  for (int i = threadIdx.x; i < bins; i += kMedThreads) local[i] = 0;
+  __syncthreads();
+  for (int64_t i = first; i < count; i += stride) {
+    const uint32_t d = cand[i] - base;
+    if ((d >> shift) == b) atomicAdd(&local[d & mask], 1u);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += kMedThreads) {
+    const unsigned c = local[i];
+    if (c) atomicAdd(&hist[i], c);
+  }
+  if (!last_block_done(&st->done[3])) return;
+  for (int i = threadIdx.x; i < bins; i += kMedThreads) local[i] = __ldcg(&hist[i]);
+  __syncthreads();
+  unsigned long long k[2];
+  int nk = 0;
+  if (in0) k[nk++] = st->in_rank[0];
+  if (in1) k[nk++] = st->in_rank[1];
+  __shared__ unsigned bin[2];
+  __shared__ unsigned long long rank[2];
+  find_ranks_shared(local, bins, nk, k, bin, rank);
+  if (threadIdx.x == 0) {
+    const uint32_t v0 = in0 ? base + ((b << shift) | bin[0]) : st->end[0];
+    const uint32_t v1 = in1 ? base + ((b << shift) | bin[nk - 1]) : st->end[1];
+    *out = median_of_patterns(v0, v1, odd);
+  }
+}
+
 __global__ void __launch_bounds__(kMedThreads, 1)
     abs_median_hi_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
-                         unsigned* __restrict__ hist) {
+                         unsigned* __restrict__ hist, const uint32_t* __restrict__ cand,
+                         float* __restrict__ out) {
+  const unsigned route = st->route;
+  if (route == kRouteCandidates) select_candidates(st, n, cand, hist, out);
+  if (!two_pass_route(route)) return;
   extern __shared__ uint4 med_smem[];
   unsigned* local = reinterpret_cast<unsigned*>(med_smem);
   for (int i = threadIdx.x; i < kHiBins / 4; i += kMedThreads) med_smem[i] = make_uint4(0, 0, 0, 0);
@@ -573,6 +1024,7 @@ __global__ void __launch_bounds__(kMedThreads, 1)
 __global__ void __launch_bounds__(kMedThreads, 1)
     abs_median_lo_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
                          unsigned* __restrict__ hist, float* __restrict__ out) {
+  if (!two_pass_route(st->route)) return;
   const bool odd = n % 2 == 1;
   const uint32_t b1 = st->bin[1], b0 = odd ? b1 : st->bin[0];
   const int lane = threadIdx.x & 31;
@@ -693,13 +1145,24 @@ __global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int 
   if (lane == 0) out[r] = static_cast<float>(sum / static_cast<double>(cols));
 }
 
-}  // namespace
-
-size_t abs_median_scratch_bytes() {
-  return kMedStateBytes + static_cast<size_t>(kHiBins + kLoBins) * sizeof(unsigned);
+// log2 of the sample blocks G for n, or -1 for the two passes alone: a block per 2^19 elements, a
+// power of two from 1 to kMaxSampleBlocks, while the expected candidates (a share 2 margin /
+// kSampleSize of x) stay under 60% of the buffer.
+int sample_log2(int64_t n) {
+  if (n < kOneReadMinN) return -1;
+  const int64_t want = std::clamp<int64_t>(n >> 19, 1, kMaxSampleBlocks);
+  int lg = 0;
+  while ((int64_t{2} << lg) <= want) ++lg;
+  if (n * 2 * kSampleMargin[lg] > static_cast<int64_t>(kCandCap) * 6 / 10 * kSampleSize) return -1;
+  return lg;
 }
 
-void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s) {
+}  // namespace
+
+size_t abs_median_scratch_bytes() { return kMedCandOffset + kCandCap * sizeof(uint32_t); }
+
+void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s,
+                AbsMedianForce force) {
   if (n == 0) return;
   // Per device, once: the kernels' 128 KB of dynamic shared memory, and the SM count (a block per
   // SM: the shared histograms allow one, and each block then empties its histogram once).
@@ -709,6 +1172,8 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
   CUDA_CHECK(cudaGetDevice(&dev));
   int sms = dev < kMaxDevices ? sm_count[dev].load(std::memory_order_relaxed) : 0;
   if (sms == 0) {
+    CUDA_CHECK(cudaFuncSetAttribute(abs_median_bracket_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
     CUDA_CHECK(cudaFuncSetAttribute(abs_median_hi_kernel,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
     CUDA_CHECK(cudaFuncSetAttribute(abs_median_lo_kernel,
@@ -719,13 +1184,44 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
   const int64_t chunks = (n / 4 + kMedThreads * kMedUnroll - 1) / (kMedThreads * kMedUnroll);
   const unsigned blocks =
       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(chunks, sms)));
-  CUDA_CHECK(cudaMemsetAsync(scratch, 0, abs_median_scratch_bytes(), s));
-  auto* st = static_cast<MedianState*>(scratch);
-  auto* hist_hi = reinterpret_cast<unsigned*>(static_cast<char*>(scratch) + kMedStateBytes);
-  abs_median_hi_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi);
+  char* base = static_cast<char*>(scratch);
+  auto* st = reinterpret_cast<MedianState*>(base);
+  auto* in_hist = reinterpret_cast<unsigned*>(base + kMedInOffset);
+  auto* hist_hi = reinterpret_cast<unsigned*>(base + kMedHiOffset);
+  auto* cand = reinterpret_cast<uint32_t*>(base + kMedCandOffset);
+  const int lg = force == AbsMedianForce::kTwoPass ? -1 : sample_log2(n);
+  if (lg < 0) {  // the two passes alone: zero counters, route kTwoPass
+    CUDA_CHECK(cudaMemsetAsync(scratch, 0, kMedCandOffset, s));
+  } else {
+    const int G = 1 << lg;
+    const uint64_t step_fp = (static_cast<uint64_t>(n) << 16) / kSampleRuns;
+    const auto room = static_cast<uint32_t>(n / kSampleRuns - (kSampleRun - 1));
+    // The sample's ranks: a margin below k0's share, a margin above k1's.
+    const int64_t mid = n / 2, k0 = n % 2 ? mid : mid - 1, k1 = mid;
+    const int64_t r_lo = std::max<int64_t>(0, k0 * kSampleSize / n - kSampleMargin[lg]);
+    const int64_t r_hi =
+        std::min<int64_t>(kSampleSize - 1, (k1 * kSampleSize + n - 1) / n + kSampleMargin[lg]);
+    abs_median_sample_kernel<<<static_cast<unsigned>(G), kMedThreads, 0, s>>>(
+        x, step_fp, room, static_cast<unsigned>(r_lo), static_cast<unsigned>(r_hi), st, in_hist);
+    CUDA_CHECK_LAUNCH("abs_median_sample_kernel");
+    const unsigned long long cap = force == AbsMedianForce::kTinyBuffer ? 16 : kCandCap;
+    abs_median_bracket_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(
+        x, n, G, st, in_hist, reinterpret_cast<uint4*>(hist_hi),
+        static_cast<int>((kHiBins + kLoBins) / 4), cand, cap, force == AbsMedianForce::kMissBracket,
+        out);
+    CUDA_CHECK_LAUNCH("abs_median_bracket_kernel");
+  }
+  abs_median_hi_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi, cand, out);
   CUDA_CHECK_LAUNCH("abs_median_hi_kernel");
   abs_median_lo_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi + kHiBins, out);
   CUDA_CHECK_LAUNCH("abs_median_lo_kernel");
+}
+
+AbsMedianRoute abs_median_route(const void* scratch) {
+  unsigned route = 0;
+  CUDA_CHECK(cudaMemcpy(&route, static_cast<const char*>(scratch) + offsetof(MedianState, route),
+                        sizeof route, cudaMemcpyDeviceToHost));
+  return static_cast<AbsMedianRoute>(route);
 }
 
 void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s) {

@@ -64,13 +64,35 @@ void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate
               int64_t delta_bstride, float* p0_sum, cudaStream_t s);
 
 // The median of |x| over n fp32 values (the mean of the two middle ones for even n), exactly, on
-// the device: a two-pass radix select on the bit patterns (the top 15 bits, then the low 16 among
-// the elements of the chosen bins) for both middle ranks at once, in two reads of x and three
-// stream operations (a memset and two kernels); the bins are picked on the device, so nothing
-// waits for the host. scratch holds abs_median_scratch_bytes() (384 KB); *out (device) receives
-// the median.
+// the device, on the fp32 bit patterns with the sign cleared (NaN patterns above infinity). From
+// n = 2^18 on: a stratified sample brackets the middle, one read of x counts the elements below and
+// at the bracket's ends and keeps those inside (about 1% of x), and a select among those finishes;
+// when the bracket misses, falls back on the two-pass radix select (the top 15 bits, then the low
+// 16 among the elements of the chosen bins) that smaller and very large n take directly. Four
+// stream operations (the sample, the bracket pass and two kernels; the two passes alone: a memset
+// and two kernels); each kernel reads the route the one before it chose, so nothing waits for the
+// host. scratch holds abs_median_scratch_bytes() (4.4 MB, most of it the candidate buffer); *out
+// (device) receives the median. force is a test hook.
+enum class AbsMedianForce {
+  kNone,
+  kTwoPass,      // the two passes alone
+  kMissBracket,  // a collapsed bracket (hi = lo): misses, so falls back, unless the middle is a tie
+  kTinyBuffer,   // room for 16 candidates: overflows, so falls back, if a middle rank needs them
+};
 size_t abs_median_scratch_bytes();
-void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s);
+void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream_t s,
+                AbsMedianForce force = AbsMedianForce::kNone);
+
+// How the last abs_median on this scratch found the median (tests; reads the device synchronously).
+enum class AbsMedianRoute : unsigned {
+  kTwoPass,           // the two passes alone (n < 2^18, very large n, or forced)
+  kEnds,              // one read: both middle ranks at the bracket's ends (ties)
+  kCandidates,        // one read and a select among the candidates
+  kFallbackWide,      // the bracket spans more than 2^25 patterns: the two passes
+  kFallbackMissed,    // the bracket missed a middle rank: the two passes after the read
+  kFallbackOverflow,  // the candidates overflowed the buffer: the two passes after the read
+};
+AbsMedianRoute abs_median_route(const void* scratch);
 
 // out[r] = mean of a[r, 0..cols) (double sums), rows with row stride ld >= cols.
 void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s);

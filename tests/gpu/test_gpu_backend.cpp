@@ -1038,35 +1038,73 @@ bool hopper_kernels_expected() {
 }
 
 // The |x| median on the device is exact: the mean of the two middle |x| for even n, the middle
-// one for odd n, against std::nth_element; with ties, signs, zeros and values spanning exponents;
-// at sizes where many blocks share the work, with every value equal, with ties straddling the
-// middle (in one top-15-bit bin, which fills the 16-bit shared counters, and in two bins), with
-// denormals, and from pointers off the 16-byte boundary. One scratch serves every call.
+// one for odd n, against std::nth_element on the patterns with the sign cleared (so NaN sorts above
+// infinity, the device's order); with ties, signs, zeros and values spanning exponents; at sizes
+// where many blocks share the work, with every value equal, with ties straddling the middle (in one
+// top-15-bit bin, which fills the 16-bit shared counters, and in two bins), with denormals,
+// infinities and NaN, and from pointers off the 16-byte boundary. One scratch serves every call.
+//
+// Each route is checked by name (abs_median_route): the two passes below 2^18 elements and when
+// forced; from 2^18 on, one read of x, finishing at the bracket's ends when the middle is a tie and
+// among the candidates otherwise (the two middle ranks in one first-digit bin, in two bins across a
+// gap, or one of them at an end); and the fallbacks, each after its own trigger: a gap of many
+// octaves at the middle (the bracket too wide), a collapsed bracket (missed) and a tiny buffer
+// (overflowed), forced through the test hook. Periodic data whose period is a power of two, like
+// the sample's strata, still takes the one-read route (a sample at a fixed offset in each stratum
+// would see one channel in eight).
 TEST(GpuKernels, AbsMedianIsExact) {
   REQUIRE_GPU();
+  using Route = cuda::k::AbsMedianRoute;
+  using Force = cuda::k::AbsMedianForce;
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
   cuda::DeviceBuffer<unsigned char> scratch(cuda::k::abs_median_scratch_bytes());
   cuda::DeviceBuffer<float> dout(1);
-  // The median of |x[offset:]|.
-  auto check = [&](const std::vector<float>& x, int64_t offset, const std::string& what) {
+  const auto bits = [](float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    return u & 0x7fffffffu;
+  };
+  const auto from_bits = [](uint32_t u) {
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  };
+  // The one-read routes (which of them depends on the data's ties).
+  const std::vector<Route> one_read = {Route::kEnds, Route::kCandidates};
+  // The median of |x[offset:]|, taking one of the routes `routes` (any when empty).
+  auto check = [&](const std::vector<float>& x, int64_t offset, const std::string& what,
+                   const std::vector<Route>& routes, Force force = Force::kNone) {
     const int64_t n = static_cast<int64_t>(x.size()) - offset;
-    std::vector<float> a(static_cast<size_t>(n));
-    for (size_t i = 0; i < a.size(); ++i) a[i] = std::abs(x[i + static_cast<size_t>(offset)]);
+    std::vector<uint32_t> a(static_cast<size_t>(n));
+    for (size_t i = 0; i < a.size(); ++i) a[i] = bits(x[i + static_cast<size_t>(offset)]);
     const size_t mid = a.size() / 2;
     std::nth_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid), a.end());
-    const float hi = a[mid];
+    const float hi = from_bits(a[mid]);
     float expect = hi;
     if (n % 2 == 0) {
-      const float lo = *std::max_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid));
+      const float lo =
+          from_bits(*std::max_element(a.begin(), a.begin() + static_cast<std::ptrdiff_t>(mid)));
       expect = static_cast<float>(0.5 * (static_cast<double>(lo) + hi));
     }
     cuda::DeviceBuffer<float> dx(x.size());
     ASSERT_EQ(cudaMemcpy(dx.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-    cuda::k::abs_median(dx.get() + offset, n, scratch.get(), dout.get(), nullptr);
+    const float unset = -1.f;  // no |x| median: a route that forgets *out fails
+    ASSERT_EQ(cudaMemcpy(dout.get(), &unset, 4, cudaMemcpyHostToDevice), cudaSuccess);
+    cuda::k::abs_median(dx.get() + offset, n, scratch.get(), dout.get(), nullptr, force);
     float got = 0;
     ASSERT_EQ(cudaMemcpy(&got, dout.get(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    EXPECT_EQ(got, expect) << what << ", n = " << n << ", offset " << offset;
+    if (std::isnan(expect)) {
+      EXPECT_TRUE(std::isnan(got)) << what << ", n = " << n << ", offset " << offset;
+    } else {
+      EXPECT_EQ(got, expect) << what << ", n = " << n << ", offset " << offset;
+    }
+    const Route route = cuda::k::abs_median_route(scratch.get());
+    if (!routes.empty()) {
+      EXPECT_NE(std::find(routes.begin(), routes.end(), route), routes.end())
+          << what << ", n = " << n << ": route " << static_cast<int>(route);
+    }
   };
   auto random_values = [&](int64_t n) {
     std::vector<float> x(static_cast<size_t>(n));
@@ -1076,22 +1114,57 @@ TEST(GpuKernels, AbsMedianIsExact) {
     }
     return x;
   };
-  for (int64_t n : {1, 2, 7, 1000, 4097, 300000, 1 << 20, 5000001, 1 << 23})
-    check(random_values(n), 0, "random");
-  for (int64_t offset : {1, 2, 3}) check(random_values(300007), offset, "random, unaligned");
+  auto normal_values = [&](int64_t n) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (auto& v : x) v = nd(rng);
+    return x;
+  };
+  for (int64_t n : {1, 2, 7, 1000, 4097, 300000, 1 << 20, 5000001, 1 << 23}) {
+    const std::vector<Route> want = n < (1 << 18) ? std::vector<Route>{Route::kTwoPass} : one_read;
+    check(random_values(n), 0, "random", want);
+  }
+  check(random_values((1 << 18) - 1), 0, "random, below the one-read sizes", {Route::kTwoPass});
+  check(random_values(1 << 18), 0, "random, the smallest one-read size", one_read);
+  check(random_values((1 << 26) + 3), 0, "random, 128 sample blocks", one_read);
+  for (int64_t offset : {1, 2, 3}) check(random_values(300007), offset, "random, unaligned", {});
+  for (int64_t n : {(1 << 23) + 1, 1 << 23}) {
+    const auto x = normal_values(n);
+    check(x, 0, "normal", {Route::kCandidates});
+    check(x, 0, "normal, two passes", {Route::kTwoPass}, Force::kTwoPass);
+    check(x, 0, "normal, collapsed bracket", {Route::kFallbackMissed}, Force::kMissBracket);
+    check(x, 0, "normal, tiny buffer", {Route::kFallbackOverflow}, Force::kTinyBuffer);
+  }
+  {  // sorted: a stratified sample sees every part of x
+    auto x = normal_values(1 << 22);
+    std::sort(x.begin(), x.end(), [](float a, float b) { return std::abs(a) < std::abs(b); });
+    check(x, 0, "sorted", {Route::kCandidates});
+    std::reverse(x.begin(), x.end());
+    check(x, 1, "sorted descending", {Route::kCandidates});
+  }
+  {  // per-channel values: a period of 2048, each channel its own scale
+    const int64_t D = 2048, T = 4096;
+    std::vector<float> scale(static_cast<size_t>(D)), x(static_cast<size_t>(D * T));
+    for (auto& v : scale) v = std::exp2(8.f * ud(rng) - 4.f);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = scale[i % D] * (1.f + 0.01f * nd(rng));
+    check(x, 0, "per-channel scales", {Route::kCandidates});
+    for (size_t i = 0; i < x.size(); ++i) x[i] = scale[i % D];  // 2048 distinct values
+    check(x, 0, "per-channel constants", one_read);
+    check(x, 3, "per-channel constants, odd", one_read);
+  }
   auto sign = [&](float v) { return rng() % 2 ? v : -v; };
   {  // every |x| equal
     std::vector<float> x(size_t{1} << 23);
     for (auto& v : x) v = sign(1.375f);
-    check(x, 0, "all equal");
-    check(x, 1, "all equal, odd");
+    check(x, 0, "all equal", {Route::kEnds});
+    check(x, 1, "all equal, odd", {Route::kEnds});
+    check(x, 0, "all equal, collapsed bracket", {Route::kEnds}, Force::kMissBracket);
   }
-  {  // +-0 and denormals only
-    std::vector<float> x(100003);
+  for (int64_t n : {100003, (1 << 20) + 3}) {  // +-0 and denormals only
+    std::vector<float> x(static_cast<size_t>(n));
     for (auto& v : x)
       v = sign(rng() % 3 == 0 ? 0.f : std::ldexp(static_cast<float>(rng() % 7), -149));
-    check(x, 0, "zeros and denormals");
-    check(x, 1, "zeros and denormals, even");
+    check(x, 0, "zeros and denormals", {});
+    check(x, 1, "zeros and denormals, even", {});
   }
   // Half the values a, half b (in shuffled order) with a little spread elsewhere: the middle ranks
   // straddle a | b. a and b one ulp apart share their top 15 bits; 1 and 2 do not.
@@ -1105,8 +1178,45 @@ TEST(GpuKernels, AbsMedianIsExact) {
       x[x.size() - 1 - i] = sign(ab.second * 4.f + 1.f);  // above b
     }
     std::shuffle(x.begin(), x.end(), rng);
-    check(x, 0, "ties straddling the middle");
-    check(x, 1, "ties straddling the middle, odd");
+    check(x, 0, "ties straddling the middle", {Route::kEnds});
+    check(x, 1, "ties straddling the middle, odd", {Route::kEnds});
+    check(x, 0, "ties straddling the middle, two passes", {Route::kTwoPass}, Force::kTwoPass);
+  }
+  {  // a tie group ending (or starting) at the middle, spread values on the other side
+    std::vector<float> x(size_t{1} << 23);
+    for (size_t i = 0; i < x.size(); ++i)
+      x[i] = sign(i < x.size() / 2 ? 1.f : 1.25f + 0.25f * ud(rng));
+    std::shuffle(x.begin(), x.end(), rng);
+    check(x, 0, "ties below the middle", {Route::kCandidates});  // k0 at lo, k1 a candidate
+    for (auto& v : x) v = std::abs(v) == 1.f ? v : v - std::copysign(1.f, v);  // [0.25, 0.5)
+    check(x, 0, "ties above the middle", {Route::kCandidates});  // k0 a candidate, k1 at hi
+  }
+  {  // a gap at the middle: [1, 1.01) and [1.02, 1.03), or 2^-40 [1, 2) and 2^40 [1, 2)
+    std::vector<float> x(size_t{1} << 23);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = sign((i % 2 ? 1.02f : 1.f) + 0.01f * ud(rng));
+    check(x, 0, "a narrow gap at the middle", {Route::kCandidates});  // the ranks in two bins
+    check(x, 1, "a narrow gap at the middle, odd", {Route::kCandidates});
+    for (size_t i = 0; i < x.size(); ++i) x[i] = sign(std::ldexp(1.f + ud(rng), i % 2 ? 40 : -40));
+    check(x, 0, "a wide gap at the middle", {Route::kFallbackWide});
+    check(x, 1, "a wide gap at the middle, odd", {Route::kFallbackWide});
+  }
+  {  // infinities and NaN (any payload, either sign) above the middle, then at it
+    std::vector<float> x = normal_values(1 << 21);
+    const auto nan = [&] {
+      return from_bits(0x7f800001u + static_cast<uint32_t>(rng() % 0x7fffffu));
+    };
+    for (size_t i = 0; i < x.size(); ++i) {
+      const uint32_t r = rng() % 10;
+      if (r < 3) x[i] = sign(nan());
+      if (r == 3) x[i] = sign(std::numeric_limits<float>::infinity());
+    }
+    check(x, 0, "infinities and NaN above the middle", {Route::kCandidates});
+    check(x, 0, "infinities and NaN, two passes", {Route::kTwoPass}, Force::kTwoPass);
+    for (size_t i = 0; i < x.size(); ++i)
+      if (rng() % 3 == 0) x[i] = sign(nan());
+    check(x, 0, "NaN at the middle", {Route::kCandidates});
+    check(x, 1, "NaN at the middle, odd", {Route::kCandidates});
+    check(x, 0, "NaN at the middle, two passes", {Route::kTwoPass}, Force::kTwoPass);
   }
 }
 
