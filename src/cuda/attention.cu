@@ -519,27 +519,34 @@ __global__ void __launch_bounds__(256, 1)
 
 // A[i, 0] from cuDNN's log-sum-exp, in place: a0 [B, Hl, T] holds lse_i on entry and
 // exp(scale q_i . k_0 - lse_i) on return, q and k in fp32 from their bf16 values as the attention's
-// own product has them. One thread per query; key 0 of the block's (probe, KV head) in shared
-// memory.
-__global__ void a0_from_lse_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
-                                   float* __restrict__ a0, int T, int Hl, int KVl, int dp,
-                                   int head_begin, int group, int kv_begin, float scale) {
+// own product has them; key 0 of the block's (probe, KV head) in shared memory. Eight lanes per
+// query (each 16-byte pieces 8 apart, so a warp's loads cover four whole rows of Q), their partial
+// dots summed by three shuffles.
+constexpr int kA0Lanes = 8, kA0Threads = 256, kA0Rows = kA0Threads / kA0Lanes;
+
+__global__ void __launch_bounds__(kA0Threads)
+    a0_from_lse_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
+                       float* __restrict__ a0, int T, int Hl, int KVl, int dp, int head_begin,
+                       int group, int kv_begin, float scale) {
   extern __shared__ float k0[];
   const int h = blockIdx.y, b = blockIdx.z;
   const int g = (head_begin + h) / group - kv_begin;
   const int64_t tok0 = static_cast<int64_t>(b) * T;
   for (int e = threadIdx.x; e < dp; e += blockDim.x) k0[e] = bf2f(K[(tok0 * KVl + g) * dp + e]);
   __syncthreads();
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= T) return;
-  const bf16_bits* q = Q + ((tok0 + i) * Hl + h) * dp;
+  const int i = blockIdx.x * kA0Rows + threadIdx.x / kA0Lanes, part = threadIdx.x % kA0Lanes;
+  const bool live = i < T;
+  const bf16_bits* q = Q + ((tok0 + (live ? i : 0)) * Hl + h) * dp;
   float dot = 0.f;
-  for (int e = 0; e < dp; e += 8) {
+  for (int e = part * 8; e < dp; e += kA0Lanes * 8) {
     const uint4 v = *reinterpret_cast<const uint4*>(q + e);
     const bf16_bits* qe = reinterpret_cast<const bf16_bits*>(&v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) dot = fmaf(bf2f(qe[j]), k0[e + j], dot);
   }
+#pragma unroll
+  for (int o = kA0Lanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (!live || part != 0) return;
   float& a = a0[(static_cast<int64_t>(b) * Hl + h) * T + i];
   a = expf(dot * scale - a);
 }
@@ -575,8 +582,7 @@ bool try_cudnn(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_
   if (!cudnn_attention_supported(sh, s)) return refuse(cudnn_attention_last_refusal());
   const int64_t kv_off = static_cast<int64_t>(kv0) * dp;
   cudnn_attention(sh, Q, K + kv_off, V + kv_off, z, a0, scale, s);
-  constexpr int kThreads = 128;
-  a0_from_lse_kernel<<<dim3((T + kThreads - 1) / kThreads, Hl, B), kThreads,
+  a0_from_lse_kernel<<<dim3((T + kA0Rows - 1) / kA0Rows, Hl, B), kA0Threads,
                        static_cast<size_t>(dp) * sizeof(float), s>>>(
       Q, K, a0, T, Hl, KVl, dp, head_begin, group, kv_begin, scale);
   CUDA_CHECK_LAUNCH("a0_from_lse_kernel");

@@ -666,12 +666,19 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
   const int64_t B = B_, T = T_, D = D_;
   const bf16_bits* Wk = Lw.wqkv.get() + qw_ * D;
-  // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself.
-  k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
-                   static_cast<int>(D), post_norm_ ? nullptr : Lw.input_norm.get(),
-                   norm_mode_ == k::NormMode::kLayer, ws_.idrows.get(), s());
-  k::rows_times_wt(ws_.idrows.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
-                   static_cast<int>(kw_), D, ws_.kid.get(), s());
+  // The identity check's two rows in plain fp32: sum of position-0 writes, and the residual itself,
+  // times W_K (LayerNorm's centring first; else in one pass from the rows' sources).
+  const float* gamma = post_norm_ ? nullptr : Lw.input_norm.get();
+  if (norm_mode_ == k::NormMode::kLayer ||
+      !k::identity_keys(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
+                        static_cast<int>(D), gamma, Wk, static_cast<int>(kw_), D, ws_.kid.get(),
+                        s())) {
+    k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
+                     static_cast<int>(D), gamma, norm_mode_ == k::NormMode::kLayer,
+                     ws_.idrows.get(), s());
+    k::rows_times_wt(ws_.idrows.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
+                     static_cast<int>(kw_), D, ws_.kid.get(), s());
+  }
   k::KeyNorm kn;
   kn.gain = qk_norm_ || full_width_ ? Lw.k_norm.get() : nullptr;
   kn.gain_stride = full_width_ ? d_ : 0;

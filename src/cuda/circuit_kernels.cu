@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(kVecChans)
 
 // Block of kFinCols columns x kFinLanes slot lanes: lane y takes slots y, y + kFinLanes, ...
 // (their deltas stored as they come); the lanes' sums then join in lane order (deterministic).
-constexpr int kFinCols = 32, kFinLanes = 8;
+constexpr int kFinCols = 8, kFinLanes = 32;  // 256 blocks at D = 2048, one probe
 
 __global__ void __launch_bounds__(kFinCols* kFinLanes)
     finish_components_kernel(ComponentRows rows, int S, int D, int T,
@@ -505,11 +505,21 @@ __global__ void rows_times_wt_kernel(const float* __restrict__ A, int R, int K,
   }
 }
 
+// Where rows_times_wt8_kernel's rows come from: A [R, K], or (A null) the identity check's rows
+// straight from their sources, row 2 b = p0_sum[b], row 2 b + 1 = x[b T] (not centred), their gain
+// gamma (null: 1) applied to W's columns instead (the same products).
+struct IdentitySource {
+  const float* p0_sum = nullptr;
+  const float* x = nullptr;
+  int T = 0;
+  const float* gamma = nullptr;
+};
+
 // The same with 16-byte loads (K, ldw multiples of 8; W and A 16-byte aligned): warp per (column
 // n, chunk of kRowChunk rows), each lane 8 consecutive K per step.
 __global__ void rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
                                       const bf16_bits* __restrict__ W, int N, int64_t ldw,
-                                      float* __restrict__ out) {
+                                      float* __restrict__ out, IdentitySource id) {
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int r0 = blockIdx.y * kRowChunk;
@@ -527,10 +537,19 @@ __global__ void rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
       w[2 * j] = __uint_as_float(wv[j] << 16);
       w[2 * j + 1] = __uint_as_float(wv[j] & 0xffff0000u);
     }
+    if (!A && id.gamma) {
+      const float4 g0 = *reinterpret_cast<const float4*>(id.gamma + kk);
+      const float4 g1 = *reinterpret_cast<const float4*>(id.gamma + kk + 4);
+      w[0] *= g0.x, w[1] *= g0.y, w[2] *= g0.z, w[3] *= g0.w;
+      w[4] *= g1.x, w[5] *= g1.y, w[6] *= g1.z, w[7] *= g1.w;
+    }
 #pragma unroll
     for (int i = 0; i < kRowChunk; ++i) {
       if (r0 + i >= R) break;
-      const float* a = A + static_cast<int64_t>(r0 + i) * K + kk;
+      const int r = r0 + i;
+      const float* a = A              ? A + static_cast<int64_t>(r) * K + kk
+                       : (r & 1) == 0 ? id.p0_sum + static_cast<int64_t>(r / 2) * K + kk
+                                      : id.x + static_cast<int64_t>(r / 2) * id.T * K + kk;
       const float4 a0 = *reinterpret_cast<const float4*>(a);
       const float4 a1 = *reinterpret_cast<const float4*>(a + 4);
       acc[i] += a0.x * w[0] + a0.y * w[1] + a0.z * w[2] + a0.w * w[3] + a1.x * w[4] + a1.y * w[5] +
@@ -788,13 +807,28 @@ void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int6
   if (R == 0 || N == 0) return;
   if (K % 8 == 0 && ldw % 8 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0 &&
       reinterpret_cast<uintptr_t>(A) % 16 == 0) {
-    rows_times_wt8_kernel<<<dim3((N + 7) / 8, (R + kRowChunk - 1) / kRowChunk), 256, 0, s>>>(
-        A, R, K, W, N, ldw, out);
+    rows_times_wt8_kernel<<<dim3((N + 3) / 4, (R + kRowChunk - 1) / kRowChunk), 128, 0, s>>>(
+        A, R, K, W, N, ldw, out, IdentitySource{});
     CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
     return;
   }
   rows_times_wt_kernel<<<(N + 7) / 8, 256, 0, s>>>(A, R, K, W, N, ldw, out);
   CUDA_CHECK_LAUNCH("rows_times_wt_kernel");
+}
+
+bool identity_keys(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma,
+                   const bf16_bits* W, int N, int64_t ldw, float* out, cudaStream_t s) {
+  const bool aligned = D % 8 == 0 && ldw % 8 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p0_sum) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                       (!gamma || reinterpret_cast<uintptr_t>(gamma) % 16 == 0);
+  if (!aligned) return false;
+  if (B == 0 || N == 0) return true;
+  const int R = 2 * B;
+  rows_times_wt8_kernel<<<dim3((N + 3) / 4, (R + kRowChunk - 1) / kRowChunk), 128, 0, s>>>(
+      nullptr, R, D, W, N, ldw, out, IdentitySource{p0_sum, x, T, gamma});
+  CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
+  return true;
 }
 
 void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const float* qbar,

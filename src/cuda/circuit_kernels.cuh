@@ -62,6 +62,11 @@ void centre_rows(float* W, int64_t rows, int cols, cudaStream_t s);
 // out[r, n] = sum_k A[r, k] * W[n, k] in fp32 (A fp32 [R, K], W bf16 [N, K] with row stride ldw).
 void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int64_t ldw, float* out,
                    cudaStream_t s);
+// rows_times_wt of identity_rows' rows without centring, read from their sources in the same pass
+// ([2 B, N]). Needs D, ldw multiples of 8 and every operand 16-byte aligned: false (nothing run)
+// where they are not.
+bool identity_keys(const float* p0_sum, const float* x, int B, int T, int D, const float* gamma,
+                   const bf16_bits* W, int N, int64_t ldw, float* out, cudaStream_t s);
 
 // The key's normalisation as the attribution sees it (docs/metrics.md section 4, "Model families"):
 // gain of held KV head g, dimension j = gain[g * gain_stride + j] (per-head norm: stride 0; full

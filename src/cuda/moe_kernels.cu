@@ -405,8 +405,8 @@ __global__ void __launch_bounds__(kRestThreads)
 }
 
 // Block (e, b) x columns: expert e's rest sum over probe b from the down product's tile sums
-// (RestTap, grouped_gemm.cuh): its rows [begin, end) lie in the expert's row tiles
-// (begin - offset) / kGroupedTileRows .. (end - 1 - offset) / kGroupedTileRows, added in order.
+// (RestTap, grouped_gemm.cuh), added in tile order over the expert's row tiles whose first and
+// last rows' probes bracket b: exactly the tiles whose epilogue wrote a sum for b.
 constexpr int kTileSumThreads = 128;
 
 template <int W>
@@ -416,17 +416,18 @@ __global__ void __launch_bounds__(kTileSumThreads)
                            const int32_t* __restrict__ tile_base, int B, int T, int S, int D,
                            float* __restrict__ out_rows) {
   const int e = blockIdx.x / B, b = blockIdx.x % B;
-  int begin = 0, end = 0;
-  rest_rows(pos_tok, offsets, counts, e, b, T, begin, end);  // gridDim.z == 1: the whole range
   const int c = (blockIdx.y * kTileSumThreads + threadIdx.x) * W;
   if (c >= D) return;
   float acc[W];
 #pragma unroll
   for (int i = 0; i < W; ++i) acc[i] = 0.f;
-  if (begin < end) {
-    const int off = offsets[e], i1 = (end - 1 - off) / kGroupedTileRows;
-    for (int i = (begin - off) / kGroupedTileRows; i <= i1; ++i) {
-      const float* src = part + (static_cast<int64_t>(tile_base[e] + i) * B + b) * D + c;
+  const int off = offsets[e], rows = counts[e], base = tile_base[e];
+  for (int i = 0; i * kGroupedTileRows < rows; ++i) {
+    const int first = off + i * kGroupedTileRows,
+              last = off + min(rows, (i + 1) * kGroupedTileRows) - 1;
+    if (pos_tok[first] / T > b || pos_tok[last] / T < b) continue;
+    {
+      const float* src = part + (static_cast<int64_t>(base + i) * B + b) * D + c;
       if constexpr (W == 4) {
         const float4 v = __ldg(reinterpret_cast<const float4*>(src));
         acc[0] += v.x;
@@ -456,19 +457,27 @@ __global__ void rest_splits_sum_kernel(const float* __restrict__ parts, int64_t 
   }
 }
 
-__global__ void rest_counts_kernel(const int32_t* __restrict__ counts, int E,
-                                   float* __restrict__ rc) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e < E) rc[e] = static_cast<float>(counts[e]);
-}
-
-// Block (b, k): the k-th pair of probe b's position 0 when that token is in the slice [s0, s1).
+// Block (b, k) < B K: the k-th pair of probe b's position 0 when that token is in the slice
+// [s0, s1); the last block: the rest counts (no atomics: the same sums every run).
 __global__ void p0_pairs_kernel(const bf16_bits* __restrict__ rows, const float* __restrict__ pos_w,
                                 const int32_t* __restrict__ ids,
-                                const int32_t* __restrict__ pos_of_pair, int T, int K, int64_t s0,
+                                const int32_t* __restrict__ pos_of_pair,
+                                const int32_t* __restrict__ counts, int B, int T, int K, int64_t s0,
                                 int64_t s1, int S, int E1, int D, float* __restrict__ p0_out,
                                 float* __restrict__ n0_out, float* __restrict__ r0_out,
                                 float* __restrict__ rc_out) {
+  if (blockIdx.x == gridDim.x - 1) {  // the last block: rc_out[e] = counts[e] - e's p0 pairs
+    for (int e = threadIdx.x; e < E1; e += blockDim.x) {
+      int c = counts[e];
+      for (int b = 0; b < B; ++b) {
+        const int64_t token = static_cast<int64_t>(b) * T;
+        if (token < s0 || token >= s1) continue;
+        for (int k = 0; k < K; ++k) c -= ids[(token - s0) * K + k] == e;
+      }
+      rc_out[e] = static_cast<float>(c);  // exact: small integers
+    }
+    return;
+  }
   const int b = blockIdx.x / K, k = blockIdx.x % K;
   const int64_t token = static_cast<int64_t>(b) * T;
   if (token < s0 || token >= s1) return;
@@ -489,7 +498,6 @@ __global__ void p0_pairs_kernel(const bf16_bits* __restrict__ rows, const float*
   if (threadIdx.x == 0) {
     n0_out[static_cast<int64_t>(b) * S + e] = static_cast<float>(sqrt(ss));
     r0_out[static_cast<int64_t>(b) * E1 + e] = 1.f;
-    atomicAdd(&rc_out[e], -1.f);  // exact: small integers
   }
 }
 
@@ -682,11 +690,8 @@ void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32
                           int E, int64_t s0, int64_t s1, int S, int D, float* p0_out, float* n0_out,
                           float* r0_out, float* rc_out, cudaStream_t s) {
   if (E == 0) return;
-  rest_counts_kernel<<<(E + 127) / 128, 128, 0, s>>>(counts, E, rc_out);
-  CUDA_CHECK_LAUNCH("rest_counts_kernel");
-  if (B == 0 || K == 0) return;
-  p0_pairs_kernel<<<B * K, 256, 0, s>>>(rows, pos_w, ids, pos_of_pair, T, K, s0, s1, S, E, D,
-                                        p0_out, n0_out, r0_out, rc_out);
+  p0_pairs_kernel<<<B * K + 1, 256, 0, s>>>(rows, pos_w, ids, pos_of_pair, counts, B, T, K, s0, s1,
+                                            S, E, D, p0_out, n0_out, r0_out, rc_out);
   CUDA_CHECK_LAUNCH("p0_pairs_kernel");
 }
 
