@@ -45,7 +45,8 @@ struct Result {
 
 class Blas {
  public:
-  explicit Blas(cudaStream_t stream);
+  // expert_sides false: no expert streams (a handle for small products on a side stream).
+  explicit Blas(cudaStream_t stream, bool expert_sides = true);
   ~Blas();
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
