@@ -138,7 +138,6 @@ class CudaBackend final : public Backend, private LayerOps {
         opt_(std::move(opt)),
         device_(select_device(plan)),
         blas_(stream_.s),
-        blas_rec_(rec_.s, false),
         coll_(comms, stream_.s) {
     set_error_context("rank " + std::to_string(plan.rank) + " on " + host_name());
     // The attention kernels take even head dims up to 128 and, for latent attention's query/key
@@ -234,9 +233,7 @@ class CudaBackend final : public Backend, private LayerOps {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(copy_.s);  // copies may still fly into the pinned buffers after a throw
-    cudaStreamSynchronize(rec_.s);
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
-    for (cudaEvent_t e : median_events_) cudaEventDestroy(e);
     for (cudaEvent_t e : tap_events_) cudaEventDestroy(e);
   }
 
@@ -285,15 +282,6 @@ class CudaBackend final : public Backend, private LayerOps {
 
  private:
   cudaStream_t s() const { return stream_.s; }
-  cudaStream_t rs() const { return rec_.s; }
-  void rec_fork() {
-    CUDA_CHECK(cudaEventRecord(rec_fork_.e, s()));
-    CUDA_CHECK(cudaStreamWaitEvent(rs(), rec_fork_.e, 0));
-  }
-  void rec_join() {
-    CUDA_CHECK(cudaEventRecord(rec_join_.e, rs()));
-    CUDA_CHECK(cudaStreamWaitEvent(s(), rec_join_.e, 0));
-  }
   // The operations at the layer plan's hook points (model/layer_plan.hpp); the phase marks of
   // RunProfile sit between them.
   void embed(const IntArray& tokens) override;
@@ -389,16 +377,6 @@ class CudaBackend final : public Backend, private LayerOps {
   StreamHolder copy_;
   EventHolder fork_, join_;
   Blas blas_;
-  // The recording's side stream (rs()): the circuit attribution and the |x| median run there,
-  // beside the attention kernels and the next layer's projections, which leave SMs and issue slots
-  // to spare at small shapes. rec_fork() starts it behind the main stream's work so far; the main
-  // stream waits for it (rec_join()) before it rewrites what the side work reads: the residual x,
-  // p0_sum (before the attention output is added), and at the next embedding.
-  StreamHolder rec_;
-  EventHolder rec_fork_, rec_join_;
-  Blas blas_rec_;
-  std::vector<cudaEvent_t> median_events_;  // the median's host copy landed (a ring)
-  size_t next_median_event_ = 0;
   DeviceCollectives coll_;
   DeviceModel w_;
   uint64_t weight_device_bytes_ = 0;
@@ -586,7 +564,6 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
 
 void CudaBackend::embed(const IntArray& tokens) {
   const int64_t B = B_, T = T_, BT = BT_, D = D_;
-  rec_join();  // the last residual tap's median read x
   if (w_.embed.get()) {
     to_device(ws_.tokens.get(), tokens.data.data(), static_cast<size_t>(BT));
     k::embed_gather(w_.embed.get(), ws_.tokens.get(), BT, static_cast<int>(D), ws_.x.get(), s());
@@ -623,27 +600,13 @@ void CudaBackend::residual_tap(int64_t index) {
                                  cudaMemcpyDeviceToHost, copy_.s));
   }
   const bool median = probe0 == 0 && B > 0;  // Sun et al.'s |x| median: probe 0 only
-  cudaEvent_t median_ready = nullptr;
   if (median) {
-    // On the side stream, beside the next layer's projections and attention (the main stream
-    // waits for it before the next write of x); its value comes home on the same stream.
-    constexpr size_t kRing = 8;  // more than the residual taps that can wait in deferred_
-    while (median_events_.size() < kRing) {
-      cudaEvent_t e;
-      CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-      median_events_.push_back(e);
-    }
-    median_ready = median_events_[next_median_event_++ % kRing];
-    rec_fork();
-    k::abs_median(ws_.x.get(), T * D, ws_.median_scratch.get(), ws_.median.get(), rs());
-    CUDA_CHECK(cudaMemcpyAsync(h_x0_.get() + B * D, ws_.median.get(), sizeof(float),
-                               cudaMemcpyDeviceToHost, rs()));
-    CUDA_CHECK(cudaEventRecord(median_ready, rs()));
+    k::abs_median(ws_.x.get(), T * D, ws_.median_scratch.get(), ws_.median.get(), s());
+    tap_to_host(h_x0_.get() + B * D, ws_.median.get(), 1);
   }
-  defer([this, index, B, D, median_ready] {
-    if (median_ready) CUDA_CHECK(cudaEventSynchronize(median_ready));
+  defer([this, index, B, D, median] {
     emit_residual_tap(*obs_, tap_source(), index, h_x0_.get(), h_rnorms_.get(),
-                      median_ready ? h_x0_[static_cast<size_t>(B * D)] : std::nanf(""));
+                      median ? h_x0_[static_cast<size_t>(B * D)] : std::nanf(""));
   });
 }
 
@@ -679,26 +642,25 @@ void CudaBackend::mla_circuit(int64_t l, int64_t C) {
   const int64_t B = B_, T = T_, D = D_, ra = c_.mla_kv_rank + c_.qk_rope_dim;
   const bf16_bits* Wkva = Lw.mla_a.get() + c_.mla_q_rank * D;  // [Rkv + rope, D]
   // G = (delta (.) gamma_in) W_kva^T for the C upstream slots (TF32), as circuit() does with W_K.
-  k::scale_columns(Wkva, ra, static_cast<int>(D), Lw.input_norm.get(), ws_.wkg.get(), rs());
-  blas_rec_.nt(C, ra, D, {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.wkg.get(), Dt::kF32, D, 0},
-               {ws_.G.get(), Dt::kF32, ra, Ctot_ * ra}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
+  k::scale_columns(Wkva, ra, static_cast<int>(D), Lw.input_norm.get(), ws_.wkg.get(), s());
+  blas_.nt(C, ra, D, {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.wkg.get(), Dt::kF32, D, 0},
+           {ws_.G.get(), Dt::kF32, ra, Ctot_ * ra}, 1.f, 0.f, static_cast<int>(B), Math::kTF32);
   k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
-                   static_cast<int>(D), Lw.input_norm.get(), false, ws_.idrows.get(), rs());
+                   static_cast<int>(D), Lw.input_norm.get(), false, ws_.idrows.get(), s());
   k::rows_times_wt(ws_.idrows.get(), static_cast<int>(2 * B), static_cast<int>(D), Wkva,
-                   static_cast<int>(ra), D, ws_.kid.get(), rs());
+                   static_cast<int>(ra), D, ws_.kid.get(), s());
   k::mla_circuit_finish(ws_.kid.get(), ws_.inv_rx.get(), ws_.inv_rl.get(), static_cast<int>(B),
                         static_cast<int>(T), ws_.qbar.get(), Lw.mla_kv_b.get(),
                         Lw.mla_kv_a_norm.get(), mla_shape_,
                         static_cast<float>(c_.rope.attention_factor), scale_, ws_.k0m.get(),
-                        ws_.k0s.get(), ws_.qk.get(), rs());
+                        ws_.k0s.get(), ws_.qk.get(), s());
   // Every local head contracts the same latent-and-rope rows: one "KV head" of width ra.
   k::attr_contract(ws_.G.get(), Ctot_ * ra, ws_.qk.get(), static_cast<int>(B), static_cast<int>(C),
                    static_cast<int>(Hl_), 1, static_cast<int>(ra),
                    static_cast<int>(plan_.head_begin), static_cast<int>(H_), 0, ws_.attr.get(),
-                   rs());
+                   s());
 }
 
-// On the recording's side stream (rs(), blas_rec_), forked by attention_block after qbar.
 void CudaBackend::circuit(int64_t l, int64_t C) {
   if (mla_) return mla_circuit(l, C);
   const DeviceLayer& Lw = w_.layers[static_cast<size_t>(l)];
@@ -710,12 +672,12 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
   if (norm_mode_ == k::NormMode::kLayer ||
       !k::identity_keys(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
                         static_cast<int>(D), gamma, Wk, static_cast<int>(kw_), D, ws_.kid.get(),
-                        rs())) {
+                        s())) {
     k::identity_rows(ws_.p0_sum.get(), ws_.x.get(), static_cast<int>(B), static_cast<int>(T),
                      static_cast<int>(D), gamma, norm_mode_ == k::NormMode::kLayer,
-                     ws_.idrows.get(), rs());
+                     ws_.idrows.get(), s());
     k::rows_times_wt(ws_.idrows.get(), static_cast<int>(2 * B), static_cast<int>(D), Wk,
-                     static_cast<int>(kw_), D, ws_.kid.get(), rs());
+                     static_cast<int>(kw_), D, ws_.kid.get(), s());
   }
   k::KeyNorm kn;
   kn.gain = qk_norm_ || full_width_ ? Lw.k_norm.get() : nullptr;
@@ -728,7 +690,7 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
                     ws_.qbar.get(), kn, static_cast<int>(Hl_), static_cast<int>(KVl_),
                     static_cast<int>(d_), static_cast<int>(plan_.head_begin),
                     static_cast<int>(group_), static_cast<int>(plan_.kv_begin), eps_, scale_,
-                    ws_.k0m.get(), ws_.k0s.get(), ws_.qk.get(), rs());
+                    ws_.k0m.get(), ws_.k0s.get(), ws_.qk.get(), s());
   // attr[b, h, c] = delta_c (.) gamma W_K,g(h)^T qk_h: the heads' key directions in the residual's
   // coordinates, then one fp32 product with the C upstream deltas per probe.
   // (post-norm blocks: no input norm, unit gains; LayerNorm: the centring folded in).
@@ -736,11 +698,11 @@ void CudaBackend::circuit(int64_t l, int64_t C) {
                     norm_mode_ == k::NormMode::kLayer, ws_.qk.get(), static_cast<int>(B),
                     static_cast<int>(Hl_), static_cast<int>(KVl_), static_cast<int>(d_),
                     static_cast<int>(D), static_cast<int>(plan_.head_begin),
-                    static_cast<int>(group_), static_cast<int>(plan_.kv_begin), ws_.G.get(), rs());
+                    static_cast<int>(group_), static_cast<int>(plan_.kv_begin), ws_.G.get(), s());
   if (C > 0)
-    blas_rec_.nt(Hl_, C, D, {ws_.G.get(), Dt::kF32, D, Hl_ * D},
-                 {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.attr.get(), Dt::kF32, C, Hl_ * C},
-                 1.f, 0.f, static_cast<int>(B));
+    blas_.nt(Hl_, C, D, {ws_.G.get(), Dt::kF32, D, Hl_ * D},
+             {ws_.delta.get(), Dt::kF32, D, Ctot_ * D}, {ws_.attr.get(), Dt::kF32, C, Hl_ * C}, 1.f,
+             0.f, static_cast<int>(B));
 }
 
 void CudaBackend::attention_block(const PlannedLayer& layer) {
@@ -794,7 +756,6 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
       k::column_mean_rest(ws_.qkv.get(), Bi, Ti, static_cast<int>(qw), qkv_ld_, ws_.partial.get(),
                           ws_.qbar.get(), s(), static_cast<int>(nq));
     mark(l, kQkvDone);
-    rec_fork();  // the circuit beside the attention kernels (joined before x or p0_sum change)
     circuit(l, C);
   } else {
     mark(l, kQkvDone);
@@ -841,7 +802,6 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                     Di, static_cast<int>(H_), static_cast<int>(plan_.head_begin), hp, s());
   }
   mark(l, kHeadRecDone);
-  if (record_) rec_join();  // the circuit read x and p0_sum, rewritten from here on
   if (post_norm_) {
     if (record_) coll_.tp_allreduce_sum(hp, static_cast<size_t>(B * H_ * 2 * D));
     k::add_inplace(ws_.x.get(), a, BT * D, s());

@@ -24,7 +24,7 @@ int as_int(int64_t v, const char* what) {
 
 }  // namespace
 
-Blas::Blas(cudaStream_t stream, bool expert_sides) : stream_(stream) {
+Blas::Blas(cudaStream_t stream) : stream_(stream) {
   // The expert-product settings first: a bad value fails before anything is created.
   if (const char* v = std::getenv("SINKSCOPE_CUDA_EXPERT_GEMM"); v && *v) {
     const std::string how(v);
@@ -45,7 +45,6 @@ Blas::Blas(cudaStream_t stream, bool expert_sides) : stream_(stream) {
                        "' is not a stream count from 1 to 16");
     n_sides = static_cast<int>(n);
   }
-  if (!expert_sides) n_sides = 1;
   CUBLAS_CHECK(cublasCreate(&handle_));
   CUBLAS_CHECK(cublasSetStream(handle_, stream_));
   CUBLAS_CHECK(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));

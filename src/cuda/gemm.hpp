@@ -45,8 +45,7 @@ struct Result {
 
 class Blas {
  public:
-  // expert_sides false: no expert streams (a handle for small products on a side stream).
-  explicit Blas(cudaStream_t stream, bool expert_sides = true);
+  explicit Blas(cudaStream_t stream);
   ~Blas();
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
