@@ -1,9 +1,11 @@
 // RMSNorm, the fused q/k norm + RoPE, row norms, column means, residual adds, the embedding and its
 // position-0 bookkeeping, and the two-pass radix select behind the exact median of |x| (probe 0).
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 
 #include "cuda/device_common.cuh"
@@ -373,46 +375,50 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
 // with nothing waiting for the host. Two routes: one read of x near a sampled middle, and the
 // two-pass radix select it falls back to.
 //
-// One read (n from 2^18 up to what the candidate buffer takes, about 120M elements):
+// One read (n from 2^18 up to what the candidate buffer takes, about 160M elements):
 //
-// abs_median_sample_kernel: G blocks (1 to 128, more for larger n) each take 16384 elements in runs
-// of 8 (one 32-byte sector each), one run in each of 2048 equal strata of x at an offset hashed
-// from the stratum and the block (a stratified sample of all of x per block, with no stride that a
+// abs_median_sample_kernel: G blocks (1 to 128, a block per 2^16 elements) each take 4096 elements
+// (8192 from 2^25 elements on: 4 or 8 loads a thread, all in flight at once) in runs of 8 (one
+// 32-byte sector each), one run in each of 512 (1024) equal strata of x at an offset hashed from
+// the stratum and the block (a stratified sample of all of x per block, with no stride that a
 // period of the data, such as a row length, could line up with), and select two ranks of their
 // sample exactly (a radix select of 13, 9 and 9 bits in shared memory): a margin below k0's share
 // of the sample and a margin above k1's. Block 0 also zeroes the counters the later kernels add to.
+// Many blocks with few loads each: the sample costs about one trip to memory, not one per load.
 //
 // abs_median_bracket_kernel: the bracket [lo, hi] is the lower median of the blocks' low ends and
 // the upper median of their high ends. A median of G estimates is nearly as sharp as one estimate
 // from the G samples together, and more than half of them must miss for it to miss: the margins
-// (kSampleMargin) put the chance that a random sample misses a middle rank below 1e-9 a side, with
-// 0.5% (G = 128) to 4.7% (G = 1) of x inside. One read of x counts the elements below lo, equal to
-// lo, strictly inside and equal to hi, appends the inside patterns to a candidate buffer (each warp
-// stages them in shared memory and reserves buffer space once per 512 or more) and counts them in
-// 1024 bins by their first digit (the offset from lo + 1, shifted so that 1024 bins cover the
-// bracket; shared counters per block, added to global ones at the end). The last block to finish
-// places k0 and k1: at lo or at hi (equal elements are counted, never staged, so a middle inside a
-// tie finishes here) or among the candidates, in a bin of the 1024 and at a rank inside it.
+// (kSampleMargin16K) put the chance that a random sample misses a middle rank below 1e-9 a side,
+// with about 1.1% of x inside from 8M elements on (0.8% from 2^25 on; 9% for G = 1). One read of x
+// counts the elements below lo, equal to lo, strictly inside and equal to hi, appends the inside
+// patterns to a candidate buffer (each warp stages them in shared memory and reserves buffer space
+// once per 512 or more) and counts them in 1024 bins by their first digit (the offset from lo + 1,
+// shifted so that 1024 bins cover the bracket; shared counters per block, added to global ones at
+// the end). The last block to finish places k0 and k1: at lo or at hi (equal elements are counted,
+// never staged, so a middle inside a tie finishes here) or among the candidates, in a bin of the
+// 1024 and at a rank inside it.
 //
-// abs_median_hi_kernel, on that route: reads the candidates (about 1% of x, just written, so from
-// L2) and settles the second digit (the shift's low bits) of the elements of those bins: a maximum
-// and a minimum when the two ranks fell in different bins, else a histogram; its last block writes
-// the median.
+// abs_median_finish_kernel, on that route: reads the candidates (about 1% of x, just written, so
+// from L2) and settles the second digit (the shift's low bits) of the elements of those bins: a
+// maximum and a minimum when the two ranks fell in different bins, else a histogram; its last block
+// writes the median.
 //
-// The fallback: the bracket kernel leaves a route in the state, and the two kernels after it read
-// it and either return at once or run the two-pass select below. It runs when the bracket missed a
-// middle rank, when the candidates needed overflow the buffer, when lo and hi are more than 2^25
-// patterns apart (more than the two digits cover: a wide gap at the middle), and for n outside the
-// one-read range. A wrong guess costs time, never exactness.
+// The fallback: the bracket kernel leaves a route in the state, and the finish kernel after it
+// reads it and either returns at once or runs the two-pass select below. It runs when the bracket
+// missed a middle rank, when the candidates needed overflow the buffer, when lo and hi are more
+// than 2^25 patterns apart (more than the two digits cover: a wide gap at the middle), and for n
+// outside the one-read range. A wrong guess costs time, never exactness.
 //
-// Two passes. Pass 1 (abs_median_hi_kernel) histograms the top 15 bits: a block per SM keeps its
-// own 32768 counters in 128 KB of dynamic shared memory, streams x with 16-byte loads (four in
-// flight per thread; the unaligned head and the tail of at most three elements each are read one
-// by one) and adds its nonzero counters to the global histogram at the end. The last block to
-// finish (a counter behind a fence) scans the global histogram and stores, per rank, the bin
-// holding it and the rank left inside the bin.
+// Two passes, in one cooperative launch of abs_median_finish_kernel (a block per SM, all resident)
+// with a grid-wide barrier between them. Pass 1 (two_pass_hi) histograms the top 15 bits: a block
+// per SM keeps its own 32768 counters in 128 KB of dynamic shared memory, streams x with 16-byte
+// loads (four per thread, the next four issued before these are looked at; the unaligned head and
+// the tail of at most three elements each are read one by one) and adds its nonzero counters to the
+// global histogram at the end. The last block to finish (a counter behind a fence) scans the global
+// histogram and stores, per rank, the bin holding it and the rank left inside the bin.
 //
-// Pass 2 (abs_median_lo_kernel) reads x again and looks only at the elements of those bins. When
+// Pass 2 (two_pass_lo) reads x again and looks only at the elements of those bins. When
 // the two ranks fell in different bins, k0 is the largest element of its bin and k1 the smallest
 // of its own (consecutive ranks with nothing between the bins), so a maximum and a minimum of the
 // low 16 bits settle them: warp reductions, one global atomicMax each per warp (the minimum as the
@@ -428,7 +434,7 @@ __global__ void embed_p0_kernel(float* __restrict__ x, int T, int D,
 // counts and the selections do not depend on the order of the atomics (nor on the order of the
 // candidates in their buffer), and the route depends on exact counts only: the result is exact and
 // deterministic. Launches: the sample and bracket kernels (or, for the two passes alone, a memset
-// of the state) and the two kernels, all on the stream.
+// of the state) and the finish kernel, all on the stream.
 constexpr int kMedThreads = 1024, kMedUnroll = 4;
 constexpr int kMedChunk = kMedThreads * kMedUnroll * 4;  // elements per block iteration
 constexpr int kHiBins = 1 << 15, kLoBins = 1 << 16;
@@ -437,22 +443,22 @@ constexpr int kMedSmemBytes = kHiBins * static_cast<int>(sizeof(unsigned));  // 
 // then keeps every counter <= 65535 (the <= 6 scalar elements come before the first chunk).
 constexpr unsigned kLoFlushAt = 65535u - kMedChunk;
 
-// The sample: kSampleKeys elements per thread, in runs of kSampleRun, kSampleRuns strata a block.
-constexpr int kSampleKeys = 16, kSampleRun = 8;
-constexpr int kSampleSize = kMedThreads * kSampleKeys, kSampleRuns = kSampleSize / kSampleRun;
+// The sample: keys (4 or 8) elements per thread, in runs of kSampleRun, keys * kMedThreads /
+// kSampleRun strata a block.
+constexpr int kSampleRun = 8;
 constexpr int kMaxSampleBlocks = 128;
-// By log2 G: the margin (in ranks of a block's sample) that puts the lower median of G low ends
+// By log2 G: the margin (in ranks of a sample of 16384) that puts the lower median of G low ends
 // above the true rank, or the upper median of the high ends below it, at a chance < 1e-9 for a
 // random sample (ceil(64 z), z: the normal quantile at which the binomial tail of G blocks, more
-// than half of them past the rank, reaches 1e-9).
-constexpr int kSampleMargin[8] = {384, 257, 207, 158, 116, 84, 60, 43};
+// than half of them past the rank, reaches 1e-9). A sample of S takes ceil(z sqrt(S) / 2).
+constexpr int kSampleMargin16K[8] = {384, 257, 207, 158, 116, 84, 60, 43};
 constexpr int64_t kOneReadMinN = int64_t{1} << 18;
 // Inside patterns: a first digit of kInBits bits, the second of at most kInShiftMax bits (its
 // histogram fits kHiBins counters).
 constexpr int kInBits = 10, kInBins = 1 << kInBits, kInShiftMax = 15;
 static_assert(kInBins == kMedThreads, "the bracket's last block loads a first-digit bin a thread");
 constexpr uint32_t kMaxSpan = uint32_t{kInBins} << kInShiftMax;
-constexpr unsigned long long kCandCap = 1ull << 20;  // the candidate buffer, 4 MB
+constexpr unsigned long long kCandCap = 1ull << 21;  // the candidate buffer, 8 MB
 // A warp stages up to kStage candidates and reserves buffer space when more than kStage - 512 are
 // waiting: a chunk adds at most 512 (32 lanes x 4 loads x 4).
 constexpr int kStage = 1024, kWarpChunk = 32 * kMedUnroll * 4;
@@ -515,14 +521,22 @@ __device__ __forceinline__ void for_each_abs_bits(const float* __restrict__ x, i
   const float4* v4 = reinterpret_cast<const float4*>(x + head);
   const int64_t per_chunk = kMedThreads * kMedUnroll;
   const int64_t chunks = (nvec + per_chunk - 1) / per_chunk;
-  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+  // The next chunk's loads are issued before this chunk is visited: with one block per SM, the
+  // SM's loads would otherwise stop while it works on what arrived, and the reads come in bursts.
+  auto load = [&](int64_t c, float4(&v)[kMedUnroll]) {
     const int64_t base = c * per_chunk + threadIdx.x;
-    float4 v[kMedUnroll];
 #pragma unroll
     for (int j = 0; j < kMedUnroll; ++j) {
       const int64_t i = base + j * kMedThreads;
-      if (i < nvec) v[j] = kStream ? __ldcs(v4 + i) : __ldg(v4 + i);
+      if (c < chunks && i < nvec) v[j] = kStream ? __ldcs(v4 + i) : __ldg(v4 + i);
     }
+  };
+  float4 v[kMedUnroll];
+  load(blockIdx.x, v);
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    float4 next[kMedUnroll];
+    load(c + gridDim.x, next);
+    const int64_t base = c * per_chunk + threadIdx.x;
 #pragma unroll
     for (int j = 0; j < kMedUnroll; ++j) {
       if (base + j * kMedThreads >= nvec) break;
@@ -532,6 +546,8 @@ __device__ __forceinline__ void for_each_abs_bits(const float* __restrict__ x, i
       visit(u, 4);
     }
     chunk_end();
+#pragma unroll
+    for (int j = 0; j < kMedUnroll; ++j) v[j] = next[j];
   }
 }
 
@@ -651,24 +667,26 @@ __device__ __forceinline__ uint32_t mix32(uint32_t h) {  // murmur3's finaliser
   return h;
 }
 
-// Sample block b of G: a run of kSampleRun elements in each of kSampleRuns strata of x, stratum j
-// starting at element floor(j * step_fp / 2^16) (step_fp = n * 2^16 / kSampleRuns), the run a
-// hashed offset (of j and b) below `room` into it (room = floor(n / kSampleRuns) - 7), moved down
+// Sample block b of G: a run of kSampleRun elements in each of R = kKeys * kMedThreads / kSampleRun
+// strata of x, stratum j starting at element floor(j * step_fp / 2^16) (step_fp = n * 2^16 / R),
+// the run a hashed offset (of j and b) below `room` into it (room = floor(n / R) - 7), moved down
 // to a 32-byte boundary. Every block samples all of x, each at its own offsets (strata interleaved
 // over the blocks would hand block b the same columns of a matrix whose row length divides the
 // strata's spacing). Lane l of a warp reads element l % 8 of run 4 * (the warp's load) + l / 8: a
 // warp load takes four whole sectors. Then the ranks r_lo <= r_hi of the block's kSampleSize
-// patterns, exactly, into st->sample_lo[b] / sample_hi[b].
+// patterns, exactly, into st->sample_lo[b] / sample_hi[b]. Few keys a thread (all loads in flight
+// at once) over many blocks (one an SM): the sample costs about one trip to memory.
+template <int kKeys>
 __global__ void __launch_bounds__(kMedThreads, 1)
     abs_median_sample_kernel(const float* __restrict__ x, uint64_t step_fp, uint32_t room,
                              unsigned r_lo, unsigned r_hi, MedianState* st,
                              unsigned* __restrict__ in_hist) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t align = static_cast<int64_t>((reinterpret_cast<uintptr_t>(x) >> 2) & 7u);
-  uint32_t key[kSampleKeys];
+  uint32_t key[kKeys];
 #pragma unroll
-  for (int j = 0; j < kSampleKeys; ++j) {
-    const uint32_t run = static_cast<uint32_t>((warp * kSampleKeys + j) * 4 + (lane >> 3));
+  for (int j = 0; j < kKeys; ++j) {
+    const uint32_t run = static_cast<uint32_t>((warp * kKeys + j) * 4 + (lane >> 3));
     const uint32_t h = mix32((run * gridDim.x + blockIdx.x) * 0x9e3779b9u + 0x7f4a7c15u);
     int64_t s = static_cast<int64_t>((run * step_fp) >> 16) +
                 static_cast<int64_t>((static_cast<uint64_t>(h) * room) >> 32);
@@ -682,7 +700,7 @@ __global__ void __launch_bounds__(kMedThreads, 1)
     for (int i = threadIdx.x; i < kInBins; i += kMedThreads) in_hist[i] = 0;
   }
   // Three rounds of a radix select for both ranks at once: the two histograms (of the keys whose
-  // higher bits match each rank's prefix) share a word, the counts (<= 16384) in its halves.
+  // higher bits match each rank's prefix) share a word, the counts (<= 8192) in its halves.
   __shared__ unsigned hist[1 << 13];
   __shared__ unsigned sel_bin[2], sel_rank[2];
   using Scan = cub::BlockScan<unsigned, kMedThreads, cub::BLOCK_SCAN_WARP_SCANS>;
@@ -696,7 +714,7 @@ __global__ void __launch_bounds__(kMedThreads, 1)
     for (int i = threadIdx.x; i < nb; i += kMedThreads) hist[i] = 0;
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < kSampleKeys; ++j) {
+    for (int j = 0; j < kKeys; ++j) {
       const uint32_t top = key[j] & fixed;
       const unsigned inc = (top == pre[0] ? 1u : 0u) + (top == pre[1] ? 0x10000u : 0u);
       if (inc) atomicAdd(&hist[(key[j] >> shift) & (nb - 1)], inc);
@@ -904,9 +922,9 @@ __global__ void __launch_bounds__(kMedThreads, 1)
   }
 }
 
-// The candidates' second digit (abs_median_hi_kernel on the one-read route; see the comment above
-// kMedThreads): the block's share of the buffer, then its last block writes the median. hist: the
-// (zeroed) two-pass histogram of pass 1, 2^shift counters of it.
+// The candidates' second digit (abs_median_finish_kernel on the one-read route; see the comment
+// above kMedThreads): the block's share of the buffer, then its last block writes the median. hist:
+// the (zeroed) two-pass histogram of pass 1, 2^shift counters of it.
 __device__ void select_candidates(MedianState* st, int64_t n, const uint32_t* __restrict__ cand,
                                   unsigned* __restrict__ hist, float* __restrict__ out) {
   const bool odd = n % 2 == 1;
@@ -967,13 +985,10 @@ __device__ void select_candidates(MedianState* st, int64_t n, const uint32_t* __
   }
 }
 
-__global__ void __launch_bounds__(kMedThreads, 1)
-    abs_median_hi_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
-                         unsigned* __restrict__ hist, const uint32_t* __restrict__ cand,
-                         float* __restrict__ out) {
-  const unsigned route = st->route;
-  if (route == kRouteCandidates) select_candidates(st, n, cand, hist, out);
-  if (!two_pass_route(route)) return;
+// Pass 1 of the two passes (see the comment above kMedThreads): its last block stores the bins of
+// k0 and k1 and the ranks left inside them in st.
+__device__ void two_pass_hi(const float* __restrict__ x, int64_t n, MedianState* st,
+                            unsigned* __restrict__ hist) {
   extern __shared__ uint4 med_smem[];
   unsigned* local = reinterpret_cast<unsigned*>(med_smem);
   for (int i = threadIdx.x; i < kHiBins / 4; i += kMedThreads) med_smem[i] = make_uint4(0, 0, 0, 0);
@@ -1007,7 +1022,7 @@ __global__ void __launch_bounds__(kMedThreads, 1)
     const unsigned c = local[i];
     if (c) atomicAdd(&hist[i], c);
   }
-  if (!last_block_done(&st->done[0])) return;
+  if (!last_block_done(&st->done[0])) return;  // the whole block alike
   __shared__ unsigned bin[2];
   __shared__ unsigned long long rank[2];
   const unsigned long long mid = static_cast<unsigned long long>(n / 2);
@@ -1021,12 +1036,11 @@ __global__ void __launch_bounds__(kMedThreads, 1)
   }
 }
 
-__global__ void __launch_bounds__(kMedThreads, 1)
-    abs_median_lo_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
-                         unsigned* __restrict__ hist, float* __restrict__ out) {
-  if (!two_pass_route(st->route)) return;
+// Pass 2: after a grid-wide barrier behind pass 1 (st's bins come through L2: __ldcg).
+__device__ void two_pass_lo(const float* __restrict__ x, int64_t n, MedianState* st,
+                            unsigned* __restrict__ hist, float* __restrict__ out) {
   const bool odd = n % 2 == 1;
-  const uint32_t b1 = st->bin[1], b0 = odd ? b1 : st->bin[0];
+  const uint32_t b1 = __ldcg(&st->bin[1]), b0 = odd ? b1 : __ldcg(&st->bin[0]);
   const int lane = threadIdx.x & 31;
   if (b0 != b1) {  // k0 is the largest of bin b0, k1 the smallest of bin b1
     unsigned lo_max = 0, lo_inv_min = 0;
@@ -1123,7 +1137,8 @@ __global__ void __launch_bounds__(kMedThreads, 1)
   if (!last_block_done(&st->done[1])) return;
   __shared__ unsigned bin[2];
   __shared__ unsigned long long rank[2];
-  const unsigned long long k[2] = {odd ? st->rank[1] : st->rank[0], st->rank[1]};
+  const unsigned long long k[2] = {odd ? __ldcg(&st->rank[1]) : __ldcg(&st->rank[0]),
+                                   __ldcg(&st->rank[1])};
   find_ranks<kLoBins>(hist, odd ? 1 : 2, k, bin, rank);
   if (threadIdx.x == 0) {
     const double hi = static_cast<double>(__uint_as_float((b1 << 16) | bin[odd ? 0 : 1]));
@@ -1131,6 +1146,22 @@ __global__ void __launch_bounds__(kMedThreads, 1)
                : static_cast<float>(
                      0.5 * (static_cast<double>(__uint_as_float((b1 << 16) | bin[0])) + hi));
   }
+}
+
+// The median's last kernel, launched cooperatively (a block per SM, all resident at once): on the
+// candidate route the select among the candidates; on a two-pass route pass 1, a grid-wide barrier
+// and pass 2 (one launch rather than two: a launch that finds nothing to do still costs its
+// start-up); on the ends route nothing. The route is the same in every block.
+__global__ void __launch_bounds__(kMedThreads, 1)
+    abs_median_finish_kernel(const float* __restrict__ x, int64_t n, MedianState* st,
+                             unsigned* __restrict__ hist_hi, unsigned* __restrict__ hist_lo,
+                             const uint32_t* __restrict__ cand, float* __restrict__ out) {
+  const unsigned route = st->route;
+  if (route == kRouteCandidates) select_candidates(st, n, cand, hist_hi, out);
+  if (!two_pass_route(route)) return;
+  two_pass_hi(x, n, st, hist_hi);
+  cooperative_groups::this_grid().sync();
+  two_pass_lo(x, n, st, hist_lo, out);
 }
 
 // Warp per row: mean of the row in double.
@@ -1145,16 +1176,29 @@ __global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int 
   if (lane == 0) out[r] = static_cast<float>(sum / static_cast<double>(cols));
 }
 
-// log2 of the sample blocks G for n, or -1 for the two passes alone: a block per 2^19 elements, a
-// power of two from 1 to kMaxSampleBlocks, while the expected candidates (a share 2 margin /
-// kSampleSize of x) stay under 60% of the buffer.
-int sample_log2(int64_t n) {
-  if (n < kOneReadMinN) return -1;
-  const int64_t want = std::clamp<int64_t>(n >> 19, 1, kMaxSampleBlocks);
+// The sample for n: G = 2^lg blocks of `keys` elements a thread (lg -1: the two passes alone), and
+// the margin of their ranks. A block per 2^16 elements, a power of two from 1 to kMaxSampleBlocks
+// (128 from 8M elements on: the sample reads are spread over the SMs), 4 keys a thread below 2^25
+// elements and 8 from there (a sample of 8192 a block keeps the candidates of 67M elements near
+// half a million), while the expected candidates (a share 2 margin / sample size of x) stay under
+// 60% of the buffer.
+struct SamplePlan {
+  int lg = -1, keys = 0;
+  int64_t size = 0, margin = 0;  // per block
+};
+SamplePlan sample_plan(int64_t n) {
+  SamplePlan p;
+  if (n < kOneReadMinN) return p;
+  const int64_t want = std::clamp<int64_t>(n >> 16, 1, kMaxSampleBlocks);
   int lg = 0;
   while ((int64_t{2} << lg) <= want) ++lg;
-  if (n * 2 * kSampleMargin[lg] > static_cast<int64_t>(kCandCap) * 6 / 10 * kSampleSize) return -1;
-  return lg;
+  p.keys = n < (int64_t{1} << 25) ? 4 : 8;
+  p.size = int64_t{kMedThreads} * p.keys;
+  p.margin = static_cast<int64_t>(
+      std::ceil(kSampleMargin16K[lg] * std::sqrt(static_cast<double>(p.size)) / 128.0));
+  if (n * 2 * p.margin > static_cast<int64_t>(kCandCap) * 6 / 10 * p.size) return p;
+  p.lg = lg;
+  return p;
 }
 
 }  // namespace
@@ -1165,7 +1209,8 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
                 AbsMedianForce force) {
   if (n == 0) return;
   // Per device, once: the kernels' 128 KB of dynamic shared memory, and the SM count (a block per
-  // SM: the shared histograms allow one, and each block then empties its histogram once).
+  // SM: the shared histograms allow one, each block then empties its histogram once, and the
+  // finishing kernel's blocks are all resident, as its grid-wide barrier needs).
   constexpr int kMaxDevices = 64;
   static std::atomic<int> sm_count[kMaxDevices];
   int dev = 0;
@@ -1174,9 +1219,7 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
   if (sms == 0) {
     CUDA_CHECK(cudaFuncSetAttribute(abs_median_bracket_kernel,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
-    CUDA_CHECK(cudaFuncSetAttribute(abs_median_hi_kernel,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
-    CUDA_CHECK(cudaFuncSetAttribute(abs_median_lo_kernel,
+    CUDA_CHECK(cudaFuncSetAttribute(abs_median_finish_kernel,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kMedSmemBytes));
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     if (dev < kMaxDevices) sm_count[dev].store(sms, std::memory_order_relaxed);
@@ -1189,19 +1232,21 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
   auto* in_hist = reinterpret_cast<unsigned*>(base + kMedInOffset);
   auto* hist_hi = reinterpret_cast<unsigned*>(base + kMedHiOffset);
   auto* cand = reinterpret_cast<uint32_t*>(base + kMedCandOffset);
-  const int lg = force == AbsMedianForce::kTwoPass ? -1 : sample_log2(n);
+  const SamplePlan plan = force == AbsMedianForce::kTwoPass ? SamplePlan{} : sample_plan(n);
+  const int lg = plan.lg;
   if (lg < 0) {  // the two passes alone: zero counters, route kTwoPass
     CUDA_CHECK(cudaMemsetAsync(scratch, 0, kMedCandOffset, s));
   } else {
     const int G = 1 << lg;
-    const uint64_t step_fp = (static_cast<uint64_t>(n) << 16) / kSampleRuns;
-    const auto room = static_cast<uint32_t>(n / kSampleRuns - (kSampleRun - 1));
+    const int64_t size = plan.size, runs = size / kSampleRun;
+    const uint64_t step_fp = (static_cast<uint64_t>(n) << 16) / static_cast<uint64_t>(runs);
+    const auto room = static_cast<uint32_t>(n / runs - (kSampleRun - 1));
     // The sample's ranks: a margin below k0's share, a margin above k1's.
     const int64_t mid = n / 2, k0 = n % 2 ? mid : mid - 1, k1 = mid;
-    const int64_t r_lo = std::max<int64_t>(0, k0 * kSampleSize / n - kSampleMargin[lg]);
-    const int64_t r_hi =
-        std::min<int64_t>(kSampleSize - 1, (k1 * kSampleSize + n - 1) / n + kSampleMargin[lg]);
-    abs_median_sample_kernel<<<static_cast<unsigned>(G), kMedThreads, 0, s>>>(
+    const int64_t r_lo = std::max<int64_t>(0, k0 * size / n - plan.margin);
+    const int64_t r_hi = std::min<int64_t>(size - 1, (k1 * size + n - 1) / n + plan.margin);
+    auto* sample = plan.keys == 4 ? abs_median_sample_kernel<4> : abs_median_sample_kernel<8>;
+    sample<<<static_cast<unsigned>(G), kMedThreads, 0, s>>>(
         x, step_fp, room, static_cast<unsigned>(r_lo), static_cast<unsigned>(r_hi), st, in_hist);
     CUDA_CHECK_LAUNCH("abs_median_sample_kernel");
     const unsigned long long cap = force == AbsMedianForce::kTinyBuffer ? 16 : kCandCap;
@@ -1211,10 +1256,13 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
         out);
     CUDA_CHECK_LAUNCH("abs_median_bracket_kernel");
   }
-  abs_median_hi_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi, cand, out);
-  CUDA_CHECK_LAUNCH("abs_median_hi_kernel");
-  abs_median_lo_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(x, n, st, hist_hi + kHiBins, out);
-  CUDA_CHECK_LAUNCH("abs_median_lo_kernel");
+  // Cooperative: the two passes' grid-wide barrier needs every block resident.
+  unsigned* hist_lo = hist_hi + kHiBins;
+  const uint32_t* cand_in = cand;
+  void* args[] = {&x, &n, &st, &hist_hi, &hist_lo, &cand_in, &out};
+  CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(abs_median_finish_kernel),
+                                         dim3(blocks), dim3(kMedThreads), args, kMedSmemBytes, s));
+  CUDA_CHECK_LAUNCH("abs_median_finish_kernel");
 }
 
 AbsMedianRoute abs_median_route(const void* scratch) {

@@ -68,11 +68,11 @@ void embed_p0(float* x, int B, int T, int D, const float* mean_rest, bool ablate
 // n = 2^18 on: a stratified sample brackets the middle, one read of x counts the elements below and
 // at the bracket's ends and keeps those inside (about 1% of x), and a select among those finishes;
 // when the bracket misses, falls back on the two-pass radix select (the top 15 bits, then the low
-// 16 among the elements of the chosen bins) that smaller and very large n take directly. Four
-// stream operations (the sample, the bracket pass and two kernels; the two passes alone: a memset
-// and two kernels); each kernel reads the route the one before it chose, so nothing waits for the
-// host. scratch holds abs_median_scratch_bytes() (4.4 MB, most of it the candidate buffer); *out
-// (device) receives the median. force is a test hook.
+// 16 among the elements of the chosen bins) that smaller and very large n take directly. Three
+// stream operations (the sample, the bracket pass and a cooperative finishing kernel; the two
+// passes alone: a memset and that kernel); each kernel reads the route the one before it chose, so
+// nothing waits for the host. scratch holds abs_median_scratch_bytes() (8.4 MB, most of it the
+// candidate buffer); *out (device) receives the median. force is a test hook.
 enum class AbsMedianForce {
   kNone,
   kTwoPass,      // the two passes alone

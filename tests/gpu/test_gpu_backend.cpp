@@ -1045,13 +1045,14 @@ bool hopper_kernels_expected() {
 // infinities and NaN, and from pointers off the 16-byte boundary. One scratch serves every call.
 //
 // Each route is checked by name (abs_median_route): the two passes below 2^18 elements and when
-// forced; from 2^18 on, one read of x, finishing at the bracket's ends when the middle is a tie and
-// among the candidates otherwise (the two middle ranks in one first-digit bin, in two bins across a
-// gap, or one of them at an end); and the fallbacks, each after its own trigger: a gap of many
-// octaves at the middle (the bracket too wide), a collapsed bracket (missed) and a tiny buffer
-// (overflowed), forced through the test hook. Periodic data whose period is a power of two, like
-// the sample's strata, still takes the one-read route (a sample at a fixed offset in each stratum
-// would see one channel in eight).
+// forced (in the finishing kernel, with a grid-wide barrier between them); from 2^18 on, one read
+// of x, finishing at the bracket's ends when the middle is a tie and among the candidates otherwise
+// (the two middle ranks in one first-digit bin, in two bins across a gap, or one of them at an
+// end); and the fallbacks, each after its own trigger: a gap of many octaves at the middle (the
+// bracket too wide), a collapsed bracket (missed) and a tiny buffer (overflowed), forced through
+// the test hook. Periodic data whose period is a power of two, like the sample's strata, still
+// takes the one-read route (a sample at a fixed offset in each stratum would see one channel in
+// eight).
 TEST(GpuKernels, AbsMedianIsExact) {
   REQUIRE_GPU();
   using Route = cuda::k::AbsMedianRoute;
@@ -1125,7 +1126,8 @@ TEST(GpuKernels, AbsMedianIsExact) {
   }
   check(random_values((1 << 18) - 1), 0, "random, below the one-read sizes", {Route::kTwoPass});
   check(random_values(1 << 18), 0, "random, the smallest one-read size", one_read);
-  check(random_values((1 << 26) + 3), 0, "random, 128 sample blocks", one_read);
+  // Samples of 4096 a block below 2^25 elements (the 2^23 cases), 8192 from 2^25 on (this one).
+  check(random_values((1 << 26) + 3), 0, "random, 128 sample blocks of 8192", one_read);
   for (int64_t offset : {1, 2, 3}) check(random_values(300007), offset, "random, unaligned", {});
   for (int64_t n : {(1 << 23) + 1, 1 << 23}) {
     const auto x = normal_values(n);
