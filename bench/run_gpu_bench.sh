@@ -30,7 +30,7 @@ run() { "$bench" --config "$config" --layers "$layers" "$@"; }
 echo
 echo "## sinkscope"
 run --probes 8 --seq 4096 --batch 8 --iters 3 --phase-timing true
-run --probes 1 --seq 4096 --batch 1 --iters 3 --modes plain,record --phase-timing true
+run --probes 1 --seq 4096 --batch 1 --iters 10 --modes plain,record --phase-timing true
 for t in ${LONG:-32768 131072}; do
   # One timed forward each: at 131072 one forward of the 48-layer model takes about half a minute.
   modes=plain,record

@@ -417,16 +417,29 @@ __global__ void __launch_bounds__(kTileSumThreads)
                            float* __restrict__ out_rows) {
   const int e = blockIdx.x / B, b = blockIdx.x % B;
   const int c = (blockIdx.y * kTileSumThreads + threadIdx.x) * W;
-  if (c >= D) return;
   float acc[W];
 #pragma unroll
   for (int i = 0; i < W; ++i) acc[i] = 0.f;
+  // The tiles holding probe b are consecutive (rows in token order): the block's threads test
+  // one tile each for its first and last tile, then every thread adds that run in order.
+  __shared__ int run_lo, run_hi;
+  if (threadIdx.x == 0) {
+    run_lo = INT_MAX;
+    run_hi = -1;
+  }
+  __syncthreads();
   const int off = offsets[e], rows = counts[e], base = tile_base[e];
-  for (int i = 0; i * kGroupedTileRows < rows; ++i) {
+  for (int i = threadIdx.x; i * kGroupedTileRows < rows; i += blockDim.x) {
     const int first = off + i * kGroupedTileRows,
               last = off + min(rows, (i + 1) * kGroupedTileRows) - 1;
-    if (pos_tok[first] / T > b || pos_tok[last] / T < b) continue;
-    {
+    if (pos_tok[first] / T <= b && pos_tok[last] / T >= b) {
+      atomicMin(&run_lo, i);
+      atomicMax(&run_hi, i);
+    }
+  }
+  __syncthreads();
+  if (c < D) {
+    for (int i = run_lo; i <= run_hi; ++i) {
       const float* src = part + (static_cast<int64_t>(base + i) * B + b) * D + c;
       if constexpr (W == 4) {
         const float4 v = __ldg(reinterpret_cast<const float4*>(src));
@@ -439,6 +452,7 @@ __global__ void __launch_bounds__(kTileSumThreads)
       }
     }
   }
+  if (c >= D) return;
   float* out = out_rows + (static_cast<int64_t>(b) * S + e) * D + c;
   if constexpr (W == 4)
     *reinterpret_cast<float4*>(out) = make_float4(acc[0], acc[1], acc[2], acc[3]);
