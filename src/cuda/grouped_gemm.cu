@@ -19,6 +19,8 @@
 // the inputs is never written; and the gate|up product may finish with SwiGLU: its 256 weight rows
 // are 128 gate rows and the 128 matching up rows, so each thread holds gate and up of the same
 // columns and writes silu(gate) * up in bf16 (from the fp32 accumulators, no bf16 round trip).
+// The down product may also sum its stored rows per probe for the recording (RestTap,
+// grouped_gemm.cuh), so the expert outputs are not read a second time.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cub/block/block_scan.cuh>
