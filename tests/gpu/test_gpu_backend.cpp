@@ -1598,17 +1598,25 @@ TEST(GpuKernels, HeadWriteRecordingMatchesFloat64Reference) {
   }
 }
 
+// A GPU, and the Hopper expert kernel where the build and the device have it; else skipped, but an
+// sm_90a build on a compute capability 9.0 device must have it.
+#define REQUIRE_HOPPER_EXPERT_KERNEL()                                                             \
+  do {                                                                                             \
+    REQUIRE_GPU();                                                                                 \
+    if (!cuda::k::grouped_gemm_sm90_supported(64, 64)) {                                           \
+      ASSERT_FALSE(hopper_kernels_expected())                                                      \
+          << "an sm_90a build on a compute capability 9.0 device must run the wgmma expert "       \
+             "kernel";                                                                             \
+      GTEST_SKIP() << "this build has no sm_90a code for this device: the cuBLAS routes serve it"; \
+    }                                                                                              \
+  } while (0)
+
 // The Hopper expert-product kernel against a float64 reference from the same bf16 operands:
 // ragged groups (empty, 1 row, around the 128-row tile), weights picked by index, rows gathered
 // by index (or read in place: the tensor-map route), K and N that are not multiples of the tiles,
 // both the plain and the SwiGLU epilogue.
 TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
-  REQUIRE_GPU();
-  if (!cuda::k::grouped_gemm_sm90_supported(64, 64)) {
-    ASSERT_FALSE(hopper_kernels_expected())
-        << "an sm_90a build on a compute capability 9.0 device must run the wgmma expert kernel";
-    GTEST_SKIP() << "this build has no sm_90a code for this device: the cuBLAS routes serve it";
-  }
+  REQUIRE_HOPPER_EXPERT_KERNEL();
   std::mt19937 rng(5);
   std::normal_distribution<float> nd(0.f, 1.f);
   struct Shape {
@@ -1689,12 +1697,7 @@ TEST(GpuKernels, GroupedGemmMatchesFloat64Reference) {
 // probe's position 0 left out, N past the last full column tile. The tile sums start as NaN, so
 // a tile sum read but never written shows; the slot after the experts is never written.
 TEST(GpuKernels, GroupedGemmRestTapMatchesFloat64Sums) {
-  REQUIRE_GPU();
-  if (!cuda::k::grouped_gemm_sm90_supported(64, 64)) {
-    ASSERT_FALSE(hopper_kernels_expected())
-        << "an sm_90a build on a compute capability 9.0 device must run the wgmma expert kernel";
-    GTEST_SKIP() << "this build has no sm_90a code for this device: the cuBLAS routes serve it";
-  }
+  REQUIRE_HOPPER_EXPERT_KERNEL();
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<float> uw(0.05f, 1.f);
