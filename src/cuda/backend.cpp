@@ -342,7 +342,13 @@ class CudaBackend final : public Backend, private LayerOps {
   void tap_to_host(T* dst, const T* src, size_t n) {
     if (!n) return;
     fork_copies();
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, copy_.s));
+    tap_copy(dst, src, n);
+  }
+  // The same without the fork, for the second and later copies of a group whose sources are all
+  // written before one fork_copies().
+  template <typename T>
+  void tap_copy(T* dst, const T* src, size_t n) {
+    if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, copy_.s));
   }
   void fork_copies() {
     CUDA_CHECK(cudaEventRecord(fork_.e, s()));
@@ -849,18 +855,20 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
   float* h_sink = sinks ? h_a0_.get() + n_a0 : nullptr;
   if (B > 0) {
     k::row_means(ws_.a0.get(), B * Hl, static_cast<int>(nq), T, ws_.a0_mean.get(), s());
-    tap_to_host(h_a0_.get(), ws_.a0.get(), n_a0);
-    if (sinks) {
+    if (sinks)
       k::row_means(ws_.sink_mass.get(), B * Hl, static_cast<int>(nq), T, ws_.sink_mean.get(), s());
-      tap_to_host(h_sink, ws_.sink_mass.get(), n_a0);
-      tap_to_host(h_sink_mean, ws_.sink_mean.get(), n_bh);
+    fork_copies();  // every source below is written by now
+    tap_copy(h_a0_.get(), ws_.a0.get(), n_a0);
+    if (sinks) {
+      tap_copy(h_sink, ws_.sink_mass.get(), n_a0);
+      tap_copy(h_sink_mean, ws_.sink_mean.get(), n_bh);
     }
-    tap_to_host(h_wp0, ws_.wp0.get(), n_bh);
-    tap_to_host(h_wrest, ws_.wrest.get(), n_bh);
-    tap_to_host(h_a0m, ws_.a0_mean.get(), n_bh);
-    tap_to_host(h_attr_.get(), ws_.attr.get(), n_attr);
-    tap_to_host(h_k0m, ws_.k0m.get(), n_k);
-    tap_to_host(h_k0s, ws_.k0s.get(), n_k);
+    tap_copy(h_wp0, ws_.wp0.get(), n_bh);
+    tap_copy(h_wrest, ws_.wrest.get(), n_bh);
+    tap_copy(h_a0m, ws_.a0_mean.get(), n_bh);
+    tap_copy(h_attr_.get(), ws_.attr.get(), n_attr);
+    tap_copy(h_k0m, ws_.k0m.get(), n_k);
+    tap_copy(h_k0s, ws_.k0s.get(), n_k);
   }
   const int64_t probe0 = probe0_;
   defer([this, l, B, T, D, d, Hl, C, probe0, nq, h_wp0, h_wrest, h_a0m, h_k0m, h_k0s, h_sink,
@@ -1296,7 +1304,7 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
   float* h_r0 = h_n0 + B * S;
   float* h_rc = h_r0 + B * E1;
   tap_to_host(h_mnorms_.get(), ws_.norms.get(), static_cast<size_t>(BT));
-  tap_to_host(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
+  tap_copy(h_n0, n0, static_cast<size_t>(B * S + B * E1 + E1));  // n0, r0, rc are adjacent
   defer([this, &layer, h_n0, h_r0, h_rc] {
     emit_mlp_tap(*obs_, tap_source(), layers_, layer, h_mnorms_.get(), h_n0, h_r0, h_rc);
   });

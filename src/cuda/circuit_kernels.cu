@@ -515,20 +515,24 @@ struct IdentitySource {
   const float* gamma = nullptr;
 };
 
-// The same with 16-byte loads (K, ldw multiples of 8; W and A 16-byte aligned): warp per (column
-// n, chunk of kRowChunk rows), each lane 8 consecutive K per step.
-__global__ void rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
-                                      const bf16_bits* __restrict__ W, int N, int64_t ldw,
-                                      float* __restrict__ out, IdentitySource id) {
-  const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int r0 = blockIdx.y * kRowChunk;
-  if (n >= N) return;
+// The same with 16-byte loads (K, ldw multiples of 8; W and A 16-byte aligned): block per
+// (column n, chunk of kRowChunk rows); its kWtWarps warps split K (each lane 8 consecutive K per
+// step, one step a thread at K = 2048, so every load is in flight at once) and their sums meet in
+// shared memory in warp order.
+constexpr int kWtWarps = 8;
+
+__global__ void __launch_bounds__(kWtWarps * 32)
+    rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
+                          const bf16_bits* __restrict__ W, int N, int64_t ldw,
+                          float* __restrict__ out, IdentitySource id) {
+  __shared__ float red[kWtWarps][kRowChunk];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.x, r0 = blockIdx.y * kRowChunk;
   const bf16_bits* wr = W + n * ldw;
   float acc[kRowChunk];
 #pragma unroll
   for (int i = 0; i < kRowChunk; ++i) acc[i] = 0.f;
-  for (int kk = lane * 8; kk < K; kk += 32 * 8) {
+  for (int kk = threadIdx.x * 8; kk < K; kk += kWtWarps * 32 * 8) {
     const uint4 u = *reinterpret_cast<const uint4*>(wr + kk);
     const uint32_t wv[4] = {u.x, u.y, u.z, u.w};
     float w[8];
@@ -559,58 +563,70 @@ __global__ void rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
 #pragma unroll
   for (int i = 0; i < kRowChunk; ++i) {
     const float v = warp_sum(acc[i]);
-    if (lane == 0 && r0 + i < R) out[static_cast<int64_t>(r0 + i) * N + n] = v;
+    if (lane == 0) red[warp][i] = v;
+  }
+  __syncthreads();
+  const int i = threadIdx.x;
+  if (i < kRowChunk && r0 + i < R) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWtWarps; ++w) sum += red[w][i];
+    out[static_cast<int64_t>(r0 + i) * N + n] = sum;
   }
 }
 
+// Block (probe b, held KV head g): the key norm's 1 / r_k of g, k_0 of the model and of the sum of
+// the components for g, then qk for the local heads of g.
 __global__ void circuit_finish_kernel(const float* __restrict__ kid,
                                       const float* __restrict__ inv_rx, int T,
                                       const float* __restrict__ qbar, KeyNorm kn, int Hl, int KVl,
                                       int d, int head_begin, int group, int kv_begin, float eps,
                                       float scale, float* __restrict__ k0_model,
                                       float* __restrict__ k0_sum, float* __restrict__ qk) {
-  extern __shared__ float inv_rk[];  // [KVl]
-  const int b = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __shared__ float irk_shared;
+  const int b = blockIdx.x, g = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t kw = static_cast<int64_t>(KVl) * d;
   const float ix = inv_rx[static_cast<int64_t>(b) * T];
-  const float* sum_row = kid + (static_cast<int64_t>(b) * 2) * kw;
+  const float* sum_row = kid + (static_cast<int64_t>(b) * 2) * kw + static_cast<int64_t>(g) * d;
   const float* x0_row = sum_row + kw;
-  auto gain = [&](int g, int j) {
+  auto gain = [&](int j) {
     return kn.gain ? kn.gain[static_cast<int64_t>(g) * kn.gain_stride + j] : 1.f;
   };
-  auto kconst = [&](int g, int j) {
+  auto kconst = [&](int j) {
     return kn.kconst ? kn.kconst[static_cast<int64_t>(g) * d + j] : 0.f;
   };
-  for (int g = warp; g < KVl; g += warps) {
+  if (warp == 0) {
     float irk = 1.f;  // no key norm: r_k = 1 and unit gains (docs/metrics.md, "Model families")
     if (kn.inv_rk_rows) {
       irk = kn.inv_rk_rows[static_cast<int64_t>(b) * T];  // full width: over every KV head
     } else if (kn.gain) {
       float ss = 0.f;
       for (int j = lane; j < d; j += 32) {
-        const float v = x0_row[static_cast<int64_t>(g) * d + j] * ix + kconst(g, j);
+        const float v = x0_row[j] * ix + kconst(j);
         ss += v * v;
       }
       ss = warp_sum(ss);
       irk = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
     }
-    if (lane == 0) inv_rk[g] = irk;
-    for (int j = lane; j < d; j += 32) {
-      const int64_t o = (static_cast<int64_t>(b) * KVl + g) * d + j;
-      const float f = irk * gain(g, j);
-      k0_model[o] = (x0_row[static_cast<int64_t>(g) * d + j] * ix + kconst(g, j)) * f;
-      k0_sum[o] = (sum_row[static_cast<int64_t>(g) * d + j] * ix + kconst(g, j)) * f;
-    }
+    if (lane == 0) irk_shared = irk;
   }
   __syncthreads();
-  for (int h = warp; h < Hl; h += warps) {
-    const int g = (head_begin + h) / group - kv_begin;
-    const float f = ix * inv_rk[g] * scale;
-    for (int j = lane; j < d; j += 32) {
-      const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
-      qk[o] = qbar[o] * gain(g, j) * f * (j < kn.rot ? kn.rope_factor : 1.f);
-    }
+  const float irk = irk_shared;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const int64_t o = (static_cast<int64_t>(b) * KVl + g) * d + j;
+    const float f = irk * gain(j);
+    k0_model[o] = (x0_row[j] * ix + kconst(j)) * f;
+    k0_sum[o] = (sum_row[j] * ix + kconst(j)) * f;
+  }
+  // The local heads h with (head_begin + h) / group - kv_begin == g.
+  const int h_lo = max(0, (g + kv_begin) * group - head_begin);
+  const int h_hi = min(Hl, (g + kv_begin + 1) * group - head_begin);
+  const float f = ix * irk * scale;
+  for (int i = threadIdx.x; i < (h_hi - h_lo) * d; i += blockDim.x) {
+    const int h = h_lo + i / d, j = i % d;
+    const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
+    qk[o] = qbar[o] * gain(j) * f * (j < kn.rot ? kn.rope_factor : 1.f);
   }
 }
 
@@ -665,6 +681,7 @@ __global__ void __launch_bounds__(kDirSlices * 32)
     const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;  // the same for every lane
     float acc[kDirHeads][2] = {};
     if (c0 < D) {
+#pragma unroll 4
       for (int j = slice; j < d; j += kDirSlices) {
         const uint32_t pair = ld32(w + static_cast<int64_t>(j) * D);
         const float w0 = __uint_as_float(pair << 16), w1 = __uint_as_float(pair & 0xffff0000u);
@@ -807,7 +824,7 @@ void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int6
   if (R == 0 || N == 0) return;
   if (K % 8 == 0 && ldw % 8 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0 &&
       reinterpret_cast<uintptr_t>(A) % 16 == 0) {
-    rows_times_wt8_kernel<<<dim3((N + 3) / 4, (R + kRowChunk - 1) / kRowChunk), 128, 0, s>>>(
+    rows_times_wt8_kernel<<<dim3(N, (R + kRowChunk - 1) / kRowChunk), kWtWarps * 32, 0, s>>>(
         A, R, K, W, N, ldw, out, IdentitySource{});
     CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
     return;
@@ -825,7 +842,7 @@ bool identity_keys(const float* p0_sum, const float* x, int B, int T, int D, con
   if (!aligned) return false;
   if (B == 0 || N == 0) return true;
   const int R = 2 * B;
-  rows_times_wt8_kernel<<<dim3((N + 3) / 4, (R + kRowChunk - 1) / kRowChunk), 128, 0, s>>>(
+  rows_times_wt8_kernel<<<dim3(N, (R + kRowChunk - 1) / kRowChunk), kWtWarps * 32, 0, s>>>(
       nullptr, R, D, W, N, ldw, out, IdentitySource{p0_sum, x, T, gamma});
   CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
   return true;
@@ -836,9 +853,10 @@ void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const f
                     int kv_begin, float eps, float scale, float* k0_model, float* k0_sum, float* qk,
                     cudaStream_t s) {
   if (B == 0) return;
-  circuit_finish_kernel<<<B, 128, KVl * sizeof(float), s>>>(kid, inv_rx, T, qbar, k_norm, Hl, KVl,
-                                                            d, head_begin, group, kv_begin, eps,
-                                                            scale, k0_model, k0_sum, qk);
+  if (KVl == 0) return;
+  circuit_finish_kernel<<<dim3(B, KVl), 128, 0, s>>>(kid, inv_rx, T, qbar, k_norm, Hl, KVl, d,
+                                                     head_begin, group, kv_begin, eps, scale,
+                                                     k0_model, k0_sum, qk);
   CUDA_CHECK_LAUNCH("circuit_finish_kernel");
 }
 

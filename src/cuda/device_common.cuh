@@ -67,8 +67,10 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 // Two floats as packed bf16 (lo in the low half).
+// Two values rounded to bf16 by one conversion (cvt.rn.bf16x2.f32), lo in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return static_cast<uint32_t>(f2bf(lo)) | (static_cast<uint32_t>(f2bf(hi)) << 16);
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&b);
 }
 
 // 16-byte asynchronous copies from global to shared memory (cp.async.cg); with valid false the

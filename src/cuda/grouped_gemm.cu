@@ -95,19 +95,20 @@ __device__ __forceinline__ void consumers_sync() {
 // the partner lane: 32 + 16 + 8 shuffles, after which a lane holds 8 columns' sums), then the 8
 // consumer warps' sums meet in shared memory and thread t adds column t's in warp order. No
 // atomics: the same inputs give the same sums.
-// What the rest tap needs of a tile's rows, read when the tile starts so the loads are in flight
-// during its products: the tokens and weights of this thread's two rows (token -1 past the group)
-// and the probes of the tile's first and last rows.
+// What the rest tap needs of a tile's rows: the tokens and weights of this thread's two rows (token
+// -1 past the group) and the tokens of the tile's first and last rows (their probes). The loads are
+// issued once the tile's first products are, and nothing is computed from them before the
+// epilogue, so their latency hides behind the products.
 struct TapRows {
-  int tok[2], b_lo, b_hi;
+  int tok[2], tok_lo, tok_hi;
   float rw[2];
 };
 __device__ __forceinline__ TapRows tap_rows(const RestTap& tap, int off, int rows, int m0, int cw,
                                             int warp, int lane) {
   TapRows tr;
   const int last = min(rows, m0 + kBM) - 1;
-  tr.b_lo = tap.pos_tok[off + m0] / tap.T;
-  tr.b_hi = tap.pos_tok[off + last] / tap.T;
+  tr.tok_lo = tap.pos_tok[off + m0];
+  tr.tok_hi = tap.pos_tok[off + last];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = m0 + cw * 64 + warp * 16 + (lane >> 2) + 8 * half;
@@ -125,7 +126,8 @@ __device__ __forceinline__ void rest_tap_tile(const RestTap& tap, const TapRows&
   const int tq = lane & 3, tc = (cw * 4 + warp) * 32 + lane;  // 0..255
   // The tile's row tile: the group's first row tile (its 4th plan int) + m0 / kBM.
   const int64_t g = tile_base + m0 / kBM;
-  for (int b = tr.b_lo; b <= tr.b_hi; ++b) {
+  const int b_lo = tr.tok_lo / tap.T, b_hi = tr.tok_hi / tap.T;
+  for (int b = b_lo; b <= b_hi; ++b) {
     float w[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -294,7 +296,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int4 tile = tile_next, grp = grp_next;
     const int off = grp.x, rows = grp.y, m0 = tile.y, n0 = tile.z;
     TapRows tr{};
-    if (tapped) tr = tap_rows(tap, off, rows, m0, cw, warp, lane);
     const bool more = t + static_cast<int>(gridDim.x) < ntiles;
     if (more) tile_next = tiles[t + gridDim.x];
 #pragma unroll
@@ -309,6 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int ks = 0; ks < kBK / 16; ++ks)
         Wgmma<kBN>::ss(acc, smem_desc(a_tile + ks * 32), smem_desc(b_tile + ks * 32), 1);
       commit();
+      if (tapped && kt == 0) tr = tap_rows(tap, off, rows, m0, cw, warp, lane);
       wait<1>();  // the product of k-tile count - 1 is done: its stage goes back to the producer
       if (kt > 0) mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
     }
@@ -316,15 +318,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(acc);
     mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
     if (more) grp_next = groups[tile_next.x];
-    if (tapped) {  // round once: the stores and the tap read the same bf16 values
-#pragma unroll
-      for (int i = 0; i < kBN / 2; ++i) acc[i] = bf2f(f2bf(acc[i]));
-    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = cw * 64 + warp * 16 + gq + 8 * half;
-      if (m0 + r >= rows) continue;
       bf16_bits* crow = C + static_cast<int64_t>(off + m0 + r) * N;
+      if (!kSwiGLU && tapped) {
+        // Each pair rounded once: stored, and left in acc as the bf16 values the tap sums.
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+          const int col = n0 + j * 8 + tq * 2;
+          const uint32_t p = pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+          acc[4 * j + 2 * half] = __uint_as_float(p << 16);
+          acc[4 * j + 2 * half + 1] = __uint_as_float(p & 0xffff0000u);
+          if (m0 + r < rows && col < N) *reinterpret_cast<uint32_t*>(crow + col) = p;
+        }
+        continue;
+      }
+      if (m0 + r >= rows) continue;
       if (kSwiGLU) {
 #pragma unroll
         for (int j = 0; j < kBN / 16; ++j) {

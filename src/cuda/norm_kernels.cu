@@ -1164,16 +1164,26 @@ __global__ void __launch_bounds__(kMedThreads, 1)
   two_pass_lo(x, n, st, hist_lo, out);
 }
 
-// Warp per row: mean of the row in double.
-__global__ void row_means_kernel(const float* __restrict__ a, int64_t rows, int cols, int64_t ld,
-                                 float* __restrict__ out) {
-  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (r >= rows) return;
+// Block per row: mean of the row in double (each thread's sum, then the block's in a fixed order);
+// 16-byte loads where the row allows (cols and ld multiples of 4, a 16-byte aligned start).
+constexpr int kMeanThreads = 128;
+__global__ void __launch_bounds__(kMeanThreads)
+    row_means_kernel(const float* __restrict__ a, int cols, int64_t ld, bool vec,
+                     float* __restrict__ out) {
+  const float* row = a + static_cast<int64_t>(blockIdx.x) * ld;
   double sum = 0;
-  for (int i = lane; i < cols; i += 32) sum += a[r * ld + i];
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) out[r] = static_cast<float>(sum / static_cast<double>(cols));
+  if (vec) {
+    const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < cols / 4; i += kMeanThreads) {
+      const float4 v = r4[i];
+      sum += static_cast<double>(v.x) + v.y + static_cast<double>(v.z) + v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < cols; i += kMeanThreads) sum += row[i];
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(sum / static_cast<double>(cols));
 }
 
 // The sample for n: G = 2^lg blocks of `keys` elements a thread (lg -1: the two passes alone), and
@@ -1274,7 +1284,8 @@ AbsMedianRoute abs_median_route(const void* scratch) {
 
 void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s) {
   if (rows == 0) return;
-  row_means_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(a, rows, cols, ld, out);
+  const bool vec = cols % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  row_means_kernel<<<static_cast<unsigned>(rows), kMeanThreads, 0, s>>>(a, cols, ld, vec, out);
   CUDA_CHECK_LAUNCH("row_means_kernel");
 }
 
