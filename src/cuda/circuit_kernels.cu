@@ -681,7 +681,6 @@ __global__ void __launch_bounds__(kDirSlices * 32)
     const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;  // the same for every lane
     float acc[kDirHeads][2] = {};
     if (c0 < D) {
-#pragma unroll 4
       for (int j = slice; j < d; j += kDirSlices) {
         const uint32_t pair = ld32(w + static_cast<int64_t>(j) * D);
         const float w0 = __uint_as_float(pair << 16), w1 = __uint_as_float(pair & 0xffff0000u);
