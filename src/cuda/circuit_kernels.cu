@@ -125,6 +125,7 @@ __global__ void __launch_bounds__(kNormWarps * 32, 2)
                             const bf16_bits* __restrict__ Mlo, int T, int Hl, int d, int chunks,
                             float* __restrict__ wp0, float* __restrict__ partial,
                             float* __restrict__ zpart) {
+  dependent_kernel_start();
   constexpr int STR = DP + 8, KS = DP / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Ms[part][n][k] = M_part[n][k] = M_part[k][n] (exactly symmetric, see gram_split): the B
@@ -284,9 +285,9 @@ void launch_head_write_norms(const bf16_bits* z, const bf16_bits* Mhi, const bf1
   CUDA_CHECK(cudaFuncSetAttribute(head_write_norms_kernel<DP>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const int chunks = head_write_norms_chunks(B, Hl, T);
-  head_write_norms_kernel<DP><<<dim3(chunks, Hl, B), kNormWarps * 32, bytes, s>>>(
-      z, Mhi, Mlo, T, Hl, d, chunks, wp0, partial, zpart);
-  CUDA_CHECK_LAUNCH("head_write_norms_kernel");
+  launch_dependent("head_write_norms_kernel", head_write_norms_kernel<DP>, dim3(chunks, Hl, B),
+                   dim3(kNormWarps * 32), bytes, s, z, Mhi, Mlo, T, Hl, d, chunks, wp0, partial,
+                   zpart);
   *chunks_out = chunks;
 }
 
@@ -298,6 +299,7 @@ __global__ void head_write_norms_finish_kernel(const float* __restrict__ partial
                                                int64_t zw, int chunks, int T,
                                                float* __restrict__ wrest,
                                                float* __restrict__ zbar) {
+  dependent_kernel_start();
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i < static_cast<int64_t>(B) * Hl) {
     double acc = 0;
@@ -326,6 +328,7 @@ __global__ void __launch_bounds__(kVecChans)
     head_vectors_kernel(const bf16_bits* __restrict__ z, const float* __restrict__ zbar,
                         const bf16_bits* __restrict__ Wo, int B, int T, int Hl, int d, int D, int H,
                         int head_begin, bool vec, float* __restrict__ hp) {
+  dependent_kernel_start();
   const int t = threadIdx.x, c = blockIdx.x * kVecChans + t;
   if (static_cast<int>(blockIdx.y) >= Hl) {  // a head of another tp rank
     const int k = static_cast<int>(blockIdx.y) - Hl, g = k < head_begin ? k : k + Hl;
@@ -413,6 +416,7 @@ __global__ void __launch_bounds__(kFinCols* kFinLanes)
                              const uint8_t* __restrict__ ablated, float* __restrict__ delta_store,
                              int64_t delta_bstride, float* __restrict__ target,
                              int64_t target_bstride, float* __restrict__ p0_sum) {
+  dependent_kernel_start();
   __shared__ float part_t[kFinLanes][kFinCols], part_p[kFinLanes][kFinCols];
   const int cx = threadIdx.x % kFinCols, ly = threadIdx.x / kFinCols;
   const int c = blockIdx.x * kFinCols + cx;
@@ -525,6 +529,7 @@ __global__ void __launch_bounds__(kWtWarps * 32)
     rows_times_wt8_kernel(const float* __restrict__ A, int R, int K,
                           const bf16_bits* __restrict__ W, int N, int64_t ldw,
                           float* __restrict__ out, IdentitySource id) {
+  dependent_kernel_start();
   __shared__ float red[kWtWarps][kRowChunk];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = blockIdx.x, r0 = blockIdx.y * kRowChunk;
@@ -583,6 +588,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
                                       int d, int head_begin, int group, int kv_begin, float eps,
                                       float scale, float* __restrict__ k0_model,
                                       float* __restrict__ k0_sum, float* __restrict__ qk) {
+  dependent_kernel_start();
   __shared__ float irk_shared;
   const int b = blockIdx.x, g = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -593,9 +599,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
   auto gain = [&](int j) {
     return kn.gain ? kn.gain[static_cast<int64_t>(g) * kn.gain_stride + j] : 1.f;
   };
-  auto kconst = [&](int j) {
-    return kn.kconst ? kn.kconst[static_cast<int64_t>(g) * d + j] : 0.f;
-  };
+  auto kconst = [&](int j) { return kn.kconst ? kn.kconst[static_cast<int64_t>(g) * d + j] : 0.f; };
   if (warp == 0) {
     float irk = 1.f;  // no key norm: r_k = 1 and unit gains (docs/metrics.md, "Model families")
     if (kn.inv_rk_rows) {
@@ -669,6 +673,7 @@ __global__ void __launch_bounds__(kDirSlices * 32)
     key_directions_kernel(const bf16_bits* __restrict__ Wk, const float* __restrict__ gamma,
                           const float* __restrict__ qk, int Hl, int d, int D, int head_begin,
                           int group, int kv_begin, float* __restrict__ dir) {
+  dependent_kernel_start();
   __shared__ float red[kDirSlices][kDirHeads][kDirCols];
   const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
   const int c0 = blockIdx.x * kDirCols + 2 * lane;  // this lane's two columns (D even)
@@ -719,9 +724,9 @@ void key_directions(const bf16_bits* Wk, const float* gamma, bool centre, const 
   if (D % 2 != 0)
     throw_api_failure("CUDA", "odd hidden size " + std::to_string(D), "key_directions", __FILE__,
                       __LINE__);
-  key_directions_kernel<<<dim3((D + kDirCols - 1) / kDirCols, KVl, B), kDirSlices * 32, 0, s>>>(
-      Wk, gamma, qk, Hl, d, D, head_begin, group, kv_begin, dir);
-  CUDA_CHECK_LAUNCH("key_directions_kernel");
+  launch_dependent("key_directions_kernel", key_directions_kernel,
+                   dim3((D + kDirCols - 1) / kDirCols, KVl, B), dim3(kDirSlices * 32), 0, s, Wk,
+                   gamma, qk, Hl, d, D, head_begin, group, kv_begin, dir);
   if (centre) centre_rows(dir, static_cast<int64_t>(B) * Hl, D, s);
 }
 
@@ -757,9 +762,8 @@ void head_write_norms(const bf16_bits* z, const bf16_bits* gram_hi, const bf16_b
 #undef SINKSCOPE_GRAM_CASE
   const int64_t zw = static_cast<int64_t>(Hl) * d;
   const unsigned blocks = static_cast<unsigned>((B * zw + 255) / 256);
-  head_write_norms_finish_kernel<<<blocks, 256, 0, s>>>(partial, zpart, B, Hl, zw, chunks, T, wrest,
-                                                        zbar);
-  CUDA_CHECK_LAUNCH("head_write_norms_finish_kernel");
+  launch_dependent("head_write_norms_finish_kernel", head_write_norms_finish_kernel, dim3(blocks),
+                   dim3(256), 0, s, partial, zpart, B, Hl, zw, chunks, T, wrest, zbar);
 }
 
 void head_vectors(const bf16_bits* z, const float* zbar, const bf16_bits* Wo, int B, int T, int Hl,
@@ -775,7 +779,8 @@ void head_vectors(const bf16_bits* z, const float* zbar, const bf16_bits* Wo, in
   auto go = [&](auto kernel, int rg) {
     const size_t smem = static_cast<size_t>(kVecChans) * ws * sizeof(bf16_bits) +
                         static_cast<size_t>(rg) * dr * sizeof(float);  // <= 43008 bytes
-    kernel<<<grid, kVecChans, smem, s>>>(z, zbar, Wo, B, T, Hl, d, D, H, head_begin, vec, hp);
+    launch_dependent("head_vectors_kernel", kernel, dim3(grid), dim3(kVecChans), smem, s, z, zbar,
+                     Wo, B, T, Hl, d, D, H, head_begin, vec, hp);
   };
   if (rows <= 2)
     go(head_vectors_kernel<2>, 2);
@@ -792,9 +797,9 @@ void finish_components(const ComponentRows& rows, int B, int S, int D, int T,
                        const uint8_t* ablated, float* delta_store, int64_t delta_bstride,
                        float* target, int64_t target_bstride, float* p0_sum, cudaStream_t s) {
   if (B == 0 || S == 0) return;
-  finish_components_kernel<<<dim3((D + kFinCols - 1) / kFinCols, B), kFinCols * kFinLanes, 0, s>>>(
-      rows, S, D, T, ablated, delta_store, delta_bstride, target, target_bstride, p0_sum);
-  CUDA_CHECK_LAUNCH("finish_components_kernel");
+  launch_dependent("finish_components_kernel", finish_components_kernel,
+                   dim3((D + kFinCols - 1) / kFinCols, B), dim3(kFinCols * kFinLanes), 0, s, rows,
+                   S, D, T, ablated, delta_store, delta_bstride, target, target_bstride, p0_sum);
 }
 
 void scale_columns(const bf16_bits* W, int64_t rows, int cols, const float* col_scale, float* out,
@@ -823,9 +828,9 @@ void rows_times_wt(const float* A, int R, int K, const bf16_bits* W, int N, int6
   if (R == 0 || N == 0) return;
   if (K % 8 == 0 && ldw % 8 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0 &&
       reinterpret_cast<uintptr_t>(A) % 16 == 0) {
-    rows_times_wt8_kernel<<<dim3(N, (R + kRowChunk - 1) / kRowChunk), kWtWarps * 32, 0, s>>>(
-        A, R, K, W, N, ldw, out, IdentitySource{});
-    CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
+    launch_dependent("rows_times_wt8_kernel", rows_times_wt8_kernel,
+                     dim3(N, (R + kRowChunk - 1) / kRowChunk), dim3(kWtWarps * 32), 0, s, A, R, K,
+                     W, N, ldw, out, IdentitySource{});
     return;
   }
   rows_times_wt_kernel<<<(N + 7) / 8, 256, 0, s>>>(A, R, K, W, N, ldw, out);
@@ -841,9 +846,9 @@ bool identity_keys(const float* p0_sum, const float* x, int B, int T, int D, con
   if (!aligned) return false;
   if (B == 0 || N == 0) return true;
   const int R = 2 * B;
-  rows_times_wt8_kernel<<<dim3(N, (R + kRowChunk - 1) / kRowChunk), kWtWarps * 32, 0, s>>>(
-      nullptr, R, D, W, N, ldw, out, IdentitySource{p0_sum, x, T, gamma});
-  CUDA_CHECK_LAUNCH("rows_times_wt8_kernel");
+  launch_dependent("rows_times_wt8_kernel", rows_times_wt8_kernel,
+                   dim3(N, (R + kRowChunk - 1) / kRowChunk), dim3(kWtWarps * 32), 0, s, nullptr, R,
+                   D, W, N, ldw, out, IdentitySource{p0_sum, x, T, gamma});
   return true;
 }
 
@@ -853,10 +858,9 @@ void circuit_finish(const float* kid, const float* inv_rx, int B, int T, const f
                     cudaStream_t s) {
   if (B == 0) return;
   if (KVl == 0) return;
-  circuit_finish_kernel<<<dim3(B, KVl), 128, 0, s>>>(kid, inv_rx, T, qbar, k_norm, Hl, KVl, d,
-                                                     head_begin, group, kv_begin, eps, scale,
-                                                     k0_model, k0_sum, qk);
-  CUDA_CHECK_LAUNCH("circuit_finish_kernel");
+  launch_dependent("circuit_finish_kernel", circuit_finish_kernel, dim3(B, KVl), dim3(128), 0, s,
+                   kid, inv_rx, T, qbar, k_norm, Hl, KVl, d, head_begin, group, kv_begin, eps,
+                   scale, k0_model, k0_sum, qk);
 }
 
 void attr_contract(const float* G, int64_t g_bstride, const float* qk, int B, int C, int Hl,

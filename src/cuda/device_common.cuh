@@ -96,4 +96,47 @@ inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 20) {
   return static_cast<unsigned>(g);
 }
 
+// Programmatic dependent launch (compute capability 9.0 on): a kernel started by
+// launch_dependent() may be scheduled while the kernel before it in the stream is finishing, so
+// the launch's latency hides behind that kernel's tail. Such a kernel calls dependency_wait()
+// before its first memory access: it returns once the kernel before has completed and its writes
+// are visible, so the stream's order holds for everything the kernel reads and writes. It may
+// call dependents_may_launch() (after the wait) to let the next such kernel be scheduled early;
+// that one still waits for this one to complete. On other devices and builds these are no-ops and
+// the launch is an ordinary one.
+__device__ __forceinline__ void dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void dependents_may_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// The start of every kernel launched with launch_dependent(): the wait, then the next one may be
+// scheduled.
+__device__ __forceinline__ void dependent_kernel_start() {
+  dependency_wait();
+  dependents_may_launch();
+}
+// The current device takes programmatic dependent launches (compute capability 9.0 or later).
+bool dependent_launch_supported();
+template <typename... Params, typename... Args>
+void launch_dependent(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                      size_t smem, cudaStream_t s, Args... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = &attr;
+  cfg.numAttrs = dependent_launch_supported() ? 1 : 0;
+  check_status(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...), name, __FILE__,
+               __LINE__);
+}
+
 }  // namespace sinkscope::cuda::k

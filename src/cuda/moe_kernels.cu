@@ -415,6 +415,7 @@ __global__ void __launch_bounds__(kTileSumThreads)
                            const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts,
                            const int32_t* __restrict__ tile_base, int B, int T, int S, int D,
                            float* __restrict__ out_rows) {
+  dependent_kernel_start();
   const int e = blockIdx.x / B, b = blockIdx.x % B;
   const int c = (blockIdx.y * kTileSumThreads + threadIdx.x) * W;
   float acc[W];
@@ -478,9 +479,9 @@ __global__ void p0_pairs_kernel(const bf16_bits* __restrict__ rows, const float*
                                 const int32_t* __restrict__ pos_of_pair,
                                 const int32_t* __restrict__ counts, int B, int T, int K, int64_t s0,
                                 int64_t s1, int S, int E1, int D, bool vec,
-                                float* __restrict__ p0_out,
-                                float* __restrict__ n0_out, float* __restrict__ r0_out,
-                                float* __restrict__ rc_out) {
+                                float* __restrict__ p0_out, float* __restrict__ n0_out,
+                                float* __restrict__ r0_out, float* __restrict__ rc_out) {
+  dependent_kernel_start();
   if (blockIdx.x == gridDim.x - 1) {  // the last block: rc_out[e] = counts[e] - e's p0 pairs
     for (int e = threadIdx.x; e < E1; e += blockDim.x) {
       int c = counts[e];
@@ -710,12 +711,13 @@ void expert_rest_sums_from_tiles(const float* part, const int32_t* pos_tok, cons
   const dim3 grid(static_cast<unsigned>(E * B), static_cast<unsigned>((D + cols - 1) / cols));
   // part and out_rows: cudaMalloc'd bases, rows D floats apart: 16-byte aligned for W == 4.
   if (W == 4)
-    rest_from_tiles_kernel<4><<<grid, kTileSumThreads, 0, s>>>(part, pos_tok, offsets, counts,
-                                                               tile_base, B, T, S, D, out_rows);
+    launch_dependent("rest_from_tiles_kernel", rest_from_tiles_kernel<4>, dim3(grid),
+                     dim3(kTileSumThreads), 0, s, part, pos_tok, offsets, counts, tile_base, B, T,
+                     S, D, out_rows);
   else
-    rest_from_tiles_kernel<1><<<grid, kTileSumThreads, 0, s>>>(part, pos_tok, offsets, counts,
-                                                               tile_base, B, T, S, D, out_rows);
-  CUDA_CHECK_LAUNCH("rest_from_tiles_kernel");
+    launch_dependent("rest_from_tiles_kernel", rest_from_tiles_kernel<1>, dim3(grid),
+                     dim3(kTileSumThreads), 0, s, part, pos_tok, offsets, counts, tile_base, B, T,
+                     S, D, out_rows);
 }
 
 void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32_t* ids,
@@ -725,9 +727,9 @@ void expert_p0_and_counts(const bf16_bits* rows, const float* pos_w, const int32
   if (E == 0) return;
   const bool vec = D % 8 == 0 && reinterpret_cast<uintptr_t>(rows) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p0_out) % 16 == 0;
-  p0_pairs_kernel<<<B * K + 1, 256, 0, s>>>(rows, pos_w, ids, pos_of_pair, counts, B, T, K, s0, s1,
-                                            S, E, D, vec, p0_out, n0_out, r0_out, rc_out);
-  CUDA_CHECK_LAUNCH("p0_pairs_kernel");
+  launch_dependent("p0_pairs_kernel", p0_pairs_kernel, dim3(B * K + 1), dim3(256), 0, s, rows,
+                   pos_w, ids, pos_of_pair, counts, B, T, K, s0, s1, S, E, D, vec, p0_out, n0_out,
+                   r0_out, rc_out);
 }
 
 }  // namespace sinkscope::cuda::k

@@ -220,6 +220,7 @@ constexpr int kQbarFinishWarps = 32;
 __global__ void __launch_bounds__(kQbarFinishWarps * 32)
     qbar_finish_kernel(const float* __restrict__ partial, int chunks, int ncols, int nq,
                        float* __restrict__ qbar) {
+  dependent_kernel_start();
   __shared__ float sums[kQbarFinishWarps][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = blockIdx.x * 32 + lane, b = blockIdx.y;  // ncols: a multiple of 128
@@ -681,6 +682,7 @@ __global__ void __launch_bounds__(kMedThreads, 1)
     abs_median_sample_kernel(const float* __restrict__ x, uint64_t step_fp, uint32_t room,
                              unsigned r_lo, unsigned r_hi, MedianState* st,
                              unsigned* __restrict__ in_hist) {
+  dependent_kernel_start();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t align = static_cast<int64_t>((reinterpret_cast<uintptr_t>(x) >> 2) & 7u);
   uint32_t key[kKeys];
@@ -763,6 +765,7 @@ __global__ void __launch_bounds__(kMedThreads, 1)
                               unsigned* __restrict__ in_hist, uint4* __restrict__ two_pass_hist,
                               int vecs, uint32_t* __restrict__ cand, unsigned long long cap,
                               bool collapse, float* __restrict__ out) {
+  dependent_kernel_start();
   for (int i = blockIdx.x * kMedThreads + threadIdx.x; i < vecs; i += gridDim.x * kMedThreads)
     two_pass_hist[i] = make_uint4(0, 0, 0, 0);
   // lo: the lower median of the low ends (rank (G - 1) / 2), hi: the upper median of the high ends
@@ -1170,6 +1173,7 @@ constexpr int kMeanThreads = 128;
 __global__ void __launch_bounds__(kMeanThreads)
     row_means_kernel(const float* __restrict__ a, int cols, int64_t ld, bool vec,
                      float* __restrict__ out) {
+  dependent_kernel_start();
   const float* row = a + static_cast<int64_t>(blockIdx.x) * ld;
   double sum = 0;
   if (vec) {
@@ -1256,15 +1260,14 @@ void abs_median(const float* x, int64_t n, void* scratch, float* out, cudaStream
     const int64_t r_lo = std::max<int64_t>(0, k0 * size / n - plan.margin);
     const int64_t r_hi = std::min<int64_t>(size - 1, (k1 * size + n - 1) / n + plan.margin);
     auto* sample = plan.keys == 4 ? abs_median_sample_kernel<4> : abs_median_sample_kernel<8>;
-    sample<<<static_cast<unsigned>(G), kMedThreads, 0, s>>>(
-        x, step_fp, room, static_cast<unsigned>(r_lo), static_cast<unsigned>(r_hi), st, in_hist);
-    CUDA_CHECK_LAUNCH("abs_median_sample_kernel");
+    launch_dependent("abs_median_sample_kernel", sample, dim3(static_cast<unsigned>(G)),
+                     dim3(kMedThreads), 0, s, x, step_fp, room, static_cast<unsigned>(r_lo),
+                     static_cast<unsigned>(r_hi), st, in_hist);
     const unsigned long long cap = force == AbsMedianForce::kTinyBuffer ? 16 : kCandCap;
-    abs_median_bracket_kernel<<<blocks, kMedThreads, kMedSmemBytes, s>>>(
-        x, n, G, st, in_hist, reinterpret_cast<uint4*>(hist_hi),
-        static_cast<int>((kHiBins + kLoBins) / 4), cand, cap, force == AbsMedianForce::kMissBracket,
-        out);
-    CUDA_CHECK_LAUNCH("abs_median_bracket_kernel");
+    launch_dependent("abs_median_bracket_kernel", abs_median_bracket_kernel, dim3(blocks),
+                     dim3(kMedThreads), kMedSmemBytes, s, x, n, G, st, in_hist,
+                     reinterpret_cast<uint4*>(hist_hi), static_cast<int>((kHiBins + kLoBins) / 4),
+                     cand, cap, force == AbsMedianForce::kMissBracket, out);
   }
   // Cooperative: the two passes' grid-wide barrier needs every block resident.
   unsigned* hist_lo = hist_hi + kHiBins;
@@ -1285,8 +1288,8 @@ AbsMedianRoute abs_median_route(const void* scratch) {
 void row_means(const float* a, int64_t rows, int cols, int64_t ld, float* out, cudaStream_t s) {
   if (rows == 0) return;
   const bool vec = cols % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
-  row_means_kernel<<<static_cast<unsigned>(rows), kMeanThreads, 0, s>>>(a, cols, ld, vec, out);
-  CUDA_CHECK_LAUNCH("row_means_kernel");
+  launch_dependent("row_means_kernel", row_means_kernel, dim3(static_cast<unsigned>(rows)),
+                   dim3(kMeanThreads), 0, s, a, cols, ld, vec, out);
 }
 
 void rms_norm(const float* x, int64_t rows, int D, const float* gamma, float eps, bf16_bits* out_bf,
@@ -1318,9 +1321,9 @@ void qk_norm_rope(float* qkv, int B, int T, int ld, int Hl, int KVl, int d, int 
       CUDA_CHECK(cudaMemsetAsync(qbar, 0, static_cast<size_t>(B) * qw * sizeof(float), s));
       return;
     }
-    qbar_finish_kernel<<<dim3(qw / 32, B), kQbarFinishWarps * 32, 0, s>>>(
-        scratch, (nq + run - 1) / run, qw, nq, qbar);
-    CUDA_CHECK_LAUNCH("qbar_finish_kernel");
+    launch_dependent("qbar_finish_kernel", qbar_finish_kernel, dim3(qw / 32, B),
+                     dim3(kQbarFinishWarps * 32), 0, s, scratch, (nq + run - 1) / run, qw, nq,
+                     qbar);
     return;
   }
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(B) * T),

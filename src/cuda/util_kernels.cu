@@ -1,6 +1,8 @@
 // Fills, conversions and the counter-based random weights of the synthetic (benchmark) backend.
 #include <cuda_fp16.h>
 
+#include <atomic>
+
 #include "cuda/device_common.cuh"
 #include "cuda/util_kernels.cuh"
 
@@ -159,6 +161,19 @@ void f16_to_bf16(const uint16_t* src, int64_t n, bf16_bits* dst, cudaStream_t s)
   if (n == 0) return;
   f16_to_bf16_kernel<<<grid_for(n, 256, 65536), 256, 0, s>>>(src, n, dst);
   CUDA_CHECK_LAUNCH("f16_to_bf16_kernel");
+}
+
+bool dependent_launch_supported() {
+  static std::atomic<int> known[64];  // per device: 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) return false;
+  const int k = known[dev].load();
+  if (k != 0) return k == 2;
+  int major = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  known[dev].store(major >= 9 ? 2 : 1);
+  return major >= 9;
 }
 
 }  // namespace sinkscope::cuda::k
