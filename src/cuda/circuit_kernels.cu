@@ -409,9 +409,10 @@ __global__ void __launch_bounds__(kVecChans)
 
 // Block of kFinCols columns x kFinLanes slot lanes: lane y takes slots y, y + kFinLanes, ...
 // (their deltas stored as they come); the lanes' sums then join in lane order (deterministic).
-constexpr int kFinCols = 8, kFinLanes = 32;  // 256 blocks at D = 2048, one probe
+// A warp reads 32 adjacent columns of one slot (128 bytes); 64 blocks at D = 2048, one probe.
+constexpr int kFinCols = 32, kFinLanes = 32;
 
-__global__ void __launch_bounds__(kFinCols* kFinLanes)
+__global__ void __launch_bounds__(kFinCols* kFinLanes, 1)
     finish_components_kernel(ComponentRows rows, int S, int D, int T,
                              const uint8_t* __restrict__ ablated, float* __restrict__ delta_store,
                              int64_t delta_bstride, float* __restrict__ target,

@@ -118,6 +118,16 @@ __device__ __forceinline__ TapRows tap_rows(const RestTap& tap, int off, int row
   return tr;
 }
 
+// q = t / T and r = t % T (0 <= t, 1 <= T): a float estimate (relative error below 2^-21, so
+// within one of q while q < 2^20) corrected in integers; no integer division.
+__device__ __forceinline__ int probe_of(int t, int T, float inv_T, int& r) {
+  int q = __float2int_rz(__int2float_rz(t) * inv_T);
+  r = t - q * T;
+  while (r < 0) --q, r += T;
+  while (r >= T) ++q, r -= T;
+  return q;
+}
+
 // acc holds the tile's values already rounded to bf16 (the stored values).
 __device__ __forceinline__ void rest_tap_tile(const RestTap& tap, const TapRows& tr,
                                               const float (&acc)[kBN / 2], int tile_base, int m0,
@@ -126,14 +136,18 @@ __device__ __forceinline__ void rest_tap_tile(const RestTap& tap, const TapRows&
   const int tq = lane & 3, tc = (cw * 4 + warp) * 32 + lane;  // 0..255
   // The tile's row tile: the group's first row tile (its 4th plan int) + m0 / kBM.
   const int64_t g = tile_base + m0 / kBM;
-  const int b_lo = tr.tok_lo / tap.T, b_hi = tr.tok_hi / tap.T;
+  const float inv_T = 1.f / static_cast<float>(tap.T);
+  int r = 0, rb[2], ri[2];
+  const int b_lo = probe_of(tr.tok_lo, tap.T, inv_T, r),
+            b_hi = probe_of(tr.tok_hi, tap.T, inv_T, r);
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+    rb[half] = tr.tok[half] >= 0 ? probe_of(tr.tok[half], tap.T, inv_T, ri[half]) : -1;
   for (int b = b_lo; b <= b_hi; ++b) {
     float w[2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int t = tr.tok[half];
-      w[half] = t >= 0 && t / tap.T == b && t % tap.T != 0 ? tr.rw[half] : 0.f;
-    }
+    for (int half = 0; half < 2; ++half)
+      w[half] = rb[half] == b && ri[half] != 0 ? tr.rw[half] : 0.f;
     // Value i (i < 64): column (i / 2) * 8 + 2 tq + i % 2, both rows weighed by w; taken in two
     // halves of 32 (registers: acc stays live across the probes).
     auto value = [&](int i) {

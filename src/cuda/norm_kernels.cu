@@ -310,6 +310,9 @@ void column_mean_rest_impl(const In* x, int B, int T, int ncols, int64_t ld, flo
 // Block per row: x[r] += m[r], with ||m[r]|| and ||x[r] + m[r]|| from the same pass.
 __global__ void add_rows_norms_kernel(float* __restrict__ x, const float* __restrict__ m, int D,
                                       float* __restrict__ m_norms, float* __restrict__ x_norms) {
+  // Launched dependent (after the recording's bookkeeping); a grid of many waves, so the next
+  // kernel is not let in early.
+  dependency_wait();
   const int64_t r = blockIdx.x;
   float* xr = x + r * D;
   const float* mr = m + r * D;
@@ -1365,9 +1368,9 @@ void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, f
 void add_rows_norms(float* x, const float* m, int64_t rows, int D, float* m_norms, float* x_norms,
                     cudaStream_t s) {
   if (rows == 0) return;
-  add_rows_norms_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(x, m, D, m_norms,
-                                                                             x_norms);
-  CUDA_CHECK_LAUNCH("add_rows_norms_kernel");
+  launch_dependent("add_rows_norms_kernel", add_rows_norms_kernel,
+                   dim3(static_cast<unsigned>(rows)), dim3(kNormThreads), 0, s, x, m, D, m_norms,
+                   x_norms);
 }
 
 void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s) {
