@@ -521,8 +521,12 @@ __global__ void __launch_bounds__(256, 1)
 // exp(scale q_i . k_0 - lse_i) on return, q and k in fp32 from their bf16 values as the attention's
 // own product has them; key 0 of the block's (probe, KV head) in shared memory. Eight lanes per
 // query (each 16-byte pieces 8 apart, so a warp's loads cover four whole rows of Q), their partial
-// dots summed by three shuffles.
-constexpr int kA0Lanes = 8, kA0Threads = 256, kA0Rows = kA0Threads / kA0Lanes;
+// dots summed by three shuffles. A block takes kA0Passes groups of kA0Rows queries and issues all
+// their loads before the first product (up to 12 in flight a thread at dp 192), so key 0's copy
+// and the block's start are paid once per 128 queries, and each thread keeps its reads of Q in
+// flight together (one group a block with a load at a time read Q well below the memory's rate).
+constexpr int kA0Lanes = 8, kA0Threads = 256, kA0Rows = kA0Threads / kA0Lanes, kA0Passes = 4;
+constexpr int kA0Pieces = 3;  // 16-byte pieces of a lane per query: dp <= 192
 
 __global__ void __launch_bounds__(kA0Threads)
     a0_from_lse_kernel(const bf16_bits* __restrict__ Q, const bf16_bits* __restrict__ K,
@@ -532,23 +536,38 @@ __global__ void __launch_bounds__(kA0Threads)
   const int h = blockIdx.y, b = blockIdx.z;
   const int g = (head_begin + h) / group - kv_begin;
   const int64_t tok0 = static_cast<int64_t>(b) * T;
+  const int part = threadIdx.x % kA0Lanes;
+  uint4 v[kA0Passes][kA0Pieces];
+#pragma unroll
+  for (int p = 0; p < kA0Passes; ++p) {
+    const int i = (blockIdx.x * kA0Passes + p) * kA0Rows + threadIdx.x / kA0Lanes;
+    const bf16_bits* q = Q + ((tok0 + (i < T ? i : 0)) * Hl + h) * dp;
+#pragma unroll
+    for (int c = 0; c < kA0Pieces; ++c) {
+      const int e = part * 8 + c * kA0Lanes * 8;
+      v[p][c] = e < dp ? *reinterpret_cast<const uint4*>(q + e) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
   for (int e = threadIdx.x; e < dp; e += blockDim.x) k0[e] = bf2f(K[(tok0 * KVl + g) * dp + e]);
   __syncthreads();
-  const int i = blockIdx.x * kA0Rows + threadIdx.x / kA0Lanes, part = threadIdx.x % kA0Lanes;
-  const bool live = i < T;
-  const bf16_bits* q = Q + ((tok0 + (live ? i : 0)) * Hl + h) * dp;
-  float dot = 0.f;
-  for (int e = part * 8; e < dp; e += kA0Lanes * 8) {
-    const uint4 v = *reinterpret_cast<const uint4*>(q + e);
-    const bf16_bits* qe = reinterpret_cast<const bf16_bits*>(&v);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) dot = fmaf(bf2f(qe[j]), k0[e + j], dot);
+  for (int p = 0; p < kA0Passes; ++p) {
+    const int i = (blockIdx.x * kA0Passes + p) * kA0Rows + threadIdx.x / kA0Lanes;
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < kA0Pieces; ++c) {
+      const int e = part * 8 + c * kA0Lanes * 8;
+      if (e >= dp) continue;
+      const bf16_bits* qe = reinterpret_cast<const bf16_bits*>(&v[p][c]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dot = fmaf(bf2f(qe[j]), k0[e + j], dot);
+    }
+#pragma unroll
+    for (int o = kA0Lanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (i >= T || part != 0) continue;
+    float& a = a0[(static_cast<int64_t>(b) * Hl + h) * T + i];
+    a = expf(dot * scale - a);
   }
-#pragma unroll
-  for (int o = kA0Lanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-  if (!live || part != 0) return;
-  float& a = a0[(static_cast<int64_t>(b) * Hl + h) * T + i];
-  a = expf(dot * scale - a);
 }
 
 // The cuDNN route (cudnn_attention.hpp) where it applies: plain causal attention (no window, no
@@ -582,7 +601,8 @@ bool try_cudnn(const bf16_bits* Q, const bf16_bits* K, const bf16_bits* V, bf16_
   if (!cudnn_attention_supported(sh, s)) return refuse(cudnn_attention_last_refusal());
   const int64_t kv_off = static_cast<int64_t>(kv0) * dp;
   cudnn_attention(sh, Q, K + kv_off, V + kv_off, z, a0, scale, s);
-  a0_from_lse_kernel<<<dim3((T + kA0Rows - 1) / kA0Rows, Hl, B), kA0Threads,
+  constexpr int rows = kA0Rows * kA0Passes;
+  a0_from_lse_kernel<<<dim3((T + rows - 1) / rows, Hl, B), kA0Threads,
                        static_cast<size_t>(dp) * sizeof(float), s>>>(
       Q, K, a0, T, Hl, KVl, dp, head_begin, group, kv_begin, scale);
   CUDA_CHECK_LAUNCH("a0_from_lse_kernel");

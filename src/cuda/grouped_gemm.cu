@@ -12,7 +12,10 @@
 // counts: for each group, its column tiles, and inside each its row tiles next to each other, so
 // blocks that share a weight tile run together and read it once from memory. (Issuing the W tile's
 // copies with TMA rather than 16 cp.async per producer thread made the products 9% faster on an
-// H200; docs/results/2026-12-01-forward-h200.md.)
+// H200; docs/results/2026-12-01-forward-h200.md.) The epilogue writes C through a small staging
+// area in shared memory (store_rows), so its stores are whole 128-byte lines: the down product at
+// 1 x 32768 went from 2.17 to 1.66 ms a layer (base clocks), its L2 write requests from 100 to 13
+// million (docs/results/2026-12-01-recording-h200-3.md).
 
 // Two things the cuBLAS route does in separate passes happen here in the product itself: A's rows
 // may be gathered by index (a_rows[p] / a_div, the routed pairs' tokens), so the gathered copy of
@@ -43,7 +46,9 @@ constexpr int kBM = kGroupedTileRows, kBN = 256, kBK = 64, kStages = 4, kThreads
 constexpr int kAStage = kBM * kBK * 2, kBStage = kBN * kBK * 2;
 // The rest sums' cross-warp step: the 8 consumer warps' column sums of a tile, 256 floats each.
 constexpr int kRedBytes = 8 * kBN * 4;
-constexpr int kSmem = 1024 + kStages * (kAStage + kBStage) + kRedBytes;
+// The epilogue's staging rows: 16 rows x kStageCols bf16 for each of the 8 consumer warps.
+constexpr int kStageCols = 64, kStageWarpBytes = 16 * kStageCols * 2;
+constexpr int kSmem = 1024 + kStages * (kAStage + kBStage) + kRedBytes + 8 * kStageWarpBytes;
 
 // mbarrier helpers (shared::cta).
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -86,6 +91,42 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 // The 256 consumer threads only (the producer warpgroup has left or is copying).
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+// A warp's 16 rows x 64 columns of a tile to C, through its staging rows `st` in shared memory:
+// v[h][jj] is the bf16 pair of row gq + 8 h, columns c0 + 8 jj + 2 tq (the accumulators' layout).
+// Stored from the fragments, each instruction would write 16 bytes of 8 rows (half a sector each,
+// a write request per row); staged, 8 lanes write a row's 128 bytes, so an instruction writes four
+// whole lines. The 16-byte column chunks are XOR-swizzled by row, so neither the fragments' writes
+// nor the rows' reads meet a bank twice. Rows from `rows_left` on are past the group; columns from
+// N on past C.
+__device__ __forceinline__ void store_rows(unsigned char* st, const uint32_t (&v)[2][8],
+                                           bf16_bits* c_rows, int rows_left, int c0, int N,
+                                           int lane) {
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj)
+      *reinterpret_cast<uint32_t*>(st + (gq + 8 * h) * 128 + ((jj ^ gq) << 4) + tq * 4) = v[h][jj];
+  __syncwarp();
+  const int ck = lane & 7, col = c0 + ck * 8;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = (lane >> 3) + 4 * i;
+    const uint4 q = *reinterpret_cast<const uint4*>(st + r * 128 + ((ck ^ (r & 7)) << 4));
+    if (r >= rows_left || col >= N) continue;
+    bf16_bits* dst = c_rows + static_cast<int64_t>(r) * N + col;
+    if ((N & 7) == 0) {
+      *reinterpret_cast<uint4*>(dst) = q;
+    } else {  // N even: whole pairs, 4-byte aligned
+      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+        if (col + 2 * p < N) *reinterpret_cast<uint32_t*>(dst + 2 * p) = w[p];
+    }
+  }
+  __syncwarp();  // the staging rows are written again by the next chunk
 }
 
 // The rest sums of one tile (RestTap, grouped_gemm.cuh), after its C rows are stored: for each
@@ -219,6 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t base = (raw + 1023u) & ~1023u;
   const uint32_t a_base = base, b_base = base + kStages * kAStage;
   float* red = reinterpret_cast<float*>(smem_raw + (base - raw) + kStages * (kAStage + kBStage));
+  unsigned char* stage_rows = reinterpret_cast<unsigned char*>(red) + kRedBytes;
   const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(full_bar));
   const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty_bar));
 
@@ -294,7 +336,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // 224 registers a thread (128 x 56 + 256 x 224 <= 64K): the accumulators and the rest tap.
   asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
   const int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int gq = lane >> 2, tq = lane & 3;
   int count = 0;
   float acc[kBN / 2];
   // Each tile's description is read a tile ahead (the tile during the products before it, its
@@ -332,43 +373,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     pin(acc);
     mbar_arrive(empty0 + 8 * ((count - 1) % kStages));
     if (more) grp_next = groups[tile_next.x];
+    // The tile's values go out 64 columns at a time through the warp's staging rows (store_rows).
+    // SwiGLU: column j of act pairs gate column j with up column j + kBN / 2.
+    const int wrow = m0 + cw * 64 + warp * 16;  // the warp's first row in the group
+    bf16_bits* const cw0 = C + static_cast<int64_t>(off + wrow) * N;
+    constexpr int kChunks = (kSwiGLU ? kBN / 2 : kBN) / kStageCols;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = cw * 64 + warp * 16 + gq + 8 * half;
-      bf16_bits* crow = C + static_cast<int64_t>(off + m0 + r) * N;
-      if (!kSwiGLU && tapped) {
-        // Each pair rounded once: stored, and left in acc as the bf16 values the tap sums.
+    for (int ch = 0; ch < kChunks; ++ch) {
+      uint32_t v[2][8];
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-          const int col = n0 + j * 8 + tq * 2;
-          const uint32_t p = pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-          acc[4 * j + 2 * half] = __uint_as_float(p << 16);
-          acc[4 * j + 2 * half + 1] = __uint_as_float(p & 0xffff0000u);
-          if (m0 + r < rows && col < N) *reinterpret_cast<uint32_t*>(crow + col) = p;
-        }
-        continue;
-      }
-      if (m0 + r >= rows) continue;
-      if (kSwiGLU) {
+      for (int half = 0; half < 2; ++half) {
 #pragma unroll
-        for (int j = 0; j < kBN / 16; ++j) {
-          const int col = n0 + j * 8 + tq * 2;  // N even: both columns or neither
-          if (col >= N) continue;
-          const float g0 = acc[4 * j + 2 * half], g1 = acc[4 * j + 2 * half + 1];
-          const float u0 = acc[4 * (j + kBN / 16) + 2 * half],
-                      u1 = acc[4 * (j + kBN / 16) + 2 * half + 1];
-          *reinterpret_cast<uint32_t*>(crow + col) =
-              pack_bf16(g0 / (1.f + expf(-g0)) * u0, g1 / (1.f + expf(-g1)) * u1);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-          const int col = n0 + j * 8 + tq * 2;
-          if (col >= N) continue;
-          *reinterpret_cast<uint32_t*>(crow + col) =
-              pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        for (int jj = 0; jj < 8; ++jj) {
+          const int j = ch * 8 + jj, i = 4 * j + 2 * half;
+          if (kSwiGLU) {
+            const float g0 = acc[i], g1 = acc[i + 1];
+            const float u0 = acc[i + kBN / 4],
+                        u1 = acc[i + kBN / 4 + 1];  // 4 (j + kBN / 16) + 2 half
+            v[half][jj] = pack_bf16(g0 / (1.f + expf(-g0)) * u0, g1 / (1.f + expf(-g1)) * u1);
+          } else {
+            v[half][jj] = pack_bf16(acc[i], acc[i + 1]);
+            if (tapped) {  // each pair rounded once: stored, and left in acc as the tap's values
+              acc[i] = __uint_as_float(v[half][jj] << 16);
+              acc[i + 1] = __uint_as_float(v[half][jj] & 0xffff0000u);
+            }
+          }
         }
       }
+      store_rows(stage_rows + (cw * 4 + warp) * kStageWarpBytes, v, cw0, rows - wrow,
+                 n0 + ch * kStageCols, N, lane);
     }
     if (tapped) rest_tap_tile(tap, tr, acc, grp.w, m0, n0, N, cw, warp, lane, red);
   }
