@@ -24,9 +24,37 @@ if [ ! -x "$bench" ]; then
   cmake --build "$build" -j "$(nproc)" --target sinkscope_bench_gpu
   bench=$build/bench/sinkscope_bench_gpu
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader || true
 echo "commit ${COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(date -u +%FT%TZ)"
-run() { "$bench" --config "$config" --layers "$layers" "$@"; }
+run() { sampled "$bench" --config "$config" --layers "$layers" "$@"; }
+# Runs "$@" while nvidia-smi samples the SM clock, the power draw and the utilisation every 100
+# ms, then prints the medians over the samples with the GPU busy (utilisation >= 90%: the weights'
+# making and other setup left out). A long forward on an H200 runs at its power cap, well below the clocks of a
+# kernel timed alone (docs/results/2026-12-01-recording-h200-3.md), so the clocks say how far two
+# runs, or two machines, compare. Without nvidia-smi it only runs "$@".
+sampled() {
+  command -v nvidia-smi > /dev/null || { "$@"; return; }
+  local log smi rc=0
+  log=$(mktemp)
+  nvidia-smi --query-gpu=clocks.sm,power.draw,utilization.gpu --format=csv,noheader,nounits -lms 100 \
+    > "$log" 2> /dev/null &
+  smi=$!
+  "$@" || rc=$?
+  kill "$smi" 2> /dev/null || true
+  wait "$smi" 2> /dev/null || true
+  local busy n clk p10 pwr
+  busy=$(awk -F, '$1 + 0 > 0 && $3 + 0 >= 90 {print $1 + 0, $2 + 0}' "$log")
+  n=$(printf '%s' "$busy" | grep -c . || true)
+  if [ "$n" -gt 0 ]; then
+    clk=$(printf '%s\n' "$busy" | cut -d' ' -f1 | sort -n | sed -n "$(((n + 1) / 2))p")
+    p10=$(printf '%s\n' "$busy" | cut -d' ' -f1 | sort -n | sed -n "$((n / 10 + 1))p")
+    pwr=$(printf '%s\n' "$busy" | cut -d' ' -f2 | sort -n | sed -n "$(((n + 1) / 2))p")
+    echo "clocks while busy: SM median $clk MHz (10th percentile $p10), power median $pwr W" \
+      "($n samples of 100 ms)"
+  fi
+  rm -f "$log"
+  return "$rc"
+}
 echo
 echo "## sinkscope"
 run --probes 8 --seq 4096 --batch 8 --iters 3 --phase-timing true
@@ -41,6 +69,6 @@ done
 if [ "${SKIP_HF:-0}" != 1 ]; then
   echo
   echo "## Hugging Face transformers, same GPU"
-  PYTHONUNBUFFERED=1 python3 "$root/bench/hf_reference.py" --config "$config" --layers "$layers" \
-    --run eager:1:4096 --run eager:1:8192 --run sdpa:1:4096 --run sdpa:8:4096
+  PYTHONUNBUFFERED=1 sampled python3 "$root/bench/hf_reference.py" --config "$config" \
+    --layers "$layers" --run eager:1:4096 --run eager:1:8192 --run sdpa:1:4096 --run sdpa:8:4096
 fi
