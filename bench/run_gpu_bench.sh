@@ -29,9 +29,9 @@ echo "commit ${COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || ec
 run() { sampled "$bench" --config "$config" --layers "$layers" "$@"; }
 # Runs "$@" while nvidia-smi samples the SM clock, the power draw and the utilisation every 100
 # ms, then prints the medians over the samples with the GPU busy (utilisation >= 90%: the weights'
-# making and other setup left out). A long forward on an H200 runs at its power cap, well below the clocks of a
-# kernel timed alone (docs/results/2026-12-01-recording-h200-3.md), so the clocks say how far two
-# runs, or two machines, compare. Without nvidia-smi it only runs "$@".
+# making and other setup left out). A long forward on an H200 runs at its power cap, well below
+# the clocks of a kernel timed alone (docs/results/2026-12-01-recording-h200-3.md), so the clocks
+# say how far two runs, or two machines, compare. Without nvidia-smi it only runs "$@".
 sampled() {
   command -v nvidia-smi > /dev/null || { "$@"; return; }
   local log smi rc=0
