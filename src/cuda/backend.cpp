@@ -1114,6 +1114,9 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
     CUDA_CHECK(cudaMemsetAsync(ws_.mbuf.get() + zero_from, 0,
                                static_cast<size_t>(zero_to - zero_from) * sizeof(float), s()));
   float* m = ws_.mbuf.get();
+  // On one tp rank with nothing else to add to the routed experts' sum (no shared expert, no output
+  // norm), the combine adds it to the residual itself: m is neither written nor read back.
+  const bool add_combined = moe && tp == 1 && !shared && !post_norm_;
   float* p0 = m + off_p0;
   float* rest = m + off_rest;
   float* n0 = m + off_n0;
@@ -1215,8 +1218,16 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
 
     const bf16_bits* back = moe_experts(Lw, n);
     mark(l, kExpertsDone);
-    k::combine(back, ws_.ipack.get() + npairs, ws_.tw.get(), n, static_cast<int>(K), Di, m + s0 * D,
-               s());
+    if (add_combined) {
+      // Straight into the residual, the norms of the MLP and residual taps from the same pass; a
+      // probe's position-0 rows wait in m for the recording's ablation.
+      k::combine_add(back, ws_.ipack.get() + npairs, ws_.tw.get(), n, static_cast<int>(K), Di, Ti,
+                     ws_.x.get(), record_ ? m : nullptr, record_ ? ws_.norms.get() : nullptr,
+                     record_ ? ws_.rnorms.get() : nullptr, s());
+    } else {
+      k::combine(back, ws_.ipack.get() + npairs, ws_.tw.get(), n, static_cast<int>(K), Di,
+                 m + s0 * D, s());
+    }
     mark(l, kCombineDone);
     if (record_) {
       if (device_routing_)
@@ -1289,10 +1300,14 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
                          static_cast<int>(nslots), Di, Ti, abl_slots_.get() + l * S,
                          ws_.delta.get() + ci_.expert(l, 0) * D, Ctot_ * D, m, T * D,
                          ws_.p0_sum.get(), s());
-    // x += m with ||m|| (this tap) and ||x|| (the residual tap that follows) in one pass.
-    k::add_rows_norms(ws_.x.get(), m, BT, Di, ws_.norms.get(), ws_.rnorms.get(), s());
+    // x += m with ||m|| (this tap) and ||x|| (the residual tap that follows) in one pass: every
+    // row, or only the position-0 rows the combine left in m.
+    if (add_combined)
+      k::add_rows_norms(ws_.x.get(), m, B, Di, ws_.norms.get(), ws_.rnorms.get(), s(), T);
+    else
+      k::add_rows_norms(ws_.x.get(), m, BT, Di, ws_.norms.get(), ws_.rnorms.get(), s());
     x_norms_ready_ = true;
-  } else {
+  } else if (!add_combined) {
     k::add_inplace(ws_.x.get(), m, BT * D, s());
   }
   mark(l, kMoeDone);

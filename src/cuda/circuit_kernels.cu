@@ -607,6 +607,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
       irk = kn.inv_rk_rows[static_cast<int64_t>(b) * T];  // full width: over every KV head
     } else if (kn.gain) {
       float ss = 0.f;
+#pragma unroll 4
       for (int j = lane; j < d; j += 32) {
         const float v = x0_row[j] * ix + kconst(j);
         ss += v * v;
@@ -628,6 +629,7 @@ __global__ void circuit_finish_kernel(const float* __restrict__ kid,
   const int h_lo = max(0, (g + kv_begin) * group - head_begin);
   const int h_hi = min(Hl, (g + kv_begin + 1) * group - head_begin);
   const float f = ix * irk * scale;
+#pragma unroll 8
   for (int i = threadIdx.x; i < (h_hi - h_lo) * d; i += blockDim.x) {
     const int h = h_lo + i / d, j = i % d;
     const int64_t o = (static_cast<int64_t>(b) * Hl + h) * d + j;
@@ -667,8 +669,10 @@ __global__ void attr_contract_kernel(const float* __restrict__ G, int64_t g_bstr
 // kDirHeads a pass) times W_K's rows g d .. g d + d - 1, read once as bf16 pairs: kDirSlices warps
 // take every kDirSlices-th row for the chunk's 64 columns (two a lane), their partial sums meet in
 // shared memory in warp order; the column gain is applied to the sums
-// (sum_j q_j W[j, c] gamma[c] = gamma[c] sum_j q_j W[j, c]).
-constexpr int kDirHeads = 8, kDirSlices = 8, kDirCols = 64;
+// (sum_j q_j W[j, c] gamma[c] = gamma[c] sum_j q_j W[j, c]). A lane's loads of W (d / kDirSlices
+// of them, kDirBatch at a time) are all issued before the first product, and the heads' q rows
+// are staged in shared memory: the kernel costs about one trip to memory, not one per row.
+constexpr int kDirHeads = 8, kDirSlices = 8, kDirCols = 64, kDirBatch = 16, kDirMaxD = 256;
 
 __global__ void __launch_bounds__(kDirSlices * 32)
     key_directions_kernel(const bf16_bits* __restrict__ Wk, const float* __restrict__ gamma,
@@ -676,6 +680,7 @@ __global__ void __launch_bounds__(kDirSlices * 32)
                           int group, int kv_begin, float* __restrict__ dir) {
   dependent_kernel_start();
   __shared__ float red[kDirSlices][kDirHeads][kDirCols];
+  __shared__ float qs[kDirHeads][kDirMaxD];
   const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
   const int c0 = blockIdx.x * kDirCols + 2 * lane;  // this lane's two columns (D even)
   const int g = blockIdx.y, b = blockIdx.z;
@@ -684,21 +689,35 @@ __global__ void __launch_bounds__(kDirSlices * 32)
   const bf16_bits* w = Wk + static_cast<int64_t>(g) * d * D + c0;
   for (int h0 = h_lo; h0 < h_hi; h0 += kDirHeads) {
     const int nh = min(kDirHeads, h_hi - h0);
-    const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;  // the same for every lane
+    __syncthreads();  // red and qs of the previous pass are read
+    const float* q = qk + (static_cast<int64_t>(b) * Hl + h0) * d;
+    for (int i = threadIdx.x; i < kDirHeads * d; i += blockDim.x)
+      qs[i / d][i % d] = i / d < nh ? q[i] : 0.f;
+    __syncthreads();
     float acc[kDirHeads][2] = {};
     if (c0 < D) {
-      for (int j = slice; j < d; j += kDirSlices) {
-        const uint32_t pair = ld32(w + static_cast<int64_t>(j) * D);
-        const float w0 = __uint_as_float(pair << 16), w1 = __uint_as_float(pair & 0xffff0000u);
+      for (int j0 = slice; j0 < d; j0 += kDirSlices * kDirBatch) {
+        uint32_t pairs[kDirBatch];
 #pragma unroll
-        for (int u = 0; u < kDirHeads; ++u) {
-          const float qj = u < nh ? __ldg(q + u * d + j) : 0.f;
-          acc[u][0] += qj * w0;
-          acc[u][1] += qj * w1;
+        for (int u = 0; u < kDirBatch; ++u) {
+          const int j = j0 + u * kDirSlices;
+          pairs[u] = j < d ? ld32(w + static_cast<int64_t>(j) * D) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < kDirBatch; ++u) {
+          const int j = j0 + u * kDirSlices;
+          if (j >= d) break;
+          const float w0 = __uint_as_float(pairs[u] << 16),
+                      w1 = __uint_as_float(pairs[u] & 0xffff0000u);
+#pragma unroll
+          for (int hh = 0; hh < kDirHeads; ++hh) {
+            const float qj = qs[hh][j];
+            acc[hh][0] += qj * w0;
+            acc[hh][1] += qj * w1;
+          }
         }
       }
     }
-    __syncthreads();  // red of the previous pass is read
 #pragma unroll
     for (int u = 0; u < kDirHeads; ++u) {
       red[slice][u][2 * lane] = acc[u][0];
@@ -725,6 +744,9 @@ void key_directions(const bf16_bits* Wk, const float* gamma, bool centre, const 
   if (D % 2 != 0)
     throw_api_failure("CUDA", "odd hidden size " + std::to_string(D), "key_directions", __FILE__,
                       __LINE__);
+  if (d > kDirMaxD)
+    throw_api_failure("CUDA", "unsupported head dim " + std::to_string(d), "key_directions",
+                      __FILE__, __LINE__);
   launch_dependent("key_directions_kernel", key_directions_kernel,
                    dim3((D + kDirCols - 1) / kDirCols, KVl, B), dim3(kDirSlices * 32), 0, s, Wk,
                    gamma, qk, Hl, d, D, head_begin, group, kv_begin, dir);

@@ -155,19 +155,30 @@ __device__ __forceinline__ void load_bf16(const bf16_bits* p, float (&v)[W]) {
 }
 
 // Block per token: its K weights and pair positions staged once; each thread sums W consecutive
-// columns (16-byte loads of the bf16 expert outputs where D allows), the pairs in k order.
-template <int W>
+// columns (16-byte loads of the bf16 expert outputs where D allows), the pairs in k order. The sum
+// m[r] goes to out[r], or with kAdd into the residual, out[r] += m[r], except a probe's position-0
+// rows (r % T == 0) when held is given: those go to held[r] for the recording's ablation to edit
+// before they are added. kNorms (with kAdd): m_norms[r] = ||m[r]|| and x_norms[r] = ||out[r]||
+// after the add, for the rows added here.
+template <int W, bool kAdd, bool kNorms>
 __global__ void __launch_bounds__(256)
     combine_kernel(const bf16_bits* __restrict__ back, const int32_t* __restrict__ pos_of_pair,
-                   const float* __restrict__ weights, int K, int D, float* __restrict__ m) {
+                   const float* __restrict__ weights, int K, int D, int T, float* __restrict__ out,
+                   float* __restrict__ held, float* __restrict__ m_norms,
+                   float* __restrict__ x_norms) {
+  static_assert(kAdd || !kNorms, "the norms come with the add");
   __shared__ float w_s[32];
   __shared__ int64_t row_s[32];
   const int64_t r = blockIdx.x;
+  const bool hold = kAdd && held != nullptr && r % T == 0;  // the same for the whole block
+  const bool add = kAdd && !hold;
+  float* dst = (hold ? held : out) + r * D;
   if (threadIdx.x < K) {
     w_s[threadIdx.x] = weights[r * K + threadIdx.x];
     row_s[threadIdx.x] = static_cast<int64_t>(pos_of_pair[r * K + threadIdx.x]) * D;
   }
   __syncthreads();
+  float sm = 0.f, sx = 0.f;
   for (int c = threadIdx.x * W; c < D; c += blockDim.x * W) {
     float acc[W];
 #pragma unroll
@@ -178,14 +189,46 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int i = 0; i < W; ++i) acc[i] += w_s[j] * v[i];
     }
-    float* out = m + r * D + c;
+    float res[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) res[i] = acc[i];
+    if (add) {
+      if constexpr (W == 1) {
+        res[0] += dst[c];
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; i += 4) {
+          const float4 xv = *reinterpret_cast<const float4*>(dst + c + i);
+          res[i] += xv.x;
+          res[i + 1] += xv.y;
+          res[i + 2] += xv.z;
+          res[i + 3] += xv.w;
+        }
+      }
+    }
+    if constexpr (kNorms) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        sm += acc[i] * acc[i];
+        sx += res[i] * res[i];
+      }
+    }
     if constexpr (W == 1) {
-      out[0] = acc[0];
+      dst[c] = res[0];
     } else {
 #pragma unroll
       for (int i = 0; i < W; i += 4)
-        *reinterpret_cast<float4*>(out + i) =
-            make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+        *reinterpret_cast<float4*>(dst + c + i) =
+            make_float4(res[i], res[i + 1], res[i + 2], res[i + 3]);
+    }
+  }
+  if constexpr (kNorms) {
+    if (hold) return;  // its norms come with its add, after the ablation
+    sm = block_sum(sm);
+    sx = block_sum(sx);
+    if (threadIdx.x == 0) {
+      m_norms[r] = sqrtf(sm);
+      x_norms[r] = sqrtf(sx);
     }
   }
 }
@@ -596,10 +639,36 @@ void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* wei
   if (n == 0) return;
   // Rows of back and m are D elements apart from cudaMalloc'd bases: 16-byte aligned when D % 8 ==
   // 0.
+  const unsigned g = static_cast<unsigned>(n);
   if (D % 8 == 0)
-    combine_kernel<8><<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
+    combine_kernel<8, false, false>
+        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, 1, m, nullptr, nullptr, nullptr);
   else
-    combine_kernel<1><<<static_cast<unsigned>(n), 256, 0, s>>>(back, pos_of_pair, weights, K, D, m);
+    combine_kernel<1, false, false>
+        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, 1, m, nullptr, nullptr, nullptr);
+  CUDA_CHECK_LAUNCH("combine_kernel");
+}
+
+void combine_add(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
+                 int K, int D, int T, float* x, float* held, float* m_norms, float* x_norms,
+                 cudaStream_t s) {
+  if (n == 0) return;
+  const unsigned g = static_cast<unsigned>(n);
+  const bool norms = m_norms != nullptr;
+  if (D % 8 == 0) {
+    if (norms)
+      combine_kernel<8, true, true>
+          <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, m_norms, x_norms);
+    else
+      combine_kernel<8, true, false>
+          <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, nullptr, nullptr);
+  } else if (norms) {
+    combine_kernel<1, true, true>
+        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, m_norms, x_norms);
+  } else {
+    combine_kernel<1, true, false>
+        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, nullptr, nullptr);
+  }
   CUDA_CHECK_LAUNCH("combine_kernel");
 }
 

@@ -49,10 +49,10 @@ void column_mean_rest(const bf16_bits* x, int B, int T, int ncols, int64_t ld, f
 
 // x[i] += a[i]
 void add_inplace(float* x, const float* a, int64_t n, cudaStream_t s);
-// x[r, :] += m[r, :] for rows x D (packed), with m_norms[r] = ||m[r]|| and x_norms[r] = ||x[r]||
-// after the add, in one pass.
+// x[r, :] += m[r, :] for rows r = 0, row_step, 2 row_step, ... (`rows` of them; rows of D packed
+// floats), with m_norms[r] = ||m[r]|| and x_norms[r] = ||x[r]|| after the add, in one pass.
 void add_rows_norms(float* x, const float* m, int64_t rows, int D, float* m_norms, float* x_norms,
-                    cudaStream_t s);
+                    cudaStream_t s, int64_t row_step = 1);
 
 // x[r, :] = table[tokens[r], :] (bf16 -> fp32).
 void embed_gather(const bf16_bits* table, const int32_t* tokens, int64_t n, int D, float* x,

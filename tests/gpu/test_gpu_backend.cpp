@@ -1053,6 +1053,97 @@ bool hopper_kernels_expected() {
 // the test hook. Periodic data whose period is a power of two, like the sample's strata, still
 // takes the one-read route (a sample at a fixed offset in each stratum would see one channel in
 // eight).
+// The routed experts' combine added straight into the residual (k::combine_add) against a float64
+// reference: x[r] += sum_j w[r K + j] back[pos[r K + j]] for every row, or (recording) for every
+// row but a probe's position-0 rows, which go to `held` and leave x as it was until add_rows_norms
+// (every T-th row) adds them; the norms of m and of the new x with them. Rows of 2048 (16-byte
+// loads) and of 36 (an element a thread).
+TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
+  REQUIRE_GPU();
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int K = 8, T = 5, B = 3;
+  const int64_t n = int64_t{B} * T, np = n * K;
+  for (const int D : {2048, 36})
+    for (const bool record : {false, true}) {
+      SCOPED_TRACE("D = " + std::to_string(D) + (record ? ", recording" : ", plain"));
+      std::vector<uint16_t> back(static_cast<size_t>(np * D));
+      for (auto& v : back) v = f32_to_bf16(nd(rng));
+      std::vector<int32_t> pos(static_cast<size_t>(np));
+      for (size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<int32_t>(i);
+      std::shuffle(pos.begin(), pos.end(), rng);  // each pair its own row of back
+      std::vector<float> w(static_cast<size_t>(np)), x(static_cast<size_t>(n * D));
+      for (auto& v : w) v = std::abs(nd(rng)) / K;
+      for (auto& v : x) v = 10.f * nd(rng);
+      // The float64 sums, and a bound on the float32 ones' rounding (K + 1 terms, each below
+      // 2^-23 of the running magnitude).
+      std::vector<double> m(static_cast<size_t>(n * D)), bound(m.size());
+      for (int64_t r = 0; r < n; ++r)
+        for (int c = 0; c < D; ++c) {
+          double sum = 0, mag = std::abs(x[static_cast<size_t>(r * D + c)]);
+          for (int j = 0; j < K; ++j) {
+            const size_t pr = static_cast<size_t>(r * K + j);
+            const double t = static_cast<double>(w[pr]) *
+                             bf16_to_f32(back[static_cast<size_t>(pos[pr]) * D + c]);
+            sum += t;
+            mag += std::abs(t);
+          }
+          m[static_cast<size_t>(r * D + c)] = sum;
+          bound[static_cast<size_t>(r * D + c)] = 4.0 * (K + 1) * mag * 0x1p-24;
+        }
+      cuda::DeviceBuffer<cuda::bf16_bits> dback(back.size());
+      cuda::DeviceBuffer<int32_t> dpos(pos.size());
+      cuda::DeviceBuffer<float> dw(w.size()), dx(x.size()), dheld(x.size()), dmn(n), dxn(n);
+      ASSERT_EQ(cudaMemcpy(dback.get(), back.data(), back.size() * 2, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(dpos.get(), pos.data(), pos.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(dw.get(), w.data(), w.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(dx.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      const std::vector<float> nan_rows(x.size(), std::numeric_limits<float>::quiet_NaN());
+      ASSERT_EQ(cudaMemcpy(dheld.get(), nan_rows.data(), x.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(dmn.get(), nan_rows.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(dxn.get(), nan_rows.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      cuda::k::combine_add(dback.get(), dpos.get(), dw.get(), n, K, D, T, dx.get(),
+                           record ? dheld.get() : nullptr, record ? dmn.get() : nullptr,
+                           record ? dxn.get() : nullptr, nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (record) {
+        const std::vector<float> gx = to_host(dx, x.size()), gh = to_host(dheld, x.size());
+        int bad = 0;
+        for (int64_t r = 0; r < n; r += T)
+          for (int c = 0; c < D; ++c) {
+            const size_t i = static_cast<size_t>(r * D + c);
+            bad += gx[i] != x[i] || !(std::abs(gh[i] - m[i]) <= bound[i]);
+          }
+        EXPECT_EQ(bad, 0) << "position-0 rows: x changed or held is not m";
+        cuda::k::add_rows_norms(dx.get(), dheld.get(), B, D, dmn.get(), dxn.get(), nullptr, T);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      }
+      const std::vector<float> gx = to_host(dx, x.size()), gmn = to_host(dmn, n),
+                               gxn = to_host(dxn, n);
+      int bad = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        double mm = 0, xx = 0;
+        for (int c = 0; c < D; ++c) {
+          const size_t i = static_cast<size_t>(r * D + c);
+          const double want = x[i] + m[i];
+          bad += !(std::abs(gx[i] - want) <= bound[i] + std::abs(want) * 0x1p-24);
+          mm += m[i] * m[i];
+          xx += want * want;
+        }
+        if (record) {
+          EXPECT_NEAR(gmn[static_cast<size_t>(r)], std::sqrt(mm), 1e-5 * std::sqrt(mm))
+              << "||m|| of row " << r;
+          EXPECT_NEAR(gxn[static_cast<size_t>(r)], std::sqrt(xx), 1e-5 * std::sqrt(xx))
+              << "||x|| of row " << r;
+        }
+      }
+      EXPECT_EQ(bad, 0) << "rows of x + m off the float64 sums";
+    }
+}
+
 TEST(GpuKernels, AbsMedianIsExact) {
   REQUIRE_GPU();
   using Route = cuda::k::AbsMedianRoute;
