@@ -408,6 +408,7 @@ class CudaBackend final : public Backend, private LayerOps {
 
   bool record_ = true, timing_ = false, ablations_dirty_ = true, ablate_embed_ = false;
   bool x_norms_ready_ = false;   // ws_.rnorms holds ||x|| per row (the MoE block's fused add)
+  int64_t u_ready_for_ = -1;     // ws_.u and ws_.inv_rx hold this layer's attention input norm
   bool sm90_experts_ = false;    // the expert products run on grouped_gemm.cu's kernel
   bool plain_experts_ = true;    // SwiGLU experts without biases (else fp32 pre-activations)
   bool device_routing_ = false;  // this layer's expert tile lists were built on the device
@@ -570,6 +571,7 @@ FloatArray CudaBackend::run(const IntArray& tokens, int64_t probe0, ForwardObser
 
 void CudaBackend::embed(const IntArray& tokens) {
   const int64_t B = B_, T = T_, BT = BT_, D = D_;
+  u_ready_for_ = -1;
   if (w_.embed.get()) {
     to_device(ws_.tokens.get(), tokens.data.data(), static_cast<size_t>(BT));
     k::embed_gather(w_.embed.get(), ws_.tokens.get(), BT, static_cast<int>(D), ws_.x.get(), s());
@@ -727,8 +729,10 @@ void CudaBackend::attention_block(const PlannedLayer& layer) {
                                static_cast<size_t>(BT * D) * sizeof(float),
                                cudaMemcpyDeviceToDevice, s()));
   }
-  k::norm_rows(norm_mode_, ws_.x.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(), eps_,
-               ws_.u.get(), nullptr, nullptr, ws_.inv_rx.get(), s());
+  if (u_ready_for_ != l)  // else the MoE block before formed it with x
+    k::norm_rows(norm_mode_, ws_.x.get(), BT, Di, Lw.input_norm.get(), Lw.input_norm_bias.get(),
+                 eps_, ws_.u.get(), nullptr, nullptr, ws_.inv_rx.get(), s());
+  u_ready_for_ = -1;
   // The sink queries (docs/metrics.md 1.4): those that can see position 0.
   const int64_t window = c_.window(l), nq = window > 0 ? std::min(T, window) : T;
   if (mla_) {
@@ -1117,6 +1121,16 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
   // On one tp rank with nothing else to add to the routed experts' sum (no shared expert, no output
   // norm), the combine adds it to the residual itself: m is neither written nor read back.
   const bool add_combined = moe && tp == 1 && !shared && !post_norm_;
+  // That pass holds each new row whole: it forms the next layer's attention input norm too
+  // (RMSNorm, read by that layer alone: one ep rank, no parallel residual).
+  k::NextNorm next;
+  if (add_combined && norm_mode_ == k::NormMode::kRms && !parallel_ && coll_.ep_size() == 1 &&
+      l + 1 < L_ && w_.layers[static_cast<size_t>(l + 1)].input_norm.get()) {
+    next.gamma = w_.layers[static_cast<size_t>(l + 1)].input_norm.get();
+    next.eps = eps_;
+    next.u = ws_.u.get();
+    next.inv = ws_.inv_rx.get();
+  }
   float* p0 = m + off_p0;
   float* rest = m + off_rest;
   float* n0 = m + off_n0;
@@ -1223,7 +1237,7 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
       // probe's position-0 rows wait in m for the recording's ablation.
       k::combine_add(back, ws_.ipack.get() + npairs, ws_.tw.get(), n, static_cast<int>(K), Di, Ti,
                      ws_.x.get(), record_ ? m : nullptr, record_ ? ws_.norms.get() : nullptr,
-                     record_ ? ws_.rnorms.get() : nullptr, s());
+                     record_ ? ws_.rnorms.get() : nullptr, next, s());
     } else {
       k::combine(back, ws_.ipack.get() + npairs, ws_.tw.get(), n, static_cast<int>(K), Di,
                  m + s0 * D, s());
@@ -1302,14 +1316,19 @@ void CudaBackend::mlp_block(const PlannedLayer& layer) {
                          ws_.p0_sum.get(), s());
     // x += m with ||m|| (this tap) and ||x|| (the residual tap that follows) in one pass: every
     // row, or only the position-0 rows the combine left in m.
-    if (add_combined)
+    if (add_combined) {
       k::add_rows_norms(ws_.x.get(), m, B, Di, ws_.norms.get(), ws_.rnorms.get(), s(), T);
-    else
+      if (next.gamma)
+        k::norm_rows(k::NormMode::kRms, ws_.x.get(), B, Di, next.gamma, nullptr, eps_, next.u,
+                     nullptr, nullptr, next.inv, s(), T);
+    } else {
       k::add_rows_norms(ws_.x.get(), m, BT, Di, ws_.norms.get(), ws_.rnorms.get(), s());
+    }
     x_norms_ready_ = true;
   } else if (!add_combined) {
     k::add_inplace(ws_.x.get(), m, BT * D, s());
   }
+  if (next.gamma) u_ready_for_ = l + 1;
   mark(l, kMoeDone);
   if (!record_) return;
 

@@ -17,8 +17,8 @@ __global__ void __launch_bounds__(kThreads)
     norm_rows_kernel(const float* __restrict__ x, int D, const float* __restrict__ gamma,
                      const float* __restrict__ beta, float eps, bf16_bits* __restrict__ out_bf,
                      float* __restrict__ out_f32, bf16_bits* __restrict__ out_split,
-                     float* __restrict__ inv_scale) {
-  const int64_t r = blockIdx.x;
+                     float* __restrict__ inv_scale, int64_t row_step) {
+  const int64_t r = blockIdx.x * row_step;
   const float* xr = x + r * D;
   auto load = [&](int c, float(&v)[V]) {
     if constexpr (V == 4) {
@@ -251,11 +251,12 @@ __global__ void add_p0_remainder_kernel(const float* __restrict__ a, int T, int 
 
 void norm_rows(NormMode mode, const float* x, int64_t rows, int D, const float* gamma,
                const float* beta, float eps, bf16_bits* out_bf, float* out_f32,
-               bf16_bits* out_split, float* inv_scale, cudaStream_t s) {
+               bf16_bits* out_split, float* inv_scale, cudaStream_t s, int64_t row_step) {
   if (rows == 0) return;
   const unsigned grid = static_cast<unsigned>(rows);
   auto launch = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, out_split, inv_scale);
+    kernel<<<grid, kThreads, 0, s>>>(x, D, gamma, beta, eps, out_bf, out_f32, out_split, inv_scale,
+                                     row_step);
   };
   const bool v4 = D % 4 == 0;
   switch (mode) {

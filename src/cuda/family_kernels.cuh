@@ -21,10 +21,11 @@ enum class NormMode : int { kRms = 0, kLayer = 1, kNone = 2 };
 // out[r, :] = norm(x[r, :]) stored as bf16 (out_bf) and, where not null, fp32 (out_f32) and the
 // fp32 value's two lower bf16 parts (out_split [rows, 2D]: mid, then lo; out_bf + mid + lo is the
 // fp32 value exactly); inv_scale[r] = 1 / rms (RMSNorm), 1 / std (LayerNorm) or 1 (none) where not
-// null. beta is read by LayerNorm only and may be null there (no bias).
+// null. beta is read by LayerNorm only and may be null there (no bias). The rows are r = 0,
+// row_step, 2 row_step, ... (`rows` of them), each written at its own index r.
 void norm_rows(NormMode mode, const float* x, int64_t rows, int D, const float* gamma,
                const float* beta, float eps, bf16_bits* out_bf, float* out_f32,
-               bf16_bits* out_split, float* inv_scale, cudaStream_t s);
+               bf16_bits* out_split, float* inv_scale, cudaStream_t s, int64_t row_step = 1);
 
 // x[r, j] += bias[j] for r < rows, j < n (row stride ld).
 void add_row_bias(float* x, int64_t rows, int n, int64_t ld, const float* bias, cudaStream_t s);

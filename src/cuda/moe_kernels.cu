@@ -158,15 +158,16 @@ __device__ __forceinline__ void load_bf16(const bf16_bits* p, float (&v)[W]) {
 // columns (16-byte loads of the bf16 expert outputs where D allows), the pairs in k order. The sum
 // m[r] goes to out[r], or with kAdd into the residual, out[r] += m[r], except a probe's position-0
 // rows (r % T == 0) when held is given: those go to held[r] for the recording's ablation to edit
-// before they are added. kNorms (with kAdd): m_norms[r] = ||m[r]|| and x_norms[r] = ||out[r]||
-// after the add, for the rows added here.
-template <int W, bool kAdd, bool kNorms>
+// before they are added. For the rows added here, kNorms: m_norms[r] = ||m[r]|| and x_norms[r] =
+// ||out[r]|| after the add; kNext: the next layer's input RMSNorm of the new row (its sum of
+// squares is ||out[r]||^2), as norm_rows forms it, from the values still in registers.
+template <int W, bool kAdd, bool kNorms, bool kNext>
 __global__ void __launch_bounds__(256)
     combine_kernel(const bf16_bits* __restrict__ back, const int32_t* __restrict__ pos_of_pair,
                    const float* __restrict__ weights, int K, int D, int T, float* __restrict__ out,
                    float* __restrict__ held, float* __restrict__ m_norms,
-                   float* __restrict__ x_norms) {
-  static_assert(kAdd || !kNorms, "the norms come with the add");
+                   float* __restrict__ x_norms, NextNorm next) {
+  static_assert(kAdd || !(kNorms || kNext), "the norms come with the add");
   __shared__ float w_s[32];
   __shared__ int64_t row_s[32];
   const int64_t r = blockIdx.x;
@@ -179,6 +180,8 @@ __global__ void __launch_bounds__(256)
   }
   __syncthreads();
   float sm = 0.f, sx = 0.f;
+  float res[W];  // the last columns' new values, kept for kNext
+  int c_last = -1;
   for (int c = threadIdx.x * W; c < D; c += blockDim.x * W) {
     float acc[W];
 #pragma unroll
@@ -189,7 +192,6 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int i = 0; i < W; ++i) acc[i] += w_s[j] * v[i];
     }
-    float res[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) res[i] = acc[i];
     if (add) {
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(256)
         }
       }
     }
-    if constexpr (kNorms) {
+    if constexpr (kNorms || kNext) {
 #pragma unroll
       for (int i = 0; i < W; ++i) {
         sm += acc[i] * acc[i];
@@ -221,14 +223,36 @@ __global__ void __launch_bounds__(256)
         *reinterpret_cast<float4*>(dst + c + i) =
             make_float4(res[i], res[i + 1], res[i + 2], res[i + 3]);
     }
+    c_last = c;
   }
-  if constexpr (kNorms) {
+  if constexpr (kNorms || kNext) {
     if (hold) return;  // its norms come with its add, after the ablation
-    sm = block_sum(sm);
+    if constexpr (kNorms) sm = block_sum(sm);
     sx = block_sum(sx);
-    if (threadIdx.x == 0) {
+    if (kNorms && threadIdx.x == 0) {
       m_norms[r] = sqrtf(sm);
       x_norms[r] = sqrtf(sx);
+    }
+  }
+  if constexpr (kNext) {
+    const float inv = 1.f / sqrtf(sx / static_cast<float>(D) + next.eps);
+    if (threadIdx.x == 0) next.inv[r] = inv;
+    for (int c = threadIdx.x * W; c < D; c += blockDim.x * W) {
+      float v[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) v[i] = c == c_last ? res[i] : dst[c + i];  // own writes
+      bf16_bits h[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) h[i] = f2bf(v[i] * inv * next.gamma[c + i]);
+      if constexpr (W == 1) {
+        next.u[r * D + c] = h[0];
+      } else {
+        uint32_t w[W / 2];
+#pragma unroll
+        for (int i = 0; i < W / 2; ++i)
+          w[i] = static_cast<uint32_t>(h[2 * i]) | (static_cast<uint32_t>(h[2 * i + 1]) << 16);
+        *reinterpret_cast<uint4*>(next.u + r * D + c) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
     }
   }
 }
@@ -641,34 +665,45 @@ void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* wei
   // 0.
   const unsigned g = static_cast<unsigned>(n);
   if (D % 8 == 0)
-    combine_kernel<8, false, false>
-        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, 1, m, nullptr, nullptr, nullptr);
+    combine_kernel<8, false, false, false>
+        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, 1, m, nullptr, nullptr, nullptr, {});
   else
-    combine_kernel<1, false, false>
-        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, 1, m, nullptr, nullptr, nullptr);
+    combine_kernel<1, false, false, false>
+        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, 1, m, nullptr, nullptr, nullptr, {});
   CUDA_CHECK_LAUNCH("combine_kernel");
 }
 
+namespace {
+template <int W>
+void launch_combine_add(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights,
+                        unsigned n, int K, int D, int T, float* x, float* held, float* m_norms,
+                        float* x_norms, const NextNorm& next, cudaStream_t s) {
+  const bool norms = m_norms != nullptr, nx = next.gamma != nullptr;
+  auto go = [&](auto kernel) {
+    kernel<<<n, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, m_norms, x_norms, next);
+  };
+  if (norms && nx)
+    go(combine_kernel<W, true, true, true>);
+  else if (norms)
+    go(combine_kernel<W, true, true, false>);
+  else if (nx)
+    go(combine_kernel<W, true, false, true>);
+  else
+    go(combine_kernel<W, true, false, false>);
+}
+}  // namespace
+
 void combine_add(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
                  int K, int D, int T, float* x, float* held, float* m_norms, float* x_norms,
-                 cudaStream_t s) {
+                 const NextNorm& next, cudaStream_t s) {
   if (n == 0) return;
   const unsigned g = static_cast<unsigned>(n);
-  const bool norms = m_norms != nullptr;
-  if (D % 8 == 0) {
-    if (norms)
-      combine_kernel<8, true, true>
-          <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, m_norms, x_norms);
-    else
-      combine_kernel<8, true, false>
-          <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, nullptr, nullptr);
-  } else if (norms) {
-    combine_kernel<1, true, true>
-        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, m_norms, x_norms);
-  } else {
-    combine_kernel<1, true, false>
-        <<<g, 256, 0, s>>>(back, pos_of_pair, weights, K, D, T, x, held, nullptr, nullptr);
-  }
+  if (D % 8 == 0)
+    launch_combine_add<8>(back, pos_of_pair, weights, g, K, D, T, x, held, m_norms, x_norms, next,
+                          s);
+  else
+    launch_combine_add<1>(back, pos_of_pair, weights, g, K, D, T, x, held, m_norms, x_norms, next,
+                          s);
   CUDA_CHECK_LAUNCH("combine_kernel");
 }
 

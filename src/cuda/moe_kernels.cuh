@@ -61,14 +61,23 @@ void pair_info(const int32_t* src_pair, const float* weights, int64_t npairs, in
 // m[r, :] = sum_j weights[r*K + j] * back[pos_of_pair[r*K + j], :] for the n rows of a slice.
 void combine(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
              int K, int D, float* m, cudaStream_t s);
+// The next layer's input RMSNorm, formed where the new residual rows are made: u[r] =
+// bf16(x[r] * inv[r] * gamma) with inv[r] = 1 / sqrt(mean(x[r]^2) + eps) (norm_rows, kRms).
+// gamma null: none.
+struct NextNorm {
+  const float* gamma = nullptr;
+  float eps = 0.f;
+  bf16_bits* u = nullptr;
+  float* inv = nullptr;
+};
 // The combine added straight into the residual: x[r, :] += m[r, :] (m as combine() forms it) for
 // the n rows of a slice, except that with held a probe's position-0 rows (r % T == 0, the slice
 // starting at a probe's first row) go to held[r, :] instead, for the recording to edit before
-// add_rows_norms adds them. With m_norms: m_norms[r] = ||m[r]|| and x_norms[r] = ||x[r]|| after
-// the add, for the rows added here.
+// add_rows_norms adds them. For the rows added here: with m_norms, m_norms[r] = ||m[r]|| and
+// x_norms[r] = ||x[r]|| after the add; with next.gamma, the next layer's input norm of x[r].
 void combine_add(const bf16_bits* back, const int32_t* pos_of_pair, const float* weights, int64_t n,
                  int K, int D, int T, float* x, float* held, float* m_norms, float* x_norms,
-                 cudaStream_t s);
+                 const NextNorm& next, cudaStream_t s);
 
 // For each segment (begin, end, out) of seg [nseg, 3]: out_rows[out, :] = sum over rows p in
 // [begin, end) whose token (row_tok[p], or tok0 + p when row_tok is null) is not at position 0 of

@@ -1056,8 +1056,9 @@ bool hopper_kernels_expected() {
 // The routed experts' combine added straight into the residual (k::combine_add) against a float64
 // reference: x[r] += sum_j w[r K + j] back[pos[r K + j]] for every row, or (recording) for every
 // row but a probe's position-0 rows, which go to `held` and leave x as it was until add_rows_norms
-// (every T-th row) adds them; the norms of m and of the new x with them. Rows of 2048 (16-byte
-// loads) and of 36 (an element a thread).
+// (every T-th row) adds them; the norms of m and of the new x with them, and the next layer's input
+// RMSNorm of the new rows (norm_rows over the held rows). Rows of 2048 (16-byte loads) and of 36
+// (an element a thread).
 TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
   REQUIRE_GPU();
   std::mt19937 rng(11);
@@ -1072,9 +1073,12 @@ TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
       std::vector<int32_t> pos(static_cast<size_t>(np));
       for (size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<int32_t>(i);
       std::shuffle(pos.begin(), pos.end(), rng);  // each pair its own row of back
-      std::vector<float> w(static_cast<size_t>(np)), x(static_cast<size_t>(n * D));
+      std::vector<float> w(static_cast<size_t>(np)), x(static_cast<size_t>(n * D)),
+          gamma(static_cast<size_t>(D));
       for (auto& v : w) v = std::abs(nd(rng)) / K;
       for (auto& v : x) v = 10.f * nd(rng);
+      for (auto& v : gamma) v = 1.f + 0.5f * nd(rng);
+      const float eps = 1e-6f;
       // The float64 sums, and a bound on the float32 ones' rounding (K + 1 terms, each below
       // 2^-23 of the running magnitude).
       std::vector<double> m(static_cast<size_t>(n * D)), bound(m.size());
@@ -1093,7 +1097,13 @@ TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
         }
       cuda::DeviceBuffer<cuda::bf16_bits> dback(back.size());
       cuda::DeviceBuffer<int32_t> dpos(pos.size());
-      cuda::DeviceBuffer<float> dw(w.size()), dx(x.size()), dheld(x.size()), dmn(n), dxn(n);
+      cuda::DeviceBuffer<float> dw(w.size()), dx(x.size()), dheld(x.size()), dmn(n), dxn(n),
+          dgamma(gamma.size()), dinv(n);
+      cuda::DeviceBuffer<cuda::bf16_bits> du(x.size());
+      ASSERT_EQ(cudaMemcpy(dgamma.get(), gamma.data(), gamma.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemset(dinv.get(), 0xff, n * 4), cudaSuccess);  // NaN until written
+      ASSERT_EQ(cudaMemset(du.get(), 0xff, x.size() * 2), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(dback.get(), back.data(), back.size() * 2, cudaMemcpyHostToDevice),
                 cudaSuccess);
       ASSERT_EQ(cudaMemcpy(dpos.get(), pos.data(), pos.size() * 4, cudaMemcpyHostToDevice),
@@ -1105,9 +1115,14 @@ TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
                 cudaSuccess);
       ASSERT_EQ(cudaMemcpy(dmn.get(), nan_rows.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(dxn.get(), nan_rows.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      cuda::k::NextNorm next;
+      next.gamma = dgamma.get();
+      next.eps = eps;
+      next.u = du.get();
+      next.inv = dinv.get();
       cuda::k::combine_add(dback.get(), dpos.get(), dw.get(), n, K, D, T, dx.get(),
                            record ? dheld.get() : nullptr, record ? dmn.get() : nullptr,
-                           record ? dxn.get() : nullptr, nullptr);
+                           record ? dxn.get() : nullptr, next, nullptr);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       if (record) {
         const std::vector<float> gx = to_host(dx, x.size()), gh = to_host(dheld, x.size());
@@ -1119,11 +1134,14 @@ TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
           }
         EXPECT_EQ(bad, 0) << "position-0 rows: x changed or held is not m";
         cuda::k::add_rows_norms(dx.get(), dheld.get(), B, D, dmn.get(), dxn.get(), nullptr, T);
+        cuda::k::norm_rows(cuda::k::NormMode::kRms, dx.get(), B, D, dgamma.get(), nullptr, eps,
+                           du.get(), nullptr, nullptr, dinv.get(), nullptr, T);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       }
       const std::vector<float> gx = to_host(dx, x.size()), gmn = to_host(dmn, n),
-                               gxn = to_host(dxn, n);
-      int bad = 0;
+                               gxn = to_host(dxn, n), ginv = to_host(dinv, n);
+      const std::vector<cuda::bf16_bits> gu = to_host(du, x.size());
+      int bad = 0, bad_u = 0;
       for (int64_t r = 0; r < n; ++r) {
         double mm = 0, xx = 0;
         for (int c = 0; c < D; ++c) {
@@ -1133,6 +1151,13 @@ TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
           mm += m[i] * m[i];
           xx += want * want;
         }
+        const double inv = 1.0 / std::sqrt(xx / D + eps);
+        EXPECT_NEAR(ginv[static_cast<size_t>(r)], inv, 1e-5 * inv) << "1 / rms of row " << r;
+        for (int c = 0; c < D; ++c) {  // a bf16 rounding (half an ulp: <= 2^-8) and fp32 noise
+          const size_t i = static_cast<size_t>(r * D + c);
+          const double want = (x[i] + m[i]) * inv * gamma[static_cast<size_t>(c)];
+          bad_u += !(std::abs(bf16_to_f32(gu[i]) - want) <= std::abs(want) * 0x1.1p-8 + 1e-30);
+        }
         if (record) {
           EXPECT_NEAR(gmn[static_cast<size_t>(r)], std::sqrt(mm), 1e-5 * std::sqrt(mm))
               << "||m|| of row " << r;
@@ -1141,6 +1166,7 @@ TEST(GpuKernels, CombineIntoResidualMatchesFloat64) {
         }
       }
       EXPECT_EQ(bad, 0) << "rows of x + m off the float64 sums";
+      EXPECT_EQ(bad_u, 0) << "the next layer's input norm off the float64 one";
     }
 }
 
