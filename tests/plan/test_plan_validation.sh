@@ -4,8 +4,9 @@
 # seconds (recording included) and the peak resident memory per rank. Fails when the memory or the
 # time is more than TOLERANCE off (default 0.25). A time needs the cores: a calibration or run
 # during which other processes used more than 10% of the CPUs is repeated (3 tries); when all
-# were contended, its row says so and only the memory is checked. Prints a table row per layout
-# (docs/benchmarks.md).
+# were contended, its row says so and only the memory is checked. A time that misses on an idle
+# machine is measured once more, calibration included (slow spells of a VM's host do not show in
+# /proc/stat), and the second try decides. Prints a table row per layout (docs/benchmarks.md).
 # usage: test_plan_validation.sh SINKSCOPE [LAYOUTS...]   LAYOUTS: "RANKS:TP:EP" (default 1:1:1 2:2:2)
 set -euo pipefail
 bin=$1
@@ -58,20 +59,23 @@ most=1
 for layout in "${layouts[@]}"; do ((${layout%%:*} > most)) && most=${layout%%:*}; done
 calibrate=("$bin" plan --calibrate --cluster "$work/site.env" --threads 1 --calibrate-dir "$work")
 ((most == 1)) || calibrate=(mpirun --oversubscribe -np "$most" "${calibrate[@]}")
-: >"$work/site.env"
-quiet_run "${calibrate[@]}"
-calibration_other=$other
-grep SINKSCOPE_PLAN_ "$work/site.env" >&2
-fail=0
-echo "| layout | predicted forward s | measured forward s | ratio | predicted peak MiB/rank | measured peak MiB (max rank) | ratio |"
-echo "|---|---|---|---|---|---|---|"
-for layout in "${layouts[@]}"; do
-  IFS=: read -r ranks tp ep <<<"$layout"
+# Calibrates into $work/site.env; sets calibration_other.
+calibrate_site() {
+  : >"$work/site.env"
+  quiet_run "${calibrate[@]}"
+  calibration_other=$other
+  grep SINKSCOPE_PLAN_ "$work/site.env" >&2
+}
+# Plans and runs one layout ("RANKS:TP:EP"); sets `row` to its table row and `verdict` to ok, memory
+# (the memory is off) or time (only the time is off).
+check_layout() {
+  local ranks tp ep plan pred_s pred_mib meas_s meas_mib contended args
+  IFS=: read -r ranks tp ep <<<"$1"
   plan=$("$bin" plan --model "$work/model" --probes "$probes" --batch "$batch" --no-causal-profile \
     --cluster "$work/site.env" --gpus-per-node "$ranks" --nodes 1 --tp "$tp" --ep "$ep" --shell)
   pred_s=$(sed -n 's/^PLAN_PASS_S=//p' <<<"$plan")
   pred_mib=$(sed -n 's/^PLAN_RANK_MIB=//p' <<<"$plan")
-  [[ -n $pred_s && -n $pred_mib ]] || { echo "no plan for $layout: $plan" >&2; exit 1; }
+  [[ -n $pred_s && -n $pred_mib ]] || { echo "no plan for $1: $plan" >&2; exit 1; }
   args=(analyze --model "$work/model" --probes "$probes" --batch "$batch" --threads 1 --verbose --quiet
     --tp "$tp" --ep "$ep" --out "$work/a.h5")
   if ((ranks > 1)); then
@@ -81,14 +85,33 @@ for layout in "${layouts[@]}"; do
   fi
   meas_s=$(sed -n 's/.*; forward \([0-9.]*\) s.*/\1/p' "$work/out" | sort -g | tail -n 1)
   meas_mib=$(sed -n 's/.*peak resident memory \([0-9]*\) MiB.*/\1/p' "$work/out" | sort -g | tail -n 1)
-  [[ -n $meas_s && -n $meas_mib ]] || { echo "analyze printed no timing for $layout: $(cat "$work/out")" >&2; exit 1; }
+  [[ -n $meas_s && -n $meas_mib ]] || { echo "analyze printed no timing for $1: $(cat "$work/out")" >&2; exit 1; }
   contended=$(( other > 10 ? other : (calibration_other > 10 ? calibration_other : 0) ))
   row=$(awk -v ps="$pred_s" -v ms="$meas_s" -v pm="$pred_mib" -v mm="$meas_mib" -v tol="$tolerance" \
     -v busy="$contended" -v l="$ranks rank(s), tp $tp ep $ep" 'BEGIN {
     rs = ps / ms; rm = pm / mm;
     note = busy > 0 ? sprintf(" (not checked: other processes used %d%% of the CPUs)", busy) : "";
-    printf "| %s | %.3f | %.3f | %.2f%s | %d | %d | %.2f |", l, ps, ms, rs, note, pm, mm, rm;
-    exit (rm < 1 - tol || rm > 1 + tol || (busy == 0 && (rs < 1 - tol || rs > 1 + tol))) ? 1 : 0 }') || fail=1
+    printf "| %s | %.3f | %.3f | %.2f%s | %d | %d | %.2f |", l, ps, ms, rs, note, pm, mm, rm }')
+  verdict=$(awk -v ps="$pred_s" -v ms="$meas_s" -v pm="$pred_mib" -v mm="$meas_mib" -v tol="$tolerance" \
+    -v busy="$contended" 'BEGIN { rs = ps / ms; rm = pm / mm;
+    v = busy == 0 && (rs < 1 - tol || rs > 1 + tol) ? "time" : "ok";
+    print (rm < 1 - tol || rm > 1 + tol) ? "memory" : v }')
+}
+
+calibrate_site
+fail=0
+echo "| layout | predicted forward s | measured forward s | ratio | predicted peak MiB/rank | measured peak MiB (max rank) | ratio |"
+echo "|---|---|---|---|---|---|---|"
+for layout in "${layouts[@]}"; do
+  check_layout "$layout"
+  if [[ $verdict == time ]]; then
+    # A slow spell of the VM's host or a clock change does not show in /proc/stat: a time that
+    # misses is measured once more, calibration included, and judged by that second try.
+    echo "time off on the first try, calibrating and measuring again: $row" >&2
+    calibrate_site
+    check_layout "$layout"
+  fi
+  [[ $verdict == ok ]] || fail=1
   echo "$row"
 done
 exit $fail
