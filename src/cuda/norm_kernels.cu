@@ -643,6 +643,22 @@ __device__ void find_ranks(const unsigned* __restrict__ hist, int nk, const unsi
   __syncthreads();
 }
 
+// The bin among [first, first + per) that holds key rank k, and k's rank inside it: `count(j)` is
+// bin first + j's count and `below` the number of keys before bin first (k lies in the run).
+template <class Rank, class Count>
+__device__ __forceinline__ void rank_in_run(Rank k, Rank below, int first, int per, Count count,
+                                            unsigned* bin, Rank* rank) {
+  for (int j = 0; j < per; ++j) {
+    const Rank c = count(j);
+    if (k < below + c) {
+      *bin = static_cast<unsigned>(first + j);
+      *rank = k - below;
+      return;
+    }
+    below += c;
+  }
+}
+
 // find_ranks over bins (a power of two <= 32768) counters in shared memory: thread t sums bins
 // [t per, (t + 1) per) for a block-wide scan, then walks its own bins for the ranks inside them.
 __device__ void find_ranks_shared(const unsigned* hist, int bins, int nk,
@@ -657,16 +673,8 @@ __device__ void find_ranks_shared(const unsigned* hist, int bins, int nk,
   Scan(scan_tmp).ExclusiveSum(sum, before);
   for (int q = 0; q < nk; ++q) {
     if (k[q] < before || k[q] >= before + sum) continue;
-    unsigned long long below = before;
-    for (int j = 0; j < per; ++j) {
-      const unsigned c = hist[first + j];
-      if (k[q] < below + c) {
-        bin[q] = static_cast<unsigned>(first + j);
-        rank[q] = k[q] - below;
-        break;
-      }
-      below += c;
-    }
+    rank_in_run(
+        k[q], before, first, per, [&](int j) { return hist[first + j]; }, &bin[q], &rank[q]);
   }
   __syncthreads();
 }
@@ -749,17 +757,11 @@ __global__ void __launch_bounds__(kMedThreads, 1)
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int h = 16 * q;
-      unsigned below = (before >> h) & 0xffffu;
+      const unsigned below = (before >> h) & 0xffffu;
       if (rk[q] < below || rk[q] >= below + ((sum >> h) & 0xffffu)) continue;
-      for (int j = 0; j < per; ++j) {
-        const unsigned c = (hist[first + j] >> h) & 0xffffu;
-        if (rk[q] < below + c) {
-          sel_bin[q] = static_cast<unsigned>(first + j);
-          sel_rank[q] = rk[q] - below;
-          break;
-        }
-        below += c;
-      }
+      rank_in_run(
+          rk[q], below, first, per, [&](int j) { return (hist[first + j] >> h) & 0xffffu; },
+          &sel_bin[q], &sel_rank[q]);
     }
     __syncthreads();
 #pragma unroll
